@@ -1,0 +1,1 @@
+"""Speed and accuracy benchmarks (not tests); each prints ratios measured in one run."""

@@ -1,0 +1,354 @@
+"""Typed recipes: dataclasses, strict TOML loading and dotted overrides.
+
+A recipe is data. It is read with the standard library's :mod:`tomllib`; every key must be known
+and of the right type, or a :class:`~sicot_cli.errors.SicotError` names the key and the file.
+Command-line overrides are ``section.key=value`` strings whose value is parsed as a TOML value
+(``train.lr=0.05``, ``data.source="manifest"``, ``train.topk=[1,5]``); a bare word that is not
+valid TOML is taken as a string (``model.backbone=resnet50``).
+
+The dataclass defaults ARE the built-in demo recipe (``recipes/demo.toml`` spells every key out and
+a test keeps the two equal), so ``sicot prepare`` with no recipe runs the demo.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sicot_cli.errors import SicotError
+
+
+@dataclass
+class SyntheticConfig:
+    """The built-in, seeded, synthetic long-tailed dataset (see ``sicot_cli/data/synthetic.py``)."""
+
+    num_classes: int = 120
+    max_per_class: int = 300
+    min_per_class: int = 4
+    test_per_class: int = 6
+    language: str = "mixed"  # "zh", "en" or "mixed"
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Where the raw data comes from and how it is cut into the prepared HDF5."""
+
+    source: str = "synthetic"  # "synthetic" or "manifest"
+    manifest: str = ""  # CSV/JSONL with image,title,label[,split][,id]; relative to the recipe
+    out: str = "data/demo.h5"  # the prepared file; relative to the working directory
+    image_size: int = 32
+    test_per_class: int = 6  # when the manifest has no split: test images per class (balanced)
+    min_train_per_class: int = 1  # classes with fewer training images after the split are dropped
+    max_title_tokens: int = 32
+    split_seed: int = 0
+    workers: int = 0  # decode processes; 0 = one per core
+    strict: bool = False  # turn skipped rows into errors
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class TextConfig:
+    """Tokenization and the paper's noise-word filter (§4.1)."""
+
+    drop_most_frequent: float = 0.05  # fraction of the vocabulary (by frequency rank) dropped at the top
+    drop_least_frequent: float = 0.05  # fraction dropped at the bottom
+    min_count: int = 1
+
+
+@dataclass
+class EmbedConfig:
+    """word2vec (gensim), or pretrained vectors loaded with gensim ``KeyedVectors``."""
+
+    pretrained: str = ""  # word2vec text or binary file; empty = train on the training titles
+    binary: bool = False  # format of `pretrained`
+    dim: int = 64
+    window: int = 5
+    epochs: int = 20
+    sg: bool = True  # skip-gram (true) or CBOW (false)
+    negative: int = 5
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    """Head/tail boundary (the paper's, on training counts) and the many/medium/few protocol."""
+
+    head_threshold: int = 40  # a class with >= this many training images is a head class
+    many_threshold: int = 100  # many: > 100 training images
+    few_threshold: int = 20  # few: < 20 training images
+
+
+@dataclass
+class ModelConfig:
+    """The two streams (§3.3)."""
+
+    backbone: str = "resnet18"  # any torchvision classification model; the paper: resnet50
+    pretrained: str = ""  # "" (random init), "imagenet" (torch hub cache, never downloaded) or a file
+    encoder: str = "bilinear"  # a registered encoder, or "none" for the image-only baseline
+    encoder_options: dict[str, Any] = field(default_factory=dict)
+    freeze_embeddings: bool = False
+
+
+@dataclass
+class TrainConfig:
+    """The paper's optimiser (§4.3) and the loop's settings."""
+
+    epochs: int = 12
+    batch_size: int = 256
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    step_size: int = 1  # StepLR: epochs per step
+    gamma: float = 0.8
+    lam: float = 1.0  # lambda of Eq. 1: weight of the mixed-feature loss
+    seed: int = 0
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    channels_last: bool = True
+    compile: bool = False  # torch.compile the model (off until measured on your GPU)
+    in_memory: str = "auto"  # "auto", "yes", "no": hold the training images in RAM
+    memory_limit_gb: float = 8.0  # "auto" holds the images in RAM below this size
+    block_rows: int = 4096  # rows per contiguous read when streaming from disk
+    shuffle_blocks: int = 4  # blocks mixed in the shuffle buffer
+    augment: bool = True  # random resized crop + horizontal flip, on uint8 batches
+    crop_scale: list[float] = field(default_factory=lambda: [0.35, 1.0])
+    eval_batch_size: int = 512
+    topk: list[int] = field(default_factory=lambda: [1, 3])
+    runs_dir: str = "runs"
+
+
+@dataclass
+class Recipe:
+    """A whole experiment: data, text, embeddings and evaluation settings."""
+
+    name: str = "demo"
+    data: DataConfig = field(default_factory=DataConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved recipe as plain data (what ``config.json`` holds)."""
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, ensure_ascii=False)
+
+
+def _type_name(tp: Any) -> str:
+    if dataclasses.is_dataclass(tp):
+        return "table"
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        return f"list of {_type_name(inner)}"
+    if origin is dict:
+        return "table"
+    return {int: "integer", float: "number", str: "string", bool: "boolean"}.get(tp, str(tp))
+
+
+def _article(name: str) -> str:
+    return ("an " if name[0] in "aeiou" else "a ") + name
+
+
+def _check_value(value: Any, tp: Any, key: str, where: str) -> Any:
+    """Return ``value`` converted to ``tp`` (int -> float only), or raise naming ``key``."""
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise SicotError(f"{where}: [{key}] must be a table, got {type(value).__name__}")
+        return _build(tp, value, key, where)
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise SicotError(f"{where}: {key} must be {_article(_type_name(tp))}, got {value!r}")
+        return [_check_value(v, inner, f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise SicotError(f"{where}: {key} must be a table, got {value!r}")
+        return dict(value)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _check_value(value, arg, key, where)
+            except SicotError:
+                continue
+        raise SicotError(f"{where}: {key} has the wrong type: {value!r}")
+    ok = (
+        (tp is bool and isinstance(value, bool))
+        or (tp is int and isinstance(value, int) and not isinstance(value, bool))
+        or (tp is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+        or (tp is str and isinstance(value, str))
+    )
+    if not ok:
+        raise SicotError(f"{where}: {key} must be {_article(_type_name(tp))}, got {value!r}")
+    return float(value) if tp is float else value
+
+
+def _build(cls: type, table: dict[str, Any], prefix: str, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in table.items():
+        dotted = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            choices = ", ".join(sorted(names))
+            raise SicotError(f"{where}: unknown key {dotted!r} (known here: {choices})")
+        kwargs[key] = _check_value(value, hints[key], dotted, where)
+    return cls(**kwargs)
+
+
+def recipe_from_dict(table: dict[str, Any], where: str = "<recipe>") -> Recipe:
+    """Build a :class:`Recipe` from plain data, strictly (unknown keys and wrong types are errors)."""
+    recipe = _build(Recipe, table, "", where)
+    validate(recipe, where)
+    return recipe
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
+    """Load a TOML recipe (or the built-in demo recipe when ``path`` is None) and apply overrides.
+
+    Args:
+        path: a ``.toml`` file, or None for the built-in demo recipe.
+        overrides: ``section.key=value`` strings applied in order after loading.
+
+    Returns:
+        The validated recipe. A relative ``data.manifest`` is resolved against the recipe's folder.
+
+    Raises:
+        SicotError: missing or unreadable file, TOML syntax error, unknown key, wrong type.
+    """
+    table: dict[str, Any] = {}
+    where = "built-in demo recipe"
+    if path is not None:
+        p = Path(path)
+        where = str(p)
+        try:
+            text = p.read_bytes().decode("utf-8-sig")
+        except FileNotFoundError:
+            raise SicotError(f"{p}: recipe not found (see recipes/ for examples)") from None
+        except IsADirectoryError:
+            raise SicotError(f"{p}: is a directory, expected a .toml recipe") from None
+        except UnicodeDecodeError as e:
+            raise SicotError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except OSError as e:
+            raise SicotError(f"{p}: cannot read the recipe ({e.strerror})") from None
+        try:
+            table = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise SicotError(f"{p}: not valid TOML: {e}") from None
+    for item in overrides or []:
+        _apply_override(table, item)
+    recipe = recipe_from_dict(table, where)
+    if path is not None:
+        # Paths inside a recipe are relative to the recipe's folder; paths given as overrides
+        # on the command line are relative to the working directory, as a shell user expects.
+        given = _override_keys(overrides)
+        base = Path(path).parent
+        for key, section, attr in (("data.manifest", recipe.data, "manifest"), ("embed.pretrained", recipe.embed, "pretrained")):
+            value = getattr(section, attr)
+            if value and not Path(value).is_absolute() and key not in given:
+                setattr(section, attr, str(base / value))
+    return recipe
+
+
+def _override_keys(overrides: list[str] | None) -> set[str]:
+    return {o.split("=", 1)[0].strip() for o in overrides or [] if "=" in o}
+
+
+def parse_override_value(raw: str) -> Any:
+    """Parse the right side of ``key=value`` as a TOML value, or as a bare string."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _apply_override(table: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise SicotError(f"override {item!r}: expected section.key=value (e.g. train.lr=0.05)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    parts = key.split(".")
+    if not all(parts):
+        raise SicotError(f"override {item!r}: bad key {key!r}")
+    # Check the path against the schema so a typo is reported as an unknown override key.
+    cls: Any = Recipe
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(cls):
+            raise SicotError(f"unknown override key {key!r}: {'.'.join(parts[:i])} is not a table")
+        names = {f.name for f in dataclasses.fields(cls)}
+        if part not in names:
+            raise SicotError(
+                f"unknown override key {key!r} (known under {'.'.join(parts[:i]) or 'the top'}: "
+                f"{', '.join(sorted(names))})"
+            )
+        cls = typing.get_type_hints(cls)[part]
+    node = table
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise SicotError(f"override {item!r}: {part} is not a table in the recipe")
+    node[parts[-1]] = parse_override_value(raw.strip())
+
+
+def validate(recipe: Recipe, where: str) -> None:
+    """Range checks that types alone cannot express."""
+    d = recipe.data
+    checks: list[tuple[bool, str]] = [
+        (d.source in ("synthetic", "manifest"), f"data.source must be 'synthetic' or 'manifest', got {d.source!r}"),
+        (d.source != "manifest" or bool(d.manifest), "data.manifest must name a CSV/JSONL file when data.source = 'manifest'"),
+        (8 <= d.image_size <= 1024, f"data.image_size must be between 8 and 1024, got {d.image_size}"),
+        (d.test_per_class >= 0, f"data.test_per_class must be >= 0, got {d.test_per_class}"),
+        (d.min_train_per_class >= 1, f"data.min_train_per_class must be >= 1, got {d.min_train_per_class}"),
+        (d.max_title_tokens >= 1, f"data.max_title_tokens must be >= 1, got {d.max_title_tokens}"),
+        (d.workers >= 0, f"data.workers must be >= 0, got {d.workers}"),
+        (d.synthetic.num_classes >= 2, f"data.synthetic.num_classes must be >= 2, got {d.synthetic.num_classes}"),
+        (
+            1 <= d.synthetic.min_per_class <= d.synthetic.max_per_class,
+            "data.synthetic.min_per_class must be >= 1 and <= data.synthetic.max_per_class",
+        ),
+        (d.synthetic.language in ("zh", "en", "mixed"), f"data.synthetic.language must be zh, en or mixed, got {d.synthetic.language!r}"),
+        (0 <= recipe.text.drop_most_frequent < 1, "text.drop_most_frequent must be in [0, 1)"),
+        (0 <= recipe.text.drop_least_frequent < 1, "text.drop_least_frequent must be in [0, 1)"),
+        (
+            recipe.text.drop_most_frequent + recipe.text.drop_least_frequent < 1,
+            "text.drop_most_frequent + text.drop_least_frequent must be < 1",
+        ),
+        (recipe.text.min_count >= 1, f"text.min_count must be >= 1, got {recipe.text.min_count}"),
+        (recipe.embed.dim >= 1, f"embed.dim must be >= 1, got {recipe.embed.dim}"),
+        (recipe.embed.window >= 1, f"embed.window must be >= 1, got {recipe.embed.window}"),
+        (recipe.embed.epochs >= 1, f"embed.epochs must be >= 1, got {recipe.embed.epochs}"),
+        (recipe.eval.head_threshold >= 1, f"eval.head_threshold must be >= 1, got {recipe.eval.head_threshold}"),
+        (
+            recipe.eval.few_threshold <= recipe.eval.many_threshold,
+            "eval.few_threshold must be <= eval.many_threshold",
+        ),
+        (recipe.train.epochs >= 1, f"train.epochs must be >= 1, got {recipe.train.epochs}"),
+        (recipe.train.batch_size >= 1, f"train.batch_size must be >= 1, got {recipe.train.batch_size}"),
+        (recipe.train.eval_batch_size >= 1, f"train.eval_batch_size must be >= 1, got {recipe.train.eval_batch_size}"),
+        (recipe.train.lr > 0, f"train.lr must be > 0, got {recipe.train.lr}"),
+        (recipe.train.step_size >= 1, f"train.step_size must be >= 1, got {recipe.train.step_size}"),
+        (0 < recipe.train.gamma <= 1, f"train.gamma must be in (0, 1], got {recipe.train.gamma}"),
+        (recipe.train.lam >= 0, f"train.lam must be >= 0, got {recipe.train.lam}"),
+        (recipe.train.in_memory in ("auto", "yes", "no"), f"train.in_memory must be auto, yes or no, got {recipe.train.in_memory!r}"),
+        (recipe.train.block_rows >= 1 and recipe.train.shuffle_blocks >= 1, "train.block_rows and train.shuffle_blocks must be >= 1"),
+        (
+            len(recipe.train.crop_scale) == 2 and 0 < recipe.train.crop_scale[0] <= recipe.train.crop_scale[1] <= 1,
+            f"train.crop_scale must be [min, max] with 0 < min <= max <= 1, got {recipe.train.crop_scale}",
+        ),
+        (bool(recipe.train.topk) and all(k >= 1 for k in recipe.train.topk), f"train.topk must list k >= 1, got {recipe.train.topk}"),
+        (recipe.train.device == "auto" or recipe.train.device == "cpu" or recipe.train.device.startswith("cuda"), f"train.device must be auto, cpu or cuda[:N], got {recipe.train.device!r}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise SicotError(f"{where}: {message}")

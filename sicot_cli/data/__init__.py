@@ -1,0 +1,1 @@
+"""Everything that reads raw data: prepare, tokenize, vocabulary, word vectors, the built-in dataset."""

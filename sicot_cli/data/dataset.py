@@ -1,0 +1,213 @@
+"""The prepared dataset: one HDF5 file, written by ``prepare`` and read by everything else.
+
+Layout (format 1):
+
+=====================  ==========================  =============================================
+name                   shape, dtype                what
+=====================  ==========================  =============================================
+images                 (N, 3, S, S) uint8          RGB, uncompressed, chunked by contiguous rows;
+                                                   rows ``[0, n_train)`` are the training set
+labels                 (N,) int64                  class ids (classes ordered by training count)
+tokens                 (N, L) int32                word ids, 0 = padding
+lengths                (N,) int32                  real words per title (>= 1)
+ids, titles            (N,) utf-8 strings          the source row's id and raw title
+classes/names          (C,) utf-8 strings
+classes/train_counts   (C,) int64                  descending
+classes/test_counts    (C,) int64
+vocab/words            (V,) utf-8 strings          ``words[0] == "<pad>"``
+vocab/counts           (V,) int64                  counts over the training titles
+vectors                (V, d) float32              initial word vectors (row 0 zero)
+=====================  ==========================  =============================================
+
+Attributes: ``format``, ``n_train``, ``image_size``, ``source``, ``head_threshold``, ``recipe``
+(the resolved recipe as JSON), ``versions`` (JSON), and ``complete`` = 1, set last: a file without
+it was not finished and is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from sicot_cli.errors import SicotError
+
+FORMAT = 1
+CHUNK_BYTES = 1 << 21  # ~2 MB image chunks: large sequential reads, small enough to stream
+_STR = h5py.string_dtype("utf-8")
+REQUIRED = (
+    "images",
+    "labels",
+    "tokens",
+    "lengths",
+    "ids",
+    "titles",
+    "classes/names",
+    "classes/train_counts",
+    "classes/test_counts",
+    "vocab/words",
+    "vocab/counts",
+    "vectors",
+)
+
+
+def chunk_rows(image_size: int) -> int:
+    """Rows per HDF5 chunk of images for this image size."""
+    return max(1, CHUNK_BYTES // (3 * image_size * image_size))
+
+
+def create(path: Path, n: int, image_size: int, max_tokens: int) -> h5py.File:
+    """Open a new file for writing with a resizable image dataset of at most ``n`` rows."""
+    f = h5py.File(path, "w")
+    f.create_dataset(
+        "images",
+        shape=(n, 3, image_size, image_size),
+        maxshape=(None, 3, image_size, image_size),
+        dtype=np.uint8,
+        chunks=(min(max(n, 1), chunk_rows(image_size)), 3, image_size, image_size),
+    )
+    f.attrs["format"] = FORMAT
+    f.attrs["complete"] = 0
+    return f
+
+
+def write_arrays(
+    f: h5py.File,
+    *,
+    labels: np.ndarray,
+    tokens: np.ndarray,
+    lengths: np.ndarray,
+    ids: Sequence[str],
+    titles: Sequence[str],
+    class_names: Sequence[str],
+    train_counts: np.ndarray,
+    test_counts: np.ndarray,
+    words: Sequence[str],
+    word_counts: np.ndarray,
+    vectors: np.ndarray,
+) -> None:
+    """Write everything but the images."""
+    f["labels"] = labels
+    f["tokens"] = tokens
+    f["lengths"] = lengths
+    f.create_dataset("ids", data=np.array(ids, dtype=object), dtype=_STR)
+    f.create_dataset("titles", data=np.array(titles, dtype=object), dtype=_STR)
+    f.create_dataset("classes/names", data=np.array(class_names, dtype=object), dtype=_STR)
+    f["classes/train_counts"] = train_counts
+    f["classes/test_counts"] = test_counts
+    f.create_dataset("vocab/words", data=np.array(words, dtype=object), dtype=_STR)
+    f["vocab/counts"] = word_counts
+    f["vectors"] = vectors.astype(np.float32)
+
+
+def write_attrs(f: h5py.File, **attrs: Any) -> None:
+    """Write the attributes, then mark the file complete (last, so a partial file never is)."""
+    for key, value in attrs.items():
+        name = key.removesuffix("_json")
+        f.attrs[name] = value
+    f.flush()
+    f.attrs["complete"] = 1
+
+
+def _strings(ds: h5py.Dataset) -> list[str]:
+    return [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in ds[()]]
+
+
+@dataclass
+class Prepared:
+    """The small, always-in-memory part of a prepared dataset (everything but the images)."""
+
+    path: Path
+    n_train: int
+    image_size: int
+    head_threshold: int
+    source: str
+    recipe: dict[str, Any]
+    labels: np.ndarray
+    tokens: np.ndarray
+    lengths: np.ndarray
+    class_names: list[str]
+    train_counts: np.ndarray
+    test_counts: np.ndarray
+    words: list[str]
+    vectors: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def titles(self, rows: Sequence[int] | None = None) -> list[str]:
+        """Raw titles (read on demand: they are only needed by reports and predict)."""
+        with h5py.File(self.path, "r") as f:
+            ds = f["titles"]
+            if rows is None:
+                return _strings(ds)
+            return [ds[int(i)].decode("utf-8") if isinstance(ds[int(i)], bytes) else str(ds[int(i)]) for i in rows]
+
+    def ids(self) -> list[str]:
+        with h5py.File(self.path, "r") as f:
+            return _strings(f["ids"])
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a trained model depends on: classes and vocabulary (checked on resume/evaluate/predict)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for item in (*self.class_names, "\x00", *self.words):
+            h.update(item.encode("utf-8") + b"\x00")
+        return {"classes": self.num_classes, "vocab": len(self.words), "sha256": h.hexdigest()[:16]}
+
+
+def open_prepared(path: str | Path) -> Prepared:
+    """Open a prepared file and check it is complete and of a known format.
+
+    Raises:
+        SicotError: missing, not HDF5, unfinished, of another format or missing a dataset; the
+            message names the file and the command that rebuilds it.
+    """
+    path = Path(path)
+    rebuild = f"rebuild it with `sicot prepare --out {path} --force`"
+    if not path.is_file():
+        raise SicotError(f"{path}: prepared dataset not found (create it with `sicot prepare`)")
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        raise SicotError(f"{path}: not a readable HDF5 file (truncated or corrupt?): {rebuild}") from None
+    try:
+        with f:
+            if int(f.attrs.get("format", -1)) != FORMAT:
+                raise SicotError(f"{path}: not a sicot prepared dataset of format {FORMAT}: {rebuild}")
+            if int(f.attrs.get("complete", 0)) != 1:
+                raise SicotError(f"{path}: incomplete (prepare was interrupted): {rebuild}")
+            missing = [k for k in REQUIRED if k not in f]
+            if missing:
+                raise SicotError(f"{path}: dataset {missing[0]!r} is missing: {rebuild}")
+            return Prepared(
+                path=path,
+                n_train=int(f.attrs["n_train"]),
+                image_size=int(f.attrs["image_size"]),
+                head_threshold=int(f.attrs["head_threshold"]),
+                source=str(f.attrs["source"]),
+                recipe=json.loads(f.attrs["recipe"]),
+                labels=f["labels"][()],
+                tokens=f["tokens"][()],
+                lengths=f["lengths"][()],
+                class_names=_strings(f["classes/names"]),
+                train_counts=f["classes/train_counts"][()],
+                test_counts=f["classes/test_counts"][()],
+                words=_strings(f["vocab/words"]),
+                vectors=f["vectors"][()],
+            )
+    except SicotError:
+        raise
+    except (OSError, KeyError, ValueError) as e:
+        raise SicotError(f"{path}: corrupt prepared dataset ({e}): {rebuild}") from None

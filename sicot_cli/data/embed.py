@@ -1,0 +1,85 @@
+"""``sicot embed``: the vocabulary and word vectors on their own, to inspect before ``prepare``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sicot_cli.config import Recipe
+from sicot_cli.data.prepare import build_text
+from sicot_cli.data.skips import Skips
+from sicot_cli.data.vocab import FilterRule
+from sicot_cli.data.word2vec import VectorReport, nearest, save_word2vec_text
+from sicot_cli.errors import SicotError
+from sicot_cli.progress import Progress
+
+
+@dataclass
+class EmbedSummary:
+    """The noise filter's report and the vectors' coverage."""
+
+    source: str
+    train_titles: int
+    raw_vocab: int
+    vocab: int
+    rules: list[FilterRule]
+    vectors: VectorReport
+    test_oov_rate: float
+    skipped: dict[str, int]
+    saved_to: str | None
+
+
+def embed(recipe: Recipe, out: str | Path | None = None, progress: Progress | None = None) -> EmbedSummary:
+    """Build the vocabulary from the training titles and train (or load) its word vectors.
+
+    Args:
+        recipe: the resolved recipe (``data``, ``text`` and ``embed`` are used; no image is read).
+        out: if given, the vectors are written there in word2vec text format (atomically).
+        progress: progress reporting.
+    """
+    skips = Skips(strict=recipe.data.strict)
+    text = build_text(recipe, skips, progress)
+    if out is not None:
+        out = Path(out)
+        if out.exists():
+            raise SicotError(f"{out}: already exists (choose another --out)")
+        save_word2vec_text(out, text.vocab.words, text.vectors)
+    return EmbedSummary(
+        source=text.source,
+        train_titles=sum(1 for r in text.recs if r.split == "train"),
+        raw_vocab=text.vocab.raw_size,
+        vocab=len(text.vocab) - 1,
+        rules=text.vocab.rules,
+        vectors=text.report,
+        test_oov_rate=text.test_oov_rate,
+        skipped=skips.as_dict(),
+        saved_to=str(out) if out is not None else None,
+    )
+
+
+def neighbours(word: str, k: int, data: str | Path | None = None, vectors: str | Path | None = None, binary: bool = False) -> list[tuple[str, float]]:
+    """Nearest words to ``word`` in a prepared dataset's vectors or in a word2vec file."""
+    if data is not None:
+        from sicot_cli.data.dataset import open_prepared
+
+        prepared = open_prepared(data)
+        words, matrix = prepared.words, prepared.vectors
+    elif vectors is not None:
+        from gensim.models import KeyedVectors
+
+        from sicot_cli.data.vocab import PAD
+
+        p = Path(vectors)
+        if not p.is_file():
+            raise SicotError(f"{p}: word vectors not found")
+        try:
+            kv = KeyedVectors.load_word2vec_format(str(p), binary=binary, unicode_errors="replace")
+        except Exception as e:  # gensim raises many types on malformed files
+            raise SicotError(f"{p}: not a word2vec {'binary' if binary else 'text'} file ({type(e).__name__})") from None
+        words = [PAD, *kv.index_to_key]
+        matrix = np.vstack([np.zeros((1, kv.vector_size), np.float32), kv.vectors])
+    else:
+        raise SicotError("--neighbours needs --data PREPARED.h5 or --vectors FILE")
+    return nearest(words, matrix, word, k)

@@ -1,0 +1,81 @@
+"""Decoding and resizing images for ``prepare``.
+
+Every image becomes a square uint8 RGB array: the shorter side is resized to ``size`` (PIL's
+bicubic with reducing_gap for speed on large photos) and the centre is cropped. Colour modes are
+normalised first: CMYK, palette, greyscale and alpha images are converted to RGB (alpha composited
+on white, as product photos on marketplaces are shown), 16-bit and 32-bit integer images are scaled
+to 8 bits, and animated images contribute their first frame.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+# Refuse images above ~180 MP (PIL's own bomb limit is 2x its warning limit of 89 MP).
+Image.MAX_IMAGE_PIXELS = 89_478_485
+
+
+class ImageSkip(Exception):
+    """An image that cannot be used; the message is the counted skip reason."""
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+        arr = np.zeros_like(arr) if hi <= lo else (arr - lo) / (hi - lo) * 255.0
+        return Image.fromarray(np.nan_to_num(arr).astype(np.uint8), mode="L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def square_resize(img: Image.Image, size: int) -> np.ndarray:
+    """Resize the shorter side to ``size`` and centre-crop to ``size`` x ``size``; returns HWC uint8."""
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+def load_image(path: Path, size: int) -> np.ndarray:
+    """Decode ``path`` into a ``[size, size, 3]`` uint8 array.
+
+    Raises:
+        ImageSkip: missing, unreadable, truncated, non-image, too large or empty image.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.seek(0)
+                if img.width < 1 or img.height < 1:
+                    raise ImageSkip("image has no pixels")
+                img.load()
+                return square_resize(_to_rgb(img), size)
+    except FileNotFoundError:
+        raise ImageSkip("image file not found") from None
+    except IsADirectoryError:
+        raise ImageSkip("image path is a directory") from None
+    except PermissionError:
+        raise ImageSkip("image file not readable") from None
+    except UnidentifiedImageError:
+        raise ImageSkip("not an image file") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageSkip("image too large (over 89 MP)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        # PIL reports truncated and corrupt data as OSError/SyntaxError/ValueError
+        raise ImageSkip("truncated or corrupt image") from e

@@ -1,0 +1,388 @@
+"""``sicot prepare``: raw data (a manifest, or the built-in synthetic dataset) -> ONE HDF5 file.
+
+This is the only code that reads raw data, runs jieba and trains word2vec; ``train`` reads only
+what it writes. The steps, in order:
+
+1. read the rows (manifest checks, counted skips);
+2. tokenize every title;
+3. split train/test when the manifest has no split (seeded; ``data.test_per_class`` test images per
+   class, as the paper's roughly balanced test sets, keeping at least ``data.min_train_per_class``
+   for training);
+4. build the vocabulary from TRAINING titles and apply the noise filter; drop rows whose title is
+   empty after it (the paper: "throwing away those images without any side information");
+5. word vectors (word2vec on the training titles, or pretrained);
+6. decode and resize the images in parallel processes, training rows first, so the training set is
+   one contiguous block at the front of the file (the loader reads blocks);
+7. write labels, tokens, classes (ordered by descending training count), vocabulary, vectors and the
+   resolved recipe, then rename the temporary file to its final name.
+
+See :mod:`sicot_cli.data.dataset` for the layout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from sicot_cli.config import Recipe
+from sicot_cli.data import dataset as ds
+from sicot_cli.data.images import ImageSkip, load_image
+from sicot_cli.data.manifest import read_manifest
+from sicot_cli.data.skips import Skips
+from sicot_cli.data.tokenize import tokenize_many
+from sicot_cli.data.vocab import FilterRule, Vocab, build_vocab
+from sicot_cli.data.word2vec import VectorReport, word_vectors
+from sicot_cli.errors import SicotError
+from sicot_cli.fsutil import atomic_path, ensure_dir, remove_stale_tmp, write_json
+from sicot_cli.progress import NullProgress, Progress
+
+log = logging.getLogger(__name__)
+
+WRITE_BATCH = 256
+
+
+@dataclass
+class _Rec:
+    where: str
+    id: str
+    label: str
+    title: str
+    split: str | None
+    source: object  # a Path (manifest) or a SyntheticItem
+    tokens: list[str] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class PrepareSummary:
+    """What ``prepare`` did, for the summary table and ``<out>.recipe.json``."""
+
+    out: str
+    source: str
+    rows_read: int
+    kept: int
+    skipped: dict[str, int]
+    skip_examples: dict[str, list[str]]
+    classes: int
+    train_images: int
+    test_images: int
+    head_threshold: int
+    head_classes: int
+    tail_classes: int
+    raw_vocab: int
+    vocab: int
+    filter_rules: list[FilterRule]
+    vectors: VectorReport
+    test_oov_rate: float  # share of test-title words not in the vocabulary
+    truncated_titles: int
+    seconds: float
+    decode_seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.kept / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, object]:
+        d = asdict(self)
+        d["vectors"]["oov_rate"] = self.vectors.oov_rate
+        d["images_per_second"] = self.images_per_second
+        return d
+
+
+def _read_source(recipe: Recipe, skips: Skips) -> tuple[list[_Rec], str]:
+    d = recipe.data
+    if d.source == "synthetic":
+        from sicot_cli.data.synthetic import synthetic_items
+
+        s = d.synthetic
+        _, items = synthetic_items(s.num_classes, s.max_per_class, s.min_per_class, s.test_per_class, s.language, s.seed)
+        recs = [_Rec(f"synthetic:{it.id}", it.id, it.label, it.title, it.split, it) for it in items]
+        return recs, f"built-in synthetic dataset (seed {s.seed}, {s.language})"
+    rows = read_manifest(d.manifest, skips)
+    recs = [_Rec(r.where, r.id, r.label, r.title, r.split, r.image) for r in rows]
+    return recs, f"manifest {d.manifest}"
+
+
+def _split(recs: list[_Rec], recipe: Recipe) -> None:
+    """Give every record a split: keep the manifest's, or draw a seeded, class-balanced one."""
+    with_split = [r for r in recs if r.split is not None]
+    if with_split and len(with_split) < len(recs):
+        first = next(r for r in recs if r.split is None)
+        raise SicotError(f"{first.where}: no split, but other rows have one: give every row a split or none")
+    if with_split:
+        return
+    by_class: dict[str, list[_Rec]] = defaultdict(list)
+    for r in recs:
+        by_class[r.label].append(r)
+    rng = np.random.default_rng(recipe.data.split_seed)
+    for label in sorted(by_class):
+        members = sorted(by_class[label], key=lambda r: r.id)
+        order = rng.permutation(len(members))
+        n_test = max(0, min(recipe.data.test_per_class, len(members) - recipe.data.min_train_per_class))
+        for rank, i in enumerate(order):
+            members[i].split = "test" if rank < n_test else "train"
+
+
+def _drop_untrainable(recs: list[_Rec], min_train: int, skips: Skips) -> list[_Rec]:
+    counts = Counter(r.label for r in recs if r.split == "train")
+    kept = []
+    for r in recs:
+        n = counts.get(r.label, 0)
+        if n == 0:
+            skips.add("label has no training image", r.where)
+        elif n < min_train:
+            skips.add(f"class has fewer than {min_train} training images", r.where)
+        else:
+            kept.append(r)
+    return kept
+
+
+def _decode(job: tuple[object, int]) -> np.ndarray | str:
+    source, size = job
+    try:
+        if isinstance(source, Path):
+            hwc = load_image(source, size)
+        else:
+            from sicot_cli.data.synthetic import render
+
+            hwc = render(source, size)  # type: ignore[arg-type]
+    except ImageSkip as e:
+        return str(e)
+    return np.ascontiguousarray(hwc.transpose(2, 0, 1))
+
+
+def _decoded(jobs: Sequence[tuple[object, int]], workers: int) -> Iterator[np.ndarray | str]:
+    if workers <= 1 or len(jobs) < 64:
+        yield from map(_decode, jobs)
+        return
+    chunk = max(8, min(256, len(jobs) // (workers * 16) or 8))
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        yield from pool.map(_decode, jobs, chunksize=chunk)
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("sicot", "numpy", "h5py", "gensim", "jieba", "pillow"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "unknown"
+    return out
+
+
+@dataclass
+class TextStage:
+    """Rows with their tokens and split, the vocabulary and the word vectors (steps 1-5)."""
+
+    recs: list[_Rec]
+    source: str
+    rows_read: int
+    vocab: Vocab
+    vectors: np.ndarray
+    report: VectorReport
+    test_oov_rate: float
+    truncated: int
+
+
+def build_text(recipe: Recipe, skips: Skips, progress: Progress | None = None) -> TextStage:
+    """Read the rows' titles, split, build the filtered vocabulary and the word vectors.
+
+    Shared by ``prepare`` and ``embed``; no image is opened here.
+    """
+    progress = progress or NullProgress()
+    d = recipe.data
+    recs, source = _read_source(recipe, skips)
+    rows_read = len(recs) + skips.total
+    if not recs:
+        raise SicotError(f"{source}: no usable rows ({skips.total} skipped: {skips.as_dict()})")
+    workers = d.workers or os.cpu_count() or 1
+
+    with progress.task("tokenizing titles", len(recs)) as task:
+        for r, toks in zip(recs, tokenize_many([r.title for r in recs], workers), strict=True):
+            r.tokens = toks
+        task.advance(len(recs))
+
+    _split(recs, recipe)
+    recs = _drop_untrainable(recs, 1, skips)
+    vocab = build_vocab(
+        [r.tokens for r in recs if r.split == "train"],
+        recipe.text.drop_most_frequent,
+        recipe.text.drop_least_frequent,
+        recipe.text.min_count,
+    )
+    if len(vocab) <= 1:
+        raise SicotError(
+            f"{source}: the vocabulary is empty after filtering ({vocab.raw_size} words before): "
+            "lower text.drop_most_frequent / text.drop_least_frequent / text.min_count"
+        )
+    truncated = 0
+    kept: list[_Rec] = []
+    test_tokens = test_oov = 0
+    for r in recs:
+        if r.split == "test":
+            test_tokens += len(r.tokens)
+            test_oov += sum(1 for t in r.tokens if t not in vocab.index)
+        ids = vocab.encode(r.tokens, 10**9)
+        if not r.tokens:
+            skips.add("empty title", r.where)
+            continue
+        if not ids:
+            skips.add("title empty after the noise-word filter", r.where)
+            continue
+        if len(ids) > d.max_title_tokens:
+            truncated += 1
+        r.ids = ids[: d.max_title_tokens]
+        kept.append(r)
+    recs = _drop_untrainable(kept, d.min_train_per_class, skips)
+    if not recs:
+        raise SicotError(f"{source}: no row left after filtering ({skips.as_dict()})")
+    vectors, vreport = word_vectors([r.tokens for r in recs if r.split == "train"], vocab, recipe.embed, base=None)
+
+    return TextStage(recs, source, rows_read, vocab, vectors, vreport, test_oov / test_tokens if test_tokens else 0.0, truncated)
+
+
+def prepare(recipe: Recipe, out: str | Path | None = None, force: bool = False, progress: Progress | None = None) -> PrepareSummary:
+    """Turn the recipe's raw data into one prepared HDF5 file.
+
+    Args:
+        recipe: the resolved recipe (``data``, ``text``, ``embed``, ``eval`` sections are used).
+        out: the output file; defaults to ``recipe.data.out``.
+        force: replace an existing output (the old file stays until the new one is complete).
+        progress: progress reporting (the CLI passes a rich one).
+
+    Returns:
+        The summary of what was read, kept and skipped.
+
+    Raises:
+        SicotError: any user error (bad manifest, unwritable output, empty vocabulary, nothing left).
+    """
+    t0 = time.perf_counter()
+    progress = progress or NullProgress()
+    out_path = Path(out or recipe.data.out)
+    if out_path.exists() and not force:
+        raise SicotError(f"{out_path}: already exists (pass --force to rebuild it, or --out to write elsewhere)")
+    if out_path.is_dir():
+        raise SicotError(f"{out_path}: is a directory; --out names the .h5 file to write")
+    ensure_dir(out_path.parent)
+    remove_stale_tmp(out_path)
+
+    d = recipe.data
+    skips = Skips(strict=d.strict)
+    workers = d.workers or os.cpu_count() or 1
+    text = build_text(recipe, skips, progress)
+    recs, source = text.recs, text.source
+
+    train_recs = [r for r in recs if r.split == "train"]
+    test_recs = [r for r in recs if r.split == "test"]
+    size = d.image_size
+    t_decode = time.perf_counter()
+    with atomic_path(out_path) as tmp:
+        with ds.create(tmp, len(recs), size, d.max_title_tokens) as f:
+            written: list[_Rec] = []
+            images = f["images"]
+            buf: list[np.ndarray] = []
+
+            def flush() -> None:
+                if buf:
+                    start = len(written) - len(buf)
+                    images[start : start + len(buf)] = np.stack(buf)
+                    buf.clear()
+
+            train_labels: Counter[str] = Counter()
+            for phase, part in (("train", train_recs), ("test", test_recs)):
+                if phase == "test":
+                    flush()
+                    n_train_written = len(written)
+                    skipped_test = [r for r in part if train_labels[r.label] == 0]
+                    for r in skipped_test:
+                        skips.add("label has no training image", r.where)
+                    part = [r for r in part if train_labels[r.label] > 0]
+                with progress.task(f"decoding {phase} images", len(part)) as task:
+                    for r, result in zip(part, _decoded([(r.source, size) for r in part], workers), strict=True):
+                        task.advance(1)
+                        if isinstance(result, str):
+                            skips.add(result, f"{r.where} ({r.source})" if isinstance(r.source, Path) else r.where)
+                            continue
+                        written.append(r)
+                        buf.append(result)
+                        if phase == "train":
+                            train_labels[r.label] += 1
+                        if len(buf) >= WRITE_BATCH:
+                            flush()
+            flush()
+            n = len(written)
+            if n_train_written == 0:
+                raise SicotError(f"{source}: no training image could be decoded ({skips.as_dict()})")
+            images.resize(n, axis=0)
+            decode_seconds = time.perf_counter() - t_decode
+
+            test_labels = Counter(r.label for r in written[n_train_written:])
+            classes = sorted(train_labels, key=lambda c: (-train_labels[c], c))
+            class_id = {c: i for i, c in enumerate(classes)}
+            tokens = np.zeros((n, d.max_title_tokens), dtype=np.int32)
+            lengths = np.zeros(n, dtype=np.int32)
+            for i, r in enumerate(written):
+                tokens[i, : len(r.ids)] = r.ids
+                lengths[i] = len(r.ids)
+            train_counts = np.array([train_labels[c] for c in classes], dtype=np.int64)
+            ds.write_arrays(
+                f,
+                labels=np.array([class_id[r.label] for r in written], dtype=np.int64),
+                tokens=tokens,
+                lengths=lengths,
+                ids=[r.id for r in written],
+                titles=[r.title for r in written],
+                class_names=classes,
+                train_counts=train_counts,
+                test_counts=np.array([test_labels.get(c, 0) for c in classes], dtype=np.int64),
+                words=text.vocab.words,
+                word_counts=np.array(text.vocab.counts, dtype=np.int64),
+                vectors=text.vectors,
+            )
+            ds.write_attrs(
+                f,
+                n_train=n_train_written,
+                image_size=size,
+                source=source,
+                head_threshold=recipe.eval.head_threshold,
+                recipe_json=recipe.to_json(),
+                versions_json=json.dumps(_versions(), sort_keys=True),
+            )
+
+    head = int((train_counts >= recipe.eval.head_threshold).sum())
+    summary = PrepareSummary(
+        out=str(out_path),
+        source=source,
+        rows_read=text.rows_read,
+        kept=n,
+        skipped=skips.as_dict(),
+        skip_examples=skips.examples,
+        classes=len(classes),
+        train_images=n_train_written,
+        test_images=n - n_train_written,
+        head_threshold=recipe.eval.head_threshold,
+        head_classes=head,
+        tail_classes=len(classes) - head,
+        raw_vocab=text.vocab.raw_size,
+        vocab=len(text.vocab) - 1,
+        filter_rules=text.vocab.rules,
+        vectors=text.report,
+        test_oov_rate=text.test_oov_rate,
+        truncated_titles=text.truncated,
+        seconds=time.perf_counter() - t0,
+        decode_seconds=decode_seconds,
+    )
+    write_json(out_path.with_suffix(".recipe.json"), {"recipe": recipe.to_dict(), "summary": summary.as_dict(), "versions": _versions()})
+    log.debug("prepared %s: %d images, %d classes", out_path, n, len(classes))
+    return summary

@@ -1,0 +1,38 @@
+"""Counted skips: rows that cannot be used are counted by reason and summarised, or, with
+``--strict``, stop the job with an error naming the first one."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from sicot_cli.errors import SicotError
+
+
+class Skips:
+    """Counts skipped rows by reason and keeps the first few examples of each."""
+
+    def __init__(self, strict: bool = False, examples: int = 3) -> None:
+        self.strict = strict
+        self.counts: Counter[str] = Counter()
+        self.examples: dict[str, list[str]] = {}
+        self._keep = examples
+
+    def add(self, reason: str, where: str) -> None:
+        """Record that the row at ``where`` (file:row or id) was skipped for ``reason``.
+
+        Raises:
+            SicotError: in strict mode, at the first skip.
+        """
+        if self.strict:
+            raise SicotError(f"{where}: {reason} (remove --strict / data.strict to skip such rows)")
+        self.counts[reason] += 1
+        ex = self.examples.setdefault(reason, [])
+        if len(ex) < self._keep:
+            ex.append(where)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(sorted(self.counts.items()))

@@ -1,0 +1,150 @@
+"""Word vectors for the vocabulary: word2vec trained with gensim, or pretrained vectors.
+
+Row ``i`` of the returned matrix is the vector of ``vocab.words[i]``; row 0 (padding) is zero.
+Training uses one worker thread and a fixed hash so the same titles and seed give the same vectors
+(gensim seeds each word's initial vector from ``hash(word + seed)``, which Python randomises per
+process unless told otherwise). Vocabulary words missing from a pretrained file (out of vocabulary
+for that file) start from small seeded random vectors and are counted in the report.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sicot_cli.config import EmbedConfig
+from sicot_cli.data.vocab import Vocab
+from sicot_cli.errors import SicotError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class VectorReport:
+    """Where the vectors came from and how much of the vocabulary they cover."""
+
+    source: str
+    dim: int
+    vocab_size: int  # including padding
+    oov_words: int  # vocabulary words with no pretrained vector (0 when trained here)
+
+    @property
+    def oov_rate(self) -> float:
+        real = max(self.vocab_size - 1, 1)
+        return self.oov_words / real
+
+
+def _stable_hash(text: str) -> int:
+    return zlib.crc32(text.encode("utf-8"))
+
+
+def train_word2vec(train_titles: Sequence[Sequence[str]], vocab: Vocab, cfg: EmbedConfig) -> tuple[np.ndarray, VectorReport]:
+    """Train word2vec on the training titles restricted to the vocabulary.
+
+    Args:
+        train_titles: tokenized training titles.
+        vocab: the filtered vocabulary; other words are removed from the sentences first.
+        cfg: dimension, window, epochs, sg/cbow, negative samples, seed.
+
+    Returns:
+        The ``[len(vocab), cfg.dim]`` float32 matrix and its report.
+    """
+    from gensim.models import Word2Vec
+
+    sentences = [[t for t in title if t in vocab.index] for title in train_titles]
+    sentences = [s for s in sentences if s]
+    if len(vocab) <= 1 or not sentences:
+        raise SicotError("the vocabulary is empty after filtering: lower text.drop_most_frequent / text.drop_least_frequent / text.min_count")
+    model = Word2Vec(
+        sentences=sentences,
+        vector_size=cfg.dim,
+        window=cfg.window,
+        min_count=1,
+        sg=int(cfg.sg),
+        negative=cfg.negative,
+        epochs=cfg.epochs,
+        seed=cfg.seed,
+        workers=1,
+        hashfxn=_stable_hash,
+    )
+    matrix = np.zeros((len(vocab), cfg.dim), dtype=np.float32)
+    for i, word in enumerate(vocab.words[1:], start=1):
+        matrix[i] = model.wv[word]
+    kind = "skip-gram" if cfg.sg else "CBOW"
+    return matrix, VectorReport(f"word2vec {kind} trained on training titles", cfg.dim, len(vocab), 0)
+
+
+def load_pretrained(path: str | Path, binary: bool, vocab: Vocab, seed: int = 0) -> tuple[np.ndarray, VectorReport]:
+    """Look the vocabulary up in a word2vec text or binary file (gensim ``KeyedVectors``).
+
+    Raises:
+        SicotError: missing or unreadable file, or a file that is not in word2vec format.
+    """
+    from gensim.models import KeyedVectors
+
+    p = Path(path)
+    if not p.is_file():
+        raise SicotError(f"{p}: pretrained word vectors not found (embed.pretrained)")
+    try:
+        kv = KeyedVectors.load_word2vec_format(str(p), binary=binary, unicode_errors="replace")
+    except Exception as e:  # gensim raises ValueError, UnicodeDecodeError, EOFError... on bad files
+        fmt = "binary" if binary else "text"
+        raise SicotError(f"{p}: not a word2vec {fmt} file ({type(e).__name__}: {e}); set embed.binary to match the file") from None
+    dim = kv.vector_size
+    rng = np.random.default_rng(seed)
+    scale = float(np.std(kv.vectors)) if len(kv) else 0.1
+    matrix = np.zeros((len(vocab), dim), dtype=np.float32)
+    oov = 0
+    for i, word in enumerate(vocab.words[1:], start=1):
+        if word in kv.key_to_index:
+            matrix[i] = kv[word]
+        else:
+            oov += 1
+            matrix[i] = rng.normal(0.0, scale, dim)
+    return matrix, VectorReport(f"pretrained {p.name}", dim, len(vocab), oov)
+
+
+def word_vectors(train_titles: Sequence[Sequence[str]], vocab: Vocab, cfg: EmbedConfig, base: Path | None = None) -> tuple[np.ndarray, VectorReport]:
+    """Vectors for the vocabulary as the recipe asks: pretrained when ``embed.pretrained`` is set."""
+    if cfg.pretrained:
+        path = Path(cfg.pretrained)
+        if base is not None and not path.is_absolute():
+            path = base / path
+        return load_pretrained(path, cfg.binary, vocab, cfg.seed)
+    return train_word2vec(train_titles, vocab, cfg)
+
+
+def nearest(words: Sequence[str], vectors: np.ndarray, query: str, k: int = 10) -> list[tuple[str, float]]:
+    """The ``k`` words closest to ``query`` by cosine similarity (gensim ``most_similar``).
+
+    Raises:
+        SicotError: the word is not in the vocabulary.
+    """
+    from gensim.models import KeyedVectors
+
+    kv = KeyedVectors(vector_size=vectors.shape[1])
+    kv.add_vectors(list(words[1:]), vectors[1:])
+    if query not in kv.key_to_index:
+        raise SicotError(f"word {query!r} is not in the vocabulary ({len(words) - 1} words; try `sicot tokenize` to see how it is split)")
+    return [(w, float(s)) for w, s in kv.most_similar(query, topn=k)]
+
+
+def save_word2vec_text(path: str | Path, words: Sequence[str], vectors: np.ndarray) -> None:
+    """Write vectors (without the padding row) in word2vec text format, atomically."""
+    from gensim.models import KeyedVectors
+
+    path = Path(path)
+    kv = KeyedVectors(vector_size=vectors.shape[1])
+    kv.add_vectors(list(words[1:]), vectors[1:])
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        kv.save_word2vec_format(str(tmp), binary=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,143 @@
+"""Scoring a model on the test rows (image only), and ``sicot evaluate``.
+
+Evaluation follows §4.2: top-1 and top-3, overall and averaged over the head and tail classes
+(boundary ``eval.head_threshold`` on training counts), plus many/medium/few; the arithmetic lives in
+:mod:`sicot_cli.metrics`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sicot_cli import metrics, runs
+from sicot_cli.config import Recipe, TrainConfig, recipe_from_dict
+from sicot_cli.data.dataset import Prepared, open_prepared
+from sicot_cli.data.loader import BatchLoader
+from sicot_cli.errors import SicotError
+from sicot_cli.fsutil import atomic_path
+
+PER_CLASS = "per_class_"
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU.
+
+    Raises:
+        SicotError: CUDA asked for but not available.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SicotError(f"train.device = {name!r} but CUDA is not available here (use train.device=cpu or auto)")
+    return torch.device(name)
+
+
+def use_in_memory(cfg: TrainConfig, prepared: Prepared) -> bool:
+    """Hold the images in RAM when asked, or when they fit ``train.memory_limit_gb`` ("auto")."""
+    if cfg.in_memory != "auto":
+        return cfg.in_memory == "yes"
+    return prepared.n * 3 * prepared.image_size**2 <= cfg.memory_limit_gb * 1e9
+
+
+@dataclass
+class EvalResult:
+    """Test-set scores of one model."""
+
+    metrics: dict[str, Any]
+    topk_labels: np.ndarray  # [N_test, K] int64
+    topk_scores: np.ndarray  # [N_test, K] float32 softmax probabilities
+    labels: np.ndarray
+    rows: np.ndarray
+    images_per_s: float
+
+    def scalars(self) -> dict[str, Any]:
+        """The metrics without the per-class lists (one metrics.jsonl line)."""
+        return {k: v for k, v in self.metrics.items() if not k.startswith(PER_CLASS)}
+
+    def per_class(self) -> dict[str, Any]:
+        return {k: v for k, v in self.metrics.items() if k.startswith(PER_CLASS)}
+
+
+@torch.no_grad()
+def evaluate_model(model: torch.nn.Module, prepared: Prepared, device: torch.device, recipe: Recipe, in_memory: bool = True) -> EvalResult:
+    """Image-only scores on the test rows ``[n_train, n)`` and their metrics."""
+    was_training = model.training
+    model.eval()
+    cfg = recipe.train
+    k = min(max(cfg.topk), prepared.num_classes)
+    loader = BatchLoader(prepared, cfg.eval_batch_size, prepared.n_train, prepared.n, shuffle=False, in_memory=in_memory, block_rows=cfg.block_rows)
+    amp = cfg.amp and device.type == "cuda"
+    labels_out, scores_out, rows_out, labels_true = [], [], [], []
+    t0 = time.perf_counter()
+    for batch in loader.epoch(0):
+        x = model.normalize(batch.images.to(device, non_blocking=True))
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model.logits(x)
+        probs = torch.softmax(logits.float(), dim=1)
+        top = probs.topk(k, dim=1)
+        labels_out.append(top.indices.cpu().numpy())
+        scores_out.append(top.values.cpu().numpy())
+        rows_out.append(batch.rows)
+        labels_true.append(batch.labels.numpy())
+    seconds = time.perf_counter() - t0
+    model.train(was_training)
+    topk = np.concatenate(labels_out)
+    labels = np.concatenate(labels_true)
+    ks = tuple(sorted(set(cfg.topk)))
+    result = metrics.evaluate(topk, labels, prepared.train_counts, recipe.eval.head_threshold, recipe.eval.many_threshold, recipe.eval.few_threshold, ks=ks)
+    return EvalResult(result, topk, np.concatenate(scores_out).astype(np.float32), labels, np.concatenate(rows_out), len(labels) / max(seconds, 1e-9))
+
+
+def write_predictions(path: Path, result: EvalResult) -> None:
+    """``predictions.h5``: the test rows' top-k labels and scores, and the true labels."""
+    import h5py
+
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f["rows"] = result.rows
+            f["labels"] = result.labels
+            f["topk_labels"] = result.topk_labels
+            f["topk_scores"] = result.topk_scores
+
+
+def load_run_model(run_dir: Path, checkpoint: str = "last", data: str | Path | None = None) -> tuple[Recipe, Prepared, torch.nn.Module, dict[str, Any]]:
+    """The run's recipe, its prepared dataset (checked against the run) and a model with its weights.
+
+    Raises:
+        SicotError: not a run, missing checkpoint, or a dataset other than the run's.
+    """
+    from sicot_cli.train import check_dataset, make_model
+
+    config = runs.read_config(run_dir)
+    recipe = recipe_from_dict(config["recipe"], str(run_dir / runs.CONFIG))
+    prepared = open_prepared(data if data is not None else config["data"])
+    check_dataset(prepared, config, run_dir)
+    name = {"last": runs.LAST, "best": runs.BEST}.get(checkpoint)
+    if name is None:
+        raise SicotError(f"--checkpoint must be last or best, got {checkpoint!r}")
+    state = runs.load_checkpoint(run_dir / name)
+    recipe.model.pretrained = ""  # the checkpoint holds the weights
+    model = make_model(recipe, prepared)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise SicotError(f"{run_dir / name}: checkpoint of another model ({str(e).splitlines()[0]})") from None
+    return recipe, prepared, model, state
+
+
+def evaluate_run(run_dir: str | Path, checkpoint: str = "last", data: str | Path | None = None, device: str = "auto") -> EvalResult:
+    """Re-score a run's checkpoint on its test set (``sicot evaluate``)."""
+    recipe, prepared, model, _ = load_run_model(Path(run_dir), checkpoint, data)
+    dev = resolve_device(device)
+    model.to(dev)
+    if recipe.train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return evaluate_model(model, prepared, dev, recipe, in_memory=use_in_memory(recipe.train, prepared))

@@ -1,0 +1,183 @@
+"""The SICoT model (§3.3): visual stream, semantic stream, max fusion and ONE shared classifier.
+
+- visual stream: any torchvision classification backbone with its head replaced by the identity,
+  giving ``x_v`` (2048-d for ResNet-50, 512-d for ResNet-18);
+- semantic stream: a registered text encoder (``encoders/``) whose output has ``x_v``'s size;
+- mixed feature: ``x_m = max(x_v, s)`` elementwise ("a max-pooling operation over the visual
+  features and the semantic embeddings");
+- one linear classifier scores both ``x_v`` and ``x_m``; the loss is Eq. 1,
+  ``CE(W x_v) + lambda * CE(W x_m)``.
+
+The baseline is the same module with no encoder: identical visual stream, classifier and
+initialisation (the backbone and classifier are created before the encoder, so a seed gives both
+the same starting weights). At inference only images are used (:meth:`SICoT.logits`).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sicot_cli.errors import SicotError
+
+log = logging.getLogger(__name__)
+
+# ImageNet statistics: the normalisation pretrained torchvision backbones expect.
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+def _strip_head(net: nn.Module, backbone: str) -> tuple[nn.Module, int]:
+    """Replace the classification head by the identity; return the net and its feature size."""
+    for attr in ("fc", "classifier", "head", "heads"):
+        head = getattr(net, attr, None)
+        if isinstance(head, nn.Linear):
+            setattr(net, attr, nn.Identity())
+            return net, head.in_features
+        if isinstance(head, nn.Sequential):
+            # MobileNet/EfficientNet/ViT: keep dropout/activation layers, drop the last Linear
+            layers = list(head.children())
+            linear = [i for i, m in enumerate(layers) if isinstance(m, nn.Linear)]
+            if linear:
+                dim = layers[linear[-1]].in_features
+                layers[linear[-1]] = nn.Identity()
+                setattr(net, attr, nn.Sequential(*layers))
+                return net, dim
+    raise SicotError(f"model.backbone {backbone!r}: no classification head found to replace")
+
+
+def pretrained_path(backbone: str) -> tuple[Path, str]:
+    """Where torchvision's default ImageNet weights for ``backbone`` live in the torch hub cache."""
+    import torchvision
+
+    try:
+        weights = torchvision.models.get_model_weights(backbone).DEFAULT
+    except (ValueError, KeyError):
+        raise SicotError(f"model.backbone {backbone!r} has no published ImageNet weights in torchvision") from None
+    hub = Path(torch.hub.get_dir()) / "checkpoints"
+    return hub / Path(weights.url).name, weights.url
+
+
+def load_pretrained(net: nn.Module, backbone: str, pretrained: str) -> None:
+    """Load ImageNet weights (``"imagenet"``: from the torch hub cache) or a local file, never downloading.
+
+    Raises:
+        SicotError: the file is absent or does not fit the backbone.
+    """
+    if pretrained == "imagenet":
+        path, url = pretrained_path(backbone)
+        if not path.is_file():
+            raise SicotError(
+                f"ImageNet weights for {backbone} not found at {path}; sicot never downloads at run time: "
+                f"fetch {url} into that folder on a machine with internet, or set model.pretrained to a local file"
+            )
+    else:
+        path = Path(pretrained)
+        if not path.is_file():
+            raise SicotError(f"model.pretrained: {path} not found (a state_dict file, or \"imagenet\")")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for corrupt files
+        raise SicotError(f"model.pretrained: {path} is not a loadable state_dict ({type(e).__name__})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    own = net.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not usable:
+        raise SicotError(f"model.pretrained: {path} has no weights that fit {backbone}")
+    missing = [k for k in own if k not in usable]
+    net.load_state_dict(usable, strict=False)
+    log.info("loaded %d pretrained tensors from %s (%d left at init)", len(usable), path, len(missing))
+
+
+def build_backbone(name: str, pretrained: str = "") -> tuple[nn.Module, int]:
+    """A torchvision classification backbone without its head, and its feature size."""
+    import torchvision
+
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        raise SicotError(f"model.backbone {name!r} is not a torchvision classification model (e.g. resnet18, resnet50)")
+    net = torchvision.models.get_model(name, weights=None)
+    if pretrained:
+        load_pretrained(net, name, pretrained)
+    return _strip_head(net, name)
+
+
+class SICoT(nn.Module):
+    """Visual stream + optional semantic stream + one shared classifier."""
+
+    def __init__(self, backbone: nn.Module, feat_dim: int, num_classes: int, encoder: nn.Module | None = None) -> None:
+        super().__init__()
+        self.visual = backbone
+        self.feat_dim = feat_dim
+        self.classifier = nn.Linear(feat_dim, num_classes)
+        self.encoder = encoder
+        self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1) * 255.0, persistent=False)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 or float images in [0, 255] -> normalised float."""
+        return (images.float() - self.mean) / self.std
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """x_v for normalised images."""
+        return self.visual(images)
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Image-only scores (inference): the classifier on x_v."""
+        return self.classifier(self.features(images))
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Scores of x_v and, when there is an encoder and a title, of x_m = max(x_v, s)."""
+        x_v = self.features(images)
+        logits_v = self.classifier(x_v)
+        if self.encoder is None or tokens is None:
+            return logits_v, None
+        s = self.encoder(tokens, mask)
+        x_m = torch.maximum(x_v, s.to(x_v.dtype))
+        return logits_v, self.classifier(x_m)
+
+
+def sicot_loss(logits_v: torch.Tensor, logits_m: torch.Tensor | None, labels: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Eq. 1: CE(x_v) + lambda * CE(x_m); returns (total, CE_v, CE_m)."""
+    loss_v = F.cross_entropy(logits_v.float(), labels)
+    if logits_m is None:
+        return loss_v, loss_v, None
+    loss_m = F.cross_entropy(logits_m.float(), labels)
+    return loss_v + lam * loss_m, loss_v, loss_m
+
+
+def build_model(backbone: str, num_classes: int, encoder: str, vectors: torch.Tensor, pretrained: str = "", encoder_options: dict | None = None, freeze_embeddings: bool = False) -> SICoT:
+    """The SICoT model (``encoder="none"``: the baseline).
+
+    The backbone and the classifier are built first, so the same torch seed gives the baseline and
+    every co-training variant the same visual stream and classifier weights.
+    """
+    net, dim = build_backbone(backbone, pretrained)
+    model = SICoT(net, dim, num_classes)
+    if encoder != "none":
+        from encoders import create_encoder
+
+        # fork_rng: the encoder's initialisation must not shift the random stream that the
+        # training (dropout in some backbones) draws from, or baseline and co-training would differ.
+        with torch.random.fork_rng(devices=[]):
+            model.encoder = create_encoder(encoder, vectors=vectors, out_dim=dim, freeze_embeddings=freeze_embeddings, **(encoder_options or {}))
+    return model
+
+
+class ImageOnly(nn.Module):
+    """The deployable model: uint8 images [B, 3, S, S] -> class probabilities (no sicot needed)."""
+
+    def __init__(self, model: SICoT) -> None:
+        super().__init__()
+        self.visual = model.visual
+        self.classifier = model.classifier
+        self.register_buffer("mean", model.mean.clone())
+        self.register_buffer("std", model.std.clone())
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.float() - self.mean) / self.std
+        return torch.softmax(self.classifier(self.visual(x)), dim=1)

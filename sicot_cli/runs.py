@@ -1,0 +1,157 @@
+"""Run directories describe themselves (timm, Lightning).
+
+``runs/<name>/`` holds:
+
+- ``config.json``: the resolved recipe, the encoder, the prepared file and its fingerprint,
+  package versions and the git commit when there is one;
+- ``metrics.jsonl``: one JSON object per epoch (losses, lr, images/s, evaluation metrics);
+- ``checkpoint-last.pt`` (everything needed to resume exactly) and ``checkpoint-best.pt`` (the
+  weights with the best test top-1 so far), both written to a temporary name and renamed;
+- ``predictions.h5``: the final model's test top-k labels and scores;
+- ``summary.json``: written last, so its presence means the run finished.
+
+Nothing is overwritten: an existing run directory is refused unless the run is resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from sicot_cli.errors import SicotError
+from sicot_cli.fsutil import append_jsonl, atomic_path, ensure_dir, write_json
+
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+LAST = "checkpoint-last.pt"
+BEST = "checkpoint-best.pt"
+PREDICTIONS = "predictions.h5"
+SUMMARY = "summary.json"
+
+
+def git_commit() -> str | None:
+    """The commit of the sicot source tree, when it is a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("sicot", "torch", "torchvision", "numpy", "h5py", "gensim"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "unknown"
+    return out
+
+
+def is_run(path: Path) -> bool:
+    return (path / CONFIG).is_file()
+
+
+def is_finished(path: Path) -> bool:
+    return (path / SUMMARY).is_file()
+
+
+def start_run(run_dir: Path, config: dict[str, Any], resume: bool) -> bool:
+    """Create the run directory, or check it for ``--resume``; returns True when resuming.
+
+    Raises:
+        SicotError: the directory exists and ``resume`` is False; or ``resume`` with nothing to resume.
+    """
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not resume:
+            raise SicotError(f"{run_dir}: run directory exists (pass --resume to continue it, or --run-dir to start another)")
+        if not (run_dir / LAST).is_file():
+            if is_finished(run_dir):
+                return True
+            # killed before the first checkpoint: nothing to lose, start again in place
+            (run_dir / METRICS).unlink(missing_ok=True)
+            write_json(run_dir / CONFIG, config)
+            return False
+        return True
+    ensure_dir(run_dir)
+    write_json(run_dir / CONFIG, config)
+    return False
+
+
+def read_config(run_dir: Path) -> dict[str, Any]:
+    """The run's ``config.json``.
+
+    Raises:
+        SicotError: not a run directory, or an unreadable config.
+    """
+    path = run_dir / CONFIG
+    if not path.is_file():
+        raise SicotError(f"{run_dir}: not a run directory (no {CONFIG}); runs are made by `sicot train`")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise SicotError(f"{path}: unreadable run config ({e})") from None
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The per-epoch records; a torn last line (killed mid-write) is ignored."""
+    path = run_dir / METRICS
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            break
+    return out
+
+
+def write_metrics(run_dir: Path, records: list[dict[str, Any]]) -> None:
+    """Rewrite ``metrics.jsonl`` from a checkpoint's history (atomically)."""
+    with atomic_path(run_dir / METRICS) as tmp:
+        tmp.write_text("".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+
+
+def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
+    append_jsonl(run_dir / METRICS, record)
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """``torch.save`` to a temporary name, fsync, rename."""
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint safely (``weights_only=True``: tensors and plain data, no code).
+
+    Raises:
+        SicotError: missing, truncated or not a sicot checkpoint.
+    """
+    import torch
+
+    if not path.is_file():
+        raise SicotError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError... for bad files
+        raise SicotError(f"{path}: unreadable checkpoint ({type(e).__name__}); resume from the other checkpoint or retrain") from None
+    if not isinstance(state, dict) or "model" not in state or "meta" not in state:
+        raise SicotError(f"{path}: not a sicot checkpoint")
+    return state
+
+
+def default_run_name(recipe_name: str, encoder: str, seed: int) -> str:
+    return f"{recipe_name}-{encoder}-s{seed}"
+
+
+def finish(run_dir: Path, history: list[dict[str, Any]], per_class: dict[str, Any]) -> None:
+    """Write ``summary.json`` (last: its presence marks the run finished)."""
+    write_json(run_dir / SUMMARY, {"final": history[-1] if history else {}, "epochs": len(history), **per_class})

@@ -1,0 +1,258 @@
+"""The one training loop: baseline (no encoder) and co-training take exactly the same path.
+
+Per batch: uint8 images go to the device, are augmented there in one batched op (seeded per batch),
+normalised, and scored; the loss is Eq. 1 (``sicot_cli.model.sicot_loss``). Per epoch: StepLR,
+evaluation on the test rows, ``checkpoint-last.pt`` (and ``-best``), one ``metrics.jsonl`` line.
+Everything random is seeded from (seed, epoch, batch), so an interrupted run resumed from its
+checkpoint, even in the middle of an epoch, reproduces the uninterrupted run exactly on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sicot_cli import runs
+from sicot_cli.config import Recipe
+from sicot_cli.data.augment import random_resized_crop_flip
+from sicot_cli.data.dataset import Prepared, open_prepared
+from sicot_cli.data.loader import BatchLoader, epoch_seed
+from sicot_cli.errors import SicotError
+from sicot_cli.evaluate import evaluate_model, resolve_device, use_in_memory, write_predictions
+from sicot_cli.model import SICoT, build_model, sicot_loss
+from sicot_cli.progress import NullProgress, Progress
+
+log = logging.getLogger(__name__)
+
+# Keys of a metrics record that measure wall-clock time (they differ between identical runs).
+TIMING_KEYS = ("train_images_per_s", "epoch_seconds", "eval_images_per_s")
+
+
+@dataclass
+class TrainResult:
+    """Where the run is and how it ended."""
+
+    run_dir: Path
+    history: list[dict[str, Any]]
+    interrupted: bool = False
+    skipped: bool = False  # the run had already finished
+
+    @property
+    def final(self) -> dict[str, Any]:
+        return self.history[-1] if self.history else {}
+
+
+def data_path(recipe: Recipe, data: str | Path | None) -> Path:
+    return Path(data) if data is not None else Path(recipe.data.out)
+
+
+def run_config(recipe: Recipe, prepared: Prepared) -> dict[str, Any]:
+    return {
+        "recipe": recipe.to_dict(),
+        "encoder": recipe.model.encoder,
+        "data": str(prepared.path.resolve()),
+        "dataset": prepared.fingerprint(),
+        "versions": runs.versions(),
+        "git_commit": runs.git_commit(),
+    }
+
+
+def check_dataset(prepared: Prepared, config: dict[str, Any], run_dir: Path) -> None:
+    """Refuse a dataset whose classes or vocabulary differ from the run's."""
+    want, have = config.get("dataset", {}), prepared.fingerprint()
+    if want != have:
+        raise SicotError(
+            f"{run_dir}: trained on a dataset with {want.get('classes')} classes / {want.get('vocab')} words "
+            f"(fingerprint {want.get('sha256')}), but {prepared.path} has {have['classes']} / {have['vocab']} "
+            f"({have['sha256']}): use the dataset the run was trained on"
+        )
+
+
+def make_model(recipe: Recipe, prepared: Prepared) -> SICoT:
+    """The run's model, initialised from the recipe's seed (the same for every encoder)."""
+    torch.manual_seed(recipe.train.seed)
+    return build_model(
+        recipe.model.backbone,
+        prepared.num_classes,
+        recipe.model.encoder,
+        torch.from_numpy(prepared.vectors),
+        pretrained=recipe.model.pretrained,
+        encoder_options=recipe.model.encoder_options,
+        freeze_embeddings=recipe.model.freeze_embeddings,
+    )
+
+
+def _meta(recipe: Recipe, prepared: Prepared, model: SICoT) -> dict[str, Any]:
+    return {
+        "backbone": recipe.model.backbone,
+        "encoder": recipe.model.encoder,
+        "num_classes": prepared.num_classes,
+        "feat_dim": model.feat_dim,
+        "image_size": prepared.image_size,
+        "dataset": prepared.fingerprint(),
+    }
+
+
+def train(
+    recipe: Recipe,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    data: str | Path | None = None,
+    progress: Progress | None = None,
+    hook: Callable[[int, int], None] | None = None,
+) -> TrainResult:
+    """Train (or resume) one run.
+
+    Args:
+        recipe: the resolved recipe; ``model.encoder = "none"`` trains the baseline.
+        run_dir: the run directory (default ``<train.runs_dir>/<name>-<encoder>-s<seed>``).
+        resume: continue an existing run from ``checkpoint-last.pt``.
+        data: the prepared file (default ``data.out``).
+        progress: progress reporting.
+        hook: called as ``hook(epoch, batch)`` before every batch (tests use it to interrupt).
+
+    Returns:
+        The run's directory and per-epoch history. Ctrl-C saves a resumable checkpoint and returns
+        with ``interrupted=True``.
+    """
+    progress = progress or NullProgress()
+    cfg = recipe.train
+    path = data_path(recipe, data)
+    prepared = open_prepared(path)
+    run_dir = Path(run_dir) if run_dir is not None else Path(cfg.runs_dir) / runs.default_run_name(recipe.name, recipe.model.encoder, cfg.seed)
+    if prepared.n_train < 1 or prepared.n - prepared.n_train < 1:
+        raise SicotError(f"{path}: needs training and test images (has {prepared.n_train} / {prepared.n - prepared.n_train})")
+    config = run_config(recipe, prepared)
+    resuming = runs.start_run(run_dir, config, resume)
+    if resuming:
+        check_dataset(prepared, runs.read_config(run_dir), run_dir)
+        if runs.is_finished(run_dir):
+            return TrainResult(run_dir, runs.read_metrics(run_dir), skipped=True)
+
+    device = resolve_device(cfg.device)
+    model = make_model(recipe, prepared)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
+    meta = _meta(recipe, prepared, model)
+
+    start_epoch, start_batch, history, best = 0, 0, [], -1.0
+    accum = {"loss": 0.0, "loss_v": 0.0, "loss_m": 0.0, "images": 0, "seconds": 0.0}
+    if resuming:
+        state = runs.load_checkpoint(run_dir / runs.LAST)
+        if state["meta"] != meta:
+            raise SicotError(f"{run_dir / runs.LAST}: checkpoint of another model ({state['meta']}) than the recipe's ({meta})")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        start_epoch, start_batch, history, best = state["epoch"], state["batch"], state["history"], state["best"]
+        accum = state["accum"]
+        runs.write_metrics(run_dir, history)
+        log.info("resuming %s at epoch %d, batch %d", run_dir, start_epoch + 1, start_batch)
+
+    in_memory = use_in_memory(cfg, prepared)
+    loader = BatchLoader(
+        prepared, cfg.batch_size, 0, prepared.n_train, shuffle=True, seed=cfg.seed, in_memory=in_memory,
+        block_rows=cfg.block_rows, shuffle_blocks=cfg.shuffle_blocks, drop_last=prepared.n_train >= cfg.batch_size,
+    )
+    forward = torch.compile(model) if cfg.compile else model
+    amp = cfg.amp and device.type == "cuda"
+    scale = (cfg.crop_scale[0], cfg.crop_scale[1])
+
+    def checkpoint(epoch: int, batch: int) -> dict[str, Any]:
+        return {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "rng": torch.get_rng_state(), "epoch": epoch, "batch": batch, "history": history, "best": best,
+            "accum": accum, "meta": meta,
+        }
+
+    epoch = start_epoch
+    batch_idx = start_batch
+    result = None
+    training = False  # True while the epoch's batches run: only then is a mid-epoch checkpoint valid
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            model.train()
+            training = True
+            skip = start_batch if epoch == start_epoch else 0
+            if skip == 0:
+                accum = {"loss": 0.0, "loss_v": 0.0, "loss_m": 0.0, "images": 0, "seconds": 0.0}
+            lr = optimizer.param_groups[0]["lr"]
+            with progress.task(f"epoch {epoch + 1}/{cfg.epochs}", len(loader)) as task:
+                task.advance(skip)
+                batch_idx = skip
+                t_last = time.perf_counter()
+                for batch in loader.epoch(epoch, skip):
+                    if hook is not None:
+                        hook(epoch, batch_idx)
+                    images = batch.images.to(device, non_blocking=True)
+                    labels = batch.labels.to(device, non_blocking=True)
+                    if cfg.augment:
+                        gen = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch, 1 + batch_idx))
+                        images = random_resized_crop_flip(images, gen, scale)
+                    x = model.normalize(images)
+                    if cfg.channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    tokens = batch.tokens.to(device, non_blocking=True) if model.encoder is not None else None
+                    mask = batch.mask.to(device, non_blocking=True) if model.encoder is not None else None
+                    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+                        logits_v, logits_m = forward(x, tokens, mask)
+                    loss, loss_v, loss_m = sicot_loss(logits_v, logits_m, labels, cfg.lam)
+                    if not torch.isfinite(loss):
+                        raise SicotError(f"{run_dir}: the loss became {loss.item()} at epoch {epoch + 1}, batch {batch_idx + 1}: lower train.lr")
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    n = len(labels)
+                    accum["loss"] += loss.item() * n
+                    accum["loss_v"] += loss_v.item() * n
+                    accum["loss_m"] += (loss_m.item() if loss_m is not None else 0.0) * n
+                    accum["images"] += n
+                    now = time.perf_counter()
+                    accum["seconds"] += now - t_last
+                    t_last = now
+                    batch_idx += 1
+                    task.advance(1, info=f"loss {accum['loss'] / accum['images']:.3f}  {accum['images'] / max(accum['seconds'], 1e-9):,.0f} img/s")
+            training = False
+            scheduler.step()
+            result = evaluate_model(model, prepared, device, recipe, in_memory=in_memory)
+            record = {
+                "epoch": epoch + 1,
+                "lr": lr,
+                "loss": accum["loss"] / max(accum["images"], 1),
+                "loss_v": accum["loss_v"] / max(accum["images"], 1),
+                "loss_m": accum["loss_m"] / max(accum["images"], 1) if model.encoder is not None else None,
+                "train_images": accum["images"],
+                "train_images_per_s": accum["images"] / max(accum["seconds"], 1e-9),
+                "epoch_seconds": accum["seconds"],
+                **result.scalars(),
+                "eval_images_per_s": result.images_per_s,
+            }
+            history.append(record)
+            batch_idx = 0
+            if record["top1"] > best:
+                best = record["top1"]
+                runs.save_checkpoint(run_dir / runs.BEST, {"model": model.state_dict(), "meta": meta, "epoch": epoch + 1})
+            runs.save_checkpoint(run_dir / runs.LAST, checkpoint(epoch + 1, 0))
+            runs.append_metrics(run_dir, record)
+            log.info("epoch %d: loss %.4f top1 %.2f top3 %.2f", epoch + 1, record["loss"], record["top1"], record.get("top3", float("nan")))
+    except KeyboardInterrupt:
+        # Between the last batch and the epoch's checkpoint the previous checkpoint is the valid one.
+        if training:
+            runs.save_checkpoint(run_dir / runs.LAST, checkpoint(epoch, batch_idx))
+        return TrainResult(run_dir, history, interrupted=True)
+
+    if result is None:  # resumed after the last epoch's checkpoint, before the predictions
+        result = evaluate_model(model, prepared, device, recipe, in_memory=in_memory)
+    write_predictions(run_dir / runs.PREDICTIONS, result)
+    runs.finish(run_dir, history, result.per_class())
+    return TrainResult(run_dir, history)

@@ -1,0 +1,107 @@
+"""Rich renderings of library results (tables printed by the CLI)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from sicot_cli.data.embed import EmbedSummary
+    from sicot_cli.data.prepare import PrepareSummary
+    from sicot_cli.data.vocab import FilterRule
+    from sicot_cli.data.word2vec import VectorReport
+
+
+def _rules_rows(table: Table, rules: list[FilterRule]) -> None:
+    for r in rules:
+        table.add_row(f"  removed: {r.rule}", f"{r.words:,} words, {r.tokens:,} occurrences, {r.titles_emptied:,} titles emptied")
+
+
+def _vectors_row(table: Table, v: VectorReport) -> None:
+    table.add_row("word vectors", f"{v.source}, dim {v.dim}")
+    table.add_row("  vocabulary OOV (no pretrained vector)", f"{v.oov_words:,} words ({v.oov_rate:.1%})")
+
+
+def prepare_table(s: PrepareSummary) -> Table:
+    """The summary printed at the end of ``sicot prepare``."""
+    t = Table(title=f"prepared {s.out}", show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column()
+    t.add_row("source", s.source)
+    t.add_row("rows read / kept / skipped", f"{s.rows_read:,} / {s.kept:,} / {sum(s.skipped.values()):,}")
+    for reason, n in s.skipped.items():
+        example = (s.skip_examples.get(reason) or [""])[0]
+        t.add_row(f"  skipped: {reason}", f"{n:,}  [dim](e.g. {example})[/]" if example else f"{n:,}")
+    t.add_row("classes", f"{s.classes:,}")
+    t.add_row("train / test images", f"{s.train_images:,} / {s.test_images:,}")
+    t.add_row(f"head / tail classes (head: >= {s.head_threshold} train images)", f"{s.head_classes:,} / {s.tail_classes:,}")
+    t.add_row("vocabulary (before -> after filter)", f"{s.raw_vocab:,} -> {s.vocab:,}")
+    _rules_rows(t, s.filter_rules)
+    _vectors_row(t, s.vectors)
+    t.add_row("test-title OOV (words not in vocabulary)", f"{s.test_oov_rate:.1%}")
+    if s.truncated_titles:
+        t.add_row("titles truncated to data.max_title_tokens", f"{s.truncated_titles:,}")
+    t.add_row("time", f"{s.seconds:.1f} s ({s.images_per_second:,.0f} images/s decode+write)")
+    return t
+
+
+def embed_table(s: EmbedSummary) -> Table:
+    """The report printed by ``sicot embed``."""
+    t = Table(title="vocabulary and word vectors", show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column()
+    t.add_row("source", s.source)
+    t.add_row("training titles", f"{s.train_titles:,}")
+    t.add_row("vocabulary (before -> after filter)", f"{s.raw_vocab:,} -> {s.vocab:,}")
+    _rules_rows(t, s.rules)
+    _vectors_row(t, s.vectors)
+    t.add_row("test-title OOV (words not in vocabulary)", f"{s.test_oov_rate:.1%}")
+    for reason, n in s.skipped.items():
+        t.add_row(f"  skipped rows: {reason}", f"{n:,}")
+    if s.saved_to:
+        t.add_row("saved", s.saved_to)
+    return t
+
+
+def _fmt(v: object) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.2f}"
+    return str(v)
+
+
+def epochs_table(history: list[dict], title: str) -> Table:
+    """One row per epoch: losses, lr, images/s and the headline metrics."""
+    t = Table(title=title, title_justify="left")
+    cols = ["epoch", "lr", "loss", "loss_v", "loss_m", "train_images_per_s", "top1", "top3", "head_top1", "tail_top1"]
+    names = ["epoch", "lr", "loss", "CE(x_v)", "CE(x_m)", "img/s", "top-1", "top-3", "head top-1", "tail top-1"]
+    for n in names:
+        t.add_column(n, justify="right")
+    for rec in history:
+        t.add_row(*(f"{rec[c]:.4g}" if c in ("lr", "loss", "loss_v") and rec.get(c) is not None else (f"{rec[c]:.3f}" if c == "loss_m" and rec.get(c) is not None else _fmt(rec.get(c))) for c in cols))
+    return t
+
+
+def metrics_table(m: dict, title: str) -> Table:
+    """Top-k overall and per group."""
+    t = Table(title=title, title_justify="left")
+    ks = sorted(int(k[3:]) for k in m if k.startswith("top") and k[3:].isdigit())
+    t.add_column("")
+    for k in ks:
+        t.add_column(f"top-{k}", justify="right")
+    t.add_column("classes", justify="right")
+    t.add_row("all images", *(_fmt(m.get(f"top{k}")) for k in ks), _fmt(m.get("num_classes")))
+    labels = {"head": f"head (>= {m.get('head_threshold')})", "tail": f"tail (< {m.get('head_threshold')})", "many": f"many (> {m.get('many_threshold')})", "medium": "medium", "few": f"few (< {m.get('few_threshold')})"}
+    for g, label in labels.items():
+        t.add_row(f"{label}, class-averaged", *(_fmt(m.get(f"{g}_top{k}")) for k in ks), _fmt(m.get(f"{g}_classes")))
+    return t
+
+
+def predictions_table(preds: list) -> Table:
+    t = Table("image", "rank", "class", "score", "title", title="predictions (image only)", title_justify="left")
+    for p in preds:
+        for i, (c, s, title) in enumerate(zip(p.classes, p.scores, p.titles, strict=True)):
+            t.add_row(p.image if i == 0 else "", str(i + 1), c, f"{s:.3f}", title or "-")
+    return t

@@ -1,0 +1,74 @@
+"""The CLI surface: lazy imports, tokenize and embed end to end, and their bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from conftest import KEEP_ALL
+from sicot_cli.cli import app
+
+runner = CliRunner()
+
+
+def run(*args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+def test_help_imports_no_heavy_library():
+    code = "import sys; from sicot_cli.cli import app; heavy = {'torch', 'torchvision', 'gensim', 'jieba', 'h5py', 'matplotlib'} & set(sys.modules); print(sorted(heavy))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    assert run("--help").exit_code == 0
+
+
+def test_tokenize_args_and_file(tmp_path):
+    r = run("tokenize", "新款包邮红色保温杯", "Red MUG!!")
+    assert r.exit_code == 0
+    assert "新款 | 包邮 | 红色 | 保温杯" in r.output and "red | mug" in r.output
+    f = tmp_path / "titles.txt"
+    f.write_text("\ufeffRed MUG!!\n白色 cup\n", encoding="utf-8")
+    r = run("tokenize", "--file", str(f))
+    assert r.output.splitlines() == ["red mug", "白色 cup"]
+
+
+def test_tokenize_with_vocabulary_of_a_prepared_dataset(tmp_path, manifest):
+    out = tmp_path / "p.h5"
+    assert run("prepare", "--manifest", str(manifest), "--out", str(out), *KEEP_ALL).exit_code == 0
+    r = run("tokenize", "--plain", "--data", str(out), "red cat unseenword")
+    assert r.output.strip() == "red cat [unseenword]"
+
+
+def test_tokenize_errors(tmp_path):
+    r = run("tokenize")
+    assert r.exit_code == 2 and "nothing to tokenize" in r.output
+    r = run("tokenize", "--data", str(tmp_path / "no.h5"), "x")
+    assert r.exit_code == 2 and "no.h5: prepared dataset not found" in r.output
+
+
+def test_embed_report_save_and_neighbours(tmp_path, manifest):
+    vec = tmp_path / "v.txt"
+    r = run("embed", f"data.manifest={manifest}", "data.source=manifest", *KEEP_ALL, "--out", str(vec))
+    assert r.exit_code == 0, r.output
+    assert "vocabulary (before -> after filter)" in r.output and "0% most frequent" in r.output
+    header = vec.read_text(encoding="utf-8").splitlines()[0].split()
+    assert header[1] == "8" and int(header[0]) > 10
+    r = run("embed", "--neighbours", "cat", "--vectors", str(vec), "--top", "3")
+    assert r.exit_code == 0 and r.output.count("0.") >= 3, r.output
+    r = run("embed", "--neighbours", "zebra", "--vectors", str(vec))
+    assert r.exit_code == 2 and "'zebra' is not in the vocabulary" in r.output
+
+
+def test_embed_pretrained_vectors_and_oov(tmp_path, manifest):
+    pre = tmp_path / "pre.txt"
+    pre.write_text("2 3\nred 1 0 0\ncat 0 1 0\n", encoding="utf-8")
+    r = run("embed", f"data.manifest={manifest}", "data.source=manifest", *KEEP_ALL, f"embed.pretrained={pre}")
+    assert r.exit_code == 0, r.output
+    assert "pretrained pre.txt, dim 3" in r.output
+    assert "vocabulary OOV" in r.output and "words (" in r.output
+    bad = tmp_path / "bad.txt"
+    bad.write_text("not a vector file\n")
+    r = run("embed", f"data.manifest={manifest}", "data.source=manifest", *KEEP_ALL, f"embed.pretrained={bad}")
+    assert r.exit_code == 2 and "bad.txt: not a word2vec text file" in r.output

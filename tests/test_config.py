@@ -1,0 +1,82 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from sicot_cli.config import Recipe, load_recipe, parse_override_value
+from sicot_cli.errors import SicotError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_demo_recipe_is_the_embedded_default():
+    assert load_recipe(ROOT / "recipes" / "demo.toml") == Recipe()
+    assert load_recipe(None) == Recipe()
+
+
+def test_overrides_are_typed():
+    r = load_recipe(None, ["data.image_size=32", "name=x", "data.source=manifest", "data.manifest=m.csv", "text.drop_most_frequent=0"])
+    assert r.data.image_size == 32 and r.name == "x" and r.data.source == "manifest"
+    assert r.text.drop_most_frequent == 0.0 and isinstance(r.text.drop_most_frequent, float)
+    assert parse_override_value("[1, 3]") == [1, 3]
+    assert parse_override_value("resnet50") == "resnet50"
+    assert parse_override_value('"quoted"') == "quoted"
+
+
+def test_recipe_paths_resolve_against_the_recipe(tmp_path):
+    p = tmp_path / "sub" / "r.toml"
+    p.parent.mkdir()
+    p.write_text('[data]\nsource = "manifest"\nmanifest = "m.csv"\n[embed]\npretrained = "v.txt"\n')
+    r = load_recipe(p)
+    assert r.data.manifest == str(p.parent / "m.csv")
+    assert r.embed.pretrained == str(p.parent / "v.txt")
+    # overrides given on the command line stay relative to the working directory
+    assert load_recipe(p, ["data.manifest=other.csv"]).data.manifest == "other.csv"
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[data]\nimage_sise = 3\n", "unknown key 'data.image_sise'"),
+        ("[data]\nimage_size = \"big\"\n", "data.image_size must be an integer, got 'big'"),
+        ("[data]\nimage_size = 4\n", "data.image_size must be between 8 and 1024"),
+        ("[data]\nstrict = 1\n", "data.strict must be a boolean"),
+        ("data = 3\n", "[data] must be a table"),
+        ("[data\n", "not valid TOML"),
+        ("[text]\ndrop_most_frequent = 0.6\ndrop_least_frequent = 0.5\n", "must be < 1"),
+    ],
+)
+def test_bad_recipes_name_the_key_and_file(tmp_path, text, message):
+    p = tmp_path / "bad.toml"
+    p.write_text(text)
+    with pytest.raises(SicotError) as e:
+        load_recipe(p)
+    assert message in str(e.value) and str(p) in str(e.value)
+
+
+def test_bad_overrides():
+    with pytest.raises(SicotError, match="unknown override key 'train.lrate'"):
+        load_recipe(None, ["train.lrate=0.1"])
+    with pytest.raises(SicotError, match="train.batch_size must be >= 1"):
+        load_recipe(None, ["train.batch_size=0"])
+    with pytest.raises(SicotError, match="train.batch_size must be >= 1"):
+        load_recipe(None, ["train.batch_size=-4"])
+    with pytest.raises(SicotError, match="unknown override key 'data.nope'"):
+        load_recipe(None, ["data.nope=1"])
+    with pytest.raises(SicotError, match="expected section.key=value"):
+        load_recipe(None, ["data.image_size"])
+    with pytest.raises(SicotError, match="data.image_size must be an integer"):
+        load_recipe(None, ["data.image_size=big"])
+
+
+def test_missing_and_non_utf8_recipe(tmp_path):
+    with pytest.raises(SicotError, match="recipe not found"):
+        load_recipe(tmp_path / "nope.toml")
+    p = tmp_path / "latin1.toml"
+    p.write_bytes(b'name = "caf\xe9"\n')
+    with pytest.raises(SicotError, match="not UTF-8"):
+        load_recipe(p)
+
+
+def test_resolved_recipe_is_json():
+    assert json.loads(Recipe().to_json())["data"]["synthetic"]["num_classes"] == 120

@@ -1,0 +1,229 @@
+"""prepare: the HDF5 layout read back against the source rows, refusals, atomicity, bad input."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import KEEP_ALL, make_manifest
+from sicot_cli.cli import app
+from sicot_cli.config import load_recipe
+from sicot_cli.data import prepare as prep
+from sicot_cli.data.dataset import open_prepared
+from sicot_cli.data.images import square_resize
+from sicot_cli.data.tokenize import tokenize
+from sicot_cli.errors import SicotError
+
+runner = CliRunner()
+
+
+def run(*args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+def recipe_for(manifest: Path, *extra: str):
+    return load_recipe(None, ["data.source=manifest", f"data.manifest={manifest}", *KEEP_ALL, *extra])
+
+
+def test_layout_matches_source_rows(tmp_path, manifest):
+    out = tmp_path / "p.h5"
+    s = prep.prepare(recipe_for(manifest, "data.image_size=16"), out)
+    assert (s.train_images, s.test_images, s.classes) == (18, 6, 3)
+    p = open_prepared(out)
+    with open(manifest, newline="") as f:
+        rows = {r["id"]: r for r in csv.DictReader(f)}
+    ids = p.ids()
+    titles = p.titles()
+    assert sorted(ids) == sorted(rows)
+    assert p.n_train == 18 and p.image_size == 16
+    # training rows first, then test rows: the training set is one contiguous block
+    assert all(i.split("-")[0] for i in ids)
+    with h5py.File(out) as f:
+        images = f["images"]
+        assert images.dtype == np.uint8 and images.shape == (24, 3, 16, 16)
+        assert images.compression is None and images.chunks[1:] == (3, 16, 16)
+        for i in (0, 7, 23):
+            src = rows[ids[i]]
+            with Image.open(manifest.parent / src["image"]) as im:
+                expected = square_resize(im.convert("RGB"), 16).transpose(2, 0, 1)
+            np.testing.assert_array_equal(images[i], expected)
+            assert titles[i] == src["title"]
+            assert p.class_names[p.labels[i]] == src["label"]
+            words = [p.words[t] for t in p.tokens[i, : p.lengths[i]]]
+            assert words == tokenize(src["title"])
+            assert (p.tokens[i, p.lengths[i] :] == 0).all()
+    assert p.words[0] == "<pad>" and p.vectors.shape == (len(p.words), 8)
+    assert not p.vectors[0].any()
+    assert list(p.train_counts) == [6, 6, 6] and list(p.test_counts) == [2, 2, 2]
+    assert (p.labels[:18] >= 0).all() and np.bincount(p.labels[18:]).tolist() == [2, 2, 2]
+    assert p.recipe["data"]["image_size"] == 16
+    assert (out.with_suffix(".recipe.json")).is_file()
+
+
+def test_given_split_is_kept_and_classes_ordered_by_count(tmp_path):
+    m = make_manifest(tmp_path / "raw", per_class=6, split=True)
+    s = prep.prepare(recipe_for(m), tmp_path / "p.h5")
+    assert (s.train_images, s.test_images) == (12, 6)
+    p = open_prepared(tmp_path / "p.h5")
+    assert all(i.split("-")[1] in ("0", "1") for i in p.ids()[12:])
+
+
+def test_split_is_seeded_and_balanced(tmp_path, manifest):
+    a = prep.prepare(recipe_for(manifest), tmp_path / "a.h5")
+    b = prep.prepare(recipe_for(manifest), tmp_path / "b.h5")
+    c = prep.prepare(recipe_for(manifest, "data.split_seed=1"), tmp_path / "c.h5")
+    ids = lambda p: open_prepared(p).ids()[a.train_images :]  # noqa: E731
+    assert ids(tmp_path / "a.h5") == ids(tmp_path / "b.h5") != ids(tmp_path / "c.h5")
+
+
+def test_refuses_to_overwrite_and_force_replaces(tmp_path, manifest):
+    out = tmp_path / "p.h5"
+    prep.prepare(recipe_for(manifest), out)
+    before = out.stat().st_mtime_ns
+    with pytest.raises(SicotError, match="already exists"):
+        prep.prepare(recipe_for(manifest), out)
+    assert out.stat().st_mtime_ns == before
+    prep.prepare(recipe_for(manifest), out, force=True)
+    assert open_prepared(out).n == 24
+
+
+def test_interrupted_prepare_leaves_no_final_file(tmp_path, manifest, monkeypatch):
+    out = tmp_path / "p.h5"
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prep.ds, "write_attrs", boom)
+    with pytest.raises(KeyboardInterrupt):
+        prep.prepare(recipe_for(manifest), out)
+    assert os.listdir(tmp_path) == ["raw"]
+
+
+def test_stale_temporary_of_a_killed_prepare_is_removed(tmp_path, manifest):
+    out = tmp_path / "p.h5"
+    stale = tmp_path / ".p.h5.tmp-999999999"
+    stale.write_bytes(b"half")
+    prep.prepare(recipe_for(manifest), out)
+    assert not stale.exists() and out.exists()
+
+
+def test_unfinished_file_is_refused(tmp_path, manifest):
+    out = tmp_path / "p.h5"
+    prep.prepare(recipe_for(manifest), out)
+    with h5py.File(out, "a") as f:
+        f.attrs["complete"] = 0
+    with pytest.raises(SicotError, match="incomplete .*sicot prepare --out"):
+        open_prepared(out)
+    out.write_bytes(out.read_bytes()[:1000])
+    with pytest.raises(SicotError, match="not a readable HDF5 file"):
+        open_prepared(out)
+
+
+# --- bad input through the CLI: one line naming the thing, exit 2; or a counted skip ------------
+
+
+def _cli_prepare(manifest: Path, out: Path, *extra: str):
+    return run("prepare", "--manifest", str(manifest), "--out", str(out), *KEEP_ALL, *extra)
+
+
+def _one_error_line(result, *needles: str) -> None:
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.output.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    for needle in needles:
+        assert needle in " ".join(lines), result.output
+    assert "Traceback" not in result.output
+
+
+def test_missing_manifest(tmp_path):
+    _one_error_line(_cli_prepare(tmp_path / "nope.csv", tmp_path / "o.h5"), "nope.csv", "manifest not found")
+
+
+def test_unknown_column(tmp_path):
+    m = tmp_path / "m.csv"
+    m.write_text("image,title,lable\na.png,t,x\n")
+    _one_error_line(_cli_prepare(m, tmp_path / "o.h5"), "m.csv", "unknown column 'lable'")
+
+
+def test_missing_column(tmp_path):
+    m = tmp_path / "m.jsonl"
+    m.write_text('{"image": "a.png", "title": "t"}\n')
+    _one_error_line(_cli_prepare(m, tmp_path / "o.h5"), "m.jsonl", "missing column 'label'")
+
+
+def _bad_rows(tmp_path: Path) -> Path:
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "notimage.png").write_bytes(b"this is text")
+    good = raw / "trunc_src.png"
+    Image.fromarray(np.full((30, 30, 3), 200, np.uint8)).save(good)
+    (raw / "truncated.png").write_bytes(good.read_bytes()[:60])
+    (raw / "dir.png").mkdir()
+    extra = [
+        {"image": "missing.png", "title": "red cat", "label": "cat", "id": "x1"},
+        {"image": "notimage.png", "title": "red cat", "label": "cat", "id": "x2"},
+        {"image": "truncated.png", "title": "red cat", "label": "cat", "id": "x3"},
+        {"image": "dir.png", "title": "red cat", "label": "cat", "id": "x4"},
+        {"image": "cat0.png", "title": "!!! ★", "label": "cat", "id": "x5"},
+        {"image": "cat0.png", "title": "red cat", "label": "cat", "id": "cat-0"},
+    ]
+    m = make_manifest(raw, extra_rows=extra)
+    with m.open("ab") as f:
+        f.write(b"cat1.png,caf\xe9 au lait,cat,x6\n")
+    return m
+
+
+def test_bad_rows_are_counted_skips(tmp_path):
+    m = _bad_rows(tmp_path)
+    r = _cli_prepare(m, tmp_path / "o.h5")
+    assert r.exit_code == 0, r.output
+    for reason in ("image file not found", "not an image file", "truncated or corrupt image", "image path is a directory", "empty title", "duplicate id", "line is not UTF-8"):
+        assert f"skipped: {reason}" in r.output, (reason, r.output)
+    assert "31 / 24 / 7" in r.output  # rows read / kept / skipped
+    assert open_prepared(tmp_path / "o.h5").n == 24
+
+
+@pytest.mark.parametrize(
+    "row, needle",
+    [
+        ({"image": "missing.png", "title": "red cat", "label": "cat", "id": "x1"}, "image file not found"),
+        ({"image": "cat0.png", "title": "", "label": "cat", "id": "x1"}, "empty title"),
+    ],
+)
+def test_strict_turns_skips_into_errors(tmp_path, row, needle):
+    m = make_manifest(tmp_path / "raw", extra_rows=[row])
+    _one_error_line(_cli_prepare(m, tmp_path / "o.h5", "--strict"), "m.csv:26", needle)
+
+
+def test_label_with_no_training_image(tmp_path):
+    m = make_manifest(tmp_path / "raw", per_class=6, split=True, extra_rows=[{"image": "cat0.png", "title": "red fox", "label": "fox", "id": "f1", "split": "test"}])
+    r = _cli_prepare(m, tmp_path / "o.h5")
+    assert r.exit_code == 0 and "label has no training image" in r.output, r.output
+    assert open_prepared(tmp_path / "o.h5").num_classes == 3
+
+
+def test_unknown_recipe_key_and_wrong_type_and_override(tmp_path, manifest):
+    bad = tmp_path / "r.toml"
+    bad.write_text("[data]\nimgae_size = 32\n")
+    _one_error_line(run("prepare", "--recipe", str(bad)), "r.toml", "unknown key 'data.imgae_size'")
+    bad.write_text('[data]\nimage_size = "32"\n')
+    _one_error_line(run("prepare", "--recipe", str(bad)), "r.toml", "data.image_size must be an integer")
+    _one_error_line(run("prepare", "data.imagesize=3"), "unknown override key 'data.imagesize'")
+
+
+def test_output_directory_not_writable(tmp_path, manifest):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    _one_error_line(_cli_prepare(manifest, blocker / "sub" / "o.h5"), str(blocker / "sub"), "cannot create the output directory")
+
+
+def test_empty_vocabulary_after_filtering(tmp_path, manifest):
+    r = run("prepare", "--manifest", str(manifest), "--out", str(tmp_path / "o.h5"), "data.workers=1", "text.drop_most_frequent=0.5", "text.drop_least_frequent=0.49", "text.min_count=100")
+    _one_error_line(r, "vocabulary is empty after filtering")

@@ -1,0 +1,200 @@
+"""The model, the loss, the loop, checkpoints and resume."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from typer.testing import CliRunner
+
+from conftest import tiny_recipe
+from encoders import create_encoder
+from sicot_cli import runs
+from sicot_cli.cli import app
+from sicot_cli.data.dataset import open_prepared
+from sicot_cli.data.loader import BatchLoader
+from sicot_cli.errors import SicotError
+from sicot_cli.model import SICoT, build_backbone, sicot_loss
+from sicot_cli.train import TIMING_KEYS, train
+
+runner = CliRunner()
+
+
+def _toy_model(lam_encoder: bool = True) -> SICoT:
+    torch.manual_seed(0)
+    visual = nn.Sequential(nn.Flatten(), nn.Linear(12, 4), nn.ReLU())
+    enc = create_encoder("mean", vectors=torch.randn(6, 3), out_dim=4) if lam_encoder else None
+    return SICoT(visual, 4, 5, enc)
+
+
+def test_loss_is_eq1_by_hand():
+    model = _toy_model()
+    x = torch.randn(3, 3, 2, 2)
+    tokens = torch.tensor([[1, 2, 0], [3, 0, 0], [4, 5, 1]])
+    mask = tokens != 0
+    y = torch.tensor([0, 3, 4])
+    logits_v, logits_m = model(x, tokens, mask)
+    loss, _, _ = sicot_loss(logits_v, logits_m, y, lam=0.7)
+    # by hand: x_v, s, x_m = max(x_v, s), one classifier W, b, cross-entropy as -log softmax
+    x_v = model.visual(x)
+    s = model.encoder(tokens, mask)
+    x_m = torch.where(x_v > s, x_v, s)
+    W, b = model.classifier.weight, model.classifier.bias
+
+    def ce(feat):
+        z = feat @ W.T + b
+        return -(z.gather(1, y[:, None]).squeeze(1) - torch.log(torch.exp(z).sum(1))).mean()
+
+    assert torch.allclose(loss, ce(x_v) + 0.7 * ce(x_m), atol=1e-6)
+
+
+def test_classifier_is_shared_and_gets_both_gradients():
+    model = _toy_model()
+    assert sum(1 for n, _ in model.named_parameters() if n.startswith("classifier")) == 2  # one weight, one bias
+    x, tokens, y = torch.randn(4, 3, 2, 2), torch.tensor([[1, 2], [3, 0], [4, 5], [2, 2]]), torch.tensor([0, 1, 2, 3])
+    grads = []
+    for term in ("v", "m"):
+        model.zero_grad()
+        lv, lm = model(x, tokens, tokens != 0)
+        (F.cross_entropy(lv, y) if term == "v" else F.cross_entropy(lm, y)).backward()
+        grads.append(model.classifier.weight.grad.clone())
+    model.zero_grad()
+    lv, lm = model(x, tokens, tokens != 0)
+    sicot_loss(lv, lm, y, 1.0)[0].backward()
+    assert grads[1].abs().sum() > 0
+    assert torch.allclose(model.classifier.weight.grad, grads[0] + grads[1], atol=1e-6)
+
+
+def test_backbone_head_is_removed():
+    net, dim = build_backbone("resnet18")
+    assert dim == 512 and isinstance(net.fc, nn.Identity)
+    net, dim = build_backbone("mobilenet_v3_small")
+    assert dim == 1024
+    with pytest.raises(SicotError, match="not a torchvision classification model"):
+        build_backbone("resnet9000")
+
+
+def test_missing_pretrained_weights_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(SicotError, match=r"ImageNet weights for resnet18 not found at .*never downloads"):
+        build_backbone("resnet18", "imagenet")
+    with pytest.raises(SicotError, match="model.pretrained: .*nope.pt not found"):
+        build_backbone("resnet18", str(tmp_path / "nope.pt"))
+
+
+def test_pretrained_from_local_file(tmp_path):
+    net, _ = build_backbone("resnet18")
+    torch.save(net.state_dict(), tmp_path / "w.pt")
+    other, _ = build_backbone("resnet18", str(tmp_path / "w.pt"))
+    assert torch.equal(other.conv1.weight, net.conv1.weight)
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_loader_orders_are_permutations_and_seeded(tiny_prepared, in_memory):
+    p = open_prepared(tiny_prepared)
+    mk = lambda seed: BatchLoader(p, 5, 0, p.n_train, shuffle=True, seed=seed, in_memory=in_memory, block_rows=7, shuffle_blocks=2)  # noqa: E731
+    a = mk(0)
+    rows0 = np.concatenate([b.rows for b in a.epoch(0)])
+    assert sorted(rows0) == list(range(p.n_train))
+    assert np.array_equal(rows0, np.concatenate([b.rows for b in mk(0).epoch(0)]))
+    assert not np.array_equal(rows0, np.concatenate([b.rows for b in a.epoch(1)]))
+    assert not np.array_equal(rows0, np.concatenate([b.rows for b in mk(1).epoch(0)]))
+    b = next(a.epoch(0))
+    with __import__("h5py").File(tiny_prepared) as f:
+        assert np.array_equal(b.images.numpy(), f["images"][np.sort(b.rows)][np.argsort(np.argsort(b.rows))])
+    assert np.array_equal(b.labels.numpy(), p.labels[b.rows])
+    assert b.mask.shape == b.tokens.shape and (b.tokens[~b.mask] == 0).all()
+    skipped = np.concatenate([x.rows for x in a.epoch(0, skip=2)])
+    assert np.array_equal(skipped, rows0[10:])
+
+
+def test_lambda_zero_cotraining_steps_like_the_baseline(tiny_prepared, tmp_path):
+    base = train(tiny_recipe(tiny_prepared, "model.encoder=none"), tmp_path / "base")
+    co = train(tiny_recipe(tiny_prepared, "model.encoder=mean", "train.lam=0"), tmp_path / "co")
+    sb = runs.load_checkpoint(base.run_dir / runs.LAST)["model"]
+    sc = runs.load_checkpoint(co.run_dir / runs.LAST)["model"]
+    shared = [k for k in sb]
+    assert shared and all(k in sc for k in shared)
+    for k in shared:
+        assert torch.equal(sb[k], sc[k]), k
+    strip = lambda h: [{k: v for k, v in r.items() if k not in TIMING_KEYS and k not in ("loss", "loss_m")} for r in h]  # noqa: E731
+    assert strip(base.history) == strip(co.history)
+
+
+def test_resume_after_interrupt_reproduces_the_run(tiny_prepared, tmp_path):
+    recipe = tiny_recipe(tiny_prepared, "model.encoder=bilinear", "train.epochs=3")
+    full = train(recipe, tmp_path / "full")
+
+    for stop_at in [(1, 0), (1, 2)]:  # at the start of epoch 2, and in its middle
+        def hook(epoch, batch, stop_at=stop_at):
+            if (epoch, batch) == stop_at:
+                raise KeyboardInterrupt
+
+        run_dir = tmp_path / f"cut{stop_at[1]}"
+        cut = train(recipe, run_dir, hook=hook)
+        assert cut.interrupted and len(cut.history) == 1
+        assert not (run_dir / runs.SUMMARY).exists()
+        with pytest.raises(SicotError, match="run directory exists"):
+            train(recipe, run_dir)
+        resumed = train(recipe, run_dir, resume=True)
+        strip = lambda h: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in h]  # noqa: E731
+        assert strip(resumed.history) == strip(full.history)
+        assert strip(runs.read_metrics(run_dir)) == strip(runs.read_metrics(full.run_dir))
+        a = runs.load_checkpoint(run_dir / runs.LAST)["model"]
+        b = runs.load_checkpoint(full.run_dir / runs.LAST)["model"]
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    again = train(recipe, tmp_path / "full", resume=True)
+    assert again.skipped
+
+
+def test_changed_dataset_is_refused(tiny_prepared, tmp_path):
+    from conftest import KEEP_ALL, make_manifest
+    from sicot_cli.config import load_recipe
+    from sicot_cli.data.prepare import prepare
+    from sicot_cli.evaluate import evaluate_run
+
+    result = train(tiny_recipe(tiny_prepared, "model.encoder=none", "train.epochs=1"), tmp_path / "r")
+    m = make_manifest(tmp_path / "raw2", per_class=6)
+    other = tmp_path / "other.h5"
+    prepare(load_recipe(None, ["data.source=manifest", f"data.manifest={m}", "data.image_size=16", *KEEP_ALL, "text.min_count=2"]), other)
+    with pytest.raises(SicotError, match="trained on a dataset with .* use the dataset the run was trained on"):
+        evaluate_run(result.run_dir, data=other)
+
+
+def test_cli_train_evaluate_predict_export(tiny_prepared, tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["train", "--encoder", "bilinear", "--data", str(tiny_prepared), "--run-dir", str(run_dir), "model.backbone=mobilenet_v3_small", "train.batch_size=8", "train.epochs=4", "train.lr=0.005", "train.device=cpu"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    history = runs.read_metrics(run_dir)
+    assert len(history) == 4
+    assert history[-1]["loss"] < history[0]["loss"]
+    for key in ("epoch", "lr", "loss", "loss_v", "loss_m", "train_images_per_s", "epoch_seconds", "top1", "top3", "head_top1", "tail_top1", "many_top1", "medium_top1", "few_top1", "eval_images_per_s", "n_test"):
+        assert key in history[-1], key
+    assert history[1]["lr"] == pytest.approx(0.005 * 0.8)
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["encoder"] == "bilinear" and config["recipe"]["train"]["epochs"] == 4 and "torch" in config["versions"]
+    for name in ("checkpoint-last.pt", "checkpoint-best.pt", "predictions.h5", "summary.json"):
+        assert (run_dir / name).is_file(), name
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2 and "run directory exists" in r.output
+    r = runner.invoke(app, ["evaluate", "--run", str(run_dir), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["top1"] == pytest.approx(history[-1]["top1"])
+    img = tiny_prepared.parent / "raw" / "cat3.png"
+    r = runner.invoke(app, ["predict", "--run", str(run_dir), "--json", "-k", "2", str(img)])
+    assert r.exit_code == 0, r.output
+    top = json.loads(r.output)[0]["top"]
+    assert len(top) == 2 and top[0]["score"] >= top[1]["score"] and top[0]["title"]
+    out = tmp_path / "m.pt"
+    r = runner.invoke(app, ["export", "--run", str(run_dir), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    scripted = torch.jit.load(str(out))
+    probs = scripted(torch.zeros(2, 3, 16, 16, dtype=torch.uint8))
+    assert probs.shape == (2, 3) and torch.allclose(probs.sum(1), torch.ones(2))
+    r = runner.invoke(app, ["evaluate", "--run", str(tmp_path)])
+    assert r.exit_code == 2 and "not a run directory" in r.output
