@@ -17,22 +17,15 @@ block instead, every step is faster and the ratios to ``mean`` grow (``bilinear`
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
-import tempfile
-import time
-from datetime import UTC, datetime
-from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.common import interleaved_ms, write_results
 from encoders import TextEncoder, create_encoder, list_encoders
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 GOAL_ENCODER = "bilinear"
 GOAL_RATIO = 2.0
 
@@ -64,70 +57,16 @@ def _step(encoder: TextEncoder, tokens: torch.Tensor, mask: torch.Tensor) -> Non
     encoder(tokens, mask).square().mean().backward()
 
 
-def time_encoders(
-    names: list[str],
-    vectors: torch.Tensor,
-    tokens: torch.Tensor,
-    mask: torch.Tensor,
-    warmup: int,
-    rounds: int,
-    round_ms: float,
-) -> dict[str, list[float]]:
-    """Milliseconds per forward+backward step of each encoder, one entry per timed round.
-
-    Rounds are interleaved (each round times every encoder once), so that a slow spell of a shared
-    machine hits all encoders alike instead of skewing one ratio. Within a round an encoder runs
-    as many steps as fit in about ``round_ms`` (at least one), so fast and slow encoders are timed
-    over similar stretches rather than a fast one over a few milliseconds of noise.
-
-    Args:
-        names: Registered encoder names.
-        vectors: Word vectors ``[V, d]`` (CPU; the encoders are moved to the tokens' device).
-        tokens: ``[B, L]`` word ids on the target device.
-        mask: ``[B, L]`` True on real words.
-        warmup: Untimed steps per encoder first (allocator, kernels, cuDNN plans); the last one
-            also sizes the rounds.
-        rounds: Timed rounds.
-        round_ms: Target duration of one encoder's share of a round.
-
-    Returns:
-        Encoder name -> ms/step in each round.
-    """
+def time_encoders(names: list[str], vectors: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, warmup: int, rounds: int, round_ms: float) -> dict[str, list[float]]:
+    """Milliseconds per forward+backward step of each encoder, one entry per timed round
+    (interleaved rounds, see :func:`benchmarks.common.interleaved_ms`)."""
     device = tokens.device
-    built: dict[str, TextEncoder] = {}
-    steps: dict[str, int] = {}
+    steps = {}
     for name in names:
         torch.manual_seed(0)
-        built[name] = create_encoder(name, vectors=vectors, out_dim=OUT_DIM).to(device).train()
-        for _ in range(max(warmup, 1)):
-            start = time.perf_counter()
-            _step(built[name], tokens, mask)
-            _sync(device)
-            last_ms = (time.perf_counter() - start) * 1000.0
-        steps[name] = max(1, round(round_ms / last_ms))
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for _ in range(rounds):
-        for name, encoder in built.items():
-            start = time.perf_counter()
-            for _ in range(steps[name]):
-                _step(encoder, tokens, mask)
-            _sync(device)
-            times[name].append((time.perf_counter() - start) * 1000.0 / steps[name])
-    return times
-
-
-def _write_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are for everyone to read
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        encoder = create_encoder(name, vectors=vectors, out_dim=OUT_DIM).to(device).train()
+        steps[name] = lambda encoder=encoder: _step(encoder, tokens, mask)
+    return interleaved_ms(steps, warmup, rounds, round_ms, sync=lambda: _sync(device))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -201,16 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     result = {
         "benchmark": "encoders",
-        "device": args.device,
-        "device_name": (
-            torch.cuda.get_device_name(device)
-            if device.type == "cuda"
-            else platform.processor() or platform.machine()
-        ),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
         "quick": args.quick,
-        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
         "setup": {
             "batch": BATCH,
             "words": WORDS,
@@ -230,8 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
             "met": met,
         },
     }
-    out = RESULTS_DIR / f"encoders-{args.device}.json"
-    _write_atomic(out, result)
+    out = write_results("encoders", args.device, result)
     console.print(f"wrote {out}")
     return result
 

@@ -260,3 +260,101 @@ def export(
 
     path = run_export(run, out, checkpoint, data)
     console.print(f"wrote {path} and {path.with_suffix('.classes.json')} (torch.jit.load; input uint8 [B, 3, S, S])")
+
+
+def _csv_list(value: str | None) -> list[str] | None:
+    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
+
+
+@app.command()
+@guard
+def ablate(
+    recipe: RecipeOpt = None,
+    encoders: Annotated[str | None, typer.Option(help="Comma-separated encoders (default: all registered); the baseline is always trained.")] = None,
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0",
+    out: Annotated[Path | None, typer.Option(help="Ablation directory (default: <train.runs_dir>/ablate-<name>).")] = None,
+    data: Annotated[Path | None, typer.Option(help="Prepared .h5 (default: data.out; prepared first when missing).")] = None,
+    encoder_module: EncoderModule = None,
+    chosen: Annotated[str, typer.Option("--encoder", help="Encoder of Tables 2 and 4.")] = "bilinear",
+    overrides: Overrides = None,
+) -> None:
+    """Train the baseline and every encoder per seed (finished runs skipped, interrupted ones resumed), then report."""
+    from rich.live import Live
+
+    from encoders import list_encoders
+    from sicot_cli.ablate import ablate as run_ablate
+    from sicot_cli.console import RichProgress, err_console
+    from sicot_cli.errors import SicotError
+    from sicot_cli.report import build_report, write_report
+    from sicot_cli.views import ablation_table, report_tables
+
+    _load_encoder_modules(encoder_module)
+    names = _csv_list(encoders) or list_encoders()
+    for name in names:
+        _check_encoder(name)
+    try:
+        seed_list = [int(s) for s in _csv_list(seeds) or []]
+    except ValueError:
+        raise SicotError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
+    cfg = _recipe(recipe, overrides)
+    done: list = []
+    with Live(ablation_table(done), console=err_console, transient=False, auto_refresh=False) as live:
+        def on_run(status) -> None:  # noqa: ANN001
+            done.append(status)
+            live.update(ablation_table(done), refresh=True)
+
+        root, statuses = run_ablate(cfg, names, seed_list, out, progress=RichProgress(), on_run=on_run, data=data)
+    if statuses and statuses[-1].state == "interrupted":
+        err_console.print(f"[yellow]interrupted: run the same command again to continue[/] ({root})")
+        raise typer.Exit(130)
+    report = build_report([root], chosen)
+    write_report(report, root)
+    for table in report_tables(report):
+        console.print(table)
+    console.print(f"report written to {root}/report.md (figures: sicot report {root})")
+
+
+@app.command()
+@guard
+def report(
+    dirs: Annotated[list[Path], typer.Argument(help="Run directories or ablation directories.", show_default=False)],
+    chosen: Annotated[str, typer.Option("--encoder", help="Encoder of Tables 2 and 4.")] = "bilinear",
+    fmt: Annotated[str, typer.Option("--format", help="stdout format: table, markdown, csv or json.")] = "table",
+    out: Annotated[Path | None, typer.Option(help="Where report.md/csv/json and the PNGs go (default: the first directory).")] = None,
+    figures: Annotated[bool, typer.Option(help="Write the PNG figures.")] = True,
+    attention: Annotated[bool, typer.Option("--attention", help="Print the Fig. 7 view (words by attention) in the terminal.")] = False,
+    class_name: Annotated[str | None, typer.Option("--class", help="Print the words that carry a class's attention across its titles.")] = None,
+) -> None:
+    """Tables 2-4 (with seeds: mean ± std, paired tests, bootstrap intervals), files and figures."""
+    from sicot_cli.errors import SicotError
+    from sicot_cli.fsutil import ensure_dir
+    from sicot_cli.report import build_report, to_csv, to_json, to_markdown, write_report
+    from sicot_cli.views import attention_view, class_words_table, report_tables
+
+    if fmt not in ("table", "markdown", "csv", "json"):
+        raise SicotError(f"--format must be table, markdown, csv or json, got {fmt!r}")
+    rep = build_report(list(dirs), chosen)
+    target = out or dirs[0]
+    ensure_dir(target)
+    written = write_report(rep, target)
+    if figures:
+        from sicot_cli.figures import render_all
+
+        written += render_all(rep, target)
+    if fmt == "table":
+        for table in report_tables(rep):
+            console.print(table)
+    else:
+        typer.echo({"markdown": to_markdown, "csv": to_csv, "json": to_json}[fmt](rep))
+    if attention or class_name:
+        from sicot_cli import figures as fig
+
+        run = next((r for r in rep.runs if r.encoder == rep.chosen), None)
+        if run is None:
+            raise SicotError(f"no run of encoder {rep.chosen!r} to show attention for")
+        if attention:
+            console.print(attention_view(fig.attention(run.path, n=6), run.encoder))
+        if class_name:
+            console.print(class_words_table(fig.class_words(fig.attention(run.path, class_name=class_name)), class_name))
+    if fmt == "table":
+        console.print("wrote " + ", ".join(str(p) for p in written))

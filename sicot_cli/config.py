@@ -94,6 +94,7 @@ class ModelConfig:
     encoder: str = "bilinear"  # a registered encoder, or "none" for the image-only baseline
     encoder_options: dict[str, Any] = field(default_factory=dict)
     freeze_embeddings: bool = False
+    semantic_norm: str = "batchnorm"  # "batchnorm" (scale-matched max fusion) or "none" (literal)
 
 
 @dataclass
@@ -333,6 +334,7 @@ def validate(recipe: Recipe, where: str) -> None:
             recipe.eval.few_threshold <= recipe.eval.many_threshold,
             "eval.few_threshold must be <= eval.many_threshold",
         ),
+        (recipe.model.semantic_norm in ("batchnorm", "none"), f"model.semantic_norm must be batchnorm or none, got {recipe.model.semantic_norm!r}"),
         (recipe.train.epochs >= 1, f"train.epochs must be >= 1, got {recipe.train.epochs}"),
         (recipe.train.batch_size >= 1, f"train.batch_size must be >= 1, got {recipe.train.batch_size}"),
         (recipe.train.eval_batch_size >= 1, f"train.eval_batch_size must be >= 1, got {recipe.train.eval_batch_size}"),

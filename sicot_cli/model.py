@@ -8,6 +8,15 @@
 - one linear classifier scores both ``x_v`` and ``x_m``; the loss is Eq. 1,
   ``CE(W x_v) + lambda * CE(W x_m)``.
 
+Scale matching (our addition, ``model.semantic_norm = "batchnorm"``, the default): ``x_v`` comes out
+of BatchNorm + ReLU + average pooling and grows during training, while a freshly projected title
+embedding is small (about 0.1 against about 1). With a max, a stream that is always smaller is never
+selected and gets no gradient: ``x_m`` collapses to ``x_v``, the second loss term only doubles the
+visual gradient (measured on the demo: co-training then trails the baseline), and nothing is
+transferred. The paper only says both features have the same dimension "through a deliberate design
+of the network"; we batch-normalise the semantic embedding so that it enters the max at the scale of
+a normalised feature. ``"none"`` gives the literal formulation.
+
 The baseline is the same module with no encoder: identical visual stream, classifier and
 initialisation (the backbone and classifier are created before the encoder, so a seed gives both
 the same starting weights). At inference only images are used (:meth:`SICoT.logits`).
@@ -109,12 +118,13 @@ def build_backbone(name: str, pretrained: str = "") -> tuple[nn.Module, int]:
 class SICoT(nn.Module):
     """Visual stream + optional semantic stream + one shared classifier."""
 
-    def __init__(self, backbone: nn.Module, feat_dim: int, num_classes: int, encoder: nn.Module | None = None) -> None:
+    def __init__(self, backbone: nn.Module, feat_dim: int, num_classes: int, encoder: nn.Module | None = None, semantic_norm: str = "batchnorm") -> None:
         super().__init__()
         self.visual = backbone
         self.feat_dim = feat_dim
         self.classifier = nn.Linear(feat_dim, num_classes)
         self.encoder = encoder
+        self.semantic_norm = nn.BatchNorm1d(feat_dim) if encoder is not None and semantic_norm == "batchnorm" else None
         self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1) * 255.0, persistent=False)
         self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1) * 255.0, persistent=False)
 
@@ -137,6 +147,8 @@ class SICoT(nn.Module):
         if self.encoder is None or tokens is None:
             return logits_v, None
         s = self.encoder(tokens, mask)
+        if self.semantic_norm is not None:
+            s = self.semantic_norm(s.float())
         x_m = torch.maximum(x_v, s.to(x_v.dtype))
         return logits_v, self.classifier(x_m)
 
@@ -150,7 +162,7 @@ def sicot_loss(logits_v: torch.Tensor, logits_m: torch.Tensor | None, labels: to
     return loss_v + lam * loss_m, loss_v, loss_m
 
 
-def build_model(backbone: str, num_classes: int, encoder: str, vectors: torch.Tensor, pretrained: str = "", encoder_options: dict | None = None, freeze_embeddings: bool = False) -> SICoT:
+def build_model(backbone: str, num_classes: int, encoder: str, vectors: torch.Tensor, pretrained: str = "", encoder_options: dict | None = None, freeze_embeddings: bool = False, semantic_norm: str = "batchnorm") -> SICoT:
     """The SICoT model (``encoder="none"``: the baseline).
 
     The backbone and the classifier are built first, so the same torch seed gives the baseline and
@@ -165,6 +177,8 @@ def build_model(backbone: str, num_classes: int, encoder: str, vectors: torch.Te
         # training (dropout in some backbones) draws from, or baseline and co-training would differ.
         with torch.random.fork_rng(devices=[]):
             model.encoder = create_encoder(encoder, vectors=vectors, out_dim=dim, freeze_embeddings=freeze_embeddings, **(encoder_options or {}))
+            if semantic_norm == "batchnorm":
+                model.semantic_norm = nn.BatchNorm1d(dim)
     return model
 
 

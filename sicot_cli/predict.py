@@ -8,6 +8,7 @@ for each, a representative training title from the prepared dataset.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,7 +84,10 @@ def export(run_dir: str | Path, out: str | Path, checkpoint: str = "last", data:
     _, prepared, model, _ = load_run_model(Path(run_dir), checkpoint, data)
     net = ImageOnly(model.cpu()).eval()
     example = torch.zeros(2, 3, prepared.image_size, prepared.image_size, dtype=torch.uint8)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # TorchScript is deprecated in favour of torch.export, but it is still the format that
+        # C++ (libtorch) and most serving stacks load without Python; keep it until they move.
+        warnings.simplefilter("ignore", FutureWarning)
         scripted = torch.jit.trace(net, example)
         if not torch.allclose(scripted(example), net(example), atol=1e-5):
             raise RuntimeError("the traced model disagrees with the eager one")

@@ -19,10 +19,10 @@ from typing import Any
 import torch
 
 from sicot_cli import runs
-from sicot_cli.config import Recipe
+from sicot_cli.config import Recipe, TrainConfig
 from sicot_cli.data.augment import random_resized_crop_flip
 from sicot_cli.data.dataset import Prepared, open_prepared
-from sicot_cli.data.loader import BatchLoader, epoch_seed
+from sicot_cli.data.loader import Batch, BatchLoader, epoch_seed
 from sicot_cli.errors import SicotError
 from sicot_cli.evaluate import evaluate_model, resolve_device, use_in_memory, write_predictions
 from sicot_cli.model import SICoT, build_model, sicot_loss
@@ -85,6 +85,7 @@ def make_model(recipe: Recipe, prepared: Prepared) -> SICoT:
         pretrained=recipe.model.pretrained,
         encoder_options=recipe.model.encoder_options,
         freeze_embeddings=recipe.model.freeze_embeddings,
+        semantic_norm=recipe.model.semantic_norm,
     )
 
 
@@ -97,6 +98,50 @@ def _meta(recipe: Recipe, prepared: Prepared, model: SICoT) -> dict[str, Any]:
         "image_size": prepared.image_size,
         "dataset": prepared.fingerprint(),
     }
+
+
+SHOW_EVERY = 10  # batches between progress-bar loss updates (each costs a device sync)
+
+
+def _store(accum: dict[str, Any], sums: torch.Tensor) -> None:
+    accum["loss"], accum["loss_v"], accum["loss_m"] = (float(v) for v in sums.tolist())
+
+
+def train_step(
+    model: SICoT,
+    forward: Callable[..., tuple[torch.Tensor, torch.Tensor | None]],
+    optimizer: torch.optim.Optimizer,
+    batch: Batch,
+    device: torch.device,
+    cfg: TrainConfig,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One optimisation step on a batch (the same for baseline and co-training).
+
+    uint8 images go to the device, are augmented there (seeded by ``generator``), normalised and
+    scored; the loss is Eq. 1. ``forward`` is the model or its ``torch.compile`` wrapper.
+
+    Returns:
+        The total loss, CE(x_v) and CE(x_m) (None for the baseline), detached.
+    """
+    images = batch.images.to(device, non_blocking=True)
+    labels = batch.labels.to(device, non_blocking=True)
+    if cfg.augment:
+        images = random_resized_crop_flip(images, generator, (cfg.crop_scale[0], cfg.crop_scale[1]))
+    x = model.normalize(images)
+    if cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    tokens = mask = None
+    if model.encoder is not None:
+        tokens = batch.tokens.to(device, non_blocking=True)
+        mask = batch.mask.to(device, non_blocking=True)
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
+        logits_v, logits_m = forward(x, tokens, mask)
+    loss, loss_v, loss_m = sicot_loss(logits_v, logits_m, labels, cfg.lam)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), loss_v.detach(), None if loss_m is None else loss_m.detach()
 
 
 def train(
@@ -165,8 +210,6 @@ def train(
         block_rows=cfg.block_rows, shuffle_blocks=cfg.shuffle_blocks, drop_last=prepared.n_train >= cfg.batch_size,
     )
     forward = torch.compile(model) if cfg.compile else model
-    amp = cfg.amp and device.type == "cuda"
-    scale = (cfg.crop_scale[0], cfg.crop_scale[1])
 
     def checkpoint(epoch: int, batch: int) -> dict[str, Any]:
         return {
@@ -186,6 +229,7 @@ def train(
             skip = start_batch if epoch == start_epoch else 0
             if skip == 0:
                 accum = {"loss": 0.0, "loss_v": 0.0, "loss_m": 0.0, "images": 0, "seconds": 0.0}
+            sums = torch.tensor([accum["loss"], accum["loss_v"], accum["loss_m"]], dtype=torch.float64, device=device)
             lr = optimizer.param_groups[0]["lr"]
             with progress.task(f"epoch {epoch + 1}/{cfg.epochs}", len(loader)) as task:
                 task.advance(skip)
@@ -194,34 +238,23 @@ def train(
                 for batch in loader.epoch(epoch, skip):
                     if hook is not None:
                         hook(epoch, batch_idx)
-                    images = batch.images.to(device, non_blocking=True)
-                    labels = batch.labels.to(device, non_blocking=True)
-                    if cfg.augment:
-                        gen = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch, 1 + batch_idx))
-                        images = random_resized_crop_flip(images, gen, scale)
-                    x = model.normalize(images)
-                    if cfg.channels_last:
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    tokens = batch.tokens.to(device, non_blocking=True) if model.encoder is not None else None
-                    mask = batch.mask.to(device, non_blocking=True) if model.encoder is not None else None
-                    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-                        logits_v, logits_m = forward(x, tokens, mask)
-                    loss, loss_v, loss_m = sicot_loss(logits_v, logits_m, labels, cfg.lam)
-                    if not torch.isfinite(loss):
-                        raise SicotError(f"{run_dir}: the loss became {loss.item()} at epoch {epoch + 1}, batch {batch_idx + 1}: lower train.lr")
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    n = len(labels)
-                    accum["loss"] += loss.item() * n
-                    accum["loss_v"] += loss_v.item() * n
-                    accum["loss_m"] += (loss_m.item() if loss_m is not None else 0.0) * n
+                    gen = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch, 1 + batch_idx))
+                    loss, loss_v, loss_m = train_step(model, forward, optimizer, batch, device, cfg, gen)
+                    n = len(batch.labels)
+                    # Sums stay on the device (no per-step host sync); read when shown or saved.
+                    sums += torch.stack([loss, loss_v, loss_m if loss_m is not None else torch.zeros_like(loss)]).double() * n
                     accum["images"] += n
                     now = time.perf_counter()
                     accum["seconds"] += now - t_last
                     t_last = now
                     batch_idx += 1
-                    task.advance(1, info=f"loss {accum['loss'] / accum['images']:.3f}  {accum['images'] / max(accum['seconds'], 1e-9):,.0f} img/s")
+                    if batch_idx % SHOW_EVERY == 0 or batch_idx == len(loader):
+                        if not torch.isfinite(sums[0]):
+                            raise SicotError(f"{run_dir}: the loss diverged (not finite) by epoch {epoch + 1}, batch {batch_idx}: lower train.lr")
+                        task.advance(1, info=f"loss {sums[0].item() / accum['images']:.3f}  {accum['images'] / max(accum['seconds'], 1e-9):,.0f} img/s")
+                    else:
+                        task.advance(1)
+                _store(accum, sums)
             training = False
             scheduler.step()
             result = evaluate_model(model, prepared, device, recipe, in_memory=in_memory)
@@ -248,6 +281,7 @@ def train(
     except KeyboardInterrupt:
         # Between the last batch and the epoch's checkpoint the previous checkpoint is the valid one.
         if training:
+            _store(accum, sums)
             runs.save_checkpoint(run_dir / runs.LAST, checkpoint(epoch, batch_idx))
         return TrainResult(run_dir, history, interrupted=True)
 

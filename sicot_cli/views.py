@@ -105,3 +105,51 @@ def predictions_table(preds: list) -> Table:
         for i, (c, s, title) in enumerate(zip(p.classes, p.scores, p.titles, strict=True)):
             t.add_row(p.image if i == 0 else "", str(i + 1), c, f"{s:.3f}", title or "-")
     return t
+
+
+def ablation_table(statuses: list) -> Table:
+    """The live table of ``sicot ablate``: runs done so far."""
+    t = Table("run", "state", "top-1", "top-3", "head top-1", "tail top-1", title="ablation", title_justify="left")
+    for s in statuses:
+        f = s.final or {}
+        t.add_row(s.run_dir.name, s.state, _fmt(f.get("top1")), _fmt(f.get("top3")), _fmt(f.get("head_top1")), _fmt(f.get("tail_top1")))
+    return t
+
+
+def report_tables(report) -> list[Table]:  # noqa: ANN001 - sicot_cli.report.Report
+    """Tables 2-4 as rich tables."""
+    out = []
+    for title, rows in report.tables().items():
+        if not rows:
+            continue
+        t = Table(*rows[0].keys(), title=title, title_justify="left")
+        for r in rows:
+            t.add_row(*r.values())
+        out.append(t)
+    if report.unfinished:
+        out.append(Table(title=f"{len(report.unfinished)} unfinished run(s) left out: {', '.join(p.name for p in report.unfinished)}", title_justify="left"))
+    return out
+
+
+def attention_view(items: list, encoder: str) -> Table:
+    """Fig. 7 in the terminal: words by attention, 3 highest green, 3 lowest red."""
+    from rich.markup import escape
+
+    from sicot_cli.figures import word_colour
+
+    t = Table("class", "words by attention (highest first)", title=f"Fig. 7: learned word attention ({encoder})", title_justify="left")
+    for it in items:
+        words = []
+        for j, (w, a) in enumerate(zip(it.words, it.weights, strict=True)):
+            colour = word_colour(j, len(it.words))
+            cell = f"{escape(w)} {a:.2f}"
+            words.append(f"[{colour}]{cell}[/]" if colour else cell)
+        t.add_row(escape(it.label), "  ".join(words))
+    return t
+
+
+def class_words_table(ranked: list, class_name: str) -> Table:
+    t = Table("word", "mean attention", "titles", title=f"words carrying the attention of {class_name}", title_justify="left")
+    for w, a, n in ranked:
+        t.add_row(w, f"{a:.3f}", str(n))
+    return t

@@ -24,11 +24,11 @@ from sicot_cli.train import TIMING_KEYS, train
 runner = CliRunner()
 
 
-def _toy_model(lam_encoder: bool = True) -> SICoT:
+def _toy_model(semantic_norm: str = "none") -> SICoT:
     torch.manual_seed(0)
     visual = nn.Sequential(nn.Flatten(), nn.Linear(12, 4), nn.ReLU())
-    enc = create_encoder("mean", vectors=torch.randn(6, 3), out_dim=4) if lam_encoder else None
-    return SICoT(visual, 4, 5, enc)
+    enc = create_encoder("mean", vectors=torch.randn(6, 3), out_dim=4)
+    return SICoT(visual, 4, 5, enc, semantic_norm=semantic_norm)
 
 
 def test_loss_is_eq1_by_hand():
@@ -50,6 +50,16 @@ def test_loss_is_eq1_by_hand():
         return -(z.gather(1, y[:, None]).squeeze(1) - torch.log(torch.exp(z).sum(1))).mean()
 
     assert torch.allclose(loss, ce(x_v) + 0.7 * ce(x_m), atol=1e-6)
+
+
+def test_semantic_norm_batch_normalises_the_title_embedding():
+    model = _toy_model("batchnorm")
+    x, tokens = torch.randn(4, 3, 2, 2), torch.tensor([[1, 2], [3, 0], [4, 5], [2, 2]])
+    _, logits_m = model(x, tokens, tokens != 0)
+    s = model.encoder(tokens, tokens != 0)
+    s_hat = (s - s.mean(0)) / torch.sqrt(s.var(0, unbiased=False) + 1e-5)
+    expected = model.classifier(torch.maximum(model.visual(x), s_hat))
+    assert torch.allclose(logits_m, expected, atol=1e-5)
 
 
 def test_classifier_is_shared_and_gets_both_gradients():

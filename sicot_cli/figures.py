@@ -1,0 +1,225 @@
+"""The report's figures (matplotlib, Agg backend) and the attention views (Fig. 7).
+
+- ``fig6_distribution.png``: training images per class, sorted, head classes red and tail green
+  (the paper's colours);
+- ``fig7_attention.png``: for sample test titles, the words ordered by learned attention, the
+  three highest in green and the three lowest in red;
+- ``per_class_gain.png``: per-class top-1 gain of co-training over the baseline against the class's
+  training count: where the tail gains come from;
+- ``curves.png``: training loss and test top-1 per epoch for every run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sicot_cli.errors import SicotError
+from sicot_cli.fsutil import atomic_path
+from sicot_cli.report import BASELINE, Report
+
+
+def _plt():  # noqa: ANN202 - matplotlib is imported lazily and headless
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:  # noqa: ANN001
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
+    _plt().close(fig)
+    return path
+
+
+def fig6_distribution(train_counts: np.ndarray, head_threshold: int, title: str, path: Path) -> Path:
+    plt = _plt()
+    counts = np.sort(np.asarray(train_counts))[::-1]
+    head = counts >= head_threshold
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    x = np.arange(len(counts))
+    ax.bar(x[head], counts[head], color="#d62728", width=1.0, label=f"head (>= {head_threshold})")
+    ax.bar(x[~head], counts[~head], color="#2ca02c", width=1.0, label=f"tail (< {head_threshold})")
+    ax.set_xlabel("classes, sorted by training images")
+    ax.set_ylabel("training images")
+    ax.set_title(f"Fig. 6: long-tailed training distribution ({title})")
+    ax.legend()
+    return _save(fig, path)
+
+
+def per_class_gain(report: Report, train_counts: np.ndarray, path: Path) -> Path | None:
+    """Mean per-class top-1 gain (over paired seeds) against the training count."""
+    diffs = []
+    for r in report.runs:
+        if r.encoder != report.chosen:
+            continue
+        base = report.run(BASELINE, r.seed)
+        if base is None:
+            continue
+        a = np.array([np.nan if v is None else v for v in r.per_class.get("per_class_top1", [])], dtype=float)
+        b = np.array([np.nan if v is None else v for v in base.per_class.get("per_class_top1", [])], dtype=float)
+        if len(a) and len(a) == len(b):
+            diffs.append((a - b) * 100.0)
+    if not diffs:
+        return None
+    plt = _plt()
+    gain = np.nanmean(np.stack(diffs), axis=0)
+    counts = np.asarray(train_counts, dtype=float)
+    ok = ~np.isnan(gain)
+    head = counts >= report.head_threshold
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    ax.scatter(counts[ok & head], gain[ok & head], s=12, color="#d62728", label="head classes")
+    ax.scatter(counts[ok & ~head], gain[ok & ~head], s=12, color="#2ca02c", label="tail classes")
+    edges = np.unique(np.quantile(counts[ok], np.linspace(0, 1, 7)))
+    if len(edges) > 2:
+        centers, means = [], []
+        for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+            sel = ok & (counts >= lo) & (counts <= hi)
+            if sel.any():
+                centers.append(np.sqrt(lo * hi))
+                means.append(gain[sel].mean())
+        ax.plot(centers, means, color="black", lw=2, label="binned mean")
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("training images of the class (log)")
+    ax.set_ylabel(f"top-1 gain, {report.chosen} - baseline (points)")
+    ax.set_title("per-class gain of co-training vs training count")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def curves(report: Report, path: Path) -> Path:
+    plt = _plt()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for r in report.runs:
+        ep = [h["epoch"] for h in r.history]
+        label = f"{'baseline' if r.encoder == BASELINE else r.encoder} s{r.seed}"
+        a1.plot(ep, [h["loss_v"] for h in r.history], label=label)
+        a2.plot(ep, [h["top1"] for h in r.history], label=label)
+    a1.set_title("training CE(x_v)")
+    a2.set_title("test top-1 (image only)")
+    for a in (a1, a2):
+        a.set_xlabel("epoch")
+    a2.legend(fontsize=7, ncol=2)
+    return _save(fig, path)
+
+
+@dataclass
+class TitleAttention:
+    """One title's words with their attention weights, highest first."""
+
+    row: int
+    label: str
+    words: list[str]
+    weights: list[float]
+
+
+def attention(run_dir: Path, rows: list[int] | None = None, class_name: str | None = None, n: int = 4) -> list[TitleAttention]:
+    """Attention of the run's encoder over the words of sample test titles (or one class's titles).
+
+    Raises:
+        SicotError: the run's encoder exposes no attention, or the class is unknown.
+    """
+    import torch
+
+    from sicot_cli.evaluate import load_run_model
+
+    _, prepared, model, _ = load_run_model(run_dir)
+    enc = model.encoder
+    if enc is None or not getattr(enc, "has_attention", False):
+        raise SicotError(f"{run_dir}: encoder {getattr(enc, 'name', 'none') if enc is not None else 'none'} has no word attention (use bilinear or bilstm_attention)")
+    if class_name is not None:
+        if class_name not in prepared.class_names:
+            raise SicotError(f"class {class_name!r} not in the dataset (e.g. {prepared.class_names[0]!r})")
+        c = prepared.class_names.index(class_name)
+        rows = [int(i) for i in np.flatnonzero(prepared.labels == c)]
+    elif rows is None:
+        test = np.arange(prepared.n_train, prepared.n)
+        rng = np.random.default_rng(0)
+        rows = sorted(int(i) for i in rng.choice(test, size=min(n, len(test)), replace=False))
+    tokens = torch.from_numpy(prepared.tokens[rows].astype(np.int64))
+    mask = tokens != 0
+    model.eval()
+    with torch.no_grad():
+        att = enc.attention(tokens, mask).numpy()
+    out = []
+    for i, row in enumerate(rows):
+        ids = prepared.tokens[row, : prepared.lengths[row]]
+        w = att[i, : len(ids)]
+        order = np.argsort(-w, kind="stable")
+        out.append(TitleAttention(row, prepared.class_names[prepared.labels[row]], [prepared.words[ids[j]] for j in order], [float(w[j]) for j in order]))
+    return out
+
+
+def class_words(items: list[TitleAttention], top: int = 10) -> list[tuple[str, float, int]]:
+    """Mean attention of each word over a class's titles: (word, mean weight, titles)."""
+    acc: dict[str, list[float]] = {}
+    for t in items:
+        for w, a in zip(t.words, t.weights, strict=True):
+            acc.setdefault(w, []).append(a)
+    ranked = sorted(((w, float(np.mean(v)), len(v)) for w, v in acc.items()), key=lambda x: (-x[1], x[0]))
+    return ranked[:top]
+
+
+def word_colour(i: int, n: int) -> str | None:
+    """Green for the three highest, red for the three lowest (when the title is long enough)."""
+    if i < 3:
+        return "green"
+    if i >= max(3, n - 3):
+        return "red"
+    return None
+
+
+def fig7_attention(items: list[TitleAttention], path: Path, encoder: str) -> Path:
+    plt = _plt()
+    from matplotlib import font_manager
+
+    cjk = [f.name for f in font_manager.fontManager.ttflist if any(s in f.name for s in ("Noto Sans CJK", "WenQuanYi", "Droid Sans Fallback", "AR PL"))]
+    if cjk:
+        plt.rcParams["font.family"] = [cjk[0], "DejaVu Sans"]
+    fig, ax = plt.subplots(figsize=(9, 0.6 + 0.55 * len(items)))
+    ax.axis("off")
+    for i, t in enumerate(items):
+        y = 1 - (i + 0.5) / len(items)
+        ax.text(0.0, y, f"{t.label}:", fontsize=8, ha="left", va="center", transform=ax.transAxes)
+        x = 0.32
+        for j, (w, a) in enumerate(zip(t.words, t.weights, strict=True)):
+            colour = {"green": "#1a9641", "red": "#d7191c"}.get(word_colour(j, len(t.words)) or "", "black")
+            txt = ax.text(x, y, f"{w} {a:.2f}", fontsize=8, color=colour, ha="left", va="center", transform=ax.transAxes)
+            fig.canvas.draw()
+            bbox = txt.get_window_extent().transformed(ax.transAxes.inverted())
+            x = bbox.x1 + 0.012
+    ax.set_title(f"Fig. 7: words ordered by learned attention ({encoder}); green: 3 highest, red: 3 lowest", fontsize=9)
+    if not cjk:
+        ax.text(0, -0.05, "(no CJK font installed: Chinese words may show as boxes; install fonts-noto-cjk)", fontsize=6, transform=ax.transAxes)
+    return _save(fig, path)
+
+
+def render_all(report: Report, out_dir: Path) -> list[Path]:
+    """Every figure the runs allow; returns the files written."""
+    from sicot_cli.data.dataset import open_prepared
+
+    written = [curves(report, out_dir / "curves.png")]
+    try:
+        prepared = open_prepared(report.runs[0].config["data"])
+    except SicotError:
+        prepared = None
+    if prepared is not None:
+        written.append(fig6_distribution(prepared.train_counts, report.head_threshold, report.dataset, out_dir / "fig6_distribution.png"))
+        p = per_class_gain(report, prepared.train_counts, out_dir / "per_class_gain.png")
+        if p is not None:
+            written.append(p)
+        att_run = next((r for r in report.runs if r.encoder == report.chosen), None) or next((r for r in report.runs if r.encoder in ("bilinear", "bilstm_attention")), None)
+        if att_run is not None:
+            try:
+                items = attention(att_run.path, n=6)
+            except SicotError:
+                items = []
+            if items:
+                written.append(fig7_attention(items, out_dir / "fig7_attention.png", att_run.encoder))
+    return written

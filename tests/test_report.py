@@ -1,0 +1,154 @@
+"""report on hand-made run directories with known metrics; ablate's skip/resume."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from conftest import tiny_recipe
+from sicot_cli.cli import app
+from sicot_cli.config import Recipe
+from sicot_cli.errors import SicotError
+from sicot_cli.report import bootstrap_ci, build_report, paired_t, to_markdown
+
+runner = CliRunner()
+
+# top1 per (encoder, seed): baseline 50/52/54, bilinear 53/54/58 -> gains 3, 2, 4
+TOP1 = {("none", 0): 50.0, ("none", 1): 52.0, ("none", 2): 54.0, ("bilinear", 0): 53.0, ("bilinear", 1): 54.0, ("bilinear", 2): 58.0, ("mean", 0): 51.0, ("mean", 1): 52.0, ("mean", 2): 53.0}
+
+
+def make_run(root: Path, encoder: str, seed: int, top1: float, hits: np.ndarray) -> Path:
+    d = root / f"{encoder}-s{seed}"
+    d.mkdir(parents=True)
+    recipe = Recipe().to_dict()
+    recipe["train"]["seed"] = seed
+    recipe["model"]["encoder"] = encoder
+    (d / "config.json").write_text(json.dumps({"recipe": recipe, "encoder": encoder, "data": str(root / "none.h5"), "dataset": {"classes": 2, "vocab": 5, "sha256": "x"}}))
+    final = {"epoch": 1, "loss": 1.0, "loss_v": 1.0, "top1": top1, "top3": top1 + 10, "head_top1": top1 + 1, "head_top3": top1 + 11, "tail_top1": top1 - 1, "tail_top3": top1 + 9, "many_top1": None, "many_top3": None, "medium_top1": top1, "medium_top3": top1, "few_top1": top1, "few_top3": top1, "head_threshold": 40}
+    (d / "metrics.jsonl").write_text(json.dumps(final) + "\n")
+    (d / "summary.json").write_text(json.dumps({"final": final, "epochs": 1, "per_class_top1": [0.5, 0.6]}))
+    n = len(hits)
+    labels = np.zeros(n, np.int64)
+    topk = np.where(hits[:, None], 0, 1).repeat(2, axis=1)
+    topk[:, 1] = 1 - topk[:, 0]
+    with h5py.File(d / "predictions.h5", "w") as f:
+        f["rows"] = np.arange(n)[::-1] + 100  # stored out of order: report must align by row
+        f["labels"] = labels
+        f["topk_labels"] = topk[::-1]
+        f["topk_scores"] = np.ones((n, 2), np.float32)
+    return d
+
+
+@pytest.fixture
+def ablation(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    for (enc, seed), top1 in TOP1.items():
+        make_run(tmp_path / "abl", enc, seed, top1, rng.random(50) < top1 / 100)
+    return tmp_path / "abl"
+
+
+def test_report_numbers_gains_and_paired_test(ablation):
+    rep = build_report([ablation], "bilinear")
+    c = rep.cells["bilinear"]["top1"]
+    assert c.values == [53.0, 54.0, 58.0]
+    assert c.mean == pytest.approx(55.0) and c.std == pytest.approx(math.sqrt(7.0))  # var = (4+1+9)/2
+    g = rep.gains["bilinear"]["top1"]
+    assert g.values == [3.0, 2.0, 4.0] and g.mean == pytest.approx(3.0)
+    # by hand: t = 3 / (1 / sqrt(3)) = 5.196, df 2, two-sided p = 0.0351
+    assert g.p_value == pytest.approx(0.03513, abs=1e-4)
+    assert rep.gains["mean"]["top1"].values == [1.0, 0.0, -1.0]
+    assert rep.gains["mean"]["top1"].p_value == pytest.approx(1.0)
+    assert rep.gains["bilinear"]["tail_top1"].values == [3.0, 2.0, 4.0]
+    tables = rep.tables()
+    t3 = tables["Table 3: encoders, top-1"]
+    assert [r["method"] for r in t3] == ["baseline", "bilinear", "mean"]
+    assert t3[1]["top-1"] == "55.00±2.65" and t3[1]["gain"] == "+3.00"
+    t4 = tables["Table 4: head/tail and many/medium/few, class-averaged top-1 (top-3)"]
+    assert t4[0]["#training samples"] == "40 - max" and t4[1]["#training samples"] == "1 - 40"
+    assert t4[2]["baseline"] == "- (-)"  # many: no class
+
+
+def test_paired_t_and_bootstrap_by_hand():
+    assert paired_t([1.0]) is None
+    assert paired_t([2.0, 2.0]) == 0.0
+    lo, hi = bootstrap_ci(np.ones(40))
+    assert lo == hi == 100.0
+    lo, hi = bootstrap_ci(np.r_[np.ones(50), np.zeros(50)])
+    assert lo < 50 < hi and hi - lo < 25
+
+
+def test_bootstrap_aligns_rows(ablation):
+    rep = build_report([ablation], "bilinear")
+    lo, hi = rep.gains["bilinear"]["top1"].ci
+    assert lo <= hi
+
+
+def test_markdown_parses_and_files(ablation):
+    r = runner.invoke(app, ["report", str(ablation), "--format", "markdown", "--no-figures"])
+    assert r.exit_code == 0, r.output
+    tables, current = [], []
+    for ln in r.output.splitlines() + [""]:
+        if ln.startswith("|"):
+            current.append([c.strip() for c in ln.strip().strip("|").split("|")])
+        elif current:
+            tables.append(current)
+            current = []
+    assert len(tables) == 3
+    for t in tables:
+        assert all(len(row) == len(t[0]) for row in t)
+        assert all(set(c) == {"-"} for c in t[1])
+    assert "| baseline | 52.00±2.00 | - | - |" in r.output
+    for name in ("report.md", "report.csv", "report.json"):
+        assert (ablation / name).stat().st_size > 0
+    data = json.loads((ablation / "report.json").read_text())
+    assert data["gains"]["bilinear"]["top1"]["mean"] == pytest.approx(3.0)
+    r = runner.invoke(app, ["report", str(ablation), "--format", "csv", "--no-figures"])
+    assert "bilinear,top1,55.0," in r.output
+
+
+def test_report_refuses_non_runs(tmp_path):
+    (tmp_path / "empty").mkdir()
+    r = runner.invoke(app, ["report", str(tmp_path / "empty")])
+    assert r.exit_code == 2 and "not a run directory and holds none" in r.output
+    with pytest.raises(SicotError, match="no baseline run"):
+        make_run(tmp_path / "x", "mean", 0, 50.0, np.ones(5, bool))
+        build_report([tmp_path / "x"])
+
+
+def test_ablate_skips_finished_and_resumes(tiny_prepared, tmp_path, monkeypatch):
+    from sicot_cli import ablate as ab
+    from sicot_cli.figures import render_all
+
+    recipe = tiny_recipe(tiny_prepared, "train.epochs=1")
+    real_train = ab.train
+    calls = []
+
+    def kill_after_first(r, run_dir, **kw):
+        calls.append(run_dir.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the process dies during the second run
+        return real_train(r, run_dir, **kw)
+
+    monkeypatch.setattr(ab, "train", kill_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        ab.ablate(recipe, ["bilinear"], [0], tmp_path / "abl", data=tiny_prepared)
+    first = tmp_path / "abl" / "none-s0"
+    mtime = (first / "checkpoint-last.pt").stat().st_mtime_ns
+    monkeypatch.setattr(ab, "train", real_train)
+    root, statuses = ab.ablate(recipe, ["bilinear"], [0], tmp_path / "abl", data=tiny_prepared)
+    assert [(s.run_dir.name, s.state) for s in statuses] == [("none-s0", "skipped"), ("bilinear-s0", "trained")]
+    assert (first / "checkpoint-last.pt").stat().st_mtime_ns == mtime
+    rep = build_report([root])
+    assert rep.encoders == ["none", "bilinear"]
+    pngs = render_all(rep, root)
+    names = sorted(p.name for p in pngs)
+    assert names == ["curves.png", "fig6_distribution.png", "fig7_attention.png", "per_class_gain.png"]
+    assert all(p.stat().st_size > 1000 for p in pngs)
+    with pytest.raises(SicotError, match="ablation of another recipe"):
+        ab.ablate(tiny_recipe(tiny_prepared, "train.epochs=2"), ["bilinear"], [0], root, data=tiny_prepared)
