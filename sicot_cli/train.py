@@ -169,6 +169,8 @@ def train(
     progress = progress or NullProgress()
     cfg = recipe.train
     path = data_path(recipe, data)
+    if not path.exists():
+        raise SicotError(f"{path}: prepared dataset not found: run `sicot prepare` with the same recipe first (or pass --data)")
     prepared = open_prepared(path)
     run_dir = Path(run_dir) if run_dir is not None else Path(cfg.runs_dir) / runs.default_run_name(recipe.name, recipe.model.encoder, cfg.seed)
     if prepared.n_train < 1 or prepared.n - prepared.n_train < 1:

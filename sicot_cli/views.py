@@ -75,12 +75,15 @@ def _fmt(v: object) -> str:
 def epochs_table(history: list[dict], title: str) -> Table:
     """One row per epoch: losses, lr, images/s and the headline metrics."""
     t = Table(title=title, title_justify="left")
-    cols = ["epoch", "lr", "loss", "loss_v", "loss_m", "train_images_per_s", "top1", "top3", "head_top1", "tail_top1"]
-    names = ["epoch", "lr", "loss", "CE(x_v)", "CE(x_m)", "img/s", "top-1", "top-3", "head top-1", "tail top-1"]
-    for n in names:
-        t.add_column(n, justify="right")
+    cols = [
+        ("epoch", "epoch", "{}"), ("lr", "lr", "{:.2e}"), ("loss", "loss", "{:.3f}"), ("CE(x_v)", "loss_v", "{:.3f}"),
+        ("CE(x_m)", "loss_m", "{:.3f}"), ("img/s", "train_images_per_s", "{:.0f}"), ("top-1", "top1", "{:.2f}"),
+        ("top-3", "top3", "{:.2f}"), ("head top-1", "head_top1", "{:.2f}"), ("tail top-1", "tail_top1", "{:.2f}"),
+    ]
+    for name, _, _ in cols:
+        t.add_column(name, justify="right", no_wrap=True)
     for rec in history:
-        t.add_row(*(f"{rec[c]:.4g}" if c in ("lr", "loss", "loss_v") and rec.get(c) is not None else (f"{rec[c]:.3f}" if c == "loss_m" and rec.get(c) is not None else _fmt(rec.get(c))) for c in cols))
+        t.add_row(*("-" if rec.get(key) is None else fmt.format(rec[key]) for _, key, fmt in cols))
     return t
 
 
