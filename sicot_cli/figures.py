@@ -64,7 +64,7 @@ def per_class_gain(report: Report, train_counts: np.ndarray, path: Path) -> Path
         a = np.array([np.nan if v is None else v for v in r.per_class.get("per_class_top1", [])], dtype=float)
         b = np.array([np.nan if v is None else v for v in base.per_class.get("per_class_top1", [])], dtype=float)
         if len(a) and len(a) == len(b):
-            diffs.append((a - b) * 100.0)
+            diffs.append(a - b)  # per-class accuracies are already in percent
     if not diffs:
         return None
     plt = _plt()
@@ -175,10 +175,23 @@ def word_colour(i: int, n: int) -> str | None:
     return None
 
 
+def _add_bundled_cjk_font(font_manager) -> None:  # noqa: ANN001
+    """Register Noto Sans CJK SC from the ``mplfonts`` package (a dependency) with matplotlib."""
+    from importlib.resources import files
+
+    try:
+        path = files("mplfonts") / "fonts" / "NotoSansCJKsc-Regular.otf"
+    except ModuleNotFoundError:
+        return
+    if path.is_file() and str(path) not in {f.fname for f in font_manager.fontManager.ttflist}:
+        font_manager.fontManager.addfont(str(path))
+
+
 def fig7_attention(items: list[TitleAttention], path: Path, encoder: str) -> Path:
     plt = _plt()
     from matplotlib import font_manager
 
+    _add_bundled_cjk_font(font_manager)
     cjk = [f.name for f in font_manager.fontManager.ttflist if any(s in f.name for s in ("Noto Sans CJK", "WenQuanYi", "Droid Sans Fallback", "AR PL"))]
     if cjk:
         plt.rcParams["font.family"] = [cjk[0], "DejaVu Sans"]
