@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo clean-demo test test-all clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,9 +15,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## The main job on the built-in (synthetic) dataset.
+## The main job on the built-in (synthetic) dataset: baseline + every encoder, then Table 3.
+## Finished runs are kept: run it again to reprint the report, `make clean-demo` to start over.
 demo: install
-	$(BIN)/sicot prepare --recipe recipes/demo.toml --force
+	$(BIN)/sicot ablate --recipe recipes/demo.toml
+
+clean-demo:
+	rm -rf runs/ablate-demo data/demo.h5 data/demo.recipe.json
 
 ## The default test suite (fast; no slow/gpu/dist-slow tests).
 test: install

@@ -10,8 +10,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_demo_recipe_is_the_embedded_default():
-    assert load_recipe(ROOT / "recipes" / "demo.toml") == Recipe()
-    assert load_recipe(None) == Recipe()
+    assert load_recipe(ROOT / "recipes" / "demo.toml") == load_recipe(None)
+    assert load_recipe(None).data.source == "synthetic"
+
+
+def test_defaults_are_the_papers_optimiser():
+    t = Recipe().train
+    assert (t.batch_size, t.lr, t.momentum, t.step_size, t.gamma, t.lam) == (256, 0.1, 0.9, 1, 0.8, 1.0)
 
 
 def test_overrides_are_typed():
