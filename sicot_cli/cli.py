@@ -304,6 +304,7 @@ def ablate(
             live.update(ablation_table(done), refresh=True)
 
         root, statuses = run_ablate(cfg, names, seed_list, out, progress=RichProgress(), on_run=on_run, data=data)
+    err_console.print()
     if statuses and statuses[-1].state == "interrupted":
         err_console.print(f"[yellow]interrupted: run the same command again to continue[/] ({root})")
         raise typer.Exit(130)

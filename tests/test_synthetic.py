@@ -1,85 +1,226 @@
-"""The built-in synthetic long-tailed dataset: deterministic, long-tailed, a fair miniature."""
+"""The built-in synthetic long-tailed dataset: determinism, the long tail, titles, pixels."""
 
 from __future__ import annotations
 
+import pickle
 import re
 from collections import Counter
 
 import numpy as np
 import pytest
 
-from sicot_cli.data.synthetic import PROMOTIONS, render, synthetic_items
-from sicot_cli.data.tokenize import tokenize
+from sicot_cli.data.synthetic import (
+    ATTRIBUTES,
+    FILLERS,
+    PROMOTIONS,
+    ClassSpec,
+    SyntheticItem,
+    attribute_words,
+    render,
+    synthetic_items,
+    train_counts,
+)
 
-ARGS = dict(num_classes=120, max_per_class=300, min_per_class=4, test_per_class=6, language="mixed", seed=0)
+DEFAULTS = dict(num_classes=120, max_per_class=300, min_per_class=4, test_per_class=6, language="mixed", seed=0)
 CJK = re.compile(r"[\u4e00-\u9fff]")
 
 
 @pytest.fixture(scope="module")
-def data():
-    return synthetic_items(**ARGS)
+def demo() -> tuple[list[str], list[SyntheticItem]]:
+    return synthetic_items(**DEFAULTS)
 
 
-def test_deterministic_and_seeded(data):
-    names, items = data
-    names2, items2 = synthetic_items(**ARGS)
-    assert names == names2 and items == items2
-    for it in items[:3]:
-        assert np.array_equal(render(it, 32), render(it, 32))
-    _, other = synthetic_items(**{**ARGS, "seed": 1})
-    assert [i.title for i in other[:20]] != [i.title for i in items[:20]]
+def _train_counts(items: list[SyntheticItem]) -> Counter:
+    return Counter(it.label for it in items if it.split == "train")
+
+
+def test_same_arguments_same_items_and_pixels(demo):
+    names, items = demo
+    names2, items2 = synthetic_items(**DEFAULTS)
+    assert names == names2
+    assert items == items2
+    for it, it2 in zip(items[::500], items2[::500], strict=True):
+        assert np.array_equal(render(it, 32), render(it2, 32))
+    # A render is a function of the item alone: order and repetition do not matter.
+    a = [render(it, 64) for it in items[:3]]
+    b = [render(it, 64) for it in reversed(items[:3])][::-1]
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_different_seed_differs(demo):
+    names, items = demo
+    names1, items1 = synthetic_items(**{**DEFAULTS, "seed": 1})
+    assert names != names1
+    assert [it.title for it in items] != [it.title for it in items1]
+    assert not np.array_equal(render(items[0], 32), render(items1[0], 32))
+    # Two images of the same class differ (intra-class variation).
+    assert items[0].label == items[1].label
     assert not np.array_equal(render(items[0], 32), render(items[1], 32))
 
 
-def test_images_shape_and_dtype(data):
-    _, items = data
+def test_render_shape_dtype_and_content(demo):
+    _, items = demo
     for size in (32, 64):
-        img = render(items[5], size)
-        assert img.shape == (size, size, 3) and img.dtype == np.uint8
-        assert img.std() > 5  # not a blank image
-
-
-def test_long_tail_and_balanced_test(data):
-    names, items = data
-    train = Counter(i.label for i in items if i.split == "train")
-    test = Counter(i.label for i in items if i.split == "test")
-    counts = [train[n] for n in names]
-    assert counts == sorted(counts, reverse=True)
-    assert counts[0] == 300 and counts[-1] == 4
-    assert sum(c < 20 for c in counts) >= 80
-    assert set(test.values()) == {6} and len(test) == 120
-    assert len(set(names)) == 120 and all(n.startswith("syn/") and n.isascii() and "," not in n for n in names)
-
-
-def test_near_duplicate_classes_exist(data):
-    _, items = data
-    specs = {i.label: i.spec.attributes() for i in items}
-    values = list(specs.values())
-    pairs = sum(1 for a in range(len(values)) for b in range(a + 1, len(values)) if sum(values[a][k] != values[b][k] for k in values[a]) == 1)
-    assert pairs >= 20
-
-
-def test_tail_words_occur_in_head_titles(data):
-    names, items = data
-    train = Counter(i.label for i in items if i.split == "train")
-    head = {n for n in names if train[n] >= 40}
-    head_words = {w for i in items if i.label in head and i.split == "train" for w in tokenize(i.title)}
-    tail_words = [w for i in items if i.label not in head and i.split == "train" for w in tokenize(i.title)]
-    shared = sum(w in head_words for w in tail_words) / len(tail_words)
-    assert shared > 0.9
-
-
-def test_noise_and_languages():
-    _, mixed = synthetic_items(**ARGS)
-    promo = [p.lower() for words in PROMOTIONS.values() for p in words]
-    assert sum(any(p in i.title.lower() for p in promo) for i in mixed) > len(mixed) // 10
-    _, zh = synthetic_items(**{**ARGS, "language": "zh", "num_classes": 20})
-    _, en = synthetic_items(**{**ARGS, "language": "en", "num_classes": 20})
-    assert all(CJK.search(i.title) for i in zh)
-    assert not any(CJK.search(i.title) for i in en)
-
-
-@pytest.mark.parametrize("bad", [{"num_classes": 1}, {"min_per_class": 0}, {"language": "fr"}, {"max_per_class": 2, "min_per_class": 4}])
-def test_invalid_arguments(bad):
+        img = render(items[0], size)
+        assert img.shape == (size, size, 3)
+        assert img.dtype == np.uint8
+        assert img.flags.c_contiguous
+        assert img.std() > 10  # not a flat image
     with pytest.raises(ValueError):
-        synthetic_items(**{**ARGS, **bad})
+        render(items[0], 4)
+
+
+def test_render_every_shape_glyph_and_pattern():
+    # Every attribute value renders (no StopIteration from the scene draws, no unknown name).
+    for i, shape in enumerate(ATTRIBUTES["shape"]):
+        for j, brand in enumerate(ATTRIBUTES["brand"]):
+            pattern = ATTRIBUTES["pattern"][(i + j) % len(ATTRIBUTES["pattern"])]
+            spec = ClassSpec(shape, ATTRIBUTES["colour"][(i + 2 * j) % 10], pattern, brand)
+            img = render(SyntheticItem("x", spec.name, "", "train", spec, 7 * i + j), 32)
+            assert img.shape == (32, 32, 3)
+
+
+def test_the_object_is_drawn_where_the_class_says():
+    # Same seed (same pose and background), different colour: the object's pixels change, so the
+    # class attributes reach the image; the brand alone changes only a few pixels (a small mark).
+    red = ClassSpec("can", "red", "plain", "panda")
+    blue = ClassSpec("can", "blue", "plain", "panda")
+    other_brand = ClassSpec("can", "red", "plain", "bee")
+    img = {s: render(SyntheticItem("x", s.name, "", "test", s, 3), 64).astype(int) for s in (red, blue, other_brand)}
+    colour_diff = (np.abs(img[red] - img[blue]).sum(-1) > 30).mean()
+    brand_diff = (np.abs(img[red] - img[other_brand]).sum(-1) > 30).mean()
+    assert colour_diff > 0.08
+    assert 0 < brand_diff < 0.02
+
+
+def test_long_tail_and_balanced_test(demo):
+    names, items = demo
+    counts = _train_counts(items)
+    per_class = [counts[n] for n in names]
+    assert per_class == train_counts(120, 300, 4)
+    assert per_class[0] == 300 and per_class[-1] == 4
+    assert per_class == sorted(per_class, reverse=True)  # class id = rank by training count
+    assert sum(c < 20 for c in per_class) > 120 / 2  # most classes are tail classes
+    assert sum(c >= 100 for c in per_class) >= 2  # a few with hundreds
+    test = Counter(it.label for it in items if it.split == "test")
+    assert set(test) == set(names) and set(test.values()) == {6}
+    assert {it.split for it in items} == {"train", "test"}
+
+
+def test_ids_and_names_unique_readable(demo):
+    names, items = demo
+    assert len(set(names)) == len(names) == 120
+    assert len({it.id for it in items}) == len(items)
+    assert all(re.fullmatch(r"syn-\d{6}", it.id) for it in items)
+    for n in names:
+        assert n.isascii() and "," not in n and n.startswith("syn/")
+    for it in items:
+        assert it.label == it.spec.name
+    assert pickle.loads(pickle.dumps(items[5])) == items[5]
+
+
+def test_near_duplicate_classes_exist(demo):
+    names, items = demo
+    specs = {it.label: it.spec for it in items}
+    diffs = Counter()
+    for i, a in enumerate(names):
+        for b in names[:i]:
+            sa, sb = specs[a].attributes(), specs[b].attributes()
+            d = [k for k in sa if sa[k] != sb[k]]
+            if len(d) == 1:
+                diffs[d[0]] += 1
+    assert diffs["brand"] >= 10  # same product, only the small mark differs
+    assert diffs["pattern"] >= 10
+    assert diffs["colour"] >= 10
+
+
+def test_tail_words_are_head_words(demo):
+    # Every attribute word of a tail class (< 20 images) also occurs in some head-class title.
+    names, items = demo
+    counts = _train_counts(items)
+    head = {n for n in names if counts[n] >= 20}
+    assert 5 <= len(head) < 60
+    head_titles = " ".join(it.title for it in items if it.label in head and it.split == "train")
+    specs = {it.label: it.spec for it in items}
+    for n in names:
+        if n in head:
+            continue
+        for attr, value in specs[n].attributes().items():
+            for lang in ("en", "zh"):
+                for w in attribute_words(attr, value, lang):
+                    assert w in head_titles, (n, attr, w)
+
+
+def test_titles_are_noisy_but_informative(demo):
+    _, items = demo
+    titles = [it.title for it in items]
+    promos = PROMOTIONS["en"] + PROMOTIONS["zh"]
+    with_promo = sum(any(p in t for p in promos) for t in titles) / len(titles)
+    assert 0.3 < with_promo < 0.9
+    assert any(any(f in t for f in FILLERS["en"] + FILLERS["zh"]) for t in titles)
+    # Most titles name the brand, not all (titles drop words); never a wrong-free oracle.
+    named = [any(w in it.title for lg in ("en", "zh") for w in attribute_words("brand", it.spec.brand, lg)) for it in items]
+    assert 0.6 < np.mean(named) < 0.95
+    # Synonyms appear: more than one word for "mug" across titles.
+    mug_words = {w for it in items if it.spec.shape == "mug" for w in ("mug", "cup", "马克杯", "杯子", "咖啡杯") if w in it.title}
+    assert len(mug_words) >= 3
+    # Order varies: the brand is not always the first word.
+    assert len({it.title.split()[0] for it in items if it.split == "train"}) > 50
+
+
+def test_languages():
+    _, zh = synthetic_items(12, 20, 2, 2, "zh", 0)
+    _, en = synthetic_items(12, 20, 2, 2, "en", 0)
+    _, mixed = synthetic_items(12, 20, 2, 2, "mixed", 0)
+    assert all(CJK.search(it.title) for it in zh)
+    assert not any(CJK.search(it.title) for it in en)
+    assert all(it.title.isascii() for it in en)
+    has_cjk = [bool(CJK.search(it.title)) for it in mixed]
+    assert 0.3 < np.mean(has_cjk) < 0.95
+    # Code-mixed titles: CJK and latin words in one title ("新款 red 马克杯").
+    assert any(CJK.search(it.title) and re.search(r"[a-z]{3}", it.title) for it in mixed)
+    # Chinese titles are mostly written without spaces.
+    assert np.mean([" " not in it.title for it in zh]) > 0.3
+
+
+def test_jieba_keeps_chinese_attribute_words_whole():
+    from sicot_cli.data.tokenize import tokenize
+
+    zh = sorted({w for a, vals in ATTRIBUTES.items() for v in vals for w in attribute_words(a, v, "zh") if CJK.search(w)})
+    neighbours = zh + list(PROMOTIONS["zh"]) + list(FILLERS["zh"])
+    ok = total = 0
+    for w in zh:
+        assert tokenize(w) == [w], w
+        for o in neighbours:
+            for text in (w + o, o + w):
+                total += 1
+                ok += w in tokenize(text)
+    assert ok / total > 0.98  # jieba glues a few pairs, as it does in real titles
+
+
+def test_small_configs_and_counts():
+    names, items = synthetic_items(2, 5, 5, 1, "en", 3)
+    assert len(names) == 2 and len(items) == 12
+    assert train_counts(5, 10, 1) == [10, 4, 2, 1, 1]  # round(10 * k ** -(ln 10 / ln 5))
+    c = train_counts(50, 200, 3)
+    assert c[0] == 200 and c[-1] == 3 and c == sorted(c, reverse=True)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        {"num_classes": 1},
+        {"num_classes": 100_000},
+        {"num_classes": 12.0},
+        {"max_per_class": 0},
+        {"min_per_class": 0},
+        {"min_per_class": 400},
+        {"test_per_class": 0},
+        {"language": "fr"},
+        {"seed": -1},
+        {"seed": True},
+    ],
+)
+def test_invalid_arguments(override):
+    with pytest.raises(ValueError):
+        synthetic_items(**{**DEFAULTS, **override})

@@ -35,8 +35,10 @@ a process pool). Everything is deterministic in its arguments.
 
 from __future__ import annotations
 
+import colorsys
 import functools
 import math
+import random
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,9 +55,9 @@ SHAPES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "box": (("box", "gift box"), ("礼盒", "包装盒", "纸盒")),
     "can": (("can", "tin can"), ("易拉罐", "铁罐")),
     "mug": (("mug", "cup", "coffee mug"), ("马克杯", "杯子", "咖啡杯")),
-    "bag": (("tote bag", "bag", "handbag"), ("手提包", "包包", "帆布包")),
-    "shoe": (("sneaker", "shoe", "sneakers"), ("运动鞋", "球鞋", "板鞋")),
-    "jar": (("cream jar", "jar", "face cream"), ("面霜", "乳霜", "罐子")),
+    "bag": (("tote bag", "bag", "handbag"), ("手提包", "挎包", "帆布包")),
+    "shoe": (("sneaker", "shoe", "sneakers"), ("运动鞋", "球鞋", "跑鞋")),
+    "jar": (("cream jar", "jar", "face cream"), ("面霜", "护肤霜", "罐子")),
     "tshirt": (("tshirt", "tee"), ("短袖", "体恤")),
 }
 
@@ -63,14 +65,14 @@ SHAPES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 COLOURS: dict[str, tuple[tuple[float, float, float], tuple[str, ...], tuple[str, ...]]] = {
     "red": ((0.85, 0.13, 0.14), ("red", "crimson"), ("红色", "大红")),
     "orange": ((0.96, 0.50, 0.08), ("orange",), ("橙色", "橘色")),
-    "yellow": ((0.95, 0.83, 0.15), ("yellow",), ("黄色", "明黄")),
+    "yellow": ((0.95, 0.83, 0.15), ("yellow",), ("黄色", "鹅黄")),
     "green": ((0.16, 0.62, 0.26), ("green",), ("绿色", "草绿")),
-    "blue": ((0.13, 0.33, 0.85), ("blue", "navy"), ("蓝色", "宝蓝")),
+    "blue": ((0.13, 0.33, 0.85), ("blue", "navy"), ("蓝色", "宝蓝色")),
     "purple": ((0.52, 0.22, 0.68), ("purple", "violet"), ("紫色", "淡紫")),
     "pink": ((0.96, 0.55, 0.72), ("pink", "rose"), ("粉色", "粉红")),
     "brown": ((0.50, 0.30, 0.14), ("brown", "coffee"), ("棕色", "咖啡色")),
     "black": ((0.11, 0.11, 0.12), ("black",), ("黑色", "纯黑")),
-    "white": ((0.95, 0.95, 0.92), ("white", "ivory"), ("白色", "米白")),
+    "white": ((0.95, 0.95, 0.92), ("white", "ivory"), ("白色", "乳白")),
 }
 
 # name -> (class-name adjective, English words, Chinese words)
@@ -354,30 +356,61 @@ def synthetic_items(
 # free, so a 32 px image stays legible. All operations are whole-array numpy on float32.
 
 _F = np.float32
+# The brand glyph's size relative to each shape's nominal mark radius: about 3-4 px across at 32 px,
+# so the brand is visible on a clean image but easily lost to blur, noise, rotation or an occluder.
+_MARK_SCALE = 0.85
+
+
+_N_DRAWS = 84  # scene parameters per image (render() draws them all, used or not)
+
+
+@functools.lru_cache(maxsize=8)
+def _axis(size: int) -> np.ndarray:
+    c = ((np.arange(size, dtype=_F) + 0.5) / size * 2 - 1).astype(_F)
+    c.flags.writeable = False
+    return c
 
 
 @functools.lru_cache(maxsize=8)
 def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
-    c = ((np.arange(size, dtype=_F) + 0.5) / size * 2 - 1).astype(_F)
+    c = _axis(size)
     y, x = np.meshgrid(c, c, indexing="ij")
     x.flags.writeable = False
     y.flags.writeable = False
     return x, y
 
 
+@functools.lru_cache(maxsize=8)
+def _noise_bank(size: int) -> np.ndarray:
+    # Sensor noise is a random crop of one fixed Gaussian field per size: 4,096 distinct crops,
+    # and ~40x cheaper than drawing fresh normals for every image.
+    bank = np.random.default_rng(20200601).standard_normal((3, size + 64, size + 64), dtype=_F)
+    bank.flags.writeable = False
+    return bank
+
+
 def _cover(d: np.ndarray, px: float) -> np.ndarray:
-    return np.clip(0.5 - d / px, 0.0, 1.0)
+    t = 0.5 - d * (1.0 / px)
+    np.maximum(t, 0.0, out=t)
+    return np.minimum(t, 1.0, out=t)
 
 
 def _box(u: np.ndarray, v: np.ndarray, cu: float, cv: float, hw: float, hh: float, r: float = 0.0) -> np.ndarray:
     qx = np.abs(u - cu) - (hw - r)
     qy = np.abs(v - cv) - (hh - r)
-    out = np.hypot(np.maximum(qx, 0), np.maximum(qy, 0)) + np.minimum(np.maximum(qx, qy), 0)
+    if not r:  # exact inside, the L-inf distance outside: enough for one pixel of anti-aliasing
+        return np.maximum(qx, qy)
+    mx, my = np.maximum(qx, 0), np.maximum(qy, 0)
+    out = np.sqrt(mx * mx + my * my) + np.minimum(np.maximum(qx, qy), 0)
     return out - r if r else out
 
 
+def _len(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sqrt(a * a + b * b)
+
+
 def _circle(u: np.ndarray, v: np.ndarray, cu: float, cv: float, r: float) -> np.ndarray:
-    return np.hypot(u - cu, v - cv) - r
+    return _len(u - cu, v - cv) - r
 
 
 def _smin(a: np.ndarray, b: np.ndarray, k: float) -> np.ndarray:
@@ -406,19 +439,20 @@ def _shape(name: str, u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, list, s
         parts = [(_box(u, v, 0, -0.8, 0.46, 0.07, 0.04), _SILVER), (_box(u, v, 0, 0.8, 0.46, 0.07, 0.04), _SILVER)]
         return body, parts, "cyl", 0.46, (0.0, 0.0, 0.24)
     if name == "mug":
-        handle = np.maximum(np.abs(np.hypot(u - 0.42, v - 0.02) - 0.3) - 0.09, 0.3 - u)
+        handle = np.maximum(np.abs(_len(u - 0.42, v - 0.02) - 0.3) - 0.09, 0.3 - u)
         body = np.minimum(_box(u, v, -0.15, 0.05, 0.55, 0.65, 0.07), handle)
         return body, [(_box(u, v, -0.15, -0.57, 0.55, 0.04), 0.55)], "cyl", 0.55, (-0.15, 0.08, 0.24)
     if name == "bag":
         hw = 0.52 + 0.14 * (v + 0.2)
         body = np.maximum((np.abs(u) - hw) * 0.99, np.abs(v - 0.35) - 0.55)
-        handle = np.maximum(np.abs(np.hypot(u, v + 0.2) - 0.4) - 0.06, v + 0.2)
+        handle = np.maximum(np.abs(_len(u, v + 0.2) - 0.4) - 0.06, v + 0.2)
         return body, [(handle, 0.5)], "flat", 0.6, (0.0, 0.35, 0.24)
     if name == "shoe":
-        upper = _smin(_box(u, v, -0.3, 0.15, 0.55, 0.4, 0.3), _box(u, v, 0.4, 0.35, 0.5, 0.2, 0.18), 0.25)
+        upper = _smin(_box(u, v, -0.42, 0.1, 0.42, 0.45, 0.25), _box(u, v, 0.3, 0.36, 0.6, 0.19, 0.18), 0.35)
         upper = np.maximum(upper, v - 0.52)
-        parts = [(_box(u, v, 0.02, 0.6, 0.95, 0.1, 0.08), _OFFWHITE), (_circle(u, v, -0.55, -0.12, 0.14), _DARK)]
-        return upper, parts, "flat", 0.8, (-0.12, 0.24, 0.21)
+        collar = _len((u + 0.5) / 0.3, (v + 0.32) / 0.1) - 1.0
+        parts = [(_box(u, v, 0.0, 0.6, 0.95, 0.1, 0.08), _OFFWHITE), (collar * 0.1, _DARK)]
+        return upper, parts, "flat", 0.8, (-0.3, 0.2, 0.2)
     if name == "jar":
         body = _box(u, v, 0, 0.25, 0.7, 0.55, 0.22)
         return body, [(_box(u, v, 0, -0.45, 0.62, 0.17, 0.05), _SILVER)], "cyl", 0.7, (0.0, 0.28, 0.25)
@@ -435,9 +469,9 @@ def _shape(name: str, u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, list, s
 
 def _glyph(name: str, a: np.ndarray, b: np.ndarray, r: float) -> np.ndarray:
     if name == "disc":
-        return np.hypot(a, b) - r
+        return _len(a, b) - r
     if name == "ring":
-        return np.abs(np.hypot(a, b) - 0.7 * r) - 0.3 * r
+        return np.abs(_len(a, b) - 0.7 * r) - 0.3 * r
     if name == "triangle":
         b = b - 0.2 * r
         return np.maximum(np.abs(a) * 0.866 - b * 0.5, b) - 0.6 * r
@@ -470,7 +504,7 @@ def _pattern(name: str, u: np.ndarray, v: np.ndarray, px: float) -> np.ndarray |
         p = 0.4
         a = (u / p) % 1.0 - 0.5
         b = (v / p + 0.5 * (np.floor(u / p) % 2)) % 1.0 - 0.5
-        return _cover(np.hypot(a, b) * p - 0.11, px)
+        return _cover(_len(a, b) * p - 0.11, px)
     if name == "checks":
         p = 0.5
         cu = _cover((np.abs((u / p) % 1.0 - 0.5) - 0.25) * p, px)
@@ -480,18 +514,31 @@ def _pattern(name: str, u: np.ndarray, v: np.ndarray, px: float) -> np.ndarray |
 
 
 def _over(img: np.ndarray, alpha: np.ndarray, colour: np.ndarray) -> None:
-    """Composite ``colour`` (RGB or HxWx3) over ``img`` in place with coverage ``alpha`` (HxW)."""
-    a = alpha[..., None]
-    img += a * (colour - img)
+    """Composite ``colour`` ([3, 1, 1] or [3, h, w]) over ``img`` ([3, h, w]) in place, coverage ``alpha``."""
+    img += alpha * (colour - img)
 
 
-def _luma(c: np.ndarray) -> float:
+def _luma(c: tuple[float, float, float]) -> float:
     return float(0.3 * c[0] + 0.59 * c[1] + 0.11 * c[2])
 
 
-def _hsv(h: float, s: float, v: float) -> np.ndarray:
-    k = (np.array([5.0, 3.0, 1.0]) + h * 6) % 6
-    return (v - v * s * np.clip(np.minimum(k, 4 - k), 0, 1)).astype(_F)
+def _rgb(h: float, s: float, v: float) -> np.ndarray:
+    return np.array(colorsys.hsv_to_rgb(h, s, v), dtype=_F).reshape(3, 1, 1)
+
+
+def _const(c: tuple[float, float, float] | np.ndarray) -> np.ndarray:
+    return np.asarray(c, dtype=_F).reshape(3, 1, 1)
+
+
+def _window(size: int, x0: float, x1: float, y0: float, y1: float) -> tuple[slice, slice] | None:
+    """Pixel rows and columns covering the image-space box [x0, x1] x [y0, y1] (None if empty)."""
+    def idx(a: float, b: float) -> slice:
+        return slice(max(0, int((a + 1) * size / 2) - 1), min(size, int((b + 1) * size / 2) + 2))
+
+    rows, cols = idx(y0, y1), idx(x0, x1)
+    if rows.start >= rows.stop or cols.start >= cols.stop:
+        return None
+    return rows, cols
 
 
 def render(item: SyntheticItem, size: int) -> np.ndarray:
@@ -510,99 +557,122 @@ def render(item: SyntheticItem, size: int) -> np.ndarray:
     """
     size = _check_int("size", size, 8)
     spec = item.spec
-    rng = np.random.default_rng(item.seed)
-    r = iter(rng.random(96).tolist())  # scene parameters, drawn in one go and in a fixed order
+    rng = random.Random(item.seed)  # Mersenne Twister: stable across versions, cheap to seed
+    rand = rng.random
+    r = iter([rand() for _ in range(_N_DRAWS)])  # scene parameters, in a fixed order
     x, y = _grid(size)
     px_img = 2.0 / size
+    # Channels first while drawing: per-channel colours broadcast over contiguous rows (fast).
 
     # Background: a two-tone gradient, sometimes a table edge, then clutter.
-    c0 = _hsv(next(r), 0.1 + 0.35 * next(r), 0.35 + 0.55 * next(r))
-    c1 = _hsv(next(r), 0.1 + 0.35 * next(r), 0.35 + 0.55 * next(r))
-    ang = next(r) * 2 * np.pi
-    t = np.clip(0.5 + 0.5 * (np.cos(ang) * x + np.sin(ang) * y), 0, 1)
-    img = c0 + t[..., None] * (c1 - c0)
+    c0 = _rgb(next(r), 0.1 + 0.35 * next(r), 0.35 + 0.55 * next(r))
+    c1 = _rgb(next(r), 0.1 + 0.35 * next(r), 0.35 + 0.55 * next(r))
+    ang = next(r) * 2 * math.pi
+    t = 0.5 + 0.5 * (math.cos(ang) * x + math.sin(ang) * y)
+    img = c0 + np.minimum(np.maximum(t, 0), 1) * (c1 - c0)
     table = next(r) < 0.5
     horizon = 0.1 + 0.5 * next(r)
-    c_table = _hsv(next(r), 0.05 + 0.3 * next(r), 0.3 + 0.6 * next(r))
+    c_table = _rgb(next(r), 0.05 + 0.3 * next(r), 0.3 + 0.6 * next(r))
     if table:
-        _over(img, _cover(horizon - y, px_img), c_table)
+        _over(img, _cover(horizon - _axis(size)[:, None], px_img), c_table)
     n_clutter = int(next(r) * 5)
     for k in range(5):
         kind, cx, cy, w, h, alpha = next(r), next(r), next(r), next(r), next(r), next(r)
-        col = _hsv(next(r), 0.2 + 0.7 * next(r), 0.2 + 0.8 * next(r))
+        col = (next(r), 0.2 + 0.7 * next(r), 0.2 + 0.8 * next(r))
         if k >= n_clutter:
             continue
         cx, cy, w, h = 2.2 * cx - 1.1, 2.2 * cy - 1.1, 0.06 + 0.35 * w, 0.06 + 0.35 * h
-        if kind < 0.4:
-            d = np.hypot((x - cx) / w, (y - cy) / h) - 1.0
-            d *= min(w, h)
-        elif kind < 0.8:
-            d = _box(x, y, cx, cy, w, h, 0.02)
+        win = _window(size, cx - w, cx + w, cy - h, cy + h) if kind < 0.8 else (slice(None), slice(None))
+        if win is None:
+            continue
+        if kind < 0.4:  # an ellipse
+            xs, ys = x[win], y[win]
+            cover = _cover((_len((xs - cx) * (1 / w), (ys - cy) * (1 / h)) - 1.0) * min(w, h), px_img)
+        elif kind < 0.8:  # an axis-aligned rectangle: coverage is separable, so build it from 1-D
+            c = _axis(size)
+            cover = _cover(np.abs(c[win[0]] - cy) - h, px_img)[:, None] * _cover(np.abs(c[win[1]] - cx) - w, px_img)
         else:  # a thin line
-            d = np.abs((x - cx) * h - (y - cy) * w) / math.hypot(w, h) - 0.015 - 0.03 * alpha
-        _over(img, _cover(d, px_img) * (0.4 + 0.6 * alpha), col)
+            cover = _cover(np.abs((x - cx) * h - (y - cy) * w) * (1 / math.hypot(w, h)) - 0.015 - 0.03 * alpha, px_img)
+        cover *= 0.4 + 0.6 * alpha
+        _over(img[:, win[0], win[1]], cover, _rgb(*col))
 
     # The object's pose: scale, aspect, rotation, mirror, position.
     s = 0.5 + 0.28 * next(r)
     aspect = 0.9 + 0.2 * next(r)
-    theta = math.radians(float(np.clip((next(r) - 0.5) * 30, -15, 15)))
+    theta = math.radians(min(15.0, max(-15.0, (next(r) - 0.5) * 30)))
     flip = -1.0 if next(r) < 0.5 else 1.0
     lim = 1.05 - s
     cx, cy = (2 * next(r) - 1) * lim, (2 * next(r) - 1) * lim
     su, sv = s * aspect, s / aspect
+    # Everything of the object lies within radius ~1.45 object units of its centre (plus shadow).
+    reach = 1.45 * max(su, sv)
+    win = _window(size, cx - reach, cx + reach, cy - reach, cy + 1.1 * s + 0.05)
+    assert win is not None  # the centre is always inside the image
+    xs, ys = x[win], y[win]
+    sub = img[:, win[0], win[1]]  # a view: drawing into it draws into img
     ct, st = math.cos(theta), math.sin(theta)
-    dx, dy = x - cx, y - cy
+    dx, dy = xs - cx, ys - cy
     u = (ct * dx + st * dy) * (flip / su)
     v = (-st * dx + ct * dy) / sv
     px = px_img / s
 
     # Soft shadow under the object.
-    shadow = np.clip(1 - np.hypot((x - cx - 0.1 * s) / (0.85 * s), (y - cy - 0.88 * s) / (0.16 * s)), 0, 1)
-    img *= (1 - 0.45 * next(r) * shadow)[..., None]
+    shadow = 1 - np.sqrt(((dx - 0.1 * s) / (0.85 * s)) ** 2 + ((dy - 0.88 * s) / (0.16 * s)) ** 2)
+    sub *= 1 - (0.45 * next(r)) * np.maximum(shadow, 0)
 
-    # Colours: the class colour with per-image jitter; pattern colour = towards white or black.
-    base = np.array(COLOURS[spec.colour][0], dtype=_F)
-    jit = np.array([next(r), next(r), next(r)], dtype=_F)
-    main = np.clip(base * (0.85 + 0.25 * next(r)) + (jit - 0.5) * 0.1, 0, 1).astype(_F)
-    dark = _luma(main) > 0.55
+    # Colours: the class colour with per-image jitter; pattern colour = towards black or white.
+    base = COLOURS[spec.colour][0]
+    jit = [next(r) for _ in range(3)]
+    gain = 0.85 + 0.25 * next(r)
+    main = _const([min(1.0, max(0.0, c * gain + (j - 0.5) * 0.1)) for c, j in zip(base, jit, strict=True)])
+    dark = _luma(base) > 0.55  # from the class colour, so pattern and ink never flip within a class
     second = (main * 0.35) if dark else (main + 0.7 * (1 - main))
-    ink = np.array([0.08, 0.08, 0.1], _F) if dark else np.array([0.97, 0.97, 0.95], _F)
+    ink = _const((0.08, 0.08, 0.1) if dark else (0.97, 0.97, 0.95))
 
     body, parts, shading, hw, (mu, mv, mr) = _shape(spec.shape, u, v)
+    mr *= _MARK_SCALE
     pat = _pattern(spec.pattern, u, v, px)
-    colour = np.broadcast_to(main, img.shape) if pat is None else main + pat[..., None] * (second - main)
+    colour = main if pat is None else main + pat * (second - main)
     if shading == "cyl":
-        un = u / hw
-        light = 1.08 - 0.38 * un * un + 0.22 * np.exp(-(((un + 0.45) / 0.2) ** 2))
+        un = np.minimum(np.maximum(u * (1 / hw), -1.0), 1.0)
+        light = 1.08 - 0.38 * un * un + 0.22 * np.exp(-(((un + 0.45) * 5) ** 2))
     else:
         light = 1.05 - 0.12 * v
-    colour = colour * light[..., None]
-    _over(img, _cover(body, px), colour)
+    main_lit = main * light
+    _over(sub, _cover(body, px), main_lit if pat is None else colour * light)
     for d, pc in parts:
-        pcol = main * pc if isinstance(pc, float) else np.array(pc, _F)
-        _over(img, _cover(d, px), pcol * (light[..., None] if shading == "cyl" else 1.0))
+        if isinstance(pc, float):
+            _over(sub, _cover(d, px), main_lit * pc)
+        else:
+            _over(sub, _cover(d, px), _const(pc) * light if shading == "cyl" else _const(pc))
 
     # The brand mark: a plain patch (hides the pattern) and the glyph, at a fixed spot.
     a, b = u - mu, v - mv
-    patch = np.maximum(np.hypot(a, b) - 1.3 * mr, body)
-    _over(img, _cover(patch, px), main * light[..., None])
+    patch = np.maximum(np.sqrt(a * a + b * b) - 1.3 * mr, body)
+    _over(sub, _cover(patch, px), main_lit)
     glyph = np.maximum(_glyph(BRANDS[spec.brand][0], a * flip, b, mr), body)
-    _over(img, _cover(glyph, px), ink)
+    _over(sub, _cover(glyph, px), ink)
 
     # Occasional occluder in front (a hand, a price tag, another item).
     occ = next(r) < 0.15
     ox, oy, ow, oh, oc = next(r), next(r), next(r), next(r), next(r)
     if occ:
-        ocol = _hsv(0.05 + 0.04 * oc, 0.35, 0.85) if oc < 0.4 else _hsv(oc, 0.5, 0.4 + 0.5 * ow)
-        d = _box(x, y, cx + (ox - 0.5) * 1.6 * s, cy + (oy - 0.5) * 1.6 * s, 0.12 + 0.25 * ow * s, 0.12 + 0.25 * oh * s, 0.06)
-        _over(img, _cover(d, px_img), ocol)
+        ocol = _rgb(0.05 + 0.04 * oc, 0.35, 0.85) if oc < 0.4 else _rgb(oc, 0.5, 0.4 + 0.5 * ow)
+        c, w, h = _axis(size), 0.12 + 0.25 * ow * s, 0.12 + 0.25 * oh * s
+        ax = _cover(np.abs(c - (cx + (ox - 0.5) * 1.6 * s)) - w, px_img)
+        ay = _cover(np.abs(c - (cy + (oy - 0.5) * 1.6 * s)) - h, px_img)
+        _over(img, ay[:, None] * ax, ocol)
 
     # Lighting: a gain gradient and a colour cast; then sensor noise.
     g = 0.75 + 0.4 * next(r)
     lx, ly = (next(r) - 0.5) * 0.5, (next(r) - 0.5) * 0.5
-    cast = 1 + (np.array([next(r), next(r), next(r)], _F) - 0.5) * 0.12
-    img *= (g * (1 + lx * x + ly * y))[..., None]
-    img *= cast
+    cast = _const([1 + (next(r) - 0.5) * 0.12 for _ in range(3)]) * g
+    img *= (1 + lx * x + ly * y) * cast
     sigma = 0.01 + 0.035 * next(r)
-    img += rng.standard_normal(img.shape, dtype=_F) * sigma
-    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+    bank = _noise_bank(size)
+    oy, ox = rng.randrange(bank.shape[1] - size + 1), rng.randrange(bank.shape[2] - size + 1)
+    img += bank[:, oy : oy + size, ox : ox + size] * sigma
+    img *= 255
+    img += 0.5
+    np.clip(img, 0, 255, out=img)
+    return img.transpose(1, 2, 0).astype(np.uint8, order="C")
