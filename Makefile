@@ -4,8 +4,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
-.PHONY: install demo clean-demo test test-all clean
+.PHONY: install demo clean-demo test test-all bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +31,14 @@ test: install
 ## Everything, the slow tests included.
 test-all: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+## The benchmark suite (docs/benchmarks.md): results in benchmarks/results/<name>-<device>.json.
+## BENCH_ARGS passes options, e.g. BENCH_ARGS="--device cpu --threads 1".
+bench: install
+	$(BIN)/python -m benchmarks all $(BENCH_ARGS)
+
+bench-quick: install
+	$(BIN)/python -m benchmarks all --quick $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

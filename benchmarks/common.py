@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -12,6 +13,43 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# ``python -m benchmarks all`` runs each benchmark in its own process; this variable sends their
+# results elsewhere (the slow test uses it so a test run never replaces the recorded results).
+RESULTS_ENV = "SICOT_BENCH_RESULTS"
+
+
+def _load_average() -> list[float]:
+    """The 1/5/15-minute load averages: on a shared machine they say how noisy a timing was."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # not available on this platform
+        return []
+
+
+# What the machine looked like when the benchmark began (reset by start()).
+_START: dict[str, object] = {"load_average": _load_average(), "perf": time.perf_counter()}
+
+
+def start() -> None:
+    """Mark the start of a benchmark: its load average and clock go into the results."""
+    _START.update(load_average=_load_average(), perf=time.perf_counter())
+
+
+def peak_memory_gib(device: str) -> tuple[float, str]:
+    """Peak memory so far and what it measures.
+
+    On CUDA: ``torch.cuda.max_memory_allocated`` (tensors only, since the last peak reset); on CPU:
+    the process's peak resident set size (``getrusage``; everything the process ever held).
+    """
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(torch.device(device)) / 2**30, "cuda_max_memory_allocated"
+    import resource
+
+    # ru_maxrss is in KiB on Linux (bytes on macOS).
+    scale = 1 if platform.system() == "Darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**30, "process_peak_rss"
 
 
 def interleaved_ms(steps: dict[str, Callable[[], None]], warmup: int, rounds: int, round_ms: float, sync: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
@@ -41,6 +79,48 @@ def interleaved_ms(steps: dict[str, Callable[[], None]], warmup: int, rounds: in
     return times
 
 
+def profile_step(fn: Callable[[], None], steps: int, device: str, rows: int = 15) -> tuple[str, dict[str, float]]:
+    """``torch.profiler`` key_averages of ``steps`` calls of ``fn``: the ops that dominate a step.
+
+    Returns:
+        The top-``rows`` table (sorted by self device time on CUDA, self CPU time on CPU), and
+        every op's self time in milliseconds per step (to compare two steps op by op).
+    """
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    fn()  # warm: the first call after another model's step pays allocator and cache misses
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    averages = prof.key_averages()
+    per_op = {e.key: getattr(e, key) / 1000.0 / steps for e in averages if getattr(e, key) > 0}
+    return averages.table(sort_by=key, row_limit=rows, max_name_column_width=48), per_op
+
+
+def op_deltas(subject: dict[str, float], reference: dict[str, float], rows: int = 10) -> list[dict[str, float | str]]:
+    """The ops whose self time per step grows most from ``reference`` to ``subject`` (ms)."""
+    deltas = [
+        {"op": op, "subject_ms": subject.get(op, 0.0), "reference_ms": reference.get(op, 0.0), "delta_ms": subject.get(op, 0.0) - reference.get(op, 0.0)}
+        for op in set(subject) | set(reference)
+    ]
+    deltas.sort(key=lambda d: -float(d["delta_ms"]))
+    return [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in d.items()} for d in deltas[:rows]]
+
+
+def _torchvision_version() -> str | None:
+    try:
+        import torchvision
+    except ImportError:
+        return None
+    return torchvision.__version__
+
+
 def environment(device: str) -> dict[str, object]:
     """Where and with what a result was measured."""
     import torch
@@ -52,21 +132,32 @@ def environment(device: str) -> dict[str, object]:
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "torchvision": _torchvision_version(),
         "machine": platform.machine(),
+        "load_average_start": _START["load_average"],
+        "load_average_end": _load_average(),
+        "seconds": round(time.perf_counter() - float(_START["perf"]), 1),  # type: ignore[arg-type]
+        "argv": sys.argv[1:],  # the options it ran with (``python -m benchmarks.<name>`` + these)
     }
     if device.startswith("cuda") and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
+        env["cuda"] = torch.version.cuda
+        env["cudnn"] = torch.backends.cudnn.version()
     return env
 
 
 def write_results(name: str, device: str, payload: dict) -> Path:
-    """Write ``benchmarks/results/<name>-<device>.json`` atomically; returns the path."""
-    path = RESULTS_DIR / f"{name}-{device.split(':')[0]}.json"
+    """Write ``benchmarks/results/<name>-<device>.json`` atomically; returns the path.
+
+    The folder is ``$SICOT_BENCH_RESULTS`` when set, else :data:`RESULTS_DIR`.
+    """
+    folder = Path(os.environ[RESULTS_ENV]) if os.environ.get(RESULTS_ENV) else RESULTS_DIR
+    path = folder / f"{name}-{device.split(':')[0]}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"environment": environment(device), **payload}, f, indent=2)
+            json.dump({"environment": environment(device), "benchmark": name, **payload}, f, indent=2)
             f.write("\n")
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)

@@ -23,7 +23,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.common import interleaved_ms, write_results
+from benchmarks.common import interleaved_ms, op_deltas, profile_step, start, write_results
 from encoders import TextEncoder, create_encoder, list_encoders
 
 GOAL_ENCODER = "bilinear"
@@ -69,6 +69,22 @@ def time_encoders(names: list[str], vectors: torch.Tensor, tokens: torch.Tensor,
     return interleaved_ms(steps, warmup, rounds, round_ms, sync=lambda: _sync(device))
 
 
+def profile_encoders(vectors: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, device: str) -> dict:
+    """torch.profiler tables of the goal encoder's step and of ``mean``'s, and the ops that grow most."""
+    per: dict[str, tuple[str, dict[str, float]]] = {}
+    for name in (GOAL_ENCODER, "mean"):
+        torch.manual_seed(0)
+        encoder = create_encoder(name, vectors=vectors, out_dim=OUT_DIM).to(tokens.device).train()
+        per[name] = profile_step(lambda encoder=encoder: _step(encoder, tokens, mask), 3, device)
+    return {
+        "subject": GOAL_ENCODER,
+        "reference": "mean",
+        "subject_table": per[GOAL_ENCODER][0],
+        "reference_table": per["mean"][0],
+        "top_op_deltas": op_deltas(per[GOAL_ENCODER][1], per["mean"][1]),
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark, print the table and write the JSON results.
 
@@ -90,9 +106,16 @@ def main(argv: list[str] | None = None) -> dict:
         default="cuda" if torch.cuda.is_available() else "cpu",
         help="where to run (default: cuda when available)",
     )
+    parser.add_argument(
+        "--profile",
+        choices=["auto", "always", "never"],
+        default="auto",
+        help="profile bilinear and mean when the goal is not met (auto)",
+    )
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")
+    start()
     device = torch.device(args.device)
     warmup, rounds, round_ms = (1, 5, 100.0) if args.quick else (3, 11, 300.0)
 
@@ -137,6 +160,16 @@ def main(argv: list[str] | None = None) -> dict:
         f"goal: {GOAL_ENCODER} <= {GOAL_RATIO:g}x mean: "
         + (f"[green]met[/] ({ratio:.2f}x)" if met else f"[red]not met[/] ({ratio:.2f}x)")
     )
+    profile = None
+    if args.profile == "always" or (args.profile == "auto" and not met):
+        profile = profile_encoders(vectors, tokens, mask, args.device)
+        print(profile["subject_table"])  # plain print: rich would re-wrap the fixed-width table
+        dt = Table(title=f"ops that grow most from mean to {GOAL_ENCODER} (ms per step)")
+        for col in ("op", GOAL_ENCODER, "mean", "delta"):
+            dt.add_column(col, justify="left" if col == "op" else "right")
+        for d in profile["top_op_deltas"]:
+            dt.add_row(str(d["op"]), f"{d['subject_ms']:.2f}", f"{d['reference_ms']:.2f}", f"{d['delta_ms']:+.2f}")
+        console.print(dt)
 
     result = {
         "benchmark": "encoders",
@@ -159,6 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
             "ratio": round(ratio, 3),
             "met": met,
         },
+        "profile": profile,
     }
     out = write_results("encoders", args.device, result)
     console.print(f"wrote {out}")

@@ -21,12 +21,13 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.common import write_results
+from benchmarks.common import start, write_results
 from sicot_cli.config import load_recipe
 from sicot_cli.data.images import load_image
 from sicot_cli.data.prepare import prepare
 
 GOAL = 0.8
+USES_DEVICE = False  # prepare is CPU work: `python -m benchmarks all` passes it no --device
 
 
 def make_images(root: Path, n: int, classes: int = 20, seed: int = 0) -> Path:
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="fewer images (< 1 min on a 2-core CPU)")
     parser.add_argument("--size", type=int, default=64, help="prepared image size")
     args = parser.parse_args(argv)
+    start()
     n = 300 if args.quick else 2000
     cores = os.cpu_count() or 1
     console = Console()

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sicot_cli import runs
-from sicot_cli.config import Recipe
+from sicot_cli.config import Recipe, recipe_from_dict
 from sicot_cli.errors import SicotError
 from sicot_cli.fsutil import ensure_dir, write_json
 from sicot_cli.progress import NullProgress, Progress
@@ -89,9 +89,11 @@ def ablate(
     if plan_path.is_file():
         try:
             old = json.loads(plan_path.read_text(encoding="utf-8"))
-        except ValueError:
-            old = None
-        if old is not None and old.get("recipe") != shared:
+            # Through the Recipe type, so that keys a newer sicot added (at their defaults) still match.
+            old_shared = _shared_recipe(recipe_from_dict(old["recipe"], str(plan_path)))
+        except (ValueError, KeyError, TypeError, SicotError):
+            old, old_shared = None, None
+        if old is not None and old_shared != shared:
             raise SicotError(f"{root}: holds an ablation of another recipe ({plan_path}); use another --out")
     write_json(plan_path, {"recipe": shared, "encoders": [BASELINE, *encoders], "seeds": seeds})
 

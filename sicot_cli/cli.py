@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from sicot_cli.cli_datasets import app as datasets_app
 from sicot_cli.console import console, guard, setup_logging
 
 app = typer.Typer(
@@ -18,6 +19,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_show_locals=False,
 )
+app.add_typer(datasets_app, name="datasets")  # sicot datasets fetch emoji / import ... (sicot_cli/cli_datasets.py)
 
 RecipeOpt = Annotated[Path | None, typer.Option("--recipe", "-r", help="TOML recipe (default: the built-in demo recipe).")]
 Overrides = Annotated[list[str] | None, typer.Argument(help="Recipe overrides: section.key=value (e.g. data.image_size=64).", show_default=False)]
@@ -193,7 +195,15 @@ def train(
     _load_encoder_modules(encoder_module)
     cfg = _recipe(recipe, overrides, [f"model.encoder={_toml_str(encoder)}"] if encoder else [])
     _check_encoder(cfg.model.encoder)
-    result = run_train(cfg, run_dir, resume=resume, data=data, progress=RichProgress())
+    from sicot_cli.preflight import check_training
+
+    check_training(cfg, data)
+    import os
+
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 prints
+    result = run_train(cfg, run_dir, resume=resume, data=data, progress=RichProgress() if main_rank else None)
+    if not main_rank:
+        return
     if result.skipped:
         console.print(f"{result.run_dir}: already finished; nothing to do")
     console.print(epochs_table(result.history, str(result.run_dir)))
@@ -297,6 +307,9 @@ def ablate(
     except ValueError:
         raise SicotError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
     cfg = _recipe(recipe, overrides)
+    from sicot_cli.preflight import check_training
+
+    check_training(cfg, data)
     done: list = []
     with Live(ablation_table(done), console=err_console, transient=False, auto_refresh=False) as live:
         def on_run(status) -> None:  # noqa: ANN001

@@ -96,6 +96,9 @@ class ModelConfig:
     encoder_options: dict[str, Any] = field(default_factory=dict)
     freeze_embeddings: bool = False
     semantic_norm: str = "none"  # "none" (the paper's literal max) or "batchnorm" (scale-matched s)
+    # Does CE(x_m) also train the shared classifier (the paper: yes)? false: only CE(x_v) does, so the
+    # classifier is fit to the features it sees at inference (see sicot_cli/model.py).
+    mixed_trains_classifier: bool = True
 
 
 @dataclass
@@ -124,6 +127,10 @@ class TrainConfig:
     eval_batch_size: int = 512
     topk: list[int] = field(default_factory=lambda: [1, 3])
     runs_dir: str = "runs"
+    # Distributed (torchrun): shard the shared classifier by class across ranks. "auto" shards from
+    # classifier_parallel_min_classes classes on; "yes"/"no" force it (sicot_cli/distributed.py).
+    classifier_parallel: str = "auto"
+    classifier_parallel_min_classes: int = 100_000
 
 
 @dataclass
@@ -193,6 +200,8 @@ def _check_value(value: Any, tp: Any, key: str, where: str) -> Any:
     )
     if not ok:
         raise SicotError(f"{where}: {key} must be {_article(_type_name(tp))}, got {value!r}")
+    if tp is str and "\x00" in value:  # would surface later as a ValueError from the OS layer
+        raise SicotError(f"{where}: {key} contains a NUL character")
     return float(value) if tp is float else value
 
 
@@ -250,6 +259,8 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
             table = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise SicotError(f"{p}: not valid TOML: {e}") from None
+        except RecursionError:  # tomllib recurses per nesting level: `x = [[[[...]]]]`
+            raise SicotError(f"{p}: not valid TOML: nested too deeply") from None
     for item in overrides or []:
         _apply_override(table, item)
     recipe = recipe_from_dict(table, where)
@@ -283,7 +294,7 @@ def parse_override_value(raw: str) -> Any:
     """Parse the right side of ``key=value`` as a TOML value, or as a bare string."""
     try:
         return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):
         return raw
 
 
@@ -319,6 +330,7 @@ def validate(recipe: Recipe, where: str) -> None:
     """Range checks that types alone cannot express."""
     d = recipe.data
     checks: list[tuple[bool, str]] = [
+        (bool(recipe.name) and not set(recipe.name) & set("/\\") and recipe.name.isprintable(), f"name must be a non-empty file-name part (no / \\ or control characters), got {recipe.name!r}"),
         (d.source in ("synthetic", "manifest"), f"data.source must be 'synthetic' or 'manifest', got {d.source!r}"),
         (d.source != "manifest" or bool(d.manifest), "data.manifest must name a CSV/JSONL file when data.source = 'manifest'"),
         (8 <= d.image_size <= 1024, f"data.image_size must be between 8 and 1024, got {d.image_size}"),
@@ -356,6 +368,7 @@ def validate(recipe: Recipe, where: str) -> None:
         (0 < recipe.train.gamma <= 1, f"train.gamma must be in (0, 1], got {recipe.train.gamma}"),
         (recipe.train.lam >= 0, f"train.lam must be >= 0, got {recipe.train.lam}"),
         (recipe.train.in_memory in ("auto", "yes", "no"), f"train.in_memory must be auto, yes or no, got {recipe.train.in_memory!r}"),
+        (recipe.train.classifier_parallel in ("auto", "yes", "no"), f"train.classifier_parallel must be auto, yes or no, got {recipe.train.classifier_parallel!r}"),
         (recipe.train.block_rows >= 1 and recipe.train.shuffle_blocks >= 1, "train.block_rows and train.shuffle_blocks must be >= 1"),
         (
             len(recipe.train.crop_scale) == 2 and 0 < recipe.train.crop_scale[0] <= recipe.train.crop_scale[1] <= 1,

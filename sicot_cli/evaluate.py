@@ -65,8 +65,17 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate_model(model: torch.nn.Module, prepared: Prepared, device: torch.device, recipe: Recipe, in_memory: bool = True) -> EvalResult:
-    """Image-only scores on the test rows ``[n_train, n)`` and their metrics."""
+def evaluate_model(model: torch.nn.Module, prepared: Prepared, device: torch.device, recipe: Recipe, in_memory: bool = True, ctx: Any = None) -> EvalResult:
+    """Image-only scores on the test rows ``[n_train, n)`` and their metrics.
+
+    Distributed (``ctx``, a :class:`~sicot_cli.distributed.DistContext`): each rank scores its
+    slice of every batch; features are gathered, and a class-sharded classifier's top-k are merged
+    across ranks (no rank forms the full logits). Every rank returns the whole result.
+    """
+    if ctx is not None and ctx.enabled:
+        from sicot_cli.distributed import evaluate_distributed
+
+        return evaluate_distributed(model, prepared, device, recipe, in_memory, ctx)
     was_training = model.training
     model.eval()
     cfg = recipe.train
@@ -89,11 +98,14 @@ def evaluate_model(model: torch.nn.Module, prepared: Prepared, device: torch.dev
         labels_true.append(batch.labels.numpy())
     seconds = time.perf_counter() - t0
     model.train(was_training)
-    topk = np.concatenate(labels_out)
-    labels = np.concatenate(labels_true)
-    ks = tuple(sorted(set(cfg.topk)))
+    return make_result(recipe, prepared, np.concatenate(labels_out), np.concatenate(scores_out), np.concatenate(labels_true), np.concatenate(rows_out), seconds)
+
+
+def make_result(recipe: Recipe, prepared: Prepared, topk: np.ndarray, scores: np.ndarray, labels: np.ndarray, rows: np.ndarray, seconds: float) -> EvalResult:
+    """Metrics of the test rows' top-k predictions."""
+    ks = tuple(sorted(set(recipe.train.topk)))
     result = metrics.evaluate(topk, labels, prepared.train_counts, recipe.eval.head_threshold, recipe.eval.many_threshold, recipe.eval.few_threshold, ks=ks)
-    return EvalResult(result, topk, np.concatenate(scores_out).astype(np.float32), labels, np.concatenate(rows_out), len(labels) / max(seconds, 1e-9))
+    return EvalResult(result, topk, scores.astype(np.float32), labels, rows, len(labels) / max(seconds, 1e-9))
 
 
 def write_predictions(path: Path, result: EvalResult) -> None:
@@ -126,10 +138,9 @@ def load_run_model(run_dir: Path, checkpoint: str = "last", data: str | Path | N
     state = runs.load_checkpoint(run_dir / name)
     recipe.model.pretrained = ""  # the checkpoint holds the weights
     model = make_model(recipe, prepared)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise SicotError(f"{run_dir / name}: checkpoint of another model ({str(e).splitlines()[0]})") from None
+    from sicot_cli.checkpoints import restore
+
+    restore(state, run_dir / name, model)  # a class-sharded checkpoint is assembled here
     return recipe, prepared, model, state
 
 

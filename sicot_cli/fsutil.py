@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,12 +18,32 @@ def tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
+# Fault injection for the kill tests (tests/test_reliability.py): when set, every atomic write
+# pauses this many seconds after its temporary is written and before it is renamed, so that a
+# SIGKILL can be aimed at the window in which a half-finished output exists.
+FAULT_WRITE_DELAY = "SICOT_FAULT_WRITE_DELAY"
+
+
+def _dead_tmp(tmp: Path) -> bool:
+    pid = tmp.name.rsplit("-", 1)[-1]
+    return pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists()
+
+
 def remove_stale_tmp(path: Path) -> None:
     """Remove temporaries of ``path`` left by killed processes (their pid no longer runs)."""
     for tmp in path.parent.glob(f".{path.name}.tmp-*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():
+        if _dead_tmp(tmp):
             tmp.unlink(missing_ok=True)
+
+
+def remove_stale_tmps(folder: Path) -> list[Path]:
+    """Remove every temporary in ``folder`` left by a killed process; returns what was removed."""
+    removed = []
+    for tmp in folder.glob(".*.tmp-*"):
+        if tmp.is_file() and _dead_tmp(tmp):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
 
 
 def ensure_dir(path: Path) -> None:
@@ -41,11 +62,16 @@ def ensure_dir(path: Path) -> None:
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path to write; on success it is fsynced and renamed to ``path``.
 
-    On any error (or Ctrl-C) the temporary is removed and ``path`` is left as it was.
+    On any error (or Ctrl-C) the temporary is removed and ``path`` is left as it was. Temporaries
+    of ``path`` left by killed processes are removed first (a SIGKILL cannot clean up after itself).
     """
+    remove_stale_tmp(path)
     tmp = tmp_name(path)
     try:
         yield tmp
+        delay = os.environ.get(FAULT_WRITE_DELAY)
+        if delay:
+            time.sleep(float(delay))
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -66,7 +92,10 @@ def write_json(path: Path, obj: Any) -> None:
 
 def append_jsonl(path: Path, obj: Any) -> None:
     """Append one JSON line and fsync (a line is either fully there or ``read_jsonl`` drops it)."""
-    with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(obj, sort_keys=True, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(obj, sort_keys=True, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise SicotError(f"{path}: cannot write ({e.strerror or e})") from None

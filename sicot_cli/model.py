@@ -118,11 +118,18 @@ def build_backbone(name: str, pretrained: str = "") -> tuple[nn.Module, int]:
 class SICoT(nn.Module):
     """Visual stream + optional semantic stream + one shared classifier."""
 
-    def __init__(self, backbone: nn.Module, feat_dim: int, num_classes: int, encoder: nn.Module | None = None, semantic_norm: str = "none") -> None:
+    def __init__(self, backbone: nn.Module, feat_dim: int, num_classes: int, encoder: nn.Module | None = None, semantic_norm: str = "none", shard: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.visual = backbone
         self.feat_dim = feat_dim
-        self.classifier = nn.Linear(feat_dim, num_classes)
+        self.num_classes = num_classes
+        self.mixed_trains_classifier = True
+        if shard is None:
+            self.classifier: nn.Module = nn.Linear(feat_dim, num_classes)
+        else:  # this rank's classes of the shared classifier (sicot_cli.distributed)
+            from sicot_cli.distributed import ShardedLinear
+
+            self.classifier = ShardedLinear(feat_dim, num_classes, *shard)
         self.encoder = encoder
         self.semantic_norm = nn.BatchNorm1d(feat_dim) if encoder is not None and semantic_norm == "batchnorm" else None
         self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1) * 255.0, persistent=False)
@@ -140,17 +147,44 @@ class SICoT(nn.Module):
         """Image-only scores (inference): the classifier on x_v."""
         return self.classifier(self.features(images))
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Scores of x_v and, when there is an encoder and a title, of x_m = max(x_v, s)."""
+    def streams(self, images: torch.Tensor, tokens: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x_v and, when there is an encoder and a title, x_m = max(x_v, s)."""
         x_v = self.features(images)
-        logits_v = self.classifier(x_v)
         if self.encoder is None or tokens is None:
-            return logits_v, None
+            return x_v, None
         s = self.encoder(tokens, mask)
         if self.semantic_norm is not None:
             s = self.semantic_norm(s.float())
-        x_m = torch.maximum(x_v, s.to(x_v.dtype))
-        return logits_v, self.classifier(x_m)
+        return x_v, torch.maximum(x_v, s.to(x_v.dtype))
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Scores of x_v and, when there is an encoder and a title, of x_m = max(x_v, s)."""
+        x_v, x_m = self.streams(images, tokens, mask)
+        return self.classifier(x_v), None if x_m is None else self.score_mixed(x_m)
+
+    def score_mixed(self, x_m: torch.Tensor) -> torch.Tensor:
+        """The shared classifier on x_m; with ``mixed_trains_classifier`` off its weights get no gradient from it."""
+        if self.mixed_trains_classifier:
+            return self.classifier(x_m)
+        return F.linear(x_m, self.classifier.weight.detach(), self.classifier.bias.detach())
+
+
+class Streams(nn.Module):
+    """The visual and text streams of a :class:`SICoT` without its classifier.
+
+    What ``DistributedDataParallel`` wraps when the classifier is sharded by class: the streams are
+    replicated (gradients averaged), the classifier shard is each rank's own.
+    """
+
+    def __init__(self, model: SICoT) -> None:
+        super().__init__()
+        self.visual = model.visual
+        self.encoder = model.encoder
+        self.semantic_norm = model.semantic_norm
+        self._streams = model.streams  # a bound method: the modules above are the same objects
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self._streams(images, tokens, mask)
 
 
 def sicot_loss(logits_v: torch.Tensor, logits_m: torch.Tensor | None, labels: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -162,14 +196,16 @@ def sicot_loss(logits_v: torch.Tensor, logits_m: torch.Tensor | None, labels: to
     return loss_v + lam * loss_m, loss_v, loss_m
 
 
-def build_model(backbone: str, num_classes: int, encoder: str, vectors: torch.Tensor, pretrained: str = "", encoder_options: dict | None = None, freeze_embeddings: bool = False, semantic_norm: str = "none") -> SICoT:
+def build_model(backbone: str, num_classes: int, encoder: str, vectors: torch.Tensor, pretrained: str = "", encoder_options: dict | None = None, freeze_embeddings: bool = False, semantic_norm: str = "none", shard: tuple[int, int] | None = None, mixed_trains_classifier: bool = True) -> SICoT:
     """The SICoT model (``encoder="none"``: the baseline).
 
     The backbone and the classifier are built first, so the same torch seed gives the baseline and
-    every co-training variant the same visual stream and classifier weights.
+    every co-training variant the same visual stream and classifier weights. ``shard=(lo, hi)``
+    keeps only those classes of the classifier (initialised as those rows of the full one).
     """
     net, dim = build_backbone(backbone, pretrained)
-    model = SICoT(net, dim, num_classes)
+    model = SICoT(net, dim, num_classes, shard=shard)
+    model.mixed_trains_classifier = mixed_trains_classifier
     if encoder != "none":
         from encoders import create_encoder
 

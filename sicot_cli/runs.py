@@ -6,7 +6,10 @@
   package versions and the git commit when there is one;
 - ``metrics.jsonl``: one JSON object per epoch (losses, lr, images/s, evaluation metrics);
 - ``checkpoint-last.pt`` (everything needed to resume exactly) and ``checkpoint-best.pt`` (the
-  weights with the best test top-1 so far), both written to a temporary name and renamed;
+  weights with the best test top-1 so far), both written to a temporary name and renamed. Each is
+  one header line ``SICOT-CHECKPOINT 1 <sha256>`` followed by the ``torch.save`` bytes; the
+  checksum is verified on load, so a truncated or damaged file is refused by name instead of
+  resuming from garbage;
 - ``predictions.h5``: the final model's test top-k labels and scores;
 - ``summary.json``: written last, so its presence means the run finished.
 
@@ -15,13 +18,15 @@ Nothing is overwritten: an existing run directory is refused unless the run is r
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import subprocess
 from pathlib import Path
 from typing import Any
 
 from sicot_cli.errors import SicotError
-from sicot_cli.fsutil import append_jsonl, atomic_path, ensure_dir, write_json
+from sicot_cli.fsutil import append_jsonl, atomic_path, ensure_dir, remove_stale_tmps, write_json
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -29,6 +34,8 @@ LAST = "checkpoint-last.pt"
 BEST = "checkpoint-best.pt"
 PREDICTIONS = "predictions.h5"
 SUMMARY = "summary.json"
+MAGIC = b"SICOT-CHECKPOINT 1 "  # + 64 hex digits of the payload's sha256 + "\n"
+_HEADER = len(MAGIC) + 64 + 1
 
 
 def git_commit() -> str | None:
@@ -66,6 +73,10 @@ def start_run(run_dir: Path, config: dict[str, Any], resume: bool) -> bool:
     Raises:
         SicotError: the directory exists and ``resume`` is False; or ``resume`` with nothing to resume.
     """
+    if run_dir.is_dir():
+        # Half-written files of a killed run go first: the renamed ones are intact, and a folder
+        # holding nothing else (killed before its config.json was renamed) is no run to protect.
+        remove_stale_tmps(run_dir)
     if run_dir.exists() and any(run_dir.iterdir()):
         if not resume:
             raise SicotError(f"{run_dir}: run directory exists (pass --resume to continue it, or --run-dir to start another)")
@@ -122,27 +133,53 @@ def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """``torch.save`` to a temporary name, fsync, rename."""
+    """``torch.save`` behind a checksummed header, to a temporary name, fsync, rename."""
     import torch
 
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    payload = buf.getbuffer()
+    digest = hashlib.sha256(payload).hexdigest().encode("ascii")
+    with atomic_path(path) as tmp, tmp.open("wb") as f:
+        f.write(MAGIC + digest + b"\n")
+        f.write(payload)
+
+
+def _rebuild_hint(path: Path) -> str:
+    if path.name == BEST:
+        return f"use --checkpoint last, or retrain with `sicot train --run-dir NEW_DIR` and the recipe in {path.parent / CONFIG}"
+    return f"it cannot be repaired: retrain with `sicot train --run-dir NEW_DIR` and the recipe in {path.parent / CONFIG}"
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint safely (``weights_only=True``: tensors and plain data, no code).
+    """Load a checkpoint safely: checksum verified, then ``weights_only=True`` (tensors and plain data, no code).
+
+    Files without the header (written before checksums) are loaded unverified.
 
     Raises:
-        SicotError: missing, truncated or not a sicot checkpoint.
+        SicotError: missing, truncated, damaged (checksum mismatch) or not a sicot checkpoint; the
+            message names the file and the command that rebuilds it.
     """
     import torch
 
     if not path.is_file():
         raise SicotError(f"{path}: checkpoint not found")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        data = path.read_bytes()
+    except OSError as e:
+        raise SicotError(f"{path}: cannot read the checkpoint ({e.strerror})") from None
+    view = memoryview(data)
+    if data.startswith(MAGIC):
+        want = data[len(MAGIC) : _HEADER - 1]
+        view = view[_HEADER:]
+        if len(data) < _HEADER or data[_HEADER - 1 : _HEADER] != b"\n" or hashlib.sha256(view).hexdigest().encode("ascii") != want:
+            raise SicotError(f"{path}: corrupt checkpoint (checksum mismatch: truncated or damaged on disk); {_rebuild_hint(path)}")
+    elif not data.startswith(b"PK"):  # torch.save's zip format, without our header
+        raise SicotError(f"{path}: not a sicot checkpoint ({'empty file' if not data else 'unknown format'}); {_rebuild_hint(path)}")
+    try:
+        state = torch.load(io.BytesIO(view), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError... for bad files
-        raise SicotError(f"{path}: unreadable checkpoint ({type(e).__name__}); resume from the other checkpoint or retrain") from None
+        raise SicotError(f"{path}: unreadable checkpoint ({type(e).__name__}); {_rebuild_hint(path)}") from None
     if not isinstance(state, dict) or "model" not in state or "meta" not in state:
         raise SicotError(f"{path}: not a sicot checkpoint")
     return state

@@ -5,11 +5,17 @@ normalised, and scored; the loss is Eq. 1 (``sicot_cli.model.sicot_loss``). Per 
 evaluation on the test rows, ``checkpoint-last.pt`` (and ``-best``), one ``metrics.jsonl`` line.
 Everything random is seeded from (seed, epoch, batch), so an interrupted run resumed from its
 checkpoint, even in the middle of an epoch, reproduces the uninterrupted run exactly on CPU.
+
+Launched by ``torchrun`` the same loop runs data-parallel (``sicot_cli.distributed``): each rank
+takes its slice of every global batch, the streams run under DDP, the shared classifier is
+replicated or sharded by class, and only rank 0 writes the run directory and shows progress.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,14 +24,15 @@ from typing import Any
 
 import torch
 
-from sicot_cli import runs
+from sicot_cli import checkpoints, runs
 from sicot_cli.config import Recipe, TrainConfig
 from sicot_cli.data.augment import random_resized_crop_flip
 from sicot_cli.data.dataset import Prepared, open_prepared
 from sicot_cli.data.loader import Batch, BatchLoader, epoch_seed
+from sicot_cli.distributed import DistContext, gather_rows, init_distributed, reduce_mean, shard_range, sharded_cross_entropy, shutdown
 from sicot_cli.errors import SicotError
 from sicot_cli.evaluate import evaluate_model, resolve_device, use_in_memory, write_predictions
-from sicot_cli.model import SICoT, build_model, sicot_loss
+from sicot_cli.model import SICoT, Streams, build_model, sicot_loss
 from sicot_cli.progress import NullProgress, Progress
 
 log = logging.getLogger(__name__)
@@ -74,8 +81,11 @@ def check_dataset(prepared: Prepared, config: dict[str, Any], run_dir: Path) -> 
         )
 
 
-def make_model(recipe: Recipe, prepared: Prepared) -> SICoT:
-    """The run's model, initialised from the recipe's seed (the same for every encoder)."""
+def make_model(recipe: Recipe, prepared: Prepared, shard: tuple[int, int] | None = None) -> SICoT:
+    """The run's model, initialised from the recipe's seed (the same for every encoder).
+
+    ``shard``: keep only these classes of the shared classifier (class-parallel training).
+    """
     torch.manual_seed(recipe.train.seed)
     return build_model(
         recipe.model.backbone,
@@ -86,7 +96,16 @@ def make_model(recipe: Recipe, prepared: Prepared) -> SICoT:
         encoder_options=recipe.model.encoder_options,
         freeze_embeddings=recipe.model.freeze_embeddings,
         semantic_norm=recipe.model.semantic_norm,
+        shard=shard,
+        mixed_trains_classifier=recipe.model.mixed_trains_classifier,
     )
+
+
+def use_sharding(cfg: TrainConfig, ctx: DistContext, num_classes: int) -> bool:
+    """Shard the classifier by class? Only when distributed: forced, or from the recipe's size on."""
+    if not ctx.enabled or cfg.classifier_parallel == "no":
+        return False
+    return cfg.classifier_parallel == "yes" or num_classes >= cfg.classifier_parallel_min_classes
 
 
 def _meta(recipe: Recipe, prepared: Prepared, model: SICoT) -> dict[str, Any]:
@@ -115,19 +134,24 @@ def train_step(
     device: torch.device,
     cfg: TrainConfig,
     generator: torch.Generator,
+    ctx: DistContext | None = None,
+    sharded: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One optimisation step on a batch (the same for baseline and co-training).
 
     uint8 images go to the device, are augmented there (seeded by ``generator``), normalised and
-    scored; the loss is Eq. 1. ``forward`` is the model or its ``torch.compile`` wrapper.
+    scored; the loss is Eq. 1. ``forward`` is the model, its DDP wrapper or its ``torch.compile``
+    wrapper; with ``sharded`` it is the streams' wrapper (:class:`~sicot_cli.model.Streams`) and the
+    features of the whole global batch are scored by this rank's classes.
 
     Returns:
-        The total loss, CE(x_v) and CE(x_m) (None for the baseline), detached.
+        The global batch's total loss, CE(x_v) and CE(x_m) (None for the baseline), detached.
     """
+    ctx = ctx or DistContext()
     images = batch.images.to(device, non_blocking=True)
     labels = batch.labels.to(device, non_blocking=True)
     if cfg.augment:
-        images = random_resized_crop_flip(images, generator, (cfg.crop_scale[0], cfg.crop_scale[1]))
+        images = random_resized_crop_flip(images, generator, (cfg.crop_scale[0], cfg.crop_scale[1]), batch.offset, batch.total)
     x = model.normalize(images)
     if cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -136,12 +160,31 @@ def train_step(
         tokens = batch.tokens.to(device, non_blocking=True)
         mask = batch.mask.to(device, non_blocking=True)
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
-        logits_v, logits_m = forward(x, tokens, mask)
-    loss, loss_v, loss_m = sicot_loss(logits_v, logits_m, labels, cfg.lam)
+        if sharded:
+            from sicot_cli.distributed import _all_gather_rows
+
+            total = batch.global_size
+            x_v, x_m = forward(x, tokens, mask)
+            labels = _all_gather_rows(labels, ctx.world, total)
+            clf = model.classifier
+            logits_v = clf(gather_rows(x_v, ctx, total))
+            logits_m = None if x_m is None else model.score_mixed(gather_rows(x_m, ctx, total))
+        else:
+            logits_v, logits_m = forward(x, tokens, mask)
+    if sharded:
+        lo, hi = model.classifier.lo, model.classifier.hi
+        loss_v = sharded_cross_entropy(logits_v, labels, lo, hi)
+        loss_m = None if logits_m is None else sharded_cross_entropy(logits_m, labels, lo, hi)
+        loss = loss_v if loss_m is None else loss_v + cfg.lam * loss_m
+    else:
+        loss, loss_v, loss_m = sicot_loss(logits_v, logits_m, labels, cfg.lam)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return loss.detach(), loss_v.detach(), None if loss_m is None else loss_m.detach()
+    out = torch.stack([loss.detach(), loss_v.detach(), loss_m.detach() if loss_m is not None else torch.zeros_like(loss)])
+    if ctx.enabled and not sharded:  # per-rank means of equal slices -> the global batch's mean
+        out = reduce_mean(out, ctx)
+    return out[0], out[1], None if loss_m is None else out[2]
 
 
 def train(
@@ -152,20 +195,49 @@ def train(
     progress: Progress | None = None,
     hook: Callable[[int, int], None] | None = None,
 ) -> TrainResult:
-    """Train (or resume) one run.
+    """Train (or resume) one run, in one process or as one rank of a ``torchrun`` job.
 
     Args:
         recipe: the resolved recipe; ``model.encoder = "none"`` trains the baseline.
         run_dir: the run directory (default ``<train.runs_dir>/<name>-<encoder>-s<seed>``).
         resume: continue an existing run from ``checkpoint-last.pt``.
         data: the prepared file (default ``data.out``).
-        progress: progress reporting.
+        progress: progress reporting (rank 0 only).
         hook: called as ``hook(epoch, batch)`` before every batch (tests use it to interrupt).
 
     Returns:
         The run's directory and per-epoch history. Ctrl-C saves a resumable checkpoint and returns
         with ``interrupted=True``.
     """
+    ctx = init_distributed(recipe.train.device)
+    if not ctx.is_main:  # one voice: rank 0 logs, the others only warn
+        logging.getLogger("sicot_cli").setLevel(logging.WARNING)
+    try:
+        return _train(ctx, recipe, run_dir, resume, data, progress if ctx.is_main else None, hook)
+    finally:
+        shutdown(ctx)
+
+
+def _on_main(ctx: DistContext, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on rank 0 only; its result, or its user error, reaches every rank (no rank hangs)."""
+    if not ctx.enabled:
+        return fn()
+    import torch.distributed as dist
+
+    box: list[Any] = [None]
+    if ctx.is_main:
+        try:
+            box[0] = ("ok", fn())
+        except SicotError as e:
+            box[0] = ("error", str(e))
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise SicotError(value)
+    return value
+
+
+def _train(ctx: DistContext, recipe: Recipe, run_dir: str | Path | None, resume: bool, data: str | Path | None, progress: Progress | None, hook: Callable[[int, int], None] | None) -> TrainResult:
     progress = progress or NullProgress()
     cfg = recipe.train
     path = data_path(recipe, data)
@@ -175,15 +247,26 @@ def train(
     run_dir = Path(run_dir) if run_dir is not None else Path(cfg.runs_dir) / runs.default_run_name(recipe.name, recipe.model.encoder, cfg.seed)
     if prepared.n_train < 1 or prepared.n - prepared.n_train < 1:
         raise SicotError(f"{path}: needs training and test images (has {prepared.n_train} / {prepared.n - prepared.n_train})")
+    if ctx.enabled and (cfg.batch_size % ctx.world or prepared.n_train < cfg.batch_size):
+        raise SicotError(
+            f"train.batch_size = {cfg.batch_size} (the global batch) must be a multiple of the {ctx.world} ranks "
+            f"and at most the {prepared.n_train} training images"
+        )
     config = run_config(recipe, prepared)
-    resuming = runs.start_run(run_dir, config, resume)
+    resuming = _on_main(ctx, lambda: runs.start_run(run_dir, config, resume))
     if resuming:
         check_dataset(prepared, runs.read_config(run_dir), run_dir)
         if runs.is_finished(run_dir):
             return TrainResult(run_dir, runs.read_metrics(run_dir), skipped=True)
 
     device = resolve_device(cfg.device)
-    model = make_model(recipe, prepared)
+    if ctx.enabled and device.type == "cuda":
+        device = torch.device("cuda", ctx.local_rank)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
+    sharded = use_sharding(cfg, ctx, prepared.num_classes)
+    shard = shard_range(prepared.num_classes, ctx.world, ctx.rank) if sharded else None
+    model = make_model(recipe, prepared, shard)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.to(device)
@@ -197,33 +280,53 @@ def train(
         state = runs.load_checkpoint(run_dir / runs.LAST)
         if state["meta"] != meta:
             raise SicotError(f"{run_dir / runs.LAST}: checkpoint of another model ({state['meta']}) than the recipe's ({meta})")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        checkpoints.restore(state, run_dir / runs.LAST, model, optimizer)
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         start_epoch, start_batch, history, best = state["epoch"], state["batch"], state["history"], state["best"]
         accum = state["accum"]
-        runs.write_metrics(run_dir, history)
+        _on_main(ctx, lambda: runs.write_metrics(run_dir, history))
         log.info("resuming %s at epoch %d, batch %d", run_dir, start_epoch + 1, start_batch)
 
     in_memory = use_in_memory(cfg, prepared)
     loader = BatchLoader(
         prepared, cfg.batch_size, 0, prepared.n_train, shuffle=True, seed=cfg.seed, in_memory=in_memory,
         block_rows=cfg.block_rows, shuffle_blocks=cfg.shuffle_blocks, drop_last=prepared.n_train >= cfg.batch_size,
+        rank=ctx.rank, world=ctx.world, pin_memory=device.type == "cuda",
     )
-    forward = torch.compile(model) if cfg.compile else model
+    forward: Callable[..., Any] = model
+    if ctx.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [device.index] if device.type == "cuda" else None
+        forward = DDP(Streams(model) if sharded else model, device_ids=ids)
+    if cfg.compile:
+        forward = torch.compile(forward)
 
     def checkpoint(epoch: int, batch: int) -> dict[str, Any]:
         return {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "rng": torch.get_rng_state(), "epoch": epoch, "batch": batch, "history": history, "best": best,
-            "accum": accum, "meta": meta,
+            "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "epoch": epoch, "batch": batch,
+            "history": history, "best": best, "accum": accum, "meta": meta,
         }
+
+    def save(name: str, state: dict[str, Any], with_optimizer: bool, tag: str) -> None:
+        checkpoints.save(run_dir / name, state, model, optimizer if with_optimizer else None, ctx, sharded, tag)
 
     epoch = start_epoch
     batch_idx = start_batch
     result = None
     training = False  # True while the epoch's batches run: only then is a mid-epoch checkpoint valid
+    # Ctrl-C inside a step (after optimizer.step() began, before the batch is counted) would save
+    # weights one step ahead of their batch counter: such an interrupt waits for the step's end.
+    stop = {"in_step": False, "asked": False}
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        if stop["in_step"]:
+            stop["asked"] = True
+        else:
+            raise KeyboardInterrupt
+
+    old_handler = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() else None
     try:
         for epoch in range(start_epoch, cfg.epochs):
             model.train()
@@ -240,9 +343,10 @@ def train(
                 for batch in loader.epoch(epoch, skip):
                     if hook is not None:
                         hook(epoch, batch_idx)
+                    stop["in_step"] = True
                     gen = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch, 1 + batch_idx))
-                    loss, loss_v, loss_m = train_step(model, forward, optimizer, batch, device, cfg, gen)
-                    n = len(batch.labels)
+                    loss, loss_v, loss_m = train_step(model, forward, optimizer, batch, device, cfg, gen, ctx, sharded)
+                    n = batch.global_size
                     # Sums stay on the device (no per-step host sync); read when shown or saved.
                     sums += torch.stack([loss, loss_v, loss_m if loss_m is not None else torch.zeros_like(loss)]).double() * n
                     accum["images"] += n
@@ -250,6 +354,9 @@ def train(
                     accum["seconds"] += now - t_last
                     t_last = now
                     batch_idx += 1
+                    stop["in_step"] = False
+                    if stop["asked"]:
+                        raise KeyboardInterrupt
                     if batch_idx % SHOW_EVERY == 0 or batch_idx == len(loader):
                         if not torch.isfinite(sums[0]):
                             raise SicotError(f"{run_dir}: the loss diverged (not finite) by epoch {epoch + 1}, batch {batch_idx}: lower train.lr")
@@ -259,7 +366,7 @@ def train(
                 _store(accum, sums)
             training = False
             scheduler.step()
-            result = evaluate_model(model, prepared, device, recipe, in_memory=in_memory)
+            result = evaluate_model(model, prepared, device, recipe, in_memory=in_memory, ctx=ctx)
             record = {
                 "epoch": epoch + 1,
                 "lr": lr,
@@ -276,19 +383,28 @@ def train(
             batch_idx = 0
             if record["top1"] > best:
                 best = record["top1"]
-                runs.save_checkpoint(run_dir / runs.BEST, {"model": model.state_dict(), "meta": meta, "epoch": epoch + 1})
-            runs.save_checkpoint(run_dir / runs.LAST, checkpoint(epoch + 1, 0))
-            runs.append_metrics(run_dir, record)
+                save(runs.BEST, {"meta": meta, "epoch": epoch + 1}, False, f"e{epoch + 1}")
+            save(runs.LAST, checkpoint(epoch + 1, 0), True, f"e{epoch + 1}")
+            _on_main(ctx, lambda: runs.append_metrics(run_dir, record))
             log.info("epoch %d: loss %.4f top1 %.2f top3 %.2f", epoch + 1, record["loss"], record["top1"], record.get("top3", float("nan")))
     except KeyboardInterrupt:
         # Between the last batch and the epoch's checkpoint the previous checkpoint is the valid one.
-        if training:
+        # Distributed, the ranks may be stopped at different batches: resume from the last epoch.
+        if training and not ctx.enabled:
             _store(accum, sums)
-            runs.save_checkpoint(run_dir / runs.LAST, checkpoint(epoch, batch_idx))
+            save(runs.LAST, checkpoint(epoch, batch_idx), True, f"e{epoch}b{batch_idx}")
         return TrainResult(run_dir, history, interrupted=True)
+    finally:
+        if old_handler is not None:
+            signal.signal(signal.SIGINT, old_handler)
 
     if result is None:  # resumed after the last epoch's checkpoint, before the predictions
-        result = evaluate_model(model, prepared, device, recipe, in_memory=in_memory)
-    write_predictions(run_dir / runs.PREDICTIONS, result)
-    runs.finish(run_dir, history, result.per_class())
+        result = evaluate_model(model, prepared, device, recipe, in_memory=in_memory, ctx=ctx)
+    final = result
+
+    def write_outputs() -> None:
+        write_predictions(run_dir / runs.PREDICTIONS, final)
+        runs.finish(run_dir, history, final.per_class())
+
+    _on_main(ctx, write_outputs)
     return TrainResult(run_dir, history)

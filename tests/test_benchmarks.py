@@ -1,19 +1,106 @@
-"""The benchmark suite cannot rot: every benchmark runs in its quick mode (slow marker)."""
+"""The benchmark suite cannot rot: ``python -m benchmarks all --quick`` runs (slow marker), and every
+result file holds the figures the docs quote, all positive."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _positive(result: dict) -> dict[str, float]:
+    """The figures of each benchmark that must exist and be > 0, by a readable name."""
+    name = result["benchmark"]
+    if name == "prepare":
+        keys = ("raw_images_per_s_one_process", "prepare_images_per_s", "ratio_to_ideal")
+        return {k: result[k] for k in keys}
+    if name == "encoders":
+        return {f"{r['encoder']}.{k}": r[k] for r in result["results"] for k in ("samples_per_s", "ratio_to_mean")}
+    if name == "train_step":
+        figures = {f"{r['model']}.{k}": r[k] for r in result["steps"] for k in ("images_per_s", "ratio_to_baseline")}
+        return {**figures, "loader.ratio": result["loader"]["ratio"], "peak_memory_gib": result["peak_memory_gib"]}
+    if name == "evaluate":
+        return {f"{r['pass']}.{k}": r[k] for r in result["passes"] for k in ("images_per_s", "ratio_to_plain")}
+    if name == "gpu_step":
+        figures = {}
+        for r in result["results"]:
+            c = r["classes"]
+            figures.update({f"{c}.{s['model']}.images_per_s": s["images_per_s"] for s in r["steps"]})
+            figures.update({f"{c}.{k}": v for k, v in r["ratios"].items()})
+            figures[f"{c}.loader.ratio"] = r["loader"]["ratio"]
+            figures[f"{c}.process_peak_rss_gib"] = r["process_peak_rss_gib"]
+        return figures
+    # A benchmark without its own checks here: every throughput and ratio figure it reports.
+    return _figures(result)
+
+
+def _figures(value: object, where: str = "") -> dict[str, float]:
+    """Numbers under keys that name a rate or a ratio (``*_per_s``, ``*ratio*``), by their path."""
+    found: dict[str, float] = {}
+    if isinstance(value, dict):
+        for key, v in value.items():
+            path = f"{where}.{key}" if where else str(key)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and (str(key).endswith("_per_s") or "ratio" in str(key)) and "max" not in str(key) and "min" not in str(key):
+                found[path] = v
+            elif isinstance(v, (dict, list)) and key != "environment":
+                found.update(_figures(v, path))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found.update(_figures(v, f"{where}[{i}]"))
+    return found
+
+
+def test_goals_collects_every_verdict():
+    from benchmarks.__main__ import goals
+
+    result = {
+        "environment": {"met": True},  # not a goal
+        "goal": {"met": False},
+        "results": [{"goals_met": {"a": True}}, {"goals_met": {"a": False}}],
+        "goals": {"loader_met": True, "loader_max_ratio": 1.05},
+    }
+    assert goals(result) == {"goal.met": False, "results[0].goals_met.a": True, "results[1].goals_met.a": False, "goals.loader_met": True}
+
+
+def test_every_registered_benchmark_has_checks_and_a_main():
+    import importlib
+
+    from benchmarks.__main__ import BENCHMARKS
+
+    for name in BENCHMARKS:
+        assert callable(importlib.import_module(f"benchmarks.{name}").main), name
+    for name in ("prepare", "encoders", "train_step", "evaluate", "gpu_step"):
+        with pytest.raises(KeyError):  # an empty result fails the checks (they exist for it)
+            _positive({"benchmark": name})
+    assert _figures({"a": {"images_per_s": 2.0, "ratio_to_x": 0.5, "max_ratio": 1.1}, "environment": {"x_per_s": 1}}) == {"a.images_per_s": 2.0, "a.ratio_to_x": 0.5}
+
+
+def test_all_rejects_an_unknown_benchmark():
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "all", "--only", "nope"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "unknown benchmark(s) nope" in proc.stderr
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["encoders", "prepare", "train_step"])
-def test_benchmark_quick_runs_and_reports(name, monkeypatch, tmp_path):
-    import importlib
+def test_suite_quick_runs_and_reports(tmp_path):
+    from benchmarks.__main__ import BENCHMARKS
 
-    import benchmarks.common as common
-
-    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
-    module = importlib.import_module(f"benchmarks.{name}")
-    result = module.main(["--quick"])
-    assert result["benchmark"] == name and result["quick"] is True
-    assert (tmp_path / f"{name}-cpu.json").is_file()
+    env = {**os.environ, "SICOT_BENCH_RESULTS": str(tmp_path)}
+    cmd = [sys.executable, "-m", "benchmarks", "all", "--quick", "--device", "cpu", "--threads", "1"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "=== summary" in proc.stdout
+    for name in BENCHMARKS:
+        result = json.loads((tmp_path / f"{name}-cpu.json").read_text())
+        env_record = result["environment"]
+        assert result["benchmark"] == name and "--quick" in env_record["argv"]
+        assert env_record["device"] == "cpu" and env_record["torch_threads"] == 1
+        assert len(env_record["load_average_start"]) == 3 and len(env_record["load_average_end"]) == 3
+        figures = _positive(result)
+        bad = {k: v for k, v in figures.items() if not (isinstance(v, (int, float)) and v > 0)}
+        assert figures and not bad, f"{name}: figures not positive: {bad}"

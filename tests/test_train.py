@@ -79,6 +79,23 @@ def test_classifier_is_shared_and_gets_both_gradients():
     assert torch.allclose(model.classifier.weight.grad, grads[0] + grads[1], atol=1e-6)
 
 
+def test_mixed_loss_can_leave_the_classifier_to_the_image_loss():
+    model = _toy_model()
+    x, tokens, y = torch.randn(4, 3, 2, 2), torch.tensor([[1, 2], [3, 0], [4, 5], [2, 2]]), torch.tensor([0, 1, 2, 3])
+    lv, _ = model(x, tokens, tokens != 0)
+    F.cross_entropy(lv, y).backward()
+    image_only = {n: p.grad.clone() for n, p in model.named_parameters() if n.startswith("classifier")}
+    model.zero_grad()
+    model.mixed_trains_classifier = False
+    lv, lm = model(x, tokens, tokens != 0)
+    lv_ref, lm_ref = _toy_model()(x, tokens, tokens != 0)
+    assert torch.allclose(lm, lm_ref) and torch.allclose(lv, lv_ref)  # same scores, other gradients
+    sicot_loss(lv, lm, y, 1.0)[0].backward()
+    for n, g in image_only.items():
+        assert torch.allclose(dict(model.named_parameters())[n].grad, g, atol=1e-7), n
+    assert model.encoder.proj.weight.grad.abs().sum() > 0  # the text stream still learns from CE(x_m)
+
+
 def test_backbone_head_is_removed():
     net, dim = build_backbone("resnet18")
     assert dim == 512 and isinstance(net.fc, nn.Identity)

@@ -33,9 +33,14 @@ def crop_flip_params(n: int, generator: torch.Generator, scale: tuple[float, flo
     return theta
 
 
-def random_resized_crop_flip(images: torch.Tensor, generator: torch.Generator, scale: tuple[float, float] = (0.35, 1.0)) -> torch.Tensor:
-    """uint8 (or float) images ``[B, 3, S, S]`` -> augmented float images in [0, 255], same size."""
+def random_resized_crop_flip(images: torch.Tensor, generator: torch.Generator, scale: tuple[float, float] = (0.35, 1.0), offset: int = 0, total: int = 0) -> torch.Tensor:
+    """uint8 (or float) images ``[B, 3, S, S]`` -> augmented float images in [0, 255], same size.
+
+    Distributed: the parameters are drawn for the whole global batch of ``total`` images and this
+    rank's slice ``[offset, offset + B)`` is used, so every image is augmented as in one process.
+    """
     x = images.float()
-    theta = crop_flip_params(x.shape[0], generator, scale).to(x.device)
+    n = x.shape[0]
+    theta = crop_flip_params(total or n, generator, scale)[offset : offset + n].to(x.device)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)

@@ -17,6 +17,9 @@ from PIL import Image, UnidentifiedImageError
 
 # Refuse images above ~180 MP (PIL's own bomb limit is 2x its warning limit of 89 MP).
 Image.MAX_IMAGE_PIXELS = 89_478_485
+# A 1 x 80M-pixel strip passes the pixel limit, but resizing its short side to `size` would need
+# gigabytes; no product photo is that thin.
+MAX_ASPECT = 100
 
 
 class ImageSkip(Exception):
@@ -64,6 +67,8 @@ def load_image(path: Path, size: int) -> np.ndarray:
                 img.seek(0)
                 if img.width < 1 or img.height < 1:
                     raise ImageSkip("image has no pixels")
+                if max(img.size) > MAX_ASPECT * min(img.size):
+                    raise ImageSkip(f"image aspect ratio over {MAX_ASPECT}:1")
                 img.load()
                 return square_resize(_to_rgb(img), size)
     except FileNotFoundError:
@@ -76,6 +81,8 @@ def load_image(path: Path, size: int) -> np.ndarray:
         raise ImageSkip("not an image file") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageSkip("image too large (over 89 MP)") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
+    except MemoryError:
+        raise ImageSkip("image too large to decode") from None
+    except (OSError, SyntaxError, ValueError, EOFError, TypeError) as e:
         # PIL reports truncated and corrupt data as OSError/SyntaxError/ValueError
         raise ImageSkip("truncated or corrupt image") from e

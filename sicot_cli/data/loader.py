@@ -11,6 +11,9 @@ Random row reads from HDF5 are ~500x slower than contiguous ones (measured: ~1k 
 
 The epoch's order is a pure function of the seed and the epoch, so the baseline and every encoder
 see the same batches, and a run resumed in the middle of an epoch continues with the same batches.
+Distributed (``rank``/``world``): every rank computes the same global batches and takes its own
+contiguous slice of each (:func:`sicot_cli.distributed.slice_range`), so N ranks together see
+exactly the batches one process sees, and each rank reads only its rows.
 Images stay uint8 until they reach the device (augmentation runs there, in batches).
 """
 
@@ -38,6 +41,12 @@ class Batch:
     mask: torch.Tensor  # [B, L] bool
     labels: torch.Tensor  # [B] int64
     rows: np.ndarray  # [B] dataset rows
+    offset: int = 0  # distributed: where this rank's slice starts in the global batch
+    total: int = 0  # distributed: the global batch's size (0: this batch is the whole batch)
+
+    @property
+    def global_size(self) -> int:
+        return self.total or len(self.labels)
 
 
 def epoch_seed(seed: int, epoch: int, salt: int = 0) -> int:
@@ -64,6 +73,7 @@ class BatchLoader:
         rank: int = 0,
         world: int = 1,
         prefetch: int = 2,
+        pin_memory: bool = False,
     ) -> None:
         self.p = prepared
         self.batch_size = batch_size
@@ -75,6 +85,7 @@ class BatchLoader:
         self.drop_last = drop_last
         self.rank, self.world = rank, world
         self.prefetch = prefetch
+        self.pin_memory = pin_memory  # CUDA: page-locked batches, so the copies can be non-blocking
         self._ram: np.ndarray | None = None
         if in_memory:
             with h5py.File(prepared.path, "r") as f:
@@ -85,9 +96,8 @@ class BatchLoader:
         return self.stop - self.start
 
     def __len__(self) -> int:
-        """Batches per epoch for this rank."""
-        total = self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
-        return len(range(self.rank, max(total, 0), self.world))
+        """(Global) batches per epoch."""
+        return max(self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size), 0)
 
     def order(self, epoch: int) -> np.ndarray:
         """The epoch's row order, relative to ``start`` (all ranks compute the same one)."""
@@ -104,10 +114,17 @@ class BatchLoader:
             parts.append(rng.permutation(rows))
         return np.concatenate(parts) if parts else np.arange(0)
 
-    def _batches(self, epoch: int) -> list[np.ndarray]:
+    def _batches(self, epoch: int) -> list[tuple[np.ndarray, int, int]]:
+        """This rank's slice of each global batch: (rows, offset in the batch, global batch size)."""
+        from sicot_cli.distributed import slice_range
+
         order = self.order(epoch)
-        total = len(order) // self.batch_size if self.drop_last else -(-len(order) // self.batch_size)
-        return [order[i * self.batch_size : (i + 1) * self.batch_size] for i in range(self.rank, total, self.world)]
+        out = []
+        for i in range(len(self)):
+            rows = order[i * self.batch_size : (i + 1) * self.batch_size]
+            lo, hi = slice_range(len(rows), self.world, self.rank)
+            out.append((rows[lo:hi], lo, len(rows) if self.world > 1 else 0))
+        return out
 
     def epoch(self, epoch: int = 0, skip: int = 0) -> Iterator[Batch]:
         """Yield this rank's batches of ``epoch``, starting after the first ``skip``."""
@@ -150,16 +167,16 @@ class BatchLoader:
             stop.set()
             t.join(timeout=5)
 
-    def _produce(self, plan: list[np.ndarray]) -> Iterator[Batch]:
+    def _produce(self, plan: list[tuple[np.ndarray, int, int]]) -> Iterator[Batch]:
         if self._ram is not None:
-            for rel in plan:
-                yield self._batch(rel, self._ram[rel])
+            for rel, offset, total in plan:
+                yield self._batch(rel, self._ram[rel], offset, total)
             return
         cache: OrderedDict[int, np.ndarray] = OrderedDict()
         keep = 2 * self.shuffle_blocks
         with h5py.File(self.p.path, "r") as f:
             images = f["images"]
-            for rel in plan:
+            for rel, offset, total in plan:
                 block_ids = rel // self.block_rows
                 for b in np.unique(block_ids):
                     if b not in cache:
@@ -171,11 +188,14 @@ class BatchLoader:
                 for b in np.unique(block_ids):
                     sel = block_ids == b
                     out[sel] = cache[b][rel[sel] - b * self.block_rows]
-                yield self._batch(rel, out)
+                yield self._batch(rel, out, offset, total)
 
-    def _batch(self, rel: np.ndarray, images: np.ndarray) -> Batch:
+    def _batch(self, rel: np.ndarray, images: np.ndarray, offset: int = 0, total: int = 0) -> Batch:
         rows = rel + self.start
         lengths = self.p.lengths[rows]
-        width = max(1, int(lengths.max()))
+        width = max(1, int(lengths.max())) if len(rows) else 1
         tokens = torch.from_numpy(self.p.tokens[rows, :width].astype(np.int64))
-        return Batch(torch.from_numpy(images), tokens, tokens != 0, torch.from_numpy(self.p.labels[rows]), rows)
+        batch = Batch(torch.from_numpy(images), tokens, tokens != 0, torch.from_numpy(self.p.labels[rows]), rows, offset, total)
+        if self.pin_memory:  # in the reader thread, off the training step's path
+            batch.images, batch.tokens, batch.mask, batch.labels = (t.pin_memory() for t in (batch.images, batch.tokens, batch.mask, batch.labels))
+        return batch

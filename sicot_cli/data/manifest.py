@@ -3,7 +3,10 @@
 Columns: ``image`` (a path relative to the manifest's folder, or absolute), ``title``, ``label``,
 optional ``split`` (``train``/``test``) and ``id`` (defaults to the row number). Other columns are
 refused so that a misspelt column (``lable``) is not silently ignored. The manifest is data: paths
-are resolved against the manifest folder and only ever opened as images.
+are resolved (made absolute, ``..`` and symlinks followed) against the manifest folder, reported in
+that form when a row is skipped, and only ever opened as images, never executed or expanded by a
+shell. A UTF-8 BOM, CRLF line ends and NUL bytes are tolerated; JSONL lines end at ``\n`` only, so
+a title holding U+2028 or another Unicode line separator stays one row.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ from sicot_cli.data.skips import Skips
 from sicot_cli.errors import SicotError
 
 REQUIRED = ("image", "title", "label")
+# csv's default field limit (128 KiB) would refuse a whole manifest for one runaway title; titles
+# are cut to data.max_title_tokens words later anyway.
+FIELD_LIMIT = 1 << 26
 OPTIONAL = ("split", "id")
 SPLITS = ("train", "test")
 
@@ -35,8 +41,9 @@ class Row:
 
 
 def _bad_text(value: str) -> bool:
-    # surrogateescape turns undecodable bytes into lone surrogates U+DC80..U+DCFF
-    return any("\udc80" <= ch <= "\udcff" for ch in value)
+    # surrogateescape turns undecodable bytes into lone surrogates U+DC80..U+DCFF; JSON can also
+    # spell any lone surrogate as an escape ("\ud800"), which no UTF-8 file or HDF5 string can hold
+    return any("\ud800" <= ch <= "\udfff" for ch in value)
 
 
 def _check_columns(columns: list[str], path: Path) -> None:
@@ -52,7 +59,9 @@ def _records(path: Path, text: str, skips: Skips) -> list[tuple[int, dict[str, o
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson", ".json"):
         out: list[tuple[int, dict[str, object]]] = []
-        for n, line in enumerate(text.splitlines(), start=1):
+        # not str.splitlines(): it also splits at U+2028, U+0085, \x1c... which JSON leaves unescaped
+        for n, line in enumerate(text.split("\n"), start=1):
+            line = line.removesuffix("\r")
             if not line.strip():
                 continue
             if _bad_text(line):
@@ -63,6 +72,9 @@ def _records(path: Path, text: str, skips: Skips) -> list[tuple[int, dict[str, o
             except json.JSONDecodeError as e:
                 skips.add("not a JSON object", f"{path}:{n} ({e.msg})")
                 continue
+            except (ValueError, RecursionError):  # a 5000-digit integer, [[[[...]]]] nested too deep
+                skips.add("not a JSON object", f"{path}:{n}")
+                continue
             if not isinstance(obj, dict):
                 skips.add("not a JSON object", f"{path}:{n}")
                 continue
@@ -70,6 +82,7 @@ def _records(path: Path, text: str, skips: Skips) -> list[tuple[int, dict[str, o
             out.append((n, obj))
         return out
     if suffix in (".csv", ".tsv"):
+        csv.field_size_limit(max(csv.field_size_limit(), FIELD_LIMIT))
         reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
         try:
             columns = [c.strip() for c in reader.fieldnames or []]
@@ -126,7 +139,11 @@ def read_manifest(path: str | Path, skips: Skips) -> list[Row]:
     seen: set[str] = set()
     for n, rec in _records(path, text, skips):
         where = f"{path}:{n}"
-        values = {k: rec.get(k) for k in REQUIRED + OPTIONAL}
+        # NUL also arrives escaped in JSON ("\u0000"); HDF5 strings cannot hold it, and no title needs it
+        values = {k: v.replace("\x00", "") if isinstance(v, str) else v for k, v in ((k, rec.get(k)) for k in REQUIRED + OPTIONAL)}
+        if any(isinstance(v, str) and _bad_text(v) for v in values.values()):
+            skips.add("text is not valid Unicode (lone surrogate)", where)
+            continue
         bad = next((k for k in REQUIRED if not isinstance(values[k], str | int | float) or isinstance(values[k], bool)), None)
         if bad is not None:
             skips.add(f"missing {bad}", where)
@@ -150,6 +167,10 @@ def read_manifest(path: str | Path, skips: Skips) -> list[Row]:
             skips.add("duplicate id", where)
             continue
         seen.add(rid)
-        img = Path(image)
-        rows.append(Row(where, rid, img if img.is_absolute() else base / img, title, label, split))
+        try:
+            img = (base / image).resolve()  # an absolute `image` replaces base
+        except (OSError, RuntimeError, ValueError):  # symlink loop, NUL (stripped above, but be sure)
+            skips.add("image path cannot be resolved", where)
+            continue
+        rows.append(Row(where, rid, img, title, label, split))
     return rows

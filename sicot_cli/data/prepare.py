@@ -252,6 +252,23 @@ def build_text(recipe: Recipe, skips: Skips, progress: Progress | None = None) -
     return TextStage(recs, source, rows_read, vocab, vectors, vreport, test_oov / test_tokens if test_tokens else 0.0, truncated)
 
 
+def _restore_side_file(out_path: Path) -> None:
+    """Rewrite ``<out>.recipe.json`` from the prepared file when a kill came between the two."""
+    side = out_path.with_suffix(".recipe.json")
+    if side.exists():
+        return
+    import h5py
+
+    try:
+        with h5py.File(out_path, "r") as f:
+            content = f.attrs.get("side") if int(f.attrs.get("complete", 0)) == 1 else None
+    except OSError:
+        return
+    if content is not None:
+        write_json(side, json.loads(content))
+        log.info("restored %s from %s", side, out_path)
+
+
 def prepare(recipe: Recipe, out: str | Path | None = None, force: bool = False, progress: Progress | None = None) -> PrepareSummary:
     """Turn the recipe's raw data into one prepared HDF5 file.
 
@@ -270,12 +287,14 @@ def prepare(recipe: Recipe, out: str | Path | None = None, force: bool = False, 
     t0 = time.perf_counter()
     progress = progress or NullProgress()
     out_path = Path(out or recipe.data.out)
+    for path in (out_path, out_path.with_suffix(".recipe.json")):
+        remove_stale_tmp(path)  # left by a killed prepare
     if out_path.exists() and not force:
+        _restore_side_file(out_path)
         raise SicotError(f"{out_path}: already exists (pass --force to rebuild it, or --out to write elsewhere)")
     if out_path.is_dir():
         raise SicotError(f"{out_path}: is a directory; --out names the .h5 file to write")
     ensure_dir(out_path.parent)
-    remove_stale_tmp(out_path)
 
     d = recipe.data
     skips = Skips(strict=d.strict)
@@ -350,6 +369,31 @@ def prepare(recipe: Recipe, out: str | Path | None = None, force: bool = False, 
                 word_counts=np.array(text.vocab.counts, dtype=np.int64),
                 vectors=text.vectors,
             )
+            head = int((train_counts >= recipe.eval.head_threshold).sum())
+            summary = PrepareSummary(
+                out=str(out_path),
+                source=source,
+                rows_read=text.rows_read,
+                kept=n,
+                skipped=skips.as_dict(),
+                skip_examples=skips.examples,
+                classes=len(classes),
+                train_images=n_train_written,
+                test_images=n - n_train_written,
+                head_threshold=recipe.eval.head_threshold,
+                head_classes=head,
+                tail_classes=len(classes) - head,
+                raw_vocab=text.vocab.raw_size,
+                vocab=len(text.vocab) - 1,
+                filter_rules=text.vocab.rules,
+                vectors=text.report,
+                test_oov_rate=text.test_oov_rate,
+                truncated_titles=text.truncated,
+                seconds=time.perf_counter() - t0,
+                decode_seconds=decode_seconds,
+            )
+            side = {"recipe": recipe.to_dict(), "summary": summary.as_dict(), "versions": _versions()}
+            side_json = json.dumps(side, sort_keys=True, ensure_ascii=False)
             ds.write_attrs(
                 f,
                 n_train=n_train_written,
@@ -358,31 +402,11 @@ def prepare(recipe: Recipe, out: str | Path | None = None, force: bool = False, 
                 head_threshold=recipe.eval.head_threshold,
                 recipe_json=recipe.to_json(),
                 versions_json=json.dumps(_versions(), sort_keys=True),
+                # the side file's content, so a kill between the rename and the side file loses
+                # nothing (HDF5 attributes stay small: a huge one would need dense storage)
+                **({"side_json": side_json} if len(side_json.encode()) < 48_000 else {}),
             )
 
-    head = int((train_counts >= recipe.eval.head_threshold).sum())
-    summary = PrepareSummary(
-        out=str(out_path),
-        source=source,
-        rows_read=text.rows_read,
-        kept=n,
-        skipped=skips.as_dict(),
-        skip_examples=skips.examples,
-        classes=len(classes),
-        train_images=n_train_written,
-        test_images=n - n_train_written,
-        head_threshold=recipe.eval.head_threshold,
-        head_classes=head,
-        tail_classes=len(classes) - head,
-        raw_vocab=text.vocab.raw_size,
-        vocab=len(text.vocab) - 1,
-        filter_rules=text.vocab.rules,
-        vectors=text.report,
-        test_oov_rate=text.test_oov_rate,
-        truncated_titles=text.truncated,
-        seconds=time.perf_counter() - t0,
-        decode_seconds=decode_seconds,
-    )
-    write_json(out_path.with_suffix(".recipe.json"), {"recipe": recipe.to_dict(), "summary": summary.as_dict(), "versions": _versions()})
+    write_json(out_path.with_suffix(".recipe.json"), side)
     log.debug("prepared %s: %d images, %d classes", out_path, n, len(classes))
     return summary

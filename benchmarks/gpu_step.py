@@ -1,0 +1,279 @@
+"""The paper's scale: sicot's training step against torchvision's plain ResNet-50 step, one run.
+
+Run ``python -m benchmarks.gpu_step [--quick] [--device cpu|cuda] [--backbone B] [--image-size S]
+[--batch N] [--classes 1000,100000] [--encoder E]``. On CUDA the defaults are the paper's setting:
+ResNet-50 at 224 px, batch 256, synthetic data of 1,000 and 100,000 classes. On CPU that setting
+takes minutes per step, so the CPU defaults are a tiny one (ResNet-18, 64 px, batch 32; ``--quick``:
+32 px, batch 16, 1,000 and 10,000 classes) that exercises the same code.
+
+For each class count three steps are timed in interleaved rounds on the same batches:
+
+- ``torchvision``: the reference, no sicot code: ``torchvision.models.<backbone>(num_classes=C)``,
+  channels_last, bf16 autocast on CUDA, SGD; its input is already normalised float on the device,
+  so it is the cost of the model alone;
+- ``baseline``: :func:`sicot_cli.train.train_step` with no encoder (uint8 batch to the device,
+  batched crop+flip there, normalise, forward, Eq. 1, backward, SGD);
+- ``co-training``: the same step with a text encoder (``bilinear`` by default).
+
+Also: the loader ratio (an epoch streamed from the prepared HDF5 vs the same epoch from RAM, with
+the co-training step), and peak memory per model (CUDA: ``max_memory_allocated`` of each model
+alone; CPU: the process's peak RSS). Goals: baseline img/s >= 0.9 x torchvision's, co-training
+>= 0.95 x baseline. A goal that is not met gets a ``torch.profiler`` table of both steps and the
+ops that grow most, printed and stored in ``benchmarks/results/gpu_step-<device>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+
+from benchmarks.common import interleaved_ms, op_deltas, peak_memory_gib, profile_step, start, write_results
+from benchmarks.train_step import loader_epochs, synthetic_prepared
+from sicot_cli.config import TrainConfig, load_recipe
+from sicot_cli.data import dataset as ds
+from sicot_cli.data.loader import Batch, BatchLoader
+from sicot_cli.model import MEAN, STD, build_model
+from sicot_cli.train import train_step
+
+BASELINE_GOAL = 0.9  # sicot baseline img/s / torchvision img/s
+COTRAIN_GOAL = 0.95  # co-training img/s / baseline img/s
+MODELS = ("torchvision", "baseline", "co-training")
+
+
+def settings(args: argparse.Namespace) -> dict:
+    """The setting to run: the paper's on CUDA, a tiny one on CPU; explicit flags win."""
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        default = {"backbone": "resnet50", "image_size": 224, "batch": 256, "classes": "1000,100000"}
+        rounds, round_ms, batches, epoch_batches = (3, 500.0, 2, 4) if args.quick else (7, 2000.0, 4, 12)
+    elif args.quick:
+        # 10,000 classes, not 100,000: on CPU the 100k classifier alone takes seconds per step.
+        default = {"backbone": "resnet18", "image_size": 32, "batch": 16, "classes": "1000,10000"}
+        rounds, round_ms, batches, epoch_batches = 3, 150.0, 2, 3
+    else:
+        default = {"backbone": "resnet18", "image_size": 64, "batch": 32, "classes": "1000,100000"}
+        rounds, round_ms, batches, epoch_batches = 5, 1500.0, 3, 4
+    chosen = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in default.items()}
+    chosen["classes"] = [int(c) for c in str(chosen["classes"]).split(",") if c.strip()]
+    return {**chosen, "encoder": args.encoder, "rounds": rounds, "round_ms": round_ms, "batches": batches, "epoch_batches": epoch_batches}
+
+
+def torchvision_step(backbone: str, classes: int, staged: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device, cfg: TrainConfig) -> Callable[[], None]:
+    """torchvision's plain training step on batches already normalised on the device."""
+    import torchvision
+
+    torch.manual_seed(0)
+    net = torchvision.models.get_model(backbone, weights=None, num_classes=classes)
+    net = net.to(memory_format=torch.channels_last).to(device).train()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    amp = device.type == "cuda"
+    state = {"i": 0}
+
+    def step() -> None:
+        x, y = staged[state["i"] % len(staged)]
+        state["i"] += 1
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+            out = net(x)
+        F.cross_entropy(out.float(), y).backward()
+        opt.step()
+
+    return step
+
+
+def sicot_step(backbone: str, classes: int, encoder: str, vectors: torch.Tensor, fixed: list[Batch], device: torch.device, cfg: TrainConfig) -> tuple[Callable[[Batch], None], Callable[[], None]]:
+    """sicot's training step (``encoder="none"``: the baseline): on a given batch, and cycling ``fixed``."""
+    torch.manual_seed(0)
+    model = build_model(backbone, classes, encoder, vectors)
+    model = model.to(memory_format=torch.channels_last).to(device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(0)
+    state = {"i": 0}
+
+    def on(batch: Batch) -> None:
+        train_step(model, model, opt, batch, device, cfg, gen)
+
+    def step() -> None:
+        on(fixed[state["i"] % len(fixed)])
+        state["i"] += 1
+
+    return on, step
+
+
+def stage(fixed: list[Batch], device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The reference's input: the same images as normalised channels_last float on the device."""
+    mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255.0
+    out = []
+    for b in fixed:
+        x = ((b.images.to(device).float() - mean) / std).contiguous(memory_format=torch.channels_last)
+        out.append((x, b.labels.to(device)))
+    return out
+
+
+def measure(classes: int, s: dict, device: torch.device, cfg: TrainConfig, quick: bool, profile: str, console: Console) -> dict:
+    """Every figure of one class count."""
+    cuda = device.type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
+    batch = s["batch"]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bench.h5"
+        n_epoch = batch * s["epoch_batches"]
+        synthetic_prepared(path, n_epoch, s["image_size"], classes)
+        prepared = ds.open_prepared(path)
+        vectors = torch.from_numpy(prepared.vectors)
+        mem = BatchLoader(prepared, batch, 0, n_epoch, shuffle=True, in_memory=True, drop_last=True, pin_memory=cuda)
+        fixed = list(mem.epoch(0))[: s["batches"]]
+        staged = stage(fixed, device)
+
+        def build(name: str) -> Callable[[], None]:
+            if name == "torchvision":
+                return torchvision_step(s["backbone"], classes, staged, device, cfg)
+            return sicot_step(s["backbone"], classes, "none" if name == "baseline" else s["encoder"], vectors, fixed, device, cfg)[1]
+
+        # Peak memory of each model alone (CUDA); on CPU only the process's peak RSS exists.
+        peaks: dict[str, float | None] = dict.fromkeys(MODELS)
+        if cuda:
+            for name in MODELS:
+                gc.collect()
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+                before = torch.cuda.memory_allocated(device)
+                fn = build(name)
+                fn()
+                fn()
+                sync()
+                peaks[name] = (torch.cuda.max_memory_allocated(device) - before) / 2**30
+                del fn
+            gc.collect()
+            torch.cuda.empty_cache()
+
+        steps = {name: build(name) for name in MODELS}
+        times = interleaved_ms(steps, warmup=2, rounds=s["rounds"], round_ms=s["round_ms"], sync=sync)
+        ms = {k: statistics.median(v) for k, v in times.items()}
+        # Throughput ratios (higher is better): the median over rounds of reference ms / subject ms.
+        per_round = {
+            "baseline_vs_torchvision": [r / b for r, b in zip(times["torchvision"], times["baseline"], strict=True)],
+            "cotraining_vs_baseline": [b / c for b, c in zip(times["baseline"], times["co-training"], strict=True)],
+        }
+        speed = {k: statistics.median(v) for k, v in per_round.items()}
+        spread = {k: [min(v), max(v)] for k, v in per_round.items()}  # how noisy the rounds were
+        met = {"baseline_vs_torchvision": speed["baseline_vs_torchvision"] >= BASELINE_GOAL, "cotraining_vs_baseline": speed["cotraining_vs_baseline"] >= COTRAIN_GOAL}
+
+        profiles: dict[str, dict] = {}
+        pairs = {"baseline_vs_torchvision": ("baseline", "torchvision"), "cotraining_vs_baseline": ("co-training", "baseline")}
+        wanted = [g for g in pairs if profile == "always" or (profile == "auto" and not met[g])]
+        tables: dict[str, tuple[str, dict[str, float]]] = {}
+        for goal in wanted:
+            for name in pairs[goal]:
+                if name not in tables:
+                    tables[name] = profile_step(steps[name], 1 if quick else 3, str(device))
+            subject, reference = pairs[goal]
+            profiles[goal] = {
+                "subject": subject, "reference": reference,
+                "subject_table": tables[subject][0], "reference_table": tables[reference][0],
+                "top_op_deltas": op_deltas(tables[subject][1], tables[reference][1]),
+            }
+        del steps
+
+        on, _ = sicot_step(s["backbone"], classes, s["encoder"], vectors, fixed, device, cfg)
+        loader_pairs, loader_ratio = loader_epochs(prepared, batch, n_epoch, on, 2 if quick else 3, sync, pin_memory=cuda)
+        del on
+        process_peak, peak_kind = peak_memory_gib("cpu") if not cuda else (None, "cuda_max_memory_allocated")
+
+    return {
+        "classes": classes,
+        "steps": [
+            {"model": k, "ms_per_step": ms[k], "images_per_s": batch * 1000 / ms[k], "peak_memory_gib": peaks[k], "rounds_ms": times[k]}
+            for k in MODELS
+        ],
+        "ratios": speed,
+        "ratio_ranges": spread,
+        "goals_met": met,
+        "loader": {"epochs": [{"loader_s": a, "in_memory_s": b} for a, b in loader_pairs], "ratio": loader_ratio},
+        "process_peak_rss_gib": process_peak,
+        "peak_memory_kind": peak_kind,
+        "profiles": profiles,
+    }
+
+
+def report(console: Console, r: dict, setting: str) -> None:
+    table = Table(title=f"training step, {r['classes']:,} classes ({setting})")
+    for col in ("model", "ms/step", "img/s", "ratio", "peak GiB"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    ratio = {"torchvision": "1.000 (reference)", "baseline": f"{r['ratios']['baseline_vs_torchvision']:.3f} x torchvision", "co-training": f"{r['ratios']['cotraining_vs_baseline']:.3f} x baseline"}
+    for row in r["steps"]:
+        peak = row["peak_memory_gib"]
+        table.add_row(row["model"], f"{row['ms_per_step']:.1f}", f"{row['images_per_s']:,.0f}", ratio[row["model"]], "" if peak is None else f"{peak:.2f}")
+    console.print(table)
+    if r["process_peak_rss_gib"] is not None:
+        console.print(f"process peak RSS so far: {r['process_peak_rss_gib']:.2f} GiB (CPU: per-model peaks are not separable)")
+    console.print(f"loader epoch / in-memory epoch (co-training): {r['loader']['ratio']:.3f}")
+    for goal, target in (("baseline_vs_torchvision", BASELINE_GOAL), ("cotraining_vs_baseline", COTRAIN_GOAL)):
+        value = r["ratios"][goal]
+        lo, hi = r["ratio_ranges"][goal]
+        verdict = "[green]met[/]" if r["goals_met"][goal] else "[red]not met[/]"
+        console.print(f"goal: {goal.replace('_vs_', ' img/s >= ')} x {target}: {verdict} ({value:.3f}; rounds {lo:.3f}..{hi:.3f})")
+    for goal, p in r["profiles"].items():
+        console.print(f"\nprofile ({goal}): {p['subject']}, ops by self time per step")
+        print(p["subject_table"])  # plain print: rich would re-wrap the profiler's fixed-width table
+        dt = Table(title=f"ops that grow most from {p['reference']} to {p['subject']} (ms per step)")
+        for col in ("op", p["subject"], p["reference"], "delta"):
+            dt.add_column(col, justify="left" if col == "op" else "right")
+        for d in p["top_op_deltas"]:
+            dt.add_row(str(d["op"]), f"{d['subject_ms']:.2f}", f"{d['reference_ms']:.2f}", f"{d['delta_ms']:+.2f}")
+        console.print(dt)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark, print the tables and write the JSON results."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_step", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds (< 1 min on a 2-core CPU)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backbone", default=None, help="torchvision model (default: resnet50 on CUDA, resnet18 on CPU)")
+    parser.add_argument("--image-size", type=int, default=None, help="default: 224 on CUDA, 64 on CPU (32 quick)")
+    parser.add_argument("--batch", type=int, default=None, help="default: 256 on CUDA, 32 on CPU (16 quick)")
+    parser.add_argument("--classes", default=None, help="comma-separated class counts (default: 1000,100000)")
+    parser.add_argument("--encoder", default="bilinear", help="the co-training encoder")
+    parser.add_argument("--profile", choices=["auto", "always", "never"], default="auto", help="profile a step when its goal is not met (auto)")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available")
+    start()
+    s = settings(args)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels
+    cfg = load_recipe(None, [f"train.device={args.device}", f"train.batch_size={s['batch']}"]).train
+    console = Console()
+    setting = f"{s['backbone']} {s['image_size']}px batch {s['batch']}, {args.device}" + (" (quick)" if args.quick else "")
+    results = []
+    for classes in s["classes"]:
+        r = measure(classes, s, device, cfg, args.quick, args.profile, console)
+        report(console, r, setting)
+        results.append(r)
+    result = {
+        "benchmark": "gpu_step",
+        "quick": args.quick,
+        "setting": {k: s[k] for k in ("backbone", "image_size", "batch", "classes", "encoder", "rounds", "round_ms")},
+        "results": results,
+        "goals": {
+            "baseline_vs_torchvision_min": BASELINE_GOAL,
+            "cotraining_vs_baseline_min": COTRAIN_GOAL,
+        },
+    }
+    console.print(f"wrote {write_results('gpu_step', args.device, result)}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""The class-sharded shared classifier on gloo ranks (CPU): memory per rank and step time.
+
+Two measurements, each from one run:
+
+1. **Scale.** ``--classes`` (default 1,000,000) x ``--dim`` (512) fp32 classifier with SGD momentum,
+   sharded over ``--world`` (2) gloo ranks: each rank's classifier memory (weight + bias, their
+   gradients and momentum buffers, measured from the tensors after the steps) against the unsharded
+   size of the same tensors (goal: 1/world of it, up to one class of rounding), and the step time.
+   One step = all-gather of the features of the global batch, local logits, the exact sharded
+   cross-entropy, backward, SGD.
+2. **Scaling.** At ``--compare-classes`` (100,000), small enough for one process, the same step on
+   1 rank (unsharded size) and on ``--world`` ranks: the step-time ratio (the classifier's work is
+   split, the all-gather and all-reduces are added).
+
+Every rank uses one thread, so 2 ranks use the 2 cores of the CI machine. Run:
+``python -m benchmarks.sharded_fc`` (``--quick``: 100,000 / 20,000 classes, under a minute).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+USES_DEVICE = False
+
+
+def _worker(rank: int, world: int, rendezvous: str, classes: int, dim: int, batch: int, steps: int, out: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from sicot_cli.distributed import DistContext, ShardedLinear, gather_rows, shard_range, sharded_cross_entropy
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    try:
+        ctx = DistContext(rank, world)
+        lo, hi = shard_range(classes, world, rank)
+        torch.manual_seed(0)
+        clf = ShardedLinear(dim, classes, lo, hi)
+        opt = torch.optim.SGD(clf.parameters(), lr=0.1, momentum=0.9)
+        g = torch.Generator().manual_seed(1)
+        local = batch // world
+        times = []
+        for step in range(steps + 1):  # step 0 is a warm-up (allocations)
+            feats = torch.randn(local, dim, generator=g, requires_grad=True)
+            labels = torch.randint(0, classes, (batch,), generator=torch.Generator().manual_seed(step))
+            dist.barrier()
+            t0 = time.perf_counter()
+            logits = clf(gather_rows(feats, ctx, batch))
+            loss = sharded_cross_entropy(logits, labels, lo, hi)
+            opt.zero_grad(set_to_none=False)
+            loss.backward()
+            opt.step()
+            dist.barrier()
+            if step:
+                times.append(time.perf_counter() - t0)
+        tensors = [clf.weight, clf.bias, clf.weight.grad, clf.bias.grad, *(opt.state[p]["momentum_buffer"] for p in (clf.weight, clf.bias))]
+        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        Path(out, f"rank{rank}.txt").write_text(f"{nbytes} {rss} {statistics.median(times)} {float(loss)}")
+    finally:
+        dist.destroy_process_group()
+
+
+def measure(world: int, classes: int, dim: int, batch: int, steps: int) -> dict[str, float]:
+    """Spawn ``world`` gloo ranks; per-rank classifier bytes, peak RSS and median step seconds."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_worker, args=(world, os.path.join(tmp, "rendezvous"), classes, dim, batch, steps, tmp), nprocs=world, join=True)
+        rows = [Path(tmp, f"rank{r}.txt").read_text().split() for r in range(world)]
+    return {
+        "classifier_bytes_per_rank": max(int(r[0]) for r in rows),
+        "peak_rss_bytes_per_rank": max(int(r[1]) for r in rows),
+        "step_seconds": max(float(r[2]) for r in rows),
+        "loss": float(rows[0][3]),
+    }
+
+
+def unsharded_bytes(classes: int, dim: int) -> int:
+    """weight + bias, their gradients and momentum, fp32, in one process."""
+    return 3 * 4 * (classes * dim + classes)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from rich.console import Console
+    from rich.table import Table
+
+    from benchmarks.common import start, write_results
+
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.sharded_fc", description=__doc__.splitlines()[0])
+    ap.add_argument("--classes", type=int, default=1_000_000)
+    ap.add_argument("--compare-classes", type=int, default=100_000)
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--world", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=64, help="global batch (features gathered from every rank)")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="100,000 / 20,000 classes (under a minute)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.classes, args.compare_classes, args.steps = 100_000, 20_000, 2
+    start()
+    gib = 2.0**30
+    big = measure(args.world, args.classes, args.dim, args.batch, args.steps)
+    full = unsharded_bytes(args.classes, args.dim)
+    one = measure(1, args.compare_classes, args.dim, args.batch, args.steps)
+    many = measure(args.world, args.compare_classes, args.dim, args.batch, args.steps)
+    share = big["classifier_bytes_per_rank"] / full
+    goal = (1 / args.world) * (1 + args.world / args.classes) + 1e-12  # the first shard holds one class more
+    result = {
+        "setting": vars(args),
+        "scale": {**big, "classes": args.classes, "dim": args.dim, "world": args.world, "unsharded_bytes": full,
+                  "fraction_of_unsharded": share, "goal_fraction": 1 / args.world, "memory_met": share <= goal},
+        "scaling": {"classes": args.compare_classes, "one_rank_step_seconds": one["step_seconds"],
+                    "sharded_step_seconds": many["step_seconds"], "ratio": many["step_seconds"] / one["step_seconds"],
+                    "one_rank_classifier_bytes": one["classifier_bytes_per_rank"], "sharded_classifier_bytes_per_rank": many["classifier_bytes_per_rank"]},
+    }
+    t = Table(title=f"sharded classifier, {args.world} gloo ranks x 1 thread, global batch {args.batch}", title_justify="left")
+    for col in ("setting", "classes x dim", "classifier GiB / rank", "vs unsharded", "step s", "ratio"):
+        t.add_column(col)
+    t.add_row("unsharded (size of)", f"{args.classes:,} x {args.dim}", f"{full / gib:.2f}", "1", "-", "-")
+    t.add_row(f"sharded, {args.world} ranks", f"{args.classes:,} x {args.dim}", f"{big['classifier_bytes_per_rank'] / gib:.2f}",
+              f"{share:.3f} (goal {1 / args.world:.3f}: {'met' if result['scale']['memory_met'] else 'NOT met'})", f"{big['step_seconds']:.3f}", "-")
+    t.add_row("1 rank", f"{args.compare_classes:,} x {args.dim}", f"{one['classifier_bytes_per_rank'] / gib:.3f}", "-", f"{one['step_seconds']:.3f}", "1")
+    t.add_row(f"sharded, {args.world} ranks", f"{args.compare_classes:,} x {args.dim}", f"{many['classifier_bytes_per_rank'] / gib:.3f}", "-",
+              f"{many['step_seconds']:.3f}", f"{result['scaling']['ratio']:.2f}")
+    Console().print(t)
+    path = write_results("sharded_fc", "cpu", result)
+    Console().print(f"peak RSS per rank at {args.classes:,} classes: {big['peak_rss_bytes_per_rank'] / gib:.2f} GiB; results: {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

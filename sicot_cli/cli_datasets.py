@@ -1,0 +1,102 @@
+"""``sicot datasets``: fetch the emoji benchmark and import the paper's datasets into manifests.
+
+Kept out of ``cli.py`` (which registers it) so that file stays small; the same rules hold: each
+command parses options, calls ONE library function and prints.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from sicot_cli.console import console, guard
+
+app = typer.Typer(name="datasets", help="Fetch the emoji benchmark; import the paper's datasets into manifests.", no_args_is_help=True)
+import_app = typer.Typer(name="import", help="Turn a dataset's released layout into a manifest for `sicot prepare`.", no_args_is_help=True)
+app.add_typer(import_app, name="import")
+
+TestPerClass = Annotated[int, typer.Option(help="Test images (distinct base emoji) per class; at most half a class's base emoji.")]
+Seed = Annotated[int, typer.Option(help="Seed of the split (emoji) or of the class selection (WebVision).")]
+
+
+def _print(summary) -> None:  # noqa: ANN001
+    from rich.table import Table
+
+    t = Table(title=f"imported {summary.dataset}", show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column()
+    t.add_row("manifests", "\n".join(summary.manifests))
+    t.add_row("images / classes", f"{summary.rows:,} / {summary.classes:,}")
+    if summary.train or summary.test:
+        t.add_row("train / test images", f"{summary.train:,} / {summary.test:,}")
+    for reason, n in summary.skipped.items():
+        t.add_row(f"  left out: {reason}", f"{n:,}")
+    for note in summary.notes:
+        t.add_row("note", note)
+    console.print(t)
+
+
+@app.command()
+@guard
+def fetch(
+    name: Annotated[str, typer.Argument(help="The dataset: emoji.")],
+    folder: Annotated[Path, typer.Option("--dir", help="Download and output folder.")] = Path("data/emoji"),
+    test_per_class: TestPerClass = 5,
+    seed: Seed = 0,
+) -> None:
+    """Fetch (npm pack), verify and unpack the emoji benchmark, and write its manifests (zh, en)."""
+    from sicot_cli.data.importers.emoji import fetch_emoji
+    from sicot_cli.errors import SicotError
+
+    if name != "emoji":
+        raise SicotError(f"unknown dataset {name!r}: `fetch` knows emoji (the paper's datasets: `sicot datasets import --help`)")
+    _print(fetch_emoji(folder, test_per_class=test_per_class, seed=seed))
+    extra = "" if folder == Path("data/emoji") else f" data.manifest={folder / 'emoji-zh.csv'}"
+    console.print(f"next: sicot prepare --recipe recipes/emoji-zh.toml{extra}")
+
+
+@import_app.command("emoji")
+@guard
+def import_emoji(
+    folder: Annotated[Path, typer.Option("--dir", help="Where `fetch emoji` unpacked the packages.")] = Path("data/emoji"),
+    test_per_class: TestPerClass = 5,
+    seed: Seed = 0,
+) -> None:
+    """Re-write the emoji manifests from the unpacked packages (e.g. another split)."""
+    from sicot_cli.data.importers.emoji import import_emoji as run
+
+    _print(run(folder, test_per_class, seed))
+
+
+@import_app.command("imaterialist2019")
+@guard
+def import_imaterialist(
+    root: Annotated[Path, typer.Option(help="Dataset folder: train.json, val.json and the image folders.")],
+    titles: Annotated[Path, typer.Option(help="Your titles file: id,title (CSV/TSV) or JSONL.")],
+    out: Annotated[Path, typer.Option(help="Manifest to write.")] = Path("data/imaterialist2019/manifest.csv"),
+    train_images: Annotated[str, typer.Option(help="Training image folder, relative to --root.")] = "train",
+    test_images: Annotated[str, typer.Option(help="val.json's image folder, relative to --root.")] = "val",
+) -> None:
+    """iMaterialist Product 2019: train.json -> train, val.json -> test, titles from your file."""
+    from sicot_cli.data.importers.imaterialist import import_imaterialist as run
+
+    _print(run(root, titles, out, train_images=train_images, test_images=test_images))
+
+
+@import_app.command("webvision")
+@guard
+def import_webvision(
+    root: Annotated[Path, typer.Option(help="Dataset folder: info/ and meta/ (and the images, unless --images).")],
+    out: Annotated[Path, typer.Option(help="Manifest to write.")] = Path("data/webvision1k/manifest.csv"),
+    classes: Annotated[int, typer.Option(help="Classes picked at random (the paper: 1000); 0 = all.")] = 1000,
+    seed: Seed = 0,
+    sources: Annotated[str, typer.Option(help="google, flickr or google,flickr.")] = "google,flickr",
+    text: Annotated[str, typer.Option(help="title (the paper) or title+description.")] = "title",
+    images: Annotated[Path | None, typer.Option(help="Where the file lists' image paths start (default: --root).")] = None,
+) -> None:
+    """WebVision 2.0 "selected 1k": seeded random classes, titles from the meta files."""
+    from sicot_cli.data.importers.webvision import import_webvision as run
+
+    _print(run(root, out, classes, seed, tuple(s.strip() for s in sources.split(",") if s.strip()), text, images))

@@ -1,0 +1,128 @@
+"""What the importers share: the manifest writer, the titles-file reader and the import summary."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sicot_cli.errors import SicotError
+from sicot_cli.fsutil import atomic_path, ensure_dir
+
+COLUMNS = ("image", "title", "label", "split", "id")
+
+
+@dataclass
+class ImportSummary:
+    """What an importer wrote, for the CLI's table and the tests."""
+
+    dataset: str
+    manifests: list[str]
+    rows: int
+    classes: int
+    train: int = 0  # 0 when the manifest leaves the split to ``prepare``
+    test: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def clean_title(text: str) -> str:
+    """One line of text: newlines and tabs become spaces (titles only carry words)."""
+    return " ".join(text.split())
+
+
+def manifest_path(image: Path, manifest_dir: Path) -> str:
+    """The image path as the manifest stores it: relative when under the manifest's folder, else absolute."""
+    image = Path(os.path.abspath(image))
+    try:
+        return image.relative_to(Path(os.path.abspath(manifest_dir))).as_posix()
+    except ValueError:
+        return str(image)
+
+
+def write_manifest(path: Path, rows: list[dict[str, str]], with_split: bool) -> None:
+    """Write ``rows`` as a CSV manifest, atomically (temporary name, then rename).
+
+    Args:
+        path: the ``.csv`` file.
+        rows: dicts with ``image``, ``title``, ``label``, ``id`` (and ``split`` when ``with_split``).
+        with_split: write the ``split`` column.
+    """
+    ensure_dir(path.parent)
+    columns = [c for c in COLUMNS if with_split or c != "split"]
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, columns, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def read_titles(path: Path) -> tuple[dict[str, str], Counter[str]]:
+    """Read a user's titles file: ``id`` -> ``title``.
+
+    CSV or TSV with a header naming ``id`` and ``title`` (other columns are ignored), or JSONL with
+    one ``{"id": ..., "title": ...}`` object per line. The first title of a repeated id is kept.
+
+    Returns:
+        The titles, and counted problems (``duplicate id``, ``empty title``, ``bad line``).
+
+    Raises:
+        SicotError: missing or unreadable file, missing column, unknown file type.
+    """
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except FileNotFoundError:
+        raise SicotError(f"{path}: titles file not found") from None
+    except IsADirectoryError:
+        raise SicotError(f"{path}: is a directory, expected a CSV/TSV/JSONL titles file") from None
+    except UnicodeDecodeError as e:
+        raise SicotError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise SicotError(f"{path}: cannot read the titles file ({e.strerror})") from None
+    problems: Counter[str] = Counter()
+    pairs: list[tuple[object, object]] = []
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson", ".json"):
+        for line in text.splitlines():
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                problems["bad line"] += 1
+                continue
+            if not isinstance(obj, dict):
+                problems["bad line"] += 1
+                continue
+            pairs.append((obj.get("id"), obj.get("title")))
+    elif suffix in (".csv", ".tsv", ".txt"):
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="," if suffix == ".csv" else "\t")
+        columns = [c.strip() for c in reader.fieldnames or []]
+        for need in ("id", "title"):
+            if need not in columns:
+                raise SicotError(f"{path}: missing column {need!r} (a titles file has the columns id and title)")
+        reader.fieldnames = columns
+        try:
+            pairs = [(r.get("id"), r.get("title")) for r in reader]
+        except csv.Error as e:
+            raise SicotError(f"{path}: line {reader.line_num}: malformed CSV ({e})") from None
+    else:
+        raise SicotError(f"{path}: unknown titles file type {path.suffix!r} (use .csv, .tsv or .jsonl)")
+    titles: dict[str, str] = {}
+    for rid, title in pairs:
+        if not isinstance(rid, str | int) or isinstance(rid, bool):
+            problems["bad line"] += 1
+            continue
+        title = clean_title(title) if isinstance(title, str) else ""
+        if not title:
+            problems["empty title"] += 1
+            continue
+        key = str(rid).strip()
+        if key in titles:
+            problems["duplicate id"] += 1
+            continue
+        titles[key] = title
+    return titles, problems

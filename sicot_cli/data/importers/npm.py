@@ -1,0 +1,179 @@
+"""npm tarballs: fetched with the machine's ``npm pack``, verified against pinned checksums, and
+unpacked member by member from an allow-list (nothing outside the target folder can be written).
+
+``npm pack NAME@VERSION`` needs no account and no network beyond the registry. The pinned
+``integrity`` is npm's own (``sha512-`` + base64 of the tarball's SHA-512, as ``npm pack --json``
+and the registry report it); the SHA-256 is a second, independent pin.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from sicot_cli.errors import SicotError
+from sicot_cli.fsutil import ensure_dir
+
+log = logging.getLogger(__name__)
+
+MARKER = ".sicot-unpacked.json"  # written last: an unpacked folder without it is incomplete
+
+
+@dataclass(frozen=True)
+class NpmPackage:
+    """One pinned npm package and the members of it that are unpacked."""
+
+    name: str
+    version: str
+    integrity: str  # "sha512-<base64>"
+    sha256: str  # hex
+    members: tuple[str, ...]  # regular expressions over package-relative paths (full match)
+
+    @property
+    def spec(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @property
+    def tarball(self) -> str:
+        """The file name ``npm pack`` gives an unscoped package."""
+        return f"{self.name}-{self.version}.tgz"
+
+    def wants(self, relpath: str) -> bool:
+        return any(re.fullmatch(p, relpath) for p in self.members)
+
+
+def checksums(path: Path) -> tuple[str, str]:
+    """The file's npm integrity string (``sha512-<base64>``) and SHA-256 hex digest, in one pass."""
+    h512, h256 = hashlib.sha512(), hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h512.update(chunk)
+            h256.update(chunk)
+    return "sha512-" + base64.b64encode(h512.digest()).decode(), h256.hexdigest()
+
+
+def verify(path: Path, pkg: NpmPackage) -> None:
+    """Raise unless ``path`` has the pinned checksums of ``pkg``."""
+    integrity, sha256 = checksums(path)
+    if integrity != pkg.integrity or sha256 != pkg.sha256:
+        raise SicotError(
+            f"{path}: checksum mismatch for {pkg.spec} (sha256 {sha256}, expected {pkg.sha256}): "
+            "delete the file and fetch it again"
+        )
+
+
+def npm_commands(packages: tuple[NpmPackage, ...]) -> str:
+    return " and ".join(f"`npm pack {p.spec}`" for p in packages)
+
+
+def fetch_tarball(pkg: NpmPackage, folder: Path, npm: str | None) -> Path:
+    """Return ``folder/<tarball>`` with verified checksums, running ``npm pack`` when it is absent.
+
+    The download goes to a temporary folder and is renamed only once verified, so an interrupted
+    or tampered download never carries the final name.
+
+    Raises:
+        SicotError: npm missing (the message gives the command to run instead), npm failing,
+            checksum mismatch.
+    """
+    target = folder / pkg.tarball
+    if target.is_file():
+        verify(target, pkg)
+        return target
+    if npm is None:
+        raise SicotError(
+            f"npm is not installed: in {folder} run {npm_commands((pkg,))} (or put the tarball there), "
+            "then run this command again"
+        )
+    ensure_dir(folder)
+    tmp = folder / f".npm-pack-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        log.info("npm pack %s", pkg.spec)
+        try:
+            done = subprocess.run(
+                [npm, "pack", pkg.spec, "--silent"], cwd=tmp, capture_output=True, text=True, timeout=1800, check=False
+            )
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise SicotError(f"npm pack {pkg.spec} failed ({e})") from None
+        got = tmp / pkg.tarball
+        if done.returncode != 0 or not got.is_file():
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise SicotError(f"npm pack {pkg.spec} failed (exit {done.returncode}): {last}")
+        verify(got, pkg)
+        os.replace(got, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _member_path(name: str) -> str | None:
+    """The package-relative path of a tar member (``package/x/y`` -> ``x/y``), or None if unsafe."""
+    parts = name.split("/")
+    if len(parts) < 2 or parts[0] != "package" or any(p in ("", ".", "..") for p in parts[1:]) or name.startswith("/"):
+        return None
+    return "/".join(parts[1:])
+
+
+def unpack(tarball: Path, pkg: NpmPackage, dest: Path) -> int:
+    """Unpack the allowed members of ``tarball`` into ``dest`` (a folder named after the package).
+
+    Only regular files whose package-relative path matches ``pkg.members`` are written, each to
+    ``dest/<that path>``; links, devices and paths with ``..`` are never written. The folder is
+    built under a temporary name and renamed when complete, with a marker recording the integrity.
+    An already complete ``dest`` is kept as it is.
+
+    Returns:
+        The number of files in ``dest``.
+
+    Raises:
+        SicotError: a wanted member that is not a regular file, or a corrupt archive.
+    """
+    marker = dest / MARKER
+    if marker.is_file():
+        try:
+            info = json.loads(marker.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            info = {}
+        if info.get("integrity") == pkg.integrity:
+            return int(info.get("files", 0))
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    files = 0
+    try:
+        with tarfile.open(tarball, "r:gz") as tar:
+            for member in tar:
+                rel = _member_path(member.name)
+                if rel is None or not pkg.wants(rel):
+                    continue
+                if not member.isfile():
+                    raise SicotError(f"{tarball}: member {member.name!r} is not a regular file; refusing to unpack it")
+                out = tmp / rel
+                out.parent.mkdir(parents=True, exist_ok=True)
+                src = tar.extractfile(member)
+                if src is None:
+                    raise SicotError(f"{tarball}: cannot read member {member.name!r}")
+                with src, out.open("wb") as f:
+                    shutil.copyfileobj(src, f)
+                files += 1
+        if files == 0:
+            raise SicotError(f"{tarball}: none of the expected files ({', '.join(pkg.members)}) is in the archive")
+        (tmp / MARKER).write_text(json.dumps({"package": pkg.spec, "integrity": pkg.integrity, "files": files}) + "\n", encoding="utf-8")
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise SicotError(f"{tarball}: cannot unpack ({e})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return files

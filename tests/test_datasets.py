@@ -1,0 +1,429 @@
+"""Importers: tiny fixtures in each dataset's real layout (made here) -> manifest -> prepare -> train.
+
+The emoji packages' layout is that of emoji-datasource-google@16.0.0 and emojibase-data@17.0.0;
+iMaterialist's and WebVision's are the ones their READMEs give (see the importers' docstrings).
+The real npm fetch is the `slow` test at the end.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import KEEP_ALL, tiny_recipe
+from sicot_cli.cli import app
+from sicot_cli.config import load_recipe
+from sicot_cli.data.importers import emoji as em
+from sicot_cli.data.importers.imaterialist import import_imaterialist
+from sicot_cli.data.importers.npm import NpmPackage, checksums, unpack
+from sicot_cli.data.importers.webvision import import_webvision
+from sicot_cli.data.prepare import prepare
+from sicot_cli.errors import SicotError
+from sicot_cli.train import train
+
+REPO = Path(__file__).resolve().parent.parent
+runner = CliRunner()
+
+
+def png(path: Path, seed: int, rgba: bool = False, size: int = 20) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    a = (rng.random((size, size, 4 if rgba else 3)) * 255).astype("uint8")
+    a[..., seed % 3] = 255
+    Image.fromarray(a, "RGBA" if rgba else "RGB").save(path)
+
+
+def rows_of(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+# ---- emoji ---------------------------------------------------------------------------------------
+
+TONES = ["1F3FB", "1F3FC", "1F3FD", "1F3FE", "1F3FF"]
+ZH_TONES = ["较浅肤色", "中等-浅肤色", "中等肤色", "中等-深肤色", "较深肤色"]
+# (unified, category, subcategory, tones, zh label, zh tags, en label, en tags, has google image)
+EMOJI = [
+    ("1F600", "Smileys & Emotion", "face-smiling", 0, "嘿嘿", ["脸", "笑"], "grinning face", ["face", "grin"], True),
+    ("1F601", "Smileys & Emotion", "face-smiling", 0, "嘻嘻", ["眼睛", "笑"], "beaming face", ["eye", "grin"], True),
+    ("1F602", "Smileys & Emotion", "face-smiling", 0, "笑哭了", ["眼泪", "笑"], "face with tears of joy", ["joy", "tear"], True),
+    ("263A-FE0F", "Smileys & Emotion", "face-smiling", 0, "微笑", ["脸", "放松"], "smiling face", ["relaxed", "smile"], True),
+    ("1F44B", "People & Body", "hand-fingers-open", 5, "挥手", ["你好", "再见"], "waving hand", ["hello", "bye"], True),
+    ("1F91A", "People & Body", "hand-fingers-open", 2, "立起的手背", ["手背"], "raised back of hand", ["backhand"], True),
+    ("1F590-FE0F", "People & Body", "hand-fingers-open", 0, "手掌", ["手指"], "hand with fingers splayed", ["finger"], True),
+    ("270B", "People & Body", "hand-fingers-open", 0, "举起手", ["手"], "raised hand", ["high five"], True),
+    ("1F435", "Animals & Nature", "animal-mammal", 0, "猴子", ["猴"], "monkey face", ["monkey"], True),
+    ("1F412", "Animals & Nature", "animal-mammal", 0, "猴", ["动物"], "monkey", ["animal"], True),
+    ("1F436", "Animals & Nature", "animal-mammal", 0, "狗脸", ["狗"], "dog face", ["dog", "pet"], True),
+    ("1F415", "Animals & Nature", "animal-mammal", 0, "狗", ["宠物"], "dog", ["pet"], False),  # no Google image
+    ("1F3FB", "Component", "skin-tone", 0, "较浅肤色", ["肤色"], "light skin tone", ["skin"], True),
+    ("1F9A9", "Animals & Nature", "animal-bird", 0, "", [], "", [], True),  # not in emojibase
+]
+
+
+def make_emoji_packages(root: Path) -> Path:
+    """The two packages' files as npm unpacks them (without the ``package/`` prefix)."""
+    src, base = root / em.DATASOURCE.name, root / em.EMOJIBASE.name
+    entries, data = [], {"zh": [], "en": []}
+    for i, (uni, cat, sub, tones, zl, zt, el, et, google) in enumerate(EMOJI):
+        e = {"unified": uni, "image": f"{uni.lower()}.png", "category": cat, "subcategory": sub, "sort_order": i, "has_img_google": google}
+        png(src / em.IMAGES / e["image"], i, rgba=True)
+        if tones:
+            e["skin_variations"] = {}
+            for t in TONES[:tones]:
+                e["skin_variations"][t] = {"unified": f"{uni}-{t}", "image": f"{uni.lower()}-{t.lower()}.png", "has_img_google": True}
+                png(src / em.IMAGES / f"{uni.lower()}-{t.lower()}.png", i + 100 + len(e["skin_variations"]), rgba=True)
+        entries.append(e)
+        if not zl:
+            continue
+        hexcode = uni.replace("-FE0F", "")  # emojibase writes some without FE0F: the join must not care
+        for lang, label, tags in (("zh", zl, zt), ("en", el, et)):
+            d = {"hexcode": hexcode, "label": label, "tags": tags, "group": 0, "subgroup": 0}
+            if tones:
+                names = ZH_TONES if lang == "zh" else [f"tone {k}" for k in range(5)]
+                d["skins"] = [{"hexcode": f"{hexcode}-{t}", "label": f"{label}: {names[k]}"} for k, t in enumerate(TONES[:tones])]
+            data[lang].append(d)
+    (src / "emoji.json").write_text(json.dumps(entries), encoding="utf-8")
+    (src / "LICENSE").write_text("MIT\n", encoding="utf-8")
+    for lang in ("zh", "en"):
+        (base / lang).mkdir(parents=True, exist_ok=True)
+        (base / lang / "data.json").write_text(json.dumps(data[lang], ensure_ascii=False), encoding="utf-8")
+        msgs = {"groups": [], "subgroups": [{"key": "face-smiling", "message": "笑脸" if lang == "zh" else "smiling faces", "order": 0}]}
+        (base / lang / "messages.json").write_text(json.dumps(msgs, ensure_ascii=False), encoding="utf-8")
+    return root
+
+
+def pack(folder: Path, tgz: Path, extra: list[tarfile.TarInfo] | None = None) -> None:
+    with tarfile.open(tgz, "w:gz") as tar:
+        for p in sorted(folder.rglob("*")):
+            if p.is_file():
+                tar.add(p, arcname=f"package/{p.relative_to(folder).as_posix()}")
+        for info in extra or []:
+            tar.addfile(info, io.BytesIO(b"x" * info.size) if info.isfile() else None)
+
+
+def pinned(pkg: NpmPackage, tgz: Path) -> NpmPackage:
+    integrity, sha256 = checksums(tgz)
+    return NpmPackage(pkg.name, pkg.version, integrity, sha256, pkg.members)
+
+
+def test_emoji_join_titles_and_leak_free_split(tmp_path):
+    folder = make_emoji_packages(tmp_path / "emoji")
+    s = em.import_emoji(folder, test_per_class=2, seed=0)
+    zh, en = rows_of(folder / "emoji-zh.csv"), rows_of(folder / "emoji-en.csv")
+    assert [(r["id"], r["split"], r["label"], r["image"]) for r in zh] == [(r["id"], r["split"], r["label"], r["image"]) for r in en]
+    by_id = {r["id"]: r for r in zh}
+    # titles: the language's label, then the base emoji's tags; FE0F does not break the join
+    assert by_id["1F44B"]["title"] == "挥手 你好 再见"
+    assert {r["id"]: r for r in en}["1F44B"]["title"] == "waving hand hello bye"
+    assert by_id.get("1F44B-1F3FB", {"title": "挥手: 较浅肤色 你好 再见"})["title"] == "挥手: 较浅肤色 你好 再见"
+    assert "263A" in by_id and by_id["263A"]["title"] == "微笑 脸 放松"
+    assert by_id["263A"]["image"] == f"{em.DATASOURCE.name}/{em.IMAGES}/263a-fe0f.png"
+    # left out: Component, no Google image, no emojibase entry
+    assert not {"1F3FB", "1F415", "1F9A9"} & set(by_id)
+    assert {r["label"] for r in zh} == {"face-smiling", "hand-fingers-open", "animal-mammal"}
+    # test: min(2, n_base // 2) distinct base emoji per class, default images only
+    test = [r for r in zh if r["split"] == "test"]
+    assert sorted(r["label"] for r in test) == ["animal-mammal", "face-smiling", "face-smiling", "hand-fingers-open", "hand-fingers-open"]
+    assert all("-" not in r["id"] for r in test)
+    # no base emoji on both sides; the variants of a test emoji are nowhere
+    base = lambda i: i.split("-")[0]  # noqa: E731
+    test_bases = {base(r["id"]) for r in test}
+    assert not test_bases & {base(r["id"]) for r in zh if r["split"] == "train"}
+    n_variants = {"1F44B": 5, "1F91A": 2}
+    left_out = sum(n_variants.get(b, 0) for b in test_bases)
+    all_images = 4 + (1 + 5) + (1 + 2) + 1 + 1 + 3  # usable images before the split
+    assert len(zh) == all_images - left_out == s.rows
+    assert s.skipped.get("skin-tone variant of a test emoji (kept out of both sides)", 0) == left_out
+    assert s.skipped["Component group (skin-tone and hair swatches)"] == 1
+    assert s.skipped["no Google image in the package"] == 1 and s.skipped["no emojibase entry (zh/en)"] == 1
+    assert (s.classes, s.train, s.test) == (3, len(zh) - 5, 5)
+    names = json.loads((folder / "emoji-classes.json").read_text(encoding="utf-8"))
+    assert names["face-smiling"] == {"images": 4, "zh": "笑脸", "en": "smiling faces"}
+    # seeded: the same seed writes the same bytes
+    before = (folder / "emoji-zh.csv").read_bytes()
+    em.import_emoji(folder, test_per_class=2, seed=0)
+    assert (folder / "emoji-zh.csv").read_bytes() == before
+
+
+def test_emoji_split_takes_at_most_half_the_base_emoji(tmp_path):
+    folder = make_emoji_packages(tmp_path / "emoji")
+    s = em.import_emoji(folder, test_per_class=99, seed=3)
+    test = [r for r in rows_of(folder / "emoji-zh.csv") if r["split"] == "test"]
+    # 4, 4 and 3 base emoji: 2, 2 and 1 in the test set, whatever test_per_class asks
+    assert sorted(r["label"] for r in test) == ["animal-mammal", "face-smiling", "face-smiling", "hand-fingers-open", "hand-fingers-open"]
+    assert s.test == 5
+    with pytest.raises(SicotError, match="test-per-class"):
+        em.import_emoji(folder, test_per_class=-1)
+
+
+def test_emoji_manifest_prepares_and_trains(tmp_path):
+    folder = make_emoji_packages(tmp_path / "emoji")
+    em.import_emoji(folder, test_per_class=1, seed=0)
+    recipe = load_recipe(REPO / "recipes" / "emoji-zh.toml", [f"data.manifest={folder / 'emoji-zh.csv'}", "data.image_size=16", *KEEP_ALL])
+    out = tmp_path / "e.h5"
+    s = prepare(recipe, out)
+    n_train = sum(r["split"] == "train" for r in rows_of(folder / "emoji-zh.csv"))
+    # a test title whose words never occur in training is empty in the vocabulary: prepare drops it
+    emptied = s.skipped.pop("title empty after the noise-word filter", 0)
+    assert (s.classes, s.train_images, s.test_images + emptied, s.skipped) == (3, n_train, 3, {})
+    result = train(tiny_recipe(out, "train.epochs=1", "train.batch_size=4"), tmp_path / "run")
+    assert len(result.history) == 1 and np.isfinite(result.history[0]["loss"])
+
+
+def test_fetch_verifies_and_unpacks_only_the_allowed_files(tmp_path):
+    src = make_emoji_packages(tmp_path / "src")
+    (src / em.DATASOURCE.name / "img/google/sheets").mkdir(parents=True)
+    (src / em.DATASOURCE.name / "img/google/sheets/64.png").write_bytes(b"sprite")  # must not be unpacked
+    folder = tmp_path / "data"
+    folder.mkdir()
+    pkgs = []
+    for pkg in em.PACKAGES:
+        tgz = folder / pkg.tarball
+        pack(src / pkg.name, tgz)
+        pkgs.append(pinned(pkg, tgz))
+    s = em.fetch_emoji(folder, npm=None, test_per_class=2, packages=tuple(pkgs))  # tarballs present: npm not needed
+    assert s.rows > 0 and (folder / "emoji-zh.csv").is_file()
+    assert not (folder / em.DATASOURCE.name / "img/google/sheets").exists()
+    assert (folder / em.EMOJIBASE.name / "zh/data.json").read_bytes() == (src / em.EMOJIBASE.name / "zh/data.json").read_bytes()
+    # a wrong pin is refused, naming the file
+    bad = NpmPackage(pkgs[0].name, pkgs[0].version, pkgs[0].integrity, "0" * 64, pkgs[0].members)
+    shutil.rmtree(folder / pkgs[0].name)
+    with pytest.raises(SicotError, match="checksum mismatch"):
+        em.fetch_emoji(folder, npm=None, packages=(bad, pkgs[1]))
+    # no tarball and no npm: the commands to run instead
+    (folder / pkgs[0].tarball).unlink()
+    with pytest.raises(SicotError, match=r"npm pack emoji-datasource-google@16\.0\.0"):
+        em.fetch_emoji(folder, npm=None, packages=tuple(pkgs))
+
+
+def test_fetch_runs_npm_pack(tmp_path):
+    src = make_emoji_packages(tmp_path / "src")
+    store = tmp_path / "registry"
+    store.mkdir()
+    pkgs = []
+    for pkg in em.PACKAGES:
+        pack(src / pkg.name, store / pkg.tarball)
+        pkgs.append(pinned(pkg, store / pkg.tarball))
+    npm = tmp_path / "npm"  # stands in for `npm pack NAME@VERSION --silent`: the tarball lands in the cwd
+    npm.write_text(f'#!/bin/sh\n[ "$1" = pack ] || exit 9\ncp "{store}/$(echo "$2" | tr @ -).tgz" .\n', encoding="utf-8")
+    npm.chmod(0o755)
+    folder = tmp_path / "data"
+    s = em.fetch_emoji(folder, npm=str(npm), test_per_class=2, packages=tuple(pkgs))
+    assert s.classes == 3 and all((folder / p.tarball).is_file() for p in pkgs)
+    assert not list(folder.glob(".npm-pack-*"))
+    broken = tmp_path / "broken-npm"
+    broken.write_text("#!/bin/sh\necho 'npm error 404 Not Found' >&2\nexit 1\n", encoding="utf-8")
+    broken.chmod(0o755)
+    with pytest.raises(SicotError, match="404 Not Found"):
+        em.fetch_emoji(tmp_path / "other", npm=str(broken), packages=tuple(pkgs))
+
+
+def test_unpack_refuses_links_and_ignores_traversal(tmp_path):
+    src = tmp_path / "pkg"
+    png(src / "img/google/64/1f600.png", 0)
+    link = tarfile.TarInfo("package/img/google/64/1f601.png")
+    link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    evil = tarfile.TarInfo("package/../../evil.png")
+    evil.size = 3
+    pkg = NpmPackage("p", "1.0.0", "", "", (r"img/google/64/[0-9a-f-]+\.png", r"\.\./\.\./evil\.png"))
+    tgz = tmp_path / "p.tgz"
+    pack(src, tgz, extra=[evil])
+    assert unpack(tgz, pkg, tmp_path / "out") == 1
+    assert not (tmp_path / "evil.png").exists() and not list(tmp_path.rglob("evil.png"))
+    pack(src, tgz, extra=[link])
+    with pytest.raises(SicotError, match="not a regular file"):
+        unpack(tgz, pkg, tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()
+
+
+def test_cli_fetch_without_npm_says_what_to_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no npm on PATH
+    r = runner.invoke(app, ["datasets", "fetch", "emoji", "--dir", str(tmp_path / "d")])
+    assert r.exit_code == 2
+    out = " ".join(r.output.split())
+    assert "npm pack emoji-datasource-google@16.0.0" in out and "npm pack emojibase-data@17.0.0" in out
+    r = runner.invoke(app, ["datasets", "fetch", "imagenet"])
+    assert r.exit_code == 2 and "unknown dataset" in r.output
+
+
+def test_cli_import_emoji(tmp_path):
+    folder = make_emoji_packages(tmp_path / "emoji")
+    r = runner.invoke(app, ["datasets", "import", "emoji", "--dir", str(folder), "--test-per-class", "1"])
+    assert r.exit_code == 0, r.output
+    n = len(rows_of(folder / "emoji-zh.csv"))
+    assert f"{n} / 3" in r.output and "left out: Component group" in r.output
+    assert rows_of(folder / "emoji-en.csv")[0]["id"] == rows_of(folder / "emoji-zh.csv")[0]["id"]
+
+
+# ---- iMaterialist Product 2019 -------------------------------------------------------------------
+
+
+def make_imaterialist(root: Path) -> Path:
+    """train.json / val.json as released ({"images": [{"id", "url", "class"}]}) and the images."""
+    for name, folder, per_class in (("train.json", "train", 6), ("val.json", "val", 2)):
+        images = []
+        for c in range(3):
+            for i in range(per_class):
+                image_id = f"{folder}{c}{i:02d}ab.jpg"
+                images.append({"id": image_id, "url": f"https://example.invalid/{image_id}", "class": c})
+                png(root / folder / image_id, 10 * c + i)
+        (root / name).write_text(json.dumps({"images": images}), encoding="utf-8")
+    return root
+
+
+def test_imaterialist_import_prepare_train(tmp_path):
+    root = make_imaterialist(tmp_path / "imat")
+    words = {0: "保温杯 白色 cup", 1: "运动鞋 跑步 shoe", 2: "口红 哑光 lipstick"}
+    titles = tmp_path / "titles.csv"
+    with titles.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "title", "source"])
+        for folder, n in (("train", 6), ("val", 2)):
+            for c in range(3):
+                for i in range(n):
+                    if (folder, c, i) == ("train", 2, 5):
+                        continue  # no title: left out
+                    key = f"{folder}{c}{i:02d}ab" + (".jpg" if i % 2 else "")  # with or without the extension
+                    w.writerow([key, f"{words[c]} w{i}\n第二行", "engine"])
+        w.writerow(["train001ab.jpg", "a second title", "engine"])  # duplicate id: the first is kept
+    out = tmp_path / "m" / "imat.csv"
+    s = import_imaterialist(root, titles, out)
+    rows = rows_of(out)
+    assert (s.rows, s.train, s.test, s.classes) == (23, 17, 6, 3)
+    assert s.skipped == {"no title in the titles file": 1, "titles file: duplicate id": 1}
+    first = rows[0]
+    assert first == {"image": str((root / "train" / "train000ab.jpg").resolve()), "title": "保温杯 白色 cup w0 第二行", "label": "0", "split": "train", "id": "train000ab.jpg"}
+    assert {r["split"] for r in rows if r["id"].startswith("val")} == {"test"}
+    p = prepare(load_recipe(REPO / "recipes" / "imaterialist2019.toml", [f"data.manifest={out}", "data.image_size=16", "eval.head_threshold=6", *KEEP_ALL]), tmp_path / "i.h5")
+    assert (p.train_images, p.test_images, p.head_classes) == (17, 6, 2)
+    result = train(tiny_recipe(tmp_path / "i.h5", "train.epochs=1"), tmp_path / "run")
+    assert np.isfinite(result.history[0]["loss"])
+
+
+def test_imaterialist_errors(tmp_path):
+    root = make_imaterialist(tmp_path / "imat")
+    titles = tmp_path / "t.jsonl"
+    titles.write_text('{"id": "nope.jpg", "title": "x"}\n', encoding="utf-8")
+    with pytest.raises(SicotError, match="no image .* has a title"):
+        import_imaterialist(root, titles, tmp_path / "m.csv")
+    (tmp_path / "t.csv").write_text("image,title\n", encoding="utf-8")
+    with pytest.raises(SicotError, match="missing column 'id'"):
+        import_imaterialist(root, tmp_path / "t.csv", tmp_path / "m.csv")
+    (root / "val.json").write_text('{"annotations": []}', encoding="utf-8")
+    titles.write_text('{"id": "train000ab.jpg", "title": "x"}\n', encoding="utf-8")
+    with pytest.raises(SicotError, match="val.json: expected"):
+        import_imaterialist(root, titles, tmp_path / "m.csv")
+
+
+# ---- WebVision 2.0 -------------------------------------------------------------------------------
+
+WV_WORDS = ["tench fish river", "goldfish bowl orange", "shark sea fin", "hen farm bird"]
+
+
+def make_webvision(root: Path, n_classes: int = 4, per_class: int = 8) -> Path:
+    """info/ file lists and synsets, meta/<source>/<query>.json, images under google/ and flickr/."""
+    (root / "info").mkdir(parents=True)
+    lists: dict[str, list[str]] = {"google": [], "flickr": []}
+    for c in range(n_classes):
+        query = f"q{c + 1:04d}"
+        for source in ("google", "flickr"):
+            meta = []
+            for i in range(per_class // 2):
+                rel = f"{source}/{query}/{i:06d}.jpg"
+                png(root / rel, 100 * c + i + (50 if source == "flickr" else 0))
+                lists[source].append(f"{rel} {c}")
+                title = f"{WV_WORDS[c]} photo {i}" if (c, i, source) != (0, 1, "google") else "   "
+                if source == "google":  # entries carry their id (the file stem without zeros)
+                    meta.append({"id": str(i), "title": title, "description": f"desc {c}"})
+                else:  # entries in file order, Flickr's description object
+                    meta.append({"title": title, "description": {"_content": f"flickr {c}"}})
+            if source == "google":
+                meta.reverse()  # matched by id, not by position
+            (root / "meta" / source).mkdir(parents=True, exist_ok=True)
+            (root / "meta" / source / f"{query}.json").write_text(json.dumps(meta), encoding="utf-8")
+    for source, lines in lists.items():
+        (root / "info" / f"train_filelist_{source}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (root / "info" / "synsets.txt").write_text("".join(f"n0000000{c} class {c}\n" for c in range(n_classes)), encoding="utf-8")
+    return root
+
+
+def test_webvision_selection_titles_prepare_train(tmp_path):
+    root = make_webvision(tmp_path / "wv")
+    out = tmp_path / "wv" / "m.csv"
+    s = import_webvision(root, out, classes=3, seed=5)
+    chosen = sorted(random.Random(5).sample([0, 1, 2, 3], 3))
+    rows = rows_of(out)
+    assert sorted({r["label"] for r in rows}) == [f"n0000000{c} class {c}" for c in chosen]
+    assert s.classes == 3 and s.notes[0] == "3 of 4 classes (seed 5)"
+    by_id = {r["id"]: r for r in rows}
+    c = chosen[0]
+    assert by_id[f"google/q{c + 1:04d}/000002.jpg"]["title"] == f"{WV_WORDS[c]} photo 2"  # by id, list reversed
+    assert by_id[f"flickr/q{c + 1:04d}/000003.jpg"]["title"] == f"{WV_WORDS[c]} photo 3"  # by position
+    assert by_id[f"google/q{c + 1:04d}/000002.jpg"]["image"] == f"google/q{c + 1:04d}/000002.jpg"  # relative to the manifest
+    assert "split" not in rows[0]
+    expected_empty = 1 if 0 in chosen else 0
+    assert s.rows == 3 * 8 - expected_empty and s.skipped == ({"empty title": 1} if expected_empty else {})
+    both = import_webvision(root, tmp_path / "d.csv", classes=0, sources=("flickr",), text="title+description")
+    assert both.classes == 4 and rows_of(tmp_path / "d.csv")[0]["title"] == f"{WV_WORDS[0]} photo 0 flickr 0"
+    p = prepare(load_recipe(REPO / "recipes" / "webvision1k.toml", [f"data.manifest={out}", "data.image_size=16", "eval.head_threshold=5", *KEEP_ALL]), tmp_path / "w.h5")
+    assert p.classes == 3 and p.test_images == 6
+    result = train(tiny_recipe(tmp_path / "w.h5", "train.epochs=1"), tmp_path / "run")
+    assert np.isfinite(result.history[0]["loss"])
+
+
+def test_webvision_errors(tmp_path):
+    root = make_webvision(tmp_path / "wv", n_classes=2, per_class=2)
+    with pytest.raises(SicotError, match="--classes must be between 0 and 2"):
+        import_webvision(root, tmp_path / "m.csv", classes=3)
+    with pytest.raises(SicotError, match="--text"):
+        import_webvision(root, tmp_path / "m.csv", text="tags")
+    (root / "info" / "train_filelist_flickr.txt").write_text("flickr/q0001/000000.jpg\n", encoding="utf-8")
+    with pytest.raises(SicotError, match=r"train_filelist_flickr.txt:1: expected"):
+        import_webvision(root, tmp_path / "m.csv")
+    shutil.rmtree(root / "meta")
+    with pytest.raises(SicotError, match="no selected image has a title"):
+        import_webvision(root, tmp_path / "m.csv", classes=0, sources=("google",))
+
+
+# ---- recipes --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.toml")), ids=lambda p: p.name)
+def test_every_recipe_loads(path):
+    recipe = load_recipe(path)
+    assert recipe.name == path.stem
+    assert path.read_text(encoding="utf-8").startswith("#")  # the header: how to run it, what it reproduces
+
+
+def test_paper_recipes_are_the_papers_setting():
+    expected = {"imaterialist2019": 200, "webvision1k": 5000, "product-manifest": 200}
+    for name, head in expected.items():
+        r = load_recipe(REPO / "recipes" / f"{name}.toml")
+        assert (r.model.backbone, r.data.image_size, r.train.batch_size, r.train.lr, r.train.step_size, r.train.gamma) == ("resnet50", 224, 256, 0.1, 1, 0.8)
+        assert r.eval.head_threshold == head and r.text.drop_most_frequent == r.text.drop_least_frequent == 0.05
+    zh = load_recipe(REPO / "recipes" / "emoji-zh.toml")
+    assert Path(zh.data.manifest).resolve() == (REPO / "data" / "emoji" / "emoji-zh.csv").resolve()
+
+
+# ---- the real packages ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_real_emoji_fetch(tmp_path):
+    if shutil.which("npm") is None:
+        pytest.skip("npm is not installed")
+    s = em.fetch_emoji(tmp_path / "emoji")
+    assert (s.rows, s.classes, s.train, s.test) == (3501, 98, 3099, 402)
+    assert s.skipped == {"Component group (skin-tone and hair swatches)": 5, "skin-tone variant of a test emoji (kept out of both sides)": 280}
+    assert len(list((tmp_path / "emoji" / em.DATASOURCE.name / em.IMAGES).glob("*.png"))) == 3786

@@ -1,0 +1,271 @@
+"""Scale-out: 2 gloo ranks (torch.multiprocessing.spawn, file:// rendezvous) against one process.
+
+- the sharded cross-entropy and its gradient equal ``F.cross_entropy`` on the full logits, and the
+  merged per-shard top-k equal the full top-k;
+- sharded (and replicated) data-parallel training takes the same steps as one process: losses,
+  parameters and logits' top-k after several steps, with the real loader and augmentation;
+- checkpoints re-shard 2 -> 1 and 1 -> 2 exactly (weights and SGD momentum);
+- ``train()`` on 2 ranks with a sharded classifier writes a run that one process evaluates to the
+  same numbers (distributed top-k merge + re-sharding on load);
+- 3 classes on 2 ranks: a world size that does not divide the classes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import tiny_recipe
+
+pytestmark = pytest.mark.dist
+
+WORLD = 2
+
+
+def _spawn(fn, tmp: Path, *args) -> None:  # noqa: ANN001
+    rendezvous = tmp / f"rendezvous-{next(_COUNTER)}"  # a file:// rendezvous file serves one group only
+    mp.spawn(_entry, args=(fn, str(tmp), str(rendezvous), args), nprocs=WORLD, join=True)
+
+
+_COUNTER = itertools.count()
+
+
+def _entry(rank: int, fn, tmp: str, rendezvous: str, args: tuple) -> None:  # noqa: ANN001
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
+    try:
+        fn(rank, Path(tmp), *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def _ctx(rank: int):  # noqa: ANN202
+    from sicot_cli.distributed import DistContext
+
+    return DistContext(rank, WORLD)
+
+
+# --- the sharded cross-entropy and top-k -----------------------------------------------------
+
+
+def _ce_worker(rank: int, tmp: Path) -> None:
+    from sicot_cli.distributed import shard_range, sharded_cross_entropy, sharded_topk
+
+    data = torch.load(tmp / "ce.pt")
+    lo, hi = shard_range(data["logits"].shape[1], WORLD, rank)
+    local = data["logits"][:, lo:hi].clone().requires_grad_(True)
+    loss = sharded_cross_entropy(local, data["labels"], lo, hi)
+    loss.backward()
+    scores, ids = sharded_topk(data["logits"][:, lo:hi], 3, lo, _ctx(rank))
+    torch.save({"loss": loss.detach(), "grad": local.grad, "lo": lo, "hi": hi, "scores": scores, "ids": ids}, tmp / f"ce-{rank}.pt")
+
+
+def test_sharded_cross_entropy_and_topk_equal_the_full_ones(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 7, generator=g) * 4  # 7 classes on 2 ranks: 4 + 3
+    labels = torch.tensor([0, 3, 4, 6, 2, 5])
+    torch.save({"logits": logits, "labels": labels}, tmp_path / "ce.pt")
+    _spawn(_ce_worker, tmp_path)
+    full = logits.clone().requires_grad_(True)
+    ref = F.cross_entropy(full, labels)
+    ref.backward()
+    ref_p, ref_i = torch.softmax(logits, 1).topk(3, dim=1)
+    ranges = []
+    for r in range(WORLD):
+        out = torch.load(tmp_path / f"ce-{r}.pt")
+        torch.testing.assert_close(out["loss"], ref.detach())
+        torch.testing.assert_close(out["grad"], full.grad[:, out["lo"] : out["hi"]])
+        assert torch.equal(out["ids"], ref_i)
+        torch.testing.assert_close(out["scores"], ref_p)
+        ranges.append((out["lo"], out["hi"]))
+    assert ranges == [(0, 4), (4, 7)]
+
+
+# --- training steps: 2 ranks == 1 process ----------------------------------------------------
+
+
+def _tiny_model(num_classes: int, vectors: torch.Tensor, shard: tuple[int, int] | None):  # noqa: ANN202
+    """A SICoT without batch-norm or dropout (their statistics are per rank in any DDP setup)."""
+    from encoders import create_encoder
+    from sicot_cli.model import SICoT
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    model = SICoT(net, 8, num_classes, shard=shard)
+    with torch.random.fork_rng(devices=[]):
+        model.encoder = create_encoder("mean", vectors=vectors, out_dim=8)
+    return model
+
+
+STEPS = 3
+
+
+def _steps(data: Path, rank: int, world: int, sharded: bool) -> dict:
+    from sicot_cli.config import TrainConfig
+    from sicot_cli.data.dataset import open_prepared
+    from sicot_cli.data.loader import BatchLoader, epoch_seed
+    from sicot_cli.distributed import DistContext, gather_rows, shard_range, sharded_topk
+    from sicot_cli.model import Streams
+    from sicot_cli.train import train_step
+
+    p = open_prepared(data)
+    ctx = DistContext(rank, world)
+    shard = shard_range(p.num_classes, world, rank) if sharded else None
+    model = _tiny_model(p.num_classes, torch.from_numpy(p.vectors), shard)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    forward = model
+    if ctx.enabled:
+        forward = nn.parallel.DistributedDataParallel(Streams(model) if sharded else model)
+    cfg = TrainConfig(batch_size=8, amp=False, channels_last=False)
+    loader = BatchLoader(p, 8, 0, p.n_train, shuffle=True, seed=0, drop_last=True, rank=rank, world=world)
+    losses = []
+    for i, batch in enumerate(loader.epoch(0)):
+        if i == STEPS:
+            break
+        gen = torch.Generator().manual_seed(epoch_seed(0, 0, 1 + i))
+        loss, loss_v, loss_m = train_step(model, forward, opt, batch, torch.device("cpu"), cfg, gen, ctx, sharded)
+        losses.append(torch.stack([loss, loss_v, loss_m]))
+    with torch.no_grad():  # the scores of one batch after training, merged across shards
+        batch = next(iter(BatchLoader(p, 6, p.n_train, p.n, shuffle=False, rank=rank, world=world).epoch(0)))
+        feats = model.features(model.normalize(batch.images))
+        if ctx.enabled:
+            feats = gather_rows(feats, ctx, batch.global_size)
+        logits = model.classifier(feats)
+        if sharded:
+            _, top = sharded_topk(logits, 2, model.classifier.lo, ctx)
+        else:
+            top = logits.topk(2, dim=1).indices
+    return {"losses": torch.stack(losses), "params": {k: v.detach().clone() for k, v in model.state_dict().items()}, "top": top, "shard": shard}
+
+
+def _train_worker(rank: int, tmp: Path, data: str, sharded: bool) -> None:
+    torch.save(_steps(Path(data), rank, WORLD, sharded), tmp / f"steps-{rank}.pt")
+
+
+@pytest.mark.parametrize("sharded", [True, False], ids=["class-sharded", "replicated"])
+def test_two_ranks_take_the_same_steps_as_one_process(tiny_prepared: Path, tmp_path: Path, sharded: bool) -> None:
+    torch.set_num_threads(1)
+    ref = _steps(tiny_prepared, 0, 1, False)
+    _spawn(_train_worker, tmp_path, str(tiny_prepared), sharded)
+    for r in range(WORLD):
+        out = torch.load(tmp_path / f"steps-{r}.pt")
+        torch.testing.assert_close(out["losses"], ref["losses"], rtol=1e-5, atol=1e-6)
+        assert torch.equal(out["top"], ref["top"])
+        lo, hi = out["shard"] or (0, None)
+        for k, v in ref["params"].items():
+            want = v[lo:hi] if k.startswith("classifier.") and sharded else v
+            torch.testing.assert_close(out["params"][k], want, rtol=1e-5, atol=1e-6, msg=f"rank {r}: {k}")
+    assert not torch.equal(ref["params"]["classifier.weight"], _tiny_model(3, torch.zeros(1, 1), None).classifier.weight), "the steps changed nothing"
+
+
+# --- re-sharding checkpoints -----------------------------------------------------------------
+
+
+def _trained_state(model: nn.Module) -> torch.optim.Optimizer:
+    """One SGD step on random data, so the momentum buffers are not zero."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    g = torch.Generator().manual_seed(1)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=g)
+    opt.step()
+    return opt
+
+
+def _reshard_worker(rank: int, tmp: Path, direction: str) -> None:
+    from sicot_cli import checkpoints, runs
+    from sicot_cli.distributed import shard_range
+
+    shard = shard_range(3, WORLD, rank)
+    model = _tiny_model(3, torch.randn(5, 4, generator=torch.Generator().manual_seed(2)), shard)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    if direction == "2to1":
+        with torch.no_grad():  # the shards of a known full classifier
+            full = torch.load(tmp / "full.pt")
+            model.load_state_dict({**full["model"], "classifier.weight": full["model"]["classifier.weight"][shard[0] : shard[1]], "classifier.bias": full["model"]["classifier.bias"][shard[0] : shard[1]]})
+        opt = _trained_state(model)
+        checkpoints.save(tmp / "ck.pt", {"meta": {}}, model, opt, _ctx(rank), True, "e1")
+        torch.save({"params": model.state_dict(), "momentum": [opt.state[p]["momentum_buffer"] for p in model.parameters()]}, tmp / f"saved-{rank}.pt")
+    else:
+        state = runs.load_checkpoint(tmp / "ck.pt")
+        checkpoints.restore(state, tmp / "ck.pt", model, opt)
+        torch.save({"params": model.state_dict(), "momentum": [opt.state[p]["momentum_buffer"] for p in model.parameters()], "shard": shard}, tmp / f"loaded-{rank}.pt")
+
+
+def test_checkpoints_reshard_two_to_one_and_one_to_two_exactly(tmp_path: Path) -> None:
+    from sicot_cli import checkpoints, runs
+    from sicot_cli.distributed import DistContext
+
+    vectors = torch.randn(5, 4, generator=torch.Generator().manual_seed(2))
+    full = _tiny_model(3, vectors, None)
+    torch.save({"model": full.state_dict()}, tmp_path / "full.pt")
+    # 2 -> 1: two shards saved, loaded into one full model
+    _spawn(_reshard_worker, tmp_path, "2to1")
+    saved = [torch.load(tmp_path / f"saved-{r}.pt") for r in range(WORLD)]
+    parts = sorted(f.name for f in tmp_path.glob("ck.e1.classifier-*"))
+    assert parts == ["ck.e1.classifier-000-of-002.pt", "ck.e1.classifier-001-of-002.pt"]
+    one = _tiny_model(3, vectors, None)
+    opt = torch.optim.SGD(one.parameters(), lr=0.1, momentum=0.9)
+    checkpoints.restore(runs.load_checkpoint(tmp_path / "ck.pt"), tmp_path / "ck.pt", one, opt)
+    for k, v in one.state_dict().items():
+        want = torch.cat([s["params"][k] for s in saved]) if k.startswith("classifier.") else saved[0]["params"][k]
+        assert torch.equal(v, want), k
+    index = checkpoints.param_index(one)
+    sliced = {index["classifier.weight"], index["classifier.bias"]}
+    for i, p in enumerate(one.parameters()):
+        want = torch.cat([s["momentum"][i] for s in saved]) if i in sliced else saved[0]["momentum"][i]
+        assert torch.equal(opt.state[p]["momentum_buffer"], want), i
+    # 1 -> 2: the full model saved by one process, loaded as two shards
+    (tmp_path / "ck.pt").unlink()
+    for f in tmp_path.glob("ck.*.classifier-*"):
+        f.unlink()
+    checkpoints.save(tmp_path / "ck.pt", {"meta": {}}, one, opt, DistContext(), False, "e1")
+    _spawn(_reshard_worker, tmp_path, "1to2")
+    for r in range(WORLD):
+        out = torch.load(tmp_path / f"loaded-{r}.pt")
+        lo, hi = out["shard"]
+        for k, v in one.state_dict().items():
+            assert torch.equal(out["params"][k], v[lo:hi] if k.startswith("classifier.") else v), k
+        index = checkpoints.param_index(one)
+        sliced = {index["classifier.weight"], index["classifier.bias"]}
+        for i, p in enumerate(one.parameters()):
+            m = opt.state[p]["momentum_buffer"]
+            assert torch.equal(out["momentum"][i], m[lo:hi] if i in sliced else m), i
+
+
+# --- the whole train() on 2 ranks --------------------------------------------------------------
+
+
+def _run_worker(rank: int, tmp: Path, data: str) -> None:
+    from sicot_cli.train import train
+
+    recipe = tiny_recipe(Path(data), "model.encoder=bilinear", "train.classifier_parallel=yes", "train.epochs=1")
+    result = train(recipe, tmp / "run", data=data)
+    (tmp / f"result-{rank}.json").write_text(json.dumps(result.final))
+
+
+def test_train_on_two_ranks_with_a_sharded_classifier(tiny_prepared: Path, tmp_path: Path) -> None:
+    from sicot_cli import runs
+    from sicot_cli.evaluate import evaluate_run
+
+    _spawn(_run_worker, tmp_path, str(tiny_prepared))
+    finals = [json.loads((tmp_path / f"result-{r}.json").read_text()) for r in range(WORLD)]
+    assert finals[0]["top1"] == finals[1]["top1"]
+    run = tmp_path / "run"
+    assert runs.is_finished(run)
+    assert sorted(f.name for f in run.glob("checkpoint-last.*.classifier-*")) == ["checkpoint-last.e1.classifier-000-of-002.pt", "checkpoint-last.e1.classifier-001-of-002.pt"]
+    state = runs.load_checkpoint(run / runs.LAST)
+    assert "classifier.weight" not in state["model"] and [(p["lo"], p["hi"]) for p in state["classifier_parts"]] == [(0, 2), (2, 3)]
+    records = runs.read_metrics(run)
+    assert len(records) == 1 and records[0]["train_images"] == 24  # the global batches, counted once
+    # One process re-assembles the classifier and scores the test set as the 2 ranks did.
+    again = evaluate_run(run, device="cpu")
+    assert again.metrics["top1"] == pytest.approx(records[0]["top1"])
+    assert again.metrics["top3"] == pytest.approx(records[0]["top3"])

@@ -1,0 +1,608 @@
+"""Hostile input: property tests of the readers, and a catalogue of named bad inputs through the CLI.
+
+Every bad input must end in one of three ways, never a traceback and never a hang:
+
+- ``error``: exit code 2 and exactly one line, ``error: ...``, naming the thing;
+- ``skip``: the row is left out and counted under a named reason (prepare's summary);
+- ``kept``: an input the documentation promises to handle (CMYK, 16-bit, animated, BOM + CRLF...)
+  is handled, and the row is in the prepared file.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import struct
+import unicodedata
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import KEEP_ALL, TRAIN_FAST, make_manifest, tiny_recipe
+from sicot_cli import runs
+from sicot_cli.cli import app
+from sicot_cli.config import load_recipe
+from sicot_cli.data.manifest import read_manifest
+from sicot_cli.data.skips import Skips
+from sicot_cli.data.tokenize import tokenize
+from sicot_cli.errors import SicotError
+
+runner = CliRunner()
+# 60 examples per property in the default suite; SICOT_HYPOTHESIS_EXAMPLES=2000 for a deeper search.
+FAST = settings(max_examples=int(os.environ.get("SICOT_HYPOTHESIS_EXAMPLES", "60")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+# Text that marketplace exports really contain: NUL, bidi marks, BOMs, zero-width joiners,
+# emoji (with skin tones), mixed scripts, full-width forms, CR/LF, Unicode line separators.
+ODD = ["\x00", "\u202e", "\u200f", "\u200e", "\ufeff", "\u200b", "\u200d", "\r", "\n", "\r\n", "\u2028", "\u0085", "\x1c",
+       "👍🏽", "🐱", "猫", "保温杯", "Ｒｅｄ", "ß", "İ", "مرحبا", "שלום", "кот", "\t", '"', ",", "\\", "\U00020000"]
+odd_text = st.lists(st.one_of(st.sampled_from(ODD), st.text(max_size=8)), max_size=12).map("".join)
+
+
+# --- property tests: the manifest reader, the tokenizer, the recipe loader ---------------------
+
+
+@FAST
+@given(data=st.binary(max_size=2000), suffix=st.sampled_from([".csv", ".tsv", ".jsonl"]))
+def test_manifest_random_bytes_never_crash(tmp_path_factory, data, suffix):
+    path = tmp_path_factory.mktemp("m") / f"m{suffix}"
+    path.write_bytes(data)
+    skips = Skips()
+    try:
+        rows = read_manifest(path, skips)
+    except SicotError as e:
+        assert str(path) in str(e)
+        return
+    for r in rows:
+        assert r.image.is_absolute() and r.label.strip() == r.label and r.label
+
+
+@FAST
+@given(
+    titles=st.lists(odd_text, min_size=1, max_size=8),
+    labels=st.lists(st.sampled_from(["cat", " dog ", "猫", "Ｒ", "\u202ecup"]), min_size=8, max_size=8),
+    bom=st.booleans(),
+    crlf=st.booleans(),
+    fmt=st.sampled_from(["csv", "jsonl"]),
+)
+def test_manifest_round_trips_odd_text(tmp_path_factory, titles, labels, bom, crlf, fmt):
+    """Every well-formed row comes back, title intact (NUL removed), whatever its characters."""
+    import csv
+    import io
+
+    root = tmp_path_factory.mktemp("m")
+    eol = "\r\n" if crlf else "\n"
+    rows = [{"image": f"img{i}.png", "title": t, "label": labels[i], "id": f"r{i}"} for i, t in enumerate(titles)]
+    if fmt == "csv":
+        buf = io.StringIO(newline="")
+        # QUOTE_ALL: the writer only quotes the characters of its own line end, so a bare "\r"
+        # in a "\n" file would be written unquoted and read, correctly, as a line break
+        w = csv.DictWriter(buf, ["image", "title", "label", "id"], lineterminator=eol, quoting=csv.QUOTE_ALL)
+        w.writeheader()
+        w.writerows(rows)
+        text = buf.getvalue()
+    else:
+        text = "".join(json.dumps(r, ensure_ascii=False) + eol for r in rows)
+    path = root / f"m.{fmt}"
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + text.encode("utf-8"))
+    skips = Skips()
+    got = read_manifest(path, skips)
+    assert skips.total == 0, skips.as_dict()
+    assert [r.id for r in got] == [r["id"] for r in rows]
+    for r, src in zip(got, rows, strict=True):
+        # NUL is dropped on read (CSV bytes and JSON "\u0000" alike): HDF5 strings cannot hold it
+        assert r.title == src["title"].replace("\x00", "")
+        assert r.label == src["label"].strip()
+        assert r.image == (root / src["image"]).resolve()
+
+
+@FAST
+@given(text=odd_text)
+def test_tokenizer_tokens_are_clean_words(text):
+    tokens = tokenize(text)
+    assert isinstance(tokens, list)
+    for t in tokens:
+        # no space, control, bidi mark, BOM, NUL, punctuation or emoji (Cn: unassigned code points
+        # in the CJK planes are passed to jieba as ideographs)
+        assert t and all(unicodedata.category(c)[0] in "LMN" or unicodedata.category(c) == "Cn" for c in t), (text, t)
+    assert tokenize(text) == tokens
+    # marks at the edges of a title change nothing
+    assert tokenize("\ufeff" + text + "\u200f") == tokens
+
+
+@FAST
+@given(data=st.binary(max_size=1000))
+def test_recipe_random_bytes_never_crash(tmp_path_factory, data):
+    p = tmp_path_factory.mktemp("r") / "r.toml"
+    p.write_bytes(data)
+    try:
+        load_recipe(p)
+    except SicotError as e:
+        assert str(p) in str(e)
+
+
+_KEYS = ["name", "data.image_size", "data.source", "data.manifest", "data.out", "data.synthetic.num_classes", "text.min_count", "text.drop_most_frequent",
+         "embed.dim", "train.batch_size", "train.lr", "train.topk", "train.crop_scale", "train.device", "model.encoder", "model.encoder_options", "nope", "train.nope"]
+_VALUES = st.one_of(
+    st.integers(min_value=-(10**20), max_value=10**20),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.booleans(),
+    odd_text,
+    st.lists(st.integers(-5, 5), max_size=3),
+    st.dictionaries(st.sampled_from(["a", "hidden"]), st.integers(0, 9), max_size=2),
+)
+
+
+def _toml_value(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return {"nan": "nan", "inf": "inf", "-inf": "-inf"}.get(str(v), repr(v))
+    if isinstance(v, str):
+        return json.dumps(v)  # JSON string escapes are TOML basic-string escapes
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return str(v)
+
+
+@FAST
+@given(items=st.dictionaries(st.sampled_from(_KEYS), _VALUES, max_size=5), overrides=st.lists(odd_text, max_size=3))
+def test_recipe_random_tables_and_overrides(tmp_path_factory, items, overrides):
+    """A typed Recipe that passes validation, or one SicotError; nothing else."""
+    p = tmp_path_factory.mktemp("r") / "r.toml"
+    p.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in items.items()), encoding="utf-8")
+    try:
+        r = load_recipe(p, overrides)
+    except SicotError as e:
+        assert "\n" not in str(e).strip() or "TOML" in str(e)
+        return
+    assert isinstance(r.train.batch_size, int) and r.train.batch_size >= 1
+    assert isinstance(r.train.lr, float) and r.train.lr > 0
+    assert 8 <= r.data.image_size <= 1024 and "\x00" not in r.data.out and r.name and "/" not in r.name
+
+
+# --- the catalogue: named bad inputs through the CLI -------------------------------------------
+
+
+@dataclass
+class Case:
+    """One bad input: how to make it (returns the CLI arguments) and how it must end."""
+
+    make: Callable[[Path, dict], list[str]]
+    outcome: str  # "error", "skip" or "kept"
+    needles: list[str] = field(default_factory=list)  # error: substrings of the line; skip: the reason
+    count: int = 1  # skip: how many rows the reason must count
+    check: Callable[[Path, dict], None] | None = None  # extra assertion after the run
+
+
+def _png(path: Path, size: tuple[int, int] = (24, 20), mode: str = "RGB") -> Path:
+    Image.new(mode, size, 120).save(path)
+    return path
+
+
+def _huge_png(path: Path, w: int, h: int) -> Path:
+    """A valid PNG header claiming w x h pixels (a decompression bomb without the memory)."""
+    png = bytearray(Path(_png(path.with_suffix(".src.png"), (1, 1))).read_bytes())
+    ihdr = bytearray(png[12:29])  # b"IHDR" + 13 bytes of data
+    ihdr[4:12] = struct.pack(">II", w, h)
+    png[12:29] = ihdr
+    png[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)))
+    path.write_bytes(bytes(png))
+    return path
+
+
+def _manifest(tmp: Path, *rows: dict, fmt: str = "csv", split: bool = False) -> Path:
+    return make_manifest(tmp / "raw", per_class=6, split=split, extra_rows=list(rows), name=f"m.{fmt}") if fmt == "csv" else _jsonl(tmp, list(rows))
+
+
+def _jsonl(tmp: Path, extra_lines: list) -> Path:
+    m = make_manifest(tmp / "raw", per_class=6)
+    import csv
+
+    with m.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    path = m.with_suffix(".jsonl")
+    lines = [json.dumps(r, ensure_ascii=False) for r in rows] + [x if isinstance(x, str) else json.dumps(x, ensure_ascii=False) for x in extra_lines]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _prep(m: Path, tmp: Path, *extra: str) -> list[str]:
+    return ["prepare", "--manifest", str(m), "--out", str(tmp / "o.h5"), *KEEP_ALL, *extra]
+
+
+def _row(image: str, rid: str, title: str = "red cat toy", label: str = "cat", **kw: str) -> dict:
+    return {"image": image, "title": title, "label": label, "id": rid, **kw}
+
+
+def _with_image(make_image: Callable[[Path], object], name: str, **row: str) -> Callable[[Path, dict], list[str]]:
+    def make(tmp: Path, ctx: dict) -> list[str]:
+        (tmp / "raw").mkdir(exist_ok=True)
+        make_image(tmp / "raw" / name)
+        return _prep(_manifest(tmp, _row(name, "x1", **row)), tmp)
+
+    return make
+
+
+def _kept(rid: str) -> Callable[[Path, dict], None]:
+    def check(tmp: Path, ctx: dict) -> None:
+        from sicot_cli.data.dataset import open_prepared
+
+        assert rid in open_prepared(tmp / "o.h5").ids()
+
+    return check
+
+
+def _cmyk(p: Path) -> None:
+    Image.new("CMYK", (30, 20), (0, 90, 200, 10)).save(p, "JPEG")
+
+
+def _sixteen_bit(p: Path) -> None:
+    Image.fromarray(np.arange(600, dtype=np.uint16).reshape(20, 30) * 100).save(p)
+
+
+def _animated(p: Path) -> None:
+    frames = [Image.new("P", (20, 20), i * 40) for i in range(3)]
+    frames[0].save(p, save_all=True, append_images=frames[1:], duration=50, loop=0)
+
+
+def _truncated_jpeg(p: Path) -> None:
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(p.with_suffix(".full.jpg"), quality=95)
+    p.write_bytes(p.with_suffix(".full.jpg").read_bytes()[:700])
+
+
+def _label_in_test_only(tmp: Path, ctx: dict) -> list[str]:
+    m = make_manifest(tmp / "raw", per_class=6, split=True, extra_rows=[_row("cat0.png", "f1", "red fox", "fox", split="test")])
+    return _prep(m, tmp)
+
+
+def _class_without_decodable_training_image(tmp: Path, ctx: dict) -> list[str]:
+    raw = tmp / "raw"
+    raw.mkdir()
+    (raw / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    rows = [_row("broken.png", f"fox{i}", "red fox", "fox", split="train") for i in range(3)] + [_row("cat0.png", "fox-t", "red fox", "fox", split="test")]
+    return _prep(make_manifest(raw, per_class=6, split=True, extra_rows=rows), tmp)
+
+
+def _pretrained(content: str) -> Callable[[Path, dict], list[str]]:
+    def make(tmp: Path, ctx: dict) -> list[str]:
+        v = tmp / "v.txt"
+        v.write_text(content, encoding="utf-8")
+        return _prep(_manifest(tmp), tmp, f"embed.pretrained={v}")
+
+    return make
+
+
+def _recipe(text: str, command: str = "prepare") -> Callable[[Path, dict], list[str]]:
+    def make(tmp: Path, ctx: dict) -> list[str]:
+        r = tmp / "r.toml"
+        r.write_bytes(text.encode("utf-8") if isinstance(text, str) else text)
+        return [command, "--recipe", str(r), "--out" if command == "prepare" else "--run-dir", str(tmp / ("o.h5" if command == "prepare" else "run"))]
+
+    return make
+
+
+def _train(*extra: str, run: str = "run") -> Callable[[Path, dict], list[str]]:
+    def make(tmp: Path, ctx: dict) -> list[str]:
+        return ["train", "--data", str(ctx["prepared"]), "--run-dir", str(tmp / run), *TRAIN_FAST, *extra]
+
+    return make
+
+
+def _readonly_dir(tmp: Path) -> Path:
+    """A directory this process cannot write: chmod 555, or (root ignores modes) a sysfs path."""
+    d = tmp / "ro"
+    d.mkdir()
+    d.chmod(0o555)
+    if os.access(d, os.W_OK):
+        return Path("/sys/sicot-readonly")  # sysfs refuses mkdir even for root
+    return d
+
+
+def _copy_run(tmp: Path, ctx: dict, unfinished: bool = False) -> Path:
+    """A copy of the finished run; ``unfinished``: as if killed after epoch 1 of 2 (resumable)."""
+    run = tmp / "run"
+    shutil.copytree(ctx["run"], run)
+    if unfinished:
+        (run / runs.SUMMARY).unlink()
+        (run / runs.PREDICTIONS).unlink()
+    return run
+
+
+def _damaged_checkpoint(how: str, command: str) -> Callable[[Path, dict], list[str]]:
+    def make(tmp: Path, ctx: dict) -> list[str]:
+        run = _copy_run(tmp, ctx, unfinished=command == "train")
+        ck = run / runs.LAST
+        data = bytearray(ck.read_bytes())
+        if how == "truncated":
+            data = data[: len(data) // 2]
+        elif how == "bitflip":
+            data[len(data) // 2] ^= 0x10
+        elif how == "empty":
+            data = bytearray()
+        elif how == "other-model":
+            import torch
+
+            other = {"model": {"visual.conv1.weight": torch.zeros(4, 3, 3, 3)}, "meta": {"backbone": "resnet18", "num_classes": 7}, "optimizer": {}}
+            runs.save_checkpoint(ck, other)
+            data = bytearray(ck.read_bytes())
+        elif how == "pickle-payload":
+            data = bytearray(_evil_checkpoint(tmp / "PWNED"))
+        ck.write_bytes(bytes(data))
+        if command == "evaluate":
+            return ["evaluate", "--run", str(run)]
+        return ["train", "--resume", "--data", str(ctx["prepared"]), "--run-dir", str(run), *TRAIN_FAST, "model.encoder=none", "train.epochs=2"]
+
+    return make
+
+
+class _Evil:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: ANN204 - what a malicious pickle does on load
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _evil_checkpoint(marker: Path) -> bytes:
+    """A checkpoint with a valid header and checksum whose pickle would run a shell command."""
+    import hashlib
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save({"model": _Evil(marker), "meta": {}}, buf)
+    payload = buf.getvalue()
+    return runs.MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload
+
+
+def _no_marker(name: str) -> Callable[[Path, dict], None]:
+    def check(tmp: Path, ctx: dict) -> None:
+        assert not (tmp / name).exists(), "the payload ran"
+
+    return check
+
+
+def _damaged_prepared(how: str) -> Callable[[Path, dict], list[str]]:
+    def make(tmp: Path, ctx: dict) -> list[str]:
+        p = tmp / "p.h5"
+        shutil.copy(ctx["prepared"], p)
+        if how == "truncated":
+            p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+        elif how == "empty":
+            p.write_bytes(b"")
+        elif how == "labels-changed":
+            with h5py.File(p, "a") as f:
+                f["labels"][0] = (f["labels"][0] + 1) % len(f["classes/names"])
+        elif how == "incomplete":
+            with h5py.File(p, "a") as f:
+                f.attrs["complete"] = 0
+        elif how == "tokens-out-of-range":
+            with h5py.File(p, "a") as f:
+                del f.attrs["content_sha256"]  # as a file from before checksums, or another writer
+                f["tokens"][0, 0] = 10**6
+        return ["train", "--data", str(p), "--run-dir", str(tmp / "run"), *TRAIN_FAST]
+
+    return make
+
+
+def _changed_dataset(command: str) -> Callable[[Path, dict], list[str]]:
+    def make(tmp: Path, ctx: dict) -> list[str]:
+        run = _copy_run(tmp, ctx, unfinished=command == "train")
+        if command == "predict":
+            return ["predict", "--run", str(run), "--data", str(ctx["other"]), str(ctx["image"])]
+        if command == "evaluate":
+            return ["evaluate", "--run", str(run), "--data", str(ctx["other"])]
+        return ["train", "--resume", "--data", str(ctx["other"]), "--run-dir", str(run), *TRAIN_FAST, "model.encoder=none"]
+
+    return make
+
+
+def _enospc(match: str) -> Callable:
+    """os.fsync failing with ENOSPC for files whose name contains ``match`` (a full disk)."""
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        if match in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(fd)
+
+    return fsync
+
+
+def _no_tmp_left(tmp: Path, ctx: dict) -> None:
+    left = [p for p in tmp.rglob(".*.tmp-*")]
+    assert not left, left
+
+
+CASES: dict[str, Case] = {
+    # images (prepare): counted skips, or handled as documented
+    "image_missing": Case(lambda t, c: _prep(_manifest(t, _row("nowhere.png", "x1")), t), "skip", ["image file not found"]),
+    "image_corrupt_bytes": Case(_with_image(lambda p: p.write_bytes(os.urandom(300)), "bad.jpg"), "skip", ["not an image file"]),
+    "image_zero_byte": Case(_with_image(lambda p: p.write_bytes(b""), "empty.png"), "skip", ["not an image file"]),
+    "image_truncated_jpeg": Case(_with_image(_truncated_jpeg, "cut.jpg"), "skip", ["truncated or corrupt image"]),
+    "image_huge_decompression_bomb": Case(_with_image(lambda p: _huge_png(p, 30000, 30000), "bomb.png"), "skip", ["image too large (over 89 MP)"]),
+    "image_extreme_aspect_ratio": Case(_with_image(lambda p: _huge_png(p, 1, 50_000_000), "strip.png"), "skip", ["image aspect ratio over 100:1"]),
+    "image_cmyk_jpeg": Case(_with_image(_cmyk, "cmyk.jpg"), "kept", check=_kept("x1")),
+    "image_16bit_png": Case(_with_image(_sixteen_bit, "deep.png"), "kept", check=_kept("x1")),
+    "image_animated_gif": Case(_with_image(_animated, "anim.gif"), "kept", check=_kept("x1")),
+    "image_path_is_directory": Case(_with_image(lambda p: p.mkdir(), "adir.png"), "skip", ["image path is a directory"]),
+    "image_path_escapes_to_system_file": Case(lambda t, c: _prep(_manifest(t, _row("../" * 30 + "etc/hostname", "x1")), t), "skip", ["not an image file"]),
+    "image_path_shell_injection": Case(lambda t, c: _prep(_manifest(t, _row(f"$(touch {t}/PWNED); `touch {t}/PWNED`.png", "x1")), t), "skip", ["image file not found"], check=_no_marker("PWNED")),
+    # rows and labels (prepare)
+    "duplicate_id": Case(lambda t, c: _prep(_manifest(t, _row("cat0.png", "cat-1")), t), "skip", ["duplicate id"]),
+    "label_only_in_test": Case(_label_in_test_only, "skip", ["label has no training image"]),
+    "class_with_zero_training_images": Case(_class_without_decodable_training_image, "skip", ["label has no training image"], count=1),
+    "title_only_emoji_and_marks": Case(lambda t, c: _prep(_manifest(t, _row("cat0.png", "x1", "🐱🐶 \u202e\u200f !!!")), t), "skip", ["empty title"]),
+    "title_nul_rtl_mixed_scripts": Case(lambda t, c: _prep(_manifest(t, _row("cat0.png", "x1", "\u202e红色\x00 cat\u200f кот 👍🏽 Ｒｅｄ")), t), "kept", check=_kept("x1")),
+    "title_huge_1mb": Case(lambda t, c: _prep(_manifest(t, _row("cat0.png", "x1", "red cat " * 130_000)), t), "kept", check=_kept("x1")),
+    "split_value_unknown": Case(lambda t, c: _prep(make_manifest(t / "raw", per_class=6, split=True, extra_rows=[_row("cat0.png", "x1", split="validation")]), t), "skip", ["split is not train/test"]),
+    "jsonl_line_not_an_object": Case(lambda t, c: _prep(_jsonl(t, ["[1, 2]", "{broken", "[" * 50_000 + "]" * 50_000, "1" * 5000]), t), "skip", ["not a JSON object"], count=4),
+    "jsonl_lone_surrogate_escape": Case(lambda t, c: _prep(_jsonl(t, ['{"image": "cat0.png", "title": "red \\ud800 cat", "label": "cat", "id": "x1"}']), t), "skip", ["text is not valid Unicode (lone surrogate)"]),
+    "jsonl_title_with_line_separator": Case(lambda t, c: _prep(_jsonl(t, [_row("cat0.png", "x1", "red\u2028cat\u0085toy")]), t), "kept", check=_kept("x1")),
+    # manifests (prepare)
+    "manifest_zero_byte": Case(lambda t, c: (t / "m.csv").write_bytes(b"") and [] or _prep(t / "m.csv", t), "error", ["m.csv", "empty manifest"]),
+    "manifest_random_binary": Case(lambda t, c: (t / "m.csv").write_bytes(np.random.default_rng(7).bytes(4000)) and [] or _prep(t / "m.csv", t), "error", ["m.csv"]),
+    "manifest_unknown_extension": Case(lambda t, c: (t / "m.xlsx").write_bytes(b"PK\x03\x04") and [] or _prep(t / "m.xlsx", t), "error", ["m.xlsx", "unknown manifest type"]),
+    "manifest_is_a_directory": Case(lambda t, c: (t / "m.csv").mkdir() or _prep(t / "m.csv", t), "error", ["m.csv", "is a directory"]),
+    "manifest_mixed_split": Case(lambda t, c: _prep(_jsonl(t, [_row("cat0.png", "x1", split="train")]), t), "error", ["m.jsonl", "no split, but other rows have one"]),
+    # text and vectors (prepare)
+    "empty_vocabulary_after_filtering": Case(lambda t, c: _prep(_manifest(t), t, "text.drop_most_frequent=0.5", "text.drop_least_frequent=0.49", "text.min_count=100"), "error", ["vocabulary is empty after filtering"]),
+    "word_vectors_wrong_dimension": Case(_pretrained("3 5\nred 1 0 0\ncat 0 1 0\ntoy 0 0 1\n"), "error", ["v.txt", "not a word2vec text file"]),
+    "word_vectors_not_numbers": Case(_pretrained("2 3\nred a b c\ncat 0 1 0\n"), "error", ["v.txt", "not a word2vec text file"]),
+    "word_vectors_missing": Case(lambda t, c: _prep(_manifest(t), t, f"embed.pretrained={t}/nope.txt"), "error", ["nope.txt", "pretrained word vectors not found"]),
+    # recipes
+    "recipe_wrong_type": Case(_recipe('[train]\nbatch_size = "eight"\n'), "error", ["r.toml", "train.batch_size must be an integer"]),
+    "recipe_list_for_number": Case(_recipe("[train]\nlr = [0.1]\n"), "error", ["r.toml", "train.lr must be a number"]),
+    "recipe_binary_garbage": Case(_recipe(b"\x00\xff\xfe garbage"), "error", ["r.toml", "not UTF-8"]),
+    "recipe_nesting_bomb": Case(_recipe("x = " + "[" * 100_000 + "]" * 100_000 + "\n"), "error", ["r.toml", "nested too deeply"]),
+    "recipe_nul_in_string": Case(_recipe('[data]\nout = "a\\u0000b.h5"\n'), "error", ["r.toml", "data.out contains a NUL character"]),
+    "recipe_name_with_path": Case(_recipe('name = "../../etc/x"\n'), "error", ["r.toml", "name must be a non-empty file-name part"]),
+    "recipe_code_is_not_run": Case(_recipe('name = "__import__(\'os\').system(\'touch PWNED\')"\n[data]\nimage_size = 2\n'), "error", ["data.image_size must be between 8 and 1024"], check=_no_marker("PWNED")),
+    # training settings
+    "unknown_encoder": Case(_train("--encoder", "transformerXL"), "error", ["unknown encoder 'transformerXL'"]),
+    "batch_size_zero": Case(_train("train.batch_size=0"), "error", ["train.batch_size must be >= 1, got 0"]),
+    "batch_size_negative": Case(_train("train.batch_size=-8"), "error", ["train.batch_size must be >= 1, got -8"]),
+    "image_size_too_small_for_backbone": Case(_train("model.backbone=alexnet"), "error", ["model.backbone 'alexnet' cannot take 16x16 images", "data.image_size="]),
+    "image_size_not_the_vit_size": Case(_train("model.backbone=vit_b_16"), "error", ["model.backbone 'vit_b_16' cannot take 16x16 images", "224"]),
+    "unknown_backbone": Case(_train("model.backbone=resnet9000"), "error", ["resnet9000", "not a torchvision classification model"]),
+    "prepared_dataset_missing": Case(lambda t, c: ["train", "--data", str(t / "none.h5"), "--run-dir", str(t / "run"), *TRAIN_FAST], "error", ["none.h5", "not found"]),
+    # disks
+    "readonly_output_directory": Case(lambda t, c: _prep(_manifest(t), Path(_readonly_dir(t))), "error", ["output directory"]),
+    "readonly_run_directory": Case(lambda t, c: _train(run=str(_readonly_dir(t) / "run"))(t, c), "error", ["output directory"]),
+    "disk_full_writing_prepared": Case(lambda t, c: _prep(_manifest(t), t), "error", ["o.h5: cannot write (No space left on device)"], check=_no_tmp_left),
+    "disk_full_writing_checkpoint": Case(_train("model.encoder=none", "train.epochs=1"), "error", ["checkpoint-best.pt: cannot write (No space left on device)"], check=_no_tmp_left),
+    # checkpoints and prepared files
+    "checkpoint_truncated": Case(_damaged_checkpoint("truncated", "evaluate"), "error", ["checkpoint-last.pt: corrupt checkpoint", "sicot train --run-dir"]),
+    "checkpoint_bitflip_on_resume": Case(_damaged_checkpoint("bitflip", "train"), "error", ["checkpoint-last.pt: corrupt checkpoint (checksum mismatch"]),
+    "checkpoint_zero_byte": Case(_damaged_checkpoint("empty", "evaluate"), "error", ["checkpoint-last.pt: not a sicot checkpoint (empty file)"]),
+    "checkpoint_of_another_model_evaluate": Case(_damaged_checkpoint("other-model", "evaluate"), "error", ["checkpoint-last.pt: checkpoint of another model"]),
+    "checkpoint_of_another_model_resume": Case(_damaged_checkpoint("other-model", "train"), "error", ["checkpoint-last.pt: checkpoint of another model"]),
+    "checkpoint_with_code_in_pickle": Case(_damaged_checkpoint("pickle-payload", "evaluate"), "error", ["checkpoint-last.pt: unreadable checkpoint"], check=_no_marker("PWNED")),
+    "prepared_truncated": Case(_damaged_prepared("truncated"), "error", ["p.h5: not a readable HDF5 file", "sicot prepare --out"]),
+    "prepared_zero_byte": Case(_damaged_prepared("empty"), "error", ["p.h5: not a readable HDF5 file", "sicot prepare --out"]),
+    "prepared_content_damaged": Case(_damaged_prepared("labels-changed"), "error", ["p.h5: corrupt prepared dataset (content checksum mismatch", "sicot prepare --out"]),
+    "prepared_unfinished": Case(_damaged_prepared("incomplete"), "error", ["p.h5: incomplete", "sicot prepare --out"]),
+    "prepared_word_ids_out_of_range": Case(_damaged_prepared("tokens-out-of-range"), "error", ["p.h5: corrupt prepared dataset (word ids outside the vocabulary)"]),
+    # runs against another dataset, and other run commands
+    "dataset_changed_resume": Case(_changed_dataset("train"), "error", ["use the dataset the run was trained on"]),
+    "dataset_changed_evaluate": Case(_changed_dataset("evaluate"), "error", ["use the dataset the run was trained on"]),
+    "dataset_changed_predict": Case(_changed_dataset("predict"), "error", ["use the dataset the run was trained on"]),
+    "predict_corrupt_image": Case(lambda t, c: (t / "q.jpg").write_bytes(b"\xff\xd8\xff garbage") and [] or ["predict", "--run", str(_copy_run(t, c)), str(t / "q.jpg")], "error", ["q.jpg: not an image file"]),
+    "predict_missing_image": Case(lambda t, c: ["predict", "--run", str(_copy_run(t, c)), str(t / "gone.png")], "error", ["gone.png: image file not found"]),
+    "evaluate_not_a_run": Case(lambda t, c: ["evaluate", "--run", str(t)], "error", ["not a run directory"]),
+    "evaluate_unknown_checkpoint_name": Case(lambda t, c: ["evaluate", "--run", str(_copy_run(t, c)), "--checkpoint", "final"], "error", ["--checkpoint must be last or best"]),
+    "ablate_seeds_not_integers": Case(lambda t, c: ["ablate", "--seeds", "1,two", "--out", str(t / "abl")], "error", ["--seeds must be comma-separated integers"]),
+}
+
+
+@pytest.fixture(scope="module")
+def ctx(tiny_prepared, tmp_path_factory) -> dict:
+    """A finished 1-epoch run on the tiny dataset, a dataset with another vocabulary, an image."""
+    from sicot_cli.data.prepare import prepare
+    from sicot_cli.train import train
+
+    root = tmp_path_factory.mktemp("hostile")
+    run = train(tiny_recipe(tiny_prepared, "model.encoder=none", "train.epochs=1"), root / "run").run_dir
+    m = make_manifest(root / "raw2", per_class=6)
+    other = root / "other.h5"
+    prepare(load_recipe(None, ["data.source=manifest", f"data.manifest={m}", "data.image_size=16", *KEEP_ALL, "text.min_count=2"]), other)
+    return {"run": run, "prepared": tiny_prepared, "other": other, "image": tiny_prepared.parent / "raw" / "cat3.png"}
+
+
+@pytest.fixture
+def deadline():
+    """Never a hang: a case that runs past 120 s fails instead of blocking the suite."""
+
+    def expire(*_):  # noqa: ANN002
+        raise TimeoutError("bad input case ran past 120 s")
+
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(120)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+def test_catalogue_is_large_enough():
+    assert len(CASES) >= 30
+    assert sum(c.outcome == "error" for c in CASES.values()) >= 30
+
+
+@pytest.mark.parametrize("name", list(CASES), ids=list(CASES))
+def test_bad_input(name, tmp_path, ctx, monkeypatch, deadline):
+    case = CASES[name]
+    args = case.make(tmp_path, ctx)
+    if name.startswith("disk_full_writing_"):
+        monkeypatch.setattr(os, "fsync", _enospc(".o.h5.tmp" if "prepared" in name else ".checkpoint-"))
+    result = runner.invoke(app, args, catch_exceptions=False)
+    out = result.output
+    assert "Traceback" not in out, out
+    if case.outcome == "error":
+        assert result.exit_code == 2, out
+        lines = [ln for ln in out.strip().splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error:"), out
+        for needle in case.needles:
+            assert needle in lines[0], (needle, out)
+    else:
+        assert result.exit_code == 0, out
+        summary = json.loads((tmp_path / "o.recipe.json").read_text(encoding="utf-8"))["summary"]
+        if case.outcome == "skip":
+            (reason,) = case.needles
+            assert summary["skipped"].get(reason) == case.count, (reason, summary["skipped"])
+            assert f"skipped: {reason}" in out
+    if case.check is not None:
+        case.check(tmp_path, ctx)
+
+
+def test_skipped_manifest_paths_are_reported_resolved(tmp_path):
+    m = _manifest(tmp_path, _row("sub/../../raw/./nowhere.png", "x1"))
+    r = runner.invoke(app, _prep(m, tmp_path), catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    example = json.loads((tmp_path / "o.recipe.json").read_text())["summary"]["skip_examples"]["image file not found"][0]
+    assert example.endswith(f"({(tmp_path / 'raw' / 'nowhere.png').resolve()})"), example
+
+
+def test_checkpoints_and_weights_load_with_weights_only():
+    """Every torch.load in the package passes weights_only=True (no pickled code runs on load)."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    calls = []
+    for py in [*(root / "sicot_cli").rglob("*.py"), *(root / "encoders").rglob("*.py")]:
+        text = py.read_text(encoding="utf-8")
+        for m in re.finditer(r"torch\.load\(", text):
+            depth, i = 1, m.end()
+            while depth and i < len(text):
+                depth += {"(": 1, ")": -1}.get(text[i], 0)
+                i += 1
+            calls.append((py.name, text[m.start() : i]))
+        assert not re.search(r"\b(pickle|marshal|shelve|dill)\.loads?\(|(?<![.\w])(eval|exec)\(|yaml\.load\(", text), py
+    assert calls, "no torch.load found: the test looks in the wrong place"
+    for name, call in calls:
+        assert "weights_only=True" in call, (name, call)
+
+
+def test_legacy_checkpoint_with_code_is_refused_too(tmp_path):
+    """A plain torch.save file (no sicot header) carrying code is refused and the code never runs."""
+    import torch
+
+    path = tmp_path / "checkpoint-last.pt"
+    torch.save({"model": _Evil(tmp_path / "PWNED"), "meta": {}}, path)
+    with pytest.raises(SicotError, match="unreadable checkpoint"):
+        runs.load_checkpoint(path)
+    assert not (tmp_path / "PWNED").exists()

@@ -1,0 +1,332 @@
+"""Kill anywhere, lose nothing: SIGKILL / SIGINT fault injection on real ``sicot`` processes.
+
+The fast tests check the pieces (checksummed checkpoints, stale temporaries, the side file); the
+``slow`` harness starts ``sicot prepare``, ``sicot train`` and ``sicot ablate`` as subprocesses on
+the built-in synthetic dataset at tiny settings, kills them at seeded random points, runs them
+again (``--resume`` for train) and compares with an uninterrupted run.
+
+Where the kills land: half of the trials kill at a random time after the job's first output
+appears, the other half wait for the N-th temporary file (an atomic write in progress) and kill
+then. ``SICOT_FAULT_WRITE_DELAY`` makes every atomic write pause before its rename, which widens
+the window so that kills do land inside writes. A kill counts as "during a write" when a
+temporary of the killed process existed at that moment. The figures are printed at the end of
+each harness test (``pytest -m slow -s tests/test_reliability.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import tiny_recipe
+from sicot_cli import runs
+from sicot_cli.errors import SicotError
+from sicot_cli.fsutil import tmp_name
+from sicot_cli.train import TIMING_KEYS, train
+
+TRIALS = int(os.environ.get("SICOT_KILL_TRIALS", "10"))
+DATA = ["data.synthetic.num_classes=4", "data.synthetic.max_per_class=14", "data.synthetic.min_per_class=8", "data.synthetic.test_per_class=2",
+        "data.image_size=16", "embed.dim=8", "embed.epochs=2", "data.workers=1", "text.drop_most_frequent=0", "text.drop_least_frequent=0"]
+TRAIN = ["model.backbone=mobilenet_v3_small", "train.batch_size=8", "train.eval_batch_size=64", "train.lr=0.005", "train.epochs=3", "train.device=cpu", "train.in_memory=yes"]
+WRITE_DELAY = "0.15"
+
+
+# --- fast: the pieces --------------------------------------------------------------------------
+
+
+def test_checkpoint_checksum_round_trip_and_damage(tmp_path):
+    import torch
+
+    path = tmp_path / runs.LAST
+    state = {"model": {"w": torch.arange(10.0)}, "meta": {"backbone": "x"}, "history": [{"epoch": 1, "loss_m": None}]}
+    runs.save_checkpoint(path, state)
+    data = path.read_bytes()
+    assert data.startswith(runs.MAGIC)
+    back = runs.load_checkpoint(path)
+    assert torch.equal(back["model"]["w"], state["model"]["w"]) and back["history"] == state["history"]
+    for damage in (data[:-1], data[:200], data[: len(data) // 2] + bytes([data[len(data) // 2] ^ 1]) + data[len(data) // 2 + 1 :]):
+        path.write_bytes(damage)
+        with pytest.raises(SicotError, match=r"checkpoint-last.pt: corrupt checkpoint .*sicot train --run-dir"):
+            runs.load_checkpoint(path)
+    # a checkpoint written before checksums (plain torch.save) still loads
+    torch.save(state, path)
+    assert runs.load_checkpoint(path)["meta"] == {"backbone": "x"}
+
+
+def test_resume_removes_temporaries_of_a_killed_run(tiny_prepared, tmp_path):
+    recipe = tiny_recipe(tiny_prepared, "model.encoder=none", "train.epochs=2")
+
+    def stop(epoch, batch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    run = tmp_path / "run"
+    assert train(recipe, run, hook=stop).interrupted
+    dead = run / ".checkpoint-last.pt.tmp-999999999"  # what a SIGKILL inside a save leaves
+    dead.write_bytes(b"half a checkpoint")
+    live = run / ".config.json.tmp-1"  # pid 1 runs: a live process's temporary is not touched
+    live.write_bytes(b"")
+    train(recipe, run, resume=True)
+    assert not dead.exists() and live.exists()
+
+
+def test_folder_holding_only_a_killed_runs_temporary_is_not_a_run(tmp_path):
+    """ablate killed while creating a run: the next call must start that run, not refuse it."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".config.json.tmp-999999999").write_text("{")
+    assert runs.start_run(run, {"a": 1}, resume=False) is False
+    assert json.loads((run / runs.CONFIG).read_text()) == {"a": 1}
+    with pytest.raises(SicotError, match="run directory exists"):
+        runs.start_run(run, {"a": 1}, resume=False)
+
+
+def test_prepare_restores_a_side_file_lost_to_a_kill(tmp_path):
+    from sicot_cli.config import load_recipe
+    from sicot_cli.data.prepare import prepare
+
+    out = tmp_path / "p.h5"
+    recipe = load_recipe(None, [*DATA, "data.synthetic.num_classes=3", "data.synthetic.max_per_class=6", "data.synthetic.min_per_class=4"])
+    prepare(recipe, out)
+    side = out.with_suffix(".recipe.json")
+    before = json.loads(side.read_text())
+    side.unlink()  # a kill between the .h5's rename and the side file's
+    with pytest.raises(SicotError, match="already exists"):
+        prepare(recipe, out)
+    assert json.loads(side.read_text()) == before
+
+
+# --- slow: the kill harness --------------------------------------------------------------------
+
+
+def _env(delay: str | None = None) -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "COLUMNS": "200", "PYTHONHASHSEED": "0"}
+    env.pop("SICOT_FAULT_WRITE_DELAY", None)
+    if delay:
+        env["SICOT_FAULT_WRITE_DELAY"] = delay
+    return env
+
+
+def _sicot(args: list[str], cwd: Path, delay: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sicot_cli", *args], cwd=cwd, env=_env(delay), capture_output=True, text=True, timeout=600)
+
+
+def _tmps(folder: Path, pid: int | None = None) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return [p for p in folder.rglob(".*.tmp-*") if pid is None or p.name.endswith(f".tmp-{pid}")]
+
+
+class Killer:
+    """Start a command, kill it at a seeded point, and record whether a write was in progress."""
+
+    def __init__(self, args: list[str], cwd: Path, watch: Path, started: Path) -> None:
+        self.args, self.cwd, self.watch, self.started = args, cwd, watch, started
+
+    def run(self, rng: random.Random, work_seconds: float, sig: int = signal.SIGKILL, targeted: bool | None = None) -> dict:
+        """Half the trials: kill at a random time into the work; the other half: at the N-th temporary."""
+        targeted = rng.random() < 0.5 if targeted is None else targeted
+        nth = rng.randint(1, 4)
+        delay = rng.uniform(0, work_seconds * 1.1)
+        proc = subprocess.Popen([sys.executable, "-m", "sicot_cli", *self.args], cwd=self.cwd, env=_env(WRITE_DELAY), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        seen: set[str] = set()
+        t_start = None
+        deadline = time.monotonic() + 300
+        during = False
+        while proc.poll() is None and time.monotonic() < deadline:
+            if t_start is None and self.started.exists():
+                t_start = time.monotonic()
+            current = {p.name for p in _tmps(self.watch, proc.pid)}
+            seen |= current
+            if targeted and len(seen) >= nth and current:
+                break
+            if not targeted and t_start is not None and time.monotonic() - t_start >= delay:
+                break
+            time.sleep(0.003)
+        finished = proc.poll() is not None
+        if not finished:
+            during = bool(_tmps(self.watch, proc.pid))
+            proc.send_signal(sig)
+        out, err = proc.communicate(timeout=300)
+        return {"killed": not finished, "during_write": during and not finished, "rc": proc.returncode, "stderr": err, "targeted": targeted}
+
+
+def _figures(name: str, trials: list[dict], **extra: object) -> None:
+    killed = sum(t["killed"] for t in trials)
+    during = sum(t["during_write"] for t in trials)
+    print(f"\n[kill harness] {name}: {len(trials)} trials, {killed} killed mid-run, {during} kills during a write, " + ", ".join(f"{k} {v}" for k, v in extra.items()))
+
+
+def _work_seconds(first: Path, last: Path) -> float:
+    """How long the reference run worked between its first and its last output (no import time)."""
+    return max(last.stat().st_mtime - first.stat().st_mtime, 0.5)
+
+
+def _strip(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+
+def _prepared_digest(path: Path) -> tuple[str, str]:
+    with h5py.File(path, "r") as f:
+        import hashlib
+
+        return str(f.attrs["content_sha256"]), hashlib.sha256(np.ascontiguousarray(f["images"][()]).tobytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("kills")
+
+
+@pytest.mark.slow
+def test_kill_prepare(work):
+    ref = work / "ref"
+    ref.mkdir()
+    t0 = time.monotonic()
+    r = _sicot(["prepare", "--out", "o.h5", *DATA], ref)
+    assert r.returncode == 0, r.stderr
+    seconds = time.monotonic() - t0
+    want = _prepared_digest(ref / "o.h5")
+    want_side = json.loads((ref / "o.recipe.json").read_text())["summary"]["kept"]
+    rng = random.Random(7)
+    trials, side_restored = [], 0
+    for i in range(TRIALS):
+        d = work / f"prep{i}"
+        d.mkdir()
+        # the temporary appears when decoding starts; "started" is the process start here
+        t = Killer(["prepare", "--out", "o.h5", *DATA], d, d, started=d).run(rng, seconds)
+        trials.append(t)
+        out = d / "o.h5"
+        if out.exists():  # finished (or killed after the rename): it must be complete and right
+            assert _prepared_digest(out) == want
+        existed, side_missing = out.exists(), not (d / "o.recipe.json").exists()
+        r = _sicot(["prepare", "--out", "o.h5", *DATA], d)
+        if existed:  # complete already: refused, and a side file lost to the kill is restored
+            assert r.returncode == 2 and "already exists" in r.stderr, r.stderr
+            side_restored += side_missing
+        else:
+            assert r.returncode == 0, r.stderr
+        assert _prepared_digest(out) == want
+        assert json.loads((d / "o.recipe.json").read_text())["summary"]["kept"] == want_side
+        assert not _tmps(d), _tmps(d)
+    _figures("prepare", trials, side_files_restored=side_restored, reference_seconds=round(seconds, 1))
+    assert sum(t["during_write"] for t in trials) >= 1
+
+
+@pytest.fixture(scope="module")
+def prepared(work) -> Path:
+    d = work / "data"
+    d.mkdir()
+    r = _sicot(["prepare", "--out", "p.h5", *DATA], d)
+    assert r.returncode == 0, r.stderr
+    return d / "p.h5"
+
+
+def _train_args(prepared: Path, run: Path, encoder: str = "mean") -> list[str]:
+    return ["train", "--data", str(prepared), "--run-dir", str(run), "--encoder", encoder, *TRAIN]
+
+
+@pytest.mark.slow
+def test_kill_train_and_resume_exactly(work, prepared):
+    ref = work / "train-ref"
+    t0 = time.monotonic()
+    r = _sicot(_train_args(prepared, ref), work)
+    assert r.returncode == 0, r.stderr
+    seconds = time.monotonic() - t0
+    want = _strip(runs.read_metrics(ref))
+    assert len(want) == 3
+    rng = random.Random(11)
+    trials, resumes = [], 0
+    for i in range(TRIALS):
+        run = work / f"train{i}"
+        t = Killer(_train_args(prepared, run), work, run, started=run / runs.CONFIG).run(rng, _work_seconds(ref / runs.CONFIG, ref / runs.SUMMARY))
+        trials.append(t)
+        # no final output until complete; what exists is readable
+        if (run / runs.SUMMARY).exists():
+            assert (run / runs.PREDICTIONS).exists() and _strip(runs.read_metrics(run)) == want
+        for ck in (runs.LAST, runs.BEST):
+            if (run / ck).exists():
+                runs.load_checkpoint(run / ck)  # checksum verified: never a torn checkpoint
+        r = _sicot([*_train_args(prepared, run), "--resume"], work)
+        resumes += 1
+        assert r.returncode == 0, r.stderr
+        assert _strip(runs.read_metrics(run)) == want, f"trial {i}: resumed metrics differ"
+        assert not _tmps(run), _tmps(run)
+    _figures("train", trials, resumes=resumes, reference_seconds=round(seconds, 1))
+    assert sum(t["during_write"] for t in trials) >= 1
+
+
+@pytest.mark.slow
+def test_sigint_train_saves_a_resumable_checkpoint(work, prepared):
+    ref = work / "train-ref"
+    if not ref.exists():
+        assert _sicot(_train_args(prepared, ref), work).returncode == 0
+    want = _strip(runs.read_metrics(ref))
+    rng = random.Random(3)
+    trials, mid_epoch, differ = [], 0, 0
+    for i in range(6):
+        run = work / f"sigint{i}"
+        # aim at the training steps: after the first checkpoint, a little into epoch 2
+        killer = Killer(_train_args(prepared, run), work, run, started=run / runs.LAST)
+        t = killer.run(rng, 0.3, sig=signal.SIGINT, targeted=False)
+        trials.append(t)
+        if t["killed"]:
+            assert t["rc"] == 130, t["stderr"]
+            assert "interrupted" in t["stderr"] and "Traceback" not in t["stderr"], t["stderr"]
+            state = runs.load_checkpoint(run / runs.LAST)
+            mid_epoch += state["batch"] > 0
+            if state["batch"] > 0:
+                assert "checkpoint saved; continue with sicot train --resume" in t["stderr"].replace("\n", " "), t["stderr"]
+        r = _sicot([*_train_args(prepared, run), "--resume"], work)
+        assert r.returncode == 0, r.stderr
+        assert len(runs.read_metrics(run)) == len(want) and (run / runs.SUMMARY).exists()
+        differ += _strip(runs.read_metrics(run)) != want
+    _figures("train SIGINT", trials, mid_epoch_checkpoints=mid_epoch, resumed_runs_that_differ=differ)
+    assert sum(t["killed"] for t in trials) >= 1
+    # Ctrl-C inside a step waits for the step's end (train.py), so the checkpoint matches its counter.
+    assert differ == 0, f"{differ} SIGINT-resumed run(s) differ from the uninterrupted run"
+
+
+@pytest.mark.slow
+def test_kill_ablate_never_retrains_a_finished_run(work, prepared):
+    args = ["ablate", "--encoders", "mean", "--seeds", "0", "--data", str(prepared), *TRAIN, "train.epochs=2"]
+    ref = work / "abl-ref"
+    t0 = time.monotonic()
+    r = _sicot([*args, "--out", str(ref)], work)
+    assert r.returncode == 0, r.stderr
+    seconds = time.monotonic() - t0
+    names = ["none-s0", "mean-s0"]
+    want = {n: _strip(runs.read_metrics(ref / n)) for n in names}
+    rng = random.Random(5)
+    trials, kept_finished = [], 0
+    for i in range(TRIALS):
+        root = work / f"abl{i}"
+        t = Killer([*args, "--out", str(root)], work, root, started=root / "ablation.json").run(rng, _work_seconds(ref / "ablation.json", ref / "report.md"))
+        trials.append(t)
+        finished = {n: (root / n / runs.SUMMARY).read_bytes() for n in names if (root / n / runs.SUMMARY).exists()}
+        stamps = {n: (root / n / runs.LAST).stat().st_mtime_ns for n in finished}
+        r = _sicot([*args, "--out", str(root)], work)
+        assert r.returncode == 0, r.stderr
+        for n in finished:  # never retrained: its files are untouched
+            assert (root / n / runs.SUMMARY).read_bytes() == finished[n]
+            assert (root / n / runs.LAST).stat().st_mtime_ns == stamps[n]
+            kept_finished += 1
+        for n in names:
+            assert _strip(runs.read_metrics(root / n)) == want[n], f"trial {i}: {n} differs"
+        assert not _tmps(root), _tmps(root)
+    _figures("ablate", trials, finished_runs_left_untouched=kept_finished)
+    assert sum(t["during_write"] for t in trials) >= 1
+
+
+def test_tmp_name_is_what_the_harness_watches(tmp_path):
+    assert tmp_name(tmp_path / "checkpoint-last.pt").name == f".checkpoint-last.pt.tmp-{os.getpid()}"
