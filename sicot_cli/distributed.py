@@ -92,9 +92,20 @@ def init_distributed(device: str = "auto") -> DistContext:
     return ctx
 
 
-def shutdown(ctx: DistContext) -> None:
-    """Leave the process group if :func:`init_distributed` created it."""
+def shutdown(ctx: DistContext, clean: bool = True) -> None:
+    """Leave the process group if :func:`init_distributed` created it.
+
+    After a clean finish (``clean``), the DDP wrappers (whose reducers hold the group) are collected
+    and every rank waits at a barrier, so no rank tears its connections down while a peer still
+    talks to it. After an error there is no barrier: the peers may be inside another collective and
+    a barrier would hang them; they see the closed connections and fail instead.
+    """
     if ctx.initialised_here and dist.is_initialized():
+        if clean:
+            import gc
+
+            gc.collect()
+            dist.barrier()
         dist.destroy_process_group()
 
 

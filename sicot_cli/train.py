@@ -212,10 +212,13 @@ def train(
     ctx = init_distributed(recipe.train.device)
     if not ctx.is_main:  # one voice: rank 0 logs, the others only warn
         logging.getLogger("sicot_cli").setLevel(logging.WARNING)
+    clean = False
     try:
-        return _train(ctx, recipe, run_dir, resume, data, progress if ctx.is_main else None, hook)
+        result = _train(ctx, recipe, run_dir, resume, data, progress if ctx.is_main else None, hook)
+        clean = True
+        return result
     finally:
-        shutdown(ctx)
+        shutdown(ctx, clean)
 
 
 def _on_main(ctx: DistContext, fn: Callable[[], Any]) -> Any:

@@ -33,3 +33,8 @@ def test_fractions_floor_on_small_vocabularies():
 def test_encode_drops_filtered_words_and_truncates():
     v = build_vocab([["a", "b", "b"]], 0.0, 0.0, 1)
     assert v.encode(["b", "zzz", "a", "b"], 2) == [v.index["b"], v.index["a"]]
+
+
+def test_rule_names_keep_fractional_percentages():
+    v = build_vocab([["a", "b", "c"]], 0.005, 0.05, 1)
+    assert [r.rule for r in v.rules][:2] == ["0.5% most frequent", "5% least frequent"]

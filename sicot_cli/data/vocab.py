@@ -82,8 +82,8 @@ def build_vocab(
     rules: list[FilterRule] = []
     gone: set[str] = set()
     for name, removed in (
-        (f"{drop_most_frequent:.0%} most frequent", removed_top),
-        (f"{drop_least_frequent:.0%} least frequent", removed_bottom),
+        (f"{drop_most_frequent * 100:g}% most frequent", removed_top),
+        (f"{drop_least_frequent * 100:g}% least frequent", removed_bottom),
         (f"seen < {min_count} times", removed_min),
     ):
         gone |= removed
