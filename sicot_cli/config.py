@@ -113,6 +113,11 @@ class TrainConfig:
     step_size: int = 1  # StepLR: epochs per step
     gamma: float = 0.8
     lam: float = 1.0  # lambda of Eq. 1: weight of the mixed-feature loss
+    # Divide Eq. 1 by (1 + lam) when co-training. x_m = max(x_v, s) is close to x_v, so the sum's
+    # gradient on the visual stream and the shared classifier is about (1 + lam) times the
+    # baseline's: at one learning rate, co-training takes larger steps than the baseline it is
+    # compared with. false = the paper's literal sum (measured in README, "Step size").
+    normalize_loss: bool = False
     seed: int = 0
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)

@@ -32,7 +32,7 @@ from sicot_cli.data.loader import Batch, BatchLoader, epoch_seed
 from sicot_cli.distributed import DistContext, gather_rows, init_distributed, reduce_mean, shard_range, sharded_cross_entropy, shutdown
 from sicot_cli.errors import SicotError
 from sicot_cli.evaluate import evaluate_model, resolve_device, use_in_memory, write_predictions
-from sicot_cli.model import SICoT, Streams, build_model, sicot_loss
+from sicot_cli.model import SICoT, Streams, build_model, combine_losses, sicot_loss
 from sicot_cli.progress import NullProgress, Progress
 
 log = logging.getLogger(__name__)
@@ -175,9 +175,9 @@ def train_step(
         lo, hi = model.classifier.lo, model.classifier.hi
         loss_v = sharded_cross_entropy(logits_v, labels, lo, hi)
         loss_m = None if logits_m is None else sharded_cross_entropy(logits_m, labels, lo, hi)
-        loss = loss_v if loss_m is None else loss_v + cfg.lam * loss_m
+        loss = combine_losses(loss_v, loss_m, cfg.lam, cfg.normalize_loss)
     else:
-        loss, loss_v, loss_m = sicot_loss(logits_v, logits_m, labels, cfg.lam)
+        loss, loss_v, loss_m = sicot_loss(logits_v, logits_m, labels, cfg.lam, cfg.normalize_loss)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

@@ -50,6 +50,10 @@ def test_loss_is_eq1_by_hand():
         return -(z.gather(1, y[:, None]).squeeze(1) - torch.log(torch.exp(z).sum(1))).mean()
 
     assert torch.allclose(loss, ce(x_v) + 0.7 * ce(x_m), atol=1e-6)
+    normalized, _, _ = sicot_loss(logits_v, logits_m, y, lam=0.7, normalize=True)
+    assert torch.allclose(normalized, (ce(x_v) + 0.7 * ce(x_m)) / 1.7, atol=1e-6)
+    # the baseline (no x_m) is not rescaled
+    assert torch.allclose(sicot_loss(logits_v, None, y, lam=0.7, normalize=True)[0], ce(x_v), atol=1e-6)
 
 
 def test_semantic_norm_batch_normalises_the_title_embedding():
