@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import gc
 import itertools
 import json
 import os
@@ -44,16 +43,25 @@ _COUNTER = itertools.count()
 
 def _entry(rank: int, fn, tmp: str, rendezvous: str, args: tuple) -> None:  # noqa: ANN001
     torch.set_num_threads(1)
+    from sicot_cli.distributed import DistContext, shutdown
+
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
+    clean = False
     try:
         fn(rank, Path(tmp), *args)
-        gc.collect()  # DDP reducers hold the group: free them while it is alive
-        dist.barrier()  # no rank closes its connections while the other still uses them
-    finally:
-        dist.destroy_process_group()
-    # The results are on disk and the group is gone. CI saw one rank abort in interpreter teardown
-    # ("terminate called without an active exception", 1 run in ~150 here): skip the teardown of
-    # C++ statics, which checks nothing of ours. A failing worker still raises above and reports.
+        clean = True
+    finally:  # the product's teardown: collect DDP wrappers and barrier after a clean finish
+        shutdown(DistContext(rank, WORLD, initialised_here=True), clean)
+    _exit_without_teardown()
+
+
+def _exit_without_teardown() -> None:
+    """Leave a worker whose results are on disk and whose group is gone.
+
+    CI saw one rank abort in interpreter teardown ("terminate called without an active exception",
+    about 1 run in 150 here): skip the teardown of C++ statics, which checks nothing of ours. A
+    failing worker raises before this and is reported by ``mp.spawn``.
+    """
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
@@ -265,9 +273,7 @@ def _torchrun_entry(rank: int, tmp: str, port: int, data: str) -> None:
     result = train(recipe, Path(tmp) / "run", data=data)
     assert not dist.is_initialized(), "train() left the process group it created"
     (Path(tmp) / f"result-{rank}.json").write_text(json.dumps(result.final))
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # as in _entry
+    _exit_without_teardown()
 
 
 def _free_port() -> int:
