@@ -35,6 +35,11 @@ class SyntheticConfig:
     test_per_class: int = 6
     language: str = "mixed"  # "zh", "en" or "mixed"
     seed: int = 0
+    # > 0: instead of the long-tailed set above, a balanced PRETRAINING set of this many other
+    # classes (none of the long-tailed set's), pretrain_per_class training images each: the demo's
+    # stand-in for ImageNet (recipes/demo-pretrain.toml)
+    pretrain_classes: int = 0
+    pretrain_per_class: int = 20
 
 
 @dataclass
@@ -91,7 +96,7 @@ class ModelConfig:
     """The two streams (§3.3)."""
 
     backbone: str = "resnet18"  # any torchvision classification model; the paper: resnet50
-    pretrained: str = ""  # "" (random init), "imagenet" (torch hub cache, never downloaded) or a file
+    pretrained: str = ""  # "" (random init), "imagenet" (torch hub cache, never downloaded), a state_dict file, or a sicot run directory / checkpoint (its visual stream)
     encoder: str = "bilinear"  # a registered encoder, or "none" for the image-only baseline
     encoder_options: dict[str, Any] = field(default_factory=dict)
     freeze_embeddings: bool = False
@@ -349,6 +354,12 @@ def validate(recipe: Recipe, where: str) -> None:
             "data.synthetic.min_per_class must be >= 1 and <= data.synthetic.max_per_class",
         ),
         (d.synthetic.language in ("zh", "en", "mixed"), f"data.synthetic.language must be zh, en or mixed, got {d.synthetic.language!r}"),
+        (
+            0 <= d.synthetic.pretrain_classes <= 3200 - d.synthetic.num_classes,
+            f"data.synthetic.pretrain_classes must be between 0 and 3200 - data.synthetic.num_classes "
+            f"(the attribute combinations the long-tailed set leaves free), got {d.synthetic.pretrain_classes}",
+        ),
+        (d.synthetic.pretrain_per_class >= 1, f"data.synthetic.pretrain_per_class must be >= 1, got {d.synthetic.pretrain_per_class}"),
         (0 <= recipe.text.drop_most_frequent < 1, "text.drop_most_frequent must be in [0, 1)"),
         (0 <= recipe.text.drop_least_frequent < 1, "text.drop_least_frequent must be in [0, 1)"),
         (

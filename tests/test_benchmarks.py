@@ -104,3 +104,26 @@ def test_suite_quick_runs_and_reports(tmp_path):
         figures = _positive(result)
         bad = {k: v for k, v in figures.items() if not (isinstance(v, (int, float)) and v > 0)}
         assert figures and not bad, f"{name}: figures not positive: {bad}"
+
+
+def test_attribute_oracle_runs_on_a_tiny_synthetic_set(tmp_path):
+    from benchmarks.attribute_oracle import class_attributes, run
+    from sicot_cli.config import load_recipe
+    from sicot_cli.data.prepare import prepare
+    from sicot_cli.errors import SicotError
+
+    ids, values = class_attributes(["syn/red-striped-mug/panda", "syn/blue-plain-mug/bee"])
+    assert values[0] == ["mug"] and values[1] == ["blue", "red"] and ids.tolist() == [[0, 1, 1, 1], [0, 0, 0, 0]]
+    with pytest.raises(SicotError, match="not a built-in synthetic class"):
+        class_attributes(["shoes"])
+    small = ["data.synthetic.num_classes=6", "data.synthetic.max_per_class=8", "data.synthetic.min_per_class=2", "data.synthetic.test_per_class=2",
+             "data.test_per_class=2", "data.image_size=32", "data.workers=1", "embed.dim=8", "embed.epochs=1", "text.drop_most_frequent=0", "text.drop_least_frequent=0"]
+    prepare(load_recipe(None, small), tmp_path / "s.h5")
+    result = run(tmp_path / "s.h5", "resnet18", "", epochs=1, seed=0, device="cpu", head_threshold=5)
+    groups = result["groups"]
+    from sicot_cli.data.dataset import open_prepared
+
+    p = open_prepared(tmp_path / "s.h5")
+    assert groups["head"]["test_images"] + groups["tail"]["test_images"] == p.n - p.n_train > 0
+    for g in groups.values():
+        assert all(0 <= g[k] <= 100 for k in g if k.endswith("_accuracy") or k == "composed_top1")

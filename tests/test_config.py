@@ -49,6 +49,8 @@ def test_recipe_paths_resolve_against_the_recipe(tmp_path):
         ("data = 3\n", "[data] must be a table"),
         ("[data\n", "not valid TOML"),
         ("[text]\ndrop_most_frequent = 0.6\ndrop_least_frequent = 0.5\n", "must be < 1"),
+        ("[data.synthetic]\npretrain_classes = 3100\n", "data.synthetic.pretrain_classes must be between 0 and 3200 - data.synthetic.num_classes"),
+        ("[data.synthetic]\npretrain_per_class = 0\n", "data.synthetic.pretrain_per_class must be >= 1"),
     ],
 )
 def test_bad_recipes_name_the_key_and_file(tmp_path, text, message):

@@ -427,3 +427,15 @@ def test_real_emoji_fetch(tmp_path):
     assert (s.rows, s.classes, s.train, s.test) == (3501, 98, 3099, 402)
     assert s.skipped == {"Component group (skin-tone and hair swatches)": 5, "skin-tone variant of a test emoji (kept out of both sides)": 280}
     assert len(list((tmp_path / "emoji" / em.DATASOURCE.name / em.IMAGES).glob("*.png"))) == 3786
+
+
+def test_demo_pretraining_recipe_describes_the_demos_long_tailed_set():
+    """recipes/demo-pretrain.toml must name demo.toml's long-tailed set, or its classes would not be the complement."""
+    from dataclasses import asdict
+
+    demo, pre = load_recipe(REPO / "recipes" / "demo.toml"), load_recipe(REPO / "recipes" / "demo-pretrain.toml")
+    long_tail = {k: v for k, v in asdict(pre.data.synthetic).items() if not k.startswith("pretrain_")}
+    assert long_tail == {k: v for k, v in asdict(demo.data.synthetic).items() if not k.startswith("pretrain_")}
+    assert pre.data.synthetic.pretrain_classes > 0 and demo.data.synthetic.pretrain_classes == 0
+    assert (pre.model.backbone, pre.data.image_size, pre.model.encoder) == (demo.model.backbone, demo.data.image_size, "none")
+    assert pre.data.out != demo.data.out

@@ -227,3 +227,17 @@ def test_output_directory_not_writable(tmp_path, manifest):
 def test_empty_vocabulary_after_filtering(tmp_path, manifest):
     r = run("prepare", "--manifest", str(manifest), "--out", str(tmp_path / "o.h5"), "data.workers=1", "text.drop_most_frequent=0.5", "text.drop_least_frequent=0.49", "text.min_count=100")
     _one_error_line(r, "vocabulary is empty after filtering")
+
+
+def test_prepare_the_synthetic_pretraining_set(tmp_path):
+    """data.synthetic.pretrain_classes > 0: a balanced set of other classes, none of the long-tailed set's."""
+    small = ["data.synthetic.num_classes=6", "data.synthetic.max_per_class=8", "data.synthetic.min_per_class=2", "data.synthetic.test_per_class=1",
+             "data.test_per_class=1", "data.image_size=16", "data.workers=1", "embed.dim=8", "embed.epochs=1",
+             "text.drop_most_frequent=0", "text.drop_least_frequent=0"]
+    prep.prepare(load_recipe(None, small), tmp_path / "t.h5")
+    target = open_prepared(tmp_path / "t.h5")
+    summary = prep.prepare(load_recipe(None, [*small, "data.synthetic.pretrain_classes=5", "data.synthetic.pretrain_per_class=3"]), tmp_path / "p.h5")
+    assert "PRETRAINING set (5 classes disjoint" in summary.source
+    pre = open_prepared(tmp_path / "p.h5")
+    assert len(pre.class_names) == 5 and not set(pre.class_names) & set(target.class_names)
+    assert list(pre.train_counts) == [3] * 5 and pre.n_train == 15

@@ -224,3 +224,27 @@ def test_small_configs_and_counts():
 def test_invalid_arguments(override):
     with pytest.raises(ValueError):
         synthetic_items(**{**DEFAULTS, **override})
+
+
+def test_pretraining_set_is_balanced_seeded_and_disjoint_from_the_long_tailed_set(demo):
+    from sicot_cli.data.synthetic import pretraining_items
+
+    names, _ = demo
+    pre_names, items = pretraining_items(**DEFAULTS, pretrain_classes=50, pretrain_per_class=3)
+    assert len(pre_names) == len(set(pre_names)) == 50
+    assert not set(pre_names) & set(names)  # no demo class is seen in pretraining
+    assert set(_train_counts(items).values()) == {3}
+    assert Counter(it.label for it in items if it.split == "test") == Counter({n: DEFAULTS["test_per_class"] for n in pre_names})
+    assert all(it.id.startswith("pre-") for it in items)
+    again = pretraining_items(**DEFAULTS, pretrain_classes=50, pretrain_per_class=3)
+    assert (pre_names, items) == again
+    assert np.array_equal(render(items[0], 32), render(again[1][0], 32))
+    other, _ = pretraining_items(**{**DEFAULTS, "seed": 1}, pretrain_classes=50, pretrain_per_class=3)
+    assert other != pre_names
+    # it uses its own random streams: the long-tailed set is what it was
+    assert synthetic_items(**DEFAULTS) == demo
+    # every free combination can be used, one more cannot
+    n_free = int(np.prod([len(v) for v in ATTRIBUTES.values()])) - DEFAULTS["num_classes"]
+    assert len(pretraining_items(**DEFAULTS, pretrain_classes=n_free, pretrain_per_class=1)[0]) == n_free
+    with pytest.raises(ValueError, match="pretrain_classes must be between 1 and 3080"):
+        pretraining_items(**DEFAULTS, pretrain_classes=n_free + 1, pretrain_per_class=1)

@@ -229,3 +229,45 @@ def test_cli_train_evaluate_predict_export(tiny_prepared, tmp_path):
     assert probs.shape == (2, 3) and torch.allclose(probs.sum(1), torch.ones(2))
     r = runner.invoke(app, ["evaluate", "--run", str(tmp_path)])
     assert r.exit_code == 2 and "not a run directory" in r.output
+
+
+def test_pretrained_from_a_sicot_run(tiny_prepared, tmp_path):
+    """model.pretrained = a run directory (or its checkpoint): its visual stream, not its classifier or text stream."""
+    recipe = tiny_recipe(tiny_prepared)
+    recipe.model.encoder = "none"
+    train(recipe, tmp_path / "pre", data=tiny_prepared)
+    state = runs.load_checkpoint(tmp_path / "pre" / runs.LAST)["model"]
+    visual = {k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")}
+    for source in (tmp_path / "pre", tmp_path / "pre" / runs.LAST):
+        net, _ = build_backbone(recipe.model.backbone, str(source))
+        mine = net.state_dict()
+        assert len(visual) > 100 and set(visual) <= set(mine)
+        assert all(torch.equal(mine[k], v) for k, v in visual.items())
+    fresh = build_backbone(recipe.model.backbone)[0].state_dict()
+    assert not all(torch.equal(fresh[k], v) for k, v in visual.items())
+    # a run fine-tuned from it starts from those weights and records where they came from
+    recipe.model.encoder = "mean"
+    recipe.model.pretrained = str(tmp_path / "pre")
+    recipe.train.epochs = 1
+    train(recipe, tmp_path / "fine", data=tiny_prepared)
+    assert runs.read_config(tmp_path / "fine")["recipe"]["model"]["pretrained"] == str(tmp_path / "pre")
+
+
+def test_pretrained_run_refusals(tiny_prepared, tmp_path):
+    recipe = tiny_recipe(tiny_prepared)
+    backbone = recipe.model.backbone
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(SicotError, match=r"folder is a folder but not a sicot run directory"):
+        build_backbone(backbone, str(tmp_path / "folder"))
+    recipe.model.encoder = "none"
+    train(recipe, tmp_path / "pre", data=tiny_prepared)
+    other = "resnet18"
+    with pytest.raises(SicotError, match=rf"holds a {backbone} visual stream, model.backbone is {other}"):
+        build_backbone(other, str(tmp_path / "pre"))
+    (tmp_path / "pre" / runs.SUMMARY).unlink()  # as if interrupted
+    with pytest.raises(SicotError, match=r"has not finished .*sicot train --resume"):
+        build_backbone(backbone, str(tmp_path / "pre"))
+    damaged = tmp_path / "pre" / runs.LAST
+    damaged.write_bytes(damaged.read_bytes()[:-10])
+    with pytest.raises(SicotError, match="corrupt checkpoint"):
+        build_backbone(backbone, str(damaged))

@@ -101,12 +101,18 @@ class PrepareSummary:
 def _read_source(recipe: Recipe, skips: Skips) -> tuple[list[_Rec], str]:
     d = recipe.data
     if d.source == "synthetic":
-        from sicot_cli.data.synthetic import synthetic_items
+        from sicot_cli.data.synthetic import pretraining_items, synthetic_items
 
         s = d.synthetic
-        _, items = synthetic_items(s.num_classes, s.max_per_class, s.min_per_class, s.test_per_class, s.language, s.seed)
+        args = (s.num_classes, s.max_per_class, s.min_per_class, s.test_per_class, s.language, s.seed)
+        if s.pretrain_classes:
+            _, items = pretraining_items(*args, s.pretrain_classes, s.pretrain_per_class)
+            what = f"built-in synthetic PRETRAINING set ({s.pretrain_classes} classes disjoint from the long-tailed set, seed {s.seed}, {s.language})"
+        else:
+            _, items = synthetic_items(*args)
+            what = f"built-in synthetic dataset (seed {s.seed}, {s.language})"
         recs = [_Rec(f"synthetic:{it.id}", it.id, it.label, it.title, it.split, it) for it in items]
-        return recs, f"built-in synthetic dataset (seed {s.seed}, {s.language})"
+        return recs, what
     rows = read_manifest(d.manifest, skips)
     recs = [_Rec(r.where, r.id, r.label, r.title, r.split, r.image) for r in rows]
     return recs, f"manifest {d.manifest}"

@@ -28,7 +28,18 @@ few images hardly show -- above all the brand, a tiny glyph that a visual model 
 four images but that the title names outright -- and a semantic stream that learned the brand,
 colour and pattern words on head classes transfers that knowledge to the tail classes.
 
-The public API is :func:`synthetic_items` (class names and items with titles) and :func:`render`
+**A pretraining set for the demo's backbone** (:func:`pretraining_items`). The paper starts its
+visual stream from ImageNet weights (§4.3), which sicot cannot fetch offline. The demo's stand-in
+is a balanced set of OTHER products of the same world: attribute combinations that the long-tailed
+set does not contain, so no demo class (and no test image) is seen in pretraining, as the SKUs are
+not in ImageNet. Measured (``docs/demo-pretraining.md``): from scratch on the demo's 1,920 training
+images a ResNet-18 learns class templates, not attributes (even trained on the attribute labels
+themselves it gets the product type of only 58 % of tail test images right, against 96 % for head
+ones), so nothing a title teaches on the head can reach the tail; pretrained on this set, the
+visual stream's features transfer.
+
+The public API is :func:`synthetic_items` (class names and items with titles),
+:func:`pretraining_items` and :func:`render`
 (one item's pixels, a pure top-level function of ``(item.spec, item.seed, size)`` that can run in
 a process pool). Everything is deterministic in its arguments.
 """
@@ -37,13 +48,14 @@ from __future__ import annotations
 
 import colorsys
 import functools
+import itertools
 import math
 import random
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["ClassSpec", "SyntheticItem", "synthetic_items", "render", "ATTRIBUTES", "PROMOTIONS"]
+__all__ = ["ClassSpec", "SyntheticItem", "synthetic_items", "pretraining_items", "render", "ATTRIBUTES", "PROMOTIONS"]
 
 # --- The attribute vocabulary -------------------------------------------------------------------
 # Each value: (class-name word, English title words, Chinese title words); the first word of a
@@ -322,21 +334,30 @@ def synthetic_items(
     Raises:
         ValueError: an argument out of range or of the wrong type, or an unknown language.
     """
-    n_combos = math.prod(len(v) for v in ATTRIBUTES.values())
-    num_classes = _check_int("num_classes", num_classes, 2, n_combos)
-    max_per_class = _check_int("max_per_class", max_per_class, 1)
-    min_per_class = _check_int("min_per_class", min_per_class, 1, max_per_class)
-    test_per_class = _check_int("test_per_class", test_per_class, 1)
-    seed = _check_int("seed", seed, 0)
-    if language not in LANGUAGES:
-        raise ValueError(f"language must be one of {', '.join(LANGUAGES)}, got {language!r}")
-
+    _check_args(num_classes, max_per_class, min_per_class, test_per_class, language, seed)
     counts = train_counts(num_classes, max_per_class, min_per_class)
     spec_ss, title_ss, render_ss = np.random.SeedSequence(seed).spawn(3)
     specs = _class_specs(num_classes, np.random.default_rng(spec_ss))
+    return _items(specs, counts, test_per_class, language, title_ss, render_ss, "syn")
+
+
+def _check_args(num_classes: int, max_per_class: int, min_per_class: int, test_per_class: int, language: str, seed: int) -> None:
+    n_combos = math.prod(len(v) for v in ATTRIBUTES.values())
+    _check_int("num_classes", num_classes, 2, n_combos)
+    _check_int("max_per_class", max_per_class, 1)
+    _check_int("min_per_class", min_per_class, 1, max_per_class)
+    _check_int("test_per_class", test_per_class, 1)
+    _check_int("seed", seed, 0)
+    if language not in LANGUAGES:
+        raise ValueError(f"language must be one of {', '.join(LANGUAGES)}, got {language!r}")
+
+
+def _items(specs: list[ClassSpec], counts: list[int], test_per_class: int, language: str, title_ss: np.random.SeedSequence, render_ss: np.random.SeedSequence, prefix: str) -> tuple[list[str], list[SyntheticItem]]:
+    """Items for classes ``specs`` with ``counts`` training images each: all training items class
+    by class, then ``test_per_class`` test items per class; titles and render seeds seeded."""
     names = [s.name for s in specs]
     plan = [(c, "train") for c, n in enumerate(counts) for _ in range(n)]
-    plan += [(c, "test") for c in range(num_classes) for _ in range(test_per_class)]
+    plan += [(c, "test") for c in range(len(specs)) for _ in range(test_per_class)]
     title_rng = np.random.default_rng(title_ss)
     seeds = np.random.default_rng(render_ss).integers(0, 2**63 - 1, size=len(plan), dtype=np.int64)
     items = []
@@ -346,8 +367,34 @@ def synthetic_items(
             r = title_rng.random()
             lang = "zh" if r < 0.45 else ("en" if r < 0.75 else "mix")
         title = _title(specs[c], lang, title_rng)
-        items.append(SyntheticItem(f"syn-{i:06d}", names[c], title, split, specs[c], s))
+        items.append(SyntheticItem(f"{prefix}-{i:06d}", names[c], title, split, specs[c], s))
     return names, items
+
+
+def pretraining_items(
+    num_classes: int, max_per_class: int, min_per_class: int, test_per_class: int, language: str, seed: int,
+    pretrain_classes: int, pretrain_per_class: int,
+) -> tuple[list[str], list[SyntheticItem]]:
+    """A balanced pretraining set of ``pretrain_classes`` classes DISJOINT from a long-tailed set.
+
+    The first six arguments describe the long-tailed set exactly as for :func:`synthetic_items`;
+    its classes are left out, and ``pretrain_classes`` of the remaining attribute combinations are
+    drawn (seeded by ``seed``, independently of the long-tailed set's own draws), each with
+    ``pretrain_per_class`` training and ``test_per_class`` test images and titles. Same return
+    form as :func:`synthetic_items`; ids are ``pre-000000`` upwards.
+
+    Raises:
+        ValueError: an argument out of range, or fewer free combinations than ``pretrain_classes``.
+    """
+    _check_args(num_classes, max_per_class, min_per_class, test_per_class, language, seed)
+    used = set(_class_specs(num_classes, np.random.default_rng(np.random.SeedSequence(seed).spawn(3)[0])))
+    free = [ClassSpec(*c) for c in itertools.product(*ATTRIBUTES.values()) if ClassSpec(*c) not in used]
+    pretrain_classes = _check_int("pretrain_classes", pretrain_classes, 1, len(free))
+    pretrain_per_class = _check_int("pretrain_per_class", pretrain_per_class, 1)
+    # spawn_key 3: a stream the long-tailed set (keys 0..2) never draws from
+    pick_ss, title_ss, render_ss = np.random.SeedSequence(seed, spawn_key=(3,)).spawn(3)
+    specs = [free[i] for i in np.random.default_rng(pick_ss).choice(len(free), pretrain_classes, replace=False)]
+    return _items(specs, [pretrain_per_class] * pretrain_classes, test_per_class, language, title_ss, render_ss, "pre")
 
 
 # --- Rendering -----------------------------------------------------------------------------------
