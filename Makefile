@@ -30,7 +30,7 @@ clean-demo:
 demo-pretrained: install
 	test -f data/demo-pretrain.h5 || $(BIN)/sicot prepare --recipe recipes/demo-pretrain.toml
 	test -f runs/demo-pretrain/summary.json || $(BIN)/sicot train --recipe recipes/demo-pretrain.toml --run-dir runs/demo-pretrain --resume
-	$(BIN)/sicot ablate --recipe recipes/demo.toml --seeds 0,1,2 --encoders bilinear --out runs/ablate-demo-pretrained \
+	$(BIN)/sicot ablate --recipe recipes/demo.toml --seeds 0,1,2 --encoders bilinear --out runs/ablate-demo-pretrained-bn \
 		model.pretrained=runs/demo-pretrain train.normalize_loss=true model.semantic_norm=batchnorm
 
 ## The default test suite (fast; no slow/gpu/dist-slow tests).
