@@ -21,7 +21,7 @@ Prints a table and writes ``benchmarks/results/attribute_oracle-cpu.json`` (or t
 from __future__ import annotations
 
 import argparse
-import re
+import itertools
 import time
 from pathlib import Path
 
@@ -36,22 +36,21 @@ from benchmarks.common import start, write_results
 from sicot_cli.config import load_recipe
 from sicot_cli.data.augment import random_resized_crop_flip
 from sicot_cli.data.dataset import open_prepared
+from sicot_cli.data.synthetic import ATTRIBUTES, ClassSpec
 from sicot_cli.errors import SicotError
-from sicot_cli.model import MEAN, STD, build_backbone
+from sicot_cli.model import SICoT, build_backbone
 
-ATTRS = ("shape", "colour", "pattern", "brand")
-_NAME = re.compile(r"syn/(\w+)-(\w+)-(\w+)/(\w+)$")  # syn/<colour>-<pattern>-<shape>/<brand>
+ATTRS = tuple(ATTRIBUTES)  # shape, colour, pattern, brand
 
 
 def class_attributes(names: list[str]) -> tuple[torch.Tensor, list[list[str]]]:
     """``[C, 4]`` attribute ids per class (order :data:`ATTRS`) and each attribute's values."""
+    by_name = {spec.name: spec for spec in itertools.starmap(ClassSpec, itertools.product(*ATTRIBUTES.values()))}
     parsed = []
     for n in names:
-        m = _NAME.match(n)
-        if not m:
+        if n not in by_name:
             raise SicotError(f"class {n!r} is not a built-in synthetic class: the attribute oracle needs data.source = 'synthetic'")
-        colour, pattern, shape, brand = m.groups()
-        parsed.append((shape, colour, pattern, brand))
+        parsed.append(tuple(by_name[n].attributes()[a] for a in ATTRS))
     values = [sorted({p[i] for p in parsed}) for i in range(len(ATTRS))]
     ids = torch.tensor([[values[i].index(p[i]) for i in range(len(ATTRS))] for p in parsed])
     return ids, values
@@ -69,9 +68,10 @@ def run(data: Path, backbone: str, pretrained: str, epochs: int, seed: int, devi
     ntr = p.n_train
     torch.manual_seed(seed)
     net, dim = build_backbone(backbone, pretrained)
-    model = torch.nn.Sequential(net, torch.nn.Linear(dim, int(cut[-1]))).to(device).to(memory_format=torch.channels_last)
-    mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255
+    model = SICoT(net, dim, int(cut[-1])).to(device).to(memory_format=torch.channels_last)  # one head per attribute, side by side
+
+    def scores(x: torch.Tensor) -> torch.Tensor:
+        return model.logits(model.normalize(x).contiguous(memory_format=torch.channels_last))
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.StepLR(opt, 1, 0.8)
     gen = torch.Generator().manual_seed(seed)
@@ -82,7 +82,7 @@ def run(data: Path, backbone: str, pretrained: str, epochs: int, seed: int, devi
         for b in range(0, ntr, batch):
             idx = order[b : b + batch]
             x = random_resized_crop_flip(images[idx].to(device), gen, (0.35, 1.0))
-            z = model(((x - mean) / std).contiguous(memory_format=torch.channels_last))
+            z = scores(x)
             target = attr_of[labels[idx]].to(device)
             loss = sum(F.cross_entropy(z[:, cut[i] : cut[i + 1]], target[:, i]) for i in range(len(ATTRS)))
             opt.zero_grad(set_to_none=True)
@@ -93,7 +93,7 @@ def run(data: Path, backbone: str, pretrained: str, epochs: int, seed: int, devi
     model.eval()
     with torch.no_grad():
         test = images[ntr:]
-        z = torch.cat([model(((test[i : i + 512].to(device).float() - mean) / std).contiguous(memory_format=torch.channels_last)).float().cpu() for i in range(0, len(test), 512)])
+        z = torch.cat([scores(test[i : i + 512].to(device)).float().cpu() for i in range(0, len(test), 512)])
     logp = [F.log_softmax(z[:, cut[i] : cut[i + 1]], 1) for i in range(len(ATTRS))]
     y = labels[ntr:]
     composed = sum(logp[i][:, attr_of[:, i]] for i in range(len(ATTRS))).argmax(1)

@@ -335,10 +335,14 @@ def synthetic_items(
         ValueError: an argument out of range or of the wrong type, or an unknown language.
     """
     _check_args(num_classes, max_per_class, min_per_class, test_per_class, language, seed)
-    counts = train_counts(num_classes, max_per_class, min_per_class)
+    specs, title_ss, render_ss = _long_tail(num_classes, seed)
+    return _items(specs, train_counts(num_classes, max_per_class, min_per_class), test_per_class, language, title_ss, render_ss, "syn")
+
+
+def _long_tail(num_classes: int, seed: int) -> tuple[list[ClassSpec], np.random.SeedSequence, np.random.SeedSequence]:
+    """The long-tailed set's class specs, and its title and render seed streams."""
     spec_ss, title_ss, render_ss = np.random.SeedSequence(seed).spawn(3)
-    specs = _class_specs(num_classes, np.random.default_rng(spec_ss))
-    return _items(specs, counts, test_per_class, language, title_ss, render_ss, "syn")
+    return _class_specs(num_classes, np.random.default_rng(spec_ss)), title_ss, render_ss
 
 
 def _check_args(num_classes: int, max_per_class: int, min_per_class: int, test_per_class: int, language: str, seed: int) -> None:
@@ -387,10 +391,10 @@ def pretraining_items(
         ValueError: an argument out of range, or fewer free combinations than ``pretrain_classes``.
     """
     _check_args(num_classes, max_per_class, min_per_class, test_per_class, language, seed)
-    used = set(_class_specs(num_classes, np.random.default_rng(np.random.SeedSequence(seed).spawn(3)[0])))
-    free = [ClassSpec(*c) for c in itertools.product(*ATTRIBUTES.values()) if ClassSpec(*c) not in used]
-    pretrain_classes = _check_int("pretrain_classes", pretrain_classes, 1, len(free))
-    pretrain_per_class = _check_int("pretrain_per_class", pretrain_per_class, 1)
+    used = set(_long_tail(num_classes, seed)[0])
+    free = [spec for spec in itertools.starmap(ClassSpec, itertools.product(*ATTRIBUTES.values())) if spec not in used]
+    _check_int("pretrain_classes", pretrain_classes, 1, len(free))
+    _check_int("pretrain_per_class", pretrain_per_class, 1)
     # spawn_key 3: a stream the long-tailed set (keys 0..2) never draws from
     pick_ss, title_ss, render_ss = np.random.SeedSequence(seed, spawn_key=(3,)).spawn(3)
     specs = [free[i] for i in np.random.default_rng(pick_ss).choice(len(free), pretrain_classes, replace=False)]
