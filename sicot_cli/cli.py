@@ -207,6 +207,11 @@ def train(
     if result.skipped:
         console.print(f"{result.run_dir}: already finished; nothing to do")
     console.print(epochs_table(result.history, str(result.run_dir)))
+    if result.test is not None:
+        from sicot_cli.runs import selection_line
+        from sicot_cli.views import metrics_table
+
+        console.print(metrics_table(result.test, f"{result.run_dir}: {selection_line(result.test)}"))
     if result.interrupted:
         err_console.print(f"[yellow]interrupted: checkpoint saved; continue with[/] sicot train --resume --run-dir {result.run_dir} ...")
         raise typer.Exit(130)
@@ -219,19 +224,20 @@ def evaluate(
     checkpoint: Annotated[str, typer.Option(help="last or best.")] = "last",
     data: Annotated[Path | None, typer.Option(help="Prepared .h5 (default: the run's).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    split: Annotated[str, typer.Option(help="test, or val (the validation rows carved from the training data).")] = "test",
     json_out: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
 ) -> None:
-    """Re-score a run's checkpoint on its test set (image only)."""
+    """Re-score a run's checkpoint on its test (or validation) split, image only."""
     import json
 
     from sicot_cli.evaluate import evaluate_run
     from sicot_cli.views import metrics_table
 
-    result = evaluate_run(run, checkpoint, data, device)
+    result = evaluate_run(run, checkpoint, data, device, split)
     if json_out:
         typer.echo(json.dumps(result.scalars(), indent=2))
     else:
-        console.print(metrics_table(result.scalars(), f"{run} ({checkpoint})"))
+        console.print(metrics_table(result.scalars(), f"{run} ({checkpoint}, {split} split)"))
 
 
 @app.command()
@@ -323,6 +329,7 @@ def ablate(
         raise typer.Exit(130)
     report = build_report([root], chosen)
     write_report(report, root)
+    console.print(f"image-only, {report.protocol}", markup=False, highlight=False)
     for table in report_tables(report):
         console.print(table)
     console.print(f"report written to {root}/report.md (figures: sicot report {root})")
@@ -356,6 +363,7 @@ def report(
 
         written += render_all(rep, target)
     if fmt == "table":
+        console.print(f"image-only, {rep.protocol}", markup=False, highlight=False)
         for table in report_tables(rep):
             console.print(table)
     else:

@@ -52,6 +52,9 @@ class DataConfig:
     image_size: int = 32
     test_per_class: int = 6  # when the manifest has no split: test images per class (balanced)
     min_train_per_class: int = 1  # classes with fewer training images after the split are dropped
+    # Validation rows carved from the training rows (per class floor(val_fraction * n), seeded by
+    # split_seed): every choice (checkpoint-best, eval.select, tau...) is made on them, never on test.
+    val_fraction: float = 0.1
     max_title_tokens: int = 32
     split_seed: int = 0
     workers: int = 0  # decode processes; 0 = one per core
@@ -89,6 +92,9 @@ class EvalConfig:
     head_threshold: int = 40  # a class with >= this many training images is a head class
     many_threshold: int = 100  # many: > 100 training images
     few_threshold: int = 20  # few: < 20 training images
+    # Which weights are scored on the test split at the end of training (the test set is touched
+    # once): "last" (no selection) or "best" (the epoch with the best validation top-1).
+    select: str = "last"
 
 
 @dataclass
@@ -346,6 +352,7 @@ def validate(recipe: Recipe, where: str) -> None:
         (8 <= d.image_size <= 1024, f"data.image_size must be between 8 and 1024, got {d.image_size}"),
         (d.test_per_class >= 0, f"data.test_per_class must be >= 0, got {d.test_per_class}"),
         (d.min_train_per_class >= 1, f"data.min_train_per_class must be >= 1, got {d.min_train_per_class}"),
+        (0 <= d.val_fraction <= 0.5, f"data.val_fraction must be in [0, 0.5], got {d.val_fraction}"),
         (d.max_title_tokens >= 1, f"data.max_title_tokens must be >= 1, got {d.max_title_tokens}"),
         (d.workers >= 0, f"data.workers must be >= 0, got {d.workers}"),
         (d.synthetic.num_classes >= 2, f"data.synthetic.num_classes must be >= 2, got {d.synthetic.num_classes}"),
@@ -375,6 +382,7 @@ def validate(recipe: Recipe, where: str) -> None:
             recipe.eval.few_threshold <= recipe.eval.many_threshold,
             "eval.few_threshold must be <= eval.many_threshold",
         ),
+        (recipe.eval.select in ("last", "best"), f"eval.select must be last or best, got {recipe.eval.select!r}"),
         (recipe.model.semantic_norm in ("batchnorm", "none"), f"model.semantic_norm must be batchnorm or none, got {recipe.model.semantic_norm!r}"),
         (recipe.train.epochs >= 1, f"train.epochs must be >= 1, got {recipe.train.epochs}"),
         (recipe.train.batch_size >= 1, f"train.batch_size must be >= 1, got {recipe.train.batch_size}"),

@@ -6,7 +6,9 @@ Layout (format 1):
 name                   shape, dtype                what
 =====================  ==========================  =============================================
 images                 (N, 3, S, S) uint8          RGB, uncompressed, chunked by contiguous rows;
-                                                   rows ``[0, n_train)`` are the training set
+                                                   rows ``[0, n_train)`` are the training set,
+                                                   ``[n_train, n_train + n_val)`` the validation
+                                                   set, the rest the test set
 labels                 (N,) int64                  class ids (classes ordered by training count)
 tokens                 (N, L) int32                word ids, 0 = padding
 lengths                (N,) int32                  real words per title (>= 1)
@@ -19,7 +21,8 @@ vocab/counts           (V,) int64                  counts over the training titl
 vectors                (V, d) float32              initial word vectors (row 0 zero)
 =====================  ==========================  =============================================
 
-Attributes: ``format``, ``n_train``, ``image_size``, ``source``, ``head_threshold``, ``recipe``
+Attributes: ``format``, ``n_train``, ``n_val`` (0 when absent: files prepared before validation
+splits), ``image_size``, ``source``, ``head_threshold``, ``recipe``
 (the resolved recipe as JSON), ``versions`` (JSON), ``side`` (the ``<out>.recipe.json`` content,
 which ``prepare`` restores from it after a kill), ``content_sha256`` and ``complete`` = 1, set
 last: a file without it was not finished and is refused.
@@ -177,10 +180,20 @@ class Prepared:
     test_counts: np.ndarray
     words: list[str]
     vectors: np.ndarray
+    n_val: int = 0
 
     @property
     def n(self) -> int:
         return len(self.labels)
+
+    @property
+    def test_start(self) -> int:
+        """The first test row: rows ``[test_start, n)`` are the test set."""
+        return self.n_train + self.n_val
+
+    def split_range(self, split: str) -> tuple[int, int]:
+        """The rows ``[start, stop)`` of ``"train"``, ``"val"`` or ``"test"``."""
+        return {"train": (0, self.n_train), "val": (self.n_train, self.test_start), "test": (self.test_start, self.n)}[split]
 
     @property
     def num_classes(self) -> int:
@@ -240,6 +253,7 @@ def open_prepared(path: str | Path) -> Prepared:
             prepared = Prepared(
                 path=path,
                 n_train=int(f.attrs["n_train"]),
+                n_val=int(f.attrs.get("n_val", 0)),
                 image_size=int(f.attrs["image_size"]),
                 head_threshold=int(f.attrs["head_threshold"]),
                 source=str(f.attrs["source"]),
@@ -266,6 +280,7 @@ def _check_shapes(f: h5py.File, path: Path, rebuild: str) -> None:
     n = len(f["labels"])
     size = int(f.attrs["image_size"])
     n_train = int(f.attrs["n_train"])
+    n_val = int(f.attrs.get("n_val", 0))
     images = f["images"]
     expect = {
         "images": (n, 3, size, size),
@@ -281,8 +296,8 @@ def _check_shapes(f: h5py.File, path: Path, rebuild: str) -> None:
     for name, shape in expect.items():
         if f[name].shape != shape:
             raise SicotError(f"{path}: dataset {name!r} has shape {f[name].shape}, expected {shape}: {rebuild}")
-    if images.dtype != np.uint8 or not 0 <= n_train <= n:
-        raise SicotError(f"{path}: images are {images.dtype} with n_train {n_train} of {n} rows, expected uint8: {rebuild}")
+    if images.dtype != np.uint8 or not (0 <= n_train and 0 <= n_val and n_train + n_val <= n):
+        raise SicotError(f"{path}: images are {images.dtype} with n_train {n_train} and n_val {n_val} of {n} rows, expected uint8: {rebuild}")
     if n:
         images[0]
         images[n - 1]

@@ -1,7 +1,7 @@
 """The generic manifest: a CSV or JSONL file with one row per image.
 
 Columns: ``image`` (a path relative to the manifest's folder, or absolute), ``title``, ``label``,
-optional ``split`` (``train``/``test``) and ``id`` (defaults to the row number). Other columns are
+optional ``split`` (``train``/``val``/``test``) and ``id`` (defaults to the row number). Other columns are
 refused so that a misspelt column (``lable``) is not silently ignored. The manifest is data: paths
 are resolved (made absolute, ``..`` and symlinks followed) against the manifest folder, reported in
 that form when a row is skipped, and only ever opened as images, never executed or expanded by a
@@ -25,7 +25,7 @@ REQUIRED = ("image", "title", "label")
 # are cut to data.max_title_tokens words later anyway.
 FIELD_LIMIT = 1 << 26
 OPTIONAL = ("split", "id")
-SPLITS = ("train", "test")
+SPLITS = ("train", "val", "test")  # "validation" is read as "val"
 
 
 @dataclass
@@ -159,8 +159,9 @@ def read_manifest(path: str | Path, skips: Skips) -> list[Row]:
             continue
         split_raw = values["split"]
         split = str(split_raw).strip().lower() if split_raw not in (None, "") else None
+        split = "val" if split == "validation" else split
         if split is not None and split not in SPLITS:
-            skips.add("split is not train/test", where)
+            skips.add("split is not train/val/test", where)
             continue
         rid = str(values["id"]).strip() if values["id"] not in (None, "") else str(n)
         if rid in seen:
