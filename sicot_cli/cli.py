@@ -292,6 +292,7 @@ def ablate(
     data: Annotated[Path | None, typer.Option(help="Prepared .h5 (default: data.out; prepared first when missing).")] = None,
     encoder_module: EncoderModule = None,
     chosen: Annotated[str, typer.Option("--encoder", help="Encoder of Tables 2 and 4.")] = "bilinear",
+    presets: Annotated[str | None, typer.Option(help="Comma-separated presets to compare side by side, e.g. sicot,paper (default: the recipe's preset).")] = None,
     overrides: Overrides = None,
 ) -> None:
     """Train the baseline and every encoder per seed (finished runs skipped, interrupted ones resumed), then report."""
@@ -322,7 +323,7 @@ def ablate(
             done.append(status)
             live.update(ablation_table(done), refresh=True)
 
-        root, statuses = run_ablate(cfg, names, seed_list, out, progress=RichProgress(), on_run=on_run, data=data)
+        root, statuses = run_ablate(cfg, names, seed_list, out, progress=RichProgress(), on_run=on_run, data=data, presets=_csv_list(presets))
     err_console.print()
     if statuses and statuses[-1].state == "interrupted":
         err_console.print(f"[yellow]interrupted: run the same command again to continue[/] ({root})")

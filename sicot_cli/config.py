@@ -106,7 +106,7 @@ class ModelConfig:
     encoder: str = "bilinear"  # a registered encoder, or "none" for the image-only baseline
     encoder_options: dict[str, Any] = field(default_factory=dict)
     freeze_embeddings: bool = False
-    semantic_norm: str = "none"  # "none" (the paper's literal max) or "batchnorm" (scale-matched s)
+    semantic_norm: str = "batchnorm"  # "batchnorm" (s on x_v's scale, the default) or "none" (the paper's literal max)
     # Does CE(x_m) also train the shared classifier (the paper: yes)? false: only CE(x_v) does, so the
     # classifier is fit to the features it sees at inference (see sicot_cli/model.py).
     mixed_trains_classifier: bool = True
@@ -128,7 +128,7 @@ class TrainConfig:
     # gradient on the visual stream and the shared classifier is about (1 + lam) times the
     # baseline's: at one learning rate, co-training takes larger steps than the baseline it is
     # compared with. false = the paper's literal sum (measured in README, "Step size").
-    normalize_loss: bool = False
+    normalize_loss: bool = True
     seed: int = 0
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
@@ -149,11 +149,22 @@ class TrainConfig:
     classifier_parallel_min_classes: int = 100_000
 
 
+# Named sets of co-training keys (docs/presets.md). A recipe's ``preset`` fills in these keys
+# unless the recipe file or a command-line override sets them: defaults < preset < file < CLI.
+# "sicot" is the toolkit's default co-training (the dataclass defaults above); "paper" is Eq. 1 as
+# the paper writes it: the plain sum, the raw title embedding in the max.
+PRESETS: dict[str, dict[str, Any]] = {
+    "sicot": {"train.normalize_loss": True, "model.semantic_norm": "batchnorm", "model.mixed_trains_classifier": True},
+    "paper": {"train.normalize_loss": False, "model.semantic_norm": "none", "model.mixed_trains_classifier": True},
+}
+
+
 @dataclass
 class Recipe:
     """A whole experiment: data, text, embeddings and evaluation settings."""
 
     name: str = "demo"
+    preset: str = "sicot"  # a key of PRESETS: "sicot" (the default co-training) or "paper" (Eq. 1 literally)
     data: DataConfig = field(default_factory=DataConfig)
     text: TextConfig = field(default_factory=TextConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
@@ -279,6 +290,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise SicotError(f"{p}: not valid TOML: nested too deeply") from None
     for item in overrides or []:
         _apply_override(table, item)
+    apply_preset(table, where)
     recipe = recipe_from_dict(table, where)
     if path is not None:
         # Paths inside a recipe are relative to the recipe's folder; paths given as overrides
@@ -290,6 +302,25 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
             if value and not Path(value).is_absolute() and key not in given:
                 setattr(section, attr, str(base / value))
     return recipe
+
+
+def apply_preset(table: dict[str, Any], where: str = "<recipe>") -> None:
+    """Fill in the keys of the table's ``preset`` (default "sicot") that the table does not set.
+
+    Raises:
+        SicotError: an unknown preset (the message lists the known ones).
+    """
+    name = table.get("preset", "sicot")
+    if not isinstance(name, str) or name not in PRESETS:
+        raise SicotError(f"{where}: preset must be one of {', '.join(sorted(PRESETS))}, got {name!r}")
+    for dotted, value in PRESETS[name].items():
+        *sections, key = dotted.split(".")
+        node = table
+        for part in sections:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                return  # a wrong type: recipe_from_dict names it
+        node.setdefault(key, value)
 
 
 def _demo_recipe_text() -> str:
@@ -382,6 +413,7 @@ def validate(recipe: Recipe, where: str) -> None:
             recipe.eval.few_threshold <= recipe.eval.many_threshold,
             "eval.few_threshold must be <= eval.many_threshold",
         ),
+        (recipe.preset in PRESETS, f"preset must be one of {', '.join(sorted(PRESETS))}, got {recipe.preset!r}"),
         (recipe.eval.select in ("last", "best"), f"eval.select must be last or best, got {recipe.eval.select!r}"),
         (recipe.model.semantic_norm in ("batchnorm", "none"), f"model.semantic_norm must be batchnorm or none, got {recipe.model.semantic_norm!r}"),
         (recipe.train.epochs >= 1, f"train.epochs must be >= 1, got {recipe.train.epochs}"),

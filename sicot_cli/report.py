@@ -75,6 +75,13 @@ def find_runs(paths: list[Path]) -> list[Path]:
     return found
 
 
+def method_label(config: dict[str, Any]) -> str:
+    """A run's row in the tables: its encoder, with ``[preset]`` for a preset other than "sicot"."""
+    encoder = config["encoder"]
+    preset = config.get("recipe", {}).get("preset", "sicot")  # runs older than presets: sicot's keys or explicit ones
+    return encoder if encoder == BASELINE or preset == "sicot" else f"{encoder}[{preset}]"
+
+
 def load_runs(paths: list[Path]) -> tuple[list[Run], list[Path]]:
     """Finished runs under ``paths``, and the unfinished ones (left out of the tables)."""
     done, unfinished = [], []
@@ -88,7 +95,7 @@ def load_runs(paths: list[Path]) -> tuple[list[Run], list[Path]]:
         except (OSError, ValueError) as e:
             raise SicotError(f"{d / runs.SUMMARY}: unreadable ({e})") from None
         history = runs.read_metrics(d)
-        done.append(Run(d, config["encoder"], int(config["recipe"]["train"]["seed"]), config, summary.get("final") or (history[-1] if history else {}), history, {k: v for k, v in summary.items() if k.startswith("per_class_")}))
+        done.append(Run(d, method_label(config), int(config["recipe"]["train"]["seed"]), config, summary.get("final") or (history[-1] if history else {}), history, {k: v for k, v in summary.items() if k.startswith("per_class_")}))
     if not done:
         raise SicotError(f"no finished run under {', '.join(map(str, paths))} ({len(unfinished)} unfinished)")
     return done, unfinished

@@ -34,7 +34,7 @@ def prepare_table(s: PrepareSummary) -> Table:
         example = (s.skip_examples.get(reason) or [""])[0]
         t.add_row(f"  skipped: {reason}", f"{n:,}  [dim](e.g. {example})[/]" if example else f"{n:,}")
     t.add_row("classes", f"{s.classes:,}")
-    t.add_row("train / test images", f"{s.train_images:,} / {s.test_images:,}")
+    t.add_row("train / val / test images", f"{s.train_images:,} / {s.val_images:,} / {s.test_images:,}")
     t.add_row(f"head / tail classes (head: >= {s.head_threshold} train images)", f"{s.head_classes:,} / {s.tail_classes:,}")
     t.add_row("vocabulary (before -> after filter)", f"{s.raw_vocab:,} -> {s.vocab:,}")
     _rules_rows(t, s.filter_rules)

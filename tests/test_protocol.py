@@ -161,3 +161,50 @@ def test_degenerate_t_test_is_undefined() -> None:
     assert g.significant is None and g.as_dict()["p_value"] is None and g.as_dict()["t_test"] == "undefined"
     g = Gain([1.0, 1.0, 1.0], p, ci=(0.5, 1.5))
     assert g.significant is True  # the bootstrap CI over images still speaks
+
+
+def test_presets_resolve_to_the_documented_keys() -> None:
+    """defaults < preset < recipe file < command line; docs/presets.md lists the same keys."""
+    from sicot_cli.config import PRESETS
+
+    keys = lambda r: (r.train.normalize_loss, r.model.semantic_norm, r.model.mixed_trains_classifier)  # noqa: E731
+    assert keys(load_recipe(None)) == (True, "batchnorm", True)
+    assert keys(load_recipe(None, ["preset=paper"])) == (False, "none", True)
+    assert keys(load_recipe(None, ["preset=paper", "model.semantic_norm=batchnorm"])) == (False, "batchnorm", True)
+    assert keys(load_recipe(None, ["preset=sicot", "train.normalize_loss=false"])) == (False, "batchnorm", True)
+    with pytest.raises(SicotError, match="preset must be one of paper, sicot, got 'papr'"):
+        load_recipe(None, ["preset=papr"])
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "presets.md").read_text(encoding="utf-8")
+    for name, table in PRESETS.items():
+        for key, value in table.items():
+            shown = str(value).lower() if isinstance(value, bool) else f'"{value}"'
+            assert f"| {name} | `{key}` | `{shown}` |" in doc, (name, key)
+
+
+def test_recipe_file_keys_beat_the_preset(tmp_path: Path) -> None:
+    f = tmp_path / "r.toml"
+    f.write_text('name = "x"\npreset = "paper"\n[train]\nnormalize_loss = true\n', encoding="utf-8")
+    r = load_recipe(f)
+    assert (r.preset, r.train.normalize_loss, r.model.semantic_norm) == ("paper", True, "none")
+
+
+def test_shipped_recipes_use_the_default_preset() -> None:
+    root = Path(__file__).resolve().parent.parent / "recipes"
+    for f in sorted(root.glob("*.toml")):
+        r = load_recipe(f)
+        assert (r.preset, r.train.normalize_loss, r.model.semantic_norm) == ("sicot", True, "batchnorm"), f.name
+
+
+def test_ablate_compares_presets_side_by_side(tiny_prepared: Path, tmp_path: Path) -> None:
+    from sicot_cli.ablate import ablate
+    from sicot_cli.report import build_report
+
+    recipe = load_recipe(None, [f"data.out={tiny_prepared}", *TRAIN_FAST, "train.epochs=1"])
+    root, statuses = ablate(recipe, ["mean"], [0], tmp_path / "ab", data=tiny_prepared, presets=["sicot", "paper"])
+    assert [s.run_dir.name for s in statuses] == ["none-s0", "mean-s0", "mean-paper-s0"]
+    paper = json.loads((root / "mean-paper-s0" / "config.json").read_text())["recipe"]
+    assert (paper["preset"], paper["train"]["normalize_loss"], paper["model"]["semantic_norm"]) == ("paper", False, "none")
+    rep = build_report([root], "mean", bootstrap=False)
+    assert rep.encoders == ["none", "mean", "mean[paper]"]
+    with pytest.raises(SicotError, match="unknown preset 'x'"):
+        ablate(recipe, ["mean"], [0], tmp_path / "ab2", data=tiny_prepared, presets=["x"])
