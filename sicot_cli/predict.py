@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,15 +40,20 @@ def preprocess(source: str | Path | bytes, size: int, max_pixels: int | None = N
         source: an image file, or the bytes of one.
         size: the model's image size.
         max_pixels: refuse images with more pixels than this before decoding them (read from the
-            header, so a decompression bomb costs nothing); None keeps PIL's own limit.
+            header, so a decompression bomb costs nothing); at most PIL's limit
+            (``Image.MAX_IMAGE_PIXELS``, which applies anyway); None keeps PIL's limit alone.
 
     Raises:
         ImageSkip: not an image, truncated, over the pixel limit (:class:`TooManyPixels`)...
     """
     if max_pixels is not None:
         try:
-            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
-                pixels = img.width * img.height
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below decides
+                with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+                    pixels = img.width * img.height
+        except Image.DecompressionBombError:  # over twice PIL's limit: refused by Image.open itself
+            raise TooManyPixels(f"image over {2 * Image.MAX_IMAGE_PIXELS:,} pixels (limit {max_pixels:,})") from None
         except Exception:  # noqa: BLE001 - load_image below names what is wrong with it
             pixels = 0
         if pixels > max_pixels:

@@ -26,6 +26,7 @@ import base64
 import binascii
 import json
 import logging
+import signal
 import socket
 import time
 from collections.abc import Callable
@@ -63,6 +64,10 @@ class ServeLimits:
         for name in ("max_batch", "max_upload_bytes", "max_pixels", "max_images", "max_queue", "top_k"):
             if getattr(self, name) < 1:
                 raise SicotError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        from PIL import Image
+
+        if self.max_pixels > Image.MAX_IMAGE_PIXELS:
+            raise SicotError(f"--max-pixels must be at most {Image.MAX_IMAGE_PIXELS:,} (the decompression-bomb limit of image decoding), got {self.max_pixels:,}")
         if not 0 <= self.max_wait_ms <= 10_000:
             raise SicotError(f"--max-wait-ms must be between 0 and 10000, got {self.max_wait_ms}")
         if not 0 < self.timeout_s <= 3600:
@@ -411,5 +416,22 @@ def serve(run: Path | None, model: Path | None, host: str = "127.0.0.1", port: i
     if on_ready is not None:
         on_ready(f"http://{host}:{actual}", recognizer.source)
     t0 = time.perf_counter()
-    server.run(sockets=[sock])
+    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again for the process's own
+    # handler: ours makes that a normal exit (0), as the accepted requests have all been answered.
+    previous = signal.signal(signal.SIGTERM, _stopped)
+    try:
+        server.run(sockets=[sock])
+    except _Stopped:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        sock.close()
     log.info("stopped after %.0f s", time.perf_counter() - t0)
+
+
+class _Stopped(Exception):
+    """SIGTERM after the graceful shutdown."""
+
+
+def _stopped(signum: int, frame: Any) -> None:  # noqa: ANN401
+    raise _Stopped
