@@ -24,12 +24,13 @@ a JSON list of base64 strings) and answers each one's top-k classes with their t
 import asyncio
 import base64
 import binascii
+import contextlib
 import json
 import logging
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,8 +91,10 @@ class MicroBatcher:
     """Collects images from concurrent requests into batches for one model thread.
 
     The loop takes the first waiting request, then every request already queued, then waits up to
-    ``max_wait_ms`` for more while the batch holds fewer than ``max_batch`` images; a request that
-    would overflow the batch opens the next one. Requests whose caller gave up are dropped.
+    ``max_wait_ms`` for more while the batch holds fewer than ``max_batch`` images, but only while
+    other requests are on their way (being received or decoded, :meth:`arriving`): a lone request
+    is never kept waiting. A request that would overflow the batch opens the next one. Requests
+    whose caller gave up are dropped.
     """
 
     def __init__(self, infer: Callable[[np.ndarray], np.ndarray], max_batch: int, max_wait_ms: float, max_queue: int) -> None:
@@ -102,6 +105,7 @@ class MicroBatcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sicot-model")
         self._task: asyncio.Task[None] | None = None
         self.waiting = 0  # images queued, not yet in a forward pass
+        self.incoming = 0  # requests being received or decoded: worth waiting for
         self.batches = 0
         self.images = 0
 
@@ -116,6 +120,15 @@ class MicroBatcher:
             except asyncio.CancelledError:
                 pass
         self._executor.shutdown(wait=True)
+
+    @contextlib.contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Mark a request on its way to :meth:`submit` (its upload and decoding)."""
+        self.incoming += 1
+        try:
+            yield
+        finally:
+            self.incoming -= 1
 
     async def submit(self, images: np.ndarray) -> np.ndarray:
         """Probabilities ``[n, C]`` of ``images`` ``[n, 3, S, S]``, computed in some batch.
@@ -150,7 +163,8 @@ class MicroBatcher:
             n = 0
             deadline = None
             while n < self.max_batch:
-                item = await self._next(None if not batch else max(0.0, deadline - loop.time()) if deadline is not None else 0.0)
+                wait = None if not batch else max(0.0, deadline - loop.time()) if self.incoming else 0.0
+                item = await self._next(wait)
                 if item is None:
                     break
                 images, fut = item
@@ -334,13 +348,14 @@ def create_app(recognizer: Recognizer, limits: ServeLimits) -> Any:  # noqa: ANN
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype not in ("multipart/form-data", "application/json"):
             raise ApiError(415, f"content type {ctype or '(none)'!r}: send multipart/form-data (image files) or application/json (base64 images)")
-        body = await _read_body(request, limits.max_upload_bytes, deadline)
-        images = await _images_from_multipart(request, body, limits) if ctype == "multipart/form-data" else _images_from_json(body)
-        if not images:
-            raise ApiError(400, "no image in the request")
-        if len(images) > limits.max_images:
-            raise ApiError(413, f"{len(images)} images in one request (limit {limits.max_images})")
-        x = await run_in_threadpool(_decode, images, recognizer.image_size, limits.max_pixels)
+        with state["batcher"].arriving():
+            body = await _read_body(request, limits.max_upload_bytes, deadline)
+            images = await _images_from_multipart(request, body, limits) if ctype == "multipart/form-data" else _images_from_json(body)
+            if not images:
+                raise ApiError(400, "no image in the request")
+            if len(images) > limits.max_images:
+                raise ApiError(413, f"{len(images)} images in one request (limit {limits.max_images})")
+            x = await run_in_threadpool(_decode, images, recognizer.image_size, limits.max_pixels)
         try:
             async with asyncio.timeout_at(deadline):
                 probs = await state["batcher"].submit(x)

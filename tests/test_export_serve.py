@@ -289,8 +289,17 @@ def test_microbatcher_batches_carries_and_drops_abandoned():
         return x.reshape(len(x), -1).astype(np.float32) * 2
 
     async def scenario() -> None:
-        b = MicroBatcher(infer, max_batch=4, max_wait_ms=50, max_queue=100)
+        b = MicroBatcher(infer, max_batch=4, max_wait_ms=1000, max_queue=100)
         b.start()
+        # a lone request is not kept waiting for company; one with another on its way is
+        t0 = time.perf_counter()
+        await b.submit(np.zeros((1, 1)))
+        assert time.perf_counter() - t0 < 0.5
+        with b.arriving():
+            t0 = time.perf_counter()
+            await b.submit(np.zeros((1, 1)))
+            assert time.perf_counter() - t0 >= 1.0
+        seen.clear()
         # 5 single images queued together: a batch of 4, then 1
         xs = [np.full((1, 1), i) for i in range(5)]
         outs = await asyncio.gather(*(b.submit(x) for x in xs))
@@ -364,12 +373,14 @@ def _post(url: str, path: Path, out: list, i: int) -> None:
 
 
 def test_sigterm_answers_accepted_requests_then_exits(run_dir, images, reference):
-    """One real uvicorn process: a slow client gets 408, then SIGTERM with 6 requests waiting in a batch."""
+    """One real uvicorn process: SIGTERM with 6 requests waiting in a batch and a slow upload under way;
+    the 6 are answered, the slow client gets 408 at its deadline, then the process exits 0."""
     import httpx
 
     cmd = [sys.executable, "-m", "sicot_cli", "serve", "--run", str(run_dir), "--port", "0", "--threads", "1", "--device", "cpu",
-           "--max-batch", "64", "--max-wait-ms", "1500", "--timeout", "4", "-k", "3"]
+           "--max-batch", "64", "--max-wait-ms", "3000", "--timeout", "5", "-k", "3"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "300"})
+    slow = None
     try:
         line = proc.stdout.readline()
         url = re.search(r"http://127\.0\.0\.1:\d+", line).group(0)
@@ -382,19 +393,10 @@ def test_sigterm_answers_accepted_requests_then_exits(run_dir, images, reference
                 pass
             assert time.monotonic() < deadline, "the service did not start"
             time.sleep(0.2)
-        # a client that announces 10 kB and sends 10 bytes: 408 at its deadline, the service goes on
+        # a client that announces 10 kB and sends 10 bytes: while it uploads, the batcher waits for it
         host, port = url.removeprefix("http://").split(":")
-        with socket.create_connection((host, int(port)), timeout=30) as s:
-            s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 10000\r\n\r\n[\"aaaaaaa")
-            answer = b""
-            while b"}" not in answer:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                answer += chunk
-            answer = answer.decode()
-        assert answer.startswith("HTTP/1.1 408") and "the upload was not received in time" in answer
-        # 6 requests accepted and waiting for company in one batch (max wait 1.5 s) when SIGTERM comes
+        slow = socket.create_connection((host, int(port)), timeout=30)
+        slow.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 10000\r\n\r\n[\"aaaaaaa")
         out: list = [None] * 6
         threads = [threading.Thread(target=_post, args=(url, images[i], out, i)) for i in range(6)]
         for t in threads:
@@ -406,13 +408,22 @@ def test_sigterm_answers_accepted_requests_then_exits(run_dir, images, reference
         proc.send_signal(signal.SIGTERM)
         for t in threads:
             t.join(30)
-        assert proc.wait(30) == 0
         for i, (status, body) in enumerate(out):
             assert status == 200, body
             _same_top(body["predictions"], [{**reference[i], "image": images[i].name}], atol=1e-5)
+        answer = b""
+        while b"}" not in answer:
+            chunk = slow.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408") and b"the upload was not received in time" in answer
+        assert proc.wait(30) == 0
         with pytest.raises(httpx.TransportError):
             httpx.get(f"{url}/healthz", timeout=2)
     finally:
+        if slow is not None:
+            slow.close()
         if proc.poll() is None:
             proc.kill()
             proc.wait()
