@@ -3,10 +3,15 @@
 ``sicot export --format torchscript|onnx`` writes the model (uint8 images ``[B, 3, S, S]`` ->
 class probabilities, normalisation inside) and, beside it, ``<file>.json``: everything a consumer
 needs without sicot (classes and their titles, the preprocessing, input/output names, layout and
-dtype, mean/std, the sicot version and the run it came from); ``model.onnx`` gets ``model.onnx.json``. Before the file is renamed into
-place the export is checked against the eager PyTorch model on the run's test images (ONNX with
-onnxruntime): the largest absolute difference of the probabilities must be at most
-:data:`TOLERANCE` and the top-1 classes identical, else nothing is written.
+dtype, mean/std, the sicot version and the run it came from); ``model.onnx`` gets
+``model.onnx.json``. Before the file is renamed into place the export is checked against the eager
+PyTorch model on the run's test images (ONNX with onnxruntime): the largest absolute difference of
+the probabilities must be at most :data:`TOLERANCE` and the top-1 classes identical, else nothing
+is written.
+
+No Triton model repository is written: Triton's onnxruntime backend loads the ``.onnx`` as it is
+(dynamic batch axis, input ``images`` UINT8, output ``probabilities`` FP32), and a ``config.pbtxt``
+written here would be one more file to keep in step with Triton's schema.
 
 ONNX goes through torch's exporter (``torch.onnx.export(dynamo=True)``) with a dynamic batch axis.
 TorchScript is kept for libtorch (C++) users, though ``torch.jit`` is deprecated in torch 2.14

@@ -213,6 +213,8 @@ async def _read_body(request: Any, limit: int, deadline: float) -> bytes:  # noq
     length = request.headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > limit):
         raise ApiError(413 if length.isdigit() else 400, f"upload over the limit of {limit:,} bytes" if length.isdigit() else "bad Content-Length")
+    from starlette.requests import ClientDisconnect
+
     chunks, size = [], 0
     try:
         async with asyncio.timeout_at(deadline):
@@ -223,6 +225,8 @@ async def _read_body(request: Any, limit: int, deadline: float) -> bytes:  # noq
                 chunks.append(chunk)
     except TimeoutError:
         raise ApiError(408, "the upload was not received in time") from None
+    except ClientDisconnect:  # nobody to answer; no traceback in the log for it
+        raise ApiError(400, "the client closed the connection during the upload") from None
     return b"".join(chunks)
 
 
