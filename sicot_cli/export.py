@@ -245,6 +245,7 @@ def load_exported(model_path: str | Path, threads: int | None = None) -> Recogni
                 warnings.simplefilter("ignore", FutureWarning)
                 scripted = torch.jit.load(str(path), map_location="cpu")
 
+            @torch.no_grad()
             def probabilities(x: np.ndarray) -> np.ndarray:
                 return scripted(torch.from_numpy(np.ascontiguousarray(x))).numpy()
     except SicotError:
