@@ -6,9 +6,10 @@ a JSON list of base64 strings) and answers each one's top-k classes with their t
 
 - The model is loaded once (from a run, or an exported ONNX/TorchScript file and its JSON) and
   images go through :func:`sicot_cli.predict.preprocess`, the pipeline of ``sicot predict``.
-- Dynamic micro-batching (:class:`MicroBatcher`): requests that arrive together share one forward
-  pass of at most ``max_batch`` images; the first image waits at most ``max_wait_ms`` for company.
-  The model runs in one worker thread, so the event loop keeps receiving uploads meanwhile.
+- Dynamic micro-batching (:class:`sicot_cli.batcher.MicroBatcher`): requests that arrive together
+  share one forward pass of at most ``max_batch`` images; the first image waits at most
+  ``max_wait_ms`` for company, and only while other requests are on their way. The model runs in
+  one worker thread, so the event loop keeps receiving uploads meanwhile.
 - Limits (:class:`ServeLimits`): body size, images per request, pixels per image (read from the
   header, so a decompression bomb is refused before it is decoded), a per-request deadline (a
   client too slow to send its upload gets 408, a request the model cannot reach in time 503), a
@@ -24,20 +25,19 @@ a JSON list of base64 strings) and answers each one's top-k classes with their t
 import asyncio
 import base64
 import binascii
-import contextlib
 import json
 import logging
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from sicot_cli.batcher import Busy, MicroBatcher
 from sicot_cli.data.images import ImageSkip
 from sicot_cli.errors import SicotError
 from sicot_cli.predict import Recognizer, TooManyPixels, preprocess
@@ -81,122 +81,6 @@ class ApiError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status, self.message = status, message
-
-
-class Busy(Exception):
-    """The queue is full."""
-
-
-class MicroBatcher:
-    """Collects images from concurrent requests into batches for one model thread.
-
-    The loop takes the first waiting request, then every request already queued, then waits up to
-    ``max_wait_ms`` for more while the batch holds fewer than ``max_batch`` images, but only while
-    other requests are on their way (being received or decoded, :meth:`arriving`): a lone request
-    is never kept waiting. A request that would overflow the batch opens the next one. Requests
-    whose caller gave up are dropped.
-    """
-
-    def __init__(self, infer: Callable[[np.ndarray], np.ndarray], max_batch: int, max_wait_ms: float, max_queue: int) -> None:
-        self._infer = infer
-        self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait_ms / 1000.0, max_queue
-        self._queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future[np.ndarray]]] = asyncio.Queue()
-        self._carry: tuple[np.ndarray, asyncio.Future[np.ndarray]] | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sicot-model")
-        self._task: asyncio.Task[None] | None = None
-        self.waiting = 0  # images queued, not yet in a forward pass
-        self.incoming = 0  # requests being received or decoded: worth waiting for
-        self.batches = 0
-        self.images = 0
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-        self._executor.shutdown(wait=True)
-
-    @contextlib.contextmanager
-    def arriving(self) -> Iterator[None]:
-        """Mark a request on its way to :meth:`submit` (its upload and decoding)."""
-        self.incoming += 1
-        try:
-            yield
-        finally:
-            self.incoming -= 1
-
-    async def submit(self, images: np.ndarray) -> np.ndarray:
-        """Probabilities ``[n, C]`` of ``images`` ``[n, 3, S, S]``, computed in some batch.
-
-        Raises:
-            Busy: more than ``max_queue`` images are already waiting.
-        """
-        if self.waiting + len(images) > self.max_queue:
-            raise Busy
-        fut: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-        self.waiting += len(images)
-        self._queue.put_nowait((images, fut))
-        return await fut
-
-    async def _next(self, timeout: float | None) -> tuple[np.ndarray, asyncio.Future[np.ndarray]] | None:
-        if self._carry is not None:
-            item, self._carry = self._carry, None
-            return item
-        if timeout is None:
-            return await self._queue.get()
-        if timeout <= 0:
-            return None if self._queue.empty() else self._queue.get_nowait()
-        try:
-            return await asyncio.wait_for(self._queue.get(), timeout)
-        except TimeoutError:
-            return None
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            batch: list[tuple[np.ndarray, asyncio.Future[np.ndarray]]] = []
-            n = 0
-            deadline = None
-            while n < self.max_batch:
-                wait = None if not batch else max(0.0, deadline - loop.time()) if self.incoming else 0.0
-                item = await self._next(wait)
-                if item is None:
-                    break
-                images, fut = item
-                if fut.done():  # its caller timed out or went away
-                    self.waiting -= len(images)
-                    continue
-                if batch and n + len(images) > self.max_batch:
-                    self._carry = item
-                    break
-                batch.append(item)
-                n += len(images)
-                if deadline is None:
-                    deadline = loop.time() + self.max_wait
-            if not batch:
-                continue
-            self.waiting -= n
-            x = batch[0][0] if len(batch) == 1 else np.concatenate([b[0] for b in batch])
-            try:
-                probs = await loop.run_in_executor(self._executor, self._infer, x)
-            except Exception as e:  # noqa: BLE001 - a model failure answers its requests with 500, the loop goes on
-                log.exception("model failed on a batch of %d", n)
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(e)
-                continue
-            self.batches += 1
-            self.images += n
-            at = 0
-            for images, fut in batch:
-                if not fut.done():
-                    fut.set_result(probs[at : at + len(images)])
-                at += len(images)
 
 
 def need_extras() -> None:
@@ -381,6 +265,8 @@ def load(run: Path | None, model: Path | None, checkpoint: str = "last", data: P
     """
     if (run is None) == (model is None):
         raise SicotError("give exactly one of --run DIR or --model FILE")
+    if threads is not None and threads < 1:
+        raise SicotError(f"--threads must be at least 1, got {threads}")
     import torch
 
     if threads:
@@ -406,8 +292,8 @@ def bind(host: str, port: int) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
         sock.listen(2048)
-    except OSError as e:
-        raise SicotError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
+    except (OSError, OverflowError) as e:  # OverflowError: a port outside 0-65535
+        raise SicotError(f"cannot listen on {host}:{port} ({getattr(e, 'strerror', None) or e})") from None
     return sock
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import json
 import os
 import re
@@ -27,7 +26,7 @@ from conftest import tiny_recipe
 from sicot_cli import runs
 from sicot_cli.cli import app
 from sicot_cli.errors import SicotError
-from sicot_cli.predict import load_recognizer, predict
+from sicot_cli.predict import load_recognizer
 
 pytest.importorskip("fastapi")
 pytest.importorskip("onnxruntime")
@@ -35,7 +34,8 @@ pytest.importorskip("onnxruntime")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from sicot_cli import export as export_mod  # noqa: E402
-from sicot_cli.serve import MicroBatcher, ServeLimits, create_app  # noqa: E402
+from sicot_cli.batcher import Busy, MicroBatcher  # noqa: E402
+from sicot_cli.serve import ServeLimits, create_app  # noqa: E402
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
@@ -311,8 +311,6 @@ def test_microbatcher_batches_carries_and_drops_abandoned():
         assert [o.ravel().tolist() for o in outs] == [[0, 2, 4], [6, 8, 10]]
         assert seen == [3, 3]
         # a full queue refuses; a caller that gave up is not computed
-        from sicot_cli.serve import Busy
-
         with pytest.raises(Busy):
             await b.submit(np.zeros((101, 1)))
         seen.clear()
@@ -353,6 +351,10 @@ def test_serve_cli_refusals(run_dir, onnx_model):
     assert r.exit_code == 2 and "give exactly one of --run DIR or --model FILE" in r.output
     r = runner.invoke(app, ["serve", "--run", str(run_dir), "--max-batch", "0"])
     assert r.exit_code == 2 and "--max-batch must be at least 1" in r.output
+    r = runner.invoke(app, ["serve", "--run", str(run_dir), "--threads", "0"])
+    assert r.exit_code == 2 and "--threads must be at least 1" in r.output
+    r = runner.invoke(app, ["serve", "--run", str(run_dir), "--port", "70000"])
+    assert r.exit_code == 2 and "cannot listen on 127.0.0.1:70000" in r.output
     r = runner.invoke(app, ["serve", "--model", str(onnx_model.with_name("nope.onnx"))])
     assert r.exit_code == 2 and "nope.onnx: model file not found" in r.output
     with socket.socket() as busy:
