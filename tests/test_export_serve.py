@@ -380,7 +380,7 @@ def test_sigterm_answers_accepted_requests_then_exits(run_dir, images, reference
     import httpx
 
     cmd = [sys.executable, "-m", "sicot_cli", "serve", "--run", str(run_dir), "--port", "0", "--threads", "1", "--device", "cpu",
-           "--max-batch", "64", "--max-wait-ms", "3000", "--timeout", "5", "-k", "3"]
+           "--max-batch", "64", "--max-wait-ms", "8000", "--timeout", "10", "-k", "3"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "300"})
     slow = None
     try:
@@ -396,6 +396,7 @@ def test_sigterm_answers_accepted_requests_then_exits(run_dir, images, reference
             assert time.monotonic() < deadline, "the service did not start"
             time.sleep(0.2)
         # a client that announces 10 kB and sends 10 bytes: while it uploads, the batcher waits for it
+        # (8 s at most: time enough for the 6 requests below to reach it on a busy machine)
         host, port = url.removeprefix("http://").split(":")
         slow = socket.create_connection((host, int(port)), timeout=30)
         slow.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 10000\r\n\r\n[\"aaaaaaa")
