@@ -30,6 +30,7 @@ BENCHMARKS = [
     "evaluate",
     "gpu_step",
     "sharded_fc",
+    "serve",
 ]
 
 

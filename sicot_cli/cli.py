@@ -267,15 +267,45 @@ def predict(
 @guard
 def export(
     run: Annotated[Path, typer.Option(help="Run directory.")],
-    out: Annotated[Path, typer.Option(help="Output TorchScript file (.pt).")],
+    out: Annotated[Path, typer.Option(help="Output model file (.onnx or .pt); its JSON goes beside it as <file>.json.")],
+    fmt: Annotated[str | None, typer.Option("--format", help="torchscript or onnx (default: from --out, .onnx -> onnx).")] = None,
     checkpoint: Annotated[str, typer.Option(help="last or best.")] = "last",
     data: Annotated[Path | None, typer.Option(help="Prepared .h5 (default: the run's).")] = None,
 ) -> None:
-    """Write the image-only model as TorchScript, loadable with torch alone."""
-    from sicot_cli.predict import export as run_export
+    """Write the image-only model (ONNX or TorchScript) and a JSON that lets it run without sicot."""
+    from sicot_cli.export import export as run_export
 
-    path = run_export(run, out, checkpoint, data)
-    console.print(f"wrote {path} and {path.with_suffix('.classes.json')} (torch.jit.load; input uint8 [B, 3, S, S])")
+    r = run_export(run, out, fmt, checkpoint, data)
+    console.print(f"wrote {r.path} ({r.format}) and {r.sidecar}; checked on {r.verified_images} test images: max |dp| {r.max_abs_diff:.1e}, top-1 {'identical' if r.top1_equal else 'different'}")
+
+
+@app.command()
+@guard
+def serve(
+    run: Annotated[Path | None, typer.Option(help="Run directory to serve (its image-only model).")] = None,
+    model: Annotated[Path | None, typer.Option(help="Or an exported model (.onnx or .pt, with the JSON `sicot export` wrote beside it).")] = None,
+    host: Annotated[str, typer.Option(help="Address to bind (127.0.0.1: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    top: Annotated[int, typer.Option("--top", "-k", help="Default classes per image (a request may ask ?k=N).")] = 5,
+    max_batch: Annotated[int, typer.Option(help="Micro-batching: most images per forward pass (1 = off).")] = 32,
+    max_wait_ms: Annotated[float, typer.Option(help="Micro-batching: longest wait for more images after the first.")] = 5.0,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest request body (MB).")] = 10.0,
+    max_pixels: Annotated[int, typer.Option(help="Largest image (pixels, read from its header before decoding).")] = 40_000_000,
+    max_images: Annotated[int, typer.Option(help="Most images in one request.")] = 32,
+    timeout: Annotated[float, typer.Option(help="Per-request limit (s): receiving the upload, and waiting for the model.")] = 30.0,
+    max_queue: Annotated[int, typer.Option(help="Images waiting for the model before new requests get 503.")] = 1024,
+    checkpoint: Annotated[str, typer.Option(help="With --run: last or best.")] = "last",
+    data: Annotated[Path | None, typer.Option(help="With --run: prepared .h5 (default: the run's).")] = None,
+    device: Annotated[str, typer.Option(help="With --run: auto, cpu or cuda.")] = "auto",
+    threads: Annotated[int | None, typer.Option(help="CPU threads for the model (default: the runtime's).")] = None,
+) -> None:
+    """Serve the image-only model over HTTP: POST /predict, GET /classes, GET /healthz (FastAPI + uvicorn)."""
+    from sicot_cli.serve import ServeLimits, serve as run_serve
+
+    limits = ServeLimits(max_batch=max_batch, max_wait_ms=max_wait_ms, max_upload_bytes=int(max_upload_mb * 1e6), max_pixels=max_pixels,
+                         max_images=max_images, timeout_s=timeout, max_queue=max_queue, top_k=top)
+    run_serve(run=run, model=model, host=host, port=port, limits=limits, checkpoint=checkpoint, data=data, device=device, threads=threads,
+              on_ready=lambda url, source: console.print(f"serving {source} on {url} (POST /predict, GET /classes, GET /healthz; Ctrl-C or SIGTERM stops)"))
 
 
 def _csv_list(value: str | None) -> list[str] | None:

@@ -1,25 +1,75 @@
-"""Image-only inference (``sicot predict``) and the deployable model (``sicot export``).
+"""Image-only inference: ``sicot predict``, and the model that ``sicot serve`` loads once.
 
 The paper's online flow (§3.1): a query image -> the recognition service predicts a SKU id -> the
 product index returns that SKU's title. ``predict`` prints the top-k classes with their scores and,
 for each, a representative training title from the prepared dataset.
+
+:func:`preprocess` is the one image pipeline of inference (``predict``, ``serve``, the export's
+verification): the same decoding, shorter-side bicubic resize and centre crop as ``prepare``.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from sicot_cli.data.images import ImageSkip, load_image
 from sicot_cli.errors import SicotError
 from sicot_cli.evaluate import load_run_model, resolve_device
-from sicot_cli.fsutil import atomic_path, write_json
-from sicot_cli.model import ImageOnly
+
+
+class TooManyPixels(ImageSkip):
+    """An image over the pixel limit (a decompression bomb, or just too large to serve)."""
+
+
+def preprocess(source: str | Path | bytes, size: int, max_pixels: int | None = None) -> np.ndarray:
+    """Decode one image (a path or its bytes) into the model's input: ``[3, size, size]`` uint8 RGB.
+
+    The same pipeline as ``prepare`` (:func:`sicot_cli.data.images.load_image`): colour modes to RGB,
+    shorter side resized to ``size`` (bicubic), centre crop.
+
+    Args:
+        source: an image file, or the bytes of one.
+        size: the model's image size.
+        max_pixels: refuse images with more pixels than this before decoding them (read from the
+            header, so a decompression bomb costs nothing); at most PIL's limit
+            (``Image.MAX_IMAGE_PIXELS``, which applies anyway); None keeps PIL's limit alone.
+
+    Raises:
+        ImageSkip: not an image, truncated, over the pixel limit (:class:`TooManyPixels`)...
+    """
+    if max_pixels is not None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below decides
+                with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+                    pixels = img.width * img.height
+        except Image.DecompressionBombError:  # over twice PIL's limit: refused by Image.open itself
+            raise TooManyPixels(f"image over {2 * Image.MAX_IMAGE_PIXELS:,} pixels (limit {max_pixels:,})") from None
+        except Exception:  # noqa: BLE001 - load_image below names what is wrong with it
+            pixels = 0
+        if pixels > max_pixels:
+            raise TooManyPixels(f"image has {pixels:,} pixels (limit {max_pixels:,})")
+    # load_image opens whatever PIL's Image.open accepts: a path or a file object.
+    data = io.BytesIO(source) if isinstance(source, bytes) else Path(source)
+    return load_image(data, size).transpose(2, 0, 1)  # type: ignore[arg-type]
+
+
+def representative_titles(prepared, classes: set[int]) -> dict[int, str]:  # noqa: ANN001 - Prepared
+    """One training title per class: the first training row of the class."""
+    train_labels = prepared.labels[: prepared.n_train]
+    uniq, first = np.unique(train_labels, return_index=True)
+    rows = {int(c): int(r) for c, r in zip(uniq, first, strict=True) if int(c) in classes}
+    titles = prepared.titles(list(rows.values()))
+    return dict(zip(rows.keys(), titles, strict=True))
 
 
 @dataclass
@@ -35,15 +85,62 @@ class Prediction:
         return {"image": self.image, "top": [{"class": c, "score": s, "title": t} for c, s, t in zip(self.classes, self.scores, self.titles, strict=True)]}
 
 
-def representative_titles(prepared, classes: set[int]) -> dict[int, str]:  # noqa: ANN001 - Prepared
-    """One training title per class: the first training row of the class."""
-    train_labels = prepared.labels[: prepared.n_train]
-    rows = {c: int(np.flatnonzero(train_labels == c)[0]) for c in classes if (train_labels == c).any()}
-    titles = prepared.titles(list(rows.values()))
-    return dict(zip(rows.keys(), titles, strict=True))
+@dataclass
+class Recognizer:
+    """A model loaded once: uint8 images ``[B, 3, S, S]`` -> class probabilities, with its classes.
+
+    Built from a run (:func:`load_recognizer`) or from an exported model and its JSON
+    (:func:`sicot_cli.export.load_exported`); ``predict`` and ``serve`` use it alike.
+    """
+
+    image_size: int
+    class_names: list[str]
+    probabilities: Callable[[np.ndarray], np.ndarray]  # uint8 [B, 3, S, S] -> float32 [B, C]
+    title_lookup: Callable[[set[int]], dict[int, str]]
+    source: str
+    _titles: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def titles(self, classes: set[int]) -> dict[int, str]:
+        """Titles of these classes (read once, then cached)."""
+        missing = classes - self._titles.keys()
+        if missing:
+            self._titles.update(self.title_lookup(missing))
+        return {c: self._titles[c] for c in classes if c in self._titles}
+
+    def top(self, probs: np.ndarray, names: list[str], k: int) -> list[Prediction]:
+        """The top-k classes of each row of ``probs``, highest first (ties: the lower index)."""
+        k = min(k, self.num_classes)
+        # a stable sort of -p gives the same order as torch.topk on distinct scores, and a fixed one on ties
+        idx = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        titles = self.titles(set(idx.ravel().tolist()))
+        return [
+            Prediction(name, [self.class_names[c] for c in idx[i]], [float(probs[i, c]) for c in idx[i]], [titles.get(int(c)) for c in idx[i]])
+            for i, name in enumerate(names)
+        ]
 
 
-@torch.no_grad()
+def load_recognizer(run_dir: str | Path, checkpoint: str = "last", data: str | Path | None = None, device: str = "auto") -> Recognizer:
+    """The image-only model of a run, in eval mode on ``device``.
+
+    Raises:
+        SicotError: not a run, a missing checkpoint, or a dataset other than the run's.
+    """
+    _, prepared, model, _ = load_run_model(Path(run_dir), checkpoint, data)
+    dev = resolve_device(device)
+    model.to(dev).eval()
+
+    @torch.no_grad()
+    def probabilities(images: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(dev)
+        return torch.softmax(model.logits(model.normalize(x)).float(), dim=1).cpu().numpy()
+
+    return Recognizer(prepared.image_size, list(prepared.class_names), probabilities, lambda cs: representative_titles(prepared, cs), f"run {run_dir} ({checkpoint})")
+
+
 def predict(run_dir: str | Path, images: list[str | Path], k: int = 3, checkpoint: str = "last", data: str | Path | None = None, device: str = "auto") -> list[Prediction]:
     """Top-k classes of each image, by the image-only model of a run.
 
@@ -52,49 +149,14 @@ def predict(run_dir: str | Path, images: list[str | Path], k: int = 3, checkpoin
     """
     if not images:
         raise SicotError("no image given: sicot predict --run DIR IMAGE...")
-    _, prepared, model, _ = load_run_model(Path(run_dir), checkpoint, data)
-    dev = resolve_device(device)
-    model.to(dev).eval()
+    recognizer = load_recognizer(run_dir, checkpoint, data, device)
     arrays = []
     for p in images:
         try:
-            arrays.append(load_image(Path(p), prepared.image_size).transpose(2, 0, 1))
+            arrays.append(preprocess(Path(p), recognizer.image_size))
         except ImageSkip as e:
             raise SicotError(f"{p}: {e}") from None
-    x = torch.from_numpy(np.stack(arrays)).to(dev)
-    probs = torch.softmax(model.logits(model.normalize(x)).float(), dim=1)
-    top = probs.topk(min(k, prepared.num_classes), dim=1)
-    idx, val = top.indices.cpu().numpy(), top.values.cpu().numpy()
-    titles = representative_titles(prepared, set(idx.ravel().tolist()))
-    return [
-        Prediction(str(p), [prepared.class_names[c] for c in idx[i]], [float(v) for v in val[i]], [titles.get(int(c)) for c in idx[i]])
-        for i, p in enumerate(images)
-    ]
-
-
-def export(run_dir: str | Path, out: str | Path, checkpoint: str = "last", data: str | Path | None = None) -> Path:
-    """Write a TorchScript image-only model (uint8 [B, 3, S, S] -> probabilities) and its classes.
-
-    The file loads with ``torch.jit.load`` alone (no sicot); ``<out>.classes.json`` beside it lists
-    the class names by index and the input size.
-    """
-    out = Path(out)
-    if out.exists():
-        raise SicotError(f"{out}: already exists (choose another --out)")
-    _, prepared, model, _ = load_run_model(Path(run_dir), checkpoint, data)
-    net = ImageOnly(model.cpu()).eval()
-    example = torch.zeros(2, 3, prepared.image_size, prepared.image_size, dtype=torch.uint8)
-    with torch.no_grad(), warnings.catch_warnings():
-        # TorchScript is deprecated in favour of torch.export, but it is still the format that
-        # C++ (libtorch) and most serving stacks load without Python; keep it until they move.
-        warnings.simplefilter("ignore", FutureWarning)
-        scripted = torch.jit.trace(net, example)
-        if not torch.allclose(scripted(example), net(example), atol=1e-5):
-            raise RuntimeError("the traced model disagrees with the eager one")
-    with atomic_path(out) as tmp:
-        scripted.save(str(tmp))
-    write_json(out.with_suffix(".classes.json"), {"classes": prepared.class_names, "input": {"dtype": "uint8", "shape": [None, 3, prepared.image_size, prepared.image_size], "layout": "RGB, NCHW, 0-255"}})
-    return out
+    return recognizer.top(recognizer.probabilities(np.stack(arrays)), [str(p) for p in images], k)
 
 
 def predictions_json(preds: list[Prediction]) -> str:

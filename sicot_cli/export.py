@@ -1,0 +1,257 @@
+"""The deployable image-only model (``sicot export``) and loading it back (``sicot serve --model``).
+
+``sicot export --format torchscript|onnx`` writes the model (uint8 images ``[B, 3, S, S]`` ->
+class probabilities, normalisation inside) and, beside it, ``<file>.json``: everything a consumer
+needs without sicot (classes and their titles, the preprocessing, input/output names, layout and
+dtype, mean/std, the sicot version and the run it came from); ``model.onnx`` gets
+``model.onnx.json``. Before the file is renamed into place the export is checked against the eager
+PyTorch model on the run's test images (ONNX with onnxruntime): the largest absolute difference of
+the probabilities must be at most :data:`TOLERANCE` and the top-1 classes identical, else nothing
+is written.
+
+No Triton model repository is written: Triton's onnxruntime backend loads the ``.onnx`` as it is
+(dynamic batch axis, input ``images`` UINT8, output ``probabilities`` FP32), and a ``config.pbtxt``
+written here would be one more file to keep in step with Triton's schema.
+
+ONNX goes through torch's exporter (``torch.onnx.export(dynamo=True)``) with a dynamic batch axis.
+TorchScript is kept for libtorch (C++) users, though ``torch.jit`` is deprecated in torch 2.14
+(``torch.jit.load`` prints a FutureWarning); its parameters are frozen so outputs carry no
+``grad_fn``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sicot_cli import __version__
+from sicot_cli.errors import SicotError
+from sicot_cli.evaluate import load_run_model
+from sicot_cli.fsutil import atomic_path, write_json
+from sicot_cli.model import ImageOnly
+from sicot_cli.predict import Recognizer, representative_titles
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("torchscript", "onnx")
+SIDECAR_FORMAT = "sicot-export/1"
+TOLERANCE = 1e-4  # max |p_export - p_torch| over the verification images
+VERIFY_IMAGES = 256  # test images the export is checked on (the first ones of the test split)
+INPUT, OUTPUT = "images", "probabilities"
+PREPROCESSING = (
+    "decode; convert to RGB (alpha composited on white, 16-bit scaled to 8); resize the shorter side to "
+    "image_size with PIL's bicubic filter (Image.Resampling.BICUBIC, reducing_gap=3.0); crop the centre "
+    "image_size x image_size; HWC -> CHW; uint8, no scaling (the model normalises)"
+)
+
+
+@dataclass
+class ExportResult:
+    """What ``export`` wrote and how well the written model agrees with PyTorch."""
+
+    path: Path
+    sidecar: Path
+    format: str
+    verified_images: int
+    max_abs_diff: float
+    top1_equal: bool
+
+
+def sidecar_path(model_path: Path) -> Path:
+    """The JSON beside an exported model: ``model.onnx`` -> ``model.onnx.json`` (an .onnx and a .pt of one name may sit together)."""
+    return model_path.with_name(model_path.name + ".json")
+
+
+def format_for(out: Path, fmt: str | None) -> str:
+    """The export format: as given, else from the file's suffix (``.onnx`` -> onnx, else torchscript).
+
+    Raises:
+        SicotError: an unknown format.
+    """
+    if fmt is None:
+        return "onnx" if out.suffix.lower() == ".onnx" else "torchscript"
+    if fmt not in FORMATS:
+        raise SicotError(f"--format must be torchscript or onnx, got {fmt!r}")
+    return fmt
+
+
+def _need_onnx() -> None:
+    try:
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise SicotError("ONNX export needs the serve extras: pip install 'sicot[serve]'") from None
+
+
+def _ort_session(path: Path, threads: int | None = None):  # noqa: ANN202 - onnxruntime.InferenceSession
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _test_images(prepared, n: int) -> np.ndarray:  # noqa: ANN001 - Prepared
+    """The first ``n`` test images (training ones when the split has no test rows)."""
+    import h5py
+
+    lo = prepared.test_start if prepared.n > prepared.test_start else 0
+    with h5py.File(prepared.path, "r") as f:
+        return np.asarray(f["images"][lo : min(lo + n, prepared.n)])
+
+
+def _write_torchscript(net: torch.nn.Module, example: torch.Tensor, tmp: Path) -> Any:  # noqa: ANN401
+    with warnings.catch_warnings():
+        # TorchScript is deprecated in favour of torch.export, but it is still the format that
+        # C++ (libtorch) loads without Python; keep it beside ONNX until those users move.
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        scripted = torch.jit.trace(net, example)
+        scripted.save(str(tmp))
+        loaded = torch.jit.load(str(tmp))
+    return lambda x: loaded(torch.from_numpy(x)).numpy()
+
+
+def _write_onnx(net: torch.nn.Module, example: torch.Tensor, tmp: Path) -> Any:  # noqa: ANN401
+    _need_onnx()
+    batch = torch.export.Dim("batch", min=1)
+    # The exporter prints its progress on stdout and warns about its own internals: a clean
+    # command line shows neither (they go to the debug log).
+    out = io.StringIO()
+    chatty = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "torch.onnx")]
+    levels = [lg.level for lg in chatty]
+    try:
+        for lg in chatty:
+            lg.setLevel(max(logging.WARNING, log.getEffectiveLevel()))
+        with warnings.catch_warnings(), contextlib.redirect_stdout(out):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(net, (example,), str(tmp), input_names=[INPUT], output_names=[OUTPUT], dynamic_shapes={"images": {0: batch}}, dynamo=True, external_data=False)
+    finally:
+        for lg, level in zip(chatty, levels, strict=True):
+            lg.setLevel(level)
+    log.debug("torch.onnx.export: %s", out.getvalue())
+    session = _ort_session(tmp)
+    return lambda x: session.run([OUTPUT], {INPUT: x})[0]
+
+
+def verify(run_exported: Any, reference: torch.nn.Module, images: np.ndarray) -> tuple[float, bool]:  # noqa: ANN401
+    """Max |p_export - p_torch| and whether the top-1 classes are identical, on ``images``."""
+    with torch.no_grad():
+        want = reference(torch.from_numpy(images)).numpy()
+    got = run_exported(images)
+    if got.shape != want.shape:
+        return float("inf"), False
+    return float(np.abs(got - want).max()), bool((got.argmax(1) == want.argmax(1)).all())
+
+
+def export(run_dir: str | Path, out: str | Path, fmt: str | None = None, checkpoint: str = "last", data: str | Path | None = None) -> ExportResult:
+    """Write the image-only model of a run (TorchScript or ONNX) and its JSON, checked against PyTorch.
+
+    Raises:
+        SicotError: the output exists, an unknown format, missing extras for ONNX, or an export that
+            disagrees with PyTorch (nothing is written then).
+    """
+    out = Path(out)
+    fmt = format_for(out, fmt)
+    side = sidecar_path(out)
+    if out.suffix.lower() == ".json":
+        raise SicotError(f"{out}: the model file cannot be a .json (that name is for the file beside it)")
+    for p in (out, side):
+        if p.exists():
+            raise SicotError(f"{p}: already exists (choose another --out)")
+    if fmt == "onnx":
+        _need_onnx()
+    run_dir = Path(run_dir)
+    recipe, prepared, model, state = load_run_model(run_dir, checkpoint, data)
+    net = ImageOnly(model.cpu()).eval()
+    for p in net.parameters():
+        p.requires_grad_(False)  # outputs without grad_fn: callers need no torch.no_grad()
+    size = prepared.image_size
+    example = torch.zeros(2, 3, size, size, dtype=torch.uint8)
+    images = _test_images(prepared, VERIFY_IMAGES)
+    with atomic_path(out) as tmp:
+        run_exported = (_write_onnx if fmt == "onnx" else _write_torchscript)(net, example, tmp)
+        diff, top1 = verify(run_exported, net, images)
+        if not (diff <= TOLERANCE and top1):
+            raise SicotError(f"{out}: the exported model disagrees with PyTorch on {len(images)} test images (max |dp| {diff:.2e}, top-1 {'equal' if top1 else 'different'}); nothing written")
+        digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+    titles = representative_titles(prepared, set(range(prepared.num_classes)))
+    meta = state.get("meta", {})
+    write_json(side, {
+        "format": SIDECAR_FORMAT,
+        "model": {"file": out.name, "format": fmt, "sha256": digest, "runtime": "onnxruntime" if fmt == "onnx" else "torch.jit.load"},
+        "input": {"name": INPUT, "dtype": "uint8", "shape": ["batch", 3, size, size], "layout": "NCHW", "channels": "RGB", "range": [0, 255], "image_size": size, "preprocessing": PREPROCESSING},
+        "normalization": {"mean": net.mean.flatten().tolist(), "std": net.std.flatten().tolist(), "applied": "inside the model: (x - mean) / std on 0-255 values; feed raw uint8"},
+        "output": {"name": OUTPUT, "dtype": "float32", "shape": ["batch", prepared.num_classes], "meaning": "softmax probabilities; index i is classes[i]"},
+        "classes": [{"index": i, "name": name, "title": titles.get(i)} for i, name in enumerate(prepared.class_names)],
+        "sicot": {"version": __version__, "run": str(run_dir.resolve()), "checkpoint": checkpoint, "epoch": meta.get("epoch") if isinstance(meta, dict) else None,
+                  "recipe": recipe.name, "encoder": recipe.model.encoder, "backbone": recipe.model.backbone, "dataset": prepared.fingerprint()},
+        "verification": {"images": len(images), "max_abs_diff": diff, "top1_equal": top1, "tolerance": TOLERANCE,
+                         "against": "the eager PyTorch model on the run's first test images"},
+    })
+    return ExportResult(out, side, fmt, len(images), diff, top1)
+
+
+def read_sidecar(model_path: Path) -> dict[str, Any]:
+    """The JSON beside an exported model.
+
+    Raises:
+        SicotError: missing, unreadable or not a sicot export's JSON.
+    """
+    side = sidecar_path(model_path)
+    try:
+        meta = json.loads(side.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SicotError(f"{side}: not found; an exported model is served with the JSON `sicot export` writes beside it") from None
+    except (OSError, ValueError) as e:
+        raise SicotError(f"{side}: unreadable ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT:
+        raise SicotError(f"{side}: not the JSON of a sicot export (format {SIDECAR_FORMAT})")
+    return meta
+
+
+def load_exported(model_path: str | Path, threads: int | None = None) -> Recognizer:
+    """An exported model (ONNX with onnxruntime, or TorchScript) and its JSON, as a :class:`Recognizer`.
+
+    Raises:
+        SicotError: a missing model or JSON, a model that does not load, or missing extras for ONNX.
+    """
+    path = Path(model_path)
+    if not path.is_file():
+        raise SicotError(f"{path}: model file not found")
+    meta = read_sidecar(path)
+    fmt = meta["model"]["format"]
+    try:
+        if fmt == "onnx":
+            _need_onnx()
+            session = _ort_session(path, threads)
+
+            def probabilities(x: np.ndarray) -> np.ndarray:
+                return session.run([OUTPUT], {INPUT: np.ascontiguousarray(x)})[0]
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                scripted = torch.jit.load(str(path), map_location="cpu")
+
+            @torch.no_grad()
+            def probabilities(x: np.ndarray) -> np.ndarray:
+                return scripted(torch.from_numpy(np.ascontiguousarray(x))).numpy()
+    except SicotError:
+        raise
+    except Exception as e:  # onnxruntime and torch.jit raise their own types for a bad file
+        raise SicotError(f"{path}: cannot load the {fmt} model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    classes = meta["classes"]
+    titles = {int(c["index"]): c["title"] for c in classes if c.get("title") is not None}
+    return Recognizer(int(meta["input"]["image_size"]), [c["name"] for c in classes], probabilities, lambda cs: {c: titles[c] for c in cs if c in titles}, f"{fmt} {path}")

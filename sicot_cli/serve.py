@@ -1,0 +1,342 @@
+"""``sicot serve``: the image-only model as an HTTP recognition service (FastAPI on uvicorn).
+
+The paper's online flow (§3.1) as a service: ``POST /predict`` takes images (a multipart upload, or
+a JSON list of base64 strings) and answers each one's top-k classes with their titles and scores;
+``GET /classes`` lists the classes, ``GET /healthz`` says the model is loaded and how busy it is.
+
+- The model is loaded once (from a run, or an exported ONNX/TorchScript file and its JSON) and
+  images go through :func:`sicot_cli.predict.preprocess`, the pipeline of ``sicot predict``.
+- Dynamic micro-batching (:class:`sicot_cli.batcher.MicroBatcher`): requests that arrive together
+  share one forward pass of at most ``max_batch`` images; the first image waits at most
+  ``max_wait_ms`` for company, and only while other requests are on their way. The model runs in
+  one worker thread, so the event loop keeps receiving uploads meanwhile.
+- Limits (:class:`ServeLimits`): body size, images per request, pixels per image (read from the
+  header, so a decompression bomb is refused before it is decoded), a per-request deadline (a
+  client too slow to send its upload gets 408, a request the model cannot reach in time 503), a
+  bounded queue (503 when full) and content types (415). Every error is a JSON ``{"error": ...}``
+  with a 4xx status (5xx only for overload or a bug), and the service keeps serving.
+- SIGTERM (or Ctrl-C): uvicorn stops accepting connections, the requests already accepted are
+  answered (the batcher runs until they are), then the process exits.
+- Binds 127.0.0.1 unless told otherwise.
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at run
+# time, and those name classes imported inside create_app (fastapi is an optional dependency).
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sicot_cli.batcher import Busy, MicroBatcher
+from sicot_cli.data.images import ImageSkip
+from sicot_cli.errors import SicotError
+from sicot_cli.predict import Recognizer, TooManyPixels, preprocess
+
+log = logging.getLogger(__name__)
+
+IMAGE_TYPES = ("image/", "application/octet-stream")  # what a multipart image part may declare
+
+
+@dataclass
+class ServeLimits:
+    """How much one request may ask, and how requests are batched."""
+
+    max_batch: int = 32
+    max_wait_ms: float = 5.0
+    max_upload_bytes: int = 10_000_000
+    max_pixels: int = 40_000_000
+    max_images: int = 32
+    timeout_s: float = 30.0
+    max_queue: int = 1024
+    top_k: int = 5
+
+    def check(self) -> None:
+        """Raises SicotError for a limit out of range."""
+        for name in ("max_batch", "max_upload_bytes", "max_pixels", "max_images", "max_queue", "top_k"):
+            if getattr(self, name) < 1:
+                raise SicotError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        from PIL import Image
+
+        if self.max_pixels > Image.MAX_IMAGE_PIXELS:
+            raise SicotError(f"--max-pixels must be at most {Image.MAX_IMAGE_PIXELS:,} (the decompression-bomb limit of image decoding), got {self.max_pixels:,}")
+        if not 0 <= self.max_wait_ms <= 10_000:
+            raise SicotError(f"--max-wait-ms must be between 0 and 10000, got {self.max_wait_ms}")
+        if not 0 < self.timeout_s <= 3600:
+            raise SicotError(f"--timeout must be in (0, 3600] seconds, got {self.timeout_s}")
+
+
+class ApiError(Exception):
+    """An answer other than 200: its status and the message of the JSON error."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def need_extras() -> None:
+    """Raises SicotError when FastAPI/uvicorn are not installed."""
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn", "python_multipart") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SicotError(f"sicot serve needs the serve extras ({', '.join(missing)} missing): pip install 'sicot[serve]'")
+
+
+async def _read_body(request: Any, limit: int, deadline: float) -> bytes:  # noqa: ANN401 - starlette Request
+    """The request body, at most ``limit`` bytes, received before ``deadline`` (loop time)."""
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > limit):
+        raise ApiError(413 if length.isdigit() else 400, f"upload over the limit of {limit:,} bytes" if length.isdigit() else "bad Content-Length")
+    from starlette.requests import ClientDisconnect
+
+    chunks, size = [], 0
+    try:
+        async with asyncio.timeout_at(deadline):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(413, f"upload over the limit of {limit:,} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ApiError(408, "the upload was not received in time") from None
+    except ClientDisconnect:  # nobody to answer; no traceback in the log for it
+        raise ApiError(400, "the client closed the connection during the upload") from None
+    return b"".join(chunks)
+
+
+async def _images_from_multipart(request: Any, body: bytes, limits: ServeLimits) -> list[tuple[str, bytes]]:  # noqa: ANN401
+    from starlette.datastructures import UploadFile
+    from starlette.exceptions import HTTPException
+    from starlette.formparsers import MultiPartException
+    from starlette.requests import Request
+
+    async def replay() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(request.scope, replay).form(max_files=limits.max_images, max_fields=limits.max_images)
+    except (MultiPartException, HTTPException) as e:
+        raise ApiError(400, f"bad multipart body: {getattr(e, 'detail', None) or e}") from None
+    out = []
+    try:
+        for _, value in form.multi_items():
+            if not isinstance(value, UploadFile):
+                continue
+            ctype = (value.content_type or "application/octet-stream").lower()
+            if not ctype.startswith(IMAGE_TYPES):
+                raise ApiError(415, f"{value.filename or 'upload'}: content type {ctype!r} is not an image")
+            out.append((value.filename or f"image{len(out)}", await value.read()))
+    finally:
+        await form.close()
+    return out
+
+
+def _images_from_json(body: bytes) -> list[tuple[str, bytes]]:
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "body is not valid JSON") from None
+    items = doc.get("images") if isinstance(doc, dict) else doc
+    if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+        raise ApiError(400, 'JSON body must be a list of base64 strings, or {"images": [...]}')
+    out = []
+    for i, s in enumerate(items):
+        if s.startswith("data:"):  # a data URL: data:image/png;base64,....
+            s = s.partition(",")[2]
+        try:
+            out.append((str(i), base64.b64decode(s, validate=True)))
+        except (binascii.Error, ValueError):
+            raise ApiError(400, f"images[{i}] is not valid base64") from None
+    return out
+
+
+def _decode(images: list[tuple[str, bytes]], size: int, max_pixels: int) -> np.ndarray:
+    arrays = []
+    for name, data in images:
+        try:
+            arrays.append(preprocess(data, size, max_pixels))
+        except TooManyPixels as e:
+            raise ApiError(413, f"{name}: {e}") from None
+        except ImageSkip as e:
+            raise ApiError(422, f"{name}: {e}") from None
+    return np.stack(arrays)
+
+
+def create_app(recognizer: Recognizer, limits: ServeLimits) -> Any:  # noqa: ANN401 - fastapi.FastAPI
+    """The FastAPI application serving ``recognizer`` (the batcher starts with the app's lifespan)."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException
+
+    limits.check()
+    state: dict[str, Any] = {}
+    # titles read once here, so no request touches the dataset file
+    recognizer.titles(set(range(recognizer.num_classes)))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):  # noqa: ANN202
+        batcher = MicroBatcher(recognizer.probabilities, limits.max_batch, limits.max_wait_ms, limits.max_queue)
+        batcher.start()
+        state["batcher"] = batcher
+        try:
+            yield
+        finally:
+            await batcher.stop()
+
+    app = FastAPI(title="sicot", summary="Image-only product recognition (SICoT, CIKM'20)", lifespan=lifespan)
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, e: ApiError) -> JSONResponse:
+        return error(e.status, e.message)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, e: HTTPException) -> JSONResponse:
+        return error(e.status_code, str(e.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0] if e.errors() else {}
+        return error(422, f"{'.'.join(str(p) for p in first.get('loc', ()))}: {first.get('msg', 'invalid request')}")
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        b: MicroBatcher = state["batcher"]
+        return {"status": "ok", "model": recognizer.source, "classes": recognizer.num_classes, "image_size": recognizer.image_size,
+                "waiting": b.waiting, "batches": b.batches, "images": b.images, "max_batch": limits.max_batch}
+
+    @app.get("/classes")
+    async def classes() -> dict[str, Any]:
+        titles = recognizer.titles(set(range(recognizer.num_classes)))
+        return {"classes": [{"index": i, "name": n, "title": titles.get(i)} for i, n in enumerate(recognizer.class_names)]}
+
+    @app.post("/predict")
+    async def predict(request: Request, k: int | None = None) -> dict[str, Any]:
+        k = min(limits.top_k, recognizer.num_classes) if k is None else k
+        if not 1 <= k <= recognizer.num_classes:
+            raise ApiError(422, f"k must be between 1 and {recognizer.num_classes}, got {k}")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limits.timeout_s
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype not in ("multipart/form-data", "application/json"):
+            raise ApiError(415, f"content type {ctype or '(none)'!r}: send multipart/form-data (image files) or application/json (base64 images)")
+        with state["batcher"].arriving():
+            body = await _read_body(request, limits.max_upload_bytes, deadline)
+            images = await _images_from_multipart(request, body, limits) if ctype == "multipart/form-data" else _images_from_json(body)
+            if not images:
+                raise ApiError(400, "no image in the request")
+            if len(images) > limits.max_images:
+                raise ApiError(413, f"{len(images)} images in one request (limit {limits.max_images})")
+            x = await run_in_threadpool(_decode, images, recognizer.image_size, limits.max_pixels)
+        try:
+            async with asyncio.timeout_at(deadline):
+                probs = await state["batcher"].submit(x)
+        except Busy:
+            raise ApiError(503, "the service is busy (queue full); retry later") from None
+        except TimeoutError:
+            raise ApiError(503, f"no answer from the model within {limits.timeout_s:g} s; retry later") from None
+        preds = recognizer.top(probs, [name for name, _ in images], k)
+        return {"predictions": [p.as_dict() for p in preds]}
+
+    return app
+
+
+def load(run: Path | None, model: Path | None, checkpoint: str = "last", data: Path | None = None, device: str = "auto", threads: int | None = None) -> Recognizer:
+    """The model to serve: a run's (``--run``) or an exported file (``--model``), exactly one.
+
+    Raises:
+        SicotError: neither or both given, or the model does not load.
+    """
+    if (run is None) == (model is None):
+        raise SicotError("give exactly one of --run DIR or --model FILE")
+    if threads is not None and threads < 1:
+        raise SicotError(f"--threads must be at least 1, got {threads}")
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    if run is not None:
+        from sicot_cli.predict import load_recognizer
+
+        return load_recognizer(run, checkpoint, data, device)
+    from sicot_cli.export import load_exported
+
+    return load_exported(model, threads)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket (bound here, so a busy port is one clear error and ``--port 0`` works).
+
+    Raises:
+        SicotError: the address cannot be bound.
+    """
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except (OSError, OverflowError) as e:  # OverflowError: a port outside 0-65535
+        raise SicotError(f"cannot listen on {host}:{port} ({getattr(e, 'strerror', None) or e})") from None
+    return sock
+
+
+def serve(run: Path | None, model: Path | None, host: str = "127.0.0.1", port: int = 8000, limits: ServeLimits | None = None, checkpoint: str = "last",
+          data: Path | None = None, device: str = "auto", threads: int | None = None, on_ready: Callable[[str, str], None] | None = None) -> None:
+    """Load the model once and serve it until SIGTERM/SIGINT (then answer what was accepted, and return).
+
+    Raises:
+        SicotError: missing extras, a bad model or limits, or an address that cannot be bound.
+    """
+    need_extras()
+    import uvicorn
+
+    limits = limits or ServeLimits()
+    limits.check()
+    recognizer = load(run, model, checkpoint, data, device, threads)
+    app = create_app(recognizer, limits)
+    sock = bind(host, port)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s: reachable from other machines; sicot serve has no authentication", host)
+    actual = sock.getsockname()[1]
+    # The grace period covers the longest an accepted request may take (its deadline), plus a margin.
+    config = uvicorn.Config(app, log_config=None, access_log=False, timeout_graceful_shutdown=int(limits.timeout_s) + 5, timeout_keep_alive=5)
+    server = uvicorn.Server(config)
+    if on_ready is not None:
+        on_ready(f"http://{host}:{actual}", recognizer.source)
+    t0 = time.perf_counter()
+    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again for the process's own
+    # handler: ours makes that a normal exit (0), as the accepted requests have all been answered.
+    previous = signal.signal(signal.SIGTERM, _stopped)
+    try:
+        server.run(sockets=[sock])
+    except _Stopped:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        sock.close()
+    log.info("stopped after %.0f s", time.perf_counter() - t0)
+
+
+class _Stopped(Exception):
+    """SIGTERM after the graceful shutdown."""
+
+
+def _stopped(signum: int, frame: Any) -> None:  # noqa: ANN401
+    raise _Stopped
