@@ -369,6 +369,14 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
     return recipe
 
 
+def recipe_with_overrides(table: dict[str, Any], overrides: list[str] | None, where: str) -> Recipe:
+    """A recipe from plain data (e.g. a prepared file's recorded recipe) with overrides applied."""
+    table = json.loads(json.dumps(table))
+    for item in overrides or []:
+        _apply_override(table, item)
+    return recipe_from_dict(table, where)
+
+
 def _demo_recipe_text() -> str:
     """``recipes/demo.toml``: from the source tree (checkouts, editable installs) or the wheel."""
     source = Path(__file__).resolve().parent.parent / "recipes" / "demo.toml"

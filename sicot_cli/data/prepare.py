@@ -93,7 +93,7 @@ class PrepareSummary:
     test_filtered_rate: float  # share of test-title words seen in training but removed by the noise filter
     informative_removed: list[tuple[str, float, str, float]]  # see Vocab.informative_removed
     suggested_boundaries: dict[str, int]  # the data-derived thresholds (shown when fixed ones are used)
-    name: str = ""  # the recipe name, carried into every run made from the file
+    name: str  # the recipe name, carried into every run made from the file
     truncated_titles: int
     seconds: float
     decode_seconds: float
