@@ -54,6 +54,40 @@ def show(table: Any, target: Console | None = None) -> None:
     wide.print(table)
 
 
+def setup_logging(verbose: bool) -> None:
+    """Route library logging through rich on stderr."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=err_console, show_path=False, show_time=False)],
+        force=True,
+    )
+    for noisy in ("gensim", "jieba", "smart_open", "PIL", "matplotlib", "h5py"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print one red line and exit."""
+    err_console.print(f"[bold red]error:[/] [red]{escape(message)}[/]", soft_wrap=True)
+    raise SystemExit(code)
+
+
+def guard(fn: F) -> F:
+    """Turn a user error raised anywhere below a command into one red line and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except SicotError as e:
+            fail(str(e))
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/]")
+            raise SystemExit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
 class _RichTask:
     def __init__(self, progress: Progress, task_id: Any) -> None:
         self._p, self._id = progress, task_id
