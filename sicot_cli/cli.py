@@ -349,7 +349,7 @@ def ablate(
     from sicot_cli.ablate import ablate as run_ablate
     from sicot_cli.console import AblationProgress, err_console
     from sicot_cli.errors import SicotError
-    from sicot_cli.report import build_report, write_report
+    from sicot_cli.report import VERDICT_RULE, build_report, write_report
     from sicot_cli.views import ablation_row, ablation_table, report_tables
 
     _load_encoder_modules(encoder_module)
@@ -384,6 +384,8 @@ def ablate(
     console.print(f"image-only, {report.protocol}", markup=False, highlight=False)
     for table in report_tables(report):
         show(table)
+    if report.gains:
+        console.print(f"evidence: {VERDICT_RULE}", markup=False, highlight=False)
     console.print("wrote " + ", ".join(str(p) for p in written), markup=False, highlight=False)
 
 
@@ -401,7 +403,7 @@ def report(
     """Tables 2-4 (with seeds: mean ± std, paired tests, bootstrap intervals), files and figures."""
     from sicot_cli.errors import SicotError
     from sicot_cli.fsutil import ensure_dir
-    from sicot_cli.report import build_report, to_csv, to_json, to_markdown, write_report
+    from sicot_cli.report import VERDICT_RULE, build_report, to_csv, to_json, to_markdown, write_report
     from sicot_cli.views import attention_view, class_words_table, report_tables
 
     if fmt not in ("table", "markdown", "csv", "json"):
@@ -418,6 +420,8 @@ def report(
         console.print(f"image-only, {rep.protocol}", markup=False, highlight=False)
         for table in report_tables(rep):
             show(table)
+        if rep.gains:
+            console.print(f"evidence: {VERDICT_RULE}", markup=False, highlight=False)
     else:
         typer.echo({"markdown": to_markdown, "csv": to_csv, "json": to_json}[fmt](rep))
     if attention or class_name:
