@@ -140,8 +140,9 @@ def tokenize(
             shown = toks if vocab is None else [t if t in vocab else f"[{t}]" for t in toks]
             typer.echo(" ".join(shown))
         return
-    from rich.markup import escape
     from rich.table import Table
+
+    from sicot_cli.console import data_text as escape
 
     table = Table("title", "tokens", *(["kept by the vocabulary ([word]: not kept)"] if vocab is not None else []))
     for title, toks in zip(titles, tokens, strict=True):
@@ -188,7 +189,8 @@ def embed(
 
         cfg = recipe_with_overrides(open_prepared(data).recipe, overrides, f"{data} (its recipe)")
     else:
-        cfg = _recipe(recipe, overrides, _manifest_extras(manifest)[:3] if manifest is not None else None)
+        extra = None if manifest is None else _manifest_extras(manifest)[: 2 if recipe is not None else 3]
+        cfg = _recipe(recipe, overrides, extra)
     summary = lib.embed(cfg, out, progress=RichProgress())
     show(embed_table(summary))
 

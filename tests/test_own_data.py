@@ -260,6 +260,19 @@ def test_fig7_words_start_after_the_longest_class_name(tmp_path, monkeypatch):
     assert min(t.get_window_extent().transformed(inv).x0 for t in words) > right
 
 
+def test_embed_rebuilds_a_prepared_files_vocabulary_and_reads_a_manifest(own):
+    from sicot_cli.data.dataset import open_prepared
+
+    words = len(open_prepared(own).words) - 1
+    r = runner.invoke(app, ["embed", "--data", str(own)])
+    assert r.exit_code == 0, r.output
+    assert any("vocabulary (before -> after filter)" in ln and ln.rstrip(" │").endswith(f"-> {words}") for ln in r.output.splitlines()), r.output
+    manifest = open_prepared(own).recipe["data"]["manifest"]
+    r = runner.invoke(app, ["embed", "--manifest", manifest, *KEEP_ALL])
+    assert r.exit_code == 0, r.output
+    assert any("vocabulary (before -> after filter)" in ln and ln.rstrip(" │").endswith(f"-> {words}") for ln in r.output.splitlines()), r.output
+
+
 def test_version_option():
     r = runner.invoke(app, ["--version"])
     assert r.exit_code == 0 and r.output.startswith("sicot ")
