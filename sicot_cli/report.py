@@ -462,10 +462,28 @@ def _per_class_csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
+def _removed_words_line(report: Report) -> str | None:
+    """The prepared file's removed words most tied to a label, as ``prepare`` reported them."""
+    side = Path(str(report.runs[0].config.get("data", ""))).with_suffix(".recipe.json")
+    try:
+        summary = json.loads(side.read_text(encoding="utf-8"))["summary"]
+        rules = summary["filter_rules"]
+        words = [w for w in summary.get("informative_removed", []) if w[1] > 0]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not words:
+        return None
+    shown = ", ".join(f"{w} ({mi:.2f} bits; {share:.0%} in {label})" for w, mi, label, share in words[:8])
+    return f"Noise-word filter ({rules[0]['rule']}: {rules[0]['words']} words): the removed words most tied to a label: {shown}."
+
+
 def _extras_markdown(report: Report, info: tuple[list[str], list[int]] | None) -> str:
-    """The most confused class pairs (per encoder shown) for report.md."""
+    """The most confused class pairs (per encoder shown) and the noise filter's removed words for report.md."""
     names = info[0] if info is not None else None
     out = []
+    removed = _removed_words_line(report)
+    if removed:
+        out += [removed, ""]
     for e in dict.fromkeys([BASELINE, report.chosen]):
         if e not in report.cells:
             continue

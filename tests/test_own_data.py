@@ -303,3 +303,13 @@ def test_keep_best_false_writes_only_the_last_checkpoint(tmp_path):
         assert (result.run_dir / "checkpoint-best.pt").exists() == (keep == "true")
     with pytest.raises(Exception, match="train.keep_best = false needs eval.select"):
         load_recipe(None, ["train.keep_best=false", "eval.select=best"])
+
+
+def test_report_names_the_removed_words_most_tied_to_a_label(tmp_path):
+    from sicot_cli.report import _removed_words_line
+
+    side = {"summary": {"filter_rules": [{"rule": "5% most frequent", "words": 165}], "informative_removed": [["flag", 0.41, "country-flag", 0.97], ["the", 0.0, "x", 0.1]]}}
+    (tmp_path / "e.recipe.json").write_text(json.dumps(side))
+    report = SimpleNamespace(runs=[SimpleNamespace(config={"data": str(tmp_path / "e.h5")})])
+    assert _removed_words_line(report) == "Noise-word filter (5% most frequent: 165 words): the removed words most tied to a label: flag (0.41 bits; 97% in country-flag)."
+    assert _removed_words_line(SimpleNamespace(runs=[SimpleNamespace(config={"data": str(tmp_path / "gone.h5")})])) is None
