@@ -290,10 +290,14 @@ def training_plan(recipe: Recipe, prepared: Prepared, steps_per_epoch: int, thre
         f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs, lr {cfg.lr:g}, {threads} CPU thread(s)"
     )
     warnings = []
+    if prepared.n_train < cfg.batch_size:
+        warnings.append(
+            f"train.batch_size {cfg.batch_size} is larger than the {prepared.n_train:,} training images: one step per epoch"
+        )
     if total < prepared.num_classes:
         warnings.append(
-            f"only {total} optimisation steps in the whole run for {prepared.num_classes} classes: this setting "
-            f"cannot learn them (expect one class predicted for everything); lower train.batch_size or raise "
+            f"fewer optimisation steps in the whole run ({total}) than classes ({prepared.num_classes}): likely too few "
+            f"to learn them (a model that predicts one class for everything); lower train.batch_size or raise "
             f"train.epochs (recipes/product-manifest.toml is the starting point for own data)"
         )
     return line, warnings

@@ -194,7 +194,12 @@ def test_training_plan_warns_when_the_setting_cannot_learn():
     prepared = SimpleNamespace(image_size=32, n_train=68, num_classes=100)
     line, warnings = training_plan(recipe, prepared, 1, 2)
     assert line == "32x32 images, resnet18 (from scratch), 68 training images / 100 classes, batch 128 -> 1 steps/epoch x 8 epochs, lr 0.03, 2 CPU thread(s)"
-    assert len(warnings) == 1 and warnings[0].startswith("only 8 optimisation steps in the whole run for 100 classes")
+    assert warnings == [
+        "train.batch_size 128 is larger than the 68 training images: one step per epoch",
+        "fewer optimisation steps in the whole run (8) than classes (100): likely too few to learn them (a model that "
+        "predicts one class for everything); lower train.batch_size or raise train.epochs (recipes/product-manifest.toml "
+        "is the starting point for own data)",
+    ]
     assert training_plan(recipe, SimpleNamespace(image_size=32, n_train=6800, num_classes=100), 53, 2)[1] == []
 
 
