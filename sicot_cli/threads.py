@@ -4,7 +4,8 @@ torch's default is one thread per core; two such jobs on one machine oversubscri
 each runs several times slower (measured on a shared 2-core machine: an epoch of 4 s alone took
 30-93 s next to other torch jobs). ``0`` means auto: the cores this process may run on (its CPU
 affinity, which containers and ``taskset`` restrict), at most :data:`AUTO_MAX` (intra-op
-parallelism gains little beyond that on the small kernels a CPU run meets).
+parallelism gains little beyond that on the small kernels a CPU run meets). An ``OMP_NUM_THREADS``
+set in the environment (torchrun sets 1 per rank) is the auto value instead.
 """
 
 from __future__ import annotations
@@ -24,7 +25,12 @@ def available_cores() -> int:
 
 def resolve_threads(requested: int) -> int:
     """``requested``, or the auto value for 0."""
-    return requested if requested > 0 else max(1, min(AUTO_MAX, available_cores()))
+    if requested > 0:
+        return requested
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return max(1, min(AUTO_MAX, available_cores()))
 
 
 def set_threads(requested: int) -> int:

@@ -152,8 +152,12 @@ def test_large_jpeg_decodes_in_draft_mode_and_the_pixel_limit_is_a_recipe_key(tm
 def test_threads_auto_value_and_bounds(monkeypatch):
     from sicot_cli import threads
 
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(threads, "available_cores", lambda: 64)
     assert threads.resolve_threads(0) == 8 and threads.resolve_threads(3) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # torchrun's per-rank setting is the auto value
+    assert threads.resolve_threads(0) == 1 and threads.resolve_threads(3) == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
     monkeypatch.setattr(threads, "available_cores", lambda: 2)
     assert threads.resolve_threads(0) == 2
     with pytest.raises(Exception, match="train.threads must be >= 0"):
