@@ -155,7 +155,7 @@ class TrainConfig:
     eval_batch_size: int = 512
     topk: list[int] = field(default_factory=lambda: [1, 3])
     runs_dir: str = "runs"
-    # torch intra-op threads: 0 = auto (the cores this process may use, at most 8); set it on a
+    # torch intra-op threads: 0 = auto (OMP_NUM_THREADS, else the cores this process may use, at most 8); set it on a
     # shared machine, where every job using all cores oversubscribes them (epochs 10x slower).
     threads: int = 0
     # Keep checkpoint-best.pt (a second copy of the weights, about as large as the model); false
