@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sicot_cli import runs
-from sicot_cli.config import PRESETS, Recipe, recipe_from_dict
+from sicot_cli.config import PRESETS, Recipe, adopt_prepared, recipe_from_dict
 from sicot_cli.errors import SicotError
 from sicot_cli.fsutil import ensure_dir, write_json
 from sicot_cli.progress import NullProgress, Progress
@@ -46,6 +46,7 @@ def _shared_recipe(recipe: Recipe) -> dict[str, Any]:
     d = copy.deepcopy(recipe.to_dict())
     d["model"].pop("encoder")
     d["train"].pop("seed")
+    d["train"].pop("threads", None)  # how fast, not what: a rerun may use other --threads
     return d
 
 
@@ -77,6 +78,7 @@ def ablate(
     on_run: Callable[[RunStatus], None] | None = None,
     data: str | Path | None = None,
     presets: list[str] | None = None,
+    on_start: Callable[[str, int, int, Recipe], None] | None = None,
 ) -> tuple[Path, list[RunStatus]]:
     """Train (or skip, or resume) the baseline and each encoder for each seed.
 
@@ -92,6 +94,8 @@ def ablate(
         progress: progress reporting for each run.
         on_run: called after each run (the CLI's live table).
         data: the prepared file (default ``data.out``; prepared first when missing).
+        on_start: called before each run as ``on_start(run name, index, number of runs, recipe)``
+            (the CLI's progress: which run trains, and the ETA of the whole ablation).
 
     Returns:
         The ablation directory and the status of every run, in training order.
@@ -102,6 +106,17 @@ def ablate(
     unknown = [p for p in presets if p not in PRESETS]
     if unknown:
         raise SicotError(f"--presets: unknown preset {unknown[0]!r} (known: {', '.join(sorted(PRESETS))})")
+    data_path = Path(data) if data is not None else Path(recipe.data.out)
+    if not data_path.exists():
+        from sicot_cli.data.prepare import prepare
+
+        log.info("%s does not exist yet: preparing it first", data_path)
+        prepare(recipe, data_path, progress=progress)
+    # The prepared file's name, settings and boundaries, in ablation.json and every run (as train does).
+    from sicot_cli.data.dataset import open_prepared
+
+    recipe = copy.deepcopy(recipe)
+    adopt_prepared(recipe, open_prepared(data_path).recipe, data_path)
     root = Path(out) if out is not None else default_dir(recipe)
     ensure_dir(root)
     plan_path = root / PLAN
@@ -117,29 +132,24 @@ def ablate(
             raise SicotError(f"{root}: holds an ablation of another recipe ({plan_path}); use another --out")
     write_json(plan_path, {"recipe": shared, "encoders": [BASELINE, *encoders], "seeds": seeds, "presets": presets})
 
-    data_path = Path(data) if data is not None else Path(recipe.data.out)
-    if not data_path.exists():
-        from sicot_cli.data.prepare import prepare
-
-        log.info("%s does not exist yet: preparing it first", data_path)
-        prepare(recipe, data_path, progress=progress)
-
     statuses: list[RunStatus] = []
     plan = [(BASELINE, None)] + [(e, p) for p in presets for e in encoders if e != BASELINE]
-    for seed in seeds:
-        for encoder, preset in plan:
-            own = preset is None or preset == recipe.preset
-            r = copy.deepcopy(recipe) if own else with_preset(recipe, preset)
-            r.model.encoder = encoder
-            r.train.seed = seed
-            run_dir = root / run_name(encoder, seed, None if own else preset)
-            existed = runs.is_run(run_dir)
-            result: TrainResult = train(r, run_dir, resume=existed, data=data_path, progress=progress or NullProgress())
-            state = "skipped" if result.skipped else "interrupted" if result.interrupted else "resumed" if existed else "trained"
-            status = RunStatus(encoder, seed, run_dir, state, result.final)
-            statuses.append(status)
-            if on_run is not None:
-                on_run(status)
-            if result.interrupted:
-                return root, statuses
+    order = [(seed, encoder, preset) for seed in seeds for encoder, preset in plan]
+    for i, (seed, encoder, preset) in enumerate(order):
+        own = preset is None or preset == recipe.preset
+        r = copy.deepcopy(recipe) if own else with_preset(recipe, preset)
+        r.model.encoder = encoder
+        r.train.seed = seed
+        run_dir = root / run_name(encoder, seed, None if own else preset)
+        if on_start is not None:
+            on_start(run_dir.name, i, len(order), r)
+        existed = runs.is_run(run_dir)
+        result: TrainResult = train(r, run_dir, resume=existed, data=data_path, progress=progress or NullProgress())
+        state = "skipped" if result.skipped else "interrupted" if result.interrupted else "resumed" if existed else "trained"
+        status = RunStatus(encoder, seed, run_dir, state, result.final)
+        statuses.append(status)
+        if on_run is not None:
+            on_run(status)
+        if result.interrupted:
+            return root, statuses
     return root, statuses

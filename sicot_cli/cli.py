@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from sicot_cli.cli_datasets import app as datasets_app
-from sicot_cli.console import console, guard, setup_logging
+from sicot_cli.console import console, guard, setup_logging, show
 
 app = typer.Typer(
     name="sicot",
@@ -23,11 +23,39 @@ app.add_typer(datasets_app, name="datasets")  # sicot datasets fetch emoji / imp
 
 RecipeOpt = Annotated[Path | None, typer.Option("--recipe", "-r", help="TOML recipe (default: the built-in demo recipe).")]
 Overrides = Annotated[list[str] | None, typer.Argument(help="Recipe overrides: section.key=value (e.g. data.image_size=64).", show_default=False)]
+Threads = Annotated[int | None, typer.Option("--threads", help="CPU threads for torch (default: train.threads; 0 = auto, the cores this process may use, at most 8).")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"sicot {version('sicot')}")
+        except PackageNotFoundError:
+            typer.echo("sicot (not installed as a package)")
+        raise typer.Exit()
 
 
 @app.callback()
-def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+def _main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
     setup_logging(verbose)
+
+
+def _threads(threads: int | None) -> list[str]:
+    return [] if threads is None else [f"train.threads={threads}"]
+
+
+def _manifest_extras(manifest: Path) -> list[str]:
+    """Own data without a recipe: named after the manifest, written to data/<name>.h5, and with
+    head/tail boundaries derived from its training counts (not the demo's)."""
+    return [
+        "data.source=\"manifest\"", f"data.manifest={_toml_str(str(manifest))}", f"name={_toml_str(manifest.stem)}",
+        f"data.out={_toml_str(str(Path('data') / (manifest.stem + '.h5')))}", "eval.boundaries=\"data\"",
+    ]
 
 
 def _recipe(recipe: Path | None, overrides: list[str] | None, extra: list[str] | None = None):  # noqa: ANN202
@@ -61,14 +89,16 @@ def prepare(
 
     extra = []
     if manifest is not None:
-        extra = ["data.source=\"manifest\"", f"data.manifest={_toml_str(str(manifest))}", f"name={_toml_str(manifest.stem)}"]
+        extra = _manifest_extras(manifest)
+        if recipe is not None:  # the recipe's own name, output and boundaries stay
+            extra = extra[:2]
     if strict:
         extra.append("data.strict=true")
     if workers is not None:
         extra.append(f"data.workers={workers}")
     cfg = _recipe(recipe, overrides, extra)
     summary = run_prepare(cfg, _out_file(out, cfg.name), force=force, progress=RichProgress())
-    console.print(prepare_table(summary))
+    show(prepare_table(summary))
 
 
 def _toml_str(value: str) -> str:
@@ -105,21 +135,23 @@ def tokenize(
 
         vocab = set(open_prepared(data).words[1:])
     tokens = tokenize_many(titles, workers)
-    if plain:
+    if plain:  # [word]: not in the vocabulary (removed by the noise filter, or never seen)
         for toks in tokens:
             shown = toks if vocab is None else [t if t in vocab else f"[{t}]" for t in toks]
             typer.echo(" ".join(shown))
         return
-    from rich.markup import escape
     from rich.table import Table
 
-    table = Table("title", "tokens", *(["kept by the vocabulary"] if vocab is not None else []))
+    from sicot_cli.console import data_text as escape
+
+    table = Table("title", "tokens", *(["kept by the vocabulary ([word]: not kept)"] if vocab is not None else []))
     for title, toks in zip(titles, tokens, strict=True):
         row = [escape(title), escape(" | ".join(toks))]
         if vocab is not None:
-            row.append(" | ".join(f"[green]{escape(t)}[/]" if t in vocab else f"[red strike]{escape(t)}[/]" for t in toks))
+            # marked by brackets as well as colour: readable without colour (logs, NO_COLOR)
+            row.append(" | ".join(f"[green]{escape(t)}[/]" if t in vocab else f"[red strike]{escape('[' + t + ']')}[/]" for t in toks))
         table.add_row(*row)
-    console.print(table)
+    show(table)
 
 
 @app.command()
@@ -128,7 +160,8 @@ def embed(
     recipe: RecipeOpt = None,
     out: Annotated[Path | None, typer.Option(help="Write the vectors here (word2vec text format).")] = None,
     neighbours: Annotated[str | None, typer.Option("--neighbours", help="Print the nearest words to WORD instead.")] = None,
-    data: Annotated[Path | None, typer.Option(help="With --neighbours: a prepared .h5 whose vectors to use.")] = None,
+    manifest: Annotated[Path | None, typer.Option(help="CSV/JSONL manifest to build the vocabulary from (no recipe needed).")] = None,
+    data: Annotated[Path | None, typer.Option(help="A prepared .h5: with --neighbours, whose vectors to use; without, rebuild its vocabulary with the settings it was prepared with.")] = None,
     vectors: Annotated[Path | None, typer.Option(help="With --neighbours: a word2vec file whose vectors to use.")] = None,
     binary: Annotated[bool, typer.Option(help="--vectors is in word2vec binary format.")] = False,
     top: Annotated[int, typer.Option(help="How many neighbours.")] = 10,
@@ -141,15 +174,25 @@ def embed(
     if neighbours is not None:
         from rich.table import Table
 
-        table = Table("word", "cosine", title=f"nearest words to {neighbours!r}", title_justify="left")
+        from sicot_cli.console import data_text
+
+        table = Table("word", "cosine", title=f"nearest words to {data_text(repr(neighbours))}", title_justify="left")
         for word, sim in lib.neighbours(neighbours, top, data=data, vectors=vectors, binary=binary):
-            table.add_row(word, f"{sim:.3f}")
-        console.print(table)
+            table.add_row(data_text(word), f"{sim:.3f}")
+        show(table)
         return
     from sicot_cli.views import embed_table
 
-    summary = lib.embed(_recipe(recipe, overrides), out, progress=RichProgress())
-    console.print(embed_table(summary))
+    if data is not None:  # the settings the file was prepared with, overrides on top
+        from sicot_cli.config import recipe_with_overrides
+        from sicot_cli.data.dataset import open_prepared
+
+        cfg = recipe_with_overrides(open_prepared(data).recipe, overrides, f"{data} (its recipe)")
+    else:
+        extra = None if manifest is None else _manifest_extras(manifest)[: 2 if recipe is not None else 3]
+        cfg = _recipe(recipe, overrides, extra)
+    summary = lib.embed(cfg, out, progress=RichProgress())
+    show(embed_table(summary))
 
 
 def _encoder_names() -> list[str]:
@@ -185,6 +228,7 @@ def train(
     data: Annotated[Path | None, typer.Option(help="Prepared .h5 (default: data.out).")] = None,
     run_dir: Annotated[Path | None, typer.Option(help="Run directory (default: <train.runs_dir>/<name>-<encoder>-s<seed>).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an existing run from its last checkpoint.")] = False,
+    threads: Threads = None,
     overrides: Overrides = None,
 ) -> None:
     """Train one run: the baseline (--encoder none) or SICoT co-training with a text encoder."""
@@ -193,7 +237,7 @@ def train(
     from sicot_cli.views import epochs_table
 
     _load_encoder_modules(encoder_module)
-    cfg = _recipe(recipe, overrides, [f"model.encoder={_toml_str(encoder)}"] if encoder else [])
+    cfg = _recipe(recipe, overrides, [*([f"model.encoder={_toml_str(encoder)}"] if encoder else []), *_threads(threads)])
     _check_encoder(cfg.model.encoder)
     from sicot_cli.preflight import check_training
 
@@ -206,12 +250,12 @@ def train(
         return
     if result.skipped:
         console.print(f"{result.run_dir}: already finished; nothing to do")
-    console.print(epochs_table(result.history, str(result.run_dir)))
+    show(epochs_table(result.history, str(result.run_dir)))
     if result.test is not None:
         from sicot_cli.runs import selection_line
         from sicot_cli.views import metrics_table
 
-        console.print(metrics_table(result.test, f"{result.run_dir}: {selection_line(result.test)}"))
+        show(metrics_table(result.test, f"{result.run_dir}: {selection_line(result.test)}"))
     if result.interrupted:
         err_console.print(f"[yellow]interrupted: checkpoint saved; continue with[/] sicot train --resume --run-dir {result.run_dir} ...")
         raise typer.Exit(130)
@@ -226,18 +270,21 @@ def evaluate(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     split: Annotated[str, typer.Option(help="test, or val (the validation rows carved from the training data).")] = "test",
     json_out: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
+    threads: Threads = None,
 ) -> None:
     """Re-score a run's checkpoint on its test (or validation) split, image only."""
     import json
 
     from sicot_cli.evaluate import evaluate_run
+    from sicot_cli.threads import set_threads
     from sicot_cli.views import metrics_table
 
+    set_threads(threads or 0)
     result = evaluate_run(run, checkpoint, data, device, split)
     if json_out:
         typer.echo(json.dumps(result.scalars(), indent=2))
     else:
-        console.print(metrics_table(result.scalars(), f"{run} ({checkpoint}, {split} split)"))
+        show(metrics_table(result.scalars(), f"{run} ({checkpoint}, {split} split)"))
 
 
 @app.command()
@@ -250,17 +297,20 @@ def predict(
     data: Annotated[Path | None, typer.Option(help="Prepared .h5 (default: the run's).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    threads: Threads = None,
 ) -> None:
     """Recognise products from images alone; show each predicted class's title."""
     from sicot_cli.predict import predict as run_predict
     from sicot_cli.predict import predictions_json
+    from sicot_cli.threads import set_threads
     from sicot_cli.views import predictions_table
 
+    set_threads(threads or 0)
     preds = run_predict(run, list(images), top, checkpoint, data, device)
     if json_out:
         typer.echo(predictions_json(preds))
     else:
-        console.print(predictions_table(preds))
+        show(predictions_table(preds))
 
 
 @app.command()
@@ -323,17 +373,17 @@ def ablate(
     encoder_module: EncoderModule = None,
     chosen: Annotated[str, typer.Option("--encoder", help="Encoder of Tables 2 and 4.")] = "bilinear",
     presets: Annotated[str | None, typer.Option(help="Comma-separated presets to compare side by side, e.g. sicot,paper (default: the recipe's preset).")] = None,
+    threads: Threads = None,
+    figures: Annotated[bool, typer.Option(help="Write the PNG figures at the end.")] = True,
     overrides: Overrides = None,
 ) -> None:
     """Train the baseline and every encoder per seed (finished runs skipped, interrupted ones resumed), then report."""
-    from rich.live import Live
-
     from encoders import list_encoders
     from sicot_cli.ablate import ablate as run_ablate
-    from sicot_cli.console import RichProgress, err_console
+    from sicot_cli.console import AblationProgress, err_console
     from sicot_cli.errors import SicotError
-    from sicot_cli.report import build_report, write_report
-    from sicot_cli.views import ablation_table, report_tables
+    from sicot_cli.report import VERDICT_RULE, build_report, write_report
+    from sicot_cli.views import ablation_row, ablation_table, report_tables
 
     _load_encoder_modules(encoder_module)
     names = _csv_list(encoders) or list_encoders()
@@ -343,27 +393,33 @@ def ablate(
         seed_list = [int(s) for s in _csv_list(seeds) or []]
     except ValueError:
         raise SicotError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
-    cfg = _recipe(recipe, overrides)
+    cfg = _recipe(recipe, overrides, _threads(threads))
     from sicot_cli.preflight import check_training
 
     check_training(cfg, data)
     done: list = []
-    with Live(ablation_table(done), console=err_console, transient=False, auto_refresh=False) as live:
+    with AblationProgress(err_console) as bars:
         def on_run(status) -> None:  # noqa: ANN001
             done.append(status)
-            live.update(ablation_table(done), refresh=True)
+            bars.line(ablation_row(status))
 
-        root, statuses = run_ablate(cfg, names, seed_list, out, progress=RichProgress(), on_run=on_run, data=data, presets=_csv_list(presets))
-    err_console.print()
+        root, statuses = run_ablate(cfg, names, seed_list, out, progress=bars, on_run=on_run, data=data, on_start=bars.start_run, presets=_csv_list(presets))
+    show(ablation_table(done), err_console)
     if statuses and statuses[-1].state == "interrupted":
         err_console.print(f"[yellow]interrupted: run the same command again to continue[/] ({root})")
         raise typer.Exit(130)
     report = build_report([root], chosen)
-    write_report(report, root)
+    written = write_report(report, root)
+    if figures:
+        from sicot_cli.figures import render_all
+
+        written += render_all(report, root)
     console.print(f"image-only, {report.protocol}", markup=False, highlight=False)
     for table in report_tables(report):
-        console.print(table)
-    console.print(f"report written to {root}/report.md (figures: sicot report {root})")
+        show(table)
+    if report.gains:
+        console.print(f"evidence: {VERDICT_RULE}", markup=False, highlight=False)
+    console.print("wrote " + ", ".join(str(p) for p in written), markup=False, highlight=False)
 
 
 @app.command()
@@ -380,7 +436,7 @@ def report(
     """Tables 2-4 (with seeds: mean ± std, paired tests, bootstrap intervals), files and figures."""
     from sicot_cli.errors import SicotError
     from sicot_cli.fsutil import ensure_dir
-    from sicot_cli.report import build_report, to_csv, to_json, to_markdown, write_report
+    from sicot_cli.report import VERDICT_RULE, build_report, to_csv, to_json, to_markdown, write_report
     from sicot_cli.views import attention_view, class_words_table, report_tables
 
     if fmt not in ("table", "markdown", "csv", "json"):
@@ -396,7 +452,9 @@ def report(
     if fmt == "table":
         console.print(f"image-only, {rep.protocol}", markup=False, highlight=False)
         for table in report_tables(rep):
-            console.print(table)
+            show(table)
+        if rep.gains:
+            console.print(f"evidence: {VERDICT_RULE}", markup=False, highlight=False)
     else:
         typer.echo({"markdown": to_markdown, "csv": to_csv, "json": to_json}[fmt](rep))
     if attention or class_name:
@@ -406,8 +464,8 @@ def report(
         if run is None:
             raise SicotError(f"no run of encoder {rep.chosen!r} to show attention for")
         if attention:
-            console.print(attention_view(fig.attention(run.path, n=6), run.encoder))
+            show(attention_view(fig.attention(run.path, n=6), run.encoder))
         if class_name:
-            console.print(class_words_table(fig.class_words(fig.attention(run.path, class_name=class_name)), class_name))
+            show(class_words_table(fig.class_words(fig.attention(run.path, class_name=class_name)), class_name))
     if fmt == "table":
-        console.print("wrote " + ", ".join(str(p) for p in written))
+        console.print("wrote " + ", ".join(str(p) for p in written), markup=False, highlight=False)

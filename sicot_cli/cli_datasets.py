@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from sicot_cli.console import console, guard
+from sicot_cli.console import console, guard, show
 
 app = typer.Typer(name="datasets", help="Fetch the emoji benchmark; import the paper's datasets into manifests.", no_args_is_help=True)
 import_app = typer.Typer(name="import", help="Turn a dataset's released layout into a manifest for `sicot prepare`.", no_args_is_help=True)
@@ -35,7 +35,7 @@ def _print(summary) -> None:  # noqa: ANN001
         t.add_row(f"  left out: {reason}", f"{n:,}")
     for note in summary.notes:
         t.add_row("note", note)
-    console.print(t)
+    show(t)
 
 
 @app.command()

@@ -59,6 +59,9 @@ class DataConfig:
     split_seed: int = 0
     workers: int = 0  # decode processes; 0 = one per core
     strict: bool = False  # turn skipped rows into errors
+    # Decompression-bomb guard: images over this many pixels (after JPEG draft-mode reduction) are
+    # skipped. PIL's own default (89 MP); raise it for large clip-art or scans.
+    max_image_pixels: int = 89_478_485
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -69,6 +72,10 @@ class TextConfig:
     drop_most_frequent: float = 0.05  # fraction of the vocabulary (by frequency rank) dropped at the top
     drop_least_frequent: float = 0.05  # fraction dropped at the bottom
     min_count: int = 1
+    # Which words drop_most_frequent removes from the top: "frequency" (the paper's rule: the most
+    # frequent words) or "label_entropy" (the words whose training titles are spread most evenly
+    # over the labels, i.e. carry the least label information; see sicot_cli/data/vocab.py).
+    drop_rule: str = "frequency"
 
 
 @dataclass
@@ -92,6 +99,11 @@ class EvalConfig:
     head_threshold: int = 40  # a class with >= this many training images is a head class
     many_threshold: int = 100  # many: > 100 training images
     few_threshold: int = 20  # few: < 20 training images
+    # "fixed": the three thresholds above. "data": derived from the prepared file's training counts
+    # at prepare time (head: the mean count per class, as the paper's iMaterialist boundary 200 sits
+    # at its mean 218; few/many: the class-count tertiles) and recorded in the file, from which
+    # runs and reports take them unless a threshold is overridden (sicot_cli/data/prepare.py).
+    boundaries: str = "fixed"
     # Which weights are scored on the test split at the end of training (the test set is touched
     # once): "last" (no selection) or "best" (the epoch with the best validation top-1).
     select: str = "last"
@@ -143,6 +155,12 @@ class TrainConfig:
     eval_batch_size: int = 512
     topk: list[int] = field(default_factory=lambda: [1, 3])
     runs_dir: str = "runs"
+    # torch intra-op threads: 0 = auto (OMP_NUM_THREADS, else the cores this process may use, at most 8); set it on a
+    # shared machine, where every job using all cores oversubscribes them (epochs 10x slower).
+    threads: int = 0
+    # Keep checkpoint-best.pt (a second copy of the weights, about as large as the model); false
+    # writes only checkpoint-last.pt (requires eval.select = "last").
+    keep_best: bool = True
     # Distributed (torchrun): shard the shared classifier by class across ranks. "auto" shards from
     # classifier_parallel_min_classes classes on; "yes"/"no" force it (sicot_cli/distributed.py).
     classifier_parallel: str = "auto"
@@ -178,6 +196,62 @@ class Recipe:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True, ensure_ascii=False)
+
+    @property
+    def explicit(self) -> set[str]:
+        """Dotted keys the user set (in a ``--recipe`` file or as overrides), not defaults."""
+        return self.__dict__.get("_explicit", set())
+
+
+# What a prepared file decides for every run made from it: how its data was built (always), and
+# its name and evaluation boundaries (unless the user sets them explicitly).
+PREPARED_SECTIONS = ("data", "text", "embed")
+PREPARED_DEFAULTS = ("name", "eval.head_threshold", "eval.many_threshold", "eval.few_threshold", "eval.boundaries")
+
+
+def adopt_prepared(recipe: Recipe, prepared_recipe: dict[str, Any], data_path: str | Path) -> list[str]:
+    """Take the prepared file's settings into ``recipe`` (in place); return the keys that changed.
+
+    The ``data``, ``text`` and ``embed`` sections describe how the file was built, so they are the
+    file's (with ``data.out`` the file's actual path). ``name`` and the ``eval`` boundaries are the
+    file's unless set explicitly in the ``--recipe`` file or on the command line: runs made from
+    ``sicot prepare --manifest products.csv`` are named ``products-*`` and scored at the boundaries
+    prepare chose, not the built-in demo's.
+    """
+    try:
+        theirs = recipe_from_dict({k: v for k, v in prepared_recipe.items() if k in ("name", "eval", *PREPARED_SECTIONS)}, f"{data_path} (its recipe)")
+    except SicotError:
+        return []  # a file from another sicot version: its settings stay the recipe's
+    changed: list[str] = []
+    for section in PREPARED_SECTIONS:
+        mine, other = getattr(recipe, section), getattr(theirs, section)
+        if section == "data":
+            other.out = str(data_path)
+        for f in dataclasses.fields(mine):
+            if getattr(mine, f.name) != getattr(other, f.name):
+                setattr(mine, f.name, getattr(other, f.name))
+                changed.append(f"{section}.{f.name}")
+    for key in PREPARED_DEFAULTS:
+        if key in recipe.explicit:
+            continue
+        *path, attr = key.split(".")
+        mine_obj, other_obj = recipe, theirs
+        for part in path:
+            mine_obj, other_obj = getattr(mine_obj, part), getattr(other_obj, part)
+        if getattr(mine_obj, attr) != getattr(other_obj, attr):
+            setattr(mine_obj, attr, getattr(other_obj, attr))
+            changed.append(key)
+    return changed
+
+
+def _flat_keys(table: dict[str, Any], prefix: str = "") -> set[str]:
+    out: set[str] = set()
+    for key, value in table.items():
+        dotted = f"{prefix}.{key}" if prefix else key
+        out.add(dotted)
+        if isinstance(value, dict):
+            out |= _flat_keys(value, dotted)
+    return out
 
 
 def _type_name(tp: Any) -> str:
@@ -249,6 +323,7 @@ def recipe_from_dict(table: dict[str, Any], where: str = "<recipe>") -> Recipe:
     """Build a :class:`Recipe` from plain data, strictly (unknown keys and wrong types are errors)."""
     recipe = _build(Recipe, table, "", where)
     validate(recipe, where)
+    recipe.__dict__["_explicit"] = _flat_keys(table)
     return recipe
 
 
@@ -292,6 +367,8 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
         _apply_override(table, item)
     apply_preset(table, where)
     recipe = recipe_from_dict(table, where)
+    if path is None:  # the built-in demo's own keys are defaults, not the user's choices
+        recipe.__dict__["_explicit"] = _override_keys(overrides)
     if path is not None:
         # Paths inside a recipe are relative to the recipe's folder; paths given as overrides
         # on the command line are relative to the working directory, as a shell user expects.
@@ -321,6 +398,14 @@ def apply_preset(table: dict[str, Any], where: str = "<recipe>") -> None:
             if not isinstance(node, dict):
                 return  # a wrong type: recipe_from_dict names it
         node.setdefault(key, value)
+
+
+def recipe_with_overrides(table: dict[str, Any], overrides: list[str] | None, where: str) -> Recipe:
+    """A recipe from plain data (e.g. a prepared file's recorded recipe) with overrides applied."""
+    table = json.loads(json.dumps(table))
+    for item in overrides or []:
+        _apply_override(table, item)
+    return recipe_from_dict(table, where)
 
 
 def _demo_recipe_text() -> str:
@@ -386,6 +471,7 @@ def validate(recipe: Recipe, where: str) -> None:
         (0 <= d.val_fraction <= 0.5, f"data.val_fraction must be in [0, 0.5], got {d.val_fraction}"),
         (d.max_title_tokens >= 1, f"data.max_title_tokens must be >= 1, got {d.max_title_tokens}"),
         (d.workers >= 0, f"data.workers must be >= 0, got {d.workers}"),
+        (d.max_image_pixels >= 1, f"data.max_image_pixels must be >= 1, got {d.max_image_pixels}"),
         (d.synthetic.num_classes >= 2, f"data.synthetic.num_classes must be >= 2, got {d.synthetic.num_classes}"),
         (
             1 <= d.synthetic.min_per_class <= d.synthetic.max_per_class,
@@ -404,6 +490,7 @@ def validate(recipe: Recipe, where: str) -> None:
             recipe.text.drop_most_frequent + recipe.text.drop_least_frequent < 1,
             "text.drop_most_frequent + text.drop_least_frequent must be < 1",
         ),
+        (recipe.text.drop_rule in ("frequency", "label_entropy"), f"text.drop_rule must be frequency or label_entropy, got {recipe.text.drop_rule!r}"),
         (recipe.text.min_count >= 1, f"text.min_count must be >= 1, got {recipe.text.min_count}"),
         (recipe.embed.dim >= 1, f"embed.dim must be >= 1, got {recipe.embed.dim}"),
         (recipe.embed.window >= 1, f"embed.window must be >= 1, got {recipe.embed.window}"),
@@ -414,6 +501,9 @@ def validate(recipe: Recipe, where: str) -> None:
             "eval.few_threshold must be <= eval.many_threshold",
         ),
         (recipe.preset in PRESETS, f"preset must be one of {', '.join(sorted(PRESETS))}, got {recipe.preset!r}"),
+        (recipe.eval.boundaries in ("fixed", "data"), f"eval.boundaries must be fixed or data, got {recipe.eval.boundaries!r}"),
+        (recipe.train.threads >= 0, f"train.threads must be >= 0 (0 = auto), got {recipe.train.threads}"),
+        (recipe.train.keep_best or recipe.eval.select == "last", "train.keep_best = false needs eval.select = \"last\" (best is scored from checkpoint-best.pt)"),
         (recipe.eval.select in ("last", "best"), f"eval.select must be last or best, got {recipe.eval.select!r}"),
         (recipe.model.semantic_norm in ("batchnorm", "none"), f"model.semantic_norm must be batchnorm or none, got {recipe.model.semantic_norm!r}"),
         (recipe.train.epochs >= 1, f"train.epochs must be >= 1, got {recipe.train.epochs}"),

@@ -24,6 +24,36 @@ err_console = Console(stderr=True, highlight=False)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def data_text(text: object) -> str:
+    """Text that comes from the user's data (class names, titles, words, paths) made safe to print
+    inside rich markup: the one place such text passes through before a table or a line shows it."""
+    return escape(str(text))
+
+
+def show(table: Any, target: Console | None = None) -> None:
+    """Print a table without ever cutting a number or a word.
+
+    In a terminal every column wraps (folds) instead of ending in an ellipsis. Off a terminal
+    (logs, CI, pipes), where no one resizes a window, the table is printed at its natural width,
+    however wide, every cell on one line (``sicot report --format markdown`` gives Markdown).
+    """
+    target = target or console
+    for col in table.columns:
+        col.overflow = "fold"
+    if target.is_terminal:
+        for col in table.columns:
+            col.no_wrap = False
+        target.print(table)
+        return
+    from rich.measure import Measurement
+
+    for col in table.columns:
+        col.no_wrap = True
+    width = max(target.width, Measurement.get(target, target.options.update(width=10**5), table).maximum)
+    wide = Console(file=target.file, width=width, highlight=False, no_color=target.no_color, color_system=target.color_system and "standard")
+    wide.print(table)
+
+
 def setup_logging(verbose: bool) -> None:
     """Route library logging through rich on stderr."""
     logging.basicConfig(
@@ -86,3 +116,69 @@ class RichProgress:
         with Progress(*columns, console=err_console, transient=True, disable=not err_console.is_terminal) as p:
             tid = p.add_task(description, total=total, info="")
             yield _RichTask(p, tid)
+
+
+class _AblationTask:
+    def __init__(self, owner: AblationProgress, task_id: Any, share: float) -> None:
+        self._o, self._id, self._share = owner, task_id, share
+
+    def advance(self, n: int = 1, **fields: object) -> None:
+        self._o.bars.update(self._id, advance=n, **fields)
+        if self._share and self._o.overall is not None:
+            self._o.bars.update(self._o.overall, advance=n * self._share)
+
+
+class AblationProgress:
+    """One live display for a whole ``sicot ablate``: which run trains (k of N, its name), a bar
+    over every epoch of every run with the ETA of the whole ablation, and the current epoch's step
+    bar. One display, refreshed on its own: nested displays froze under the ablation's table.
+
+    Off a terminal nothing animates; a line names each run as it starts.
+    """
+
+    def __init__(self, target: Console | None = None) -> None:
+        self.target = target or err_console
+        self.bars = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=self.target,
+            transient=True,
+            disable=not self.target.is_terminal,
+            speed_estimate_period=600.0,
+        )
+        self.overall: Any = None
+        self.epochs = 1
+
+    def __enter__(self) -> AblationProgress:
+        self.bars.start()
+        self.overall = self.bars.add_task("ablation", total=None, info="epochs")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bars.stop()
+
+    def start_run(self, name: str, index: int, count: int, recipe: Any) -> None:
+        """``sicot_cli.ablate.ablate``'s ``on_start``: the run about to train."""
+        self.epochs = recipe.train.epochs
+        self.bars.update(self.overall, total=count * self.epochs, completed=index * self.epochs, description=f"run {index + 1}/{count} {data_text(name)}")
+        if not self.target.is_terminal:
+            self.target.print(f"run {index + 1}/{count}: {data_text(name)}")
+
+    def line(self, text: str) -> None:
+        """A line above the bars (a finished run)."""
+        self.target.print(text)
+
+    @contextmanager
+    def task(self, description: str, total: int | None) -> Iterator[_AblationTask]:
+        tid = self.bars.add_task(description, total=total, info="")
+        # an epoch's steps move the overall bar by one epoch in all
+        share = 1.0 / total if description.startswith("epoch ") and total else 0.0
+        try:
+            yield _AblationTask(self, tid, share)
+        finally:
+            self.bars.remove_task(tid)

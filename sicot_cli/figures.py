@@ -6,7 +6,8 @@
   three highest in green and the three lowest in red;
 - ``per_class_gain.png``: per-class top-1 gain of co-training over the baseline against the class's
   training count: where the tail gains come from;
-- ``curves.png``: training loss and test top-1 per epoch for every run.
+- ``curves.png``: training loss and validation top-1 per epoch for every run (one colour per
+  encoder, one line style per seed, one legend).
 """
 
 from __future__ import annotations
@@ -43,8 +44,11 @@ def fig6_distribution(train_counts: np.ndarray, head_threshold: int, title: str,
     head = counts >= head_threshold
     fig, ax = plt.subplots(figsize=(7, 3.2))
     x = np.arange(len(counts))
-    ax.bar(x[head], counts[head], color="#d62728", width=1.0, label=f"head (>= {head_threshold})")
-    ax.bar(x[~head], counts[~head], color="#2ca02c", width=1.0, label=f"tail (< {head_threshold})")
+    # a group with no class gets no bar and no legend entry
+    if head.any():
+        ax.bar(x[head], counts[head], color="#d62728", width=1.0, label=f"head (>= {head_threshold})")
+    if (~head).any():
+        ax.bar(x[~head], counts[~head], color="#2ca02c", width=1.0, label=f"tail (< {head_threshold})")
     ax.set_xlabel("classes, sorted by training images")
     ax.set_ylabel("training images")
     ax.set_title(f"Fig. 6: long-tailed training distribution ({title})")
@@ -68,9 +72,14 @@ def per_class_gain(report: Report, train_counts: np.ndarray, path: Path) -> Path
     if not diffs:
         return None
     plt = _plt()
-    gain = np.nanmean(np.stack(diffs), axis=0)
+    stacked = np.stack(diffs)
+    seen = ~np.isnan(stacked)
+    # mean over the seeds where the class was scored; NaN (no test image) without nanmean's warning
+    gain = np.where(seen.any(axis=0), np.where(seen, stacked, 0.0).sum(axis=0) / np.maximum(seen.sum(axis=0), 1), np.nan)
     counts = np.asarray(train_counts, dtype=float)
     ok = ~np.isnan(gain)
+    if not ok.any():
+        return None
     head = counts >= report.head_threshold
     fig, ax = plt.subplots(figsize=(7, 3.6))
     ax.scatter(counts[ok & head], gain[ok & head], s=12, color="#d62728", label="head classes")
@@ -94,18 +103,28 @@ def per_class_gain(report: Report, train_counts: np.ndarray, path: Path) -> Path
 
 
 def curves(report: Report, path: Path) -> Path:
+    """Both panels share one legend: a colour per encoder, a line style per seed."""
     plt = _plt()
+    from matplotlib.lines import Line2D
+
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    colours = {e: f"C{i % 10}" for i, e in enumerate(report.encoders)}
+    styles = ["-", "--", ":", "-."]
+    seed_style = {s: styles[i % len(styles)] for i, s in enumerate(report.seeds)}
     for r in report.runs:
         ep = [h["epoch"] for h in r.history]
-        label = f"{'baseline' if r.encoder == BASELINE else r.encoder} s{r.seed}"
-        a1.plot(ep, [h["loss_v"] for h in r.history], label=label)
-        a2.plot(ep, [h.get("val_top1", np.nan) for h in r.history], label=label)
+        kw = {"color": colours.get(r.encoder, "black"), "linestyle": seed_style.get(r.seed, "-"), "lw": 1.4}
+        a1.plot(ep, [h["loss_v"] for h in r.history], **kw)
+        a2.plot(ep, [h.get("val_top1", np.nan) for h in r.history], **kw)
     a1.set_title("training CE(x_v)")
     a2.set_title("validation top-1 (image only)")
     for a in (a1, a2):
         a.set_xlabel("epoch")
-    a2.legend(fontsize=7, ncol=2)
+    handles = [Line2D([], [], color=colours[e], lw=2, label="baseline" if e == BASELINE else e) for e in report.encoders]
+    if len(report.seeds) > 1:
+        handles += [Line2D([], [], color="grey", linestyle=seed_style[s], label=f"seed {s}") for s in report.seeds]
+    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
+    fig.tight_layout()
     return _save(fig, path)
 
 
@@ -189,6 +208,19 @@ def _add_bundled_cjk_font(font_manager) -> None:  # noqa: ANN001
         font_manager.fontManager.addfont(str(path))
 
 
+LABEL_CHARS = 28
+
+
+def fig7_label(label: str) -> str:
+    """A class name for Fig. 7's label column: wrapped at :data:`LABEL_CHARS`, at most 3 lines."""
+    import textwrap
+
+    lines = textwrap.wrap(label, LABEL_CHARS, break_long_words=True) or [""]
+    if len(lines) > 3:
+        lines = [*lines[:2], lines[2][: LABEL_CHARS - 1] + "…"]
+    return "\n".join(lines) + ":"
+
+
 def fig7_attention(items: list[TitleAttention], path: Path, encoder: str) -> Path:
     plt = _plt()
     from matplotlib import font_manager
@@ -199,10 +231,13 @@ def fig7_attention(items: list[TitleAttention], path: Path, encoder: str) -> Pat
         plt.rcParams["font.family"] = [cjk[0], "DejaVu Sans"]
     fig, ax = plt.subplots(figsize=(9, 0.6 + 0.55 * len(items)))
     ax.axis("off")
+    # The words start after the widest class label (wrapped at LABEL_CHARS), never on top of it.
+    labels = [ax.text(0.0, 1 - (i + 0.5) / len(items), fig7_label(t.label), fontsize=8, ha="left", va="center", transform=ax.transAxes) for i, t in enumerate(items)]
+    fig.canvas.draw()
+    x0 = max((lab.get_window_extent().transformed(ax.transAxes.inverted()).x1 for lab in labels), default=0.0) + 0.02
     for i, t in enumerate(items):
         y = 1 - (i + 0.5) / len(items)
-        ax.text(0.0, y, f"{t.label}:", fontsize=8, ha="left", va="center", transform=ax.transAxes)
-        x = 0.32
+        x = x0
         for j, (w, a) in enumerate(zip(t.words, t.weights, strict=True)):
             colour = {"green": "#1a9641", "red": "#d7191c"}.get(word_colour(j, len(t.words)) or "", "black")
             txt = ax.text(x, y, f"{w} {a:.2f}", fontsize=8, color=colour, ha="left", va="center", transform=ax.transAxes)

@@ -11,8 +11,15 @@ The metrics are those of each run's final epoch (no model selection on the test 
 seeds every cell is mean ± sample std over seeds, and every gain gets a paired t-test over the seeds
 (the gain of seed s is encoder(s) - baseline(s): same data order and initialisation) and a 95 %
 bootstrap confidence interval over test images (image-level top-1/top-3, the per-image differences
-averaged over the paired seeds, resampled 2,000 times with a fixed seed). A gain is called
-significant when the bootstrap interval excludes 0 and, with 2+ seeds, p < 0.05.
+averaged over the paired seeds, resampled 2,000 times with a fixed seed). The two measure different
+things: the t-test, how much the gain varies from one training run (seed) to another; the interval,
+how much it varies from one test image to another for these trained models. The verdict rule
+(:data:`VERDICT_RULE`): a gain is significant when every test that applies excludes zero (the
+interval, and with 2+ seeds p < 0.05); when one does and the other does not, the verdict names the
+one that does not ("not significant across seeds": the images agree, the seeds do not).
+
+Without a baseline run (one ``sicot train``), the report keeps what needs none: Table 3's
+accuracies, the curves and the per-class table.
 """
 
 from __future__ import annotations
@@ -34,6 +41,12 @@ BASELINE = "none"
 GROUP_METRICS = ("head", "tail", "many", "medium", "few")
 BOOTSTRAP = 2000
 ALPHA = 0.05
+VERDICT_RULE = (
+    "seeds p: paired t-test over seeds (does the gain hold from one training run to another?); "
+    "images CI: 95 % bootstrap interval over test images, seeds averaged (does it hold across the test set?). "
+    "Significant: every test that applies excludes 0 (p < 0.05 with 2+ seeds, and the CI); "
+    "'not significant across seeds' / 'across images' names the test that does not."
+)
 
 
 @dataclass
@@ -185,6 +198,22 @@ class Gain:
             ok = ok and p < ALPHA
         return ok
 
+    def verdict(self) -> str:
+        """The verdict in words, naming the test that fails when the two disagree."""
+        sig = self.significant
+        if sig is None:
+            return "-"
+        if sig:
+            return "significant"
+        p = None if self.t_undefined else self.p_value
+        seeds_ok = None if p is None else p < ALPHA
+        images_ok = None if self.ci is None else (self.ci[0] > 0 or self.ci[1] < 0)
+        if seeds_ok is False and images_ok:
+            return "not significant across seeds"
+        if images_ok is False and seeds_ok:
+            return "not significant across images"
+        return "not significant"
+
     def as_dict(self) -> dict[str, Any]:
         p = None if self.t_undefined else self.p_value
         return {
@@ -265,21 +294,22 @@ class Report:
             return "-"
         parts = []
         if g.t_undefined:
-            parts.append("p undefined: the same difference on every seed")
+            parts.append("seeds p undefined: the same difference on every seed")
         elif g.p_value is not None:
-            parts.append(f"p={g.p_value:.3f}")
+            parts.append(f"seeds p={g.p_value:.3f}")
         if g.ci is not None:
-            parts.append(f"CI [{g.ci[0]:+.2f}, {g.ci[1]:+.2f}]")
-        verdict = {True: "significant", False: "not significant", None: "-"}[g.significant]
-        return f"{verdict} ({', '.join(parts)})" if parts else verdict
+            parts.append(f"images CI [{g.ci[0]:+.2f}, {g.ci[1]:+.2f}]")
+        verdict = g.verdict()
+        return f"{verdict} ({'; '.join(parts)})" if parts else verdict
 
     def tables(self) -> dict[str, list[dict[str, str]]]:
-        t2 = [{"dataset": self.dataset, "baseline": self.pair(BASELINE, "top1"), f"co-training ({self.chosen})": self.pair(self.chosen, "top1"), "gain": self.pair_gain(self.chosen, "top1"), "evidence (top-1 gain)": self.evidence(self.chosen, "top1")}] if self.chosen in self.cells else []
+        has_base = BASELINE in self.cells
+        t2 = [] if not has_base else [{"dataset": self.dataset, "baseline": self.pair(BASELINE, "top1"), f"co-training ({self.chosen})": self.pair(self.chosen, "top1"), "gain": self.pair_gain(self.chosen, "top1"), "evidence (top-1 gain)": self.evidence(self.chosen, "top1")}] if self.chosen in self.cells else []
         t3 = [{"method": "baseline" if e == BASELINE else e, "top-1": self.fmt(e, "top1"), "gain": "-" if e == BASELINE else self.fmt_gain(e, "top1"), "evidence": "-" if e == BASELINE else self.evidence(e, "top1")} for e in self.encoders]
         h = self.head_threshold
         groups = [("head", f"{h} - max"), ("tail", f"1 - {h}"), ("many", f"> {self.many_threshold}"), ("medium", f"{self.few_threshold} - {self.many_threshold}"), ("few", f"< {self.few_threshold}")]
         t4 = []
-        if self.chosen in self.cells:
+        if self.chosen in self.cells and has_base:
             for g, span in groups:
                 t4.append({"classes": g, "#training samples": span, "baseline": self.pair(BASELINE, f"{g}_top1"), f"co-training ({self.chosen})": self.pair(self.chosen, f"{g}_top1"), "gain": self.pair_gain(self.chosen, f"{g}_top1"), "evidence (top-1 gain)": self.evidence(self.chosen, f"{g}_top1")})
         return {"Table 2: baseline vs co-training, top-1 (top-3)": t2, "Table 3: encoders, top-1": t3, "Table 4: head/tail and many/medium/few, class-averaged top-1 (top-3)": t4}
@@ -301,8 +331,8 @@ def build_report(paths: list[Path], chosen: str = "bilinear", bootstrap: bool = 
             raise SicotError(f"two runs of encoder {r.encoder!r} with seed {r.seed}: {seen[(r.encoder, r.seed)]} and {r.path}; report them separately")
         seen[(r.encoder, r.seed)] = r.path
     encoders = sorted({r.encoder for r in runs_}, key=lambda e: (e != BASELINE, e))
-    if BASELINE not in encoders:
-        raise SicotError("no baseline run (encoder 'none') among the runs: gains need one (sicot train --encoder none, or sicot ablate)")
+    # Without a baseline there are no gains: Table 3 (accuracies), the curves and the per-class
+    # table still say how the runs did (a single `sicot train` run is reported, not refused).
     if chosen not in encoders:
         chosen = next((e for e in encoders if e != BASELINE), BASELINE)
     seeds = sorted({r.seed for r in runs_})
@@ -337,8 +367,8 @@ def build_report(paths: list[Path], chosen: str = "bilinear", bootstrap: bool = 
     return Report(
         runs_, unfinished, encoders, seeds, chosen, cells, gains,
         int(runs_[0].final.get("head_threshold", recipe["eval"]["head_threshold"])),
-        int(recipe["eval"]["many_threshold"]), int(recipe["eval"]["few_threshold"]),
-        recipe.get("name", "dataset"),
+        int(runs_[0].final.get("many_threshold", recipe["eval"]["many_threshold"])), int(runs_[0].final.get("few_threshold", recipe["eval"]["few_threshold"])),
+        str(recipe.get("name", "dataset")),
         f"scored on the {protocol}",
     )
 
@@ -361,6 +391,8 @@ def to_markdown(report: Report) -> str:
         out.append("|" + "|".join("---" for _ in cols) + "|")
         out += ["| " + " | ".join(r[c].replace("|", "\\|") for c in cols) + " |" for r in rows]
         out.append("")
+    if report.gains:
+        out += [f"Evidence: {VERDICT_RULE}", ""]
     return "\n".join(out)
 
 
@@ -379,12 +411,107 @@ def to_json(report: Report) -> str:
     return json.dumps(report.as_dict(), indent=2, ensure_ascii=False)
 
 
+def _class_info(report: Report) -> tuple[list[str], list[int]] | None:
+    """Class names and training counts from the runs' prepared file (None when it is gone)."""
+    from sicot_cli.data.dataset import open_prepared
+
+    try:
+        prepared = open_prepared(report.runs[0].config["data"])
+    except (SicotError, KeyError, TypeError):
+        return None
+    return list(prepared.class_names), [int(c) for c in prepared.train_counts]
+
+
+def per_class_rows(report: Report, info: tuple[list[str], list[int]] | None) -> list[dict[str, Any]]:
+    """One row per class: its name, training images and each encoder's test top-1 (mean over seeds)."""
+    n = max((len(r.per_class.get("per_class_top1", [])) for r in report.runs), default=0)
+    names, counts = info if info is not None else ([str(i) for i in range(n)], [None] * n)
+    if len(names) != n:
+        return []
+    rows = []
+    for c in range(n):
+        row: dict[str, Any] = {"class": names[c], "train_images": counts[c]}
+        for e in report.encoders:
+            vals = [r.per_class["per_class_top1"][c] for r in report.runs if r.encoder == e and r.per_class.get("per_class_top1")]
+            vals = [v for v in vals if v is not None]
+            row[f"top1 {'baseline' if e == BASELINE else e}"] = round(sum(vals) / len(vals), 2) if vals else None
+        rows.append(row)
+    return rows
+
+
+def confused_pairs(report: Report, names: list[str] | None, encoder: str, top: int = 10) -> list[tuple[str, str, int]]:
+    """The (true class, predicted class) pairs most often confused by ``encoder``'s runs (test top-1, all seeds)."""
+    import h5py
+
+    pairs: dict[tuple[int, int], int] = {}
+    for r in report.runs:
+        if r.encoder != encoder:
+            continue
+        try:
+            with h5py.File(r.path / runs.PREDICTIONS, "r") as f:
+                labels, pred = f["labels"][()], f["topk_labels"][:, 0]
+        except (OSError, KeyError):
+            continue
+        for t, p in zip(labels.tolist(), pred.tolist(), strict=True):
+            if t != p:
+                pairs[(t, p)] = pairs.get((t, p), 0) + 1
+    name = (lambda i: names[i] if names is not None and 0 <= i < len(names) else str(i))  # noqa: E731
+    ranked = sorted(pairs.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
+    return [(name(t), name(p), n) for (t, p), n in ranked]
+
+
+def _per_class_csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    if rows:
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return buf.getvalue()
+
+
+def _removed_words_line(report: Report) -> str | None:
+    """The prepared file's removed words most tied to a label, as ``prepare`` reported them."""
+    side = Path(str(report.runs[0].config.get("data", ""))).with_suffix(".recipe.json")
+    try:
+        summary = json.loads(side.read_text(encoding="utf-8"))["summary"]
+        rules = summary["filter_rules"]
+        words = [w for w in summary.get("informative_removed", []) if w[1] > 0]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not words:
+        return None
+    shown = ", ".join(f"{w} ({mi:.2f} bits; {share:.0%} in {label})" for w, mi, label, share in words[:8])
+    return f"Noise-word filter ({rules[0]['rule']}: {rules[0]['words']} words): the removed words most tied to a label: {shown}."
+
+
+def _extras_markdown(report: Report, info: tuple[list[str], list[int]] | None) -> str:
+    """The most confused class pairs (per encoder shown) and the noise filter's removed words for report.md."""
+    names = info[0] if info is not None else None
+    out = []
+    removed = _removed_words_line(report)
+    if removed:
+        out += [removed, ""]
+    for e in dict.fromkeys([BASELINE, report.chosen]):
+        if e not in report.cells:
+            continue
+        pairs = confused_pairs(report, names, e)
+        if not pairs:
+            continue
+        out += [f"## Most confused class pairs ({'baseline' if e == BASELINE else e}, test top-1, all seeds)", "", "| true class | predicted as | images |", "|---|---|---:|"]
+        out += [f"| {t.replace('|', chr(92) + '|')} | {p.replace('|', chr(92) + '|')} | {n} |" for t, p, n in pairs]
+        out.append("")
+    return "\n".join(out)
+
+
 def write_report(report: Report, out_dir: Path) -> list[Path]:
-    """report.md, report.csv and report.json (atomically) in ``out_dir``."""
+    """report.md, report.csv, report.json and per_class.csv (atomically) in ``out_dir``."""
     from sicot_cli.fsutil import atomic_path
 
+    info = _class_info(report)
     written = []
-    for name, text in (("report.md", to_markdown(report)), ("report.csv", to_csv(report)), ("report.json", to_json(report))):
+    md = to_markdown(report) + "\n" + _extras_markdown(report, info) + "\nPer-class results: per_class.csv (class name, training images, test top-1 per encoder).\n"
+    files = [("report.md", md), ("report.csv", to_csv(report)), ("report.json", to_json(report)), ("per_class.csv", _per_class_csv(per_class_rows(report, info)))]
+    for name, text in files:
         path = out_dir / name
         with atomic_path(path) as tmp:
             tmp.write_text(text, encoding="utf-8")

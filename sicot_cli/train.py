@@ -15,6 +15,7 @@ replicated or sharded by class, and only rank 0 writes the run directory and sho
 
 from __future__ import annotations
 
+import copy
 import logging
 import signal
 import threading
@@ -27,7 +28,7 @@ from typing import Any
 import torch
 
 from sicot_cli import checkpoints, runs
-from sicot_cli.config import Recipe, TrainConfig
+from sicot_cli.config import Recipe, TrainConfig, adopt_prepared
 from sicot_cli.data.augment import random_resized_crop_flip
 from sicot_cli.data.dataset import Prepared, open_prepared
 from sicot_cli.data.loader import Batch, BatchLoader, epoch_seed
@@ -36,6 +37,7 @@ from sicot_cli.errors import SicotError
 from sicot_cli.evaluate import evaluate_model, resolve_device, use_in_memory, write_predictions
 from sicot_cli.model import SICoT, Streams, build_model, combine_losses, sicot_loss
 from sicot_cli.progress import NullProgress, Progress
+from sicot_cli.threads import set_threads
 
 log = logging.getLogger(__name__)
 
@@ -272,13 +274,58 @@ def _on_main(ctx: DistContext, fn: Callable[[], Any]) -> Any:
     return value
 
 
+def training_plan(recipe: Recipe, prepared: Prepared, steps_per_epoch: int, threads: int) -> tuple[str, list[str]]:
+    """What training will do, in one line, and warnings for a setting that cannot learn.
+
+    Own data trained with another dataset's settings fails silently (one class predicted for
+    everything): the plan names the effective image size, backbone, batch and steps, and warns
+    when there are fewer optimisation steps in the whole run than classes to separate.
+    """
+    cfg = recipe.train
+    init = recipe.model.pretrained or "from scratch"
+    total = steps_per_epoch * cfg.epochs
+    line = (
+        f"{prepared.image_size}x{prepared.image_size} images, {recipe.model.backbone} ({init}), "
+        f"{prepared.n_train:,} training images / {prepared.num_classes:,} classes, batch {cfg.batch_size} -> "
+        f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs, lr {cfg.lr:g}, {threads} CPU thread(s)"
+    )
+    warnings = []
+    if prepared.n_train < cfg.batch_size:
+        warnings.append(
+            f"train.batch_size {cfg.batch_size} is larger than the {prepared.n_train:,} training images: one step per epoch"
+        )
+    if total < prepared.num_classes:
+        warnings.append(
+            f"fewer optimisation steps in the whole run ({total}) than classes ({prepared.num_classes}): likely too few "
+            f"to learn them (a model that predicts one class for everything); lower train.batch_size or raise "
+            f"train.epochs (recipes/product-manifest.toml is the starting point for own data)"
+        )
+    return line, warnings
+
+
+def _checkpoint_note(run_dir: Path) -> str:
+    """The run's size on disk, and how to keep less."""
+    files = [p for p in run_dir.iterdir() if p.is_file()]
+    total = sum(p.stat().st_size for p in files)
+    best = run_dir / runs.BEST
+    note = f"{run_dir}: {total / 1e6:,.0f} MB on disk"
+    if best.is_file():
+        note += f" (checkpoint-best.pt {best.stat().st_size / 1e6:,.0f} MB: train.keep_best=false keeps only checkpoint-last.pt)"
+    return note
+
+
 def _train(ctx: DistContext, recipe: Recipe, run_dir: str | Path | None, resume: bool, data: str | Path | None, progress: Progress | None, hook: Callable[[int, int], None] | None) -> TrainResult:
     progress = progress or NullProgress()
+    recipe = copy.deepcopy(recipe)  # the prepared file's settings are taken in below: not the caller's
     cfg = recipe.train
     path = data_path(recipe, data)
     if not path.exists():
         raise SicotError(f"{path}: prepared dataset not found: run `sicot prepare` with the same recipe first (or pass --data)")
     prepared = open_prepared(path)
+    adopted = adopt_prepared(recipe, prepared.recipe, path)
+    if adopted:
+        log.debug("from %s: %s", path, ", ".join(adopted))
+    threads = set_threads(cfg.threads)
     run_dir = Path(run_dir) if run_dir is not None else Path(cfg.runs_dir) / runs.default_run_name(recipe.name, recipe.model.encoder, cfg.seed)
     if prepared.n_train < 1 or prepared.n - prepared.test_start < 1:
         raise SicotError(f"{path}: needs training and test images (has {prepared.n_train} / {prepared.n - prepared.test_start})")
@@ -292,7 +339,7 @@ def _train(ctx: DistContext, recipe: Recipe, run_dir: str | Path | None, resume:
             f"train.batch_size = {cfg.batch_size} (the global batch) must be a multiple of the {ctx.world} ranks "
             f"and at most the {prepared.n_train} training images"
         )
-    config = run_config(recipe, prepared)
+    config = run_config(recipe, prepared) | {"threads": threads}
     resuming = _on_main(ctx, lambda: runs.start_run(run_dir, config, resume))
     if resuming:
         check_dataset(prepared, runs.read_config(run_dir), run_dir)
@@ -334,6 +381,10 @@ def _train(ctx: DistContext, recipe: Recipe, run_dir: str | Path | None, resume:
         block_rows=cfg.block_rows, shuffle_blocks=cfg.shuffle_blocks, drop_last=prepared.n_train >= cfg.batch_size,
         rank=ctx.rank, world=ctx.world, pin_memory=device.type == "cuda",
     )
+    plan, plan_warnings = training_plan(recipe, prepared, len(loader), threads)
+    log.info("%s: %s", run_dir, plan)
+    for w in plan_warnings:
+        log.warning("%s", w)
     forward: Callable[..., Any] = model
     if ctx.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -421,7 +472,8 @@ def _train(ctx: DistContext, recipe: Recipe, run_dir: str | Path | None, resume:
             batch_idx = 0
             if val is not None and record["val_top1"] > best:
                 best = record["val_top1"]
-                save(runs.BEST, {"meta": meta, "epoch": epoch + 1}, False, f"e{epoch + 1}")
+                if cfg.keep_best:
+                    save(runs.BEST, {"meta": meta, "epoch": epoch + 1}, False, f"e{epoch + 1}")
             save(runs.LAST, checkpoint(epoch + 1, 0), True, f"e{epoch + 1}")
             _on_main(ctx, lambda: runs.append_metrics(run_dir, record))
             log.info("epoch %d: loss %.4f%s", epoch + 1, record["loss"], f" val top1 {record['val_top1']:.2f}" if val else "")
@@ -443,4 +495,6 @@ def _train(ctx: DistContext, recipe: Recipe, run_dir: str | Path | None, resume:
         runs.finish(run_dir, history, final.per_class(), final.scalars() | selection)
 
     _on_main(ctx, write_outputs)
+    if ctx.is_main:
+        log.info("%s", _checkpoint_note(run_dir))
     return TrainResult(run_dir, history, test={**(history[-1] if history else {}), **final.scalars(), **selection})

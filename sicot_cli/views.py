@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING
 
 from rich.table import Table
 
+from sicot_cli.console import data_text
+
 if TYPE_CHECKING:
     from sicot_cli.data.embed import EmbedSummary
     from sicot_cli.data.prepare import PrepareSummary
@@ -18,6 +20,19 @@ def _rules_rows(table: Table, rules: list[FilterRule]) -> None:
         table.add_row(f"  removed: {r.rule}", f"{r.words:,} words, {r.tokens:,} occurrences, {r.titles_emptied:,} titles emptied")
 
 
+def _informative_rows(table: Table, informative: list) -> None:
+    """The removed words most associated with a label (a filter removing class names shows here)."""
+    if not informative or informative[0][1] <= 0:
+        return
+    shown = ", ".join(f"{data_text(w)} ({mi:.2f} bits; {share:.0%} in {data_text(label)})" for w, mi, label, share in informative[:6] if mi > 0)
+    table.add_row("  removed words most tied to a label", f"{shown}  [dim](text.drop_rule=label_entropy keeps such words)[/]")
+
+
+def _test_words_rows(table: Table, oov: float, filtered: float) -> None:
+    table.add_row("test-title words unseen in training titles (OOV)", f"{oov:.1%}")
+    table.add_row("test-title words removed by the noise filter", f"{filtered:.1%}")
+
+
 def _vectors_row(table: Table, v: VectorReport) -> None:
     table.add_row("word vectors", f"{v.source}, dim {v.dim}")
     table.add_row("  vocabulary OOV (no pretrained vector)", f"{v.oov_words:,} words ({v.oov_rate:.1%})")
@@ -28,18 +43,27 @@ def prepare_table(s: PrepareSummary) -> Table:
     t = Table(title=f"prepared {s.out}", show_header=False, title_justify="left")
     t.add_column(style="bold")
     t.add_column()
-    t.add_row("source", s.source)
+    t.add_row("source", data_text(s.source))
     t.add_row("rows read / kept / skipped", f"{s.rows_read:,} / {s.kept:,} / {sum(s.skipped.values()):,}")
     for reason, n in s.skipped.items():
         example = (s.skip_examples.get(reason) or [""])[0]
-        t.add_row(f"  skipped: {reason}", f"{n:,}  [dim](e.g. {example})[/]" if example else f"{n:,}")
+        t.add_row(f"  skipped: {data_text(reason)}", f"{n:,}  [dim](e.g. {data_text(example)})[/]" if example else f"{n:,}")
     t.add_row("classes", f"{s.classes:,}")
-    t.add_row("train / val / test images", f"{s.train_images:,} / {s.val_images:,} / {s.test_images:,}")
+    t.add_row("train / validation / test images", f"{s.train_images:,} / {s.val_images:,} / {s.test_images:,}")
     t.add_row(f"head / tail classes (head: >= {s.head_threshold} train images)", f"{s.head_classes:,} / {s.tail_classes:,}")
+    sug = s.suggested_boundaries
+    if s.boundaries == "data":
+        how = "derived from this data (eval.boundaries=data): head at the mean count per class, many/few at the class tertiles"
+    else:
+        how = "fixed by the recipe (eval.boundaries=fixed)"
+        if sug and (sug["head_threshold"], sug["many_threshold"], sug["few_threshold"]) != (s.head_threshold, s.many_threshold, s.few_threshold):
+            how += f"; from this data they would be head {sug['head_threshold']}, many {sug['many_threshold']}, few {sug['few_threshold']} (eval.boundaries=data)"
+    t.add_row("boundaries head / many / few", f"{s.head_threshold} / {s.many_threshold} / {s.few_threshold}: {how}; recorded in the file, runs and reports use them")
     t.add_row("vocabulary (before -> after filter)", f"{s.raw_vocab:,} -> {s.vocab:,}")
     _rules_rows(t, s.filter_rules)
+    _informative_rows(t, s.informative_removed)
     _vectors_row(t, s.vectors)
-    t.add_row("test-title OOV (words not in vocabulary)", f"{s.test_oov_rate:.1%}")
+    _test_words_rows(t, s.test_oov_rate, s.test_filtered_rate)
     if s.truncated_titles:
         t.add_row("titles truncated to data.max_title_tokens", f"{s.truncated_titles:,}")
     t.add_row("time", f"{s.seconds:.1f} s ({s.images_per_second:,.0f} images/s decode+write)")
@@ -55,8 +79,9 @@ def embed_table(s: EmbedSummary) -> Table:
     t.add_row("training titles", f"{s.train_titles:,}")
     t.add_row("vocabulary (before -> after filter)", f"{s.raw_vocab:,} -> {s.vocab:,}")
     _rules_rows(t, s.rules)
+    _informative_rows(t, s.informative_removed)
     _vectors_row(t, s.vectors)
-    t.add_row("test-title OOV (words not in vocabulary)", f"{s.test_oov_rate:.1%}")
+    _test_words_rows(t, s.test_oov_rate, s.test_filtered_rate)
     for reason, n in s.skipped.items():
         t.add_row(f"  skipped rows: {reason}", f"{n:,}")
     if s.saved_to:
@@ -106,16 +131,22 @@ def predictions_table(preds: list) -> Table:
     t = Table("image", "rank", "class", "score", "title", title="predictions (image only)", title_justify="left")
     for p in preds:
         for i, (c, s, title) in enumerate(zip(p.classes, p.scores, p.titles, strict=True)):
-            t.add_row(p.image if i == 0 else "", str(i + 1), c, f"{s:.3f}", title or "-")
+            t.add_row(data_text(p.image) if i == 0 else "", str(i + 1), data_text(c), f"{s:.3f}", data_text(title) if title else "-")
     return t
 
 
+def ablation_row(s) -> str:  # noqa: ANN001 - sicot_cli.ablate.RunStatus
+    """One finished run of ``sicot ablate``, as a line printed when it ends."""
+    f = s.final or {}
+    return f"{data_text(s.run_dir.name)}: {s.state}; test top-1 {_fmt(f.get('top1'))}, top-3 {_fmt(f.get('top3'))}, head {_fmt(f.get('head_top1'))}, tail {_fmt(f.get('tail_top1'))}"
+
+
 def ablation_table(statuses: list) -> Table:
-    """The live table of ``sicot ablate``: runs done so far."""
+    """The table of ``sicot ablate``: the runs of this call."""
     t = Table("run", "state", "top-1", "top-3", "head top-1", "tail top-1", title="ablation", title_justify="left")
     for s in statuses:
         f = s.final or {}
-        t.add_row(s.run_dir.name, s.state, _fmt(f.get("top1")), _fmt(f.get("top3")), _fmt(f.get("head_top1")), _fmt(f.get("tail_top1")))
+        t.add_row(data_text(s.run_dir.name), s.state, _fmt(f.get("top1")), _fmt(f.get("top3")), _fmt(f.get("head_top1")), _fmt(f.get("tail_top1")))
     return t
 
 
@@ -125,9 +156,9 @@ def report_tables(report) -> list[Table]:  # noqa: ANN001 - sicot_cli.report.Rep
     for title, rows in report.tables().items():
         if not rows:
             continue
-        t = Table(*rows[0].keys(), title=title, title_justify="left")
+        t = Table(*(data_text(k) for k in rows[0]), title=title, title_justify="left")
         for r in rows:
-            t.add_row(*r.values())
+            t.add_row(*(data_text(v) for v in r.values()))
         out.append(t)
     if report.unfinished:
         out.append(Table(title=f"{len(report.unfinished)} unfinished run(s) left out: {', '.join(p.name for p in report.unfinished)}", title_justify="left"))
@@ -136,8 +167,6 @@ def report_tables(report) -> list[Table]:  # noqa: ANN001 - sicot_cli.report.Rep
 
 def attention_view(items: list, encoder: str) -> Table:
     """Fig. 7 in the terminal: words by attention, 3 highest green, 3 lowest red."""
-    from rich.markup import escape
-
     from sicot_cli.figures import word_colour
 
     t = Table("class", "words by attention (highest first)", title=f"Fig. 7: learned word attention ({encoder})", title_justify="left")
@@ -145,14 +174,14 @@ def attention_view(items: list, encoder: str) -> Table:
         words = []
         for j, (w, a) in enumerate(zip(it.words, it.weights, strict=True)):
             colour = word_colour(j, len(it.words))
-            cell = f"{escape(w)} {a:.2f}"
+            cell = f"{data_text(w)} {a:.2f}"
             words.append(f"[{colour}]{cell}[/]" if colour else cell)
-        t.add_row(escape(it.label), "  ".join(words))
+        t.add_row(data_text(it.label), "  ".join(words))
     return t
 
 
 def class_words_table(ranked: list, class_name: str) -> Table:
-    t = Table("word", "mean attention", "titles", title=f"words carrying the attention of {class_name}", title_justify="left")
+    t = Table("word", "mean attention", "titles", title=f"words carrying the attention of {data_text(class_name)}", title_justify="left")
     for w, a, n in ranked:
-        t.add_row(w, f"{a:.3f}", str(n))
+        t.add_row(data_text(w), f"{a:.3f}", str(n))
     return t

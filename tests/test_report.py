@@ -116,9 +116,24 @@ def test_report_refuses_non_runs(tmp_path):
     (tmp_path / "empty").mkdir()
     r = runner.invoke(app, ["report", str(tmp_path / "empty")])
     assert r.exit_code == 2 and "not a run directory and holds none" in r.output
-    with pytest.raises(SicotError, match="no baseline run"):
-        make_run(tmp_path / "x", "mean", 0, 50.0, np.ones(5, bool))
-        build_report([tmp_path / "x"])
+
+
+
+def test_a_single_run_without_baseline_is_reported_with_its_curves(tmp_path):
+    import warnings
+
+    run = make_run(tmp_path / "x", "mean", 0, 50.0, np.ones(5, bool))
+    rep = build_report([run])
+    tables = rep.tables()
+    assert tables["Table 3: encoders, top-1"] == [{"method": "mean", "top-1": "50.00", "gain": "-", "evidence": "-"}]
+    assert tables["Table 2: baseline vs co-training, top-1 (top-3)"] == [] and tables["Table 4: head/tail and many/medium/few, class-averaged top-1 (top-3)"] == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no RuntimeWarning may leak from the figures
+        r = runner.invoke(app, ["report", str(run)])
+    assert r.exit_code == 0, r.output
+    assert (run / "curves.png").stat().st_size > 0 and "no baseline" not in r.output
+    # per_class.csv names the classes (here the prepared file is gone: class ids)
+    assert (run / "per_class.csv").read_text().splitlines() == ["class,train_images,top1 mean", "0,,0.5", "1,,0.6"]
 
 
 def test_ablate_skips_finished_and_resumes(tiny_prepared, tmp_path, monkeypatch):

@@ -1,4 +1,6 @@
-from sicot_cli.data.vocab import PAD, build_vocab
+import hashlib
+
+from sicot_cli.data.vocab import PAD, build_vocab, label_information, tie_key
 
 
 def test_frequency_filter_known_answer():
@@ -18,11 +20,62 @@ def test_frequency_filter_known_answer():
     assert (mincount.words, mincount.tokens) == (0, 0)
 
 
-def test_ties_are_broken_by_word_and_min_count():
+def test_ties_are_broken_by_hash_and_min_count():
     v = build_vocab([["b", "a", "c"], ["c"]], 0.0, 0.0, 2)
     assert v.words == [PAD, "c"]
     v = build_vocab([["b", "a", "c"], ["c"]], 0.0, 0.0, 1)
-    assert v.words == [PAD, "c", "a", "b"]
+    # a and b tie at count 1: ordered by sha256 of the word, not by the word
+    assert hashlib.sha256(b"b").digest() < hashlib.sha256(b"a").digest()
+    assert v.words == [PAD, "c", "b", "a"]
+
+
+def test_tie_breaking_at_the_cut_does_not_depend_on_the_script():
+    # 20 Latin and 20 Chinese words, all seen once: the 5 % cuts (2 words each end) go through the
+    # tie. Ordered by the word, every Latin word sorts before every CJK word, so the top cut took
+    # only Latin words and the bottom cut only Chinese ones; by hash both scripts can be cut.
+    latin = [f"w{i:02d}" for i in range(20)]
+    cjk = [chr(0x4E00 + i) for i in range(20)]
+    v = build_vocab([[w] for w in latin + cjk], 0.05, 0.05, 1)
+    top = {w for w, rule in v.removed.items() if "most" in rule}
+    bottom = {w for w, rule in v.removed.items() if "least" in rule}
+    ranked = sorted(latin + cjk, key=tie_key)
+    assert top == set(ranked[:2]) and bottom == set(ranked[-2:])
+    assert sorted(latin + cjk)[:2] == ["w00", "w01"]  # the old rule's choice, for contrast
+    # over many such ties, both scripts are cut: the share of CJK among the removed words is about half
+    removed_cjk = 0
+    for seed in range(50):
+        lat = [f"x{seed}_{i}" for i in range(20)]
+        zh = [chr(0x4E00 + 40 * seed + i) for i in range(20)]
+        vv = build_vocab([[w] for w in lat + zh], 0.05, 0.0, 1)
+        removed_cjk += sum(1 for w in vv.removed if w in zh)
+    assert 25 <= removed_cjk <= 75  # of 100 removed words (binomial(100, 0.5): 99.9 % within)
+
+
+def test_removed_words_most_associated_with_a_label_are_reported():
+    # "flag" names the class (every flag title, no other); "the" is in every title: both are among
+    # the most frequent and removed, but only "flag" carries label information.
+    titles = [["the", "flag", f"f{i}"] for i in range(10)] + [["the", "food", f"g{i}"] for i in range(6)] + [["the", "cat", f"c{i}"] for i in range(4)]
+    labels = ["flags"] * 10 + ["food"] * 6 + ["cats"] * 4
+    v = build_vocab(titles, 0.1, 0.0, 1, labels=labels)  # 23 words: the 2 most frequent removed
+    assert set(v.removed) == {"the", "flag"}
+    (word, mi, label, share), (word2, mi2, _, _) = v.informative_removed
+    assert (word, label, share) == ("flag", "flags", 1.0) and word2 == "the" and mi2 == 0.0
+    # I(flag; label) = H(label) - H(label | flag): H(0.5, 0.3, 0.2) - 0.5 * H(0.6, 0.4)
+    import math
+
+    h = lambda *p: -sum(x * math.log2(x) for x in p)  # noqa: E731
+    assert abs(mi - (h(0.5, 0.3, 0.2) - 0.5 * h(0.6, 0.4))) < 1e-12
+    assert label_information({"flags": 10}, {"flags": 10, "food": 6, "cats": 4}, 20) == mi
+
+
+def test_label_entropy_rule_keeps_the_words_that_name_classes():
+    titles = [["the", "flag", f"f{i}"] for i in range(10)] + [["the", "food", f"g{i}"] for i in range(6)] + [["the", "cat", f"c{i}"] for i in range(4)]
+    labels = ["flags"] * 10 + ["food"] * 6 + ["cats"] * 4
+    freq = build_vocab(titles, 0.1, 0.0, 1, labels=labels)
+    spread = build_vocab(titles, 0.1, 0.0, 1, labels=labels, drop_rule="label_entropy")
+    assert "flag" not in freq.index and "flag" in spread.index
+    assert "the" not in spread.index  # in every class's titles: the most spread
+    assert [r.rule for r in spread.rules][0] == "10% most spread over labels"
 
 
 def test_fractions_floor_on_small_vocabularies():

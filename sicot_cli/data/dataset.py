@@ -19,6 +19,8 @@ classes/test_counts    (C,) int64
 vocab/words            (V,) utf-8 strings          ``words[0] == "<pad>"``
 vocab/counts           (V,) int64                  counts over the training titles
 vectors                (V, d) float32              initial word vectors (row 0 zero)
+vocab/removed_words    (R,) utf-8 strings          words the noise filter removed (optional:
+vocab/removed_rules    (R,) utf-8 strings          absent in older files) and the rule that did
 =====================  ==========================  =============================================
 
 Attributes: ``format``, ``n_train``, ``n_val`` (0 when absent: files prepared before validation
@@ -142,6 +144,21 @@ def _sha256(values: dict[str, Any]) -> str:
             h.update(f"{name}:{a.dtype.str}:{a.shape}".encode())
             h.update(a.tobytes())
     return h.hexdigest()
+
+
+def write_removed(f: h5py.File, removed: dict[str, str]) -> None:
+    """The words the noise filter removed and the rule that removed each (``embed --neighbours``)."""
+    words = sorted(removed)
+    f.create_dataset("vocab/removed_words", data=np.array(words, dtype=object), dtype=_STR)
+    f.create_dataset("vocab/removed_rules", data=np.array([removed[w] for w in words], dtype=object), dtype=_STR)
+
+
+def read_removed(path: str | Path) -> dict[str, str]:
+    """word -> rule for the words the noise filter removed ({} for files prepared before this was kept)."""
+    with h5py.File(path, "r") as f:
+        if "vocab/removed_words" not in f:
+            return {}
+        return dict(zip(_strings(f["vocab/removed_words"]), _strings(f["vocab/removed_rules"]), strict=False))
 
 
 def content_sha256(f: h5py.File) -> str:

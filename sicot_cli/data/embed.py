@@ -26,7 +26,9 @@ class EmbedSummary:
     vocab: int
     rules: list[FilterRule]
     vectors: VectorReport
-    test_oov_rate: float
+    test_oov_rate: float  # test-title words never seen in a training title
+    test_filtered_rate: float  # test-title words the noise filter removed
+    informative_removed: list[tuple[str, float, str, float]]
     skipped: dict[str, int]
     saved_to: str | None
 
@@ -54,6 +56,8 @@ def embed(recipe: Recipe, out: str | Path | None = None, progress: Progress | No
         rules=text.vocab.rules,
         vectors=text.report,
         test_oov_rate=text.test_oov_rate,
+        test_filtered_rate=text.test_filtered_rate,
+        informative_removed=text.vocab.informative_removed,
         skipped=skips.as_dict(),
         saved_to=str(out) if out is not None else None,
     )
@@ -66,6 +70,15 @@ def neighbours(word: str, k: int, data: str | Path | None = None, vectors: str |
 
         prepared = open_prepared(data)
         words, matrix = prepared.words, prepared.vectors
+        if word not in prepared.words[1:]:
+            from sicot_cli.data.dataset import read_removed
+
+            rule = read_removed(data).get(word)
+            if rule is not None:
+                raise SicotError(
+                    f"word {word!r} was seen in the training titles but removed by the noise filter ({rule}), so it has no "
+                    f"vector in {data} (see text.drop_most_frequent / text.drop_least_frequent / text.drop_rule)"
+                )
     elif vectors is not None:
         from gensim.models import KeyedVectors
 

@@ -15,8 +15,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-# Refuse images above ~180 MP (PIL's own bomb limit is 2x its warning limit of 89 MP).
-Image.MAX_IMAGE_PIXELS = 89_478_485
+# The decompression-bomb guard is ours (data.max_image_pixels, checked after JPEG draft-mode
+# reduction), so PIL's own check, made on the full size at open, is off.
+Image.MAX_IMAGE_PIXELS = None
+DEFAULT_MAX_PIXELS = 89_478_485
 # A 1 x 80M-pixel strip passes the pixel limit, but resizing its short side to `size` would need
 # gigabytes; no product photo is that thin.
 MAX_ASPECT = 100
@@ -54,11 +56,15 @@ def square_resize(img: Image.Image, size: int) -> np.ndarray:
     return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
-def load_image(path: Path, size: int) -> np.ndarray:
+def load_image(path: Path, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode ``path`` into a ``[size, size, 3]`` uint8 array.
 
+    A JPEG is decoded in draft mode, at the smallest power-of-two reduction (up to 1/8) whose
+    shorter side is still at least ``size``: a 16000 x 14000 photo is decoded as 2000 x 1750, and
+    the pixel limit applies to that size. Other formats are decoded at full size.
+
     Raises:
-        ImageSkip: missing, unreadable, truncated, non-image, too large or empty image.
+        ImageSkip: missing, unreadable, truncated, non-image, too large (over ``max_pixels``) or empty image.
     """
     try:
         with warnings.catch_warnings():
@@ -69,6 +75,11 @@ def load_image(path: Path, size: int) -> np.ndarray:
                     raise ImageSkip("image has no pixels")
                 if max(img.size) > MAX_ASPECT * min(img.size):
                     raise ImageSkip(f"image aspect ratio over {MAX_ASPECT}:1")
+                if img.format == "JPEG":
+                    scale = min(img.size) / size
+                    img.draft("RGB", (max(size, round(img.width / scale)), max(size, round(img.height / scale))))
+                if img.width * img.height > max_pixels:
+                    raise ImageSkip(f"image over data.max_image_pixels ({max_pixels / 1e6:.0f} MP)")
                 img.load()
                 return square_resize(_to_rgb(img), size)
     except FileNotFoundError:
@@ -80,7 +91,7 @@ def load_image(path: Path, size: int) -> np.ndarray:
     except UnidentifiedImageError:
         raise ImageSkip("not an image file") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageSkip("image too large (over 89 MP)") from None
+        raise ImageSkip(f"image over data.max_image_pixels ({max_pixels / 1e6:.0f} MP)") from None
     except MemoryError:
         raise ImageSkip("image too large to decode") from None
     except (OSError, SyntaxError, ValueError, EOFError, TypeError) as e:

@@ -23,6 +23,7 @@ See :mod:`sicot_cli.data.dataset` for the layout.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -79,13 +80,20 @@ class PrepareSummary:
     val_images: int
     test_images: int
     head_threshold: int
+    many_threshold: int
+    few_threshold: int
+    boundaries: str  # "fixed" (the recipe's) or "data" (derived from the training counts)
     head_classes: int
     tail_classes: int
     raw_vocab: int
     vocab: int
     filter_rules: list[FilterRule]
     vectors: VectorReport
-    test_oov_rate: float  # share of test-title words not in the vocabulary
+    test_oov_rate: float  # share of test-title words never seen in a training title
+    test_filtered_rate: float  # share of test-title words seen in training but removed by the noise filter
+    informative_removed: list[tuple[str, float, str, float]]  # see Vocab.informative_removed
+    suggested_boundaries: dict[str, int]  # the data-derived thresholds (shown when fixed ones are used)
+    name: str  # the recipe name, carried into every run made from the file
     truncated_titles: int
     seconds: float
     decode_seconds: float
@@ -178,11 +186,11 @@ def _drop_untrainable(recs: list[_Rec], min_train: int, skips: Skips) -> list[_R
     return kept
 
 
-def _decode(job: tuple[object, int]) -> np.ndarray | str:
-    source, size = job
+def _decode(job: tuple[object, int, int]) -> np.ndarray | str:
+    source, size, max_pixels = job
     try:
         if isinstance(source, Path):
-            hwc = load_image(source, size)
+            hwc = load_image(source, size, max_pixels)
         else:
             from sicot_cli.data.synthetic import render
 
@@ -192,7 +200,7 @@ def _decode(job: tuple[object, int]) -> np.ndarray | str:
     return np.ascontiguousarray(hwc.transpose(2, 0, 1))
 
 
-def _decoded(jobs: Sequence[tuple[object, int]], workers: int) -> Iterator[np.ndarray | str]:
+def _decoded(jobs: Sequence[tuple[object, int, int]], workers: int) -> Iterator[np.ndarray | str]:
     if workers <= 1 or len(jobs) < 64:
         yield from map(_decode, jobs)
         return
@@ -225,6 +233,7 @@ class TextStage:
     report: VectorReport
     test_oov_rate: float
     truncated: int
+    test_filtered_rate: float = 0.0
 
 
 def build_text(recipe: Recipe, skips: Skips, progress: Progress | None = None) -> TextStage:
@@ -248,11 +257,14 @@ def build_text(recipe: Recipe, skips: Skips, progress: Progress | None = None) -
     _split(recs, recipe)
     recs = _drop_untrainable(recs, 1, skips)
     _carve_validation(recs, recipe)
+    train_recs = [r for r in recs if r.split == "train"]
     vocab = build_vocab(
-        [r.tokens for r in recs if r.split == "train"],
+        [r.tokens for r in train_recs],
         recipe.text.drop_most_frequent,
         recipe.text.drop_least_frequent,
         recipe.text.min_count,
+        labels=[r.label for r in train_recs],
+        drop_rule=recipe.text.drop_rule,
     )
     if len(vocab) <= 1:
         raise SicotError(
@@ -261,11 +273,13 @@ def build_text(recipe: Recipe, skips: Skips, progress: Progress | None = None) -
         )
     truncated = 0
     kept: list[_Rec] = []
-    test_tokens = test_oov = 0
+    test_tokens = test_oov = test_filtered = 0
     for r in recs:
         if r.split == "test":
+            # a word the noise filter removed is not out of vocabulary: it was seen in training
             test_tokens += len(r.tokens)
-            test_oov += sum(1 for t in r.tokens if t not in vocab.index)
+            test_filtered += sum(1 for t in r.tokens if t in vocab.removed)
+            test_oov += sum(1 for t in r.tokens if t not in vocab.index and t not in vocab.removed)
         ids = vocab.encode(r.tokens, 10**9)
         if r.split == "train" and not r.tokens:
             skips.add("empty title", r.where)
@@ -282,7 +296,24 @@ def build_text(recipe: Recipe, skips: Skips, progress: Progress | None = None) -
         raise SicotError(f"{source}: no row left after filtering ({skips.as_dict()})")
     vectors, vreport = word_vectors([r.tokens for r in recs if r.split == "train"], vocab, recipe.embed, base=None)
 
-    return TextStage(recs, source, rows_read, vocab, vectors, vreport, test_oov / test_tokens if test_tokens else 0.0, truncated)
+    rate = (lambda k: k / test_tokens if test_tokens else 0.0)  # noqa: E731
+    return TextStage(recs, source, rows_read, vocab, vectors, vreport, rate(test_oov), truncated, rate(test_filtered))
+
+
+def data_boundaries(train_counts: np.ndarray) -> dict[str, int]:
+    """Head/tail and many/medium/few thresholds derived from the training counts per class.
+
+    head: a class with at least the mean training count per class is a head class (the paper's
+    iMaterialist boundary, 200, sits at that dataset's mean of 218 training images per class).
+    many/few: the class-count tertiles, so about a third of the classes fall in each of few
+    (``< few_threshold``), medium and many (``> many_threshold``).
+    """
+    counts = np.sort(np.asarray(train_counts, dtype=np.int64))
+    if counts.size == 0:
+        return {"head_threshold": 1, "many_threshold": 1, "few_threshold": 1}
+    few = max(1, int(counts[int(np.floor(counts.size / 3))]))
+    many = max(few, int(counts[min(counts.size - 1, int(np.ceil(2 * counts.size / 3)) - 1)]))
+    return {"head_threshold": max(1, round(float(counts.mean()))), "many_threshold": many, "few_threshold": few}
 
 
 def _restore_side_file(out_path: Path) -> None:
@@ -319,6 +350,7 @@ def prepare(recipe: Recipe, out: str | Path | None = None, force: bool = False, 
     """
     t0 = time.perf_counter()
     progress = progress or NullProgress()
+    recipe = copy.deepcopy(recipe)  # eval.boundaries = "data" fills in the thresholds: not the caller's
     out_path = Path(out or recipe.data.out)
     for path in (out_path, out_path.with_suffix(".recipe.json")):
         remove_stale_tmp(path)  # left by a killed prepare
@@ -360,7 +392,7 @@ def prepare(recipe: Recipe, out: str | Path | None = None, force: bool = False, 
                             skips.add("label has no training image", r.where)
                     part = [r for r in part if train_labels[r.label] > 0]
                 with progress.task(f"decoding {phase} images", len(part)) as task:
-                    for r, result in zip(part, _decoded([(r.source, size) for r in part], workers), strict=True):
+                    for r, result in zip(part, _decoded([(r.source, size, d.max_image_pixels) for r in part], workers), strict=True):
                         task.advance(1)
                         if isinstance(result, str):
                             skips.add(result, f"{r.where} ({r.source})" if isinstance(r.source, Path) else r.where)
@@ -389,6 +421,11 @@ def prepare(recipe: Recipe, out: str | Path | None = None, force: bool = False, 
                 tokens[i, : len(r.ids)] = r.ids
                 lengths[i] = len(r.ids)
             train_counts = np.array([train_labels[c] for c in classes], dtype=np.int64)
+            suggested = data_boundaries(train_counts)
+            if recipe.eval.boundaries == "data":
+                # recorded in the file's recipe: runs and reports take them from there
+                for key, value in suggested.items():
+                    setattr(recipe.eval, key, value)
             ds.write_arrays(
                 f,
                 labels=np.array([class_id[r.label] for r in written], dtype=np.int64),
@@ -403,6 +440,7 @@ def prepare(recipe: Recipe, out: str | Path | None = None, force: bool = False, 
                 word_counts=np.array(text.vocab.counts, dtype=np.int64),
                 vectors=text.vectors,
             )
+            ds.write_removed(f, text.vocab.removed)
             head = int((train_counts >= recipe.eval.head_threshold).sum())
             summary = PrepareSummary(
                 out=str(out_path),
@@ -416,6 +454,9 @@ def prepare(recipe: Recipe, out: str | Path | None = None, force: bool = False, 
                 val_images=n_val_written,
                 test_images=n - ends["val"],
                 head_threshold=recipe.eval.head_threshold,
+                many_threshold=recipe.eval.many_threshold,
+                few_threshold=recipe.eval.few_threshold,
+                boundaries=recipe.eval.boundaries,
                 head_classes=head,
                 tail_classes=len(classes) - head,
                 raw_vocab=text.vocab.raw_size,
@@ -423,6 +464,10 @@ def prepare(recipe: Recipe, out: str | Path | None = None, force: bool = False, 
                 filter_rules=text.vocab.rules,
                 vectors=text.report,
                 test_oov_rate=text.test_oov_rate,
+                test_filtered_rate=text.test_filtered_rate,
+                informative_removed=text.vocab.informative_removed,
+                suggested_boundaries=suggested,
+                name=recipe.name,
                 truncated_titles=text.truncated,
                 seconds=time.perf_counter() - t0,
                 decode_seconds=decode_seconds,
