@@ -30,7 +30,7 @@ def _print(summary) -> None:  # noqa: ANN001
     t.add_row("manifests", "\n".join(summary.manifests))
     t.add_row("images / classes", f"{summary.rows:,} / {summary.classes:,}")
     if summary.train or summary.test:
-        t.add_row("train / test images", f"{summary.train:,} / {summary.test:,}")
+        t.add_row("train / validation / test images", f"{summary.train:,} / {summary.val:,} / {summary.test:,}")
     for reason, n in summary.skipped.items():
         t.add_row(f"  left out: {reason}", f"{n:,}")
     for note in summary.notes:

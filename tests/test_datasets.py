@@ -144,7 +144,8 @@ def test_emoji_join_titles_and_leak_free_split(tmp_path):
     left_out = sum(n_variants.get(b, 0) for b in test_bases)
     all_images = 4 + (1 + 5) + (1 + 2) + 1 + 1 + 3  # usable images before the split
     assert len(zh) == all_images - left_out == s.rows
-    assert s.skipped.get("skin-tone variant of a test emoji (kept out of both sides)", 0) == left_out
+    assert s.skipped.get("skin-tone variant of a test emoji (kept out of every split)", 0) == left_out
+    assert s.val == 0  # fewer than 10 remaining base emoji per class: none to spare for validation
     assert s.skipped["Component group (skin-tone and hair swatches)"] == 1
     assert s.skipped["no Google image in the package"] == 1 and s.skipped["no emojibase entry (zh/en)"] == 1
     assert (s.classes, s.train, s.test) == (3, len(zh) - 5, 5)
@@ -424,8 +425,12 @@ def test_real_emoji_fetch(tmp_path):
     if shutil.which("npm") is None:
         pytest.skip("npm is not installed")
     s = em.fetch_emoji(tmp_path / "emoji")
-    assert (s.rows, s.classes, s.train, s.test) == (3501, 98, 3099, 402)
-    assert s.skipped == {"Component group (skin-tone and hair swatches)": 5, "skin-tone variant of a test emoji (kept out of both sides)": 280}
+    assert (s.rows, s.classes, s.train, s.val, s.test) == (3401, 98, 2891, 108, 402)
+    assert s.skipped == {
+        "Component group (skin-tone and hair swatches)": 5,
+        "skin-tone variant of a test emoji (kept out of every split)": 280,
+        "skin-tone variant of a validation emoji (kept out of every split)": 100,
+    }
     assert len(list((tmp_path / "emoji" / em.DATASOURCE.name / em.IMAGES).glob("*.png"))) == 3786
 
 
@@ -439,3 +444,24 @@ def test_demo_pretraining_recipe_describes_the_demos_long_tailed_set():
     assert pre.data.synthetic.pretrain_classes > 0 and demo.data.synthetic.pretrain_classes == 0
     assert (pre.model.backbone, pre.data.image_size, pre.model.encoder) == (demo.model.backbone, demo.data.image_size, "none")
     assert pre.data.out != demo.data.out
+
+
+def test_emoji_validation_split_is_by_base_emoji():
+    """Validation emoji are drawn by base emoji too: no skin-tone variant of one sits in training."""
+    from collections import Counter
+
+    images = []
+    for b in range(30):
+        base = f"1F{b:03X}"
+        images.append(em._Image(base, base, "hands", Path(f"{base}.png"), {"zh": "手", "en": "hand"}))
+        images += [em._Image(f"{base}-1F3F{t}", base, "hands", Path(f"{base}-{t}.png"), {"zh": "手", "en": "hand"}) for t in range(2)]
+    skipped: Counter = Counter()
+    split = em._split(images, 2, 0, skipped)
+    sides: dict[str, set[str]] = {}
+    for im, side in split:
+        sides.setdefault(im.base, set()).add(side)
+    assert all(len(s) == 1 for s in sides.values())  # every base emoji on one side only
+    val = [im for im, side in split if side == "val"]
+    assert len(val) == int(0.1 * 28) == 2 and all(im.id == im.base for im in val)  # default images only
+    assert skipped["skin-tone variant of a validation emoji (kept out of every split)"] == 4
+    assert [im for im, side in split if side == "test"] and len([1 for _, s in split if s == "train"]) == 26 * 3

@@ -26,6 +26,7 @@ class ImportSummary:
     classes: int
     train: int = 0  # 0 when the manifest leaves the split to ``prepare``
     test: int = 0
+    val: int = 0  # validation rows the manifest names (``prepare`` carves them otherwise)
     skipped: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 

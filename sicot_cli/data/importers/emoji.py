@@ -15,11 +15,14 @@ The join is on the code point with the emoji presentation selector removed (``-F
 "Component" category, skin-tone and hair swatches, is dropped), title = the language's label and the
 base emoji's tags. Both manifests (zh, en) hold the same rows and the same split.
 
-The split is by base emoji, so the skin-tone variants of one emoji never sit on both sides: per class,
+The split is by base emoji, so the skin-tone variants of one emoji never sit on two sides: per class,
 ``min(test_per_class, n_base // 2)`` base emoji are drawn (seeded) for the test set, each contributing
-its default image; their skin-tone variants are left out of both sides (near-duplicates would weight
+its default image; their skin-tone variants are left out of every split (near-duplicates would weight
 one emoji six times in the test accuracy, and in training they would leak the test emoji). A class
-with a single base emoji has no test image.
+with a single base emoji has no test image. The validation split is drawn the same way, by base emoji,
+from the rest: ``floor(0.1 * n)`` of a class's remaining base emoji (``VAL_FRACTION``, as
+``data.val_fraction``'s default), so ``prepare`` keeps the manifest's ``val`` rows instead of carving
+its own, which would put skin-tone variants of one emoji in training and in validation.
 """
 
 from __future__ import annotations
@@ -126,6 +129,9 @@ def _images(folder: Path, skipped: Counter[str]) -> list[_Image]:
     return images
 
 
+VAL_FRACTION = 0.1  # as data.val_fraction's default: validation base emoji per class, floor-rounded
+
+
 def _split(images: list[_Image], test_per_class: int, seed: int, skipped: Counter[str]) -> list[tuple[_Image, str]]:
     by_class: dict[str, dict[str, list[_Image]]] = defaultdict(lambda: defaultdict(list))
     for im in images:
@@ -137,14 +143,19 @@ def _split(images: list[_Image], test_per_class: int, seed: int, skipped: Counte
         # One generator per class, seeded by (seed, class): a class's split does not depend on the others.
         rng = random.Random(f"{seed}:{label}")
         test = set(rng.sample(bases, min(test_per_class, len(bases) // 2)))
+        # Validation base emoji are drawn the same way from the rest (after the test draw, so the
+        # test split is what it was): a skin-tone variant in training would leak its validation emoji.
+        rest = [b for b in bases if b not in test]
+        val = set(rng.sample(rest, int(VAL_FRACTION * len(rest))))
         for b in bases:
             members = groups[b]
-            if b not in test:
+            if b not in test and b not in val:
                 out += [(im, "train") for im in members]
                 continue
             default = next((im for im in members if im.id == b), members[0])
-            out.append((default, "test"))
-            skipped["skin-tone variant of a test emoji (kept out of both sides)"] += len(members) - 1
+            side = "test" if b in test else "val"
+            out.append((default, side))
+            skipped[f"skin-tone variant of a {'test' if side == 'test' else 'validation'} emoji (kept out of every split)"] += len(members) - 1
     return out
 
 
@@ -183,12 +194,14 @@ def import_emoji(folder: Path, test_per_class: int = DEFAULT_TEST_PER_CLASS, see
     counts = Counter(im.label for im, _ in split)
     write_json(folder / "emoji-classes.json", {c: {"images": counts[c], **names.get(c, {})} for c in sorted(counts, key=lambda c: (-counts[c], c))})
     n_test = sum(1 for _, s in split if s == "test")
+    n_val = sum(1 for _, s in split if s == "val")
     return ImportSummary(
         dataset="emoji",
         manifests=manifests,
         rows=len(split),
         classes=len(counts),
-        train=len(split) - n_test,
+        train=len(split) - n_test - n_val,
+        val=n_val,
         test=n_test,
         skipped=dict(sorted(skipped.items())),
         notes=[f"images per class: {max(counts.values())} down to {min(counts.values())}", f"class names: {folder / 'emoji-classes.json'}"],
