@@ -10,7 +10,8 @@ from typing import Annotated
 import typer
 
 from sicot_cli.cli_datasets import app as datasets_app
-from sicot_cli.console import console, guard, setup_logging
+from sicot_cli.console import console, guard, safe, setup_logging
+from sicot_cli.console import plain as plain_text
 
 app = typer.Typer(
     name="sicot",
@@ -93,7 +94,9 @@ def tokenize(
     titles = list(texts or [])
     if file is not None:
         try:
-            titles += file.read_bytes().decode("utf-8-sig", errors="replace").splitlines()
+            from sicot_cli.fsutil import read_regular
+
+            titles += read_regular(file).decode("utf-8-sig", errors="replace").splitlines()
         except OSError as e:
             raise SicotError(f"{file}: cannot read ({e.strerror})") from None
         plain = True
@@ -108,16 +111,15 @@ def tokenize(
     if plain:
         for toks in tokens:
             shown = toks if vocab is None else [t if t in vocab else f"[{t}]" for t in toks]
-            typer.echo(" ".join(shown))
+            typer.echo(plain_text(" ".join(shown)))
         return
-    from rich.markup import escape
     from rich.table import Table
 
     table = Table("title", "tokens", *(["kept by the vocabulary"] if vocab is not None else []))
     for title, toks in zip(titles, tokens, strict=True):
-        row = [escape(title), escape(" | ".join(toks))]
+        row = [safe(title), safe(" | ".join(toks))]
         if vocab is not None:
-            row.append(" | ".join(f"[green]{escape(t)}[/]" if t in vocab else f"[red strike]{escape(t)}[/]" for t in toks))
+            row.append(" | ".join(f"[green]{safe(t)}[/]" if t in vocab else f"[red strike]{safe(t)}[/]" for t in toks))
         table.add_row(*row)
     console.print(table)
 
@@ -141,9 +143,9 @@ def embed(
     if neighbours is not None:
         from rich.table import Table
 
-        table = Table("word", "cosine", title=f"nearest words to {neighbours!r}", title_justify="left")
+        table = Table("word", "cosine", title=f"nearest words to {safe(repr(neighbours))}", title_justify="left")
         for word, sim in lib.neighbours(neighbours, top, data=data, vectors=vectors, binary=binary):
-            table.add_row(word, f"{sim:.3f}")
+            table.add_row(safe(word), f"{sim:.3f}")
         console.print(table)
         return
     from sicot_cli.views import embed_table
@@ -205,7 +207,7 @@ def train(
     if not main_rank:
         return
     if result.skipped:
-        console.print(f"{result.run_dir}: already finished; nothing to do")
+        console.print(f"{safe(result.run_dir)}: already finished; nothing to do")
     console.print(epochs_table(result.history, str(result.run_dir)))
     if result.interrupted:
         err_console.print(f"[yellow]interrupted: checkpoint saved; continue with[/] sicot train --resume --run-dir {result.run_dir} ...")
@@ -229,7 +231,7 @@ def evaluate(
 
     result = evaluate_run(run, checkpoint, data, device)
     if json_out:
-        typer.echo(json.dumps(result.scalars(), indent=2))
+        typer.echo(plain_text(json.dumps(result.scalars(), indent=2)))
     else:
         console.print(metrics_table(result.scalars(), f"{run} ({checkpoint})"))
 
@@ -252,7 +254,7 @@ def predict(
 
     preds = run_predict(run, list(images), top, checkpoint, data, device)
     if json_out:
-        typer.echo(predictions_json(preds))
+        typer.echo(plain_text(predictions_json(preds)))
     else:
         console.print(predictions_table(preds))
 
@@ -269,7 +271,7 @@ def export(
     from sicot_cli.predict import export as run_export
 
     path = run_export(run, out, checkpoint, data)
-    console.print(f"wrote {path} and {path.with_suffix('.classes.json')} (torch.jit.load; input uint8 [B, 3, S, S])")
+    console.print(f"wrote {safe(path)} and {safe(path.with_suffix('.classes.json'))} (torch.jit.load; input uint8 [B, 3, S, S])")
 
 
 def _csv_list(value: str | None) -> list[str] | None:
@@ -319,13 +321,13 @@ def ablate(
         root, statuses = run_ablate(cfg, names, seed_list, out, progress=RichProgress(), on_run=on_run, data=data)
     err_console.print()
     if statuses and statuses[-1].state == "interrupted":
-        err_console.print(f"[yellow]interrupted: run the same command again to continue[/] ({root})")
+        err_console.print(f"[yellow]interrupted: run the same command again to continue[/] ({safe(root)})")
         raise typer.Exit(130)
     report = build_report([root], chosen)
     write_report(report, root)
     for table in report_tables(report):
         console.print(table)
-    console.print(f"report written to {root}/report.md (figures: sicot report {root})")
+    console.print(f"report written to {safe(root)}/report.md (figures: sicot report {safe(root)})")
 
 
 @app.command()
@@ -359,7 +361,7 @@ def report(
         for table in report_tables(rep):
             console.print(table)
     else:
-        typer.echo({"markdown": to_markdown, "csv": to_csv, "json": to_json}[fmt](rep))
+        typer.echo(plain_text({"markdown": to_markdown, "csv": to_csv, "json": to_json}[fmt](rep)))
     if attention or class_name:
         from sicot_cli import figures as fig
 
@@ -371,4 +373,4 @@ def report(
         if class_name:
             console.print(class_words_table(fig.class_words(fig.attention(run.path, class_name=class_name)), class_name))
     if fmt == "table":
-        console.print("wrote " + ", ".join(str(p) for p in written))
+        console.print("wrote " + ", ".join(safe(p) for p in written))

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from sicot_cli.console import console, guard
+from sicot_cli.console import console, guard, safe
 
 app = typer.Typer(name="datasets", help="Fetch the emoji benchmark; import the paper's datasets into manifests.", no_args_is_help=True)
 import_app = typer.Typer(name="import", help="Turn a dataset's released layout into a manifest for `sicot prepare`.", no_args_is_help=True)
@@ -27,14 +27,14 @@ def _print(summary) -> None:  # noqa: ANN001
     t = Table(title=f"imported {summary.dataset}", show_header=False, title_justify="left")
     t.add_column(style="bold")
     t.add_column()
-    t.add_row("manifests", "\n".join(summary.manifests))
+    t.add_row("manifests", "\n".join(safe(m) for m in summary.manifests))
     t.add_row("images / classes", f"{summary.rows:,} / {summary.classes:,}")
     if summary.train or summary.test:
         t.add_row("train / test images", f"{summary.train:,} / {summary.test:,}")
     for reason, n in summary.skipped.items():
-        t.add_row(f"  left out: {reason}", f"{n:,}")
+        t.add_row(f"  left out: {safe(reason)}", f"{n:,}")
     for note in summary.notes:
-        t.add_row("note", note)
+        t.add_row("note", safe(note))
     console.print(t)
 
 
@@ -54,7 +54,7 @@ def fetch(
         raise SicotError(f"unknown dataset {name!r}: `fetch` knows emoji (the paper's datasets: `sicot datasets import --help`)")
     _print(fetch_emoji(folder, test_per_class=test_per_class, seed=seed))
     extra = "" if folder == Path("data/emoji") else f" data.manifest={folder / 'emoji-zh.csv'}"
-    console.print(f"next: sicot prepare --recipe recipes/emoji-zh.toml{extra}")
+    console.print(f"next: sicot prepare --recipe recipes/emoji-zh.toml{safe(extra)}")
 
 
 @import_app.command("emoji")

@@ -7,6 +7,7 @@ for each, a representative training title from the prepared dataset.
 
 from __future__ import annotations
 
+import io
 import json
 import warnings
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import torch
 from sicot_cli.data.images import ImageSkip, load_image
 from sicot_cli.errors import SicotError
 from sicot_cli.evaluate import load_run_model, resolve_device
-from sicot_cli.fsutil import atomic_path, write_json
+from sicot_cli.fsutil import check_name, ensure_dir, exists, write_bytes, write_json
 from sicot_cli.model import ImageOnly
 
 
@@ -52,8 +53,10 @@ def predict(run_dir: str | Path, images: list[str | Path], k: int = 3, checkpoin
     """
     if not images:
         raise SicotError("no image given: sicot predict --run DIR IMAGE...")
+    if k < 1:
+        raise SicotError(f"--top must be >= 1, got {k}")
+    dev = resolve_device(device, "--device")
     _, prepared, model, _ = load_run_model(Path(run_dir), checkpoint, data)
-    dev = resolve_device(device)
     model.to(dev).eval()
     arrays = []
     for p in images:
@@ -79,8 +82,11 @@ def export(run_dir: str | Path, out: str | Path, checkpoint: str = "last", data:
     the class names by index and the input size.
     """
     out = Path(out)
-    if out.exists():
-        raise SicotError(f"{out}: already exists (choose another --out)")
+    for path in (out, out.with_suffix(".classes.json")):
+        check_name(path)
+        if exists(path):
+            raise SicotError(f"{path}: already exists (choose another --out)")
+    ensure_dir(out.parent)
     _, prepared, model, _ = load_run_model(Path(run_dir), checkpoint, data)
     net = ImageOnly(model.cpu()).eval()
     example = torch.zeros(2, 3, prepared.image_size, prepared.image_size, dtype=torch.uint8)
@@ -91,8 +97,11 @@ def export(run_dir: str | Path, out: str | Path, checkpoint: str = "last", data:
         scripted = torch.jit.trace(net, example)
         if not torch.allclose(scripted(example), net(example), atol=1e-5):
             raise RuntimeError("the traced model disagrees with the eager one")
-    with atomic_path(out) as tmp:
-        scripted.save(str(tmp))
+    # Serialised in memory and written by Python: libtorch's own file writer aborts the process
+    # (SIGABRT) on a full disk, while a Python write raises ENOSPC, which atomic_path reports.
+    buf = io.BytesIO()
+    torch.jit.save(scripted, buf)
+    write_bytes(out, buf.getbuffer())
     write_json(out.with_suffix(".classes.json"), {"classes": prepared.class_names, "input": {"dtype": "uint8", "shape": [None, 3, prepared.image_size, prepared.image_size], "layout": "RGB, NCHW, 0-255"}})
     return out
 

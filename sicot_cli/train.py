@@ -122,6 +122,17 @@ def _meta(recipe: Recipe, prepared: Prepared, model: SICoT) -> dict[str, Any]:
 SHOW_EVERY = 10  # batches between progress-bar loss updates (each costs a device sync)
 
 
+def diverged(model: torch.nn.Module) -> bool:
+    """True when a weight is no longer finite (checked with the loss, at the same device syncs).
+
+    The loss of a step is computed before its update, so a step that blows the weights up (an
+    inf or huge learning rate) shows a finite loss; only the weights tell, and without this a
+    one-epoch run would be evaluated and marked finished with NaN weights.
+    """
+    params = [p.detach() for p in model.parameters()]
+    return bool(params) and not bool(torch.isfinite(torch.nn.utils.get_total_norm(params)))
+
+
 def _store(accum: dict[str, Any], sums: torch.Tensor) -> None:
     accum["loss"], accum["loss_v"], accum["loss_m"] = (float(v) for v in sums.tolist())
 
@@ -333,11 +344,11 @@ def _train(ctx: DistContext, recipe: Recipe, run_dir: str | Path | None, resume:
     try:
         for epoch in range(start_epoch, cfg.epochs):
             model.train()
-            training = True
             skip = start_batch if epoch == start_epoch else 0
             if skip == 0:
                 accum = {"loss": 0.0, "loss_v": 0.0, "loss_m": 0.0, "images": 0, "seconds": 0.0}
             sums = torch.tensor([accum["loss"], accum["loss_v"], accum["loss_m"]], dtype=torch.float64, device=device)
+            training = True  # after sums exists: a Ctrl-C from here on saves them
             lr = optimizer.param_groups[0]["lr"]
             with progress.task(f"epoch {epoch + 1}/{cfg.epochs}", len(loader)) as task:
                 task.advance(skip)
@@ -361,7 +372,7 @@ def _train(ctx: DistContext, recipe: Recipe, run_dir: str | Path | None, resume:
                     if stop["asked"]:
                         raise KeyboardInterrupt
                     if batch_idx % SHOW_EVERY == 0 or batch_idx == len(loader):
-                        if not torch.isfinite(sums[0]):
+                        if not torch.isfinite(sums[0]) or diverged(model):
                             raise SicotError(f"{run_dir}: the loss diverged (not finite) by epoch {epoch + 1}, batch {batch_idx}: lower train.lr")
                         task.advance(1, info=f"loss {sums[0].item() / accum['images']:.3f}  {accum['images'] / max(accum['seconds'], 1e-9):,.0f} img/s")
                     else:

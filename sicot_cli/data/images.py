@@ -13,7 +13,9 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from sicot_cli.fsutil import NotRegularFileError, open_regular
 
 # Refuse images above ~180 MP (PIL's own bomb limit is 2x its warning limit of 89 MP).
 Image.MAX_IMAGE_PIXELS = 89_478_485
@@ -44,6 +46,14 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _upright(img: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation, as every viewer does: a phone photo stored sideways is shown upright."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001 - a malformed EXIF block leaves the pixels as stored, not the row skipped
+        return img
+
+
 def square_resize(img: Image.Image, size: int) -> np.ndarray:
     """Resize the shorter side to ``size`` and centre-crop to ``size`` x ``size``; returns HWC uint8."""
     w, h = img.size
@@ -63,18 +73,20 @@ def load_image(path: Path, size: int) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with open_regular(path) as fp, Image.open(fp) as img:
                 img.seek(0)
                 if img.width < 1 or img.height < 1:
                     raise ImageSkip("image has no pixels")
                 if max(img.size) > MAX_ASPECT * min(img.size):
                     raise ImageSkip(f"image aspect ratio over {MAX_ASPECT}:1")
                 img.load()
-                return square_resize(_to_rgb(img), size)
+                return square_resize(_to_rgb(_upright(img)), size)
     except FileNotFoundError:
         raise ImageSkip("image file not found") from None
     except IsADirectoryError:
         raise ImageSkip("image path is a directory") from None
+    except NotRegularFileError:
+        raise ImageSkip("image path is not a regular file (a FIFO, socket or device)") from None
     except PermissionError:
         raise ImageSkip("image file not readable") from None
     except UnidentifiedImageError:
