@@ -186,16 +186,29 @@ def train(
     encoder_module: EncoderModule = None,
     data: Annotated[Path | None, typer.Option(help="Prepared .h5 (default: data.out).")] = None,
     run_dir: Annotated[Path | None, typer.Option(help="Run directory (default: <train.runs_dir>/<name>-<encoder>-s<seed>).")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue an existing run from its last checkpoint.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue an existing run from its last checkpoint, with its own recipe and data.")] = False,
+    allow_changes: Annotated[bool, typer.Option(help="With --resume: accept recipe changes that alter the result (recorded in the run's config.json).")] = False,
     overrides: Overrides = None,
 ) -> None:
     """Train one run: the baseline (--encoder none) or SICoT co-training with a text encoder."""
+    from sicot_cli import runs
     from sicot_cli.console import RichProgress, err_console
     from sicot_cli.train import train as run_train
     from sicot_cli.views import epochs_table
 
     _load_encoder_modules(encoder_module)
-    cfg = _recipe(recipe, overrides, [f"model.encoder={_toml_str(encoder)}"] if encoder else [])
+    extra = [f"model.encoder={_toml_str(encoder)}"] if encoder else []
+    cfg = None
+    if resume and run_dir is None:  # the default run directory is named by the recipe
+        cfg = _recipe(recipe, overrides, extra)
+        run_dir = Path(cfg.train.runs_dir) / runs.default_run_name(cfg.name, cfg.model.encoder, cfg.train.seed)
+    if resume and run_dir is not None and runs.is_run(run_dir):
+        from sicot_cli.resume import resume_recipe
+
+        cfg, saved_data = resume_recipe(run_dir, recipe, [*extra, *(overrides or [])], allow_changes)
+        data = data if data is not None else saved_data
+    elif cfg is None:
+        cfg = _recipe(recipe, overrides, extra)
     _check_encoder(cfg.model.encoder)
     from sicot_cli.preflight import check_training
 
@@ -210,7 +223,9 @@ def train(
         console.print(f"{safe(result.run_dir)}: already finished; nothing to do")
     console.print(epochs_table(result.history, str(result.run_dir)))
     if result.interrupted:
-        err_console.print(f"[yellow]interrupted: checkpoint saved; continue with[/] sicot train --resume --run-dir {result.run_dir} ...")
+        import shlex
+
+        err_console.print(f"[yellow]interrupted: checkpoint saved; continue with[/] {safe(shlex.join(['sicot', 'train', '--resume', '--run-dir', str(result.run_dir)]))}")
         raise typer.Exit(130)
 
 

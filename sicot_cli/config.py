@@ -349,6 +349,16 @@ def parse_override_value(raw: str) -> Any:
         return raw
 
 
+def apply_overrides(table: dict[str, Any], overrides: list[str], where: str) -> Recipe:
+    """A recipe from plain data (e.g. a run's saved recipe) with ``section.key=value`` overrides applied."""
+    import copy
+
+    table = copy.deepcopy(table)
+    for item in overrides:
+        _apply_override(table, item)
+    return recipe_from_dict(table, where)
+
+
 def _apply_override(table: dict[str, Any], item: str) -> None:
     if "=" not in item:
         raise SicotError(f"override {item!r}: expected section.key=value (e.g. train.lr=0.05)")

@@ -266,13 +266,6 @@ def _train(ctx: DistContext, recipe: Recipe, run_dir: str | Path | None, resume:
             f"train.batch_size = {cfg.batch_size} (the global batch) must be a multiple of the {ctx.world} ranks "
             f"and at most the {prepared.n_train} training images"
         )
-    config = run_config(recipe, prepared)
-    resuming = _on_main(ctx, lambda: runs.start_run(run_dir, config, resume))
-    if resuming:
-        check_dataset(prepared, runs.read_config(run_dir), run_dir)
-        if runs.is_finished(run_dir):
-            return TrainResult(run_dir, runs.read_metrics(run_dir), skipped=True)
-
     device = resolve_device(cfg.device)
     if ctx.enabled and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
@@ -287,6 +280,14 @@ def _train(ctx: DistContext, recipe: Recipe, run_dir: str | Path | None, resume:
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
     meta = _meta(recipe, prepared, model)
+    # Only now, with the device, model and optimiser built (anything the recipe gets wrong has been
+    # refused), is the run directory created: a failed start leaves nothing that blocks the retry.
+    config = run_config(recipe, prepared)
+    resuming = _on_main(ctx, lambda: runs.start_run(run_dir, config, resume))
+    if resuming:
+        check_dataset(prepared, runs.read_config(run_dir), run_dir)
+        if runs.is_finished(run_dir):
+            return TrainResult(run_dir, runs.read_metrics(run_dir), skipped=True)
 
     start_epoch, start_batch, history, best = 0, 0, [], -1.0
     accum = {"loss": 0.0, "loss_v": 0.0, "loss_m": 0.0, "images": 0, "seconds": 0.0}
