@@ -100,7 +100,9 @@ def export(run_dir: str | Path, out: str | Path, checkpoint: str = "last", data:
     # Serialised in memory and written by Python: libtorch's own file writer aborts the process
     # (SIGABRT) on a full disk, while a Python write raises ENOSPC, which atomic_path reports.
     buf = io.BytesIO()
-    scripted.save(buf)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # as above: TorchScript is still the portable format
+        torch.jit.save(scripted, buf)
     write_bytes(out, buf.getbuffer())
     write_json(out.with_suffix(".classes.json"), {"classes": prepared.class_names, "input": {"dtype": "uint8", "shape": [None, 3, prepared.image_size, prepared.image_size], "layout": "RGB, NCHW, 0-255"}})
     return out
