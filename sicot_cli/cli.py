@@ -114,12 +114,13 @@ def tokenize(
             typer.echo(plain_text(" ".join(shown)))
         return
     from rich.table import Table
+    from rich.text import Text
 
     table = Table("title", "tokens", *(["kept by the vocabulary"] if vocab is not None else []))
     for title, toks in zip(titles, tokens, strict=True):
         row = [safe(title), safe(" | ".join(toks))]
         if vocab is not None:
-            row.append(" | ".join(f"[green]{safe(t)}[/]" if t in vocab else f"[red strike]{safe(t)}[/]" for t in toks))
+            row.append(Text(" | ").join(safe(t, "green" if t in vocab else "red strike") for t in toks))
         table.add_row(*row)
     console.print(table)
 
@@ -143,7 +144,9 @@ def embed(
     if neighbours is not None:
         from rich.table import Table
 
-        table = Table("word", "cosine", title=f"nearest words to {safe(repr(neighbours))}", title_justify="left")
+        from rich.text import Text
+
+        table = Table("word", "cosine", title=Text.assemble("nearest words to ", safe(repr(neighbours))), title_justify="left")
         for word, sim in lib.neighbours(neighbours, top, data=data, vectors=vectors, binary=binary):
             table.add_row(safe(word), f"{sim:.3f}")
         console.print(table)
@@ -220,12 +223,14 @@ def train(
     if not main_rank:
         return
     if result.skipped:
-        console.print(f"{safe(result.run_dir)}: already finished; nothing to do")
+        console.print(safe(f"{result.run_dir}: already finished; nothing to do"))
     console.print(epochs_table(result.history, str(result.run_dir)))
     if result.interrupted:
         import shlex
 
-        err_console.print(f"[yellow]interrupted: checkpoint saved; continue with[/] {safe(shlex.join(['sicot', 'train', '--resume', '--run-dir', str(result.run_dir)]))}")
+        from rich.text import Text
+
+        err_console.print(Text.assemble(("interrupted: checkpoint saved; continue with", "yellow"), " ", safe(shlex.join(["sicot", "train", "--resume", "--run-dir", str(result.run_dir)]))))
         raise typer.Exit(130)
 
 
@@ -286,7 +291,7 @@ def export(
     from sicot_cli.predict import export as run_export
 
     path = run_export(run, out, checkpoint, data)
-    console.print(f"wrote {safe(path)} and {safe(path.with_suffix('.classes.json'))} (torch.jit.load; input uint8 [B, 3, S, S])")
+    console.print(safe(f"wrote {path} and {path.with_suffix('.classes.json')} (torch.jit.load; input uint8 [B, 3, S, S])"))
 
 
 def _csv_list(value: str | None) -> list[str] | None:
@@ -336,13 +341,15 @@ def ablate(
         root, statuses = run_ablate(cfg, names, seed_list, out, progress=RichProgress(), on_run=on_run, data=data)
     err_console.print()
     if statuses and statuses[-1].state == "interrupted":
-        err_console.print(f"[yellow]interrupted: run the same command again to continue[/] ({safe(root)})")
+        from rich.text import Text
+
+        err_console.print(Text.assemble(("interrupted: run the same command again to continue", "yellow"), " ", safe(f"({root})")))
         raise typer.Exit(130)
     report = build_report([root], chosen)
     write_report(report, root)
     for table in report_tables(report):
         console.print(table)
-    console.print(f"report written to {safe(root)}/report.md (figures: sicot report {safe(root)})")
+    console.print(safe(f"report written to {root}/report.md (figures: sicot report {root})"))
 
 
 @app.command()
@@ -388,4 +395,4 @@ def report(
         if class_name:
             console.print(class_words_table(fig.class_words(fig.attention(run.path, class_name=class_name)), class_name))
     if fmt == "table":
-        console.print("wrote " + ", ".join(safe(p) for p in written))
+        console.print(safe("wrote " + ", ".join(str(p) for p in written)))

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.markup import escape
+from rich.text import Text
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from sicot_cli.errors import SicotError
@@ -43,13 +43,17 @@ def clean(value: object) -> str:
     return _UNSAFE.sub(_visible, str(value))
 
 
-def safe(value: object) -> str:
-    """Text from data or the filesystem, ready for rich: control characters made visible, markup escaped.
+def safe(value: object, style: str = "") -> Text:
+    """Text from data or the filesystem, for rich: control characters made visible, never parsed as markup.
 
     Everything printed through rich that did not come from sicot's own code (labels, titles, image
     and run paths, encoder names, skip examples, error messages) goes through this one function.
+    A ``Text`` is printed as it is: ``[/]`` cannot close a tag (rich's ``MarkupError``), ``\\[``
+    keeps its backslash and ``:smile:`` stays a word, which escaping a markup string does not
+    guarantee. Compose it with ``Text.assemble`` (never inside an f-string, which would turn it
+    back into markup).
     """
-    return escape(clean(value))
+    return Text(clean(value), style=style)
 
 
 def plain(text: str) -> str:
@@ -84,7 +88,7 @@ def setup_logging(verbose: bool) -> None:
 
 def fail(message: str, code: int = 2) -> None:
     """Print one red line and exit."""
-    err_console.print(f"[bold red]error:[/] [red]{safe(message)}[/]", soft_wrap=True)
+    err_console.print(Text.assemble(("error:", "bold red"), " ", safe(message, "red")), soft_wrap=True)
     raise SystemExit(code)
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from rich.table import Table
+from rich.text import Text
 
-from sicot_cli.console import safe
+from sicot_cli.console import clean, safe
 
 if TYPE_CHECKING:
     from sicot_cli.data.embed import EmbedSummary
@@ -17,24 +18,24 @@ if TYPE_CHECKING:
 
 def _rules_rows(table: Table, rules: list[FilterRule]) -> None:
     for r in rules:
-        table.add_row(f"  removed: {safe(r.rule)}", f"{r.words:,} words, {r.tokens:,} occurrences, {r.titles_emptied:,} titles emptied")
+        table.add_row(Text.assemble("  removed: ", safe(r.rule)), f"{r.words:,} words, {r.tokens:,} occurrences, {r.titles_emptied:,} titles emptied")
 
 
 def _vectors_row(table: Table, v: VectorReport) -> None:
-    table.add_row("word vectors", f"{safe(v.source)}, dim {v.dim}")
+    table.add_row("word vectors", Text.assemble(safe(v.source), f", dim {v.dim}"))
     table.add_row("  vocabulary OOV (no pretrained vector)", f"{v.oov_words:,} words ({v.oov_rate:.1%})")
 
 
 def prepare_table(s: PrepareSummary) -> Table:
     """The summary printed at the end of ``sicot prepare``."""
-    t = Table(title=f"prepared {safe(s.out)}", show_header=False, title_justify="left")
+    t = Table(title=Text.assemble("prepared ", safe(s.out)), show_header=False, title_justify="left")
     t.add_column(style="bold")
     t.add_column()
     t.add_row("source", safe(s.source))
     t.add_row("rows read / kept / skipped", f"{s.rows_read:,} / {s.kept:,} / {sum(s.skipped.values()):,}")
     for reason, n in s.skipped.items():
         example = (s.skip_examples.get(reason) or [""])[0]
-        t.add_row(f"  skipped: {safe(reason)}", f"{n:,}  [dim](e.g. {safe(example)})[/]" if example else f"{n:,}")
+        t.add_row(Text.assemble("  skipped: ", safe(reason)), Text.assemble(f"{n:,}  ", safe(f"(e.g. {clean(example)})", "dim")) if example else f"{n:,}")
     t.add_row("classes", f"{s.classes:,}")
     t.add_row("train / test images", f"{s.train_images:,} / {s.test_images:,}")
     t.add_row(f"head / tail classes (head: >= {s.head_threshold} train images)", f"{s.head_classes:,} / {s.tail_classes:,}")
@@ -60,13 +61,13 @@ def embed_table(s: EmbedSummary) -> Table:
     _vectors_row(t, s.vectors)
     t.add_row("test-title OOV (words not in vocabulary)", f"{s.test_oov_rate:.1%}")
     for reason, n in s.skipped.items():
-        t.add_row(f"  skipped rows: {safe(reason)}", f"{n:,}")
+        t.add_row(Text.assemble("  skipped rows: ", safe(reason)), f"{n:,}")
     if s.saved_to:
         t.add_row("saved", safe(s.saved_to))
     return t
 
 
-def _fmt(v: object) -> str:
+def _fmt(v: object) -> str | Text:
     if v is None:
         return "-"
     if isinstance(v, float):
@@ -127,12 +128,14 @@ def report_tables(report) -> list[Table]:  # noqa: ANN001 - sicot_cli.report.Rep
     for title, rows in report.tables().items():
         if not rows:
             continue
-        t = Table(*(safe(k) for k in rows[0]), title=safe(title), title_justify="left")
+        t = Table(title=safe(title), title_justify="left")
+        for k in rows[0]:
+            t.add_column(safe(k))  # a Text header (Table(*headers) takes only str or Column)
         for r in rows:
             t.add_row(*(safe(v) for v in r.values()))
         out.append(t)
     if report.unfinished:
-        out.append(Table(title=f"{len(report.unfinished)} unfinished run(s) left out: {safe(', '.join(p.name for p in report.unfinished))}", title_justify="left"))
+        out.append(Table(title=Text.assemble(f"{len(report.unfinished)} unfinished run(s) left out: ", safe(", ".join(p.name for p in report.unfinished))), title_justify="left"))
     return out
 
 
@@ -140,19 +143,17 @@ def attention_view(items: list, encoder: str) -> Table:
     """Fig. 7 in the terminal: words by attention, 3 highest green, 3 lowest red."""
     from sicot_cli.figures import word_colour
 
-    t = Table("class", "words by attention (highest first)", title=f"Fig. 7: learned word attention ({safe(encoder)})", title_justify="left")
+    t = Table("class", "words by attention (highest first)", title=Text.assemble("Fig. 7: learned word attention (", safe(encoder), ")"), title_justify="left")
     for it in items:
         words = []
         for j, (w, a) in enumerate(zip(it.words, it.weights, strict=True)):
-            colour = word_colour(j, len(it.words))
-            cell = f"{safe(w)} {a:.2f}"
-            words.append(f"[{colour}]{cell}[/]" if colour else cell)
-        t.add_row(safe(it.label), "  ".join(words))
+            words.append(safe(f"{clean(w)} {a:.2f}", word_colour(j, len(it.words)) or ""))
+        t.add_row(safe(it.label), Text("  ").join(words))
     return t
 
 
 def class_words_table(ranked: list, class_name: str) -> Table:
-    t = Table("word", "mean attention", "titles", title=f"words carrying the attention of {safe(class_name)}", title_justify="left")
+    t = Table("word", "mean attention", "titles", title=Text.assemble("words carrying the attention of ", safe(class_name)), title_justify="left")
     for w, a, n in ranked:
         t.add_row(safe(w), f"{a:.3f}", str(n))
     return t
