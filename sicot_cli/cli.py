@@ -73,9 +73,14 @@ def prepare(
 
 
 def _toml_str(value: str) -> str:
+    """``value`` as a TOML basic string (a JSON string, with DEL escaped too, as TOML requires)."""
     import json
 
-    return json.dumps(value, ensure_ascii=False)
+    from sicot_cli.errors import SicotError
+
+    if any("\ud800" <= ch <= "\udfff" for ch in value):  # bytes that are not UTF-8 (surrogateescape)
+        raise SicotError(f"{value.encode('utf-8', 'surrogateescape')!r}: not valid UTF-8; rename it")
+    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 @app.command()
