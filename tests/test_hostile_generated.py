@@ -235,19 +235,11 @@ def test_prepare_on_a_full_disk(tmp_path, full_disk, free):
     _assert_clean_enospc(done, disk, "o.h5")
 
 
-def test_export_and_train_on_a_full_disk(tmp_path, full_disk, tiny_prepared):
-    from conftest import tiny_recipe
-    from sicot_cli.train import train
-
-    run = train(tiny_recipe(tiny_prepared, "model.encoder=none", "train.epochs=1"), tmp_path / "run").run_dir
+def test_export_on_a_full_disk(tmp_path, full_disk, finished_run):
+    """libtorch's own writer aborted the process (SIGABRT) and left a hidden temporary file.
+    (Training on a full disk already failed cleanly: its checkpoints are written by Python.)"""
     disk = full_disk(16 << 10)
-    _assert_clean_enospc(_sicot("export", "--run", str(run), "--out", str(disk / "m.pt"), cwd=tmp_path), disk, "m.pt")
-    from conftest import TRAIN_FAST
-
-    done = _sicot("train", "--data", str(tiny_prepared), "--run-dir", str(disk / "run"), *TRAIN_FAST, "model.encoder=none", "train.epochs=1", cwd=tmp_path)
-    lines = [ln for ln in (done.stdout + done.stderr).splitlines() if ln.strip()]
-    assert done.returncode == 2 and len(lines) == 1 and "No space left on device" in lines[0], (done.returncode, lines)
-    assert not [p for p in disk.rglob(".*.tmp-*")]
+    _assert_clean_enospc(_sicot("export", "--run", str(finished_run), "--out", str(disk / "m.pt"), cwd=tmp_path), disk, "m.pt")
 
 
 # --- 5. recipe values: bounds next to each field --------------------------------------------------
@@ -522,7 +514,7 @@ def finished_run(tiny_prepared, tmp_path_factory) -> Path:
     return train(tiny_recipe(tiny_prepared, "model.encoder=none", "train.epochs=1"), tmp_path_factory.mktemp("fr") / "run").run_dir
 
 
-@FAST
+@settings(FAST, max_examples=int(os.environ.get("SICOT_HYPOTHESIS_EXAMPLES", "25")))
 @given(file=st.sampled_from(["config.json", "summary.json", "metrics.jsonl"]), path=st.lists(st.sampled_from(["recipe", "encoder", "data", "dataset", "classes", "final", "top1", "epochs", "epoch", "train", "seed"]), max_size=3), value=run_values)
 def test_run_files_are_checked_by_field(finished_run, tmp_path_factory, file, path, value):
     """Any value at any place of a run file: the run still reads, or one SicotError names the file."""
