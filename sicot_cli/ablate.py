@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sicot_cli import runs
-from sicot_cli.config import Recipe, recipe_from_dict
+from sicot_cli.config import PRESETS, Recipe, recipe_from_dict
 from sicot_cli.errors import SicotError
 from sicot_cli.fsutil import ensure_dir, write_json
 from sicot_cli.progress import NullProgress, Progress
@@ -49,8 +49,19 @@ def _shared_recipe(recipe: Recipe) -> dict[str, Any]:
     return d
 
 
-def run_name(encoder: str, seed: int) -> str:
-    return f"{encoder}-s{seed}"
+def run_name(encoder: str, seed: int, preset: str | None = None) -> str:
+    """``<encoder>-s<seed>``, or ``<encoder>-<preset>-s<seed>`` for a preset other than the recipe's."""
+    return f"{encoder}-s{seed}" if preset is None else f"{encoder}-{preset}-s{seed}"
+
+
+def with_preset(recipe: Recipe, preset: str) -> Recipe:
+    """A copy of ``recipe`` with ``preset``'s keys set (they replace the recipe's own values)."""
+    r = copy.deepcopy(recipe)
+    r.preset = preset
+    for dotted, value in PRESETS[preset].items():
+        section, key = dotted.split(".")
+        setattr(getattr(r, section), key, value)
+    return r
 
 
 def default_dir(recipe: Recipe) -> Path:
@@ -65,8 +76,13 @@ def ablate(
     progress: Progress | None = None,
     on_run: Callable[[RunStatus], None] | None = None,
     data: str | Path | None = None,
+    presets: list[str] | None = None,
 ) -> tuple[Path, list[RunStatus]]:
     """Train (or skip, or resume) the baseline and each encoder for each seed.
+
+    With ``presets`` (e.g. ``["sicot", "paper"]``) every encoder is trained under each preset, side
+    by side against the one baseline (which no co-training key changes); runs of a preset other
+    than the recipe's are named ``<encoder>-<preset>-s<seed>`` and reported as ``encoder[preset]``.
 
     Args:
         recipe: the resolved recipe (``model.encoder`` and ``train.seed`` are set per run).
@@ -82,6 +98,10 @@ def ablate(
     """
     if not seeds:
         raise SicotError("--seeds is empty")
+    presets = presets or [recipe.preset]
+    unknown = [p for p in presets if p not in PRESETS]
+    if unknown:
+        raise SicotError(f"--presets: unknown preset {unknown[0]!r} (known: {', '.join(sorted(PRESETS))})")
     root = Path(out) if out is not None else default_dir(recipe)
     ensure_dir(root)
     plan_path = root / PLAN
@@ -95,7 +115,7 @@ def ablate(
             old, old_shared = None, None
         if old is not None and old_shared != shared:
             raise SicotError(f"{root}: holds an ablation of another recipe ({plan_path}); use another --out")
-    write_json(plan_path, {"recipe": shared, "encoders": [BASELINE, *encoders], "seeds": seeds})
+    write_json(plan_path, {"recipe": shared, "encoders": [BASELINE, *encoders], "seeds": seeds, "presets": presets})
 
     data_path = Path(data) if data is not None else Path(recipe.data.out)
     if not data_path.exists():
@@ -105,12 +125,14 @@ def ablate(
         prepare(recipe, data_path, progress=progress)
 
     statuses: list[RunStatus] = []
+    plan = [(BASELINE, None)] + [(e, p) for p in presets for e in encoders if e != BASELINE]
     for seed in seeds:
-        for encoder in [BASELINE, *[e for e in encoders if e != BASELINE]]:
-            r = copy.deepcopy(recipe)
+        for encoder, preset in plan:
+            own = preset is None or preset == recipe.preset
+            r = copy.deepcopy(recipe) if own else with_preset(recipe, preset)
             r.model.encoder = encoder
             r.train.seed = seed
-            run_dir = root / run_name(encoder, seed)
+            run_dir = root / run_name(encoder, seed, None if own else preset)
             existed = runs.is_run(run_dir)
             result: TrainResult = train(r, run_dir, resume=existed, data=data_path, progress=progress or NullProgress())
             state = "skipped" if result.skipped else "interrupted" if result.interrupted else "resumed" if existed else "trained"

@@ -230,6 +230,11 @@ def train(
     if result.skipped:
         console.print(safe(f"{result.run_dir}: already finished; nothing to do"))
     console.print(epochs_table(result.history, str(result.run_dir)))
+    if result.test is not None:
+        from sicot_cli.runs import selection_line
+        from sicot_cli.views import metrics_table
+
+        console.print(metrics_table(result.test, f"{result.run_dir}: {selection_line(result.test)}"))
     if result.interrupted:
         import shlex
 
@@ -246,19 +251,20 @@ def evaluate(
     checkpoint: Annotated[str, typer.Option(help="last or best.")] = "last",
     data: Annotated[Path | None, typer.Option(help="Prepared .h5 (default: the run's).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    split: Annotated[str, typer.Option(help="test, or val (the validation rows carved from the training data).")] = "test",
     json_out: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
 ) -> None:
-    """Re-score a run's checkpoint on its test set (image only)."""
+    """Re-score a run's checkpoint on its test (or validation) split, image only."""
     import json
 
     from sicot_cli.evaluate import evaluate_run
     from sicot_cli.views import metrics_table
 
-    result = evaluate_run(run, checkpoint, data, device)
+    result = evaluate_run(run, checkpoint, data, device, split)
     if json_out:
         typer.echo(plain_text(json.dumps(result.scalars(), indent=2)))
     else:
-        console.print(metrics_table(result.scalars(), f"{run} ({checkpoint})"))
+        console.print(metrics_table(result.scalars(), f"{run} ({checkpoint}, {split} split)"))
 
 
 @app.command()
@@ -313,6 +319,7 @@ def ablate(
     data: Annotated[Path | None, typer.Option(help="Prepared .h5 (default: data.out; prepared first when missing).")] = None,
     encoder_module: EncoderModule = None,
     chosen: Annotated[str, typer.Option("--encoder", help="Encoder of Tables 2 and 4.")] = "bilinear",
+    presets: Annotated[str | None, typer.Option(help="Comma-separated presets to compare side by side, e.g. sicot,paper (default: the recipe's preset).")] = None,
     overrides: Overrides = None,
 ) -> None:
     """Train the baseline and every encoder per seed (finished runs skipped, interrupted ones resumed), then report."""
@@ -343,7 +350,7 @@ def ablate(
             done.append(status)
             live.update(ablation_table(done), refresh=True)
 
-        root, statuses = run_ablate(cfg, names, seed_list, out, progress=RichProgress(), on_run=on_run, data=data)
+        root, statuses = run_ablate(cfg, names, seed_list, out, progress=RichProgress(), on_run=on_run, data=data, presets=_csv_list(presets))
     err_console.print()
     if statuses and statuses[-1].state == "interrupted":
         from rich.text import Text
@@ -352,6 +359,7 @@ def ablate(
         raise typer.Exit(130)
     report = build_report([root], chosen)
     write_report(report, root)
+    console.print(safe(f"image-only, {report.protocol}"), highlight=False)
     for table in report_tables(report):
         console.print(table)
     console.print(safe(f"report written to {root}/report.md (figures: sicot report {root})"))
@@ -385,6 +393,7 @@ def report(
 
         written += render_all(rep, target)
     if fmt == "table":
+        console.print(safe(f"image-only, {rep.protocol}"), highlight=False)
         for table in report_tables(rep):
             console.print(table)
     else:

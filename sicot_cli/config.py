@@ -84,6 +84,9 @@ class DataConfig:
     image_size: int = 32
     test_per_class: Annotated[int, Range(0, 10**6)] = 6  # when the manifest has no split: test images per class (balanced)
     min_train_per_class: Annotated[int, Range(1, 10**6)] = 1  # classes with fewer training images after the split are dropped
+    # Validation rows carved from the training rows (per class floor(val_fraction * n), seeded by
+    # split_seed): every choice (checkpoint-best, eval.select, tau...) is made on them, never on test.
+    val_fraction: float = 0.1
     max_title_tokens: Annotated[int, Range(1, 4096)] = 32  # allocated as [rows, max_title_tokens]
     split_seed: Seed = 0
     workers: Annotated[int, Range(0, 4096)] = 0  # decode processes; 0 = one per core
@@ -121,6 +124,9 @@ class EvalConfig:
     head_threshold: Count = 40  # a class with >= this many training images is a head class
     many_threshold: Annotated[int, Range(0, 10**9)] = 100  # many: > 100 training images
     few_threshold: Annotated[int, Range(0, 10**9)] = 20  # few: < 20 training images
+    # Which weights are scored on the test split at the end of training (the test set is touched
+    # once): "last" (no selection) or "best" (the epoch with the best validation top-1).
+    select: str = "last"
 
 
 @dataclass
@@ -132,7 +138,7 @@ class ModelConfig:
     encoder: str = "bilinear"  # a registered encoder, or "none" for the image-only baseline
     encoder_options: dict[str, Any] = field(default_factory=dict)
     freeze_embeddings: bool = False
-    semantic_norm: str = "none"  # "none" (the paper's literal max) or "batchnorm" (scale-matched s)
+    semantic_norm: str = "batchnorm"  # "batchnorm" (s on x_v's scale, the default) or "none" (the paper's literal max)
     # Does CE(x_m) also train the shared classifier (the paper: yes)? false: only CE(x_v) does, so the
     # classifier is fit to the features it sees at inference (see sicot_cli/model.py).
     mixed_trains_classifier: bool = True
@@ -154,7 +160,7 @@ class TrainConfig:
     # gradient on the visual stream and the shared classifier is about (1 + lam) times the
     # baseline's: at one learning rate, co-training takes larger steps than the baseline it is
     # compared with. false = the paper's literal sum (measured in README, "Step size").
-    normalize_loss: bool = False
+    normalize_loss: bool = True
     seed: Seed = 0
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
@@ -175,11 +181,22 @@ class TrainConfig:
     classifier_parallel_min_classes: Annotated[int, Range(1, 10**9)] = 100_000
 
 
+# Named sets of co-training keys (docs/presets.md). A recipe's ``preset`` fills in these keys
+# unless the recipe file or a command-line override sets them: defaults < preset < file < CLI.
+# "sicot" is the toolkit's default co-training (the dataclass defaults above); "paper" is Eq. 1 as
+# the paper writes it: the plain sum, the raw title embedding in the max.
+PRESETS: dict[str, dict[str, Any]] = {
+    "sicot": {"train.normalize_loss": True, "model.semantic_norm": "batchnorm", "model.mixed_trains_classifier": True},
+    "paper": {"train.normalize_loss": False, "model.semantic_norm": "none", "model.mixed_trains_classifier": True},
+}
+
+
 @dataclass
 class Recipe:
     """A whole experiment: data, text, embeddings and evaluation settings."""
 
     name: str = "demo"
+    preset: str = "sicot"  # a key of PRESETS: "sicot" (the default co-training) or "paper" (Eq. 1 literally)
     data: DataConfig = field(default_factory=DataConfig)
     text: TextConfig = field(default_factory=TextConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
@@ -314,6 +331,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise SicotError(f"{p}: not valid TOML: nested too deeply") from None
     for item in overrides or []:
         _apply_override(table, item)
+    apply_preset(table, where)
     recipe = recipe_from_dict(table, where)
     if path is not None:
         # Paths inside a recipe are relative to the recipe's folder; paths given as overrides
@@ -325,6 +343,25 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
             if value and not Path(value).is_absolute() and key not in given:
                 setattr(section, attr, str(base / value))
     return recipe
+
+
+def apply_preset(table: dict[str, Any], where: str = "<recipe>") -> None:
+    """Fill in the keys of the table's ``preset`` (default "sicot") that the table does not set.
+
+    Raises:
+        SicotError: an unknown preset (the message lists the known ones).
+    """
+    name = table.get("preset", "sicot")
+    if not isinstance(name, str) or name not in PRESETS:
+        raise SicotError(f"{where}: preset must be one of {', '.join(sorted(PRESETS))}, got {name!r}")
+    for dotted, value in PRESETS[name].items():
+        *sections, key = dotted.split(".")
+        node = table
+        for part in sections:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                return  # a wrong type: recipe_from_dict names it
+        node.setdefault(key, value)
 
 
 def _demo_recipe_text() -> str:
@@ -397,6 +434,7 @@ def validate(recipe: Recipe, where: str) -> None:
         (8 <= d.image_size <= 1024, f"data.image_size must be between 8 and 1024, got {d.image_size}"),
         (d.test_per_class >= 0, f"data.test_per_class must be >= 0, got {d.test_per_class}"),
         (d.min_train_per_class >= 1, f"data.min_train_per_class must be >= 1, got {d.min_train_per_class}"),
+        (0 <= d.val_fraction <= 0.5, f"data.val_fraction must be in [0, 0.5], got {d.val_fraction}"),
         (d.max_title_tokens >= 1, f"data.max_title_tokens must be >= 1, got {d.max_title_tokens}"),
         (d.workers >= 0, f"data.workers must be >= 0, got {d.workers}"),
         (d.synthetic.num_classes >= 2, f"data.synthetic.num_classes must be >= 2, got {d.synthetic.num_classes}"),
@@ -426,6 +464,8 @@ def validate(recipe: Recipe, where: str) -> None:
             recipe.eval.few_threshold <= recipe.eval.many_threshold,
             "eval.few_threshold must be <= eval.many_threshold",
         ),
+        (recipe.preset in PRESETS, f"preset must be one of {', '.join(sorted(PRESETS))}, got {recipe.preset!r}"),
+        (recipe.eval.select in ("last", "best"), f"eval.select must be last or best, got {recipe.eval.select!r}"),
         (recipe.model.semantic_norm in ("batchnorm", "none"), f"model.semantic_norm must be batchnorm or none, got {recipe.model.semantic_norm!r}"),
         (recipe.train.epochs >= 1, f"train.epochs must be >= 1, got {recipe.train.epochs}"),
         (recipe.train.batch_size >= 1, f"train.batch_size must be >= 1, got {recipe.train.batch_size}"),

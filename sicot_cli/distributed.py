@@ -270,7 +270,7 @@ class ShardedLinear(torch.nn.Module):
 
 
 @torch.no_grad()
-def evaluate_distributed(model: torch.nn.Module, prepared, device: torch.device, recipe, in_memory: bool, ctx: DistContext):  # noqa: ANN001, ANN201
+def evaluate_distributed(model: torch.nn.Module, prepared, device: torch.device, recipe, in_memory: bool, ctx: DistContext, split: str = "test"):  # noqa: ANN001, ANN201
     """:func:`sicot_cli.evaluate.evaluate_model` across ranks (same result on every rank).
 
     Each rank computes the features of its slice of every test batch; the features, labels and
@@ -290,7 +290,8 @@ def evaluate_distributed(model: torch.nn.Module, prepared, device: torch.device,
     k = min(max(cfg.topk), prepared.num_classes)
     clf = model.classifier
     sharded = hasattr(clf, "lo")
-    loader = BatchLoader(prepared, cfg.eval_batch_size, prepared.n_train, prepared.n, shuffle=False, in_memory=in_memory,
+    start, stop = prepared.split_range(split)
+    loader = BatchLoader(prepared, cfg.eval_batch_size, start, stop, shuffle=False, in_memory=in_memory,
                          block_rows=cfg.block_rows, rank=ctx.rank, world=ctx.world)
     amp = cfg.amp and device.type == "cuda"
     out_ids, out_scores, out_rows, out_labels = [], [], [], []

@@ -76,8 +76,12 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate_model(model: torch.nn.Module, prepared: Prepared, device: torch.device, recipe: Recipe, in_memory: bool = True, ctx: Any = None) -> EvalResult:
-    """Image-only scores on the test rows ``[n_train, n)`` and their metrics.
+def evaluate_model(
+    model: torch.nn.Module, prepared: Prepared, device: torch.device, recipe: Recipe, in_memory: bool = True, ctx: Any = None, split: str = "test"
+) -> EvalResult:
+    """Image-only scores on the rows of ``split`` (``"test"`` or ``"val"``) and their metrics.
+
+    Only the image is read: a row's title never changes or drops its score.
 
     Distributed (``ctx``, a :class:`~sicot_cli.distributed.DistContext`): each rank scores its
     slice of every batch; features are gathered, and a class-sharded classifier's top-k are merged
@@ -86,12 +90,13 @@ def evaluate_model(model: torch.nn.Module, prepared: Prepared, device: torch.dev
     if ctx is not None and ctx.enabled:
         from sicot_cli.distributed import evaluate_distributed
 
-        return evaluate_distributed(model, prepared, device, recipe, in_memory, ctx)
+        return evaluate_distributed(model, prepared, device, recipe, in_memory, ctx, split)
     was_training = model.training
     model.eval()
     cfg = recipe.train
     k = min(max(cfg.topk), prepared.num_classes)
-    loader = BatchLoader(prepared, cfg.eval_batch_size, prepared.n_train, prepared.n, shuffle=False, in_memory=in_memory, block_rows=cfg.block_rows)
+    start, stop = prepared.split_range(split)
+    loader = BatchLoader(prepared, cfg.eval_batch_size, start, stop, shuffle=False, in_memory=in_memory, block_rows=cfg.block_rows)
     amp = cfg.amp and device.type == "cuda"
     labels_out, scores_out, rows_out, labels_true = [], [], [], []
     t0 = time.perf_counter()
@@ -152,17 +157,20 @@ def load_run_model(run_dir: Path, checkpoint: str = "last", data: str | Path | N
     return recipe, prepared, model, state
 
 
-def evaluate_run(run_dir: str | Path, checkpoint: str = "last", data: str | Path | None = None, device: str = "auto") -> EvalResult:
-    """Re-score a run's checkpoint on its test set (``sicot evaluate``).
+def evaluate_run(run_dir: str | Path, checkpoint: str = "last", data: str | Path | None = None, device: str = "auto", split: str = "test") -> EvalResult:
+    """Re-score a run's checkpoint on its test (or validation) split (``sicot evaluate``).
 
     Raises:
-        SicotError: a bad ``device``, an unusable run, or a dataset without test rows.
+        SicotError: an unknown split, a bad ``device``, or a split without rows (``val`` on a
+            dataset prepared without validation rows, or a file whose rows are all training rows).
     """
+    if split not in ("test", "val"):
+        raise SicotError(f"--split must be test or val, got {split!r}")
     dev = resolve_device(device, "--device")
     recipe, prepared, model, _ = load_run_model(Path(run_dir), checkpoint, data)
-    if prepared.n_train >= prepared.n:
-        raise SicotError(f"{prepared.path}: has no test rows to score (all {prepared.n} rows are training rows)")
+    if prepared.split_range(split)[0] == prepared.split_range(split)[1]:
+        raise SicotError(f"{prepared.path}: has no {split} rows (prepared with data.val_fraction = 0 or before validation splits)")
     model.to(dev)
     if recipe.train.channels_last:
         model.to(memory_format=torch.channels_last)
-    return evaluate_model(model, prepared, dev, recipe, in_memory=use_in_memory(recipe.train, prepared))
+    return evaluate_model(model, prepared, dev, recipe, in_memory=use_in_memory(recipe.train, prepared), split=split)

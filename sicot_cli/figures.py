@@ -100,9 +100,9 @@ def curves(report: Report, path: Path) -> Path:
         ep = [h["epoch"] for h in r.history]
         label = f"{'baseline' if r.encoder == BASELINE else r.encoder} s{r.seed}"
         a1.plot(ep, [h["loss_v"] for h in r.history], label=label)
-        a2.plot(ep, [h["top1"] for h in r.history], label=label)
+        a2.plot(ep, [h.get("val_top1", np.nan) for h in r.history], label=label)
     a1.set_title("training CE(x_v)")
-    a2.set_title("test top-1 (image only)")
+    a2.set_title("validation top-1 (image only)")
     for a in (a1, a2):
         a.set_xlabel("epoch")
     a2.legend(fontsize=7, ncol=2)
@@ -137,9 +137,11 @@ def attention(run_dir: Path, rows: list[int] | None = None, class_name: str | No
         if class_name not in prepared.class_names:
             raise SicotError(f"class {class_name!r} not in the dataset (e.g. {prepared.class_names[0]!r})")
         c = prepared.class_names.index(class_name)
-        rows = [int(i) for i in np.flatnonzero(prepared.labels == c)]
+        rows = [int(i) for i in np.flatnonzero((prepared.labels == c) & (prepared.lengths > 0))]
     elif rows is None:
-        test = np.arange(prepared.n_train, prepared.n)
+        # test rows with a title (a test row whose title the noise filter emptied is still scored, but has no words to show)
+        test = np.arange(prepared.test_start, prepared.n)
+        test = test[prepared.lengths[test] > 0]
         rng = np.random.default_rng(0)
         rows = sorted(int(i) for i in rng.choice(test, size=min(n, len(test)), replace=False))
     tokens = torch.from_numpy(prepared.tokens[rows].astype(np.int64))

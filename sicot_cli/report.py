@@ -83,6 +83,13 @@ def find_runs(paths: list[Path]) -> list[Path]:
     return found
 
 
+def method_label(config: dict[str, Any]) -> str:
+    """A run's row in the tables: its encoder, with ``[preset]`` for a preset other than "sicot"."""
+    encoder = config["encoder"]
+    preset = config.get("recipe", {}).get("preset", "sicot")  # runs older than presets: sicot's keys or explicit ones
+    return encoder if encoder == BASELINE or preset == "sicot" else f"{encoder}[{preset}]"
+
+
 def load_runs(paths: list[Path]) -> tuple[list[Run], list[Path]]:
     """Finished runs under ``paths``, and the unfinished ones (left out of the tables)."""
     done, unfinished = [], []
@@ -93,7 +100,7 @@ def load_runs(paths: list[Path]) -> tuple[list[Run], list[Path]]:
             continue
         summary = runs.read_summary(d)
         history = runs.read_metrics(d)
-        done.append(Run(d, config["encoder"], int(config["recipe"]["train"]["seed"]), config, summary.get("final") or (history[-1] if history else {}), history, {k: v for k, v in summary.items() if k.startswith("per_class_")}))
+        done.append(Run(d, method_label(config), int(config["recipe"]["train"]["seed"]), config, summary.get("final") or (history[-1] if history else {}), history, {k: v for k, v in summary.items() if k.startswith("per_class_")}))
     if not done:
         raise SicotError(f"no finished run under {', '.join(map(str, paths))} ({len(unfinished)} unfinished)")
     return done, unfinished
@@ -110,13 +117,17 @@ def mean_std(values: list[float]) -> tuple[float | None, float | None]:
 
 
 def paired_t(differences: list[float]) -> float | None:
-    """Two-sided p-value of the paired t-test on per-seed differences (None below 2 seeds)."""
+    """Two-sided p-value of the paired t-test on per-seed differences (None below 2 seeds).
+
+    NaN when every seed's difference is the same: the statistic is x/0 (or 0/0) and the test is
+    undefined, whatever the difference; a report says "p undefined" rather than p=0.000.
+    """
     n = len(differences)
     if n < 2:
         return None
     mean, std = mean_std(differences)
     if std == 0:
-        return 0.0 if mean != 0 else 1.0
+        return math.nan
     from scipy import stats
 
     t = mean / (std / math.sqrt(n))
@@ -163,18 +174,29 @@ class Gain:
         return mean_std(self.values)[0]
 
     @property
+    def t_undefined(self) -> bool:
+        """The paired t-test had 2+ seeds but identical differences (see :func:`paired_t`)."""
+        return self.p_value is not None and math.isnan(self.p_value)
+
+    @property
     def significant(self) -> bool | None:
-        if not self.values or (self.ci is None and self.p_value is None):
+        p = None if self.t_undefined else self.p_value
+        if not self.values or (self.ci is None and p is None):
             return None
         ok = True
         if self.ci is not None:
             ok = ok and (self.ci[0] > 0 or self.ci[1] < 0)
-        if self.p_value is not None:
-            ok = ok and self.p_value < ALPHA
+        if p is not None:
+            ok = ok and p < ALPHA
         return ok
 
     def as_dict(self) -> dict[str, Any]:
-        return {"mean": self.mean, "std": mean_std(self.values)[1], "values": self.values, "p_value": self.p_value, "ci95": list(self.ci) if self.ci else None, "significant": self.significant}
+        p = None if self.t_undefined else self.p_value
+        return {
+            "mean": self.mean, "std": mean_std(self.values)[1], "values": self.values, "p_value": p,
+            "t_test": "undefined" if self.t_undefined else "ok" if p is not None else None,
+            "ci95": list(self.ci) if self.ci else None, "significant": self.significant,
+        }
 
 
 def _metric_keys(runs_: list[Run]) -> list[str]:
@@ -199,6 +221,7 @@ class Report:
     many_threshold: int
     few_threshold: int
     dataset: str
+    protocol: str = ""  # which split and which checkpoint the numbers come from, in words
 
     def run(self, encoder: str, seed: int) -> Run | None:
         return next((r for r in self.runs if r.encoder == encoder and r.seed == seed), None)
@@ -212,6 +235,7 @@ class Report:
             "head_threshold": self.head_threshold,
             "many_threshold": self.many_threshold,
             "few_threshold": self.few_threshold,
+            "protocol": self.protocol,
             "runs": [{"dir": str(r.path), "encoder": r.encoder, "seed": r.seed} for r in self.runs],
             "unfinished": [str(p) for p in self.unfinished],
             "metrics": {e: {k: c.as_dict() for k, c in m.items()} for e, m in self.cells.items()},
@@ -245,7 +269,9 @@ class Report:
         if g is None or not g.values:
             return "-"
         parts = []
-        if g.p_value is not None:
+        if g.t_undefined:
+            parts.append("p undefined: the same difference on every seed")
+        elif g.p_value is not None:
             parts.append(f"p={g.p_value:.3f}")
         if g.ci is not None:
             parts.append(f"CI [{g.ci[0]:+.2f}, {g.ci[1]:+.2f}]")
@@ -312,11 +338,13 @@ def build_report(paths: list[Path], chosen: str = "bilinear", bootstrap: bool = 
                     per_seed.append(hit_a[order_a].astype(float) - hit_b[order_b].astype(float))
                 gains[e][k].ci = bootstrap_ci(np.mean(per_seed, axis=0))
     recipe = runs_[0].config["recipe"]
+    protocol = "; ".join(sorted({runs.selection_line(r.final) for r in runs_}))
     return Report(
         runs_, unfinished, encoders, seeds, chosen, cells, gains,
         int(runs_[0].final.get("head_threshold", recipe["eval"]["head_threshold"])),
         int(recipe["eval"]["many_threshold"]), int(recipe["eval"]["few_threshold"]),
         recipe.get("name", "dataset"),
+        f"scored on the {protocol}",
     )
 
 
@@ -324,7 +352,11 @@ def build_report(paths: list[Path], chosen: str = "bilinear", bootstrap: bool = 
 
 
 def to_markdown(report: Report) -> str:
-    out = [f"# sicot report: {report.dataset}", "", f"Seeds: {', '.join(map(str, report.seeds))}; runs: {len(report.runs)}" + (f"; unfinished (left out): {len(report.unfinished)}" if report.unfinished else ""), ""]
+    out = [
+        f"# sicot report: {report.dataset}", "",
+        f"Seeds: {', '.join(map(str, report.seeds))}; runs: {len(report.runs)}" + (f"; unfinished (left out): {len(report.unfinished)}" if report.unfinished else ""), "",
+        f"Every number is image-only, {report.protocol}.", "",
+    ]
     for title, rows in report.tables().items():
         if not rows:
             continue
@@ -344,7 +376,7 @@ def to_csv(report: Report) -> str:
     for e in report.encoders:
         for k, c in report.cells[e].items():
             g = report.gains.get(e, {}).get(k)
-            w.writerow([e, k, c.mean if c.values else "", "" if c.std is None else c.std, len(c.values), "" if g is None or not g.values else g.mean, "" if g is None or g.p_value is None else g.p_value, "" if g is None or g.ci is None else g.ci[0], "" if g is None or g.ci is None else g.ci[1], "" if g is None or g.significant is None else g.significant])
+            w.writerow([e, k, c.mean if c.values else "", "" if c.std is None else c.std, len(c.values), "" if g is None or not g.values else g.mean, "" if g is None or g.p_value is None else "undefined" if g.t_undefined else g.p_value, "" if g is None or g.ci is None else g.ci[0], "" if g is None or g.ci is None else g.ci[1], "" if g is None or g.significant is None else g.significant])
     return buf.getvalue()
 
 

@@ -4,13 +4,13 @@
 
 - ``config.json``: the resolved recipe, the encoder, the prepared file and its fingerprint,
   package versions and the git commit when there is one;
-- ``metrics.jsonl``: one JSON object per epoch (losses, lr, images/s, evaluation metrics);
+- ``metrics.jsonl``: one JSON object per epoch (losses, lr, images/s, validation metrics ``val_*``);
 - ``checkpoint-last.pt`` (everything needed to resume exactly) and ``checkpoint-best.pt`` (the
-  weights with the best test top-1 so far), both written to a temporary name and renamed. Each is
+  weights with the best VALIDATION top-1 so far; absent when the dataset has no validation rows), both written to a temporary name and renamed. Each is
   one header line ``SICOT-CHECKPOINT 1 <sha256>`` followed by the ``torch.save`` bytes; the
   checksum is verified on load, so a truncated or damaged file is refused by name instead of
   resuming from garbage;
-- ``predictions.h5``: the final model's test top-k labels and scores;
+- ``predictions.h5``: the test top-k labels and scores of the weights ``eval.select`` names;
 - ``summary.json``: written last, so its presence means the run finished.
 
 Nothing is overwritten: an existing run directory is refused unless the run is resumed.
@@ -226,10 +226,24 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
+def selection_line(final: dict[str, Any]) -> str:
+    """Which split and which weights produced a run's final metrics, in words."""
+    split = final.get("split")
+    if split is None:  # a run finished before validation splits: scored on test every epoch
+        return "test split, last epoch (an older run: its per-epoch scores were on test)"
+    ckpt = final.get("checkpoint", "last")
+    how = "best validation top-1" if final.get("selected_on") == "val" else "no selection"
+    return f"{split} split ({final.get('test_images', '?')} images), checkpoint {ckpt} (epoch {final.get('checkpoint_epoch', '?')}, {how})"
+
+
 def default_run_name(recipe_name: str, encoder: str, seed: int) -> str:
     return f"{recipe_name}-{encoder}-s{seed}"
 
 
-def finish(run_dir: Path, history: list[dict[str, Any]], per_class: dict[str, Any]) -> None:
-    """Write ``summary.json`` (last: its presence marks the run finished)."""
-    write_json(run_dir / SUMMARY, {"final": history[-1] if history else {}, "epochs": len(history), **per_class})
+def finish(run_dir: Path, history: list[dict[str, Any]], per_class: dict[str, Any], final: dict[str, Any]) -> None:
+    """Write ``summary.json`` (last: its presence marks the run finished).
+
+    ``final`` holds the test metrics (scored once, after training) and which checkpoint and split
+    produced them; ``history`` holds the per-epoch losses and validation metrics.
+    """
+    write_json(run_dir / SUMMARY, {"final": {**(history[-1] if history else {}), **final}, "epochs": len(history), **per_class})

@@ -1,8 +1,10 @@
 """The one training loop: baseline (no encoder) and co-training take exactly the same path.
 
 Per batch: uint8 images go to the device, are augmented there in one batched op (seeded per batch),
-normalised, and scored; the loss is Eq. 1 (``sicot_cli.model.sicot_loss``). Per epoch: StepLR,
-evaluation on the test rows, ``checkpoint-last.pt`` (and ``-best``), one ``metrics.jsonl`` line.
+normalised, and scored; the loss is Eq. 1 (``sicot_cli.model.sicot_loss``). Per epoch: StepLR, evaluation on the
+VALIDATION rows (carved from the training data by ``prepare``), ``checkpoint-last.pt`` (and
+``-best``, the best validation top-1), one ``metrics.jsonl`` line. The test rows are scored once,
+after the last epoch, with the weights ``eval.select`` names: nothing is ever chosen on test.
 Everything random is seeded from (seed, epoch, batch), so an interrupted run resumed from its
 checkpoint, even in the middle of an epoch, reproduces the uninterrupted run exactly on CPU.
 
@@ -49,9 +51,13 @@ class TrainResult:
     history: list[dict[str, Any]]
     interrupted: bool = False
     skipped: bool = False  # the run had already finished
+    test: dict[str, Any] | None = None  # summary.json's "final": test metrics and how they were chosen
 
     @property
     def final(self) -> dict[str, Any]:
+        """The finished run's test metrics; the last epoch's record while it is unfinished."""
+        if self.test is not None:
+            return self.test
         return self.history[-1] if self.history else {}
 
 
@@ -232,6 +238,32 @@ def train(
         shutdown(ctx, clean)
 
 
+def _score_test(
+    model: SICoT, prepared: Prepared, device: torch.device, recipe: Recipe, in_memory: bool, ctx: DistContext, run_dir: Path, history: list[dict[str, Any]]
+) -> tuple[Any, dict[str, Any]]:
+    """Score the test rows once, with the weights ``eval.select`` names; say which and how chosen.
+
+    ``last``: the final weights, no selection. ``best``: ``checkpoint-best.pt``, the epoch with the
+    best validation top-1 (validation rows only, never test).
+    """
+    last_epoch = history[-1]["epoch"] if history else 0
+    epoch = last_epoch
+    if recipe.eval.select == "best":
+        state = runs.load_checkpoint(run_dir / runs.BEST)
+        checkpoints.restore(state, run_dir / runs.BEST, model)
+        epoch = int(state.get("epoch", last_epoch))
+    final = evaluate_model(model, prepared, device, recipe, in_memory=in_memory, ctx=ctx, split="test")
+    selection = {
+        "split": "test",
+        "test_images": prepared.n - prepared.test_start,
+        "val_images": prepared.n_val,
+        "checkpoint": recipe.eval.select,
+        "checkpoint_epoch": epoch,
+        "selected_on": "val" if recipe.eval.select == "best" else None,
+    }
+    return final, selection
+
+
 def _on_main(ctx: DistContext, fn: Callable[[], Any]) -> Any:
     """Run ``fn`` on rank 0 only; its result, or its user error, reaches every rank (no rank hangs)."""
     if not ctx.enabled:
@@ -259,8 +291,13 @@ def _train(ctx: DistContext, recipe: Recipe, run_dir: str | Path | None, resume:
         raise SicotError(f"{path}: prepared dataset not found: run `sicot prepare` with the same recipe first (or pass --data)")
     prepared = open_prepared(path)
     run_dir = Path(run_dir) if run_dir is not None else Path(cfg.runs_dir) / runs.default_run_name(recipe.name, recipe.model.encoder, cfg.seed)
-    if prepared.n_train < 1 or prepared.n - prepared.n_train < 1:
-        raise SicotError(f"{path}: needs training and test images (has {prepared.n_train} / {prepared.n - prepared.n_train})")
+    if prepared.n_train < 1 or prepared.n - prepared.test_start < 1:
+        raise SicotError(f"{path}: needs training and test images (has {prepared.n_train} / {prepared.n - prepared.test_start})")
+    if recipe.eval.select == "best" and prepared.n_val < 1:
+        raise SicotError(
+            f"{path}: eval.select = best needs validation rows, and this file has none: "
+            "rebuild it with data.val_fraction > 0 (`sicot prepare --force`) or use eval.select=last"
+        )
     if ctx.enabled and (cfg.batch_size % ctx.world or prepared.n_train < cfg.batch_size):
         raise SicotError(
             f"train.batch_size = {cfg.batch_size} (the global batch) must be a multiple of the {ctx.world} ranks "
@@ -287,7 +324,7 @@ def _train(ctx: DistContext, recipe: Recipe, run_dir: str | Path | None, resume:
     if resuming:
         check_dataset(prepared, runs.read_config(run_dir), run_dir)
         if runs.is_finished(run_dir):
-            return TrainResult(run_dir, runs.read_metrics(run_dir), skipped=True)
+            return TrainResult(run_dir, runs.read_metrics(run_dir), skipped=True, test=runs.read_summary(run_dir).get("final"))
 
     start_epoch, start_batch, history, best = 0, 0, [], -1.0
     accum = {"loss": 0.0, "loss_v": 0.0, "loss_m": 0.0, "images": 0, "seconds": 0.0}
@@ -329,7 +366,6 @@ def _train(ctx: DistContext, recipe: Recipe, run_dir: str | Path | None, resume:
 
     epoch = start_epoch
     batch_idx = start_batch
-    result = None
     training = False  # True while the epoch's batches run: only then is a mid-epoch checkpoint valid
     # Ctrl-C inside a step (after optimizer.step() began, before the batch is counted) would save
     # weights one step ahead of their batch counter: such an interrupt waits for the step's end.
@@ -381,7 +417,7 @@ def _train(ctx: DistContext, recipe: Recipe, run_dir: str | Path | None, resume:
                 _store(accum, sums)
             training = False
             scheduler.step()
-            result = evaluate_model(model, prepared, device, recipe, in_memory=in_memory, ctx=ctx)
+            val = evaluate_model(model, prepared, device, recipe, in_memory=in_memory, ctx=ctx, split="val") if prepared.n_val else None
             record = {
                 "epoch": epoch + 1,
                 "lr": lr,
@@ -391,17 +427,16 @@ def _train(ctx: DistContext, recipe: Recipe, run_dir: str | Path | None, resume:
                 "train_images": accum["images"],
                 "train_images_per_s": accum["images"] / max(accum["seconds"], 1e-9),
                 "epoch_seconds": accum["seconds"],
-                **result.scalars(),
-                "eval_images_per_s": result.images_per_s,
+                **({f"val_{k}": v for k, v in val.scalars().items()} | {"eval_images_per_s": val.images_per_s} if val else {}),
             }
             history.append(record)
             batch_idx = 0
-            if record["top1"] > best:
-                best = record["top1"]
+            if val is not None and record["val_top1"] > best:
+                best = record["val_top1"]
                 save(runs.BEST, {"meta": meta, "epoch": epoch + 1}, False, f"e{epoch + 1}")
             save(runs.LAST, checkpoint(epoch + 1, 0), True, f"e{epoch + 1}")
             _on_main(ctx, lambda: runs.append_metrics(run_dir, record))
-            log.info("epoch %d: loss %.4f top1 %.2f top3 %.2f", epoch + 1, record["loss"], record["top1"], record.get("top3", float("nan")))
+            log.info("epoch %d: loss %.4f%s", epoch + 1, record["loss"], f" val top1 {record['val_top1']:.2f}" if val else "")
     except KeyboardInterrupt:
         # Between the last batch and the epoch's checkpoint the previous checkpoint is the valid one.
         # Distributed, the ranks may be stopped at different batches: resume from the last epoch.
@@ -413,13 +448,11 @@ def _train(ctx: DistContext, recipe: Recipe, run_dir: str | Path | None, resume:
         if old_handler is not None:
             signal.signal(signal.SIGINT, old_handler)
 
-    if result is None:  # resumed after the last epoch's checkpoint, before the predictions
-        result = evaluate_model(model, prepared, device, recipe, in_memory=in_memory, ctx=ctx)
-    final = result
+    final, selection = _score_test(model, prepared, device, recipe, in_memory, ctx, run_dir, history)
 
     def write_outputs() -> None:
         write_predictions(run_dir / runs.PREDICTIONS, final)
-        runs.finish(run_dir, history, final.per_class())
+        runs.finish(run_dir, history, final.per_class(), final.scalars() | selection)
 
     _on_main(ctx, write_outputs)
-    return TrainResult(run_dir, history)
+    return TrainResult(run_dir, history, test={**(history[-1] if history else {}), **final.scalars(), **selection})

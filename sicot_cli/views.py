@@ -37,7 +37,7 @@ def prepare_table(s: PrepareSummary) -> Table:
         example = (s.skip_examples.get(reason) or [""])[0]
         t.add_row(Text.assemble("  skipped: ", safe(reason)), Text.assemble(f"{n:,}  ", safe(f"(e.g. {clean(example)})", "dim")) if example else f"{n:,}")
     t.add_row("classes", f"{s.classes:,}")
-    t.add_row("train / test images", f"{s.train_images:,} / {s.test_images:,}")
+    t.add_row("train / val / test images", f"{s.train_images:,} / {s.val_images:,} / {s.test_images:,}")
     t.add_row(f"head / tail classes (head: >= {s.head_threshold} train images)", f"{s.head_classes:,} / {s.tail_classes:,}")
     t.add_row("vocabulary (before -> after filter)", f"{s.raw_vocab:,} -> {s.vocab:,}")
     _rules_rows(t, s.filter_rules)
@@ -76,12 +76,12 @@ def _fmt(v: object) -> str | Text:
 
 
 def epochs_table(history: list[dict], title: str) -> Table:
-    """One row per epoch: losses, lr, images/s and the headline metrics."""
+    """One row per epoch: losses, lr, images/s and the headline VALIDATION metrics (never test)."""
     t = Table(title=safe(title), title_justify="left")
     cols = [
         ("epoch", "epoch", "{}"), ("lr", "lr", "{:.2e}"), ("loss", "loss", "{:.3f}"), ("CE(x_v)", "loss_v", "{:.3f}"),
-        ("CE(x_m)", "loss_m", "{:.3f}"), ("img/s", "train_images_per_s", "{:.0f}"), ("top-1", "top1", "{:.2f}"),
-        ("top-3", "top3", "{:.2f}"), ("head top-1", "head_top1", "{:.2f}"), ("tail top-1", "tail_top1", "{:.2f}"),
+        ("CE(x_m)", "loss_m", "{:.3f}"), ("img/s", "train_images_per_s", "{:.0f}"), ("val top-1", "val_top1", "{:.2f}"),
+        ("val top-3", "val_top3", "{:.2f}"), ("val head", "val_head_top1", "{:.2f}"), ("val tail", "val_tail_top1", "{:.2f}"),
     ]
     for name, _, _ in cols:
         t.add_column(name, justify="right", no_wrap=True)

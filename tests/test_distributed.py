@@ -299,6 +299,8 @@ def test_train_on_two_ranks_with_a_sharded_classifier(tiny_prepared: Path, tmp_p
     records = runs.read_metrics(run)
     assert len(records) == 1 and records[0]["train_images"] == 24  # the global batches, counted once
     # One process re-assembles the classifier and scores the test set as the 2 ranks did.
+    final = runs.read_summary(run)["final"]
+    assert final["split"] == "test" and final["checkpoint"] == "last"
     again = evaluate_run(run, device="cpu")
-    assert again.metrics["top1"] == pytest.approx(records[0]["top1"])
-    assert again.metrics["top3"] == pytest.approx(records[0]["top3"])
+    assert again.metrics["top1"] == pytest.approx(final["top1"])
+    assert again.metrics["top3"] == pytest.approx(final["top3"])

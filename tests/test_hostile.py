@@ -681,7 +681,7 @@ CASES: dict[str, Case] = {
     "title_only_emoji_and_marks": Case(lambda t, c: _prep(_manifest(t, _row("cat0.png", "x1", "🐱🐶 \u202e\u200f !!!")), t), "skip", ["empty title"]),
     "title_nul_rtl_mixed_scripts": Case(lambda t, c: _prep(_manifest(t, _row("cat0.png", "x1", "\u202e红色\x00 cat\u200f кот 👍🏽 Ｒｅｄ")), t), "kept", check=_kept("x1")),
     "title_huge_1mb": Case(lambda t, c: _prep(_manifest(t, _row("cat0.png", "x1", "red cat " * 130_000)), t), "kept", check=_kept("x1")),
-    "split_value_unknown": Case(lambda t, c: _prep(make_manifest(t / "raw", per_class=6, split=True, extra_rows=[_row("cat0.png", "x1", split="validation")]), t), "skip", ["split is not train/test"]),
+    "split_value_unknown": Case(lambda t, c: _prep(make_manifest(t / "raw", per_class=6, split=True, extra_rows=[_row("cat0.png", "x1", split="dev")]), t), "skip", ["split is not train/val/test"]),
     "jsonl_line_not_an_object": Case(lambda t, c: _prep(_jsonl(t, ["[1, 2]", "{broken", "[" * 50_000 + "]" * 50_000, "1" * 5000]), t), "skip", ["not a JSON object"], count=4),
     "jsonl_lone_surrogate_escape": Case(lambda t, c: _prep(_jsonl(t, ['{"image": "cat0.png", "title": "red \\ud800 cat", "label": "cat", "id": "x1"}']), t), "skip", ["text is not valid Unicode (lone surrogate)"]),
     "jsonl_title_with_line_separator": Case(lambda t, c: _prep(_jsonl(t, [_row("cat0.png", "x1", "red\u2028cat\u0085toy")]), t), "kept", check=_kept("x1")),
@@ -716,7 +716,7 @@ CASES: dict[str, Case] = {
     "readonly_output_directory": Case(lambda t, c: _prep(_manifest(t), Path(_readonly_dir(t))), "error", ["output directory"]),
     "readonly_run_directory": Case(lambda t, c: _train(run=str(_readonly_dir(t) / "run"))(t, c), "error", ["output directory"]),
     "disk_full_writing_prepared": Case(lambda t, c: _prep(_manifest(t), t), "error", ["o.h5: cannot write (No space left on device)"], check=_no_tmp_left),
-    "disk_full_writing_checkpoint": Case(_train("model.encoder=none", "train.epochs=1"), "error", ["checkpoint-best.pt: cannot write (No space left on device)"], check=_no_tmp_left),
+    "disk_full_writing_checkpoint": Case(_train("model.encoder=none", "train.epochs=1"), "error", ["checkpoint-last.pt: cannot write (No space left on device)"], check=_no_tmp_left),
     # checkpoints and prepared files
     "checkpoint_truncated": Case(_damaged_checkpoint("truncated", "evaluate"), "error", ["checkpoint-last.pt: corrupt checkpoint", "sicot train --run-dir"]),
     "checkpoint_bitflip_on_resume": Case(_damaged_checkpoint("bitflip", "train"), "error", ["checkpoint-last.pt: corrupt checkpoint (checksum mismatch"]),
@@ -785,7 +785,7 @@ CASES: dict[str, Case] = {
     "prepared_n_train_minus_two": Case(_tampered("n_train", lambda v, n: v - 2), "error", ["p.h5: corrupt prepared dataset (content checksum mismatch"]),
     "prepared_n_train_all_rows": Case(_tampered("n_train", lambda v, n: n), "error", ["p.h5: corrupt prepared dataset"]),
     "prepared_head_threshold_changed": Case(_tampered("head_threshold", lambda v, n: v + 5), "error", ["p.h5: corrupt prepared dataset (content checksum mismatch"]),
-    "prepared_legacy_checksum_n_train_changed": Case(_tampered("n_train", lambda v, n: v - 2, legacy=True), "error", ["p.h5: corrupt prepared dataset (n_train 22 disagrees with the recorded train/test counts"]),
+    "prepared_legacy_checksum_n_train_changed": Case(_tampered("n_train", lambda v, n: v - 2, legacy=True), "error", ["p.h5: corrupt prepared dataset (n_train 22 / n_val 0 disagree with the recorded train/test counts"]),
     # 8. importers
     "import_titles_json_nesting_bomb_and_huge_int": Case(_imaterialist(titles="[" * 100_000 + "]" * 100_000 + "\n" + "1" * 5000 + "\n" + '{"id": "train000ab.jpg", "title": "red cup"}\n'), "ok", ["titles file: bad line", "2"], check=_imported("bad line")),
     "import_annotations_nesting_bomb": Case(_imaterialist(train_json='{"images": ' + "[" * 100_000 + "]" * 100_000 + "}"), "error", ["train.json: not valid JSON (nested too deeply)"]),

@@ -367,7 +367,7 @@ def test_predict_top_below_one_is_refused(k, tmp_path_factory):
 
 
 @FAST
-@given(attr=st.sampled_from(["n_train", "image_size", "head_threshold", "format"]), delta=st.integers(-40, 40).filter(bool), legacy=st.booleans())
+@given(attr=st.sampled_from(["n_train", "n_val", "image_size", "head_threshold", "format"]), delta=st.integers(-40, 40).filter(bool), legacy=st.booleans())
 def test_changed_attributes_are_refused(tiny_prepared, tmp_path_factory, attr, delta, legacy):
     """Any attribute that changes a result, changed by any amount, is refused by name; legacy files
     (checksum without attributes) still refuse a changed n_train by the class counts."""

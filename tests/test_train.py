@@ -204,18 +204,29 @@ def test_cli_train_evaluate_predict_export(tiny_prepared, tmp_path):
     history = runs.read_metrics(run_dir)
     assert len(history) == 4
     assert history[-1]["loss"] < history[0]["loss"]
-    for key in ("epoch", "lr", "loss", "loss_v", "loss_m", "train_images_per_s", "epoch_seconds", "top1", "top3", "head_top1", "tail_top1", "many_top1", "medium_top1", "few_top1", "eval_images_per_s", "n_test"):
+    for key in ("epoch", "lr", "loss", "loss_v", "loss_m", "train_images_per_s", "epoch_seconds"):
         assert key in history[-1], key
+    # 8 training images per class spare none for validation (floor(0.1 * 8) = 0): no per-epoch
+    # scores at all, and the test split is scored once at the end.
+    assert not any(k.startswith("val_") or k == "top1" for k in history[-1])
+    final = runs.read_summary(run_dir)["final"]
+    for key in ("top1", "top3", "head_top1", "tail_top1", "many_top1", "medium_top1", "few_top1", "n_test"):
+        assert key in final, key
+    assert (final["split"], final["checkpoint"], final["checkpoint_epoch"], final["test_images"], final["val_images"]) == ("test", "last", 4, 6, 0)
+    assert "test split (6 images), checkpoint last (epoch 4, no selection)" in " ".join(r.output.split())
     assert history[1]["lr"] == pytest.approx(0.005 * 0.8)
     config = json.loads((run_dir / "config.json").read_text())
     assert config["encoder"] == "bilinear" and config["recipe"]["train"]["epochs"] == 4 and "torch" in config["versions"]
-    for name in ("checkpoint-last.pt", "checkpoint-best.pt", "predictions.h5", "summary.json"):
+    for name in ("checkpoint-last.pt", "predictions.h5", "summary.json"):
         assert (run_dir / name).is_file(), name
+    assert not (run_dir / "checkpoint-best.pt").exists()  # nothing to choose it on
     r = runner.invoke(app, args)
     assert r.exit_code == 2 and "run directory exists" in r.output
     r = runner.invoke(app, ["evaluate", "--run", str(run_dir), "--json"])
     assert r.exit_code == 0, r.output
-    assert json.loads(r.output)["top1"] == pytest.approx(history[-1]["top1"])
+    assert json.loads(r.output)["top1"] == pytest.approx(final["top1"])
+    r = runner.invoke(app, ["evaluate", "--run", str(run_dir), "--split", "val"])
+    assert r.exit_code == 2 and "has no val rows" in r.output
     img = tiny_prepared.parent / "raw" / "cat3.png"
     r = runner.invoke(app, ["predict", "--run", str(run_dir), "--json", "-k", "2", str(img)])
     assert r.exit_code == 0, r.output

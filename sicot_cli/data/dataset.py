@@ -6,7 +6,9 @@ Layout (format 1):
 name                   shape, dtype                what
 =====================  ==========================  =============================================
 images                 (N, 3, S, S) uint8          RGB, uncompressed, chunked by contiguous rows;
-                                                   rows ``[0, n_train)`` are the training set
+                                                   rows ``[0, n_train)`` are the training set,
+                                                   ``[n_train, n_train + n_val)`` the validation
+                                                   set, the rest the test set
 labels                 (N,) int64                  class ids (classes ordered by training count)
 tokens                 (N, L) int32                word ids, 0 = padding
 lengths                (N,) int32                  real words per title (>= 1)
@@ -19,7 +21,8 @@ vocab/counts           (V,) int64                  counts over the training titl
 vectors                (V, d) float32              initial word vectors (row 0 zero)
 =====================  ==========================  =============================================
 
-Attributes: ``format``, ``n_train``, ``image_size``, ``source``, ``head_threshold``, ``recipe``
+Attributes: ``format``, ``n_train``, ``n_val`` (0 when absent: files prepared before validation
+splits), ``image_size``, ``source``, ``head_threshold``, ``recipe``
 (the resolved recipe as JSON), ``versions`` (JSON), ``side`` (the ``<out>.recipe.json`` content,
 which ``prepare`` restores from it after a kill), ``content_sha256`` and ``complete`` = 1, set
 last: a file without it was not finished and is refused.
@@ -121,7 +124,7 @@ HASHED = ("labels", "tokens", "lengths", "classes/names", "classes/train_counts"
 # ... and the attributes that change a result (which rows are trained on and scored, the image
 # size, the head/tail boundary). Files whose checksum starts with "v2:" cover them; older files
 # (a bare hex digest) do not, and get the consistency checks of _check_values only.
-HASHED_ATTRS = ("format", "n_train", "image_size", "head_threshold")
+HASHED_ATTRS = ("format", "n_train", "n_val", "image_size", "head_threshold")
 _V2 = "v2:"
 
 
@@ -152,7 +155,7 @@ def content_sha256(f: h5py.File) -> str:
 
 
 def _attrs_text(f: h5py.File) -> str:
-    return json.dumps({name: int(f.attrs[name]) for name in HASHED_ATTRS}, sort_keys=True)
+    return json.dumps({name: int(f.attrs.get(name, 0) if name == "n_val" else f.attrs[name]) for name in HASHED_ATTRS}, sort_keys=True)
 
 
 def _sha256_v2(values: dict[str, Any], f: h5py.File) -> str:
@@ -193,10 +196,20 @@ class Prepared:
     test_counts: np.ndarray
     words: list[str]
     vectors: np.ndarray
+    n_val: int = 0
 
     @property
     def n(self) -> int:
         return len(self.labels)
+
+    @property
+    def test_start(self) -> int:
+        """The first test row: rows ``[test_start, n)`` are the test set."""
+        return self.n_train + self.n_val
+
+    def split_range(self, split: str) -> tuple[int, int]:
+        """The rows ``[start, stop)`` of ``"train"``, ``"val"`` or ``"test"``."""
+        return {"train": (0, self.n_train), "val": (self.n_train, self.test_start), "test": (self.test_start, self.n)}[split]
 
     @property
     def num_classes(self) -> int:
@@ -258,6 +271,7 @@ def open_prepared(path: str | Path) -> Prepared:
             prepared = Prepared(
                 path=path,
                 n_train=int(f.attrs["n_train"]),
+                n_val=int(f.attrs.get("n_val", 0)),
                 image_size=int(f.attrs["image_size"]),
                 head_threshold=int(f.attrs["head_threshold"]),
                 source=str(f.attrs["source"]),
@@ -284,6 +298,7 @@ def _check_shapes(f: h5py.File, path: Path, rebuild: str) -> None:
     n = len(f["labels"])
     size = int(f.attrs["image_size"])
     n_train = int(f.attrs["n_train"])
+    n_val = int(f.attrs.get("n_val", 0))
     images = f["images"]
     expect = {
         "images": (n, 3, size, size),
@@ -299,8 +314,8 @@ def _check_shapes(f: h5py.File, path: Path, rebuild: str) -> None:
     for name, shape in expect.items():
         if f[name].shape != shape:
             raise SicotError(f"{path}: dataset {name!r} has shape {f[name].shape}, expected {shape}: {rebuild}")
-    if images.dtype != np.uint8 or not 0 <= n_train <= n:
-        raise SicotError(f"{path}: images are {images.dtype} with n_train {n_train} of {n} rows, expected uint8: {rebuild}")
+    if images.dtype != np.uint8 or not (0 <= n_train and 0 <= n_val and n_train + n_val <= n):
+        raise SicotError(f"{path}: images are {images.dtype} with n_train {n_train} and n_val {n_val} of {n} rows, expected uint8: {rebuild}")
     if n:
         images[0]
         images[n - 1]
@@ -318,9 +333,9 @@ def _check_values(p: Prepared, rebuild: str) -> None:
     elif not p.words or p.words[0] != "<pad>":
         bad = "vocabulary without the <pad> word first"
     elif not (np.array_equal(np.bincount(p.labels[: p.n_train], minlength=p.num_classes), p.train_counts)
-              and np.array_equal(np.bincount(p.labels[p.n_train :], minlength=p.num_classes), p.test_counts)):
+              and np.array_equal(np.bincount(p.labels[p.test_start :], minlength=p.num_classes), p.test_counts)):
         # n_train decides which rows are trained on and which are scored: the class counts,
         # recorded by prepare, must agree with it (an edited n_train would silently move rows)
-        bad = f"n_train {p.n_train} disagrees with the recorded train/test counts per class"
+        bad = f"n_train {p.n_train} / n_val {p.n_val} disagree with the recorded train/test counts per class"
     if bad:
         raise SicotError(f"{p.path}: corrupt prepared dataset ({bad}): {rebuild}")

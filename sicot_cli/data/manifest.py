@@ -1,7 +1,7 @@
 """The generic manifest: a CSV or JSONL file with one row per image.
 
 Columns: ``image`` (a path relative to the manifest's folder, or absolute), ``title``, ``label``,
-optional ``split`` (``train``/``test``) and ``id`` (defaults to the row's line number, and then
+optional ``split`` (``train``/``val``/``test``) and ``id`` (defaults to the row's line number, and then
 no row may have one: an explicit id could collide with another row's line number). Other columns
 are refused so that a misspelt column (``lable``) is not silently ignored, and so is a column named
 twice (which value would win?), in a CSV header or a JSON object.
@@ -38,7 +38,7 @@ REQUIRED = ("image", "title", "label")
 # are cut to data.max_title_tokens words later anyway.
 FIELD_LIMIT = 1 << 26
 OPTIONAL = ("split", "id")
-SPLITS = ("train", "test")
+SPLITS = ("train", "val", "test")  # "validation" is read as "val"
 
 
 @dataclass
@@ -216,8 +216,9 @@ def read_manifest(path: str | Path, skips: Skips) -> list[Row]:
             continue
         split_raw = values["split"]
         split = str(split_raw).strip().lower() if split_raw not in (None, "") else None
+        split = "val" if split == "validation" else split
         if split is not None and split not in SPLITS:
-            skips.add("split is not train/test", where)
+            skips.add("split is not train/val/test", where)
             continue
         rid = (_text(values["id"]) or "").strip() if values["id"] not in (None, "") else str(n)
         if not rid:

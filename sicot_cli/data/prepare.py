@@ -7,12 +7,14 @@ what it writes. The steps, in order:
 2. tokenize every title;
 3. split train/test when the manifest has no split (seeded; ``data.test_per_class`` test images per
    class, as the paper's roughly balanced test sets, keeping at least ``data.min_train_per_class``
-   for training);
-4. build the vocabulary from TRAINING titles and apply the noise filter; drop rows whose title is
-   empty after it (the paper: "throwing away those images without any side information");
+   for training), then carve the validation rows from the training rows (``data.val_fraction``,
+   class-stratified, seeded by ``data.split_seed``) unless the manifest names its own ``val`` rows;
+4. build the vocabulary from TRAINING titles and apply the noise filter; drop TRAINING rows whose
+   title is empty after it (the paper: "throwing away those images without any side
+   information"). Validation and test rows are scored image-only, so their titles never drop them;
 5. word vectors (word2vec on the training titles, or pretrained);
-6. decode and resize the images in parallel processes, training rows first, so the training set is
-   one contiguous block at the front of the file (the loader reads blocks);
+6. decode and resize the images in parallel processes, training rows first, then validation, then
+   test, so each split is one contiguous block of the file (the loader reads blocks);
 7. write labels, tokens, classes (ordered by descending training count), vocabulary, vectors and the
    resolved recipe, then rename the temporary file to its final name.
 
@@ -74,6 +76,7 @@ class PrepareSummary:
     skip_examples: dict[str, list[str]]
     classes: int
     train_images: int
+    val_images: int
     test_images: int
     head_threshold: int
     head_classes: int
@@ -136,6 +139,29 @@ def _split(recs: list[_Rec], recipe: Recipe) -> None:
         n_test = max(0, min(recipe.data.test_per_class, len(members) - recipe.data.min_train_per_class))
         for rank, i in enumerate(order):
             members[i].split = "test" if rank < n_test else "train"
+
+
+def _carve_validation(recs: list[_Rec], recipe: Recipe) -> None:
+    """Move ``floor(data.val_fraction * n)`` training rows of each class to the validation split.
+
+    Class-stratified and seeded by ``data.split_seed`` alone (not the training seed), so every run
+    made from one prepared file trains on the same rows and is selected on the same rows; a class
+    keeps at least ``data.min_train_per_class`` training rows, so the smallest classes keep all
+    theirs. A manifest that names ``val`` rows keeps its own split.
+    """
+    d = recipe.data
+    if d.val_fraction <= 0 or any(r.split == "val" for r in recs):
+        return
+    by_class: dict[str, list[_Rec]] = defaultdict(list)
+    for r in recs:
+        if r.split == "train":
+            by_class[r.label].append(r)
+    rng = np.random.default_rng([d.split_seed, 1])  # its own stream: the test split is unchanged
+    for label in sorted(by_class):
+        members = sorted(by_class[label], key=lambda r: r.id)
+        n_val = max(0, min(int(d.val_fraction * len(members)), len(members) - d.min_train_per_class))
+        for i in rng.permutation(len(members))[:n_val]:
+            members[i].split = "val"
 
 
 def _drop_untrainable(recs: list[_Rec], min_train: int, skips: Skips) -> list[_Rec]:
@@ -221,6 +247,7 @@ def build_text(recipe: Recipe, skips: Skips, progress: Progress | None = None) -
 
     _split(recs, recipe)
     recs = _drop_untrainable(recs, 1, skips)
+    _carve_validation(recs, recipe)
     vocab = build_vocab(
         [r.tokens for r in recs if r.split == "train"],
         recipe.text.drop_most_frequent,
@@ -240,10 +267,10 @@ def build_text(recipe: Recipe, skips: Skips, progress: Progress | None = None) -
             test_tokens += len(r.tokens)
             test_oov += sum(1 for t in r.tokens if t not in vocab.index)
         ids = vocab.encode(r.tokens, 10**9)
-        if not r.tokens:
+        if r.split == "train" and not r.tokens:
             skips.add("empty title", r.where)
             continue
-        if not ids:
+        if r.split == "train" and not ids:
             skips.add("title empty after the noise-word filter", r.where)
             continue
         if len(ids) > d.max_title_tokens:
@@ -309,8 +336,7 @@ def prepare(recipe: Recipe, out: str | Path | None = None, force: bool = False, 
     text = build_text(recipe, skips, progress)
     recs, source = text.recs, text.source
 
-    train_recs = [r for r in recs if r.split == "train"]
-    test_recs = [r for r in recs if r.split == "test"]
+    parts = {split: [r for r in recs if r.split == split] for split in ("train", "val", "test")}
     size = d.image_size
     t_decode = time.perf_counter()
     with atomic_path(out_path) as tmp, guarded_file(tmp) as fobj:  # a full disk: one clean error, not a crash in HDF5
@@ -327,13 +353,13 @@ def prepare(recipe: Recipe, out: str | Path | None = None, force: bool = False, 
                     fobj.check()  # stop at the first failed write, not after decoding everything
 
             train_labels: Counter[str] = Counter()
-            for phase, part in (("train", train_recs), ("test", test_recs)):
-                if phase == "test":
-                    flush()
-                    n_train_written = len(written)
-                    skipped_test = [r for r in part if train_labels[r.label] == 0]
-                    for r in skipped_test:
-                        skips.add("label has no training image", r.where)
+            ends: dict[str, int] = {}  # split -> rows written up to its end
+            for phase, part in parts.items():
+                if phase != "train":
+                    # rows of a class whose training images all failed to decode cannot be scored
+                    for r in part:
+                        if train_labels[r.label] == 0:
+                            skips.add("label has no training image", r.where)
                     part = [r for r in part if train_labels[r.label] > 0]
                 with progress.task(f"decoding {phase} images", len(part)) as task:
                     for r, result in zip(part, _decoded([(r.source, size) for r in part], workers), strict=True):
@@ -347,14 +373,16 @@ def prepare(recipe: Recipe, out: str | Path | None = None, force: bool = False, 
                             train_labels[r.label] += 1
                         if len(buf) >= WRITE_BATCH:
                             flush()
+                ends[phase] = len(written)
             flush()
             n = len(written)
+            n_train_written, n_val_written = ends["train"], ends["val"] - ends["train"]
             if n_train_written == 0:
                 raise SicotError(f"{source}: no training image could be decoded ({skips.as_dict()})")
             images.resize(n, axis=0)
             decode_seconds = time.perf_counter() - t_decode
 
-            test_labels = Counter(r.label for r in written[n_train_written:])
+            test_labels = Counter(r.label for r in written[ends["val"]:])
             classes = sorted(train_labels, key=lambda c: (-train_labels[c], c))
             class_id = {c: i for i, c in enumerate(classes)}
             tokens = np.zeros((n, d.max_title_tokens), dtype=np.int32)
@@ -387,7 +415,8 @@ def prepare(recipe: Recipe, out: str | Path | None = None, force: bool = False, 
                 skip_examples=skips.examples,
                 classes=len(classes),
                 train_images=n_train_written,
-                test_images=n - n_train_written,
+                val_images=n_val_written,
+                test_images=n - ends["val"],
                 head_threshold=recipe.eval.head_threshold,
                 head_classes=head,
                 tail_classes=len(classes) - head,
@@ -405,6 +434,7 @@ def prepare(recipe: Recipe, out: str | Path | None = None, force: bool = False, 
             ds.write_attrs(
                 f,
                 n_train=n_train_written,
+                n_val=n_val_written,
                 image_size=size,
                 source=source,
                 head_threshold=recipe.eval.head_threshold,

@@ -1,0 +1,210 @@
+"""The evaluation protocol: test rows are scored whatever their titles, choices are made on validation only."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import KEEP_ALL, TRAIN_FAST, make_manifest
+
+from sicot_cli import runs
+from sicot_cli.config import load_recipe
+from sicot_cli.data.dataset import open_prepared
+from sicot_cli.data.prepare import prepare
+from sicot_cli.errors import SicotError
+
+
+def _prepare(manifest: Path, out: Path, *extra: str):
+    prepare(load_recipe(None, ["data.source=manifest", f"data.manifest={manifest}", "data.image_size=16", *KEEP_ALL, *extra]), out)
+    return open_prepared(out)
+
+
+def _ids(p, split: str) -> set[str]:
+    lo, hi = p.split_range(split)
+    return set(p.ids()[lo:hi])
+
+
+def test_test_rows_with_empty_titles_are_scored(tmp_path: Path) -> None:
+    """A test row is scored image-only: an empty title, or one the noise filter empties, drops nothing."""
+    extra = [
+        {"image": "cat0.png", "title": "", "label": "cat", "id": "t-empty", "split": "test"},
+        {"image": "dog0.png", "title": "!!! ...", "label": "dog", "id": "t-punct", "split": "test"},  # no word at all
+        {"image": "cup0.png", "title": "", "label": "cup", "id": "tr-empty", "split": "train"},  # training row: dropped
+    ]
+    m = make_manifest(tmp_path / "raw", per_class=6, split=True, extra_rows=extra)
+    p = _prepare(m, tmp_path / "d.h5")
+    test = _ids(p, "test")
+    assert {"t-empty", "t-punct"} <= test and len(test) == 3 * 2 + 2
+    assert "tr-empty" not in set(p.ids())
+    lo, hi = p.split_range("test")
+    ids = p.ids()[lo:hi]
+    assert all(p.lengths[lo + ids.index(i)] == 0 for i in ("t-empty", "t-punct"))
+
+    from sicot_cli.train import train
+
+    recipe = load_recipe(None, [f"data.out={tmp_path / 'd.h5'}", *TRAIN_FAST, "model.encoder=bilinear", "train.epochs=1"])
+    result = train(recipe, tmp_path / "run", data=tmp_path / "d.h5")
+    assert result.final["n_test"] == 8 and result.final["test_images"] == 8
+    import h5py
+
+    with h5py.File(tmp_path / "run" / runs.PREDICTIONS) as f:
+        assert sorted(f["rows"][()].tolist()) == list(range(lo, hi))
+
+
+def test_validation_split_is_carved_from_training_rows(tmp_path: Path) -> None:
+    """Class-stratified floor(fraction * n), disjoint from train and test, fixed by data.split_seed."""
+    m = make_manifest(tmp_path / "raw", per_class=24)
+    a = _prepare(m, tmp_path / "a.h5", "data.val_fraction=0.2")
+    b = _prepare(m, tmp_path / "b.h5", "data.val_fraction=0.2")
+    c = _prepare(m, tmp_path / "c.h5", "data.val_fraction=0.2", "data.split_seed=7")
+    none = _prepare(m, tmp_path / "n.h5", "data.val_fraction=0")
+    train, val, test = _ids(a, "train"), _ids(a, "val"), _ids(a, "test")
+    assert not (train & val) and not (val & test) and not (train & test)
+    assert len(train) + len(val) + len(test) == a.n == 72
+    # 22 training rows per class after the 2 test rows: floor(0.2 * 22) = 4 of each class
+    lo, hi = a.split_range("val")
+    assert np.bincount(a.labels[lo:hi]).tolist() == [4, 4, 4] and a.n_val == 12
+    assert a.train_counts.tolist() == [18, 18, 18]  # the counts of the rows actually trained on
+    # the same prepared split whatever the run's seed (one file); the same file from the same split_seed
+    assert (_ids(b, "val"), _ids(b, "test")) == (val, test)
+    assert _ids(c, "val") != val
+    # the test split does not depend on the validation carve
+    assert _ids(none, "test") == test and none.n_val == 0 and _ids(none, "train") == train | val
+
+
+def test_small_classes_keep_all_their_training_images(tmp_path: Path) -> None:
+    m = make_manifest(tmp_path / "raw", per_class=6)  # 4 training rows per class: floor(0.2 * 4) = 0
+    p = _prepare(m, tmp_path / "d.h5", "data.val_fraction=0.2")
+    assert p.n_val == 0 and p.train_counts.tolist() == [4, 4, 4]
+    p = _prepare(m, tmp_path / "e.h5", "data.val_fraction=0.5", "data.min_train_per_class=3")
+    assert p.n_val == 3 and p.train_counts.tolist() == [3, 3, 3]  # 2 wanted, min_train_per_class keeps 3
+
+
+def test_manifest_val_rows_are_kept_as_given(tmp_path: Path) -> None:
+    extra = [{"image": f"cat{i}.png", "title": "red cat", "label": "cat", "id": f"v{i}", "split": sp} for i, sp in ((2, "val"), (3, "validation"))]
+    m = make_manifest(tmp_path / "raw", per_class=8, split=True, extra_rows=extra)
+    p = _prepare(m, tmp_path / "d.h5")
+    assert _ids(p, "val") == {"v2", "v3"}
+
+
+@pytest.fixture(scope="module")
+def with_val(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("val")
+    m = make_manifest(root / "raw", per_class=14)
+    out = root / "v.h5"
+    _prepare(m, out, "data.val_fraction=0.25")  # 12 training rows per class: 3 validation rows each
+    return out
+
+
+def test_checkpoint_best_follows_validation_not_test(with_val: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fixture where validation and test disagree: best = the best VALIDATION epoch; test is scored once."""
+    import sicot_cli.train as train_mod
+
+    real = train_mod.evaluate_model
+    calls: list[str] = []
+    val_top1 = iter([10.0, 50.0, 20.0])  # validation peaks at epoch 2
+
+    def scripted(*args, split: str = "test", **kw):
+        result = real(*args, split=split, **kw)
+        calls.append(split)
+        if split == "val":
+            result.metrics["top1"] = next(val_top1)
+        return result
+
+    monkeypatch.setattr(train_mod, "evaluate_model", scripted)
+    recipe = load_recipe(None, [f"data.out={with_val}", *TRAIN_FAST, "train.epochs=3", "eval.select=best"])
+    result = train_mod.train(recipe, tmp_path / "run", data=with_val)
+    assert calls == ["val", "val", "val", "test"]
+    assert runs.load_checkpoint(tmp_path / "run" / runs.BEST)["epoch"] == 2
+    final = json.loads((tmp_path / "run" / runs.SUMMARY).read_text())["final"]
+    assert (final["checkpoint"], final["checkpoint_epoch"], final["selected_on"], final["val_images"]) == ("best", 2, "val", 9)
+    assert [h["val_top1"] for h in result.history] == [10.0, 50.0, 20.0]
+    assert not any(k in h for h in result.history for k in ("top1", "top3", "tail_top1"))  # no test score per epoch
+
+    # the weights scored on test are checkpoint-best's: evaluating that checkpoint gives the same numbers
+    from sicot_cli.evaluate import evaluate_run
+
+    again = evaluate_run(tmp_path / "run", checkpoint="best", device="cpu")
+    assert again.metrics["top1"] == pytest.approx(final["top1"])
+    val = evaluate_run(tmp_path / "run", checkpoint="best", device="cpu", split="val")
+    assert val.metrics["n_test"] == 9
+
+
+def test_select_best_needs_validation_rows(tiny_prepared: Path, tmp_path: Path) -> None:
+    from sicot_cli.train import train
+
+    recipe = load_recipe(None, [f"data.out={tiny_prepared}", *TRAIN_FAST, "eval.select=best"])
+    with pytest.raises(SicotError, match="eval.select = best needs validation rows"):
+        train(recipe, tmp_path / "run", data=tiny_prepared)
+    assert not (tmp_path / "run").exists()  # refused before the run directory was made
+
+
+@pytest.mark.parametrize("bad", ["data.val_fraction=0.6", "data.val_fraction=-0.1", "data.val_fraction=nan", "eval.select=test"])
+def test_protocol_keys_are_checked(bad: str) -> None:
+    with pytest.raises(SicotError, match=bad.split("=")[0]):
+        load_recipe(None, [bad])
+
+
+def test_degenerate_t_test_is_undefined() -> None:
+    """Identical differences on every seed: the t statistic is 0/0 or x/0, so no p-value; said so."""
+    from sicot_cli.report import Gain, paired_t
+
+    p = paired_t([1.0, 1.0, 1.0])
+    assert p is not None and math.isnan(p)
+    assert math.isnan(paired_t([0.0, 0.0]))
+    assert paired_t([1.0]) is None
+    assert paired_t([1.0, 2.0, 3.0]) == pytest.approx(0.07417990022744853)  # scipy.stats.ttest_rel on the same
+    g = Gain([1.0, 1.0, 1.0], p)
+    assert g.significant is None and g.as_dict()["p_value"] is None and g.as_dict()["t_test"] == "undefined"
+    g = Gain([1.0, 1.0, 1.0], p, ci=(0.5, 1.5))
+    assert g.significant is True  # the bootstrap CI over images still speaks
+
+
+def test_presets_resolve_to_the_documented_keys() -> None:
+    """defaults < preset < recipe file < command line; docs/presets.md lists the same keys."""
+    from sicot_cli.config import PRESETS
+
+    keys = lambda r: (r.train.normalize_loss, r.model.semantic_norm, r.model.mixed_trains_classifier)  # noqa: E731
+    assert keys(load_recipe(None)) == (True, "batchnorm", True)
+    assert keys(load_recipe(None, ["preset=paper"])) == (False, "none", True)
+    assert keys(load_recipe(None, ["preset=paper", "model.semantic_norm=batchnorm"])) == (False, "batchnorm", True)
+    assert keys(load_recipe(None, ["preset=sicot", "train.normalize_loss=false"])) == (False, "batchnorm", True)
+    with pytest.raises(SicotError, match="preset must be one of paper, sicot, got 'papr'"):
+        load_recipe(None, ["preset=papr"])
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "presets.md").read_text(encoding="utf-8")
+    for name, table in PRESETS.items():
+        for key, value in table.items():
+            shown = str(value).lower() if isinstance(value, bool) else f'"{value}"'
+            assert f"| {name} | `{key}` | `{shown}` |" in doc, (name, key)
+
+
+def test_recipe_file_keys_beat_the_preset(tmp_path: Path) -> None:
+    f = tmp_path / "r.toml"
+    f.write_text('name = "x"\npreset = "paper"\n[train]\nnormalize_loss = true\n', encoding="utf-8")
+    r = load_recipe(f)
+    assert (r.preset, r.train.normalize_loss, r.model.semantic_norm) == ("paper", True, "none")
+
+
+def test_shipped_recipes_use_the_default_preset() -> None:
+    root = Path(__file__).resolve().parent.parent / "recipes"
+    for f in sorted(root.glob("*.toml")):
+        r = load_recipe(f)
+        assert (r.preset, r.train.normalize_loss, r.model.semantic_norm) == ("sicot", True, "batchnorm"), f.name
+
+
+def test_ablate_compares_presets_side_by_side(tiny_prepared: Path, tmp_path: Path) -> None:
+    from sicot_cli.ablate import ablate
+    from sicot_cli.report import build_report
+
+    recipe = load_recipe(None, [f"data.out={tiny_prepared}", *TRAIN_FAST, "train.epochs=1"])
+    root, statuses = ablate(recipe, ["mean"], [0], tmp_path / "ab", data=tiny_prepared, presets=["sicot", "paper"])
+    assert [s.run_dir.name for s in statuses] == ["none-s0", "mean-s0", "mean-paper-s0"]
+    paper = json.loads((root / "mean-paper-s0" / "config.json").read_text())["recipe"]
+    assert (paper["preset"], paper["train"]["normalize_loss"], paper["model"]["semantic_norm"]) == ("paper", False, "none")
+    rep = build_report([root], "mean", bootstrap=False)
+    assert rep.encoders == ["none", "mean", "mean[paper]"]
+    with pytest.raises(SicotError, match="unknown preset 'x'"):
+        ablate(recipe, ["mean"], [0], tmp_path / "ab2", data=tiny_prepared, presets=["x"])
