@@ -10,7 +10,8 @@ from typing import Annotated
 import typer
 
 from sicot_cli.cli_datasets import app as datasets_app
-from sicot_cli.console import console, guard, setup_logging, show
+from sicot_cli.console import console, guard, safe, setup_logging, show
+from sicot_cli.console import plain as plain_text
 
 app = typer.Typer(
     name="sicot",
@@ -102,9 +103,14 @@ def prepare(
 
 
 def _toml_str(value: str) -> str:
+    """``value`` as a TOML basic string (a JSON string, with DEL escaped too, as TOML requires)."""
     import json
 
-    return json.dumps(value, ensure_ascii=False)
+    from sicot_cli.errors import SicotError
+
+    if any("\ud800" <= ch <= "\udfff" for ch in value):  # bytes that are not UTF-8 (surrogateescape)
+        raise SicotError(f"{value.encode('utf-8', 'surrogateescape')!r}: not valid UTF-8; rename it")
+    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 @app.command()
@@ -123,7 +129,9 @@ def tokenize(
     titles = list(texts or [])
     if file is not None:
         try:
-            titles += file.read_bytes().decode("utf-8-sig", errors="replace").splitlines()
+            from sicot_cli.fsutil import read_regular
+
+            titles += read_regular(file).decode("utf-8-sig", errors="replace").splitlines()
         except OSError as e:
             raise SicotError(f"{file}: cannot read ({e.strerror})") from None
         plain = True
@@ -138,18 +146,19 @@ def tokenize(
     if plain:  # [word]: not in the vocabulary (removed by the noise filter, or never seen)
         for toks in tokens:
             shown = toks if vocab is None else [t if t in vocab else f"[{t}]" for t in toks]
-            typer.echo(" ".join(shown))
+            typer.echo(plain_text(" ".join(shown)))
         return
     from rich.table import Table
+    from rich.text import Text
 
     from sicot_cli.console import data_text as escape
 
     table = Table("title", "tokens", *(["kept by the vocabulary ([word]: not kept)"] if vocab is not None else []))
     for title, toks in zip(titles, tokens, strict=True):
-        row = [escape(title), escape(" | ".join(toks))]
+        row = [safe(title), safe(" | ".join(toks))]
         if vocab is not None:
             # marked by brackets as well as colour: readable without colour (logs, NO_COLOR)
-            row.append(" | ".join(f"[green]{escape(t)}[/]" if t in vocab else f"[red strike]{escape('[' + t + ']')}[/]" for t in toks))
+            row.append(Text(" | ").join(safe(t, "green") if t in vocab else safe(f"[{t}]", "red strike") for t in toks))
         table.add_row(*row)
     show(table)
 
@@ -174,11 +183,11 @@ def embed(
     if neighbours is not None:
         from rich.table import Table
 
-        from sicot_cli.console import data_text
+        from rich.text import Text
 
-        table = Table("word", "cosine", title=f"nearest words to {data_text(repr(neighbours))}", title_justify="left")
+        table = Table("word", "cosine", title=Text.assemble("nearest words to ", safe(repr(neighbours))), title_justify="left")
         for word, sim in lib.neighbours(neighbours, top, data=data, vectors=vectors, binary=binary):
-            table.add_row(data_text(word), f"{sim:.3f}")
+            table.add_row(safe(word), f"{sim:.3f}")
         show(table)
         return
     from sicot_cli.views import embed_table
@@ -227,17 +236,30 @@ def train(
     encoder_module: EncoderModule = None,
     data: Annotated[Path | None, typer.Option(help="Prepared .h5 (default: data.out).")] = None,
     run_dir: Annotated[Path | None, typer.Option(help="Run directory (default: <train.runs_dir>/<name>-<encoder>-s<seed>).")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue an existing run from its last checkpoint.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue an existing run from its last checkpoint, with its own recipe and data.")] = False,
+    allow_changes: Annotated[bool, typer.Option(help="With --resume: accept recipe changes that alter the result (recorded in the run's config.json).")] = False,
     threads: Threads = None,
     overrides: Overrides = None,
 ) -> None:
     """Train one run: the baseline (--encoder none) or SICoT co-training with a text encoder."""
+    from sicot_cli import runs
     from sicot_cli.console import RichProgress, err_console
     from sicot_cli.train import train as run_train
     from sicot_cli.views import epochs_table
 
     _load_encoder_modules(encoder_module)
-    cfg = _recipe(recipe, overrides, [*([f"model.encoder={_toml_str(encoder)}"] if encoder else []), *_threads(threads)])
+    extra = [*([f"model.encoder={_toml_str(encoder)}"] if encoder else []), *_threads(threads)]
+    cfg = None
+    if resume and run_dir is None:  # the default run directory is named by the recipe
+        cfg = _recipe(recipe, overrides, extra)
+        run_dir = Path(cfg.train.runs_dir) / runs.default_run_name(cfg.name, cfg.model.encoder, cfg.train.seed)
+    if resume and run_dir is not None and runs.is_run(run_dir):
+        from sicot_cli.resume import resume_recipe
+
+        cfg, saved_data = resume_recipe(run_dir, recipe, [*extra, *(overrides or [])], allow_changes)
+        data = data if data is not None else saved_data
+    elif cfg is None:
+        cfg = _recipe(recipe, overrides, extra)
     _check_encoder(cfg.model.encoder)
     from sicot_cli.preflight import check_training
 
@@ -249,7 +271,7 @@ def train(
     if not main_rank:
         return
     if result.skipped:
-        console.print(f"{result.run_dir}: already finished; nothing to do")
+        console.print(safe(f"{result.run_dir}: already finished; nothing to do"))
     show(epochs_table(result.history, str(result.run_dir)))
     if result.test is not None:
         from sicot_cli.runs import selection_line
@@ -257,7 +279,11 @@ def train(
 
         show(metrics_table(result.test, f"{result.run_dir}: {selection_line(result.test)}"))
     if result.interrupted:
-        err_console.print(f"[yellow]interrupted: checkpoint saved; continue with[/] sicot train --resume --run-dir {result.run_dir} ...")
+        import shlex
+
+        from rich.text import Text
+
+        err_console.print(Text.assemble(("interrupted: checkpoint saved; continue with", "yellow"), " ", safe(shlex.join(["sicot", "train", "--resume", "--run-dir", str(result.run_dir)]))))
         raise typer.Exit(130)
 
 
@@ -282,7 +308,7 @@ def evaluate(
     set_threads(threads or 0)
     result = evaluate_run(run, checkpoint, data, device, split)
     if json_out:
-        typer.echo(json.dumps(result.scalars(), indent=2))
+        typer.echo(plain_text(json.dumps(result.scalars(), indent=2)))
     else:
         show(metrics_table(result.scalars(), f"{run} ({checkpoint}, {split} split)"))
 
@@ -308,7 +334,7 @@ def predict(
     set_threads(threads or 0)
     preds = run_predict(run, list(images), top, checkpoint, data, device)
     if json_out:
-        typer.echo(predictions_json(preds))
+        typer.echo(plain_text(predictions_json(preds)))
     else:
         show(predictions_table(preds))
 
@@ -326,7 +352,7 @@ def export(
     from sicot_cli.export import export as run_export
 
     r = run_export(run, out, fmt, checkpoint, data)
-    console.print(f"wrote {r.path} ({r.format}) and {r.sidecar}; checked on {r.verified_images} test images: max |dp| {r.max_abs_diff:.1e}, top-1 {'identical' if r.top1_equal else 'different'}")
+    console.print(safe(f"wrote {r.path} ({r.format}) and {r.sidecar}; checked on {r.verified_images} test images: max |dp| {r.max_abs_diff:.1e}, top-1 {'identical' if r.top1_equal else 'different'}"))
 
 
 @app.command()
@@ -355,7 +381,7 @@ def serve(
     limits = ServeLimits(max_batch=max_batch, max_wait_ms=max_wait_ms, max_upload_bytes=int(max_upload_mb * 1e6), max_pixels=max_pixels,
                          max_images=max_images, timeout_s=timeout, max_queue=max_queue, top_k=top)
     run_serve(run=run, model=model, host=host, port=port, limits=limits, checkpoint=checkpoint, data=data, device=device, threads=threads,
-              on_ready=lambda url, source: console.print(f"serving {source} on {url} (POST /predict, GET /classes, GET /healthz; Ctrl-C or SIGTERM stops)"))
+              on_ready=lambda url, source: console.print(safe(f"serving {source} on {url} (POST /predict, GET /classes, GET /healthz; Ctrl-C or SIGTERM stops)")))
 
 
 def _csv_list(value: str | None) -> list[str] | None:
@@ -406,7 +432,9 @@ def ablate(
         root, statuses = run_ablate(cfg, names, seed_list, out, progress=bars, on_run=on_run, data=data, on_start=bars.start_run, presets=_csv_list(presets))
     show(ablation_table(done), err_console)
     if statuses and statuses[-1].state == "interrupted":
-        err_console.print(f"[yellow]interrupted: run the same command again to continue[/] ({root})")
+        from rich.text import Text
+
+        err_console.print(Text.assemble(("interrupted: run the same command again to continue", "yellow"), " ", safe(f"({root})")))
         raise typer.Exit(130)
     report = build_report([root], chosen)
     written = write_report(report, root)
@@ -414,12 +442,12 @@ def ablate(
         from sicot_cli.figures import render_all
 
         written += render_all(report, root)
-    console.print(f"image-only, {report.protocol}", markup=False, highlight=False)
+    console.print(safe(f"image-only, {report.protocol}"))
     for table in report_tables(report):
         show(table)
     if report.gains:
-        console.print(f"evidence: {VERDICT_RULE}", markup=False, highlight=False)
-    console.print("wrote " + ", ".join(str(p) for p in written), markup=False, highlight=False)
+        console.print(safe(f"evidence: {VERDICT_RULE}"))
+    console.print(safe("wrote " + ", ".join(str(p) for p in written)))
 
 
 @app.command()
@@ -450,13 +478,13 @@ def report(
 
         written += render_all(rep, target)
     if fmt == "table":
-        console.print(f"image-only, {rep.protocol}", markup=False, highlight=False)
+        console.print(safe(f"image-only, {rep.protocol}"), highlight=False)
         for table in report_tables(rep):
             show(table)
         if rep.gains:
             console.print(f"evidence: {VERDICT_RULE}", markup=False, highlight=False)
     else:
-        typer.echo({"markdown": to_markdown, "csv": to_csv, "json": to_json}[fmt](rep))
+        typer.echo(plain_text({"markdown": to_markdown, "csv": to_csv, "json": to_json}[fmt](rep)))
     if attention or class_name:
         from sicot_cli import figures as fig
 
@@ -468,4 +496,4 @@ def report(
         if class_name:
             show(class_words_table(fig.class_words(fig.attention(run.path, class_name=class_name)), class_name))
     if fmt == "table":
-        console.print("wrote " + ", ".join(str(p) for p in written), markup=False, highlight=False)
+        console.print(safe("wrote " + ", ".join(str(p) for p in written)))

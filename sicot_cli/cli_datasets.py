@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from sicot_cli.console import console, guard, show
+from sicot_cli.console import console, guard, safe, show
 
 app = typer.Typer(name="datasets", help="Fetch the emoji benchmark; import the paper's datasets into manifests.", no_args_is_help=True)
 import_app = typer.Typer(name="import", help="Turn a dataset's released layout into a manifest for `sicot prepare`.", no_args_is_help=True)
@@ -21,20 +21,26 @@ TestPerClass = Annotated[int, typer.Option(help="Test images (distinct base emoj
 Seed = Annotated[int, typer.Option(help="Seed of the split (emoji) or of the class selection (WebVision).")]
 
 
+def _lines(items: list[str]):  # noqa: ANN202 - a rich Text
+    from rich.text import Text
+
+    return Text("\n").join(safe(i) for i in items)
+
+
 def _print(summary) -> None:  # noqa: ANN001
     from rich.table import Table
 
     t = Table(title=f"imported {summary.dataset}", show_header=False, title_justify="left")
     t.add_column(style="bold")
     t.add_column()
-    t.add_row("manifests", "\n".join(summary.manifests))
+    t.add_row("manifests", _lines(summary.manifests))
     t.add_row("images / classes", f"{summary.rows:,} / {summary.classes:,}")
     if summary.train or summary.test:
         t.add_row("train / validation / test images", f"{summary.train:,} / {summary.val:,} / {summary.test:,}")
     for reason, n in summary.skipped.items():
-        t.add_row(f"  left out: {reason}", f"{n:,}")
+        t.add_row(safe(f"  left out: {reason}"), f"{n:,}")
     for note in summary.notes:
-        t.add_row("note", note)
+        t.add_row("note", safe(note))
     show(t)
 
 
@@ -54,7 +60,7 @@ def fetch(
         raise SicotError(f"unknown dataset {name!r}: `fetch` knows emoji (the paper's datasets: `sicot datasets import --help`)")
     _print(fetch_emoji(folder, test_per_class=test_per_class, seed=seed))
     extra = "" if folder == Path("data/emoji") else f" data.manifest={folder / 'emoji-zh.csv'}"
-    console.print(f"next: sicot prepare --recipe recipes/emoji-zh.toml{extra}")
+    console.print(safe(f"next: sicot prepare --recipe recipes/emoji-zh.toml{extra}"))
 
 
 @import_app.command("emoji")

@@ -15,31 +15,63 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from sicot_cli.errors import SicotError
+from sicot_cli.fsutil import read_regular
+
+
+@dataclass(frozen=True)
+class Range:
+    """The bounds of a numeric recipe field, written next to the field (``Annotated[int, Range(1, 4096)]``).
+
+    Every number is checked against its field's range when a recipe is built, so a value that
+    would crash later (a negative seed, a 6 PiB title buffer) or silently do harm (a negative
+    weight decay) is refused in one line naming the key. Floats must also be finite everywhere.
+    """
+
+    lo: float
+    hi: float
+    lo_open: bool = False  # lo itself is excluded
+    hi_open: bool = False
+
+    def holds(self, v: float) -> bool:
+        return (self.lo < v if self.lo_open else self.lo <= v) and (v < self.hi if self.hi_open else v <= self.hi)
+
+    def violated(self, v: float) -> str:
+        """The bound ``v`` breaks, as the message says it (``>= 1``, ``< 1``)."""
+        if not (self.lo < v if self.lo_open else self.lo <= v):
+            return f"{'>' if self.lo_open else '>='} {self.lo}"
+        return f"{'<' if self.hi_open else '<='} {self.hi}"
+
+
+MAX_SEED = 2**63 - 1  # numpy's SeedSequence takes any int >= 0, torch.manual_seed at most 2**64 - 1
+Seed = Annotated[int, Range(0, MAX_SEED)]
+Count = Annotated[int, Range(1, 10**9)]  # images, classes, epochs...: at least one, and not absurd
+Fraction = Annotated[float, Range(0, 1, hi_open=True)]
 
 
 @dataclass
 class SyntheticConfig:
     """The built-in, seeded, synthetic long-tailed dataset (see ``sicot_cli/data/synthetic.py``)."""
 
-    num_classes: int = 120
-    max_per_class: int = 300
-    min_per_class: int = 4
-    test_per_class: int = 6
+    num_classes: Annotated[int, Range(2, 3200)] = 120
+    max_per_class: Annotated[int, Range(1, 100_000)] = 300
+    min_per_class: Annotated[int, Range(1, 100_000)] = 4
+    test_per_class: Annotated[int, Range(0, 100_000)] = 6
     language: str = "mixed"  # "zh", "en" or "mixed"
-    seed: int = 0
+    seed: Seed = 0
     # > 0: instead of the long-tailed set above, a balanced PRETRAINING set of this many other
     # classes (none of the long-tailed set's), pretrain_per_class training images each: the demo's
     # stand-in for ImageNet (recipes/demo-pretrain.toml)
-    pretrain_classes: int = 0
-    pretrain_per_class: int = 20
+    pretrain_classes: Annotated[int, Range(0, 3200)] = 0
+    pretrain_per_class: Annotated[int, Range(1, 100_000)] = 20
 
 
 @dataclass
@@ -50,18 +82,18 @@ class DataConfig:
     manifest: str = ""  # CSV/JSONL with image,title,label[,split][,id]; relative to the recipe
     out: str = "data/demo.h5"  # the prepared file; relative to the working directory
     image_size: int = 32
-    test_per_class: int = 6  # when the manifest has no split: test images per class (balanced)
-    min_train_per_class: int = 1  # classes with fewer training images after the split are dropped
+    test_per_class: Annotated[int, Range(0, 10**6)] = 6  # when the manifest has no split: test images per class (balanced)
+    min_train_per_class: Annotated[int, Range(1, 10**6)] = 1  # classes with fewer training images after the split are dropped
     # Validation rows carved from the training rows (per class floor(val_fraction * n), seeded by
     # split_seed): every choice (checkpoint-best, eval.select, tau...) is made on them, never on test.
     val_fraction: float = 0.1
-    max_title_tokens: int = 32
-    split_seed: int = 0
-    workers: int = 0  # decode processes; 0 = one per core
+    max_title_tokens: Annotated[int, Range(1, 4096)] = 32  # allocated as [rows, max_title_tokens]
+    split_seed: Seed = 0
+    workers: Annotated[int, Range(0, 4096)] = 0  # decode processes; 0 = one per core
     strict: bool = False  # turn skipped rows into errors
     # Decompression-bomb guard: images over this many pixels (after JPEG draft-mode reduction) are
     # skipped. PIL's own default (89 MP); raise it for large clip-art or scans.
-    max_image_pixels: int = 89_478_485
+    max_image_pixels: Annotated[int, Range(1, 10**10)] = 89_478_485
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -69,9 +101,9 @@ class DataConfig:
 class TextConfig:
     """Tokenization and the paper's noise-word filter (§4.1)."""
 
-    drop_most_frequent: float = 0.05  # fraction of the vocabulary (by frequency rank) dropped at the top
-    drop_least_frequent: float = 0.05  # fraction dropped at the bottom
-    min_count: int = 1
+    drop_most_frequent: Fraction = 0.05  # fraction of the vocabulary (by frequency rank) dropped at the top
+    drop_least_frequent: Fraction = 0.05  # fraction dropped at the bottom
+    min_count: Count = 1
     # Which words drop_most_frequent removes from the top: "frequency" (the paper's rule: the most
     # frequent words) or "label_entropy" (the words whose training titles are spread most evenly
     # over the labels, i.e. carry the least label information; see sicot_cli/data/vocab.py).
@@ -84,21 +116,21 @@ class EmbedConfig:
 
     pretrained: str = ""  # word2vec text or binary file; empty = train on the training titles
     binary: bool = False  # format of `pretrained`
-    dim: int = 64
-    window: int = 5
-    epochs: int = 20
+    dim: Annotated[int, Range(1, 4096)] = 64
+    window: Annotated[int, Range(1, 1000)] = 5
+    epochs: Annotated[int, Range(1, 100_000)] = 20
     sg: bool = True  # skip-gram (true) or CBOW (false)
-    negative: int = 5
-    seed: int = 0
+    negative: Annotated[int, Range(0, 1000)] = 5
+    seed: Seed = 0
 
 
 @dataclass
 class EvalConfig:
     """Head/tail boundary (the paper's, on training counts) and the many/medium/few protocol."""
 
-    head_threshold: int = 40  # a class with >= this many training images is a head class
-    many_threshold: int = 100  # many: > 100 training images
-    few_threshold: int = 20  # few: < 20 training images
+    head_threshold: Count = 40  # a class with >= this many training images is a head class
+    many_threshold: Annotated[int, Range(0, 10**9)] = 100  # many: > 100 training images
+    few_threshold: Annotated[int, Range(0, 10**9)] = 20  # few: < 20 training images
     # "fixed": the three thresholds above. "data": derived from the prepared file's training counts
     # at prepare time (head: the mean count per class, as the paper's iMaterialist boundary 200 sits
     # at its mean 218; few/many: the class-count tertiles) and recorded in the file, from which
@@ -128,43 +160,43 @@ class ModelConfig:
 class TrainConfig:
     """The paper's optimiser (§4.3) and the loop's settings."""
 
-    epochs: int = 12
-    batch_size: int = 256
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    step_size: int = 1  # StepLR: epochs per step
-    gamma: float = 0.8
-    lam: float = 1.0  # lambda of Eq. 1: weight of the mixed-feature loss
+    epochs: Annotated[int, Range(1, 100_000)] = 12
+    batch_size: Annotated[int, Range(1, 2**20)] = 256
+    lr: Annotated[float, Range(0, 100, lo_open=True)] = 0.1
+    momentum: Annotated[float, Range(0, 1, hi_open=True)] = 0.9
+    weight_decay: Annotated[float, Range(0, 1)] = 1e-4
+    step_size: Annotated[int, Range(1, 100_000)] = 1  # StepLR: epochs per step
+    gamma: Annotated[float, Range(0, 1, lo_open=True)] = 0.8
+    lam: Annotated[float, Range(0, 1000)] = 1.0  # lambda of Eq. 1: weight of the mixed-feature loss
     # Divide Eq. 1 by (1 + lam) when co-training. x_m = max(x_v, s) is close to x_v, so the sum's
     # gradient on the visual stream and the shared classifier is about (1 + lam) times the
     # baseline's: at one learning rate, co-training takes larger steps than the baseline it is
     # compared with. false = the paper's literal sum (measured in README, "Step size").
     normalize_loss: bool = True
-    seed: int = 0
+    seed: Seed = 0
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     channels_last: bool = True
     compile: bool = False  # torch.compile the model (off until measured on your GPU)
     in_memory: str = "auto"  # "auto", "yes", "no": hold the training images in RAM
-    memory_limit_gb: float = 8.0  # "auto" holds the images in RAM below this size
-    block_rows: int = 4096  # rows per contiguous read when streaming from disk
-    shuffle_blocks: int = 4  # blocks mixed in the shuffle buffer
+    memory_limit_gb: Annotated[float, Range(0, 10**6)] = 8.0  # "auto" holds the images in RAM below this size
+    block_rows: Annotated[int, Range(1, 10**7)] = 4096  # rows per contiguous read when streaming from disk
+    shuffle_blocks: Annotated[int, Range(1, 10**4)] = 4  # blocks mixed in the shuffle buffer
     augment: bool = True  # random resized crop + horizontal flip, on uint8 batches
     crop_scale: list[float] = field(default_factory=lambda: [0.35, 1.0])
-    eval_batch_size: int = 512
+    eval_batch_size: Annotated[int, Range(1, 2**20)] = 512
     topk: list[int] = field(default_factory=lambda: [1, 3])
     runs_dir: str = "runs"
     # torch intra-op threads: 0 = auto (OMP_NUM_THREADS, else the cores this process may use, at most 8); set it on a
     # shared machine, where every job using all cores oversubscribes them (epochs 10x slower).
-    threads: int = 0
+    threads: Annotated[int, Range(0, 1024)] = 0
     # Keep checkpoint-best.pt (a second copy of the weights, about as large as the model); false
     # writes only checkpoint-last.pt (requires eval.select = "last").
     keep_best: bool = True
     # Distributed (torchrun): shard the shared classifier by class across ranks. "auto" shards from
     # classifier_parallel_min_classes classes on; "yes"/"no" force it (sicot_cli/distributed.py).
     classifier_parallel: str = "auto"
-    classifier_parallel_min_classes: int = 100_000
+    classifier_parallel_min_classes: Annotated[int, Range(1, 10**9)] = 100_000
 
 
 # Named sets of co-training keys (docs/presets.md). A recipe's ``preset`` fills in these keys
@@ -272,6 +304,13 @@ def _article(name: str) -> str:
 
 def _check_value(value: Any, tp: Any, key: str, where: str) -> Any:
     """Return ``value`` converted to ``tp`` (int -> float only), or raise naming ``key``."""
+    if typing.get_origin(tp) is Annotated:
+        base, *extras = typing.get_args(tp)
+        value = _check_value(value, base, key, where)
+        for bound in extras:
+            if isinstance(bound, Range) and not bound.holds(value):
+                raise SicotError(f"{where}: {key} must be {bound.violated(value)}, got {value!r}")
+        return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise SicotError(f"{where}: [{key}] must be a table, got {type(value).__name__}")
@@ -301,13 +340,15 @@ def _check_value(value: Any, tp: Any, key: str, where: str) -> Any:
     )
     if not ok:
         raise SicotError(f"{where}: {key} must be {_article(_type_name(tp))}, got {value!r}")
+    if tp is float and not math.isfinite(value):  # nan passes every comparison; inf trains into NaN weights
+        raise SicotError(f"{where}: {key} must be a finite number, got {value!r}")
     if tp is str and "\x00" in value:  # would surface later as a ValueError from the OS layer
         raise SicotError(f"{where}: {key} contains a NUL character")
     return float(value) if tp is float else value
 
 
 def _build(cls: type, table: dict[str, Any], prefix: str, where: str) -> Any:
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in table.items():
@@ -348,7 +389,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
         p = Path(path)
         where = str(p)
         try:
-            text = p.read_bytes().decode("utf-8-sig")
+            text = read_regular(p).decode("utf-8-sig")
         except FileNotFoundError:
             raise SicotError(f"{p}: recipe not found (see recipes/ for examples)") from None
         except IsADirectoryError:
@@ -428,6 +469,16 @@ def parse_override_value(raw: str) -> Any:
         return tomllib.loads(f"v = {raw}")["v"]
     except (tomllib.TOMLDecodeError, RecursionError):
         return raw
+
+
+def apply_overrides(table: dict[str, Any], overrides: list[str], where: str) -> Recipe:
+    """A recipe from plain data (e.g. a run's saved recipe) with ``section.key=value`` overrides applied."""
+    import copy
+
+    table = copy.deepcopy(table)
+    for item in overrides:
+        _apply_override(table, item)
+    return recipe_from_dict(table, where)
 
 
 def _apply_override(table: dict[str, Any], item: str) -> None:

@@ -20,21 +20,32 @@ from sicot_cli.config import Recipe, TrainConfig, recipe_from_dict
 from sicot_cli.data.dataset import Prepared, open_prepared
 from sicot_cli.data.loader import BatchLoader
 from sicot_cli.errors import SicotError
-from sicot_cli.fsutil import atomic_path
+from sicot_cli.fsutil import atomic_h5
 
 PER_CLASS = "per_class_"
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, option: str = "train.device") -> torch.device:
     """``auto`` -> CUDA when available, else CPU.
 
+    Args:
+        name: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        option: how the user set it (``train.device`` or ``--device``), for the message.
+
     Raises:
-        SicotError: CUDA asked for but not available.
+        SicotError: not one of those, or a CUDA device that is not available.
     """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SicotError(f"train.device = {name!r} but CUDA is not available here (use train.device=cpu or auto)")
+    kind, _, index = name.partition(":")
+    if kind not in ("cpu", "cuda") or (index and (kind != "cuda" or not (index.isascii() and index.isdigit()))):
+        raise SicotError(f"{option} must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            use = f"{option}=cpu" if option.startswith("train.") else f"{option} cpu"
+            raise SicotError(f"{option} = {name!r} but CUDA is not available here (use {use} or auto)")
+        if index and int(index) >= torch.cuda.device_count():
+            raise SicotError(f"{option} = {name!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
     return torch.device(name)
 
 
@@ -115,14 +126,11 @@ def make_result(recipe: Recipe, prepared: Prepared, topk: np.ndarray, scores: np
 
 def write_predictions(path: Path, result: EvalResult) -> None:
     """``predictions.h5``: the test rows' top-k labels and scores, and the true labels."""
-    import h5py
-
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f["rows"] = result.rows
-            f["labels"] = result.labels
-            f["topk_labels"] = result.topk_labels
-            f["topk_scores"] = result.topk_scores
+    with atomic_h5(path) as f:
+        f["rows"] = result.rows
+        f["labels"] = result.labels
+        f["topk_labels"] = result.topk_labels
+        f["topk_scores"] = result.topk_scores
 
 
 def load_run_model(run_dir: Path, checkpoint: str = "last", data: str | Path | None = None) -> tuple[Recipe, Prepared, torch.nn.Module, dict[str, Any]]:
@@ -153,14 +161,15 @@ def evaluate_run(run_dir: str | Path, checkpoint: str = "last", data: str | Path
     """Re-score a run's checkpoint on its test (or validation) split (``sicot evaluate``).
 
     Raises:
-        SicotError: an unknown split, or ``val`` on a dataset prepared without validation rows.
+        SicotError: an unknown split, a bad ``device``, or a split without rows (``val`` on a
+            dataset prepared without validation rows, or a file whose rows are all training rows).
     """
     if split not in ("test", "val"):
         raise SicotError(f"--split must be test or val, got {split!r}")
+    dev = resolve_device(device, "--device")
     recipe, prepared, model, _ = load_run_model(Path(run_dir), checkpoint, data)
     if prepared.split_range(split)[0] == prepared.split_range(split)[1]:
         raise SicotError(f"{prepared.path}: has no {split} rows (prepared with data.val_fraction = 0 or before validation splits)")
-    dev = resolve_device(device)
     model.to(dev)
     if recipe.train.channels_last:
         model.to(memory_format=torch.channels_last)

@@ -37,7 +37,7 @@ import torch
 from sicot_cli import __version__
 from sicot_cli.errors import SicotError
 from sicot_cli.evaluate import load_run_model
-from sicot_cli.fsutil import atomic_path, write_json
+from sicot_cli.fsutil import atomic_path, check_name, ensure_dir, exists, write_json
 from sicot_cli.model import ImageOnly
 from sicot_cli.predict import Recognizer, representative_titles
 
@@ -119,7 +119,12 @@ def _write_torchscript(net: torch.nn.Module, example: torch.Tensor, tmp: Path) -
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
         scripted = torch.jit.trace(net, example)
-        scripted.save(str(tmp))
+        # Serialised in memory and written by Python: libtorch's own file writer aborts the process
+        # (SIGABRT) on a full disk, while a Python write raises ENOSPC, which atomic_path reports.
+        buf = io.BytesIO()
+        torch.jit.save(scripted, buf)
+        with tmp.open("wb") as f:
+            f.write(buf.getbuffer())
         loaded = torch.jit.load(str(tmp))
     return lambda x: loaded(torch.from_numpy(x)).numpy()
 
@@ -169,8 +174,10 @@ def export(run_dir: str | Path, out: str | Path, fmt: str | None = None, checkpo
     if out.suffix.lower() == ".json":
         raise SicotError(f"{out}: the model file cannot be a .json (that name is for the file beside it)")
     for p in (out, side):
-        if p.exists():
+        check_name(p)
+        if exists(p):
             raise SicotError(f"{p}: already exists (choose another --out)")
+    ensure_dir(out.parent)
     if fmt == "onnx":
         _need_onnx()
     run_dir = Path(run_dir)

@@ -2,15 +2,61 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
+import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from sicot_cli.errors import SicotError
+
+
+class NotRegularFileError(OSError):
+    """A path that is a FIFO, socket or device: reading it could block forever or never end."""
+
+
+def open_regular(path: str | Path) -> BinaryIO:
+    """Open ``path`` for binary reading only if it is a regular file (the one check every reader uses).
+
+    The file is opened non-blocking and checked with ``fstat`` on the open descriptor (no race
+    between check and open): a FIFO opened this way returns at once instead of waiting for a
+    writer, and a device such as ``/dev/zero`` is refused instead of read without end.
+
+    Raises:
+        FileNotFoundError, IsADirectoryError, PermissionError: as ``open`` would.
+        NotRegularFileError: a FIFO, socket or device (``strerror`` says so).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        if not stat.S_ISREG(mode):
+            raise NotRegularFileError(errno.EINVAL, "not a regular file (a FIFO, socket or device)", str(path))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular(path: str | Path) -> bytes:
+    """The bytes of a regular file (see :func:`open_regular`)."""
+    with open_regular(path) as f:
+        return f.read()
+
+
+def is_regular(path: str | Path) -> bool:
+    """True for an existing regular file (symlinks followed); never blocks, never raises."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
 
 
 def tmp_name(path: Path) -> Path:
@@ -46,6 +92,38 @@ def remove_stale_tmps(folder: Path) -> list[Path]:
     return removed
 
 
+def _name_max(folder: Path) -> int:
+    while True:
+        try:
+            return os.pathconf(folder, "PC_NAME_MAX")
+        except (OSError, ValueError):
+            if folder.parent == folder:
+                return 255
+            folder = folder.parent
+
+
+def check_name(path: Path) -> None:
+    """Refuse a path whose file name, or its temporary name, is longer than the filesystem allows.
+
+    Raises:
+        SicotError: naming the limit, before anything is written.
+    """
+    longest = max([len(p.encode("utf-8", "surrogateescape")) for p in path.parts] + [len(tmp_name(path).name.encode("utf-8", "surrogateescape"))])
+    limit = _name_max(path.parent)
+    if longest > limit:
+        raise SicotError(f"{path}: file name too long (at most {limit - len(tmp_name(Path('x')).name) + 1} bytes here, including the temporary name's suffix)")
+
+
+def exists(path: Path) -> bool:
+    """``path.exists()`` that reports a name the system refuses (too long, NUL) as a user error."""
+    try:
+        return path.exists()
+    except ValueError:
+        raise SicotError(f"{path}: not a valid path") from None
+    except OSError as e:
+        raise SicotError(f"{path}: {e.strerror}") from None
+
+
 def ensure_dir(path: Path) -> None:
     """Create ``path`` (and parents) or raise a user error saying why it cannot be."""
     try:
@@ -65,6 +143,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     On any error (or Ctrl-C) the temporary is removed and ``path`` is left as it was. Temporaries
     of ``path`` left by killed processes are removed first (a SIGKILL cannot clean up after itself).
     """
+    check_name(path)
     remove_stale_tmp(path)
     tmp = tmp_name(path)
     try:
@@ -82,6 +161,100 @@ def atomic_path(path: Path) -> Iterator[Path]:
         raise SicotError(f"{path}: cannot write ({e.strerror or e})") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+class GuardedFile(io.RawIOBase):
+    """A file for C libraries (HDF5) that must never see a failed write.
+
+    HDF5 cannot recover from a write error: after ENOSPC inside ``H5Dwrite`` or a flush, the
+    process crashes when the library shuts down (SIGSEGV at exit), whatever Python does. So the
+    first failed write is recorded, not reported, and every later write is dropped; HDF5 closes
+    normally, and the writer raises the recorded error from Python (:meth:`check`), where
+    :func:`atomic_path` turns it into one "cannot write (No space left on device)" line and removes
+    the temporary file.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._f = open(path, "w+b", buffering=0)  # noqa: SIM115 - closed in close()
+        self.error: OSError | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def readinto(self, buffer: Any) -> int:
+        return self._f.readinto(buffer)
+
+    def write(self, data: Any) -> int:
+        n = len(memoryview(data))
+        if self.error is None:
+            try:
+                self._f.write(data)
+            except OSError as e:
+                self.error = e
+        return n
+
+    def truncate(self, size: int | None = None) -> int:
+        if self.error is None:
+            try:
+                return self._f.truncate(size)
+            except OSError as e:
+                self.error = e
+        return size or 0
+
+    def flush(self) -> None:
+        return None
+
+    def check(self) -> None:
+        """Raise the first write error, if any (call it from Python, between library calls)."""
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        if not self.closed:
+            self._f.close()
+        super().close()
+
+
+@contextmanager
+def guarded_file(tmp: Path) -> Iterator[GuardedFile]:
+    """A :class:`GuardedFile` at ``tmp`` (inside :func:`atomic_path`); its write error is raised on exit."""
+    guard = GuardedFile(tmp)
+    try:
+        yield guard
+    finally:
+        guard.close()
+        guard.check()  # a full disk is the cause of whatever the writer saw after it
+
+
+@contextmanager
+def atomic_h5(path: Path) -> Iterator[Any]:
+    """Yield an ``h5py.File`` open for writing under a temporary name; renamed to ``path`` when complete.
+
+    Written through a :class:`GuardedFile`, so a full disk ends in one clean error (and no
+    temporary file) instead of a crash in HDF5.
+    """
+    import h5py
+
+    with atomic_path(path) as tmp, guarded_file(tmp) as guard, h5py.File(guard, "w") as f:
+        yield f
+
+
+def write_bytes(path: Path, data: bytes | memoryview) -> None:
+    """Write ``data`` atomically (temporary name, fsync, rename)."""
+    with atomic_path(path) as tmp, tmp.open("wb") as f:
+        f.write(data)
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -112,7 +112,9 @@ def _sicot_visual_state(path: Path, backbone: str) -> dict[str, torch.Tensor]:
 
 def _starts_with(path: Path, prefix: bytes) -> bool:
     try:
-        with path.open("rb") as f:
+        from sicot_cli.fsutil import open_regular
+
+        with open_regular(path) as f:
             return f.read(len(prefix)) == prefix
     except OSError as e:
         raise SicotError(f"model.pretrained: cannot read {path} ({e.strerror})") from None

@@ -65,10 +65,18 @@ class Run:
         """(test rows, top-k hit per row) from ``predictions.h5``."""
         import h5py
 
-        with h5py.File(self.path / runs.PREDICTIONS, "r") as f:
-            rows = f["rows"][()]
-            labels = f["labels"][()]
-            topk = f["topk_labels"][()]
+        path = self.path / runs.PREDICTIONS
+        try:
+            with h5py.File(path, "r") as f:
+                rows = f["rows"][()]
+                labels = f["labels"][()]
+                topk = f["topk_labels"][()]
+        except (OSError, KeyError, ValueError, TypeError) as e:  # truncated, damaged or missing a dataset
+            raise SicotError(f"{path}: unreadable predictions ({e}): a damaged run file (retrain it, or leave it out of the report)") from None
+        n = len(labels)
+        if not (rows.ndim == labels.ndim == 1 and len(rows) == n and topk.ndim == 2 and topk.shape[0] == n and topk.shape[1] >= 1
+                and all(a.dtype.kind in "iu" for a in (rows, labels, topk))):
+            raise SicotError(f"{path}: field topk_labels/labels/rows: shapes {topk.shape}/{labels.shape}/{rows.shape} do not fit together: a damaged run file")
         return rows, (topk[:, :k] == labels[:, None]).any(axis=1)
 
 
@@ -103,10 +111,7 @@ def load_runs(paths: list[Path]) -> tuple[list[Run], list[Path]]:
         if not runs.is_finished(d):
             unfinished.append(d)
             continue
-        try:
-            summary = json.loads((d / runs.SUMMARY).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise SicotError(f"{d / runs.SUMMARY}: unreadable ({e})") from None
+        summary = runs.read_summary(d)
         history = runs.read_metrics(d)
         done.append(Run(d, method_label(config), int(config["recipe"]["train"]["seed"]), config, summary.get("final") or (history[-1] if history else {}), history, {k: v for k, v in summary.items() if k.startswith("per_class_")}))
     if not done:

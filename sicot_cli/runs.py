@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from sicot_cli.errors import SicotError
-from sicot_cli.fsutil import append_jsonl, atomic_path, ensure_dir, remove_stale_tmps, write_json
+from sicot_cli.fsutil import append_jsonl, atomic_path, ensure_dir, read_regular, remove_stale_tmps, write_json
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -99,36 +99,68 @@ def read_config(run_dir: Path) -> dict[str, Any]:
     Raises:
         SicotError: not a run directory, or an unreadable config.
     """
+    from sicot_cli.config import recipe_from_dict
+    from sicot_cli.runschema import ConfigFile, check
+
     path = run_dir / CONFIG
     if not path.is_file():
         raise SicotError(f"{run_dir}: not a run directory (no {CONFIG}); runs are made by `sicot train`")
+    config = _read_json(path, "unreadable run config")
+    check(ConfigFile, config, path)
+    recipe_from_dict(config["recipe"], f"{path}, field recipe")
+    return config
+
+
+def _read_json(path: Path, what: str) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise SicotError(f"{path}: unreadable run config ({e})") from None
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The per-epoch records; a torn last line (killed mid-write) is ignored."""
-    path = run_dir / METRICS
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            break
-    return out
+        return json.loads(read_regular(path).decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise SicotError(f"{path}: {what} ({e})") from None
 
 
 def read_summary(run_dir: Path) -> dict[str, Any]:
-    """The finished run's ``summary.json`` ({} when absent or unreadable)."""
+    """A finished run's ``summary.json``, checked against its schema.
+
+    Raises:
+        SicotError: unreadable, or a field missing or of the wrong type (named).
+    """
+    from sicot_cli.runschema import SummaryFile, check
+
+    path = run_dir / SUMMARY
+    summary = _read_json(path, "unreadable")
+    check(SummaryFile, summary, path)
+    return summary
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The per-epoch records; a torn last line (killed mid-write) is ignored.
+
+    Raises:
+        SicotError: any other line that is not UTF-8, not JSON or not a metrics record (named by
+            file, line and field).
+    """
+    from sicot_cli.runschema import MetricsRecord, check
+
+    path = run_dir / METRICS
+    if not path.is_file():
+        return []
     try:
-        data = json.loads((run_dir / SUMMARY).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+        lines = read_regular(path).split(b"\n")
+    except OSError as e:
+        raise SicotError(f"{path}: cannot read ({e.strerror or e})") from None
+    if lines and not lines[-1].strip():
+        lines.pop()
+    out = []
+    for n, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line.decode("utf-8"))
+        except (ValueError, RecursionError) as e:
+            if n == len(lines):  # a torn last line: the epoch it recorded is in the checkpoint
+                break
+            raise SicotError(f"{path}:{n}: not a JSON line ({e}): a damaged or hand-edited run file") from None
+        check(MetricsRecord, record, path, f":{n}")
+        out.append(record)
+    return out
 
 
 def write_metrics(run_dir: Path, records: list[dict[str, Any]]) -> None:

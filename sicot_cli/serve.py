@@ -47,6 +47,12 @@ log = logging.getLogger(__name__)
 IMAGE_TYPES = ("image/", "application/octet-stream")  # what a multipart image part may declare
 
 
+# The largest --max-pixels accepted: decoding an RGB image this large takes ~3 GB. sicot's image
+# loading turns PIL's own decompression-bomb check off and applies its limits itself
+# (data.max_image_pixels in prepare, this one in serve, read from the header before decoding).
+MAX_PIXELS_CAP = 1_000_000_000
+
+
 @dataclass
 class ServeLimits:
     """How much one request may ask, and how requests are batched."""
@@ -65,10 +71,8 @@ class ServeLimits:
         for name in ("max_batch", "max_upload_bytes", "max_pixels", "max_images", "max_queue", "top_k"):
             if getattr(self, name) < 1:
                 raise SicotError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        from PIL import Image
-
-        if self.max_pixels > Image.MAX_IMAGE_PIXELS:
-            raise SicotError(f"--max-pixels must be at most {Image.MAX_IMAGE_PIXELS:,} (the decompression-bomb limit of image decoding), got {self.max_pixels:,}")
+        if self.max_pixels > MAX_PIXELS_CAP:
+            raise SicotError(f"--max-pixels must be at most {MAX_PIXELS_CAP:,}, got {self.max_pixels:,}")
         if not 0 <= self.max_wait_ms <= 10_000:
             raise SicotError(f"--max-wait-ms must be between 0 and 10000, got {self.max_wait_ms}")
         if not 0 < self.timeout_s <= 3600:

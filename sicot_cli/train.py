@@ -130,6 +130,17 @@ def _meta(recipe: Recipe, prepared: Prepared, model: SICoT) -> dict[str, Any]:
 SHOW_EVERY = 10  # batches between progress-bar loss updates (each costs a device sync)
 
 
+def diverged(model: torch.nn.Module) -> bool:
+    """True when a weight is no longer finite (checked with the loss, at the same device syncs).
+
+    The loss of a step is computed before its update, so a step that blows the weights up (an
+    inf or huge learning rate) shows a finite loss; only the weights tell, and without this a
+    one-epoch run would be evaluated and marked finished with NaN weights.
+    """
+    params = [p.detach() for p in model.parameters()]
+    return bool(params) and not bool(torch.isfinite(torch.nn.utils.get_total_norm(params)))
+
+
 def _store(accum: dict[str, Any], sums: torch.Tensor) -> None:
     accum["loss"], accum["loss_v"], accum["loss_m"] = (float(v) for v in sums.tolist())
 
@@ -339,13 +350,6 @@ def _train(ctx: DistContext, recipe: Recipe, run_dir: str | Path | None, resume:
             f"train.batch_size = {cfg.batch_size} (the global batch) must be a multiple of the {ctx.world} ranks "
             f"and at most the {prepared.n_train} training images"
         )
-    config = run_config(recipe, prepared) | {"threads": threads}
-    resuming = _on_main(ctx, lambda: runs.start_run(run_dir, config, resume))
-    if resuming:
-        check_dataset(prepared, runs.read_config(run_dir), run_dir)
-        if runs.is_finished(run_dir):
-            return TrainResult(run_dir, runs.read_metrics(run_dir), skipped=True, test=runs.read_summary(run_dir).get("final"))
-
     device = resolve_device(cfg.device)
     if ctx.enabled and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
@@ -360,6 +364,14 @@ def _train(ctx: DistContext, recipe: Recipe, run_dir: str | Path | None, resume:
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
     meta = _meta(recipe, prepared, model)
+    # Only now, with the device, model and optimiser built (anything the recipe gets wrong has been
+    # refused), is the run directory created: a failed start leaves nothing that blocks the retry.
+    config = run_config(recipe, prepared) | {"threads": threads}
+    resuming = _on_main(ctx, lambda: runs.start_run(run_dir, config, resume))
+    if resuming:
+        check_dataset(prepared, runs.read_config(run_dir), run_dir)
+        if runs.is_finished(run_dir):
+            return TrainResult(run_dir, runs.read_metrics(run_dir), skipped=True, test=runs.read_summary(run_dir).get("final"))
 
     start_epoch, start_batch, history, best = 0, 0, [], -1.0
     accum = {"loss": 0.0, "loss_v": 0.0, "loss_m": 0.0, "images": 0, "seconds": 0.0}
@@ -420,11 +432,11 @@ def _train(ctx: DistContext, recipe: Recipe, run_dir: str | Path | None, resume:
     try:
         for epoch in range(start_epoch, cfg.epochs):
             model.train()
-            training = True
             skip = start_batch if epoch == start_epoch else 0
             if skip == 0:
                 accum = {"loss": 0.0, "loss_v": 0.0, "loss_m": 0.0, "images": 0, "seconds": 0.0}
             sums = torch.tensor([accum["loss"], accum["loss_v"], accum["loss_m"]], dtype=torch.float64, device=device)
+            training = True  # after sums exists: a Ctrl-C from here on saves them
             lr = optimizer.param_groups[0]["lr"]
             with progress.task(f"epoch {epoch + 1}/{cfg.epochs}", len(loader)) as task:
                 task.advance(skip)
@@ -448,7 +460,7 @@ def _train(ctx: DistContext, recipe: Recipe, run_dir: str | Path | None, resume:
                     if stop["asked"]:
                         raise KeyboardInterrupt
                     if batch_idx % SHOW_EVERY == 0 or batch_idx == len(loader):
-                        if not torch.isfinite(sums[0]):
+                        if not torch.isfinite(sums[0]) or diverged(model):
                             raise SicotError(f"{run_dir}: the loss diverged (not finite) by epoch {epoch + 1}, batch {batch_idx}: lower train.lr")
                         task.advance(1, info=f"loss {sums[0].item() / accum['images']:.3f}  {accum['images'] / max(accum['seconds'], 1e-9):,.0f} img/s")
                     else:

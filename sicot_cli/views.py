@@ -5,6 +5,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from rich.table import Table
+from rich.text import Text
+
+from sicot_cli.console import clean, safe
 
 from sicot_cli.console import data_text
 
@@ -17,7 +20,7 @@ if TYPE_CHECKING:
 
 def _rules_rows(table: Table, rules: list[FilterRule]) -> None:
     for r in rules:
-        table.add_row(f"  removed: {r.rule}", f"{r.words:,} words, {r.tokens:,} occurrences, {r.titles_emptied:,} titles emptied")
+        table.add_row(Text.assemble("  removed: ", safe(r.rule)), f"{r.words:,} words, {r.tokens:,} occurrences, {r.titles_emptied:,} titles emptied")
 
 
 def _informative_rows(table: Table, informative: list) -> None:
@@ -34,20 +37,20 @@ def _test_words_rows(table: Table, oov: float, filtered: float) -> None:
 
 
 def _vectors_row(table: Table, v: VectorReport) -> None:
-    table.add_row("word vectors", f"{v.source}, dim {v.dim}")
+    table.add_row("word vectors", Text.assemble(safe(v.source), f", dim {v.dim}"))
     table.add_row("  vocabulary OOV (no pretrained vector)", f"{v.oov_words:,} words ({v.oov_rate:.1%})")
 
 
 def prepare_table(s: PrepareSummary) -> Table:
     """The summary printed at the end of ``sicot prepare``."""
-    t = Table(title=f"prepared {s.out}", show_header=False, title_justify="left")
+    t = Table(title=Text.assemble("prepared ", safe(s.out)), show_header=False, title_justify="left")
     t.add_column(style="bold")
     t.add_column()
-    t.add_row("source", data_text(s.source))
+    t.add_row("source", safe(s.source))
     t.add_row("rows read / kept / skipped", f"{s.rows_read:,} / {s.kept:,} / {sum(s.skipped.values()):,}")
     for reason, n in s.skipped.items():
         example = (s.skip_examples.get(reason) or [""])[0]
-        t.add_row(f"  skipped: {data_text(reason)}", f"{n:,}  [dim](e.g. {data_text(example)})[/]" if example else f"{n:,}")
+        t.add_row(Text.assemble("  skipped: ", safe(reason)), Text.assemble(f"{n:,}  ", safe(f"(e.g. {clean(example)})", "dim")) if example else f"{n:,}")
     t.add_row("classes", f"{s.classes:,}")
     t.add_row("train / validation / test images", f"{s.train_images:,} / {s.val_images:,} / {s.test_images:,}")
     t.add_row(f"head / tail classes (head: >= {s.head_threshold} train images)", f"{s.head_classes:,} / {s.tail_classes:,}")
@@ -75,7 +78,7 @@ def embed_table(s: EmbedSummary) -> Table:
     t = Table(title="vocabulary and word vectors", show_header=False, title_justify="left")
     t.add_column(style="bold")
     t.add_column()
-    t.add_row("source", s.source)
+    t.add_row("source", safe(s.source))
     t.add_row("training titles", f"{s.train_titles:,}")
     t.add_row("vocabulary (before -> after filter)", f"{s.raw_vocab:,} -> {s.vocab:,}")
     _rules_rows(t, s.rules)
@@ -83,23 +86,23 @@ def embed_table(s: EmbedSummary) -> Table:
     _vectors_row(t, s.vectors)
     _test_words_rows(t, s.test_oov_rate, s.test_filtered_rate)
     for reason, n in s.skipped.items():
-        t.add_row(f"  skipped rows: {reason}", f"{n:,}")
+        t.add_row(Text.assemble("  skipped rows: ", safe(reason)), f"{n:,}")
     if s.saved_to:
-        t.add_row("saved", s.saved_to)
+        t.add_row("saved", safe(s.saved_to))
     return t
 
 
-def _fmt(v: object) -> str:
+def _fmt(v: object) -> str | Text:
     if v is None:
         return "-"
     if isinstance(v, float):
         return f"{v:.2f}"
-    return str(v)
+    return safe(v)
 
 
 def epochs_table(history: list[dict], title: str) -> Table:
     """One row per epoch: losses, lr, images/s and the headline VALIDATION metrics (never test)."""
-    t = Table(title=title, title_justify="left")
+    t = Table(title=safe(title), title_justify="left")
     cols = [
         ("epoch", "epoch", "{}"), ("lr", "lr", "{:.2e}"), ("loss", "loss", "{:.3f}"), ("CE(x_v)", "loss_v", "{:.3f}"),
         ("CE(x_m)", "loss_m", "{:.3f}"), ("img/s", "train_images_per_s", "{:.0f}"), ("val top-1", "val_top1", "{:.2f}"),
@@ -114,7 +117,7 @@ def epochs_table(history: list[dict], title: str) -> Table:
 
 def metrics_table(m: dict, title: str) -> Table:
     """Top-k overall and per group."""
-    t = Table(title=title, title_justify="left")
+    t = Table(title=safe(title), title_justify="left")
     ks = sorted(int(k[3:]) for k in m if k.startswith("top") and k[3:].isdigit())
     t.add_column("")
     for k in ks:
@@ -131,7 +134,7 @@ def predictions_table(preds: list) -> Table:
     t = Table("image", "rank", "class", "score", "title", title="predictions (image only)", title_justify="left")
     for p in preds:
         for i, (c, s, title) in enumerate(zip(p.classes, p.scores, p.titles, strict=True)):
-            t.add_row(data_text(p.image) if i == 0 else "", str(i + 1), data_text(c), f"{s:.3f}", data_text(title) if title else "-")
+            t.add_row(safe(p.image) if i == 0 else "", str(i + 1), safe(c), f"{s:.3f}", safe(title) if title else "-")
     return t
 
 
@@ -146,7 +149,7 @@ def ablation_table(statuses: list) -> Table:
     t = Table("run", "state", "top-1", "top-3", "head top-1", "tail top-1", title="ablation", title_justify="left")
     for s in statuses:
         f = s.final or {}
-        t.add_row(data_text(s.run_dir.name), s.state, _fmt(f.get("top1")), _fmt(f.get("top3")), _fmt(f.get("head_top1")), _fmt(f.get("tail_top1")))
+        t.add_row(safe(s.run_dir.name), safe(s.state), _fmt(f.get("top1")), _fmt(f.get("top3")), _fmt(f.get("head_top1")), _fmt(f.get("tail_top1")))
     return t
 
 
@@ -156,12 +159,14 @@ def report_tables(report) -> list[Table]:  # noqa: ANN001 - sicot_cli.report.Rep
     for title, rows in report.tables().items():
         if not rows:
             continue
-        t = Table(*(data_text(k) for k in rows[0]), title=title, title_justify="left")
+        t = Table(title=safe(title), title_justify="left")
+        for k in rows[0]:
+            t.add_column(safe(k))  # a Text header (Table(*headers) takes only str or Column)
         for r in rows:
-            t.add_row(*(data_text(v) for v in r.values()))
+            t.add_row(*(safe(v) for v in r.values()))
         out.append(t)
     if report.unfinished:
-        out.append(Table(title=f"{len(report.unfinished)} unfinished run(s) left out: {', '.join(p.name for p in report.unfinished)}", title_justify="left"))
+        out.append(Table(title=Text.assemble(f"{len(report.unfinished)} unfinished run(s) left out: ", safe(", ".join(p.name for p in report.unfinished))), title_justify="left"))
     return out
 
 
@@ -169,19 +174,17 @@ def attention_view(items: list, encoder: str) -> Table:
     """Fig. 7 in the terminal: words by attention, 3 highest green, 3 lowest red."""
     from sicot_cli.figures import word_colour
 
-    t = Table("class", "words by attention (highest first)", title=f"Fig. 7: learned word attention ({encoder})", title_justify="left")
+    t = Table("class", "words by attention (highest first)", title=Text.assemble("Fig. 7: learned word attention (", safe(encoder), ")"), title_justify="left")
     for it in items:
         words = []
         for j, (w, a) in enumerate(zip(it.words, it.weights, strict=True)):
-            colour = word_colour(j, len(it.words))
-            cell = f"{data_text(w)} {a:.2f}"
-            words.append(f"[{colour}]{cell}[/]" if colour else cell)
-        t.add_row(data_text(it.label), "  ".join(words))
+            words.append(safe(f"{clean(w)} {a:.2f}", word_colour(j, len(it.words)) or ""))
+        t.add_row(safe(it.label), Text("  ").join(words))
     return t
 
 
 def class_words_table(ranked: list, class_name: str) -> Table:
-    t = Table("word", "mean attention", "titles", title=f"words carrying the attention of {data_text(class_name)}", title_justify="left")
+    t = Table("word", "mean attention", "titles", title=Text.assemble("words carrying the attention of ", safe(class_name)), title_justify="left")
     for w, a, n in ranked:
-        t.add_row(data_text(w), f"{a:.3f}", str(n))
+        t.add_row(safe(w), f"{a:.3f}", str(n))
     return t

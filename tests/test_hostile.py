@@ -18,9 +18,11 @@ import signal
 import struct
 import unicodedata
 import zlib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -40,6 +42,8 @@ from sicot_cli.data.tokenize import tokenize
 from sicot_cli.errors import SicotError
 
 runner = CliRunner()
+# What must never reach the terminal raw from data or paths (newline excepted).
+RAW = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 # 60 examples per property in the default suite; SICOT_HYPOTHESIS_EXAMPLES=2000 for a deeper search.
 FAST = settings(max_examples=int(os.environ.get("SICOT_HYPOTHESIS_EXAMPLES", "60")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
@@ -182,8 +186,8 @@ class Case:
     """One bad input: how to make it (returns the CLI arguments) and how it must end."""
 
     make: Callable[[Path, dict], list[str]]
-    outcome: str  # "error", "skip" or "kept"
-    needles: list[str] = field(default_factory=list)  # error: substrings of the line; skip: the reason
+    outcome: str  # "error", "skip", "kept" or "ok" (exit 0, nothing written by prepare to check)
+    needles: list[str] = field(default_factory=list)  # error: substrings of the line; skip: the reason; ok: substrings of the output
     count: int = 1  # skip: how many rows the reason must count
     check: Callable[[Path, dict], None] | None = None  # extra assertion after the run
 
@@ -344,7 +348,7 @@ def _damaged_checkpoint(how: str, command: str) -> Callable[[Path, dict], list[s
         ck.write_bytes(bytes(data))
         if command == "evaluate":
             return ["evaluate", "--run", str(run)]
-        return ["train", "--resume", "--data", str(ctx["prepared"]), "--run-dir", str(run), *TRAIN_FAST, "model.encoder=none", "train.epochs=2"]
+        return ["train", "--resume", "--run-dir", str(run)]  # the run's own recipe and data (config.json)
 
     return make
 
@@ -407,7 +411,7 @@ def _changed_dataset(command: str) -> Callable[[Path, dict], list[str]]:
             return ["predict", "--run", str(run), "--data", str(ctx["other"]), str(ctx["image"])]
         if command == "evaluate":
             return ["evaluate", "--run", str(run), "--data", str(ctx["other"])]
-        return ["train", "--resume", "--data", str(ctx["other"]), "--run-dir", str(run), *TRAIN_FAST, "model.encoder=none"]
+        return ["train", "--resume", "--data", str(ctx["other"]), "--run-dir", str(run)]
 
     return make
 
@@ -427,6 +431,233 @@ def _enospc(match: str) -> Callable:
 def _no_tmp_left(tmp: Path, ctx: dict) -> None:
     left = [p for p in tmp.rglob(".*.tmp-*")]
     assert not left, left
+
+
+# --- round 2 (issue 15): helpers of the cases below ---------------------------------------------
+
+EVIL = "[/]\x1b]0;owned\x07\x1b]52;c;SGVsbG8=\x07\x1b[2J\u202e[bold]"  # markup, OSC 0, OSC 52, CSI 2J, bidi override
+
+
+def _evil_run(ctx: dict) -> Path:
+    """A finished run on a dataset whose class names and titles hold markup and escape sequences (made once)."""
+    if "evil_run" not in ctx:
+        from sicot_cli.data.prepare import prepare
+        from sicot_cli.train import train
+
+        root = ctx["root"] / "evil"
+        m = make_manifest(root / "raw", per_class=6)
+        text = m.read_text(encoding="utf-8")
+        for label in ("cat", "dog", "cup"):
+            text = text.replace(f",{label},", f",{_csv_field(label + EVIL)},")
+        m.write_text(text.replace("red cat toy", "red cat toy " + EVIL.replace("\x07", "")), encoding="utf-8")
+        p = root / "evil.h5"
+        prepare(load_recipe(None, ["data.source=manifest", f"data.manifest={m}", "data.image_size=16", *KEEP_ALL]), p)
+        ctx["evil_run"] = train(tiny_recipe(p, "model.encoder=none", "train.epochs=1"), root / "run").run_dir
+    return ctx["evil_run"]
+
+
+def _csv_field(value: str) -> str:
+    return '"' + value.replace('"', '""') + '"'
+
+
+def _stray_quote(tmp: Path, ctx: dict) -> list[str]:
+    """A quote opened in the title of line 2 and never closed: the rows after it must not vanish into that title."""
+    m = make_manifest(tmp / "raw", per_class=6)
+    header, *rows = m.read_text(encoding="utf-8").splitlines(keepends=True)
+    m.write_text(header + 'cat0.png,"red cat toy,cat,x1\n' + "".join(rows), encoding="utf-8")
+    return _prep(m, tmp)
+
+
+def _tsv(tmp: Path, ctx: dict) -> list[str]:
+    import csv
+
+    m = make_manifest(tmp / "raw", per_class=6, extra_rows=[_row("cat0.png", "x1", '12" red cat toy')])
+    with m.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    tsv = m.with_suffix(".tsv")
+    tsv.write_text("".join("\t".join(r) + "\n" for r in rows), encoding="utf-8")
+    return _prep(tsv, tmp)
+
+
+def _special(kind: str, path: Path) -> Path:
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to("/dev/zero")
+    return path
+
+
+def _special_input(kind: str, what: str) -> Callable[[Path, dict], list[str]]:
+    def make(tmp: Path, ctx: dict) -> list[str]:
+        if what == "manifest":
+            return _prep(_special(kind, tmp / "m.csv"), tmp)
+        if what == "recipe":
+            return ["prepare", "--recipe", str(_special(kind, tmp / "r.toml")), "--out", str(tmp / "o.h5")]
+        if what == "tokenize":
+            return ["tokenize", "--file", str(_special(kind, tmp / "t.txt"))]
+        if what == "predict":
+            return ["predict", "--run", str(_copy_run(tmp, ctx)), str(_special(kind, tmp / "q.png"))]
+        if what == "pretrained":
+            return _train(f"model.pretrained={_special(kind, tmp / 'w.pt')}")(tmp, ctx)
+        if what == "titles":
+            from test_datasets import make_imaterialist
+
+            return ["datasets", "import", "imaterialist2019", "--root", str(make_imaterialist(tmp / "imat")), "--titles", str(_special(kind, tmp / "t.jsonl")), "--out", str(tmp / "m.csv")]
+        (tmp / "raw").mkdir(exist_ok=True)
+        _special(kind, tmp / "raw" / "pipe.png")
+        return _prep(_manifest(tmp, _row("pipe.png", "x1")), tmp)
+
+    return make
+
+
+def _run_file(name: str, content: bytes | str | Callable[[Any], Any], command: str = "report") -> Callable[[Path, dict], list[str]]:
+    """A copy of the finished run with one run file replaced (bytes/str) or edited (a function of its JSON)."""
+
+    def make(tmp: Path, ctx: dict) -> list[str]:
+        run = _copy_run(tmp, ctx)
+        path = run / name
+        if callable(content):
+            path.write_text(json.dumps(content(json.loads(path.read_text(encoding="utf-8")))), encoding="utf-8")
+        elif name == runs.PREDICTIONS:
+            path.write_bytes(path.read_bytes()[: int(content)])
+        else:
+            path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+        if command == "report":
+            return ["report", str(run), "--no-figures", "--out", str(tmp / "rep")]
+        return ["evaluate", "--run", str(run)]
+
+    return make
+
+
+def _truncated_predictions(tmp: Path, ctx: dict) -> list[str]:
+    """An ablation folder (a baseline and a co-training run) whose co-training predictions.h5 is cut short."""
+    shutil.copytree(ctx["run"], tmp / "abl" / "base")
+    enc = Path(shutil.copytree(ctx["run"], tmp / "abl" / "enc"))
+    config = json.loads((enc / runs.CONFIG).read_text(encoding="utf-8"))
+    (enc / runs.CONFIG).write_text(json.dumps({**config, "encoder": "mean"}), encoding="utf-8")
+    (enc / runs.PREDICTIONS).write_bytes((enc / runs.PREDICTIONS).read_bytes()[:900])
+    return ["report", str(tmp / "abl"), "--encoder", "mean", "--no-figures"]
+
+
+def _drop(key: str) -> Callable[[dict], dict]:
+    return lambda d: {k: v for k, v in d.items() if k != key}
+
+
+def _set(path: str, value: Any) -> Callable[[dict], dict]:
+    def edit(d: dict) -> dict:
+        node = d
+        *parents, last = path.split(".")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+        return d
+
+    return edit
+
+
+def _export(out: Callable[[Path], Path]) -> Callable[[Path, dict], list[str]]:
+    return lambda t, c: ["export", "--run", str(_copy_run(t, c)), "--out", str(out(t))]
+
+
+def _exported(tmp: Path, ctx: dict) -> None:
+    assert (tmp / "new" / "dir" / "m.pt").is_file() and (tmp / "new" / "dir" / "m.pt.json").is_file()  # the JSON sidecar of sicot export
+
+
+def _lines(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _exif_rotated(p: Path) -> None:
+    """A 40x20 photo stored landscape with EXIF orientation 6 (display rotated 90 degrees clockwise)."""
+    a = np.zeros((20, 40, 3), dtype=np.uint8)
+    a[:, :20] = (255, 0, 0)  # left half red, right half blue as stored
+    a[:, 20:] = (0, 0, 255)
+    img = Image.fromarray(a)
+    exif = img.getexif()
+    exif[0x0112] = 6
+    img.save(p, exif=exif)
+
+
+def _upright_kept(tmp: Path, ctx: dict) -> None:
+    from sicot_cli.data.dataset import open_prepared
+
+    row = open_prepared(tmp / "o.h5").ids().index("x1")
+    with h5py.File(tmp / "o.h5", "r") as f:
+        img = f["images"][row]  # [3, S, S]
+    s = img.shape[1]
+    # shown upright (rotated clockwise) the red half is on top: top rows red, bottom rows blue
+    assert img[0, 1, s // 2] > 200 and img[2, 1, s // 2] < 60, img[:, :, s // 2]
+    assert img[2, s - 2, s // 2] > 200 and img[0, s - 2, s // 2] < 60, img[:, :, s // 2]
+
+
+def _one_class_for_7(tmp: Path, ctx: dict) -> None:
+    from sicot_cli.data.dataset import open_prepared
+
+    assert "7" in open_prepared(tmp / "o.h5").class_names and "7.0" not in open_prepared(tmp / "o.h5").class_names
+
+
+def _title_kept(rid: str, title: str) -> Callable[[Path, dict], None]:
+    def check(tmp: Path, ctx: dict) -> None:
+        from sicot_cli.data.dataset import open_prepared
+
+        p = open_prepared(tmp / "o.h5")
+        assert p.titles([p.ids().index(rid)]) == [title]
+
+    return check
+
+
+def _tampered(attr: str, change: Callable[[int, int], int], legacy: bool = False) -> Callable[[Path, dict], list[str]]:
+    def make(tmp: Path, ctx: dict) -> list[str]:
+        p = tmp / "p.h5"
+        shutil.copy(ctx["prepared"], p)
+        with h5py.File(p, "a") as f:
+            if legacy:
+                from sicot_cli.data.dataset import content_sha256
+
+                f.attrs["content_sha256"] = content_sha256(f)  # a checksum from before it covered attributes
+            f.attrs[attr] = change(int(f.attrs[attr]), len(f["labels"]))
+        return ["evaluate", "--run", str(_copy_run(tmp, ctx)), "--data", str(p)]
+
+    return make
+
+
+def _webvision(filelist: str = "", meta: str | None = None) -> Callable[[Path, dict], list[str]]:
+    def make(tmp: Path, ctx: dict) -> list[str]:
+        from test_datasets import make_webvision
+
+        root = make_webvision(tmp / "wv", n_classes=2, per_class=2)
+        if filelist:
+            _lines(root / "info" / "train_filelist_google.txt", filelist)
+        if meta is not None:
+            _lines(root / "meta" / "google" / "q0001.json", meta)
+        return ["datasets", "import", "webvision", "--root", str(root), "--out", str(tmp / "m.csv"), "--classes", "0", "--sources", "google"]
+
+    return make
+
+
+def _imaterialist(train_json: str | None = None, titles: str | None = None) -> Callable[[Path, dict], list[str]]:
+    def make(tmp: Path, ctx: dict) -> list[str]:
+        from test_datasets import make_imaterialist
+
+        root = make_imaterialist(tmp / "imat")
+        if train_json is not None:
+            _lines(root / "train.json", train_json)
+        t = _lines(tmp / "t.jsonl", titles if titles is not None else '{"id": "train000ab.jpg", "title": "red cup"}\n')
+        return ["datasets", "import", "imaterialist2019", "--root", str(root), "--titles", str(t), "--out", str(tmp / "m.csv")]
+
+    return make
+
+
+def _imported(skipped: str) -> Callable[[Path, dict], None]:
+    def check(tmp: Path, ctx: dict) -> None:
+        assert (tmp / "m.csv").is_file()
+
+    return check
+
+
+LONG = "n" * 300
 
 
 CASES: dict[str, Case] = {
@@ -507,6 +738,69 @@ CASES: dict[str, Case] = {
     "evaluate_not_a_run": Case(lambda t, c: ["evaluate", "--run", str(t)], "error", ["not a run directory"]),
     "evaluate_unknown_checkpoint_name": Case(lambda t, c: ["evaluate", "--run", str(_copy_run(t, c)), "--checkpoint", "final"], "error", ["--checkpoint must be last or best"]),
     "ablate_seeds_not_integers": Case(lambda t, c: ["ablate", "--seeds", "1,two", "--out", str(t / "abl")], "error", ["--seeds must be comma-separated integers"]),
+    # --- round 2 (issue 15) ---
+    # 1. text from data and paths printed as markup or raw control characters
+    "markup_and_escapes_in_labels_predict": Case(lambda t, c: ["predict", "--run", str(_evil_run(c)), str(c["image"])], "ok", ["cat[/]", "\\u001b]0;owned\\u0007", "\\u202e[bold]"]),
+    "markup_and_escapes_in_labels_predict_json": Case(lambda t, c: ["predict", "--json", "--run", str(_evil_run(c)), str(c["image"])], "ok", ["cat[/]\\u001b]0;owned\\u0007", "\\u202e"]),
+    "markup_and_escapes_in_labels_evaluate": Case(lambda t, c: ["evaluate", "--run", str(_evil_run(c))], "ok", ["top-1"]),
+    "markup_and_escapes_in_run_path_evaluate": Case(lambda t, c: ["evaluate", "--run", str(shutil.copytree(c["run"], t / f"r{EVIL}"))], "ok", ["r[/]\\u001b]0;owned"]),
+    "markup_in_manifest_path_prepare_summary": Case(lambda t, c: _prep(make_manifest(t / f"raw{EVIL}", per_class=6, extra_rows=[_row(f"gone{EVIL}.png", "x1")]), t), "skip", ["image file not found"]),
+    "markup_and_escapes_in_labels_prepare": Case(lambda t, c: _prep(_manifest(t, _row("cat0.png", "x1", label=f"cat{EVIL}"), _row("cat1.png", "x2", label=f"cat{EVIL}")), t), "kept", check=_kept("x1")),
+    "escape_sequence_in_error_line": Case(lambda t, c: ["evaluate", "--run", str(t / f"nowhere{EVIL}")], "error", ["nowhere[/]\\u001b]0;owned\\u0007"]),
+    # 2. special files: only regular files are read (a FIFO would block, /dev/zero never ends)
+    **{f"{kind}_as_{what}": Case(_special_input(kind, what), "skip" if what == "image_row" else "error",
+                                 ["image path is not a regular file (a FIFO, socket or device)"] if what == "image_row" else ["not a regular file"])
+       for kind in ("fifo", "device") for what in ("manifest", "recipe", "tokenize", "predict", "pretrained", "titles", "image_row")},
+    # 4. run directories checked against a schema (one message naming the file and the field)
+    "run_config_empty_object": Case(_run_file(runs.CONFIG, "{}", "evaluate"), "error", ["config.json: field recipe: Field required"]),
+    "run_config_a_list": Case(_run_file(runs.CONFIG, "[]", "evaluate"), "error", ["config.json: field (the whole file)"]),
+    "run_config_wrong_type": Case(_run_file(runs.CONFIG, _set("dataset.classes", "3"), "evaluate"), "error", ["config.json: field dataset.classes: Input should be a valid integer"]),
+    "run_config_missing_encoder": Case(_run_file(runs.CONFIG, _drop("encoder")), "error", ["config.json: field encoder: Field required"]),
+    "run_config_recipe_bad_value": Case(_run_file(runs.CONFIG, _set("recipe.train.seed", -5), "evaluate"), "error", ["config.json, field recipe: train.seed must be >= 0"]),
+    "run_config_nesting_bomb": Case(_run_file(runs.CONFIG, "[" * 100_000 + "]" * 100_000, "evaluate"), "error", ["config.json: unreadable run config"]),
+    "run_summary_a_list": Case(_run_file(runs.SUMMARY, "[]"), "error", ["summary.json: field (the whole file)"]),
+    "run_summary_metric_not_a_number": Case(_run_file(runs.SUMMARY, _set("final.top1", "high")), "error", ["summary.json: field final: Value error, top1 must be a number or null"]),
+    "run_metrics_not_utf8": Case(_run_file(runs.METRICS, b'{"epoch": 1, "loss": "\xff\xfe"}\n{"epoch": 1}\n'), "error", ["metrics.jsonl:1: not a JSON line"]),
+    "run_metrics_metric_not_a_number": Case(_run_file(runs.METRICS, '{"epoch": 1, "top1": "x"}\n{"epoch": 2}\n'), "error", ["metrics.jsonl:1: field (the whole file): Value error, top1 must be a number"]),
+    "run_predictions_truncated": Case(_truncated_predictions, "error", ["enc/predictions.h5: unreadable predictions"]),
+    # 5. recipe values with bounds next to each field; divergence caught at the step
+    "seed_negative": Case(_train("train.seed=-1"), "error", ["train.seed must be >= 0, got -1"]),
+    "split_seed_over_2_64": Case(lambda t, c: _prep(_manifest(t), t, f"data.split_seed={2**64 + 1}"), "error", ["data.split_seed must be <= 9223372036854775807"]),
+    "weight_decay_huge_negative": Case(_train("train.weight_decay=-1e30"), "error", ["train.weight_decay must be >= 0, got -1e+30"]),
+    "max_title_tokens_petabytes": Case(lambda t, c: _prep(_manifest(t), t, "data.max_title_tokens=100000000000000"), "error", ["data.max_title_tokens must be <= 4096"]),
+    "momentum_nan": Case(_train("train.momentum=nan"), "error", ["train.momentum must be a finite number, got nan"]),
+    "lr_inf": Case(_train("train.lr=inf"), "error", ["train.lr must be a finite number, got inf"]),
+    "lr_above_its_bound": Case(_train("train.lr=1e30"), "error", ["train.lr must be <= 100, got 1e+30"]),
+    # 6. options out of range
+    "predict_top_negative": Case(lambda t, c: ["predict", "--run", str(_copy_run(t, c)), "--top", "-2", str(c["image"])], "error", ["--top must be >= 1, got -2"]),
+    "predict_top_zero": Case(lambda t, c: ["predict", "--run", str(_copy_run(t, c)), "--top", "0", str(c["image"])], "error", ["--top must be >= 1, got 0"]),
+    "evaluate_device_tpu": Case(lambda t, c: ["evaluate", "--run", str(_copy_run(t, c)), "--device", "tpu"], "error", ["--device must be auto, cpu, cuda or cuda:N, got 'tpu'"]),
+    "evaluate_device_gpu": Case(lambda t, c: ["evaluate", "--run", str(_copy_run(t, c)), "--device", "gpu"], "error", ["--device must be auto, cpu, cuda or cuda:N, got 'gpu'"]),
+    "evaluate_device_cuda_index_out_of_range": Case(lambda t, c: ["evaluate", "--run", str(_copy_run(t, c)), "--device", "cuda:99"], "error", ["--device = 'cuda:99' but"]),
+    "export_into_missing_folder": Case(_export(lambda t: t / "new" / "dir" / "m.pt"), "ok", ["wrote"], check=_exported),
+    "export_file_name_too_long": Case(_export(lambda t: t / f"{LONG}.pt"), "error", ["file name too long"]),
+    "prepare_out_file_name_too_long": Case(lambda t, c: _prep(_manifest(t), t)[:-1 - len(KEEP_ALL)] + [str(t / f"{LONG}.h5"), *KEEP_ALL], "error", ["file name too long"]),
+    "train_run_dir_name_too_long": Case(_train(run=LONG), "error", ["file name too long"]),
+    # 7. tampered prepared files: every attribute that changes a result is covered
+    "prepared_n_train_minus_two": Case(_tampered("n_train", lambda v, n: v - 2), "error", ["p.h5: corrupt prepared dataset (content checksum mismatch"]),
+    "prepared_n_train_all_rows": Case(_tampered("n_train", lambda v, n: n), "error", ["p.h5: corrupt prepared dataset"]),
+    "prepared_head_threshold_changed": Case(_tampered("head_threshold", lambda v, n: v + 5), "error", ["p.h5: corrupt prepared dataset (content checksum mismatch"]),
+    "prepared_legacy_checksum_n_train_changed": Case(_tampered("n_train", lambda v, n: v - 2, legacy=True), "error", ["p.h5: corrupt prepared dataset (n_train 22 / n_val 0 disagree with the recorded train/test counts"]),
+    # 8. importers
+    "import_titles_json_nesting_bomb_and_huge_int": Case(_imaterialist(titles="[" * 100_000 + "]" * 100_000 + "\n" + "1" * 5000 + "\n" + '{"id": "train000ab.jpg", "title": "red cup"}\n'), "ok", ["titles file: bad line", "2"], check=_imported("bad line")),
+    "import_annotations_nesting_bomb": Case(_imaterialist(train_json='{"images": ' + "[" * 100_000 + "]" * 100_000 + "}"), "error", ["train.json: not valid JSON (nested too deeply)"]),
+    "import_annotations_5000_digit_integer": Case(_imaterialist(train_json='{"images": [{"id": "a.jpg", "class": ' + "9" * 5000 + "}]}"), "error", ["train.json: not valid JSON"]),
+    "import_filelist_unicode_digit_class": Case(_webvision(filelist="google/q0001/000000.jpg \u00b2\n"), "error", ["train_filelist_google.txt:1: expected '<image path> <class>' (the class in ASCII digits)"]),
+    "import_meta_nesting_bomb": Case(_webvision(meta="[" * 100_000 + "]" * 100_000), "error", ["q0001.json: not valid JSON (nested too deeply)"]),
+    # 9. manifests read strictly
+    "manifest_duplicate_header_column": Case(lambda t, c: _prep(_lines(t / "m.csv", "image,title,label,label\na.png,red cat,cat,dog\n"), t), "error", ["m.csv: column 'label' appears twice in the header"]),
+    "manifest_unterminated_quote": Case(_stray_quote, "error", ["m.csv: line 2: malformed CSV"]),
+    "manifest_mixed_ids": Case(lambda t, c: _prep(_lines(t / "raw" / "m.csv", "image,title,label,id\ncat0.png,red cat,cat,3\ncat1.png,red cat,cat,\n"), t), "error", ["m.csv:3: no id, but other rows have one"]),
+    "tsv_title_with_inch_mark": Case(_tsv, "kept", check=_title_kept("x1", '12" red cat toy')),
+    "jsonl_label_7_and_7_0_are_one_class": Case(lambda t, c: _prep(_jsonl(t, [_row(f"cat{i}.png", f"s{i}", label=7 if i % 2 else 7.0) for i in range(6)]), t), "kept", check=_one_class_for_7),
+    "jsonl_label_nan": Case(lambda t, c: _prep(_jsonl(t, ['{"image": "cat0.png", "title": "red cat", "label": NaN, "id": "x1"}']), t), "skip", ["label is not text or a finite number"]),
+    "jsonl_key_twice": Case(lambda t, c: _prep(_jsonl(t, ['{"image": "cat0.png", "title": "red cat", "label": "cat", "label": "dog", "id": "x1"}']), t), "skip", ["JSON object names a key twice"]),
+    "jpeg_exif_orientation": Case(_with_image(_exif_rotated, "rotated.jpg"), "kept", check=_upright_kept),
 }
 
 
@@ -521,7 +815,7 @@ def ctx(tiny_prepared, tmp_path_factory) -> dict:
     m = make_manifest(root / "raw2", per_class=6)
     other = root / "other.h5"
     prepare(load_recipe(None, ["data.source=manifest", f"data.manifest={m}", "data.image_size=16", *KEEP_ALL, "text.min_count=2"]), other)
-    return {"run": run, "prepared": tiny_prepared, "other": other, "image": tiny_prepared.parent / "raw" / "cat3.png"}
+    return {"run": run, "prepared": tiny_prepared, "other": other, "image": tiny_prepared.parent / "raw" / "cat3.png", "root": root}
 
 
 @pytest.fixture
@@ -539,8 +833,8 @@ def deadline():
 
 
 def test_catalogue_is_large_enough():
-    assert len(CASES) >= 30
-    assert sum(c.outcome == "error" for c in CASES.values()) >= 30
+    assert len(CASES) >= 130
+    assert sum(c.outcome == "error" for c in CASES.values()) >= 90
 
 
 @pytest.mark.parametrize("name", list(CASES), ids=list(CASES))
@@ -549,10 +843,15 @@ def test_bad_input(name, tmp_path, ctx, monkeypatch, deadline):
     args = case.make(tmp_path, ctx)
     if name.startswith("disk_full_writing_"):
         monkeypatch.setattr(os, "fsync", _enospc(".o.h5.tmp" if "prepared" in name else ".checkpoint-"))
-    result = runner.invoke(app, args, catch_exceptions=False)
+    result = runner.invoke(app, args, catch_exceptions=False, env={"COLUMNS": "4000"} if case.outcome == "ok" else None)
     out = result.output
     assert "Traceback" not in out, out
-    if case.outcome == "error":
+    assert not RAW.search(out), ("raw control character on the terminal", out)
+    if case.outcome == "ok":
+        assert result.exit_code == 0, out
+        for needle in case.needles:
+            assert needle in out, (needle, out)
+    elif case.outcome == "error":
         assert result.exit_code == 2, out
         # log lines before the error (a run's plan) may precede it; the error is one line
         lines = [ln for ln in out.strip().splitlines() if ln.strip() and not ln.startswith(("INFO ", "WARNING ", " "))]

@@ -76,8 +76,8 @@ def chunk_rows(image_size: int) -> int:
     return max(1, CHUNK_BYTES // (3 * image_size * image_size))
 
 
-def create(path: Path, n: int, image_size: int, max_tokens: int) -> h5py.File:
-    """Open a new file for writing with a resizable image dataset of at most ``n`` rows."""
+def create(path: Path | Any, n: int, image_size: int, max_tokens: int) -> h5py.File:
+    """Open a new file (a path or a file object) for writing with a resizable image dataset of at most ``n`` rows."""
     f = h5py.File(path, "w")
     f.create_dataset(
         "images",
@@ -123,6 +123,11 @@ def write_arrays(
 
 # What the checksum covers: everything open_prepared holds in memory (not the images, see above).
 HASHED = ("labels", "tokens", "lengths", "classes/names", "classes/train_counts", "classes/test_counts", "vocab/words", "vectors")
+# ... and the attributes that change a result (which rows are trained on and scored, the image
+# size, the head/tail boundary). Files whose checksum starts with "v2:" cover them; older files
+# (a bare hex digest) do not, and get the consistency checks of _check_values only.
+HASHED_ATTRS = ("format", "n_train", "n_val", "image_size", "head_threshold")
+_V2 = "v2:"
 
 
 def _read_hashed(f: h5py.File) -> dict[str, Any]:
@@ -166,11 +171,22 @@ def content_sha256(f: h5py.File) -> str:
     return _sha256(_read_hashed(f))
 
 
+def _attrs_text(f: h5py.File) -> str:
+    return json.dumps({name: int(f.attrs.get(name, 0) if name == "n_val" else f.attrs[name]) for name in HASHED_ATTRS}, sort_keys=True)
+
+
+def _sha256_v2(values: dict[str, Any], f: h5py.File) -> str:
+    import hashlib
+
+    return _V2 + hashlib.sha256((_sha256(values) + _attrs_text(f)).encode()).hexdigest()
+
+
 def write_attrs(f: h5py.File, **attrs: Any) -> None:
     """Write the attributes, then mark the file complete (last, so a partial file never is)."""
     for key, value in attrs.items():
         name = key.removesuffix("_json")
         f.attrs[name] = value
+    f.attrs["content_sha256"] = _sha256_v2(_read_hashed(f), f)
     f.flush()
     f.attrs["complete"] = 1
 
@@ -248,6 +264,8 @@ def open_prepared(path: str | Path) -> Prepared:
     path = Path(path)
     rebuild = f"rebuild it with `sicot prepare --out {path} --force`"
     if not path.is_file():
+        if path.exists():
+            raise SicotError(f"{path}: not a regular file (a directory, FIFO, socket or device); a prepared dataset is an .h5 file")
         raise SicotError(f"{path}: prepared dataset not found (create it with `sicot prepare`)")
     try:
         f = h5py.File(path, "r")
@@ -264,7 +282,7 @@ def open_prepared(path: str | Path) -> Prepared:
                 raise SicotError(f"{path}: dataset {missing[0]!r} is missing: {rebuild}")
             values = _read_hashed(f)
             want = f.attrs.get("content_sha256")  # absent in files prepared before checksums
-            if want is not None and str(want) != _sha256(values):
+            if want is not None and str(want) != (_sha256_v2(values, f) if str(want).startswith(_V2) else _sha256(values)):
                 raise SicotError(f"{path}: corrupt prepared dataset (content checksum mismatch: damaged on disk): {rebuild}")
             _check_shapes(f, path, rebuild)
             prepared = Prepared(
@@ -331,5 +349,10 @@ def _check_values(p: Prepared, rebuild: str) -> None:
         bad = "title lengths outside [0, max_title_tokens]"
     elif not p.words or p.words[0] != "<pad>":
         bad = "vocabulary without the <pad> word first"
+    elif not (np.array_equal(np.bincount(p.labels[: p.n_train], minlength=p.num_classes), p.train_counts)
+              and np.array_equal(np.bincount(p.labels[p.test_start :], minlength=p.num_classes), p.test_counts)):
+        # n_train decides which rows are trained on and which are scored: the class counts,
+        # recorded by prepare, must agree with it (an edited n_train would silently move rows)
+        bad = f"n_train {p.n_train} / n_val {p.n_val} disagree with the recorded train/test counts per class"
     if bad:
         raise SicotError(f"{p.path}: corrupt prepared dataset ({bad}): {rebuild}")

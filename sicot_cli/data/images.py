@@ -10,10 +10,14 @@ to 8 bits, and animated images contribute their first frame.
 from __future__ import annotations
 
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from sicot_cli.fsutil import NotRegularFileError, open_regular
 
 # The decompression-bomb guard is ours (data.max_image_pixels, checked after JPEG draft-mode
 # reduction), so PIL's own check, made on the full size at open, is off.
@@ -46,6 +50,14 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _upright(img: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation, as every viewer does: a phone photo stored sideways is shown upright."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001 - a malformed EXIF block leaves the pixels as stored, not the row skipped
+        return img
+
+
 def square_resize(img: Image.Image, size: int) -> np.ndarray:
     """Resize the shorter side to ``size`` and centre-crop to ``size`` x ``size``; returns HWC uint8."""
     w, h = img.size
@@ -56,8 +68,8 @@ def square_resize(img: Image.Image, size: int) -> np.ndarray:
     return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
-def load_image(path: Path, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode ``path`` into a ``[size, size, 3]`` uint8 array.
+def load_image(path: Path | BinaryIO, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode ``path`` (a file path, or an open binary file such as ``io.BytesIO``) into a ``[size, size, 3]`` uint8 array.
 
     A JPEG is decoded in draft mode, at the smallest power-of-two reduction (up to 1/8) whose
     shorter side is still at least ``size``: a 16000 x 14000 photo is decoded as 2000 x 1750, and
@@ -69,7 +81,10 @@ def load_image(path: Path, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> n
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            # a path is opened only if it is a regular file (a FIFO would block); bytes in memory
+            # (sicot serve's uploads) are read as they are
+            source = nullcontext(path) if hasattr(path, "read") else open_regular(path)
+            with source as fp, Image.open(fp) as img:
                 img.seek(0)
                 if img.width < 1 or img.height < 1:
                     raise ImageSkip("image has no pixels")
@@ -81,11 +96,13 @@ def load_image(path: Path, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> n
                 if img.width * img.height > max_pixels:
                     raise ImageSkip(f"image over data.max_image_pixels ({max_pixels / 1e6:.0f} MP)")
                 img.load()
-                return square_resize(_to_rgb(img), size)
+                return square_resize(_to_rgb(_upright(img)), size)
     except FileNotFoundError:
         raise ImageSkip("image file not found") from None
     except IsADirectoryError:
         raise ImageSkip("image path is a directory") from None
+    except NotRegularFileError:
+        raise ImageSkip("image path is not a regular file (a FIFO, socket or device)") from None
     except PermissionError:
         raise ImageSkip("image file not readable") from None
     except UnidentifiedImageError:

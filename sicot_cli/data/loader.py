@@ -30,6 +30,13 @@ import numpy as np
 import torch
 
 from sicot_cli.data.dataset import Prepared
+from sicot_cli.errors import SicotError
+
+
+def read_error(path: object, e: Exception) -> SicotError:
+    """An HDF5 read failure in the middle of a job: the file changed or the disk failed, never a traceback."""
+    return SicotError(f"{path}: cannot read the images ({str(e).splitlines()[0] if str(e) else type(e).__name__}): the file was damaged or the disk failed; "
+                      f"rebuild it with `sicot prepare --out {path} --force` (an interrupted run resumes from its last checkpoint)")
 
 
 @dataclass
@@ -88,8 +95,11 @@ class BatchLoader:
         self.pin_memory = pin_memory  # CUDA: page-locked batches, so the copies can be non-blocking
         self._ram: np.ndarray | None = None
         if in_memory:
-            with h5py.File(prepared.path, "r") as f:
-                self._ram = f["images"][start:stop]
+            try:
+                with h5py.File(prepared.path, "r") as f:
+                    self._ram = f["images"][start:stop]
+            except (OSError, KeyError) as e:
+                raise read_error(prepared.path, e) from None
 
     @property
     def n(self) -> int:
@@ -172,6 +182,12 @@ class BatchLoader:
             for rel, offset, total in plan:
                 yield self._batch(rel, self._ram[rel], offset, total)
             return
+        try:
+            yield from self._stream(plan)
+        except (OSError, KeyError) as e:  # h5py reports a failed read as OSError
+            raise read_error(self.p.path, e) from None
+
+    def _stream(self, plan: list[tuple[np.ndarray, int, int]]) -> Iterator[Batch]:
         cache: OrderedDict[int, np.ndarray] = OrderedDict()
         keep = 2 * self.shuffle_blocks
         with h5py.File(self.p.path, "r") as f:

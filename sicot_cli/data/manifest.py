@@ -1,8 +1,19 @@
 """The generic manifest: a CSV or JSONL file with one row per image.
 
 Columns: ``image`` (a path relative to the manifest's folder, or absolute), ``title``, ``label``,
-optional ``split`` (``train``/``val``/``test``) and ``id`` (defaults to the row number). Other columns are
-refused so that a misspelt column (``lable``) is not silently ignored. The manifest is data: paths
+optional ``split`` (``train``/``val``/``test``) and ``id`` (defaults to the row's line number, and then
+no row may have one: an explicit id could collide with another row's line number). Other columns
+are refused so that a misspelt column (``lable``) is not silently ignored, and so is a column named
+twice (which value would win?), in a CSV header or a JSON object.
+
+Parsing is strict, so a damaged file is an error at the line where it breaks, never rows silently
+merged: CSV follows RFC 4180 (a quote opens a quoted field that must close, then a comma; a quoted
+field may hold commas and line breaks), while TSV has no quoting at all (IANA's
+text/tab-separated-values: a title cannot hold a tab or a line break, and a ``"`` such as an inch
+mark is an ordinary character). In JSONL, numbers are values, not spellings: the label ``7.0`` is
+the label ``7`` (an integral number is written without a fraction, other numbers as Python writes
+them), and NaN or Infinity is refused; in CSV every field is text, so ``7`` and ``7.0`` stay two
+labels there. The manifest is data: paths
 are resolved (made absolute, ``..`` and symlinks followed) against the manifest folder, reported in
 that form when a row is skipped, and only ever opened as images, never executed or expanded by a
 shell. A UTF-8 BOM, CRLF line ends and NUL bytes are tolerated; JSONL lines end at ``\n`` only, so
@@ -14,11 +25,13 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from sicot_cli.data.skips import Skips
 from sicot_cli.errors import SicotError
+from sicot_cli.fsutil import read_regular
 
 REQUIRED = ("image", "title", "label")
 # csv's default field limit (128 KiB) would refuse a whole manifest for one runaway title; titles
@@ -47,6 +60,9 @@ def _bad_text(value: str) -> bool:
 
 
 def _check_columns(columns: list[str], path: Path) -> None:
+    twice = next((c for i, c in enumerate(columns) if c in columns[:i]), None)
+    if twice is not None:
+        raise SicotError(f"{path}: column {twice!r} appears twice in the header (columns: image, title, label, optional split, id)")
     unknown = [c for c in columns if c not in REQUIRED + OPTIONAL]
     if unknown:
         raise SicotError(f"{path}: unknown column {unknown[0]!r} (columns: image, title, label, optional split, id)")
@@ -68,7 +84,10 @@ def _records(path: Path, text: str, skips: Skips) -> list[tuple[int, dict[str, o
                 skips.add("line is not UTF-8", f"{path}:{n}")
                 continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(line, object_pairs_hook=_unique_keys)
+            except _DuplicateKey as e:
+                skips.add("JSON object names a key twice", f"{path}:{n} ({e})")
+                continue
             except json.JSONDecodeError as e:
                 skips.add("not a JSON object", f"{path}:{n} ({e.msg})")
                 continue
@@ -83,7 +102,8 @@ def _records(path: Path, text: str, skips: Skips) -> list[tuple[int, dict[str, o
         return out
     if suffix in (".csv", ".tsv"):
         csv.field_size_limit(max(csv.field_size_limit(), FIELD_LIMIT))
-        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
+        dialect = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if suffix == ".tsv" else {"delimiter": ",", "strict": True}
+        reader = csv.DictReader(io.StringIO(text, newline=""), **dialect)
         try:
             columns = [c.strip() for c in reader.fieldnames or []]
         except csv.Error as e:
@@ -93,9 +113,10 @@ def _records(path: Path, text: str, skips: Skips) -> list[tuple[int, dict[str, o
         _check_columns(columns, path)
         reader.fieldnames = columns
         rows: list[tuple[int, dict[str, object]]] = []
+        start = reader.line_num + 1  # where the record being read starts (a quoted field can span lines)
         try:
             for record in reader:
-                n = reader.line_num
+                n, start = reader.line_num, reader.line_num + 1
                 if None in record or any(v is None for v in record.values()):
                     skips.add("wrong number of fields", f"{path}:{n}")
                     continue
@@ -104,9 +125,39 @@ def _records(path: Path, text: str, skips: Skips) -> list[tuple[int, dict[str, o
                     continue
                 rows.append((n, dict(record)))
         except csv.Error as e:
-            raise SicotError(f"{path}: line {reader.line_num}: malformed CSV ({e})") from None
+            raise SicotError(f"{path}: line {start}: malformed CSV ({e}; a quote opens a quoted field, which must close before the next comma: write a quote inside a field as \"\")") from None
         return rows
     raise SicotError(f"{path}: unknown manifest type {path.suffix!r} (use .csv, .tsv or .jsonl)")
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    seen: dict[str, object] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(repr(key))
+        seen[key] = value
+    return seen
+
+
+def _text(value: object) -> str | None:
+    """A JSONL value as manifest text: strings as they are, numbers by value (7.0 -> "7"); None if unusable."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return None
+        if value.is_integer():
+            value = int(value)
+    try:
+        return str(value)
+    except ValueError:  # an integer of more than 4,300 digits
+        return None
 
 
 def read_manifest(path: str | Path, skips: Skips) -> list[Row]:
@@ -124,7 +175,7 @@ def read_manifest(path: str | Path, skips: Skips) -> list[Row]:
     """
     path = Path(path)
     try:
-        data = path.read_bytes()
+        data = read_regular(path)
     except FileNotFoundError:
         raise SicotError(f"{path}: manifest not found") from None
     except IsADirectoryError:
@@ -137,20 +188,26 @@ def read_manifest(path: str | Path, skips: Skips) -> list[Row]:
     base = path.parent
     rows: list[Row] = []
     seen: set[str] = set()
-    for n, rec in _records(path, text, skips):
+    records = _records(path, text, skips)
+    with_id = [n for n, rec in records if rec.get("id") not in (None, "")]
+    if with_id and len(with_id) < len(records):
+        first = next(n for n, rec in records if rec.get("id") in (None, ""))
+        raise SicotError(f"{path}:{first}: no id, but other rows have one (a row without id is named by its line number, which could be another row's id): give every row an id or none")
+    for n, rec in records:
         where = f"{path}:{n}"
         # NUL also arrives escaped in JSON ("\u0000"); HDF5 strings cannot hold it, and no title needs it
         values = {k: v.replace("\x00", "") if isinstance(v, str) else v for k, v in ((k, rec.get(k)) for k in REQUIRED + OPTIONAL)}
         if any(isinstance(v, str) and _bad_text(v) for v in values.values()):
             skips.add("text is not valid Unicode (lone surrogate)", where)
             continue
-        bad = next((k for k in REQUIRED if not isinstance(values[k], str | int | float) or isinstance(values[k], bool)), None)
+        texts = {k: _text(values[k]) for k in REQUIRED}
+        bad = next((k for k in REQUIRED if texts[k] is None), None)
         if bad is not None:
-            skips.add(f"missing {bad}", where)
+            skips.add(f"missing {bad}" if values[bad] in (None, "") else f"{bad} is not text or a finite number", where)
             continue
-        image = str(values["image"]).strip()
-        label = str(values["label"]).strip()
-        title = str(values["title"])
+        image = texts["image"].strip()
+        label = texts["label"].strip()
+        title = texts["title"]
         if not image:
             skips.add("missing image", where)
             continue
@@ -163,7 +220,10 @@ def read_manifest(path: str | Path, skips: Skips) -> list[Row]:
         if split is not None and split not in SPLITS:
             skips.add("split is not train/val/test", where)
             continue
-        rid = str(values["id"]).strip() if values["id"] not in (None, "") else str(n)
+        rid = (_text(values["id"]) or "").strip() if values["id"] not in (None, "") else str(n)
+        if not rid:
+            skips.add("missing id", where)
+            continue
         if rid in seen:
             skips.add("duplicate id", where)
             continue

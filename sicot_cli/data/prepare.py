@@ -45,7 +45,7 @@ from sicot_cli.data.tokenize import tokenize_many
 from sicot_cli.data.vocab import FilterRule, Vocab, build_vocab
 from sicot_cli.data.word2vec import VectorReport, word_vectors
 from sicot_cli.errors import SicotError
-from sicot_cli.fsutil import atomic_path, ensure_dir, remove_stale_tmp, write_json
+from sicot_cli.fsutil import atomic_path, check_name, ensure_dir, guarded_file, remove_stale_tmp, write_json
 from sicot_cli.progress import NullProgress, Progress
 
 log = logging.getLogger(__name__)
@@ -352,6 +352,7 @@ def prepare(recipe: Recipe, out: str | Path | None = None, force: bool = False, 
     progress = progress or NullProgress()
     recipe = copy.deepcopy(recipe)  # eval.boundaries = "data" fills in the thresholds: not the caller's
     out_path = Path(out or recipe.data.out)
+    check_name(out_path)
     for path in (out_path, out_path.with_suffix(".recipe.json")):
         remove_stale_tmp(path)  # left by a killed prepare
     if out_path.exists() and not force:
@@ -370,8 +371,8 @@ def prepare(recipe: Recipe, out: str | Path | None = None, force: bool = False, 
     parts = {split: [r for r in recs if r.split == split] for split in ("train", "val", "test")}
     size = d.image_size
     t_decode = time.perf_counter()
-    with atomic_path(out_path) as tmp:
-        with ds.create(tmp, len(recs), size, d.max_title_tokens) as f:
+    with atomic_path(out_path) as tmp, guarded_file(tmp) as fobj:  # a full disk: one clean error, not a crash in HDF5
+        with ds.create(fobj, len(recs), size, d.max_title_tokens) as f:
             written: list[_Rec] = []
             images = f["images"]
             buf: list[np.ndarray] = []
@@ -381,6 +382,7 @@ def prepare(recipe: Recipe, out: str | Path | None = None, force: bool = False, 
                     start = len(written) - len(buf)
                     images[start : start + len(buf)] = np.stack(buf)
                     buf.clear()
+                    fobj.check()  # stop at the first failed write, not after decoding everything
 
             train_labels: Counter[str] = Counter()
             ends: dict[str, int] = {}  # split -> rows written up to its end

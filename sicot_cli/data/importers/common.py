@@ -6,12 +6,14 @@ import csv
 import io
 import json
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from sicot_cli.errors import SicotError
-from sicot_cli.fsutil import atomic_path, ensure_dir
+from sicot_cli.fsutil import atomic_path, ensure_dir, read_regular
 
 COLUMNS = ("image", "title", "label", "split", "id")
 
@@ -29,6 +31,64 @@ class ImportSummary:
     val: int = 0  # validation rows the manifest names (``prepare`` carves them otherwise)
     skipped: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+
+
+def read_text(path: Path, errors: str = "strict") -> str:
+    """A released file's text: a regular file only (a FIFO would block), UTF-8 (a BOM is dropped).
+
+    Raises:
+        OSError, UnicodeDecodeError: as reading and decoding would (callers name the file).
+    """
+    return read_regular(path).decode("utf-8-sig", errors=errors)
+
+
+def parse_json(text: str) -> Any:
+    """``json.loads`` whose every failure is a ``ValueError``.
+
+    ``json`` itself also raises ``RecursionError`` for ``[[[[...]]]]`` nested ~100,000 deep, and a
+    ``ValueError`` that is not a ``JSONDecodeError`` for an integer of 5,000 digits; the
+    importers read files they did not write, so both are bad input, never a crash.
+    """
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def load_json(path: Path, missing: str, damaged: str = "") -> Any:
+    """Read a JSON file of a released dataset, or raise one error naming the file.
+
+    Args:
+        path: the file.
+        missing: what to say when it does not exist (the command that creates it).
+        damaged: what to add when it is not valid JSON.
+    """
+    try:
+        return parse_json(read_text(path))
+    except FileNotFoundError:
+        raise SicotError(f"{path}: {missing}") from None
+    except UnicodeDecodeError as e:
+        raise SicotError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}){damaged}") from None
+    except ValueError as e:
+        raise SicotError(f"{path}: not valid JSON ({e}){damaged}") from None
+    except OSError as e:
+        raise SicotError(f"{path}: cannot read ({e.strerror or e}){damaged}") from None
+
+
+_INT = re.compile(r"[+-]?[0-9]{1,18}")
+
+
+def ascii_int(value: object) -> int | None:
+    """An integer written with ASCII digits (at most 18 of them), else None.
+
+    ``str.isdigit`` is also true for ``'²'`` or ``'٣'``, which ``int`` then refuses or reads as
+    another number; ids and class numbers in released files are plain ASCII.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value if abs(value) < 10**18 else None
+    if isinstance(value, str) and _INT.fullmatch(value.strip()):
+        return int(value.strip())
+    return None
 
 
 def clean_title(text: str) -> str:
@@ -74,7 +134,7 @@ def read_titles(path: Path) -> tuple[dict[str, str], Counter[str]]:
         SicotError: missing or unreadable file, missing column, unknown file type.
     """
     try:
-        text = path.read_bytes().decode("utf-8-sig")
+        text = read_text(path)
     except FileNotFoundError:
         raise SicotError(f"{path}: titles file not found") from None
     except IsADirectoryError:
@@ -91,8 +151,8 @@ def read_titles(path: Path) -> tuple[dict[str, str], Counter[str]]:
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
+                obj = parse_json(line)
+            except ValueError:
                 problems["bad line"] += 1
                 continue
             if not isinstance(obj, dict):

@@ -27,7 +27,6 @@ its own, which would put skin-tone variants of one emoji in training and in vali
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
 from collections import Counter, defaultdict
@@ -35,8 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sicot_cli.data.importers.common import ImportSummary, clean_title, write_manifest
-from sicot_cli.data.importers.npm import MARKER, NpmPackage, fetch_tarball, npm_commands, unpack
+from sicot_cli.data.importers.common import ImportSummary, ascii_int, clean_title, load_json, write_manifest
+from sicot_cli.data.importers.npm import MARKER, NpmPackage, fetch_tarball, npm_commands, read_marker, unpack
 from sicot_cli.errors import SicotError
 from sicot_cli.fsutil import ensure_dir, write_json
 
@@ -66,12 +65,7 @@ def code(hexcode: str) -> str:
 
 
 def _load(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SicotError(f"{path}: missing (run `sicot datasets fetch emoji` first)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SicotError(f"{path}: unreadable ({e}); delete its folder and fetch again") from None
+    return load_json(path, "missing (run `sicot datasets fetch emoji` first)", "; delete its folder and fetch again")
 
 
 def _texts(data: Any, where: Path) -> dict[str, tuple[str, list[str]]]:
@@ -104,10 +98,12 @@ def _images(folder: Path, skipped: Counter[str]) -> list[_Image]:
     entries = _load(src / "emoji.json")
     if not isinstance(entries, list):
         raise SicotError(f"{src / 'emoji.json'}: expected a list of emoji")
+    entries = [e for e in entries if isinstance(e, dict)]
     texts = {lang: _texts(_load(folder / EMOJIBASE.name / lang / "data.json"), folder / EMOJIBASE.name / lang / "data.json") for lang in LANGUAGES}
     images: list[_Image] = []
-    for e in sorted(entries, key=lambda e: (e.get("sort_order", 0), str(e.get("unified")))):
-        variants = [e, *(e.get("skin_variations") or {}).values()]
+    for e in sorted(entries, key=lambda e: (ascii_int(e.get("sort_order", 0)) or 0, str(e.get("unified")))):
+        skins = e.get("skin_variations")
+        variants = [e, *(v for v in (skins.values() if isinstance(skins, dict) else []) if isinstance(v, dict))]
         if e.get("category") == "Component":
             skipped["Component group (skin-tone and hair swatches)"] += len(variants)
             continue
@@ -244,7 +240,4 @@ def fetch_emoji(
 
 
 def _unpacked(dest: Path, pkg: NpmPackage) -> bool:
-    try:
-        return json.loads((dest / MARKER).read_text(encoding="utf-8")).get("integrity") == pkg.integrity
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return False
+    return read_marker(dest / MARKER, pkg) is not None

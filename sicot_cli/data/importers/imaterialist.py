@@ -18,22 +18,16 @@ or JSONL), keyed by the image id with or without its extension. Images without a
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from sicot_cli.data.importers.common import ImportSummary, manifest_path, read_titles, write_manifest
+from sicot_cli.data.importers.common import ImportSummary, load_json, manifest_path, read_titles, write_manifest
 from sicot_cli.errors import SicotError
 
 
 def _images(path: Path) -> list[dict[str, Any]]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SicotError(f"{path}: not found (the dataset's train.json / val.json)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SicotError(f"{path}: unreadable ({e})") from None
+    data = load_json(path, "not found (the dataset's train.json / val.json)")
     images = data.get("images") if isinstance(data, dict) else None
     if not isinstance(images, list):
         raise SicotError(f"{path}: expected {{\"images\": [{{\"id\", \"url\", \"class\"}}, ...]}}")

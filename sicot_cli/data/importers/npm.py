@@ -20,8 +20,9 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from sicot_cli.data.importers.common import parse_json, read_text
 from sicot_cli.errors import SicotError
-from sicot_cli.fsutil import ensure_dir
+from sicot_cli.fsutil import ensure_dir, open_regular
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class NpmPackage:
 def checksums(path: Path) -> tuple[str, str]:
     """The file's npm integrity string (``sha512-<base64>``) and SHA-256 hex digest, in one pass."""
     h512, h256 = hashlib.sha512(), hashlib.sha256()
-    with path.open("rb") as f:
+    with open_regular(path) as f:
         while chunk := f.read(1 << 20):
             h512.update(chunk)
             h256.update(chunk)
@@ -117,6 +118,25 @@ def fetch_tarball(pkg: NpmPackage, folder: Path, npm: str | None) -> Path:
     return target
 
 
+def read_marker(marker: Path, pkg: NpmPackage) -> int | None:
+    """The file count recorded by a complete unpack of ``pkg``, or None when the marker is absent or not ours.
+
+    The marker is only trusted in its exact form: a JSON object naming ``pkg`` and its pinned
+    integrity, with a plain file count. Anything else (a forged marker listing paths, a JSON bomb,
+    a FIFO) means "not unpacked", and the verified tarball is unpacked again.
+    """
+    try:
+        info = parse_json(read_text(marker))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict) or set(info) != {"package", "integrity", "files"}:
+        return None
+    files = info["files"]
+    if info["package"] != pkg.spec or info["integrity"] != pkg.integrity or not isinstance(files, int) or isinstance(files, bool) or files < 1:
+        return None
+    return files
+
+
 def _member_path(name: str) -> str | None:
     """The package-relative path of a tar member (``package/x/y`` -> ``x/y``), or None if unsafe."""
     parts = name.split("/")
@@ -139,14 +159,9 @@ def unpack(tarball: Path, pkg: NpmPackage, dest: Path) -> int:
     Raises:
         SicotError: a wanted member that is not a regular file, or a corrupt archive.
     """
-    marker = dest / MARKER
-    if marker.is_file():
-        try:
-            info = json.loads(marker.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            info = {}
-        if info.get("integrity") == pkg.integrity:
-            return int(info.get("files", 0))
+    done = read_marker(dest / MARKER, pkg)
+    if done is not None:
+        return done
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     files = 0

@@ -25,13 +25,12 @@ classes).
 
 from __future__ import annotations
 
-import json
 import random
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from sicot_cli.data.importers.common import ImportSummary, clean_title, manifest_path, write_manifest
+from sicot_cli.data.importers.common import ImportSummary, ascii_int, clean_title, load_json, manifest_path, read_text, write_manifest
 from sicot_cli.errors import SicotError
 
 SOURCES = ("google", "flickr")
@@ -40,7 +39,7 @@ TEXTS = ("title", "title+description")
 
 def _filelist(path: Path) -> list[tuple[str, int]]:
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = read_text(path).splitlines()
     except FileNotFoundError:
         raise SicotError(f"{path}: not found (WebVision's info/ file list)") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -50,9 +49,10 @@ def _filelist(path: Path) -> list[tuple[str, int]]:
         parts = line.split()
         if not parts:
             continue
-        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-            raise SicotError(f"{path}:{n}: expected '<image path> <class>', got {line[:80]!r}")
-        out.append((parts[0], int(parts[1])))
+        cls = ascii_int(parts[1]) if len(parts) == 2 else None
+        if cls is None:
+            raise SicotError(f"{path}:{n}: expected '<image path> <class>' (the class in ASCII digits), got {line[:80]!r}")
+        out.append((parts[0], cls))
     return out
 
 
@@ -66,16 +66,16 @@ def _text(value: Any) -> str:
     return ""
 
 
+def _position(stem: str) -> int | None:
+    """``000123`` -> 123; None for anything but ASCII digits (``'²'.isdigit()`` is True)."""
+    return ascii_int(stem) if stem.isascii() and stem.isdigit() else None
+
+
 class _Meta:
     """One query's meta file, looked up by image stem (``id`` field first, then position)."""
 
     def __init__(self, path: Path) -> None:
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            data = []
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise SicotError(f"{path}: unreadable meta file ({e})") from None
+        data = load_json(path, "no such meta file") if path.exists() else []
         self.by_id: dict[str, dict[str, Any]] = {}
         if isinstance(data, dict) and isinstance(data.get("images"), list):
             data = data["images"]
@@ -90,13 +90,14 @@ class _Meta:
     @staticmethod
     def _key(value: object) -> str:
         s = str(value).strip()
-        return str(int(s)) if s.isdigit() else s
+        return str(int(s)) if _position(s) is not None else s
 
     def get(self, stem: str) -> dict[str, Any] | None:
         if self.by_id:
             return self.by_id.get(self._key(stem))
-        if stem.isdigit() and int(stem) < len(self.entries) and isinstance(self.entries[int(stem)], dict):
-            return self.entries[int(stem)]
+        i = _position(stem)
+        if i is not None and i < len(self.entries) and isinstance(self.entries[i], dict):
+            return self.entries[i]
         return None
 
 
@@ -104,7 +105,10 @@ def _class_names(root: Path) -> dict[int, str]:
     path = root / "info" / "synsets.txt"
     if not path.is_file():
         return {}
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    try:
+        lines = read_text(path, errors="replace").splitlines()
+    except OSError as e:
+        raise SicotError(f"{path}: cannot read ({e.strerror or e})") from None
     return {i: " ".join(line.split()) for i, line in enumerate(lines) if line.strip()}
 
 

@@ -1,0 +1,83 @@
+"""Resuming a run from what it recorded, not from what the command line happens to say.
+
+``sicot train --resume --run-dir DIR`` continues with the run's own resolved recipe and prepared
+file, both saved in ``DIR/config.json``; that one command is all an interrupted run needs. A
+``--recipe`` or ``section.key=value`` overrides given with it are compared with the saved recipe:
+a difference that changes what the run computes (learning rate, batch size, epochs, lambda,
+augmentation...) is refused, naming each key with its saved and asked-for value, unless
+``--allow-changes`` is passed; then the new recipe is saved in ``config.json`` and the change is
+recorded there under ``changes`` (when, and each key's old and new value), so the run still
+describes itself.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+from typing import Any
+
+from sicot_cli import runs
+from sicot_cli.config import Recipe, apply_overrides, load_recipe, recipe_from_dict
+from sicot_cli.errors import SicotError
+from sicot_cli.fsutil import write_json
+
+# Settings that change nothing a run computes: where it runs (another device may differ in the
+# last bits, as any two devices do), evaluation batch size, compilation and memory layout, where
+# runs are kept, and the sections only `prepare` reads (the prepared file itself is checked by
+# its fingerprint on resume). Everything else is part of the result.
+NEUTRAL = ("train.device", "train.eval_batch_size", "train.compile", "train.channels_last", "train.runs_dir", "data.", "text.", "embed.")
+
+
+def _flat(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and key != "encoder_options":
+            out.update(_flat(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def changes(saved: dict[str, Any], wanted: dict[str, Any]) -> dict[str, list[Any]]:
+    """``key -> [saved, wanted]`` for every result-changing setting that differs."""
+    a, b = _flat(saved), _flat(wanted)
+    return {
+        k: [a.get(k), b.get(k)]
+        for k in sorted(a.keys() | b.keys())
+        if a.get(k) != b.get(k) and not any(k == n or (n.endswith(".") and k.startswith(n)) for n in NEUTRAL)
+    }
+
+
+def resume_recipe(run_dir: Path, recipe: Path | None, overrides: list[str], allow_changes: bool = False) -> tuple[Recipe, Path]:
+    """The recipe and prepared file to resume ``run_dir`` with.
+
+    Args:
+        run_dir: an existing run directory.
+        recipe: a ``--recipe`` given with ``--resume`` (compared with the saved one), or None.
+        overrides: ``section.key=value`` given with ``--resume``, applied to the saved recipe
+            (or to ``recipe`` when given).
+        allow_changes: accept result-changing differences, and record them in ``config.json``.
+
+    Returns:
+        The recipe, and the prepared file the run was trained on.
+
+    Raises:
+        SicotError: a result-changing difference without ``allow_changes``, or a bad run directory.
+    """
+    config = runs.read_config(run_dir)
+    path = run_dir / runs.CONFIG
+    saved = config["recipe"]
+    wanted = load_recipe(recipe, overrides) if recipe is not None else apply_overrides(saved, overrides, f"{path} with the command-line overrides")
+    # compared as resolved recipes: a key a newer sicot added is at its default in both
+    diff = changes(recipe_from_dict(saved, f"{path}, field recipe").to_dict(), wanted.to_dict())
+    if diff and not allow_changes:
+        listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in diff.items())
+        raise SicotError(
+            f"{run_dir}: resuming with a recipe other than the run's changes its result ({listed}): "
+            f"resume with `sicot train --resume --run-dir {run_dir}` alone, or pass --allow-changes to accept and record the change"
+        )
+    if diff:
+        when = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        write_json(path, {**config, "recipe": wanted.to_dict(), "changes": [*config.get("changes", []), {"at": when, "settings": diff}]})
+    return wanted, Path(config["data"])
