@@ -141,6 +141,10 @@ class TrainConfig:
     # classifier_parallel_min_classes classes on; "yes"/"no" force it (sicot_cli/distributed.py).
     classifier_parallel: str = "auto"
     classifier_parallel_min_classes: int = 100_000
+    # Softmax over a sample of the classes per step (Partial FC), both terms of Eq. 1 and every rank
+    # alike: the batch's labels plus uniformly drawn others, this fraction of all classes. 1.0 = the
+    # exact softmax over all classes. Only the sampled rows are updated (sicot_cli/classifier_step.py).
+    class_sample_rate: float = 1.0
 
 
 @dataclass
@@ -383,6 +387,7 @@ def validate(recipe: Recipe, where: str) -> None:
         (recipe.train.step_size >= 1, f"train.step_size must be >= 1, got {recipe.train.step_size}"),
         (0 < recipe.train.gamma <= 1, f"train.gamma must be in (0, 1], got {recipe.train.gamma}"),
         (recipe.train.lam >= 0, f"train.lam must be >= 0, got {recipe.train.lam}"),
+        (0 < recipe.train.class_sample_rate <= 1, f"train.class_sample_rate must be in (0, 1], got {recipe.train.class_sample_rate}"),
         (recipe.train.in_memory in ("auto", "yes", "no"), f"train.in_memory must be auto, yes or no, got {recipe.train.in_memory!r}"),
         (recipe.train.classifier_parallel in ("auto", "yes", "no"), f"train.classifier_parallel must be auto, yes or no, got {recipe.train.classifier_parallel!r}"),
         (recipe.train.block_rows >= 1 and recipe.train.shuffle_blocks >= 1, "train.block_rows and train.shuffle_blocks must be >= 1"),
