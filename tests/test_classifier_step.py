@@ -187,18 +187,6 @@ def test_class_sample_rate_is_checked() -> None:
             load_recipe(None, [f"train.class_sample_rate={bad}"])
 
 
-@pytest.fixture(scope="module")
-def many_classes(tmp_path_factory) -> Path:
-    """A prepared synthetic set of 24 classes at 16 px (more classes than a batch holds)."""
-    from sicot_cli.config import load_recipe
-    from sicot_cli.data.prepare import prepare
-
-    out = tmp_path_factory.mktemp("many") / "many.h5"
-    prepare(load_recipe(None, ["data.source=synthetic", "data.synthetic.num_classes=24", "data.synthetic.max_per_class=6", "data.synthetic.min_per_class=2",
-                               "data.synthetic.test_per_class=1", "data.image_size=16", "data.workers=1", "embed.dim=8", "embed.epochs=1"]), out)
-    return out
-
-
 def test_resume_with_sampling_reproduces_the_run(many_classes: Path, tmp_path: Path) -> None:
     recipe = tiny_recipe(many_classes, "model.encoder=mean", "train.class_sample_rate=0.5", "train.epochs=1")
     full = train(recipe, tmp_path / "full")
