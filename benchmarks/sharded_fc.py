@@ -72,7 +72,7 @@ def _worker(rank: int, world: int, rendezvous: str, classes: int, dim: int, batc
         tensors = [clf.weight, clf.bias, *grads, *(opt.state[p]["momentum_buffer"] for p in (clf.weight, clf.bias))]
         nbytes = sum(t.numel() * t.element_size() for t in tensors if t is not None)
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        Path(out, f"rank{rank}.txt").write_text(f"{nbytes} {rss} {statistics.median(times)} {float(loss)}")
+        Path(out, f"rank{rank}.txt").write_text(f"{nbytes} {rss} {statistics.median(times)} {float(loss.detach())}")
     finally:
         dist.destroy_process_group()
 
