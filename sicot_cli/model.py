@@ -5,8 +5,8 @@
 - semantic stream: a registered text encoder (``encoders/``) whose output has ``x_v``'s size;
 - mixed feature: ``x_m = max(x_v, s)`` elementwise ("a max-pooling operation over the visual
   features and the semantic embeddings");
-- one linear classifier scores both ``x_v`` and ``x_m``; the loss is Eq. 1,
-  ``CE(W x_v) + lambda * CE(W x_m)``.
+- one linear classifier scores both ``x_v`` and ``x_m`` (in one GEMM over their concatenation,
+  :func:`score_cat`); the loss is Eq. 1, ``CE(W x_v) + lambda * CE(W x_m)``.
 
 Scale matching (our addition, off by default: ``model.semantic_norm = "batchnorm"``): ``x_v`` comes
 out of BatchNorm + ReLU + average pooling, while a freshly projected title embedding is about ten

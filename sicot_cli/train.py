@@ -154,8 +154,11 @@ def train_step(
 
     uint8 images go to the device, are augmented there (seeded by ``generator``), normalised and
     scored; the loss is Eq. 1. ``forward`` is the model, its DDP wrapper or its ``torch.compile``
-    wrapper; with ``sharded`` it is the streams' wrapper (:class:`~sicot_cli.model.Streams`) and the
-    features of the whole global batch are scored by this rank's classes.
+    wrapper; with ``sharded`` or class sampling (``cfg.class_sample_rate`` < 1) it is the streams'
+    wrapper (:func:`step_forward`) and the classifier is scored by
+    :func:`~sicot_cli.classifier_step.eq1_from_streams` (sharded: the whole global batch against
+    this rank's classes; sampled: against the step's sampled classes, whose rows get their own SGD
+    update after ``optimizer.step()``).
 
     Returns:
         The global batch's total loss, CE(x_v) and CE(x_m) (None for the baseline), detached.
