@@ -13,18 +13,27 @@ For each class count three steps are timed in interleaved rounds on the same bat
   so it is the cost of the model alone;
 - ``baseline``: :func:`sicot_cli.train.train_step` with no encoder (uint8 batch to the device,
   batched crop+flip there, normalise, forward, Eq. 1, backward, SGD);
-- ``co-training``: the same step with a text encoder (``bilinear`` by default).
+- ``co-training``: the same step with a text encoder (``bilinear`` by default); Eq. 1 scores x_v
+  and x_m in one GEMM (:func:`sicot_cli.model.score_cat`);
+- ``baseline@R`` and ``co-training@R`` (``--sample-rate R``, default 0.1; 1 leaves them out): the
+  same steps with ``train.class_sample_rate = R`` (the softmax over the batch's classes and a
+  uniform sample of the others, Partial FC style; ``sicot_cli/classifier_step.py``).
+
+``--models`` keeps some of them (e.g. ``baseline,co-training`` at a million classes, where every
+model holds its own classifier, gradient and momentum: 6 GiB each at 512 dims) and ``--no-loader``
+skips the loader epochs (a fourth model).
 
 Also: the loader ratio (an epoch streamed from the prepared HDF5 vs the same epoch from RAM, with
 the co-training step), and peak memory per model (CUDA: ``max_memory_allocated`` of each model
 alone; CPU: the process's peak RSS). Goals: baseline img/s >= 0.9 x torchvision's, co-training
->= 0.95 x baseline. A goal that is not met gets a ``torch.profiler`` table of both steps and the
+>= 0.95 x baseline, and sampled co-training >= 0.95 x sampled baseline (the same rate). A goal that is not met gets a ``torch.profiler`` table of both steps and the
 ops that grow most, printed and stored in ``benchmarks/results/gpu_step-<device>.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import statistics
 import tempfile
@@ -42,11 +51,31 @@ from sicot_cli.config import TrainConfig, load_recipe
 from sicot_cli.data import dataset as ds
 from sicot_cli.data.loader import Batch, BatchLoader
 from sicot_cli.model import MEAN, STD, build_model
-from sicot_cli.train import train_step
+from sicot_cli.train import step_forward, train_step
 
 BASELINE_GOAL = 0.9  # sicot baseline img/s / torchvision img/s
-COTRAIN_GOAL = 0.95  # co-training img/s / baseline img/s
-MODELS = ("torchvision", "baseline", "co-training")
+COTRAIN_GOAL = 0.95  # co-training img/s / baseline img/s (exact, and both sampled at one rate)
+EXACT = ("torchvision", "baseline", "co-training")
+SAMPLED = ("baseline@", "co-training@")  # + the rate
+# goal name -> (subject, reference, minimum ratio or None for a figure without a goal); the ratio is
+# reference ms / subject ms (throughput), the median over interleaved rounds.
+PAIRS = {
+    "baseline_vs_torchvision": ("baseline", "torchvision", BASELINE_GOAL),
+    "cotraining_vs_baseline": ("co-training", "baseline", COTRAIN_GOAL),
+    "sampled_cotraining_vs_sampled_baseline": ("co-training@", "baseline@", COTRAIN_GOAL),
+    "sampled_baseline_vs_baseline": ("baseline@", "baseline", None),
+    "sampled_cotraining_vs_baseline": ("co-training@", "baseline", None),
+}
+
+
+def model_names(rate: float) -> list[str]:
+    """Every model of a run: the exact ones, and the sampled ones when the rate is below 1."""
+    return [*EXACT, *(f"{m}{rate:g}" for m in SAMPLED)] if rate < 1 else list(EXACT)
+
+
+def resolve(name: str, rate: float) -> str:
+    """A pair's name (``baseline@``) as the model's (``baseline@0.1``)."""
+    return f"{name}{rate:g}" if name.endswith("@") else name
 
 
 def settings(args: argparse.Namespace) -> dict:
@@ -64,7 +93,12 @@ def settings(args: argparse.Namespace) -> dict:
         rounds, round_ms, batches, epoch_batches = 5, 1500.0, 3, 4
     chosen = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in default.items()}
     chosen["classes"] = [int(c) for c in str(chosen["classes"]).split(",") if c.strip()]
-    return {**chosen, "encoder": args.encoder, "rounds": rounds, "round_ms": round_ms, "batches": batches, "epoch_batches": epoch_batches}
+    models = model_names(args.sample_rate)
+    if args.models:
+        wanted = [resolve(m.strip(), args.sample_rate) for m in args.models.split(",") if m.strip()]
+        models = [m for m in models if m in wanted]
+    return {**chosen, "encoder": args.encoder, "rounds": rounds, "round_ms": round_ms, "batches": batches, "epoch_batches": epoch_batches,
+            "sample_rate": args.sample_rate, "models": models, "loader": not args.no_loader}
 
 
 def torchvision_step(backbone: str, classes: int, staged: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device, cfg: TrainConfig) -> Callable[[], None]:
@@ -98,9 +132,10 @@ def sicot_step(backbone: str, classes: int, encoder: str, vectors: torch.Tensor,
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(0)
     state = {"i": 0}
+    forward = step_forward(model, cfg, False)
 
     def on(batch: Batch) -> None:
-        train_step(model, model, opt, batch, device, cfg, gen)
+        train_step(model, forward, opt, batch, device, cfg, gen)
 
     def step() -> None:
         on(fixed[state["i"] % len(fixed)])
@@ -135,15 +170,19 @@ def measure(classes: int, s: dict, device: torch.device, cfg: TrainConfig, quick
         fixed = list(mem.epoch(0))[: s["batches"]]
         staged = stage(fixed, device)
 
+        models = s["models"]
+
         def build(name: str) -> Callable[[], None]:
             if name == "torchvision":
                 return torchvision_step(s["backbone"], classes, staged, device, cfg)
-            return sicot_step(s["backbone"], classes, "none" if name == "baseline" else s["encoder"], vectors, fixed, device, cfg)[1]
+            rate = float(name.split("@")[1]) if "@" in name else 1.0
+            encoder = "none" if name.startswith("baseline") else s["encoder"]
+            return sicot_step(s["backbone"], classes, encoder, vectors, fixed, device, dataclasses.replace(cfg, class_sample_rate=rate))[1]
 
         # Peak memory of each model alone (CUDA); on CPU only the process's peak RSS exists.
-        peaks: dict[str, float | None] = dict.fromkeys(MODELS)
+        peaks: dict[str, float | None] = dict.fromkeys(models)
         if cuda:
-            for name in MODELS:
+            for name in models:
                 gc.collect()
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
@@ -157,21 +196,19 @@ def measure(classes: int, s: dict, device: torch.device, cfg: TrainConfig, quick
             gc.collect()
             torch.cuda.empty_cache()
 
-        steps = {name: build(name) for name in MODELS}
+        steps = {name: build(name) for name in models}
         times = interleaved_ms(steps, warmup=2, rounds=s["rounds"], round_ms=s["round_ms"], sync=sync)
         ms = {k: statistics.median(v) for k, v in times.items()}
         # Throughput ratios (higher is better): the median over rounds of reference ms / subject ms.
-        per_round = {
-            "baseline_vs_torchvision": [r / b for r, b in zip(times["torchvision"], times["baseline"], strict=True)],
-            "cotraining_vs_baseline": [b / c for b, c in zip(times["baseline"], times["co-training"], strict=True)],
-        }
+        pairs = {g: (resolve(a, s["sample_rate"]), resolve(b, s["sample_rate"])) for g, (a, b, _) in PAIRS.items()}
+        pairs = {g: (a, b) for g, (a, b) in pairs.items() if a in times and b in times}
+        per_round = {g: [r / x for x, r in zip(times[a], times[b], strict=True)] for g, (a, b) in pairs.items()}
         speed = {k: statistics.median(v) for k, v in per_round.items()}
         spread = {k: [min(v), max(v)] for k, v in per_round.items()}  # how noisy the rounds were
-        met = {"baseline_vs_torchvision": speed["baseline_vs_torchvision"] >= BASELINE_GOAL, "cotraining_vs_baseline": speed["cotraining_vs_baseline"] >= COTRAIN_GOAL}
+        met = {g: speed[g] >= PAIRS[g][2] for g in pairs if PAIRS[g][2] is not None}
 
         profiles: dict[str, dict] = {}
-        pairs = {"baseline_vs_torchvision": ("baseline", "torchvision"), "cotraining_vs_baseline": ("co-training", "baseline")}
-        wanted = [g for g in pairs if profile == "always" or (profile == "auto" and not met[g])]
+        wanted = [g for g in met if profile == "always" or (profile == "auto" and not met[g])]
         tables: dict[str, tuple[str, dict[str, float]]] = {}
         for goal in wanted:
             for name in pairs[goal]:
@@ -185,19 +222,22 @@ def measure(classes: int, s: dict, device: torch.device, cfg: TrainConfig, quick
             }
         del steps
 
-        on, _ = sicot_step(s["backbone"], classes, s["encoder"], vectors, fixed, device, cfg)
-        loader_pairs, loader_ratio = loader_epochs(prepared, batch, n_epoch, on, 2 if quick else 3, sync, pin_memory=cuda)
-        del on
+        loader_pairs, loader_ratio = [], None
+        if s["loader"]:
+            on, _ = sicot_step(s["backbone"], classes, s["encoder"], vectors, fixed, device, cfg)
+            loader_pairs, loader_ratio = loader_epochs(prepared, batch, n_epoch, on, 2 if quick else 3, sync, pin_memory=cuda)
+            del on
         process_peak, peak_kind = peak_memory_gib("cpu") if not cuda else (None, "cuda_max_memory_allocated")
 
     return {
         "classes": classes,
         "steps": [
             {"model": k, "ms_per_step": ms[k], "images_per_s": batch * 1000 / ms[k], "peak_memory_gib": peaks[k], "rounds_ms": times[k]}
-            for k in MODELS
+            for k in models
         ],
         "ratios": speed,
         "ratio_ranges": spread,
+        "pairs": pairs,
         "goals_met": met,
         "loader": {"epochs": [{"loader_s": a, "in_memory_s": b} for a, b in loader_pairs], "ratio": loader_ratio},
         "process_peak_rss_gib": process_peak,
@@ -210,19 +250,25 @@ def report(console: Console, r: dict, setting: str) -> None:
     table = Table(title=f"training step, {r['classes']:,} classes ({setting})")
     for col in ("model", "ms/step", "img/s", "ratio", "peak GiB"):
         table.add_column(col, justify="left" if col == "model" else "right")
-    ratio = {"torchvision": "1.000 (reference)", "baseline": f"{r['ratios']['baseline_vs_torchvision']:.3f} x torchvision", "co-training": f"{r['ratios']['cotraining_vs_baseline']:.3f} x baseline"}
+    ratio: dict[str, list[str]] = {}
+    for goal, value in r["ratios"].items():
+        subject, reference = r["pairs"][goal]
+        ratio.setdefault(subject, []).append(f"{value:.3f} x {reference}")
     for row in r["steps"]:
         peak = row["peak_memory_gib"]
-        table.add_row(row["model"], f"{row['ms_per_step']:.1f}", f"{row['images_per_s']:,.0f}", ratio[row["model"]], "" if peak is None else f"{peak:.2f}")
+        shown = "; ".join(ratio.get(row["model"], [])) or ("1.000 (reference)" if row["model"] == "torchvision" else "")
+        table.add_row(row["model"], f"{row['ms_per_step']:.1f}", f"{row['images_per_s']:,.0f}", shown, "" if peak is None else f"{peak:.2f}")
     console.print(table)
     if r["process_peak_rss_gib"] is not None:
         console.print(f"process peak RSS so far: {r['process_peak_rss_gib']:.2f} GiB (CPU: per-model peaks are not separable)")
-    console.print(f"loader epoch / in-memory epoch (co-training): {r['loader']['ratio']:.3f}")
-    for goal, target in (("baseline_vs_torchvision", BASELINE_GOAL), ("cotraining_vs_baseline", COTRAIN_GOAL)):
+    if r["loader"]["ratio"] is not None:
+        console.print(f"loader epoch / in-memory epoch (co-training): {r['loader']['ratio']:.3f}")
+    for goal, met in r["goals_met"].items():
         value = r["ratios"][goal]
         lo, hi = r["ratio_ranges"][goal]
-        verdict = "[green]met[/]" if r["goals_met"][goal] else "[red]not met[/]"
-        console.print(f"goal: {goal.replace('_vs_', ' img/s >= ')} x {target}: {verdict} ({value:.3f}; rounds {lo:.3f}..{hi:.3f})")
+        verdict = "[green]met[/]" if met else "[red]not met[/]"
+        subject, reference = r["pairs"][goal]
+        console.print(f"goal: {subject} img/s >= {PAIRS[goal][2]} x {reference}: {verdict} ({value:.3f}; rounds {lo:.3f}..{hi:.3f})")
     for goal, p in r["profiles"].items():
         console.print(f"\nprofile ({goal}): {p['subject']}, ops by self time per step")
         print(p["subject_table"])  # plain print: rich would re-wrap the profiler's fixed-width table
@@ -245,9 +291,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--classes", default=None, help="comma-separated class counts (default: 1000,100000)")
     parser.add_argument("--encoder", default="bilinear", help="the co-training encoder")
     parser.add_argument("--profile", choices=["auto", "always", "never"], default="auto", help="profile a step when its goal is not met (auto)")
+    parser.add_argument("--sample-rate", type=float, default=0.1, help="train.class_sample_rate of the sampled models (1: none)")
+    parser.add_argument("--models", default=None, help="comma-separated subset of torchvision,baseline,co-training,baseline@,co-training@")
+    parser.add_argument("--no-loader", action="store_true", help="skip the loader epochs")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")
+    if not 0 < args.sample_rate <= 1:
+        parser.error(f"--sample-rate must be in (0, 1], got {args.sample_rate}")
     start()
     s = settings(args)
     device = torch.device(args.device)
@@ -264,11 +315,12 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "gpu_step",
         "quick": args.quick,
-        "setting": {k: s[k] for k in ("backbone", "image_size", "batch", "classes", "encoder", "rounds", "round_ms")},
+        "setting": {k: s[k] for k in ("backbone", "image_size", "batch", "classes", "encoder", "rounds", "round_ms", "sample_rate", "models", "loader")},
         "results": results,
         "goals": {
             "baseline_vs_torchvision_min": BASELINE_GOAL,
             "cotraining_vs_baseline_min": COTRAIN_GOAL,
+            "sampled_cotraining_vs_sampled_baseline_min": COTRAIN_GOAL,
         },
     }
     console.print(f"wrote {write_results('gpu_step', args.device, result)}")

@@ -6,8 +6,11 @@ Two measurements, each from one run:
    sharded over ``--world`` (2) gloo ranks: each rank's classifier memory (weight + bias, their
    gradients and momentum buffers, measured from the tensors after the steps) against the unsharded
    size of the same tensors (goal: 1/world of it, up to one class of rounding), and the step time.
-   One step = all-gather of the features of the global batch, local logits, the exact sharded
-   cross-entropy, backward, SGD.
+   One step is SICoT's (``sicot_cli.classifier_step.eq1_from_streams``): x_v and x_m of the global
+   batch all-gathered in one collective, one GEMM for both, the exact sharded cross-entropy over
+   both, backward, SGD. With ``--sample-rate R`` < 1 (default 0.1) the same step with class
+   sampling is measured too: per rank, the softmax runs over its part of the sampled classes and
+   only the sampled rows get a gradient (``[sample, dim]``) and an update.
 2. **Scaling.** At ``--compare-classes`` (100,000), small enough for one process, the same step on
    1 rank (unsharded size) and on ``--world`` ranks: the step-time ratio (the classifier's work is
    split, the all-gather and all-reduces are added).
@@ -29,11 +32,14 @@ from pathlib import Path
 USES_DEVICE = False
 
 
-def _worker(rank: int, world: int, rendezvous: str, classes: int, dim: int, batch: int, steps: int, out: str) -> None:
+def _worker(rank: int, world: int, rendezvous: str, classes: int, dim: int, batch: int, steps: int, out: str, rate: float = 1.0) -> None:
+    from types import SimpleNamespace
+
     import torch
     import torch.distributed as dist
 
-    from sicot_cli.distributed import DistContext, ShardedLinear, gather_rows, shard_range, sharded_cross_entropy
+    from sicot_cli.classifier_step import eq1_from_streams
+    from sicot_cli.distributed import DistContext, ShardedLinear, shard_range
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
@@ -46,33 +52,37 @@ def _worker(rank: int, world: int, rendezvous: str, classes: int, dim: int, batc
         g = torch.Generator().manual_seed(1)
         local = batch // world
         times = []
+        model = SimpleNamespace(classifier=clf, mixed_trains_classifier=True)
         for step in range(steps + 1):  # step 0 is a warm-up (allocations)
-            feats = torch.randn(local, dim, generator=g, requires_grad=True)
-            labels = torch.randint(0, classes, (batch,), generator=torch.Generator().manual_seed(step))
+            x_v = torch.randn(local, dim, generator=g, requires_grad=True)
+            x_m = torch.randn(local, dim, generator=g, requires_grad=True)
+            labels = torch.randint(0, classes, (batch,), generator=torch.Generator().manual_seed(step))[rank * local : (rank + 1) * local]
             dist.barrier()
             t0 = time.perf_counter()
-            logits = clf(gather_rows(feats, ctx, batch))
-            loss = sharded_cross_entropy(logits, labels, lo, hi)
+            loss, _, _, sampled = eq1_from_streams(model, x_v, x_m, labels, batch, 1.0, False, ctx, world > 1, rate, torch.Generator().manual_seed(step))
             opt.zero_grad(set_to_none=False)
             loss.backward()
             opt.step()
+            if sampled is not None:
+                sampled.step(opt)
             dist.barrier()
             if step:
                 times.append(time.perf_counter() - t0)
-        tensors = [clf.weight, clf.bias, clf.weight.grad, clf.bias.grad, *(opt.state[p]["momentum_buffer"] for p in (clf.weight, clf.bias))]
-        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        grads = [clf.weight.grad, clf.bias.grad] if sampled is None else [sampled.weight.grad, sampled.bias.grad]
+        tensors = [clf.weight, clf.bias, *grads, *(opt.state[p]["momentum_buffer"] for p in (clf.weight, clf.bias))]
+        nbytes = sum(t.numel() * t.element_size() for t in tensors if t is not None)
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        Path(out, f"rank{rank}.txt").write_text(f"{nbytes} {rss} {statistics.median(times)} {float(loss)}")
+        Path(out, f"rank{rank}.txt").write_text(f"{nbytes} {rss} {statistics.median(times)} {float(loss.detach())}")
     finally:
         dist.destroy_process_group()
 
 
-def measure(world: int, classes: int, dim: int, batch: int, steps: int) -> dict[str, float]:
+def measure(world: int, classes: int, dim: int, batch: int, steps: int, rate: float = 1.0) -> dict[str, float]:
     """Spawn ``world`` gloo ranks; per-rank classifier bytes, peak RSS and median step seconds."""
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(world, os.path.join(tmp, "rendezvous"), classes, dim, batch, steps, tmp), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, os.path.join(tmp, "rendezvous"), classes, dim, batch, steps, tmp, rate), nprocs=world, join=True)
         rows = [Path(tmp, f"rank{r}.txt").read_text().split() for r in range(world)]
     return {
         "classifier_bytes_per_rank": max(int(r[0]) for r in rows),
@@ -100,13 +110,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--world", type=int, default=2)
     ap.add_argument("--batch", type=int, default=64, help="global batch (features gathered from every rank)")
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--sample-rate", type=float, default=0.1, help="class sampling rate of the extra sampled measurement (1: none)")
     ap.add_argument("--quick", action="store_true", help="100,000 / 20,000 classes (under a minute)")
     args = ap.parse_args(argv)
     if args.quick:
         args.classes, args.compare_classes, args.steps = 100_000, 20_000, 2
     start()
     gib = 2.0**30
+    if not 0 < args.sample_rate <= 1:
+        ap.error(f"--sample-rate must be in (0, 1], got {args.sample_rate}")
     big = measure(args.world, args.classes, args.dim, args.batch, args.steps)
+    sampled = measure(args.world, args.classes, args.dim, args.batch, args.steps, args.sample_rate) if args.sample_rate < 1 else None
     full = unsharded_bytes(args.classes, args.dim)
     one = measure(1, args.compare_classes, args.dim, args.batch, args.steps)
     many = measure(args.world, args.compare_classes, args.dim, args.batch, args.steps)
@@ -116,6 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
         "setting": vars(args),
         "scale": {**big, "classes": args.classes, "dim": args.dim, "world": args.world, "unsharded_bytes": full,
                   "fraction_of_unsharded": share, "goal_fraction": 1 / args.world, "memory_met": share <= goal},
+        "sampled": None if sampled is None else {**sampled, "sample_rate": args.sample_rate, "fraction_of_unsharded": sampled["classifier_bytes_per_rank"] / full,
+                                                 "step_ratio_to_exact": sampled["step_seconds"] / big["step_seconds"]},
         "scaling": {"classes": args.compare_classes, "one_rank_step_seconds": one["step_seconds"],
                     "sharded_step_seconds": many["step_seconds"], "ratio": many["step_seconds"] / one["step_seconds"],
                     "one_rank_classifier_bytes": one["classifier_bytes_per_rank"], "sharded_classifier_bytes_per_rank": many["classifier_bytes_per_rank"]},
@@ -126,12 +142,16 @@ def main(argv: list[str] | None = None) -> dict:
     t.add_row("unsharded (size of)", f"{args.classes:,} x {args.dim}", f"{full / gib:.2f}", "1", "-", "-")
     t.add_row(f"sharded, {args.world} ranks", f"{args.classes:,} x {args.dim}", f"{big['classifier_bytes_per_rank'] / gib:.2f}",
               f"{share:.3f} (goal {1 / args.world:.3f}: {'met' if result['scale']['memory_met'] else 'NOT met'})", f"{big['step_seconds']:.3f}", "-")
+    if sampled is not None:
+        t.add_row(f"sharded, {args.world} ranks, sampled {args.sample_rate:g}", f"{args.classes:,} x {args.dim}", f"{sampled['classifier_bytes_per_rank'] / gib:.2f}",
+                  f"{result['sampled']['fraction_of_unsharded']:.3f}", f"{sampled['step_seconds']:.3f}", f"{result['sampled']['step_ratio_to_exact']:.2f} x exact")
     t.add_row("1 rank", f"{args.compare_classes:,} x {args.dim}", f"{one['classifier_bytes_per_rank'] / gib:.3f}", "-", f"{one['step_seconds']:.3f}", "1")
     t.add_row(f"sharded, {args.world} ranks", f"{args.compare_classes:,} x {args.dim}", f"{many['classifier_bytes_per_rank'] / gib:.3f}", "-",
               f"{many['step_seconds']:.3f}", f"{result['scaling']['ratio']:.2f}")
     Console().print(t)
     path = write_results("sharded_fc", "cpu", result)
-    Console().print(f"peak RSS per rank at {args.classes:,} classes: {big['peak_rss_bytes_per_rank'] / gib:.2f} GiB; results: {path}")
+    extra = "" if sampled is None else f" ({sampled['peak_rss_bytes_per_rank'] / gib:.2f} GiB sampled)"
+    Console().print(f"peak RSS per rank at {args.classes:,} classes: {big['peak_rss_bytes_per_rank'] / gib:.2f} GiB{extra}; results: {path}")
     return result
 
 

@@ -197,6 +197,10 @@ class TrainConfig:
     # classifier_parallel_min_classes classes on; "yes"/"no" force it (sicot_cli/distributed.py).
     classifier_parallel: str = "auto"
     classifier_parallel_min_classes: Annotated[int, Range(1, 10**9)] = 100_000
+    # Softmax over a sample of the classes per step (Partial FC), both terms of Eq. 1 and every rank
+    # alike: the batch's labels plus uniformly drawn others, this fraction of all classes. 1.0 = the
+    # exact softmax over all classes. Only the sampled rows are updated (sicot_cli/classifier_step.py).
+    class_sample_rate: Annotated[float, Range(0, 1, lo_open=True)] = 1.0
 
 
 # Named sets of co-training keys (docs/presets.md). A recipe's ``preset`` fills in these keys

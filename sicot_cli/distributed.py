@@ -162,21 +162,21 @@ def gather_rows(x: torch.Tensor, ctx: DistContext, total: int, grad_scale: float
 
 class _ShardedCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, lo: int, hi: int) -> torch.Tensor:  # noqa: ANN001
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
         logits = logits.float()
         m = logits.max(dim=1).values if logits.shape[1] else torch.full((logits.shape[0],), -torch.inf, device=logits.device)
         dist.all_reduce(m, op=dist.ReduceOp.MAX)
         shifted = logits - m[:, None]
         e = shifted.exp()
         s = e.sum(dim=1)
-        inside = (labels >= lo) & (labels < hi)
-        local = (labels - lo).clamp(0, max(hi - lo - 1, 0))
+        inside = targets >= 0
+        local = targets.clamp(0, max(logits.shape[1] - 1, 0))
         target = shifted.gather(1, local[:, None]).squeeze(1) * inside if logits.shape[1] else torch.zeros_like(s)
         both = torch.stack([s, target])
         dist.all_reduce(both, op=dist.ReduceOp.SUM)
         s, target = both[0], both[1]
         ctx.save_for_backward(e / s[:, None], inside, local)
-        return (s.log() - target).mean()
+        return s.log() - target
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
@@ -185,7 +185,23 @@ class _ShardedCE(torch.autograd.Function):
         rows = torch.arange(g.shape[0], device=g.device)
         if g.shape[1]:
             g[rows, local] -= inside.to(g.dtype)
-        return g * (grad / g.shape[0]), None, None, None
+        return g * grad[:, None], None
+
+
+def sharded_cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-row softmax cross-entropy over the columns of every rank together.
+
+    Each rank holds some columns of the ``[rows, columns]`` logits; ``targets[i]`` is the column of
+    row i's class on THIS rank, or -1 where another rank holds it. Two all-reduces whatever the
+    number of rows, so both terms of Eq. 1 go through one call.
+    """
+    return _ShardedCE.apply(logits, targets)
+
+
+def local_targets(labels: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """The column of each label in the shard ``[lo, hi)``, -1 outside it."""
+    inside = (labels >= lo) & (labels < hi)
+    return torch.where(inside, labels - lo, torch.full_like(labels, -1))
 
 
 def sharded_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
@@ -193,7 +209,7 @@ def sharded_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, lo: int, h
 
     Equal to ``F.cross_entropy`` on the concatenated logits (and so is the gradient of each shard).
     """
-    return _ShardedCE.apply(logits, labels, lo, hi)
+    return sharded_cross_entropy_rows(logits, local_targets(labels, lo, hi)).mean()
 
 
 @torch.no_grad()

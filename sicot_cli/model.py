@@ -5,8 +5,8 @@
 - semantic stream: a registered text encoder (``encoders/``) whose output has ``x_v``'s size;
 - mixed feature: ``x_m = max(x_v, s)`` elementwise ("a max-pooling operation over the visual
   features and the semantic embeddings");
-- one linear classifier scores both ``x_v`` and ``x_m``; the loss is Eq. 1,
-  ``CE(W x_v) + lambda * CE(W x_m)``.
+- one linear classifier scores both ``x_v`` and ``x_m`` (in one GEMM over their concatenation,
+  :func:`score_cat`); the loss is Eq. 1, ``CE(W x_v) + lambda * CE(W x_m)``.
 
 Scale matching (our addition, off by default: ``model.semantic_norm = "batchnorm"``): ``x_v`` comes
 out of BatchNorm + ReLU + average pooling, while a freshly projected title embedding is about ten
@@ -220,13 +220,32 @@ class SICoT(nn.Module):
     def forward(self, images: torch.Tensor, tokens: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Scores of x_v and, when there is an encoder and a title, of x_m = max(x_v, s)."""
         x_v, x_m = self.streams(images, tokens, mask)
-        return self.classifier(x_v), None if x_m is None else self.score_mixed(x_m)
+        if x_m is None:
+            return self.classifier(x_v), None
+        return score_both(x_v, x_m, self.classifier.weight, self.classifier.bias, self.mixed_trains_classifier)
 
-    def score_mixed(self, x_m: torch.Tensor) -> torch.Tensor:
-        """The shared classifier on x_m; with ``mixed_trains_classifier`` off its weights get no gradient from it."""
-        if self.mixed_trains_classifier:
-            return self.classifier(x_m)
-        return F.linear(x_m, self.classifier.weight.detach(), self.classifier.bias.detach())
+
+def score_cat(x_v: torch.Tensor, x_m: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor, mixed_trains_classifier: bool = True) -> torch.Tensor:
+    """Eq. 1's two scorings by the one shared classifier in ONE matrix product: ``[x_v; x_m] W^T + b``.
+
+    Same arithmetic as scoring x_v and x_m apart, but one forward GEMM, one weight-gradient GEMM
+    (the sum over both streams' rows happens inside it) and one input-gradient GEMM, instead of two
+    of each plus the addition of two full-size weight gradients: at many classes the classifier is
+    most of the step (docs/benchmarks.md). Returns ``[2B, classes]`` (``[B, classes]`` when x_m is
+    None). With ``mixed_trains_classifier`` off the x_m scores must not train the weights, so they
+    are a second product with detached weights.
+    """
+    if x_m is None:
+        return F.linear(x_v, weight, bias)
+    if not mixed_trains_classifier:
+        return torch.cat([F.linear(x_v, weight, bias), F.linear(x_m, weight.detach(), bias.detach())])
+    return F.linear(torch.cat([x_v, x_m]), weight, bias)
+
+
+def score_both(x_v: torch.Tensor, x_m: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mixed_trains_classifier: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`score_cat` split into the scores of x_v and of x_m (views of one tensor)."""
+    logits_v, logits_m = score_cat(x_v, x_m, weight, bias, mixed_trains_classifier).split(x_v.shape[0])
+    return logits_v, logits_m
 
 
 class Streams(nn.Module):

@@ -173,17 +173,64 @@ def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
     append_jsonl(run_dir / METRICS, record)
 
 
+class _HashingWriter:
+    """A write-only file that hashes what passes through (``torch.save`` only ever appends)."""
+
+    def __init__(self, f: Any) -> None:
+        self._f = f
+        self.sha256 = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        return self._f.write(data)
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
+class _Payload(io.RawIOBase):
+    """A read-only, seekable view of a file from ``offset`` on (what ``torch.load`` reads)."""
+
+    def __init__(self, f: Any, offset: int) -> None:
+        super().__init__()
+        self._f, self._offset = f, offset
+        f.seek(offset)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        return self._f.readinto(buffer)
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        return self._f.seek(pos + self._offset if whence == io.SEEK_SET else pos, whence) - self._offset
+
+    def tell(self) -> int:
+        return self._f.tell() - self._offset
+
+
+_CHUNK = 1 << 22  # bytes hashed per read when verifying a checkpoint
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """``torch.save`` behind a checksummed header, to a temporary name, fsync, rename."""
+    """``torch.save`` behind a checksummed header, to a temporary name, fsync, rename.
+
+    Streamed: the payload goes to disk as ``torch.save`` produces it, hashed on the way, and the
+    header's checksum is filled in at the end, so the state is never held a second time in RAM
+    (at 1M classes x 2048 dims with momentum that would be 16 GB more).
+    """
     import torch
 
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    payload = buf.getbuffer()
-    digest = hashlib.sha256(payload).hexdigest().encode("ascii")
     with atomic_path(path) as tmp, tmp.open("wb") as f:
-        f.write(MAGIC + digest + b"\n")
-        f.write(payload)
+        f.write(MAGIC + b"0" * 64 + b"\n")
+        writer = _HashingWriter(f)
+        torch.save(state, writer)
+        f.flush()
+        f.seek(len(MAGIC))
+        f.write(writer.sha256.hexdigest().encode("ascii"))
 
 
 def _rebuild_hint(path: Path) -> str:
@@ -206,21 +253,24 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise SicotError(f"{path}: checkpoint not found")
     try:
-        data = path.read_bytes()
+        with path.open("rb") as f:
+            head = f.read(_HEADER)
+            offset = 0
+            if head.startswith(MAGIC):  # verify the checksum in chunks: the file is never held in RAM
+                want, digest = head[len(MAGIC) : _HEADER - 1], hashlib.sha256()
+                for chunk in iter(lambda: f.read(_CHUNK), b""):
+                    digest.update(chunk)
+                if len(head) < _HEADER or head[_HEADER - 1 : _HEADER] != b"\n" or digest.hexdigest().encode("ascii") != want:
+                    raise SicotError(f"{path}: corrupt checkpoint (checksum mismatch: truncated or damaged on disk); {_rebuild_hint(path)}")
+                offset = _HEADER
+            elif not head.startswith(b"PK"):  # torch.save's zip format, without our header
+                raise SicotError(f"{path}: not a sicot checkpoint ({'empty file' if not head else 'unknown format'}); {_rebuild_hint(path)}")
+            try:
+                state = torch.load(_Payload(f, offset), map_location="cpu", weights_only=True)
+            except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError... for bad files
+                raise SicotError(f"{path}: unreadable checkpoint ({type(e).__name__}); {_rebuild_hint(path)}") from None
     except OSError as e:
         raise SicotError(f"{path}: cannot read the checkpoint ({e.strerror})") from None
-    view = memoryview(data)
-    if data.startswith(MAGIC):
-        want = data[len(MAGIC) : _HEADER - 1]
-        view = view[_HEADER:]
-        if len(data) < _HEADER or data[_HEADER - 1 : _HEADER] != b"\n" or hashlib.sha256(view).hexdigest().encode("ascii") != want:
-            raise SicotError(f"{path}: corrupt checkpoint (checksum mismatch: truncated or damaged on disk); {_rebuild_hint(path)}")
-    elif not data.startswith(b"PK"):  # torch.save's zip format, without our header
-        raise SicotError(f"{path}: not a sicot checkpoint ({'empty file' if not data else 'unknown format'}); {_rebuild_hint(path)}")
-    try:
-        state = torch.load(io.BytesIO(view), map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError... for bad files
-        raise SicotError(f"{path}: unreadable checkpoint ({type(e).__name__}); {_rebuild_hint(path)}") from None
     if not isinstance(state, dict) or "model" not in state or "meta" not in state:
         raise SicotError(f"{path}: not a sicot checkpoint")
     return state

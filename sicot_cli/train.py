@@ -28,14 +28,15 @@ from typing import Any
 import torch
 
 from sicot_cli import checkpoints, runs
+from sicot_cli.classifier_step import eq1_from_streams
 from sicot_cli.config import Recipe, TrainConfig, adopt_prepared
 from sicot_cli.data.augment import random_resized_crop_flip
 from sicot_cli.data.dataset import Prepared, open_prepared
 from sicot_cli.data.loader import Batch, BatchLoader, epoch_seed
-from sicot_cli.distributed import DistContext, gather_rows, init_distributed, reduce_mean, shard_range, sharded_cross_entropy, shutdown
+from sicot_cli.distributed import DistContext, init_distributed, reduce_mean, shard_range, shutdown
 from sicot_cli.errors import SicotError
 from sicot_cli.evaluate import evaluate_model, resolve_device, use_in_memory, write_predictions
-from sicot_cli.model import SICoT, Streams, build_model, combine_losses, sicot_loss
+from sicot_cli.model import SICoT, Streams, build_model, sicot_loss
 from sicot_cli.progress import NullProgress, Progress
 from sicot_cli.threads import set_threads
 
@@ -105,7 +106,9 @@ def make_model(recipe: Recipe, prepared: Prepared, shard: tuple[int, int] | None
         freeze_embeddings=recipe.model.freeze_embeddings,
         semantic_norm=recipe.model.semantic_norm,
         shard=shard,
-        mixed_trains_classifier=recipe.model.mixed_trains_classifier,
+        # lam = 0: CE(x_m) gives the classifier no gradient, so x_v is scored apart as the baseline
+        # scores it (not inside the one GEMM over cat([x_v, x_m])) and the run steps as the baseline does.
+        mixed_trains_classifier=recipe.model.mixed_trains_classifier and recipe.train.lam != 0,
     )
 
 
@@ -125,6 +128,16 @@ def _meta(recipe: Recipe, prepared: Prepared, model: SICoT) -> dict[str, Any]:
         "image_size": prepared.image_size,
         "dataset": prepared.fingerprint(),
     }
+
+
+def scores_streams(cfg: TrainConfig, sharded: bool) -> bool:
+    """Does the step score the classifier itself (sharded or class-sampled), its ``forward`` giving only the streams?"""
+    return sharded or cfg.class_sample_rate < 1.0
+
+
+def step_forward(model: SICoT, cfg: TrainConfig, sharded: bool) -> torch.nn.Module:
+    """What :func:`train_step`'s ``forward`` runs (before DDP or compile): the model, or its streams alone."""
+    return Streams(model) if scores_streams(cfg, sharded) else model
 
 
 SHOW_EVERY = 10  # batches between progress-bar loss updates (each costs a device sync)
@@ -160,8 +173,11 @@ def train_step(
 
     uint8 images go to the device, are augmented there (seeded by ``generator``), normalised and
     scored; the loss is Eq. 1. ``forward`` is the model, its DDP wrapper or its ``torch.compile``
-    wrapper; with ``sharded`` it is the streams' wrapper (:class:`~sicot_cli.model.Streams`) and the
-    features of the whole global batch are scored by this rank's classes.
+    wrapper; with ``sharded`` or class sampling (``cfg.class_sample_rate`` < 1) it is the streams'
+    wrapper (:func:`step_forward`) and the classifier is scored by
+    :func:`~sicot_cli.classifier_step.eq1_from_streams` (sharded: the whole global batch against
+    this rank's classes; sampled: against the step's sampled classes, whose rows get their own SGD
+    update after ``optimizer.step()``).
 
     Returns:
         The global batch's total loss, CE(x_v) and CE(x_m) (None for the baseline), detached.
@@ -178,28 +194,20 @@ def train_step(
     if model.encoder is not None:
         tokens = batch.tokens.to(device, non_blocking=True)
         mask = batch.mask.to(device, non_blocking=True)
+    sampled = None
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
-        if sharded:
-            from sicot_cli.distributed import _all_gather_rows
-
-            total = batch.global_size
+        if scores_streams(cfg, sharded):  # forward gives the streams; the classifier is scored here
             x_v, x_m = forward(x, tokens, mask)
-            labels = _all_gather_rows(labels, ctx.world, total)
-            clf = model.classifier
-            logits_v = clf(gather_rows(x_v, ctx, total))
-            logits_m = None if x_m is None else model.score_mixed(gather_rows(x_m, ctx, total))
+            loss, loss_v, loss_m, sampled = eq1_from_streams(model, x_v, x_m, labels, batch.global_size, cfg.lam, cfg.normalize_loss, ctx, sharded, cfg.class_sample_rate, generator)
         else:
             logits_v, logits_m = forward(x, tokens, mask)
-    if sharded:
-        lo, hi = model.classifier.lo, model.classifier.hi
-        loss_v = sharded_cross_entropy(logits_v, labels, lo, hi)
-        loss_m = None if logits_m is None else sharded_cross_entropy(logits_m, labels, lo, hi)
-        loss = combine_losses(loss_v, loss_m, cfg.lam, cfg.normalize_loss)
-    else:
+    if not scores_streams(cfg, sharded):
         loss, loss_v, loss_m = sicot_loss(logits_v, logits_m, labels, cfg.lam, cfg.normalize_loss)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
+    if sampled is not None:  # the classifier's sampled rows: their own SGD step (sicot_cli.classifier_step)
+        sampled.step(optimizer, ctx if ctx.enabled and not sharded else None)
     out = torch.stack([loss.detach(), loss_v.detach(), loss_m.detach() if loss_m is not None else torch.zeros_like(loss)])
     if ctx.enabled and not sharded:  # per-rank means of equal slices -> the global batch's mean
         out = reduce_mean(out, ctx)
@@ -397,12 +405,12 @@ def _train(ctx: DistContext, recipe: Recipe, run_dir: str | Path | None, resume:
     log.info("%s: %s", run_dir, plan)
     for w in plan_warnings:
         log.warning("%s", w)
-    forward: Callable[..., Any] = model
+    forward: Callable[..., Any] = step_forward(model, cfg, sharded)
     if ctx.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [device.index] if device.type == "cuda" else None
-        forward = DDP(Streams(model) if sharded else model, device_ids=ids)
+        forward = DDP(step_forward(model, cfg, sharded), device_ids=ids)
     if cfg.compile:
         forward = torch.compile(forward)
 

@@ -78,3 +78,15 @@ def tiny_recipe(data: Path, *extra: str):
     from sicot_cli.config import load_recipe
 
     return load_recipe(None, [f"data.out={data}", *TRAIN_FAST, *extra])
+
+
+@pytest.fixture(scope="session")
+def many_classes(tmp_path_factory):
+    """A prepared synthetic set of 24 classes at 16 px (more classes than a batch holds)."""
+    from sicot_cli.config import load_recipe
+    from sicot_cli.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("many") / "many.h5"
+    prepare(load_recipe(None, ["data.source=synthetic", "data.synthetic.num_classes=24", "data.synthetic.max_per_class=6", "data.synthetic.min_per_class=2",
+                               "data.synthetic.test_per_class=1", "data.image_size=16", "data.workers=1", "embed.dim=8", "embed.epochs=1"]), out)
+    return out

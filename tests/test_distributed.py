@@ -109,6 +109,80 @@ def test_sharded_cross_entropy_and_topk_equal_the_full_ones(tmp_path: Path) -> N
     assert ranges == [(0, 4), (4, 7)]
 
 
+# --- Eq. 1 from the streams' features: sharded one pass (and sampled) == one process --------------
+
+
+def _eq1_case(rate: float) -> dict:
+    g = torch.Generator().manual_seed(4)
+    return {"x_v": torch.randn(6, 5, generator=g), "x_m": torch.randn(6, 5, generator=g), "labels": torch.tensor([0, 9, 4, 4, 17, 2]),
+            "weight": torch.randn(19, 5, generator=g), "bias": torch.randn(19, generator=g), "rate": rate}
+
+
+def _eq1(case: dict, rank: int, world: int) -> dict:
+    from types import SimpleNamespace
+
+    from sicot_cli.classifier_step import eq1_from_streams
+    from sicot_cli.distributed import DistContext, ShardedLinear, shard_range, slice_range
+
+    ctx = DistContext(rank, world)
+    num_classes = case["weight"].shape[0]
+    lo, hi = shard_range(num_classes, world, rank) if world > 1 else (0, num_classes)
+    a, b = slice_range(6, world, rank)
+    clf = ShardedLinear(5, num_classes, lo, hi) if world > 1 else nn.Linear(5, num_classes)
+    with torch.no_grad():
+        clf.weight.copy_(case["weight"][lo:hi])
+        clf.bias.copy_(case["bias"][lo:hi])
+    x_v = case["x_v"][a:b].clone().requires_grad_(True)
+    x_m = case["x_m"][a:b].clone().requires_grad_(True)
+    model = SimpleNamespace(classifier=clf, mixed_trains_classifier=True)
+    loss, loss_v, loss_m, sampled = eq1_from_streams(model, x_v, x_m, case["labels"][a:b], 6, 0.7, False, ctx, world > 1, case["rate"], torch.Generator().manual_seed(9))
+    loss.backward()
+    w = clf.weight if sampled is None else sampled.weight
+    return {"losses": torch.stack([loss, loss_v, loss_m]).detach(), "x_v": x_v.grad / world, "x_m": x_m.grad / world, "lo": lo, "slice": (a, b),
+            "rows": None if sampled is None else sampled.rows + lo, "w_grad": w.grad}
+
+
+def _eq1_worker(rank: int, tmp: Path, rate: float) -> None:
+    torch.save(_eq1(_eq1_case(rate), rank, WORLD), tmp / f"eq1-{rank}.pt")
+
+
+@pytest.mark.parametrize("rate", [1.0, 0.3], ids=["exact", "sampled"])
+def test_sharded_one_pass_equals_one_process(tmp_path: Path, rate: float) -> None:
+    """The one-GEMM sharded Eq. 1 (one gather of both streams, one sharded CE over 2B rows) against one process.
+
+    Exact: against the two passes of Eq. 1 written out. Sampled: the ranks' sampled rows are the
+    one process's sample, split by shard, with its loss and gradients.
+    """
+    case = _eq1_case(rate)
+    one = _eq1(case, 0, 1)
+    if rate == 1.0:  # Eq. 1 as written: two passes, two cross-entropies over all classes
+        w = case["weight"].clone().requires_grad_(True)
+        x_v, x_m = case["x_v"].clone().requires_grad_(True), case["x_m"].clone().requires_grad_(True)
+        ce_v, ce_m = F.cross_entropy(x_v @ w.T + case["bias"], case["labels"]), F.cross_entropy(x_m @ w.T + case["bias"], case["labels"])
+        (ce_v + 0.7 * ce_m).backward()
+        torch.testing.assert_close(one["losses"], torch.stack([ce_v + 0.7 * ce_m, ce_v, ce_m]).detach())
+        torch.testing.assert_close(one["w_grad"], w.grad)
+        torch.testing.assert_close(one["x_v"], x_v.grad)
+        torch.testing.assert_close(one["x_m"], x_m.grad)
+    else:
+        assert len(one["rows"]) == 6 and set(case["labels"].tolist()) <= set(one["rows"].tolist())  # ceil(0.3 * 19) = 6
+    _spawn(_eq1_worker, tmp_path, rate)
+    outs = [torch.load(tmp_path / f"eq1-{r}.pt") for r in range(WORLD)]
+    if rate < 1.0:
+        assert torch.equal(torch.cat([o["rows"] for o in outs]), one["rows"]), "the shards' samples are not the one process's sample"
+        assert all(len(o["rows"]) for o in outs)
+    start = 0
+    for o in outs:
+        torch.testing.assert_close(o["losses"], one["losses"])
+        a, b = o["slice"]
+        torch.testing.assert_close(o["x_v"], one["x_v"][a:b])
+        torch.testing.assert_close(o["x_m"], one["x_m"][a:b])
+        n = o["w_grad"].shape[0]
+        torch.testing.assert_close(o["w_grad"], one["w_grad"][start : start + n])
+        start += n
+    assert start == one["w_grad"].shape[0]
+
+
 # --- training steps: 2 ranks == 1 process ----------------------------------------------------
 
 
@@ -128,23 +202,22 @@ def _tiny_model(num_classes: int, vectors: torch.Tensor, shard: tuple[int, int] 
 STEPS = 3
 
 
-def _steps(data: Path, rank: int, world: int, sharded: bool) -> dict:
+def _steps(data: Path, rank: int, world: int, sharded: bool, rate: float = 1.0) -> dict:
     from sicot_cli.config import TrainConfig
     from sicot_cli.data.dataset import open_prepared
     from sicot_cli.data.loader import BatchLoader, epoch_seed
     from sicot_cli.distributed import DistContext, gather_rows, shard_range, sharded_topk
-    from sicot_cli.model import Streams
-    from sicot_cli.train import train_step
+    from sicot_cli.train import step_forward, train_step
 
     p = open_prepared(data)
     ctx = DistContext(rank, world)
     shard = shard_range(p.num_classes, world, rank) if sharded else None
     model = _tiny_model(p.num_classes, torch.from_numpy(p.vectors), shard)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-    forward = model
+    cfg = TrainConfig(batch_size=8, amp=False, channels_last=False, class_sample_rate=rate)
+    forward = step_forward(model, cfg, sharded)
     if ctx.enabled:
-        forward = nn.parallel.DistributedDataParallel(Streams(model) if sharded else model)
-    cfg = TrainConfig(batch_size=8, amp=False, channels_last=False)
+        forward = nn.parallel.DistributedDataParallel(forward)
     loader = BatchLoader(p, 8, 0, p.n_train, shuffle=True, seed=0, drop_last=True, rank=rank, world=world)
     losses = []
     for i, batch in enumerate(loader.epoch(0)):
@@ -166,15 +239,18 @@ def _steps(data: Path, rank: int, world: int, sharded: bool) -> dict:
     return {"losses": torch.stack(losses), "params": {k: v.detach().clone() for k, v in model.state_dict().items()}, "top": top, "shard": shard}
 
 
-def _train_worker(rank: int, tmp: Path, data: str, sharded: bool) -> None:
-    torch.save(_steps(Path(data), rank, WORLD, sharded), tmp / f"steps-{rank}.pt")
+def _train_worker(rank: int, tmp: Path, data: str, sharded: bool, rate: float) -> None:
+    torch.save(_steps(Path(data), rank, WORLD, sharded, rate), tmp / f"steps-{rank}.pt")
 
 
-@pytest.mark.parametrize("sharded", [True, False], ids=["class-sharded", "replicated"])
-def test_two_ranks_take_the_same_steps_as_one_process(tiny_prepared: Path, tmp_path: Path, sharded: bool) -> None:
+@pytest.mark.parametrize(("sharded", "rate"), [(True, 1.0), (False, 1.0), (True, 0.4), (False, 0.4)],
+                         ids=["class-sharded", "replicated", "class-sharded-sampled", "replicated-sampled"])
+def test_two_ranks_take_the_same_steps_as_one_process(tiny_prepared: Path, many_classes: Path, tmp_path: Path, sharded: bool, rate: float) -> None:
+    """Also with class sampling: every rank draws the same sample, each shard steps its part of it."""
     torch.set_num_threads(1)
-    ref = _steps(tiny_prepared, 0, 1, False)
-    _spawn(_train_worker, tmp_path, str(tiny_prepared), sharded)
+    data = tiny_prepared if rate == 1.0 else many_classes  # 24 classes: more than a batch of 8 holds
+    ref = _steps(data, 0, 1, False, rate)
+    _spawn(_train_worker, tmp_path, str(data), sharded, rate)
     for r in range(WORLD):
         out = torch.load(tmp_path / f"steps-{r}.pt")
         torch.testing.assert_close(out["losses"], ref["losses"], rtol=1e-5, atol=1e-6)
@@ -183,7 +259,11 @@ def test_two_ranks_take_the_same_steps_as_one_process(tiny_prepared: Path, tmp_p
         for k, v in ref["params"].items():
             want = v[lo:hi] if k.startswith("classifier.") and sharded else v
             torch.testing.assert_close(out["params"][k], want, rtol=1e-5, atol=1e-6, msg=f"rank {r}: {k}")
-    assert not torch.equal(ref["params"]["classifier.weight"], _tiny_model(3, torch.zeros(1, 1), None).classifier.weight), "the steps changed nothing"
+    num_classes = ref["params"]["classifier.weight"].shape[0]
+    assert not torch.equal(ref["params"]["classifier.weight"], _tiny_model(num_classes, torch.zeros(1, 1), None).classifier.weight), "the steps changed nothing"
+    if rate < 1.0:  # some classes were never sampled in the 3 steps: their rows kept their initial weights
+        init = _tiny_model(num_classes, torch.zeros(1, 1), None).classifier.weight
+        assert (ref["params"]["classifier.weight"] == init).all(dim=1).any()
 
 
 # --- re-sharding checkpoints -----------------------------------------------------------------
