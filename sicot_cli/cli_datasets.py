@@ -13,7 +13,7 @@ import typer
 
 from sicot_cli.console import console, guard
 
-app = typer.Typer(name="datasets", help="Fetch the emoji benchmark; import the paper's datasets into manifests.", no_args_is_help=True)
+app = typer.Typer(name="datasets", help="Fetch the offline datasets (emoji, mdi, icons); import the paper's datasets into manifests.", no_args_is_help=True)
 import_app = typer.Typer(name="import", help="Turn a dataset's released layout into a manifest for `sicot prepare`.", no_args_is_help=True)
 app.add_typer(import_app, name="import")
 
@@ -38,23 +38,40 @@ def _print(summary) -> None:  # noqa: ANN001
     console.print(t)
 
 
+# What `fetch` knows: dataset -> (recipe to prepare next, its manifest's file name).
+FETCHABLE = {"emoji": ("emoji-zh", "emoji-zh.csv"), "mdi": ("mdi", "mdi.csv"), "icons": ("icons-pretrain", "icons.csv")}
+
+
 @app.command()
 @guard
 def fetch(
-    name: Annotated[str, typer.Argument(help="The dataset: emoji.")],
-    folder: Annotated[Path, typer.Option("--dir", help="Download and output folder.")] = Path("data/emoji"),
+    name: Annotated[str, typer.Argument(help="The dataset: emoji, mdi (Material Design Icons) or icons (the pretraining corpus).")],
+    folder: Annotated[Path | None, typer.Option("--dir", help="Download and output folder (default: data/NAME).")] = None,
     test_per_class: TestPerClass = 5,
     seed: Seed = 0,
 ) -> None:
-    """Fetch (npm pack), verify and unpack the emoji benchmark, and write its manifests (zh, en)."""
-    from sicot_cli.data.importers.emoji import fetch_emoji
+    """Fetch (npm pack), verify and unpack a dataset's pinned packages, and write its manifests."""
     from sicot_cli.errors import SicotError
 
-    if name != "emoji":
-        raise SicotError(f"unknown dataset {name!r}: `fetch` knows emoji (the paper's datasets: `sicot datasets import --help`)")
-    _print(fetch_emoji(folder, test_per_class=test_per_class, seed=seed))
-    extra = "" if folder == Path("data/emoji") else f" data.manifest={folder / 'emoji-zh.csv'}"
-    console.print(f"next: sicot prepare --recipe recipes/emoji-zh.toml{extra}")
+    if name not in FETCHABLE:
+        raise SicotError(f"unknown dataset {name!r}: `fetch` knows {', '.join(FETCHABLE)} (the paper's datasets: `sicot datasets import --help`)")
+    default = Path("data") / name
+    folder = folder or default
+    if name == "emoji":
+        from sicot_cli.data.importers.emoji import fetch_emoji
+
+        _print(fetch_emoji(folder, test_per_class=test_per_class, seed=seed))
+    elif name == "mdi":
+        from sicot_cli.data.importers.mdi import fetch_mdi
+
+        _print(fetch_mdi(folder, test_per_class=test_per_class, seed=seed))
+    else:
+        from sicot_cli.data.importers.icons import fetch_icons
+
+        _print(fetch_icons(folder))
+    recipe, manifest = FETCHABLE[name]
+    extra = "" if folder == default else f" data.manifest={folder / manifest}"
+    console.print(f"next: sicot prepare --recipe recipes/{recipe}.toml{extra}")
 
 
 @import_app.command("emoji")
@@ -66,6 +83,19 @@ def import_emoji(
 ) -> None:
     """Re-write the emoji manifests from the unpacked packages (e.g. another split)."""
     from sicot_cli.data.importers.emoji import import_emoji as run
+
+    _print(run(folder, test_per_class, seed))
+
+
+@import_app.command("mdi")
+@guard
+def import_mdi(
+    folder: Annotated[Path, typer.Option("--dir", help="Where `fetch mdi` unpacked the package.")] = Path("data/mdi"),
+    test_per_class: Annotated[int, typer.Option(help="Test icons (distinct variant families) per class; at most half a class's families.")] = 5,
+    seed: Seed = 0,
+) -> None:
+    """Re-write the Material Design Icons manifest from the unpacked package (e.g. another split)."""
+    from sicot_cli.data.importers.mdi import import_mdi as run
 
     _print(run(folder, test_per_class, seed))
 
