@@ -43,14 +43,15 @@ def render_mask(svg: str, size: int) -> np.ndarray:
         img.load()
     except Exception as e:  # noqa: BLE001 - resvg raises plain exceptions with the parser's message
         raise SicotError(f"cannot render the SVG ({e})") from None
-    rgba = np.asarray(img.convert("RGBA"))
-    if rgba.shape[:2] != (size, size):  # a non-square viewBox: centre it on the square canvas
-        out = np.zeros((size, size), np.uint8)
-        h, w = rgba.shape[:2]
-        top, left = (size - h) // 2, (size - w) // 2
-        out[top : top + h, left : left + w] = rgba[..., 3]
-        return out
-    return rgba[..., 3].copy()
+    alpha = np.asarray(img.convert("RGBA"))[..., 3]
+    if alpha.shape == (size, size):
+        return alpha.copy()
+    # resvg keeps a non-square viewBox's aspect (one side shorter than asked): centre it on the square
+    out = np.zeros((size, size), np.uint8)
+    h, w = min(alpha.shape[0], size), min(alpha.shape[1], size)
+    top, left = (size - h) // 2, (size - w) // 2
+    out[top : top + h, left : left + w] = alpha[:h, :w]
+    return out
 
 
 def tint(mask: np.ndarray, color: str) -> Image.Image:
