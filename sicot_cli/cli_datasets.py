@@ -93,11 +93,12 @@ def import_mdi(
     folder: Annotated[Path, typer.Option("--dir", help="Where `fetch mdi` unpacked the package.")] = Path("data/mdi"),
     test_per_class: Annotated[int, typer.Option(help="Test icons (distinct variant families) per class; at most half a class's families.")] = 5,
     seed: Seed = 0,
+    val_fraction: Annotated[float, typer.Option(help="About this fraction of each class's training icons become validation rows (whole families).")] = 0.1,
 ) -> None:
     """Re-write the Material Design Icons manifest from the unpacked package (e.g. another split)."""
     from sicot_cli.data.importers.mdi import import_mdi as run
 
-    _print(run(folder, test_per_class, seed))
+    _print(run(folder, test_per_class, seed, val_fraction))
 
 
 @import_app.command("imaterialist2019")

@@ -139,7 +139,7 @@ def make_mdi(root: Path) -> Path:
 
 def test_mdi_classes_titles_and_family_split(tmp_path):
     folder = make_mdi(tmp_path / "mdi")
-    s = mdi.import_mdi(folder, test_per_class=0, seed=0)  # no test set: every usable icon is a training row
+    s = mdi.import_mdi(folder, test_per_class=0, seed=0, val_fraction=0)  # every usable icon is a training row
     rows = {r["id"]: r for r in rows_of(folder / "mdi.csv")}
     assert s.skipped == {"deprecated": 1, "no category": 1, "several categories": 1, "SVG missing": 1}
     assert len(rows) == s.train == 12 and s.test == 0 and s.classes == 3
@@ -163,10 +163,21 @@ def test_mdi_classes_titles_and_family_split(tmp_path):
     # the images are the rasterised SVGs, black on transparent
     img = np.asarray(Image.open(folder / rows["tire"]["image"]))
     assert img.shape == (64, 64, 4) and (img[..., :3] == 0).all() and img[..., 3].max() == 255
-    # deterministic; another seed may draw another split
+    # deterministic
     before = (folder / "mdi.csv").read_bytes()
     mdi.import_mdi(folder, test_per_class=2, seed=0)
     assert (folder / "mdi.csv").read_bytes() == before
+    # validation rows are whole families, within the budget, never sharing a family with train or test
+    for seed in range(4):
+        mdi.import_mdi(folder, test_per_class=1, seed=seed, val_fraction=0.5)
+        rows = rows_of(folder / "mdi.csv")
+        sides = {side: {families.get(r["id"], r["id"]) for r in rows if r["split"] == side} for side in ("train", "val", "test")}
+        assert sides["val"] and not sides["val"] & sides["train"] and not sides["val"] & sides["test"] and not sides["train"] & sides["test"]
+        for label in {r["label"] for r in rows}:
+            n = {side: sum(r["label"] == label and r["split"] == side for r in rows) for side in ("train", "val")}
+            assert n["val"] <= int(0.5 * (n["train"] + n["val"]))
+    with pytest.raises(SicotError, match=r"val-fraction must be in \[0, 0.5\]"):
+        mdi.import_mdi(folder, val_fraction=0.6)
     with pytest.raises(SicotError, match="test-per-class must be >= 0"):
         mdi.import_mdi(folder, test_per_class=-1)
     with pytest.raises(SicotError, match="run `sicot datasets fetch mdi` first"):
@@ -175,14 +186,15 @@ def test_mdi_classes_titles_and_family_split(tmp_path):
 
 def test_mdi_manifest_prepares_and_trains(tmp_path):
     folder = make_mdi(tmp_path / "mdi")
-    mdi.import_mdi(folder, test_per_class=1, seed=0)
-    recipe = load_recipe(REPO / "recipes" / "mdi.toml", [f"data.manifest={folder / 'mdi.csv'}", "data.image_size=16", "data.val_fraction=0", *KEEP_ALL])
+    mdi.import_mdi(folder, test_per_class=1, seed=0, val_fraction=0.5)
+    recipe = load_recipe(REPO / "recipes" / "mdi.toml", [f"data.manifest={folder / 'mdi.csv'}", "data.image_size=16", *KEEP_ALL])
     out = tmp_path / "mdi.h5"
     info = prepare(recipe, out)
     manifest = rows_of(folder / "mdi.csv")
-    # every manifest row is kept: test rows are never dropped, and the titles keep their words
-    assert (info.classes, info.train_images, info.val_images, info.test_images, info.skipped) == (
-        3, sum(r["split"] == "train" for r in manifest), 0, sum(r["split"] == "test" for r in manifest), {})
+    # every manifest row is kept on its side (prepare keeps the manifest's own validation rows)
+    n = {side: sum(r["split"] == side for r in manifest) for side in ("train", "val", "test")}
+    assert n["val"] > 0
+    assert (info.classes, info.train_images, info.val_images, info.test_images, info.skipped) == (3, n["train"], n["val"], n["test"], {})
     result = train(tiny_recipe(out, "train.epochs=1", "train.batch_size=4"), tmp_path / "run")
     assert len(result.history) == 1 and np.isfinite(result.history[0]["loss"])
 
@@ -328,7 +340,7 @@ def test_cli_fetch_names_the_commands_and_the_next_step(tmp_path, monkeypatch):
     out = " ".join(r.output.split())
     assert r.exit_code == 2 and all(f"npm pack {p.spec}" in out for p in ic.PACKAGES)
     folder = make_mdi(tmp_path / "m")
-    r = runner.invoke(app, ["datasets", "import", "mdi", "--dir", str(folder), "--test-per-class", "0"])
+    r = runner.invoke(app, ["datasets", "import", "mdi", "--dir", str(folder), "--test-per-class", "0", "--val-fraction", "0"])
     assert r.exit_code == 0, r.output
     assert [r["split"] for r in rows_of(folder / "mdi.csv")] == ["train"] * 12
     r = runner.invoke(app, ["datasets", "fetch", "imagenet"])

@@ -15,6 +15,9 @@ Apache-2.0, the package's code MIT): ``svg/<name>.svg`` and ``meta.json``, a lis
   ``min(test_per_class, families // 2)`` families are drawn (seeded) for the test set, each
   contributing one icon (its base when the base is in the class); every other icon of a test family
   is left out of both sides, in every class, so no family sits on both sides.
+- Validation rows are whole families too (``prepare`` keeps a manifest's own ``val`` rows instead of
+  carving them row by row, which would put an icon's variants on both sides): per class, families
+  in a seeded order, each one that still fits in 10 % of the class's training icons.
 
 Images are rasterised with resvg to 64 px black-on-transparent PNGs (``svg/`` -> ``png/``).
 """
@@ -47,6 +50,7 @@ SIZE = 64
 PNG = "png"
 MANIFEST = "mdi.csv"
 DEFAULT_TEST_PER_CLASS = 5
+DEFAULT_VAL_FRACTION = 0.1
 
 
 @dataclass
@@ -99,7 +103,7 @@ def _icons(src: Path, skipped: Counter[str]) -> list[_Icon]:
     return icons
 
 
-def _split(icons: list[_Icon], test_per_class: int, seed: int, skipped: Counter[str]) -> list[tuple[_Icon, str]]:
+def _split(icons: list[_Icon], test_per_class: int, val_fraction: float, seed: int, skipped: Counter[str]) -> list[tuple[_Icon, str]]:
     by_class: dict[str, dict[str, list[_Icon]]] = defaultdict(lambda: defaultdict(list))
     for ic in icons:
         by_class[ic.label][ic.family].append(ic)
@@ -113,6 +117,7 @@ def _split(icons: list[_Icon], test_per_class: int, seed: int, skipped: Counter[
             test.append(next((ic for ic in members if ic.id == fam), members[0]))
     test_ids = {ic.id for ic in test}
     test_families = {ic.family for ic in test}
+    val_families = _validation(by_class, test_families, val_fraction, seed)
     out: list[tuple[_Icon, str]] = []
     for ic in icons:
         if ic.id in test_ids:
@@ -120,23 +125,51 @@ def _split(icons: list[_Icon], test_per_class: int, seed: int, skipped: Counter[
         elif ic.family in test_families:
             skipped["variant of a test icon's family (kept out of both sides)"] += 1
         else:
-            out.append((ic, "train"))
+            out.append((ic, "val" if ic.family in val_families else "train"))
     return out
 
 
-def import_mdi(folder: Path, test_per_class: int = DEFAULT_TEST_PER_CLASS, seed: int = 0) -> ImportSummary:
+def _validation(by_class: dict[str, dict[str, list[_Icon]]], test_families: set[str], fraction: float, seed: int) -> set[str]:
+    """Whole families for the validation rows: per class, in a seeded order, each family that fits
+    in ``floor(fraction * the class's training icons)`` in every class it has icons in (so a class
+    with fewer than 1 / fraction training icons gives none, as prepare's own carving). A family's
+    icons in other classes go with it: validation never shares a family with training.
+    """
+    sizes: dict[str, dict[str, int]] = defaultdict(dict)  # family -> class -> icons
+    for label, families in by_class.items():
+        for fam, members in families.items():
+            if fam not in test_families:
+                sizes[fam][label] = len(members)
+    budget = {label: int(fraction * sum(n for f in sizes.values() for c, n in f.items() if c == label)) for label in by_class}
+    taken: Counter[str] = Counter()
+    chosen: set[str] = set()
+    for label in sorted(by_class):
+        families = sorted(f for f in by_class[label] if f not in test_families)
+        random.Random(f"{seed}:val:{label}").shuffle(families)
+        for fam in families:
+            if fam not in chosen and all(taken[c] + n <= budget[c] for c, n in sizes[fam].items()):
+                chosen.add(fam)
+                taken.update(sizes[fam])
+    return chosen
+
+
+def import_mdi(folder: Path, test_per_class: int = DEFAULT_TEST_PER_CLASS, seed: int = 0, val_fraction: float = DEFAULT_VAL_FRACTION) -> ImportSummary:
     """Rasterise the icons and write ``mdi.csv`` and ``mdi-classes.json`` into ``folder``.
 
     Args:
         folder: where ``sicot datasets fetch mdi`` unpacked the package.
         test_per_class: test icons (distinct families) per class, at most half a class's families.
         seed: the split's seed.
+        val_fraction: about this fraction of each class's training icons become validation rows,
+            whole families (``prepare`` keeps a manifest's own ``val`` rows).
 
     Raises:
-        SicotError: missing or unreadable package files, a bad ``test_per_class``.
+        SicotError: missing or unreadable package files, a bad ``test_per_class`` or ``val_fraction``.
     """
     if test_per_class < 0:
         raise SicotError(f"--test-per-class must be >= 0, got {test_per_class}")
+    if not 0 <= val_fraction <= 0.5:
+        raise SicotError(f"--val-fraction must be in [0, 0.5], got {val_fraction}")
     src = folder / MDI.folder
     skipped: Counter[str] = Counter()
     icons = _icons(src, skipped)
@@ -145,22 +178,24 @@ def import_mdi(folder: Path, test_per_class: int = DEFAULT_TEST_PER_CLASS, seed:
     drawn = rasterise(((src / "svg" / f"{ic.name}.svg", f"{ic.name}.png", "#000000") for ic in icons), folder / PNG, SIZE, "mdi-black")
     if drawn["unrenderable"]:
         skipped["SVG resvg cannot draw"] = drawn["unrenderable"]
-    split = [(ic, s) for ic, s in _split(icons, test_per_class, seed, skipped) if (folder / PNG / f"{ic.name}.png").is_file()]
+    split = [(ic, s) for ic, s in _split(icons, test_per_class, val_fraction, seed, skipped) if (folder / PNG / f"{ic.name}.png").is_file()]
     rows = [{"image": f"{PNG}/{ic.name}.png", "title": ic.title, "label": ic.label, "split": s, "id": ic.name} for ic, s in split]
     write_manifest(folder / MANIFEST, rows, with_split=True)
     counts = Counter(ic.label for ic, _ in split)
     train_counts = Counter(ic.label for ic, s in split if s == "train")
     write_json(folder / "mdi-classes.json", {c: {"images": counts[c], "train": train_counts[c]} for c in sorted(counts, key=lambda c: (-counts[c], c))})
     n_test = sum(1 for _, s in split if s == "test")
+    n_val = sum(1 for _, s in split if s == "val")
     return ImportSummary(
         dataset="mdi",
         manifests=[str(folder / MANIFEST)],
         rows=len(split),
         classes=len(counts),
-        train=len(split) - n_test,
+        train=len(split) - n_test - n_val,
         test=n_test,
         skipped=dict(sorted(skipped.items())),
         notes=[
+            f"validation images (whole variant families, drawn from the training side): {n_val:,}",
             f"training images per class: {max(train_counts.values(), default=0)} down to {min(train_counts.values(), default=0)}",
             f"licence: {MDI.spec} {LICENCE}",
             f"class sizes: {folder / 'mdi-classes.json'}",
