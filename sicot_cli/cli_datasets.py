@@ -17,7 +17,7 @@ app = typer.Typer(name="datasets", help="Fetch the offline datasets (emoji, mdi,
 import_app = typer.Typer(name="import", help="Turn a dataset's released layout into a manifest for `sicot prepare`.", no_args_is_help=True)
 app.add_typer(import_app, name="import")
 
-TestPerClass = Annotated[int, typer.Option(help="Test images (distinct base emoji) per class; at most half a class's base emoji.")]
+TestPerClass = Annotated[int, typer.Option(help="Test images per class, one per base emoji (emoji) or variant family (mdi), at most half of them; icons has no split.")]
 Seed = Annotated[int, typer.Option(help="Seed of the split (emoji) or of the class selection (WebVision).")]
 
 
