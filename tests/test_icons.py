@@ -86,11 +86,20 @@ def test_render_is_the_exact_coverage_and_prepare_reads_it_back(tmp_path):
     back = load_image(tmp_path / "png/a/half.png", 8)
     assert (back[:, :4] == (0xE1, 0x57, 0x59)).all() and (back[:, 4:] == 255).all()
     assert not (tmp_path / "png/a/broken.png").exists()
-    # a complete folder drawn the same way is kept; another size redraws it
-    (tmp_path / "half.svg").unlink()
+    # a complete folder drawn the same way is kept; another size, colour or icon list redraws it
+    before = (tmp_path / "png/a/half.png").read_bytes()
+    (tmp_path / "half.svg").write_text(half.replace('width="5"', 'width="6"'), encoding="utf-8")  # same size in bytes
     assert rasterise(jobs, tmp_path / "png", 8, "t") == {"png": 1, "unrenderable": 1}
+    assert (tmp_path / "png/a/half.png").read_bytes() == before
+    assert rasterise(jobs[:1], tmp_path / "png", 8, "t") == {"png": 1, "unrenderable": 0}
+    assert (tmp_path / "png/a/half.png").read_bytes() != before  # the new drawing
+    recoloured = [(tmp_path / "half.svg", "a/half.png", "#000000")]
+    rasterise(recoloured, tmp_path / "png", 8, "t")
+    back = load_image(tmp_path / "png/a/half.png", 8)
+    assert (back[:, :4] == 0).all() and (back[:, 5:] == 255).all()  # black ink, 6/10 of the width
+    (tmp_path / "half.svg").unlink()
     with pytest.raises(SicotError, match="half.svg: unreadable"):
-        rasterise(jobs, tmp_path / "png", 16, "t")
+        rasterise(recoloured, tmp_path / "png", 16, "t")
     assert (tmp_path / "png/a/half.png").is_file()  # the failed redraw left the complete folder alone
     with pytest.raises(SicotError, match="unsafe output path"):
         rasterise([(tmp_path / "broken.svg", "../x.png", "#000000")], tmp_path / "png2", 8, "t")

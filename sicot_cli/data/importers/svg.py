@@ -68,6 +68,13 @@ def palette_color(key: str) -> str:
     return PALETTE[int(hashlib.sha256(key.encode("utf-8")).hexdigest(), 16) % len(PALETTE)]
 
 
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1  # missing: reported by name when it is read
+
+
 def rasterise(jobs: Iterable[tuple[Path, str, str]], dest: Path, size: int, scheme: str) -> dict[str, int]:
     """Render SVG files into ``dest`` as PNGs, atomically as a folder.
 
@@ -75,8 +82,8 @@ def rasterise(jobs: Iterable[tuple[Path, str, str]], dest: Path, size: int, sche
         jobs: ``(svg file, PNG path relative to dest, colour)`` triples.
         dest: the output folder, replaced as a whole when complete.
         size: the PNGs' width and height.
-        scheme: a name for how the colours were chosen; with ``size`` it decides whether an existing
-            complete ``dest`` can be kept.
+        scheme: a name for how the colours were chosen; with ``size`` and the job list (paths,
+            colours, SVG file sizes) it decides whether an existing complete ``dest`` is kept.
 
     Returns:
         ``{"png": files written, "unrenderable": SVGs skipped}`` (from the marker when kept).
@@ -84,8 +91,11 @@ def rasterise(jobs: Iterable[tuple[Path, str, str]], dest: Path, size: int, sche
     Raises:
         SicotError: an SVG file missing or unreadable, an unsafe relative path.
     """
+    jobs = list(jobs)
     marker = dest / MARKER
-    drawn = {"size": size, "scheme": scheme}
+    # What was drawn, from what: another icon list, colour or package version draws the folder anew.
+    listing = "\n".join(f"{rel}\t{color}\t{_file_size(svg)}" for svg, rel, color in jobs)
+    drawn = {"size": size, "scheme": scheme, "jobs": hashlib.sha256(listing.encode("utf-8")).hexdigest()}
     if marker.is_file():
         try:
             info = json.loads(marker.read_text(encoding="utf-8"))
