@@ -80,11 +80,12 @@ def import_emoji(
     folder: Annotated[Path, typer.Option("--dir", help="Where `fetch emoji` unpacked the packages.")] = Path("data/emoji"),
     test_per_class: TestPerClass = 5,
     seed: Seed = 0,
+    val_fraction: Annotated[float, typer.Option(help="About this fraction of each class's training images become validation rows (whole base emoji).")] = 0.1,
 ) -> None:
     """Re-write the emoji manifests from the unpacked packages (e.g. another split)."""
     from sicot_cli.data.importers.emoji import import_emoji as run
 
-    _print(run(folder, test_per_class, seed))
+    _print(run(folder, test_per_class, seed, val_fraction))
 
 
 @import_app.command("mdi")

@@ -167,6 +167,30 @@ def test_emoji_split_takes_at_most_half_the_base_emoji(tmp_path):
         em.import_emoji(folder, test_per_class=-1)
 
 
+def test_emoji_validation_rows_are_whole_base_emoji(tmp_path):
+    folder = make_emoji_packages(tmp_path / "emoji")
+    base = lambda i: i.split("-")[0]  # noqa: E731
+    seen_val = set()
+    for seed in range(4):
+        s = em.import_emoji(folder, test_per_class=1, seed=seed, val_fraction=0.5)
+        zh = rows_of(folder / "emoji-zh.csv")
+        side = {k: {base(r["id"]) for r in zh if r["split"] == k} for k in ("train", "val", "test")}
+        # a base emoji and its skin-tone variants sit on one side only; the test split is unchanged
+        assert side["val"] and not side["val"] & side["train"] and not side["val"] & side["test"]
+        for label in {r["label"] for r in zh}:
+            n = {k: sum(r["label"] == label and r["split"] == k for r in zh) for k in ("train", "val")}
+            assert n["val"] <= int(0.5 * (n["train"] + n["val"]))
+        assert (s.train, s.test) == (sum(r["split"] == "train" for r in zh), sum(r["split"] == "test" for r in zh))
+        em.import_emoji(folder, test_per_class=1, seed=seed, val_fraction=0)
+        assert [(r["id"], r["split"]) for r in zh if r["split"] != "val"] == [
+            (r["id"], r["split"]) for r in rows_of(folder / "emoji-zh.csv") if r["id"] not in {v["id"] for v in zh if v["split"] == "val"}
+        ]
+        seen_val |= side["val"]
+    assert {"1F44B", "1F91A"} & seen_val  # an emoji with skin-tone variants goes to validation with them on some seed
+    with pytest.raises(SicotError, match=r"val-fraction must be in \[0, 0.5\]"):
+        em.import_emoji(folder, val_fraction=0.9)
+
+
 def test_emoji_manifest_prepares_and_trains(tmp_path):
     folder = make_emoji_packages(tmp_path / "emoji")
     em.import_emoji(folder, test_per_class=1, seed=0)
@@ -424,7 +448,7 @@ def test_real_emoji_fetch(tmp_path):
     if shutil.which("npm") is None:
         pytest.skip("npm is not installed")
     s = em.fetch_emoji(tmp_path / "emoji")
-    assert (s.rows, s.classes, s.train, s.test) == (3501, 98, 3099, 402)
+    assert (s.rows, s.classes, s.train, s.test) == (3501, 98, 2857, 402)  # and 242 validation rows
     assert s.skipped == {"Component group (skin-tone and hair swatches)": 5, "skin-tone variant of a test emoji (kept out of both sides)": 280}
     assert len(list((tmp_path / "emoji" / em.DATASOURCE.name / em.IMAGES).glob("*.png"))) == 3786
 

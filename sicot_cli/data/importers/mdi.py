@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sicot_cli.data.importers.common import ImportSummary, clean_title, write_manifest
+from sicot_cli.data.importers.common import ImportSummary, clean_title, group_validation, write_manifest
 from sicot_cli.data.importers.npm import NpmPackage, fetch_packages
 from sicot_cli.data.importers.svg import rasterise
 from sicot_cli.errors import SicotError
@@ -117,7 +117,7 @@ def _split(icons: list[_Icon], test_per_class: int, val_fraction: float, seed: i
             test.append(next((ic for ic in members if ic.id == fam), members[0]))
     test_ids = {ic.id for ic in test}
     test_families = {ic.family for ic in test}
-    val_families = _validation(by_class, test_families, val_fraction, seed)
+    val_families = group_validation({c: {f: len(m) for f, m in fams.items() if f not in test_families} for c, fams in by_class.items()}, val_fraction, seed)
     out: list[tuple[_Icon, str]] = []
     for ic in icons:
         if ic.id in test_ids:
@@ -127,30 +127,6 @@ def _split(icons: list[_Icon], test_per_class: int, val_fraction: float, seed: i
         else:
             out.append((ic, "val" if ic.family in val_families else "train"))
     return out
-
-
-def _validation(by_class: dict[str, dict[str, list[_Icon]]], test_families: set[str], fraction: float, seed: int) -> set[str]:
-    """Whole families for the validation rows: per class, in a seeded order, each family that fits
-    in ``floor(fraction * the class's training icons)`` in every class it has icons in (so a class
-    with fewer than 1 / fraction training icons gives none, as prepare's own carving). A family's
-    icons in other classes go with it: validation never shares a family with training.
-    """
-    sizes: dict[str, dict[str, int]] = defaultdict(dict)  # family -> class -> icons
-    for label, families in by_class.items():
-        for fam, members in families.items():
-            if fam not in test_families:
-                sizes[fam][label] = len(members)
-    budget = {label: int(fraction * sum(n for f in sizes.values() for c, n in f.items() if c == label)) for label in by_class}
-    taken: Counter[str] = Counter()
-    chosen: set[str] = set()
-    for label in sorted(by_class):
-        families = sorted(f for f in by_class[label] if f not in test_families)
-        random.Random(f"{seed}:val:{label}").shuffle(families)
-        for fam in families:
-            if fam not in chosen and all(taken[c] + n <= budget[c] for c, n in sizes[fam].items()):
-                chosen.add(fam)
-                taken.update(sizes[fam])
-    return chosen
 
 
 def import_mdi(folder: Path, test_per_class: int = DEFAULT_TEST_PER_CLASS, seed: int = 0, val_fraction: float = DEFAULT_VAL_FRACTION) -> ImportSummary:
