@@ -18,7 +18,7 @@ import_app = typer.Typer(name="import", help="Turn a dataset's released layout i
 app.add_typer(import_app, name="import")
 
 TestPerClass = Annotated[int, typer.Option(help="Test images per class, one per base emoji (emoji) or variant family (mdi), at most half of them; icons has no split.")]
-Seed = Annotated[int, typer.Option(help="Seed of the split (emoji) or of the class selection (WebVision).")]
+Seed = Annotated[int, typer.Option(help="Seed of the split (emoji, mdi) or of the class selection (WebVision).")]
 
 
 def _print(summary) -> None:  # noqa: ANN001
