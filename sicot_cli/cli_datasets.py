@@ -13,12 +13,12 @@ import typer
 
 from sicot_cli.console import console, guard, safe, show
 
-app = typer.Typer(name="datasets", help="Fetch the emoji benchmark; import the paper's datasets into manifests.", no_args_is_help=True)
+app = typer.Typer(name="datasets", help="Fetch the offline datasets (emoji, mdi, icons); import the paper's datasets into manifests.", no_args_is_help=True)
 import_app = typer.Typer(name="import", help="Turn a dataset's released layout into a manifest for `sicot prepare`.", no_args_is_help=True)
 app.add_typer(import_app, name="import")
 
-TestPerClass = Annotated[int, typer.Option(help="Test images (distinct base emoji) per class; at most half a class's base emoji.")]
-Seed = Annotated[int, typer.Option(help="Seed of the split (emoji) or of the class selection (WebVision).")]
+TestPerClass = Annotated[int, typer.Option(help="Test images per class, one per base emoji (emoji) or variant family (mdi), at most half of them; icons has no split.")]
+Seed = Annotated[int, typer.Option(help="Seed of the split (emoji, mdi) or of the class selection (WebVision).")]
 
 
 def _lines(items: list[str]):  # noqa: ANN202 - a rich Text
@@ -44,23 +44,40 @@ def _print(summary) -> None:  # noqa: ANN001
     show(t)
 
 
+# What `fetch` knows: dataset -> (recipe to prepare next, its manifest's file name).
+FETCHABLE = {"emoji": ("emoji-zh", "emoji-zh.csv"), "mdi": ("mdi", "mdi.csv"), "icons": ("icons-pretrain", "icons.csv")}
+
+
 @app.command()
 @guard
 def fetch(
-    name: Annotated[str, typer.Argument(help="The dataset: emoji.")],
-    folder: Annotated[Path, typer.Option("--dir", help="Download and output folder.")] = Path("data/emoji"),
+    name: Annotated[str, typer.Argument(help="The dataset: emoji, mdi (Material Design Icons) or icons (the pretraining corpus).")],
+    folder: Annotated[Path | None, typer.Option("--dir", help="Download and output folder (default: data/NAME).")] = None,
     test_per_class: TestPerClass = 5,
     seed: Seed = 0,
 ) -> None:
-    """Fetch (npm pack), verify and unpack the emoji benchmark, and write its manifests (zh, en)."""
-    from sicot_cli.data.importers.emoji import fetch_emoji
+    """Fetch (npm pack), verify and unpack a dataset's pinned packages, and write its manifests."""
     from sicot_cli.errors import SicotError
 
-    if name != "emoji":
-        raise SicotError(f"unknown dataset {name!r}: `fetch` knows emoji (the paper's datasets: `sicot datasets import --help`)")
-    _print(fetch_emoji(folder, test_per_class=test_per_class, seed=seed))
-    extra = "" if folder == Path("data/emoji") else f" data.manifest={folder / 'emoji-zh.csv'}"
-    console.print(safe(f"next: sicot prepare --recipe recipes/emoji-zh.toml{extra}"))
+    if name not in FETCHABLE:
+        raise SicotError(f"unknown dataset {name!r}: `fetch` knows {', '.join(FETCHABLE)} (the paper's datasets: `sicot datasets import --help`)")
+    default = Path("data") / name
+    folder = folder or default
+    if name == "emoji":
+        from sicot_cli.data.importers.emoji import fetch_emoji
+
+        _print(fetch_emoji(folder, test_per_class=test_per_class, seed=seed))
+    elif name == "mdi":
+        from sicot_cli.data.importers.mdi import fetch_mdi
+
+        _print(fetch_mdi(folder, test_per_class=test_per_class, seed=seed))
+    else:
+        from sicot_cli.data.importers.icons import fetch_icons
+
+        _print(fetch_icons(folder))
+    recipe, manifest = FETCHABLE[name]
+    extra = "" if folder == default else f" data.manifest={folder / manifest}"
+    console.print(safe(f"next: sicot prepare --recipe recipes/{recipe}.toml{extra}"))
 
 
 @import_app.command("emoji")
@@ -69,11 +86,26 @@ def import_emoji(
     folder: Annotated[Path, typer.Option("--dir", help="Where `fetch emoji` unpacked the packages.")] = Path("data/emoji"),
     test_per_class: TestPerClass = 5,
     seed: Seed = 0,
+    val_fraction: Annotated[float, typer.Option(help="About this fraction of each class's training images become validation rows (whole base emoji).")] = 0.1,
 ) -> None:
     """Re-write the emoji manifests from the unpacked packages (e.g. another split)."""
     from sicot_cli.data.importers.emoji import import_emoji as run
 
-    _print(run(folder, test_per_class, seed))
+    _print(run(folder, test_per_class, seed, val_fraction))
+
+
+@import_app.command("mdi")
+@guard
+def import_mdi(
+    folder: Annotated[Path, typer.Option("--dir", help="Where `fetch mdi` unpacked the package.")] = Path("data/mdi"),
+    test_per_class: Annotated[int, typer.Option(help="Test icons (distinct variant families) per class; at most half a class's families.")] = 5,
+    seed: Seed = 0,
+    val_fraction: Annotated[float, typer.Option(help="About this fraction of each class's training icons become validation rows (whole families).")] = 0.1,
+) -> None:
+    """Re-write the Material Design Icons manifest from the unpacked package (e.g. another split)."""
+    from sicot_cli.data.importers.mdi import import_mdi as run
+
+    _print(run(folder, test_per_class, seed, val_fraction))
 
 
 @import_app.command("imaterialist2019")

@@ -144,8 +144,7 @@ def test_emoji_join_titles_and_leak_free_split(tmp_path):
     left_out = sum(n_variants.get(b, 0) for b in test_bases)
     all_images = 4 + (1 + 5) + (1 + 2) + 1 + 1 + 3  # usable images before the split
     assert len(zh) == all_images - left_out == s.rows
-    assert s.skipped.get("skin-tone variant of a test emoji (kept out of every split)", 0) == left_out
-    assert s.val == 0  # fewer than 10 remaining base emoji per class: none to spare for validation
+    assert s.skipped.get("skin-tone variant of a test emoji (kept out of both sides)", 0) == left_out
     assert s.skipped["Component group (skin-tone and hair swatches)"] == 1
     assert s.skipped["no Google image in the package"] == 1 and s.skipped["no emojibase entry (zh/en)"] == 1
     assert (s.classes, s.train, s.test) == (3, len(zh) - 5, 5)
@@ -166,6 +165,30 @@ def test_emoji_split_takes_at_most_half_the_base_emoji(tmp_path):
     assert s.test == 5
     with pytest.raises(SicotError, match="test-per-class"):
         em.import_emoji(folder, test_per_class=-1)
+
+
+def test_emoji_validation_rows_are_whole_base_emoji(tmp_path):
+    folder = make_emoji_packages(tmp_path / "emoji")
+    base = lambda i: i.split("-")[0]  # noqa: E731
+    seen_val = set()
+    for seed in range(4):
+        s = em.import_emoji(folder, test_per_class=1, seed=seed, val_fraction=0.5)
+        zh = rows_of(folder / "emoji-zh.csv")
+        side = {k: {base(r["id"]) for r in zh if r["split"] == k} for k in ("train", "val", "test")}
+        # a base emoji and its skin-tone variants sit on one side only; the test split is unchanged
+        assert side["val"] and not side["val"] & side["train"] and not side["val"] & side["test"]
+        for label in {r["label"] for r in zh}:
+            n = {k: sum(r["label"] == label and r["split"] == k for r in zh) for k in ("train", "val")}
+            assert n["val"] <= int(0.5 * (n["train"] + n["val"]))
+        assert (s.train, s.test) == (sum(r["split"] == "train" for r in zh), sum(r["split"] == "test" for r in zh))
+        em.import_emoji(folder, test_per_class=1, seed=seed, val_fraction=0)
+        assert [(r["id"], r["split"]) for r in zh if r["split"] != "val"] == [
+            (r["id"], r["split"]) for r in rows_of(folder / "emoji-zh.csv") if r["id"] not in {v["id"] for v in zh if v["split"] == "val"}
+        ]
+        seen_val |= side["val"]
+    assert {"1F44B", "1F91A"} & seen_val  # an emoji with skin-tone variants goes to validation with them on some seed
+    with pytest.raises(SicotError, match=r"val-fraction must be in \[0, 0.5\]"):
+        em.import_emoji(folder, val_fraction=0.9)
 
 
 def test_emoji_manifest_prepares_and_trains(tmp_path):
@@ -425,12 +448,8 @@ def test_real_emoji_fetch(tmp_path):
     if shutil.which("npm") is None:
         pytest.skip("npm is not installed")
     s = em.fetch_emoji(tmp_path / "emoji")
-    assert (s.rows, s.classes, s.train, s.val, s.test) == (3401, 98, 2891, 108, 402)
-    assert s.skipped == {
-        "Component group (skin-tone and hair swatches)": 5,
-        "skin-tone variant of a test emoji (kept out of every split)": 280,
-        "skin-tone variant of a validation emoji (kept out of every split)": 100,
-    }
+    assert (s.rows, s.classes, s.train, s.test) == (3501, 98, 2857, 402)  # and 242 validation rows
+    assert s.skipped == {"Component group (skin-tone and hair swatches)": 5, "skin-tone variant of a test emoji (kept out of both sides)": 280}
     assert len(list((tmp_path / "emoji" / em.DATASOURCE.name / em.IMAGES).glob("*.png"))) == 3786
 
 
@@ -445,23 +464,3 @@ def test_demo_pretraining_recipe_describes_the_demos_long_tailed_set():
     assert (pre.model.backbone, pre.data.image_size, pre.model.encoder) == (demo.model.backbone, demo.data.image_size, "none")
     assert pre.data.out != demo.data.out
 
-
-def test_emoji_validation_split_is_by_base_emoji():
-    """Validation emoji are drawn by base emoji too: no skin-tone variant of one sits in training."""
-    from collections import Counter
-
-    images = []
-    for b in range(30):
-        base = f"1F{b:03X}"
-        images.append(em._Image(base, base, "hands", Path(f"{base}.png"), {"zh": "手", "en": "hand"}))
-        images += [em._Image(f"{base}-1F3F{t}", base, "hands", Path(f"{base}-{t}.png"), {"zh": "手", "en": "hand"}) for t in range(2)]
-    skipped: Counter = Counter()
-    split = em._split(images, 2, 0, skipped)
-    sides: dict[str, set[str]] = {}
-    for im, side in split:
-        sides.setdefault(im.base, set()).add(side)
-    assert all(len(s) == 1 for s in sides.values())  # every base emoji on one side only
-    val = [im for im, side in split if side == "val"]
-    assert len(val) == int(0.1 * 28) == 2 and all(im.id == im.base for im in val)  # default images only
-    assert skipped["skin-tone variant of a validation emoji (kept out of every split)"] == 4
-    assert [im for im, side in split if side == "test"] and len([1 for _, s in split if s == "train"]) == 26 * 3

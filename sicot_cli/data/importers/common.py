@@ -6,8 +6,9 @@ import csv
 import io
 import json
 import os
+import random
 import re
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -187,3 +188,37 @@ def read_titles(path: Path) -> tuple[dict[str, str], Counter[str]]:
             continue
         titles[key] = title
     return titles, problems
+
+
+def group_validation(sizes_by_class: dict[str, dict[str, int]], fraction: float, seed: int) -> set[str]:
+    """Whole near-duplicate groups for the validation rows, drawn from the training side.
+
+    Per class (in name order), groups in a seeded order; a group is taken when it still fits in
+    ``floor(fraction * the class's training images)`` in every class it has images in (so a class
+    with fewer than ``1 / fraction`` images gives none, as ``prepare``'s own row-wise carving). A
+    group's images in other classes go with it: validation never shares a group with training,
+    which ``prepare``'s row-wise carving cannot promise.
+
+    Args:
+        sizes_by_class: class -> group -> the group's training images in that class.
+        fraction: the validation share of each class, at most.
+        seed: the draw's seed (one generator per class: a class's draw does not depend on the others').
+
+    Returns:
+        The groups whose images are validation rows.
+    """
+    sizes: dict[str, dict[str, int]] = defaultdict(dict)  # group -> class -> images
+    for label, groups in sizes_by_class.items():
+        for g, n in groups.items():
+            sizes[g][label] = n
+    budget = {label: int(fraction * sum(groups.values())) for label, groups in sizes_by_class.items()}
+    taken: Counter[str] = Counter()
+    chosen: set[str] = set()
+    for label in sorted(sizes_by_class):
+        groups = sorted(sizes_by_class[label])
+        random.Random(f"{seed}:val:{label}").shuffle(groups)
+        for g in groups:
+            if g not in chosen and all(taken[c] + n <= budget[c] for c, n in sizes[g].items()):
+                chosen.add(g)
+                taken.update(sizes[g])
+    return chosen

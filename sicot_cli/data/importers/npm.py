@@ -44,9 +44,14 @@ class NpmPackage:
         return f"{self.name}@{self.version}"
 
     @property
+    def folder(self) -> str:
+        """The package's name as one folder name: ``@scope/name`` -> ``scope-name`` (as npm names the tarball)."""
+        return self.name.removeprefix("@").replace("/", "-")
+
+    @property
     def tarball(self) -> str:
-        """The file name ``npm pack`` gives an unscoped package."""
-        return f"{self.name}-{self.version}.tgz"
+        """The file name ``npm pack`` gives the package (``@scope/name`` -> ``scope-name-<version>.tgz``)."""
+        return f"{self.folder}-{self.version}.tgz"
 
     def wants(self, relpath: str) -> bool:
         return any(re.fullmatch(p, relpath) for p in self.members)
@@ -192,3 +197,41 @@ def unpack(tarball: Path, pkg: NpmPackage, dest: Path) -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return files
+
+
+def unpacked(dest: Path, pkg: NpmPackage) -> bool:
+    """Whether ``dest`` is a complete unpacking of ``pkg`` (its marker records the pinned integrity)."""
+    try:
+        return json.loads((dest / MARKER).read_text(encoding="utf-8")).get("integrity") == pkg.integrity
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+
+
+def fetch_packages(folder: Path, packages: tuple[NpmPackage, ...], npm: str | None = "auto") -> dict[str, Path]:
+    """Fetch (``npm pack``), verify and unpack ``packages``, each into ``folder/<pkg.folder>``.
+
+    Packages already unpacked with the pinned integrity, and tarballs already present (verified),
+    are not fetched again.
+
+    Args:
+        folder: the download folder.
+        packages: the pinned packages.
+        npm: the npm executable; ``"auto"`` looks it up on PATH; None means not available.
+
+    Returns:
+        Package name -> its unpacked folder.
+
+    Raises:
+        SicotError: npm missing while a tarball is missing (the message gives the commands to run),
+            npm failing, checksum mismatch, unsafe archive.
+    """
+    if npm == "auto":
+        npm = shutil.which("npm")
+    ensure_dir(folder)
+    todo = [p for p in packages if not unpacked(folder / p.folder, p)]
+    missing = [p for p in todo if not (folder / p.tarball).is_file()]
+    if missing and npm is None:
+        raise SicotError(f"npm is not installed: in {folder} run {npm_commands(tuple(missing))}, then run this command again")
+    for pkg in todo:
+        unpack(fetch_tarball(pkg, folder, npm), pkg, folder / pkg.folder)
+    return {p.name: folder / p.folder for p in packages}
