@@ -27,18 +27,16 @@ validation rows).
 
 from __future__ import annotations
 
-import json
 import random
-import shutil
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sicot_cli.data.importers.common import ImportSummary, clean_title, group_validation, write_manifest
-from sicot_cli.data.importers.npm import MARKER, NpmPackage, fetch_tarball, npm_commands, unpack
+from sicot_cli.data.importers.common import ImportSummary, ascii_int, clean_title, group_validation, load_json, write_manifest
+from sicot_cli.data.importers.npm import NpmPackage, fetch_packages
 from sicot_cli.errors import SicotError
-from sicot_cli.fsutil import ensure_dir, write_json
+from sicot_cli.fsutil import write_json
 
 DATASOURCE = NpmPackage(
     name="emoji-datasource-google",
@@ -67,12 +65,7 @@ def code(hexcode: str) -> str:
 
 
 def _load(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SicotError(f"{path}: missing (run `sicot datasets fetch emoji` first)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SicotError(f"{path}: unreadable ({e}); delete its folder and fetch again") from None
+    return load_json(path, "missing (run `sicot datasets fetch emoji` first)", "; delete its folder and fetch again")
 
 
 def _texts(data: Any, where: Path) -> dict[str, tuple[str, list[str]]]:
@@ -105,10 +98,12 @@ def _images(folder: Path, skipped: Counter[str]) -> list[_Image]:
     entries = _load(src / "emoji.json")
     if not isinstance(entries, list):
         raise SicotError(f"{src / 'emoji.json'}: expected a list of emoji")
+    entries = [e for e in entries if isinstance(e, dict)]
     texts = {lang: _texts(_load(folder / EMOJIBASE.name / lang / "data.json"), folder / EMOJIBASE.name / lang / "data.json") for lang in LANGUAGES}
     images: list[_Image] = []
-    for e in sorted(entries, key=lambda e: (e.get("sort_order", 0), str(e.get("unified")))):
-        variants = [e, *(e.get("skin_variations") or {}).values()]
+    for e in sorted(entries, key=lambda e: (ascii_int(e.get("sort_order", 0)) or 0, str(e.get("unified")))):
+        skins = e.get("skin_variations")
+        variants = [e, *(v for v in (skins.values() if isinstance(skins, dict) else []) if isinstance(v, dict))]
         if e.get("category") == "Component":
             skipped["Component group (skin-tone and hair swatches)"] += len(variants)
             continue
@@ -235,20 +230,5 @@ def fetch_emoji(
         SicotError: npm missing while a tarball is missing (the message gives the commands to run),
             npm failing, checksum mismatch, unsafe archive, unreadable package files.
     """
-    if npm == "auto":
-        npm = shutil.which("npm")
-    ensure_dir(folder)
-    todo = [p for p in packages if not _unpacked(folder / p.name, p)]
-    missing = [p for p in todo if not (folder / p.tarball).is_file()]
-    if missing and npm is None:
-        raise SicotError(f"npm is not installed: in {folder} run {npm_commands(tuple(missing))}, then run this command again")
-    for pkg in todo:
-        unpack(fetch_tarball(pkg, folder, npm), pkg, folder / pkg.name)
+    fetch_packages(folder, packages, npm)  # unscoped packages: each unpacks into folder/<name>
     return import_emoji(folder, test_per_class, seed)
-
-
-def _unpacked(dest: Path, pkg: NpmPackage) -> bool:
-    try:
-        return json.loads((dest / MARKER).read_text(encoding="utf-8")).get("integrity") == pkg.integrity
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return False

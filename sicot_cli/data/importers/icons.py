@@ -29,7 +29,6 @@ refuses a package list that shares a package with them.
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
@@ -38,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from sicot_cli.data.importers import emoji, mdi
-from sicot_cli.data.importers.common import ImportSummary, clean_title, write_manifest
+from sicot_cli.data.importers.common import ImportSummary, clean_title, load_json, write_manifest
 from sicot_cli.data.importers.npm import NpmPackage, fetch_packages
 from sicot_cli.data.importers.svg import palette_color, rasterise
 from sicot_cli.errors import SicotError
@@ -112,12 +111,9 @@ def check_disjoint(packages: tuple[NpmPackage, ...] = PACKAGES, evaluated: dict[
 
 
 def _json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    if not path.exists():
         return None  # the tags are optional: a set without them keeps its names as titles
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SicotError(f"{path}: unreadable ({e}); delete its folder and fetch again") from None
+    return load_json(path, "missing", "; delete its folder and fetch again")
 
 
 def _svgs(folder: Path) -> Iterator[Path]:

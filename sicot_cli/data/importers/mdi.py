@@ -24,14 +24,13 @@ Images are rasterised with resvg to 64 px black-on-transparent PNGs (``svg/`` ->
 
 from __future__ import annotations
 
-import json
 import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sicot_cli.data.importers.common import ImportSummary, clean_title, group_validation, write_manifest
+from sicot_cli.data.importers.common import ImportSummary, clean_title, group_validation, load_json, write_manifest
 from sicot_cli.data.importers.npm import NpmPackage, fetch_packages
 from sicot_cli.data.importers.svg import rasterise
 from sicot_cli.errors import SicotError
@@ -63,12 +62,7 @@ class _Icon:
 
 
 def _load(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SicotError(f"{path}: missing (run `sicot datasets fetch mdi` first)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SicotError(f"{path}: unreadable ({e}); delete its folder and fetch again") from None
+    return load_json(path, "missing (run `sicot datasets fetch mdi` first)", "; delete its folder and fetch again")
 
 
 def _family(icon: dict[str, Any], by_id: dict[str, dict[str, Any]]) -> str:

@@ -201,10 +201,7 @@ def unpack(tarball: Path, pkg: NpmPackage, dest: Path) -> int:
 
 def unpacked(dest: Path, pkg: NpmPackage) -> bool:
     """Whether ``dest`` is a complete unpacking of ``pkg`` (its marker records the pinned integrity)."""
-    try:
-        return json.loads((dest / MARKER).read_text(encoding="utf-8")).get("integrity") == pkg.integrity
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return False
+    return read_marker(dest / MARKER, pkg) is not None
 
 
 def fetch_packages(folder: Path, packages: tuple[NpmPackage, ...], npm: str | None = "auto") -> dict[str, Path]:
