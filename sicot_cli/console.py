@@ -39,7 +39,7 @@ def _visible(m: re.Match[str]) -> str:
 
 
 def clean(value: object) -> str:
-    """``value`` as one line of text: every control character shown as ``\\uXXXX``, never sent raw."""
+    """``value`` as one line of text: every control character shown as a ``\\u`` escape with four hex digits, never sent raw."""
     return _UNSAFE.sub(_visible, str(value))
 
 
@@ -59,7 +59,7 @@ def safe(value: object, style: str = "") -> Text:
 def plain(text: str) -> str:
     """Plain output (JSON, CSV, markdown, token lists): lines kept, other control characters escaped.
 
-    ``\\uXXXX`` is also a JSON escape, so JSON output stays valid and decodes to the same text.
+    ``\\u`` + four hex digits is also a JSON escape, so JSON output stays valid and decodes to the same text.
     """
     return _UNSAFE_PLAIN.sub(_visible, text)
 
