@@ -155,6 +155,19 @@ class _RichTask:
         self._p.update(self._id, advance=n, **fields)
 
 
+
+def _bar_columns() -> list[Any]:
+    """The progress-bar layout of every sicot bar: description, bar, n/total, info, elapsed, ETA."""
+    return [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    ]
+
 class RichProgress:
     """The :class:`sicot_cli.progress.Progress` the CLI hands to library functions."""
 
@@ -163,16 +176,7 @@ class RichProgress:
 
     @contextmanager
     def task(self, description: str, total: int | None) -> Iterator[_RichTask]:
-        columns = [
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-        ]
-        with Progress(*columns, console=err_console, transient=True, disable=not err_console.is_terminal) as p:
+        with Progress(*_bar_columns(), console=err_console, transient=True, disable=not err_console.is_terminal) as p:
             tid = p.add_task(description, total=total, info="")
             yield _RichTask(p, tid)
 
@@ -198,13 +202,7 @@ class AblationProgress:
     def __init__(self, target: Console | None = None) -> None:
         self.target = target or err_console
         self.bars = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
+            *_bar_columns(),
             console=self.target,
             transient=True,
             disable=not self.target.is_terminal,

@@ -39,6 +39,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from sicot_cli.data.loader import slice_range
+
 log = logging.getLogger(__name__)
 
 
@@ -110,15 +112,8 @@ def shutdown(ctx: DistContext, clean: bool = True) -> None:
 
 
 def shard_range(num_classes: int, world: int, rank: int) -> tuple[int, int]:
-    """The contiguous classes ``[lo, hi)`` of ``rank``: near-equal blocks, the first ones one larger."""
-    base, extra = divmod(num_classes, world)
-    lo = rank * base + min(rank, extra)
-    return lo, lo + base + (1 if rank < extra else 0)
-
-
-def slice_range(n: int, world: int, rank: int) -> tuple[int, int]:
-    """The rows ``[lo, hi)`` of a global batch of ``n`` that ``rank`` holds (same rule as classes)."""
-    return shard_range(n, world, rank)
+    """The contiguous classes ``[lo, hi)`` of ``rank``: the same near-equal blocks as a batch's rows."""
+    return slice_range(num_classes, world, rank)
 
 
 # --- collectives with autograd ------------------------------------------------------------------

@@ -12,7 +12,7 @@ Random row reads from HDF5 are ~500x slower than contiguous ones (measured: ~1k 
 The epoch's order is a pure function of the seed and the epoch, so the baseline and every encoder
 see the same batches, and a run resumed in the middle of an epoch continues with the same batches.
 Distributed (``rank``/``world``): every rank computes the same global batches and takes its own
-contiguous slice of each (:func:`sicot_cli.distributed.slice_range`), so N ranks together see
+contiguous slice of each (:func:`slice_range`), so N ranks together see
 exactly the batches one process sees, and each rank reads only its rows.
 Images stay uint8 until they reach the device (augmentation runs there, in batches).
 """
@@ -38,6 +38,17 @@ def read_error(path: object, e: Exception) -> SicotError:
     return SicotError(f"{path}: cannot read the images ({str(e).splitlines()[0] if str(e) else type(e).__name__}): the file was damaged or the disk failed; "
                       f"rebuild it with `sicot prepare --out {path} --force` (an interrupted run resumes from its last checkpoint)")
 
+
+
+def slice_range(n: int, world: int, rank: int) -> tuple[int, int]:
+    """The rows ``[lo, hi)`` of ``n`` that ``rank`` holds: near-equal contiguous blocks, the first ones one larger.
+
+    The data layer's rule, used by the loader for each global batch and by
+    :func:`sicot_cli.distributed.shard_range` for the classes of a sharded classifier.
+    """
+    base, extra = divmod(n, world)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (1 if rank < extra else 0)
 
 @dataclass
 class Batch:
@@ -126,8 +137,6 @@ class BatchLoader:
 
     def _batches(self, epoch: int) -> list[tuple[np.ndarray, int, int]]:
         """This rank's slice of each global batch: (rows, offset in the batch, global batch size)."""
-        from sicot_cli.distributed import slice_range
-
         order = self.order(epoch)
         out = []
         for i in range(len(self)):
