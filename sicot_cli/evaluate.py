@@ -19,6 +19,7 @@ from sicot_cli import metrics, runs
 from sicot_cli.config import Recipe, TrainConfig, recipe_from_dict
 from sicot_cli.data.dataset import Prepared, open_prepared
 from sicot_cli.data.loader import BatchLoader
+from sicot_cli.distributed import DistContext, _all_gather_rows, sharded_topk
 from sicot_cli.errors import SicotError
 from sicot_cli.fsutil import atomic_h5
 
@@ -88,9 +89,7 @@ def evaluate_model(
     across ranks (no rank forms the full logits). Every rank returns the whole result.
     """
     if ctx is not None and ctx.enabled:
-        from sicot_cli.distributed import evaluate_distributed
-
-        return evaluate_distributed(model, prepared, device, recipe, in_memory, ctx, split)
+        return _evaluate_distributed(model, prepared, device, recipe, in_memory, ctx, split)
     was_training = model.training
     model.eval()
     cfg = recipe.train
@@ -117,6 +116,51 @@ def evaluate_model(
     return make_result(recipe, prepared, np.concatenate(labels_out), np.concatenate(scores_out), np.concatenate(labels_true), np.concatenate(rows_out), seconds)
 
 
+
+@torch.no_grad()
+def _evaluate_distributed(model: torch.nn.Module, prepared: Prepared, device: torch.device, recipe: Recipe, in_memory: bool, ctx: DistContext, split: str = "test") -> EvalResult:
+    """:func:`evaluate_model` across ranks (same result on every rank).
+
+    Each rank computes the features of its slice of every test batch; the features, labels and
+    rows are gathered; a replicated classifier scores the whole batch on every rank, a sharded one
+    scores its classes and the per-shard top-k are merged (:func:`sicot_cli.distributed.sharded_topk`).
+    """
+    was_training = model.training
+    model.eval()
+    cfg = recipe.train
+    k = min(max(cfg.topk), prepared.num_classes)
+    clf = model.classifier
+    sharded = hasattr(clf, "lo")
+    start, stop = prepared.split_range(split)
+    loader = BatchLoader(prepared, cfg.eval_batch_size, start, stop, shuffle=False, in_memory=in_memory,
+                         block_rows=cfg.block_rows, rank=ctx.rank, world=ctx.world)
+    amp = cfg.amp and device.type == "cuda"
+    out_ids, out_scores, out_rows, out_labels = [], [], [], []
+    t0 = time.perf_counter()
+    for batch in loader.epoch(0):
+        total = batch.global_size
+        x = model.normalize(batch.images.to(device, non_blocking=True))
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+            feats = model.features(x) if x.shape[0] else torch.zeros((0, model.feat_dim), device=device)
+            feats = _all_gather_rows(feats.float(), ctx.world, total)
+            logits = clf(feats)
+        if sharded:
+            scores, ids = sharded_topk(logits, k, clf.lo, ctx)
+        else:
+            scores, ids = torch.softmax(logits.float(), dim=1).topk(k, dim=1)
+        meta = torch.stack([batch.labels.to(device), torch.as_tensor(batch.rows, dtype=torch.int64, device=device)], dim=1)
+        meta = _all_gather_rows(meta, ctx.world, total)
+        out_ids.append(ids.cpu().numpy())
+        out_scores.append(scores.float().cpu().numpy())
+        out_labels.append(meta[:, 0].cpu().numpy())
+        out_rows.append(meta[:, 1].cpu().numpy())
+    seconds = time.perf_counter() - t0
+    model.train(was_training)
+    return make_result(recipe, prepared, np.concatenate(out_ids), np.concatenate(out_scores), np.concatenate(out_labels), np.concatenate(out_rows), seconds)
+
+
 def make_result(recipe: Recipe, prepared: Prepared, topk: np.ndarray, scores: np.ndarray, labels: np.ndarray, rows: np.ndarray, seconds: float) -> EvalResult:
     """Metrics of the test rows' top-k predictions."""
     ks = tuple(sorted(set(recipe.train.topk)))
@@ -139,7 +183,8 @@ def load_run_model(run_dir: Path, checkpoint: str = "last", data: str | Path | N
     Raises:
         SicotError: not a run, missing checkpoint, or a dataset other than the run's.
     """
-    from sicot_cli.train import check_dataset, make_model
+    from sicot_cli.model import make_model
+    from sicot_cli.runs import check_dataset
 
     config = runs.read_config(run_dir)
     recipe = recipe_from_dict(config["recipe"], str(run_dir / runs.CONFIG))

@@ -43,12 +43,17 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sicot_cli.errors import SicotError
+
+if TYPE_CHECKING:
+    from sicot_cli.config import Recipe
+    from sicot_cli.data.dataset import Prepared
 
 log = logging.getLogger(__name__)
 
@@ -316,3 +321,25 @@ class ImageOnly(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = (images.float() - self.mean) / self.std
         return torch.softmax(self.classifier(self.visual(x)), dim=1)
+
+
+def make_model(recipe: Recipe, prepared: Prepared, shard: tuple[int, int] | None = None) -> SICoT:
+    """The run's model, initialised from the recipe's seed (the same for every encoder).
+
+    ``shard``: keep only these classes of the shared classifier (class-parallel training).
+    """
+    torch.manual_seed(recipe.train.seed)
+    return build_model(
+        recipe.model.backbone,
+        prepared.num_classes,
+        recipe.model.encoder,
+        torch.from_numpy(prepared.vectors),
+        pretrained=recipe.model.pretrained,
+        encoder_options=recipe.model.encoder_options,
+        freeze_embeddings=recipe.model.freeze_embeddings,
+        semantic_norm=recipe.model.semantic_norm,
+        shard=shard,
+        # lam = 0: CE(x_m) gives the classifier no gradient, so x_v is scored apart as the baseline
+        # scores it (not inside the one GEMM over cat([x_v, x_m])) and the run steps as the baseline does.
+        mixed_trains_classifier=recipe.model.mixed_trains_classifier and recipe.train.lam != 0,
+    )

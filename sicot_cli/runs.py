@@ -23,10 +23,13 @@ import io
 import json
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sicot_cli.errors import SicotError
 from sicot_cli.fsutil import append_jsonl, atomic_path, ensure_dir, read_regular, remove_stale_tmps, write_json
+
+if TYPE_CHECKING:
+    from sicot_cli.data.dataset import Prepared
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -297,3 +300,14 @@ def finish(run_dir: Path, history: list[dict[str, Any]], per_class: dict[str, An
     produced them; ``history`` holds the per-epoch losses and validation metrics.
     """
     write_json(run_dir / SUMMARY, {"final": {**(history[-1] if history else {}), **final}, "epochs": len(history), **per_class})
+
+
+def check_dataset(prepared: Prepared, config: dict[str, Any], run_dir: Path) -> None:
+    """Refuse a dataset whose classes or vocabulary differ from the run's."""
+    want, have = config.get("dataset", {}), prepared.fingerprint()
+    if want != have:
+        raise SicotError(
+            f"{run_dir}: trained on a dataset with {want.get('classes')} classes / {want.get('vocab')} words "
+            f"(fingerprint {want.get('sha256')}), but {prepared.path} has {have['classes']} / {have['vocab']} "
+            f"({have['sha256']}): use the dataset the run was trained on"
+        )

@@ -36,7 +36,7 @@ from sicot_cli.data.loader import Batch, BatchLoader, epoch_seed
 from sicot_cli.distributed import DistContext, init_distributed, reduce_mean, shard_range, shutdown
 from sicot_cli.errors import SicotError
 from sicot_cli.evaluate import evaluate_model, resolve_device, use_in_memory, write_predictions
-from sicot_cli.model import SICoT, Streams, build_model, sicot_loss
+from sicot_cli.model import SICoT, Streams, make_model, sicot_loss
 from sicot_cli.progress import NullProgress, Progress
 from sicot_cli.threads import set_threads
 
@@ -77,39 +77,6 @@ def run_config(recipe: Recipe, prepared: Prepared) -> dict[str, Any]:
         "versions": runs.versions(),
         "git_commit": runs.git_commit(),
     }
-
-
-def check_dataset(prepared: Prepared, config: dict[str, Any], run_dir: Path) -> None:
-    """Refuse a dataset whose classes or vocabulary differ from the run's."""
-    want, have = config.get("dataset", {}), prepared.fingerprint()
-    if want != have:
-        raise SicotError(
-            f"{run_dir}: trained on a dataset with {want.get('classes')} classes / {want.get('vocab')} words "
-            f"(fingerprint {want.get('sha256')}), but {prepared.path} has {have['classes']} / {have['vocab']} "
-            f"({have['sha256']}): use the dataset the run was trained on"
-        )
-
-
-def make_model(recipe: Recipe, prepared: Prepared, shard: tuple[int, int] | None = None) -> SICoT:
-    """The run's model, initialised from the recipe's seed (the same for every encoder).
-
-    ``shard``: keep only these classes of the shared classifier (class-parallel training).
-    """
-    torch.manual_seed(recipe.train.seed)
-    return build_model(
-        recipe.model.backbone,
-        prepared.num_classes,
-        recipe.model.encoder,
-        torch.from_numpy(prepared.vectors),
-        pretrained=recipe.model.pretrained,
-        encoder_options=recipe.model.encoder_options,
-        freeze_embeddings=recipe.model.freeze_embeddings,
-        semantic_norm=recipe.model.semantic_norm,
-        shard=shard,
-        # lam = 0: CE(x_m) gives the classifier no gradient, so x_v is scored apart as the baseline
-        # scores it (not inside the one GEMM over cat([x_v, x_m])) and the run steps as the baseline does.
-        mixed_trains_classifier=recipe.model.mixed_trains_classifier and recipe.train.lam != 0,
-    )
 
 
 def use_sharding(cfg: TrainConfig, ctx: DistContext, num_classes: int) -> bool:
@@ -377,7 +344,7 @@ def _train(ctx: DistContext, recipe: Recipe, run_dir: str | Path | None, resume:
     config = run_config(recipe, prepared) | {"threads": threads}
     resuming = _on_main(ctx, lambda: runs.start_run(run_dir, config, resume))
     if resuming:
-        check_dataset(prepared, runs.read_config(run_dir), run_dir)
+        runs.check_dataset(prepared, runs.read_config(run_dir), run_dir)
         if runs.is_finished(run_dir):
             return TrainResult(run_dir, runs.read_metrics(run_dir), skipped=True, test=runs.read_summary(run_dir).get("final"))
 
