@@ -21,7 +21,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +125,25 @@ def _store(accum: dict[str, Any], sums: torch.Tensor) -> None:
     accum["loss"], accum["loss_v"], accum["loss_m"] = (float(v) for v in sums.tolist())
 
 
+def _inputs(
+    model: SICoT, batch: Batch, device: torch.device, cfg: TrainConfig, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """A batch on the device: augmented (seeded by ``generator``) and normalised images, labels, title tokens."""
+    images = batch.images.to(device, non_blocking=True)
+    labels = batch.labels.to(device, non_blocking=True)
+    if cfg.augment:
+        scale = (cfg.crop_scale[0], cfg.crop_scale[1])
+        images = random_resized_crop_flip(images, generator, scale, batch.offset, batch.total)
+    x = model.normalize(images)
+    if cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    tokens = mask = None
+    if model.encoder is not None:
+        tokens = batch.tokens.to(device, non_blocking=True)
+        mask = batch.mask.to(device, non_blocking=True)
+    return x, labels, tokens, mask
+
+
 def train_step(
     model: SICoT,
     forward: Callable[..., tuple[torch.Tensor, torch.Tensor | None]],
@@ -136,36 +155,29 @@ def train_step(
     ctx: DistContext | None = None,
     sharded: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """One optimisation step on a batch (the same for baseline and co-training).
+    """One optimisation step, the paper's §3.3 (the same for baseline and co-training).
 
-    uint8 images go to the device, are augmented there (seeded by ``generator``), normalised and
-    scored; the loss is Eq. 1. ``forward`` is the model, its DDP wrapper or its ``torch.compile``
-    wrapper; with ``sharded`` or class sampling (``cfg.class_sample_rate`` < 1) it is the streams'
-    wrapper (:func:`step_forward`) and the classifier is scored by
-    :func:`~sicot_cli.classifier_step.eq1_from_streams` (sharded: the whole global batch against
-    this rank's classes; sampled: against the step's sampled classes, whose rows get their own SGD
-    update after ``optimizer.step()``).
+    The two streams give x_v and x_m = max(x_v, semantic); the ONE shared classifier scores both;
+    the loss is Eq. 1, CE(x_v) + λ·CE(x_m); backward; SGD step. ``forward`` is the model, its DDP
+    wrapper or its ``torch.compile`` wrapper. With ``sharded`` or class sampling
+    (``cfg.class_sample_rate`` < 1) it is the streams' wrapper (:func:`step_forward`) and the
+    classifier is scored by :func:`~sicot_cli.classifier_step.eq1_from_streams` (sharded: the whole
+    global batch against this rank's classes; sampled: against the step's sampled classes, whose
+    rows get their own SGD update after ``optimizer.step()``).
 
     Returns:
         The global batch's total loss, CE(x_v) and CE(x_m) (None for the baseline), detached.
     """
     ctx = ctx or DistContext()
-    images = batch.images.to(device, non_blocking=True)
-    labels = batch.labels.to(device, non_blocking=True)
-    if cfg.augment:
-        images = random_resized_crop_flip(images, generator, (cfg.crop_scale[0], cfg.crop_scale[1]), batch.offset, batch.total)
-    x = model.normalize(images)
-    if cfg.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    tokens = mask = None
-    if model.encoder is not None:
-        tokens = batch.tokens.to(device, non_blocking=True)
-        mask = batch.mask.to(device, non_blocking=True)
+    x, labels, tokens, mask = _inputs(model, batch, device, cfg, generator)
     sampled = None
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
         if scores_streams(cfg, sharded):  # forward gives the streams; the classifier is scored here
             x_v, x_m = forward(x, tokens, mask)
-            loss, loss_v, loss_m, sampled = eq1_from_streams(model, x_v, x_m, labels, batch.global_size, cfg.lam, cfg.normalize_loss, ctx, sharded, cfg.class_sample_rate, generator)
+            loss, loss_v, loss_m, sampled = eq1_from_streams(
+                model, x_v, x_m, labels, batch.global_size, cfg.lam, cfg.normalize_loss, ctx, sharded,
+                cfg.class_sample_rate, generator,
+            )
         else:
             logits_v, logits_m = forward(x, tokens, mask)
     if not scores_streams(cfg, sharded):
@@ -175,7 +187,8 @@ def train_step(
     optimizer.step()
     if sampled is not None:  # the classifier's sampled rows: their own SGD step (sicot_cli.classifier_step)
         sampled.step(optimizer, ctx if ctx.enabled and not sharded else None)
-    out = torch.stack([loss.detach(), loss_v.detach(), loss_m.detach() if loss_m is not None else torch.zeros_like(loss)])
+    zero = torch.zeros_like(loss)
+    out = torch.stack([loss.detach(), loss_v.detach(), loss_m.detach() if loss_m is not None else zero])
     if ctx.enabled and not sharded:  # per-rank means of equal slices -> the global batch's mean
         out = reduce_mean(out, ctx)
     return out[0], out[1], None if loss_m is None else out[2]
@@ -300,10 +313,105 @@ def _checkpoint_note(run_dir: Path) -> str:
     return note
 
 
-def _train(ctx: DistContext, recipe: Recipe, run_dir: str | Path | None, resume: bool, data: str | Path | None, progress: Progress | None, hook: Callable[[int, int], None] | None) -> TrainResult:
-    progress = progress or NullProgress()
+def _fresh_accum() -> dict[str, Any]:
+    return {"loss": 0.0, "loss_v": 0.0, "loss_m": 0.0, "images": 0, "seconds": 0.0}
+
+
+@dataclass
+class _Run:
+    """What one run is built from, fixed before its first step."""
+
+    ctx: DistContext
+    recipe: Recipe  # the caller's recipe with the prepared file's settings taken in
+    prepared: Prepared
+    run_dir: Path
+    threads: int
+    device: torch.device
+    sharded: bool
+    model: SICoT
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.StepLR
+    meta: dict[str, Any]
+    in_memory: bool
+
+
+@dataclass
+class _State:
+    """Where training is: what ``checkpoint-last.pt`` holds besides the weights and the optimiser."""
+
+    epoch: int = 0  # the epoch running (0-based); in a checkpoint, the next one to run
+    batch: int = 0  # batches of ``epoch`` done
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: float = -1.0  # best validation top-1 so far
+    accum: dict[str, Any] = field(default_factory=_fresh_accum)  # the epoch's running loss sums, images, seconds
+    sums: torch.Tensor | None = None  # the running loss sums on the device, while an epoch's batches run
+
+
+class _SigintGuard:
+    """Ctrl-C between steps stops at once; inside a step it waits for the step's end.
+
+    A Ctrl-C after ``optimizer.step()`` began but before the batch is counted would save weights one
+    step ahead of their batch counter.
+    """
+
+    def __init__(self) -> None:
+        self.in_step = False
+        self.asked = False
+        self._old: Any = None
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.in_step:
+            self.asked = True
+        else:
+            raise KeyboardInterrupt
+
+    def step_done(self) -> None:
+        self.in_step = False
+        if self.asked:
+            raise KeyboardInterrupt
+
+    def __enter__(self) -> _SigintGuard:
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def _train(
+    ctx: DistContext,
+    recipe: Recipe,
+    run_dir: str | Path | None,
+    resume: bool,
+    data: str | Path | None,
+    progress: Progress | None,
+    hook: Callable[[int, int], None] | None,
+) -> TrainResult:
+    run = _set_up(ctx, recipe, run_dir, data)
+    # Only now, with the device, model and optimiser built (anything the recipe gets wrong has been
+    # refused), is the run directory created: a failed start leaves nothing that blocks the retry.
+    config = run_config(run.recipe, run.prepared) | {"threads": run.threads}
+    resuming = _on_main(ctx, lambda: runs.start_run(run.run_dir, config, resume))
+    state = _State()
+    if resuming:
+        runs.check_dataset(run.prepared, runs.read_config(run.run_dir), run.run_dir)
+        if runs.is_finished(run.run_dir):
+            final = runs.read_summary(run.run_dir).get("final")
+            return TrainResult(run.run_dir, runs.read_metrics(run.run_dir), skipped=True, test=final)
+        state = _resume(run)
+    loader = _loader(run)
+    forward = _forward(run)
+    with _SigintGuard() as guard:
+        if _epochs(run, state, loader, forward, progress or NullProgress(), hook, guard):
+            return TrainResult(run.run_dir, state.history, interrupted=True)
+    return _finish(run, state)
+
+
+def _open_data(recipe: Recipe, data: str | Path | None) -> tuple[Recipe, Prepared]:
+    """The prepared file, with its settings taken into (a copy of) the recipe; refused if it cannot train."""
     recipe = copy.deepcopy(recipe)  # the prepared file's settings are taken in below: not the caller's
-    cfg = recipe.train
     path = data_path(recipe, data)
     if not path.exists():
         raise SicotError(f"{path}: prepared dataset not found: run `sicot prepare` with the same recipe first (or pass --data)")
@@ -311,8 +419,6 @@ def _train(ctx: DistContext, recipe: Recipe, run_dir: str | Path | None, resume:
     adopted = adopt_prepared(recipe, prepared.recipe, path)
     if adopted:
         log.debug("from %s: %s", path, ", ".join(adopted))
-    threads = set_threads(cfg.threads)
-    run_dir = Path(run_dir) if run_dir is not None else Path(cfg.runs_dir) / runs.default_run_name(recipe.name, recipe.model.encoder, cfg.seed)
     if prepared.n_train < 1 or prepared.n - prepared.test_start < 1:
         raise SicotError(f"{path}: needs training and test images (has {prepared.n_train} / {prepared.n - prepared.test_start})")
     if recipe.eval.select == "best" and prepared.n_val < 1:
@@ -320,6 +426,16 @@ def _train(ctx: DistContext, recipe: Recipe, run_dir: str | Path | None, resume:
             f"{path}: eval.select = best needs validation rows, and this file has none: "
             "rebuild it with data.val_fraction > 0 (`sicot prepare --force`) or use eval.select=last"
         )
+    return recipe, prepared
+
+
+def _set_up(ctx: DistContext, recipe: Recipe, run_dir: str | Path | None, data: str | Path | None) -> _Run:
+    """Data, device, model (sharded by class when distributed and large), SGD and StepLR."""
+    recipe, prepared = _open_data(recipe, data)
+    cfg = recipe.train
+    threads = set_threads(cfg.threads)
+    name = runs.default_run_name(recipe.name, recipe.model.encoder, cfg.seed)
+    run_dir = Path(run_dir) if run_dir is not None else Path(cfg.runs_dir) / name
     if ctx.enabled and (cfg.batch_size % ctx.world or prepared.n_train < cfg.batch_size):
         raise SicotError(
             f"train.batch_size = {cfg.batch_size} (the global batch) must be a multiple of the {ctx.world} ranks "
@@ -339,149 +455,192 @@ def _train(ctx: DistContext, recipe: Recipe, run_dir: str | Path | None, resume:
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
     meta = _meta(recipe, prepared, model)
-    # Only now, with the device, model and optimiser built (anything the recipe gets wrong has been
-    # refused), is the run directory created: a failed start leaves nothing that blocks the retry.
-    config = run_config(recipe, prepared) | {"threads": threads}
-    resuming = _on_main(ctx, lambda: runs.start_run(run_dir, config, resume))
-    if resuming:
-        runs.check_dataset(prepared, runs.read_config(run_dir), run_dir)
-        if runs.is_finished(run_dir):
-            return TrainResult(run_dir, runs.read_metrics(run_dir), skipped=True, test=runs.read_summary(run_dir).get("final"))
-
-    start_epoch, start_batch, history, best = 0, 0, [], -1.0
-    accum = {"loss": 0.0, "loss_v": 0.0, "loss_m": 0.0, "images": 0, "seconds": 0.0}
-    if resuming:
-        state = runs.load_checkpoint(run_dir / runs.LAST)
-        if state["meta"] != meta:
-            raise SicotError(f"{run_dir / runs.LAST}: checkpoint of another model ({state['meta']}) than the recipe's ({meta})")
-        checkpoints.restore(state, run_dir / runs.LAST, model, optimizer)
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        start_epoch, start_batch, history, best = state["epoch"], state["batch"], state["history"], state["best"]
-        accum = state["accum"]
-        _on_main(ctx, lambda: runs.write_metrics(run_dir, history))
-        log.info("resuming %s at epoch %d, batch %d", run_dir, start_epoch + 1, start_batch)
-
     in_memory = use_in_memory(cfg, prepared)
+    return _Run(ctx, recipe, prepared, run_dir, threads, device, sharded, model, optimizer, scheduler, meta, in_memory)
+
+
+def _resume(run: _Run) -> _State:
+    """Weights, optimiser, scheduler, RNG and position from ``checkpoint-last.pt``."""
+    ckpt = runs.load_checkpoint(run.run_dir / runs.LAST)
+    if ckpt["meta"] != run.meta:
+        raise SicotError(f"{run.run_dir / runs.LAST}: checkpoint of another model ({ckpt['meta']}) than the recipe's ({run.meta})")
+    checkpoints.restore(ckpt, run.run_dir / runs.LAST, run.model, run.optimizer)
+    run.scheduler.load_state_dict(ckpt["scheduler"])
+    torch.set_rng_state(ckpt["rng"])
+    state = _State(ckpt["epoch"], ckpt["batch"], ckpt["history"], ckpt["best"], ckpt["accum"])
+    _on_main(run.ctx, lambda: runs.write_metrics(run.run_dir, state.history))
+    log.info("resuming %s at epoch %d, batch %d", run.run_dir, state.epoch + 1, state.batch)
+    return state
+
+
+def _checkpoint(run: _Run, state: _State, epoch: int, batch: int) -> dict[str, Any]:
+    return {
+        "scheduler": run.scheduler.state_dict(), "rng": torch.get_rng_state(), "epoch": epoch, "batch": batch,
+        "history": state.history, "best": state.best, "accum": state.accum, "meta": run.meta,
+    }  # fmt: skip
+
+
+def _save(run: _Run, name: str, state: dict[str, Any], with_optimizer: bool, tag: str) -> None:
+    optimizer = run.optimizer if with_optimizer else None
+    checkpoints.save(run.run_dir / name, state, run.model, optimizer, run.ctx, run.sharded, tag)
+
+
+def _loader(run: _Run) -> BatchLoader:
+    """The training rows in seeded shuffled batches (this rank's slice of each); the plan logged."""
+    cfg, prepared = run.recipe.train, run.prepared
     loader = BatchLoader(
-        prepared, cfg.batch_size, 0, prepared.n_train, shuffle=True, seed=cfg.seed, in_memory=in_memory,
+        prepared, cfg.batch_size, 0, prepared.n_train, shuffle=True, seed=cfg.seed, in_memory=run.in_memory,
         block_rows=cfg.block_rows, shuffle_blocks=cfg.shuffle_blocks, drop_last=prepared.n_train >= cfg.batch_size,
-        rank=ctx.rank, world=ctx.world, pin_memory=device.type == "cuda",
-    )
-    plan, plan_warnings = training_plan(recipe, prepared, len(loader), threads)
-    log.info("%s: %s", run_dir, plan)
+        rank=run.ctx.rank, world=run.ctx.world, pin_memory=run.device.type == "cuda",
+    )  # fmt: skip
+    plan, plan_warnings = training_plan(run.recipe, prepared, len(loader), run.threads)
+    log.info("%s: %s", run.run_dir, plan)
     for w in plan_warnings:
         log.warning("%s", w)
-    forward: Callable[..., Any] = step_forward(model, cfg, sharded)
-    if ctx.enabled:
+    return loader
+
+
+def _forward(run: _Run) -> Callable[..., Any]:
+    """What the step calls: the model (or its streams), under DDP when distributed, compiled if asked."""
+    cfg = run.recipe.train
+    forward: Callable[..., Any] = step_forward(run.model, cfg, run.sharded)
+    if run.ctx.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        ids = [device.index] if device.type == "cuda" else None
-        forward = DDP(step_forward(model, cfg, sharded), device_ids=ids)
+        ids = [run.device.index] if run.device.type == "cuda" else None
+        forward = DDP(step_forward(run.model, cfg, run.sharded), device_ids=ids)
     if cfg.compile:
         forward = torch.compile(forward)
+    return forward
 
-    def checkpoint(epoch: int, batch: int) -> dict[str, Any]:
-        return {
-            "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "epoch": epoch, "batch": batch,
-            "history": history, "best": best, "accum": accum, "meta": meta,
-        }
 
-    def save(name: str, state: dict[str, Any], with_optimizer: bool, tag: str) -> None:
-        checkpoints.save(run_dir / name, state, model, optimizer if with_optimizer else None, ctx, sharded, tag)
-
-    epoch = start_epoch
-    batch_idx = start_batch
-    training = False  # True while the epoch's batches run: only then is a mid-epoch checkpoint valid
-    # Ctrl-C inside a step (after optimizer.step() began, before the batch is counted) would save
-    # weights one step ahead of their batch counter: such an interrupt waits for the step's end.
-    stop = {"in_step": False, "asked": False}
-
-    def on_sigint(signum: int, frame: Any) -> None:
-        if stop["in_step"]:
-            stop["asked"] = True
-        else:
-            raise KeyboardInterrupt
-
-    old_handler = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() else None
+def _epochs(
+    run: _Run,
+    state: _State,
+    loader: BatchLoader,
+    forward: Callable[..., Any],
+    progress: Progress,
+    hook: Callable[[int, int], None] | None,
+    guard: _SigintGuard,
+) -> bool:
+    """Train from ``state`` to the last epoch. True when Ctrl-C stopped it (a resumable checkpoint saved)."""
+    cfg = run.recipe.train
+    start_epoch, start_batch = state.epoch, state.batch
     try:
         for epoch in range(start_epoch, cfg.epochs):
-            model.train()
+            state.epoch = epoch
+            run.model.train()
             skip = start_batch if epoch == start_epoch else 0
             if skip == 0:
-                accum = {"loss": 0.0, "loss_v": 0.0, "loss_m": 0.0, "images": 0, "seconds": 0.0}
-            sums = torch.tensor([accum["loss"], accum["loss_v"], accum["loss_m"]], dtype=torch.float64, device=device)
-            training = True  # after sums exists: a Ctrl-C from here on saves them
-            lr = optimizer.param_groups[0]["lr"]
+                state.accum = _fresh_accum()
+            so_far = [state.accum["loss"], state.accum["loss_v"], state.accum["loss_m"]]
+            state.sums = torch.tensor(so_far, dtype=torch.float64, device=run.device)  # a Ctrl-C from here on saves them
+            lr = run.optimizer.param_groups[0]["lr"]
             with progress.task(f"epoch {epoch + 1}/{cfg.epochs}", len(loader)) as task:
                 task.advance(skip)
-                batch_idx = skip
-                t_last = time.perf_counter()
-                for batch in loader.epoch(epoch, skip):
-                    if hook is not None:
-                        hook(epoch, batch_idx)
-                    stop["in_step"] = True
-                    gen = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch, 1 + batch_idx))
-                    loss, loss_v, loss_m = train_step(model, forward, optimizer, batch, device, cfg, gen, ctx, sharded)
-                    n = batch.global_size
-                    # Sums stay on the device (no per-step host sync); read when shown or saved.
-                    sums += torch.stack([loss, loss_v, loss_m if loss_m is not None else torch.zeros_like(loss)]).double() * n
-                    accum["images"] += n
-                    now = time.perf_counter()
-                    accum["seconds"] += now - t_last
-                    t_last = now
-                    batch_idx += 1
-                    stop["in_step"] = False
-                    if stop["asked"]:
-                        raise KeyboardInterrupt
-                    if batch_idx % SHOW_EVERY == 0 or batch_idx == len(loader):
-                        if not torch.isfinite(sums[0]) or diverged(model):
-                            raise SicotError(f"{run_dir}: the loss diverged (not finite) by epoch {epoch + 1}, batch {batch_idx}: lower train.lr")
-                        task.advance(1, info=f"loss {sums[0].item() / accum['images']:.3f}  {accum['images'] / max(accum['seconds'], 1e-9):,.0f} img/s")
-                    else:
-                        task.advance(1)
-                _store(accum, sums)
-            training = False
-            scheduler.step()
-            val = evaluate_model(model, prepared, device, recipe, in_memory=in_memory, ctx=ctx, split="val") if prepared.n_val else None
-            record = {
-                "epoch": epoch + 1,
-                "lr": lr,
-                "loss": accum["loss"] / max(accum["images"], 1),
-                "loss_v": accum["loss_v"] / max(accum["images"], 1),
-                "loss_m": accum["loss_m"] / max(accum["images"], 1) if model.encoder is not None else None,
-                "train_images": accum["images"],
-                "train_images_per_s": accum["images"] / max(accum["seconds"], 1e-9),
-                "epoch_seconds": accum["seconds"],
-                **({f"val_{k}": v for k, v in val.scalars().items()} | {"eval_images_per_s": val.images_per_s} if val else {}),
-            }
-            history.append(record)
-            batch_idx = 0
-            if val is not None and record["val_top1"] > best:
-                best = record["val_top1"]
-                if cfg.keep_best:
-                    save(runs.BEST, {"meta": meta, "epoch": epoch + 1}, False, f"e{epoch + 1}")
-            save(runs.LAST, checkpoint(epoch + 1, 0), True, f"e{epoch + 1}")
-            _on_main(ctx, lambda: runs.append_metrics(run_dir, record))
-            log.info("epoch %d: loss %.4f%s", epoch + 1, record["loss"], f" val top1 {record['val_top1']:.2f}" if val else "")
+                _run_epoch(run, state, state.sums, loader, forward, skip, task, hook, guard)
+            state.sums = None
+            _end_epoch(run, state, lr)
     except KeyboardInterrupt:
         # Between the last batch and the epoch's checkpoint the previous checkpoint is the valid one.
         # Distributed, the ranks may be stopped at different batches: resume from the last epoch.
-        if training and not ctx.enabled:
-            _store(accum, sums)
-            save(runs.LAST, checkpoint(epoch, batch_idx), True, f"e{epoch}b{batch_idx}")
-        return TrainResult(run_dir, history, interrupted=True)
-    finally:
-        if old_handler is not None:
-            signal.signal(signal.SIGINT, old_handler)
+        if state.sums is not None and not run.ctx.enabled:
+            _store(state.accum, state.sums)
+            _save(run, runs.LAST, _checkpoint(run, state, state.epoch, state.batch), True, f"e{state.epoch}b{state.batch}")
+        return True
+    return False
 
-    final, selection = _score_test(model, prepared, device, recipe, in_memory, ctx, run_dir, history)
+
+def _run_epoch(
+    run: _Run,
+    state: _State,
+    sums: torch.Tensor,
+    loader: BatchLoader,
+    forward: Callable[..., Any],
+    skip: int,
+    task: Any,
+    hook: Callable[[int, int], None] | None,
+    guard: _SigintGuard,
+) -> None:
+    """The epoch's batches from ``skip`` on: one :func:`train_step` each, running ``sums``, divergence check."""
+    cfg, epoch = run.recipe.train, state.epoch
+    state.batch = skip
+    t_last = time.perf_counter()
+    for batch in loader.epoch(epoch, skip):
+        if hook is not None:
+            hook(epoch, state.batch)
+        guard.in_step = True
+        gen = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch, 1 + state.batch))
+        loss, loss_v, loss_m = train_step(run.model, forward, run.optimizer, batch, run.device, cfg, gen, run.ctx, run.sharded)
+        n = batch.global_size
+        # Sums stay on the device (no per-step host sync); read when shown or saved.
+        sums += torch.stack([loss, loss_v, loss_m if loss_m is not None else torch.zeros_like(loss)]).double() * n
+        state.accum["images"] += n
+        now = time.perf_counter()
+        state.accum["seconds"] += now - t_last
+        t_last = now
+        state.batch += 1
+        guard.step_done()
+        if state.batch % SHOW_EVERY == 0 or state.batch == len(loader):
+            if not torch.isfinite(sums[0]) or diverged(run.model):
+                raise SicotError(
+                    f"{run.run_dir}: the loss diverged (not finite) by epoch {epoch + 1}, batch {state.batch}: lower train.lr"
+                )
+            speed = state.accum["images"] / max(state.accum["seconds"], 1e-9)
+            task.advance(1, info=f"loss {sums[0].item() / state.accum['images']:.3f}  {speed:,.0f} img/s")
+        else:
+            task.advance(1)
+    _store(state.accum, sums)
+
+
+def _epoch_record(epoch: int, lr: float, accum: dict[str, Any], val: Any, co_training: bool) -> dict[str, Any]:
+    """One ``metrics.jsonl`` line: the epoch's mean losses, speed, and validation scores."""
+    images = max(accum["images"], 1)
+    record = {
+        "epoch": epoch + 1,
+        "lr": lr,
+        "loss": accum["loss"] / images,
+        "loss_v": accum["loss_v"] / images,
+        "loss_m": accum["loss_m"] / images if co_training else None,
+        "train_images": accum["images"],
+        "train_images_per_s": accum["images"] / max(accum["seconds"], 1e-9),
+        "epoch_seconds": accum["seconds"],
+    }
+    if val is not None:
+        record |= {f"val_{k}": v for k, v in val.scalars().items()} | {"eval_images_per_s": val.images_per_s}
+    return record
+
+
+def _end_epoch(run: _Run, state: _State, lr: float) -> None:
+    """StepLR, validation, the metrics line, ``checkpoint-best`` (best validation top-1) and ``-last``."""
+    epoch = state.epoch
+    run.scheduler.step()
+    val = None
+    if run.prepared.n_val:
+        val = evaluate_model(run.model, run.prepared, run.device, run.recipe, in_memory=run.in_memory, ctx=run.ctx, split="val")
+    record = _epoch_record(epoch, lr, state.accum, val, run.model.encoder is not None)
+    state.history.append(record)
+    state.batch = 0
+    if val is not None and record["val_top1"] > state.best:
+        state.best = record["val_top1"]
+        if run.recipe.train.keep_best:
+            _save(run, runs.BEST, {"meta": run.meta, "epoch": epoch + 1}, False, f"e{epoch + 1}")
+    _save(run, runs.LAST, _checkpoint(run, state, epoch + 1, 0), True, f"e{epoch + 1}")
+    _on_main(run.ctx, lambda: runs.append_metrics(run.run_dir, record))
+    log.info("epoch %d: loss %.4f%s", epoch + 1, record["loss"], f" val top1 {record['val_top1']:.2f}" if val else "")
+
+
+def _finish(run: _Run, state: _State) -> TrainResult:
+    """The test rows scored once (``eval.select``), predictions and ``summary.json`` written."""
+    args = (run.model, run.prepared, run.device, run.recipe, run.in_memory, run.ctx, run.run_dir, state.history)
+    final, selection = _score_test(*args)
 
     def write_outputs() -> None:
-        write_predictions(run_dir / runs.PREDICTIONS, final)
-        runs.finish(run_dir, history, final.per_class(), final.scalars() | selection)
+        write_predictions(run.run_dir / runs.PREDICTIONS, final)
+        runs.finish(run.run_dir, state.history, final.per_class(), final.scalars() | selection)
 
-    _on_main(ctx, write_outputs)
-    if ctx.is_main:
-        log.info("%s", _checkpoint_note(run_dir))
-    return TrainResult(run_dir, history, test={**(history[-1] if history else {}), **final.scalars(), **selection})
+    _on_main(run.ctx, write_outputs)
+    if run.ctx.is_main:
+        log.info("%s", _checkpoint_note(run.run_dir))
+    last = state.history[-1] if state.history else {}
+    return TrainResult(run.run_dir, state.history, test={**last, **final.scalars(), **selection})

@@ -248,3 +248,36 @@ def test_pretraining_set_is_balanced_seeded_and_disjoint_from_the_long_tailed_se
     assert len(pretraining_items(**DEFAULTS, pretrain_classes=n_free, pretrain_per_class=1)[0]) == n_free
     with pytest.raises(ValueError, match="pretrain_classes must be between 1 and 3080"):
         pretraining_items(**DEFAULTS, pretrain_classes=n_free + 1, pretrain_per_class=1)
+
+
+def test_a_new_scene_part_draws_from_its_own_stream_and_changes_no_other(demo, monkeypatch):
+    """A part added later takes Draws.extra(): every existing parameter, and so every image, stays."""
+    from sicot_cli.data import synthetic
+
+    items = demo[1][:12]
+    before = [render(it, 32) for it in items]
+    extra = []
+
+    def object_with_a_new_part(sub, xs, ys, pose, spec, size, draws):  # noqa: ANN001, ANN202
+        extra.append(draws.extra("sticker", 3))
+        return real_object(sub, xs, ys, pose, spec, size, draws)
+
+    real_object = synthetic._object
+    monkeypatch.setattr(synthetic, "_object", object_with_a_new_part)
+    after = [render(it, 32) for it in items]
+    for a, b in zip(before, after, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert len(extra) == 12 and len({tuple(e) for e in extra}) == 12  # per-item numbers, not one constant
+    # ...while one more number drawn in front of the frozen layout would shift every scene
+    monkeypatch.setattr(synthetic, "_LAYOUT", (("first", 1), *synthetic._LAYOUT[:-1], ("spare", 3)))
+    monkeypatch.setattr(synthetic._Draws, "check_used", lambda self: None)
+    assert all(not np.array_equal(a, render(it, 32)) for a, it in zip(before, items, strict=True))
+
+
+def test_a_part_that_draws_less_than_its_share_is_a_bug_not_a_silent_shift(demo, monkeypatch):
+    from sicot_cli.data import synthetic
+
+    layout = tuple((name, n + 1) if name == "pose" else (name, n) for name, n in synthetic._LAYOUT)
+    monkeypatch.setattr(synthetic, "_LAYOUT", layout)
+    with pytest.raises(RuntimeError, match="part 'pose' drew fewer numbers"):
+        render(demo[1][0], 32)

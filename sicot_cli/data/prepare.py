@@ -33,6 +33,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -333,6 +334,171 @@ def _restore_side_file(out_path: Path) -> None:
         log.info("restored %s from %s", side, out_path)
 
 
+def _check_output(out_path: Path, force: bool) -> None:
+    """Refuse an output that exists (without ``force``) or is a folder; clear a killed run's leftovers."""
+    check_name(out_path)
+    for path in (out_path, out_path.with_suffix(".recipe.json")):
+        remove_stale_tmp(path)  # left by a killed prepare
+    if out_path.exists() and not force:
+        _restore_side_file(out_path)
+        raise SicotError(f"{out_path}: already exists (pass --force to rebuild it, or --out to write elsewhere)")
+    if out_path.is_dir():
+        raise SicotError(f"{out_path}: is a directory; --out names the .h5 file to write")
+    ensure_dir(out_path.parent)
+
+
+class _ImageWriter:
+    """Decoded images into the file's ``images`` dataset, ``WRITE_BATCH`` at a time."""
+
+    def __init__(self, images: Any, fobj: Any) -> None:
+        self.images, self.fobj = images, fobj
+        self.buf: list[np.ndarray] = []
+        self.n = 0  # rows in the file
+
+    def add(self, image: np.ndarray) -> None:
+        self.buf.append(image)
+        if len(self.buf) >= WRITE_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.buf:
+            self.images[self.n : self.n + len(self.buf)] = np.stack(self.buf)
+            self.n += len(self.buf)
+            self.buf.clear()
+            self.fobj.check()  # stop at the first failed write, not after decoding everything
+
+
+def _decode_splits(
+    writer: _ImageWriter, parts: dict[str, list[_Rec]], recipe: Recipe, skips: Skips, progress: Progress, workers: int
+) -> tuple[list[_Rec], dict[str, int], Counter[str]]:
+    """Decode train, then val, then test images into the file; an undecodable image is a counted skip.
+
+    Returns:
+        The rows written (file order), each split's end row, and the training images per label.
+    """
+    d = recipe.data
+    written: list[_Rec] = []
+    train_labels: Counter[str] = Counter()
+    ends: dict[str, int] = {}  # split -> rows written up to its end
+    for phase, part in parts.items():
+        if phase != "train":
+            # rows of a class whose training images all failed to decode cannot be scored
+            for r in part:
+                if train_labels[r.label] == 0:
+                    skips.add("label has no training image", r.where)
+            part = [r for r in part if train_labels[r.label] > 0]
+        jobs = [(r.source, d.image_size, d.max_image_pixels) for r in part]
+        with progress.task(f"decoding {phase} images", len(part)) as task:
+            for r, result in zip(part, _decoded(jobs, workers), strict=True):
+                task.advance(1)
+                if isinstance(result, str):
+                    skips.add(result, f"{r.where} ({r.source})" if isinstance(r.source, Path) else r.where)
+                    continue
+                written.append(r)
+                writer.add(result)
+                if phase == "train":
+                    train_labels[r.label] += 1
+        ends[phase] = len(written)
+    writer.flush()
+    return written, ends, train_labels
+
+
+def _write_rows(
+    f: Any, recipe: Recipe, written: list[_Rec], ends: dict[str, int], train_labels: Counter[str], text: TextStage
+) -> tuple[list[str], np.ndarray, dict[str, int]]:
+    """Labels (class ids by training count), tokens, titles, vocabulary and vectors into the file.
+
+    Returns:
+        The class names, their training counts, and the boundaries the data suggests (taken into
+        ``recipe.eval`` when ``eval.boundaries = "data"``).
+    """
+    n = len(written)
+    test_labels = Counter(r.label for r in written[ends["val"] :])
+    classes = sorted(train_labels, key=lambda c: (-train_labels[c], c))
+    class_id = {c: i for i, c in enumerate(classes)}
+    tokens = np.zeros((n, recipe.data.max_title_tokens), dtype=np.int32)
+    lengths = np.zeros(n, dtype=np.int32)
+    for i, r in enumerate(written):
+        tokens[i, : len(r.ids)] = r.ids
+        lengths[i] = len(r.ids)
+    train_counts = np.array([train_labels[c] for c in classes], dtype=np.int64)
+    suggested = data_boundaries(train_counts)
+    if recipe.eval.boundaries == "data":
+        # recorded in the file's recipe: runs and reports take them from there
+        for key, value in suggested.items():
+            setattr(recipe.eval, key, value)
+    ds.write_arrays(
+        f,
+        labels=np.array([class_id[r.label] for r in written], dtype=np.int64),
+        tokens=tokens,
+        lengths=lengths,
+        ids=[r.id for r in written],
+        titles=[r.title for r in written],
+        class_names=classes,
+        train_counts=train_counts,
+        test_counts=np.array([test_labels.get(c, 0) for c in classes], dtype=np.int64),
+        words=text.vocab.words,
+        word_counts=np.array(text.vocab.counts, dtype=np.int64),
+        vectors=text.vectors,
+    )
+    ds.write_removed(f, text.vocab.removed)
+    return classes, train_counts, suggested
+
+
+def _summary(
+    out_path: Path, recipe: Recipe, text: TextStage, skips: Skips, ends: dict[str, int], n: int,
+    train_counts: np.ndarray, suggested: dict[str, int], seconds: float, decode_seconds: float,
+) -> PrepareSummary:  # fmt: skip
+    head = int((train_counts >= recipe.eval.head_threshold).sum())
+    return PrepareSummary(
+        out=str(out_path),
+        source=text.source,
+        rows_read=text.rows_read,
+        kept=n,
+        skipped=skips.as_dict(),
+        skip_examples=skips.examples,
+        classes=len(train_counts),
+        train_images=ends["train"],
+        val_images=ends["val"] - ends["train"],
+        test_images=n - ends["val"],
+        head_threshold=recipe.eval.head_threshold,
+        many_threshold=recipe.eval.many_threshold,
+        few_threshold=recipe.eval.few_threshold,
+        boundaries=recipe.eval.boundaries,
+        head_classes=head,
+        tail_classes=len(train_counts) - head,
+        raw_vocab=text.vocab.raw_size,
+        vocab=len(text.vocab) - 1,
+        filter_rules=text.vocab.rules,
+        vectors=text.report,
+        test_oov_rate=text.test_oov_rate,
+        test_filtered_rate=text.test_filtered_rate,
+        informative_removed=text.vocab.informative_removed,
+        suggested_boundaries=suggested,
+        name=recipe.name,
+        truncated_titles=text.truncated,
+        seconds=seconds,
+        decode_seconds=decode_seconds,
+    )
+
+
+def _write_attrs(f: Any, recipe: Recipe, summary: PrepareSummary, side: dict[str, Any]) -> None:
+    side_json = json.dumps(side, sort_keys=True, ensure_ascii=False)
+    ds.write_attrs(
+        f,
+        n_train=summary.train_images,
+        n_val=summary.val_images,
+        image_size=recipe.data.image_size,
+        source=summary.source,
+        head_threshold=recipe.eval.head_threshold,
+        recipe_json=recipe.to_json(),
+        versions_json=json.dumps(_versions(), sort_keys=True),
+        # the side file's content, so a kill between the rename and the side file loses
+        # nothing (HDF5 attributes stay small: a huge one would need dense storage)
+        **({"side_json": side_json} if len(side_json.encode()) < 48_000 else {}),
+    )
+
+
 def prepare(recipe: Recipe, out: str | Path | None = None, force: bool = False, progress: Progress | None = None) -> PrepareSummary:
     """Turn the recipe's raw data into one prepared HDF5 file.
 
@@ -352,144 +518,26 @@ def prepare(recipe: Recipe, out: str | Path | None = None, force: bool = False, 
     progress = progress or NullProgress()
     recipe = copy.deepcopy(recipe)  # eval.boundaries = "data" fills in the thresholds: not the caller's
     out_path = Path(out or recipe.data.out)
-    check_name(out_path)
-    for path in (out_path, out_path.with_suffix(".recipe.json")):
-        remove_stale_tmp(path)  # left by a killed prepare
-    if out_path.exists() and not force:
-        _restore_side_file(out_path)
-        raise SicotError(f"{out_path}: already exists (pass --force to rebuild it, or --out to write elsewhere)")
-    if out_path.is_dir():
-        raise SicotError(f"{out_path}: is a directory; --out names the .h5 file to write")
-    ensure_dir(out_path.parent)
-
+    _check_output(out_path, force)
     d = recipe.data
     skips = Skips(strict=d.strict)
     workers = d.workers or os.cpu_count() or 1
-    text = build_text(recipe, skips, progress)
-    recs, source = text.recs, text.source
-
-    parts = {split: [r for r in recs if r.split == split] for split in ("train", "val", "test")}
-    size = d.image_size
+    text = build_text(recipe, skips, progress)  # titles -> tokens -> vocabulary -> word2vec
+    parts = {split: [r for r in text.recs if r.split == split] for split in ("train", "val", "test")}
     t_decode = time.perf_counter()
     with atomic_path(out_path) as tmp, guarded_file(tmp) as fobj:  # a full disk: one clean error, not a crash in HDF5
-        with ds.create(fobj, len(recs), size, d.max_title_tokens) as f:
-            written: list[_Rec] = []
-            images = f["images"]
-            buf: list[np.ndarray] = []
-
-            def flush() -> None:
-                if buf:
-                    start = len(written) - len(buf)
-                    images[start : start + len(buf)] = np.stack(buf)
-                    buf.clear()
-                    fobj.check()  # stop at the first failed write, not after decoding everything
-
-            train_labels: Counter[str] = Counter()
-            ends: dict[str, int] = {}  # split -> rows written up to its end
-            for phase, part in parts.items():
-                if phase != "train":
-                    # rows of a class whose training images all failed to decode cannot be scored
-                    for r in part:
-                        if train_labels[r.label] == 0:
-                            skips.add("label has no training image", r.where)
-                    part = [r for r in part if train_labels[r.label] > 0]
-                with progress.task(f"decoding {phase} images", len(part)) as task:
-                    for r, result in zip(part, _decoded([(r.source, size, d.max_image_pixels) for r in part], workers), strict=True):
-                        task.advance(1)
-                        if isinstance(result, str):
-                            skips.add(result, f"{r.where} ({r.source})" if isinstance(r.source, Path) else r.where)
-                            continue
-                        written.append(r)
-                        buf.append(result)
-                        if phase == "train":
-                            train_labels[r.label] += 1
-                        if len(buf) >= WRITE_BATCH:
-                            flush()
-                ends[phase] = len(written)
-            flush()
-            n = len(written)
-            n_train_written, n_val_written = ends["train"], ends["val"] - ends["train"]
-            if n_train_written == 0:
-                raise SicotError(f"{source}: no training image could be decoded ({skips.as_dict()})")
-            images.resize(n, axis=0)
+        with ds.create(fobj, len(text.recs), d.image_size, d.max_title_tokens) as f:
+            writer = _ImageWriter(f["images"], fobj)
+            written, ends, train_labels = _decode_splits(writer, parts, recipe, skips, progress, workers)
+            if ends["train"] == 0:
+                raise SicotError(f"{text.source}: no training image could be decoded ({skips.as_dict()})")
+            f["images"].resize(len(written), axis=0)
             decode_seconds = time.perf_counter() - t_decode
-
-            test_labels = Counter(r.label for r in written[ends["val"]:])
-            classes = sorted(train_labels, key=lambda c: (-train_labels[c], c))
-            class_id = {c: i for i, c in enumerate(classes)}
-            tokens = np.zeros((n, d.max_title_tokens), dtype=np.int32)
-            lengths = np.zeros(n, dtype=np.int32)
-            for i, r in enumerate(written):
-                tokens[i, : len(r.ids)] = r.ids
-                lengths[i] = len(r.ids)
-            train_counts = np.array([train_labels[c] for c in classes], dtype=np.int64)
-            suggested = data_boundaries(train_counts)
-            if recipe.eval.boundaries == "data":
-                # recorded in the file's recipe: runs and reports take them from there
-                for key, value in suggested.items():
-                    setattr(recipe.eval, key, value)
-            ds.write_arrays(
-                f,
-                labels=np.array([class_id[r.label] for r in written], dtype=np.int64),
-                tokens=tokens,
-                lengths=lengths,
-                ids=[r.id for r in written],
-                titles=[r.title for r in written],
-                class_names=classes,
-                train_counts=train_counts,
-                test_counts=np.array([test_labels.get(c, 0) for c in classes], dtype=np.int64),
-                words=text.vocab.words,
-                word_counts=np.array(text.vocab.counts, dtype=np.int64),
-                vectors=text.vectors,
-            )
-            ds.write_removed(f, text.vocab.removed)
-            head = int((train_counts >= recipe.eval.head_threshold).sum())
-            summary = PrepareSummary(
-                out=str(out_path),
-                source=source,
-                rows_read=text.rows_read,
-                kept=n,
-                skipped=skips.as_dict(),
-                skip_examples=skips.examples,
-                classes=len(classes),
-                train_images=n_train_written,
-                val_images=n_val_written,
-                test_images=n - ends["val"],
-                head_threshold=recipe.eval.head_threshold,
-                many_threshold=recipe.eval.many_threshold,
-                few_threshold=recipe.eval.few_threshold,
-                boundaries=recipe.eval.boundaries,
-                head_classes=head,
-                tail_classes=len(classes) - head,
-                raw_vocab=text.vocab.raw_size,
-                vocab=len(text.vocab) - 1,
-                filter_rules=text.vocab.rules,
-                vectors=text.report,
-                test_oov_rate=text.test_oov_rate,
-                test_filtered_rate=text.test_filtered_rate,
-                informative_removed=text.vocab.informative_removed,
-                suggested_boundaries=suggested,
-                name=recipe.name,
-                truncated_titles=text.truncated,
-                seconds=time.perf_counter() - t0,
-                decode_seconds=decode_seconds,
-            )
+            classes, train_counts, suggested = _write_rows(f, recipe, written, ends, train_labels, text)
+            seconds = time.perf_counter() - t0
+            summary = _summary(out_path, recipe, text, skips, ends, len(written), train_counts, suggested, seconds, decode_seconds)
             side = {"recipe": recipe.to_dict(), "summary": summary.as_dict(), "versions": _versions()}
-            side_json = json.dumps(side, sort_keys=True, ensure_ascii=False)
-            ds.write_attrs(
-                f,
-                n_train=n_train_written,
-                n_val=n_val_written,
-                image_size=size,
-                source=source,
-                head_threshold=recipe.eval.head_threshold,
-                recipe_json=recipe.to_json(),
-                versions_json=json.dumps(_versions(), sort_keys=True),
-                # the side file's content, so a kill between the rename and the side file loses
-                # nothing (HDF5 attributes stay small: a huge one would need dense storage)
-                **({"side_json": side_json} if len(side_json.encode()) < 48_000 else {}),
-            )
-
+            _write_attrs(f, recipe, summary, side)
     write_json(out_path.with_suffix(".recipe.json"), side)
-    log.debug("prepared %s: %d images, %d classes", out_path, n, len(classes))
+    log.debug("prepared %s: %d images, %d classes", out_path, len(written), len(classes))
     return summary

@@ -51,6 +51,7 @@ import functools
 import itertools
 import math
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -412,7 +413,43 @@ _F = np.float32
 _MARK_SCALE = 0.85
 
 
-_N_DRAWS = 84  # scene parameters per image (render() draws them all, used or not)
+# Where each part of a scene takes its random numbers from: (part, count), in the order they are
+# drawn. render() draws all of them first, whether a part uses them or not (a scene without clutter
+# still draws the clutter's), so a change inside one part never shifts the numbers of another. The
+# layout is frozen (every prepared demo file depends on it, and the noise offsets are drawn after
+# it): a NEW parameter takes its numbers from a stream of its own, ``_Draws.extra(part, n)``.
+_LAYOUT: tuple[tuple[str, int], ...] = (
+    ("background", 12),  # two gradient colours and angle, table edge: 3 + 3 + 1 + 1 + 1 + 3
+    ("clutter", 46),  # how many, then 5 x (kind, x, y, w, h, alpha, colour x 3)
+    ("pose", 6),  # scale, aspect, rotation, mirror, x, y
+    ("shadow", 1),
+    ("colour", 4),  # per-channel jitter x 3, gain
+    ("occluder", 6),  # whether, x, y, w, h, colour
+    ("lighting", 7),  # gain, gradient x 2, cast x 3, noise level
+    ("spare", 2),  # drawn and unused
+)
+
+
+class _Draws:
+    """The scene's random numbers, drawn at once in ``_LAYOUT`` order and handed out by part."""
+
+    def __init__(self, rng: random.Random, seed: int) -> None:
+        self._parts = {name: iter([rng.random() for _ in range(count)]) for name, count in _LAYOUT}
+        self._seed = seed
+
+    def extra(self, part: str, count: int) -> list[float]:
+        """``count`` numbers for a part added after the layout froze, from a stream of its own."""
+        rng = random.Random(f"{self._seed}:{part}")  # str seeds hash with SHA-512: stable across versions
+        return [rng.random() for _ in range(count)]
+
+    def __getitem__(self, part: str) -> Iterator[float]:
+        return self._parts[part]
+
+    def check_used(self) -> None:
+        """Every part took exactly its share: a part that needs more must say so in ``_LAYOUT``."""
+        for name, left in self._parts.items():
+            if name != "spare" and next(left, None) is not None:
+                raise RuntimeError(f"synthetic.render: part {name!r} drew fewer numbers than _LAYOUT gives it")
 
 
 @functools.lru_cache(maxsize=8)
@@ -592,40 +629,28 @@ def _window(size: int, x0: float, x1: float, y0: float, y1: float) -> tuple[slic
     return rows, cols
 
 
-def render(item: SyntheticItem, size: int) -> np.ndarray:
-    """Draw one item's image.
+def px_img(size: int) -> float:
+    """One pixel in image coordinates ([-1, 1] across)."""
+    return 2.0 / size
 
-    A pure function of ``(item.spec, item.seed, size)``: the same item at the same size gives
-    identical pixels, and the same item at two sizes shows the same scene (only the pixel noise
-    differs). Top-level, so it can run in a process pool.
 
-    Args:
-        item: the item (its ``spec`` and ``seed`` are used).
-        size: image side in pixels (>= 8; 32 and 64 are the tested sizes).
-
-    Returns:
-        ``uint8`` array ``[size, size, 3]`` (HWC, RGB).
-    """
-    size = _check_int("size", size, 8)
-    spec = item.spec
-    rng = random.Random(item.seed)  # Mersenne Twister: stable across versions, cheap to seed
-    rand = rng.random
-    r = iter([rand() for _ in range(_N_DRAWS)])  # scene parameters, in a fixed order
-    x, y = _grid(size)
-    px_img = 2.0 / size
-    # Channels first while drawing: per-channel colours broadcast over contiguous rows (fast).
-
-    # Background: a two-tone gradient, sometimes a table edge, then clutter.
+def _background(img: np.ndarray, x: np.ndarray, y: np.ndarray, size: int, r: Iterator[float]) -> None:
+    """A two-tone gradient, sometimes a table edge."""
     c0 = _rgb(next(r), 0.1 + 0.35 * next(r), 0.35 + 0.55 * next(r))
     c1 = _rgb(next(r), 0.1 + 0.35 * next(r), 0.35 + 0.55 * next(r))
     ang = next(r) * 2 * math.pi
     t = 0.5 + 0.5 * (math.cos(ang) * x + math.sin(ang) * y)
-    img = c0 + np.minimum(np.maximum(t, 0), 1) * (c1 - c0)
+    img[:] = c0 + np.minimum(np.maximum(t, 0), 1) * (c1 - c0)
     table = next(r) < 0.5
     horizon = 0.1 + 0.5 * next(r)
     c_table = _rgb(next(r), 0.05 + 0.3 * next(r), 0.3 + 0.6 * next(r))
     if table:
-        _over(img, _cover(horizon - _axis(size)[:, None], px_img), c_table)
+        _over(img, _cover(horizon - _axis(size)[:, None], px_img(size)), c_table)
+
+
+def _clutter(img: np.ndarray, x: np.ndarray, y: np.ndarray, size: int, r: Iterator[float]) -> None:
+    """Up to five ellipses, rectangles or thin lines behind the object (all five are drawn from ``r``)."""
+    px = px_img(size)
     n_clutter = int(next(r) * 5)
     for k in range(5):
         kind, cx, cy, w, h, alpha = next(r), next(r), next(r), next(r), next(r), next(r)
@@ -638,40 +663,62 @@ def render(item: SyntheticItem, size: int) -> np.ndarray:
             continue
         if kind < 0.4:  # an ellipse
             xs, ys = x[win], y[win]
-            cover = _cover((_len((xs - cx) * (1 / w), (ys - cy) * (1 / h)) - 1.0) * min(w, h), px_img)
+            cover = _cover((_len((xs - cx) * (1 / w), (ys - cy) * (1 / h)) - 1.0) * min(w, h), px)
         elif kind < 0.8:  # an axis-aligned rectangle: coverage is separable, so build it from 1-D
             c = _axis(size)
-            cover = _cover(np.abs(c[win[0]] - cy) - h, px_img)[:, None] * _cover(np.abs(c[win[1]] - cx) - w, px_img)
+            cover = _cover(np.abs(c[win[0]] - cy) - h, px)[:, None] * _cover(np.abs(c[win[1]] - cx) - w, px)
         else:  # a thin line
-            cover = _cover(np.abs((x - cx) * h - (y - cy) * w) * (1 / math.hypot(w, h)) - 0.015 - 0.03 * alpha, px_img)
+            cover = _cover(np.abs((x - cx) * h - (y - cy) * w) * (1 / math.hypot(w, h)) - 0.015 - 0.03 * alpha, px)
         cover *= 0.4 + 0.6 * alpha
         _over(img[:, win[0], win[1]], cover, _rgb(*col))
 
-    # The object's pose: scale, aspect, rotation, mirror, position.
-    s = 0.5 + 0.28 * next(r)
-    aspect = 0.9 + 0.2 * next(r)
-    theta = math.radians(min(15.0, max(-15.0, (next(r) - 0.5) * 30)))
-    flip = -1.0 if next(r) < 0.5 else 1.0
-    lim = 1.05 - s
-    cx, cy = (2 * next(r) - 1) * lim, (2 * next(r) - 1) * lim
-    su, sv = s * aspect, s / aspect
-    # Everything of the object lies within radius ~1.45 object units of its centre (plus shadow).
-    reach = 1.45 * max(su, sv)
-    win = _window(size, cx - reach, cx + reach, cy - reach, cy + 1.1 * s + 0.05)
-    assert win is not None  # the centre is always inside the image
-    xs, ys = x[win], y[win]
-    sub = img[:, win[0], win[1]]  # a view: drawing into it draws into img
-    ct, st = math.cos(theta), math.sin(theta)
-    dx, dy = xs - cx, ys - cy
-    u = (ct * dx + st * dy) * (flip / su)
-    v = (-st * dx + ct * dy) / sv
-    px = px_img / s
+
+@dataclass(frozen=True)
+class _Pose:
+    """Where the object stands: centre, scale, aspect, rotation, mirror."""
+
+    cx: float
+    cy: float
+    s: float
+    su: float
+    sv: float
+    theta: float
+    flip: float
+
+    @classmethod
+    def draw(cls, r: Iterator[float]) -> _Pose:
+        s = 0.5 + 0.28 * next(r)
+        aspect = 0.9 + 0.2 * next(r)
+        theta = math.radians(min(15.0, max(-15.0, (next(r) - 0.5) * 30)))
+        flip = -1.0 if next(r) < 0.5 else 1.0
+        lim = 1.05 - s
+        cx, cy = (2 * next(r) - 1) * lim, (2 * next(r) - 1) * lim
+        return cls(cx, cy, s, s * aspect, s / aspect, theta, flip)
+
+    def window(self, size: int) -> tuple[slice, slice]:
+        """The pixels the object (and its shadow) can touch: within ~1.45 object units of its centre."""
+        reach = 1.45 * max(self.su, self.sv)
+        win = _window(size, self.cx - reach, self.cx + reach, self.cy - reach, self.cy + 1.1 * self.s + 0.05)
+        if win is None:  # |cx|, |cy| <= 1.05 - s keeps the centre inside the image
+            raise RuntimeError(f"synthetic.render: object window outside the image ({self})")
+        return win
+
+
+def _object(sub: np.ndarray, xs: np.ndarray, ys: np.ndarray, pose: _Pose, spec: ClassSpec, size: int, draws: _Draws) -> None:
+    """The product itself, drawn into ``sub`` (a view of the image): shadow, body, pattern, brand mark."""
+    ct, st = math.cos(pose.theta), math.sin(pose.theta)
+    dx, dy = xs - pose.cx, ys - pose.cy
+    u = (ct * dx + st * dy) * (pose.flip / pose.su)
+    v = (-st * dx + ct * dy) / pose.sv
+    px = px_img(size) / pose.s
+    s = pose.s
 
     # Soft shadow under the object.
     shadow = 1 - np.sqrt(((dx - 0.1 * s) / (0.85 * s)) ** 2 + ((dy - 0.88 * s) / (0.16 * s)) ** 2)
-    sub *= 1 - (0.45 * next(r)) * np.maximum(shadow, 0)
+    sub *= 1 - (0.45 * next(draws["shadow"])) * np.maximum(shadow, 0)
 
     # Colours: the class colour with per-image jitter; pattern colour = towards black or white.
+    r = draws["colour"]
     base = COLOURS[spec.colour][0]
     jit = [next(r) for _ in range(3)]
     gain = 0.85 + 0.25 * next(r)
@@ -701,20 +748,24 @@ def render(item: SyntheticItem, size: int) -> np.ndarray:
     a, b = u - mu, v - mv
     patch = np.maximum(np.sqrt(a * a + b * b) - 1.3 * mr, body)
     _over(sub, _cover(patch, px), main_lit)
-    glyph = np.maximum(_glyph(BRANDS[spec.brand][0], a * flip, b, mr), body)
+    glyph = np.maximum(_glyph(BRANDS[spec.brand][0], a * pose.flip, b, mr), body)
     _over(sub, _cover(glyph, px), ink)
 
-    # Occasional occluder in front (a hand, a price tag, another item).
+
+def _occluder(img: np.ndarray, size: int, pose: _Pose, r: Iterator[float]) -> None:
+    """Occasionally something in front of the object (a hand, a price tag, another item)."""
     occ = next(r) < 0.15
     ox, oy, ow, oh, oc = next(r), next(r), next(r), next(r), next(r)
     if occ:
         ocol = _rgb(0.05 + 0.04 * oc, 0.35, 0.85) if oc < 0.4 else _rgb(oc, 0.5, 0.4 + 0.5 * ow)
-        c, w, h = _axis(size), 0.12 + 0.25 * ow * s, 0.12 + 0.25 * oh * s
-        ax = _cover(np.abs(c - (cx + (ox - 0.5) * 1.6 * s)) - w, px_img)
-        ay = _cover(np.abs(c - (cy + (oy - 0.5) * 1.6 * s)) - h, px_img)
+        c, w, h = _axis(size), 0.12 + 0.25 * ow * pose.s, 0.12 + 0.25 * oh * pose.s
+        ax = _cover(np.abs(c - (pose.cx + (ox - 0.5) * 1.6 * pose.s)) - w, px_img(size))
+        ay = _cover(np.abs(c - (pose.cy + (oy - 0.5) * 1.6 * pose.s)) - h, px_img(size))
         _over(img, ay[:, None] * ax, ocol)
 
-    # Lighting: a gain gradient and a colour cast; then sensor noise.
+
+def _lighting(img: np.ndarray, x: np.ndarray, y: np.ndarray, size: int, r: Iterator[float], rng: random.Random) -> None:
+    """A gain gradient and a colour cast; then sensor noise (a window of a fixed noise bank)."""
     g = 0.75 + 0.4 * next(r)
     lx, ly = (next(r) - 0.5) * 0.5, (next(r) - 0.5) * 0.5
     cast = _const([1 + (next(r) - 0.5) * 0.12 for _ in range(3)]) * g
@@ -723,6 +774,36 @@ def render(item: SyntheticItem, size: int) -> np.ndarray:
     bank = _noise_bank(size)
     oy, ox = rng.randrange(bank.shape[1] - size + 1), rng.randrange(bank.shape[2] - size + 1)
     img += bank[:, oy : oy + size, ox : ox + size] * sigma
+
+
+def render(item: SyntheticItem, size: int) -> np.ndarray:
+    """Draw one item's image.
+
+    A pure function of ``(item.spec, item.seed, size)``: the same item at the same size gives
+    identical pixels, and the same item at two sizes shows the same scene (only the pixel noise
+    differs). Top-level, so it can run in a process pool.
+
+    Args:
+        item: the item (its ``spec`` and ``seed`` are used).
+        size: image side in pixels (>= 8; 32 and 64 are the tested sizes).
+
+    Returns:
+        ``uint8`` array ``[size, size, 3]`` (HWC, RGB).
+    """
+    size = _check_int("size", size, 8)
+    rng = random.Random(item.seed)  # Mersenne Twister: stable across versions, cheap to seed
+    draws = _Draws(rng, item.seed)
+    x, y = _grid(size)
+    # Channels first while drawing: per-channel colours broadcast over contiguous rows (fast).
+    img = np.empty((3, size, size), dtype=_F)
+    _background(img, x, y, size, draws["background"])
+    _clutter(img, x, y, size, draws["clutter"])
+    pose = _Pose.draw(draws["pose"])
+    win = pose.window(size)
+    _object(img[:, win[0], win[1]], x[win], y[win], pose, item.spec, size, draws)  # a view: draws into img
+    _occluder(img, size, pose, draws["occluder"])
+    _lighting(img, x, y, size, draws["lighting"], rng)
+    draws.check_used()
     img *= 255
     img += 0.5
     np.clip(img, 0, 255, out=img)
