@@ -194,8 +194,9 @@ def main(argv: list[str] | None = None) -> dict:
         for k in ("top1", "tail_top1", "train_images_per_s"):
             row[k] = mean_std([results[rate][s][k] for s in seeds if results[rate][s][k] is not None])
         for k in ("top1", "tail_top1"):
-            diffs = [results[rate][s][k] - results[1.0][s][k] for s in seeds if results[rate][s][k] is not None and results[1.0][s][k] is not None]
-            row[f"{k}_diff"] = {"mean": float(np.mean(diffs)) if diffs else None, "per_seed": diffs, "p": paired_t(diffs) if rate != 1.0 else None}
+            both = [(results[rate][s][k], results[1.0][s][k]) for s in seeds if results[rate][s][k] is not None and results[1.0][s][k] is not None]
+            diffs = [a - b for a, b in both]
+            row[f"{k}_diff"] = {"mean": float(np.mean(diffs)) if diffs else None, "per_seed": diffs, "p": paired_t([a for a, _ in both], [b for _, b in both]) if rate != 1.0 else None}
         summary.append(row)
 
         def fmt(ms: tuple) -> str:
