@@ -47,6 +47,7 @@ from sicot_cli.data.word2vec import VectorReport, word_vectors
 from sicot_cli.errors import SicotError
 from sicot_cli.fsutil import atomic_path, check_name, ensure_dir, guarded_file, remove_stale_tmp, write_json
 from sicot_cli.progress import NullProgress, Progress
+from sicot_cli.provenance import package_versions
 
 log = logging.getLogger(__name__)
 
@@ -207,18 +208,6 @@ def _decoded(jobs: Sequence[tuple[object, int, int]], workers: int) -> Iterator[
     chunk = max(8, min(256, len(jobs) // (workers * 16) or 8))
     with ProcessPoolExecutor(max_workers=workers) as pool:
         yield from pool.map(_decode, jobs, chunksize=chunk)
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("sicot", "numpy", "h5py", "gensim", "jieba", "pillow"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "unknown"
-    return out
 
 
 @dataclass
@@ -474,7 +463,7 @@ def prepare(recipe: Recipe, out: str | Path | None = None, force: bool = False, 
                 seconds=time.perf_counter() - t0,
                 decode_seconds=decode_seconds,
             )
-            side = {"recipe": recipe.to_dict(), "summary": summary.as_dict(), "versions": _versions()}
+            side = {"recipe": recipe.to_dict(), "summary": summary.as_dict(), "versions": package_versions()}
             side_json = json.dumps(side, sort_keys=True, ensure_ascii=False)
             ds.write_attrs(
                 f,
@@ -484,7 +473,7 @@ def prepare(recipe: Recipe, out: str | Path | None = None, force: bool = False, 
                 source=source,
                 head_threshold=recipe.eval.head_threshold,
                 recipe_json=recipe.to_json(),
-                versions_json=json.dumps(_versions(), sort_keys=True),
+                versions_json=json.dumps(package_versions(), sort_keys=True),
                 # the side file's content, so a kill between the rename and the side file loses
                 # nothing (HDF5 attributes stay small: a huge one would need dense storage)
                 **({"side_json": side_json} if len(side_json.encode()) < 48_000 else {}),
