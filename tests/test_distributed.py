@@ -122,7 +122,8 @@ def _eq1(case: dict, rank: int, world: int) -> dict:
     from types import SimpleNamespace
 
     from sicot_cli.classifier_step import eq1_from_streams
-    from sicot_cli.distributed import DistContext, ShardedLinear, shard_range, slice_range
+    from sicot_cli.data.loader import slice_range
+    from sicot_cli.distributed import DistContext, ShardedLinear, shard_range
 
     ctx = DistContext(rank, world)
     num_classes = case["weight"].shape[0]
