@@ -97,14 +97,6 @@ def read_text(
         raise SicotError(f"{path}: not a valid path") from None
 
 
-def is_regular(path: str | Path) -> bool:
-    """True for an existing regular file (symlinks followed); never blocks, never raises."""
-    try:
-        return stat.S_ISREG(os.stat(path).st_mode)
-    except (OSError, ValueError):
-        return False
-
-
 def tmp_name(path: Path) -> Path:
     """The temporary name ``path`` is written under: hidden, in the same folder (same filesystem)."""
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -295,12 +287,6 @@ def atomic_h5(path: Path) -> Iterator[Any]:
 
     with atomic_path(path) as tmp, guarded_file(tmp) as guard, h5py.File(guard, "w") as f:
         yield f
-
-
-def write_bytes(path: Path, data: bytes | memoryview) -> None:
-    """Write ``data`` atomically (temporary name, fsync, rename)."""
-    with atomic_path(path) as tmp, tmp.open("wb") as f:
-        f.write(data)
 
 
 def write_json(path: Path, obj: Any) -> None:
