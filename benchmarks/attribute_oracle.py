@@ -20,7 +20,6 @@ Prints a table and writes ``benchmarks/results/attribute_oracle-cpu.json`` (or t
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.common import start, write_results
+from benchmarks.common import benchmark_parser, parse, start, write_results
 from sicot_cli.config import load_recipe
 from sicot_cli.data.augment import random_resized_crop_flip
 from sicot_cli.data.dataset import open_prepared
@@ -111,15 +110,14 @@ def run(data: Path, backbone: str, pretrained: str, epochs: int, seed: int, devi
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.attribute_oracle", description=__doc__.splitlines()[0])
+    ap = benchmark_parser("attribute_oracle", __doc__, quick="1 epoch: checks that it runs, measures nothing useful")
     ap.add_argument("--recipe", default="recipes/demo.toml", help="backbone, head/tail threshold and (unless --data) the prepared file")
     ap.add_argument("--data", default=None, help="a prepared synthetic .h5 (default: the recipe's data.out)")
     ap.add_argument("--pretrained", default="", help="model.pretrained for the backbone: a sicot run directory, a checkpoint or a state_dict file")
     ap.add_argument("--epochs", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--quick", action="store_true", help="1 epoch: checks that it runs, measures nothing useful")
-    args = ap.parse_args(argv)
+    args = parse(ap, argv)
     start()
     recipe = load_recipe(args.recipe)
     data = Path(args.data or recipe.data.out)

@@ -33,7 +33,6 @@ Results: ``benchmarks/results/class_sampling-<name>.json``.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 from pathlib import Path
@@ -140,13 +139,13 @@ def main(argv: list[str] | None = None) -> dict:
     from rich.console import Console
     from rich.table import Table
 
-    from benchmarks.common import start, write_results
+    from benchmarks.common import benchmark_parser, parse, start, write_results
     from sicot_cli import runs
     from sicot_cli.config import load_recipe
     from sicot_cli.report import mean_std, paired_t
     from sicot_cli.train import train
 
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.class_sampling", description=__doc__.splitlines()[0])
+    ap = benchmark_parser("class_sampling", __doc__)
     ap.add_argument("--recipe", default=None, help="a recipe whose prepared file exists")
     ap.add_argument("--many-classes", type=int, default=0, help="build the synthetic many-class set with this many classes instead")
     ap.add_argument("--image-size", type=int, default=16)
@@ -156,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--runs-dir", default="runs/class-sampling")
     ap.add_argument("overrides", nargs="*", help="recipe overrides (section.key=value)")
-    args = ap.parse_args(argv)
+    args = parse(ap, argv)
     if bool(args.recipe) == bool(args.many_classes):
         ap.error("give --recipe or --many-classes")
     rates = [float(r) for r in args.rates.split(",")]
@@ -194,8 +193,9 @@ def main(argv: list[str] | None = None) -> dict:
         for k in ("top1", "tail_top1", "train_images_per_s"):
             row[k] = mean_std([results[rate][s][k] for s in seeds if results[rate][s][k] is not None])
         for k in ("top1", "tail_top1"):
-            diffs = [results[rate][s][k] - results[1.0][s][k] for s in seeds if results[rate][s][k] is not None and results[1.0][s][k] is not None]
-            row[f"{k}_diff"] = {"mean": float(np.mean(diffs)) if diffs else None, "per_seed": diffs, "p": paired_t(diffs) if rate != 1.0 else None}
+            both = [(results[rate][s][k], results[1.0][s][k]) for s in seeds if results[rate][s][k] is not None and results[1.0][s][k] is not None]
+            diffs = [a - b for a, b in both]
+            row[f"{k}_diff"] = {"mean": float(np.mean(diffs)) if diffs else None, "per_seed": diffs, "p": paired_t([a for a, _ in both], [b for _, b in both]) if rate != 1.0 else None}
         summary.append(row)
 
         def fmt(ms: tuple) -> str:

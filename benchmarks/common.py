@@ -1,7 +1,9 @@
-"""What every benchmark shares: interleaved timing, the environment record, atomic results."""
+"""What every benchmark shares: the common options, interleaved timing, profile tables, the
+environment record, atomic results."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -11,6 +13,10 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # ``python -m benchmarks all`` runs each benchmark in its own process; this variable sends their
@@ -33,6 +39,67 @@ _START: dict[str, object] = {"load_average": _load_average(), "perf": time.perf_
 def start() -> None:
     """Mark the start of a benchmark: its load average and clock go into the results."""
     _START.update(load_average=_load_average(), perf=time.perf_counter())
+
+
+PROFILE_MODES = ("auto", "always", "never")
+
+
+def benchmark_parser(name: str, doc: str | None, *, quick: str | None = None, device: bool = False, profile: str | None = None, batch: str | None = None) -> argparse.ArgumentParser:
+    """The parser of ``python -m benchmarks.<name>`` with the options benchmarks share; each adds its own.
+
+    Args:
+        name: the module's name (the ``prog``).
+        doc: the module's docstring (its first line is the description).
+        quick: ``--quick``'s help (what quick mode does), or None for no ``--quick``.
+        device: add ``--device cpu|cuda`` (default cuda when available; :func:`parse` refuses cuda without it).
+        profile: ``--profile auto|always|never``'s help (what is profiled), or None for no ``--profile``.
+        batch: ``--batch``'s help (its defaults): also adds ``--backbone`` and ``--image-size``, whose
+            defaults :func:`default_model` gives (the options of the training/evaluation step benchmarks).
+    """
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=(doc or "").split("\n")[0])
+    if quick is not None:
+        parser.add_argument("--quick", action="store_true", help=quick)
+    if device:
+        import torch
+
+        parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu", help="where to run (default: cuda when available)")
+    if batch is not None:
+        parser.add_argument("--backbone", default=None, help="torchvision model (default: resnet50 on CUDA, resnet18 on CPU)")
+        parser.add_argument("--image-size", type=int, default=None, help="default: 224 on CUDA, 64 on CPU (32 quick)")
+        parser.add_argument("--batch", type=int, default=None, help=batch)
+    if profile is not None:
+        parser.add_argument("--profile", choices=PROFILE_MODES, default="auto", help=profile)
+    return parser
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, refusing ``--device cuda`` on a machine without CUDA."""
+    args = parser.parse_args(argv)
+    if getattr(args, "device", None) == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: CUDA is not available")
+    return args
+
+
+def default_model(device: str, quick: bool) -> tuple[str, int]:
+    """Backbone and image size without ``--backbone``/``--image-size``: the paper's (ResNet-50 at
+    224 px) on CUDA, ResNet-18 at 64 px (32 px quick) on CPU."""
+    if device.startswith("cuda"):
+        return "resnet50", 224
+    return "resnet18", 32 if quick else 64
+
+
+def model_setting(args: argparse.Namespace) -> tuple[str, int]:
+    """``--backbone`` and ``--image-size`` as given, else :func:`default_model`'s."""
+    backbone, size = default_model(args.device, args.quick)
+    return args.backbone or backbone, args.image_size or size
+
+
+def wants_profile(mode: str, met: bool) -> bool:
+    """Whether ``--profile`` asks for a profile of a step whose goal is (not) ``met``."""
+    return mode == "always" or (mode == "auto" and not met)
 
 
 def peak_memory_gib(device: str) -> tuple[float, str]:
@@ -111,6 +178,40 @@ def op_deltas(subject: dict[str, float], reference: dict[str, float], rows: int 
     ]
     deltas.sort(key=lambda d: -float(d["delta_ms"]))
     return [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in d.items()} for d in deltas[:rows]]
+
+
+def compare_profiles(subject: str, reference: str, profiles: dict[str, tuple[str, dict[str, float]]]) -> dict[str, object]:
+    """The stored comparison of two profiled steps (:func:`profile_step` results by name): both
+    tables and the ops that grow most from ``reference`` to ``subject``."""
+    return {
+        "subject": subject,
+        "reference": reference,
+        "subject_table": profiles[subject][0],
+        "reference_table": profiles[reference][0],
+        "top_op_deltas": op_deltas(profiles[subject][1], profiles[reference][1]),
+    }
+
+
+def print_profile(console: Console, profile: dict, per: str = "step", goal: str | None = None) -> None:
+    """Print a :func:`compare_profiles` record: the subject's ops by self time, then the ops that grow most.
+
+    Args:
+        console: where the tables go.
+        profile: the record.
+        per: what one profiled call is ("step", "pass"), for the units.
+        goal: the goal the profile explains, when a benchmark has several.
+    """
+    from rich.table import Table
+
+    subject, reference = profile["subject"], profile["reference"]
+    console.print(f"\nprofile{f' ({goal})' if goal else ''}: {subject}, ops by self time per {per}")
+    print(profile["subject_table"])  # plain print: rich would re-wrap the profiler's fixed-width table
+    table = Table(title=f"ops that grow most from {reference} to {subject} (ms per {per})")
+    for col in ("op", subject, reference, "delta"):
+        table.add_column(col, justify="left" if col == "op" else "right")
+    for d in profile["top_op_deltas"]:
+        table.add_row(str(d["op"]), f"{d['subject_ms']:.2f}", f"{d['reference_ms']:.2f}", f"{d['delta_ms']:+.2f}")
+    console.print(table)
 
 
 def _torchvision_version() -> str | None:

@@ -16,14 +16,13 @@ block instead, every step is faster and the ratios to ``mean`` grow (``bilinear`
 
 from __future__ import annotations
 
-import argparse
 import statistics
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.common import interleaved_ms, op_deltas, profile_step, start, write_results
+from benchmarks.common import benchmark_parser, compare_profiles, interleaved_ms, parse, print_profile, profile_step, start, wants_profile, write_results
 from encoders import TextEncoder, create_encoder, list_encoders
 
 GOAL_ENCODER = "bilinear"
@@ -76,13 +75,7 @@ def profile_encoders(vectors: torch.Tensor, tokens: torch.Tensor, mask: torch.Te
         torch.manual_seed(0)
         encoder = create_encoder(name, vectors=vectors, out_dim=OUT_DIM).to(tokens.device).train()
         per[name] = profile_step(lambda encoder=encoder: _step(encoder, tokens, mask), 3, device)
-    return {
-        "subject": GOAL_ENCODER,
-        "reference": "mean",
-        "subject_table": per[GOAL_ENCODER][0],
-        "reference_table": per["mean"][0],
-        "top_op_deltas": op_deltas(per[GOAL_ENCODER][1], per["mean"][1]),
-    }
+    return compare_profiles(GOAL_ENCODER, "mean", per)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -94,27 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
     Returns:
         The results as written to ``benchmarks/results/encoders-<device>.json``.
     """
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.encoders", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument(
-        "--quick", action="store_true", help="fewer steps (< 1 min on a 2-core CPU)"
-    )
-    parser.add_argument(
-        "--device",
-        choices=["cpu", "cuda"],
-        default="cuda" if torch.cuda.is_available() else "cpu",
-        help="where to run (default: cuda when available)",
-    )
-    parser.add_argument(
-        "--profile",
-        choices=["auto", "always", "never"],
-        default="auto",
-        help="profile bilinear and mean when the goal is not met (auto)",
-    )
-    args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: CUDA is not available")
+    parser = benchmark_parser("encoders", __doc__, quick="fewer steps (< 1 min on a 2-core CPU)", device=True, profile="profile bilinear and mean when the goal is not met (auto)")
+    args = parse(parser, argv)
     start()
     device = torch.device(args.device)
     warmup, rounds, round_ms = (1, 5, 100.0) if args.quick else (3, 11, 300.0)
@@ -161,15 +135,9 @@ def main(argv: list[str] | None = None) -> dict:
         + (f"[green]met[/] ({ratio:.2f}x)" if met else f"[red]not met[/] ({ratio:.2f}x)")
     )
     profile = None
-    if args.profile == "always" or (args.profile == "auto" and not met):
+    if wants_profile(args.profile, met):
         profile = profile_encoders(vectors, tokens, mask, args.device)
-        print(profile["subject_table"])  # plain print: rich would re-wrap the fixed-width table
-        dt = Table(title=f"ops that grow most from mean to {GOAL_ENCODER} (ms per step)")
-        for col in ("op", GOAL_ENCODER, "mean", "delta"):
-            dt.add_column(col, justify="left" if col == "op" else "right")
-        for d in profile["top_op_deltas"]:
-            dt.add_row(str(d["op"]), f"{d['subject_ms']:.2f}", f"{d['reference_ms']:.2f}", f"{d['delta_ms']:+.2f}")
-        console.print(dt)
+        print_profile(console, profile)
 
     result = {
         "benchmark": "encoders",

@@ -18,7 +18,6 @@ printed and stored. Results: ``benchmarks/results/evaluate-<device>.json``.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.common import interleaved_ms, op_deltas, profile_step, start, write_results
+from benchmarks.common import benchmark_parser, compare_profiles, interleaved_ms, model_setting, parse, print_profile, profile_step, start, wants_profile, write_results
 from benchmarks.gpu_step import stage
 from benchmarks.train_step import synthetic_prepared
 from sicot_cli.config import load_recipe
@@ -44,22 +43,14 @@ STREAMING = "evaluate (streaming)"
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark, print the table and write the JSON results."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.evaluate", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer, smaller images (< 1 min on a 2-core CPU)")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--backbone", default=None, help="default: resnet50 on CUDA, resnet18 on CPU")
-    parser.add_argument("--image-size", type=int, default=None, help="default: 224 on CUDA, 64 on CPU (32 quick)")
-    parser.add_argument("--batch", type=int, default=None, help="evaluation batch (default: 512 on CUDA, 128 on CPU)")
+    parser = benchmark_parser("evaluate", __doc__, quick="fewer, smaller images (< 1 min on a 2-core CPU)", device=True,
+                              profile="profile when the goal is not met (auto)", batch="evaluation batch (default: 512 on CUDA, 128 on CPU)")
     parser.add_argument("--images", type=int, default=None, help="test images (default: 8192 on CUDA, 512 on CPU, 256 quick)")
     parser.add_argument("--classes", type=int, default=1000)
-    parser.add_argument("--profile", choices=["auto", "always", "never"], default="auto", help="profile when the goal is not met (auto)")
-    args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: CUDA is not available")
+    args = parse(parser, argv)
     start()
     cuda = args.device == "cuda"
-    backbone = args.backbone or ("resnet50" if cuda else "resnet18")
-    size = args.image_size or (224 if cuda else (32 if args.quick else 64))
+    backbone, size = model_setting(args)
     batch = args.batch or (512 if cuda else 128)
     n_test = args.images or (8192 if cuda else (256 if args.quick else 512))
     rounds = 3 if args.quick else 5
@@ -102,10 +93,8 @@ def main(argv: list[str] | None = None) -> dict:
         ratios = {k: statistics.median(p / t for p, t in zip(times[PLAIN], v, strict=True)) for k, v in times.items()}
         met = ratios[IN_MEMORY] >= GOAL
         profile = None
-        if args.profile == "always" or (args.profile == "auto" and not met):
-            subject, per_subject = profile_step(lambda: evaluate(True), 1, args.device)
-            reference, per_reference = profile_step(plain, 1, args.device)
-            profile = {"subject": IN_MEMORY, "reference": PLAIN, "subject_table": subject, "reference_table": reference, "top_op_deltas": op_deltas(per_subject, per_reference)}
+        if wants_profile(args.profile, met):
+            profile = compare_profiles(IN_MEMORY, PLAIN, {IN_MEMORY: profile_step(lambda: evaluate(True), 1, args.device), PLAIN: profile_step(plain, 1, args.device)})
 
     setting = f"{backbone} {size}px, {n_test} test images, batch {batch}, {args.classes} classes, {args.device}" + (" (quick)" if args.quick else "")
     table = Table(title=f"evaluation: evaluate_model vs a plain forward loop ({setting})")
@@ -116,14 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     console.print(table)
     console.print(f"goal: evaluate (in memory) >= {GOAL} x plain forward: " + ("[green]met[/]" if met else "[red]not met[/]") + f" ({ratios[IN_MEMORY]:.3f})")
     if profile is not None:
-        console.print(f"\nprofile: {IN_MEMORY}, ops by self time")
-        print(profile["subject_table"])  # plain print: rich would re-wrap the profiler's fixed-width table
-        dt = Table(title=f"ops that grow most from {PLAIN} to {IN_MEMORY} (ms per pass)")
-        for col in ("op", "evaluate", "plain", "delta"):
-            dt.add_column(col, justify="left" if col == "op" else "right")
-        for d in profile["top_op_deltas"]:
-            dt.add_row(str(d["op"]), f"{d['subject_ms']:.2f}", f"{d['reference_ms']:.2f}", f"{d['delta_ms']:+.2f}")
-        console.print(dt)
+        print_profile(console, profile, per="pass")
     result = {
         "benchmark": "evaluate",
         "quick": args.quick,

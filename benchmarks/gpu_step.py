@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.common import interleaved_ms, op_deltas, peak_memory_gib, profile_step, start, write_results
+from benchmarks.common import benchmark_parser, compare_profiles, default_model, interleaved_ms, parse, peak_memory_gib, print_profile, profile_step, start, wants_profile, write_results
 from benchmarks.train_step import loader_epochs, synthetic_prepared
 from sicot_cli.config import TrainConfig, load_recipe
 from sicot_cli.data import dataset as ds
@@ -81,15 +81,16 @@ def resolve(name: str, rate: float) -> str:
 def settings(args: argparse.Namespace) -> dict:
     """The setting to run: the paper's on CUDA, a tiny one on CPU; explicit flags win."""
     cuda = args.device.startswith("cuda")
+    backbone, size = default_model(args.device, args.quick)
     if cuda:
-        default = {"backbone": "resnet50", "image_size": 224, "batch": 256, "classes": "1000,100000"}
+        default = {"backbone": backbone, "image_size": size, "batch": 256, "classes": "1000,100000"}
         rounds, round_ms, batches, epoch_batches = (3, 500.0, 2, 4) if args.quick else (7, 2000.0, 4, 12)
     elif args.quick:
         # 10,000 classes, not 100,000: on CPU the 100k classifier alone takes seconds per step.
-        default = {"backbone": "resnet18", "image_size": 32, "batch": 16, "classes": "1000,10000"}
+        default = {"backbone": backbone, "image_size": size, "batch": 16, "classes": "1000,10000"}
         rounds, round_ms, batches, epoch_batches = 3, 150.0, 2, 3
     else:
-        default = {"backbone": "resnet18", "image_size": 64, "batch": 32, "classes": "1000,100000"}
+        default = {"backbone": backbone, "image_size": size, "batch": 32, "classes": "1000,100000"}
         rounds, round_ms, batches, epoch_batches = 5, 1500.0, 3, 4
     chosen = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in default.items()}
     chosen["classes"] = [int(c) for c in str(chosen["classes"]).split(",") if c.strip()]
@@ -208,18 +209,13 @@ def measure(classes: int, s: dict, device: torch.device, cfg: TrainConfig, quick
         met = {g: speed[g] >= PAIRS[g][2] for g in pairs if PAIRS[g][2] is not None}
 
         profiles: dict[str, dict] = {}
-        wanted = [g for g in met if profile == "always" or (profile == "auto" and not met[g])]
+        wanted = [g for g in met if wants_profile(profile, met[g])]
         tables: dict[str, tuple[str, dict[str, float]]] = {}
         for goal in wanted:
             for name in pairs[goal]:
                 if name not in tables:
                     tables[name] = profile_step(steps[name], 1 if quick else 3, str(device))
-            subject, reference = pairs[goal]
-            profiles[goal] = {
-                "subject": subject, "reference": reference,
-                "subject_table": tables[subject][0], "reference_table": tables[reference][0],
-                "top_op_deltas": op_deltas(tables[subject][1], tables[reference][1]),
-            }
+            profiles[goal] = compare_profiles(*pairs[goal], tables)
         del steps
 
         loader_pairs, loader_ratio = [], None
@@ -270,33 +266,19 @@ def report(console: Console, r: dict, setting: str) -> None:
         subject, reference = r["pairs"][goal]
         console.print(f"goal: {subject} img/s >= {PAIRS[goal][2]} x {reference}: {verdict} ({value:.3f}; rounds {lo:.3f}..{hi:.3f})")
     for goal, p in r["profiles"].items():
-        console.print(f"\nprofile ({goal}): {p['subject']}, ops by self time per step")
-        print(p["subject_table"])  # plain print: rich would re-wrap the profiler's fixed-width table
-        dt = Table(title=f"ops that grow most from {p['reference']} to {p['subject']} (ms per step)")
-        for col in ("op", p["subject"], p["reference"], "delta"):
-            dt.add_column(col, justify="left" if col == "op" else "right")
-        for d in p["top_op_deltas"]:
-            dt.add_row(str(d["op"]), f"{d['subject_ms']:.2f}", f"{d['reference_ms']:.2f}", f"{d['delta_ms']:+.2f}")
-        console.print(dt)
+        print_profile(console, p, goal=goal)
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark, print the tables and write the JSON results."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_step", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer rounds (< 1 min on a 2-core CPU)")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--backbone", default=None, help="torchvision model (default: resnet50 on CUDA, resnet18 on CPU)")
-    parser.add_argument("--image-size", type=int, default=None, help="default: 224 on CUDA, 64 on CPU (32 quick)")
-    parser.add_argument("--batch", type=int, default=None, help="default: 256 on CUDA, 32 on CPU (16 quick)")
+    parser = benchmark_parser("gpu_step", __doc__, quick="fewer rounds (< 1 min on a 2-core CPU)", device=True,
+                              profile="profile a step when its goal is not met (auto)", batch="default: 256 on CUDA, 32 on CPU (16 quick)")
     parser.add_argument("--classes", default=None, help="comma-separated class counts (default: 1000,100000)")
     parser.add_argument("--encoder", default="bilinear", help="the co-training encoder")
-    parser.add_argument("--profile", choices=["auto", "always", "never"], default="auto", help="profile a step when its goal is not met (auto)")
     parser.add_argument("--sample-rate", type=float, default=0.1, help="train.class_sample_rate of the sampled models (1: none)")
     parser.add_argument("--models", default=None, help="comma-separated subset of torchvision,baseline,co-training,baseline@,co-training@")
     parser.add_argument("--no-loader", action="store_true", help="skip the loader epochs")
-    args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: CUDA is not available")
+    args = parse(parser, argv)
     if not 0 < args.sample_rate <= 1:
         parser.error(f"--sample-rate must be in (0, 1], got {args.sample_rate}")
     start()

@@ -9,7 +9,6 @@ rate x cores). Results: ``benchmarks/results/prepare-cpu.json``.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 import tempfile
@@ -21,7 +20,7 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.common import start, write_results
+from benchmarks.common import benchmark_parser, parse, start, write_results
 from sicot_cli.config import load_recipe
 from sicot_cli.data.images import load_image
 from sicot_cli.data.prepare import prepare
@@ -52,10 +51,9 @@ def make_images(root: Path, n: int, classes: int = 20, seed: int = 0) -> Path:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.prepare", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer images (< 1 min on a 2-core CPU)")
+    parser = benchmark_parser("prepare", __doc__, quick="fewer images (< 1 min on a 2-core CPU)")
     parser.add_argument("--size", type=int, default=64, help="prepared image size")
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     start()
     n = 300 if args.quick else 2000
     cores = os.cpu_count() or 1

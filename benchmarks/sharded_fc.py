@@ -21,7 +21,6 @@ Every rank uses one thread, so 2 ranks use the 2 cores of the CI machine. Run:
 
 from __future__ import annotations
 
-import argparse
 import os
 import resource
 import statistics
@@ -101,9 +100,9 @@ def main(argv: list[str] | None = None) -> dict:
     from rich.console import Console
     from rich.table import Table
 
-    from benchmarks.common import start, write_results
+    from benchmarks.common import benchmark_parser, parse, start, write_results
 
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.sharded_fc", description=__doc__.splitlines()[0])
+    ap = benchmark_parser("sharded_fc", __doc__, quick="100,000 / 20,000 classes (under a minute)")
     ap.add_argument("--classes", type=int, default=1_000_000)
     ap.add_argument("--compare-classes", type=int, default=100_000)
     ap.add_argument("--dim", type=int, default=512)
@@ -111,8 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, default=64, help="global batch (features gathered from every rank)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--sample-rate", type=float, default=0.1, help="class sampling rate of the extra sampled measurement (1: none)")
-    ap.add_argument("--quick", action="store_true", help="100,000 / 20,000 classes (under a minute)")
-    args = ap.parse_args(argv)
+    args = parse(ap, argv)
     if args.quick:
         args.classes, args.compare_classes, args.steps = 100_000, 20_000, 2
     start()

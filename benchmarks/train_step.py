@@ -11,7 +11,6 @@ epoch on batches already in memory. Results: ``benchmarks/results/train_step-<de
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
@@ -23,7 +22,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.common import interleaved_ms, peak_memory_gib, start, write_results
+from benchmarks.common import benchmark_parser, interleaved_ms, model_setting, parse, peak_memory_gib, start, write_results
 from encoders import list_encoders
 from sicot_cli.config import load_recipe
 from sicot_cli.data import dataset as ds
@@ -83,21 +82,13 @@ def loader_epochs(prepared: ds.Prepared, batch_size: int, n_epoch: int, step: Ca
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.train_step", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small setting (< 1 min on a 2-core CPU)")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--backbone", default=None, help="default: resnet50 on CUDA, resnet18 on CPU")
-    parser.add_argument("--image-size", type=int, default=None, help="default: 224 on CUDA, 32 (quick) / 64 on CPU")
-    parser.add_argument("--batch", type=int, default=None, help="default: 256 on CUDA, 64 on CPU")
+    parser = benchmark_parser("train_step", __doc__, quick="small setting (< 1 min on a 2-core CPU)", device=True, batch="default: 256 on CUDA, 64 on CPU")
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--encoders", default=",".join(list_encoders()))
-    args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: CUDA is not available")
+    args = parse(parser, argv)
     start()
     cuda = args.device.startswith("cuda")
-    backbone = args.backbone or ("resnet50" if cuda else "resnet18")
-    size = args.image_size or (224 if cuda else (32 if args.quick else 64))
+    backbone, size = model_setting(args)
     batch_size = args.batch or (256 if cuda else 64)
     rounds, round_ms, batches = (3, 200.0, 2) if args.quick else (7, 1500.0, 4)
     device = torch.device(args.device)

@@ -128,12 +128,9 @@ def tokenize(
 
     titles = list(texts or [])
     if file is not None:
-        try:
-            from sicot_cli.fsutil import read_regular
+        from sicot_cli.fsutil import read_text
 
-            titles += read_regular(file).decode("utf-8-sig", errors="replace").splitlines()
-        except OSError as e:
-            raise SicotError(f"{file}: cannot read ({e.strerror})") from None
+        titles += read_text(file, "titles file", expected="a text file with one title per line", errors="replace").splitlines()
         plain = True
     if not titles:
         raise SicotError("nothing to tokenize: give titles as arguments or --file FILE")

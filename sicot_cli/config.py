@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from sicot_cli.errors import SicotError
-from sicot_cli.fsutil import read_regular
+from sicot_cli.fsutil import read_text
 
 
 @dataclass(frozen=True)
@@ -392,16 +392,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
     else:
         p = Path(path)
         where = str(p)
-        try:
-            text = read_regular(p).decode("utf-8-sig")
-        except FileNotFoundError:
-            raise SicotError(f"{p}: recipe not found (see recipes/ for examples)") from None
-        except IsADirectoryError:
-            raise SicotError(f"{p}: is a directory, expected a .toml recipe") from None
-        except UnicodeDecodeError as e:
-            raise SicotError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-        except OSError as e:
-            raise SicotError(f"{p}: cannot read the recipe ({e.strerror})") from None
+        text = read_text(p, "recipe", missing="recipe not found (see recipes/ for examples)", expected="a .toml recipe")
         try:
             table = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:

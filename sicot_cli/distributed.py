@@ -11,7 +11,7 @@ last FC layer split by classes. sicot does the same with ``torchrun`` (no launch
   :func:`shard_range` gives it. Features (x_v and x_m: SICoT scores both with the same classifier)
   are all-gathered (:func:`gather_rows`), each rank scores the whole global batch against its own
   classes, and the softmax cross-entropy is computed exactly across shards
-  (:func:`sharded_cross_entropy`: all-reduce of the max, then of the sum of exponentials and of the
+  (:func:`sharded_cross_entropy_rows`: all-reduce of the max, then of the sum of exponentials and of the
   target logit, as Megatron-LM's vocab-parallel cross-entropy and insightface's Partial FC do). At
   evaluation each rank keeps its own top-k and the top-k are merged (:func:`sharded_topk`), so no
   rank ever holds the full ``[B, num_classes]`` logits.
@@ -197,14 +197,6 @@ def local_targets(labels: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     """The column of each label in the shard ``[lo, hi)``, -1 outside it."""
     inside = (labels >= lo) & (labels < hi)
     return torch.where(inside, labels - lo, torch.full_like(labels, -1))
-
-
-def sharded_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """Mean softmax cross-entropy over all classes, each rank holding the logits of ``[lo, hi)``.
-
-    Equal to ``F.cross_entropy`` on the concatenated logits (and so is the gradient of each shard).
-    """
-    return sharded_cross_entropy_rows(logits, local_targets(labels, lo, hi)).mean()
 
 
 @torch.no_grad()

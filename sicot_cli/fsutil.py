@@ -51,12 +51,50 @@ def read_regular(path: str | Path) -> bytes:
         return f.read()
 
 
-def is_regular(path: str | Path) -> bool:
-    """True for an existing regular file (symlinks followed); never blocks, never raises."""
+def read_text(
+    path: str | Path,
+    what: str | None = None,
+    *,
+    missing: str | None = None,
+    expected: str | None = None,
+    hint: str = "",
+    errors: str = "strict",
+) -> str:
+    """A user's text file, decoded as UTF-8 (a leading BOM dropped): the one reader with friendly errors.
+
+    Only a regular file is read (see :func:`open_regular`). Every failure is one :class:`SicotError`
+    that starts with the path and says what the file was meant to be and what to do.
+
+    Args:
+        path: the file.
+        what: what the file is, in the messages: "recipe" -> "cannot read the recipe (Permission
+            denied)", "recipe not found"; None for the bare "cannot read (...)".
+        missing: the message for a file that does not exist (default "<what> not found").
+        expected: for a directory, the message "is a directory, expected <expected>" (default: the
+            "cannot read (Is a directory)" line).
+        hint: appended to the not-UTF-8 and cannot-read messages (e.g. "; delete its folder and fetch again").
+        errors: ``bytes.decode``'s errors: "strict" (bytes that are not UTF-8 are an error naming the
+            byte), "replace" or "surrogateescape" (never an error).
+
+    Raises:
+        SicotError: missing, a directory, not a regular file, unreadable, not UTF-8 (with "strict").
+    """
+    the = f" the {what}" if what else ""
+    missing = missing or f"{what or 'file'} not found"
     try:
-        return stat.S_ISREG(os.stat(path).st_mode)
-    except (OSError, ValueError):
-        return False
+        return read_regular(path).decode("utf-8-sig", errors=errors)
+    except FileNotFoundError:
+        raise SicotError(f"{path}: {missing}") from None
+    except IsADirectoryError as e:
+        if expected is None:
+            raise SicotError(f"{path}: cannot read{the} ({e.strerror}){hint}") from None
+        raise SicotError(f"{path}: is a directory, expected {expected}") from None
+    except UnicodeDecodeError as e:
+        raise SicotError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}){hint}") from None
+    except OSError as e:
+        raise SicotError(f"{path}: cannot read{the} ({e.strerror or e}){hint}") from None
+    except ValueError:  # a NUL in the path
+        raise SicotError(f"{path}: not a valid path") from None
 
 
 def tmp_name(path: Path) -> Path:
@@ -249,12 +287,6 @@ def atomic_h5(path: Path) -> Iterator[Any]:
 
     with atomic_path(path) as tmp, guarded_file(tmp) as guard, h5py.File(guard, "w") as f:
         yield f
-
-
-def write_bytes(path: Path, data: bytes | memoryview) -> None:
-    """Write ``data`` atomically (temporary name, fsync, rename)."""
-    with atomic_path(path) as tmp, tmp.open("wb") as f:
-        f.write(data)
 
 
 def write_json(path: Path, obj: Any) -> None:

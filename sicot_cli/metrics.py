@@ -6,8 +6,8 @@ are split by a threshold on each class's number of TRAINING images ("Head 200 - 
 We also report the many/medium/few split common in the long-tail literature (Liu et al. 2019, OLTR).
 
 Everything here is a pure function of numpy arrays, with no torch import, so that the report code
-can load it cheaply and re-score saved predictions anywhere. Accuracies inside :func:`evaluate` are
-in percent (0..100), as in the paper's tables; the lower-level helpers return fractions (0..1).
+can load it cheaply and re-score saved predictions anywhere. Accuracies are in percent (0..100), as
+in the paper's tables.
 """
 
 from __future__ import annotations
@@ -17,69 +17,19 @@ from typing import Any
 import numpy as np
 
 __all__ = [
-    "topk_from_scores",
     "topk_hits",
     "per_class_accuracy",
     "head_tail_groups",
     "many_medium_few_groups",
     "evaluate",
-    "accuracy_gain",
 ]
-
-
-def topk_from_scores(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the ``k`` highest-scoring classes of each row, best first.
-
-    Ties are broken deterministically: of two classes with equal score, the one with the LOWER
-    class index ranks first (the order a stable sort on ``-scores`` gives). The result is
-    therefore independent of numpy's partition/sort internals and identical on every machine.
-
-    Args:
-        scores: ``[N, C]`` real-valued scores (logits or probabilities); must not contain NaN.
-        k: Number of classes to keep per row, ``>= 1``. A ``k`` larger than ``C`` is clamped to
-            ``C`` (every class is ranked).
-
-    Returns:
-        ``[N, min(k, C)]`` int64 class indices in descending score order.
-
-    Raises:
-        ValueError: If ``scores`` is not 2-D, has no classes, contains NaN, or ``k < 1``.
-    """
-    scores = np.asarray(scores)
-    if scores.ndim != 2:
-        raise ValueError(f"scores must be 2-D [N, C], got shape {scores.shape}")
-    n, c = scores.shape
-    if c == 0:
-        raise ValueError("scores has no classes (C == 0)")
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    if not np.issubdtype(scores.dtype, np.floating):
-        # Negating an unsigned integer wraps around; floats make -scores safe for every dtype.
-        scores = scores.astype(np.float64)
-    if np.isnan(scores).any():
-        raise ValueError("scores contain NaN; top-k is undefined")
-    k = min(k, c)
-    neg = -scores
-    if k == c or n == 0:
-        return np.argsort(neg, axis=1, kind="stable").astype(np.int64, copy=False)
-
-    # O(N*C) selection instead of a full O(N*C log C) sort (C can be 1M): keep every class that
-    # beats the k-th best score, then fill up with the LOWEST-index classes equal to it.
-    kth = np.partition(neg, k - 1, axis=1)[:, k - 1 : k]  # [N, 1], the k-th smallest of -scores
-    better = neg < kth
-    equal = neg == kth
-    n_better = better.sum(axis=1, keepdims=True)
-    keep = better | (equal & (np.cumsum(equal, axis=1) <= k - n_better))
-    cand = np.nonzero(keep)[1].reshape(n, k)  # ascending class index within each row
-    order = np.argsort(np.take_along_axis(neg, cand, axis=1), axis=1, kind="stable")
-    return np.take_along_axis(cand, order, axis=1).astype(np.int64, copy=False)
 
 
 def topk_hits(topk: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
     """Whether each sample's true label is among its first ``k`` predictions.
 
     Args:
-        topk: ``[N, K]`` predicted class indices, best first (e.g. from :func:`topk_from_scores`).
+        topk: ``[N, K]`` predicted class indices, best first.
         labels: ``[N]`` true class indices.
         k: How many leading columns count, ``1 <= k <= K``.
 
@@ -105,7 +55,10 @@ def topk_hits(topk: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
 
 
 def per_class_accuracy(hits: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """Fraction of each class's test images that were hit.
+    """Percentage of each class's test images that were hit.
+
+    Computed as ``100 * hits / images`` rather than ``100 * fraction``, which keeps round cases
+    exact (11 of 20 -> 55.0, not 55.00000000000001).
 
     Args:
         hits: ``[N]`` bool, from :func:`topk_hits`.
@@ -113,7 +66,7 @@ def per_class_accuracy(hits: np.ndarray, labels: np.ndarray, num_classes: int) -
         num_classes: ``C``.
 
     Returns:
-        ``[C]`` float64 accuracies in ``[0, 1]``; NaN for classes with no test image.
+        ``[C]`` float64 accuracies in ``[0, 100]``; NaN for classes with no test image.
 
     Raises:
         ValueError: On mismatched lengths or a label outside ``[0, num_classes)``.
@@ -126,7 +79,7 @@ def per_class_accuracy(hits: np.ndarray, labels: np.ndarray, num_classes: int) -
     n_hit = np.bincount(labels, weights=hits.astype(np.float64), minlength=num_classes)
     acc = np.full(num_classes, np.nan)
     present = n_test > 0
-    acc[present] = n_hit[present] / n_test[present]
+    acc[present] = 100.0 * n_hit[present] / n_test[present]
     return acc
 
 
@@ -204,7 +157,7 @@ def evaluate(
     gets None.
 
     A ``k`` larger than ``topk``'s width is allowed only when ``topk`` already ranks every class
-    (``K == C``, as :func:`topk_from_scores` gives when it clamps), and then means top-``K``.
+    (``K == C``), and then means top-``K``.
 
     Args:
         topk: ``[N, K]`` predicted class indices, best first.
@@ -254,11 +207,7 @@ def evaluate(
             )
         hits = topk_hits(topk, labels, min(k, width))
         out[f"top{k}"] = 100.0 * int(hits.sum()) / n_test if n_test else None
-        # 100 * hits / count (rather than 100 * fraction) keeps round cases exact (2/5 -> 40.0).
-        n_hit = np.bincount(labels, weights=hits.astype(np.float64), minlength=num_classes)
-        n_img = np.bincount(labels, minlength=num_classes)
-        per_class = np.full(num_classes, np.nan)
-        per_class[present] = 100.0 * n_hit[present] / n_img[present]
+        per_class = per_class_accuracy(hits, labels, num_classes)
         for name, mask in groups.items():
             sel = per_class[mask & present]
             out[f"{name}_top{k}"] = float(sel.mean()) if sel.size else None
@@ -269,13 +218,6 @@ def evaluate(
     out["many_threshold"] = int(many)
     out["few_threshold"] = int(few)
     return out
-
-
-def accuracy_gain(a: float | None, b: float | None) -> float | None:
-    """``b - a`` (the paper's "Gain" column), or None if either accuracy is missing."""
-    if a is None or b is None:
-        return None
-    return float(b) - float(a)
 
 
 def _check_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:

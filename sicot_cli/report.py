@@ -129,31 +129,43 @@ def mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
-def paired_t(differences: list[float]) -> float | None:
-    """Two-sided p-value of the paired t-test on per-seed differences (None below 2 seeds).
+def paired_t(treated: list[float], reference: list[float]) -> float | None:
+    """Two-sided p-value of the paired t-test (``scipy.stats.ttest_rel``) over seeds (None below 2).
 
-    NaN when every seed's difference is the same: the statistic is x/0 (or 0/0) and the test is
-    undefined, whatever the difference; a report says "p undefined" rather than p=0.000.
+    ``treated[i]`` and ``reference[i]`` are the same seed's metric with and without the encoder; the
+    test is on their differences. NaN when every seed's difference is the same: the statistic is x/0
+    (or 0/0) and the test is undefined, whatever the difference; a report says "p undefined" rather
+    than p=0.000. (Checked on the differences themselves: scipy, like any mean/std computation in
+    floating point, can see a tiny non-zero spread in identical values such as 0.1, 0.1, 0.1 and
+    return p ~ 1e-32.)
     """
-    n = len(differences)
-    if n < 2:
+    if len(treated) != len(reference):
+        raise ValueError(f"paired_t: {len(treated)} treated values, {len(reference)} reference values")
+    if len(treated) < 2:
         return None
-    mean, std = mean_std(differences)
-    if std == 0:
+    if len({a - b for a, b in zip(treated, reference, strict=True)}) == 1:
         return math.nan
     from scipy import stats
 
-    t = mean / (std / math.sqrt(n))
-    return float(2 * stats.t.sf(abs(t), df=n - 1))
+    return float(stats.ttest_rel(treated, reference).pvalue)
 
 
 def bootstrap_ci(diff: np.ndarray, n_boot: int = BOOTSTRAP, seed: int = 0) -> tuple[float, float]:
-    """95 % percentile interval of the mean of per-image differences (in percent points)."""
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(diff), (n_boot, len(diff)))
-    means = diff[idx].mean(axis=1) * 100.0
-    lo, hi = np.percentile(means, [100 * ALPHA / 2, 100 * (1 - ALPHA / 2)])
-    return float(lo), float(hi)
+    """95 % percentile interval (``scipy.stats.bootstrap``) of the mean of per-image differences, in percent points.
+
+    Deterministic: the resamples come from ``numpy.random.default_rng(seed)``. One image gives the
+    interval [d, d] (scipy needs two observations; every resample of one value is that value).
+    """
+    if len(diff) == 1:
+        d = float(diff[0] * 100.0)
+        return d, d
+    from scipy import stats
+
+    res = stats.bootstrap(
+        (diff,), lambda x, axis: np.mean(x, axis=axis) * 100.0, n_resamples=n_boot,
+        confidence_level=1 - ALPHA, method="percentile", rng=np.random.default_rng(seed),
+    )
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
 @dataclass
@@ -351,8 +363,8 @@ def build_report(paths: list[Path], chosen: str = "bilinear", bootstrap: bool = 
         pairs = [(r, base_by_seed[r.seed]) for r in runs_ if r.encoder == e and r.seed in base_by_seed]
         gains[e] = {}
         for k in keys:
-            diffs = [float(a.final[k]) - float(b.final[k]) for a, b in pairs if a.final.get(k) is not None and b.final.get(k) is not None]
-            gains[e][k] = Gain(diffs, paired_t(diffs))
+            both = [(float(a.final[k]), float(b.final[k])) for a, b in pairs if a.final.get(k) is not None and b.final.get(k) is not None]
+            gains[e][k] = Gain([a - b for a, b in both], paired_t([a for a, _ in both], [b for _, b in both]))
         if bootstrap and pairs:
             for k in ("top1", "top3"):
                 if k not in gains[e]:

@@ -38,6 +38,7 @@ from sicot_cli.errors import SicotError
 from sicot_cli.evaluate import evaluate_model, resolve_device, use_in_memory, write_predictions
 from sicot_cli.model import SICoT, Streams, make_model, sicot_loss
 from sicot_cli.progress import NullProgress, Progress
+from sicot_cli.provenance import package_versions
 from sicot_cli.threads import set_threads
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ def run_config(recipe: Recipe, prepared: Prepared) -> dict[str, Any]:
         "encoder": recipe.model.encoder,
         "data": str(prepared.path.resolve()),
         "dataset": prepared.fingerprint(),
-        "versions": runs.versions(),
+        "versions": package_versions(),
         "git_commit": runs.git_commit(),
     }
 

@@ -127,3 +127,45 @@ def test_attribute_oracle_runs_on_a_tiny_synthetic_set(tmp_path):
     assert groups["head"]["test_images"] + groups["tail"]["test_images"] == p.n - p.n_train > 0
     for g in groups.values():
         assert all(0 <= g[k] <= 100 for k in g if k.endswith("_accuracy") or k == "composed_top1")
+
+
+def test_every_benchmark_takes_the_options_all_passes_it(capsys):
+    """`python -m benchmarks all` passes --quick to each benchmark, and --device unless USES_DEVICE is False."""
+    import importlib
+
+    from benchmarks.__main__ import BENCHMARKS
+
+    for name in BENCHMARKS:
+        module = importlib.import_module(f"benchmarks.{name}")
+        with pytest.raises(SystemExit) as e:
+            module.main(["--help"])
+        out = capsys.readouterr().out
+        assert e.value.code == 0 and out.startswith(f"usage: python -m benchmarks.{name} "), name
+        assert "--quick" in out, name
+        assert ("--device {cpu,cuda}" in out) == getattr(module, "USES_DEVICE", True), name
+
+
+def test_shared_options_and_profile_table(capsys):
+    import torch
+    from rich.console import Console
+
+    from benchmarks.common import benchmark_parser, compare_profiles, default_model, model_setting, parse, print_profile, wants_profile
+
+    parser = benchmark_parser("x", "First line.\nmore", quick="q", device=True, profile="p", batch="b")
+    args = parse(parser, ["--quick", "--device", "cpu", "--image-size", "48"])
+    assert (args.quick, args.device, args.profile, args.backbone, args.batch) == (True, "cpu", "auto", None, None)
+    assert model_setting(args) == ("resnet18", 48) and default_model("cpu", False) == ("resnet18", 64) and default_model("cuda:1", True) == ("resnet50", 224)
+    assert parser.description == "First line."
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            parse(parser, ["--device", "cuda"])
+        assert "--device cuda: CUDA is not available" in capsys.readouterr().err
+    assert [wants_profile(m, met) for m in ("auto", "always", "never") for met in (True, False)] == [False, True, True, True, False, False]
+    profile = compare_profiles("b", "a", {"a": ("table a", {"mm": 1.0, "add": 2.0}), "b": ("table b", {"mm": 4.0})})
+    assert profile == {"subject": "b", "reference": "a", "subject_table": "table b", "reference_table": "table a",
+                       "top_op_deltas": [{"op": "mm", "subject_ms": 4.0, "reference_ms": 1.0, "delta_ms": 3.0}, {"op": "add", "subject_ms": 0.0, "reference_ms": 2.0, "delta_ms": -2.0}]}
+    print_profile(Console(width=100), profile, per="pass", goal="g")
+    out = capsys.readouterr().out
+    assert "profile (g): b, ops by self time per pass\ntable b\n" in out  # the profiler's table printed as it is
+    assert "ops that grow most from a to b (ms per pass)" in " ".join(out.split())  # rich wraps the title to the table
+    assert "+3.00" in out and "-2.00" in out

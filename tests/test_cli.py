@@ -59,6 +59,12 @@ def test_embed_report_save_and_neighbours(tmp_path, manifest):
     assert r.exit_code == 0 and r.output.count("0.") >= 3, r.output
     r = run("embed", "--neighbours", "zebra", "--vectors", str(vec))
     assert r.exit_code == 2 and "'zebra' is not in the vocabulary" in r.output
+    # --vectors and embed.pretrained read through the same loader (word2vec.load_word2vec_file)
+    (tmp_path / "bad.txt").write_text("not a vector file\n", encoding="utf-8")
+    r = run("embed", "--neighbours", "cat", "--vectors", str(tmp_path / "bad.txt"))
+    assert r.exit_code == 2 and "bad.txt: not a word2vec text file (ValueError: " in r.output and "--binary for a binary file" in r.output, r.output
+    r = run("embed", "--neighbours", "cat", "--vectors", str(tmp_path / "gone.txt"))
+    assert r.exit_code == 2 and "gone.txt: word vectors not found" in r.output, r.output
 
 
 def test_embed_pretrained_vectors_and_oov(tmp_path, manifest):

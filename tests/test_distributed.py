@@ -77,12 +77,12 @@ def _ctx(rank: int):  # noqa: ANN202
 
 
 def _ce_worker(rank: int, tmp: Path) -> None:
-    from sicot_cli.distributed import shard_range, sharded_cross_entropy, sharded_topk
+    from sicot_cli.distributed import local_targets, shard_range, sharded_cross_entropy_rows, sharded_topk
 
     data = torch.load(tmp / "ce.pt")
     lo, hi = shard_range(data["logits"].shape[1], WORLD, rank)
     local = data["logits"][:, lo:hi].clone().requires_grad_(True)
-    loss = sharded_cross_entropy(local, data["labels"], lo, hi)
+    loss = sharded_cross_entropy_rows(local, local_targets(data["labels"], lo, hi)).mean()  # as classifier_step uses it
     loss.backward()
     scores, ids = sharded_topk(data["logits"][:, lo:hi], 3, lo, _ctx(rank))
     torch.save({"loss": loss.detach(), "grad": local.grad, "lo": lo, "hi": hi, "scores": scores, "ids": ids}, tmp / f"ce-{rank}.pt")
@@ -122,7 +122,8 @@ def _eq1(case: dict, rank: int, world: int) -> dict:
     from types import SimpleNamespace
 
     from sicot_cli.classifier_step import eq1_from_streams
-    from sicot_cli.distributed import DistContext, ShardedLinear, shard_range, slice_range
+    from sicot_cli.data.loader import slice_range
+    from sicot_cli.distributed import DistContext, ShardedLinear, shard_range
 
     ctx = DistContext(rank, world)
     num_classes = case["weight"].shape[0]

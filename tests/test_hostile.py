@@ -906,3 +906,32 @@ def test_legacy_checkpoint_with_code_is_refused_too(tmp_path):
     with pytest.raises(SicotError, match="unreadable checkpoint"):
         runs.load_checkpoint(path)
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_the_one_text_reader_names_the_file_and_what_to_do(tmp_path):
+    """fsutil.read_text: recipes, manifests, titles files and released JSON files all read through it."""
+    from sicot_cli.fsutil import read_text
+
+    good = tmp_path / "t.txt"
+    good.write_bytes(b"\xef\xbb\xbfcaf\xc3\xa9\n")
+    assert read_text(good) == "café\n"  # UTF-8, the BOM dropped
+    bad = tmp_path / "b.txt"
+    bad.write_bytes(b"ok\n\xff\xfe")
+    with pytest.raises(SicotError, match=re.escape(f"{bad}: not UTF-8 text (invalid start byte at byte 3); fetch again")):
+        read_text(bad, "list", hint="; fetch again")
+    assert read_text(bad, errors="replace") == "ok\n\ufffd\ufffd"
+    assert read_text(bad, errors="surrogateescape") == "ok\n\udcff\udcfe"
+    with pytest.raises(SicotError, match=re.escape(f"{tmp_path / 'no.toml'}: recipe not found")):
+        read_text(tmp_path / "no.toml", "recipe")
+    with pytest.raises(SicotError, match=re.escape(f"{tmp_path / 'no.json'}: missing (run `x` first)")):
+        read_text(tmp_path / "no.json", missing="missing (run `x` first)")
+    with pytest.raises(SicotError, match=re.escape(f"{tmp_path}: is a directory, expected a CSV or JSONL manifest")):
+        read_text(tmp_path, "manifest", expected="a CSV or JSONL manifest")
+    with pytest.raises(SicotError, match=re.escape(f"{tmp_path}: cannot read (Is a directory); delete it")):
+        read_text(tmp_path, hint="; delete it")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(SicotError, match=re.escape(f"{fifo}: cannot read the titles file (not a regular file (a FIFO, socket or device))")):
+        read_text(fifo, "titles file")
+    with pytest.raises(SicotError, match="not a valid path"):
+        read_text("a\x00b", "recipe")

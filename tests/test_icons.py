@@ -98,7 +98,7 @@ def test_render_is_the_exact_coverage_and_prepare_reads_it_back(tmp_path):
     back = load_image(tmp_path / "png/a/half.png", 8)
     assert (back[:, :4] == 0).all() and (back[:, 5:] == 255).all()  # black ink, 6/10 of the width
     (tmp_path / "half.svg").unlink()
-    with pytest.raises(SicotError, match="half.svg: unreadable"):
+    with pytest.raises(SicotError, match="half.svg: icon not found; delete its folder and fetch again"):
         rasterise(recoloured, tmp_path / "png", 16, "t")
     assert (tmp_path / "png/a/half.png").is_file()  # the failed redraw left the complete folder alone
     with pytest.raises(SicotError, match="unsafe output path"):

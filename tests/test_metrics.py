@@ -9,39 +9,26 @@ import numpy as np
 import pytest
 
 from sicot_cli.metrics import (
-    accuracy_gain,
     evaluate,
     head_tail_groups,
     many_medium_few_groups,
     per_class_accuracy,
-    topk_from_scores,
     topk_hits,
 )
 
-# 5 samples, 3 classes.
+# 5 samples, 3 classes: the predictions (classes best first) of these scores.
 #   row  scores            label  ranking    top1  top2
 #   0    [.1, .7, .2]      1      [1, 2, 0]  hit   hit
 #   1    [.5, .3, .2]      2      [0, 1, 2]  miss  miss
 #   2    [.2, .3, .5]      2      [2, 1, 0]  hit   hit
 #   3    [.6, .1, .3]      1      [0, 2, 1]  miss  miss
-#   4    [.3, .4, .3]      0      [1, 0, 2]  miss  hit   (0 and 2 tie: 0 ranks first)
-SCORES = np.array(
-    [[0.1, 0.7, 0.2], [0.5, 0.3, 0.2], [0.2, 0.3, 0.5], [0.6, 0.1, 0.3], [0.3, 0.4, 0.3]]
-)
+#   4    [.3, .4, .3]      0      [1, 0, 2]  miss  hit
 LABELS = np.array([1, 2, 2, 1, 0])
 RANKING = np.array([[1, 2, 0], [0, 1, 2], [2, 1, 0], [0, 2, 1], [1, 0, 2]])
 
 
-def test_topk_from_scores_hand_case():
-    top = topk_from_scores(SCORES, 3)
-    assert top.dtype == np.int64
-    np.testing.assert_array_equal(top, RANKING)
-    np.testing.assert_array_equal(topk_from_scores(SCORES, 2), RANKING[:, :2])
-    np.testing.assert_array_equal(topk_from_scores(SCORES, 1), RANKING[:, :1])
-
-
 def test_topk_hits_and_overall_accuracy_hand_case():
-    top = topk_from_scores(SCORES, 3)
+    top = RANKING
     np.testing.assert_array_equal(topk_hits(top, LABELS, 1), [True, False, True, False, False])
     np.testing.assert_array_equal(topk_hits(top, LABELS, 2), [True, False, True, False, True])
     np.testing.assert_array_equal(topk_hits(top, LABELS, 3), [True] * 5)
@@ -60,32 +47,8 @@ def test_topk_hits_and_overall_accuracy_hand_case():
     assert (res["head_classes"], res["tail_classes"]) == (2, 1)
 
 
-def test_ties_lower_index_wins():
-    scores = np.array([[1.0, 3.0, 3.0, 0.0], [5.0, 5.0, 5.0, 5.0], [2.0, 0.0, 2.0, 2.0]])
-    np.testing.assert_array_equal(topk_from_scores(scores, 2), [[1, 2], [0, 1], [0, 2]])
-    np.testing.assert_array_equal(topk_from_scores(scores, 4), [[1, 2, 0, 3], [0, 1, 2, 3], [0, 2, 3, 1]])
-    top = topk_from_scores(scores, 2)
-    labels = np.array([2, 1, 3])
-    # row 0: class 2 ties class 1 but loses the tie -> miss at top1, hit at top2
-    np.testing.assert_array_equal(topk_hits(top, labels, 1), [False, False, False])
-    np.testing.assert_array_equal(topk_hits(top, labels, 2), [True, True, False])
-
-
-def test_partial_selection_matches_full_stable_sort():
-    # Few distinct values -> many ties straddle the k-th position, which the fast path must get right.
-    rng = np.random.default_rng(0)
-    scores = rng.integers(0, 4, size=(200, 50)).astype(np.float32)
-    full = np.argsort(-scores, axis=1, kind="stable")
-    for k in (1, 3, 7, 49, 50):
-        np.testing.assert_array_equal(topk_from_scores(scores, k), full[:, :k])
-    # unsigned ints must not wrap around when negated
-    np.testing.assert_array_equal(topk_from_scores(np.array([[0, 2, 1]], dtype=np.uint8), 2), [[1, 2]])
-
-
-def test_k_larger_than_classes_clamps():
-    top = topk_from_scores(np.array([[0.2, 0.9], [0.8, 0.1]]), 5)
-    assert top.shape == (2, 2)
-    np.testing.assert_array_equal(top, [[1, 0], [0, 1]])
+def test_k_larger_than_classes_when_every_class_is_ranked():
+    top = np.array([[1, 0], [0, 1]])  # 2 classes, both ranked
     res = evaluate(top, np.array([0, 0]), np.array([10, 10]), head_threshold=5, ks=(1, 3))
     assert res["top1"] == 50.0
     assert res["top3"] == 100.0
@@ -98,7 +61,9 @@ def test_absent_class_is_nan_and_excluded_and_empty_group_is_none():
     top = np.array([[0], [1], [1], [1]])
     hits = topk_hits(top, labels, 1)
     acc = per_class_accuracy(hits, labels, 3)
-    assert acc[0] == 0.5 and acc[1] == 1.0 and math.isnan(acc[2])
+    assert acc[0] == 50.0 and acc[1] == 100.0 and math.isnan(acc[2])  # percent, like every accuracy
+    # 100 * hits / images, not 100 * (hits / images): 11 of 20 is exactly 55 (100 * 0.55 is 55.00000000000001)
+    assert per_class_accuracy(np.arange(20) < 11, np.zeros(20, np.int64), 1)[0] == 55.0
     res = evaluate(top, labels, np.array([300, 50, 10]), head_threshold=200, ks=(1,))
     assert res["per_class_top1"] == [50.0, 100.0, None]
     assert res["tail_top1"] == 100.0  # class 2 excluded, not counted as 0
@@ -134,7 +99,7 @@ def test_class_averaged_differs_from_image_level():
 
 
 def test_bad_inputs_raise():
-    top = topk_from_scores(SCORES, 3)
+    top = RANKING
     counts = np.array([5, 5, 5])
     with pytest.raises(ValueError, match=r"label 3 is outside \[0, 3\)"):
         evaluate(top, np.array([1, 2, 2, 1, 3]), counts, head_threshold=2)
@@ -148,8 +113,6 @@ def test_bad_inputs_raise():
         evaluate(top[:, :2], LABELS, counts, head_threshold=2, ks=(1, 3))
     with pytest.raises(ValueError, match="k must be in"):
         topk_hits(top[:, :2], LABELS, 3)
-    with pytest.raises(ValueError, match="NaN"):
-        topk_from_scores(np.array([[0.1, np.nan]]), 1)
     with pytest.raises(ValueError, match=">= 0"):
         head_tail_groups(np.array([3, -1]), 2)
     with pytest.raises(ValueError, match="outside"):
@@ -157,17 +120,10 @@ def test_bad_inputs_raise():
 
 
 def test_result_is_json_serialisable():
-    top = topk_from_scores(SCORES, 3)
-    res = evaluate(top, LABELS, np.array([500, 300, 0]), head_threshold=200, many=250, few=10)
+    res = evaluate(RANKING, LABELS, np.array([500, 300, 0]), head_threshold=200, many=250, few=10)
     text = json.dumps(res, allow_nan=False)
     back = json.loads(text)
     assert back == res
     assert back["head_threshold"] == 200
     assert back["many_threshold"] == 250 and back["few_threshold"] == 10
     assert all(type(v) in (int, float, list, type(None)) for v in res.values())
-
-
-def test_accuracy_gain():
-    assert accuracy_gain(57.38, 58.37) == pytest.approx(0.99)
-    assert accuracy_gain(None, 1.0) is None
-    assert accuracy_gain(1.0, None) is None

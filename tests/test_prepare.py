@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 from pathlib import Path
 
@@ -65,6 +66,13 @@ def test_layout_matches_source_rows(tmp_path, manifest):
     assert (p.labels[:18] >= 0).all() and np.bincount(p.labels[18:]).tolist() == [2, 2, 2]
     assert p.recipe["data"]["image_size"] == 16
     assert (out.with_suffix(".recipe.json")).is_file()
+    # the same package versions as a run's config.json records (sicot_cli.provenance)
+    from sicot_cli.provenance import PACKAGES, package_versions
+
+    side = json.loads(out.with_suffix(".recipe.json").read_text(encoding="utf-8"))
+    with h5py.File(out) as f:
+        assert json.loads(f.attrs["versions"]) == side["versions"] == package_versions()
+    assert set(side["versions"]) == set(PACKAGES) >= {"sicot", "torch", "torchvision", "numpy", "h5py", "gensim", "jieba", "pillow"}
 
 
 def test_given_split_is_kept_and_classes_ordered_by_count(tmp_path):

@@ -152,11 +152,11 @@ def test_degenerate_t_test_is_undefined() -> None:
     """Identical differences on every seed: the t statistic is 0/0 or x/0, so no p-value; said so."""
     from sicot_cli.report import Gain, paired_t
 
-    p = paired_t([1.0, 1.0, 1.0])
+    p = paired_t([2.0, 3.0, 4.0], [1.0, 2.0, 3.0])
     assert p is not None and math.isnan(p)
-    assert math.isnan(paired_t([0.0, 0.0]))
-    assert paired_t([1.0]) is None
-    assert paired_t([1.0, 2.0, 3.0]) == pytest.approx(0.07417990022744853)  # scipy.stats.ttest_rel on the same
+    assert math.isnan(paired_t([0.0, 0.0], [0.0, 0.0]))
+    assert paired_t([1.0], [0.0]) is None
+    assert paired_t([1.0, 2.0, 3.0], [0.0, 0.0, 0.0]) == pytest.approx(0.07417990022744853)  # scipy.stats.ttest_rel on the same
     g = Gain([1.0, 1.0, 1.0], p)
     assert g.significant is None and g.as_dict()["p_value"] is None and g.as_dict()["t_test"] == "undefined"
     g = Gain([1.0, 1.0, 1.0], p, ci=(0.5, 1.5))

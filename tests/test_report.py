@@ -74,19 +74,82 @@ def test_report_numbers_gains_and_paired_test(ablation):
     assert t4[2]["baseline"] == "- (-)"  # many: no class
 
 
-def test_paired_t_and_bootstrap_by_hand():
-    assert paired_t([1.0]) is None
-    assert math.isnan(paired_t([2.0, 2.0]))  # undefined, not p=0 (tests/test_protocol.py)
+def _hand_paired_p(differences: list[float]) -> float:
+    """The paired t-test by hand (what report.py computed before scipy.stats.ttest_rel)."""
+    from scipy import stats
+
+    n = len(differences)
+    mean = sum(differences) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in differences) / (n - 1))
+    return float(2 * stats.t.sf(abs(mean / (std / math.sqrt(n))), df=n - 1))
+
+
+def _hand_percentile_ci(diff: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """The percentile bootstrap by hand (what report.py computed before scipy.stats.bootstrap)."""
+    idx = np.random.default_rng(seed).integers(0, len(diff), (n_boot, len(diff)))
+    lo, hi = np.percentile(diff[idx].mean(axis=1) * 100.0, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+@pytest.mark.parametrize("treated,reference", [
+    ([53.0, 54.0, 58.0], [50.0, 52.0, 54.0]),
+    ([51.0, 52.0, 53.0], [50.0, 52.0, 54.0]),
+    ([0.7, 0.1, 0.35, 0.9, 0.2], [0.5, 0.4, 0.3, 0.6, 0.25]),
+    ([12.5, -3.25], [10.0, -4.0]),
+])
+def test_paired_t_is_the_hand_computed_test(treated, reference):
+    p = paired_t(treated, reference)
+    assert p == pytest.approx(_hand_paired_p([a - b for a, b in zip(treated, reference)]), rel=1e-12, abs=1e-12)
+    assert 0.0 <= p <= 1.0
+
+
+def test_paired_t_degenerate_and_too_few():
+    assert paired_t([1.0], [0.0]) is None
+    assert math.isnan(paired_t([2.0, 2.0], [0.0, 0.0]))  # undefined, not p=0 (tests/test_protocol.py)
+    # identical differences that a mean/std in floating point sees as a tiny spread: still undefined
+    # (the hand-written test returned p ~ 1e-32 here, scipy alone returns p = 0)
+    assert math.isnan(paired_t([0.1, 0.1, 0.1], [0.0, 0.0, 0.0]))
+    assert math.isnan(paired_t([0.3] * 7, [0.2] * 7))
+    with pytest.raises(ValueError):
+        paired_t([1.0, 2.0], [1.0])
+
+
+def test_bootstrap_is_the_hand_computed_percentile_interval():
+    rng = np.random.default_rng(7)
+    for n in (2, 37, 250):
+        diff = rng.choice([-1.0, -0.5, 0.0, 0.5, 1.0], n)
+        for seed in (0, 3):
+            lo, hi = bootstrap_ci(diff, seed=seed)
+            # the same resamples (default_rng(seed).integers); scipy's 0.025 quantile is 1 - 0.95 over 2
+            # in floating point, hence not bit-for-bit
+            assert (lo, hi) == pytest.approx(_hand_percentile_ci(diff, seed=seed), abs=1e-9)
+            assert lo <= diff.mean() * 100 + 1e-9 and diff.mean() * 100 - 1e-9 <= hi
+    assert bootstrap_ci(diff, seed=1) != bootstrap_ci(diff, seed=2)  # the seed is used...
+    assert bootstrap_ci(diff, seed=1) == bootstrap_ci(diff, seed=1)  # ...and fixes the interval
     lo, hi = bootstrap_ci(np.ones(40))
     assert lo == hi == 100.0
+    assert bootstrap_ci(np.array([-1.0])) == (-100.0, -100.0)  # one image: every resample is that image
     lo, hi = bootstrap_ci(np.r_[np.ones(50), np.zeros(50)])
     assert lo < 50 < hi and hi - lo < 25
 
 
 def test_bootstrap_aligns_rows(ablation):
+    """Each run's predictions are matched by test row: shuffling one file's row order changes nothing."""
     rep = build_report([ablation], "bilinear")
     lo, hi = rep.gains["bilinear"]["top1"].ci
-    assert lo <= hi
+    # the fixture's hits, in row order, re-drawn the way the fixture drew them
+    rng = np.random.default_rng(0)
+    hits = {key: rng.random(50) < top1 / 100 for key, top1 in TOP1.items()}
+    diff = np.mean([hits[("bilinear", s)].astype(float) - hits[("none", s)].astype(float) for s in (0, 1, 2)], axis=0)
+    assert (lo, hi) == bootstrap_ci(diff)
+    path = ablation / "bilinear-s1" / "predictions.h5"
+    with h5py.File(path, "r+") as f:
+        order = np.random.default_rng(5).permutation(50)
+        for name in ("rows", "labels", "topk_labels", "topk_scores"):
+            data = f[name][()]
+            del f[name]
+            f[name] = data[order]
+    assert build_report([ablation], "bilinear").gains["bilinear"]["top1"].ci == (lo, hi)
 
 
 def test_markdown_parses_and_files(ablation):

@@ -11,7 +11,7 @@ from sicot_cli.config import Recipe
 from sicot_cli.data.prepare import build_text
 from sicot_cli.data.skips import Skips
 from sicot_cli.data.vocab import FilterRule
-from sicot_cli.data.word2vec import VectorReport, nearest, save_word2vec_text
+from sicot_cli.data.word2vec import VectorReport, load_word2vec_file, nearest, save_word2vec_text
 from sicot_cli.errors import SicotError
 from sicot_cli.progress import Progress
 
@@ -80,17 +80,9 @@ def neighbours(word: str, k: int, data: str | Path | None = None, vectors: str |
                     f"vector in {data} (see text.drop_most_frequent / text.drop_least_frequent / text.drop_rule)"
                 )
     elif vectors is not None:
-        from gensim.models import KeyedVectors
-
         from sicot_cli.data.vocab import PAD
 
-        p = Path(vectors)
-        if not p.is_file():
-            raise SicotError(f"{p}: word vectors not found")
-        try:
-            kv = KeyedVectors.load_word2vec_format(str(p), binary=binary, unicode_errors="replace")
-        except Exception as e:  # gensim raises many types on malformed files
-            raise SicotError(f"{p}: not a word2vec {'binary' if binary else 'text'} file ({type(e).__name__})") from None
+        kv = load_word2vec_file(vectors, binary, missing="word vectors not found", hint="; --binary for a binary file, without it for a text file")
         words = [PAD, *kv.index_to_key]
         matrix = np.vstack([np.zeros((1, kv.vector_size), np.float32), kv.vectors])
     else:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from sicot_cli.data.skips import Skips
 from sicot_cli.errors import SicotError
-from sicot_cli.fsutil import read_regular
+from sicot_cli.fsutil import read_text
 
 REQUIRED = ("image", "title", "label")
 # csv's default field limit (128 KiB) would refuse a whole manifest for one runaway title; titles
@@ -174,17 +174,8 @@ def read_manifest(path: str | Path, skips: Skips) -> list[Row]:
         SicotError: missing or unreadable file, unknown or missing column, malformed CSV.
     """
     path = Path(path)
-    try:
-        data = read_regular(path)
-    except FileNotFoundError:
-        raise SicotError(f"{path}: manifest not found") from None
-    except IsADirectoryError:
-        raise SicotError(f"{path}: is a directory, expected a CSV or JSONL manifest") from None
-    except OSError as e:
-        raise SicotError(f"{path}: cannot read the manifest ({e.strerror})") from None
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    text = data.decode("utf-8", errors="surrogateescape").replace("\x00", "")
+    # bytes that are not UTF-8 are kept (surrogateescape): the rows they are in are skipped and counted
+    text = read_text(path, "manifest", expected="a CSV or JSONL manifest", errors="surrogateescape").replace("\x00", "")
     base = path.parent
     rows: list[Row] = []
     seen: set[str] = set()

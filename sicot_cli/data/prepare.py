@@ -48,6 +48,7 @@ from sicot_cli.data.word2vec import VectorReport, word_vectors
 from sicot_cli.errors import SicotError
 from sicot_cli.fsutil import atomic_path, check_name, ensure_dir, guarded_file, remove_stale_tmp, write_json
 from sicot_cli.progress import NullProgress, Progress
+from sicot_cli.provenance import package_versions
 
 log = logging.getLogger(__name__)
 
@@ -208,18 +209,6 @@ def _decoded(jobs: Sequence[tuple[object, int, int]], workers: int) -> Iterator[
     chunk = max(8, min(256, len(jobs) // (workers * 16) or 8))
     with ProcessPoolExecutor(max_workers=workers) as pool:
         yield from pool.map(_decode, jobs, chunksize=chunk)
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("sicot", "numpy", "h5py", "gensim", "jieba", "pillow"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "unknown"
-    return out
 
 
 @dataclass
@@ -492,7 +481,7 @@ def _write_attrs(f: Any, recipe: Recipe, summary: PrepareSummary, side: dict[str
         source=summary.source,
         head_threshold=recipe.eval.head_threshold,
         recipe_json=recipe.to_json(),
-        versions_json=json.dumps(_versions(), sort_keys=True),
+        versions_json=json.dumps(package_versions(), sort_keys=True),
         # the side file's content, so a kill between the rename and the side file loses
         # nothing (HDF5 attributes stay small: a huge one would need dense storage)
         **({"side_json": side_json} if len(side_json.encode()) < 48_000 else {}),
@@ -536,7 +525,7 @@ def prepare(recipe: Recipe, out: str | Path | None = None, force: bool = False, 
             classes, train_counts, suggested = _write_rows(f, recipe, written, ends, train_labels, text)
             seconds = time.perf_counter() - t0
             summary = _summary(out_path, recipe, text, skips, ends, len(written), train_counts, suggested, seconds, decode_seconds)
-            side = {"recipe": recipe.to_dict(), "summary": summary.as_dict(), "versions": _versions()}
+            side = {"recipe": recipe.to_dict(), "summary": summary.as_dict(), "versions": package_versions()}
             _write_attrs(f, recipe, summary, side)
     write_json(out_path.with_suffix(".recipe.json"), side)
     log.debug("prepared %s: %d images, %d classes", out_path, len(written), len(classes))

@@ -15,12 +15,16 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from sicot_cli.config import EmbedConfig
 from sicot_cli.data.vocab import Vocab
 from sicot_cli.errors import SicotError
+
+if TYPE_CHECKING:
+    from gensim.models import KeyedVectors
 
 log = logging.getLogger(__name__)
 
@@ -80,22 +84,38 @@ def train_word2vec(train_titles: Sequence[Sequence[str]], vocab: Vocab, cfg: Emb
     return matrix, VectorReport(f"word2vec {kind} trained on training titles", cfg.dim, len(vocab), 0)
 
 
-def load_pretrained(path: str | Path, binary: bool, vocab: Vocab, seed: int = 0) -> tuple[np.ndarray, VectorReport]:
-    """Look the vocabulary up in a word2vec text or binary file (gensim ``KeyedVectors``).
+def load_word2vec_file(path: str | Path, binary: bool, *, missing: str, hint: str) -> KeyedVectors:
+    """A word2vec text or binary file as gensim ``KeyedVectors``: the one reader of word-vector files.
+
+    Args:
+        path: the file.
+        binary: word2vec binary format (else text).
+        missing: what to say after the path when it is not a file.
+        hint: what to add when it does not parse (how to choose the other format).
 
     Raises:
-        SicotError: missing or unreadable file, or a file that is not in word2vec format.
+        SicotError: missing file, or a file that is not in word2vec format (the error's type and text).
     """
     from gensim.models import KeyedVectors
 
     p = Path(path)
     if not p.is_file():
-        raise SicotError(f"{p}: pretrained word vectors not found (embed.pretrained)")
+        raise SicotError(f"{p}: {missing}")
     try:
-        kv = KeyedVectors.load_word2vec_format(str(p), binary=binary, unicode_errors="replace")
+        return KeyedVectors.load_word2vec_format(str(p), binary=binary, unicode_errors="replace")
     except Exception as e:  # gensim raises ValueError, UnicodeDecodeError, EOFError... on bad files
         fmt = "binary" if binary else "text"
-        raise SicotError(f"{p}: not a word2vec {fmt} file ({type(e).__name__}: {e}); set embed.binary to match the file") from None
+        raise SicotError(f"{p}: not a word2vec {fmt} file ({type(e).__name__}: {e}){hint}") from None
+
+
+def load_pretrained(path: str | Path, binary: bool, vocab: Vocab, seed: int = 0) -> tuple[np.ndarray, VectorReport]:
+    """Look the vocabulary up in a word2vec text or binary file (see :func:`load_word2vec_file`).
+
+    Raises:
+        SicotError: missing or unreadable file, or a file that is not in word2vec format.
+    """
+    p = Path(path)
+    kv = load_word2vec_file(p, binary, missing="pretrained word vectors not found (embed.pretrained)", hint="; set embed.binary to match the file")
     dim = kv.vector_size
     rng = np.random.default_rng(seed)
     scale = float(np.std(kv.vectors)) if len(kv) else 0.1

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sicot_cli.errors import SicotError
-from sicot_cli.fsutil import atomic_path, ensure_dir, read_regular
+from sicot_cli.fsutil import atomic_path, ensure_dir, read_text
 
 COLUMNS = ("image", "title", "label", "split", "id")
 
@@ -32,15 +32,6 @@ class ImportSummary:
     val: int = 0  # validation rows the manifest names (``prepare`` carves them otherwise)
     skipped: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-
-
-def read_text(path: Path, errors: str = "strict") -> str:
-    """A released file's text: a regular file only (a FIFO would block), UTF-8 (a BOM is dropped).
-
-    Raises:
-        OSError, UnicodeDecodeError: as reading and decoding would (callers name the file).
-    """
-    return read_regular(path).decode("utf-8-sig", errors=errors)
 
 
 def parse_json(text: str) -> Any:
@@ -64,16 +55,11 @@ def load_json(path: Path, missing: str, damaged: str = "") -> Any:
         missing: what to say when it does not exist (the command that creates it).
         damaged: what to add when it is not valid JSON.
     """
+    text = read_text(path, missing=missing, hint=damaged)
     try:
-        return parse_json(read_text(path))
-    except FileNotFoundError:
-        raise SicotError(f"{path}: {missing}") from None
-    except UnicodeDecodeError as e:
-        raise SicotError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}){damaged}") from None
+        return parse_json(text)
     except ValueError as e:
         raise SicotError(f"{path}: not valid JSON ({e}){damaged}") from None
-    except OSError as e:
-        raise SicotError(f"{path}: cannot read ({e.strerror or e}){damaged}") from None
 
 
 _INT = re.compile(r"[+-]?[0-9]{1,18}")
@@ -134,16 +120,7 @@ def read_titles(path: Path) -> tuple[dict[str, str], Counter[str]]:
     Raises:
         SicotError: missing or unreadable file, missing column, unknown file type.
     """
-    try:
-        text = read_text(path)
-    except FileNotFoundError:
-        raise SicotError(f"{path}: titles file not found") from None
-    except IsADirectoryError:
-        raise SicotError(f"{path}: is a directory, expected a CSV/TSV/JSONL titles file") from None
-    except UnicodeDecodeError as e:
-        raise SicotError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except OSError as e:
-        raise SicotError(f"{path}: cannot read the titles file ({e.strerror})") from None
+    text = read_text(path, "titles file", expected="a CSV/TSV/JSONL titles file")
     problems: Counter[str] = Counter()
     pairs: list[tuple[object, object]] = []
     suffix = path.suffix.lower()

@@ -20,9 +20,9 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from sicot_cli.data.importers.common import parse_json, read_text
+from sicot_cli.data.importers.common import parse_json
 from sicot_cli.errors import SicotError
-from sicot_cli.fsutil import ensure_dir, open_regular
+from sicot_cli.fsutil import ensure_dir, open_regular, read_text
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def read_marker(marker: Path, pkg: NpmPackage) -> int | None:
     """
     try:
         info = parse_json(read_text(marker))
-    except (OSError, ValueError):
+    except (SicotError, ValueError):
         return None
     if not isinstance(info, dict) or set(info) != {"package", "integrity", "files"}:
         return None

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from sicot_cli.errors import SicotError
+from sicot_cli.fsutil import read_text
 
 MARKER = ".sicot-rasterised.json"  # written last: a rasterised folder without it is incomplete
 
@@ -110,10 +111,8 @@ def rasterise(jobs: Iterable[tuple[Path, str, str]], dest: Path, size: int, sche
         for svg_path, rel, color in jobs:
             if Path(rel).is_absolute() or ".." in Path(rel).parts:
                 raise SicotError(f"unsafe output path {rel!r}")
-            try:
-                text = svg_path.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as e:
-                raise SicotError(f"{svg_path}: unreadable ({e}); delete its folder and fetch again") from None
+            again = "; delete its folder and fetch again"
+            text = read_text(svg_path, "icon", missing=f"icon not found{again}", hint=again)
             try:
                 mask = render_mask(text, size)
             except SicotError:

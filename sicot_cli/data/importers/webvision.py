@@ -30,20 +30,16 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from sicot_cli.data.importers.common import ImportSummary, ascii_int, clean_title, load_json, manifest_path, read_text, write_manifest
+from sicot_cli.data.importers.common import ImportSummary, ascii_int, clean_title, load_json, manifest_path, write_manifest
 from sicot_cli.errors import SicotError
+from sicot_cli.fsutil import read_text
 
 SOURCES = ("google", "flickr")
 TEXTS = ("title", "title+description")
 
 
 def _filelist(path: Path) -> list[tuple[str, int]]:
-    try:
-        lines = read_text(path).splitlines()
-    except FileNotFoundError:
-        raise SicotError(f"{path}: not found (WebVision's info/ file list)") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise SicotError(f"{path}: unreadable ({e})") from None
+    lines = read_text(path, "file list", missing="not found (WebVision's info/ file list)").splitlines()
     out = []
     for n, line in enumerate(lines, start=1):
         parts = line.split()
@@ -105,10 +101,7 @@ def _class_names(root: Path) -> dict[int, str]:
     path = root / "info" / "synsets.txt"
     if not path.is_file():
         return {}
-    try:
-        lines = read_text(path, errors="replace").splitlines()
-    except OSError as e:
-        raise SicotError(f"{path}: cannot read ({e.strerror or e})") from None
+    lines = read_text(path, errors="replace").splitlines()
     return {i: " ".join(line.split()) for i, line in enumerate(lines) if line.strip()}
 
 
