@@ -97,10 +97,21 @@ def main(argv: list[str] | None = None) -> int:
         importlib.import_module(f"benchmarks.{argv[0]}").main(argv[1:])
         return 0
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
-    parser.add_argument("what", choices=["all"], help=f"`all`, or one of: {', '.join(BENCHMARKS)} (followed by its own options)")
-    parser.add_argument("--quick", action="store_true", help="every benchmark's quick mode (< 1 min each on a 2-core CPU)")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: each benchmark's own (cuda when available)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads per benchmark (default: torch's; 1 is steadier on a shared CPU)")
+    parser.add_argument(
+        "what", choices=["all"], help=f"`all`, or one of: {', '.join(BENCHMARKS)} (followed by its own options)"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="every benchmark's quick mode (< 1 min each on a 2-core CPU)"
+    )
+    parser.add_argument(
+        "--device", choices=["cpu", "cuda"], default=None, help="default: each benchmark's own (cuda when available)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per benchmark (default: torch's; 1 is steadier on a shared CPU)",
+    )
     parser.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated subset of the suite")
     args = parser.parse_args(argv)
     only = [n for n in args.only.split(",") if n]

@@ -48,14 +48,26 @@ def class_attributes(names: list[str]) -> tuple[torch.Tensor, list[list[str]]]:
     parsed = []
     for n in names:
         if n not in by_name:
-            raise SicotError(f"class {n!r} is not a built-in synthetic class: the attribute oracle needs data.source = 'synthetic'")
+            raise SicotError(
+                f"class {n!r} is not a built-in synthetic class: the attribute oracle needs data.source = 'synthetic'"
+            )
         parsed.append(tuple(by_name[n].attributes()[a] for a in ATTRS))
     values = [sorted({p[i] for p in parsed}) for i in range(len(ATTRS))]
     ids = torch.tensor([[values[i].index(p[i]) for i in range(len(ATTRS))] for p in parsed])
     return ids, values
 
 
-def run(data: Path, backbone: str, pretrained: str, epochs: int, seed: int, device: str, head_threshold: int, batch: int = 128, lr: float = 0.03) -> dict:
+def run(
+    data: Path,
+    backbone: str,
+    pretrained: str,
+    epochs: int,
+    seed: int,
+    device: str,
+    head_threshold: int,
+    batch: int = 128,
+    lr: float = 0.03,
+) -> dict:
     """Train the attribute oracle and measure it; returns the result record."""
     p = open_prepared(data)
     attr_of, values = class_attributes(list(p.class_names))
@@ -67,10 +79,13 @@ def run(data: Path, backbone: str, pretrained: str, epochs: int, seed: int, devi
     ntr = p.n_train
     torch.manual_seed(seed)
     net, dim = build_backbone(backbone, pretrained)
-    model = SICoT(net, dim, int(cut[-1])).to(device).to(memory_format=torch.channels_last)  # one head per attribute, side by side
+    model = (
+        SICoT(net, dim, int(cut[-1])).to(device).to(memory_format=torch.channels_last)
+    )  # one head per attribute, side by side
 
     def scores(x: torch.Tensor) -> torch.Tensor:
         return model.logits(model.normalize(x).contiguous(memory_format=torch.channels_last))
+
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.StepLR(opt, 1, 0.8)
     gen = torch.Generator().manual_seed(seed)
@@ -101,19 +116,42 @@ def run(data: Path, backbone: str, pretrained: str, epochs: int, seed: int, devi
     for name, m in (("head", ~tail), ("tail", tail)):
         groups[name] = {
             "test_images": int(m.sum()),
-            **{f"{a}_accuracy": round(100 * float((logp[i][m].argmax(1) == attr_of[y[m], i]).float().mean()), 2) for i, a in enumerate(ATTRS)},
+            **{
+                f"{a}_accuracy": round(100 * float((logp[i][m].argmax(1) == attr_of[y[m], i]).float().mean()), 2)
+                for i, a in enumerate(ATTRS)
+            },
             "composed_top1": round(100 * float((composed[m] == y[m]).float().mean()), 2),
         }
-    ratios = {f"{a}_tail_to_head": round(groups["tail"][f"{a}_accuracy"] / max(groups["head"][f"{a}_accuracy"], 1e-9), 3) for a in ATTRS}
-    return {"data": str(data), "backbone": backbone, "pretrained": pretrained or "none (random init)", "epochs": epochs, "seed": seed,
-            "head_threshold": head_threshold, "train_seconds": round(train_s, 1), "groups": groups, "ratios": ratios}
+    ratios = {
+        f"{a}_tail_to_head": round(groups["tail"][f"{a}_accuracy"] / max(groups["head"][f"{a}_accuracy"], 1e-9), 3)
+        for a in ATTRS
+    }
+    return {
+        "data": str(data),
+        "backbone": backbone,
+        "pretrained": pretrained or "none (random init)",
+        "epochs": epochs,
+        "seed": seed,
+        "head_threshold": head_threshold,
+        "train_seconds": round(train_s, 1),
+        "groups": groups,
+        "ratios": ratios,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = benchmark_parser("attribute_oracle", __doc__, quick="1 epoch: checks that it runs, measures nothing useful")
-    ap.add_argument("--recipe", default="recipes/demo.toml", help="backbone, head/tail threshold and (unless --data) the prepared file")
+    ap.add_argument(
+        "--recipe",
+        default="recipes/demo.toml",
+        help="backbone, head/tail threshold and (unless --data) the prepared file",
+    )
     ap.add_argument("--data", default=None, help="a prepared synthetic .h5 (default: the recipe's data.out)")
-    ap.add_argument("--pretrained", default="", help="model.pretrained for the backbone: a sicot run directory, a checkpoint or a state_dict file")
+    ap.add_argument(
+        "--pretrained",
+        default="",
+        help="model.pretrained for the backbone: a sicot run directory, a checkpoint or a state_dict file",
+    )
     ap.add_argument("--epochs", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -123,16 +161,24 @@ def main(argv: list[str] | None = None) -> dict:
     data = Path(args.data or recipe.data.out)
     epochs = 1 if args.quick else args.epochs
     try:
-        result = run(data, recipe.model.backbone, args.pretrained, epochs, args.seed, args.device, recipe.eval.head_threshold)
+        result = run(
+            data, recipe.model.backbone, args.pretrained, epochs, args.seed, args.device, recipe.eval.head_threshold
+        )
     except SicotError as e:
         raise SystemExit(f"error: {e}") from None
-    table = Table(title=f"attribute oracle: {recipe.model.backbone}, {epochs} epochs, pretrained: {result['pretrained']}")
+    table = Table(
+        title=f"attribute oracle: {recipe.model.backbone}, {epochs} epochs, pretrained: {result['pretrained']}"
+    )
     table.add_column("test images of")
     for a in ATTRS:
         table.add_column(f"{a} acc.", justify="right")
     table.add_column("composed top-1", justify="right")
     for g, r in result["groups"].items():
-        table.add_row(f"{g} classes ({r['test_images']})", *(f"{r[f'{a}_accuracy']:.1f}" for a in ATTRS), f"{r['composed_top1']:.2f}")
+        table.add_row(
+            f"{g} classes ({r['test_images']})",
+            *(f"{r[f'{a}_accuracy']:.1f}" for a in ATTRS),
+            f"{r['composed_top1']:.2f}",
+        )
     table.add_row("tail / head", *(f"{result['ratios'][f'{a}_tail_to_head']:.2f}" for a in ATTRS), "")
     Console().print(table)
     write_results("attribute_oracle", args.device, {"benchmark": "attribute_oracle", **result})

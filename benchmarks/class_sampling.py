@@ -68,7 +68,14 @@ def many_class_manifest(root: Path, classes: int, image_size: int, max_per_class
             words = [f"colour{colour}", f"pattern{pattern}"]
             if rng.random() < 0.25:
                 words.pop(int(rng.integers(0, 2)))
-            rows.append({"image": name, "title": " ".join(words), "label": f"class{c}", "split": "test" if i == counts[c] else "train"})
+            rows.append(
+                {
+                    "image": name,
+                    "title": " ".join(words),
+                    "label": f"class{c}",
+                    "split": "test" if i == counts[c] else "train",
+                }
+            )
     path = root / "manifest.csv"
     with path.open("w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, ["image", "title", "label", "split"])
@@ -83,9 +90,19 @@ def many_class_data(work: Path, classes: int, image_size: int, max_per_class: in
     from sicot_cli.data.prepare import prepare
 
     overrides = [
-        "data.source=manifest", f"data.manifest={work / 'raw' / 'manifest.csv'}", f"data.image_size={image_size}", "data.workers=1",
-        "text.drop_most_frequent=0", "text.drop_least_frequent=0", "text.min_count=1", "embed.dim=16", "embed.epochs=2",
-        "eval.head_threshold=10", "eval.many_threshold=20", "eval.few_threshold=5", "train.eval_batch_size=1024",
+        "data.source=manifest",
+        f"data.manifest={work / 'raw' / 'manifest.csv'}",
+        f"data.image_size={image_size}",
+        "data.workers=1",
+        "text.drop_most_frequent=0",
+        "text.drop_least_frequent=0",
+        "text.min_count=1",
+        "embed.dim=16",
+        "embed.epochs=2",
+        "eval.head_threshold=10",
+        "eval.many_threshold=20",
+        "eval.few_threshold=5",
+        "train.eval_batch_size=1024",
     ]
     out = work / f"many-{classes}.h5"
     if not out.exists():
@@ -112,8 +129,15 @@ def tiny_run(recipe, data: Path, run_name: str) -> dict:  # noqa: ANN001
     p = open_prepared(data)
     torch.manual_seed(cfg.seed)
     s = p.image_size
-    net = nn.Sequential(nn.Conv2d(3, 32, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, stride=2, padding=1), nn.ReLU(),
-                        nn.Flatten(), nn.Linear(32 * ((s + 3) // 4) ** 2, 128), nn.ReLU())
+    net = nn.Sequential(
+        nn.Conv2d(3, 32, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(32 * ((s + 3) // 4) ** 2, 128),
+        nn.ReLU(),
+    )
     model = SICoT(net, 128, p.num_classes)
     with torch.random.fork_rng(devices=[]):
         model.encoder = create_encoder("mean", vectors=torch.from_numpy(p.vectors), out_dim=128)
@@ -127,11 +151,24 @@ def tiny_run(recipe, data: Path, run_name: str) -> dict:  # noqa: ANN001
         model.train()
         t0 = time.perf_counter()
         for i, batch in enumerate(loader.epoch(epoch)):
-            train_step(model, forward, opt, batch, device, cfg, torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch, 1 + i)))
+            train_step(
+                model,
+                forward,
+                opt,
+                batch,
+                device,
+                cfg,
+                torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch, 1 + i)),
+            )
         seconds += time.perf_counter() - t0
         sched.step()
     metrics = evaluate_model(model, p, device, recipe).scalars()
-    return {**metrics, "train_images_per_s": len(loader) * cfg.batch_size * cfg.epochs / seconds, "epoch_seconds": seconds / cfg.epochs, "run": run_name}
+    return {
+        **metrics,
+        "train_images_per_s": len(loader) * cfg.batch_size * cfg.epochs / seconds,
+        "epoch_seconds": seconds / cfg.epochs,
+        "run": run_name,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -147,10 +184,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     ap = benchmark_parser("class_sampling", __doc__)
     ap.add_argument("--recipe", default=None, help="a recipe whose prepared file exists")
-    ap.add_argument("--many-classes", type=int, default=0, help="build the synthetic many-class set with this many classes instead")
+    ap.add_argument(
+        "--many-classes", type=int, default=0, help="build the synthetic many-class set with this many classes instead"
+    )
     ap.add_argument("--image-size", type=int, default=16)
     ap.add_argument("--max-per-class", type=int, default=40)
-    ap.add_argument("--tiny-backbone", action="store_true", help="the small stream + mean encoder instead of the recipe's model (see above)")
+    ap.add_argument(
+        "--tiny-backbone",
+        action="store_true",
+        help="the small stream + mean encoder instead of the recipe's model (see above)",
+    )
     ap.add_argument("--rates", default="1,0.3,0.1")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--runs-dir", default="runs/class-sampling")
@@ -167,23 +210,37 @@ def main(argv: list[str] | None = None) -> dict:
     base: list[str] = []
     data = None
     if args.many_classes:
-        base, data = many_class_data(Path(args.runs_dir) / "data", args.many_classes, args.image_size, args.max_per_class)
+        base, data = many_class_data(
+            Path(args.runs_dir) / "data", args.many_classes, args.image_size, args.max_per_class
+        )
     probe = load_recipe(args.recipe, [*base, *args.overrides])
     name = f"many{args.many_classes}" if args.many_classes else probe.name
     console = Console()
     results: dict[float, dict[int, dict]] = {}
     for seed in seeds:
         for rate in rates:
-            recipe = load_recipe(args.recipe, [*base, *args.overrides, f"train.seed={seed}", f"train.class_sample_rate={rate}", "train.device=cpu"])
-            run_dir = Path(args.runs_dir) / f"{name}-{'tiny-mean' if args.tiny_backbone else recipe.model.encoder}-r{rate:g}-s{seed}"
+            recipe = load_recipe(
+                args.recipe,
+                [*base, *args.overrides, f"train.seed={seed}", f"train.class_sample_rate={rate}", "train.device=cpu"],
+            )
+            run_dir = (
+                Path(args.runs_dir)
+                / f"{name}-{'tiny-mean' if args.tiny_backbone else recipe.model.encoder}-r{rate:g}-s{seed}"
+            )
             if args.tiny_backbone:
                 final = tiny_run(recipe, data or Path(recipe.data.out), run_dir.name)
             else:
                 result = train(recipe, run_dir, resume=run_dir.exists(), data=data)
                 final = runs.read_metrics(result.run_dir)[-1]
-            results.setdefault(rate, {})[seed] = {k: final.get(k) for k in ("top1", "tail_top1", "head_top1", "train_images_per_s", "epoch_seconds")}
-            console.print(f"{name} rate {rate:g} seed {seed}: top-1 {final['top1']:.2f}, tail top-1 {final.get('tail_top1')}")
-    model_name = "tiny stream, encoder mean" if args.tiny_backbone else f"{probe.model.backbone}, encoder {probe.model.encoder}"
+            results.setdefault(rate, {})[seed] = {
+                k: final.get(k) for k in ("top1", "tail_top1", "head_top1", "train_images_per_s", "epoch_seconds")
+            }
+            console.print(
+                f"{name} rate {rate:g} seed {seed}: top-1 {final['top1']:.2f}, tail top-1 {final.get('tail_top1')}"
+            )
+    model_name = (
+        "tiny stream, encoder mean" if args.tiny_backbone else f"{probe.model.backbone}, encoder {probe.model.encoder}"
+    )
     table = Table(title=f"class sampling, {name} ({model_name}, {probe.train.epochs} epochs, seeds {args.seeds})")
     for col in ("rate", "top-1", "tail top-1", "Δ top-1 vs exact (p)", "Δ tail vs exact (p)", "train img/s"):
         table.add_column(col, justify="right")
@@ -193,21 +250,52 @@ def main(argv: list[str] | None = None) -> dict:
         for k in ("top1", "tail_top1", "train_images_per_s"):
             row[k] = mean_std([results[rate][s][k] for s in seeds if results[rate][s][k] is not None])
         for k in ("top1", "tail_top1"):
-            both = [(results[rate][s][k], results[1.0][s][k]) for s in seeds if results[rate][s][k] is not None and results[1.0][s][k] is not None]
+            both = [
+                (results[rate][s][k], results[1.0][s][k])
+                for s in seeds
+                if results[rate][s][k] is not None and results[1.0][s][k] is not None
+            ]
             diffs = [a - b for a, b in both]
-            row[f"{k}_diff"] = {"mean": float(np.mean(diffs)) if diffs else None, "per_seed": diffs, "p": paired_t([a for a, _ in both], [b for _, b in both]) if rate != 1.0 else None}
+            row[f"{k}_diff"] = {
+                "mean": float(np.mean(diffs)) if diffs else None,
+                "per_seed": diffs,
+                "p": paired_t([a for a, _ in both], [b for _, b in both]) if rate != 1.0 else None,
+            }
         summary.append(row)
 
         def fmt(ms: tuple) -> str:
             return "-" if ms[0] is None else f"{ms[0]:.2f} ± {ms[1] or 0:.2f}"
 
-        def diff(d: dict) -> str:
-            return "-" if rate == 1.0 or d["mean"] is None else f"{d['mean']:+.2f} (p={d['p']:.3f})" if d["p"] is not None else f"{d['mean']:+.2f}"
+        def diff(d: dict, rate: float = rate) -> str:
+            return (
+                "-"
+                if rate == 1.0 or d["mean"] is None
+                else f"{d['mean']:+.2f} (p={d['p']:.3f})"
+                if d["p"] is not None
+                else f"{d['mean']:+.2f}"
+            )
 
-        table.add_row(f"{rate:g}", fmt(row["top1"]), fmt(row["tail_top1"]), diff(row["top1_diff"]), diff(row["tail_top1_diff"]), fmt(row["train_images_per_s"]))
+        table.add_row(
+            f"{rate:g}",
+            fmt(row["top1"]),
+            fmt(row["tail_top1"]),
+            diff(row["top1_diff"]),
+            diff(row["tail_top1_diff"]),
+            fmt(row["train_images_per_s"]),
+        )
     console.print(table)
-    result = {"benchmark": "class_sampling", "name": name, "tiny_backbone": args.tiny_backbone, "recipe": args.recipe, "overrides": args.overrides, "many_classes": args.many_classes,
-              "rates": rates, "seeds": seeds, "runs": {f"{r:g}": v for r, v in results.items()}, "summary": summary}
+    result = {
+        "benchmark": "class_sampling",
+        "name": name,
+        "tiny_backbone": args.tiny_backbone,
+        "recipe": args.recipe,
+        "overrides": args.overrides,
+        "many_classes": args.many_classes,
+        "rates": rates,
+        "seeds": seeds,
+        "runs": {f"{r:g}": v for r, v in results.items()},
+        "summary": summary,
+    }
     console.print(f"wrote {write_results('class_sampling', name, result)}")
     return result
 

@@ -44,7 +44,15 @@ def start() -> None:
 PROFILE_MODES = ("auto", "always", "never")
 
 
-def benchmark_parser(name: str, doc: str | None, *, quick: str | None = None, device: bool = False, profile: str | None = None, batch: str | None = None) -> argparse.ArgumentParser:
+def benchmark_parser(
+    name: str,
+    doc: str | None,
+    *,
+    quick: str | None = None,
+    device: bool = False,
+    profile: str | None = None,
+    batch: str | None = None,
+) -> argparse.ArgumentParser:
     """The parser of ``python -m benchmarks.<name>`` with the options benchmarks share; each adds its own.
 
     Args:
@@ -62,9 +70,16 @@ def benchmark_parser(name: str, doc: str | None, *, quick: str | None = None, de
     if device:
         import torch
 
-        parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu", help="where to run (default: cuda when available)")
+        parser.add_argument(
+            "--device",
+            choices=["cpu", "cuda"],
+            default="cuda" if torch.cuda.is_available() else "cpu",
+            help="where to run (default: cuda when available)",
+        )
     if batch is not None:
-        parser.add_argument("--backbone", default=None, help="torchvision model (default: resnet50 on CUDA, resnet18 on CPU)")
+        parser.add_argument(
+            "--backbone", default=None, help="torchvision model (default: resnet50 on CUDA, resnet18 on CPU)"
+        )
         parser.add_argument("--image-size", type=int, default=None, help="default: 224 on CUDA, 64 on CPU (32 quick)")
         parser.add_argument("--batch", type=int, default=None, help=batch)
     if profile is not None:
@@ -119,7 +134,13 @@ def peak_memory_gib(device: str) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**30, "process_peak_rss"
 
 
-def interleaved_ms(steps: dict[str, Callable[[], None]], warmup: int, rounds: int, round_ms: float, sync: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
+def interleaved_ms(
+    steps: dict[str, Callable[[], None]],
+    warmup: int,
+    rounds: int,
+    round_ms: float,
+    sync: Callable[[], None] = lambda: None,
+) -> dict[str, list[float]]:
     """Milliseconds per call of each function, one entry per timed round.
 
     Rounds are interleaved (each round times every function once) so a slow spell of a shared
@@ -173,14 +194,21 @@ def profile_step(fn: Callable[[], None], steps: int, device: str, rows: int = 15
 def op_deltas(subject: dict[str, float], reference: dict[str, float], rows: int = 10) -> list[dict[str, float | str]]:
     """The ops whose self time per step grows most from ``reference`` to ``subject`` (ms)."""
     deltas = [
-        {"op": op, "subject_ms": subject.get(op, 0.0), "reference_ms": reference.get(op, 0.0), "delta_ms": subject.get(op, 0.0) - reference.get(op, 0.0)}
+        {
+            "op": op,
+            "subject_ms": subject.get(op, 0.0),
+            "reference_ms": reference.get(op, 0.0),
+            "delta_ms": subject.get(op, 0.0) - reference.get(op, 0.0),
+        }
         for op in set(subject) | set(reference)
     ]
     deltas.sort(key=lambda d: -float(d["delta_ms"]))
     return [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in d.items()} for d in deltas[:rows]]
 
 
-def compare_profiles(subject: str, reference: str, profiles: dict[str, tuple[str, dict[str, float]]]) -> dict[str, object]:
+def compare_profiles(
+    subject: str, reference: str, profiles: dict[str, tuple[str, dict[str, float]]]
+) -> dict[str, object]:
     """The stored comparison of two profiled steps (:func:`profile_step` results by name): both
     tables and the ops that grow most from ``reference`` to ``subject``."""
     return {

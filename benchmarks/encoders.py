@@ -22,7 +22,17 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.common import benchmark_parser, compare_profiles, interleaved_ms, parse, print_profile, profile_step, start, wants_profile, write_results
+from benchmarks.common import (
+    benchmark_parser,
+    compare_profiles,
+    interleaved_ms,
+    parse,
+    print_profile,
+    profile_step,
+    start,
+    wants_profile,
+    write_results,
+)
 from encoders import TextEncoder, create_encoder, list_encoders
 
 GOAL_ENCODER = "bilinear"
@@ -56,7 +66,15 @@ def _step(encoder: TextEncoder, tokens: torch.Tensor, mask: torch.Tensor) -> Non
     encoder(tokens, mask).square().mean().backward()
 
 
-def time_encoders(names: list[str], vectors: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, warmup: int, rounds: int, round_ms: float) -> dict[str, list[float]]:
+def time_encoders(
+    names: list[str],
+    vectors: torch.Tensor,
+    tokens: torch.Tensor,
+    mask: torch.Tensor,
+    warmup: int,
+    rounds: int,
+    round_ms: float,
+) -> dict[str, list[float]]:
     """Milliseconds per forward+backward step of each encoder, one entry per timed round
     (interleaved rounds, see :func:`benchmarks.common.interleaved_ms`)."""
     device = tokens.device
@@ -87,7 +105,13 @@ def main(argv: list[str] | None = None) -> dict:
     Returns:
         The results as written to ``benchmarks/results/encoders-<device>.json``.
     """
-    parser = benchmark_parser("encoders", __doc__, quick="fewer steps (< 1 min on a 2-core CPU)", device=True, profile="profile bilinear and mean when the goal is not met (auto)")
+    parser = benchmark_parser(
+        "encoders",
+        __doc__,
+        quick="fewer steps (< 1 min on a 2-core CPU)",
+        device=True,
+        profile="profile bilinear and mean when the goal is not met (auto)",
+    )
     args = parse(parser, argv)
     start()
     device = torch.device(args.device)
@@ -101,8 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     ms = {name: statistics.median(t) for name, t in times.items()}
     # The ratio is the median of per-round ratios: each compares two timings taken seconds apart.
     ratios = {
-        name: statistics.median(a / b for a, b in zip(t, times["mean"], strict=True))
-        for name, t in times.items()
+        name: statistics.median(a / b for a, b in zip(t, times["mean"], strict=True)) for name, t in times.items()
     }
 
     rows = [

@@ -26,7 +26,18 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.common import benchmark_parser, compare_profiles, interleaved_ms, model_setting, parse, print_profile, profile_step, start, wants_profile, write_results
+from benchmarks.common import (
+    benchmark_parser,
+    compare_profiles,
+    interleaved_ms,
+    model_setting,
+    parse,
+    print_profile,
+    profile_step,
+    start,
+    wants_profile,
+    write_results,
+)
 from benchmarks.gpu_step import stage
 from benchmarks.train_step import synthetic_prepared
 from sicot_cli.config import load_recipe
@@ -43,9 +54,17 @@ STREAMING = "evaluate (streaming)"
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark, print the table and write the JSON results."""
-    parser = benchmark_parser("evaluate", __doc__, quick="fewer, smaller images (< 1 min on a 2-core CPU)", device=True,
-                              profile="profile when the goal is not met (auto)", batch="evaluation batch (default: 512 on CUDA, 128 on CPU)")
-    parser.add_argument("--images", type=int, default=None, help="test images (default: 8192 on CUDA, 512 on CPU, 256 quick)")
+    parser = benchmark_parser(
+        "evaluate",
+        __doc__,
+        quick="fewer, smaller images (< 1 min on a 2-core CPU)",
+        device=True,
+        profile="profile when the goal is not met (auto)",
+        batch="evaluation batch (default: 512 on CUDA, 128 on CPU)",
+    )
+    parser.add_argument(
+        "--images", type=int, default=None, help="test images (default: 8192 on CUDA, 512 on CPU, 256 quick)"
+    )
     parser.add_argument("--classes", type=int, default=1000)
     args = parse(parser, argv)
     start()
@@ -94,24 +113,50 @@ def main(argv: list[str] | None = None) -> dict:
         met = ratios[IN_MEMORY] >= GOAL
         profile = None
         if wants_profile(args.profile, met):
-            profile = compare_profiles(IN_MEMORY, PLAIN, {IN_MEMORY: profile_step(lambda: evaluate(True), 1, args.device), PLAIN: profile_step(plain, 1, args.device)})
+            profile = compare_profiles(
+                IN_MEMORY,
+                PLAIN,
+                {
+                    IN_MEMORY: profile_step(lambda: evaluate(True), 1, args.device),
+                    PLAIN: profile_step(plain, 1, args.device),
+                },
+            )
 
-    setting = f"{backbone} {size}px, {n_test} test images, batch {batch}, {args.classes} classes, {args.device}" + (" (quick)" if args.quick else "")
+    setting = f"{backbone} {size}px, {n_test} test images, batch {batch}, {args.classes} classes, {args.device}" + (
+        " (quick)" if args.quick else ""
+    )
     table = Table(title=f"evaluation: evaluate_model vs a plain forward loop ({setting})")
     for col in ("pass", "s/pass", "img/s", "x plain forward"):
         table.add_column(col, justify="left" if col == "pass" else "right")
     for name in steps:
         table.add_row(name, f"{ms[name] / 1000:.2f}", f"{n_test * 1000 / ms[name]:,.0f}", f"{ratios[name]:.3f}")
     console.print(table)
-    console.print(f"goal: evaluate (in memory) >= {GOAL} x plain forward: " + ("[green]met[/]" if met else "[red]not met[/]") + f" ({ratios[IN_MEMORY]:.3f})")
+    console.print(
+        f"goal: evaluate (in memory) >= {GOAL} x plain forward: "
+        + ("[green]met[/]" if met else "[red]not met[/]")
+        + f" ({ratios[IN_MEMORY]:.3f})"
+    )
     if profile is not None:
         print_profile(console, profile, per="pass")
     result = {
         "benchmark": "evaluate",
         "quick": args.quick,
-        "setting": {"backbone": backbone, "image_size": size, "batch": batch, "images": n_test, "classes": args.classes, "rounds": rounds},
+        "setting": {
+            "backbone": backbone,
+            "image_size": size,
+            "batch": batch,
+            "images": n_test,
+            "classes": args.classes,
+            "rounds": rounds,
+        },
         "passes": [
-            {"pass": k, "seconds_per_pass": ms[k] / 1000, "images_per_s": n_test * 1000 / ms[k], "ratio_to_plain": ratios[k], "rounds_ms": times[k]}
+            {
+                "pass": k,
+                "seconds_per_pass": ms[k] / 1000,
+                "images_per_s": n_test * 1000 / ms[k],
+                "ratio_to_plain": ratios[k],
+                "rounds_ms": times[k],
+            }
             for k in steps
         ],
         "evaluate_loop_images_per_s": seen["loop_images_per_s"],  # evaluate_model's own figure (loop only, last call)

@@ -45,7 +45,19 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.common import benchmark_parser, compare_profiles, default_model, interleaved_ms, parse, peak_memory_gib, print_profile, profile_step, start, wants_profile, write_results
+from benchmarks.common import (
+    benchmark_parser,
+    compare_profiles,
+    default_model,
+    interleaved_ms,
+    parse,
+    peak_memory_gib,
+    print_profile,
+    profile_step,
+    start,
+    wants_profile,
+    write_results,
+)
 from benchmarks.train_step import loader_epochs, synthetic_prepared
 from sicot_cli.config import TrainConfig, load_recipe
 from sicot_cli.data import dataset as ds
@@ -98,11 +110,22 @@ def settings(args: argparse.Namespace) -> dict:
     if args.models:
         wanted = [resolve(m.strip(), args.sample_rate) for m in args.models.split(",") if m.strip()]
         models = [m for m in models if m in wanted]
-    return {**chosen, "encoder": args.encoder, "rounds": rounds, "round_ms": round_ms, "batches": batches, "epoch_batches": epoch_batches,
-            "sample_rate": args.sample_rate, "models": models, "loader": not args.no_loader}
+    return {
+        **chosen,
+        "encoder": args.encoder,
+        "rounds": rounds,
+        "round_ms": round_ms,
+        "batches": batches,
+        "epoch_batches": epoch_batches,
+        "sample_rate": args.sample_rate,
+        "models": models,
+        "loader": not args.no_loader,
+    }
 
 
-def torchvision_step(backbone: str, classes: int, staged: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device, cfg: TrainConfig) -> Callable[[], None]:
+def torchvision_step(
+    backbone: str, classes: int, staged: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device, cfg: TrainConfig
+) -> Callable[[], None]:
     """torchvision's plain training step on batches already normalised on the device."""
     import torchvision
 
@@ -125,7 +148,15 @@ def torchvision_step(backbone: str, classes: int, staged: list[tuple[torch.Tenso
     return step
 
 
-def sicot_step(backbone: str, classes: int, encoder: str, vectors: torch.Tensor, fixed: list[Batch], device: torch.device, cfg: TrainConfig) -> tuple[Callable[[Batch], None], Callable[[], None]]:
+def sicot_step(
+    backbone: str,
+    classes: int,
+    encoder: str,
+    vectors: torch.Tensor,
+    fixed: list[Batch],
+    device: torch.device,
+    cfg: TrainConfig,
+) -> tuple[Callable[[Batch], None], Callable[[], None]]:
     """sicot's training step (``encoder="none"``: the baseline): on a given batch, and cycling ``fixed``."""
     torch.manual_seed(0)
     model = build_model(backbone, classes, encoder, vectors)
@@ -156,7 +187,9 @@ def stage(fixed: list[Batch], device: torch.device) -> list[tuple[torch.Tensor, 
     return out
 
 
-def measure(classes: int, s: dict, device: torch.device, cfg: TrainConfig, quick: bool, profile: str, console: Console) -> dict:
+def measure(
+    classes: int, s: dict, device: torch.device, cfg: TrainConfig, quick: bool, profile: str, console: Console
+) -> dict:
     """Every figure of one class count."""
     cuda = device.type == "cuda"
     sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
@@ -178,7 +211,15 @@ def measure(classes: int, s: dict, device: torch.device, cfg: TrainConfig, quick
                 return torchvision_step(s["backbone"], classes, staged, device, cfg)
             rate = float(name.split("@")[1]) if "@" in name else 1.0
             encoder = "none" if name.startswith("baseline") else s["encoder"]
-            return sicot_step(s["backbone"], classes, encoder, vectors, fixed, device, dataclasses.replace(cfg, class_sample_rate=rate))[1]
+            return sicot_step(
+                s["backbone"],
+                classes,
+                encoder,
+                vectors,
+                fixed,
+                device,
+                dataclasses.replace(cfg, class_sample_rate=rate),
+            )[1]
 
         # Peak memory of each model alone (CUDA); on CPU only the process's peak RSS exists.
         peaks: dict[str, float | None] = dict.fromkeys(models)
@@ -221,14 +262,22 @@ def measure(classes: int, s: dict, device: torch.device, cfg: TrainConfig, quick
         loader_pairs, loader_ratio = [], None
         if s["loader"]:
             on, _ = sicot_step(s["backbone"], classes, s["encoder"], vectors, fixed, device, cfg)
-            loader_pairs, loader_ratio = loader_epochs(prepared, batch, n_epoch, on, 2 if quick else 3, sync, pin_memory=cuda)
+            loader_pairs, loader_ratio = loader_epochs(
+                prepared, batch, n_epoch, on, 2 if quick else 3, sync, pin_memory=cuda
+            )
             del on
         process_peak, peak_kind = peak_memory_gib("cpu") if not cuda else (None, "cuda_max_memory_allocated")
 
     return {
         "classes": classes,
         "steps": [
-            {"model": k, "ms_per_step": ms[k], "images_per_s": batch * 1000 / ms[k], "peak_memory_gib": peaks[k], "rounds_ms": times[k]}
+            {
+                "model": k,
+                "ms_per_step": ms[k],
+                "images_per_s": batch * 1000 / ms[k],
+                "peak_memory_gib": peaks[k],
+                "rounds_ms": times[k],
+            }
             for k in models
         ],
         "ratios": speed,
@@ -253,10 +302,18 @@ def report(console: Console, r: dict, setting: str) -> None:
     for row in r["steps"]:
         peak = row["peak_memory_gib"]
         shown = "; ".join(ratio.get(row["model"], [])) or ("1.000 (reference)" if row["model"] == "torchvision" else "")
-        table.add_row(row["model"], f"{row['ms_per_step']:.1f}", f"{row['images_per_s']:,.0f}", shown, "" if peak is None else f"{peak:.2f}")
+        table.add_row(
+            row["model"],
+            f"{row['ms_per_step']:.1f}",
+            f"{row['images_per_s']:,.0f}",
+            shown,
+            "" if peak is None else f"{peak:.2f}",
+        )
     console.print(table)
     if r["process_peak_rss_gib"] is not None:
-        console.print(f"process peak RSS so far: {r['process_peak_rss_gib']:.2f} GiB (CPU: per-model peaks are not separable)")
+        console.print(
+            f"process peak RSS so far: {r['process_peak_rss_gib']:.2f} GiB (CPU: per-model peaks are not separable)"
+        )
     if r["loader"]["ratio"] is not None:
         console.print(f"loader epoch / in-memory epoch (co-training): {r['loader']['ratio']:.3f}")
     for goal, met in r["goals_met"].items():
@@ -264,19 +321,33 @@ def report(console: Console, r: dict, setting: str) -> None:
         lo, hi = r["ratio_ranges"][goal]
         verdict = "[green]met[/]" if met else "[red]not met[/]"
         subject, reference = r["pairs"][goal]
-        console.print(f"goal: {subject} img/s >= {PAIRS[goal][2]} x {reference}: {verdict} ({value:.3f}; rounds {lo:.3f}..{hi:.3f})")
+        console.print(
+            f"goal: {subject} img/s >= {PAIRS[goal][2]} x {reference}: {verdict} ({value:.3f}; rounds {lo:.3f}..{hi:.3f})"
+        )
     for goal, p in r["profiles"].items():
         print_profile(console, p, goal=goal)
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark, print the tables and write the JSON results."""
-    parser = benchmark_parser("gpu_step", __doc__, quick="fewer rounds (< 1 min on a 2-core CPU)", device=True,
-                              profile="profile a step when its goal is not met (auto)", batch="default: 256 on CUDA, 32 on CPU (16 quick)")
+    parser = benchmark_parser(
+        "gpu_step",
+        __doc__,
+        quick="fewer rounds (< 1 min on a 2-core CPU)",
+        device=True,
+        profile="profile a step when its goal is not met (auto)",
+        batch="default: 256 on CUDA, 32 on CPU (16 quick)",
+    )
     parser.add_argument("--classes", default=None, help="comma-separated class counts (default: 1000,100000)")
     parser.add_argument("--encoder", default="bilinear", help="the co-training encoder")
-    parser.add_argument("--sample-rate", type=float, default=0.1, help="train.class_sample_rate of the sampled models (1: none)")
-    parser.add_argument("--models", default=None, help="comma-separated subset of torchvision,baseline,co-training,baseline@,co-training@")
+    parser.add_argument(
+        "--sample-rate", type=float, default=0.1, help="train.class_sample_rate of the sampled models (1: none)"
+    )
+    parser.add_argument(
+        "--models",
+        default=None,
+        help="comma-separated subset of torchvision,baseline,co-training,baseline@,co-training@",
+    )
     parser.add_argument("--no-loader", action="store_true", help="skip the loader epochs")
     args = parse(parser, argv)
     if not 0 < args.sample_rate <= 1:
@@ -288,7 +359,9 @@ def main(argv: list[str] | None = None) -> dict:
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels
     cfg = load_recipe(None, [f"train.device={args.device}", f"train.batch_size={s['batch']}"]).train
     console = Console()
-    setting = f"{s['backbone']} {s['image_size']}px batch {s['batch']}, {args.device}" + (" (quick)" if args.quick else "")
+    setting = f"{s['backbone']} {s['image_size']}px batch {s['batch']}, {args.device}" + (
+        " (quick)" if args.quick else ""
+    )
     results = []
     for classes in s["classes"]:
         r = measure(classes, s, device, cfg, args.quick, args.profile, console)
@@ -297,7 +370,21 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "gpu_step",
         "quick": args.quick,
-        "setting": {k: s[k] for k in ("backbone", "image_size", "batch", "classes", "encoder", "rounds", "round_ms", "sample_rate", "models", "loader")},
+        "setting": {
+            k: s[k]
+            for k in (
+                "backbone",
+                "image_size",
+                "batch",
+                "classes",
+                "encoder",
+                "rounds",
+                "round_ms",
+                "sample_rate",
+                "models",
+                "loader",
+            )
+        },
         "results": results,
         "goals": {
             "baseline_vs_torchvision_min": BASELINE_GOAL,

@@ -37,7 +37,15 @@ def make_images(root: Path, n: int, classes: int = 20, seed: int = 0) -> Path:
         w, h = int(rng.integers(320, 480)), int(rng.integers(240, 360))
         yy, xx = np.mgrid[0:h, 0:w]
         base = rng.integers(0, 255, 3)
-        img = (base + 60 * np.sin(xx[..., None] / rng.uniform(5, 40) + yy[..., None] / rng.uniform(5, 40)) + rng.normal(0, 8, (h, w, 3))).clip(0, 255).astype(np.uint8)
+        img = (
+            (
+                base
+                + 60 * np.sin(xx[..., None] / rng.uniform(5, 40) + yy[..., None] / rng.uniform(5, 40))
+                + rng.normal(0, 8, (h, w, 3))
+            )
+            .clip(0, 255)
+            .astype(np.uint8)
+        )
         name = f"img{i:05d}.jpg"
         Image.fromarray(img).save(root / name, quality=90)
         label = f"class{i % classes}"
@@ -66,20 +74,40 @@ def main(argv: list[str] | None = None) -> dict:
         for p in paths:
             load_image(p, args.size)
         raw = n / (time.perf_counter() - t0)
-        recipe = load_recipe(None, ["data.source=manifest", f"data.manifest={manifest}", f"data.image_size={args.size}", "text.drop_most_frequent=0", "text.drop_least_frequent=0", "embed.epochs=1"])
+        recipe = load_recipe(
+            None,
+            [
+                "data.source=manifest",
+                f"data.manifest={manifest}",
+                f"data.image_size={args.size}",
+                "text.drop_most_frequent=0",
+                "text.drop_least_frequent=0",
+                "embed.epochs=1",
+            ],
+        )
         summary = prepare(recipe, root / "out.h5")
     ideal = raw * cores
     ratio = summary.images_per_second / ideal
-    table = Table(title=f"prepare vs raw decode+resize ({n} JPEGs -> {args.size} px, {cores} cores)" + (" (quick)" if args.quick else ""))
+    table = Table(
+        title=f"prepare vs raw decode+resize ({n} JPEGs -> {args.size} px, {cores} cores)"
+        + (" (quick)" if args.quick else "")
+    )
     for col in ("measure", "images/s", "ratio"):
         table.add_column(col, justify="left" if col == "measure" else "right")
     table.add_row("raw decode+resize, 1 process", f"{raw:,.0f}", "")
     table.add_row(f"ideal: raw x {cores} cores", f"{ideal:,.0f}", "1.00")
     table.add_row("prepare: decode+resize+write (all cores)", f"{summary.images_per_second:,.0f}", f"{ratio:.2f}")
-    table.add_row("prepare: whole command (tokenize, word2vec, write)", f"{n / summary.seconds:,.0f}", f"{n / summary.seconds / ideal:.2f}")
+    table.add_row(
+        "prepare: whole command (tokenize, word2vec, write)",
+        f"{n / summary.seconds:,.0f}",
+        f"{n / summary.seconds / ideal:.2f}",
+    )
     console.print(table)
     met = ratio >= GOAL
-    console.print(f"goal: prepare >= {GOAL} x ideal: " + (f"[green]met[/] ({ratio:.2f})" if met else f"[red]not met[/] ({ratio:.2f})"))
+    console.print(
+        f"goal: prepare >= {GOAL} x ideal: "
+        + (f"[green]met[/] ({ratio:.2f})" if met else f"[red]not met[/] ({ratio:.2f})")
+    )
     result = {
         "benchmark": "prepare",
         "quick": args.quick,

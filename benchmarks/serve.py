@@ -74,7 +74,17 @@ def make_run(folder: Path) -> Path:
 
     data = folder / "serve.h5"
     synthetic_prepared(data, 600, 32, 120, n_train=480)
-    recipe = load_recipe(None, [f"data.out={data}", "model.encoder=none", "model.backbone=resnet18", "train.epochs=1", "train.batch_size=32", "train.device=cpu"])
+    recipe = load_recipe(
+        None,
+        [
+            f"data.out={data}",
+            "model.encoder=none",
+            "model.backbone=resnet18",
+            "train.epochs=1",
+            "train.batch_size=32",
+            "train.device=cpu",
+        ],
+    )
     return train(recipe, folder / "run", data=data).run_dir
 
 
@@ -82,8 +92,25 @@ def start_server(run: Path, *extra: str) -> tuple[subprocess.Popen, str]:
     """``sicot serve`` on 127.0.0.1, a free port; returns the process and its URL once it answers."""
     import httpx
 
-    cmd = [sys.executable, "-m", "sicot_cli", "serve", "--run", str(run), "--port", "0", "--threads", "1", "--device", "cpu",
-           "--timeout", str(SERVER_TIMEOUT_S), "--max-upload-mb", "1", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sicot_cli",
+        "serve",
+        "--run",
+        str(run),
+        "--port",
+        "0",
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+        "--timeout",
+        str(SERVER_TIMEOUT_S),
+        "--max-upload-mb",
+        "1",
+        *extra,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "COLUMNS": "300"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     line = proc.stdout.readline()
@@ -154,10 +181,23 @@ class RawClient:
 
 def multipart_request(name: str, content: bytes, content_type: str, path: str = "/predict?k=1") -> bytes:
     boundary = b"sicotbenchboundary"
-    body = (b"--" + boundary + b'\r\nContent-Disposition: form-data; name="image"; filename="' + name.encode() + b'"\r\nContent-Type: '
-            + content_type.encode() + b"\r\n\r\n" + content + b"\r\n--" + boundary + b"--\r\n")
-    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary={boundary.decode()}\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    body = (
+        b"--"
+        + boundary
+        + b'\r\nContent-Disposition: form-data; name="image"; filename="'
+        + name.encode()
+        + b'"\r\nContent-Type: '
+        + content_type.encode()
+        + b"\r\n\r\n"
+        + content
+        + b"\r\n--"
+        + boundary
+        + b"--\r\n"
+    )
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary={boundary.decode()}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
 
 
 HOSTILE = ("garbage", "oversized", "slow", "non_image")
@@ -165,14 +205,26 @@ HOSTILE = ("garbage", "oversized", "slow", "non_image")
 SLOW = b'POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 10000\r\n\r\n["aaaaaaa'
 
 
-async def load(url: str, images: list[bytes], expected: list[tuple[str, float]], n: int, concurrency: int, max_seconds: float, hostile_every: int = 0) -> dict:
+async def load(
+    url: str,
+    images: list[bytes],
+    expected: list[tuple[str, float]],
+    n: int,
+    concurrency: int,
+    max_seconds: float,
+    hostile_every: int = 0,
+) -> dict:
     """``n`` requests from ``concurrency`` keep-alive clients (stopped at ``max_seconds``); latencies of the good ones.
 
     ``hostile_every``: every k-th request is hostile (kinds in turn, each on a connection of its own); 0 = none.
     """
     good = [multipart_request(f"{j}.jpg", img, "image/jpeg") for j, img in enumerate(images)]
-    bad = {"garbage": multipart_request("x.jpg", os.urandom(2000), "image/jpeg"), "oversized": multipart_request("big.jpg", b"\xff" * 2_000_000, "image/jpeg"),
-           "non_image": multipart_request("a.txt", b"hello", "text/plain"), "slow": SLOW}
+    bad = {
+        "garbage": multipart_request("x.jpg", os.urandom(2000), "image/jpeg"),
+        "oversized": multipart_request("big.jpg", b"\xff" * 2_000_000, "image/jpeg"),
+        "non_image": multipart_request("a.txt", b"hello", "text/plain"),
+        "slow": SLOW,
+    }
     latencies: list[float] = []
     wrong: list[str] = []
     hostile: dict[str, dict[str, int]] = {k: {} for k in HOSTILE}
@@ -228,8 +280,13 @@ def predict_reference(run: Path, images: list[Path], repeats: int) -> dict:
     t0 = time.perf_counter()
     subprocess.run([*base, *map(str, images)], check=True, capture_output=True, env=env)
     batch = time.perf_counter() - t0
-    return {"one_image_per_call_ms": round(1000 * float(np.median(single)), 1), "one_image_per_call_per_s": round(1 / float(np.median(single)), 2),
-            "all_images_one_call_ms_per_image": round(1000 * batch / len(images), 1), "images": len(images), "calls": repeats}
+    return {
+        "one_image_per_call_ms": round(1000 * float(np.median(single)), 1),
+        "one_image_per_call_per_s": round(1 / float(np.median(single)), 2),
+        "all_images_one_call_ms_per_image": round(1000 * batch / len(images), 1),
+        "images": len(images),
+        "calls": repeats,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -238,7 +295,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--run", type=Path, default=None, help="serve this run (default: one trained here, ~10 s)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 2, quick 1)")
     parser.add_argument("--point-seconds", type=float, default=20.0, help="cut each measurement at this many seconds")
-    parser.add_argument("--memory-requests", type=int, default=None, help="requests of the memory run (default 10,000, quick 1,000)")
+    parser.add_argument(
+        "--memory-requests", type=int, default=None, help="requests of the memory run (default 10,000, quick 1,000)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads of this process (the servers use 1)")
     args = parse(parser, argv)
     import torch
@@ -260,7 +319,10 @@ def main(argv: list[str] | None = None) -> dict:
         expected = [(p.classes[0], p.scores[0]) for p in predict(run, paths, k=1, device="cpu")]
         reference = predict_reference(run, paths, 1 if args.quick else 3)
 
-        servers = {ON: start_server(run, "--max-batch", "32", "--max-wait-ms", "5"), OFF: start_server(run, "--max-batch", "1")}
+        servers = {
+            ON: start_server(run, "--max-batch", "32", "--max-wait-ms", "5"),
+            OFF: start_server(run, "--max-batch", "1"),
+        }
         points: dict[tuple[str, int], list[dict]] = {}
         try:
             for mode in servers:  # warm-up: first requests pay for lazy initialisation
@@ -268,7 +330,9 @@ def main(argv: list[str] | None = None) -> dict:
             for _ in range(rounds):
                 for conc in (1, 8, 32):
                     for mode, (_, url) in servers.items():
-                        points.setdefault((mode, conc), []).append(asyncio.run(load(url, images, expected, per_point[conc], conc, args.point_seconds)))
+                        points.setdefault((mode, conc), []).append(
+                            asyncio.run(load(url, images, expected, per_point[conc], conc, args.point_seconds))
+                        )
             batches = {}
             import httpx
 
@@ -282,13 +346,26 @@ def main(argv: list[str] | None = None) -> dict:
         for (mode, conc), runs in points.items():
             lat = [x for r in runs for x in r["latencies"]]
             done, secs = sum(r["requests"] for r in runs), sum(r["seconds"] for r in runs)
-            rows.append({"mode": mode, "concurrency": conc, "requests": done, "requests_per_s": round(done / secs, 1), **percentiles_ms(lat),
-                         "wrong": sum(len(r["wrong"]) for r in runs), "wrong_examples": [w for r in runs for w in r["wrong"]][:3]})
+            rows.append(
+                {
+                    "mode": mode,
+                    "concurrency": conc,
+                    "requests": done,
+                    "requests_per_s": round(done / secs, 1),
+                    **percentiles_ms(lat),
+                    "wrong": sum(len(r["wrong"]) for r in runs),
+                    "wrong_examples": [w for r in runs for w in r["wrong"]][:3],
+                }
+            )
         by = {(r["mode"], r["concurrency"]): r for r in rows}
         on32, off32 = by[(ON, 32)], by[(OFF, 32)]
         ratio = on32["requests_per_s"] / off32["requests_per_s"]
-        goal = {"ratio": round(ratio, 2), "p95_on_ms": on32["p95_ms"], "p95_off_ms": off32["p95_ms"],
-                "met": bool(ratio >= GOAL and on32["p95_ms"] <= P95_SLACK * off32["p95_ms"])}
+        goal = {
+            "ratio": round(ratio, 2),
+            "p95_on_ms": on32["p95_ms"],
+            "p95_off_ms": off32["p95_ms"],
+            "met": bool(ratio >= GOAL and on32["p95_ms"] <= P95_SLACK * off32["p95_ms"]),
+        }
 
         # memory: a fresh server, RSS after 100 requests and on to memory_n
         proc, url = start_server(run, "--max-batch", "32", "--max-wait-ms", "5")
@@ -307,23 +384,64 @@ def main(argv: list[str] | None = None) -> dict:
             exits["memory"] = stop_server(proc)
         growth = memory[-1]["rss_mib"] - memory[0]["rss_mib"]
 
-    table = Table("mode", "concurrency", "requests", "req/s", "p50 ms", "p95 ms", "p99 ms", "wrong", title=f"sicot serve on 127.0.0.1 (ResNet-18 32 px; {rounds} interleaved round(s))", title_justify="left")
+    table = Table(
+        "mode",
+        "concurrency",
+        "requests",
+        "req/s",
+        "p50 ms",
+        "p95 ms",
+        "p99 ms",
+        "wrong",
+        title=f"sicot serve on 127.0.0.1 (ResNet-18 32 px; {rounds} interleaved round(s))",
+        title_justify="left",
+    )
     for r in sorted(rows, key=lambda r: (r["concurrency"], r["mode"])):
-        table.add_row(r["mode"], str(r["concurrency"]), str(r["requests"]), f"{r['requests_per_s']:.1f}", f"{r.get('p50_ms', 0):.1f}", f"{r.get('p95_ms', 0):.1f}", f"{r.get('p99_ms', 0):.1f}", str(r["wrong"]))
+        table.add_row(
+            r["mode"],
+            str(r["concurrency"]),
+            str(r["requests"]),
+            f"{r['requests_per_s']:.1f}",
+            f"{r.get('p50_ms', 0):.1f}",
+            f"{r.get('p95_ms', 0):.1f}",
+            f"{r.get('p99_ms', 0):.1f}",
+            str(r["wrong"]),
+        )
     console.print(table)
     console.print(f"mean images per forward pass: {batches}")
-    console.print(f"sicot predict: {reference['one_image_per_call_ms']:.0f} ms per call with one image; {reference['all_images_one_call_ms_per_image']:.0f} ms per image with {reference['images']} in one call")
-    console.print(f"concurrency 32: batching on / off = {ratio:.2f}x requests/s (goal >= {GOAL}x), p95 {on32['p95_ms']} vs {off32['p95_ms']} ms: {'met' if goal['met'] else 'NOT MET'}")
-    console.print(f"memory (RSS MiB by requests served): {[(m['requests'], m['rss_mib']) for m in memory]}; growth {growth:+.1f} MiB; wrong answers {wrong_memory}")
+    console.print(
+        f"sicot predict: {reference['one_image_per_call_ms']:.0f} ms per call with one image; {reference['all_images_one_call_ms_per_image']:.0f} ms per image with {reference['images']} in one call"
+    )
+    console.print(
+        f"concurrency 32: batching on / off = {ratio:.2f}x requests/s (goal >= {GOAL}x), p95 {on32['p95_ms']} vs {off32['p95_ms']} ms: {'met' if goal['met'] else 'NOT MET'}"
+    )
+    console.print(
+        f"memory (RSS MiB by requests served): {[(m['requests'], m['rss_mib']) for m in memory]}; growth {growth:+.1f} MiB; wrong answers {wrong_memory}"
+    )
     good = len(hostile["latencies"])
-    console.print(f"hostile 10 %: {hostile['hostile']}; good requests {good}, wrong or failed {len(hostile['wrong'])}, {percentiles_ms(hostile['latencies'])}")
+    console.print(
+        f"hostile 10 %: {hostile['hostile']}; good requests {good}, wrong or failed {len(hostile['wrong'])}, {percentiles_ms(hostile['latencies'])}"
+    )
     console.print(f"server exit codes after SIGTERM: {exits}")
     payload = {
-        "model": "resnet18 32 px 120 classes" if args.run is None else str(args.run), "images": "32 JPEG 320x240", "server_threads": 1,
-        "rounds": rounds, "points": rows, "mean_batch": batches, "predict_reference": reference, "goal_batching_2x": goal,
+        "model": "resnet18 32 px 120 classes" if args.run is None else str(args.run),
+        "images": "32 JPEG 320x240",
+        "server_threads": 1,
+        "rounds": rounds,
+        "points": rows,
+        "mean_batch": batches,
+        "predict_reference": reference,
+        "goal_batching_2x": goal,
         "memory": {"points": memory, "growth_mib": round(growth, 1), "wrong": wrong_memory},
-        "hostile": {"every": 10, "requests": hostile_n, "statuses": hostile["hostile"], "good_answered": good, "good_wrong_or_failed": len(hostile["wrong"]),
-                    "good_all_correct": not hostile["wrong"], **percentiles_ms(hostile["latencies"])},
+        "hostile": {
+            "every": 10,
+            "requests": hostile_n,
+            "statuses": hostile["hostile"],
+            "good_answered": good,
+            "good_wrong_or_failed": len(hostile["wrong"]),
+            "good_all_correct": not hostile["wrong"],
+            **percentiles_ms(hostile["latencies"]),
+        },
         "server_exit_codes": exits,
     }
     path = write_results("serve", "cpu", payload)

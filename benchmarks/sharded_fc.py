@@ -31,7 +31,9 @@ from pathlib import Path
 USES_DEVICE = False
 
 
-def _worker(rank: int, world: int, rendezvous: str, classes: int, dim: int, batch: int, steps: int, out: str, rate: float = 1.0) -> None:
+def _worker(
+    rank: int, world: int, rendezvous: str, classes: int, dim: int, batch: int, steps: int, out: str, rate: float = 1.0
+) -> None:
     from types import SimpleNamespace
 
     import torch
@@ -55,10 +57,14 @@ def _worker(rank: int, world: int, rendezvous: str, classes: int, dim: int, batc
         for step in range(steps + 1):  # step 0 is a warm-up (allocations)
             x_v = torch.randn(local, dim, generator=g, requires_grad=True)
             x_m = torch.randn(local, dim, generator=g, requires_grad=True)
-            labels = torch.randint(0, classes, (batch,), generator=torch.Generator().manual_seed(step))[rank * local : (rank + 1) * local]
+            labels = torch.randint(0, classes, (batch,), generator=torch.Generator().manual_seed(step))[
+                rank * local : (rank + 1) * local
+            ]
             dist.barrier()
             t0 = time.perf_counter()
-            loss, _, _, sampled = eq1_from_streams(model, x_v, x_m, labels, batch, 1.0, False, ctx, world > 1, rate, torch.Generator().manual_seed(step))
+            loss, _, _, sampled = eq1_from_streams(
+                model, x_v, x_m, labels, batch, 1.0, False, ctx, world > 1, rate, torch.Generator().manual_seed(step)
+            )
             opt.zero_grad(set_to_none=False)
             loss.backward()
             opt.step()
@@ -81,7 +87,12 @@ def measure(world: int, classes: int, dim: int, batch: int, steps: int, rate: fl
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(world, os.path.join(tmp, "rendezvous"), classes, dim, batch, steps, tmp, rate), nprocs=world, join=True)
+        mp.spawn(
+            _worker,
+            args=(world, os.path.join(tmp, "rendezvous"), classes, dim, batch, steps, tmp, rate),
+            nprocs=world,
+            join=True,
+        )
         rows = [Path(tmp, f"rank{r}.txt").read_text().split() for r in range(world)]
     return {
         "classifier_bytes_per_rank": max(int(r[0]) for r in rows),
@@ -109,7 +120,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--world", type=int, default=2)
     ap.add_argument("--batch", type=int, default=64, help="global batch (features gathered from every rank)")
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--sample-rate", type=float, default=0.1, help="class sampling rate of the extra sampled measurement (1: none)")
+    ap.add_argument(
+        "--sample-rate", type=float, default=0.1, help="class sampling rate of the extra sampled measurement (1: none)"
+    )
     args = parse(ap, argv)
     if args.quick:
         args.classes, args.compare_classes, args.steps = 100_000, 20_000, 2
@@ -118,7 +131,11 @@ def main(argv: list[str] | None = None) -> dict:
     if not 0 < args.sample_rate <= 1:
         ap.error(f"--sample-rate must be in (0, 1], got {args.sample_rate}")
     big = measure(args.world, args.classes, args.dim, args.batch, args.steps)
-    sampled = measure(args.world, args.classes, args.dim, args.batch, args.steps, args.sample_rate) if args.sample_rate < 1 else None
+    sampled = (
+        measure(args.world, args.classes, args.dim, args.batch, args.steps, args.sample_rate)
+        if args.sample_rate < 1
+        else None
+    )
     full = unsharded_bytes(args.classes, args.dim)
     one = measure(1, args.compare_classes, args.dim, args.batch, args.steps)
     many = measure(args.world, args.compare_classes, args.dim, args.batch, args.steps)
@@ -126,30 +143,78 @@ def main(argv: list[str] | None = None) -> dict:
     goal = (1 / args.world) * (1 + args.world / args.classes) + 1e-12  # the first shard holds one class more
     result = {
         "setting": vars(args),
-        "scale": {**big, "classes": args.classes, "dim": args.dim, "world": args.world, "unsharded_bytes": full,
-                  "fraction_of_unsharded": share, "goal_fraction": 1 / args.world, "memory_met": share <= goal},
-        "sampled": None if sampled is None else {**sampled, "sample_rate": args.sample_rate, "fraction_of_unsharded": sampled["classifier_bytes_per_rank"] / full,
-                                                 "step_ratio_to_exact": sampled["step_seconds"] / big["step_seconds"]},
-        "scaling": {"classes": args.compare_classes, "one_rank_step_seconds": one["step_seconds"],
-                    "sharded_step_seconds": many["step_seconds"], "ratio": many["step_seconds"] / one["step_seconds"],
-                    "one_rank_classifier_bytes": one["classifier_bytes_per_rank"], "sharded_classifier_bytes_per_rank": many["classifier_bytes_per_rank"]},
+        "scale": {
+            **big,
+            "classes": args.classes,
+            "dim": args.dim,
+            "world": args.world,
+            "unsharded_bytes": full,
+            "fraction_of_unsharded": share,
+            "goal_fraction": 1 / args.world,
+            "memory_met": share <= goal,
+        },
+        "sampled": None
+        if sampled is None
+        else {
+            **sampled,
+            "sample_rate": args.sample_rate,
+            "fraction_of_unsharded": sampled["classifier_bytes_per_rank"] / full,
+            "step_ratio_to_exact": sampled["step_seconds"] / big["step_seconds"],
+        },
+        "scaling": {
+            "classes": args.compare_classes,
+            "one_rank_step_seconds": one["step_seconds"],
+            "sharded_step_seconds": many["step_seconds"],
+            "ratio": many["step_seconds"] / one["step_seconds"],
+            "one_rank_classifier_bytes": one["classifier_bytes_per_rank"],
+            "sharded_classifier_bytes_per_rank": many["classifier_bytes_per_rank"],
+        },
     }
-    t = Table(title=f"sharded classifier, {args.world} gloo ranks x 1 thread, global batch {args.batch}", title_justify="left")
+    t = Table(
+        title=f"sharded classifier, {args.world} gloo ranks x 1 thread, global batch {args.batch}", title_justify="left"
+    )
     for col in ("setting", "classes x dim", "classifier GiB / rank", "vs unsharded", "step s", "ratio"):
         t.add_column(col)
     t.add_row("unsharded (size of)", f"{args.classes:,} x {args.dim}", f"{full / gib:.2f}", "1", "-", "-")
-    t.add_row(f"sharded, {args.world} ranks", f"{args.classes:,} x {args.dim}", f"{big['classifier_bytes_per_rank'] / gib:.2f}",
-              f"{share:.3f} (goal {1 / args.world:.3f}: {'met' if result['scale']['memory_met'] else 'NOT met'})", f"{big['step_seconds']:.3f}", "-")
+    t.add_row(
+        f"sharded, {args.world} ranks",
+        f"{args.classes:,} x {args.dim}",
+        f"{big['classifier_bytes_per_rank'] / gib:.2f}",
+        f"{share:.3f} (goal {1 / args.world:.3f}: {'met' if result['scale']['memory_met'] else 'NOT met'})",
+        f"{big['step_seconds']:.3f}",
+        "-",
+    )
     if sampled is not None:
-        t.add_row(f"sharded, {args.world} ranks, sampled {args.sample_rate:g}", f"{args.classes:,} x {args.dim}", f"{sampled['classifier_bytes_per_rank'] / gib:.2f}",
-                  f"{result['sampled']['fraction_of_unsharded']:.3f}", f"{sampled['step_seconds']:.3f}", f"{result['sampled']['step_ratio_to_exact']:.2f} x exact")
-    t.add_row("1 rank", f"{args.compare_classes:,} x {args.dim}", f"{one['classifier_bytes_per_rank'] / gib:.3f}", "-", f"{one['step_seconds']:.3f}", "1")
-    t.add_row(f"sharded, {args.world} ranks", f"{args.compare_classes:,} x {args.dim}", f"{many['classifier_bytes_per_rank'] / gib:.3f}", "-",
-              f"{many['step_seconds']:.3f}", f"{result['scaling']['ratio']:.2f}")
+        t.add_row(
+            f"sharded, {args.world} ranks, sampled {args.sample_rate:g}",
+            f"{args.classes:,} x {args.dim}",
+            f"{sampled['classifier_bytes_per_rank'] / gib:.2f}",
+            f"{result['sampled']['fraction_of_unsharded']:.3f}",
+            f"{sampled['step_seconds']:.3f}",
+            f"{result['sampled']['step_ratio_to_exact']:.2f} x exact",
+        )
+    t.add_row(
+        "1 rank",
+        f"{args.compare_classes:,} x {args.dim}",
+        f"{one['classifier_bytes_per_rank'] / gib:.3f}",
+        "-",
+        f"{one['step_seconds']:.3f}",
+        "1",
+    )
+    t.add_row(
+        f"sharded, {args.world} ranks",
+        f"{args.compare_classes:,} x {args.dim}",
+        f"{many['classifier_bytes_per_rank'] / gib:.3f}",
+        "-",
+        f"{many['step_seconds']:.3f}",
+        f"{result['scaling']['ratio']:.2f}",
+    )
     Console().print(t)
     path = write_results("sharded_fc", "cpu", result)
     extra = "" if sampled is None else f" ({sampled['peak_rss_bytes_per_rank'] / gib:.2f} GiB sampled)"
-    Console().print(f"peak RSS per rank at {args.classes:,} classes: {big['peak_rss_bytes_per_rank'] / gib:.2f} GiB{extra}; results: {path}")
+    Console().print(
+        f"peak RSS per rank at {args.classes:,} classes: {big['peak_rss_bytes_per_rank'] / gib:.2f} GiB{extra}; results: {path}"
+    )
     return result
 
 

@@ -22,7 +22,15 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.common import benchmark_parser, interleaved_ms, model_setting, parse, peak_memory_gib, start, write_results
+from benchmarks.common import (
+    benchmark_parser,
+    interleaved_ms,
+    model_setting,
+    parse,
+    peak_memory_gib,
+    start,
+    write_results,
+)
 from encoders import list_encoders
 from sicot_cli.config import load_recipe
 from sicot_cli.data import dataset as ds
@@ -34,7 +42,17 @@ STEP_GOAL = 1.05
 LOADER_GOAL = 1.05
 
 
-def synthetic_prepared(path: Path, n: int, size: int, classes: int, vocab: int = 5000, dim: int = 300, words: int = 32, seed: int = 0, n_train: int | None = None) -> None:
+def synthetic_prepared(
+    path: Path,
+    n: int,
+    size: int,
+    classes: int,
+    vocab: int = 5000,
+    dim: int = 300,
+    words: int = 32,
+    seed: int = 0,
+    n_train: int | None = None,
+) -> None:
     """A prepared file of random images and titles in the real layout (fast to make at any scale).
 
     Rows ``[0, n_train)`` are the training rows (default: all of them), the rest the test rows.
@@ -50,22 +68,58 @@ def synthetic_prepared(path: Path, n: int, size: int, classes: int, vocab: int =
         tokens = rng.integers(1, vocab, (n, words)).astype(np.int32) * (np.arange(words)[None] < lengths[:, None])
         labels = rng.integers(0, classes, n)
         ds.write_arrays(
-            f, labels=labels, tokens=tokens, lengths=lengths, ids=[str(i) for i in range(n)], titles=["t"] * n,
-            class_names=[f"c{i}" for i in range(classes)], train_counts=np.bincount(labels[:n_train], minlength=classes),
-            test_counts=np.bincount(labels[n_train:], minlength=classes), words=["<pad>", *(f"w{i}" for i in range(1, vocab))],
-            word_counts=np.ones(vocab, np.int64), vectors=rng.normal(0, 0.1, (vocab, dim)).astype(np.float32),
+            f,
+            labels=labels,
+            tokens=tokens,
+            lengths=lengths,
+            ids=[str(i) for i in range(n)],
+            titles=["t"] * n,
+            class_names=[f"c{i}" for i in range(classes)],
+            train_counts=np.bincount(labels[:n_train], minlength=classes),
+            test_counts=np.bincount(labels[n_train:], minlength=classes),
+            words=["<pad>", *(f"w{i}" for i in range(1, vocab))],
+            word_counts=np.ones(vocab, np.int64),
+            vectors=rng.normal(0, 0.1, (vocab, dim)).astype(np.float32),
         )
-        ds.write_attrs(f, n_train=n_train, image_size=size, source="benchmark", head_threshold=100, recipe_json="{}", versions_json="{}")
+        ds.write_attrs(
+            f,
+            n_train=n_train,
+            image_size=size,
+            source="benchmark",
+            head_threshold=100,
+            recipe_json="{}",
+            versions_json="{}",
+        )
 
 
-def loader_epochs(prepared: ds.Prepared, batch_size: int, n_epoch: int, step: Callable[[Batch], None], epochs: int, sync: Callable[[], None], pin_memory: bool = False) -> tuple[list[tuple[float, float]], float]:
+def loader_epochs(
+    prepared: ds.Prepared,
+    batch_size: int,
+    n_epoch: int,
+    step: Callable[[Batch], None],
+    epochs: int,
+    sync: Callable[[], None],
+    pin_memory: bool = False,
+) -> tuple[list[tuple[float, float]], float]:
     """Seconds of one epoch read by the real loader (HDF5 blocks, no RAM copy) and of the same
     epoch from batches already in memory, ``epochs`` times, alternating; and the median ratio.
 
     ``pin_memory``: page-locked batches, as ``sicot train`` uses on CUDA.
     """
-    mem = BatchLoader(prepared, batch_size, 0, n_epoch, shuffle=True, in_memory=True, drop_last=True, pin_memory=pin_memory)
-    disk = BatchLoader(prepared, batch_size, 0, n_epoch, shuffle=True, in_memory=False, block_rows=max(batch_size, 1024), drop_last=True, pin_memory=pin_memory)
+    mem = BatchLoader(
+        prepared, batch_size, 0, n_epoch, shuffle=True, in_memory=True, drop_last=True, pin_memory=pin_memory
+    )
+    disk = BatchLoader(
+        prepared,
+        batch_size,
+        0,
+        n_epoch,
+        shuffle=True,
+        in_memory=False,
+        block_rows=max(batch_size, 1024),
+        drop_last=True,
+        pin_memory=pin_memory,
+    )
     ram_batches = list(mem.epoch(0))
 
     def epoch_from(source: Iterable[Batch]) -> float:
@@ -82,7 +136,13 @@ def loader_epochs(prepared: ds.Prepared, batch_size: int, n_epoch: int, step: Ca
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = benchmark_parser("train_step", __doc__, quick="small setting (< 1 min on a 2-core CPU)", device=True, batch="default: 256 on CUDA, 64 on CPU")
+    parser = benchmark_parser(
+        "train_step",
+        __doc__,
+        quick="small setting (< 1 min on a 2-core CPU)",
+        device=True,
+        batch="default: 256 on CUDA, 64 on CPU",
+    )
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--encoders", default=",".join(list_encoders()))
     args = parse(parser, argv)
@@ -134,16 +194,29 @@ def main(argv: list[str] | None = None) -> dict:
         model, opt, _ = model_step("bilinear")
         gen = torch.Generator().manual_seed(0)
         loader_pairs, loader_ratio = loader_epochs(
-            prepared, batch_size, n_epoch, lambda b: train_step(model, model, opt, b, device, cfg, gen), 2 if args.quick else 3, sync, pin_memory=cuda
+            prepared,
+            batch_size,
+            n_epoch,
+            lambda b: train_step(model, model, opt, b, device, cfg, gen),
+            2 if args.quick else 3,
+            sync,
+            pin_memory=cuda,
         )
         peak, peak_kind = peak_memory_gib(args.device)
 
-    setting = f"{backbone} {size}px batch {batch_size} {args.classes} classes, {args.device}" + (" (quick)" if args.quick else "")
+    setting = f"{backbone} {size}px batch {batch_size} {args.classes} classes, {args.device}" + (
+        " (quick)" if args.quick else ""
+    )
     table = Table(title=f"training step: co-training vs baseline ({setting})")
     for col in ("model", "ms/step", "img/s", "x baseline"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for name in names:
-        table.add_row("baseline (no encoder)" if name == "none" else f"co-training, {name}", f"{ms[name]:.1f}", f"{batch_size * 1000 / ms[name]:,.0f}", f"{ratios[name]:.3f}")
+        table.add_row(
+            "baseline (no encoder)" if name == "none" else f"co-training, {name}",
+            f"{ms[name]:.1f}",
+            f"{batch_size * 1000 / ms[name]:,.0f}",
+            f"{ratios[name]:.3f}",
+        )
     console.print(table)
     lt = Table(title="epoch time: real loader (HDF5 blocks) vs batches in memory")
     for col in ("epoch", "loader s", "in-memory s", "ratio"):
@@ -154,17 +227,45 @@ def main(argv: list[str] | None = None) -> dict:
     step_met = ratios.get("bilinear", 0.0) <= STEP_GOAL
     loader_met = loader_ratio <= LOADER_GOAL
     if "bilinear" in ratios:
-        console.print(f"goal: bilinear step <= {STEP_GOAL} x baseline: " + ("[green]met[/]" if step_met else "[red]not met[/]") + f" ({ratios['bilinear']:.3f}; the goal is stated for ResNet-50)")
-    console.print(f"goal: loader epoch <= {LOADER_GOAL} x in-memory epoch: " + ("[green]met[/]" if loader_met else "[red]not met[/]") + f" ({loader_ratio:.3f})")
+        console.print(
+            f"goal: bilinear step <= {STEP_GOAL} x baseline: "
+            + ("[green]met[/]" if step_met else "[red]not met[/]")
+            + f" ({ratios['bilinear']:.3f}; the goal is stated for ResNet-50)"
+        )
+    console.print(
+        f"goal: loader epoch <= {LOADER_GOAL} x in-memory epoch: "
+        + ("[green]met[/]" if loader_met else "[red]not met[/]")
+        + f" ({loader_ratio:.3f})"
+    )
     result = {
         "benchmark": "train_step",
         "quick": args.quick,
-        "setting": {"backbone": backbone, "image_size": size, "batch": batch_size, "classes": args.classes, "rounds": rounds},
-        "steps": [{"model": k, "ms_per_step": ms[k], "images_per_s": batch_size * 1000 / ms[k], "ratio_to_baseline": ratios[k], "rounds_ms": times[k]} for k in names],
+        "setting": {
+            "backbone": backbone,
+            "image_size": size,
+            "batch": batch_size,
+            "classes": args.classes,
+            "rounds": rounds,
+        },
+        "steps": [
+            {
+                "model": k,
+                "ms_per_step": ms[k],
+                "images_per_s": batch_size * 1000 / ms[k],
+                "ratio_to_baseline": ratios[k],
+                "rounds_ms": times[k],
+            }
+            for k in names
+        ],
         "loader": {"epochs": [{"loader_s": a, "in_memory_s": b} for a, b in loader_pairs], "ratio": loader_ratio},
         "peak_memory_gib": peak,
         "peak_memory_kind": peak_kind,
-        "goals": {"bilinear_step_max_ratio": STEP_GOAL, "bilinear_met": step_met, "loader_max_ratio": LOADER_GOAL, "loader_met": loader_met},
+        "goals": {
+            "bilinear_step_max_ratio": STEP_GOAL,
+            "bilinear_met": step_met,
+            "loader_max_ratio": LOADER_GOAL,
+            "loader_met": loader_met,
+        },
     }
     console.print(f"wrote {write_results('train_step', args.device, result)}")
     return result

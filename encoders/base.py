@@ -38,9 +38,7 @@ class TextEncoder(nn.Module):
 
     has_attention: bool = False
 
-    def __init__(
-        self, vectors: torch.Tensor, out_dim: int, freeze_embeddings: bool = False
-    ) -> None:
+    def __init__(self, vectors: torch.Tensor, out_dim: int, freeze_embeddings: bool = False) -> None:
         """Validate the common arguments and build the embedding.
 
         Args:
@@ -56,8 +54,7 @@ class TextEncoder(nn.Module):
         super().__init__()
         if not isinstance(vectors, torch.Tensor):
             raise SicotError(
-                f"encoder option 'vectors' must be a 2-D float tensor [vocab, dim], "
-                f"got {type(vectors).__name__}"
+                f"encoder option 'vectors' must be a 2-D float tensor [vocab, dim], got {type(vectors).__name__}"
             )
         if vectors.dim() != 2 or not vectors.is_floating_point():
             raise SicotError(

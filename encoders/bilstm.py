@@ -33,11 +33,7 @@ class BiLSTMEncoder(TextEncoder):
         hidden_size: int | None = None,
     ) -> None:
         super().__init__(vectors, out_dim, freeze_embeddings)
-        self.hidden_size = (
-            self.embed_dim
-            if hidden_size is None
-            else check_positive_int("hidden_size", hidden_size)
-        )
+        self.hidden_size = self.embed_dim if hidden_size is None else check_positive_int("hidden_size", hidden_size)
         self.lstm = nn.LSTM(self.embed_dim, self.hidden_size, batch_first=True, bidirectional=True)
         self.proj = nn.Linear(2 * self.hidden_size, self.out_dim)
 

@@ -35,9 +35,7 @@ class BiLSTMAttentionEncoder(BiLSTMEncoder):
     ) -> None:
         super().__init__(vectors, out_dim, freeze_embeddings, hidden_size)
         self.attention_dim = (
-            self.hidden_size
-            if attention_dim is None
-            else check_positive_int("attention_dim", attention_dim)
+            self.hidden_size if attention_dim is None else check_positive_int("attention_dim", attention_dim)
         )
         self.att_hidden = nn.Linear(2 * self.hidden_size, self.attention_dim)
         # No bias on v: a constant added to every score cancels in the softmax.

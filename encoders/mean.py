@@ -16,9 +16,7 @@ from encoders.registry import register_encoder
 class MeanEncoder(TextEncoder):
     """Masked mean of the word vectors followed by a linear projection."""
 
-    def __init__(
-        self, vectors: torch.Tensor, out_dim: int, freeze_embeddings: bool = False
-    ) -> None:
+    def __init__(self, vectors: torch.Tensor, out_dim: int, freeze_embeddings: bool = False) -> None:
         super().__init__(vectors, out_dim, freeze_embeddings)
         self.proj = nn.Linear(self.embed_dim, self.out_dim)
 

@@ -76,8 +76,7 @@ def create_encoder(name: str, **kw: object) -> TextEncoder:
     encoder = factory(**kw)
     if not isinstance(encoder, TextEncoder):
         raise SicotError(
-            f"encoder {name!r} returned {type(encoder).__name__}, not a TextEncoder "
-            "(subclass encoders.TextEncoder)"
+            f"encoder {name!r} returned {type(encoder).__name__}, not a TextEncoder (subclass encoders.TextEncoder)"
         )
     return encoder
 
@@ -97,9 +96,7 @@ def _check_options(name: str, factory: Callable[..., TextEncoder], kw: dict[str,
     ]
     for key in kw:
         if key not in known:
-            raise SicotError(
-                f"encoder {name!r} has no option {key!r} (options: {', '.join(known)})"
-            )
+            raise SicotError(f"encoder {name!r} has no option {key!r} (options: {', '.join(known)})")
     missing = [
         p.name
         for p in params.values()
@@ -159,12 +156,7 @@ def load_encoder_module(spec: str) -> list[str]:
         for name in set(_ENCODERS) - before:
             del _ENCODERS[name]
         cause = " ".join(f"{type(exc).__name__}: {exc}".split())
-        if (
-            not is_file
-            and isinstance(exc, ModuleNotFoundError)
-            and exc.name == spec
-            and Path(f"{spec}.py").is_file()
-        ):
+        if not is_file and isinstance(exc, ModuleNotFoundError) and exc.name == spec and Path(f"{spec}.py").is_file():
             cause += f" (did you mean the file {spec}.py?)"
         raise SicotError(f"cannot load encoder module {spec!r}: {cause}") from exc
 

@@ -145,7 +145,15 @@ def ablate(
             on_start(run_dir.name, i, len(order), r)
         existed = runs.is_run(run_dir)
         result: TrainResult = train(r, run_dir, resume=existed, data=data_path, progress=progress or NullProgress())
-        state = "skipped" if result.skipped else "interrupted" if result.interrupted else "resumed" if existed else "trained"
+        state = (
+            "skipped"
+            if result.skipped
+            else "interrupted"
+            if result.interrupted
+            else "resumed"
+            if existed
+            else "trained"
+        )
         status = RunStatus(encoder, seed, run_dir, state, result.final)
         statuses.append(status)
         if on_run is not None:

@@ -47,7 +47,15 @@ def _remove_stale_parts(path: Path, keep: set[str]) -> None:
             f.unlink(missing_ok=True)
 
 
-def save(path: Path, state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer | None, ctx: DistContext, sharded: bool, tag: str) -> None:
+def save(
+    path: Path,
+    state: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    ctx: DistContext,
+    sharded: bool,
+    tag: str,
+) -> None:
     """Write a checkpoint: ``state`` (loop state, meta) plus the model's and optimiser's state.
 
     Collective when distributed: every rank must call it. Unsharded, only rank 0 writes.
@@ -72,7 +80,10 @@ def save(path: Path, state: dict[str, Any], model: nn.Module, optimizer: torch.o
     }
     if opt_sd is not None:
         opt_sd = {**opt_sd, "state": dict(opt_sd["state"])}
-        part["momentum"] = {k: opt_sd["state"].pop(idx[name], {}).get("momentum_buffer") for k, name in (("weight", WEIGHT), ("bias", BIAS))}
+        part["momentum"] = {
+            k: opt_sd["state"].pop(idx[name], {}).get("momentum_buffer")
+            for k, name in (("weight", WEIGHT), ("bias", BIAS))
+        }
     name = _part_name(path, tag, ctx.rank, ctx.world)
     runs.save_checkpoint(path.parent / name, part)
     ranges: list[Any] = [None] * ctx.world
@@ -87,7 +98,9 @@ def save(path: Path, state: dict[str, Any], model: nn.Module, optimizer: torch.o
     ctx.barrier()
 
 
-def classifier_rows(state: dict[str, Any], path: Path, lo: int, hi: int, index: dict[str, int]) -> dict[str, torch.Tensor | None]:
+def classifier_rows(
+    state: dict[str, Any], path: Path, lo: int, hi: int, index: dict[str, int]
+) -> dict[str, torch.Tensor | None]:
     """Rows ``[lo, hi)`` of the classifier (weight, bias, and their momentum when saved) from a checkpoint.
 
     Raises:
@@ -96,8 +109,16 @@ def classifier_rows(state: dict[str, Any], path: Path, lo: int, hi: int, index: 
     out: dict[str, list[torch.Tensor]] = {"weight": [], "bias": [], "momentum_weight": [], "momentum_bias": []}
     if PARTS not in state:
         opt = state.get("optimizer", {}).get("state", {})
-        sources = [(0, state["model"][WEIGHT].shape[0], {"weight": state["model"][WEIGHT], "bias": state["model"][BIAS]},
-                    {k: opt.get(index[name], {}).get("momentum_buffer") for k, name in (("weight", WEIGHT), ("bias", BIAS))} if opt else None)]
+        sources = [
+            (
+                0,
+                state["model"][WEIGHT].shape[0],
+                {"weight": state["model"][WEIGHT], "bias": state["model"][BIAS]},
+                {k: opt.get(index[name], {}).get("momentum_buffer") for k, name in (("weight", WEIGHT), ("bias", BIAS))}
+                if opt
+                else None,
+            )
+        ]
     else:
         sources = []
         for p in state[PARTS]:
@@ -118,7 +139,9 @@ def classifier_rows(state: dict[str, Any], path: Path, lo: int, hi: int, index: 
                 out[f"momentum_{k}"].append(m[a - plo : b - plo])
         covered += b - a
     if covered != hi - lo:
-        raise SicotError(f"{path}: the classifier parts cover {covered} of classes [{lo}, {hi}): a part file is missing; resume from the other checkpoint or retrain")
+        raise SicotError(
+            f"{path}: the classifier parts cover {covered} of classes [{lo}, {hi}): a part file is missing; resume from the other checkpoint or retrain"
+        )
     rows: dict[str, torch.Tensor | None] = {}
     for k, parts in out.items():
         if k.startswith("momentum") and len(parts) != len(out["weight"]):
@@ -128,7 +151,9 @@ def classifier_rows(state: dict[str, Any], path: Path, lo: int, hi: int, index: 
     return rows
 
 
-def restore(state: dict[str, Any], path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+def restore(
+    state: dict[str, Any], path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+) -> None:
     """Load a checkpoint's weights (and optimiser state) into ``model``, whatever the sharding.
 
     ``model.classifier`` may be a full ``nn.Linear`` or a :class:`~sicot_cli.distributed.ShardedLinear`.
@@ -145,7 +170,9 @@ def restore(state: dict[str, Any], path: Path, model: nn.Module, optimizer: torc
         model_sd[WEIGHT], model_sd[BIAS] = rows["weight"], rows["bias"]
         model.load_state_dict(model_sd)
     except (RuntimeError, KeyError) as e:
-        raise SicotError(f"{path}: checkpoint of another model ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise SicotError(
+            f"{path}: checkpoint of another model ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        ) from None
     if optimizer is None or "optimizer" not in state:
         return
     opt_sd = {**state["optimizer"], "state": dict(state["optimizer"]["state"])}

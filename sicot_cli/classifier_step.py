@@ -42,7 +42,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sicot_cli.distributed import DistContext, _all_gather_rows, gather_rows, local_targets, reduce_mean, sharded_cross_entropy_rows
+from sicot_cli.distributed import (
+    DistContext,
+    _all_gather_rows,
+    gather_rows,
+    local_targets,
+    reduce_mean,
+    sharded_cross_entropy_rows,
+)
 from sicot_cli.model import combine_losses, score_cat
 
 
@@ -62,7 +69,9 @@ def sample_classes(labels: torch.Tensor, num_classes: int, rate: float, generato
     """
     device = labels.device
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-    keys = torch.rand(num_classes, generator=torch.Generator(device=device).manual_seed(seed), device=device, dtype=torch.float64)
+    keys = torch.rand(
+        num_classes, generator=torch.Generator(device=device).manual_seed(seed), device=device, dtype=torch.float64
+    )
     keys[labels] = -1.0  # the positives always win
     n = max(math.ceil(rate * num_classes), int((keys < 0).sum()))
     if n >= num_classes:

@@ -22,9 +22,20 @@ app = typer.Typer(
 )
 app.add_typer(datasets_app, name="datasets")  # sicot datasets fetch emoji / import ... (sicot_cli/cli_datasets.py)
 
-RecipeOpt = Annotated[Path | None, typer.Option("--recipe", "-r", help="TOML recipe (default: the built-in demo recipe).")]
-Overrides = Annotated[list[str] | None, typer.Argument(help="Recipe overrides: section.key=value (e.g. data.image_size=64).", show_default=False)]
-Threads = Annotated[int | None, typer.Option("--threads", help="CPU threads for torch (default: train.threads; 0 = auto, the cores this process may use, at most 8).")]
+RecipeOpt = Annotated[
+    Path | None, typer.Option("--recipe", "-r", help="TOML recipe (default: the built-in demo recipe).")
+]
+Overrides = Annotated[
+    list[str] | None,
+    typer.Argument(help="Recipe overrides: section.key=value (e.g. data.image_size=64).", show_default=False),
+]
+Threads = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        help="CPU threads for torch (default: train.threads; 0 = auto, the cores this process may use, at most 8).",
+    ),
+]
 
 
 def _version(value: bool) -> None:
@@ -41,7 +52,9 @@ def _version(value: bool) -> None:
 @app.callback()
 def _main(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
 ) -> None:
     setup_logging(verbose)
 
@@ -54,8 +67,11 @@ def _manifest_extras(manifest: Path) -> list[str]:
     """Own data without a recipe: named after the manifest, written to data/<name>.h5, and with
     head/tail boundaries derived from its training counts (not the demo's)."""
     return [
-        "data.source=\"manifest\"", f"data.manifest={_toml_str(str(manifest))}", f"name={_toml_str(manifest.stem)}",
-        f"data.out={_toml_str(str(Path('data') / (manifest.stem + '.h5')))}", "eval.boundaries=\"data\"",
+        'data.source="manifest"',
+        f"data.manifest={_toml_str(str(manifest))}",
+        f"name={_toml_str(manifest.stem)}",
+        f"data.out={_toml_str(str(Path('data') / (manifest.stem + '.h5')))}",
+        'eval.boundaries="data"',
     ]
 
 
@@ -76,11 +92,18 @@ def _out_file(out: Path | None, name: str) -> Path | None:
 @guard
 def prepare(
     recipe: RecipeOpt = None,
-    manifest: Annotated[Path | None, typer.Option(help="CSV/JSONL manifest (image,title,label[,split][,id]); default settings, no recipe needed.")] = None,
-    out: Annotated[Path | None, typer.Option(help="Output .h5 file, or a folder for <recipe name>.h5 (default: data.out).")] = None,
+    manifest: Annotated[
+        Path | None,
+        typer.Option(help="CSV/JSONL manifest (image,title,label[,split][,id]); default settings, no recipe needed."),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Output .h5 file, or a folder for <recipe name>.h5 (default: data.out).")
+    ] = None,
     force: Annotated[bool, typer.Option(help="Rebuild an existing output.")] = False,
     strict: Annotated[bool, typer.Option(help="Stop at the first unusable row instead of skipping it.")] = False,
-    workers: Annotated[int | None, typer.Option(help="Decode processes (default: data.workers, 0 = all cores).")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Decode processes (default: data.workers, 0 = all cores).")
+    ] = None,
     overrides: Overrides = None,
 ) -> None:
     """Read raw images and titles into one HDF5 file (the only command that reads raw data)."""
@@ -118,9 +141,13 @@ def _toml_str(value: str) -> str:
 def tokenize(
     texts: Annotated[list[str] | None, typer.Argument(help="Titles to tokenize.", show_default=False)] = None,
     file: Annotated[Path | None, typer.Option("--file", "-f", help="A UTF-8 file with one title per line.")] = None,
-    data: Annotated[Path | None, typer.Option(help="A prepared .h5: also show which tokens its vocabulary keeps.")] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="A prepared .h5: also show which tokens its vocabulary keeps.")
+    ] = None,
     workers: Annotated[int, typer.Option(help="Processes for large inputs (0 = all cores).")] = 0,
-    plain: Annotated[bool, typer.Option(help="One line of space-separated tokens per title (default for --file).")] = False,
+    plain: Annotated[
+        bool, typer.Option(help="One line of space-separated tokens per title (default for --file).")
+    ] = False,
 ) -> None:
     """Split titles into words: jieba for Chinese, lower-cased latin words and numbers."""
     from sicot_cli.data.tokenize import tokenize_many
@@ -130,7 +157,9 @@ def tokenize(
     if file is not None:
         from sicot_cli.fsutil import read_text
 
-        titles += read_text(file, "titles file", expected="a text file with one title per line", errors="replace").splitlines()
+        titles += read_text(
+            file, "titles file", expected="a text file with one title per line", errors="replace"
+        ).splitlines()
         plain = True
     if not titles:
         raise SicotError("nothing to tokenize: give titles as arguments or --file FILE")
@@ -148,8 +177,6 @@ def tokenize(
     from rich.table import Table
     from rich.text import Text
 
-    from sicot_cli.console import data_text as escape
-
     table = Table("title", "tokens", *(["kept by the vocabulary ([word]: not kept)"] if vocab is not None else []))
     for title, toks in zip(titles, tokens, strict=True):
         row = [safe(title), safe(" | ".join(toks))]
@@ -165,10 +192,21 @@ def tokenize(
 def embed(
     recipe: RecipeOpt = None,
     out: Annotated[Path | None, typer.Option(help="Write the vectors here (word2vec text format).")] = None,
-    neighbours: Annotated[str | None, typer.Option("--neighbours", help="Print the nearest words to WORD instead.")] = None,
-    manifest: Annotated[Path | None, typer.Option(help="CSV/JSONL manifest to build the vocabulary from (no recipe needed).")] = None,
-    data: Annotated[Path | None, typer.Option(help="A prepared .h5: with --neighbours, whose vectors to use; without, rebuild its vocabulary with the settings it was prepared with.")] = None,
-    vectors: Annotated[Path | None, typer.Option(help="With --neighbours: a word2vec file whose vectors to use.")] = None,
+    neighbours: Annotated[
+        str | None, typer.Option("--neighbours", help="Print the nearest words to WORD instead.")
+    ] = None,
+    manifest: Annotated[
+        Path | None, typer.Option(help="CSV/JSONL manifest to build the vocabulary from (no recipe needed).")
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="A prepared .h5: with --neighbours, whose vectors to use; without, rebuild its vocabulary with the settings it was prepared with."
+        ),
+    ] = None,
+    vectors: Annotated[
+        Path | None, typer.Option(help="With --neighbours: a word2vec file whose vectors to use.")
+    ] = None,
     binary: Annotated[bool, typer.Option(help="--vectors is in word2vec binary format.")] = False,
     top: Annotated[int, typer.Option(help="How many neighbours.")] = 10,
     overrides: Overrides = None,
@@ -179,10 +217,11 @@ def embed(
 
     if neighbours is not None:
         from rich.table import Table
-
         from rich.text import Text
 
-        table = Table("word", "cosine", title=Text.assemble("nearest words to ", safe(repr(neighbours))), title_justify="left")
+        table = Table(
+            "word", "cosine", title=Text.assemble("nearest words to ", safe(repr(neighbours))), title_justify="left"
+        )
         for word, sim in lib.neighbours(neighbours, top, data=data, vectors=vectors, binary=binary):
             table.add_row(safe(word), f"{sim:.3f}")
         show(table)
@@ -207,7 +246,12 @@ def _encoder_names() -> list[str]:
     return ["none", *list_encoders()]
 
 
-EncoderModule = Annotated[list[str] | None, typer.Option("--encoder-module", help="A .py file or dotted module whose @register_encoder functions become --encoder names.")]
+EncoderModule = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--encoder-module", help="A .py file or dotted module whose @register_encoder functions become --encoder names."
+    ),
+]
 
 
 def _load_encoder_modules(specs: list[str] | None) -> None:
@@ -229,12 +273,27 @@ def _check_encoder(name: str) -> None:
 @guard
 def train(
     recipe: RecipeOpt = None,
-    encoder: Annotated[str | None, typer.Option(help="Text encoder, or 'none' for the image-only baseline (default: model.encoder).", autocompletion=lambda: _encoder_names())] = None,
+    encoder: Annotated[
+        str | None,
+        typer.Option(
+            help="Text encoder, or 'none' for the image-only baseline (default: model.encoder).",
+            autocompletion=lambda: _encoder_names(),
+        ),
+    ] = None,
     encoder_module: EncoderModule = None,
     data: Annotated[Path | None, typer.Option(help="Prepared .h5 (default: data.out).")] = None,
-    run_dir: Annotated[Path | None, typer.Option(help="Run directory (default: <train.runs_dir>/<name>-<encoder>-s<seed>).")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue an existing run from its last checkpoint, with its own recipe and data.")] = False,
-    allow_changes: Annotated[bool, typer.Option(help="With --resume: accept recipe changes that alter the result (recorded in the run's config.json).")] = False,
+    run_dir: Annotated[
+        Path | None, typer.Option(help="Run directory (default: <train.runs_dir>/<name>-<encoder>-s<seed>).")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue an existing run from its last checkpoint, with its own recipe and data.")
+    ] = False,
+    allow_changes: Annotated[
+        bool,
+        typer.Option(
+            help="With --resume: accept recipe changes that alter the result (recorded in the run's config.json)."
+        ),
+    ] = False,
     threads: Threads = None,
     overrides: Overrides = None,
 ) -> None:
@@ -280,7 +339,13 @@ def train(
 
         from rich.text import Text
 
-        err_console.print(Text.assemble(("interrupted: checkpoint saved; continue with", "yellow"), " ", safe(shlex.join(["sicot", "train", "--resume", "--run-dir", str(result.run_dir)]))))
+        err_console.print(
+            Text.assemble(
+                ("interrupted: checkpoint saved; continue with", "yellow"),
+                " ",
+                safe(shlex.join(["sicot", "train", "--resume", "--run-dir", str(result.run_dir)])),
+            )
+        )
         raise typer.Exit(130)
 
 
@@ -291,7 +356,9 @@ def evaluate(
     checkpoint: Annotated[str, typer.Option(help="last or best.")] = "last",
     data: Annotated[Path | None, typer.Option(help="Prepared .h5 (default: the run's).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    split: Annotated[str, typer.Option(help="test, or val (the validation rows carved from the training data).")] = "test",
+    split: Annotated[
+        str, typer.Option(help="test, or val (the validation rows carved from the training data).")
+    ] = "test",
     json_out: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
     threads: Threads = None,
 ) -> None:
@@ -340,8 +407,12 @@ def predict(
 @guard
 def export(
     run: Annotated[Path, typer.Option(help="Run directory.")],
-    out: Annotated[Path, typer.Option(help="Output model file (.onnx or .pt); its JSON goes beside it as <file>.json.")],
-    fmt: Annotated[str | None, typer.Option("--format", help="torchscript or onnx (default: from --out, .onnx -> onnx).")] = None,
+    out: Annotated[
+        Path, typer.Option(help="Output model file (.onnx or .pt); its JSON goes beside it as <file>.json.")
+    ],
+    fmt: Annotated[
+        str | None, typer.Option("--format", help="torchscript or onnx (default: from --out, .onnx -> onnx).")
+    ] = None,
     checkpoint: Annotated[str, typer.Option(help="last or best.")] = "last",
     data: Annotated[Path | None, typer.Option(help="Prepared .h5 (default: the run's).")] = None,
 ) -> None:
@@ -349,23 +420,36 @@ def export(
     from sicot_cli.export import export as run_export
 
     r = run_export(run, out, fmt, checkpoint, data)
-    console.print(safe(f"wrote {r.path} ({r.format}) and {r.sidecar}; checked on {r.verified_images} test images: max |dp| {r.max_abs_diff:.1e}, top-1 {'identical' if r.top1_equal else 'different'}"))
+    console.print(
+        safe(
+            f"wrote {r.path} ({r.format}) and {r.sidecar}; checked on {r.verified_images} test images: max |dp| {r.max_abs_diff:.1e}, top-1 {'identical' if r.top1_equal else 'different'}"
+        )
+    )
 
 
 @app.command()
 @guard
 def serve(
     run: Annotated[Path | None, typer.Option(help="Run directory to serve (its image-only model).")] = None,
-    model: Annotated[Path | None, typer.Option(help="Or an exported model (.onnx or .pt, with the JSON `sicot export` wrote beside it).")] = None,
+    model: Annotated[
+        Path | None,
+        typer.Option(help="Or an exported model (.onnx or .pt, with the JSON `sicot export` wrote beside it)."),
+    ] = None,
     host: Annotated[str, typer.Option(help="Address to bind (127.0.0.1: this machine only).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     top: Annotated[int, typer.Option("--top", "-k", help="Default classes per image (a request may ask ?k=N).")] = 5,
     max_batch: Annotated[int, typer.Option(help="Micro-batching: most images per forward pass (1 = off).")] = 32,
-    max_wait_ms: Annotated[float, typer.Option(help="Micro-batching: longest wait for more images after the first.")] = 5.0,
+    max_wait_ms: Annotated[
+        float, typer.Option(help="Micro-batching: longest wait for more images after the first.")
+    ] = 5.0,
     max_upload_mb: Annotated[float, typer.Option(help="Largest request body (MB).")] = 10.0,
-    max_pixels: Annotated[int, typer.Option(help="Largest image (pixels, read from its header before decoding).")] = 40_000_000,
+    max_pixels: Annotated[
+        int, typer.Option(help="Largest image (pixels, read from its header before decoding).")
+    ] = 40_000_000,
     max_images: Annotated[int, typer.Option(help="Most images in one request.")] = 32,
-    timeout: Annotated[float, typer.Option(help="Per-request limit (s): receiving the upload, and waiting for the model.")] = 30.0,
+    timeout: Annotated[
+        float, typer.Option(help="Per-request limit (s): receiving the upload, and waiting for the model.")
+    ] = 30.0,
     max_queue: Annotated[int, typer.Option(help="Images waiting for the model before new requests get 503.")] = 1024,
     checkpoint: Annotated[str, typer.Option(help="With --run: last or best.")] = "last",
     data: Annotated[Path | None, typer.Option(help="With --run: prepared .h5 (default: the run's).")] = None,
@@ -373,12 +457,33 @@ def serve(
     threads: Annotated[int | None, typer.Option(help="CPU threads for the model (default: the runtime's).")] = None,
 ) -> None:
     """Serve the image-only model over HTTP: POST /predict, GET /classes, GET /healthz (FastAPI + uvicorn)."""
-    from sicot_cli.serve import ServeLimits, serve as run_serve
+    from sicot_cli.serve import ServeLimits
+    from sicot_cli.serve import serve as run_serve
 
-    limits = ServeLimits(max_batch=max_batch, max_wait_ms=max_wait_ms, max_upload_bytes=int(max_upload_mb * 1e6), max_pixels=max_pixels,
-                         max_images=max_images, timeout_s=timeout, max_queue=max_queue, top_k=top)
-    run_serve(run=run, model=model, host=host, port=port, limits=limits, checkpoint=checkpoint, data=data, device=device, threads=threads,
-              on_ready=lambda url, source: console.print(safe(f"serving {source} on {url} (POST /predict, GET /classes, GET /healthz; Ctrl-C or SIGTERM stops)")))
+    limits = ServeLimits(
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        max_upload_bytes=int(max_upload_mb * 1e6),
+        max_pixels=max_pixels,
+        max_images=max_images,
+        timeout_s=timeout,
+        max_queue=max_queue,
+        top_k=top,
+    )
+    run_serve(
+        run=run,
+        model=model,
+        host=host,
+        port=port,
+        limits=limits,
+        checkpoint=checkpoint,
+        data=data,
+        device=device,
+        threads=threads,
+        on_ready=lambda url, source: console.print(
+            safe(f"serving {source} on {url} (POST /predict, GET /classes, GET /healthz; Ctrl-C or SIGTERM stops)")
+        ),
+    )
 
 
 def _csv_list(value: str | None) -> list[str] | None:
@@ -389,13 +494,25 @@ def _csv_list(value: str | None) -> list[str] | None:
 @guard
 def ablate(
     recipe: RecipeOpt = None,
-    encoders: Annotated[str | None, typer.Option(help="Comma-separated encoders (default: all registered); the baseline is always trained.")] = None,
+    encoders: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated encoders (default: all registered); the baseline is always trained."),
+    ] = None,
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0",
-    out: Annotated[Path | None, typer.Option(help="Ablation directory (default: <train.runs_dir>/ablate-<name>).")] = None,
-    data: Annotated[Path | None, typer.Option(help="Prepared .h5 (default: data.out; prepared first when missing).")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Ablation directory (default: <train.runs_dir>/ablate-<name>).")
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="Prepared .h5 (default: data.out; prepared first when missing).")
+    ] = None,
     encoder_module: EncoderModule = None,
     chosen: Annotated[str, typer.Option("--encoder", help="Encoder of Tables 2 and 4.")] = "bilinear",
-    presets: Annotated[str | None, typer.Option(help="Comma-separated presets to compare side by side, e.g. sicot,paper (default: the recipe's preset).")] = None,
+    presets: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated presets to compare side by side, e.g. sicot,paper (default: the recipe's preset)."
+        ),
+    ] = None,
     threads: Threads = None,
     figures: Annotated[bool, typer.Option(help="Write the PNG figures at the end.")] = True,
     overrides: Overrides = None,
@@ -422,16 +539,29 @@ def ablate(
     check_training(cfg, data)
     done: list = []
     with AblationProgress(err_console) as bars:
+
         def on_run(status) -> None:  # noqa: ANN001
             done.append(status)
             bars.line(ablation_row(status))
 
-        root, statuses = run_ablate(cfg, names, seed_list, out, progress=bars, on_run=on_run, data=data, on_start=bars.start_run, presets=_csv_list(presets))
+        root, statuses = run_ablate(
+            cfg,
+            names,
+            seed_list,
+            out,
+            progress=bars,
+            on_run=on_run,
+            data=data,
+            on_start=bars.start_run,
+            presets=_csv_list(presets),
+        )
     show(ablation_table(done), err_console)
     if statuses and statuses[-1].state == "interrupted":
         from rich.text import Text
 
-        err_console.print(Text.assemble(("interrupted: run the same command again to continue", "yellow"), " ", safe(f"({root})")))
+        err_console.print(
+            Text.assemble(("interrupted: run the same command again to continue", "yellow"), " ", safe(f"({root})"))
+        )
         raise typer.Exit(130)
     report = build_report([root], chosen)
     written = write_report(report, root)
@@ -453,10 +583,16 @@ def report(
     dirs: Annotated[list[Path], typer.Argument(help="Run directories or ablation directories.", show_default=False)],
     chosen: Annotated[str, typer.Option("--encoder", help="Encoder of Tables 2 and 4.")] = "bilinear",
     fmt: Annotated[str, typer.Option("--format", help="stdout format: table, markdown, csv or json.")] = "table",
-    out: Annotated[Path | None, typer.Option(help="Where report.md/csv/json and the PNGs go (default: the first directory).")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Where report.md/csv/json and the PNGs go (default: the first directory).")
+    ] = None,
     figures: Annotated[bool, typer.Option(help="Write the PNG figures.")] = True,
-    attention: Annotated[bool, typer.Option("--attention", help="Print the Fig. 7 view (words by attention) in the terminal.")] = False,
-    class_name: Annotated[str | None, typer.Option("--class", help="Print the words that carry a class's attention across its titles.")] = None,
+    attention: Annotated[
+        bool, typer.Option("--attention", help="Print the Fig. 7 view (words by attention) in the terminal.")
+    ] = False,
+    class_name: Annotated[
+        str | None, typer.Option("--class", help="Print the words that carry a class's attention across its titles.")
+    ] = None,
 ) -> None:
     """Tables 2-4 (with seeds: mean ± std, paired tests, bootstrap intervals), files and figures."""
     from sicot_cli.errors import SicotError

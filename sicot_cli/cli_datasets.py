@@ -13,11 +13,22 @@ import typer
 
 from sicot_cli.console import console, guard, safe, show
 
-app = typer.Typer(name="datasets", help="Fetch the offline datasets (emoji, mdi, icons); import the paper's datasets into manifests.", no_args_is_help=True)
-import_app = typer.Typer(name="import", help="Turn a dataset's released layout into a manifest for `sicot prepare`.", no_args_is_help=True)
+app = typer.Typer(
+    name="datasets",
+    help="Fetch the offline datasets (emoji, mdi, icons); import the paper's datasets into manifests.",
+    no_args_is_help=True,
+)
+import_app = typer.Typer(
+    name="import", help="Turn a dataset's released layout into a manifest for `sicot prepare`.", no_args_is_help=True
+)
 app.add_typer(import_app, name="import")
 
-TestPerClass = Annotated[int, typer.Option(help="Test images per class, one per base emoji (emoji) or variant family (mdi), at most half of them; icons has no split.")]
+TestPerClass = Annotated[
+    int,
+    typer.Option(
+        help="Test images per class, one per base emoji (emoji) or variant family (mdi), at most half of them; icons has no split."
+    ),
+]
 Seed = Annotated[int, typer.Option(help="Seed of the split (emoji, mdi) or of the class selection (WebVision).")]
 
 
@@ -51,8 +62,12 @@ FETCHABLE = {"emoji": ("emoji-zh", "emoji-zh.csv"), "mdi": ("mdi", "mdi.csv"), "
 @app.command()
 @guard
 def fetch(
-    name: Annotated[str, typer.Argument(help="The dataset: emoji, mdi (Material Design Icons) or icons (the pretraining corpus).")],
-    folder: Annotated[Path | None, typer.Option("--dir", help="Download and output folder (default: data/NAME).")] = None,
+    name: Annotated[
+        str, typer.Argument(help="The dataset: emoji, mdi (Material Design Icons) or icons (the pretraining corpus).")
+    ],
+    folder: Annotated[
+        Path | None, typer.Option("--dir", help="Download and output folder (default: data/NAME).")
+    ] = None,
     test_per_class: TestPerClass = 5,
     seed: Seed = 0,
 ) -> None:
@@ -60,7 +75,9 @@ def fetch(
     from sicot_cli.errors import SicotError
 
     if name not in FETCHABLE:
-        raise SicotError(f"unknown dataset {name!r}: `fetch` knows {', '.join(FETCHABLE)} (the paper's datasets: `sicot datasets import --help`)")
+        raise SicotError(
+            f"unknown dataset {name!r}: `fetch` knows {', '.join(FETCHABLE)} (the paper's datasets: `sicot datasets import --help`)"
+        )
     default = Path("data") / name
     folder = folder or default
     if name == "emoji":
@@ -83,10 +100,17 @@ def fetch(
 @import_app.command("emoji")
 @guard
 def import_emoji(
-    folder: Annotated[Path, typer.Option("--dir", help="Where `fetch emoji` unpacked the packages.")] = Path("data/emoji"),
+    folder: Annotated[Path, typer.Option("--dir", help="Where `fetch emoji` unpacked the packages.")] = Path(
+        "data/emoji"
+    ),
     test_per_class: TestPerClass = 5,
     seed: Seed = 0,
-    val_fraction: Annotated[float, typer.Option(help="About this fraction of each class's training images become validation rows (whole base emoji).")] = 0.1,
+    val_fraction: Annotated[
+        float,
+        typer.Option(
+            help="About this fraction of each class's training images become validation rows (whole base emoji)."
+        ),
+    ] = 0.1,
 ) -> None:
     """Re-write the emoji manifests from the unpacked packages (e.g. another split)."""
     from sicot_cli.data.importers.emoji import import_emoji as run
@@ -98,9 +122,16 @@ def import_emoji(
 @guard
 def import_mdi(
     folder: Annotated[Path, typer.Option("--dir", help="Where `fetch mdi` unpacked the package.")] = Path("data/mdi"),
-    test_per_class: Annotated[int, typer.Option(help="Test icons (distinct variant families) per class; at most half a class's families.")] = 5,
+    test_per_class: Annotated[
+        int, typer.Option(help="Test icons (distinct variant families) per class; at most half a class's families.")
+    ] = 5,
     seed: Seed = 0,
-    val_fraction: Annotated[float, typer.Option(help="About this fraction of each class's training icons become validation rows (whole families).")] = 0.1,
+    val_fraction: Annotated[
+        float,
+        typer.Option(
+            help="About this fraction of each class's training icons become validation rows (whole families)."
+        ),
+    ] = 0.1,
 ) -> None:
     """Re-write the Material Design Icons manifest from the unpacked package (e.g. another split)."""
     from sicot_cli.data.importers.mdi import import_mdi as run
@@ -132,7 +163,9 @@ def import_webvision(
     seed: Seed = 0,
     sources: Annotated[str, typer.Option(help="google, flickr or google,flickr.")] = "google,flickr",
     text: Annotated[str, typer.Option(help="title (the paper) or title+description.")] = "title",
-    images: Annotated[Path | None, typer.Option(help="Where the file lists' image paths start (default: --root).")] = None,
+    images: Annotated[
+        Path | None, typer.Option(help="Where the file lists' image paths start (default: --root).")
+    ] = None,
 ) -> None:
     """WebVision 2.0 "selected 1k": seeded random classes, titles from the meta files."""
     from sicot_cli.data.importers.webvision import import_webvision as run

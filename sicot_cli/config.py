@@ -82,8 +82,12 @@ class DataConfig:
     manifest: str = ""  # CSV/JSONL with image,title,label[,split][,id]; relative to the recipe
     out: str = "data/demo.h5"  # the prepared file; relative to the working directory
     image_size: int = 32
-    test_per_class: Annotated[int, Range(0, 10**6)] = 6  # when the manifest has no split: test images per class (balanced)
-    min_train_per_class: Annotated[int, Range(1, 10**6)] = 1  # classes with fewer training images after the split are dropped
+    test_per_class: Annotated[int, Range(0, 10**6)] = (
+        6  # when the manifest has no split: test images per class (balanced)
+    )
+    min_train_per_class: Annotated[int, Range(1, 10**6)] = (
+        1  # classes with fewer training images after the split are dropped
+    )
     # Validation rows carved from the training rows (per class floor(val_fraction * n), seeded by
     # split_seed): every choice (checkpoint-best, eval.select, tau...) is made on them, never on test.
     val_fraction: float = 0.1
@@ -255,7 +259,10 @@ def adopt_prepared(recipe: Recipe, prepared_recipe: dict[str, Any], data_path: s
     prepare chose, not the built-in demo's.
     """
     try:
-        theirs = recipe_from_dict({k: v for k, v in prepared_recipe.items() if k in ("name", "eval", *PREPARED_SECTIONS)}, f"{data_path} (its recipe)")
+        theirs = recipe_from_dict(
+            {k: v for k, v in prepared_recipe.items() if k in ("name", "eval", *PREPARED_SECTIONS)},
+            f"{data_path} (its recipe)",
+        )
     except SicotError:
         return []  # a file from another sicot version: its settings stay the recipe's
     changed: list[str] = []
@@ -410,7 +417,10 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
         # on the command line are relative to the working directory, as a shell user expects.
         given = _override_keys(overrides)
         base = Path(path).parent
-        for key, section, attr in (("data.manifest", recipe.data, "manifest"), ("embed.pretrained", recipe.embed, "pretrained")):
+        for key, section, attr in (
+            ("data.manifest", recipe.data, "manifest"),
+            ("embed.pretrained", recipe.embed, "pretrained"),
+        ):
             value = getattr(section, attr)
             if value and not Path(value).is_absolute() and key not in given:
                 setattr(section, attr, str(base / value))
@@ -508,9 +518,15 @@ def validate(recipe: Recipe, where: str) -> None:
     """Range checks that types alone cannot express."""
     d = recipe.data
     checks: list[tuple[bool, str]] = [
-        (bool(recipe.name) and not set(recipe.name) & set("/\\") and recipe.name.isprintable(), f"name must be a non-empty file-name part (no / \\ or control characters), got {recipe.name!r}"),
+        (
+            bool(recipe.name) and not set(recipe.name) & set("/\\") and recipe.name.isprintable(),
+            f"name must be a non-empty file-name part (no / \\ or control characters), got {recipe.name!r}",
+        ),
         (d.source in ("synthetic", "manifest"), f"data.source must be 'synthetic' or 'manifest', got {d.source!r}"),
-        (d.source != "manifest" or bool(d.manifest), "data.manifest must name a CSV/JSONL file when data.source = 'manifest'"),
+        (
+            d.source != "manifest" or bool(d.manifest),
+            "data.manifest must name a CSV/JSONL file when data.source = 'manifest'",
+        ),
         (8 <= d.image_size <= 1024, f"data.image_size must be between 8 and 1024, got {d.image_size}"),
         (d.test_per_class >= 0, f"data.test_per_class must be >= 0, got {d.test_per_class}"),
         (d.min_train_per_class >= 1, f"data.min_train_per_class must be >= 1, got {d.min_train_per_class}"),
@@ -523,20 +539,29 @@ def validate(recipe: Recipe, where: str) -> None:
             1 <= d.synthetic.min_per_class <= d.synthetic.max_per_class,
             "data.synthetic.min_per_class must be >= 1 and <= data.synthetic.max_per_class",
         ),
-        (d.synthetic.language in ("zh", "en", "mixed"), f"data.synthetic.language must be zh, en or mixed, got {d.synthetic.language!r}"),
+        (
+            d.synthetic.language in ("zh", "en", "mixed"),
+            f"data.synthetic.language must be zh, en or mixed, got {d.synthetic.language!r}",
+        ),
         (
             0 <= d.synthetic.pretrain_classes <= 3200 - d.synthetic.num_classes,
             f"data.synthetic.pretrain_classes must be between 0 and 3200 - data.synthetic.num_classes "
             f"(the attribute combinations the long-tailed set leaves free), got {d.synthetic.pretrain_classes}",
         ),
-        (d.synthetic.pretrain_per_class >= 1, f"data.synthetic.pretrain_per_class must be >= 1, got {d.synthetic.pretrain_per_class}"),
+        (
+            d.synthetic.pretrain_per_class >= 1,
+            f"data.synthetic.pretrain_per_class must be >= 1, got {d.synthetic.pretrain_per_class}",
+        ),
         (0 <= recipe.text.drop_most_frequent < 1, "text.drop_most_frequent must be in [0, 1)"),
         (0 <= recipe.text.drop_least_frequent < 1, "text.drop_least_frequent must be in [0, 1)"),
         (
             recipe.text.drop_most_frequent + recipe.text.drop_least_frequent < 1,
             "text.drop_most_frequent + text.drop_least_frequent must be < 1",
         ),
-        (recipe.text.drop_rule in ("frequency", "label_entropy"), f"text.drop_rule must be frequency or label_entropy, got {recipe.text.drop_rule!r}"),
+        (
+            recipe.text.drop_rule in ("frequency", "label_entropy"),
+            f"text.drop_rule must be frequency or label_entropy, got {recipe.text.drop_rule!r}",
+        ),
         (recipe.text.min_count >= 1, f"text.min_count must be >= 1, got {recipe.text.min_count}"),
         (recipe.embed.dim >= 1, f"embed.dim must be >= 1, got {recipe.embed.dim}"),
         (recipe.embed.window >= 1, f"embed.window must be >= 1, got {recipe.embed.window}"),
@@ -547,11 +572,20 @@ def validate(recipe: Recipe, where: str) -> None:
             "eval.few_threshold must be <= eval.many_threshold",
         ),
         (recipe.preset in PRESETS, f"preset must be one of {', '.join(sorted(PRESETS))}, got {recipe.preset!r}"),
-        (recipe.eval.boundaries in ("fixed", "data"), f"eval.boundaries must be fixed or data, got {recipe.eval.boundaries!r}"),
+        (
+            recipe.eval.boundaries in ("fixed", "data"),
+            f"eval.boundaries must be fixed or data, got {recipe.eval.boundaries!r}",
+        ),
         (recipe.train.threads >= 0, f"train.threads must be >= 0 (0 = auto), got {recipe.train.threads}"),
-        (recipe.train.keep_best or recipe.eval.select == "last", "train.keep_best = false needs eval.select = \"last\" (best is scored from checkpoint-best.pt)"),
+        (
+            recipe.train.keep_best or recipe.eval.select == "last",
+            'train.keep_best = false needs eval.select = "last" (best is scored from checkpoint-best.pt)',
+        ),
         (recipe.eval.select in ("last", "best"), f"eval.select must be last or best, got {recipe.eval.select!r}"),
-        (recipe.model.semantic_norm in ("batchnorm", "none"), f"model.semantic_norm must be batchnorm or none, got {recipe.model.semantic_norm!r}"),
+        (
+            recipe.model.semantic_norm in ("batchnorm", "none"),
+            f"model.semantic_norm must be batchnorm or none, got {recipe.model.semantic_norm!r}",
+        ),
         (recipe.train.epochs >= 1, f"train.epochs must be >= 1, got {recipe.train.epochs}"),
         (recipe.train.batch_size >= 1, f"train.batch_size must be >= 1, got {recipe.train.batch_size}"),
         (recipe.train.eval_batch_size >= 1, f"train.eval_batch_size must be >= 1, got {recipe.train.eval_batch_size}"),
@@ -559,15 +593,30 @@ def validate(recipe: Recipe, where: str) -> None:
         (recipe.train.step_size >= 1, f"train.step_size must be >= 1, got {recipe.train.step_size}"),
         (0 < recipe.train.gamma <= 1, f"train.gamma must be in (0, 1], got {recipe.train.gamma}"),
         (recipe.train.lam >= 0, f"train.lam must be >= 0, got {recipe.train.lam}"),
-        (recipe.train.in_memory in ("auto", "yes", "no"), f"train.in_memory must be auto, yes or no, got {recipe.train.in_memory!r}"),
-        (recipe.train.classifier_parallel in ("auto", "yes", "no"), f"train.classifier_parallel must be auto, yes or no, got {recipe.train.classifier_parallel!r}"),
-        (recipe.train.block_rows >= 1 and recipe.train.shuffle_blocks >= 1, "train.block_rows and train.shuffle_blocks must be >= 1"),
+        (
+            recipe.train.in_memory in ("auto", "yes", "no"),
+            f"train.in_memory must be auto, yes or no, got {recipe.train.in_memory!r}",
+        ),
+        (
+            recipe.train.classifier_parallel in ("auto", "yes", "no"),
+            f"train.classifier_parallel must be auto, yes or no, got {recipe.train.classifier_parallel!r}",
+        ),
+        (
+            recipe.train.block_rows >= 1 and recipe.train.shuffle_blocks >= 1,
+            "train.block_rows and train.shuffle_blocks must be >= 1",
+        ),
         (
             len(recipe.train.crop_scale) == 2 and 0 < recipe.train.crop_scale[0] <= recipe.train.crop_scale[1] <= 1,
             f"train.crop_scale must be [min, max] with 0 < min <= max <= 1, got {recipe.train.crop_scale}",
         ),
-        (bool(recipe.train.topk) and all(k >= 1 for k in recipe.train.topk), f"train.topk must list k >= 1, got {recipe.train.topk}"),
-        (recipe.train.device == "auto" or recipe.train.device == "cpu" or recipe.train.device.startswith("cuda"), f"train.device must be auto, cpu or cuda[:N], got {recipe.train.device!r}"),
+        (
+            bool(recipe.train.topk) and all(k >= 1 for k in recipe.train.topk),
+            f"train.topk must list k >= 1, got {recipe.train.topk}",
+        ),
+        (
+            recipe.train.device == "auto" or recipe.train.device == "cpu" or recipe.train.device.startswith("cuda"),
+            f"train.device must be auto, cpu or cuda[:N], got {recipe.train.device!r}",
+        ),
     ]
     for ok, message in checks:
         if not ok:

@@ -15,8 +15,8 @@ from typing import Any, TypeVar
 
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.text import Text
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.text import Text
 
 from sicot_cli.errors import SicotError
 
@@ -101,7 +101,13 @@ def show(table: Any, target: Console | None = None) -> None:
     for col in table.columns:
         col.no_wrap = True
     width = max(target.width, Measurement.get(target, target.options.update(width=10**5), table).maximum)
-    wide = Console(file=target.file, width=width, highlight=False, no_color=target.no_color, color_system=target.color_system and "standard")
+    wide = Console(
+        file=target.file,
+        width=width,
+        highlight=False,
+        no_color=target.no_color,
+        color_system=target.color_system and "standard",
+    )
     wide.print(table)
 
 
@@ -155,7 +161,6 @@ class _RichTask:
         self._p.update(self._id, advance=n, **fields)
 
 
-
 def _bar_columns() -> list[Any]:
     """The progress-bar layout of every sicot bar: description, bar, n/total, info, elapsed, ETA."""
     return [
@@ -167,6 +172,7 @@ def _bar_columns() -> list[Any]:
         TextColumn("eta"),
         TimeRemainingColumn(),
     ]
+
 
 class RichProgress:
     """The :class:`sicot_cli.progress.Progress` the CLI hands to library functions."""
@@ -222,7 +228,12 @@ class AblationProgress:
     def start_run(self, name: str, index: int, count: int, recipe: Any) -> None:
         """``sicot_cli.ablate.ablate``'s ``on_start``: the run about to train."""
         self.epochs = recipe.train.epochs
-        self.bars.update(self.overall, total=count * self.epochs, completed=index * self.epochs, description=f"run {index + 1}/{count} {data_text(name)}")
+        self.bars.update(
+            self.overall,
+            total=count * self.epochs,
+            completed=index * self.epochs,
+            description=f"run {index + 1}/{count} {data_text(name)}",
+        )
         if not self.target.is_terminal:
             self.target.print(f"run {index + 1}/{count}: {data_text(name)}")
 

@@ -127,7 +127,7 @@ def _all_gather_rows(x: torch.Tensor, world: int, total: int) -> torch.Tensor:
     pad[: x.shape[0]] = x
     parts = [torch.empty_like(pad) for _ in range(world)]
     dist.all_gather(parts, pad.contiguous())
-    return torch.cat([p[: hi - lo] for p, (lo, hi) in zip(parts, sizes)])
+    return torch.cat([p[: hi - lo] for p, (lo, hi) in zip(parts, sizes, strict=True)])
 
 
 class _GatherRows(torch.autograd.Function):
@@ -159,7 +159,11 @@ class _ShardedCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
         logits = logits.float()
-        m = logits.max(dim=1).values if logits.shape[1] else torch.full((logits.shape[0],), -torch.inf, device=logits.device)
+        m = (
+            logits.max(dim=1).values
+            if logits.shape[1]
+            else torch.full((logits.shape[0],), -torch.inf, device=logits.device)
+        )
         dist.all_reduce(m, op=dist.ReduceOp.MAX)
         shifted = logits - m[:, None]
         e = shifted.exp()
@@ -213,7 +217,11 @@ def sharded_topk(logits: torch.Tensor, k: int, lo: int, ctx: DistContext) -> tup
     dist.all_reduce(s, op=dist.ReduceOp.SUM)
     logp = logits - m[:, None] - s.log()[:, None]
     kk = min(k, logits.shape[1])
-    v, i = logp.topk(kk, dim=1) if kk else (logp[:, :0], torch.zeros((logp.shape[0], 0), dtype=torch.long, device=logp.device))
+    v, i = (
+        logp.topk(kk, dim=1)
+        if kk
+        else (logp[:, :0], torch.zeros((logp.shape[0], 0), dtype=torch.long, device=logp.device))
+    )
     vals = torch.full((logits.shape[0], k), -torch.inf, device=logits.device)
     ids = torch.full((logits.shape[0], k), torch.iinfo(torch.int64).max, dtype=torch.long, device=logits.device)
     vals[:, :kk], ids[:, :kk] = v, i + lo
@@ -267,4 +275,3 @@ class ShardedLinear(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, classes=[{self.lo}, {self.hi}) of {self.num_classes}"
-

@@ -78,7 +78,13 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate_model(
-    model: torch.nn.Module, prepared: Prepared, device: torch.device, recipe: Recipe, in_memory: bool = True, ctx: Any = None, split: str = "test"
+    model: torch.nn.Module,
+    prepared: Prepared,
+    device: torch.device,
+    recipe: Recipe,
+    in_memory: bool = True,
+    ctx: Any = None,
+    split: str = "test",
 ) -> EvalResult:
     """Image-only scores on the rows of ``split`` (``"test"`` or ``"val"``) and their metrics.
 
@@ -95,7 +101,9 @@ def evaluate_model(
     cfg = recipe.train
     k = min(max(cfg.topk), prepared.num_classes)
     start, stop = prepared.split_range(split)
-    loader = BatchLoader(prepared, cfg.eval_batch_size, start, stop, shuffle=False, in_memory=in_memory, block_rows=cfg.block_rows)
+    loader = BatchLoader(
+        prepared, cfg.eval_batch_size, start, stop, shuffle=False, in_memory=in_memory, block_rows=cfg.block_rows
+    )
     amp = cfg.amp and device.type == "cuda"
     labels_out, scores_out, rows_out, labels_true = [], [], [], []
     t0 = time.perf_counter()
@@ -113,12 +121,27 @@ def evaluate_model(
         labels_true.append(batch.labels.numpy())
     seconds = time.perf_counter() - t0
     model.train(was_training)
-    return make_result(recipe, prepared, np.concatenate(labels_out), np.concatenate(scores_out), np.concatenate(labels_true), np.concatenate(rows_out), seconds)
-
+    return make_result(
+        recipe,
+        prepared,
+        np.concatenate(labels_out),
+        np.concatenate(scores_out),
+        np.concatenate(labels_true),
+        np.concatenate(rows_out),
+        seconds,
+    )
 
 
 @torch.no_grad()
-def _evaluate_distributed(model: torch.nn.Module, prepared: Prepared, device: torch.device, recipe: Recipe, in_memory: bool, ctx: DistContext, split: str = "test") -> EvalResult:
+def _evaluate_distributed(
+    model: torch.nn.Module,
+    prepared: Prepared,
+    device: torch.device,
+    recipe: Recipe,
+    in_memory: bool,
+    ctx: DistContext,
+    split: str = "test",
+) -> EvalResult:
     """:func:`evaluate_model` across ranks (same result on every rank).
 
     Each rank computes the features of its slice of every test batch; the features, labels and
@@ -132,8 +155,17 @@ def _evaluate_distributed(model: torch.nn.Module, prepared: Prepared, device: to
     clf = model.classifier
     sharded = hasattr(clf, "lo")
     start, stop = prepared.split_range(split)
-    loader = BatchLoader(prepared, cfg.eval_batch_size, start, stop, shuffle=False, in_memory=in_memory,
-                         block_rows=cfg.block_rows, rank=ctx.rank, world=ctx.world)
+    loader = BatchLoader(
+        prepared,
+        cfg.eval_batch_size,
+        start,
+        stop,
+        shuffle=False,
+        in_memory=in_memory,
+        block_rows=cfg.block_rows,
+        rank=ctx.rank,
+        world=ctx.world,
+    )
     amp = cfg.amp and device.type == "cuda"
     out_ids, out_scores, out_rows, out_labels = [], [], [], []
     t0 = time.perf_counter()
@@ -150,7 +182,9 @@ def _evaluate_distributed(model: torch.nn.Module, prepared: Prepared, device: to
             scores, ids = sharded_topk(logits, k, clf.lo, ctx)
         else:
             scores, ids = torch.softmax(logits.float(), dim=1).topk(k, dim=1)
-        meta = torch.stack([batch.labels.to(device), torch.as_tensor(batch.rows, dtype=torch.int64, device=device)], dim=1)
+        meta = torch.stack(
+            [batch.labels.to(device), torch.as_tensor(batch.rows, dtype=torch.int64, device=device)], dim=1
+        )
         meta = _all_gather_rows(meta, ctx.world, total)
         out_ids.append(ids.cpu().numpy())
         out_scores.append(scores.float().cpu().numpy())
@@ -158,13 +192,37 @@ def _evaluate_distributed(model: torch.nn.Module, prepared: Prepared, device: to
         out_rows.append(meta[:, 1].cpu().numpy())
     seconds = time.perf_counter() - t0
     model.train(was_training)
-    return make_result(recipe, prepared, np.concatenate(out_ids), np.concatenate(out_scores), np.concatenate(out_labels), np.concatenate(out_rows), seconds)
+    return make_result(
+        recipe,
+        prepared,
+        np.concatenate(out_ids),
+        np.concatenate(out_scores),
+        np.concatenate(out_labels),
+        np.concatenate(out_rows),
+        seconds,
+    )
 
 
-def make_result(recipe: Recipe, prepared: Prepared, topk: np.ndarray, scores: np.ndarray, labels: np.ndarray, rows: np.ndarray, seconds: float) -> EvalResult:
+def make_result(
+    recipe: Recipe,
+    prepared: Prepared,
+    topk: np.ndarray,
+    scores: np.ndarray,
+    labels: np.ndarray,
+    rows: np.ndarray,
+    seconds: float,
+) -> EvalResult:
     """Metrics of the test rows' top-k predictions."""
     ks = tuple(sorted(set(recipe.train.topk)))
-    result = metrics.evaluate(topk, labels, prepared.train_counts, recipe.eval.head_threshold, recipe.eval.many_threshold, recipe.eval.few_threshold, ks=ks)
+    result = metrics.evaluate(
+        topk,
+        labels,
+        prepared.train_counts,
+        recipe.eval.head_threshold,
+        recipe.eval.many_threshold,
+        recipe.eval.few_threshold,
+        ks=ks,
+    )
     return EvalResult(result, topk, scores.astype(np.float32), labels, rows, len(labels) / max(seconds, 1e-9))
 
 
@@ -177,7 +235,9 @@ def write_predictions(path: Path, result: EvalResult) -> None:
         f["topk_scores"] = result.topk_scores
 
 
-def load_run_model(run_dir: Path, checkpoint: str = "last", data: str | Path | None = None) -> tuple[Recipe, Prepared, torch.nn.Module, dict[str, Any]]:
+def load_run_model(
+    run_dir: Path, checkpoint: str = "last", data: str | Path | None = None
+) -> tuple[Recipe, Prepared, torch.nn.Module, dict[str, Any]]:
     """The run's recipe, its prepared dataset (checked against the run) and a model with its weights.
 
     Raises:
@@ -202,7 +262,13 @@ def load_run_model(run_dir: Path, checkpoint: str = "last", data: str | Path | N
     return recipe, prepared, model, state
 
 
-def evaluate_run(run_dir: str | Path, checkpoint: str = "last", data: str | Path | None = None, device: str = "auto", split: str = "test") -> EvalResult:
+def evaluate_run(
+    run_dir: str | Path,
+    checkpoint: str = "last",
+    data: str | Path | None = None,
+    device: str = "auto",
+    split: str = "test",
+) -> EvalResult:
     """Re-score a run's checkpoint on its test (or validation) split (``sicot evaluate``).
 
     Raises:
@@ -214,7 +280,9 @@ def evaluate_run(run_dir: str | Path, checkpoint: str = "last", data: str | Path
     dev = resolve_device(device, "--device")
     recipe, prepared, model, _ = load_run_model(Path(run_dir), checkpoint, data)
     if prepared.split_range(split)[0] == prepared.split_range(split)[1]:
-        raise SicotError(f"{prepared.path}: has no {split} rows (prepared with data.val_fraction = 0 or before validation splits)")
+        raise SicotError(
+            f"{prepared.path}: has no {split} rows (prepared with data.val_fraction = 0 or before validation splits)"
+        )
     model.to(dev)
     if recipe.train.channels_last:
         model.to(memory_format=torch.channels_last)

@@ -142,7 +142,16 @@ def _write_onnx(net: torch.nn.Module, example: torch.Tensor, tmp: Path) -> Any: 
             lg.setLevel(max(logging.WARNING, log.getEffectiveLevel()))
         with warnings.catch_warnings(), contextlib.redirect_stdout(out):
             warnings.simplefilter("ignore")
-            torch.onnx.export(net, (example,), str(tmp), input_names=[INPUT], output_names=[OUTPUT], dynamic_shapes={"images": {0: batch}}, dynamo=True, external_data=False)
+            torch.onnx.export(
+                net,
+                (example,),
+                str(tmp),
+                input_names=[INPUT],
+                output_names=[OUTPUT],
+                dynamic_shapes={"images": {0: batch}},
+                dynamo=True,
+                external_data=False,
+            )
     finally:
         for lg, level in zip(chatty, levels, strict=True):
             lg.setLevel(level)
@@ -161,7 +170,13 @@ def verify(run_exported: Any, reference: torch.nn.Module, images: np.ndarray) ->
     return float(np.abs(got - want).max()), bool((got.argmax(1) == want.argmax(1)).all())
 
 
-def export(run_dir: str | Path, out: str | Path, fmt: str | None = None, checkpoint: str = "last", data: str | Path | None = None) -> ExportResult:
+def export(
+    run_dir: str | Path,
+    out: str | Path,
+    fmt: str | None = None,
+    checkpoint: str = "last",
+    data: str | Path | None = None,
+) -> ExportResult:
     """Write the image-only model of a run (TorchScript or ONNX) and its JSON, checked against PyTorch.
 
     Raises:
@@ -192,22 +207,65 @@ def export(run_dir: str | Path, out: str | Path, fmt: str | None = None, checkpo
         run_exported = (_write_onnx if fmt == "onnx" else _write_torchscript)(net, example, tmp)
         diff, top1 = verify(run_exported, net, images)
         if not (diff <= TOLERANCE and top1):
-            raise SicotError(f"{out}: the exported model disagrees with PyTorch on {len(images)} test images (max |dp| {diff:.2e}, top-1 {'equal' if top1 else 'different'}); nothing written")
+            raise SicotError(
+                f"{out}: the exported model disagrees with PyTorch on {len(images)} test images (max |dp| {diff:.2e}, top-1 {'equal' if top1 else 'different'}); nothing written"
+            )
         digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
     titles = representative_titles(prepared, set(range(prepared.num_classes)))
     meta = state.get("meta", {})
-    write_json(side, {
-        "format": SIDECAR_FORMAT,
-        "model": {"file": out.name, "format": fmt, "sha256": digest, "runtime": "onnxruntime" if fmt == "onnx" else "torch.jit.load"},
-        "input": {"name": INPUT, "dtype": "uint8", "shape": ["batch", 3, size, size], "layout": "NCHW", "channels": "RGB", "range": [0, 255], "image_size": size, "preprocessing": PREPROCESSING},
-        "normalization": {"mean": net.mean.flatten().tolist(), "std": net.std.flatten().tolist(), "applied": "inside the model: (x - mean) / std on 0-255 values; feed raw uint8"},
-        "output": {"name": OUTPUT, "dtype": "float32", "shape": ["batch", prepared.num_classes], "meaning": "softmax probabilities; index i is classes[i]"},
-        "classes": [{"index": i, "name": name, "title": titles.get(i)} for i, name in enumerate(prepared.class_names)],
-        "sicot": {"version": __version__, "run": str(run_dir.resolve()), "checkpoint": checkpoint, "epoch": meta.get("epoch") if isinstance(meta, dict) else None,
-                  "recipe": recipe.name, "encoder": recipe.model.encoder, "backbone": recipe.model.backbone, "dataset": prepared.fingerprint()},
-        "verification": {"images": len(images), "max_abs_diff": diff, "top1_equal": top1, "tolerance": TOLERANCE,
-                         "against": "the eager PyTorch model on the run's first test images"},
-    })
+    write_json(
+        side,
+        {
+            "format": SIDECAR_FORMAT,
+            "model": {
+                "file": out.name,
+                "format": fmt,
+                "sha256": digest,
+                "runtime": "onnxruntime" if fmt == "onnx" else "torch.jit.load",
+            },
+            "input": {
+                "name": INPUT,
+                "dtype": "uint8",
+                "shape": ["batch", 3, size, size],
+                "layout": "NCHW",
+                "channels": "RGB",
+                "range": [0, 255],
+                "image_size": size,
+                "preprocessing": PREPROCESSING,
+            },
+            "normalization": {
+                "mean": net.mean.flatten().tolist(),
+                "std": net.std.flatten().tolist(),
+                "applied": "inside the model: (x - mean) / std on 0-255 values; feed raw uint8",
+            },
+            "output": {
+                "name": OUTPUT,
+                "dtype": "float32",
+                "shape": ["batch", prepared.num_classes],
+                "meaning": "softmax probabilities; index i is classes[i]",
+            },
+            "classes": [
+                {"index": i, "name": name, "title": titles.get(i)} for i, name in enumerate(prepared.class_names)
+            ],
+            "sicot": {
+                "version": __version__,
+                "run": str(run_dir.resolve()),
+                "checkpoint": checkpoint,
+                "epoch": meta.get("epoch") if isinstance(meta, dict) else None,
+                "recipe": recipe.name,
+                "encoder": recipe.model.encoder,
+                "backbone": recipe.model.backbone,
+                "dataset": prepared.fingerprint(),
+            },
+            "verification": {
+                "images": len(images),
+                "max_abs_diff": diff,
+                "top1_equal": top1,
+                "tolerance": TOLERANCE,
+                "against": "the eager PyTorch model on the run's first test images",
+            },
+        },
+    )
     return ExportResult(out, side, fmt, len(images), diff, top1)
 
 
@@ -221,7 +279,9 @@ def read_sidecar(model_path: Path) -> dict[str, Any]:
     try:
         meta = json.loads(side.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise SicotError(f"{side}: not found; an exported model is served with the JSON `sicot export` writes beside it") from None
+        raise SicotError(
+            f"{side}: not found; an exported model is served with the JSON `sicot export` writes beside it"
+        ) from None
     except (OSError, ValueError) as e:
         raise SicotError(f"{side}: unreadable ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT:
@@ -258,7 +318,15 @@ def load_exported(model_path: str | Path, threads: int | None = None) -> Recogni
     except SicotError:
         raise
     except Exception as e:  # onnxruntime and torch.jit raise their own types for a bad file
-        raise SicotError(f"{path}: cannot load the {fmt} model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise SicotError(
+            f"{path}: cannot load the {fmt} model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
     classes = meta["classes"]
     titles = {int(c["index"]): c["title"] for c in classes if c.get("title") is not None}
-    return Recognizer(int(meta["input"]["image_size"]), [c["name"] for c in classes], probabilities, lambda cs: {c: titles[c] for c in cs if c in titles}, f"{fmt} {path}")
+    return Recognizer(
+        int(meta["input"]["image_size"]),
+        [c["name"] for c in classes],
+        probabilities,
+        lambda cs: {c: titles[c] for c in cs if c in titles},
+        f"{fmt} {path}",
+    )

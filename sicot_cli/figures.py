@@ -75,7 +75,9 @@ def per_class_gain(report: Report, train_counts: np.ndarray, path: Path) -> Path
     stacked = np.stack(diffs)
     seen = ~np.isnan(stacked)
     # mean over the seeds where the class was scored; NaN (no test image) without nanmean's warning
-    gain = np.where(seen.any(axis=0), np.where(seen, stacked, 0.0).sum(axis=0) / np.maximum(seen.sum(axis=0), 1), np.nan)
+    gain = np.where(
+        seen.any(axis=0), np.where(seen, stacked, 0.0).sum(axis=0) / np.maximum(seen.sum(axis=0), 1), np.nan
+    )
     counts = np.asarray(train_counts, dtype=float)
     ok = ~np.isnan(gain)
     if not ok.any():
@@ -120,7 +122,9 @@ def curves(report: Report, path: Path) -> Path:
     a2.set_title("validation top-1 (image only)")
     for a in (a1, a2):
         a.set_xlabel("epoch")
-    handles = [Line2D([], [], color=colours[e], lw=2, label="baseline" if e == BASELINE else e) for e in report.encoders]
+    handles = [
+        Line2D([], [], color=colours[e], lw=2, label="baseline" if e == BASELINE else e) for e in report.encoders
+    ]
     if len(report.seeds) > 1:
         handles += [Line2D([], [], color="grey", linestyle=seed_style[s], label=f"seed {s}") for s in report.seeds]
     fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
@@ -138,7 +142,9 @@ class TitleAttention:
     weights: list[float]
 
 
-def attention(run_dir: Path, rows: list[int] | None = None, class_name: str | None = None, n: int = 4) -> list[TitleAttention]:
+def attention(
+    run_dir: Path, rows: list[int] | None = None, class_name: str | None = None, n: int = 4
+) -> list[TitleAttention]:
     """Attention of the run's encoder over the words of sample test titles (or one class's titles).
 
     Raises:
@@ -151,7 +157,9 @@ def attention(run_dir: Path, rows: list[int] | None = None, class_name: str | No
     _, prepared, model, _ = load_run_model(run_dir)
     enc = model.encoder
     if enc is None or not getattr(enc, "has_attention", False):
-        raise SicotError(f"{run_dir}: encoder {getattr(enc, 'name', 'none') if enc is not None else 'none'} has no word attention (use bilinear or bilstm_attention)")
+        raise SicotError(
+            f"{run_dir}: encoder {getattr(enc, 'name', 'none') if enc is not None else 'none'} has no word attention (use bilinear or bilstm_attention)"
+        )
     if class_name is not None:
         if class_name not in prepared.class_names:
             raise SicotError(f"class {class_name!r} not in the dataset (e.g. {prepared.class_names[0]!r})")
@@ -173,7 +181,14 @@ def attention(run_dir: Path, rows: list[int] | None = None, class_name: str | No
         ids = prepared.tokens[row, : prepared.lengths[row]]
         w = att[i, : len(ids)]
         order = np.argsort(-w, kind="stable")
-        out.append(TitleAttention(row, prepared.class_names[prepared.labels[row]], [prepared.words[ids[j]] for j in order], [float(w[j]) for j in order]))
+        out.append(
+            TitleAttention(
+                row,
+                prepared.class_names[prepared.labels[row]],
+                [prepared.words[ids[j]] for j in order],
+                [float(w[j]) for j in order],
+            )
+        )
     return out
 
 
@@ -226,13 +241,28 @@ def fig7_attention(items: list[TitleAttention], path: Path, encoder: str) -> Pat
     from matplotlib import font_manager
 
     _add_bundled_cjk_font(font_manager)
-    cjk = [f.name for f in font_manager.fontManager.ttflist if any(s in f.name for s in ("Noto Sans CJK", "WenQuanYi", "Droid Sans Fallback", "AR PL"))]
+    cjk = [
+        f.name
+        for f in font_manager.fontManager.ttflist
+        if any(s in f.name for s in ("Noto Sans CJK", "WenQuanYi", "Droid Sans Fallback", "AR PL"))
+    ]
     if cjk:
         plt.rcParams["font.family"] = [cjk[0], "DejaVu Sans"]
     fig, ax = plt.subplots(figsize=(9, 0.6 + 0.55 * len(items)))
     ax.axis("off")
     # The words start after the widest class label (wrapped at LABEL_CHARS), never on top of it.
-    labels = [ax.text(0.0, 1 - (i + 0.5) / len(items), fig7_label(t.label), fontsize=8, ha="left", va="center", transform=ax.transAxes) for i, t in enumerate(items)]
+    labels = [
+        ax.text(
+            0.0,
+            1 - (i + 0.5) / len(items),
+            fig7_label(t.label),
+            fontsize=8,
+            ha="left",
+            va="center",
+            transform=ax.transAxes,
+        )
+        for i, t in enumerate(items)
+    ]
     fig.canvas.draw()
     x0 = max((lab.get_window_extent().transformed(ax.transAxes.inverted()).x1 for lab in labels), default=0.0) + 0.02
     for i, t in enumerate(items):
@@ -240,13 +270,21 @@ def fig7_attention(items: list[TitleAttention], path: Path, encoder: str) -> Pat
         x = x0
         for j, (w, a) in enumerate(zip(t.words, t.weights, strict=True)):
             colour = {"green": "#1a9641", "red": "#d7191c"}.get(word_colour(j, len(t.words)) or "", "black")
-            txt = ax.text(x, y, f"{w} {a:.2f}", fontsize=8, color=colour, ha="left", va="center", transform=ax.transAxes)
+            txt = ax.text(
+                x, y, f"{w} {a:.2f}", fontsize=8, color=colour, ha="left", va="center", transform=ax.transAxes
+            )
             fig.canvas.draw()
             bbox = txt.get_window_extent().transformed(ax.transAxes.inverted())
             x = bbox.x1 + 0.012
     ax.set_title(f"Fig. 7: words ordered by learned attention ({encoder}); green: 3 highest, red: 3 lowest", fontsize=9)
     if not cjk:
-        ax.text(0, -0.05, "(no CJK font installed: Chinese words may show as boxes; install fonts-noto-cjk)", fontsize=6, transform=ax.transAxes)
+        ax.text(
+            0,
+            -0.05,
+            "(no CJK font installed: Chinese words may show as boxes; install fonts-noto-cjk)",
+            fontsize=6,
+            transform=ax.transAxes,
+        )
     return _save(fig, path)
 
 
@@ -260,11 +298,17 @@ def render_all(report: Report, out_dir: Path) -> list[Path]:
     except SicotError:
         prepared = None
     if prepared is not None:
-        written.append(fig6_distribution(prepared.train_counts, report.head_threshold, report.dataset, out_dir / "fig6_distribution.png"))
+        written.append(
+            fig6_distribution(
+                prepared.train_counts, report.head_threshold, report.dataset, out_dir / "fig6_distribution.png"
+            )
+        )
         p = per_class_gain(report, prepared.train_counts, out_dir / "per_class_gain.png")
         if p is not None:
             written.append(p)
-        att_run = next((r for r in report.runs if r.encoder == report.chosen), None) or next((r for r in report.runs if r.encoder in ("bilinear", "bilstm_attention")), None)
+        att_run = next((r for r in report.runs if r.encoder == report.chosen), None) or next(
+            (r for r in report.runs if r.encoder in ("bilinear", "bilstm_attention")), None
+        )
         if att_run is not None:
             try:
                 items = attention(att_run.path, n=6)

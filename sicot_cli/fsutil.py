@@ -146,10 +146,15 @@ def check_name(path: Path) -> None:
     Raises:
         SicotError: naming the limit, before anything is written.
     """
-    longest = max([len(p.encode("utf-8", "surrogateescape")) for p in path.parts] + [len(tmp_name(path).name.encode("utf-8", "surrogateescape"))])
+    longest = max(
+        [len(p.encode("utf-8", "surrogateescape")) for p in path.parts]
+        + [len(tmp_name(path).name.encode("utf-8", "surrogateescape"))]
+    )
     limit = _name_max(path.parent)
     if longest > limit:
-        raise SicotError(f"{path}: file name too long (at most {limit - len(tmp_name(Path('x')).name) + 1} bytes here, including the temporary name's suffix)")
+        raise SicotError(
+            f"{path}: file name too long (at most {limit - len(tmp_name(Path('x')).name) + 1} bytes here, including the temporary name's suffix)"
+        )
 
 
 def exists(path: Path) -> bool:

@@ -46,9 +46,7 @@ def topk_hits(topk: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
     if labels.ndim != 1:
         raise ValueError(f"labels must be 1-D [N], got shape {labels.shape}")
     if topk.shape[0] != labels.shape[0]:
-        raise ValueError(
-            f"topk has {topk.shape[0]} rows but labels has {labels.shape[0]} entries"
-        )
+        raise ValueError(f"topk has {topk.shape[0]} rows but labels has {labels.shape[0]} entries")
     if not 1 <= k <= topk.shape[1]:
         raise ValueError(f"k must be in [1, {topk.shape[1]}] (columns of topk), got {k}")
     return (topk[:, :k] == labels[:, None]).any(axis=1)
@@ -107,9 +105,7 @@ def head_tail_groups(train_counts: np.ndarray, head_threshold: int) -> dict[str,
     return {"head": counts >= head_threshold, "tail": (counts >= 1) & (counts < head_threshold)}
 
 
-def many_medium_few_groups(
-    train_counts: np.ndarray, many: int = 100, few: int = 20
-) -> dict[str, np.ndarray]:
+def many_medium_few_groups(train_counts: np.ndarray, many: int = 100, few: int = 20) -> dict[str, np.ndarray]:
     """The many/medium/few-shot split of Liu et al. 2019 (OLTR, "Large-Scale Long-Tailed
     Recognition in an Open World", CVPR'19) on per-class TRAINING image counts.
 
@@ -184,9 +180,7 @@ def evaluate(
     if topk.ndim != 2:
         raise ValueError(f"topk must be 2-D [N, K], got shape {topk.shape}")
     if topk.shape[0] != labels.shape[0]:
-        raise ValueError(
-            f"topk has {topk.shape[0]} rows but labels has {labels.shape[0]} entries"
-        )
+        raise ValueError(f"topk has {topk.shape[0]} rows but labels has {labels.shape[0]} entries")
     if topk.size and (topk.min() < 0 or topk.max() >= num_classes):
         raise ValueError(
             f"topk holds class indices outside [0, {num_classes}) "
@@ -202,8 +196,7 @@ def evaluate(
             raise ValueError(f"every k in ks must be >= 1, got {k}")
         if k > width and width != num_classes:
             raise ValueError(
-                f"top{k} needs at least {k} predictions per image, topk has {width} "
-                f"(of {num_classes} classes)"
+                f"top{k} needs at least {k} predictions per image, topk has {width} (of {num_classes} classes)"
             )
         hits = topk_hits(topk, labels, min(k, width))
         out[f"top{k}"] = 100.0 * int(hits.sum()) / n_test if n_test else None

@@ -102,13 +102,17 @@ def _sicot_visual_state(path: Path, backbone: str) -> dict[str, torch.Tensor]:
         if not runs.is_run(path):
             raise SicotError(f"model.pretrained: {path} is a folder but not a sicot run directory (no {runs.CONFIG})")
         if not runs.is_finished(path):
-            raise SicotError(f"model.pretrained: run {path} has not finished (no {runs.SUMMARY}): finish it with `sicot train --resume --run-dir {path}`, or name one of its checkpoint files")
+            raise SicotError(
+                f"model.pretrained: run {path} has not finished (no {runs.SUMMARY}): finish it with `sicot train --resume --run-dir {path}`, or name one of its checkpoint files"
+            )
         path = path / runs.LAST
     state = runs.load_checkpoint(path)
     if runs.is_run(run_dir):
         theirs = runs.read_config(run_dir).get("recipe", {}).get("model", {}).get("backbone")
         if theirs and theirs != backbone:
-            raise SicotError(f"model.pretrained: {path} holds a {theirs} visual stream, model.backbone is {backbone}: set model.backbone = \"{theirs}\" or pretrain a {backbone}")
+            raise SicotError(
+                f'model.pretrained: {path} holds a {theirs} visual stream, model.backbone is {backbone}: set model.backbone = "{theirs}" or pretrain a {backbone}'
+            )
     visual = {k.removeprefix("visual."): v for k, v in state["model"].items() if k.startswith("visual.")}
     if not visual:
         raise SicotError(f"model.pretrained: {path} holds no visual stream weights")
@@ -147,7 +151,9 @@ def load_pretrained(net: nn.Module, backbone: str, pretrained: str) -> None:
     else:
         path = Path(pretrained)
         if not path.exists():
-            raise SicotError(f"model.pretrained: {path} not found (a state_dict file, a sicot run directory, or \"imagenet\")")
+            raise SicotError(
+                f'model.pretrained: {path} not found (a state_dict file, a sicot run directory, or "imagenet")'
+            )
     if path.is_dir() or _starts_with(path, runs.MAGIC):
         state = _sicot_visual_state(path, backbone)
     else:
@@ -183,7 +189,15 @@ def build_backbone(name: str, pretrained: str = "") -> tuple[nn.Module, int]:
 class SICoT(nn.Module):
     """Visual stream + optional semantic stream + one shared classifier."""
 
-    def __init__(self, backbone: nn.Module, feat_dim: int, num_classes: int, encoder: nn.Module | None = None, semantic_norm: str = "none", shard: tuple[int, int] | None = None) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        feat_dim: int,
+        num_classes: int,
+        encoder: nn.Module | None = None,
+        semantic_norm: str = "none",
+        shard: tuple[int, int] | None = None,
+    ) -> None:
         super().__init__()
         self.visual = backbone
         self.feat_dim = feat_dim
@@ -212,7 +226,9 @@ class SICoT(nn.Module):
         """Image-only scores (inference): the classifier on x_v."""
         return self.classifier(self.features(images))
 
-    def streams(self, images: torch.Tensor, tokens: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def streams(
+        self, images: torch.Tensor, tokens: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x_v and, when there is an encoder and a title, x_m = max(x_v, s)."""
         x_v = self.features(images)
         if self.encoder is None or tokens is None:
@@ -222,7 +238,9 @@ class SICoT(nn.Module):
             s = self.semantic_norm(s.float())
         return x_v, torch.maximum(x_v, s.to(x_v.dtype))
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, images: torch.Tensor, tokens: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Scores of x_v and, when there is an encoder and a title, of x_m = max(x_v, s)."""
         x_v, x_m = self.streams(images, tokens, mask)
         if x_m is None:
@@ -230,7 +248,13 @@ class SICoT(nn.Module):
         return score_both(x_v, x_m, self.classifier.weight, self.classifier.bias, self.mixed_trains_classifier)
 
 
-def score_cat(x_v: torch.Tensor, x_m: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor, mixed_trains_classifier: bool = True) -> torch.Tensor:
+def score_cat(
+    x_v: torch.Tensor,
+    x_m: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    mixed_trains_classifier: bool = True,
+) -> torch.Tensor:
     """Eq. 1's two scorings by the one shared classifier in ONE matrix product: ``[x_v; x_m] W^T + b``.
 
     Same arithmetic as scoring x_v and x_m apart, but one forward GEMM, one weight-gradient GEMM
@@ -247,7 +271,9 @@ def score_cat(x_v: torch.Tensor, x_m: torch.Tensor | None, weight: torch.Tensor,
     return F.linear(torch.cat([x_v, x_m]), weight, bias)
 
 
-def score_both(x_v: torch.Tensor, x_m: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mixed_trains_classifier: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def score_both(
+    x_v: torch.Tensor, x_m: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mixed_trains_classifier: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`score_cat` split into the scores of x_v and of x_m (views of one tensor)."""
     logits_v, logits_m = score_cat(x_v, x_m, weight, bias, mixed_trains_classifier).split(x_v.shape[0])
     return logits_v, logits_m
@@ -267,11 +293,15 @@ class Streams(nn.Module):
         self.semantic_norm = model.semantic_norm
         self._streams = model.streams  # a bound method: the modules above are the same objects
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, images: torch.Tensor, tokens: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self._streams(images, tokens, mask)
 
 
-def combine_losses(loss_v: torch.Tensor, loss_m: torch.Tensor | None, lam: float, normalize: bool = False) -> torch.Tensor:
+def combine_losses(
+    loss_v: torch.Tensor, loss_m: torch.Tensor | None, lam: float, normalize: bool = False
+) -> torch.Tensor:
     """Eq. 1 from its two terms: CE(x_v) + lambda * CE(x_m), divided by (1 + lambda) if ``normalize``."""
     if loss_m is None:
         return loss_v
@@ -279,14 +309,27 @@ def combine_losses(loss_v: torch.Tensor, loss_m: torch.Tensor | None, lam: float
     return total / (1.0 + lam) if normalize else total
 
 
-def sicot_loss(logits_v: torch.Tensor, logits_m: torch.Tensor | None, labels: torch.Tensor, lam: float, normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def sicot_loss(
+    logits_v: torch.Tensor, logits_m: torch.Tensor | None, labels: torch.Tensor, lam: float, normalize: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Eq. 1: CE(x_v) + lambda * CE(x_m) (over 1 + lambda if ``normalize``); returns (total, CE_v, CE_m)."""
     loss_v = F.cross_entropy(logits_v.float(), labels)
     loss_m = None if logits_m is None else F.cross_entropy(logits_m.float(), labels)
     return combine_losses(loss_v, loss_m, lam, normalize), loss_v, loss_m
 
 
-def build_model(backbone: str, num_classes: int, encoder: str, vectors: torch.Tensor, pretrained: str = "", encoder_options: dict | None = None, freeze_embeddings: bool = False, semantic_norm: str = "none", shard: tuple[int, int] | None = None, mixed_trains_classifier: bool = True) -> SICoT:
+def build_model(
+    backbone: str,
+    num_classes: int,
+    encoder: str,
+    vectors: torch.Tensor,
+    pretrained: str = "",
+    encoder_options: dict | None = None,
+    freeze_embeddings: bool = False,
+    semantic_norm: str = "none",
+    shard: tuple[int, int] | None = None,
+    mixed_trains_classifier: bool = True,
+) -> SICoT:
     """The SICoT model (``encoder="none"``: the baseline).
 
     The backbone and the classifier are built first, so the same torch seed gives the baseline and
@@ -302,7 +345,9 @@ def build_model(backbone: str, num_classes: int, encoder: str, vectors: torch.Te
         # fork_rng: the encoder's initialisation must not shift the random stream that the
         # training (dropout in some backbones) draws from, or baseline and co-training would differ.
         with torch.random.fork_rng(devices=[]):
-            model.encoder = create_encoder(encoder, vectors=vectors, out_dim=dim, freeze_embeddings=freeze_embeddings, **(encoder_options or {}))
+            model.encoder = create_encoder(
+                encoder, vectors=vectors, out_dim=dim, freeze_embeddings=freeze_embeddings, **(encoder_options or {})
+            )
             if semantic_norm == "batchnorm":
                 model.semantic_norm = nn.BatchNorm1d(dim)
     return model

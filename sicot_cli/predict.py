@@ -80,7 +80,13 @@ class Prediction:
     titles: list[str | None]
 
     def as_dict(self) -> dict[str, object]:
-        return {"image": self.image, "top": [{"class": c, "score": s, "title": t} for c, s, t in zip(self.classes, self.scores, self.titles, strict=True)]}
+        return {
+            "image": self.image,
+            "top": [
+                {"class": c, "score": s, "title": t}
+                for c, s, t in zip(self.classes, self.scores, self.titles, strict=True)
+            ],
+        }
 
 
 @dataclass
@@ -116,12 +122,19 @@ class Recognizer:
         idx = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         titles = self.titles(set(idx.ravel().tolist()))
         return [
-            Prediction(name, [self.class_names[c] for c in idx[i]], [float(probs[i, c]) for c in idx[i]], [titles.get(int(c)) for c in idx[i]])
+            Prediction(
+                name,
+                [self.class_names[c] for c in idx[i]],
+                [float(probs[i, c]) for c in idx[i]],
+                [titles.get(int(c)) for c in idx[i]],
+            )
             for i, name in enumerate(names)
         ]
 
 
-def load_recognizer(run_dir: str | Path, checkpoint: str = "last", data: str | Path | None = None, device: str = "auto") -> Recognizer:
+def load_recognizer(
+    run_dir: str | Path, checkpoint: str = "last", data: str | Path | None = None, device: str = "auto"
+) -> Recognizer:
     """The image-only model of a run, in eval mode on ``device``.
 
     Raises:
@@ -136,10 +149,23 @@ def load_recognizer(run_dir: str | Path, checkpoint: str = "last", data: str | P
         x = torch.from_numpy(np.ascontiguousarray(images)).to(dev)
         return torch.softmax(model.logits(model.normalize(x)).float(), dim=1).cpu().numpy()
 
-    return Recognizer(prepared.image_size, list(prepared.class_names), probabilities, lambda cs: representative_titles(prepared, cs), f"run {run_dir} ({checkpoint})")
+    return Recognizer(
+        prepared.image_size,
+        list(prepared.class_names),
+        probabilities,
+        lambda cs: representative_titles(prepared, cs),
+        f"run {run_dir} ({checkpoint})",
+    )
 
 
-def predict(run_dir: str | Path, images: list[str | Path], k: int = 3, checkpoint: str = "last", data: str | Path | None = None, device: str = "auto") -> list[Prediction]:
+def predict(
+    run_dir: str | Path,
+    images: list[str | Path],
+    k: int = 3,
+    checkpoint: str = "last",
+    data: str | Path | None = None,
+    device: str = "auto",
+) -> list[Prediction]:
     """Top-k classes of each image, by the image-only model of a run.
 
     Raises:

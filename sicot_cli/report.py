@@ -72,11 +72,21 @@ class Run:
                 labels = f["labels"][()]
                 topk = f["topk_labels"][()]
         except (OSError, KeyError, ValueError, TypeError) as e:  # truncated, damaged or missing a dataset
-            raise SicotError(f"{path}: unreadable predictions ({e}): a damaged run file (retrain it, or leave it out of the report)") from None
+            raise SicotError(
+                f"{path}: unreadable predictions ({e}): a damaged run file (retrain it, or leave it out of the report)"
+            ) from None
         n = len(labels)
-        if not (rows.ndim == labels.ndim == 1 and len(rows) == n and topk.ndim == 2 and topk.shape[0] == n and topk.shape[1] >= 1
-                and all(a.dtype.kind in "iu" for a in (rows, labels, topk))):
-            raise SicotError(f"{path}: field topk_labels/labels/rows: shapes {topk.shape}/{labels.shape}/{rows.shape} do not fit together: a damaged run file")
+        if not (
+            rows.ndim == labels.ndim == 1
+            and len(rows) == n
+            and topk.ndim == 2
+            and topk.shape[0] == n
+            and topk.shape[1] >= 1
+            and all(a.dtype.kind in "iu" for a in (rows, labels, topk))
+        ):
+            raise SicotError(
+                f"{path}: field topk_labels/labels/rows: shapes {topk.shape}/{labels.shape}/{rows.shape} do not fit together: a damaged run file"
+            )
         return rows, (topk[:, :k] == labels[:, None]).any(axis=1)
 
 
@@ -91,7 +101,9 @@ def find_runs(paths: list[Path]) -> list[Path]:
             continue
         below = sorted(c for c in p.iterdir() if c.is_dir() and runs.is_run(c))
         if not below:
-            raise SicotError(f"{p}: not a run directory and holds none (no config.json); runs are made by `sicot train` or `sicot ablate`")
+            raise SicotError(
+                f"{p}: not a run directory and holds none (no config.json); runs are made by `sicot train` or `sicot ablate`"
+            )
         found.extend(below)
     return found
 
@@ -113,7 +125,17 @@ def load_runs(paths: list[Path]) -> tuple[list[Run], list[Path]]:
             continue
         summary = runs.read_summary(d)
         history = runs.read_metrics(d)
-        done.append(Run(d, method_label(config), int(config["recipe"]["train"]["seed"]), config, summary.get("final") or (history[-1] if history else {}), history, {k: v for k, v in summary.items() if k.startswith("per_class_")}))
+        done.append(
+            Run(
+                d,
+                method_label(config),
+                int(config["recipe"]["train"]["seed"]),
+                config,
+                summary.get("final") or (history[-1] if history else {}),
+                history,
+                {k: v for k, v in summary.items() if k.startswith("per_class_")},
+            )
+        )
     if not done:
         raise SicotError(f"no finished run under {', '.join(map(str, paths))} ({len(unfinished)} unfinished)")
     return done, unfinished
@@ -162,8 +184,12 @@ def bootstrap_ci(diff: np.ndarray, n_boot: int = BOOTSTRAP, seed: int = 0) -> tu
     from scipy import stats
 
     res = stats.bootstrap(
-        (diff,), lambda x, axis: np.mean(x, axis=axis) * 100.0, n_resamples=n_boot,
-        confidence_level=1 - ALPHA, method="percentile", rng=np.random.default_rng(seed),
+        (diff,),
+        lambda x, axis: np.mean(x, axis=axis) * 100.0,
+        n_resamples=n_boot,
+        confidence_level=1 - ALPHA,
+        method="percentile",
+        rng=np.random.default_rng(seed),
     )
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
@@ -234,9 +260,13 @@ class Gain:
     def as_dict(self) -> dict[str, Any]:
         p = None if self.t_undefined else self.p_value
         return {
-            "mean": self.mean, "std": mean_std(self.values)[1], "values": self.values, "p_value": p,
+            "mean": self.mean,
+            "std": mean_std(self.values)[1],
+            "values": self.values,
+            "p_value": p,
             "t_test": "undefined" if self.t_undefined else "ok" if p is not None else None,
-            "ci95": list(self.ci) if self.ci else None, "significant": self.significant,
+            "ci95": list(self.ci) if self.ci else None,
+            "significant": self.significant,
         }
 
 
@@ -321,15 +351,56 @@ class Report:
 
     def tables(self) -> dict[str, list[dict[str, str]]]:
         has_base = BASELINE in self.cells
-        t2 = [] if not has_base else [{"dataset": self.dataset, "baseline": self.pair(BASELINE, "top1"), f"co-training ({self.chosen})": self.pair(self.chosen, "top1"), "gain": self.pair_gain(self.chosen, "top1"), "evidence (top-1 gain)": self.evidence(self.chosen, "top1")}] if self.chosen in self.cells else []
-        t3 = [{"method": "baseline" if e == BASELINE else e, "top-1": self.fmt(e, "top1"), "gain": "-" if e == BASELINE else self.fmt_gain(e, "top1"), "evidence": "-" if e == BASELINE else self.evidence(e, "top1")} for e in self.encoders]
+        t2 = (
+            []
+            if not has_base
+            else [
+                {
+                    "dataset": self.dataset,
+                    "baseline": self.pair(BASELINE, "top1"),
+                    f"co-training ({self.chosen})": self.pair(self.chosen, "top1"),
+                    "gain": self.pair_gain(self.chosen, "top1"),
+                    "evidence (top-1 gain)": self.evidence(self.chosen, "top1"),
+                }
+            ]
+            if self.chosen in self.cells
+            else []
+        )
+        t3 = [
+            {
+                "method": "baseline" if e == BASELINE else e,
+                "top-1": self.fmt(e, "top1"),
+                "gain": "-" if e == BASELINE else self.fmt_gain(e, "top1"),
+                "evidence": "-" if e == BASELINE else self.evidence(e, "top1"),
+            }
+            for e in self.encoders
+        ]
         h = self.head_threshold
-        groups = [("head", f"{h} - max"), ("tail", f"1 - {h}"), ("many", f"> {self.many_threshold}"), ("medium", f"{self.few_threshold} - {self.many_threshold}"), ("few", f"< {self.few_threshold}")]
+        groups = [
+            ("head", f"{h} - max"),
+            ("tail", f"1 - {h}"),
+            ("many", f"> {self.many_threshold}"),
+            ("medium", f"{self.few_threshold} - {self.many_threshold}"),
+            ("few", f"< {self.few_threshold}"),
+        ]
         t4 = []
         if self.chosen in self.cells and has_base:
             for g, span in groups:
-                t4.append({"classes": g, "#training samples": span, "baseline": self.pair(BASELINE, f"{g}_top1"), f"co-training ({self.chosen})": self.pair(self.chosen, f"{g}_top1"), "gain": self.pair_gain(self.chosen, f"{g}_top1"), "evidence (top-1 gain)": self.evidence(self.chosen, f"{g}_top1")})
-        return {"Table 2: baseline vs co-training, top-1 (top-3)": t2, "Table 3: encoders, top-1": t3, "Table 4: head/tail and many/medium/few, class-averaged top-1 (top-3)": t4}
+                t4.append(
+                    {
+                        "classes": g,
+                        "#training samples": span,
+                        "baseline": self.pair(BASELINE, f"{g}_top1"),
+                        f"co-training ({self.chosen})": self.pair(self.chosen, f"{g}_top1"),
+                        "gain": self.pair_gain(self.chosen, f"{g}_top1"),
+                        "evidence (top-1 gain)": self.evidence(self.chosen, f"{g}_top1"),
+                    }
+                )
+        return {
+            "Table 2: baseline vs co-training, top-1 (top-3)": t2,
+            "Table 3: encoders, top-1": t3,
+            "Table 4: head/tail and many/medium/few, class-averaged top-1 (top-3)": t4,
+        }
 
 
 def build_report(paths: list[Path], chosen: str = "bilinear", bootstrap: bool = True) -> Report:
@@ -345,7 +416,9 @@ def build_report(paths: list[Path], chosen: str = "bilinear", bootstrap: bool = 
     seen: dict[tuple[str, int], Path] = {}
     for r in runs_:
         if (r.encoder, r.seed) in seen:
-            raise SicotError(f"two runs of encoder {r.encoder!r} with seed {r.seed}: {seen[(r.encoder, r.seed)]} and {r.path}; report them separately")
+            raise SicotError(
+                f"two runs of encoder {r.encoder!r} with seed {r.seed}: {seen[(r.encoder, r.seed)]} and {r.path}; report them separately"
+            )
         seen[(r.encoder, r.seed)] = r.path
     encoders = sorted({r.encoder for r in runs_}, key=lambda e: (e != BASELINE, e))
     # Without a baseline there are no gains: Table 3 (accuracies), the curves and the per-class
@@ -354,7 +427,10 @@ def build_report(paths: list[Path], chosen: str = "bilinear", bootstrap: bool = 
         chosen = next((e for e in encoders if e != BASELINE), BASELINE)
     seeds = sorted({r.seed for r in runs_})
     keys = _metric_keys(runs_)
-    cells = {e: {k: Cell([float(r.final[k]) for r in runs_ if r.encoder == e and r.final.get(k) is not None]) for k in keys} for e in encoders}
+    cells = {
+        e: {k: Cell([float(r.final[k]) for r in runs_ if r.encoder == e and r.final.get(k) is not None]) for k in keys}
+        for e in encoders
+    }
     gains: dict[str, dict[str, Gain]] = {}
     base_by_seed = {r.seed: r for r in runs_ if r.encoder == BASELINE}
     for e in encoders:
@@ -363,7 +439,11 @@ def build_report(paths: list[Path], chosen: str = "bilinear", bootstrap: bool = 
         pairs = [(r, base_by_seed[r.seed]) for r in runs_ if r.encoder == e and r.seed in base_by_seed]
         gains[e] = {}
         for k in keys:
-            both = [(float(a.final[k]), float(b.final[k])) for a, b in pairs if a.final.get(k) is not None and b.final.get(k) is not None]
+            both = [
+                (float(a.final[k]), float(b.final[k]))
+                for a, b in pairs
+                if a.final.get(k) is not None and b.final.get(k) is not None
+            ]
             gains[e][k] = Gain([a - b for a, b in both], paired_t([a for a, _ in both], [b for _, b in both]))
         if bootstrap and pairs:
             for k in ("top1", "top3"):
@@ -382,9 +462,16 @@ def build_report(paths: list[Path], chosen: str = "bilinear", bootstrap: bool = 
     recipe = runs_[0].config["recipe"]
     protocol = "; ".join(sorted({runs.selection_line(r.final) for r in runs_}))
     return Report(
-        runs_, unfinished, encoders, seeds, chosen, cells, gains,
+        runs_,
+        unfinished,
+        encoders,
+        seeds,
+        chosen,
+        cells,
+        gains,
         int(runs_[0].final.get("head_threshold", recipe["eval"]["head_threshold"])),
-        int(runs_[0].final.get("many_threshold", recipe["eval"]["many_threshold"])), int(runs_[0].final.get("few_threshold", recipe["eval"]["few_threshold"])),
+        int(runs_[0].final.get("many_threshold", recipe["eval"]["many_threshold"])),
+        int(runs_[0].final.get("few_threshold", recipe["eval"]["few_threshold"])),
         str(recipe.get("name", "dataset")),
         f"scored on the {protocol}",
     )
@@ -395,9 +482,13 @@ def build_report(paths: list[Path], chosen: str = "bilinear", bootstrap: bool = 
 
 def to_markdown(report: Report) -> str:
     out = [
-        f"# sicot report: {report.dataset}", "",
-        f"Seeds: {', '.join(map(str, report.seeds))}; runs: {len(report.runs)}" + (f"; unfinished (left out): {len(report.unfinished)}" if report.unfinished else ""), "",
-        f"Every number is image-only, {report.protocol}.", "",
+        f"# sicot report: {report.dataset}",
+        "",
+        f"Seeds: {', '.join(map(str, report.seeds))}; runs: {len(report.runs)}"
+        + (f"; unfinished (left out): {len(report.unfinished)}" if report.unfinished else ""),
+        "",
+        f"Every number is image-only, {report.protocol}.",
+        "",
     ]
     for title, rows in report.tables().items():
         if not rows:
@@ -420,7 +511,20 @@ def to_csv(report: Report) -> str:
     for e in report.encoders:
         for k, c in report.cells[e].items():
             g = report.gains.get(e, {}).get(k)
-            w.writerow([e, k, c.mean if c.values else "", "" if c.std is None else c.std, len(c.values), "" if g is None or not g.values else g.mean, "" if g is None or g.p_value is None else "undefined" if g.t_undefined else g.p_value, "" if g is None or g.ci is None else g.ci[0], "" if g is None or g.ci is None else g.ci[1], "" if g is None or g.significant is None else g.significant])
+            w.writerow(
+                [
+                    e,
+                    k,
+                    c.mean if c.values else "",
+                    "" if c.std is None else c.std,
+                    len(c.values),
+                    "" if g is None or not g.values else g.mean,
+                    "" if g is None or g.p_value is None else "undefined" if g.t_undefined else g.p_value,
+                    "" if g is None or g.ci is None else g.ci[0],
+                    "" if g is None or g.ci is None else g.ci[1],
+                    "" if g is None or g.significant is None else g.significant,
+                ]
+            )
     return buf.getvalue()
 
 
@@ -449,7 +553,11 @@ def per_class_rows(report: Report, info: tuple[list[str], list[int]] | None) -> 
     for c in range(n):
         row: dict[str, Any] = {"class": names[c], "train_images": counts[c]}
         for e in report.encoders:
-            vals = [r.per_class["per_class_top1"][c] for r in report.runs if r.encoder == e and r.per_class.get("per_class_top1")]
+            vals = [
+                r.per_class["per_class_top1"][c]
+                for r in report.runs
+                if r.encoder == e and r.per_class.get("per_class_top1")
+            ]
             vals = [v for v in vals if v is not None]
             row[f"top1 {'baseline' if e == BASELINE else e}"] = round(sum(vals) / len(vals), 2) if vals else None
         rows.append(row)
@@ -472,7 +580,7 @@ def confused_pairs(report: Report, names: list[str] | None, encoder: str, top: i
         for t, p in zip(labels.tolist(), pred.tolist(), strict=True):
             if t != p:
                 pairs[(t, p)] = pairs.get((t, p), 0) + 1
-    name = (lambda i: names[i] if names is not None and 0 <= i < len(names) else str(i))  # noqa: E731
+    name = lambda i: names[i] if names is not None and 0 <= i < len(names) else str(i)  # noqa: E731
     ranked = sorted(pairs.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
     return [(name(t), name(p), n) for (t, p), n in ranked]
 
@@ -514,7 +622,12 @@ def _extras_markdown(report: Report, info: tuple[list[str], list[int]] | None) -
         pairs = confused_pairs(report, names, e)
         if not pairs:
             continue
-        out += [f"## Most confused class pairs ({'baseline' if e == BASELINE else e}, test top-1, all seeds)", "", "| true class | predicted as | images |", "|---|---|---:|"]
+        out += [
+            f"## Most confused class pairs ({'baseline' if e == BASELINE else e}, test top-1, all seeds)",
+            "",
+            "| true class | predicted as | images |",
+            "|---|---|---:|",
+        ]
         out += [f"| {t.replace('|', chr(92) + '|')} | {p.replace('|', chr(92) + '|')} | {n} |" for t, p, n in pairs]
         out.append("")
     return "\n".join(out)
@@ -526,8 +639,18 @@ def write_report(report: Report, out_dir: Path) -> list[Path]:
 
     info = _class_info(report)
     written = []
-    md = to_markdown(report) + "\n" + _extras_markdown(report, info) + "\nPer-class results: per_class.csv (class name, training images, test top-1 per encoder).\n"
-    files = [("report.md", md), ("report.csv", to_csv(report)), ("report.json", to_json(report)), ("per_class.csv", _per_class_csv(per_class_rows(report, info)))]
+    md = (
+        to_markdown(report)
+        + "\n"
+        + _extras_markdown(report, info)
+        + "\nPer-class results: per_class.csv (class name, training images, test top-1 per encoder).\n"
+    )
+    files = [
+        ("report.md", md),
+        ("report.csv", to_csv(report)),
+        ("report.json", to_json(report)),
+        ("per_class.csv", _per_class_csv(per_class_rows(report, info))),
+    ]
     for name, text in files:
         path = out_dir / name
         with atomic_path(path) as tmp:

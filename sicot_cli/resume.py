@@ -25,7 +25,16 @@ from sicot_cli.fsutil import write_json
 # last bits, as any two devices do), evaluation batch size, compilation and memory layout, where
 # runs are kept, and the sections only `prepare` reads (the prepared file itself is checked by
 # its fingerprint on resume). Everything else is part of the result.
-NEUTRAL = ("train.device", "train.eval_batch_size", "train.compile", "train.channels_last", "train.runs_dir", "data.", "text.", "embed.")
+NEUTRAL = (
+    "train.device",
+    "train.eval_batch_size",
+    "train.compile",
+    "train.channels_last",
+    "train.runs_dir",
+    "data.",
+    "text.",
+    "embed.",
+)
 
 
 def _flat(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -49,7 +58,9 @@ def changes(saved: dict[str, Any], wanted: dict[str, Any]) -> dict[str, list[Any
     }
 
 
-def resume_recipe(run_dir: Path, recipe: Path | None, overrides: list[str], allow_changes: bool = False) -> tuple[Recipe, Path]:
+def resume_recipe(
+    run_dir: Path, recipe: Path | None, overrides: list[str], allow_changes: bool = False
+) -> tuple[Recipe, Path]:
     """The recipe and prepared file to resume ``run_dir`` with.
 
     Args:
@@ -68,7 +79,11 @@ def resume_recipe(run_dir: Path, recipe: Path | None, overrides: list[str], allo
     config = runs.read_config(run_dir)
     path = run_dir / runs.CONFIG
     saved = config["recipe"]
-    wanted = load_recipe(recipe, overrides) if recipe is not None else apply_overrides(saved, overrides, f"{path} with the command-line overrides")
+    wanted = (
+        load_recipe(recipe, overrides)
+        if recipe is not None
+        else apply_overrides(saved, overrides, f"{path} with the command-line overrides")
+    )
     # compared as resolved recipes: a key a newer sicot added is at its default in both
     diff = changes(recipe_from_dict(saved, f"{path}, field recipe").to_dict(), wanted.to_dict())
     if diff and not allow_changes:
@@ -78,6 +93,13 @@ def resume_recipe(run_dir: Path, recipe: Path | None, overrides: list[str], allo
             f"resume with `sicot train --resume --run-dir {run_dir}` alone, or pass --allow-changes to accept and record the change"
         )
     if diff:
-        when = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        write_json(path, {**config, "recipe": wanted.to_dict(), "changes": [*config.get("changes", []), {"at": when, "settings": diff}]})
+        when = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+        write_json(
+            path,
+            {
+                **config,
+                "recipe": wanted.to_dict(),
+                "changes": [*config.get("changes", []), {"at": when, "settings": diff}],
+            },
+        )
     return wanted, Path(config["data"])

@@ -44,7 +44,9 @@ _HEADER = len(MAGIC) + 64 + 1
 def git_commit() -> str | None:
     """The commit of the sicot source tree, when it is a git checkout."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
@@ -70,7 +72,9 @@ def start_run(run_dir: Path, config: dict[str, Any], resume: bool) -> bool:
         remove_stale_tmps(run_dir)
     if run_dir.exists() and any(run_dir.iterdir()):
         if not resume:
-            raise SicotError(f"{run_dir}: run directory exists (pass --resume to continue it, or --run-dir to start another)")
+            raise SicotError(
+                f"{run_dir}: run directory exists (pass --resume to continue it, or --run-dir to start another)"
+            )
         if not (run_dir / LAST).is_file():
             if is_finished(run_dir):
                 return True
@@ -157,7 +161,9 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 def write_metrics(run_dir: Path, records: list[dict[str, Any]]) -> None:
     """Rewrite ``metrics.jsonl`` from a checkpoint's history (atomically)."""
     with atomic_path(run_dir / METRICS) as tmp:
-        tmp.write_text("".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+        tmp.write_text(
+            "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in records), encoding="utf-8"
+        )
 
 
 def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
@@ -227,7 +233,9 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 def _rebuild_hint(path: Path) -> str:
     if path.name == BEST:
         return f"use --checkpoint last, or retrain with `sicot train --run-dir NEW_DIR` and the recipe in {path.parent / CONFIG}"
-    return f"it cannot be repaired: retrain with `sicot train --run-dir NEW_DIR` and the recipe in {path.parent / CONFIG}"
+    return (
+        f"it cannot be repaired: retrain with `sicot train --run-dir NEW_DIR` and the recipe in {path.parent / CONFIG}"
+    )
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -251,11 +259,19 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
                 want, digest = head[len(MAGIC) : _HEADER - 1], hashlib.sha256()
                 for chunk in iter(lambda: f.read(_CHUNK), b""):
                     digest.update(chunk)
-                if len(head) < _HEADER or head[_HEADER - 1 : _HEADER] != b"\n" or digest.hexdigest().encode("ascii") != want:
-                    raise SicotError(f"{path}: corrupt checkpoint (checksum mismatch: truncated or damaged on disk); {_rebuild_hint(path)}")
+                if (
+                    len(head) < _HEADER
+                    or head[_HEADER - 1 : _HEADER] != b"\n"
+                    or digest.hexdigest().encode("ascii") != want
+                ):
+                    raise SicotError(
+                        f"{path}: corrupt checkpoint (checksum mismatch: truncated or damaged on disk); {_rebuild_hint(path)}"
+                    )
                 offset = _HEADER
             elif not head.startswith(b"PK"):  # torch.save's zip format, without our header
-                raise SicotError(f"{path}: not a sicot checkpoint ({'empty file' if not head else 'unknown format'}); {_rebuild_hint(path)}")
+                raise SicotError(
+                    f"{path}: not a sicot checkpoint ({'empty file' if not head else 'unknown format'}); {_rebuild_hint(path)}"
+                )
             try:
                 state = torch.load(_Payload(f, offset), map_location="cpu", weights_only=True)
             except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError... for bad files
@@ -287,7 +303,9 @@ def finish(run_dir: Path, history: list[dict[str, Any]], per_class: dict[str, An
     ``final`` holds the test metrics (scored once, after training) and which checkpoint and split
     produced them; ``history`` holds the per-epoch losses and validation metrics.
     """
-    write_json(run_dir / SUMMARY, {"final": {**(history[-1] if history else {}), **final}, "epochs": len(history), **per_class})
+    write_json(
+        run_dir / SUMMARY, {"final": {**(history[-1] if history else {}), **final}, "epochs": len(history), **per_class}
+    )
 
 
 def check_dataset(prepared: Prepared, config: dict[str, Any], run_dir: Path) -> None:

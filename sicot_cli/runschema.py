@@ -21,7 +21,9 @@ from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationErro
 from sicot_cli.errors import SicotError
 
 # Keys of a metrics record or of summary.json's "final" that hold numbers: report averages them.
-_METRIC = re.compile(r"(top\d+|(head|tail|many|medium|few)_top\d+|loss(_[vm])?|lr|epoch|train_images|.*_per_s|epoch_seconds|.*_classes|.*_threshold)")
+_METRIC = re.compile(
+    r"(top\d+|(head|tail|many|medium|few)_top\d+|loss(_[vm])?|lr|epoch|train_images|.*_per_s|epoch_seconds|.*_classes|.*_threshold)"
+)
 
 
 class _Strict(BaseModel):
@@ -45,7 +47,11 @@ class ConfigFile(_Strict):
 
 def _numbers(record: dict[str, Any]) -> dict[str, Any]:
     for key, value in record.items():
-        if _METRIC.fullmatch(key) and value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+        if (
+            _METRIC.fullmatch(key)
+            and value is not None
+            and (isinstance(value, bool) or not isinstance(value, int | float))
+        ):
             raise ValueError(f"{key} must be a number or null, got {value!r}")
     return record
 
@@ -75,7 +81,10 @@ class SummaryFile(_Strict):
     @model_validator(mode="after")
     def _per_class(self) -> SummaryFile:
         for key, value in (self.model_extra or {}).items():
-            if key.startswith("per_class_") and not (isinstance(value, list) and all(x is None or (isinstance(x, int | float) and not isinstance(x, bool)) for x in value)):
+            if key.startswith("per_class_") and not (
+                isinstance(value, list)
+                and all(x is None or (isinstance(x, int | float) and not isinstance(x, bool)) for x in value)
+            ):
                 raise ValueError(f"{key} must be a list of numbers or nulls")
         return self
 

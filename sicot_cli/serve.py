@@ -93,14 +93,19 @@ def need_extras() -> None:
 
     missing = [m for m in ("fastapi", "uvicorn", "python_multipart") if importlib.util.find_spec(m) is None]
     if missing:
-        raise SicotError(f"sicot serve needs the serve extras ({', '.join(missing)} missing): pip install 'sicot[serve]'")
+        raise SicotError(
+            f"sicot serve needs the serve extras ({', '.join(missing)} missing): pip install 'sicot[serve]'"
+        )
 
 
 async def _read_body(request: Any, limit: int, deadline: float) -> bytes:  # noqa: ANN401 - starlette Request
     """The request body, at most ``limit`` bytes, received before ``deadline`` (loop time)."""
     length = request.headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > limit):
-        raise ApiError(413 if length.isdigit() else 400, f"upload over the limit of {limit:,} bytes" if length.isdigit() else "bad Content-Length")
+        raise ApiError(
+            413 if length.isdigit() else 400,
+            f"upload over the limit of {limit:,} bytes" if length.isdigit() else "bad Content-Length",
+        )
     from starlette.requests import ClientDisconnect
 
     chunks, size = [], 0
@@ -222,13 +227,23 @@ def create_app(recognizer: Recognizer, limits: ServeLimits) -> Any:  # noqa: ANN
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
         b: MicroBatcher = state["batcher"]
-        return {"status": "ok", "model": recognizer.source, "classes": recognizer.num_classes, "image_size": recognizer.image_size,
-                "waiting": b.waiting, "batches": b.batches, "images": b.images, "max_batch": limits.max_batch}
+        return {
+            "status": "ok",
+            "model": recognizer.source,
+            "classes": recognizer.num_classes,
+            "image_size": recognizer.image_size,
+            "waiting": b.waiting,
+            "batches": b.batches,
+            "images": b.images,
+            "max_batch": limits.max_batch,
+        }
 
     @app.get("/classes")
     async def classes() -> dict[str, Any]:
         titles = recognizer.titles(set(range(recognizer.num_classes)))
-        return {"classes": [{"index": i, "name": n, "title": titles.get(i)} for i, n in enumerate(recognizer.class_names)]}
+        return {
+            "classes": [{"index": i, "name": n, "title": titles.get(i)} for i, n in enumerate(recognizer.class_names)]
+        }
 
     @app.post("/predict")
     async def predict(request: Request, k: int | None = None) -> dict[str, Any]:
@@ -239,10 +254,17 @@ def create_app(recognizer: Recognizer, limits: ServeLimits) -> Any:  # noqa: ANN
         deadline = loop.time() + limits.timeout_s
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype not in ("multipart/form-data", "application/json"):
-            raise ApiError(415, f"content type {ctype or '(none)'!r}: send multipart/form-data (image files) or application/json (base64 images)")
+            raise ApiError(
+                415,
+                f"content type {ctype or '(none)'!r}: send multipart/form-data (image files) or application/json (base64 images)",
+            )
         with state["batcher"].arriving():
             body = await _read_body(request, limits.max_upload_bytes, deadline)
-            images = await _images_from_multipart(request, body, limits) if ctype == "multipart/form-data" else _images_from_json(body)
+            images = (
+                await _images_from_multipart(request, body, limits)
+                if ctype == "multipart/form-data"
+                else _images_from_json(body)
+            )
             if not images:
                 raise ApiError(400, "no image in the request")
             if len(images) > limits.max_images:
@@ -261,7 +283,14 @@ def create_app(recognizer: Recognizer, limits: ServeLimits) -> Any:  # noqa: ANN
     return app
 
 
-def load(run: Path | None, model: Path | None, checkpoint: str = "last", data: Path | None = None, device: str = "auto", threads: int | None = None) -> Recognizer:
+def load(
+    run: Path | None,
+    model: Path | None,
+    checkpoint: str = "last",
+    data: Path | None = None,
+    device: str = "auto",
+    threads: int | None = None,
+) -> Recognizer:
     """The model to serve: a run's (``--run``) or an exported file (``--model``), exactly one.
 
     Raises:
@@ -301,8 +330,18 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(run: Path | None, model: Path | None, host: str = "127.0.0.1", port: int = 8000, limits: ServeLimits | None = None, checkpoint: str = "last",
-          data: Path | None = None, device: str = "auto", threads: int | None = None, on_ready: Callable[[str, str], None] | None = None) -> None:
+def serve(
+    run: Path | None,
+    model: Path | None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    limits: ServeLimits | None = None,
+    checkpoint: str = "last",
+    data: Path | None = None,
+    device: str = "auto",
+    threads: int | None = None,
+    on_ready: Callable[[str, str], None] | None = None,
+) -> None:
     """Load the model once and serve it until SIGTERM/SIGINT (then answer what was accepted, and return).
 
     Raises:
@@ -320,7 +359,13 @@ def serve(run: Path | None, model: Path | None, host: str = "127.0.0.1", port: i
         log.warning("serving on %s: reachable from other machines; sicot serve has no authentication", host)
     actual = sock.getsockname()[1]
     # The grace period covers the longest an accepted request may take (its deadline), plus a margin.
-    config = uvicorn.Config(app, log_config=None, access_log=False, timeout_graceful_shutdown=int(limits.timeout_s) + 5, timeout_keep_alive=5)
+    config = uvicorn.Config(
+        app,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=int(limits.timeout_s) + 5,
+        timeout_keep_alive=5,
+    )
     server = uvicorn.Server(config)
     if on_ready is not None:
         on_ready(f"http://{host}:{actual}", recognizer.source)

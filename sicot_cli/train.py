@@ -176,8 +176,17 @@ def train_step(
         if scores_streams(cfg, sharded):  # forward gives the streams; the classifier is scored here
             x_v, x_m = forward(x, tokens, mask)
             loss, loss_v, loss_m, sampled = eq1_from_streams(
-                model, x_v, x_m, labels, batch.global_size, cfg.lam, cfg.normalize_loss, ctx, sharded,
-                cfg.class_sample_rate, generator,
+                model,
+                x_v,
+                x_m,
+                labels,
+                batch.global_size,
+                cfg.lam,
+                cfg.normalize_loss,
+                ctx,
+                sharded,
+                cfg.class_sample_rate,
+                generator,
             )
         else:
             logits_v, logits_m = forward(x, tokens, mask)
@@ -230,7 +239,14 @@ def train(
 
 
 def _score_test(
-    model: SICoT, prepared: Prepared, device: torch.device, recipe: Recipe, in_memory: bool, ctx: DistContext, run_dir: Path, history: list[dict[str, Any]]
+    model: SICoT,
+    prepared: Prepared,
+    device: torch.device,
+    recipe: Recipe,
+    in_memory: bool,
+    ctx: DistContext,
+    run_dir: Path,
+    history: list[dict[str, Any]],
 ) -> tuple[Any, dict[str, Any]]:
     """Score the test rows once, with the weights ``eval.select`` names; say which and how chosen.
 
@@ -415,13 +431,17 @@ def _open_data(recipe: Recipe, data: str | Path | None) -> tuple[Recipe, Prepare
     recipe = copy.deepcopy(recipe)  # the prepared file's settings are taken in below: not the caller's
     path = data_path(recipe, data)
     if not path.exists():
-        raise SicotError(f"{path}: prepared dataset not found: run `sicot prepare` with the same recipe first (or pass --data)")
+        raise SicotError(
+            f"{path}: prepared dataset not found: run `sicot prepare` with the same recipe first (or pass --data)"
+        )
     prepared = open_prepared(path)
     adopted = adopt_prepared(recipe, prepared.recipe, path)
     if adopted:
         log.debug("from %s: %s", path, ", ".join(adopted))
     if prepared.n_train < 1 or prepared.n - prepared.test_start < 1:
-        raise SicotError(f"{path}: needs training and test images (has {prepared.n_train} / {prepared.n - prepared.test_start})")
+        raise SicotError(
+            f"{path}: needs training and test images (has {prepared.n_train} / {prepared.n - prepared.test_start})"
+        )
     if recipe.eval.select == "best" and prepared.n_val < 1:
         raise SicotError(
             f"{path}: eval.select = best needs validation rows, and this file has none: "
@@ -464,7 +484,9 @@ def _resume(run: _Run) -> _State:
     """Weights, optimiser, scheduler, RNG and position from ``checkpoint-last.pt``."""
     ckpt = runs.load_checkpoint(run.run_dir / runs.LAST)
     if ckpt["meta"] != run.meta:
-        raise SicotError(f"{run.run_dir / runs.LAST}: checkpoint of another model ({ckpt['meta']}) than the recipe's ({run.meta})")
+        raise SicotError(
+            f"{run.run_dir / runs.LAST}: checkpoint of another model ({ckpt['meta']}) than the recipe's ({run.meta})"
+        )
     checkpoints.restore(ckpt, run.run_dir / runs.LAST, run.model, run.optimizer)
     run.scheduler.load_state_dict(ckpt["scheduler"])
     torch.set_rng_state(ckpt["rng"])
@@ -535,7 +557,9 @@ def _epochs(
             if skip == 0:
                 state.accum = _fresh_accum()
             so_far = [state.accum["loss"], state.accum["loss_v"], state.accum["loss_m"]]
-            state.sums = torch.tensor(so_far, dtype=torch.float64, device=run.device)  # a Ctrl-C from here on saves them
+            state.sums = torch.tensor(
+                so_far, dtype=torch.float64, device=run.device
+            )  # a Ctrl-C from here on saves them
             lr = run.optimizer.param_groups[0]["lr"]
             with progress.task(f"epoch {epoch + 1}/{cfg.epochs}", len(loader)) as task:
                 task.advance(skip)
@@ -547,7 +571,9 @@ def _epochs(
         # Distributed, the ranks may be stopped at different batches: resume from the last epoch.
         if state.sums is not None and not run.ctx.enabled:
             _store(state.accum, state.sums)
-            _save(run, runs.LAST, _checkpoint(run, state, state.epoch, state.batch), True, f"e{state.epoch}b{state.batch}")
+            _save(
+                run, runs.LAST, _checkpoint(run, state, state.epoch, state.batch), True, f"e{state.epoch}b{state.batch}"
+            )
         return True
     return False
 
@@ -572,7 +598,9 @@ def _run_epoch(
             hook(epoch, state.batch)
         guard.in_step = True
         gen = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch, 1 + state.batch))
-        loss, loss_v, loss_m = train_step(run.model, forward, run.optimizer, batch, run.device, cfg, gen, run.ctx, run.sharded)
+        loss, loss_v, loss_m = train_step(
+            run.model, forward, run.optimizer, batch, run.device, cfg, gen, run.ctx, run.sharded
+        )
         n = batch.global_size
         # Sums stay on the device (no per-step host sync); read when shown or saved.
         sums += torch.stack([loss, loss_v, loss_m if loss_m is not None else torch.zeros_like(loss)]).double() * n
@@ -618,7 +646,9 @@ def _end_epoch(run: _Run, state: _State, lr: float) -> None:
     run.scheduler.step()
     val = None
     if run.prepared.n_val:
-        val = evaluate_model(run.model, run.prepared, run.device, run.recipe, in_memory=run.in_memory, ctx=run.ctx, split="val")
+        val = evaluate_model(
+            run.model, run.prepared, run.device, run.recipe, in_memory=run.in_memory, ctx=run.ctx, split="val"
+        )
     record = _epoch_record(epoch, lr, state.accum, val, run.model.encoder is not None)
     state.history.append(record)
     state.batch = 0

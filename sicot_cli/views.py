@@ -7,9 +7,7 @@ from typing import TYPE_CHECKING
 from rich.table import Table
 from rich.text import Text
 
-from sicot_cli.console import clean, safe
-
-from sicot_cli.console import data_text
+from sicot_cli.console import clean, data_text, safe
 
 if TYPE_CHECKING:
     from sicot_cli.data.embed import EmbedSummary
@@ -20,15 +18,24 @@ if TYPE_CHECKING:
 
 def _rules_rows(table: Table, rules: list[FilterRule]) -> None:
     for r in rules:
-        table.add_row(Text.assemble("  removed: ", safe(r.rule)), f"{r.words:,} words, {r.tokens:,} occurrences, {r.titles_emptied:,} titles emptied")
+        table.add_row(
+            Text.assemble("  removed: ", safe(r.rule)),
+            f"{r.words:,} words, {r.tokens:,} occurrences, {r.titles_emptied:,} titles emptied",
+        )
 
 
 def _informative_rows(table: Table, informative: list) -> None:
     """The removed words most associated with a label (a filter removing class names shows here)."""
     if not informative or informative[0][1] <= 0:
         return
-    shown = ", ".join(f"{data_text(w)} ({mi:.2f} bits; {share:.0%} in {data_text(label)})" for w, mi, label, share in informative[:6] if mi > 0)
-    table.add_row("  removed words most tied to a label", f"{shown}  [dim](text.drop_rule=label_entropy keeps such words)[/]")
+    shown = ", ".join(
+        f"{data_text(w)} ({mi:.2f} bits; {share:.0%} in {data_text(label)})"
+        for w, mi, label, share in informative[:6]
+        if mi > 0
+    )
+    table.add_row(
+        "  removed words most tied to a label", f"{shown}  [dim](text.drop_rule=label_entropy keeps such words)[/]"
+    )
 
 
 def _test_words_rows(table: Table, oov: float, filtered: float) -> None:
@@ -50,18 +57,30 @@ def prepare_table(s: PrepareSummary) -> Table:
     t.add_row("rows read / kept / skipped", f"{s.rows_read:,} / {s.kept:,} / {sum(s.skipped.values()):,}")
     for reason, n in s.skipped.items():
         example = (s.skip_examples.get(reason) or [""])[0]
-        t.add_row(Text.assemble("  skipped: ", safe(reason)), Text.assemble(f"{n:,}  ", safe(f"(e.g. {clean(example)})", "dim")) if example else f"{n:,}")
+        t.add_row(
+            Text.assemble("  skipped: ", safe(reason)),
+            Text.assemble(f"{n:,}  ", safe(f"(e.g. {clean(example)})", "dim")) if example else f"{n:,}",
+        )
     t.add_row("classes", f"{s.classes:,}")
     t.add_row("train / validation / test images", f"{s.train_images:,} / {s.val_images:,} / {s.test_images:,}")
-    t.add_row(f"head / tail classes (head: >= {s.head_threshold} train images)", f"{s.head_classes:,} / {s.tail_classes:,}")
+    t.add_row(
+        f"head / tail classes (head: >= {s.head_threshold} train images)", f"{s.head_classes:,} / {s.tail_classes:,}"
+    )
     sug = s.suggested_boundaries
     if s.boundaries == "data":
         how = "derived from this data (eval.boundaries=data): head at the mean count per class, many/few at the class tertiles"
     else:
         how = "fixed by the recipe (eval.boundaries=fixed)"
-        if sug and (sug["head_threshold"], sug["many_threshold"], sug["few_threshold"]) != (s.head_threshold, s.many_threshold, s.few_threshold):
+        if sug and (sug["head_threshold"], sug["many_threshold"], sug["few_threshold"]) != (
+            s.head_threshold,
+            s.many_threshold,
+            s.few_threshold,
+        ):
             how += f"; from this data they would be head {sug['head_threshold']}, many {sug['many_threshold']}, few {sug['few_threshold']} (eval.boundaries=data)"
-    t.add_row("boundaries head / many / few", f"{s.head_threshold} / {s.many_threshold} / {s.few_threshold}: {how}; recorded in the file, runs and reports use them")
+    t.add_row(
+        "boundaries head / many / few",
+        f"{s.head_threshold} / {s.many_threshold} / {s.few_threshold}: {how}; recorded in the file, runs and reports use them",
+    )
     t.add_row("vocabulary (before -> after filter)", f"{s.raw_vocab:,} -> {s.vocab:,}")
     _rules_rows(t, s.filter_rules)
     _informative_rows(t, s.informative_removed)
@@ -104,9 +123,16 @@ def epochs_table(history: list[dict], title: str) -> Table:
     """One row per epoch: losses, lr, images/s and the headline VALIDATION metrics (never test)."""
     t = Table(title=safe(title), title_justify="left")
     cols = [
-        ("epoch", "epoch", "{}"), ("lr", "lr", "{:.2e}"), ("loss", "loss", "{:.3f}"), ("CE(x_v)", "loss_v", "{:.3f}"),
-        ("CE(x_m)", "loss_m", "{:.3f}"), ("img/s", "train_images_per_s", "{:.0f}"), ("val top-1", "val_top1", "{:.2f}"),
-        ("val top-3", "val_top3", "{:.2f}"), ("val head", "val_head_top1", "{:.2f}"), ("val tail", "val_tail_top1", "{:.2f}"),
+        ("epoch", "epoch", "{}"),
+        ("lr", "lr", "{:.2e}"),
+        ("loss", "loss", "{:.3f}"),
+        ("CE(x_v)", "loss_v", "{:.3f}"),
+        ("CE(x_m)", "loss_m", "{:.3f}"),
+        ("img/s", "train_images_per_s", "{:.0f}"),
+        ("val top-1", "val_top1", "{:.2f}"),
+        ("val top-3", "val_top3", "{:.2f}"),
+        ("val head", "val_head_top1", "{:.2f}"),
+        ("val tail", "val_tail_top1", "{:.2f}"),
     ]
     for name, _, _ in cols:
         t.add_column(name, justify="right", no_wrap=True)
@@ -124,7 +150,13 @@ def metrics_table(m: dict, title: str) -> Table:
         t.add_column(f"top-{k}", justify="right")
     t.add_column("classes", justify="right")
     t.add_row("all images", *(_fmt(m.get(f"top{k}")) for k in ks), _fmt(m.get("num_classes")))
-    labels = {"head": f"head (>= {m.get('head_threshold')})", "tail": f"tail (< {m.get('head_threshold')})", "many": f"many (> {m.get('many_threshold')})", "medium": "medium", "few": f"few (< {m.get('few_threshold')})"}
+    labels = {
+        "head": f"head (>= {m.get('head_threshold')})",
+        "tail": f"tail (< {m.get('head_threshold')})",
+        "many": f"many (> {m.get('many_threshold')})",
+        "medium": "medium",
+        "few": f"few (< {m.get('few_threshold')})",
+    }
     for g, label in labels.items():
         t.add_row(f"{label}, class-averaged", *(_fmt(m.get(f"{g}_top{k}")) for k in ks), _fmt(m.get(f"{g}_classes")))
     return t
@@ -149,7 +181,14 @@ def ablation_table(statuses: list) -> Table:
     t = Table("run", "state", "top-1", "top-3", "head top-1", "tail top-1", title="ablation", title_justify="left")
     for s in statuses:
         f = s.final or {}
-        t.add_row(safe(s.run_dir.name), safe(s.state), _fmt(f.get("top1")), _fmt(f.get("top3")), _fmt(f.get("head_top1")), _fmt(f.get("tail_top1")))
+        t.add_row(
+            safe(s.run_dir.name),
+            safe(s.state),
+            _fmt(f.get("top1")),
+            _fmt(f.get("top3")),
+            _fmt(f.get("head_top1")),
+            _fmt(f.get("tail_top1")),
+        )
     return t
 
 
@@ -166,7 +205,15 @@ def report_tables(report) -> list[Table]:  # noqa: ANN001 - sicot_cli.report.Rep
             t.add_row(*(safe(v) for v in r.values()))
         out.append(t)
     if report.unfinished:
-        out.append(Table(title=Text.assemble(f"{len(report.unfinished)} unfinished run(s) left out: ", safe(", ".join(p.name for p in report.unfinished))), title_justify="left"))
+        out.append(
+            Table(
+                title=Text.assemble(
+                    f"{len(report.unfinished)} unfinished run(s) left out: ",
+                    safe(", ".join(p.name for p in report.unfinished)),
+                ),
+                title_justify="left",
+            )
+        )
     return out
 
 
@@ -174,7 +221,12 @@ def attention_view(items: list, encoder: str) -> Table:
     """Fig. 7 in the terminal: words by attention, 3 highest green, 3 lowest red."""
     from sicot_cli.figures import word_colour
 
-    t = Table("class", "words by attention (highest first)", title=Text.assemble("Fig. 7: learned word attention (", safe(encoder), ")"), title_justify="left")
+    t = Table(
+        "class",
+        "words by attention (highest first)",
+        title=Text.assemble("Fig. 7: learned word attention (", safe(encoder), ")"),
+        title_justify="left",
+    )
     for it in items:
         words = []
         for j, (w, a) in enumerate(zip(it.words, it.weights, strict=True)):
@@ -184,7 +236,13 @@ def attention_view(items: list, encoder: str) -> Table:
 
 
 def class_words_table(ranked: list, class_name: str) -> Table:
-    t = Table("word", "mean attention", "titles", title=Text.assemble("words carrying the attention of ", safe(class_name)), title_justify="left")
+    t = Table(
+        "word",
+        "mean attention",
+        "titles",
+        title=Text.assemble("words carrying the attention of ", safe(class_name)),
+        title_justify="left",
+    )
     for w, a, n in ranked:
         t.add_row(safe(w), f"{a:.3f}", str(n))
     return t

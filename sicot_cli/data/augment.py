@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 
 
-def crop_flip_params(n: int, generator: torch.Generator, scale: tuple[float, float], ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
+def crop_flip_params(
+    n: int, generator: torch.Generator, scale: tuple[float, float], ratio: tuple[float, float] = (3 / 4, 4 / 3)
+) -> torch.Tensor:
     """Affine matrices ``[n, 2, 3]`` mapping output coordinates to input ones (normalised [-1, 1])."""
     area = torch.empty(n).uniform_(scale[0], scale[1], generator=generator)
     log_r = torch.empty(n).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
@@ -33,7 +35,13 @@ def crop_flip_params(n: int, generator: torch.Generator, scale: tuple[float, flo
     return theta
 
 
-def random_resized_crop_flip(images: torch.Tensor, generator: torch.Generator, scale: tuple[float, float] = (0.35, 1.0), offset: int = 0, total: int = 0) -> torch.Tensor:
+def random_resized_crop_flip(
+    images: torch.Tensor,
+    generator: torch.Generator,
+    scale: tuple[float, float] = (0.35, 1.0),
+    offset: int = 0,
+    total: int = 0,
+) -> torch.Tensor:
     """uint8 (or float) images ``[B, 3, S, S]`` -> augmented float images in [0, 255], same size.
 
     Distributed: the parameters are drawn for the whole global batch of ``total`` images and this

@@ -122,7 +122,16 @@ def write_arrays(
 
 
 # What the checksum covers: everything open_prepared holds in memory (not the images, see above).
-HASHED = ("labels", "tokens", "lengths", "classes/names", "classes/train_counts", "classes/test_counts", "vocab/words", "vectors")
+HASHED = (
+    "labels",
+    "tokens",
+    "lengths",
+    "classes/names",
+    "classes/train_counts",
+    "classes/test_counts",
+    "vocab/words",
+    "vectors",
+)
 # ... and the attributes that change a result (which rows are trained on and scored, the image
 # size, the head/tail boundary). Files whose checksum starts with "v2:" cover them; older files
 # (a bare hex digest) do not, and get the consistency checks of _check_values only.
@@ -172,7 +181,9 @@ def content_sha256(f: h5py.File) -> str:
 
 
 def _attrs_text(f: h5py.File) -> str:
-    return json.dumps({name: int(f.attrs.get(name, 0) if name == "n_val" else f.attrs[name]) for name in HASHED_ATTRS}, sort_keys=True)
+    return json.dumps(
+        {name: int(f.attrs.get(name, 0) if name == "n_val" else f.attrs[name]) for name in HASHED_ATTRS}, sort_keys=True
+    )
 
 
 def _sha256_v2(values: dict[str, Any], f: h5py.File) -> str:
@@ -226,7 +237,9 @@ class Prepared:
 
     def split_range(self, split: str) -> tuple[int, int]:
         """The rows ``[start, stop)`` of ``"train"``, ``"val"`` or ``"test"``."""
-        return {"train": (0, self.n_train), "val": (self.n_train, self.test_start), "test": (self.test_start, self.n)}[split]
+        return {"train": (0, self.n_train), "val": (self.n_train, self.test_start), "test": (self.test_start, self.n)}[
+            split
+        ]
 
     @property
     def num_classes(self) -> int:
@@ -265,7 +278,9 @@ def open_prepared(path: str | Path) -> Prepared:
     rebuild = f"rebuild it with `sicot prepare --out {path} --force`"
     if not path.is_file():
         if path.exists():
-            raise SicotError(f"{path}: not a regular file (a directory, FIFO, socket or device); a prepared dataset is an .h5 file")
+            raise SicotError(
+                f"{path}: not a regular file (a directory, FIFO, socket or device); a prepared dataset is an .h5 file"
+            )
         raise SicotError(f"{path}: prepared dataset not found (create it with `sicot prepare`)")
     try:
         f = h5py.File(path, "r")
@@ -282,8 +297,12 @@ def open_prepared(path: str | Path) -> Prepared:
                 raise SicotError(f"{path}: dataset {missing[0]!r} is missing: {rebuild}")
             values = _read_hashed(f)
             want = f.attrs.get("content_sha256")  # absent in files prepared before checksums
-            if want is not None and str(want) != (_sha256_v2(values, f) if str(want).startswith(_V2) else _sha256(values)):
-                raise SicotError(f"{path}: corrupt prepared dataset (content checksum mismatch: damaged on disk): {rebuild}")
+            if want is not None and str(want) != (
+                _sha256_v2(values, f) if str(want).startswith(_V2) else _sha256(values)
+            ):
+                raise SicotError(
+                    f"{path}: corrupt prepared dataset (content checksum mismatch: damaged on disk): {rebuild}"
+                )
             _check_shapes(f, path, rebuild)
             prepared = Prepared(
                 path=path,
@@ -332,7 +351,9 @@ def _check_shapes(f: h5py.File, path: Path, rebuild: str) -> None:
         if f[name].shape != shape:
             raise SicotError(f"{path}: dataset {name!r} has shape {f[name].shape}, expected {shape}: {rebuild}")
     if images.dtype != np.uint8 or not (0 <= n_train and 0 <= n_val and n_train + n_val <= n):
-        raise SicotError(f"{path}: images are {images.dtype} with n_train {n_train} and n_val {n_val} of {n} rows, expected uint8: {rebuild}")
+        raise SicotError(
+            f"{path}: images are {images.dtype} with n_train {n_train} and n_val {n_val} of {n} rows, expected uint8: {rebuild}"
+        )
     if n:
         images[0]
         images[n - 1]
@@ -349,8 +370,10 @@ def _check_values(p: Prepared, rebuild: str) -> None:
         bad = "title lengths outside [0, max_title_tokens]"
     elif not p.words or p.words[0] != "<pad>":
         bad = "vocabulary without the <pad> word first"
-    elif not (np.array_equal(np.bincount(p.labels[: p.n_train], minlength=p.num_classes), p.train_counts)
-              and np.array_equal(np.bincount(p.labels[p.test_start :], minlength=p.num_classes), p.test_counts)):
+    elif not (
+        np.array_equal(np.bincount(p.labels[: p.n_train], minlength=p.num_classes), p.train_counts)
+        and np.array_equal(np.bincount(p.labels[p.test_start :], minlength=p.num_classes), p.test_counts)
+    ):
         # n_train decides which rows are trained on and which are scored: the class counts,
         # recorded by prepare, must agree with it (an edited n_train would silently move rows)
         bad = f"n_train {p.n_train} / n_val {p.n_val} disagree with the recorded train/test counts per class"

@@ -63,7 +63,9 @@ def embed(recipe: Recipe, out: str | Path | None = None, progress: Progress | No
     )
 
 
-def neighbours(word: str, k: int, data: str | Path | None = None, vectors: str | Path | None = None, binary: bool = False) -> list[tuple[str, float]]:
+def neighbours(
+    word: str, k: int, data: str | Path | None = None, vectors: str | Path | None = None, binary: bool = False
+) -> list[tuple[str, float]]:
     """Nearest words to ``word`` in a prepared dataset's vectors or in a word2vec file."""
     if data is not None:
         from sicot_cli.data.dataset import open_prepared
@@ -82,7 +84,12 @@ def neighbours(word: str, k: int, data: str | Path | None = None, vectors: str |
     elif vectors is not None:
         from sicot_cli.data.vocab import PAD
 
-        kv = load_word2vec_file(vectors, binary, missing="word vectors not found", hint="; --binary for a binary file, without it for a text file")
+        kv = load_word2vec_file(
+            vectors,
+            binary,
+            missing="word vectors not found",
+            hint="; --binary for a binary file, without it for a text file",
+        )
         words = [PAD, *kv.index_to_key]
         matrix = np.vstack([np.zeros((1, kv.vector_size), np.float32), kv.vectors])
     else:

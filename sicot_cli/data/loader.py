@@ -35,9 +35,10 @@ from sicot_cli.errors import SicotError
 
 def read_error(path: object, e: Exception) -> SicotError:
     """An HDF5 read failure in the middle of a job: the file changed or the disk failed, never a traceback."""
-    return SicotError(f"{path}: cannot read the images ({str(e).splitlines()[0] if str(e) else type(e).__name__}): the file was damaged or the disk failed; "
-                      f"rebuild it with `sicot prepare --out {path} --force` (an interrupted run resumes from its last checkpoint)")
-
+    return SicotError(
+        f"{path}: cannot read the images ({str(e).splitlines()[0] if str(e) else type(e).__name__}): the file was damaged or the disk failed; "
+        f"rebuild it with `sicot prepare --out {path} --force` (an interrupted run resumes from its last checkpoint)"
+    )
 
 
 def slice_range(n: int, world: int, rank: int) -> tuple[int, int]:
@@ -49,6 +50,7 @@ def slice_range(n: int, world: int, rank: int) -> tuple[int, int]:
     base, extra = divmod(n, world)
     lo = rank * base + min(rank, extra)
     return lo, lo + base + (1 if rank < extra else 0)
+
 
 @dataclass
 class Batch:
@@ -131,7 +133,12 @@ class BatchLoader:
         blocks = rng.permutation(n_blocks)
         parts = []
         for g in range(0, n_blocks, self.shuffle_blocks):
-            rows = np.concatenate([np.arange(b * self.block_rows, min((b + 1) * self.block_rows, self.n)) for b in blocks[g : g + self.shuffle_blocks]])
+            rows = np.concatenate(
+                [
+                    np.arange(b * self.block_rows, min((b + 1) * self.block_rows, self.n))
+                    for b in blocks[g : g + self.shuffle_blocks]
+                ]
+            )
             parts.append(rng.permutation(rows))
         return np.concatenate(parts) if parts else np.arange(0)
 
@@ -220,7 +227,11 @@ class BatchLoader:
         lengths = self.p.lengths[rows]
         width = max(1, int(lengths.max())) if len(rows) else 1
         tokens = torch.from_numpy(self.p.tokens[rows, :width].astype(np.int64))
-        batch = Batch(torch.from_numpy(images), tokens, tokens != 0, torch.from_numpy(self.p.labels[rows]), rows, offset, total)
+        batch = Batch(
+            torch.from_numpy(images), tokens, tokens != 0, torch.from_numpy(self.p.labels[rows]), rows, offset, total
+        )
         if self.pin_memory:  # in the reader thread, off the training step's path
-            batch.images, batch.tokens, batch.mask, batch.labels = (t.pin_memory() for t in (batch.images, batch.tokens, batch.mask, batch.labels))
+            batch.images, batch.tokens, batch.mask, batch.labels = (
+                t.pin_memory() for t in (batch.images, batch.tokens, batch.mask, batch.labels)
+            )
         return batch

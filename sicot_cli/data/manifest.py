@@ -62,7 +62,9 @@ def _bad_text(value: str) -> bool:
 def _check_columns(columns: list[str], path: Path) -> None:
     twice = next((c for i, c in enumerate(columns) if c in columns[:i]), None)
     if twice is not None:
-        raise SicotError(f"{path}: column {twice!r} appears twice in the header (columns: image, title, label, optional split, id)")
+        raise SicotError(
+            f"{path}: column {twice!r} appears twice in the header (columns: image, title, label, optional split, id)"
+        )
     unknown = [c for c in columns if c not in REQUIRED + OPTIONAL]
     if unknown:
         raise SicotError(f"{path}: unknown column {unknown[0]!r} (columns: image, title, label, optional split, id)")
@@ -102,7 +104,9 @@ def _records(path: Path, text: str, skips: Skips) -> list[tuple[int, dict[str, o
         return out
     if suffix in (".csv", ".tsv"):
         csv.field_size_limit(max(csv.field_size_limit(), FIELD_LIMIT))
-        dialect = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if suffix == ".tsv" else {"delimiter": ",", "strict": True}
+        dialect = (
+            {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if suffix == ".tsv" else {"delimiter": ",", "strict": True}
+        )
         reader = csv.DictReader(io.StringIO(text, newline=""), **dialect)
         try:
             columns = [c.strip() for c in reader.fieldnames or []]
@@ -125,7 +129,9 @@ def _records(path: Path, text: str, skips: Skips) -> list[tuple[int, dict[str, o
                     continue
                 rows.append((n, dict(record)))
         except csv.Error as e:
-            raise SicotError(f"{path}: line {start}: malformed CSV ({e}; a quote opens a quoted field, which must close before the next comma: write a quote inside a field as \"\")") from None
+            raise SicotError(
+                f'{path}: line {start}: malformed CSV ({e}; a quote opens a quoted field, which must close before the next comma: write a quote inside a field as "")'
+            ) from None
         return rows
     raise SicotError(f"{path}: unknown manifest type {path.suffix!r} (use .csv, .tsv or .jsonl)")
 
@@ -183,11 +189,16 @@ def read_manifest(path: str | Path, skips: Skips) -> list[Row]:
     with_id = [n for n, rec in records if rec.get("id") not in (None, "")]
     if with_id and len(with_id) < len(records):
         first = next(n for n, rec in records if rec.get("id") in (None, ""))
-        raise SicotError(f"{path}:{first}: no id, but other rows have one (a row without id is named by its line number, which could be another row's id): give every row an id or none")
+        raise SicotError(
+            f"{path}:{first}: no id, but other rows have one (a row without id is named by its line number, which could be another row's id): give every row an id or none"
+        )
     for n, rec in records:
         where = f"{path}:{n}"
         # NUL also arrives escaped in JSON ("\u0000"); HDF5 strings cannot hold it, and no title needs it
-        values = {k: v.replace("\x00", "") if isinstance(v, str) else v for k, v in ((k, rec.get(k)) for k in REQUIRED + OPTIONAL)}
+        values = {
+            k: v.replace("\x00", "") if isinstance(v, str) else v
+            for k, v in ((k, rec.get(k)) for k in REQUIRED + OPTIONAL)
+        }
         if any(isinstance(v, str) and _bad_text(v) for v in values.values()):
             skips.add("text is not valid Unicode (lone surrogate)", where)
             continue

@@ -286,7 +286,7 @@ def build_text(recipe: Recipe, skips: Skips, progress: Progress | None = None) -
         raise SicotError(f"{source}: no row left after filtering ({skips.as_dict()})")
     vectors, vreport = word_vectors([r.tokens for r in recs if r.split == "train"], vocab, recipe.embed, base=None)
 
-    rate = (lambda k: k / test_tokens if test_tokens else 0.0)  # noqa: E731
+    rate = lambda k: k / test_tokens if test_tokens else 0.0  # noqa: E731
     return TextStage(recs, source, rows_read, vocab, vectors, vreport, rate(test_oov), truncated, rate(test_filtered))
 
 
@@ -488,7 +488,9 @@ def _write_attrs(f: Any, recipe: Recipe, summary: PrepareSummary, side: dict[str
     )
 
 
-def prepare(recipe: Recipe, out: str | Path | None = None, force: bool = False, progress: Progress | None = None) -> PrepareSummary:
+def prepare(
+    recipe: Recipe, out: str | Path | None = None, force: bool = False, progress: Progress | None = None
+) -> PrepareSummary:
     """Turn the recipe's raw data into one prepared HDF5 file.
 
     Args:
@@ -524,7 +526,9 @@ def prepare(recipe: Recipe, out: str | Path | None = None, force: bool = False, 
             decode_seconds = time.perf_counter() - t_decode
             classes, train_counts, suggested = _write_rows(f, recipe, written, ends, train_labels, text)
             seconds = time.perf_counter() - t0
-            summary = _summary(out_path, recipe, text, skips, ends, len(written), train_counts, suggested, seconds, decode_seconds)
+            summary = _summary(
+                out_path, recipe, text, skips, ends, len(written), train_counts, suggested, seconds, decode_seconds
+            )
             side = {"recipe": recipe.to_dict(), "summary": summary.as_dict(), "versions": package_versions()}
             _write_attrs(f, recipe, summary, side)
     write_json(out_path.with_suffix(".recipe.json"), side)

@@ -117,15 +117,37 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
 }
 
 PROMOTIONS: dict[str, tuple[str, ...]] = {
-    "en": ("free shipping", "new arrival", "hot sale", "2024 new", "best price", "original",
-           "discount", "limited offer", "best seller", "official store"),
+    "en": (
+        "free shipping",
+        "new arrival",
+        "hot sale",
+        "2024 new",
+        "best price",
+        "original",
+        "discount",
+        "limited offer",
+        "best seller",
+        "official store",
+    ),
     "zh": ("包邮", "新款", "特价", "正品", "热卖", "爆款", "清仓", "现货", "旗舰店", "折扣"),
 }
 
 # Descriptive words that any product may carry: real words that do not identify the class.
 FILLERS: dict[str, tuple[str, ...]] = {
-    "en": ("portable", "large", "gift", "fashion", "for women", "for men", "kids", "home", "travel",
-           "cute", "simple", "premium"),
+    "en": (
+        "portable",
+        "large",
+        "gift",
+        "fashion",
+        "for women",
+        "for men",
+        "kids",
+        "home",
+        "travel",
+        "cute",
+        "simple",
+        "premium",
+    ),
     "zh": ("便携", "大容量", "礼物", "时尚", "女士", "男士", "儿童", "家用", "旅行", "可爱", "简约", "高档"),
 }
 
@@ -232,8 +254,14 @@ def _class_specs(num_classes: int, rng: np.random.Generator) -> list[ClassSpec]:
             s = ClassSpec(*(pools[k][rng.integers(len(pools[k]))] for k in ATTRIBUTES))
             if s not in used:
                 return s
-        free = [ClassSpec(a, b, c, d) for a in pools["shape"] for b in pools["colour"]
-                for c in pools["pattern"] for d in pools["brand"] if ClassSpec(a, b, c, d) not in used]
+        free = [
+            ClassSpec(a, b, c, d)
+            for a in pools["shape"]
+            for b in pools["colour"]
+            for c in pools["pattern"]
+            for d in pools["brand"]
+            if ClassSpec(a, b, c, d) not in used
+        ]
         return free[rng.integers(len(free))]
 
     for j in range(anchors):
@@ -337,7 +365,15 @@ def synthetic_items(
     """
     _check_args(num_classes, max_per_class, min_per_class, test_per_class, language, seed)
     specs, title_ss, render_ss = _long_tail(num_classes, seed)
-    return _items(specs, train_counts(num_classes, max_per_class, min_per_class), test_per_class, language, title_ss, render_ss, "syn")
+    return _items(
+        specs,
+        train_counts(num_classes, max_per_class, min_per_class),
+        test_per_class,
+        language,
+        title_ss,
+        render_ss,
+        "syn",
+    )
 
 
 def _long_tail(num_classes: int, seed: int) -> tuple[list[ClassSpec], np.random.SeedSequence, np.random.SeedSequence]:
@@ -346,7 +382,9 @@ def _long_tail(num_classes: int, seed: int) -> tuple[list[ClassSpec], np.random.
     return _class_specs(num_classes, np.random.default_rng(spec_ss)), title_ss, render_ss
 
 
-def _check_args(num_classes: int, max_per_class: int, min_per_class: int, test_per_class: int, language: str, seed: int) -> None:
+def _check_args(
+    num_classes: int, max_per_class: int, min_per_class: int, test_per_class: int, language: str, seed: int
+) -> None:
     n_combos = math.prod(len(v) for v in ATTRIBUTES.values())
     _check_int("num_classes", num_classes, 2, n_combos)
     _check_int("max_per_class", max_per_class, 1)
@@ -357,7 +395,15 @@ def _check_args(num_classes: int, max_per_class: int, min_per_class: int, test_p
         raise ValueError(f"language must be one of {', '.join(LANGUAGES)}, got {language!r}")
 
 
-def _items(specs: list[ClassSpec], counts: list[int], test_per_class: int, language: str, title_ss: np.random.SeedSequence, render_ss: np.random.SeedSequence, prefix: str) -> tuple[list[str], list[SyntheticItem]]:
+def _items(
+    specs: list[ClassSpec],
+    counts: list[int],
+    test_per_class: int,
+    language: str,
+    title_ss: np.random.SeedSequence,
+    render_ss: np.random.SeedSequence,
+    prefix: str,
+) -> tuple[list[str], list[SyntheticItem]]:
     """Items for classes ``specs`` with ``counts`` training images each: all training items class
     by class, then ``test_per_class`` test items per class; titles and render seeds seeded."""
     names = [s.name for s in specs]
@@ -377,8 +423,14 @@ def _items(specs: list[ClassSpec], counts: list[int], test_per_class: int, langu
 
 
 def pretraining_items(
-    num_classes: int, max_per_class: int, min_per_class: int, test_per_class: int, language: str, seed: int,
-    pretrain_classes: int, pretrain_per_class: int,
+    num_classes: int,
+    max_per_class: int,
+    min_per_class: int,
+    test_per_class: int,
+    language: str,
+    seed: int,
+    pretrain_classes: int,
+    pretrain_per_class: int,
 ) -> tuple[list[str], list[SyntheticItem]]:
     """A balanced pretraining set of ``pretrain_classes`` classes DISJOINT from a long-tailed set.
 
@@ -620,6 +672,7 @@ def _const(c: tuple[float, float, float] | np.ndarray) -> np.ndarray:
 
 def _window(size: int, x0: float, x1: float, y0: float, y1: float) -> tuple[slice, slice] | None:
     """Pixel rows and columns covering the image-space box [x0, x1] x [y0, y1] (None if empty)."""
+
     def idx(a: float, b: float) -> slice:
         return slice(max(0, int((a + 1) * size / 2) - 1), min(size, int((b + 1) * size / 2) + 2))
 
@@ -704,7 +757,9 @@ class _Pose:
         return win
 
 
-def _object(sub: np.ndarray, xs: np.ndarray, ys: np.ndarray, pose: _Pose, spec: ClassSpec, size: int, draws: _Draws) -> None:
+def _object(
+    sub: np.ndarray, xs: np.ndarray, ys: np.ndarray, pose: _Pose, spec: ClassSpec, size: int, draws: _Draws
+) -> None:
     """The product itself, drawn into ``sub`` (a view of the image): shadow, body, pattern, brand mark."""
     ct, st = math.cos(pose.theta), math.sin(pose.theta)
     dx, dy = xs - pose.cx, ys - pose.cy

@@ -146,7 +146,11 @@ def build_vocab(
     rules: list[FilterRule] = []
     gone: set[str] = set()
     removed_by: dict[str, str] = {}
-    top_name = f"{drop_most_frequent * 100:g}% most frequent" if drop_rule == "frequency" else f"{drop_most_frequent * 100:g}% most spread over labels"
+    top_name = (
+        f"{drop_most_frequent * 100:g}% most frequent"
+        if drop_rule == "frequency"
+        else f"{drop_most_frequent * 100:g}% most spread over labels"
+    )
     for name, removed in (
         (top_name, removed_top),
         (f"{drop_least_frequent * 100:g}% least frequent", removed_bottom),
@@ -162,6 +166,20 @@ def build_vocab(
         scored = []
         for w in removed_top:
             top_label, top_n = max(stats[w].items(), key=lambda kv: (kv[1], tie_key(kv[0])))
-            scored.append((w, label_information(stats[w], label_counts, len(train_titles)), top_label, top_n / sum(stats[w].values())))
+            scored.append(
+                (
+                    w,
+                    label_information(stats[w], label_counts, len(train_titles)),
+                    top_label,
+                    top_n / sum(stats[w].values()),
+                )
+            )
         informative = sorted(scored, key=lambda x: (-x[1], tie_key(x[0])))[:report_top]
-    return Vocab([PAD, *kept], [0, *(counts[w] for w in kept)], rules, raw_size=n, removed=removed_by, informative_removed=informative)
+    return Vocab(
+        [PAD, *kept],
+        [0, *(counts[w] for w in kept)],
+        rules,
+        raw_size=n,
+        removed=removed_by,
+        informative_removed=informative,
+    )

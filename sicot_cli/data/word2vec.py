@@ -48,7 +48,9 @@ def _stable_hash(text: str) -> int:
     return zlib.crc32(text.encode("utf-8"))
 
 
-def train_word2vec(train_titles: Sequence[Sequence[str]], vocab: Vocab, cfg: EmbedConfig) -> tuple[np.ndarray, VectorReport]:
+def train_word2vec(
+    train_titles: Sequence[Sequence[str]], vocab: Vocab, cfg: EmbedConfig
+) -> tuple[np.ndarray, VectorReport]:
     """Train word2vec on the training titles restricted to the vocabulary.
 
     Args:
@@ -64,7 +66,9 @@ def train_word2vec(train_titles: Sequence[Sequence[str]], vocab: Vocab, cfg: Emb
     sentences = [[t for t in title if t in vocab.index] for title in train_titles]
     sentences = [s for s in sentences if s]
     if len(vocab) <= 1 or not sentences:
-        raise SicotError("the vocabulary is empty after filtering: lower text.drop_most_frequent / text.drop_least_frequent / text.min_count")
+        raise SicotError(
+            "the vocabulary is empty after filtering: lower text.drop_most_frequent / text.drop_least_frequent / text.min_count"
+        )
     model = Word2Vec(
         sentences=sentences,
         vector_size=cfg.dim,
@@ -115,7 +119,12 @@ def load_pretrained(path: str | Path, binary: bool, vocab: Vocab, seed: int = 0)
         SicotError: missing or unreadable file, or a file that is not in word2vec format.
     """
     p = Path(path)
-    kv = load_word2vec_file(p, binary, missing="pretrained word vectors not found (embed.pretrained)", hint="; set embed.binary to match the file")
+    kv = load_word2vec_file(
+        p,
+        binary,
+        missing="pretrained word vectors not found (embed.pretrained)",
+        hint="; set embed.binary to match the file",
+    )
     dim = kv.vector_size
     rng = np.random.default_rng(seed)
     scale = float(np.std(kv.vectors)) if len(kv) else 0.1
@@ -130,7 +139,9 @@ def load_pretrained(path: str | Path, binary: bool, vocab: Vocab, seed: int = 0)
     return matrix, VectorReport(f"pretrained {p.name}", dim, len(vocab), oov)
 
 
-def word_vectors(train_titles: Sequence[Sequence[str]], vocab: Vocab, cfg: EmbedConfig, base: Path | None = None) -> tuple[np.ndarray, VectorReport]:
+def word_vectors(
+    train_titles: Sequence[Sequence[str]], vocab: Vocab, cfg: EmbedConfig, base: Path | None = None
+) -> tuple[np.ndarray, VectorReport]:
     """Vectors for the vocabulary as the recipe asks: pretrained when ``embed.pretrained`` is set."""
     if cfg.pretrained:
         path = Path(cfg.pretrained)
@@ -151,7 +162,9 @@ def nearest(words: Sequence[str], vectors: np.ndarray, query: str, k: int = 10) 
     kv = KeyedVectors(vector_size=vectors.shape[1])
     kv.add_vectors(list(words[1:]), vectors[1:])
     if query not in kv.key_to_index:
-        raise SicotError(f"word {query!r} is not in the vocabulary ({len(words) - 1} words; try `sicot tokenize` to see how it is split)")
+        raise SicotError(
+            f"word {query!r} is not in the vocabulary ({len(words) - 1} words; try `sicot tokenize` to see how it is split)"
+        )
     return [(w, float(s)) for w, s in kv.most_similar(query, topn=k)]
 
 

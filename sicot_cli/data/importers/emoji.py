@@ -33,7 +33,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sicot_cli.data.importers.common import ImportSummary, ascii_int, clean_title, group_validation, load_json, write_manifest
+from sicot_cli.data.importers.common import (
+    ImportSummary,
+    ascii_int,
+    clean_title,
+    group_validation,
+    load_json,
+    write_manifest,
+)
 from sicot_cli.data.importers.npm import NpmPackage, fetch_packages
 from sicot_cli.errors import SicotError
 from sicot_cli.fsutil import write_json
@@ -99,7 +106,10 @@ def _images(folder: Path, skipped: Counter[str]) -> list[_Image]:
     if not isinstance(entries, list):
         raise SicotError(f"{src / 'emoji.json'}: expected a list of emoji")
     entries = [e for e in entries if isinstance(e, dict)]
-    texts = {lang: _texts(_load(folder / EMOJIBASE.name / lang / "data.json"), folder / EMOJIBASE.name / lang / "data.json") for lang in LANGUAGES}
+    texts = {
+        lang: _texts(_load(folder / EMOJIBASE.name / lang / "data.json"), folder / EMOJIBASE.name / lang / "data.json")
+        for lang in LANGUAGES
+    }
     images: list[_Image] = []
     for e in sorted(entries, key=lambda e: (ascii_int(e.get("sort_order", 0)) or 0, str(e.get("unified")))):
         skins = e.get("skin_variations")
@@ -125,7 +135,9 @@ def _images(folder: Path, skipped: Counter[str]) -> list[_Image]:
     return images
 
 
-def _split(images: list[_Image], test_per_class: int, val_fraction: float, seed: int, skipped: Counter[str]) -> list[tuple[_Image, str]]:
+def _split(
+    images: list[_Image], test_per_class: int, val_fraction: float, seed: int, skipped: Counter[str]
+) -> list[tuple[_Image, str]]:
     by_class: dict[str, dict[str, list[_Image]]] = defaultdict(lambda: defaultdict(list))
     for im in images:
         by_class[im.label][im.base].append(im)
@@ -154,7 +166,12 @@ def _split(images: list[_Image], test_per_class: int, val_fraction: float, seed:
     return [(im, "val" if side == "train" and im.base in val else side) for im, side in out]
 
 
-def import_emoji(folder: Path, test_per_class: int = DEFAULT_TEST_PER_CLASS, seed: int = 0, val_fraction: float = DEFAULT_VAL_FRACTION) -> ImportSummary:
+def import_emoji(
+    folder: Path,
+    test_per_class: int = DEFAULT_TEST_PER_CLASS,
+    seed: int = 0,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+) -> ImportSummary:
     """Write ``emoji-zh.csv``, ``emoji-en.csv`` and ``emoji-classes.json`` into ``folder``.
 
     Args:
@@ -179,7 +196,13 @@ def import_emoji(folder: Path, test_per_class: int = DEFAULT_TEST_PER_CLASS, see
     for lang in LANGUAGES:
         path = folder / f"emoji-{lang}.csv"
         rows = [
-            {"image": im.path.relative_to(folder).as_posix(), "title": im.titles[lang], "label": im.label, "split": s, "id": im.id}
+            {
+                "image": im.path.relative_to(folder).as_posix(),
+                "title": im.titles[lang],
+                "label": im.label,
+                "split": s,
+                "id": im.id,
+            }
             for im, s in split
         ]
         write_manifest(path, rows, with_split=True)
@@ -191,7 +214,10 @@ def import_emoji(folder: Path, test_per_class: int = DEFAULT_TEST_PER_CLASS, see
             if isinstance(sub, dict) and "key" in sub:
                 names[str(sub["key"])][lang] = str(sub.get("message", ""))
     counts = Counter(im.label for im, _ in split)
-    write_json(folder / "emoji-classes.json", {c: {"images": counts[c], **names.get(c, {})} for c in sorted(counts, key=lambda c: (-counts[c], c))})
+    write_json(
+        folder / "emoji-classes.json",
+        {c: {"images": counts[c], **names.get(c, {})} for c in sorted(counts, key=lambda c: (-counts[c], c))},
+    )
     n_test = sum(1 for _, s in split if s == "test")
     n_val = sum(1 for _, s in split if s == "val")
     return ImportSummary(
@@ -203,7 +229,11 @@ def import_emoji(folder: Path, test_per_class: int = DEFAULT_TEST_PER_CLASS, see
         val=n_val,
         test=n_test,
         skipped=dict(sorted(skipped.items())),
-        notes=[f"validation images (whole base emoji, drawn from the training side): {n_val:,}", f"images per class: {max(counts.values())} down to {min(counts.values())}", f"class names: {folder / 'emoji-classes.json'}"],
+        notes=[
+            f"validation images (whole base emoji, drawn from the training side): {n_val:,}",
+            f"images per class: {max(counts.values())} down to {min(counts.values())}",
+            f"class names: {folder / 'emoji-classes.json'}",
+        ],
     )
 
 

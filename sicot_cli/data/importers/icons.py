@@ -102,12 +102,16 @@ class _Svg:
         return f"{self.set}/{self.style}/{self.path.stem}"
 
 
-def check_disjoint(packages: tuple[NpmPackage, ...] = PACKAGES, evaluated: dict[str, tuple[NpmPackage, ...]] = EVALUATED) -> None:
+def check_disjoint(
+    packages: tuple[NpmPackage, ...] = PACKAGES, evaluated: dict[str, tuple[NpmPackage, ...]] = EVALUATED
+) -> None:
     """Raise if a pretraining package is also a package of an evaluated dataset (any version)."""
     for dataset, theirs in evaluated.items():
         shared = sorted({p.name for p in packages} & {p.name for p in theirs})
         if shared:
-            raise SicotError(f"the pretraining corpus shares {', '.join(shared)} with the evaluation dataset {dataset!r}: its images must be disjoint")
+            raise SicotError(
+                f"the pretraining corpus shares {', '.join(shared)} with the evaluation dataset {dataset!r}: its images must be disjoint"
+            )
 
 
 def _json(path: Path) -> Any:
@@ -124,7 +128,11 @@ def _tabler(src: Path) -> Iterator[_Svg]:
     meta = _json(src / "icons.json") or {}
     for style in ("outline", "filled"):
         for p in _svgs(src / "icons" / style):
-            tags = meta.get(p.stem, {}).get("tags", []) if isinstance(meta, dict) and isinstance(meta.get(p.stem), dict) else []
+            tags = (
+                meta.get(p.stem, {}).get("tags", [])
+                if isinstance(meta, dict) and isinstance(meta.get(p.stem), dict)
+                else []
+            )
             yield _Svg(TABLER.folder, style, p.stem, p, tuple(str(t) for t in tags))
 
 
@@ -153,7 +161,11 @@ def _octicons(src: Path) -> Iterator[_Svg]:
     for p in _svgs(src / "build" / "svg"):
         m = re.fullmatch(r"(.+)-(\d+)", p.stem)
         name, style = (m.group(1), f"{m.group(2)}px") if m else (p.stem, "regular")
-        tags = meta.get(name, {}).get("keywords", []) if isinstance(meta, dict) and isinstance(meta.get(name), dict) else []
+        tags = (
+            meta.get(name, {}).get("keywords", [])
+            if isinstance(meta, dict) and isinstance(meta.get(name), dict)
+            else []
+        )
         yield _Svg(OCTICONS.folder, style, name, p, tuple(str(t) for t in tags))
 
 
@@ -166,7 +178,9 @@ READERS: dict[str, Callable[[Path], Iterator[_Svg]]] = {
 }
 
 
-def import_icons(folder: Path, min_images: int = MIN_IMAGES, packages: tuple[NpmPackage, ...] = PACKAGES) -> ImportSummary:
+def import_icons(
+    folder: Path, min_images: int = MIN_IMAGES, packages: tuple[NpmPackage, ...] = PACKAGES
+) -> ImportSummary:
     """Rasterise the icon sets and write ``icons.csv`` (no split column: ``prepare`` draws it).
 
     Args:
@@ -187,10 +201,14 @@ def import_icons(folder: Path, min_images: int = MIN_IMAGES, packages: tuple[Npm
         for s in READERS[pkg.name](folder / pkg.folder):
             by_name[s.name].append(s)
     kept = {n: v for n, v in by_name.items() if len(v) >= min_images}
-    skipped = Counter({f"concept with fewer than {min_images} images": sum(len(v) for n, v in by_name.items() if n not in kept)})
+    skipped = Counter(
+        {f"concept with fewer than {min_images} images": sum(len(v) for n, v in by_name.items() if n not in kept)}
+    )
     svgs = sorted((s for v in kept.values() for s in v), key=lambda s: s.id)
     if not svgs:
-        raise SicotError(f"{folder}: no icon concept with {min_images} images or more (run `sicot datasets fetch icons` first)")
+        raise SicotError(
+            f"{folder}: no icon concept with {min_images} images or more (run `sicot datasets fetch icons` first)"
+        )
     drawn = rasterise(((s.path, f"{s.id}.png", palette_color(s.id)) for s in svgs), folder / PNG, SIZE, "palette-v1")
     if drawn["unrenderable"]:
         skipped["SVG resvg cannot draw"] = drawn["unrenderable"]
@@ -202,7 +220,10 @@ def import_icons(folder: Path, min_images: int = MIN_IMAGES, packages: tuple[Npm
     write_manifest(folder / MANIFEST, rows, with_split=False)
     counts = Counter(r["label"] for r in rows)
     per_set = Counter(r["id"].split("/")[0] for r in rows)
-    write_json(folder / "icons-sets.json", {p.spec: {"licence": LICENCES.get(p.name, "?"), "images": per_set[p.folder]} for p in packages})
+    write_json(
+        folder / "icons-sets.json",
+        {p.spec: {"licence": LICENCES.get(p.name, "?"), "images": per_set[p.folder]} for p in packages},
+    )
     return ImportSummary(
         dataset="icons",
         manifests=[str(folder / MANIFEST)],
@@ -217,7 +238,9 @@ def import_icons(folder: Path, min_images: int = MIN_IMAGES, packages: tuple[Npm
     )
 
 
-def fetch_icons(folder: Path, npm: str | None = "auto", min_images: int = MIN_IMAGES, packages: tuple[NpmPackage, ...] = PACKAGES) -> ImportSummary:
+def fetch_icons(
+    folder: Path, npm: str | None = "auto", min_images: int = MIN_IMAGES, packages: tuple[NpmPackage, ...] = PACKAGES
+) -> ImportSummary:
     """Fetch (``npm pack``), verify and unpack the icon sets into ``folder``, then import them.
 
     Args:

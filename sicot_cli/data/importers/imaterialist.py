@@ -30,7 +30,7 @@ def _images(path: Path) -> list[dict[str, Any]]:
     data = load_json(path, "not found (the dataset's train.json / val.json)")
     images = data.get("images") if isinstance(data, dict) else None
     if not isinstance(images, list):
-        raise SicotError(f"{path}: expected {{\"images\": [{{\"id\", \"url\", \"class\"}}, ...]}}")
+        raise SicotError(f'{path}: expected {{"images": [{{"id", "url", "class"}}, ...]}}')
     return images
 
 
@@ -67,8 +67,12 @@ def import_imaterialist(
     rows: list[dict[str, str]] = []
     seen: set[str] = set()
     for split, name, folder in (("train", train_json, train_images), ("test", test_json, test_images)):
-        for n, im in enumerate(_images(root / name)):
-            if not isinstance(im, dict) or not isinstance(im.get("id"), str | int) or not isinstance(im.get("class"), int | str):
+        for im in _images(root / name):
+            if (
+                not isinstance(im, dict)
+                or not isinstance(im.get("id"), str | int)
+                or not isinstance(im.get("class"), int | str)
+            ):
                 skipped[f"{name}: entry without id or class"] += 1
                 continue
             image_id = str(im["id"]).strip()
@@ -90,7 +94,9 @@ def import_imaterialist(
                 }
             )
     if not rows:
-        raise SicotError(f"{titles}: no image of {root / train_json} has a title here (ids must match the images' id field)")
+        raise SicotError(
+            f"{titles}: no image of {root / train_json} has a title here (ids must match the images' id field)"
+        )
     write_manifest(out, rows, with_split=True)
     n_test = sum(1 for r in rows if r["split"] == "test")
     return ImportSummary(

@@ -97,7 +97,9 @@ def _icons(src: Path, skipped: Counter[str]) -> list[_Icon]:
     return icons
 
 
-def _split(icons: list[_Icon], test_per_class: int, val_fraction: float, seed: int, skipped: Counter[str]) -> list[tuple[_Icon, str]]:
+def _split(
+    icons: list[_Icon], test_per_class: int, val_fraction: float, seed: int, skipped: Counter[str]
+) -> list[tuple[_Icon, str]]:
     by_class: dict[str, dict[str, list[_Icon]]] = defaultdict(lambda: defaultdict(list))
     for ic in icons:
         by_class[ic.label][ic.family].append(ic)
@@ -111,7 +113,11 @@ def _split(icons: list[_Icon], test_per_class: int, val_fraction: float, seed: i
             test.append(next((ic for ic in members if ic.id == fam), members[0]))
     test_ids = {ic.id for ic in test}
     test_families = {ic.family for ic in test}
-    val_families = group_validation({c: {f: len(m) for f, m in fams.items() if f not in test_families} for c, fams in by_class.items()}, val_fraction, seed)
+    val_families = group_validation(
+        {c: {f: len(m) for f, m in fams.items() if f not in test_families} for c, fams in by_class.items()},
+        val_fraction,
+        seed,
+    )
     out: list[tuple[_Icon, str]] = []
     for ic in icons:
         if ic.id in test_ids:
@@ -123,7 +129,12 @@ def _split(icons: list[_Icon], test_per_class: int, val_fraction: float, seed: i
     return out
 
 
-def import_mdi(folder: Path, test_per_class: int = DEFAULT_TEST_PER_CLASS, seed: int = 0, val_fraction: float = DEFAULT_VAL_FRACTION) -> ImportSummary:
+def import_mdi(
+    folder: Path,
+    test_per_class: int = DEFAULT_TEST_PER_CLASS,
+    seed: int = 0,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+) -> ImportSummary:
     """Rasterise the icons and write ``mdi.csv`` and ``mdi-classes.json`` into ``folder``.
 
     Args:
@@ -145,15 +156,27 @@ def import_mdi(folder: Path, test_per_class: int = DEFAULT_TEST_PER_CLASS, seed:
     icons = _icons(src, skipped)
     if not icons:
         raise SicotError(f"{src}: no icon with one category found")
-    drawn = rasterise(((src / "svg" / f"{ic.name}.svg", f"{ic.name}.png", "#000000") for ic in icons), folder / PNG, SIZE, "mdi-black")
+    drawn = rasterise(
+        ((src / "svg" / f"{ic.name}.svg", f"{ic.name}.png", "#000000") for ic in icons), folder / PNG, SIZE, "mdi-black"
+    )
     if drawn["unrenderable"]:
         skipped["SVG resvg cannot draw"] = drawn["unrenderable"]
-    split = [(ic, s) for ic, s in _split(icons, test_per_class, val_fraction, seed, skipped) if (folder / PNG / f"{ic.name}.png").is_file()]
-    rows = [{"image": f"{PNG}/{ic.name}.png", "title": ic.title, "label": ic.label, "split": s, "id": ic.name} for ic, s in split]
+    split = [
+        (ic, s)
+        for ic, s in _split(icons, test_per_class, val_fraction, seed, skipped)
+        if (folder / PNG / f"{ic.name}.png").is_file()
+    ]
+    rows = [
+        {"image": f"{PNG}/{ic.name}.png", "title": ic.title, "label": ic.label, "split": s, "id": ic.name}
+        for ic, s in split
+    ]
     write_manifest(folder / MANIFEST, rows, with_split=True)
     counts = Counter(ic.label for ic, _ in split)
     train_counts = Counter(ic.label for ic, s in split if s == "train")
-    write_json(folder / "mdi-classes.json", {c: {"images": counts[c], "train": train_counts[c]} for c in sorted(counts, key=lambda c: (-counts[c], c))})
+    write_json(
+        folder / "mdi-classes.json",
+        {c: {"images": counts[c], "train": train_counts[c]} for c in sorted(counts, key=lambda c: (-counts[c], c))},
+    )
     n_test = sum(1 for _, s in split if s == "test")
     n_val = sum(1 for _, s in split if s == "val")
     return ImportSummary(

@@ -137,7 +137,13 @@ def read_marker(marker: Path, pkg: NpmPackage) -> int | None:
     if not isinstance(info, dict) or set(info) != {"package", "integrity", "files"}:
         return None
     files = info["files"]
-    if info["package"] != pkg.spec or info["integrity"] != pkg.integrity or not isinstance(files, int) or isinstance(files, bool) or files < 1:
+    if (
+        info["package"] != pkg.spec
+        or info["integrity"] != pkg.integrity
+        or not isinstance(files, int)
+        or isinstance(files, bool)
+        or files < 1
+    ):
         return None
     return files
 
@@ -188,7 +194,9 @@ def unpack(tarball: Path, pkg: NpmPackage, dest: Path) -> int:
                 files += 1
         if files == 0:
             raise SicotError(f"{tarball}: none of the expected files ({', '.join(pkg.members)}) is in the archive")
-        (tmp / MARKER).write_text(json.dumps({"package": pkg.spec, "integrity": pkg.integrity, "files": files}) + "\n", encoding="utf-8")
+        (tmp / MARKER).write_text(
+            json.dumps({"package": pkg.spec, "integrity": pkg.integrity, "files": files}) + "\n", encoding="utf-8"
+        )
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(tmp, dest)
@@ -228,7 +236,9 @@ def fetch_packages(folder: Path, packages: tuple[NpmPackage, ...], npm: str | No
     todo = [p for p in packages if not unpacked(folder / p.folder, p)]
     missing = [p for p in todo if not (folder / p.tarball).is_file()]
     if missing and npm is None:
-        raise SicotError(f"npm is not installed: in {folder} run {npm_commands(tuple(missing))}, then run this command again")
+        raise SicotError(
+            f"npm is not installed: in {folder} run {npm_commands(tuple(missing))}, then run this command again"
+        )
     for pkg in todo:
         unpack(fetch_tarball(pkg, folder, npm), pkg, folder / pkg.folder)
     return {p.name: folder / p.folder for p in packages}

@@ -30,7 +30,14 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from sicot_cli.data.importers.common import ImportSummary, ascii_int, clean_title, load_json, manifest_path, write_manifest
+from sicot_cli.data.importers.common import (
+    ImportSummary,
+    ascii_int,
+    clean_title,
+    load_json,
+    manifest_path,
+    write_manifest,
+)
 from sicot_cli.errors import SicotError
 from sicot_cli.fsutil import read_text
 
@@ -47,7 +54,9 @@ def _filelist(path: Path) -> list[tuple[str, int]]:
             continue
         cls = ascii_int(parts[1]) if len(parts) == 2 else None
         if cls is None:
-            raise SicotError(f"{path}:{n}: expected '<image path> <class>' (the class in ASCII digits), got {line[:80]!r}")
+            raise SicotError(
+                f"{path}:{n}: expected '<image path> <class>' (the class in ASCII digits), got {line[:80]!r}"
+            )
         out.append((parts[0], cls))
     return out
 
@@ -136,7 +145,9 @@ def import_webvision(
     listed = [(p, c) for s in sources for p, c in _filelist(root / "info" / f"train_filelist_{s}.txt")]
     all_classes = sorted({c for _, c in listed})
     if classes < 0 or classes > len(all_classes):
-        raise SicotError(f"--classes must be between 0 and {len(all_classes)} (the classes in the file lists), got {classes}")
+        raise SicotError(
+            f"--classes must be between 0 and {len(all_classes)} (the classes in the file lists), got {classes}"
+        )
     chosen = set(all_classes if classes == 0 else random.Random(seed).sample(all_classes, classes))
     names = _class_names(root)
     by_meta: dict[Path, list[tuple[str, int]]] = defaultdict(list)
@@ -161,7 +172,9 @@ def import_webvision(
             if not title:
                 skipped[f"empty {text}"] += 1
                 continue
-            rows.append({"image": manifest_path(base / p, out.parent), "title": title, "label": names.get(c, str(c)), "id": p})
+            rows.append(
+                {"image": manifest_path(base / p, out.parent), "title": title, "label": names.get(c, str(c)), "id": p}
+            )
     if not rows:
         raise SicotError(f"{root}: no selected image has a {text} in meta/ (is the meta folder unpacked there?)")
     write_manifest(out, rows, with_split=False)
@@ -171,5 +184,8 @@ def import_webvision(
         rows=len(rows),
         classes=len({r["label"] for r in rows}),
         skipped=dict(sorted(skipped.items())),
-        notes=[f"{len(chosen)} of {len(all_classes)} classes (seed {seed})", "no split column: `prepare` draws data.test_per_class test images per class"],
+        notes=[
+            f"{len(chosen)} of {len(all_classes)} classes (seed {seed})",
+            "no split column: `prepare` draws data.test_per_class test images per class",
+        ],
     )
