@@ -140,7 +140,7 @@ def tiny_run(recipe, data: Path, run_name: str) -> dict:  # noqa: ANN001
     )
     model = SICoT(net, 128, p.num_classes)
     with torch.random.fork_rng(devices=[]):
-        model.encoder = create_encoder("mean", vectors=torch.from_numpy(p.vectors), out_dim=128)
+        model.attach_encoder(create_encoder("mean", vectors=torch.from_numpy(p.vectors), out_dim=128))
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size, gamma=cfg.gamma)
     forward = step_forward(model, cfg, False)

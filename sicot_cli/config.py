@@ -21,7 +21,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from sicot_cli.errors import SicotError
 from sicot_cli.fsutil import read_text
@@ -65,7 +65,7 @@ class SyntheticConfig:
     max_per_class: Annotated[int, Range(1, 100_000)] = 300
     min_per_class: Annotated[int, Range(1, 100_000)] = 4
     test_per_class: Annotated[int, Range(0, 100_000)] = 6
-    language: str = "mixed"  # "zh", "en" or "mixed"
+    language: Literal["zh", "en", "mixed"] = "mixed"
     seed: Seed = 0
     # > 0: instead of the long-tailed set above, a balanced PRETRAINING set of this many other
     # classes (none of the long-tailed set's), pretrain_per_class training images each: the demo's
@@ -78,10 +78,10 @@ class SyntheticConfig:
 class DataConfig:
     """Where the raw data comes from and how it is cut into the prepared HDF5."""
 
-    source: str = "synthetic"  # "synthetic" or "manifest"
+    source: Literal["synthetic", "manifest"] = "synthetic"
     manifest: str = ""  # CSV/JSONL with image,title,label[,split][,id]; relative to the recipe
     out: str = "data/demo.h5"  # the prepared file; relative to the working directory
-    image_size: int = 32
+    image_size: Annotated[int, Range(8, 1024)] = 32
     test_per_class: Annotated[int, Range(0, 10**6)] = (
         6  # when the manifest has no split: test images per class (balanced)
     )
@@ -90,7 +90,7 @@ class DataConfig:
     )
     # Validation rows carved from the training rows (per class floor(val_fraction * n), seeded by
     # split_seed): every choice (checkpoint-best, eval.select, tau...) is made on them, never on test.
-    val_fraction: float = 0.1
+    val_fraction: Annotated[float, Range(0, 0.5)] = 0.1
     max_title_tokens: Annotated[int, Range(1, 4096)] = 32  # allocated as [rows, max_title_tokens]
     split_seed: Seed = 0
     workers: Annotated[int, Range(0, 4096)] = 0  # decode processes; 0 = one per core
@@ -111,7 +111,7 @@ class TextConfig:
     # Which words drop_most_frequent removes from the top: "frequency" (the paper's rule: the most
     # frequent words) or "label_entropy" (the words whose training titles are spread most evenly
     # over the labels, i.e. carry the least label information; see sicot_cli/data/vocab.py).
-    drop_rule: str = "frequency"
+    drop_rule: Literal["frequency", "label_entropy"] = "frequency"
 
 
 @dataclass
@@ -139,10 +139,10 @@ class EvalConfig:
     # at prepare time (head: the mean count per class, as the paper's iMaterialist boundary 200 sits
     # at its mean 218; few/many: the class-count tertiles) and recorded in the file, from which
     # runs and reports take them unless a threshold is overridden (sicot_cli/data/prepare.py).
-    boundaries: str = "fixed"
+    boundaries: Literal["fixed", "data"] = "fixed"
     # Which weights are scored on the test split at the end of training (the test set is touched
     # once): "last" (no selection) or "best" (the epoch with the best validation top-1).
-    select: str = "last"
+    select: Literal["last", "best"] = "last"
 
 
 @dataclass
@@ -154,7 +154,9 @@ class ModelConfig:
     encoder: str = "bilinear"  # a registered encoder, or "none" for the image-only baseline
     encoder_options: dict[str, Any] = field(default_factory=dict)
     freeze_embeddings: bool = False
-    semantic_norm: str = "batchnorm"  # "batchnorm" (s on x_v's scale, the default) or "none" (the paper's literal max)
+    semantic_norm: Literal["batchnorm", "none"] = (
+        "batchnorm"  # "batchnorm" (s on x_v's scale, the default) or "none" (the paper's literal max)
+    )
     # Does CE(x_m) also train the shared classifier (the paper: yes)? false: only CE(x_v) does, so the
     # classifier is fit to the features it sees at inference (see sicot_cli/model.py).
     mixed_trains_classifier: bool = True
@@ -182,7 +184,7 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     channels_last: bool = True
     compile: bool = False  # torch.compile the model (off until measured on your GPU)
-    in_memory: str = "auto"  # "auto", "yes", "no": hold the training images in RAM
+    in_memory: Literal["auto", "yes", "no"] = "auto"  # hold the training images in RAM
     memory_limit_gb: Annotated[float, Range(0, 10**6)] = 8.0  # "auto" holds the images in RAM below this size
     block_rows: Annotated[int, Range(1, 10**7)] = 4096  # rows per contiguous read when streaming from disk
     shuffle_blocks: Annotated[int, Range(1, 10**4)] = 4  # blocks mixed in the shuffle buffer
@@ -199,7 +201,7 @@ class TrainConfig:
     keep_best: bool = True
     # Distributed (torchrun): shard the shared classifier by class across ranks. "auto" shards from
     # classifier_parallel_min_classes classes on; "yes"/"no" force it (sicot_cli/distributed.py).
-    classifier_parallel: str = "auto"
+    classifier_parallel: Literal["auto", "yes", "no"] = "auto"
     classifier_parallel_min_classes: Annotated[int, Range(1, 10**9)] = 100_000
     # Softmax over a sample of the classes per step (Partial FC), both terms of Eq. 1 and every rank
     # alike: the batch's labels plus uniformly drawn others, this fraction of all classes. 1.0 = the
@@ -309,6 +311,11 @@ def _type_name(tp: Any) -> str:
     return {int: "integer", float: "number", str: "string", bool: "boolean"}.get(tp, str(tp))
 
 
+def _one_of(choices: tuple[str, ...]) -> str:
+    """``a, b or c``: how an error message lists the values a field takes."""
+    return choices[0] if len(choices) == 1 else f"{', '.join(choices[:-1])} or {choices[-1]}"
+
+
 def _article(name: str) -> str:
     return ("an " if name[0] in "aeiou" else "a ") + name
 
@@ -321,6 +328,11 @@ def _check_value(value: Any, tp: Any, key: str, where: str) -> Any:
         for bound in extras:
             if isinstance(bound, Range) and not bound.holds(value):
                 raise SicotError(f"{where}: {key} must be {bound.violated(value)}, got {value!r}")
+        return value
+    if typing.get_origin(tp) is Literal:
+        choices = typing.get_args(tp)
+        if not isinstance(value, str) or value not in choices:
+            raise SicotError(f"{where}: {key} must be {_one_of(choices)}, got {value!r}")
         return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -515,107 +527,45 @@ def _apply_override(table: dict[str, Any], item: str) -> None:
 
 
 def validate(recipe: Recipe, where: str) -> None:
-    """Range checks that types alone cannot express."""
-    d = recipe.data
+    """The rules that tie fields together (each field's own type, range and choices are checked
+    where it is declared, by its annotation)."""
+    d, t, e, tr = recipe.data, recipe.text, recipe.eval, recipe.train
     checks: list[tuple[bool, str]] = [
         (
             bool(recipe.name) and not set(recipe.name) & set("/\\") and recipe.name.isprintable(),
             f"name must be a non-empty file-name part (no / \\ or control characters), got {recipe.name!r}",
         ),
-        (d.source in ("synthetic", "manifest"), f"data.source must be 'synthetic' or 'manifest', got {d.source!r}"),
+        (recipe.preset in PRESETS, f"preset must be one of {', '.join(sorted(PRESETS))}, got {recipe.preset!r}"),
         (
             d.source != "manifest" or bool(d.manifest),
             "data.manifest must name a CSV/JSONL file when data.source = 'manifest'",
         ),
-        (8 <= d.image_size <= 1024, f"data.image_size must be between 8 and 1024, got {d.image_size}"),
-        (d.test_per_class >= 0, f"data.test_per_class must be >= 0, got {d.test_per_class}"),
-        (d.min_train_per_class >= 1, f"data.min_train_per_class must be >= 1, got {d.min_train_per_class}"),
-        (0 <= d.val_fraction <= 0.5, f"data.val_fraction must be in [0, 0.5], got {d.val_fraction}"),
-        (d.max_title_tokens >= 1, f"data.max_title_tokens must be >= 1, got {d.max_title_tokens}"),
-        (d.workers >= 0, f"data.workers must be >= 0, got {d.workers}"),
-        (d.max_image_pixels >= 1, f"data.max_image_pixels must be >= 1, got {d.max_image_pixels}"),
-        (d.synthetic.num_classes >= 2, f"data.synthetic.num_classes must be >= 2, got {d.synthetic.num_classes}"),
         (
-            1 <= d.synthetic.min_per_class <= d.synthetic.max_per_class,
+            d.synthetic.min_per_class <= d.synthetic.max_per_class,
             "data.synthetic.min_per_class must be >= 1 and <= data.synthetic.max_per_class",
         ),
         (
-            d.synthetic.language in ("zh", "en", "mixed"),
-            f"data.synthetic.language must be zh, en or mixed, got {d.synthetic.language!r}",
-        ),
-        (
-            0 <= d.synthetic.pretrain_classes <= 3200 - d.synthetic.num_classes,
+            d.synthetic.pretrain_classes <= 3200 - d.synthetic.num_classes,
             f"data.synthetic.pretrain_classes must be between 0 and 3200 - data.synthetic.num_classes "
             f"(the attribute combinations the long-tailed set leaves free), got {d.synthetic.pretrain_classes}",
         ),
         (
-            d.synthetic.pretrain_per_class >= 1,
-            f"data.synthetic.pretrain_per_class must be >= 1, got {d.synthetic.pretrain_per_class}",
-        ),
-        (0 <= recipe.text.drop_most_frequent < 1, "text.drop_most_frequent must be in [0, 1)"),
-        (0 <= recipe.text.drop_least_frequent < 1, "text.drop_least_frequent must be in [0, 1)"),
-        (
-            recipe.text.drop_most_frequent + recipe.text.drop_least_frequent < 1,
+            t.drop_most_frequent + t.drop_least_frequent < 1,
             "text.drop_most_frequent + text.drop_least_frequent must be < 1",
         ),
+        (e.few_threshold <= e.many_threshold, "eval.few_threshold must be <= eval.many_threshold"),
         (
-            recipe.text.drop_rule in ("frequency", "label_entropy"),
-            f"text.drop_rule must be frequency or label_entropy, got {recipe.text.drop_rule!r}",
-        ),
-        (recipe.text.min_count >= 1, f"text.min_count must be >= 1, got {recipe.text.min_count}"),
-        (recipe.embed.dim >= 1, f"embed.dim must be >= 1, got {recipe.embed.dim}"),
-        (recipe.embed.window >= 1, f"embed.window must be >= 1, got {recipe.embed.window}"),
-        (recipe.embed.epochs >= 1, f"embed.epochs must be >= 1, got {recipe.embed.epochs}"),
-        (recipe.eval.head_threshold >= 1, f"eval.head_threshold must be >= 1, got {recipe.eval.head_threshold}"),
-        (
-            recipe.eval.few_threshold <= recipe.eval.many_threshold,
-            "eval.few_threshold must be <= eval.many_threshold",
-        ),
-        (recipe.preset in PRESETS, f"preset must be one of {', '.join(sorted(PRESETS))}, got {recipe.preset!r}"),
-        (
-            recipe.eval.boundaries in ("fixed", "data"),
-            f"eval.boundaries must be fixed or data, got {recipe.eval.boundaries!r}",
-        ),
-        (recipe.train.threads >= 0, f"train.threads must be >= 0 (0 = auto), got {recipe.train.threads}"),
-        (
-            recipe.train.keep_best or recipe.eval.select == "last",
+            tr.keep_best or e.select == "last",
             'train.keep_best = false needs eval.select = "last" (best is scored from checkpoint-best.pt)',
         ),
-        (recipe.eval.select in ("last", "best"), f"eval.select must be last or best, got {recipe.eval.select!r}"),
         (
-            recipe.model.semantic_norm in ("batchnorm", "none"),
-            f"model.semantic_norm must be batchnorm or none, got {recipe.model.semantic_norm!r}",
+            len(tr.crop_scale) == 2 and 0 < tr.crop_scale[0] <= tr.crop_scale[1] <= 1,
+            f"train.crop_scale must be [min, max] with 0 < min <= max <= 1, got {tr.crop_scale}",
         ),
-        (recipe.train.epochs >= 1, f"train.epochs must be >= 1, got {recipe.train.epochs}"),
-        (recipe.train.batch_size >= 1, f"train.batch_size must be >= 1, got {recipe.train.batch_size}"),
-        (recipe.train.eval_batch_size >= 1, f"train.eval_batch_size must be >= 1, got {recipe.train.eval_batch_size}"),
-        (recipe.train.lr > 0, f"train.lr must be > 0, got {recipe.train.lr}"),
-        (recipe.train.step_size >= 1, f"train.step_size must be >= 1, got {recipe.train.step_size}"),
-        (0 < recipe.train.gamma <= 1, f"train.gamma must be in (0, 1], got {recipe.train.gamma}"),
-        (recipe.train.lam >= 0, f"train.lam must be >= 0, got {recipe.train.lam}"),
+        (bool(tr.topk) and all(k >= 1 for k in tr.topk), f"train.topk must list k >= 1, got {tr.topk}"),
         (
-            recipe.train.in_memory in ("auto", "yes", "no"),
-            f"train.in_memory must be auto, yes or no, got {recipe.train.in_memory!r}",
-        ),
-        (
-            recipe.train.classifier_parallel in ("auto", "yes", "no"),
-            f"train.classifier_parallel must be auto, yes or no, got {recipe.train.classifier_parallel!r}",
-        ),
-        (
-            recipe.train.block_rows >= 1 and recipe.train.shuffle_blocks >= 1,
-            "train.block_rows and train.shuffle_blocks must be >= 1",
-        ),
-        (
-            len(recipe.train.crop_scale) == 2 and 0 < recipe.train.crop_scale[0] <= recipe.train.crop_scale[1] <= 1,
-            f"train.crop_scale must be [min, max] with 0 < min <= max <= 1, got {recipe.train.crop_scale}",
-        ),
-        (
-            bool(recipe.train.topk) and all(k >= 1 for k in recipe.train.topk),
-            f"train.topk must list k >= 1, got {recipe.train.topk}",
-        ),
-        (
-            recipe.train.device == "auto" or recipe.train.device == "cpu" or recipe.train.device.startswith("cuda"),
-            f"train.device must be auto, cpu or cuda[:N], got {recipe.train.device!r}",
+            tr.device in ("auto", "cpu") or tr.device.startswith("cuda"),
+            f"train.device must be auto, cpu or cuda[:N], got {tr.device!r}",
         ),
     ]
     for ok, message in checks:

@@ -8,31 +8,19 @@
 - one linear classifier scores both ``x_v`` and ``x_m`` (in one GEMM over their concatenation,
   :func:`score_cat`); the loss is Eq. 1, ``CE(W x_v) + lambda * CE(W x_m)``.
 
-Scale matching (our addition, off by default: ``model.semantic_norm = "batchnorm"``): ``x_v`` comes
-out of BatchNorm + ReLU + average pooling, while a freshly projected title embedding is about ten
-times smaller (std 0.14 against 1.0 on the demo), so the max mostly selects ``x_v`` and the mixed
-loss mostly adds a second visual gradient. The option batch-normalises the embedding so that it
-competes in the max. Measured on the demo (one seed, 20 epochs, lr 0.03): literal form 25.24 top-1
-(head 88.89, tail 20.06) against the baseline's 25.24 (81.48, 20.63); with batchnorm 19.11
-(87.04, 13.54): from scratch the text stream is used far more and the image-only tail suffers.
-From a pretrained visual stream (``recipes/demo-pretrain.toml``) and with ``train.normalize_loss``
-it is the other way round (5 seeds, bilinear): tail top-1 54.83 -> 54.95 with the literal form,
--> 56.39 with batchnorm (+1.56, p=0.009; docs/demo-pretraining.md). The literal form of the paper
-stays the default.
+Three switches sit around Eq. 1 (docs/presets.md says which preset sets what, and
+docs/demo-pretraining.md what each was measured to do; measured numbers live there, not here):
 
-Who trains the shared classifier (``model.mixed_trains_classifier``, default true = the paper):
-with the paper's Eq. 1 the classifier is also fit on x_m, whose title-derived dimensions exist only
-in training. Measured on the demo (3 seeds, ``recipes/demo.toml``): co-training moves image-only
-predictions towards the head (tail test images predicted as a head class: baseline 40.6 %, bilinear
-54.1 %) and tail top-1 drops 13.75 -> 8.99. With ``false`` CE(x_m) still trains both streams but the
-classifier is fit by CE(x_v) alone, i.e. to what it sees at inference: 45.4 % and tail 12.46, most
-of the loss recovered (no gain over the baseline either). The default stays the paper's.
-
-Step size (``train.normalize_loss``, default false = the paper's sum): since x_m is close to x_v,
-Eq. 1's gradient on the visual stream and the classifier is about (1 + lambda) times the
-baseline's. On the demo that, not the title, is what costs co-training most of its accuracy
-(3 seeds, tail top-1: baseline 13.76, Eq. 1 8.99, Eq. 1 at half the learning rate 13.72, Eq. 1 /
-(1 + lambda) 12.49; README, "Step size").
+- ``model.semantic_norm``: x_v comes out of BatchNorm + ReLU + average pooling while a freshly
+  projected title embedding is far smaller, so in the literal max x_v nearly always wins and the
+  mixed loss becomes a second visual gradient. ``"batchnorm"`` puts the embedding on x_v's scale
+  so that it competes in the max; ``"none"`` is the paper's literal form.
+- ``model.mixed_trains_classifier``: with the paper's Eq. 1 the shared classifier is also fit on
+  x_m, whose title-derived dimensions exist only in training. ``false`` lets CE(x_m) train both
+  streams while the classifier is fit by CE(x_v) alone, i.e. to what it sees at inference.
+- ``train.normalize_loss`` (applied in :func:`combine_losses`): x_m is close to x_v, so Eq. 1's
+  gradient on the visual stream and the classifier is about (1 + lambda) times the baseline's;
+  dividing by (1 + lambda) compares the two at the same step size.
 
 The baseline is the same module with no encoder: identical visual stream, classifier and
 initialisation (the backbone and classifier are created before the encoder, so a seed gives both
@@ -197,22 +185,32 @@ class SICoT(nn.Module):
         encoder: nn.Module | None = None,
         semantic_norm: str = "none",
         shard: tuple[int, int] | None = None,
+        mixed_trains_classifier: bool = True,
     ) -> None:
         super().__init__()
         self.visual = backbone
         self.feat_dim = feat_dim
         self.num_classes = num_classes
-        self.mixed_trains_classifier = True
+        # Does CE(x_m) also train the shared classifier (the paper: yes)? See score_cat.
+        self.mixed_trains_classifier = mixed_trains_classifier
         if shard is None:
             self.classifier: nn.Module = nn.Linear(feat_dim, num_classes)
         else:  # this rank's classes of the shared classifier (sicot_cli.distributed)
             from sicot_cli.distributed import ShardedLinear
 
             self.classifier = ShardedLinear(feat_dim, num_classes, *shard)
-        self.encoder = encoder
-        self.semantic_norm = nn.BatchNorm1d(feat_dim) if encoder is not None and semantic_norm == "batchnorm" else None
+        self.encoder: nn.Module | None = None
+        self.semantic_norm: nn.Module | None = None
+        if encoder is not None:
+            self.attach_encoder(encoder, semantic_norm)
         self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1) * 255.0, persistent=False)
         self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1) * 255.0, persistent=False)
+
+    def attach_encoder(self, encoder: nn.Module, semantic_norm: str = "none") -> None:
+        """The semantic stream: ``encoder``, its output batch-normalised when ``semantic_norm = "batchnorm"``
+        (the title embedding on x_v's scale, docs/presets.md) or used as it is (``"none"``, the paper)."""
+        self.encoder = encoder
+        self.semantic_norm = nn.BatchNorm1d(self.feat_dim) if semantic_norm == "batchnorm" else None
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 or float images in [0, 255] -> normalised float."""
@@ -337,19 +335,16 @@ def build_model(
     keeps only those classes of the classifier (initialised as those rows of the full one).
     """
     net, dim = build_backbone(backbone, pretrained)
-    model = SICoT(net, dim, num_classes, shard=shard)
-    model.mixed_trains_classifier = mixed_trains_classifier
+    model = SICoT(net, dim, num_classes, shard=shard, mixed_trains_classifier=mixed_trains_classifier)
     if encoder != "none":
         from encoders import create_encoder
 
         # fork_rng: the encoder's initialisation must not shift the random stream that the
         # training (dropout in some backbones) draws from, or baseline and co-training would differ.
         with torch.random.fork_rng(devices=[]):
-            model.encoder = create_encoder(
-                encoder, vectors=vectors, out_dim=dim, freeze_embeddings=freeze_embeddings, **(encoder_options or {})
-            )
-            if semantic_norm == "batchnorm":
-                model.semantic_norm = nn.BatchNorm1d(dim)
+            options = encoder_options or {}
+            text = create_encoder(encoder, vectors=vectors, out_dim=dim, freeze_embeddings=freeze_embeddings, **options)
+            model.attach_encoder(text, semantic_norm)
     return model
 
 

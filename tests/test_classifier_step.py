@@ -33,10 +33,10 @@ def _model(num_classes: int = CLASSES, dtype: torch.dtype = torch.float32, mixed
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    model = SICoT(net, 8, num_classes)
-    model.mixed_trains_classifier = mixed_trains_classifier
+    model = SICoT(net, 8, num_classes, mixed_trains_classifier=mixed_trains_classifier)
     with torch.random.fork_rng(devices=[]):
-        model.encoder = create_encoder("mean", vectors=torch.randn(30, 6, generator=torch.Generator().manual_seed(3)), out_dim=8)
+        vectors = torch.randn(30, 6, generator=torch.Generator().manual_seed(3))
+        model.attach_encoder(create_encoder("mean", vectors=vectors, out_dim=8))
     return model.to(dtype)
 
 

@@ -44,7 +44,7 @@ def test_recipe_paths_resolve_against_the_recipe(tmp_path):
     [
         ("[data]\nimage_sise = 3\n", "unknown key 'data.image_sise'"),
         ("[data]\nimage_size = \"big\"\n", "data.image_size must be an integer, got 'big'"),
-        ("[data]\nimage_size = 4\n", "data.image_size must be between 8 and 1024"),
+        ("[data]\nimage_size = 4\n", "data.image_size must be >= 8, got 4"),
         ("[data]\nstrict = 1\n", "data.strict must be a boolean"),
         ("data = 3\n", "[data] must be a table"),
         ("[data\n", "not valid TOML"),
@@ -87,3 +87,22 @@ def test_missing_and_non_utf8_recipe(tmp_path):
 
 def test_resolved_recipe_is_json():
     assert json.loads(Recipe().to_json())["data"]["synthetic"]["num_classes"] == 120
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ('data.source="sql"', "data.source must be synthetic or manifest, got 'sql'"),
+        ('model.semantic_norm="layernorm"', "model.semantic_norm must be batchnorm or none, got 'layernorm'"),
+        ('train.in_memory="maybe"', "train.in_memory must be auto, yes or no, got 'maybe'"),
+        ("eval.select=1", "eval.select must be last or best, got 1"),
+        ("data.val_fraction=0.6", "data.val_fraction must be <= 0.5, got 0.6"),
+    ],
+)
+def test_a_field_with_choices_lists_them(override, message):
+    """Choices and bounds are declared on the field (Literal / Range) and named in the error."""
+    from sicot_cli.config import load_recipe
+
+    with pytest.raises(SicotError) as e:
+        load_recipe(None, [override])
+    assert str(e.value).endswith(message)

@@ -196,7 +196,7 @@ def _tiny_model(num_classes: int, vectors: torch.Tensor, shard: tuple[int, int] 
     net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     model = SICoT(net, 8, num_classes, shard=shard)
     with torch.random.fork_rng(devices=[]):
-        model.encoder = create_encoder("mean", vectors=vectors, out_dim=8)
+        model.attach_encoder(create_encoder("mean", vectors=vectors, out_dim=8))
     return model
 
 
