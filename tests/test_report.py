@@ -11,39 +11,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import tiny_recipe
+from conftest import assert_png, capture_figures, tiny_recipe
 from sicot_cli.cli import app
 from sicot_cli.config import Recipe
 from sicot_cli.errors import SicotError
 from sicot_cli.report import bootstrap_ci, build_report, paired_t, to_markdown
 
 runner = CliRunner()
-
-
-def capture_figures(monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
-    """File name -> the matplotlib Figure written to it (still saved to disk as usual)."""
-    from sicot_cli import figures
-
-    real, figs = figures._save, {}
-
-    def save(fig, path: Path) -> Path:  # noqa: ANN001
-        figs[Path(path).name] = fig
-        return real(fig, path)
-
-    monkeypatch.setattr(figures, "_save", save)
-    return figs
-
-
-def assert_png(path: Path, figsize: tuple[float, float]) -> None:
-    """A complete PNG of about the figure's size (120 dpi, cropped to its tight box), not a blank image."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        assert im.format == "PNG", path
-        im.load()  # decodes every row: a truncated file raises here
-        assert im.width >= 0.6 * 120 * figsize[0] and im.height >= 0.6 * 120 * figsize[1], (path, im.size)
-        colours = im.convert("RGB").getcolors(maxcolors=1 << 16)
-        assert colours is None or len(colours) > 10, (path, "blank image")
 
 # top1 per (encoder, seed): baseline 50/52/54, bilinear 53/54/58 -> gains 3, 2, 4
 TOP1 = {("none", 0): 50.0, ("none", 1): 52.0, ("none", 2): 54.0, ("bilinear", 0): 53.0, ("bilinear", 1): 54.0, ("bilinear", 2): 58.0, ("mean", 0): 51.0, ("mean", 1): 52.0, ("mean", 2): 53.0}
