@@ -128,8 +128,11 @@ def test_markdown_parses_and_files(ablation):
         assert all(len(row) == len(t[0]) for row in t)
         assert all(set(c) == {"-"} for c in t[1])
     assert "| baseline | 52.00±2.00 | - | - |" in r.output
-    for name in ("report.md", "report.csv", "report.json"):
-        assert (ablation / name).stat().st_size > 0
+    # the files hold what was printed: the Markdown tables, the CSV rows, the JSON numbers
+    md = (ablation / "report.md").read_text(encoding="utf-8")
+    assert "| baseline | 52.00±2.00 | - | - |" in md
+    assert md.startswith("# sicot report: demo") and all(f"## Table {n}:" in md for n in (2, 3, 4))
+    assert "bilinear,top1,55.0," in (ablation / "report.csv").read_text(encoding="utf-8")
     data = json.loads((ablation / "report.json").read_text())
     assert data["gains"]["bilinear"]["top1"]["mean"] == pytest.approx(3.0)
     r = runner.invoke(app, ["report", str(ablation), "--format", "csv", "--no-figures"])
