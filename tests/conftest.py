@@ -98,7 +98,7 @@ def capture_figures(monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
 
     real, figs = figures._save, {}
 
-    def save(fig, path: Path) -> Path:  # noqa: ANN001
+    def save(fig, path: Path) -> Path:
         figs[Path(path).name] = fig
         return real(fig, path)
 

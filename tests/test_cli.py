@@ -51,7 +51,7 @@ def test_tokenize_errors(tmp_path):
 
 def _neighbour_rows(output: str) -> list[tuple[str, float]]:
     """The (word, cosine) rows of ``embed --neighbours``'s table."""
-    rows = re.findall(r"^\W*?(\S+)\s*[│|]\s*(-?\d+\.\d{3})\s*[│|]?\s*$", output, flags=re.M)
+    rows = re.findall(r"^\W*?(\S+)\s*[│|]\s*(-?\d+\.\d{3})\s*[│|]?\s*$", output, flags=re.MULTILINE)
     return [(w, float(s)) for w, s in rows]
 
 

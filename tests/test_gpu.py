@@ -55,7 +55,7 @@ def test_amp_step_is_close_to_the_fp32_step(tiny_prepared: Path) -> None:
         model = make_model(recipe, p).to(memory_format=torch.channels_last).to(device)
         opt = torch.optim.SGD(model.parameters(), lr=recipe.train.lr, momentum=recipe.train.momentum, weight_decay=recipe.train.weight_decay)
         dtypes = []
-        _first_conv(model).register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+        _first_conv(model).register_forward_hook(lambda m, i, o, seen=dtypes: seen.append(o.dtype))
         losses = train_step(model, model, opt, batch, device, recipe.train, torch.Generator().manual_seed(1))
         out[amp] = (torch.stack(losses).float().cpu(), {k: v.detach().float().cpu() for k, v in model.named_parameters()})
         assert dtypes == [torch.bfloat16 if amp else torch.float32]
@@ -74,14 +74,14 @@ def test_short_cuda_run_with_amp_channels_last_and_pinned_memory(tiny_prepared: 
     pinned: list[bool] = []
     real_make_model = train_mod.make_model
 
-    def spied_model(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def spied_model(*args, **kwargs):
         model = real_make_model(*args, **kwargs)
         _first_conv(model).register_forward_hook(
             lambda m, i, o: seen.append((m.training, i[0].device.type, i[0].is_contiguous(memory_format=torch.channels_last), o.dtype)))
         return model
 
     class SpiedLoader(BatchLoader):
-        def epoch(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        def epoch(self, *args, **kwargs):
             for b in super().epoch(*args, **kwargs):
                 pinned.append(all(t.is_pinned() for t in (b.images, b.tokens, b.mask, b.labels)))
                 yield b

@@ -927,7 +927,7 @@ def test_each_payload_would_leave_its_marker(tmp_path, monkeypatch):
     check = _no_marker("PWNED")
     runs_payload = [
         lambda: subprocess.run(f"ls {_shell_in_image_path(tmp_path)}", shell=True, capture_output=True, check=False),  # a shell expands the path
-        lambda: eval(tomllib.loads(PYTHON_IN_RECIPE)["name"]),  # noqa: S307 - the recipe string evaluated as Python
+        lambda: eval(tomllib.loads(PYTHON_IN_RECIPE)["name"]),  # the recipe string evaluated as Python
         lambda: torch.load(io.BytesIO(_evil_checkpoint(tmp_path / "PWNED").split(b"\n", 1)[1]), weights_only=False),  # unpickled with code
     ]
     for run_payload in runs_payload:

@@ -89,7 +89,10 @@ def test_bootstrap_aligns_rows(tmp_path):
     """Every run stores its test rows in its own order: the per-image differences pair rows, not positions."""
     n = 40
     base = np.random.default_rng(1).random(n) < 0.5
-    perm = lambda s: np.random.default_rng(s).permutation(n)  # noqa: E731
+
+    def perm(seed: int) -> np.ndarray:
+        return np.random.default_rng(seed).permutation(n)
+
     # the same hits on every row: each aligned difference is 0, so every bootstrap mean is 0
     for seed in (0, 1):
         make_run(tmp_path / "same", "none", seed, 50.0, base, perm(10 + seed))
