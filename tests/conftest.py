@@ -90,3 +90,27 @@ def many_classes(tmp_path_factory):
     prepare(load_recipe(None, ["data.source=synthetic", "data.synthetic.num_classes=24", "data.synthetic.max_per_class=6", "data.synthetic.min_per_class=2",
                                "data.synthetic.test_per_class=1", "data.image_size=16", "data.workers=1", "embed.dim=8", "embed.epochs=1"]), out)
     return out
+
+
+def capture_figures(monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
+    """File name -> the matplotlib Figure written to it (still saved to disk as usual)."""
+    from sicot_cli import figures
+
+    real, figs = figures._save, {}
+
+    def save(fig, path: Path) -> Path:
+        figs[Path(path).name] = fig
+        return real(fig, path)
+
+    monkeypatch.setattr(figures, "_save", save)
+    return figs
+
+
+def assert_png(path: Path, figsize: tuple[float, float]) -> None:
+    """A complete PNG of about the figure's size (120 dpi, cropped to its tight box), not a blank image."""
+    with Image.open(path) as im:
+        assert im.format == "PNG", path
+        im.load()  # decodes every row: a truncated file raises here
+        assert im.width >= 0.6 * 120 * figsize[0] and im.height >= 0.6 * 120 * figsize[1], (path, im.size)
+        colours = im.convert("RGB").getcolors(maxcolors=1 << 16)
+        assert colours is None or len(colours) > 10, (path, "blank image")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -48,6 +49,12 @@ def test_tokenize_errors(tmp_path):
     assert r.exit_code == 2 and "no.h5: prepared dataset not found" in r.output
 
 
+def _neighbour_rows(output: str) -> list[tuple[str, float]]:
+    """The (word, cosine) rows of ``embed --neighbours``'s table."""
+    rows = re.findall(r"^\W*?(\S+)\s*[│|]\s*(-?\d+\.\d{3})\s*[│|]?\s*$", output, flags=re.MULTILINE)
+    return [(w, float(s)) for w, s in rows]
+
+
 def test_embed_report_save_and_neighbours(tmp_path, manifest):
     vec = tmp_path / "v.txt"
     r = run("embed", f"data.manifest={manifest}", "data.source=manifest", *KEEP_ALL, "--out", str(vec))
@@ -56,7 +63,17 @@ def test_embed_report_save_and_neighbours(tmp_path, manifest):
     header = vec.read_text(encoding="utf-8").splitlines()[0].split()
     assert header[1] == "8" and int(header[0]) > 10
     r = run("embed", "--neighbours", "cat", "--vectors", str(vec), "--top", "3")
-    assert r.exit_code == 0 and r.output.count("0.") >= 3, r.output
+    assert r.exit_code == 0, r.output
+    rows = _neighbour_rows(r.output)
+    vocab = {ln.split()[0] for ln in vec.read_text(encoding="utf-8").splitlines()[1:]}
+    assert len(rows) == 3 and all(w in vocab and w != "cat" for w, _ in rows), r.output
+    sims = [s for _, s in rows]
+    assert sims == sorted(sims, reverse=True) and all(-1 <= s <= 1 for s in sims), r.output
+    # a file with known cosines: kitten 0.9/sqrt(0.82) = 0.994, dog 0, car -1 (not among the top 2)
+    known = tmp_path / "known.txt"
+    known.write_text("4 2\ncat 1 0\nkitten 0.9 0.1\ndog 0 1\ncar -1 0\n", encoding="utf-8")
+    r = run("embed", "--neighbours", "cat", "--vectors", str(known), "--top", "2")
+    assert r.exit_code == 0 and _neighbour_rows(r.output) == [("kitten", 0.994), ("dog", 0.0)], r.output
     r = run("embed", "--neighbours", "zebra", "--vectors", str(vec))
     assert r.exit_code == 2 and "'zebra' is not in the vocabulary" in r.output
     # --vectors and embed.pretrained read through the same loader (word2vec.load_word2vec_file)

@@ -126,7 +126,7 @@ def test_emoji_join_titles_and_leak_free_split(tmp_path):
     # titles: the language's label, then the base emoji's tags; FE0F does not break the join
     assert by_id["1F44B"]["title"] == "挥手 你好 再见"
     assert {r["id"]: r for r in en}["1F44B"]["title"] == "waving hand hello bye"
-    assert by_id.get("1F44B-1F3FB", {"title": "挥手: 较浅肤色 你好 再见"})["title"] == "挥手: 较浅肤色 你好 再见"
+    assert by_id["1F44B-1F3FB"]["title"] == "挥手: 较浅肤色 你好 再见"  # 1F44B trains with seed 0: its variants are kept
     assert "263A" in by_id and by_id["263A"]["title"] == "微笑 脸 放松"
     assert by_id["263A"]["image"] == f"{em.DATASOURCE.name}/{em.IMAGES}/263a-fe0f.png"
     # left out: Component, no Google image, no emojibase entry
@@ -140,11 +140,13 @@ def test_emoji_join_titles_and_leak_free_split(tmp_path):
     base = lambda i: i.split("-")[0]  # noqa: E731
     test_bases = {base(r["id"]) for r in test}
     assert not test_bases & {base(r["id"]) for r in zh if r["split"] == "train"}
-    n_variants = {"1F44B": 5, "1F91A": 2}
-    left_out = sum(n_variants.get(b, 0) for b in test_bases)
+    # seed 0 draws 1F91A (2 skin-tone variants) into the test set, 1F44B (5 variants) into training
+    assert "1F91A" in test_bases and "1F44B" not in test_bases
+    assert not any(r["id"].startswith("1F91A-") for r in zh)
+    assert sorted(r["id"] for r in zh if r["id"].startswith("1F44B-")) == [f"1F44B-{t}" for t in TONES]
     all_images = 4 + (1 + 5) + (1 + 2) + 1 + 1 + 3  # usable images before the split
-    assert len(zh) == all_images - left_out == s.rows
-    assert s.skipped.get("skin-tone variant of a test emoji (kept out of both sides)", 0) == left_out
+    assert len(zh) == all_images - 2 == s.rows
+    assert s.skipped["skin-tone variant of a test emoji (kept out of both sides)"] == 2
     assert s.skipped["Component group (skin-tone and hair swatches)"] == 1
     assert s.skipped["no Google image in the package"] == 1 and s.skipped["no emojibase entry (zh/en)"] == 1
     assert (s.classes, s.train, s.test) == (3, len(zh) - 5, 5)
@@ -197,10 +199,16 @@ def test_emoji_manifest_prepares_and_trains(tmp_path):
     recipe = load_recipe(REPO / "recipes" / "emoji-zh.toml", [f"data.manifest={folder / 'emoji-zh.csv'}", "data.image_size=16", *KEEP_ALL])
     out = tmp_path / "e.h5"
     s = prepare(recipe, out)
-    n_train = sum(r["split"] == "train" for r in rows_of(folder / "emoji-zh.csv"))
-    # a test title whose words never occur in training is empty in the vocabulary: prepare drops it
-    emptied = s.skipped.pop("title empty after the noise-word filter", 0)
-    assert (s.classes, s.train_images, s.test_images + emptied, s.skipped) == (3, n_train, 3, {})
+    rows = rows_of(folder / "emoji-zh.csv")
+    n_train = sum(r["split"] == "train" for r in rows)
+    # every row is kept: the test rows are scored image-only, even a title of words never seen in
+    # training (立起的手背 手背: 1F91A's variants, the only other rows with those words, are left out)
+    assert [r["title"] for r in rows if r["split"] == "test"] == ["猴子 猴", "微笑 脸 放松", "立起的手背 手背"]
+    assert (s.classes, s.train_images, s.test_images, s.skipped) == (3, n_train, 3, {})
+    from sicot_cli.data.dataset import open_prepared
+
+    p = open_prepared(out)
+    assert p.lengths[p.ids().index("1F91A")] == 0  # kept with an empty title
     result = train(tiny_recipe(out, "train.epochs=1", "train.batch_size=4"), tmp_path / "run")
     assert len(result.history) == 1 and np.isfinite(result.history[0]["loss"])
 

@@ -8,7 +8,9 @@
 - ``train()`` on 2 ranks started as torchrun starts them (env://; ``train()`` joins and leaves the
   group itself) with a sharded classifier writes a run that one process evaluates to the
   same numbers (distributed top-k merge + re-sharding on load);
-- 3 classes on 2 ranks: a world size that does not divide the classes.
+- 3 classes on 2 ranks: a world size that does not divide the classes;
+- ``model.mixed_trains_classifier = false`` with a sharded classifier, and the batch-normalised
+  title embedding (``model.semantic_norm``) under DDP: per-rank statistics, as documented.
 """
 
 from __future__ import annotations
@@ -187,23 +189,55 @@ def test_sharded_one_pass_equals_one_process(tmp_path: Path, rate: float) -> Non
 # --- training steps: 2 ranks == 1 process ----------------------------------------------------
 
 
-def _tiny_model(num_classes: int, vectors: torch.Tensor, shard: tuple[int, int] | None):  # noqa: ANN202
-    """A SICoT without batch-norm or dropout (their statistics are per rank in any DDP setup)."""
+def _tiny_model(num_classes: int, vectors: torch.Tensor, shard: tuple[int, int] | None, mixed: bool = True, semantic_norm: bool = False):  # noqa: ANN202
+    """A SICoT without dropout, and without batch-norm unless ``semantic_norm`` (BatchNorm statistics are per rank in any DDP setup).
+
+    ``mixed``: ``model.mixed_trains_classifier``; ``semantic_norm``: the title embedding batch-normalised (``model.semantic_norm = "batchnorm"``).
+    """
     from encoders import create_encoder
     from sicot_cli.model import SICoT
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    model = SICoT(net, 8, num_classes, shard=shard)
+    model = SICoT(net, 8, num_classes, shard=shard, mixed_trains_classifier=mixed)
     with torch.random.fork_rng(devices=[]):
-        model.attach_encoder(create_encoder("mean", vectors=vectors, out_dim=8))
+        model.attach_encoder(create_encoder("mean", vectors=vectors, out_dim=8), "batchnorm" if semantic_norm else "none")
     return model
+
+
+def _per_rank_batchnorm(bn: nn.BatchNorm1d, world: int) -> dict[int, dict[str, torch.Tensor]]:
+    """Make ``bn``, in one process, normalise as it does on ``world`` DDP ranks without SyncBatchNorm.
+
+    Each rank's slice of the batch (the loader's :func:`slice_range`) is normalised with its own
+    mean and variance. The running statistics are rank 0's: DDP broadcasts rank 0's buffers before
+    every forward, and each rank then updates them from its own slice. Returns, filled at every
+    forward, what each rank's running statistics are after it (torch's own batch_norm update).
+    """
+    from sicot_cli.data.loader import slice_range
+
+    real = bn.forward
+    views: dict[int, dict[str, torch.Tensor]] = {}
+
+    def forward(s: torch.Tensor) -> torch.Tensor:
+        assert bn.training
+        parts, before = [], (bn.running_mean.clone(), bn.running_var.clone())
+        for r in range(world):
+            lo, hi = slice_range(s.shape[0], world, r)
+            mean, var = before[0].clone(), before[1].clone()
+            F.batch_norm(s[lo:hi].detach(), mean, var, None, None, True, bn.momentum, bn.eps)  # rank r's update of rank 0's buffers
+            views[r] = {"running_mean": mean, "running_var": var}
+            parts.append(real(s[lo:hi]) if r == 0 else F.batch_norm(s[lo:hi], None, None, bn.weight, bn.bias, True, 0.0, bn.eps))
+        return torch.cat(parts)
+
+    bn.forward = forward
+    return views
 
 
 STEPS = 3
 
 
-def _steps(data: Path, rank: int, world: int, sharded: bool, rate: float = 1.0) -> dict:
+def _steps(data: Path, rank: int, world: int, sharded: bool, rate: float = 1.0, mixed: bool = True, semantic_norm: bool = False, emulate_world: int = 1) -> dict:
+    """``STEPS`` training steps of rank ``rank`` of ``world``; ``emulate_world`` > 1 (one process): the semantic BatchNorm as on that many ranks."""
     from sicot_cli.config import TrainConfig
     from sicot_cli.data.dataset import open_prepared
     from sicot_cli.data.loader import BatchLoader, epoch_seed
@@ -213,7 +247,8 @@ def _steps(data: Path, rank: int, world: int, sharded: bool, rate: float = 1.0) 
     p = open_prepared(data)
     ctx = DistContext(rank, world)
     shard = shard_range(p.num_classes, world, rank) if sharded else None
-    model = _tiny_model(p.num_classes, torch.from_numpy(p.vectors), shard)
+    model = _tiny_model(p.num_classes, torch.from_numpy(p.vectors), shard, mixed, semantic_norm)
+    bn_views = _per_rank_batchnorm(model.semantic_norm, emulate_world) if emulate_world > 1 else {}
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     cfg = TrainConfig(batch_size=8, amp=False, channels_last=False, class_sample_rate=rate)
     forward = step_forward(model, cfg, sharded)
@@ -237,11 +272,11 @@ def _steps(data: Path, rank: int, world: int, sharded: bool, rate: float = 1.0) 
             _, top = sharded_topk(logits, 2, model.classifier.lo, ctx)
         else:
             top = logits.topk(2, dim=1).indices
-    return {"losses": torch.stack(losses), "params": {k: v.detach().clone() for k, v in model.state_dict().items()}, "top": top, "shard": shard}
+    return {"losses": torch.stack(losses), "params": {k: v.detach().clone() for k, v in model.state_dict().items()}, "top": top, "shard": shard, "bn_views": bn_views}
 
 
-def _train_worker(rank: int, tmp: Path, data: str, sharded: bool, rate: float) -> None:
-    torch.save(_steps(Path(data), rank, WORLD, sharded, rate), tmp / f"steps-{rank}.pt")
+def _train_worker(rank: int, tmp: Path, data: str, sharded: bool, rate: float, options: dict | None = None) -> None:
+    torch.save(_steps(Path(data), rank, WORLD, sharded, rate, **(options or {})), tmp / f"steps-{rank}.pt")
 
 
 @pytest.mark.parametrize(("sharded", "rate"), [(True, 1.0), (False, 1.0), (True, 0.4), (False, 0.4)],
@@ -265,6 +300,51 @@ def test_two_ranks_take_the_same_steps_as_one_process(tiny_prepared: Path, many_
     if rate < 1.0:  # some classes were never sampled in the 3 steps: their rows kept their initial weights
         init = _tiny_model(num_classes, torch.zeros(1, 1), None).classifier.weight
         assert (ref["params"]["classifier.weight"] == init).all(dim=1).any()
+
+
+def test_sharded_steps_keep_the_classifier_to_the_image_loss(tiny_prepared: Path, tmp_path: Path) -> None:
+    """``model.mixed_trains_classifier = false`` on a class-sharded classifier: the steps of one process with it.
+
+    One process scores both streams with ``SICoT.forward`` (x_m against the detached weights); the
+    2 sharded ranks go through the one-GEMM sharded Eq. 1: if that path let CE(x_m) train the
+    classifier shards, their weights would be the paper's, which differ.
+    """
+    torch.set_num_threads(1)
+    ref = _steps(tiny_prepared, 0, 1, False, mixed=False)
+    paper = _steps(tiny_prepared, 0, 1, False, mixed=True)
+    assert not torch.allclose(ref["params"]["classifier.weight"], paper["params"]["classifier.weight"], atol=1e-4), "the setting changed nothing"
+    torch.testing.assert_close(ref["losses"][0, :], paper["losses"][0, :])  # the same first step's loss: only the gradients differ
+    _spawn(_train_worker, tmp_path, str(tiny_prepared), True, 1.0, {"mixed": False})
+    for r in range(WORLD):
+        out = torch.load(tmp_path / f"steps-{r}.pt")
+        torch.testing.assert_close(out["losses"], ref["losses"], rtol=1e-5, atol=1e-6)
+        assert torch.equal(out["top"], ref["top"])
+        lo, hi = out["shard"]
+        for k, v in ref["params"].items():
+            torch.testing.assert_close(out["params"][k], v[lo:hi] if k.startswith("classifier.") else v, rtol=1e-5, atol=1e-6, msg=f"rank {r}: {k}")
+
+
+def test_semantic_batchnorm_statistics_are_per_rank(tiny_prepared: Path, tmp_path: Path) -> None:
+    """``model.semantic_norm = "batchnorm"`` under DDP, as documented (no SyncBatchNorm): 2 ranks take the
+    steps of one process that normalises each rank's half of the batch with that half's statistics.
+
+    The weights (BatchNorm's affine ones too) are the same on both ranks; the running statistics are
+    rank 0's, broadcast before each forward and updated by each rank from its own half.
+    """
+    torch.set_num_threads(1)
+    ref = _steps(tiny_prepared, 0, 1, False, semantic_norm=True, emulate_world=WORLD)
+    whole = _steps(tiny_prepared, 0, 1, False, semantic_norm=True)  # statistics over the whole batch (what SyncBatchNorm gives)
+    assert not torch.allclose(ref["losses"], whole["losses"], rtol=1e-4), "per-rank and whole-batch statistics agree: the test cannot tell them apart"
+    _spawn(_train_worker, tmp_path, str(tiny_prepared), False, 1.0, {"semantic_norm": True})
+    for r in range(WORLD):
+        out = torch.load(tmp_path / f"steps-{r}.pt")
+        torch.testing.assert_close(out["losses"], ref["losses"], rtol=1e-5, atol=1e-6)
+        assert torch.equal(out["top"], ref["top"])
+        for k, v in ref["params"].items():
+            want = ref["bn_views"][r][k.removeprefix("semantic_norm.")] if k in ("semantic_norm.running_mean", "semantic_norm.running_var") else v
+            torch.testing.assert_close(out["params"][k], want, rtol=1e-5, atol=1e-6, msg=f"rank {r}: {k}")
+    assert int(ref["params"]["semantic_norm.num_batches_tracked"]) == STEPS
+    assert not torch.allclose(ref["bn_views"][0]["running_mean"], ref["bn_views"][1]["running_mean"]), "both halves have the same statistics"
 
 
 # --- re-sharding checkpoints -----------------------------------------------------------------

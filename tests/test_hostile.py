@@ -375,10 +375,23 @@ def _evil_checkpoint(marker: Path) -> bytes:
 
 
 def _no_marker(name: str) -> Callable[[Path, dict], None]:
+    """The case's folder holds no ``name``: every payload below writes it there if it runs
+    (``test_bad_input`` runs the CLI in that folder, so a relative path lands there too;
+    ``test_each_payload_would_leave_its_marker`` runs each payload on purpose)."""
+
     def check(tmp: Path, ctx: dict) -> None:
         assert not (tmp / name).exists(), "the payload ran"
 
     return check
+
+
+# Payloads: a shell command in an image path, Python in a recipe string (a recipe's name may not
+# hold a "/": the marker is relative, in the working directory), code in a checkpoint's pickle.
+def _shell_in_image_path(tmp: Path) -> str:
+    return f"$(touch {tmp}/PWNED); `touch {tmp}/PWNED`.png"
+
+
+PYTHON_IN_RECIPE = 'name = "__import__(\'os\').system(\'touch PWNED\')"\n[data]\nimage_size = 2\n'
 
 
 def _damaged_prepared(how: str) -> Callable[[Path, dict], list[str]]:
@@ -650,9 +663,13 @@ def _imaterialist(train_json: str | None = None, titles: str | None = None) -> C
     return make
 
 
-def _imported(skipped: str) -> Callable[[Path, dict], None]:
+def _imported(*rows: tuple[str, str]) -> Callable[[Path, dict], None]:
+    """The manifest holds exactly these (id, title) rows: the bad lines cost nothing else."""
+
     def check(tmp: Path, ctx: dict) -> None:
-        assert (tmp / "m.csv").is_file()
+        from test_datasets import rows_of
+
+        assert [(r["id"], r["title"]) for r in rows_of(tmp / "m.csv")] == list(rows)
 
     return check
 
@@ -673,7 +690,7 @@ CASES: dict[str, Case] = {
     "image_animated_gif": Case(_with_image(_animated, "anim.gif"), "kept", check=_kept("x1")),
     "image_path_is_directory": Case(_with_image(lambda p: p.mkdir(), "adir.png"), "skip", ["image path is a directory"]),
     "image_path_escapes_to_system_file": Case(lambda t, c: _prep(_manifest(t, _row("../" * 30 + "etc/hostname", "x1")), t), "skip", ["not an image file"]),
-    "image_path_shell_injection": Case(lambda t, c: _prep(_manifest(t, _row(f"$(touch {t}/PWNED); `touch {t}/PWNED`.png", "x1")), t), "skip", ["image file not found"], check=_no_marker("PWNED")),
+    "image_path_shell_injection": Case(lambda t, c: _prep(_manifest(t, _row(_shell_in_image_path(t), "x1")), t), "skip", ["image file not found"], check=_no_marker("PWNED")),
     # rows and labels (prepare)
     "duplicate_id": Case(lambda t, c: _prep(_manifest(t, _row("cat0.png", "cat-1")), t), "skip", ["duplicate id"]),
     "label_only_in_test": Case(_label_in_test_only, "skip", ["label has no training image"]),
@@ -703,7 +720,7 @@ CASES: dict[str, Case] = {
     "recipe_nesting_bomb": Case(_recipe("x = " + "[" * 100_000 + "]" * 100_000 + "\n"), "error", ["r.toml", "nested too deeply"]),
     "recipe_nul_in_string": Case(_recipe('[data]\nout = "a\\u0000b.h5"\n'), "error", ["r.toml", "data.out contains a NUL character"]),
     "recipe_name_with_path": Case(_recipe('name = "../../etc/x"\n'), "error", ["r.toml", "name must be a non-empty file-name part"]),
-    "recipe_code_is_not_run": Case(_recipe('name = "__import__(\'os\').system(\'touch PWNED\')"\n[data]\nimage_size = 2\n'), "error", ["data.image_size must be >= 8, got 2"], check=_no_marker("PWNED")),
+    "recipe_code_is_not_run": Case(_recipe(PYTHON_IN_RECIPE), "error", ["data.image_size must be >= 8, got 2"], check=_no_marker("PWNED")),
     # training settings
     "unknown_encoder": Case(_train("--encoder", "transformerXL"), "error", ["unknown encoder 'transformerXL'"]),
     "batch_size_zero": Case(_train("train.batch_size=0"), "error", ["train.batch_size must be >= 1, got 0"]),
@@ -787,7 +804,7 @@ CASES: dict[str, Case] = {
     "prepared_head_threshold_changed": Case(_tampered("head_threshold", lambda v, n: v + 5), "error", ["p.h5: corrupt prepared dataset (content checksum mismatch"]),
     "prepared_legacy_checksum_n_train_changed": Case(_tampered("n_train", lambda v, n: v - 2, legacy=True), "error", ["p.h5: corrupt prepared dataset (n_train 22 / n_val 0 disagree with the recorded train/test counts"]),
     # 8. importers
-    "import_titles_json_nesting_bomb_and_huge_int": Case(_imaterialist(titles="[" * 100_000 + "]" * 100_000 + "\n" + "1" * 5000 + "\n" + '{"id": "train000ab.jpg", "title": "red cup"}\n'), "ok", ["titles file: bad line", "2"], check=_imported("bad line")),
+    "import_titles_json_nesting_bomb_and_huge_int": Case(_imaterialist(titles="[" * 100_000 + "]" * 100_000 + "\n" + "1" * 5000 + "\n" + '{"id": "train000ab.jpg", "title": "red cup"}\n'), "ok", ["titles file: bad line", "2"], check=_imported(("train000ab.jpg", "red cup"))),
     "import_annotations_nesting_bomb": Case(_imaterialist(train_json='{"images": ' + "[" * 100_000 + "]" * 100_000 + "}"), "error", ["train.json: not valid JSON (nested too deeply)"]),
     "import_annotations_5000_digit_integer": Case(_imaterialist(train_json='{"images": [{"id": "a.jpg", "class": ' + "9" * 5000 + "}]}"), "error", ["train.json: not valid JSON"]),
     "import_filelist_unicode_digit_class": Case(_webvision(filelist="google/q0001/000000.jpg \u00b2\n"), "error", ["train_filelist_google.txt:1: expected '<image path> <class>' (the class in ASCII digits)"]),
@@ -840,6 +857,7 @@ def test_catalogue_is_large_enough():
 @pytest.mark.parametrize("name", list(CASES), ids=list(CASES))
 def test_bad_input(name, tmp_path, ctx, monkeypatch, deadline):
     case = CASES[name]
+    monkeypatch.chdir(tmp_path)  # a file written by a relative path lands in the case's folder, where its check looks
     args = case.make(tmp_path, ctx)
     if name.startswith("disk_full_writing_"):
         monkeypatch.setattr(os, "fsync", _enospc(".o.h5.tmp" if "prepared" in name else ".checkpoint-"))
@@ -895,6 +913,29 @@ def test_checkpoints_and_weights_load_with_weights_only():
     assert calls, "no torch.load found: the test looks in the wrong place"
     for name, call in calls:
         assert "weights_only=True" in call, (name, call)
+
+
+def test_each_payload_would_leave_its_marker(tmp_path, monkeypatch):
+    """Run on purpose, each payload writes the marker its case checks for: the cases would see one run."""
+    import io
+    import subprocess
+    import tomllib
+
+    import torch
+
+    monkeypatch.chdir(tmp_path)  # as test_bad_input runs the CLI
+    check = _no_marker("PWNED")
+    runs_payload = [
+        lambda: subprocess.run(f"ls {_shell_in_image_path(tmp_path)}", shell=True, capture_output=True, check=False),  # a shell expands the path
+        lambda: eval(tomllib.loads(PYTHON_IN_RECIPE)["name"]),  # the recipe string evaluated as Python
+        lambda: torch.load(io.BytesIO(_evil_checkpoint(tmp_path / "PWNED").split(b"\n", 1)[1]), weights_only=False),  # unpickled with code
+    ]
+    for run_payload in runs_payload:
+        check(tmp_path, {})
+        run_payload()
+        with pytest.raises(AssertionError, match="the payload ran"):
+            check(tmp_path, {})
+        (tmp_path / "PWNED").unlink()
 
 
 def test_legacy_checkpoint_with_code_is_refused_too(tmp_path):

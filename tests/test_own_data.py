@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import KEEP_ALL, TRAIN_FAST, make_manifest, write_image
+from conftest import KEEP_ALL, TRAIN_FAST, assert_png, capture_figures, make_manifest, write_image
 from sicot_cli.cli import app
 from sicot_cli.config import load_recipe
 from sicot_cli.data.prepare import data_boundaries, prepare
@@ -230,16 +230,24 @@ def test_ablation_progress_names_the_run_and_moves_the_overall_bar():
     assert buf.getvalue() == "run 1/2: none-s0\n"
 
 
-def test_ablate_writes_figures_per_class_table_and_confusions(own, tmp_path):
+def test_ablate_writes_figures_per_class_table_and_confusions(own, tmp_path, monkeypatch):
     import warnings
 
+    from matplotlib.colors import to_hex
+
+    figs = capture_figures(monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # no "Mean of empty slice" may leak
         r = runner.invoke(app, ["ablate", "--data", str(own), "--encoders", "bilinear", "--out", str(tmp_path / "abl"), "--threads", "1", *TRAIN_FAST, "train.epochs=1"])
     assert r.exit_code == 0, r.output
     abl = tmp_path / "abl"
-    for name in ("report.md", "curves.png", "fig6_distribution.png", "per_class.csv"):
-        assert (abl / name).stat().st_size > 0, name
+    assert (abl / "report.md").read_text(encoding="utf-8").startswith("# sicot report: shop")
+    assert_png(abl / "curves.png", (10, 3.6))
+    assert_png(abl / "fig6_distribution.png", (7, 3.2))
+    # 8 training images in each class, head boundary 8 (the file's own): three red head bars
+    bars = figs["fig6_distribution.png"].axes[0].patches
+    assert [(b.get_height(), to_hex(b.get_facecolor())) for b in bars] == [(8, "#d62728")] * 3
+    assert [len(ln.get_xdata()) for ln in figs["curves.png"].axes[0].lines] == [1, 1]  # baseline and bilinear, 1 epoch each
     assert "fig6_distribution.png" in r.output and "| shop |" not in r.output  # printed as a table, not Markdown
     rows = list(csv.DictReader((abl / "per_class.csv").open(encoding="utf-8")))
     assert [row["class"] for row in rows] == sorted(["cat", "dog", "cup"], key=lambda c: (-8, c))

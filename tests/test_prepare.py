@@ -44,8 +44,13 @@ def test_layout_matches_source_rows(tmp_path, manifest):
     titles = p.titles()
     assert sorted(ids) == sorted(rows)
     assert p.n_train == 18 and p.image_size == 16
-    # training rows first, then test rows: the training set is one contiguous block
-    assert all(i.split("-")[0] for i in ids)
+    # training rows first, then test rows (each block in manifest order): the training set is one
+    # contiguous block, and the test block holds 2 rows of each class
+    manifest_order = list(rows)
+    test_ids = set(ids[18:])
+    assert ids[:18] == [i for i in manifest_order if i not in test_ids]
+    assert ids[18:] == [i for i in manifest_order if i in test_ids]
+    assert sorted(i.split("-")[0] for i in ids[18:]) == ["cat", "cat", "cup", "cup", "dog", "dog"]
     with h5py.File(out) as f:
         images = f["images"]
         assert images.dtype == np.uint8 and images.shape == (24, 3, 16, 16)
@@ -76,11 +81,21 @@ def test_layout_matches_source_rows(tmp_path, manifest):
 
 
 def test_given_split_is_kept_and_classes_ordered_by_count(tmp_path):
-    m = make_manifest(tmp_path / "raw", per_class=6, split=True)
+    # 4 training rows per class from the fixture (i >= 2), plus extra training rows: dog 4 + 2,
+    # cup 4 + 1, and a new class bee with 4 (a tie with cat, broken by the name): dog, cup, bee, cat
+    extra = [{"image": f"dog{i}.png", "title": "blue dog", "label": "dog", "id": f"xd{i}", "split": "train"} for i in range(2)]
+    extra += [{"image": "cup0.png", "title": "white cup", "label": "cup", "id": "xc0", "split": "train"}]
+    extra += [{"image": f"cat{i}.png", "title": "red toy", "label": "bee", "id": f"xb{i}", "split": "train"} for i in range(4)]
+    m = make_manifest(tmp_path / "raw", per_class=6, split=True, extra_rows=extra)
     s = prep.prepare(recipe_for(m), tmp_path / "p.h5")
-    assert (s.train_images, s.test_images) == (12, 6)
+    assert (s.train_images, s.test_images) == (12 + 7, 6)
     p = open_prepared(tmp_path / "p.h5")
-    assert all(i.split("-")[1] in ("0", "1") for i in p.ids()[12:])
+    # the manifest's split is kept: exactly the rows it marks "test" (i < 2) are test rows
+    assert sorted(p.ids()[19:]) == sorted(f"{c}-{i}" for c in ("cat", "dog", "cup") for i in (0, 1))
+    assert p.class_names == ["dog", "cup", "bee", "cat"]
+    assert p.train_counts.tolist() == [6, 5, 4, 4] and p.test_counts.tolist() == [2, 2, 0, 2]
+    ids = p.ids()
+    assert [p.class_names[p.labels[ids.index(i)]] for i in ("xb0", "dog-0", "xc0", "cat-3")] == ["bee", "dog", "cup", "cat"]
 
 
 def test_split_is_seeded_and_balanced(tmp_path, manifest):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import tiny_recipe
+from conftest import assert_png, capture_figures, tiny_recipe
 from sicot_cli.cli import app
 from sicot_cli.config import Recipe
 from sicot_cli.errors import SicotError
@@ -23,7 +23,8 @@ runner = CliRunner()
 TOP1 = {("none", 0): 50.0, ("none", 1): 52.0, ("none", 2): 54.0, ("bilinear", 0): 53.0, ("bilinear", 1): 54.0, ("bilinear", 2): 58.0, ("mean", 0): 51.0, ("mean", 1): 52.0, ("mean", 2): 53.0}
 
 
-def make_run(root: Path, encoder: str, seed: int, top1: float, hits: np.ndarray) -> Path:
+def make_run(root: Path, encoder: str, seed: int, top1: float, hits: np.ndarray, order: np.ndarray | None = None) -> Path:
+    """A finished run whose test row ``100 + i`` is a hit iff ``hits[i]``, stored in ``order`` (default: reversed)."""
     d = root / f"{encoder}-s{seed}"
     d.mkdir(parents=True)
     recipe = Recipe().to_dict()
@@ -34,13 +35,14 @@ def make_run(root: Path, encoder: str, seed: int, top1: float, hits: np.ndarray)
     (d / "metrics.jsonl").write_text(json.dumps(final) + "\n")
     (d / "summary.json").write_text(json.dumps({"final": final, "epochs": 1, "per_class_top1": [0.5, 0.6]}))
     n = len(hits)
+    order = np.arange(n)[::-1] if order is None else order
     labels = np.zeros(n, np.int64)
     topk = np.where(hits[:, None], 0, 1).repeat(2, axis=1)
     topk[:, 1] = 1 - topk[:, 0]
     with h5py.File(d / "predictions.h5", "w") as f:
-        f["rows"] = np.arange(n)[::-1] + 100  # stored out of order: report must align by row
+        f["rows"] = order + 100  # stored out of order: report must align by row
         f["labels"] = labels
-        f["topk_labels"] = topk[::-1]
+        f["topk_labels"] = topk[order]
         f["topk_scores"] = np.ones((n, 2), np.float32)
     return d
 
@@ -133,7 +135,7 @@ def test_bootstrap_is_the_hand_computed_percentile_interval():
     assert lo < 50 < hi and hi - lo < 25
 
 
-def test_bootstrap_aligns_rows(ablation):
+def test_bootstrap_of_the_ablation_fixture_survives_a_row_shuffle(ablation):
     """Each run's predictions are matched by test row: shuffling one file's row order changes nothing."""
     rep = build_report([ablation], "bilinear")
     lo, hi = rep.gains["bilinear"]["top1"].ci
@@ -152,6 +154,37 @@ def test_bootstrap_aligns_rows(ablation):
     assert build_report([ablation], "bilinear").gains["bilinear"]["top1"].ci == (lo, hi)
 
 
+def test_bootstrap_aligns_rows(tmp_path):
+    """Every run stores its test rows in its own order: the per-image differences pair rows, not positions."""
+    n = 40
+    base = np.random.default_rng(1).random(n) < 0.5
+
+    def perm(seed: int) -> np.ndarray:
+        return np.random.default_rng(seed).permutation(n)
+
+    # the same hits on every row: each aligned difference is 0, so every bootstrap mean is 0
+    for seed in (0, 1):
+        make_run(tmp_path / "same", "none", seed, 50.0, base, perm(10 + seed))
+        make_run(tmp_path / "same", "bilinear", seed, 50.0, base, perm(20 + seed))
+    assert build_report([tmp_path / "same"], "bilinear").gains["bilinear"]["top1"].ci == (0.0, 0.0)
+    # bilinear hits rows 3 and 7 more on seed 0, row 3 more on seed 1 (both missed by the baseline):
+    # the seed-averaged per-row difference is 1 on row 3, 0.5 on row 7 and 0 elsewhere
+    base[[3, 7]] = False
+    gained = {0: base.copy(), 1: base.copy()}
+    gained[0][[3, 7]] = True
+    gained[1][3] = True
+    for seed in (0, 1):
+        make_run(tmp_path / "diff", "none", seed, 50.0, base, perm(30 + seed))
+        make_run(tmp_path / "diff", "bilinear", seed, 50.0, gained[seed], perm(40 + seed))
+    want = np.zeros(n)
+    want[3], want[7] = 1.0, 0.5
+    ci = build_report([tmp_path / "diff"], "bilinear").gains["bilinear"]["top1"].ci
+    assert ci == bootstrap_ci(want)
+    assert ci[0] == 0.0 and ci[1] > 0.0  # resamples without rows 3 and 7 give 0; the upper end is positive
+    # top-3: both classes are in every top-2, so every row is a hit for both runs
+    assert build_report([tmp_path / "diff"], "bilinear").gains["bilinear"]["top3"].ci == (0.0, 0.0)
+
+
 def test_markdown_parses_and_files(ablation):
     r = runner.invoke(app, ["report", str(ablation), "--format", "markdown", "--no-figures"])
     assert r.exit_code == 0, r.output
@@ -167,8 +200,11 @@ def test_markdown_parses_and_files(ablation):
         assert all(len(row) == len(t[0]) for row in t)
         assert all(set(c) == {"-"} for c in t[1])
     assert "| baseline | 52.00±2.00 | - | - |" in r.output
-    for name in ("report.md", "report.csv", "report.json"):
-        assert (ablation / name).stat().st_size > 0
+    # the files hold what was printed: the Markdown tables, the CSV rows, the JSON numbers
+    md = (ablation / "report.md").read_text(encoding="utf-8")
+    assert "| baseline | 52.00±2.00 | - | - |" in md
+    assert md.startswith("# sicot report: demo") and all(f"## Table {n}:" in md for n in (2, 3, 4))
+    assert "bilinear,top1,55.0," in (ablation / "report.csv").read_text(encoding="utf-8")
     data = json.loads((ablation / "report.json").read_text())
     assert data["gains"]["bilinear"]["top1"]["mean"] == pytest.approx(3.0)
     r = runner.invoke(app, ["report", str(ablation), "--format", "csv", "--no-figures"])
@@ -182,9 +218,10 @@ def test_report_refuses_non_runs(tmp_path):
 
 
 
-def test_a_single_run_without_baseline_is_reported_with_its_curves(tmp_path):
+def test_a_single_run_without_baseline_is_reported_with_its_curves(tmp_path, monkeypatch):
     import warnings
 
+    figs = capture_figures(monkeypatch)
     run = make_run(tmp_path / "x", "mean", 0, 50.0, np.ones(5, bool))
     rep = build_report([run])
     tables = rep.tables()
@@ -194,13 +231,22 @@ def test_a_single_run_without_baseline_is_reported_with_its_curves(tmp_path):
         warnings.simplefilter("error")  # no RuntimeWarning may leak from the figures
         r = runner.invoke(app, ["report", str(run)])
     assert r.exit_code == 0, r.output
-    assert (run / "curves.png").stat().st_size > 0 and "no baseline" not in r.output
+    assert "no baseline" not in r.output
+    assert_png(run / "curves.png", (10, 3.6))
+    loss_panel, val_panel = figs["curves.png"].axes
+    # one line per run: the epochs against metrics.jsonl's loss_v (1.0 at epoch 1); no validation top-1
+    assert [(list(ln.get_xdata()), list(ln.get_ydata())) for ln in loss_panel.lines] == [([1], [1.0])]
+    assert len(val_panel.lines) == 1 and np.isnan(val_panel.lines[0].get_ydata()).all()
     # per_class.csv names the classes (here the prepared file is gone: class ids)
     assert (run / "per_class.csv").read_text().splitlines() == ["class,train_images,top1 mean", "0,,0.5", "1,,0.6"]
 
 
 def test_ablate_skips_finished_and_resumes(tiny_prepared, tmp_path, monkeypatch):
+    from matplotlib.colors import to_hex
+
     from sicot_cli import ablate as ab
+    from sicot_cli import runs
+    from sicot_cli.data.dataset import open_prepared
     from sicot_cli.figures import render_all
 
     recipe = tiny_recipe(tiny_prepared, "train.epochs=1")
@@ -224,9 +270,34 @@ def test_ablate_skips_finished_and_resumes(tiny_prepared, tmp_path, monkeypatch)
     assert (first / "checkpoint-last.pt").stat().st_mtime_ns == mtime
     rep = build_report([root])
     assert rep.encoders == ["none", "bilinear"]
+    figs = capture_figures(monkeypatch)
     pngs = render_all(rep, root)
     names = sorted(p.name for p in pngs)
     assert names == ["curves.png", "fig6_distribution.png", "fig7_attention.png", "per_class_gain.png"]
-    assert all(p.stat().st_size > 1000 for p in pngs)
+    for p, size in zip(sorted(pngs), [(10, 3.6), (7, 3.2), (9, 0.6 + 0.55 * 6), (7, 3.6)], strict=True):
+        assert_png(p, size)
+    # what the figures plot, against the run files and the prepared file read here
+    p = open_prepared(tiny_prepared)
+    loss_panel = figs["curves.png"].axes[0]
+    assert [list(ln.get_ydata()) for ln in loss_panel.lines] == [[h["loss_v"] for h in runs.read_metrics(r.path)] for r in rep.runs]
+    bars = figs["fig6_distribution.png"].axes[0].patches
+    counts = sorted(p.train_counts.tolist(), reverse=True)
+    assert [b.get_height() for b in bars] == counts == [8, 8, 8]
+    assert [to_hex(b.get_facecolor()) for b in bars] == ["#d62728" if c >= rep.head_threshold else "#2ca02c" for c in counts]
+    per_class = {r.encoder: json.loads((r.path / "summary.json").read_text())["per_class_top1"] for r in rep.runs}
+    gain = np.array(per_class["bilinear"]) - np.array(per_class["none"])
+    head, tail = figs["per_class_gain.png"].axes[0].collections[:2]
+    assert len(head.get_offsets()) == 0  # 8 training images per class: every class is a tail class
+    np.testing.assert_array_equal(np.asarray(tail.get_offsets()), np.c_[p.train_counts, gain])
+    # Fig. 7: 6 test titles; per title its class, then its words by attention (highest first, 3 green)
+    texts = [t for t in figs["fig7_attention.png"].axes[0].texts if t.get_text() and not t.get_text().startswith("(no CJK")]
+    labels = [t for t in texts if t.get_text().endswith(":")]
+    assert len(labels) == 6 and {t.get_text()[:-1] for t in labels} <= set(p.class_names)
+    for lab in labels:
+        words = [t for t in texts if t not in labels and t.get_position()[1] == lab.get_position()[1]]
+        assert words and all(t.get_text().rsplit(" ", 1)[0] in p.words for t in words)
+        weights = [float(t.get_text().rsplit(" ", 1)[1]) for t in words]
+        assert weights == sorted(weights, reverse=True) and abs(sum(weights) - 1) <= 0.005 * len(weights)
+        assert [to_hex(t.get_color()) for t in words[:3]] == ["#1a9641"] * min(3, len(words))
     with pytest.raises(SicotError, match="ablation of another recipe"):
         ab.ablate(tiny_recipe(tiny_prepared, "train.epochs=2"), ["bilinear"], [0], root, data=tiny_prepared)

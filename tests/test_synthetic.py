@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import pickle
 import re
 from collections import Counter
@@ -97,7 +98,11 @@ def test_long_tail_and_balanced_test(demo):
     names, items = demo
     counts = _train_counts(items)
     per_class = [counts[n] for n in names]
-    assert per_class == train_counts(120, 300, 4)
+    # n_k = round(300 * k ** -a), a = ln(300 / 4) / ln(120), at least 4, the last exactly 4 (by hand)
+    a = math.log(300 / 4) / math.log(120)
+    want = [max(4, round(300 * k**-a)) for k in range(1, 121)]
+    want[-1] = 4
+    assert per_class == want and per_class[:6] == [300, 161, 111, 86, 70, 60]
     assert per_class[0] == 300 and per_class[-1] == 4
     assert per_class == sorted(per_class, reverse=True)  # class id = rank by training count
     assert sum(c < 20 for c in per_class) > 120 / 2  # most classes are tail classes
