@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: install demo clean-demo test test-all bench bench-quick clean
+.PHONY: install demo clean-demo test lint test-all bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,9 +29,15 @@ demo: install
 clean-demo:
 	rm -rf runs/ablate-demo runs/demo-pretrain data/demo.h5 data/demo.recipe.json data/demo-pretrain.h5 data/demo-pretrain.recipe.json
 
-## The default test suite (fast; no slow/gpu/dist-slow tests).
-test: install
+## The default test suite (fast; no slow/gpu/dist-slow tests), after the house checks: ruff (lint
+## and format) and the import layers of docs/architecture.md (import-linter, pyproject.toml).
+test: install lint
 	$(BIN)/python -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 ## Everything, the slow tests included.
 test-all: install

@@ -26,7 +26,9 @@ def write_image(path: Path, seed: int, channel: int, size: tuple[int, int] = (40
     Image.fromarray(a).save(path)
 
 
-def make_manifest(root: Path, per_class: int = 8, name: str = "m.csv", extra_rows: list[dict] | None = None, split: bool = False) -> Path:
+def make_manifest(
+    root: Path, per_class: int = 8, name: str = "m.csv", extra_rows: list[dict] | None = None, split: bool = False
+) -> Path:
     """A CSV manifest of 3 classes x ``per_class`` small PNGs with noisy bilingual titles."""
     root.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -55,10 +57,24 @@ def manifest(tmp_path: Path) -> Path:
 
 
 # Settings that keep every word of the tiny fixtures (the 5 % rules would remove real words there).
-KEEP_ALL = ["text.drop_most_frequent=0", "text.drop_least_frequent=0", "data.test_per_class=2", "data.workers=1", "embed.dim=8", "embed.epochs=2"]
+KEEP_ALL = [
+    "text.drop_most_frequent=0",
+    "text.drop_least_frequent=0",
+    "data.test_per_class=2",
+    "data.workers=1",
+    "embed.dim=8",
+    "embed.epochs=2",
+]
 
 
-TRAIN_FAST = ["model.backbone=mobilenet_v3_small", "train.batch_size=8", "train.eval_batch_size=16", "train.lr=0.005", "train.epochs=2", "train.device=cpu"]
+TRAIN_FAST = [
+    "model.backbone=mobilenet_v3_small",
+    "train.batch_size=8",
+    "train.eval_batch_size=16",
+    "train.lr=0.005",
+    "train.epochs=2",
+    "train.device=cpu",
+]
 
 
 @pytest.fixture(scope="session")
@@ -87,8 +103,23 @@ def many_classes(tmp_path_factory):
     from sicot_cli.data.prepare import prepare
 
     out = tmp_path_factory.mktemp("many") / "many.h5"
-    prepare(load_recipe(None, ["data.source=synthetic", "data.synthetic.num_classes=24", "data.synthetic.max_per_class=6", "data.synthetic.min_per_class=2",
-                               "data.synthetic.test_per_class=1", "data.image_size=16", "data.workers=1", "embed.dim=8", "embed.epochs=1"]), out)
+    prepare(
+        load_recipe(
+            None,
+            [
+                "data.source=synthetic",
+                "data.synthetic.num_classes=24",
+                "data.synthetic.max_per_class=6",
+                "data.synthetic.min_per_class=2",
+                "data.synthetic.test_per_class=1",
+                "data.image_size=16",
+                "data.workers=1",
+                "embed.dim=8",
+                "embed.epochs=1",
+            ],
+        ),
+        out,
+    )
     return out
 
 

@@ -24,7 +24,9 @@ def test_every_module_sits_in_a_layer():
     assert modules - named == set(), "add these modules to a layer in pyproject.toml [tool.importlinter]"
     assert "sicot_cli.data" in named and "encoders" in named
     data_named = _named(data["layers"], "sicot_cli.data.")
-    data_modules = {f"sicot_cli.data.{p.stem}" for p in (ROOT / "sicot_cli" / "data").glob("*.py") if p.stem != "__init__"}
+    data_modules = {
+        f"sicot_cli.data.{p.stem}" for p in (ROOT / "sicot_cli" / "data").glob("*.py") if p.stem != "__init__"
+    }
     assert data_modules | {"sicot_cli.data.importers"} == data_named
 
 
@@ -42,6 +44,8 @@ def test_the_contracts_hold_and_catch_an_upward_import(tmp_path):
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
     with open(tmp_path / "sicot_cli" / "metrics.py", "a") as f:
         f.write("\n\ndef _upward() -> None:\n    from sicot_cli import train  # noqa: F401\n")
-    bad = subprocess.run([str(lint), "--no-cache"], cwd=tmp_path, capture_output=True, text=True, env={"PYTHONPATH": str(tmp_path)})
+    bad = subprocess.run(
+        [str(lint), "--no-cache"], cwd=tmp_path, capture_output=True, text=True, env={"PYTHONPATH": str(tmp_path)}
+    )
     assert bad.returncode != 0
     assert "sicot_cli.metrics is not allowed to import sicot_cli.train" in bad.stdout

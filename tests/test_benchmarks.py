@@ -46,7 +46,13 @@ def _figures(value: object, where: str = "") -> dict[str, float]:
     if isinstance(value, dict):
         for key, v in value.items():
             path = f"{where}.{key}" if where else str(key)
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and (str(key).endswith("_per_s") or "ratio" in str(key)) and "max" not in str(key) and "min" not in str(key):
+            if (
+                isinstance(v, (int, float))
+                and not isinstance(v, bool)
+                and (str(key).endswith("_per_s") or "ratio" in str(key))
+                and "max" not in str(key)
+                and "min" not in str(key)
+            ):
                 found[path] = v
             elif isinstance(v, (dict, list)) and key != "environment":
                 found.update(_figures(v, path))
@@ -65,7 +71,12 @@ def test_goals_collects_every_verdict():
         "results": [{"goals_met": {"a": True}}, {"goals_met": {"a": False}}],
         "goals": {"loader_met": True, "loader_max_ratio": 1.05},
     }
-    assert goals(result) == {"goal.met": False, "results[0].goals_met.a": True, "results[1].goals_met.a": False, "goals.loader_met": True}
+    assert goals(result) == {
+        "goal.met": False,
+        "results[0].goals_met.a": True,
+        "results[1].goals_met.a": False,
+        "goals.loader_met": True,
+    }
 
 
 def test_every_registered_benchmark_has_checks_and_a_main():
@@ -78,11 +89,15 @@ def test_every_registered_benchmark_has_checks_and_a_main():
     for name in ("prepare", "encoders", "train_step", "evaluate", "gpu_step"):
         with pytest.raises(KeyError):  # an empty result fails the checks (they exist for it)
             _positive({"benchmark": name})
-    assert _figures({"a": {"images_per_s": 2.0, "ratio_to_x": 0.5, "max_ratio": 1.1}, "environment": {"x_per_s": 1}}) == {"a.images_per_s": 2.0, "a.ratio_to_x": 0.5}
+    assert _figures(
+        {"a": {"images_per_s": 2.0, "ratio_to_x": 0.5, "max_ratio": 1.1}, "environment": {"x_per_s": 1}}
+    ) == {"a.images_per_s": 2.0, "a.ratio_to_x": 0.5}
 
 
 def test_all_rejects_an_unknown_benchmark():
-    proc = subprocess.run([sys.executable, "-m", "benchmarks", "all", "--only", "nope"], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "all", "--only", "nope"], cwd=ROOT, capture_output=True, text=True
+    )
     assert proc.returncode == 2 and "unknown benchmark(s) nope" in proc.stderr
 
 
@@ -116,8 +131,19 @@ def test_attribute_oracle_runs_on_a_tiny_synthetic_set(tmp_path):
     assert values[0] == ["mug"] and values[1] == ["blue", "red"] and ids.tolist() == [[0, 1, 1, 1], [0, 0, 0, 0]]
     with pytest.raises(SicotError, match="not a built-in synthetic class"):
         class_attributes(["shoes"])
-    small = ["data.synthetic.num_classes=6", "data.synthetic.max_per_class=8", "data.synthetic.min_per_class=2", "data.synthetic.test_per_class=2",
-             "data.test_per_class=2", "data.image_size=32", "data.workers=1", "embed.dim=8", "embed.epochs=1", "text.drop_most_frequent=0", "text.drop_least_frequent=0"]
+    small = [
+        "data.synthetic.num_classes=6",
+        "data.synthetic.max_per_class=8",
+        "data.synthetic.min_per_class=2",
+        "data.synthetic.test_per_class=2",
+        "data.test_per_class=2",
+        "data.image_size=32",
+        "data.workers=1",
+        "embed.dim=8",
+        "embed.epochs=1",
+        "text.drop_most_frequent=0",
+        "text.drop_least_frequent=0",
+    ]
     prepare(load_recipe(None, small), tmp_path / "s.h5")
     result = run(tmp_path / "s.h5", "resnet18", "", epochs=1, seed=0, device="cpu", head_threshold=5)
     groups = result["groups"]
@@ -149,21 +175,48 @@ def test_shared_options_and_profile_table(capsys):
     import torch
     from rich.console import Console
 
-    from benchmarks.common import benchmark_parser, compare_profiles, default_model, model_setting, parse, print_profile, wants_profile
+    from benchmarks.common import (
+        benchmark_parser,
+        compare_profiles,
+        default_model,
+        model_setting,
+        parse,
+        print_profile,
+        wants_profile,
+    )
 
     parser = benchmark_parser("x", "First line.\nmore", quick="q", device=True, profile="p", batch="b")
     args = parse(parser, ["--quick", "--device", "cpu", "--image-size", "48"])
     assert (args.quick, args.device, args.profile, args.backbone, args.batch) == (True, "cpu", "auto", None, None)
-    assert model_setting(args) == ("resnet18", 48) and default_model("cpu", False) == ("resnet18", 64) and default_model("cuda:1", True) == ("resnet50", 224)
+    assert (
+        model_setting(args) == ("resnet18", 48)
+        and default_model("cpu", False) == ("resnet18", 64)
+        and default_model("cuda:1", True) == ("resnet50", 224)
+    )
     assert parser.description == "First line."
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit):
             parse(parser, ["--device", "cuda"])
         assert "--device cuda: CUDA is not available" in capsys.readouterr().err
-    assert [wants_profile(m, met) for m in ("auto", "always", "never") for met in (True, False)] == [False, True, True, True, False, False]
+    assert [wants_profile(m, met) for m in ("auto", "always", "never") for met in (True, False)] == [
+        False,
+        True,
+        True,
+        True,
+        False,
+        False,
+    ]
     profile = compare_profiles("b", "a", {"a": ("table a", {"mm": 1.0, "add": 2.0}), "b": ("table b", {"mm": 4.0})})
-    assert profile == {"subject": "b", "reference": "a", "subject_table": "table b", "reference_table": "table a",
-                       "top_op_deltas": [{"op": "mm", "subject_ms": 4.0, "reference_ms": 1.0, "delta_ms": 3.0}, {"op": "add", "subject_ms": 0.0, "reference_ms": 2.0, "delta_ms": -2.0}]}
+    assert profile == {
+        "subject": "b",
+        "reference": "a",
+        "subject_table": "table b",
+        "reference_table": "table a",
+        "top_op_deltas": [
+            {"op": "mm", "subject_ms": 4.0, "reference_ms": 1.0, "delta_ms": 3.0},
+            {"op": "add", "subject_ms": 0.0, "reference_ms": 2.0, "delta_ms": -2.0},
+        ],
+    }
     print_profile(Console(width=100), profile, per="pass", goal="g")
     out = capsys.readouterr().out
     assert "profile (g): b, ops by self time per pass\ntable b\n" in out  # the profiler's table printed as it is

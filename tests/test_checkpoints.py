@@ -39,7 +39,9 @@ print(json.dumps({"rise": peak() - before}))
 
 
 def _rise(mode: str, path: Path, size: int) -> int:
-    out = subprocess.run([sys.executable, "-c", _PROBE, mode, str(path), str(size)], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE, mode, str(path), str(size)], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)["rise"]
 

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_recipe
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import tiny_recipe
 from sicot_cli import runs
 from sicot_cli.classifier_step import SampledRows, eq1_from_streams, sample_classes
 from sicot_cli.config import TrainConfig
@@ -27,7 +27,9 @@ from sicot_cli.train import TIMING_KEYS, step_forward, train, train_step
 CLASSES = 40
 
 
-def _model(num_classes: int = CLASSES, dtype: torch.dtype = torch.float32, mixed_trains_classifier: bool = True) -> SICoT:
+def _model(
+    num_classes: int = CLASSES, dtype: torch.dtype = torch.float32, mixed_trains_classifier: bool = True
+) -> SICoT:
     """A small SICoT without batch-norm: conv backbone, mean encoder."""
     from encoders import create_encoder
 
@@ -44,8 +46,13 @@ def _batch(seed: int, n: int = 12, num_classes: int = CLASSES) -> Batch:
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(1, 30, (n, 5), generator=g)
     tokens[:, 4] = 0
-    return Batch(torch.randint(0, 256, (n, 3, 12, 12), generator=g, dtype=torch.uint8), tokens, tokens != 0,
-                 torch.randint(0, num_classes, (n,), generator=g), np.arange(n))
+    return Batch(
+        torch.randint(0, 256, (n, 3, 12, 12), generator=g, dtype=torch.uint8),
+        tokens,
+        tokens != 0,
+        torch.randint(0, num_classes, (n,), generator=g),
+        np.arange(n),
+    )
 
 
 class _ClassifierGemms(TorchDispatchMode):
@@ -80,7 +87,9 @@ def test_one_pass_equals_two_passes(mixed_trains_classifier: bool) -> None:
     logits_m = F.linear(x_m, w, bias) if mixed_trains_classifier else F.linear(x_m, w.detach(), bias.detach())
     ref, ref_v, ref_m = sicot_loss(F.linear(x_v, w, bias), logits_m, b.labels, lam=0.7)
     ref.backward()
-    torch.testing.assert_close(torch.stack([loss, loss_v, loss_m]), torch.stack([ref, ref_v, ref_m]), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        torch.stack([loss, loss_v, loss_m]), torch.stack([ref, ref_v, ref_m]), rtol=1e-12, atol=1e-12
+    )
     for k, p in model.named_parameters():
         torch.testing.assert_close(one[k], p.grad, rtol=1e-10, atol=1e-12, msg=k)
     assert one["classifier.weight"].abs().sum() > 0 and one["encoder.proj.weight"].abs().sum() > 0
@@ -103,7 +112,9 @@ def test_sample_holds_the_labels_and_its_size() -> None:
     chosen = sample_classes(labels, 1000, 0.1, g(0))
     assert len(chosen) == 100 and set(labels.tolist()) <= set(chosen.tolist())
     assert torch.equal(chosen, chosen.sort().values) and len(set(chosen.tolist())) == 100
-    assert torch.equal(chosen, sample_classes(labels, 1000, 0.1, g(0))), "the same generator state gives the same sample"
+    assert torch.equal(chosen, sample_classes(labels, 1000, 0.1, g(0))), (
+        "the same generator state gives the same sample"
+    )
     assert not torch.equal(chosen, sample_classes(labels, 1000, 0.1, g(1)))
     many = torch.arange(0, 1000, 5)  # 200 distinct labels > 10 % of the classes: all of them, nothing else
     assert torch.equal(sample_classes(many, 1000, 0.1, g(0)), many)
@@ -114,14 +125,29 @@ def test_sample_holds_the_labels_and_its_size() -> None:
         counts[sample_classes(labels, 1000, 0.1, g(s))] += 1
     negatives = torch.ones(1000, dtype=torch.bool)
     negatives[labels] = False
-    assert counts[~negatives].eq(200).all() and 0.07 < counts[negatives].mean() / 200 < 0.13 and counts[negatives].max() < 45
+    assert (
+        counts[~negatives].eq(200).all()
+        and 0.07 < counts[negatives].mean() / 200 < 0.13
+        and counts[negatives].max() < 45
+    )
 
 
 def _cfg(rate: float) -> TrainConfig:
-    return TrainConfig(batch_size=12, amp=False, channels_last=False, lam=0.7, class_sample_rate=rate, lr=0.1, momentum=0.9, weight_decay=1e-3)
+    return TrainConfig(
+        batch_size=12,
+        amp=False,
+        channels_last=False,
+        lam=0.7,
+        class_sample_rate=rate,
+        lr=0.1,
+        momentum=0.9,
+        weight_decay=1e-3,
+    )
 
 
-def _steps(rate: float, steps: int = 3, num_classes: int = CLASSES) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.optim.Optimizer, SICoT]:
+def _steps(
+    rate: float, steps: int = 3, num_classes: int = CLASSES
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.optim.Optimizer, SICoT]:
     model = _model(num_classes)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     cfg = _cfg(rate)
@@ -129,7 +155,17 @@ def _steps(rate: float, steps: int = 3, num_classes: int = CLASSES) -> tuple[tor
     losses = []
     for i in range(steps):
         gen = torch.Generator().manual_seed(100 + i)
-        losses.append(torch.stack([t for t in train_step(model, forward, opt, _batch(10 + i, num_classes=num_classes), torch.device("cpu"), cfg, gen) if t is not None]))
+        losses.append(
+            torch.stack(
+                [
+                    t
+                    for t in train_step(
+                        model, forward, opt, _batch(10 + i, num_classes=num_classes), torch.device("cpu"), cfg, gen
+                    )
+                    if t is not None
+                ]
+            )
+        )
     return torch.stack(losses), {k: v.detach().clone() for k, v in model.state_dict().items()}, opt, model
 
 
@@ -140,8 +176,10 @@ def test_sampling_every_class_takes_the_exact_steps() -> None:
     torch.testing.assert_close(losses, exact_losses, rtol=1e-6, atol=1e-7)
     for k, v in exact.items():
         torch.testing.assert_close(sampled[k], v, rtol=1e-6, atol=1e-7, msg=k)
-    for (name, p), q in zip(model.named_parameters(), exact_model.parameters()):
-        torch.testing.assert_close(opt.state[p]["momentum_buffer"], exact_opt.state[q]["momentum_buffer"], rtol=1e-6, atol=1e-7, msg=name)
+    for (name, p), q in zip(model.named_parameters(), exact_model.parameters(), strict=True):
+        torch.testing.assert_close(
+            opt.state[p]["momentum_buffer"], exact_opt.state[q]["momentum_buffer"], rtol=1e-6, atol=1e-7, msg=name
+        )
     assert not torch.equal(exact["classifier.weight"], _model(10).classifier.weight), "the steps changed nothing"
 
 
@@ -149,19 +187,36 @@ def test_only_sampled_rows_change_and_both_terms_share_them() -> None:
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     cfg = _cfg(1.0)
-    train_step(model, model, opt, _batch(5), torch.device("cpu"), cfg, torch.Generator().manual_seed(0))  # every row gets momentum
+    train_step(
+        model, model, opt, _batch(5), torch.device("cpu"), cfg, torch.Generator().manual_seed(0)
+    )  # every row gets momentum
     clf = model.classifier
     w0, b0 = clf.weight.detach().clone(), clf.bias.detach().clone()
     m0 = opt.state[clf.weight]["momentum_buffer"].clone()
     b = _batch(6)
     x_v, x_m = model.streams(model.normalize(b.images), b.tokens, b.mask)
-    loss, _, loss_m, sampled = eq1_from_streams(model, x_v, x_m, b.labels, len(b.labels), 0.7, False, DistContext(), False, 0.5, torch.Generator().manual_seed(7))
+    loss, _, loss_m, sampled = eq1_from_streams(
+        model,
+        x_v,
+        x_m,
+        b.labels,
+        len(b.labels),
+        0.7,
+        False,
+        DistContext(),
+        False,
+        0.5,
+        torch.Generator().manual_seed(7),
+    )
     opt.zero_grad(set_to_none=True)
     loss.backward()
     # both terms score the same sampled rows: x_m alone reaches the sampled weights and nothing else
     assert isinstance(sampled, SampledRows) and sampled.weight.grad.shape == (len(sampled.rows), 8)
     assert clf.weight.grad is None, "the full weight got a gradient: the sample is not what the step scores"
-    (g_m,) = torch.autograd.grad(F.cross_entropy(F.linear(x_m.detach(), sampled.weight), torch.searchsorted(sampled.rows, b.labels)), [sampled.weight])
+    (g_m,) = torch.autograd.grad(
+        F.cross_entropy(F.linear(x_m.detach(), sampled.weight), torch.searchsorted(sampled.rows, b.labels)),
+        [sampled.weight],
+    )
     assert g_m.abs().sum() > 0
     opt.step()
     sampled.step(opt)
@@ -171,7 +226,11 @@ def test_only_sampled_rows_change_and_both_terms_share_them() -> None:
     others[rows] = False
     m1 = opt.state[clf.weight]["momentum_buffer"]
     # not sampled: weights, bias and momentum untouched (plain SGD would move them by momentum and decay)
-    assert torch.equal(clf.weight[others], w0[others]) and torch.equal(clf.bias[others], b0[others]) and torch.equal(m1[others], m0[others])
+    assert (
+        torch.equal(clf.weight[others], w0[others])
+        and torch.equal(clf.bias[others], b0[others])
+        and torch.equal(m1[others], m0[others])
+    )
     # sampled: SGD with weight decay and momentum on those rows
     want_m = m0[rows] * 0.9 + (sampled.weight.grad + 1e-3 * w0[rows])
     torch.testing.assert_close(m1[rows], want_m)
@@ -192,7 +251,9 @@ def test_resume_with_sampling_reproduces_the_run(many_classes: Path, tmp_path: P
     full = train(recipe, tmp_path / "full")
     exact = train(tiny_recipe(many_classes, "model.encoder=mean", "train.epochs=1"), tmp_path / "exact")
     strip = lambda h: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in h]  # noqa: E731
-    assert strip(full.history) != strip(exact.history), "sampling changed nothing: the test would not see a resume that samples differently"
+    assert strip(full.history) != strip(exact.history), (
+        "sampling changed nothing: the test would not see a resume that samples differently"
+    )
 
     def hook(epoch: int, batch: int) -> None:
         if (epoch, batch) == (0, 3):

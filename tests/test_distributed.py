@@ -26,9 +26,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from torch import nn
-
 from conftest import tiny_recipe
+from torch import nn
 
 pytestmark = pytest.mark.dist
 
@@ -87,7 +86,10 @@ def _ce_worker(rank: int, tmp: Path) -> None:
     loss = sharded_cross_entropy_rows(local, local_targets(data["labels"], lo, hi)).mean()  # as classifier_step uses it
     loss.backward()
     scores, ids = sharded_topk(data["logits"][:, lo:hi], 3, lo, _ctx(rank))
-    torch.save({"loss": loss.detach(), "grad": local.grad, "lo": lo, "hi": hi, "scores": scores, "ids": ids}, tmp / f"ce-{rank}.pt")
+    torch.save(
+        {"loss": loss.detach(), "grad": local.grad, "lo": lo, "hi": hi, "scores": scores, "ids": ids},
+        tmp / f"ce-{rank}.pt",
+    )
 
 
 def test_sharded_cross_entropy_and_topk_equal_the_full_ones(tmp_path: Path) -> None:
@@ -116,8 +118,14 @@ def test_sharded_cross_entropy_and_topk_equal_the_full_ones(tmp_path: Path) -> N
 
 def _eq1_case(rate: float) -> dict:
     g = torch.Generator().manual_seed(4)
-    return {"x_v": torch.randn(6, 5, generator=g), "x_m": torch.randn(6, 5, generator=g), "labels": torch.tensor([0, 9, 4, 4, 17, 2]),
-            "weight": torch.randn(19, 5, generator=g), "bias": torch.randn(19, generator=g), "rate": rate}
+    return {
+        "x_v": torch.randn(6, 5, generator=g),
+        "x_m": torch.randn(6, 5, generator=g),
+        "labels": torch.tensor([0, 9, 4, 4, 17, 2]),
+        "weight": torch.randn(19, 5, generator=g),
+        "bias": torch.randn(19, generator=g),
+        "rate": rate,
+    }
 
 
 def _eq1(case: dict, rank: int, world: int) -> dict:
@@ -138,11 +146,30 @@ def _eq1(case: dict, rank: int, world: int) -> dict:
     x_v = case["x_v"][a:b].clone().requires_grad_(True)
     x_m = case["x_m"][a:b].clone().requires_grad_(True)
     model = SimpleNamespace(classifier=clf, mixed_trains_classifier=True)
-    loss, loss_v, loss_m, sampled = eq1_from_streams(model, x_v, x_m, case["labels"][a:b], 6, 0.7, False, ctx, world > 1, case["rate"], torch.Generator().manual_seed(9))
+    loss, loss_v, loss_m, sampled = eq1_from_streams(
+        model,
+        x_v,
+        x_m,
+        case["labels"][a:b],
+        6,
+        0.7,
+        False,
+        ctx,
+        world > 1,
+        case["rate"],
+        torch.Generator().manual_seed(9),
+    )
     loss.backward()
     w = clf.weight if sampled is None else sampled.weight
-    return {"losses": torch.stack([loss, loss_v, loss_m]).detach(), "x_v": x_v.grad / world, "x_m": x_m.grad / world, "lo": lo, "slice": (a, b),
-            "rows": None if sampled is None else sampled.rows + lo, "w_grad": w.grad}
+    return {
+        "losses": torch.stack([loss, loss_v, loss_m]).detach(),
+        "x_v": x_v.grad / world,
+        "x_m": x_m.grad / world,
+        "lo": lo,
+        "slice": (a, b),
+        "rows": None if sampled is None else sampled.rows + lo,
+        "w_grad": w.grad,
+    }
 
 
 def _eq1_worker(rank: int, tmp: Path, rate: float) -> None:
@@ -161,7 +188,10 @@ def test_sharded_one_pass_equals_one_process(tmp_path: Path, rate: float) -> Non
     if rate == 1.0:  # Eq. 1 as written: two passes, two cross-entropies over all classes
         w = case["weight"].clone().requires_grad_(True)
         x_v, x_m = case["x_v"].clone().requires_grad_(True), case["x_m"].clone().requires_grad_(True)
-        ce_v, ce_m = F.cross_entropy(x_v @ w.T + case["bias"], case["labels"]), F.cross_entropy(x_m @ w.T + case["bias"], case["labels"])
+        ce_v, ce_m = (
+            F.cross_entropy(x_v @ w.T + case["bias"], case["labels"]),
+            F.cross_entropy(x_m @ w.T + case["bias"], case["labels"]),
+        )
         (ce_v + 0.7 * ce_m).backward()
         torch.testing.assert_close(one["losses"], torch.stack([ce_v + 0.7 * ce_m, ce_v, ce_m]).detach())
         torch.testing.assert_close(one["w_grad"], w.grad)
@@ -172,7 +202,9 @@ def test_sharded_one_pass_equals_one_process(tmp_path: Path, rate: float) -> Non
     _spawn(_eq1_worker, tmp_path, rate)
     outs = [torch.load(tmp_path / f"eq1-{r}.pt") for r in range(WORLD)]
     if rate < 1.0:
-        assert torch.equal(torch.cat([o["rows"] for o in outs]), one["rows"]), "the shards' samples are not the one process's sample"
+        assert torch.equal(torch.cat([o["rows"] for o in outs]), one["rows"]), (
+            "the shards' samples are not the one process's sample"
+        )
         assert all(len(o["rows"]) for o in outs)
     start = 0
     for o in outs:
@@ -189,7 +221,13 @@ def test_sharded_one_pass_equals_one_process(tmp_path: Path, rate: float) -> Non
 # --- training steps: 2 ranks == 1 process ----------------------------------------------------
 
 
-def _tiny_model(num_classes: int, vectors: torch.Tensor, shard: tuple[int, int] | None, mixed: bool = True, semantic_norm: bool = False):  # noqa: ANN202
+def _tiny_model(
+    num_classes: int,
+    vectors: torch.Tensor,
+    shard: tuple[int, int] | None,
+    mixed: bool = True,
+    semantic_norm: bool = False,
+):  # noqa: ANN202
     """A SICoT without dropout, and without batch-norm unless ``semantic_norm`` (BatchNorm statistics are per rank in any DDP setup).
 
     ``mixed``: ``model.mixed_trains_classifier``; ``semantic_norm``: the title embedding batch-normalised (``model.semantic_norm = "batchnorm"``).
@@ -201,7 +239,9 @@ def _tiny_model(num_classes: int, vectors: torch.Tensor, shard: tuple[int, int] 
     net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     model = SICoT(net, 8, num_classes, shard=shard, mixed_trains_classifier=mixed)
     with torch.random.fork_rng(devices=[]):
-        model.attach_encoder(create_encoder("mean", vectors=vectors, out_dim=8), "batchnorm" if semantic_norm else "none")
+        model.attach_encoder(
+            create_encoder("mean", vectors=vectors, out_dim=8), "batchnorm" if semantic_norm else "none"
+        )
     return model
 
 
@@ -224,9 +264,13 @@ def _per_rank_batchnorm(bn: nn.BatchNorm1d, world: int) -> dict[int, dict[str, t
         for r in range(world):
             lo, hi = slice_range(s.shape[0], world, r)
             mean, var = before[0].clone(), before[1].clone()
-            F.batch_norm(s[lo:hi].detach(), mean, var, None, None, True, bn.momentum, bn.eps)  # rank r's update of rank 0's buffers
+            F.batch_norm(
+                s[lo:hi].detach(), mean, var, None, None, True, bn.momentum, bn.eps
+            )  # rank r's update of rank 0's buffers
             views[r] = {"running_mean": mean, "running_var": var}
-            parts.append(real(s[lo:hi]) if r == 0 else F.batch_norm(s[lo:hi], None, None, bn.weight, bn.bias, True, 0.0, bn.eps))
+            parts.append(
+                real(s[lo:hi]) if r == 0 else F.batch_norm(s[lo:hi], None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+            )
         return torch.cat(parts)
 
     bn.forward = forward
@@ -236,7 +280,16 @@ def _per_rank_batchnorm(bn: nn.BatchNorm1d, world: int) -> dict[int, dict[str, t
 STEPS = 3
 
 
-def _steps(data: Path, rank: int, world: int, sharded: bool, rate: float = 1.0, mixed: bool = True, semantic_norm: bool = False, emulate_world: int = 1) -> dict:
+def _steps(
+    data: Path,
+    rank: int,
+    world: int,
+    sharded: bool,
+    rate: float = 1.0,
+    mixed: bool = True,
+    semantic_norm: bool = False,
+    emulate_world: int = 1,
+) -> dict:
     """``STEPS`` training steps of rank ``rank`` of ``world``; ``emulate_world`` > 1 (one process): the semantic BatchNorm as on that many ranks."""
     from sicot_cli.config import TrainConfig
     from sicot_cli.data.dataset import open_prepared
@@ -272,16 +325,27 @@ def _steps(data: Path, rank: int, world: int, sharded: bool, rate: float = 1.0, 
             _, top = sharded_topk(logits, 2, model.classifier.lo, ctx)
         else:
             top = logits.topk(2, dim=1).indices
-    return {"losses": torch.stack(losses), "params": {k: v.detach().clone() for k, v in model.state_dict().items()}, "top": top, "shard": shard, "bn_views": bn_views}
+    return {
+        "losses": torch.stack(losses),
+        "params": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "top": top,
+        "shard": shard,
+        "bn_views": bn_views,
+    }
 
 
 def _train_worker(rank: int, tmp: Path, data: str, sharded: bool, rate: float, options: dict | None = None) -> None:
     torch.save(_steps(Path(data), rank, WORLD, sharded, rate, **(options or {})), tmp / f"steps-{rank}.pt")
 
 
-@pytest.mark.parametrize(("sharded", "rate"), [(True, 1.0), (False, 1.0), (True, 0.4), (False, 0.4)],
-                         ids=["class-sharded", "replicated", "class-sharded-sampled", "replicated-sampled"])
-def test_two_ranks_take_the_same_steps_as_one_process(tiny_prepared: Path, many_classes: Path, tmp_path: Path, sharded: bool, rate: float) -> None:
+@pytest.mark.parametrize(
+    ("sharded", "rate"),
+    [(True, 1.0), (False, 1.0), (True, 0.4), (False, 0.4)],
+    ids=["class-sharded", "replicated", "class-sharded-sampled", "replicated-sampled"],
+)
+def test_two_ranks_take_the_same_steps_as_one_process(
+    tiny_prepared: Path, many_classes: Path, tmp_path: Path, sharded: bool, rate: float
+) -> None:
     """Also with class sampling: every rank draws the same sample, each shard steps its part of it."""
     torch.set_num_threads(1)
     data = tiny_prepared if rate == 1.0 else many_classes  # 24 classes: more than a batch of 8 holds
@@ -296,7 +360,9 @@ def test_two_ranks_take_the_same_steps_as_one_process(tiny_prepared: Path, many_
             want = v[lo:hi] if k.startswith("classifier.") and sharded else v
             torch.testing.assert_close(out["params"][k], want, rtol=1e-5, atol=1e-6, msg=f"rank {r}: {k}")
     num_classes = ref["params"]["classifier.weight"].shape[0]
-    assert not torch.equal(ref["params"]["classifier.weight"], _tiny_model(num_classes, torch.zeros(1, 1), None).classifier.weight), "the steps changed nothing"
+    assert not torch.equal(
+        ref["params"]["classifier.weight"], _tiny_model(num_classes, torch.zeros(1, 1), None).classifier.weight
+    ), "the steps changed nothing"
     if rate < 1.0:  # some classes were never sampled in the 3 steps: their rows kept their initial weights
         init = _tiny_model(num_classes, torch.zeros(1, 1), None).classifier.weight
         assert (ref["params"]["classifier.weight"] == init).all(dim=1).any()
@@ -312,8 +378,12 @@ def test_sharded_steps_keep_the_classifier_to_the_image_loss(tiny_prepared: Path
     torch.set_num_threads(1)
     ref = _steps(tiny_prepared, 0, 1, False, mixed=False)
     paper = _steps(tiny_prepared, 0, 1, False, mixed=True)
-    assert not torch.allclose(ref["params"]["classifier.weight"], paper["params"]["classifier.weight"], atol=1e-4), "the setting changed nothing"
-    torch.testing.assert_close(ref["losses"][0, :], paper["losses"][0, :])  # the same first step's loss: only the gradients differ
+    assert not torch.allclose(ref["params"]["classifier.weight"], paper["params"]["classifier.weight"], atol=1e-4), (
+        "the setting changed nothing"
+    )
+    torch.testing.assert_close(
+        ref["losses"][0, :], paper["losses"][0, :]
+    )  # the same first step's loss: only the gradients differ
     _spawn(_train_worker, tmp_path, str(tiny_prepared), True, 1.0, {"mixed": False})
     for r in range(WORLD):
         out = torch.load(tmp_path / f"steps-{r}.pt")
@@ -321,7 +391,13 @@ def test_sharded_steps_keep_the_classifier_to_the_image_loss(tiny_prepared: Path
         assert torch.equal(out["top"], ref["top"])
         lo, hi = out["shard"]
         for k, v in ref["params"].items():
-            torch.testing.assert_close(out["params"][k], v[lo:hi] if k.startswith("classifier.") else v, rtol=1e-5, atol=1e-6, msg=f"rank {r}: {k}")
+            torch.testing.assert_close(
+                out["params"][k],
+                v[lo:hi] if k.startswith("classifier.") else v,
+                rtol=1e-5,
+                atol=1e-6,
+                msg=f"rank {r}: {k}",
+            )
 
 
 def test_semantic_batchnorm_statistics_are_per_rank(tiny_prepared: Path, tmp_path: Path) -> None:
@@ -333,18 +409,28 @@ def test_semantic_batchnorm_statistics_are_per_rank(tiny_prepared: Path, tmp_pat
     """
     torch.set_num_threads(1)
     ref = _steps(tiny_prepared, 0, 1, False, semantic_norm=True, emulate_world=WORLD)
-    whole = _steps(tiny_prepared, 0, 1, False, semantic_norm=True)  # statistics over the whole batch (what SyncBatchNorm gives)
-    assert not torch.allclose(ref["losses"], whole["losses"], rtol=1e-4), "per-rank and whole-batch statistics agree: the test cannot tell them apart"
+    whole = _steps(
+        tiny_prepared, 0, 1, False, semantic_norm=True
+    )  # statistics over the whole batch (what SyncBatchNorm gives)
+    assert not torch.allclose(ref["losses"], whole["losses"], rtol=1e-4), (
+        "per-rank and whole-batch statistics agree: the test cannot tell them apart"
+    )
     _spawn(_train_worker, tmp_path, str(tiny_prepared), False, 1.0, {"semantic_norm": True})
     for r in range(WORLD):
         out = torch.load(tmp_path / f"steps-{r}.pt")
         torch.testing.assert_close(out["losses"], ref["losses"], rtol=1e-5, atol=1e-6)
         assert torch.equal(out["top"], ref["top"])
         for k, v in ref["params"].items():
-            want = ref["bn_views"][r][k.removeprefix("semantic_norm.")] if k in ("semantic_norm.running_mean", "semantic_norm.running_var") else v
+            want = (
+                ref["bn_views"][r][k.removeprefix("semantic_norm.")]
+                if k in ("semantic_norm.running_mean", "semantic_norm.running_var")
+                else v
+            )
             torch.testing.assert_close(out["params"][k], want, rtol=1e-5, atol=1e-6, msg=f"rank {r}: {k}")
     assert int(ref["params"]["semantic_norm.num_batches_tracked"]) == STEPS
-    assert not torch.allclose(ref["bn_views"][0]["running_mean"], ref["bn_views"][1]["running_mean"]), "both halves have the same statistics"
+    assert not torch.allclose(ref["bn_views"][0]["running_mean"], ref["bn_views"][1]["running_mean"]), (
+        "both halves have the same statistics"
+    )
 
 
 # --- re-sharding checkpoints -----------------------------------------------------------------
@@ -370,14 +456,30 @@ def _reshard_worker(rank: int, tmp: Path, direction: str) -> None:
     if direction == "2to1":
         with torch.no_grad():  # the shards of a known full classifier
             full = torch.load(tmp / "full.pt")
-            model.load_state_dict({**full["model"], "classifier.weight": full["model"]["classifier.weight"][shard[0] : shard[1]], "classifier.bias": full["model"]["classifier.bias"][shard[0] : shard[1]]})
+            model.load_state_dict(
+                {
+                    **full["model"],
+                    "classifier.weight": full["model"]["classifier.weight"][shard[0] : shard[1]],
+                    "classifier.bias": full["model"]["classifier.bias"][shard[0] : shard[1]],
+                }
+            )
         opt = _trained_state(model)
         checkpoints.save(tmp / "ck.pt", {"meta": {}}, model, opt, _ctx(rank), True, "e1")
-        torch.save({"params": model.state_dict(), "momentum": [opt.state[p]["momentum_buffer"] for p in model.parameters()]}, tmp / f"saved-{rank}.pt")
+        torch.save(
+            {"params": model.state_dict(), "momentum": [opt.state[p]["momentum_buffer"] for p in model.parameters()]},
+            tmp / f"saved-{rank}.pt",
+        )
     else:
         state = runs.load_checkpoint(tmp / "ck.pt")
         checkpoints.restore(state, tmp / "ck.pt", model, opt)
-        torch.save({"params": model.state_dict(), "momentum": [opt.state[p]["momentum_buffer"] for p in model.parameters()], "shard": shard}, tmp / f"loaded-{rank}.pt")
+        torch.save(
+            {
+                "params": model.state_dict(),
+                "momentum": [opt.state[p]["momentum_buffer"] for p in model.parameters()],
+                "shard": shard,
+            },
+            tmp / f"loaded-{rank}.pt",
+        )
 
 
 def test_checkpoints_reshard_two_to_one_and_one_to_two_exactly(tmp_path: Path) -> None:
@@ -426,7 +528,15 @@ def test_checkpoints_reshard_two_to_one_and_one_to_two_exactly(tmp_path: Path) -
 
 def _torchrun_entry(rank: int, tmp: str, port: int, data: str) -> None:
     """A rank as ``torchrun`` starts it: env:// variables only, ``train()`` joins and leaves the group."""
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD)})
+    os.environ.update(
+        {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(WORLD),
+        }
+    )
     torch.set_num_threads(1)
     from sicot_cli.train import train
 
@@ -454,9 +564,15 @@ def test_train_on_two_ranks_with_a_sharded_classifier(tiny_prepared: Path, tmp_p
     assert finals[0]["top1"] == finals[1]["top1"]
     run = tmp_path / "run"
     assert runs.is_finished(run)
-    assert sorted(f.name for f in run.glob("checkpoint-last.*.classifier-*")) == ["checkpoint-last.e1.classifier-000-of-002.pt", "checkpoint-last.e1.classifier-001-of-002.pt"]
+    assert sorted(f.name for f in run.glob("checkpoint-last.*.classifier-*")) == [
+        "checkpoint-last.e1.classifier-000-of-002.pt",
+        "checkpoint-last.e1.classifier-001-of-002.pt",
+    ]
     state = runs.load_checkpoint(run / runs.LAST)
-    assert "classifier.weight" not in state["model"] and [(p["lo"], p["hi"]) for p in state["classifier_parts"]] == [(0, 2), (2, 3)]
+    assert "classifier.weight" not in state["model"] and [(p["lo"], p["hi"]) for p in state["classifier_parts"]] == [
+        (0, 2),
+        (2, 3),
+    ]
     records = runs.read_metrics(run)
     assert len(records) == 1 and records[0]["train_images"] == 24  # the global batches, counted once
     # One process re-assembles the classifier and scores the test set as the 2 ranks did.

@@ -220,9 +220,7 @@ def test_mean_reference() -> None:
         enc.proj.weight.copy_(torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.0, -1.0, 0.0, 1.0]]))
         enc.proj.bias.copy_(torch.tensor([0.5, -0.5]))
     # mean of the words = [1, 1, 1, 0]; W @ mean + b = [1+2+3+0+0.5, 0-1+0+0-0.5]
-    torch.testing.assert_close(
-        enc(TITLE, TITLE_MASK), torch.tensor([[6.5, -1.5]]), atol=1e-6, rtol=0
-    )
+    torch.testing.assert_close(enc(TITLE, TITLE_MASK), torch.tensor([[6.5, -1.5]]), atol=1e-6, rtol=0)
 
 
 def test_bilinear_reference() -> None:
@@ -247,9 +245,7 @@ def test_bilinear_reference() -> None:
     expected = P @ semantic + bp
 
     with torch.no_grad():
-        torch.testing.assert_close(
-            enc.attention(TITLE, TITLE_MASK)[0, :3], alpha, atol=1e-6, rtol=0
-        )
+        torch.testing.assert_close(enc.attention(TITLE, TITLE_MASK)[0, :3], alpha, atol=1e-6, rtol=0)
         assert float(enc.attention(TITLE, TITLE_MASK)[0, 3]) == 0.0
         torch.testing.assert_close(enc(TITLE, TITLE_MASK)[0], expected, atol=1e-6, rtol=0)
 
@@ -292,9 +288,7 @@ def test_bilstm_reference() -> None:
 
 
 def test_bilstm_attention_reference() -> None:
-    enc = create_encoder(
-        "bilstm_attention", vectors=WORDS, out_dim=3, hidden_size=2, attention_dim=3
-    )
+    enc = create_encoder("bilstm_attention", vectors=WORDS, out_dim=3, hidden_size=2, attention_dim=3)
     _set_known_weights(enc)
     states = _bilstm_reference_states(enc.lstm)
     W, bw = enc.att_hidden.weight, enc.att_hidden.bias
@@ -305,9 +299,7 @@ def test_bilstm_attention_reference() -> None:
     pooled = alpha[0] * states[0] + alpha[1] * states[1] + alpha[2] * states[2]
     expected = enc.proj.weight @ pooled + enc.proj.bias
     with torch.no_grad():
-        torch.testing.assert_close(
-            enc.attention(TITLE, TITLE_MASK)[0, :3], alpha, atol=1e-6, rtol=0
-        )
+        torch.testing.assert_close(enc.attention(TITLE, TITLE_MASK)[0, :3], alpha, atol=1e-6, rtol=0)
         torch.testing.assert_close(enc(TITLE, TITLE_MASK)[0], expected, atol=1e-6, rtol=0)
 
 
@@ -340,9 +332,7 @@ def test_duplicate_registration_is_a_value_error() -> None:
 def test_unknown_name_lists_the_choices() -> None:
     with pytest.raises(SicotError) as info:
         create_encoder("nope", vectors=torch.randn(3, 2), out_dim=2)
-    assert str(info.value) == (
-        "unknown encoder 'nope' (choices: bilinear, bilstm, bilstm_attention, mean)"
-    )
+    assert str(info.value) == ("unknown encoder 'nope' (choices: bilinear, bilstm, bilstm_attention, mean)")
 
 
 @pytest.mark.parametrize(
@@ -373,8 +363,7 @@ def test_unknown_option_lists_the_options() -> None:
     with pytest.raises(SicotError) as info:
         create_encoder("bilinear", vectors=torch.randn(5, 3), out_dim=2, rnak=4)
     assert str(info.value) == (
-        "encoder 'bilinear' has no option 'rnak' "
-        "(options: vectors, out_dim, freeze_embeddings, rank)"
+        "encoder 'bilinear' has no option 'rnak' (options: vectors, out_dim, freeze_embeddings, rank)"
     )
 
 
@@ -443,9 +432,7 @@ def test_plugin_file_registers_and_trains(tmp_path: Path, vectors: torch.Tensor)
 
 
 def test_plugin_dotted_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (tmp_path / "sicot_test_dotted_plugin.py").write_text(
-        PLUGIN.replace("{name}", "dotted_max"), encoding="utf-8"
-    )
+    (tmp_path / "sicot_test_dotted_plugin.py").write_text(PLUGIN.replace("{name}", "dotted_max"), encoding="utf-8")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(__import__("sys").modules, "sicot_test_dotted_plugin", raising=False)
     assert load_encoder_module("sicot_test_dotted_plugin") == ["dotted_max"]
@@ -454,9 +441,7 @@ def test_plugin_dotted_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_plugin_missing_file() -> None:
-    with pytest.raises(
-        SicotError, match=r"^cannot load encoder module 'no/such/enc\.py': no such file$"
-    ):
+    with pytest.raises(SicotError, match=r"^cannot load encoder module 'no/such/enc\.py': no such file$"):
         load_encoder_module("no/such/enc.py")
 
 
@@ -465,9 +450,7 @@ def test_plugin_missing_dotted_module() -> None:
         load_encoder_module("no_such_sicot_module")
 
 
-def test_plugin_bare_name_of_a_file_hints_at_the_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_plugin_bare_name_of_a_file_hints_at_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "sicot_hint_plugin.py").write_text("x = 1\n")
     monkeypatch.chdir(tmp_path)  # the file is here, but the current directory is not on sys.path
     monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", ".")])
@@ -495,8 +478,7 @@ def test_plugin_import_error_is_reported(tmp_path: Path) -> None:
 def test_plugin_duplicate_name_is_rolled_back(tmp_path: Path) -> None:
     path = tmp_path / "clash.py"
     path.write_text(
-        PLUGIN.replace("{name}", "first_ok")
-        + "\n\n@register_encoder\ndef mean(vectors, out_dim):\n    return None\n"
+        PLUGIN.replace("{name}", "first_ok") + "\n\n@register_encoder\ndef mean(vectors, out_dim):\n    return None\n"
     )
     with pytest.raises(SicotError, match="ValueError: encoder 'mean' is already registered"):
         load_encoder_module(str(path))

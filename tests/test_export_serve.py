@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_recipe
 from typer.testing import CliRunner
 
-from conftest import tiny_recipe
 from sicot_cli import runs
 from sicot_cli.cli import app
 from sicot_cli.errors import SicotError
@@ -47,7 +47,10 @@ def run_dir(tiny_prepared, tmp_path_factory) -> Path:
     from sicot_cli.train import train
 
     out = tmp_path_factory.mktemp("deploy") / "run"
-    train(tiny_recipe(tiny_prepared, "model.encoder=none", "model.backbone=resnet18", "train.lr=0.001", "train.epochs=2"), out)
+    train(
+        tiny_recipe(tiny_prepared, "model.encoder=none", "model.backbone=resnet18", "train.lr=0.001", "train.epochs=2"),
+        out,
+    )
     return out
 
 
@@ -92,11 +95,22 @@ def test_onnx_export_equals_pytorch(onnx_model, run_dir, tiny_prepared, images, 
     import onnxruntime as ort
 
     meta = json.loads((onnx_model.parent / "model.onnx.json").read_text())
-    assert meta["model"] == {"file": "model.onnx", "format": "onnx", "sha256": meta["model"]["sha256"], "runtime": "onnxruntime"}
-    assert meta["sicot"]["run"] == str(run_dir.resolve()) and meta["sicot"]["version"] and meta["sicot"]["checkpoint"] == "last"
+    assert meta["model"] == {
+        "file": "model.onnx",
+        "format": "onnx",
+        "sha256": meta["model"]["sha256"],
+        "runtime": "onnxruntime",
+    }
+    assert (
+        meta["sicot"]["run"] == str(run_dir.resolve())
+        and meta["sicot"]["version"]
+        and meta["sicot"]["checkpoint"] == "last"
+    )
     assert meta["verification"]["images"] == 6 and meta["verification"]["top1_equal"] is True
     assert meta["verification"]["max_abs_diff"] <= 1e-4
-    assert sorted(c["name"] for c in meta["classes"]) == ["cat", "cup", "dog"] and all(c["title"] for c in meta["classes"])
+    assert sorted(c["name"] for c in meta["classes"]) == ["cat", "cup", "dog"] and all(
+        c["title"] for c in meta["classes"]
+    )
     assert meta["input"]["shape"] == ["batch", 3, 16, 16] and meta["output"]["shape"] == ["batch", 3]
     # the dynamic batch axis: batches of 1 and 7 of the run's test images, against the eager model
     import h5py
@@ -151,7 +165,13 @@ print(json.dumps(out))
 
 
 def test_exported_json_is_enough_for_onnxruntime_and_numpy(onnx_model, images, reference):
-    r = subprocess.run([sys.executable, "-c", CONSUMER, str(onnx_model), *map(str, images)], capture_output=True, text=True, timeout=120, cwd="/")
+    r = subprocess.run(
+        [sys.executable, "-c", CONSUMER, str(onnx_model), *map(str, images)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd="/",
+    )
     assert r.returncode == 0, r.stderr
     _same_top(json.loads(r.stdout), reference, atol=1e-4)
 
@@ -187,7 +207,11 @@ def test_export_refusals(run_dir, onnx_model, tmp_path, monkeypatch):
 
 def test_documented_checkpoint_reader(run_dir):
     """The README's one line that reads a checkpoint without sicot works, and gives what sicot loads."""
-    line = next(ln.strip() for ln in (ROOT / "README.md").read_text().splitlines() if "weights_only=True" in ln and ln.strip().startswith("state = "))
+    line = next(
+        ln.strip()
+        for ln in (ROOT / "README.md").read_text().splitlines()
+        if "weights_only=True" in ln and ln.strip().startswith("state = ")
+    )
     scope = {"path": str(run_dir / runs.LAST)}
     exec("import io, torch\n" + line, scope)  # noqa: S102 - the documented line itself
     want = runs.load_checkpoint(run_dir / runs.LAST)
@@ -197,7 +221,9 @@ def test_documented_checkpoint_reader(run_dir):
 
 # --- serve ----------------------------------------------------------------------------------------
 
-LIMITS = ServeLimits(max_batch=8, max_wait_ms=2.0, max_upload_bytes=200_000, max_pixels=1_000_000, max_images=4, timeout_s=10.0, top_k=3)
+LIMITS = ServeLimits(
+    max_batch=8, max_wait_ms=2.0, max_upload_bytes=200_000, max_pixels=1_000_000, max_images=4, timeout_s=10.0, top_k=3
+)
 
 
 @pytest.fixture(scope="module")
@@ -208,10 +234,16 @@ def client(run_dir):
 
 def _png_header(width: int, height: int) -> bytes:
     """A PNG that declares width x height but holds almost nothing: a decompression bomb's header."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_served_topk_equals_predict(client, images, reference):
@@ -236,30 +268,99 @@ def _bad_cases(images: list[Path]) -> dict[str, tuple[dict, int, str]]:
     """Each bad request class: the request, its status and a fragment of its error."""
     png = images[0].read_bytes()
     return {
-        "garbage_bytes": ({"files": {"image": ("x.png", b"\x89PNG garbage" * 10, "image/png")}}, 422, "x.png: not an image file"),
-        "truncated_image": ({"files": {"image": ("t.png", png[: len(png) // 2], "image/png")}}, 422, "t.png: truncated or corrupt image"),
-        "oversized_upload": ({"files": {"image": ("big.png", b"\0" * 300_000, "image/png")}}, 413, "upload over the limit of 200,000 bytes"),
-        "pixel_limit": ({"files": {"image": ("big.png", _png_header(10_000, 10_000), "image/png")}}, 413, "big.png: image has 100,000,000 pixels (limit 1,000,000)"),
-        "pixel_bomb": ({"files": {"image": ("bomb.png", _png_header(50_000, 50_000), "image/png")}}, 413, "bomb.png: image has 2,500,000,000 pixels (limit 1,000,000)"),
-        "non_image_part": ({"files": {"image": ("a.txt", b"hello", "text/plain")}}, 415, "a.txt: content type 'text/plain' is not an image"),
-        "non_image_request": ({"content": b"hello", "headers": {"content-type": "text/plain"}}, 415, "content type 'text/plain'"),
+        "garbage_bytes": (
+            {"files": {"image": ("x.png", b"\x89PNG garbage" * 10, "image/png")}},
+            422,
+            "x.png: not an image file",
+        ),
+        "truncated_image": (
+            {"files": {"image": ("t.png", png[: len(png) // 2], "image/png")}},
+            422,
+            "t.png: truncated or corrupt image",
+        ),
+        "oversized_upload": (
+            {"files": {"image": ("big.png", b"\0" * 300_000, "image/png")}},
+            413,
+            "upload over the limit of 200,000 bytes",
+        ),
+        "pixel_limit": (
+            {"files": {"image": ("big.png", _png_header(10_000, 10_000), "image/png")}},
+            413,
+            "big.png: image has 100,000,000 pixels (limit 1,000,000)",
+        ),
+        "pixel_bomb": (
+            {"files": {"image": ("bomb.png", _png_header(50_000, 50_000), "image/png")}},
+            413,
+            "bomb.png: image has 2,500,000,000 pixels (limit 1,000,000)",
+        ),
+        "non_image_part": (
+            {"files": {"image": ("a.txt", b"hello", "text/plain")}},
+            415,
+            "a.txt: content type 'text/plain' is not an image",
+        ),
+        "non_image_request": (
+            {"content": b"hello", "headers": {"content-type": "text/plain"}},
+            415,
+            "content type 'text/plain'",
+        ),
         "no_content_type": ({"content": png}, 415, "content type '(none)'"),
-        "too_many_images": ({"files": [("image", (f"{i}.png", png, "image/png")) for i in range(5)]}, 400, "Too many files"),
+        "too_many_images": (
+            {"files": [("image", (f"{i}.png", png, "image/png")) for i in range(5)]},
+            400,
+            "Too many files",
+        ),
         "no_image": ({"files": [("a", (None, "b"))]}, 400, "no image in the request"),
-        "bad_json": ({"content": b"[1,", "headers": {"content-type": "application/json"}}, 400, "body is not valid JSON"),
+        "bad_json": (
+            {"content": b"[1,", "headers": {"content-type": "application/json"}},
+            400,
+            "body is not valid JSON",
+        ),
         "json_not_strings": ({"json": {"images": [1, 2]}}, 400, "list of base64 strings"),
         "bad_base64": ({"json": ["@@@"]}, 400, "images[0] is not valid base64"),
         "empty_list": ({"json": []}, 400, "no image in the request"),
-        "k_zero": ({"files": {"image": ("a.png", png, "image/png")}, "params": {"k": 0}}, 422, "k must be between 1 and 3, got 0"),
-        "k_not_int": ({"files": {"image": ("a.png", png, "image/png")}, "params": {"k": "x"}}, 422, "query.k: Input should be a valid integer"),
-        "bad_multipart": ({"content": b"xx", "headers": {"content-type": "multipart/form-data; boundary=zz"}}, 400, "bad multipart body"),
-        "multipart_no_boundary": ({"content": b"xx", "headers": {"content-type": "multipart/form-data"}}, 400, "bad multipart body: Missing boundary"),
+        "k_zero": (
+            {"files": {"image": ("a.png", png, "image/png")}, "params": {"k": 0}},
+            422,
+            "k must be between 1 and 3, got 0",
+        ),
+        "k_not_int": (
+            {"files": {"image": ("a.png", png, "image/png")}, "params": {"k": "x"}},
+            422,
+            "query.k: Input should be a valid integer",
+        ),
+        "bad_multipart": (
+            {"content": b"xx", "headers": {"content-type": "multipart/form-data; boundary=zz"}},
+            400,
+            "bad multipart body",
+        ),
+        "multipart_no_boundary": (
+            {"content": b"xx", "headers": {"content-type": "multipart/form-data"}},
+            400,
+            "bad multipart body: Missing boundary",
+        ),
     }
 
 
-BAD_CASES = ["garbage_bytes", "truncated_image", "oversized_upload", "pixel_limit", "pixel_bomb", "non_image_part", "non_image_request", "no_content_type",
-             "too_many_images", "no_image", "bad_json", "json_not_strings", "bad_base64", "empty_list", "k_zero", "k_not_int", "bad_multipart",
-             "multipart_no_boundary"]
+BAD_CASES = [
+    "garbage_bytes",
+    "truncated_image",
+    "oversized_upload",
+    "pixel_limit",
+    "pixel_bomb",
+    "non_image_part",
+    "non_image_request",
+    "no_content_type",
+    "too_many_images",
+    "no_image",
+    "bad_json",
+    "json_not_strings",
+    "bad_base64",
+    "empty_list",
+    "k_zero",
+    "k_not_int",
+    "bad_multipart",
+    "multipart_no_boundary",
+]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
@@ -379,9 +480,31 @@ def test_sigterm_answers_accepted_requests_then_exits(run_dir, images, reference
     the 6 are answered, the slow client gets 408 at its deadline, then the process exits 0."""
     import httpx
 
-    cmd = [sys.executable, "-m", "sicot_cli", "serve", "--run", str(run_dir), "--port", "0", "--threads", "1", "--device", "cpu",
-           "--max-batch", "64", "--max-wait-ms", "8000", "--timeout", "10", "-k", "3"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "300"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "sicot_cli",
+        "serve",
+        "--run",
+        str(run_dir),
+        "--port",
+        "0",
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+        "--max-batch",
+        "64",
+        "--max-wait-ms",
+        "8000",
+        "--timeout",
+        "10",
+        "-k",
+        "3",
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "300"}
+    )
     slow = None
     try:
         line = proc.stdout.readline()
@@ -399,7 +522,9 @@ def test_sigterm_answers_accepted_requests_then_exits(run_dir, images, reference
         # (8 s at most: time enough for the 6 requests below to reach it on a busy machine)
         host, port = url.removeprefix("http://").split(":")
         slow = socket.create_connection((host, int(port)), timeout=30)
-        slow.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 10000\r\n\r\n[\"aaaaaaa")
+        slow.sendall(
+            b'POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 10000\r\n\r\n["aaaaaaa'
+        )
         out: list = [None] * 6
         threads = [threading.Thread(target=_post, args=(url, images[i], out, i)) for i in range(6)]
         for t in threads:

@@ -13,16 +13,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_recipe
 from torch import nn
 
-from conftest import tiny_recipe
 from sicot_cli import runs
 from sicot_cli.data.dataset import open_prepared
 from sicot_cli.data.loader import BatchLoader
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-CUDA = ("model.encoder=bilinear", "model.backbone=resnet18", "train.device=cuda", "train.channels_last=true", "train.lr=0.001")
+CUDA = (
+    "model.encoder=bilinear",
+    "model.backbone=resnet18",
+    "train.device=cuda",
+    "train.channels_last=true",
+    "train.lr=0.001",
+)
 
 
 def _first_conv(model: nn.Module) -> nn.Conv2d:
@@ -53,11 +59,19 @@ def test_amp_step_is_close_to_the_fp32_step(tiny_prepared: Path) -> None:
     for amp in (False, True):
         recipe = tiny_recipe(tiny_prepared, *CUDA, f"train.amp={str(amp).lower()}")
         model = make_model(recipe, p).to(memory_format=torch.channels_last).to(device)
-        opt = torch.optim.SGD(model.parameters(), lr=recipe.train.lr, momentum=recipe.train.momentum, weight_decay=recipe.train.weight_decay)
+        opt = torch.optim.SGD(
+            model.parameters(),
+            lr=recipe.train.lr,
+            momentum=recipe.train.momentum,
+            weight_decay=recipe.train.weight_decay,
+        )
         dtypes = []
         _first_conv(model).register_forward_hook(lambda m, i, o, seen=dtypes: seen.append(o.dtype))
         losses = train_step(model, model, opt, batch, device, recipe.train, torch.Generator().manual_seed(1))
-        out[amp] = (torch.stack(losses).float().cpu(), {k: v.detach().float().cpu() for k, v in model.named_parameters()})
+        out[amp] = (
+            torch.stack(losses).float().cpu(),
+            {k: v.detach().float().cpu() for k, v in model.named_parameters()},
+        )
         assert dtypes == [torch.bfloat16 if amp else torch.float32]
     (amp_losses, amp_params), (fp32_losses, fp32_params) = out[True], out[False]
     assert torch.isfinite(amp_losses).all() and torch.isfinite(fp32_losses).all()
@@ -67,17 +81,24 @@ def test_amp_step_is_close_to_the_fp32_step(tiny_prepared: Path) -> None:
         torch.testing.assert_close(amp_params[k], v, rtol=0, atol=1e-3, msg=k)
 
 
-def test_short_cuda_run_with_amp_channels_last_and_pinned_memory(tiny_prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_short_cuda_run_with_amp_channels_last_and_pinned_memory(
+    tiny_prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import sicot_cli.train as train_mod
 
-    seen: list[tuple[bool, str, bool, torch.dtype]] = []  # (training, device, channels-last input, output dtype) of the first conv
+    seen: list[
+        tuple[bool, str, bool, torch.dtype]
+    ] = []  # (training, device, channels-last input, output dtype) of the first conv
     pinned: list[bool] = []
     real_make_model = train_mod.make_model
 
     def spied_model(*args, **kwargs):
         model = real_make_model(*args, **kwargs)
         _first_conv(model).register_forward_hook(
-            lambda m, i, o: seen.append((m.training, i[0].device.type, i[0].is_contiguous(memory_format=torch.channels_last), o.dtype)))
+            lambda m, i, o: seen.append(
+                (m.training, i[0].device.type, i[0].is_contiguous(memory_format=torch.channels_last), o.dtype)
+            )
+        )
         return model
 
     class SpiedLoader(BatchLoader):
@@ -92,7 +113,9 @@ def test_short_cuda_run_with_amp_channels_last_and_pinned_memory(tiny_prepared: 
     for amp in ("true", "false"):
         seen.clear()
         pinned.clear()
-        result = train_mod.train(tiny_recipe(tiny_prepared, *CUDA, f"train.amp={amp}", "train.epochs=2"), tmp_path / f"amp-{amp}")
+        result = train_mod.train(
+            tiny_recipe(tiny_prepared, *CUDA, f"train.amp={amp}", "train.epochs=2"), tmp_path / f"amp-{amp}"
+        )
         assert runs.is_finished(result.run_dir) and len(result.history) == 2
         assert all(np.isfinite([h["loss"], h["loss_v"], h["loss_m"]]).all() for h in result.history), result.history
         assert pinned == [True] * 6  # 24 training images, batch 8, 2 epochs: every training batch page-locked
@@ -107,7 +130,9 @@ def test_short_cuda_run_with_amp_channels_last_and_pinned_memory(tiny_prepared: 
     # close to the fp32 run's (a step that broke under autocast would be far off; tolerances not yet
     # calibrated on a GPU: the one-step test above is the tight one)
     for a, b, rtol in zip(amp.history, fp32.history, (0.05, 0.1), strict=True):
-        np.testing.assert_allclose([a["loss"], a["loss_v"], a["loss_m"]], [b["loss"], b["loss_v"], b["loss_m"]], rtol=rtol)
+        np.testing.assert_allclose(
+            [a["loss"], a["loss_v"], a["loss_m"]], [b["loss"], b["loss_v"], b["loss_m"]], rtol=rtol
+        )
     import h5py
 
     with h5py.File(amp.run_dir / runs.PREDICTIONS) as fa, h5py.File(fp32.run_dir / runs.PREDICTIONS) as fb:

@@ -13,12 +13,12 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import struct
 import unicodedata
 import zlib
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,12 +27,12 @@ from typing import Any
 import h5py
 import numpy as np
 import pytest
+from conftest import KEEP_ALL, TRAIN_FAST, make_manifest, tiny_recipe
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import KEEP_ALL, TRAIN_FAST, make_manifest, tiny_recipe
 from sicot_cli import runs
 from sicot_cli.cli import app
 from sicot_cli.config import load_recipe
@@ -45,12 +45,44 @@ runner = CliRunner()
 # What must never reach the terminal raw from data or paths (newline excepted).
 RAW = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 # 60 examples per property in the default suite; SICOT_HYPOTHESIS_EXAMPLES=2000 for a deeper search.
-FAST = settings(max_examples=int(os.environ.get("SICOT_HYPOTHESIS_EXAMPLES", "60")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FAST = settings(
+    max_examples=int(os.environ.get("SICOT_HYPOTHESIS_EXAMPLES", "60")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 # Text that marketplace exports really contain: NUL, bidi marks, BOMs, zero-width joiners,
 # emoji (with skin tones), mixed scripts, full-width forms, CR/LF, Unicode line separators.
-ODD = ["\x00", "\u202e", "\u200f", "\u200e", "\ufeff", "\u200b", "\u200d", "\r", "\n", "\r\n", "\u2028", "\u0085", "\x1c",
-       "👍🏽", "🐱", "猫", "保温杯", "Ｒｅｄ", "ß", "İ", "مرحبا", "שלום", "кот", "\t", '"', ",", "\\", "\U00020000"]
+ODD = [
+    "\x00",
+    "\u202e",
+    "\u200f",
+    "\u200e",
+    "\ufeff",
+    "\u200b",
+    "\u200d",
+    "\r",
+    "\n",
+    "\r\n",
+    "\u2028",
+    "\u0085",
+    "\x1c",
+    "👍🏽",
+    "🐱",
+    "猫",
+    "保温杯",
+    "Ｒｅｄ",
+    "ß",
+    "İ",
+    "مرحبا",
+    "שלום",
+    "кот",
+    "\t",
+    '"',
+    ",",
+    "\\",
+    "\U00020000",
+]
 odd_text = st.lists(st.one_of(st.sampled_from(ODD), st.text(max_size=8)), max_size=12).map("".join)
 
 
@@ -136,8 +168,26 @@ def test_recipe_random_bytes_never_crash(tmp_path_factory, data):
         assert str(p) in str(e)
 
 
-_KEYS = ["name", "data.image_size", "data.source", "data.manifest", "data.out", "data.synthetic.num_classes", "text.min_count", "text.drop_most_frequent",
-         "embed.dim", "train.batch_size", "train.lr", "train.topk", "train.crop_scale", "train.device", "model.encoder", "model.encoder_options", "nope", "train.nope"]
+_KEYS = [
+    "name",
+    "data.image_size",
+    "data.source",
+    "data.manifest",
+    "data.out",
+    "data.synthetic.num_classes",
+    "text.min_count",
+    "text.drop_most_frequent",
+    "embed.dim",
+    "train.batch_size",
+    "train.lr",
+    "train.topk",
+    "train.crop_scale",
+    "train.device",
+    "model.encoder",
+    "model.encoder_options",
+    "nope",
+    "train.nope",
+]
 _VALUES = st.one_of(
     st.integers(min_value=-(10**20), max_value=10**20),
     st.floats(allow_nan=True, allow_infinity=True),
@@ -187,7 +237,9 @@ class Case:
 
     make: Callable[[Path, dict], list[str]]
     outcome: str  # "error", "skip", "kept" or "ok" (exit 0, nothing written by prepare to check)
-    needles: list[str] = field(default_factory=list)  # error: substrings of the line; skip: the reason; ok: substrings of the output
+    needles: list[str] = field(
+        default_factory=list
+    )  # error: substrings of the line; skip: the reason; ok: substrings of the output
     count: int = 1  # skip: how many rows the reason must count
     check: Callable[[Path, dict], None] | None = None  # extra assertion after the run
 
@@ -209,7 +261,11 @@ def _huge_png(path: Path, w: int, h: int) -> Path:
 
 
 def _manifest(tmp: Path, *rows: dict, fmt: str = "csv", split: bool = False) -> Path:
-    return make_manifest(tmp / "raw", per_class=6, split=split, extra_rows=list(rows), name=f"m.{fmt}") if fmt == "csv" else _jsonl(tmp, list(rows))
+    return (
+        make_manifest(tmp / "raw", per_class=6, split=split, extra_rows=list(rows), name=f"m.{fmt}")
+        if fmt == "csv"
+        else _jsonl(tmp, list(rows))
+    )
 
 
 def _jsonl(tmp: Path, extra_lines: list) -> Path:
@@ -219,7 +275,9 @@ def _jsonl(tmp: Path, extra_lines: list) -> Path:
     with m.open(newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     path = m.with_suffix(".jsonl")
-    lines = [json.dumps(r, ensure_ascii=False) for r in rows] + [x if isinstance(x, str) else json.dumps(x, ensure_ascii=False) for x in extra_lines]
+    lines = [json.dumps(r, ensure_ascii=False) for r in rows] + [
+        x if isinstance(x, str) else json.dumps(x, ensure_ascii=False) for x in extra_lines
+    ]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
@@ -264,12 +322,16 @@ def _animated(p: Path) -> None:
 
 
 def _truncated_jpeg(p: Path) -> None:
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(p.with_suffix(".full.jpg"), quality=95)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(
+        p.with_suffix(".full.jpg"), quality=95
+    )
     p.write_bytes(p.with_suffix(".full.jpg").read_bytes()[:700])
 
 
 def _label_in_test_only(tmp: Path, ctx: dict) -> list[str]:
-    m = make_manifest(tmp / "raw", per_class=6, split=True, extra_rows=[_row("cat0.png", "f1", "red fox", "fox", split="test")])
+    m = make_manifest(
+        tmp / "raw", per_class=6, split=True, extra_rows=[_row("cat0.png", "f1", "red fox", "fox", split="test")]
+    )
     return _prep(m, tmp)
 
 
@@ -277,7 +339,9 @@ def _class_without_decodable_training_image(tmp: Path, ctx: dict) -> list[str]:
     raw = tmp / "raw"
     raw.mkdir()
     (raw / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    rows = [_row("broken.png", f"fox{i}", "red fox", "fox", split="train") for i in range(3)] + [_row("cat0.png", "fox-t", "red fox", "fox", split="test")]
+    rows = [_row("broken.png", f"fox{i}", "red fox", "fox", split="train") for i in range(3)] + [
+        _row("cat0.png", "fox-t", "red fox", "fox", split="test")
+    ]
     return _prep(make_manifest(raw, per_class=6, split=True, extra_rows=rows), tmp)
 
 
@@ -294,7 +358,13 @@ def _recipe(text: str, command: str = "prepare") -> Callable[[Path, dict], list[
     def make(tmp: Path, ctx: dict) -> list[str]:
         r = tmp / "r.toml"
         r.write_bytes(text.encode("utf-8") if isinstance(text, str) else text)
-        return [command, "--recipe", str(r), "--out" if command == "prepare" else "--run-dir", str(tmp / ("o.h5" if command == "prepare" else "run"))]
+        return [
+            command,
+            "--recipe",
+            str(r),
+            "--out" if command == "prepare" else "--run-dir",
+            str(tmp / ("o.h5" if command == "prepare" else "run")),
+        ]
 
     return make
 
@@ -340,7 +410,11 @@ def _damaged_checkpoint(how: str, command: str) -> Callable[[Path, dict], list[s
         elif how == "other-model":
             import torch
 
-            other = {"model": {"visual.conv1.weight": torch.zeros(4, 3, 3, 3)}, "meta": {"backbone": "resnet18", "num_classes": 7}, "optimizer": {}}
+            other = {
+                "model": {"visual.conv1.weight": torch.zeros(4, 3, 3, 3)},
+                "meta": {"backbone": "resnet18", "num_classes": 7},
+                "optimizer": {},
+            }
             runs.save_checkpoint(ck, other)
             data = bytearray(ck.read_bytes())
         elif how == "pickle-payload":
@@ -391,7 +465,7 @@ def _shell_in_image_path(tmp: Path) -> str:
     return f"$(touch {tmp}/PWNED); `touch {tmp}/PWNED`.png"
 
 
-PYTHON_IN_RECIPE = 'name = "__import__(\'os\').system(\'touch PWNED\')"\n[data]\nimage_size = 2\n'
+PYTHON_IN_RECIPE = "name = \"__import__('os').system('touch PWNED')\"\n[data]\nimage_size = 2\n"
 
 
 def _damaged_prepared(how: str) -> Callable[[Path, dict], list[str]]:
@@ -515,7 +589,17 @@ def _special_input(kind: str, what: str) -> Callable[[Path, dict], list[str]]:
         if what == "titles":
             from test_datasets import make_imaterialist
 
-            return ["datasets", "import", "imaterialist2019", "--root", str(make_imaterialist(tmp / "imat")), "--titles", str(_special(kind, tmp / "t.jsonl")), "--out", str(tmp / "m.csv")]
+            return [
+                "datasets",
+                "import",
+                "imaterialist2019",
+                "--root",
+                str(make_imaterialist(tmp / "imat")),
+                "--titles",
+                str(_special(kind, tmp / "t.jsonl")),
+                "--out",
+                str(tmp / "m.csv"),
+            ]
         (tmp / "raw").mkdir(exist_ok=True)
         _special(kind, tmp / "raw" / "pipe.png")
         return _prep(_manifest(tmp, _row("pipe.png", "x1")), tmp)
@@ -523,7 +607,9 @@ def _special_input(kind: str, what: str) -> Callable[[Path, dict], list[str]]:
     return make
 
 
-def _run_file(name: str, content: bytes | str | Callable[[Any], Any], command: str = "report") -> Callable[[Path, dict], list[str]]:
+def _run_file(
+    name: str, content: bytes | str | Callable[[Any], Any], command: str = "report"
+) -> Callable[[Path, dict], list[str]]:
     """A copy of the finished run with one run file replaced (bytes/str) or edited (a function of its JSON)."""
 
     def make(tmp: Path, ctx: dict) -> list[str]:
@@ -573,7 +659,9 @@ def _export(out: Callable[[Path], Path]) -> Callable[[Path, dict], list[str]]:
 
 
 def _exported(tmp: Path, ctx: dict) -> None:
-    assert (tmp / "new" / "dir" / "m.pt").is_file() and (tmp / "new" / "dir" / "m.pt.json").is_file()  # the JSON sidecar of sicot export
+    assert (tmp / "new" / "dir" / "m.pt").is_file() and (
+        tmp / "new" / "dir" / "m.pt.json"
+    ).is_file()  # the JSON sidecar of sicot export
 
 
 def _lines(path: Path, text: str) -> Path:
@@ -645,7 +733,19 @@ def _webvision(filelist: str = "", meta: str | None = None) -> Callable[[Path, d
             _lines(root / "info" / "train_filelist_google.txt", filelist)
         if meta is not None:
             _lines(root / "meta" / "google" / "q0001.json", meta)
-        return ["datasets", "import", "webvision", "--root", str(root), "--out", str(tmp / "m.csv"), "--classes", "0", "--sources", "google"]
+        return [
+            "datasets",
+            "import",
+            "webvision",
+            "--root",
+            str(root),
+            "--out",
+            str(tmp / "m.csv"),
+            "--classes",
+            "0",
+            "--sources",
+            "google",
+        ]
 
     return make
 
@@ -658,7 +758,17 @@ def _imaterialist(train_json: str | None = None, titles: str | None = None) -> C
         if train_json is not None:
             _lines(root / "train.json", train_json)
         t = _lines(tmp / "t.jsonl", titles if titles is not None else '{"id": "train000ab.jpg", "title": "red cup"}\n')
-        return ["datasets", "import", "imaterialist2019", "--root", str(root), "--titles", str(t), "--out", str(tmp / "m.csv")]
+        return [
+            "datasets",
+            "import",
+            "imaterialist2019",
+            "--root",
+            str(root),
+            "--titles",
+            str(t),
+            "--out",
+            str(tmp / "m.csv"),
+        ]
 
     return make
 
@@ -679,144 +789,469 @@ LONG = "n" * 300
 
 CASES: dict[str, Case] = {
     # images (prepare): counted skips, or handled as documented
-    "image_missing": Case(lambda t, c: _prep(_manifest(t, _row("nowhere.png", "x1")), t), "skip", ["image file not found"]),
-    "image_corrupt_bytes": Case(_with_image(lambda p: p.write_bytes(os.urandom(300)), "bad.jpg"), "skip", ["not an image file"]),
+    "image_missing": Case(
+        lambda t, c: _prep(_manifest(t, _row("nowhere.png", "x1")), t), "skip", ["image file not found"]
+    ),
+    "image_corrupt_bytes": Case(
+        _with_image(lambda p: p.write_bytes(os.urandom(300)), "bad.jpg"), "skip", ["not an image file"]
+    ),
     "image_zero_byte": Case(_with_image(lambda p: p.write_bytes(b""), "empty.png"), "skip", ["not an image file"]),
     "image_truncated_jpeg": Case(_with_image(_truncated_jpeg, "cut.jpg"), "skip", ["truncated or corrupt image"]),
-    "image_huge_decompression_bomb": Case(_with_image(lambda p: _huge_png(p, 30000, 30000), "bomb.png"), "skip", ["image over data.max_image_pixels (89 MP)"]),
-    "image_extreme_aspect_ratio": Case(_with_image(lambda p: _huge_png(p, 1, 50_000_000), "strip.png"), "skip", ["image aspect ratio over 100:1"]),
+    "image_huge_decompression_bomb": Case(
+        _with_image(lambda p: _huge_png(p, 30000, 30000), "bomb.png"),
+        "skip",
+        ["image over data.max_image_pixels (89 MP)"],
+    ),
+    "image_extreme_aspect_ratio": Case(
+        _with_image(lambda p: _huge_png(p, 1, 50_000_000), "strip.png"), "skip", ["image aspect ratio over 100:1"]
+    ),
     "image_cmyk_jpeg": Case(_with_image(_cmyk, "cmyk.jpg"), "kept", check=_kept("x1")),
     "image_16bit_png": Case(_with_image(_sixteen_bit, "deep.png"), "kept", check=_kept("x1")),
     "image_animated_gif": Case(_with_image(_animated, "anim.gif"), "kept", check=_kept("x1")),
-    "image_path_is_directory": Case(_with_image(lambda p: p.mkdir(), "adir.png"), "skip", ["image path is a directory"]),
-    "image_path_escapes_to_system_file": Case(lambda t, c: _prep(_manifest(t, _row("../" * 30 + "etc/hostname", "x1")), t), "skip", ["not an image file"]),
-    "image_path_shell_injection": Case(lambda t, c: _prep(_manifest(t, _row(_shell_in_image_path(t), "x1")), t), "skip", ["image file not found"], check=_no_marker("PWNED")),
+    "image_path_is_directory": Case(
+        _with_image(lambda p: p.mkdir(), "adir.png"), "skip", ["image path is a directory"]
+    ),
+    "image_path_escapes_to_system_file": Case(
+        lambda t, c: _prep(_manifest(t, _row("../" * 30 + "etc/hostname", "x1")), t), "skip", ["not an image file"]
+    ),
+    "image_path_shell_injection": Case(
+        lambda t, c: _prep(_manifest(t, _row(_shell_in_image_path(t), "x1")), t),
+        "skip",
+        ["image file not found"],
+        check=_no_marker("PWNED"),
+    ),
     # rows and labels (prepare)
     "duplicate_id": Case(lambda t, c: _prep(_manifest(t, _row("cat0.png", "cat-1")), t), "skip", ["duplicate id"]),
     "label_only_in_test": Case(_label_in_test_only, "skip", ["label has no training image"]),
-    "class_with_zero_training_images": Case(_class_without_decodable_training_image, "skip", ["label has no training image"], count=1),
-    "title_only_emoji_and_marks": Case(lambda t, c: _prep(_manifest(t, _row("cat0.png", "x1", "🐱🐶 \u202e\u200f !!!")), t), "skip", ["empty title"]),
-    "title_nul_rtl_mixed_scripts": Case(lambda t, c: _prep(_manifest(t, _row("cat0.png", "x1", "\u202e红色\x00 cat\u200f кот 👍🏽 Ｒｅｄ")), t), "kept", check=_kept("x1")),
-    "title_huge_1mb": Case(lambda t, c: _prep(_manifest(t, _row("cat0.png", "x1", "red cat " * 130_000)), t), "kept", check=_kept("x1")),
-    "split_value_unknown": Case(lambda t, c: _prep(make_manifest(t / "raw", per_class=6, split=True, extra_rows=[_row("cat0.png", "x1", split="dev")]), t), "skip", ["split is not train/val/test"]),
-    "jsonl_line_not_an_object": Case(lambda t, c: _prep(_jsonl(t, ["[1, 2]", "{broken", "[" * 50_000 + "]" * 50_000, "1" * 5000]), t), "skip", ["not a JSON object"], count=4),
-    "jsonl_lone_surrogate_escape": Case(lambda t, c: _prep(_jsonl(t, ['{"image": "cat0.png", "title": "red \\ud800 cat", "label": "cat", "id": "x1"}']), t), "skip", ["text is not valid Unicode (lone surrogate)"]),
-    "jsonl_title_with_line_separator": Case(lambda t, c: _prep(_jsonl(t, [_row("cat0.png", "x1", "red\u2028cat\u0085toy")]), t), "kept", check=_kept("x1")),
+    "class_with_zero_training_images": Case(
+        _class_without_decodable_training_image, "skip", ["label has no training image"], count=1
+    ),
+    "title_only_emoji_and_marks": Case(
+        lambda t, c: _prep(_manifest(t, _row("cat0.png", "x1", "🐱🐶 \u202e\u200f !!!")), t), "skip", ["empty title"]
+    ),
+    "title_nul_rtl_mixed_scripts": Case(
+        lambda t, c: _prep(_manifest(t, _row("cat0.png", "x1", "\u202e红色\x00 cat\u200f кот 👍🏽 Ｒｅｄ")), t),
+        "kept",
+        check=_kept("x1"),
+    ),
+    "title_huge_1mb": Case(
+        lambda t, c: _prep(_manifest(t, _row("cat0.png", "x1", "red cat " * 130_000)), t), "kept", check=_kept("x1")
+    ),
+    "split_value_unknown": Case(
+        lambda t, c: _prep(
+            make_manifest(t / "raw", per_class=6, split=True, extra_rows=[_row("cat0.png", "x1", split="dev")]), t
+        ),
+        "skip",
+        ["split is not train/val/test"],
+    ),
+    "jsonl_line_not_an_object": Case(
+        lambda t, c: _prep(_jsonl(t, ["[1, 2]", "{broken", "[" * 50_000 + "]" * 50_000, "1" * 5000]), t),
+        "skip",
+        ["not a JSON object"],
+        count=4,
+    ),
+    "jsonl_lone_surrogate_escape": Case(
+        lambda t, c: _prep(
+            _jsonl(t, ['{"image": "cat0.png", "title": "red \\ud800 cat", "label": "cat", "id": "x1"}']), t
+        ),
+        "skip",
+        ["text is not valid Unicode (lone surrogate)"],
+    ),
+    "jsonl_title_with_line_separator": Case(
+        lambda t, c: _prep(_jsonl(t, [_row("cat0.png", "x1", "red\u2028cat\u0085toy")]), t), "kept", check=_kept("x1")
+    ),
     # manifests (prepare)
-    "manifest_zero_byte": Case(lambda t, c: (t / "m.csv").write_bytes(b"") and [] or _prep(t / "m.csv", t), "error", ["m.csv", "empty manifest"]),
-    "manifest_random_binary": Case(lambda t, c: (t / "m.csv").write_bytes(np.random.default_rng(7).bytes(4000)) and [] or _prep(t / "m.csv", t), "error", ["m.csv"]),
-    "manifest_unknown_extension": Case(lambda t, c: (t / "m.xlsx").write_bytes(b"PK\x03\x04") and [] or _prep(t / "m.xlsx", t), "error", ["m.xlsx", "unknown manifest type"]),
-    "manifest_is_a_directory": Case(lambda t, c: (t / "m.csv").mkdir() or _prep(t / "m.csv", t), "error", ["m.csv", "is a directory"]),
-    "manifest_mixed_split": Case(lambda t, c: _prep(_jsonl(t, [_row("cat0.png", "x1", split="train")]), t), "error", ["m.jsonl", "no split, but other rows have one"]),
+    "manifest_zero_byte": Case(
+        lambda t, c: (t / "m.csv").write_bytes(b"") and [] or _prep(t / "m.csv", t),
+        "error",
+        ["m.csv", "empty manifest"],
+    ),
+    "manifest_random_binary": Case(
+        lambda t, c: (t / "m.csv").write_bytes(np.random.default_rng(7).bytes(4000)) and [] or _prep(t / "m.csv", t),
+        "error",
+        ["m.csv"],
+    ),
+    "manifest_unknown_extension": Case(
+        lambda t, c: (t / "m.xlsx").write_bytes(b"PK\x03\x04") and [] or _prep(t / "m.xlsx", t),
+        "error",
+        ["m.xlsx", "unknown manifest type"],
+    ),
+    "manifest_is_a_directory": Case(
+        lambda t, c: (t / "m.csv").mkdir() or _prep(t / "m.csv", t), "error", ["m.csv", "is a directory"]
+    ),
+    "manifest_mixed_split": Case(
+        lambda t, c: _prep(_jsonl(t, [_row("cat0.png", "x1", split="train")]), t),
+        "error",
+        ["m.jsonl", "no split, but other rows have one"],
+    ),
     # text and vectors (prepare)
-    "empty_vocabulary_after_filtering": Case(lambda t, c: _prep(_manifest(t), t, "text.drop_most_frequent=0.5", "text.drop_least_frequent=0.49", "text.min_count=100"), "error", ["vocabulary is empty after filtering"]),
-    "word_vectors_wrong_dimension": Case(_pretrained("3 5\nred 1 0 0\ncat 0 1 0\ntoy 0 0 1\n"), "error", ["v.txt", "not a word2vec text file"]),
-    "word_vectors_not_numbers": Case(_pretrained("2 3\nred a b c\ncat 0 1 0\n"), "error", ["v.txt", "not a word2vec text file"]),
-    "word_vectors_missing": Case(lambda t, c: _prep(_manifest(t), t, f"embed.pretrained={t}/nope.txt"), "error", ["nope.txt", "pretrained word vectors not found"]),
+    "empty_vocabulary_after_filtering": Case(
+        lambda t, c: _prep(
+            _manifest(t), t, "text.drop_most_frequent=0.5", "text.drop_least_frequent=0.49", "text.min_count=100"
+        ),
+        "error",
+        ["vocabulary is empty after filtering"],
+    ),
+    "word_vectors_wrong_dimension": Case(
+        _pretrained("3 5\nred 1 0 0\ncat 0 1 0\ntoy 0 0 1\n"), "error", ["v.txt", "not a word2vec text file"]
+    ),
+    "word_vectors_not_numbers": Case(
+        _pretrained("2 3\nred a b c\ncat 0 1 0\n"), "error", ["v.txt", "not a word2vec text file"]
+    ),
+    "word_vectors_missing": Case(
+        lambda t, c: _prep(_manifest(t), t, f"embed.pretrained={t}/nope.txt"),
+        "error",
+        ["nope.txt", "pretrained word vectors not found"],
+    ),
     # recipes
-    "recipe_wrong_type": Case(_recipe('[train]\nbatch_size = "eight"\n'), "error", ["r.toml", "train.batch_size must be an integer"]),
+    "recipe_wrong_type": Case(
+        _recipe('[train]\nbatch_size = "eight"\n'), "error", ["r.toml", "train.batch_size must be an integer"]
+    ),
     "recipe_list_for_number": Case(_recipe("[train]\nlr = [0.1]\n"), "error", ["r.toml", "train.lr must be a number"]),
     "recipe_binary_garbage": Case(_recipe(b"\x00\xff\xfe garbage"), "error", ["r.toml", "not UTF-8"]),
-    "recipe_nesting_bomb": Case(_recipe("x = " + "[" * 100_000 + "]" * 100_000 + "\n"), "error", ["r.toml", "nested too deeply"]),
-    "recipe_nul_in_string": Case(_recipe('[data]\nout = "a\\u0000b.h5"\n'), "error", ["r.toml", "data.out contains a NUL character"]),
-    "recipe_name_with_path": Case(_recipe('name = "../../etc/x"\n'), "error", ["r.toml", "name must be a non-empty file-name part"]),
-    "recipe_code_is_not_run": Case(_recipe(PYTHON_IN_RECIPE), "error", ["data.image_size must be >= 8, got 2"], check=_no_marker("PWNED")),
+    "recipe_nesting_bomb": Case(
+        _recipe("x = " + "[" * 100_000 + "]" * 100_000 + "\n"), "error", ["r.toml", "nested too deeply"]
+    ),
+    "recipe_nul_in_string": Case(
+        _recipe('[data]\nout = "a\\u0000b.h5"\n'), "error", ["r.toml", "data.out contains a NUL character"]
+    ),
+    "recipe_name_with_path": Case(
+        _recipe('name = "../../etc/x"\n'), "error", ["r.toml", "name must be a non-empty file-name part"]
+    ),
+    "recipe_code_is_not_run": Case(
+        _recipe(PYTHON_IN_RECIPE), "error", ["data.image_size must be >= 8, got 2"], check=_no_marker("PWNED")
+    ),
     # training settings
     "unknown_encoder": Case(_train("--encoder", "transformerXL"), "error", ["unknown encoder 'transformerXL'"]),
     "batch_size_zero": Case(_train("train.batch_size=0"), "error", ["train.batch_size must be >= 1, got 0"]),
     "batch_size_negative": Case(_train("train.batch_size=-8"), "error", ["train.batch_size must be >= 1, got -8"]),
-    "image_size_too_small_for_backbone": Case(_train("model.backbone=alexnet"), "error", ["model.backbone 'alexnet' cannot take 16x16 images", "data.image_size="]),
-    "image_size_not_the_vit_size": Case(_train("model.backbone=vit_b_16"), "error", ["model.backbone 'vit_b_16' cannot take 16x16 images", "224"]),
-    "unknown_backbone": Case(_train("model.backbone=resnet9000"), "error", ["resnet9000", "not a torchvision classification model"]),
-    "prepared_dataset_missing": Case(lambda t, c: ["train", "--data", str(t / "none.h5"), "--run-dir", str(t / "run"), *TRAIN_FAST], "error", ["none.h5", "not found"]),
+    "image_size_too_small_for_backbone": Case(
+        _train("model.backbone=alexnet"),
+        "error",
+        ["model.backbone 'alexnet' cannot take 16x16 images", "data.image_size="],
+    ),
+    "image_size_not_the_vit_size": Case(
+        _train("model.backbone=vit_b_16"), "error", ["model.backbone 'vit_b_16' cannot take 16x16 images", "224"]
+    ),
+    "unknown_backbone": Case(
+        _train("model.backbone=resnet9000"), "error", ["resnet9000", "not a torchvision classification model"]
+    ),
+    "prepared_dataset_missing": Case(
+        lambda t, c: ["train", "--data", str(t / "none.h5"), "--run-dir", str(t / "run"), *TRAIN_FAST],
+        "error",
+        ["none.h5", "not found"],
+    ),
     # disks
-    "readonly_output_directory": Case(lambda t, c: _prep(_manifest(t), Path(_readonly_dir(t))), "error", ["output directory"]),
-    "readonly_run_directory": Case(lambda t, c: _train(run=str(_readonly_dir(t) / "run"))(t, c), "error", ["output directory"]),
-    "disk_full_writing_prepared": Case(lambda t, c: _prep(_manifest(t), t), "error", ["o.h5: cannot write (No space left on device)"], check=_no_tmp_left),
-    "disk_full_writing_checkpoint": Case(_train("model.encoder=none", "train.epochs=1"), "error", ["checkpoint-last.pt: cannot write (No space left on device)"], check=_no_tmp_left),
+    "readonly_output_directory": Case(
+        lambda t, c: _prep(_manifest(t), Path(_readonly_dir(t))), "error", ["output directory"]
+    ),
+    "readonly_run_directory": Case(
+        lambda t, c: _train(run=str(_readonly_dir(t) / "run"))(t, c), "error", ["output directory"]
+    ),
+    "disk_full_writing_prepared": Case(
+        lambda t, c: _prep(_manifest(t), t),
+        "error",
+        ["o.h5: cannot write (No space left on device)"],
+        check=_no_tmp_left,
+    ),
+    "disk_full_writing_checkpoint": Case(
+        _train("model.encoder=none", "train.epochs=1"),
+        "error",
+        ["checkpoint-last.pt: cannot write (No space left on device)"],
+        check=_no_tmp_left,
+    ),
     # checkpoints and prepared files
-    "checkpoint_truncated": Case(_damaged_checkpoint("truncated", "evaluate"), "error", ["checkpoint-last.pt: corrupt checkpoint", "sicot train --run-dir"]),
-    "checkpoint_bitflip_on_resume": Case(_damaged_checkpoint("bitflip", "train"), "error", ["checkpoint-last.pt: corrupt checkpoint (checksum mismatch"]),
-    "checkpoint_zero_byte": Case(_damaged_checkpoint("empty", "evaluate"), "error", ["checkpoint-last.pt: not a sicot checkpoint (empty file)"]),
-    "checkpoint_of_another_model_evaluate": Case(_damaged_checkpoint("other-model", "evaluate"), "error", ["checkpoint-last.pt: checkpoint of another model"]),
-    "checkpoint_of_another_model_resume": Case(_damaged_checkpoint("other-model", "train"), "error", ["checkpoint-last.pt: checkpoint of another model"]),
-    "checkpoint_with_code_in_pickle": Case(_damaged_checkpoint("pickle-payload", "evaluate"), "error", ["checkpoint-last.pt: unreadable checkpoint"], check=_no_marker("PWNED")),
-    "prepared_truncated": Case(_damaged_prepared("truncated"), "error", ["p.h5: not a readable HDF5 file", "sicot prepare --out"]),
-    "prepared_zero_byte": Case(_damaged_prepared("empty"), "error", ["p.h5: not a readable HDF5 file", "sicot prepare --out"]),
-    "prepared_content_damaged": Case(_damaged_prepared("labels-changed"), "error", ["p.h5: corrupt prepared dataset (content checksum mismatch", "sicot prepare --out"]),
+    "checkpoint_truncated": Case(
+        _damaged_checkpoint("truncated", "evaluate"),
+        "error",
+        ["checkpoint-last.pt: corrupt checkpoint", "sicot train --run-dir"],
+    ),
+    "checkpoint_bitflip_on_resume": Case(
+        _damaged_checkpoint("bitflip", "train"), "error", ["checkpoint-last.pt: corrupt checkpoint (checksum mismatch"]
+    ),
+    "checkpoint_zero_byte": Case(
+        _damaged_checkpoint("empty", "evaluate"), "error", ["checkpoint-last.pt: not a sicot checkpoint (empty file)"]
+    ),
+    "checkpoint_of_another_model_evaluate": Case(
+        _damaged_checkpoint("other-model", "evaluate"), "error", ["checkpoint-last.pt: checkpoint of another model"]
+    ),
+    "checkpoint_of_another_model_resume": Case(
+        _damaged_checkpoint("other-model", "train"), "error", ["checkpoint-last.pt: checkpoint of another model"]
+    ),
+    "checkpoint_with_code_in_pickle": Case(
+        _damaged_checkpoint("pickle-payload", "evaluate"),
+        "error",
+        ["checkpoint-last.pt: unreadable checkpoint"],
+        check=_no_marker("PWNED"),
+    ),
+    "prepared_truncated": Case(
+        _damaged_prepared("truncated"), "error", ["p.h5: not a readable HDF5 file", "sicot prepare --out"]
+    ),
+    "prepared_zero_byte": Case(
+        _damaged_prepared("empty"), "error", ["p.h5: not a readable HDF5 file", "sicot prepare --out"]
+    ),
+    "prepared_content_damaged": Case(
+        _damaged_prepared("labels-changed"),
+        "error",
+        ["p.h5: corrupt prepared dataset (content checksum mismatch", "sicot prepare --out"],
+    ),
     "prepared_unfinished": Case(_damaged_prepared("incomplete"), "error", ["p.h5: incomplete", "sicot prepare --out"]),
-    "prepared_word_ids_out_of_range": Case(_damaged_prepared("tokens-out-of-range"), "error", ["p.h5: corrupt prepared dataset (word ids outside the vocabulary)"]),
+    "prepared_word_ids_out_of_range": Case(
+        _damaged_prepared("tokens-out-of-range"),
+        "error",
+        ["p.h5: corrupt prepared dataset (word ids outside the vocabulary)"],
+    ),
     # runs against another dataset, and other run commands
     "dataset_changed_resume": Case(_changed_dataset("train"), "error", ["use the dataset the run was trained on"]),
     "dataset_changed_evaluate": Case(_changed_dataset("evaluate"), "error", ["use the dataset the run was trained on"]),
     "dataset_changed_predict": Case(_changed_dataset("predict"), "error", ["use the dataset the run was trained on"]),
-    "predict_corrupt_image": Case(lambda t, c: (t / "q.jpg").write_bytes(b"\xff\xd8\xff garbage") and [] or ["predict", "--run", str(_copy_run(t, c)), str(t / "q.jpg")], "error", ["q.jpg: not an image file"]),
-    "predict_missing_image": Case(lambda t, c: ["predict", "--run", str(_copy_run(t, c)), str(t / "gone.png")], "error", ["gone.png: image file not found"]),
+    "predict_corrupt_image": Case(
+        lambda t, c: (
+            (t / "q.jpg").write_bytes(b"\xff\xd8\xff garbage")
+            and []
+            or ["predict", "--run", str(_copy_run(t, c)), str(t / "q.jpg")]
+        ),
+        "error",
+        ["q.jpg: not an image file"],
+    ),
+    "predict_missing_image": Case(
+        lambda t, c: ["predict", "--run", str(_copy_run(t, c)), str(t / "gone.png")],
+        "error",
+        ["gone.png: image file not found"],
+    ),
     "evaluate_not_a_run": Case(lambda t, c: ["evaluate", "--run", str(t)], "error", ["not a run directory"]),
-    "evaluate_unknown_checkpoint_name": Case(lambda t, c: ["evaluate", "--run", str(_copy_run(t, c)), "--checkpoint", "final"], "error", ["--checkpoint must be last or best"]),
-    "ablate_seeds_not_integers": Case(lambda t, c: ["ablate", "--seeds", "1,two", "--out", str(t / "abl")], "error", ["--seeds must be comma-separated integers"]),
+    "evaluate_unknown_checkpoint_name": Case(
+        lambda t, c: ["evaluate", "--run", str(_copy_run(t, c)), "--checkpoint", "final"],
+        "error",
+        ["--checkpoint must be last or best"],
+    ),
+    "ablate_seeds_not_integers": Case(
+        lambda t, c: ["ablate", "--seeds", "1,two", "--out", str(t / "abl")],
+        "error",
+        ["--seeds must be comma-separated integers"],
+    ),
     # --- round 2 (issue 15) ---
     # 1. text from data and paths printed as markup or raw control characters
-    "markup_and_escapes_in_labels_predict": Case(lambda t, c: ["predict", "--run", str(_evil_run(c)), str(c["image"])], "ok", ["cat[/]", "\\u001b]0;owned\\u0007", "\\u202e[bold]"]),
-    "markup_and_escapes_in_labels_predict_json": Case(lambda t, c: ["predict", "--json", "--run", str(_evil_run(c)), str(c["image"])], "ok", ["cat[/]\\u001b]0;owned\\u0007", "\\u202e"]),
-    "markup_and_escapes_in_labels_evaluate": Case(lambda t, c: ["evaluate", "--run", str(_evil_run(c))], "ok", ["top-1"]),
-    "markup_and_escapes_in_run_path_evaluate": Case(lambda t, c: ["evaluate", "--run", str(shutil.copytree(c["run"], t / f"r{EVIL}"))], "ok", ["r[/]\\u001b]0;owned"]),
-    "markup_in_manifest_path_prepare_summary": Case(lambda t, c: _prep(make_manifest(t / f"raw{EVIL}", per_class=6, extra_rows=[_row(f"gone{EVIL}.png", "x1")]), t), "skip", ["image file not found"]),
-    "markup_and_escapes_in_labels_prepare": Case(lambda t, c: _prep(_manifest(t, _row("cat0.png", "x1", label=f"cat{EVIL}"), _row("cat1.png", "x2", label=f"cat{EVIL}")), t), "kept", check=_kept("x1")),
-    "escape_sequence_in_error_line": Case(lambda t, c: ["evaluate", "--run", str(t / f"nowhere{EVIL}")], "error", ["nowhere[/]\\u001b]0;owned\\u0007"]),
+    "markup_and_escapes_in_labels_predict": Case(
+        lambda t, c: ["predict", "--run", str(_evil_run(c)), str(c["image"])],
+        "ok",
+        ["cat[/]", "\\u001b]0;owned\\u0007", "\\u202e[bold]"],
+    ),
+    "markup_and_escapes_in_labels_predict_json": Case(
+        lambda t, c: ["predict", "--json", "--run", str(_evil_run(c)), str(c["image"])],
+        "ok",
+        ["cat[/]\\u001b]0;owned\\u0007", "\\u202e"],
+    ),
+    "markup_and_escapes_in_labels_evaluate": Case(
+        lambda t, c: ["evaluate", "--run", str(_evil_run(c))], "ok", ["top-1"]
+    ),
+    "markup_and_escapes_in_run_path_evaluate": Case(
+        lambda t, c: ["evaluate", "--run", str(shutil.copytree(c["run"], t / f"r{EVIL}"))],
+        "ok",
+        ["r[/]\\u001b]0;owned"],
+    ),
+    "markup_in_manifest_path_prepare_summary": Case(
+        lambda t, c: _prep(make_manifest(t / f"raw{EVIL}", per_class=6, extra_rows=[_row(f"gone{EVIL}.png", "x1")]), t),
+        "skip",
+        ["image file not found"],
+    ),
+    "markup_and_escapes_in_labels_prepare": Case(
+        lambda t, c: _prep(
+            _manifest(t, _row("cat0.png", "x1", label=f"cat{EVIL}"), _row("cat1.png", "x2", label=f"cat{EVIL}")), t
+        ),
+        "kept",
+        check=_kept("x1"),
+    ),
+    "escape_sequence_in_error_line": Case(
+        lambda t, c: ["evaluate", "--run", str(t / f"nowhere{EVIL}")], "error", ["nowhere[/]\\u001b]0;owned\\u0007"]
+    ),
     # 2. special files: only regular files are read (a FIFO would block, /dev/zero never ends)
-    **{f"{kind}_as_{what}": Case(_special_input(kind, what), "skip" if what == "image_row" else "error",
-                                 ["image path is not a regular file (a FIFO, socket or device)"] if what == "image_row" else ["not a regular file"])
-       for kind in ("fifo", "device") for what in ("manifest", "recipe", "tokenize", "predict", "pretrained", "titles", "image_row")},
+    **{
+        f"{kind}_as_{what}": Case(
+            _special_input(kind, what),
+            "skip" if what == "image_row" else "error",
+            ["image path is not a regular file (a FIFO, socket or device)"]
+            if what == "image_row"
+            else ["not a regular file"],
+        )
+        for kind in ("fifo", "device")
+        for what in ("manifest", "recipe", "tokenize", "predict", "pretrained", "titles", "image_row")
+    },
     # 4. run directories checked against a schema (one message naming the file and the field)
-    "run_config_empty_object": Case(_run_file(runs.CONFIG, "{}", "evaluate"), "error", ["config.json: field recipe: Field required"]),
-    "run_config_a_list": Case(_run_file(runs.CONFIG, "[]", "evaluate"), "error", ["config.json: field (the whole file)"]),
-    "run_config_wrong_type": Case(_run_file(runs.CONFIG, _set("dataset.classes", "3"), "evaluate"), "error", ["config.json: field dataset.classes: Input should be a valid integer"]),
-    "run_config_missing_encoder": Case(_run_file(runs.CONFIG, _drop("encoder")), "error", ["config.json: field encoder: Field required"]),
-    "run_config_recipe_bad_value": Case(_run_file(runs.CONFIG, _set("recipe.train.seed", -5), "evaluate"), "error", ["config.json, field recipe: train.seed must be >= 0"]),
-    "run_config_nesting_bomb": Case(_run_file(runs.CONFIG, "[" * 100_000 + "]" * 100_000, "evaluate"), "error", ["config.json: unreadable run config"]),
+    "run_config_empty_object": Case(
+        _run_file(runs.CONFIG, "{}", "evaluate"), "error", ["config.json: field recipe: Field required"]
+    ),
+    "run_config_a_list": Case(
+        _run_file(runs.CONFIG, "[]", "evaluate"), "error", ["config.json: field (the whole file)"]
+    ),
+    "run_config_wrong_type": Case(
+        _run_file(runs.CONFIG, _set("dataset.classes", "3"), "evaluate"),
+        "error",
+        ["config.json: field dataset.classes: Input should be a valid integer"],
+    ),
+    "run_config_missing_encoder": Case(
+        _run_file(runs.CONFIG, _drop("encoder")), "error", ["config.json: field encoder: Field required"]
+    ),
+    "run_config_recipe_bad_value": Case(
+        _run_file(runs.CONFIG, _set("recipe.train.seed", -5), "evaluate"),
+        "error",
+        ["config.json, field recipe: train.seed must be >= 0"],
+    ),
+    "run_config_nesting_bomb": Case(
+        _run_file(runs.CONFIG, "[" * 100_000 + "]" * 100_000, "evaluate"),
+        "error",
+        ["config.json: unreadable run config"],
+    ),
     "run_summary_a_list": Case(_run_file(runs.SUMMARY, "[]"), "error", ["summary.json: field (the whole file)"]),
-    "run_summary_metric_not_a_number": Case(_run_file(runs.SUMMARY, _set("final.top1", "high")), "error", ["summary.json: field final: Value error, top1 must be a number or null"]),
-    "run_metrics_not_utf8": Case(_run_file(runs.METRICS, b'{"epoch": 1, "loss": "\xff\xfe"}\n{"epoch": 1}\n'), "error", ["metrics.jsonl:1: not a JSON line"]),
-    "run_metrics_metric_not_a_number": Case(_run_file(runs.METRICS, '{"epoch": 1, "top1": "x"}\n{"epoch": 2}\n'), "error", ["metrics.jsonl:1: field (the whole file): Value error, top1 must be a number"]),
+    "run_summary_metric_not_a_number": Case(
+        _run_file(runs.SUMMARY, _set("final.top1", "high")),
+        "error",
+        ["summary.json: field final: Value error, top1 must be a number or null"],
+    ),
+    "run_metrics_not_utf8": Case(
+        _run_file(runs.METRICS, b'{"epoch": 1, "loss": "\xff\xfe"}\n{"epoch": 1}\n'),
+        "error",
+        ["metrics.jsonl:1: not a JSON line"],
+    ),
+    "run_metrics_metric_not_a_number": Case(
+        _run_file(runs.METRICS, '{"epoch": 1, "top1": "x"}\n{"epoch": 2}\n'),
+        "error",
+        ["metrics.jsonl:1: field (the whole file): Value error, top1 must be a number"],
+    ),
     "run_predictions_truncated": Case(_truncated_predictions, "error", ["enc/predictions.h5: unreadable predictions"]),
     # 5. recipe values with bounds next to each field; divergence caught at the step
     "seed_negative": Case(_train("train.seed=-1"), "error", ["train.seed must be >= 0, got -1"]),
-    "split_seed_over_2_64": Case(lambda t, c: _prep(_manifest(t), t, f"data.split_seed={2**64 + 1}"), "error", ["data.split_seed must be <= 9223372036854775807"]),
-    "weight_decay_huge_negative": Case(_train("train.weight_decay=-1e30"), "error", ["train.weight_decay must be >= 0, got -1e+30"]),
-    "max_title_tokens_petabytes": Case(lambda t, c: _prep(_manifest(t), t, "data.max_title_tokens=100000000000000"), "error", ["data.max_title_tokens must be <= 4096"]),
+    "split_seed_over_2_64": Case(
+        lambda t, c: _prep(_manifest(t), t, f"data.split_seed={2**64 + 1}"),
+        "error",
+        ["data.split_seed must be <= 9223372036854775807"],
+    ),
+    "weight_decay_huge_negative": Case(
+        _train("train.weight_decay=-1e30"), "error", ["train.weight_decay must be >= 0, got -1e+30"]
+    ),
+    "max_title_tokens_petabytes": Case(
+        lambda t, c: _prep(_manifest(t), t, "data.max_title_tokens=100000000000000"),
+        "error",
+        ["data.max_title_tokens must be <= 4096"],
+    ),
     "momentum_nan": Case(_train("train.momentum=nan"), "error", ["train.momentum must be a finite number, got nan"]),
     "lr_inf": Case(_train("train.lr=inf"), "error", ["train.lr must be a finite number, got inf"]),
     "lr_above_its_bound": Case(_train("train.lr=1e30"), "error", ["train.lr must be <= 100, got 1e+30"]),
     # 6. options out of range
-    "predict_top_negative": Case(lambda t, c: ["predict", "--run", str(_copy_run(t, c)), "--top", "-2", str(c["image"])], "error", ["--top must be >= 1, got -2"]),
-    "predict_top_zero": Case(lambda t, c: ["predict", "--run", str(_copy_run(t, c)), "--top", "0", str(c["image"])], "error", ["--top must be >= 1, got 0"]),
-    "evaluate_device_tpu": Case(lambda t, c: ["evaluate", "--run", str(_copy_run(t, c)), "--device", "tpu"], "error", ["--device must be auto, cpu, cuda or cuda:N, got 'tpu'"]),
-    "evaluate_device_gpu": Case(lambda t, c: ["evaluate", "--run", str(_copy_run(t, c)), "--device", "gpu"], "error", ["--device must be auto, cpu, cuda or cuda:N, got 'gpu'"]),
-    "evaluate_device_cuda_index_out_of_range": Case(lambda t, c: ["evaluate", "--run", str(_copy_run(t, c)), "--device", "cuda:99"], "error", ["--device = 'cuda:99' but"]),
+    "predict_top_negative": Case(
+        lambda t, c: ["predict", "--run", str(_copy_run(t, c)), "--top", "-2", str(c["image"])],
+        "error",
+        ["--top must be >= 1, got -2"],
+    ),
+    "predict_top_zero": Case(
+        lambda t, c: ["predict", "--run", str(_copy_run(t, c)), "--top", "0", str(c["image"])],
+        "error",
+        ["--top must be >= 1, got 0"],
+    ),
+    "evaluate_device_tpu": Case(
+        lambda t, c: ["evaluate", "--run", str(_copy_run(t, c)), "--device", "tpu"],
+        "error",
+        ["--device must be auto, cpu, cuda or cuda:N, got 'tpu'"],
+    ),
+    "evaluate_device_gpu": Case(
+        lambda t, c: ["evaluate", "--run", str(_copy_run(t, c)), "--device", "gpu"],
+        "error",
+        ["--device must be auto, cpu, cuda or cuda:N, got 'gpu'"],
+    ),
+    "evaluate_device_cuda_index_out_of_range": Case(
+        lambda t, c: ["evaluate", "--run", str(_copy_run(t, c)), "--device", "cuda:99"],
+        "error",
+        ["--device = 'cuda:99' but"],
+    ),
     "export_into_missing_folder": Case(_export(lambda t: t / "new" / "dir" / "m.pt"), "ok", ["wrote"], check=_exported),
     "export_file_name_too_long": Case(_export(lambda t: t / f"{LONG}.pt"), "error", ["file name too long"]),
-    "prepare_out_file_name_too_long": Case(lambda t, c: _prep(_manifest(t), t)[:-1 - len(KEEP_ALL)] + [str(t / f"{LONG}.h5"), *KEEP_ALL], "error", ["file name too long"]),
+    "prepare_out_file_name_too_long": Case(
+        lambda t, c: _prep(_manifest(t), t)[: -1 - len(KEEP_ALL)] + [str(t / f"{LONG}.h5"), *KEEP_ALL],
+        "error",
+        ["file name too long"],
+    ),
     "train_run_dir_name_too_long": Case(_train(run=LONG), "error", ["file name too long"]),
     # 7. tampered prepared files: every attribute that changes a result is covered
-    "prepared_n_train_minus_two": Case(_tampered("n_train", lambda v, n: v - 2), "error", ["p.h5: corrupt prepared dataset (content checksum mismatch"]),
-    "prepared_n_train_all_rows": Case(_tampered("n_train", lambda v, n: n), "error", ["p.h5: corrupt prepared dataset"]),
-    "prepared_head_threshold_changed": Case(_tampered("head_threshold", lambda v, n: v + 5), "error", ["p.h5: corrupt prepared dataset (content checksum mismatch"]),
-    "prepared_legacy_checksum_n_train_changed": Case(_tampered("n_train", lambda v, n: v - 2, legacy=True), "error", ["p.h5: corrupt prepared dataset (n_train 22 / n_val 0 disagree with the recorded train/test counts"]),
+    "prepared_n_train_minus_two": Case(
+        _tampered("n_train", lambda v, n: v - 2), "error", ["p.h5: corrupt prepared dataset (content checksum mismatch"]
+    ),
+    "prepared_n_train_all_rows": Case(
+        _tampered("n_train", lambda v, n: n), "error", ["p.h5: corrupt prepared dataset"]
+    ),
+    "prepared_head_threshold_changed": Case(
+        _tampered("head_threshold", lambda v, n: v + 5),
+        "error",
+        ["p.h5: corrupt prepared dataset (content checksum mismatch"],
+    ),
+    "prepared_legacy_checksum_n_train_changed": Case(
+        _tampered("n_train", lambda v, n: v - 2, legacy=True),
+        "error",
+        ["p.h5: corrupt prepared dataset (n_train 22 / n_val 0 disagree with the recorded train/test counts"],
+    ),
     # 8. importers
-    "import_titles_json_nesting_bomb_and_huge_int": Case(_imaterialist(titles="[" * 100_000 + "]" * 100_000 + "\n" + "1" * 5000 + "\n" + '{"id": "train000ab.jpg", "title": "red cup"}\n'), "ok", ["titles file: bad line", "2"], check=_imported(("train000ab.jpg", "red cup"))),
-    "import_annotations_nesting_bomb": Case(_imaterialist(train_json='{"images": ' + "[" * 100_000 + "]" * 100_000 + "}"), "error", ["train.json: not valid JSON (nested too deeply)"]),
-    "import_annotations_5000_digit_integer": Case(_imaterialist(train_json='{"images": [{"id": "a.jpg", "class": ' + "9" * 5000 + "}]}"), "error", ["train.json: not valid JSON"]),
-    "import_filelist_unicode_digit_class": Case(_webvision(filelist="google/q0001/000000.jpg \u00b2\n"), "error", ["train_filelist_google.txt:1: expected '<image path> <class>' (the class in ASCII digits)"]),
-    "import_meta_nesting_bomb": Case(_webvision(meta="[" * 100_000 + "]" * 100_000), "error", ["q0001.json: not valid JSON (nested too deeply)"]),
+    "import_titles_json_nesting_bomb_and_huge_int": Case(
+        _imaterialist(
+            titles="[" * 100_000
+            + "]" * 100_000
+            + "\n"
+            + "1" * 5000
+            + "\n"
+            + '{"id": "train000ab.jpg", "title": "red cup"}\n'
+        ),
+        "ok",
+        ["titles file: bad line", "2"],
+        check=_imported(("train000ab.jpg", "red cup")),
+    ),
+    "import_annotations_nesting_bomb": Case(
+        _imaterialist(train_json='{"images": ' + "[" * 100_000 + "]" * 100_000 + "}"),
+        "error",
+        ["train.json: not valid JSON (nested too deeply)"],
+    ),
+    "import_annotations_5000_digit_integer": Case(
+        _imaterialist(train_json='{"images": [{"id": "a.jpg", "class": ' + "9" * 5000 + "}]}"),
+        "error",
+        ["train.json: not valid JSON"],
+    ),
+    "import_filelist_unicode_digit_class": Case(
+        _webvision(filelist="google/q0001/000000.jpg \u00b2\n"),
+        "error",
+        ["train_filelist_google.txt:1: expected '<image path> <class>' (the class in ASCII digits)"],
+    ),
+    "import_meta_nesting_bomb": Case(
+        _webvision(meta="[" * 100_000 + "]" * 100_000), "error", ["q0001.json: not valid JSON (nested too deeply)"]
+    ),
     # 9. manifests read strictly
-    "manifest_duplicate_header_column": Case(lambda t, c: _prep(_lines(t / "m.csv", "image,title,label,label\na.png,red cat,cat,dog\n"), t), "error", ["m.csv: column 'label' appears twice in the header"]),
+    "manifest_duplicate_header_column": Case(
+        lambda t, c: _prep(_lines(t / "m.csv", "image,title,label,label\na.png,red cat,cat,dog\n"), t),
+        "error",
+        ["m.csv: column 'label' appears twice in the header"],
+    ),
     "manifest_unterminated_quote": Case(_stray_quote, "error", ["m.csv: line 2: malformed CSV"]),
-    "manifest_mixed_ids": Case(lambda t, c: _prep(_lines(t / "raw" / "m.csv", "image,title,label,id\ncat0.png,red cat,cat,3\ncat1.png,red cat,cat,\n"), t), "error", ["m.csv:3: no id, but other rows have one"]),
+    "manifest_mixed_ids": Case(
+        lambda t, c: _prep(
+            _lines(t / "raw" / "m.csv", "image,title,label,id\ncat0.png,red cat,cat,3\ncat1.png,red cat,cat,\n"), t
+        ),
+        "error",
+        ["m.csv:3: no id, but other rows have one"],
+    ),
     "tsv_title_with_inch_mark": Case(_tsv, "kept", check=_title_kept("x1", '12" red cat toy')),
-    "jsonl_label_7_and_7_0_are_one_class": Case(lambda t, c: _prep(_jsonl(t, [_row(f"cat{i}.png", f"s{i}", label=7 if i % 2 else 7.0) for i in range(6)]), t), "kept", check=_one_class_for_7),
-    "jsonl_label_nan": Case(lambda t, c: _prep(_jsonl(t, ['{"image": "cat0.png", "title": "red cat", "label": NaN, "id": "x1"}']), t), "skip", ["label is not text or a finite number"]),
-    "jsonl_key_twice": Case(lambda t, c: _prep(_jsonl(t, ['{"image": "cat0.png", "title": "red cat", "label": "cat", "label": "dog", "id": "x1"}']), t), "skip", ["JSON object names a key twice"]),
+    "jsonl_label_7_and_7_0_are_one_class": Case(
+        lambda t, c: _prep(_jsonl(t, [_row(f"cat{i}.png", f"s{i}", label=7 if i % 2 else 7.0) for i in range(6)]), t),
+        "kept",
+        check=_one_class_for_7,
+    ),
+    "jsonl_label_nan": Case(
+        lambda t, c: _prep(_jsonl(t, ['{"image": "cat0.png", "title": "red cat", "label": NaN, "id": "x1"}']), t),
+        "skip",
+        ["label is not text or a finite number"],
+    ),
+    "jsonl_key_twice": Case(
+        lambda t, c: _prep(
+            _jsonl(t, ['{"image": "cat0.png", "title": "red cat", "label": "cat", "label": "dog", "id": "x1"}']), t
+        ),
+        "skip",
+        ["JSON object names a key twice"],
+    ),
     "jpeg_exif_orientation": Case(_with_image(_exif_rotated, "rotated.jpg"), "kept", check=_upright_kept),
 }
 
@@ -831,8 +1266,19 @@ def ctx(tiny_prepared, tmp_path_factory) -> dict:
     run = train(tiny_recipe(tiny_prepared, "model.encoder=none", "train.epochs=1"), root / "run").run_dir
     m = make_manifest(root / "raw2", per_class=6)
     other = root / "other.h5"
-    prepare(load_recipe(None, ["data.source=manifest", f"data.manifest={m}", "data.image_size=16", *KEEP_ALL, "text.min_count=2"]), other)
-    return {"run": run, "prepared": tiny_prepared, "other": other, "image": tiny_prepared.parent / "raw" / "cat3.png", "root": root}
+    prepare(
+        load_recipe(
+            None, ["data.source=manifest", f"data.manifest={m}", "data.image_size=16", *KEEP_ALL, "text.min_count=2"]
+        ),
+        other,
+    )
+    return {
+        "run": run,
+        "prepared": tiny_prepared,
+        "other": other,
+        "image": tiny_prepared.parent / "raw" / "cat3.png",
+        "root": root,
+    }
 
 
 @pytest.fixture
@@ -891,7 +1337,9 @@ def test_skipped_manifest_paths_are_reported_resolved(tmp_path):
     m = _manifest(tmp_path, _row("sub/../../raw/./nowhere.png", "x1"))
     r = runner.invoke(app, _prep(m, tmp_path), catch_exceptions=False)
     assert r.exit_code == 0, r.output
-    example = json.loads((tmp_path / "o.recipe.json").read_text())["summary"]["skip_examples"]["image file not found"][0]
+    example = json.loads((tmp_path / "o.recipe.json").read_text())["summary"]["skip_examples"]["image file not found"][
+        0
+    ]
     assert example.endswith(f"({(tmp_path / 'raw' / 'nowhere.png').resolve()})"), example
 
 
@@ -926,9 +1374,13 @@ def test_each_payload_would_leave_its_marker(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # as test_bad_input runs the CLI
     check = _no_marker("PWNED")
     runs_payload = [
-        lambda: subprocess.run(f"ls {_shell_in_image_path(tmp_path)}", shell=True, capture_output=True, check=False),  # a shell expands the path
+        lambda: subprocess.run(
+            f"ls {_shell_in_image_path(tmp_path)}", shell=True, capture_output=True, check=False
+        ),  # a shell expands the path
         lambda: eval(tomllib.loads(PYTHON_IN_RECIPE)["name"]),  # the recipe string evaluated as Python
-        lambda: torch.load(io.BytesIO(_evil_checkpoint(tmp_path / "PWNED").split(b"\n", 1)[1]), weights_only=False),  # unpickled with code
+        lambda: torch.load(
+            io.BytesIO(_evil_checkpoint(tmp_path / "PWNED").split(b"\n", 1)[1]), weights_only=False
+        ),  # unpickled with code
     ]
     for run_payload in runs_payload:
         check(tmp_path, {})
@@ -958,7 +1410,9 @@ def test_the_one_text_reader_names_the_file_and_what_to_do(tmp_path):
     assert read_text(good) == "café\n"  # UTF-8, the BOM dropped
     bad = tmp_path / "b.txt"
     bad.write_bytes(b"ok\n\xff\xfe")
-    with pytest.raises(SicotError, match=re.escape(f"{bad}: not UTF-8 text (invalid start byte at byte 3); fetch again")):
+    with pytest.raises(
+        SicotError, match=re.escape(f"{bad}: not UTF-8 text (invalid start byte at byte 3); fetch again")
+    ):
         read_text(bad, "list", hint="; fetch again")
     assert read_text(bad, errors="replace") == "ok\n\ufffd\ufffd"
     assert read_text(bad, errors="surrogateescape") == "ok\n\udcff\udcfe"
@@ -972,7 +1426,10 @@ def test_the_one_text_reader_names_the_file_and_what_to_do(tmp_path):
         read_text(tmp_path, hint="; delete it")
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
-    with pytest.raises(SicotError, match=re.escape(f"{fifo}: cannot read the titles file (not a regular file (a FIFO, socket or device))")):
+    with pytest.raises(
+        SicotError,
+        match=re.escape(f"{fifo}: cannot read the titles file (not a regular file (a FIFO, socket or device))"),
+    ):
         read_text(fifo, "titles file")
     with pytest.raises(SicotError, match="not a valid path"):
         read_text("a\x00b", "recipe")

@@ -8,14 +8,12 @@ characters on the terminal.
 
 from __future__ import annotations
 
-import copy
 import io
 import json
 import os
 import re
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -23,11 +21,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from conftest import KEEP_ALL, make_manifest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
-from conftest import KEEP_ALL, make_manifest
 from sicot_cli import runs
 from sicot_cli.config import Range, Recipe, load_recipe
 from sicot_cli.console import clean, plain, safe
@@ -35,22 +33,67 @@ from sicot_cli.data.manifest import read_manifest
 from sicot_cli.data.skips import Skips
 from sicot_cli.errors import SicotError
 
-FAST = settings(max_examples=int(os.environ.get("SICOT_HYPOTHESIS_EXAMPLES", "60")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FAST = settings(
+    max_examples=int(os.environ.get("SICOT_HYPOTHESIS_EXAMPLES", "60")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 # Properties that run a whole command per example: fewer examples in the default suite.
-FEW = settings(max_examples=int(os.environ.get("SICOT_HYPOTHESIS_EXAMPLES", "8")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FEW = settings(
+    max_examples=int(os.environ.get("SICOT_HYPOTHESIS_EXAMPLES", "8")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 # --- 1. text from data and paths: markup and control characters ------------------------------------
 
-MARKUP = ["[/]", "[bold]", "[/bold]", "[red", "]", "[", "\\", "\\[", "[link=file:///etc/passwd]", "[@click=app.quit]", "[/link]", ":smile:", "[dim](e.g.", "%s", "{}"]
-ESCAPES = ["\x1b]0;owned\x07", "\x1b]52;c;SGVsbG8=\x07", "\x1b[2J", "\x1b[31m", "\x9b2J", "\x9d0;x\x9c", "\x07", "\x08", "\r", "\n", "\t", "\x00", "\x7f", "\u202e", "\u2066", "\x1bP+q\x1b\\"]
-hostile_text = st.lists(st.one_of(st.sampled_from(MARKUP + ESCAPES), st.text(max_size=4)), min_size=1, max_size=10).map("".join)
+MARKUP = [
+    "[/]",
+    "[bold]",
+    "[/bold]",
+    "[red",
+    "]",
+    "[",
+    "\\",
+    "\\[",
+    "[link=file:///etc/passwd]",
+    "[@click=app.quit]",
+    "[/link]",
+    ":smile:",
+    "[dim](e.g.",
+    "%s",
+    "{}",
+]
+ESCAPES = [
+    "\x1b]0;owned\x07",
+    "\x1b]52;c;SGVsbG8=\x07",
+    "\x1b[2J",
+    "\x1b[31m",
+    "\x9b2J",
+    "\x9d0;x\x9c",
+    "\x07",
+    "\x08",
+    "\r",
+    "\n",
+    "\t",
+    "\x00",
+    "\x7f",
+    "\u202e",
+    "\u2066",
+    "\x1bP+q\x1b\\",
+]
+hostile_text = st.lists(st.one_of(st.sampled_from(MARKUP + ESCAPES), st.text(max_size=4)), min_size=1, max_size=10).map(
+    "".join
+)
 # What must never reach the terminal raw (newline excepted: tables and plain output have lines).
 RAW = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
 def _render(*renderables: object) -> str:
     out = io.StringIO()
-    Console(file=out, width=100_000, color_system=None, force_terminal=False, highlight=False, emoji=False).print(*renderables)
+    Console(file=out, width=100_000, color_system=None, force_terminal=False, highlight=False, emoji=False).print(
+        *renderables
+    )
     return out.getvalue()
 
 
@@ -111,7 +154,9 @@ def test_prepare_summary_with_hostile_labels_and_paths(tmp_path_factory, label, 
     field = "dog" + label.replace("\x00", "")
     rows = m.read_text(encoding="utf-8").replace(",dog,", ',"' + field.replace('"', '""') + '",')
     m.write_text(rows, encoding="utf-8")
-    r = CliRunner().invoke(app, ["prepare", "--manifest", str(m), "--out", str(root.parent / "o.h5"), *KEEP_ALL], catch_exceptions=False)
+    r = CliRunner().invoke(
+        app, ["prepare", "--manifest", str(m), "--out", str(root.parent / "o.h5"), *KEEP_ALL], catch_exceptions=False
+    )
     assert r.exit_code == 0, r.output
     assert "Traceback" not in r.output and not RAW.search(r.output.replace("\n", "")), repr(r.output)
     assert "skipped: image file not found" in r.output
@@ -168,7 +213,9 @@ def _readers() -> dict:
 
 
 @pytest.mark.parametrize("kind", ["fifo", "device"])
-@pytest.mark.parametrize("name", ["manifest.csv", "recipe.toml", "image.png", "titles.jsonl", "meta.json", "weights.pt"])
+@pytest.mark.parametrize(
+    "name", ["manifest.csv", "recipe.toml", "image.png", "titles.jsonl", "meta.json", "weights.pt"]
+)
 def test_every_reader_refuses_special_files(tmp_path, kind, name, no_hang):
     path = _special(kind, tmp_path / name)
     with pytest.raises(SicotError) as e:
@@ -197,7 +244,9 @@ def full_disk(tmp_path):
         pytest.skip("a real full disk needs a tmpfs mount, which needs root (run the tests as root to include it)")
     mnt = tmp_path / "disk"
     mnt.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True, check=False
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode}): no real full-disk test")
 
@@ -215,8 +264,15 @@ def full_disk(tmp_path):
 def _sicot(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     # A subprocess: a crash in a C library at interpreter exit (HDF5's SIGSEGV after a failed
     # write) only shows in the exit status of a real process.
-    return subprocess.run([sys.executable, "-m", "sicot_cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300, check=False,
-                          env={**os.environ, "COLUMNS": "200"})
+    return subprocess.run(
+        [sys.executable, "-m", "sicot_cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+        check=False,
+        env={**os.environ, "COLUMNS": "200"},
+    )
 
 
 def _assert_clean_enospc(done: subprocess.CompletedProcess, disk: Path, output: str) -> None:
@@ -231,7 +287,9 @@ def _assert_clean_enospc(done: subprocess.CompletedProcess, disk: Path, output: 
 def test_prepare_on_a_full_disk(tmp_path, full_disk, free):
     disk = full_disk(free)
     m = make_manifest(tmp_path / "raw", per_class=12)
-    done = _sicot("prepare", "--manifest", str(m), "--out", str(disk / "o.h5"), "data.image_size=64", *KEEP_ALL, cwd=tmp_path)
+    done = _sicot(
+        "prepare", "--manifest", str(m), "--out", str(disk / "o.h5"), "data.image_size=64", *KEEP_ALL, cwd=tmp_path
+    )
     _assert_clean_enospc(done, disk, "o.h5")
 
 
@@ -239,7 +297,9 @@ def test_export_on_a_full_disk(tmp_path, full_disk, finished_run):
     """libtorch's own writer aborted the process (SIGABRT) and left a hidden temporary file.
     (Training on a full disk already failed cleanly: its checkpoints are written by Python.)"""
     disk = full_disk(16 << 10)
-    _assert_clean_enospc(_sicot("export", "--run", str(finished_run), "--out", str(disk / "m.pt"), cwd=tmp_path), disk, "m.pt")
+    _assert_clean_enospc(
+        _sicot("export", "--run", str(finished_run), "--out", str(disk / "m.pt"), cwd=tmp_path), disk, "m.pt"
+    )
 
 
 # --- 5. recipe values: bounds next to each field --------------------------------------------------
@@ -290,10 +350,17 @@ def test_every_numeric_field_has_bounds():
 
 
 @FAST
-@given(field=st.sampled_from(RANGED), value=st.one_of(st.integers(min_value=-(2**70), max_value=2**70), st.floats(allow_nan=True, allow_infinity=True)))
+@given(
+    field=st.sampled_from(RANGED),
+    value=st.one_of(st.integers(min_value=-(2**70), max_value=2**70), st.floats(allow_nan=True, allow_infinity=True)),
+)
 def test_recipe_numbers_in_bounds_or_refused_by_name(field, value):
     key, bound, base = field
-    raw = repr(value) if not isinstance(value, float) or np.isfinite(value) else {True: "nan"}.get(np.isnan(value), "inf" if value > 0 else "-inf")
+    raw = (
+        repr(value)
+        if not isinstance(value, float) or np.isfinite(value)
+        else {True: "nan"}.get(np.isnan(value), "inf" if value > 0 else "-inf")
+    )
     try:
         r = load_recipe(None, [f"{key}={raw}"])
     except SicotError as e:
@@ -310,6 +377,7 @@ def test_divergence_is_caught_at_the_step_in_a_one_epoch_run(tiny_prepared, tmp_
     """Weights that stop being finite (an overflow in a step) end the run with one error before it is
     evaluated or marked finished, even in its only epoch and whatever the loss of the steps before."""
     from conftest import tiny_recipe
+
     from sicot_cli.train import train
 
     state: dict = {}
@@ -340,7 +408,12 @@ def test_divergence_is_caught_at_the_step_in_a_one_epoch_run(tiny_prepared, tmp_
 
 
 @FAST
-@given(name=st.one_of(st.sampled_from(["tpu", "gpu", "cuda:x", "cpu:0", "CUDA", "cuda:-1", "cuda:99", "meta", "mps", " cpu", ""]), st.text(max_size=8)))
+@given(
+    name=st.one_of(
+        st.sampled_from(["tpu", "gpu", "cuda:x", "cpu:0", "CUDA", "cuda:-1", "cuda:99", "meta", "mps", " cpu", ""]),
+        st.text(max_size=8),
+    )
+)
 def test_device_option_is_named_or_refused(name):
     import torch
 
@@ -367,7 +440,11 @@ def test_predict_top_below_one_is_refused(k, tmp_path_factory):
 
 
 @FAST
-@given(attr=st.sampled_from(["n_train", "n_val", "image_size", "head_threshold", "format"]), delta=st.integers(-40, 40).filter(bool), legacy=st.booleans())
+@given(
+    attr=st.sampled_from(["n_train", "n_val", "image_size", "head_threshold", "format"]),
+    delta=st.integers(-40, 40).filter(bool),
+    legacy=st.booleans(),
+)
 def test_changed_attributes_are_refused(tiny_prepared, tmp_path_factory, attr, delta, legacy):
     """Any attribute that changes a result, changed by any amount, is refused by name; legacy files
     (checksum without attributes) still refuse a changed n_train by the class counts."""
@@ -451,12 +528,20 @@ def test_forged_unpack_marker_is_not_trusted(tmp_path):
     pkg = pinned(em.EMOJIBASE, tgz)
     dest = tmp_path / "out" / pkg.name
     dest.mkdir(parents=True)
-    for forged in ({"package": pkg.spec, "integrity": pkg.integrity, "files": ["/etc/passwd"]}, {"integrity": pkg.integrity, "files": 3},
-                   {"package": pkg.spec, "integrity": pkg.integrity, "files": True}, [pkg.integrity], "[" * 100_000):
+    for forged in (
+        {"package": pkg.spec, "integrity": pkg.integrity, "files": ["/etc/passwd"]},
+        {"integrity": pkg.integrity, "files": 3},
+        {"package": pkg.spec, "integrity": pkg.integrity, "files": True},
+        [pkg.integrity],
+        "[" * 100_000,
+    ):
         (dest / MARKER).write_text(forged if isinstance(forged, str) else json.dumps(forged), encoding="utf-8")
         assert read_marker(dest / MARKER, pkg) is None
         n = unpack(tgz, pkg, dest)  # unpacked again from the verified tarball
-        assert n == len([p for p in dest.rglob("*") if p.is_file() and p.name != MARKER]) and read_marker(dest / MARKER, pkg) == n
+        assert (
+            n == len([p for p in dest.rglob("*") if p.is_file() and p.name != MARKER])
+            and read_marker(dest / MARKER, pkg) == n
+        )
 
 
 # --- 9. manifests read strictly -------------------------------------------------------------------
@@ -469,7 +554,9 @@ def test_a_stray_quote_never_merges_rows_silently(tmp_path_factory, pos, fmt):
     counted skip, or the file is refused naming a line; never rows swallowed into a title."""
     root = tmp_path_factory.mktemp("q")
     sep = "\t" if fmt == "tsv" else ","
-    lines = [sep.join(["image", "title", "label", "id"])] + [sep.join([f"i{i}.png", f"title {i} 12 inch", "cat", f"r{i}"]) for i in range(8)]
+    lines = [sep.join(["image", "title", "label", "id"])] + [
+        sep.join([f"i{i}.png", f"title {i} 12 inch", "cat", f"r{i}"]) for i in range(8)
+    ]
     text = "\n".join(lines) + "\n"
     at = pos % len(text)
     path = root / f"m.{fmt}"
@@ -484,12 +571,15 @@ def test_a_stray_quote_never_merges_rows_silently(tmp_path_factory, pos, fmt):
 
 
 @FAST
-@given(value=st.one_of(st.integers(-10**6, 10**6), st.floats(allow_nan=True, allow_infinity=True, width=64)))
+@given(value=st.one_of(st.integers(-(10**6), 10**6), st.floats(allow_nan=True, allow_infinity=True, width=64)))
 def test_jsonl_numbers_are_values(tmp_path_factory, value):
     """In JSONL a label is its number's value: 7 and 7.0 are one class; NaN and Infinity are refused."""
     root = tmp_path_factory.mktemp("n")
     path = root / "m.jsonl"
-    rows = [{"image": "a.png", "title": "t", "label": value, "id": "a"}, {"image": "b.png", "title": "t", "label": float(value) if np.isfinite(value) else value, "id": "b"}]
+    rows = [
+        {"image": "a.png", "title": "t", "label": value, "id": "a"},
+        {"image": "b.png", "title": "t", "label": float(value) if np.isfinite(value) else value, "id": "b"},
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     skips = Skips()
     got = read_manifest(path, skips)
@@ -501,21 +591,42 @@ def test_jsonl_numbers_are_values(tmp_path_factory, value):
 
 # --- 4. run directories checked against a schema --------------------------------------------------
 
-run_values = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=False), st.text(max_size=5)),
-                          lambda c: st.one_of(st.lists(c, max_size=3), st.dictionaries(st.sampled_from(["recipe", "encoder", "data", "dataset", "final", "epochs", "top1", "classes"]), c, max_size=4)),
-                          max_leaves=12)
+run_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=False), st.text(max_size=5)),
+    lambda c: st.one_of(
+        st.lists(c, max_size=3),
+        st.dictionaries(
+            st.sampled_from(["recipe", "encoder", "data", "dataset", "final", "epochs", "top1", "classes"]),
+            c,
+            max_size=4,
+        ),
+    ),
+    max_leaves=12,
+)
 
 
 @pytest.fixture(scope="module")
 def finished_run(tiny_prepared, tmp_path_factory) -> Path:
     from conftest import tiny_recipe
+
     from sicot_cli.train import train
 
-    return train(tiny_recipe(tiny_prepared, "model.encoder=none", "train.epochs=1"), tmp_path_factory.mktemp("fr") / "run").run_dir
+    return train(
+        tiny_recipe(tiny_prepared, "model.encoder=none", "train.epochs=1"), tmp_path_factory.mktemp("fr") / "run"
+    ).run_dir
 
 
 @settings(FAST, max_examples=int(os.environ.get("SICOT_HYPOTHESIS_EXAMPLES", "25")))
-@given(file=st.sampled_from(["config.json", "summary.json", "metrics.jsonl"]), path=st.lists(st.sampled_from(["recipe", "encoder", "data", "dataset", "classes", "final", "top1", "epochs", "epoch", "train", "seed"]), max_size=3), value=run_values)
+@given(
+    file=st.sampled_from(["config.json", "summary.json", "metrics.jsonl"]),
+    path=st.lists(
+        st.sampled_from(
+            ["recipe", "encoder", "data", "dataset", "classes", "final", "top1", "epochs", "epoch", "train", "seed"]
+        ),
+        max_size=3,
+    ),
+    value=run_values,
+)
 def test_run_files_are_checked_by_field(finished_run, tmp_path_factory, file, path, value):
     """Any value at any place of a run file: the run still reads, or one SicotError names the file."""
     from sicot_cli.evaluate import load_run_model
@@ -524,7 +635,11 @@ def test_run_files_are_checked_by_field(finished_run, tmp_path_factory, file, pa
     run = tmp_path_factory.mktemp("r") / "run"
     shutil.copytree(finished_run, run)
     target = run / file
-    lines = target.read_text(encoding="utf-8").splitlines() if file.endswith("jsonl") else [target.read_text(encoding="utf-8")]
+    lines = (
+        target.read_text(encoding="utf-8").splitlines()
+        if file.endswith("jsonl")
+        else [target.read_text(encoding="utf-8")]
+    )
     doc = json.loads(lines[0])
     node = doc
     for key in path[:-1]:
@@ -560,9 +675,9 @@ def test_printed_resume_command_works_as_printed(tiny_prepared, tmp_path, monkey
     """Started with --data and overrides, interrupted: the command it prints, alone, resumes the same run."""
     import shlex
 
+    from conftest import TRAIN_FAST
     from typer.testing import CliRunner
 
-    from conftest import TRAIN_FAST
     from sicot_cli import train as train_mod
     from sicot_cli.cli import app
 
@@ -578,7 +693,18 @@ def test_printed_resume_command_works_as_printed(tiny_prepared, tmp_path, monkey
         return real(*a, **kw)
 
     monkeypatch.setattr(train_mod, "train_step", step)
-    args = ["train", "--data", str(tiny_prepared), "--run-dir", str(run), *TRAIN_FAST, "model.encoder=none", "train.epochs=3", "train.lr=0.004", "train.batch_size=8"]
+    args = [
+        "train",
+        "--data",
+        str(tiny_prepared),
+        "--run-dir",
+        str(run),
+        *TRAIN_FAST,
+        "model.encoder=none",
+        "train.epochs=3",
+        "train.lr=0.004",
+        "train.batch_size=8",
+    ]
     first = runner.invoke(app, args, catch_exceptions=False)
     assert first.exit_code == 130, first.output
     printed = next(ln for ln in first.output.splitlines() if "continue with" in ln).split("continue with", 1)[1].strip()
@@ -602,32 +728,59 @@ def test_resume_refuses_result_changing_overrides_unless_allowed(finished_run, t
     shutil.copytree(finished_run, run)
     (run / runs.SUMMARY).unlink()
     (run / runs.PREDICTIONS).unlink()
-    r = runner.invoke(app, ["train", "--resume", "--run-dir", str(run), "train.lam=0", "train.augment=false", "train.epochs=2"], catch_exceptions=False)
+    r = runner.invoke(
+        app,
+        ["train", "--resume", "--run-dir", str(run), "train.lam=0", "train.augment=false", "train.epochs=2"],
+        catch_exceptions=False,
+    )
     lines = [ln for ln in r.output.splitlines() if ln.strip()]
     assert r.exit_code == 2 and len(lines) == 1, r.output
     for needle in ("train.augment: True -> False", "train.epochs: 1 -> 2", "train.lam: 1.0 -> 0", "--allow-changes"):
         assert needle in lines[0], (needle, lines[0])
     # neutral settings pass; the result-changing ones with --allow-changes are recorded
-    r = runner.invoke(app, ["train", "--resume", "--allow-changes", "--run-dir", str(run), "train.epochs=2", "train.eval_batch_size=4"], catch_exceptions=False)
+    r = runner.invoke(
+        app,
+        ["train", "--resume", "--allow-changes", "--run-dir", str(run), "train.epochs=2", "train.eval_batch_size=4"],
+        catch_exceptions=False,
+    )
     assert r.exit_code == 0, r.output
     config = json.loads((run / runs.CONFIG).read_text())
-    assert config["recipe"]["train"]["epochs"] == 2 and [c["settings"] for c in config["changes"]] == [{"train.epochs": [1, 2]}]
+    assert config["recipe"]["train"]["epochs"] == 2 and [c["settings"] for c in config["changes"]] == [
+        {"train.epochs": [1, 2]}
+    ]
     assert [m["epoch"] for m in runs.read_metrics(run)] == [1, 2]
 
 
 def test_failed_start_leaves_no_run_directory(tiny_prepared, tmp_path):
+    from conftest import TRAIN_FAST
     from typer.testing import CliRunner
 
-    from conftest import TRAIN_FAST
     from sicot_cli.cli import app
 
     runner = CliRunner()
     run = tmp_path / "run"
     for bad in ("model.pretrained=" + str(tmp_path / "nope.pt"), "model.encoder_options={nope=1}"):
-        r = runner.invoke(app, ["train", "--data", str(tiny_prepared), "--run-dir", str(run), *TRAIN_FAST, "train.epochs=1", bad], catch_exceptions=False)
+        r = runner.invoke(
+            app,
+            ["train", "--data", str(tiny_prepared), "--run-dir", str(run), *TRAIN_FAST, "train.epochs=1", bad],
+            catch_exceptions=False,
+        )
         assert r.exit_code == 2, r.output
         assert not run.exists(), list(run.iterdir())
-    r = runner.invoke(app, ["train", "--data", str(tiny_prepared), "--run-dir", str(run), *TRAIN_FAST, "train.epochs=1", "model.encoder=none"], catch_exceptions=False)
+    r = runner.invoke(
+        app,
+        [
+            "train",
+            "--data",
+            str(tiny_prepared),
+            "--run-dir",
+            str(run),
+            *TRAIN_FAST,
+            "train.epochs=1",
+            "model.encoder=none",
+        ],
+        catch_exceptions=False,
+    )
     assert r.exit_code == 0, r.output
 
 

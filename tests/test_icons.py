@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import KEEP_ALL, tiny_recipe
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import KEEP_ALL, tiny_recipe
 from sicot_cli.cli import app
 from sicot_cli.config import load_recipe
 from sicot_cli.data.images import load_image
@@ -76,7 +76,9 @@ def test_render_is_the_exact_coverage_and_prepare_reads_it_back(tmp_path):
     mask = render_mask(half, 8)
     assert mask.dtype == np.uint8 and (mask[:, :4] == 255).all() and (mask[:, 4:] == 0).all()
     # a wide viewBox is letterboxed into the square, never stretched
-    wide = render_mask('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 20 10"><rect width="20" height="10"/></svg>', 8)
+    wide = render_mask(
+        '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 20 10"><rect width="20" height="10"/></svg>', 8
+    )
     assert (wide[2:6] == 255).all() and (wide[:2] == 0).all() and (wide[6:] == 0).all()
     write(tmp_path / "half.svg", half)
     write(tmp_path / "broken.svg", "<svg")
@@ -109,7 +111,10 @@ def test_palette_colour_is_stable_and_from_the_palette():
     ids = [f"set/style/icon-{i}" for i in range(200)]
     colours = [palette_color(i) for i in ids]
     assert set(colours) == set(PALETTE)  # 200 ids reach every colour
-    assert palette_color("set/style/icon-7") == PALETTE[int(hashlib.sha256(b"set/style/icon-7").hexdigest(), 16) % len(PALETTE)]
+    assert (
+        palette_color("set/style/icon-7")
+        == PALETTE[int(hashlib.sha256(b"set/style/icon-7").hexdigest(), 16) % len(PALETTE)]
+    )
 
 
 # ---- mdi ------------------------------------------------------------------------------------------
@@ -137,7 +142,10 @@ MDI_ICONS = [
 
 def make_mdi(root: Path) -> Path:
     src = root / mdi.MDI.folder
-    meta = [{"id": i, "baseIconId": b, "name": n, "aliases": a, "tags": t, "deprecated": d} for n, i, b, t, a, d in MDI_ICONS]
+    meta = [
+        {"id": i, "baseIconId": b, "name": n, "aliases": a, "tags": t, "deprecated": d}
+        for n, i, b, t, a, d in MDI_ICONS
+    ]
     write(src / "meta.json", json.dumps(meta))
     write(src / "LICENSE", "Pictogrammers Free License")
     for k, (n, *_rest) in enumerate(MDI_ICONS):
@@ -162,7 +170,10 @@ def test_mdi_classes_titles_and_family_split(tmp_path):
     train = set(rows) - test
     assert not {fam[r] for r in test} & {fam[r] for r in train}  # no family on both sides
     # per class: min(2, families // 2) test icons, one per family, the family's base when it is in the class
-    per_class = {label: sorted(r for r in test if rows[r]["label"] == label) for label in ("Automotive", "Food / Drink", "Transportation + Water")}
+    per_class = {
+        label: sorted(r for r in test if rows[r]["label"] == label)
+        for label in ("Automotive", "Food / Drink", "Transportation + Water")
+    }
     assert [len(v) for v in per_class.values()] == [2, 2, 0]  # Automotive: 4 families, Food: 4 (A, B, U, C), Water: 1
     assert not {"car-outline", "car-off", "apple-outline"} & test  # never a variant when the base is in the class
     left_out = {r for r, _, _, t, _, d in MDI_ICONS if len(t) == 1 and not d and r != "ghost"} - set(rows)
@@ -180,8 +191,16 @@ def test_mdi_classes_titles_and_family_split(tmp_path):
     for seed in range(4):
         mdi.import_mdi(folder, test_per_class=1, seed=seed, val_fraction=0.5)
         rows = rows_of(folder / "mdi.csv")
-        sides = {side: {families.get(r["id"], r["id"]) for r in rows if r["split"] == side} for side in ("train", "val", "test")}
-        assert sides["val"] and not sides["val"] & sides["train"] and not sides["val"] & sides["test"] and not sides["train"] & sides["test"]
+        sides = {
+            side: {families.get(r["id"], r["id"]) for r in rows if r["split"] == side}
+            for side in ("train", "val", "test")
+        }
+        assert (
+            sides["val"]
+            and not sides["val"] & sides["train"]
+            and not sides["val"] & sides["test"]
+            and not sides["train"] & sides["test"]
+        )
         for label in {r["label"] for r in rows}:
             n = {side: sum(r["label"] == label and r["split"] == side for r in rows) for side in ("train", "val")}
             assert n["val"] <= int(0.5 * (n["train"] + n["val"]))
@@ -196,14 +215,22 @@ def test_mdi_classes_titles_and_family_split(tmp_path):
 def test_mdi_manifest_prepares_and_trains(tmp_path):
     folder = make_mdi(tmp_path / "mdi")
     mdi.import_mdi(folder, test_per_class=1, seed=0, val_fraction=0.5)
-    recipe = load_recipe(REPO / "recipes" / "mdi.toml", [f"data.manifest={folder / 'mdi.csv'}", "data.image_size=16", *KEEP_ALL])
+    recipe = load_recipe(
+        REPO / "recipes" / "mdi.toml", [f"data.manifest={folder / 'mdi.csv'}", "data.image_size=16", *KEEP_ALL]
+    )
     out = tmp_path / "mdi.h5"
     info = prepare(recipe, out)
     manifest = rows_of(folder / "mdi.csv")
     # every manifest row is kept on its side (prepare keeps the manifest's own validation rows)
     n = {side: sum(r["split"] == side for r in manifest) for side in ("train", "val", "test")}
     assert n["val"] > 0
-    assert (info.classes, info.train_images, info.val_images, info.test_images, info.skipped) == (3, n["train"], n["val"], n["test"], {})
+    assert (info.classes, info.train_images, info.val_images, info.test_images, info.skipped) == (
+        3,
+        n["train"],
+        n["val"],
+        n["test"],
+        {},
+    )
     result = train(tiny_recipe(out, "train.epochs=1", "train.batch_size=4"), tmp_path / "run")
     assert len(result.history) == 1 and np.isfinite(result.history[0]["loss"])
 
@@ -251,10 +278,19 @@ def test_icons_pool_concepts_across_sets_and_styles(tmp_path):
     # acorn: 6 Phosphor; a-b (1 image) is left out
     assert {k: len(v) for k, v in by_label.items()} == {"heart": 13, "bolt": 7, "acorn": 6}
     assert s.skipped == {"concept with fewer than 4 images": 1} and (s.rows, s.classes) == (26, 3)
-    assert "phosphor-icons-core/duotone/heart-duotone" in by_label["heart"] and "primer-octicons/24px/heart-24" in by_label["heart"]
+    assert (
+        "phosphor-icons-core/duotone/heart-duotone" in by_label["heart"]
+        and "primer-octicons/24px/heart-24" in by_label["heart"]
+    )
     titles = {r["id"]: r["title"] for r in rows}
-    assert titles["tabler-icons/filled/heart"] == "heart love like" and titles["lucide-static/regular/bolt"] == "bolt lightning power"
-    assert titles["primer-octicons/16px/heart-16"] == "heart sponsor" and titles["bootstrap-icons/fill/heart-fill"] == "heart"
+    assert (
+        titles["tabler-icons/filled/heart"] == "heart love like"
+        and titles["lucide-static/regular/bolt"] == "bolt lightning power"
+    )
+    assert (
+        titles["primer-octicons/16px/heart-16"] == "heart sponsor"
+        and titles["bootstrap-icons/fill/heart-fill"] == "heart"
+    )
     # every image in its palette colour
     for r in rows[:5]:
         a = np.asarray(Image.open(folder / r["image"]))
@@ -275,7 +311,9 @@ def test_pretraining_corpus_is_disjoint_from_the_evaluation_sets():
     with pytest.raises(SicotError, match=r"shares @mdi/svg with the evaluation dataset 'mdi'"):
         ic.check_disjoint((*ic.PACKAGES, mdi.MDI))
     with pytest.raises(SicotError, match="emoji-datasource-google"):
-        ic.fetch_icons(Path("/nonexistent"), npm=None, packages=(ic.TABLER, em.DATASOURCE))  # refused before any download
+        ic.fetch_icons(
+            Path("/nonexistent"), npm=None, packages=(ic.TABLER, em.DATASOURCE)
+        )  # refused before any download
 
 
 # ---- fetch ----------------------------------------------------------------------------------------
@@ -333,7 +371,10 @@ def test_fetch_runs_npm_pack_for_scoped_packages(tmp_path):
     pack(src / mdi.MDI.folder, store / mdi.MDI.tarball)
     pkg = pinned(mdi.MDI, store / mdi.MDI.tarball)
     npm = tmp_path / "npm"  # stands in for `npm pack @scope/name@VERSION --silent`: npm's file name lands in the cwd
-    npm.write_text(f'#!/bin/sh\n[ "$1" = pack ] || exit 9\n[ "$2" = "@mdi/svg@7.4.47" ] || exit 8\ncp "{store}/mdi-svg-7.4.47.tgz" .\n', encoding="utf-8")
+    npm.write_text(
+        f'#!/bin/sh\n[ "$1" = pack ] || exit 9\n[ "$2" = "@mdi/svg@7.4.47" ] || exit 8\ncp "{store}/mdi-svg-7.4.47.tgz" .\n',
+        encoding="utf-8",
+    )
     npm.chmod(0o755)
     folder = tmp_path / "data"
     s = mdi.fetch_mdi(folder, npm=str(npm), test_per_class=1, packages=(pkg,))
@@ -349,7 +390,9 @@ def test_cli_fetch_names_the_commands_and_the_next_step(tmp_path, monkeypatch):
     out = " ".join(r.output.split())
     assert r.exit_code == 2 and all(f"npm pack {p.spec}" in out for p in ic.PACKAGES)
     folder = make_mdi(tmp_path / "m")
-    r = runner.invoke(app, ["datasets", "import", "mdi", "--dir", str(folder), "--test-per-class", "0", "--val-fraction", "0"])
+    r = runner.invoke(
+        app, ["datasets", "import", "mdi", "--dir", str(folder), "--test-per-class", "0", "--val-fraction", "0"]
+    )
     assert r.exit_code == 0, r.output
     assert [r["split"] for r in rows_of(folder / "mdi.csv")] == ["train"] * 12
     r = runner.invoke(app, ["datasets", "fetch", "imagenet"])
@@ -378,6 +421,7 @@ def test_real_icon_fetch_and_disjointness(tmp_path):
     assert (s.rows, s.classes, s.train, s.test) == (3254, 59, 2751, 245)  # and 258 validation rows
     p = ic.fetch_icons(tmp_path / "icons")
     assert (p.rows, p.classes) == (11212, 1629)
+
     # no pretraining image is an evaluation image: compare the ink masks, whatever their colour
     def masks(folder: Path) -> set[str]:
         return {hashlib.sha256(np.asarray(Image.open(f))[..., 3].tobytes()).hexdigest() for f in folder.rglob("*.png")}

@@ -12,9 +12,9 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_recipe
 from typer.testing import CliRunner
 
-from conftest import tiny_recipe
 from sicot_cli import runs
 from sicot_cli.cli import app
 from sicot_cli.data import dataset as ds
@@ -22,7 +22,13 @@ from sicot_cli.data.dataset import open_prepared
 from sicot_cli.evaluate import evaluate_run, load_run_model
 
 runner = CliRunner()
-COTRAIN = ("model.encoder=bilinear", "model.semantic_norm=batchnorm", "model.backbone=resnet18", "train.lr=0.001", "train.epochs=1")
+COTRAIN = (
+    "model.encoder=bilinear",
+    "model.semantic_norm=batchnorm",
+    "model.backbone=resnet18",
+    "train.lr=0.001",
+    "train.epochs=1",
+)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +46,11 @@ def retitled(src: Path, dst: Path, rows: np.ndarray, how: str) -> Path:
     """A copy of a prepared file whose ``rows`` have other titles: ``empty``, or ``rolled`` (another row's, of another class)."""
     shutil.copy(src, dst)
     with h5py.File(dst, "a") as f:
-        tokens, lengths, titles = f["tokens"][()], f["lengths"][()], [t.decode() if isinstance(t, bytes) else t for t in f["titles"][()]]
+        tokens, lengths, titles = (
+            f["tokens"][()],
+            f["lengths"][()],
+            [t.decode() if isinstance(t, bytes) else t for t in f["titles"][()]],
+        )
         if how == "empty":
             tokens[rows], lengths[rows] = 0, 0
             new = {int(r): "" for r in rows}
@@ -81,8 +91,12 @@ def test_titles_do_not_change_image_only_predictions(cotrained: Path, tiny_prepa
         tokens = torch.from_numpy(prepared.tokens[test].astype(np.int64))
         with torch.no_grad():
             scores[name] = (*model(x, tokens, tokens != 0), model.logits(x))
-    assert not torch.allclose(scores["original"][1], scores["rolled"][1], atol=1e-3), "the titles changed nothing: the test would not see them used"
-    assert torch.equal(scores["original"][0], scores["rolled"][0]) and torch.equal(scores["original"][2], scores["rolled"][2])
+    assert not torch.allclose(scores["original"][1], scores["rolled"][1], atol=1e-3), (
+        "the titles changed nothing: the test would not see them used"
+    )
+    assert torch.equal(scores["original"][0], scores["rolled"][0]) and torch.equal(
+        scores["original"][2], scores["rolled"][2]
+    )
 
     # evaluation of the run on each file: the same rows, classes and scores, exactly
     want = evaluate_run(cotrained, device="cpu")
@@ -117,7 +131,9 @@ def test_predict_agrees_with_the_predictions_written_at_evaluation(cotrained: Pa
         np.testing.assert_allclose([t["score"] for t in g["top"]], scores, rtol=0, atol=1e-6)
 
 
-def test_torchscript_export_equals_softmax_of_sicot_logits(cotrained: Path, tiny_prepared: Path, tmp_path: Path) -> None:
+def test_torchscript_export_equals_softmax_of_sicot_logits(
+    cotrained: Path, tiny_prepared: Path, tmp_path: Path
+) -> None:
     from sicot_cli.export import export
 
     result = export(cotrained, tmp_path / "model.pt", fmt="torchscript")

@@ -11,10 +11,10 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from conftest import KEEP_ALL, TRAIN_FAST, assert_png, capture_figures, make_manifest, write_image
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import KEEP_ALL, TRAIN_FAST, assert_png, capture_figures, make_manifest, write_image
 from sicot_cli.cli import app
 from sicot_cli.config import load_recipe
 from sicot_cli.data.prepare import data_boundaries, prepare
@@ -41,7 +41,11 @@ def test_prepare_manifest_names_the_file_and_derives_its_boundaries(own):
     assert p.recipe["eval"]["boundaries"] == "data"
     # 10 per class, 2 test, floor(0.1 * 8) = 0 validation: 8 training images in each of 3 classes
     assert p.train_counts.tolist() == [8, 8, 8]
-    assert {k: p.recipe["eval"][k] for k in ("head_threshold", "many_threshold", "few_threshold")} == {"head_threshold": 8, "many_threshold": 8, "few_threshold": 8}
+    assert {k: p.recipe["eval"][k] for k in ("head_threshold", "many_threshold", "few_threshold")} == {
+        "head_threshold": 8,
+        "many_threshold": 8,
+        "few_threshold": 8,
+    }
     assert p.head_threshold == 8
 
 
@@ -58,7 +62,9 @@ def test_runs_and_reports_carry_the_prepared_files_name_settings_and_boundaries(
     from sicot_cli.train import train
 
     # no --recipe, no name: the built-in demo recipe, as `sicot train --data shop.h5` gives
-    recipe = load_recipe(None, [*TRAIN_FAST, "train.epochs=1", f"train.runs_dir={tmp_path}", "model.encoder=none", "train.threads=1"])
+    recipe = load_recipe(
+        None, [*TRAIN_FAST, "train.epochs=1", f"train.runs_dir={tmp_path}", "model.encoder=none", "train.threads=1"]
+    )
     assert recipe.name == "demo" and recipe.eval.head_threshold == 40
     result = train(recipe, data=own)
     assert result.run_dir == tmp_path / "shop-none-s0"
@@ -76,7 +82,17 @@ def test_runs_and_reports_carry_the_prepared_files_name_settings_and_boundaries(
     assert rep.dataset == "shop" and (rep.head_threshold, rep.many_threshold, rep.few_threshold) == (8, 8, 8)
     assert to_markdown(rep).startswith("# sicot report: shop")
     # an explicit override wins over the file's boundary, and the name given explicitly stays
-    r2 = load_recipe(None, [*TRAIN_FAST, "train.epochs=1", f"train.runs_dir={tmp_path}", "model.encoder=none", "eval.head_threshold=3", "name=mine"])
+    r2 = load_recipe(
+        None,
+        [
+            *TRAIN_FAST,
+            "train.epochs=1",
+            f"train.runs_dir={tmp_path}",
+            "model.encoder=none",
+            "eval.head_threshold=3",
+            "name=mine",
+        ],
+    )
     from sicot_cli.config import adopt_prepared
     from sicot_cli.data.dataset import open_prepared
 
@@ -107,7 +123,19 @@ def _oov_manifest(root: Path) -> Path:
 def test_test_title_oov_and_filtered_words_are_reported_separately(tmp_path):
     m = _oov_manifest(tmp_path / "raw")
     # 3 training words (common 6, apple 3, banana 3): floor(0.34 * 3) = 1 removed, "common"
-    recipe = load_recipe(None, ["data.source=manifest", f"data.manifest={m}", "data.image_size=16", "data.workers=1", "embed.dim=8", "embed.epochs=1", "text.drop_most_frequent=0.34", "text.drop_least_frequent=0"])
+    recipe = load_recipe(
+        None,
+        [
+            "data.source=manifest",
+            f"data.manifest={m}",
+            "data.image_size=16",
+            "data.workers=1",
+            "embed.dim=8",
+            "embed.epochs=1",
+            "text.drop_most_frequent=0.34",
+            "text.drop_least_frequent=0",
+        ],
+    )
     s = prepare(recipe, tmp_path / "o.h5")
     # test words: common (removed by the filter), unseen (never seen), apple, banana
     assert (s.test_oov_rate, s.test_filtered_rate) == (0.25, 0.25)
@@ -171,7 +199,11 @@ def test_tables_are_never_cut_off_a_terminal():
     from sicot_cli.console import show
 
     t = Table("dataset", "baseline", "evidence (top-1 gain)", title="Table 2")
-    t.add_row("my-own-products", "29.43±5.31 (50.12±4.02)", "not significant across seeds (seeds p=0.388; images CI [-2.03, -0.26])")
+    t.add_row(
+        "my-own-products",
+        "29.43±5.31 (50.12±4.02)",
+        "not significant across seeds (seeds p=0.388; images CI [-2.03, -0.26])",
+    )
     buf = io.StringIO()
     show(t, Console(file=buf, width=60, force_terminal=False))
     out = buf.getvalue()
@@ -197,7 +229,10 @@ def test_training_plan_warns_when_the_setting_cannot_learn():
     recipe = load_recipe(None, ["train.batch_size=128", "train.epochs=8"])
     prepared = SimpleNamespace(image_size=32, n_train=68, num_classes=100)
     line, warnings = training_plan(recipe, prepared, 1, 2)
-    assert line == "32x32 images, resnet18 (from scratch), 68 training images / 100 classes, batch 128 -> 1 steps/epoch x 8 epochs, lr 0.03, 2 CPU thread(s)"
+    assert (
+        line
+        == "32x32 images, resnet18 (from scratch), 68 training images / 100 classes, batch 128 -> 1 steps/epoch x 8 epochs, lr 0.03, 2 CPU thread(s)"
+    )
     assert warnings == [
         "train.batch_size 128 is larger than the 68 training images: one step per epoch",
         "fewer optimisation steps in the whole run (8) than classes (100): likely too few to learn them (a model that "
@@ -238,7 +273,22 @@ def test_ablate_writes_figures_per_class_table_and_confusions(own, tmp_path, mon
     figs = capture_figures(monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # no "Mean of empty slice" may leak
-        r = runner.invoke(app, ["ablate", "--data", str(own), "--encoders", "bilinear", "--out", str(tmp_path / "abl"), "--threads", "1", *TRAIN_FAST, "train.epochs=1"])
+        r = runner.invoke(
+            app,
+            [
+                "ablate",
+                "--data",
+                str(own),
+                "--encoders",
+                "bilinear",
+                "--out",
+                str(tmp_path / "abl"),
+                "--threads",
+                "1",
+                *TRAIN_FAST,
+                "train.epochs=1",
+            ],
+        )
     assert r.exit_code == 0, r.output
     abl = tmp_path / "abl"
     assert (abl / "report.md").read_text(encoding="utf-8").startswith("# sicot report: shop")
@@ -247,11 +297,16 @@ def test_ablate_writes_figures_per_class_table_and_confusions(own, tmp_path, mon
     # 8 training images in each class, head boundary 8 (the file's own): three red head bars
     bars = figs["fig6_distribution.png"].axes[0].patches
     assert [(b.get_height(), to_hex(b.get_facecolor())) for b in bars] == [(8, "#d62728")] * 3
-    assert [len(ln.get_xdata()) for ln in figs["curves.png"].axes[0].lines] == [1, 1]  # baseline and bilinear, 1 epoch each
+    assert [len(ln.get_xdata()) for ln in figs["curves.png"].axes[0].lines] == [
+        1,
+        1,
+    ]  # baseline and bilinear, 1 epoch each
     assert "fig6_distribution.png" in r.output and "| shop |" not in r.output  # printed as a table, not Markdown
     rows = list(csv.DictReader((abl / "per_class.csv").open(encoding="utf-8")))
     assert [row["class"] for row in rows] == sorted(["cat", "dog", "cup"], key=lambda c: (-8, c))
-    assert set(rows[0]) == {"class", "train_images", "top1 baseline", "top1 bilinear"} and rows[0]["train_images"] == "8"
+    assert (
+        set(rows[0]) == {"class", "train_images", "top1 baseline", "top1 bilinear"} and rows[0]["train_images"] == "8"
+    )
     plan = json.loads((abl / "ablation.json").read_text())
     assert plan["recipe"]["name"] == "shop" and plan["recipe"]["eval"]["head_threshold"] == 8
     assert "Evidence: seeds p: paired t-test over seeds" in (abl / "report.md").read_text()
@@ -264,7 +319,10 @@ def test_fig7_words_start_after_the_longest_class_name(tmp_path, monkeypatch):
     captured = {}
     monkeypatch.setattr(figures, "_save", lambda fig, path: captured.setdefault("fig", fig))
     long = "an extremely long product class name that goes on and on and on"
-    items = [TitleAttention(0, long, ["red", "cup"], [0.6, 0.4]), TitleAttention(1, "cup", ["white", "mug"], [0.7, 0.3])]
+    items = [
+        TitleAttention(0, long, ["red", "cup"], [0.6, 0.4]),
+        TitleAttention(1, "cup", ["white", "mug"], [0.7, 0.3]),
+    ]
     figures.fig7_attention(items, tmp_path / "f.png", "bilinear")
     fig = captured["fig"]
     ax = fig.axes[0]
@@ -283,11 +341,17 @@ def test_embed_rebuilds_a_prepared_files_vocabulary_and_reads_a_manifest(own):
     words = len(open_prepared(own).words) - 1
     r = runner.invoke(app, ["embed", "--data", str(own)])
     assert r.exit_code == 0, r.output
-    assert any("vocabulary (before -> after filter)" in ln and ln.rstrip(" │").endswith(f"-> {words}") for ln in r.output.splitlines()), r.output
+    assert any(
+        "vocabulary (before -> after filter)" in ln and ln.rstrip(" │").endswith(f"-> {words}")
+        for ln in r.output.splitlines()
+    ), r.output
     manifest = open_prepared(own).recipe["data"]["manifest"]
     r = runner.invoke(app, ["embed", "--manifest", manifest, *KEEP_ALL])
     assert r.exit_code == 0, r.output
-    assert any("vocabulary (before -> after filter)" in ln and ln.rstrip(" │").endswith(f"-> {words}") for ln in r.output.splitlines()), r.output
+    assert any(
+        "vocabulary (before -> after filter)" in ln and ln.rstrip(" │").endswith(f"-> {words}")
+        for ln in r.output.splitlines()
+    ), r.output
 
 
 def test_version_option():
@@ -311,7 +375,13 @@ def test_keep_best_false_writes_only_the_last_checkpoint(tmp_path):
 
     m = make_manifest(tmp_path / "raw", per_class=6)
     data = tmp_path / "v.h5"
-    prepare(load_recipe(None, ["data.source=manifest", f"data.manifest={m}", "data.image_size=16", "data.val_fraction=0.5", *KEEP_ALL]), data)
+    prepare(
+        load_recipe(
+            None,
+            ["data.source=manifest", f"data.manifest={m}", "data.image_size=16", "data.val_fraction=0.5", *KEEP_ALL],
+        ),
+        data,
+    )
     assert open_prepared(data).n_val == 6  # validation rows: a best checkpoint would be written
     for keep in ("true", "false"):
         recipe = load_recipe(None, [*TRAIN_FAST, "train.epochs=1", "model.encoder=none", f"train.keep_best={keep}"])
@@ -325,8 +395,18 @@ def test_keep_best_false_writes_only_the_last_checkpoint(tmp_path):
 def test_report_names_the_removed_words_most_tied_to_a_label(tmp_path):
     from sicot_cli.report import _removed_words_line
 
-    side = {"summary": {"filter_rules": [{"rule": "5% most frequent", "words": 165}], "informative_removed": [["flag", 0.41, "country-flag", 0.97], ["the", 0.0, "x", 0.1]]}}
+    side = {
+        "summary": {
+            "filter_rules": [{"rule": "5% most frequent", "words": 165}],
+            "informative_removed": [["flag", 0.41, "country-flag", 0.97], ["the", 0.0, "x", 0.1]],
+        }
+    }
     (tmp_path / "e.recipe.json").write_text(json.dumps(side))
     report = SimpleNamespace(runs=[SimpleNamespace(config={"data": str(tmp_path / "e.h5")})])
-    assert _removed_words_line(report) == "Noise-word filter (5% most frequent: 165 words): the removed words most tied to a label: flag (0.41 bits; 97% in country-flag)."
-    assert _removed_words_line(SimpleNamespace(runs=[SimpleNamespace(config={"data": str(tmp_path / "gone.h5")})])) is None
+    assert (
+        _removed_words_line(report)
+        == "Noise-word filter (5% most frequent: 165 words): the removed words most tied to a label: flag (0.41 bits; 97% in country-flag)."
+    )
+    assert (
+        _removed_words_line(SimpleNamespace(runs=[SimpleNamespace(config={"data": str(tmp_path / "gone.h5")})])) is None
+    )

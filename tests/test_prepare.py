@@ -10,10 +10,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from conftest import KEEP_ALL, make_manifest
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import KEEP_ALL, make_manifest
 from sicot_cli.cli import app
 from sicot_cli.config import load_recipe
 from sicot_cli.data import prepare as prep
@@ -77,15 +77,24 @@ def test_layout_matches_source_rows(tmp_path, manifest):
     side = json.loads(out.with_suffix(".recipe.json").read_text(encoding="utf-8"))
     with h5py.File(out) as f:
         assert json.loads(f.attrs["versions"]) == side["versions"] == package_versions()
-    assert set(side["versions"]) == set(PACKAGES) >= {"sicot", "torch", "torchvision", "numpy", "h5py", "gensim", "jieba", "pillow"}
+    assert (
+        set(side["versions"])
+        == set(PACKAGES)
+        >= {"sicot", "torch", "torchvision", "numpy", "h5py", "gensim", "jieba", "pillow"}
+    )
 
 
 def test_given_split_is_kept_and_classes_ordered_by_count(tmp_path):
     # 4 training rows per class from the fixture (i >= 2), plus extra training rows: dog 4 + 2,
     # cup 4 + 1, and a new class bee with 4 (a tie with cat, broken by the name): dog, cup, bee, cat
-    extra = [{"image": f"dog{i}.png", "title": "blue dog", "label": "dog", "id": f"xd{i}", "split": "train"} for i in range(2)]
+    extra = [
+        {"image": f"dog{i}.png", "title": "blue dog", "label": "dog", "id": f"xd{i}", "split": "train"}
+        for i in range(2)
+    ]
     extra += [{"image": "cup0.png", "title": "white cup", "label": "cup", "id": "xc0", "split": "train"}]
-    extra += [{"image": f"cat{i}.png", "title": "red toy", "label": "bee", "id": f"xb{i}", "split": "train"} for i in range(4)]
+    extra += [
+        {"image": f"cat{i}.png", "title": "red toy", "label": "bee", "id": f"xb{i}", "split": "train"} for i in range(4)
+    ]
     m = make_manifest(tmp_path / "raw", per_class=6, split=True, extra_rows=extra)
     s = prep.prepare(recipe_for(m), tmp_path / "p.h5")
     assert (s.train_images, s.test_images) == (12 + 7, 6)
@@ -95,13 +104,18 @@ def test_given_split_is_kept_and_classes_ordered_by_count(tmp_path):
     assert p.class_names == ["dog", "cup", "bee", "cat"]
     assert p.train_counts.tolist() == [6, 5, 4, 4] and p.test_counts.tolist() == [2, 2, 0, 2]
     ids = p.ids()
-    assert [p.class_names[p.labels[ids.index(i)]] for i in ("xb0", "dog-0", "xc0", "cat-3")] == ["bee", "dog", "cup", "cat"]
+    assert [p.class_names[p.labels[ids.index(i)]] for i in ("xb0", "dog-0", "xc0", "cat-3")] == [
+        "bee",
+        "dog",
+        "cup",
+        "cat",
+    ]
 
 
 def test_split_is_seeded_and_balanced(tmp_path, manifest):
     a = prep.prepare(recipe_for(manifest), tmp_path / "a.h5")
-    b = prep.prepare(recipe_for(manifest), tmp_path / "b.h5")
-    c = prep.prepare(recipe_for(manifest, "data.split_seed=1"), tmp_path / "c.h5")
+    prep.prepare(recipe_for(manifest), tmp_path / "b.h5")
+    prep.prepare(recipe_for(manifest, "data.split_seed=1"), tmp_path / "c.h5")
     ids = lambda p: open_prepared(p).ids()[a.train_images :]  # noqa: E731
     assert ids(tmp_path / "a.h5") == ids(tmp_path / "b.h5") != ids(tmp_path / "c.h5")
 
@@ -207,7 +221,15 @@ def test_bad_rows_are_counted_skips(tmp_path):
     m = _bad_rows(tmp_path)
     r = _cli_prepare(m, tmp_path / "o.h5")
     assert r.exit_code == 0, r.output
-    for reason in ("image file not found", "not an image file", "truncated or corrupt image", "image path is a directory", "empty title", "duplicate id", "line is not UTF-8"):
+    for reason in (
+        "image file not found",
+        "not an image file",
+        "truncated or corrupt image",
+        "image path is a directory",
+        "empty title",
+        "duplicate id",
+        "line is not UTF-8",
+    ):
         assert f"skipped: {reason}" in r.output, (reason, r.output)
     assert "31 / 24 / 7" in r.output  # rows read / kept / skipped
     assert open_prepared(tmp_path / "o.h5").n == 24
@@ -226,7 +248,12 @@ def test_strict_turns_skips_into_errors(tmp_path, row, needle):
 
 
 def test_label_with_no_training_image(tmp_path):
-    m = make_manifest(tmp_path / "raw", per_class=6, split=True, extra_rows=[{"image": "cat0.png", "title": "red fox", "label": "fox", "id": "f1", "split": "test"}])
+    m = make_manifest(
+        tmp_path / "raw",
+        per_class=6,
+        split=True,
+        extra_rows=[{"image": "cat0.png", "title": "red fox", "label": "fox", "id": "f1", "split": "test"}],
+    )
     r = _cli_prepare(m, tmp_path / "o.h5")
     assert r.exit_code == 0 and "label has no training image" in r.output, r.output
     assert open_prepared(tmp_path / "o.h5").num_classes == 3
@@ -244,22 +271,47 @@ def test_unknown_recipe_key_and_wrong_type_and_override(tmp_path, manifest):
 def test_output_directory_not_writable(tmp_path, manifest):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    _one_error_line(_cli_prepare(manifest, blocker / "sub" / "o.h5"), str(blocker / "sub"), "cannot create the output directory")
+    _one_error_line(
+        _cli_prepare(manifest, blocker / "sub" / "o.h5"), str(blocker / "sub"), "cannot create the output directory"
+    )
 
 
 def test_empty_vocabulary_after_filtering(tmp_path, manifest):
-    r = run("prepare", "--manifest", str(manifest), "--out", str(tmp_path / "o.h5"), "data.workers=1", "text.drop_most_frequent=0.5", "text.drop_least_frequent=0.49", "text.min_count=100")
+    r = run(
+        "prepare",
+        "--manifest",
+        str(manifest),
+        "--out",
+        str(tmp_path / "o.h5"),
+        "data.workers=1",
+        "text.drop_most_frequent=0.5",
+        "text.drop_least_frequent=0.49",
+        "text.min_count=100",
+    )
     _one_error_line(r, "vocabulary is empty after filtering")
 
 
 def test_prepare_the_synthetic_pretraining_set(tmp_path):
     """data.synthetic.pretrain_classes > 0: a balanced set of other classes, none of the long-tailed set's."""
-    small = ["data.synthetic.num_classes=6", "data.synthetic.max_per_class=8", "data.synthetic.min_per_class=2", "data.synthetic.test_per_class=1",
-             "data.test_per_class=1", "data.image_size=16", "data.workers=1", "embed.dim=8", "embed.epochs=1",
-             "text.drop_most_frequent=0", "text.drop_least_frequent=0"]
+    small = [
+        "data.synthetic.num_classes=6",
+        "data.synthetic.max_per_class=8",
+        "data.synthetic.min_per_class=2",
+        "data.synthetic.test_per_class=1",
+        "data.test_per_class=1",
+        "data.image_size=16",
+        "data.workers=1",
+        "embed.dim=8",
+        "embed.epochs=1",
+        "text.drop_most_frequent=0",
+        "text.drop_least_frequent=0",
+    ]
     prep.prepare(load_recipe(None, small), tmp_path / "t.h5")
     target = open_prepared(tmp_path / "t.h5")
-    summary = prep.prepare(load_recipe(None, [*small, "data.synthetic.pretrain_classes=5", "data.synthetic.pretrain_per_class=3"]), tmp_path / "p.h5")
+    summary = prep.prepare(
+        load_recipe(None, [*small, "data.synthetic.pretrain_classes=5", "data.synthetic.pretrain_per_class=3"]),
+        tmp_path / "p.h5",
+    )
     assert "PRETRAINING set (5 classes disjoint" in summary.source
     pre = open_prepared(tmp_path / "p.h5")
     assert len(pre.class_names) == 5 and not set(pre.class_names) & set(target.class_names)

@@ -18,7 +18,12 @@ from sicot_cli.errors import SicotError
 
 
 def _prepare(manifest: Path, out: Path, *extra: str):
-    prepare(load_recipe(None, ["data.source=manifest", f"data.manifest={manifest}", "data.image_size=16", *KEEP_ALL, *extra]), out)
+    prepare(
+        load_recipe(
+            None, ["data.source=manifest", f"data.manifest={manifest}", "data.image_size=16", *KEEP_ALL, *extra]
+        ),
+        out,
+    )
     return open_prepared(out)
 
 
@@ -45,7 +50,9 @@ def test_test_rows_with_empty_titles_are_scored(tmp_path: Path) -> None:
 
     from sicot_cli.train import train
 
-    recipe = load_recipe(None, [f"data.out={tmp_path / 'd.h5'}", *TRAIN_FAST, "model.encoder=bilinear", "train.epochs=1"])
+    recipe = load_recipe(
+        None, [f"data.out={tmp_path / 'd.h5'}", *TRAIN_FAST, "model.encoder=bilinear", "train.epochs=1"]
+    )
     result = train(recipe, tmp_path / "run", data=tmp_path / "d.h5")
     assert result.final["n_test"] == 8 and result.final["test_images"] == 8
     import h5py
@@ -84,7 +91,10 @@ def test_small_classes_keep_all_their_training_images(tmp_path: Path) -> None:
 
 
 def test_manifest_val_rows_are_kept_as_given(tmp_path: Path) -> None:
-    extra = [{"image": f"cat{i}.png", "title": "red cat", "label": "cat", "id": f"v{i}", "split": sp} for i, sp in ((2, "val"), (3, "validation"))]
+    extra = [
+        {"image": f"cat{i}.png", "title": "red cat", "label": "cat", "id": f"v{i}", "split": sp}
+        for i, sp in ((2, "val"), (3, "validation"))
+    ]
     m = make_manifest(tmp_path / "raw", per_class=8, split=True, extra_rows=extra)
     p = _prepare(m, tmp_path / "d.h5")
     assert _ids(p, "val") == {"v2", "v3"}
@@ -99,7 +109,9 @@ def with_val(tmp_path_factory) -> Path:
     return out
 
 
-def test_checkpoint_best_follows_validation_not_test(with_val: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_checkpoint_best_follows_validation_not_test(
+    with_val: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A fixture where validation and test disagree: best = the best VALIDATION epoch; test is scored once."""
     import sicot_cli.train as train_mod
 
@@ -120,7 +132,12 @@ def test_checkpoint_best_follows_validation_not_test(with_val: Path, tmp_path: P
     assert calls == ["val", "val", "val", "test"]
     assert runs.load_checkpoint(tmp_path / "run" / runs.BEST)["epoch"] == 2
     final = json.loads((tmp_path / "run" / runs.SUMMARY).read_text())["final"]
-    assert (final["checkpoint"], final["checkpoint_epoch"], final["selected_on"], final["val_images"]) == ("best", 2, "val", 9)
+    assert (final["checkpoint"], final["checkpoint_epoch"], final["selected_on"], final["val_images"]) == (
+        "best",
+        2,
+        "val",
+        9,
+    )
     assert [h["val_top1"] for h in result.history] == [10.0, 50.0, 20.0]
     assert not any(k in h for h in result.history for k in ("top1", "top3", "tail_top1"))  # no test score per epoch
 
@@ -142,7 +159,9 @@ def test_select_best_needs_validation_rows(tiny_prepared: Path, tmp_path: Path) 
     assert not (tmp_path / "run").exists()  # refused before the run directory was made
 
 
-@pytest.mark.parametrize("bad", ["data.val_fraction=0.6", "data.val_fraction=-0.1", "data.val_fraction=nan", "eval.select=test"])
+@pytest.mark.parametrize(
+    "bad", ["data.val_fraction=0.6", "data.val_fraction=-0.1", "data.val_fraction=nan", "eval.select=test"]
+)
 def test_protocol_keys_are_checked(bad: str) -> None:
     with pytest.raises(SicotError, match=bad.split("=")[0]):
         load_recipe(None, [bad])
@@ -156,7 +175,9 @@ def test_degenerate_t_test_is_undefined() -> None:
     assert p is not None and math.isnan(p)
     assert math.isnan(paired_t([0.0, 0.0], [0.0, 0.0]))
     assert paired_t([1.0], [0.0]) is None
-    assert paired_t([1.0, 2.0, 3.0], [0.0, 0.0, 0.0]) == pytest.approx(0.07417990022744853)  # scipy.stats.ttest_rel on the same
+    assert paired_t([1.0, 2.0, 3.0], [0.0, 0.0, 0.0]) == pytest.approx(
+        0.07417990022744853
+    )  # scipy.stats.ttest_rel on the same
     g = Gain([1.0, 1.0, 1.0], p)
     assert g.significant is None and g.as_dict()["p_value"] is None and g.as_dict()["t_test"] == "undefined"
     g = Gain([1.0, 1.0, 1.0], p, ci=(0.5, 1.5))
@@ -203,7 +224,11 @@ def test_ablate_compares_presets_side_by_side(tiny_prepared: Path, tmp_path: Pat
     root, statuses = ablate(recipe, ["mean"], [0], tmp_path / "ab", data=tiny_prepared, presets=["sicot", "paper"])
     assert [s.run_dir.name for s in statuses] == ["none-s0", "mean-s0", "mean-paper-s0"]
     paper = json.loads((root / "mean-paper-s0" / "config.json").read_text())["recipe"]
-    assert (paper["preset"], paper["train"]["normalize_loss"], paper["model"]["semantic_norm"]) == ("paper", False, "none")
+    assert (paper["preset"], paper["train"]["normalize_loss"], paper["model"]["semantic_norm"]) == (
+        "paper",
+        False,
+        "none",
+    )
     rep = build_report([root], "mean", bootstrap=False)
     assert rep.encoders == ["none", "mean", "mean[paper]"]
     with pytest.raises(SicotError, match="unknown preset 'x'"):

@@ -27,17 +27,35 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-
 from conftest import tiny_recipe
+
 from sicot_cli import runs
 from sicot_cli.errors import SicotError
 from sicot_cli.fsutil import tmp_name
 from sicot_cli.train import TIMING_KEYS, train
 
 TRIALS = int(os.environ.get("SICOT_KILL_TRIALS", "10"))
-DATA = ["data.synthetic.num_classes=4", "data.synthetic.max_per_class=14", "data.synthetic.min_per_class=8", "data.synthetic.test_per_class=2",
-        "data.image_size=16", "embed.dim=8", "embed.epochs=2", "data.workers=1", "text.drop_most_frequent=0", "text.drop_least_frequent=0"]
-TRAIN = ["model.backbone=mobilenet_v3_small", "train.batch_size=8", "train.eval_batch_size=64", "train.lr=0.005", "train.epochs=3", "train.device=cpu", "train.in_memory=yes"]
+DATA = [
+    "data.synthetic.num_classes=4",
+    "data.synthetic.max_per_class=14",
+    "data.synthetic.min_per_class=8",
+    "data.synthetic.test_per_class=2",
+    "data.image_size=16",
+    "embed.dim=8",
+    "embed.epochs=2",
+    "data.workers=1",
+    "text.drop_most_frequent=0",
+    "text.drop_least_frequent=0",
+]
+TRAIN = [
+    "model.backbone=mobilenet_v3_small",
+    "train.batch_size=8",
+    "train.eval_batch_size=64",
+    "train.lr=0.005",
+    "train.epochs=3",
+    "train.device=cpu",
+    "train.in_memory=yes",
+]
 WRITE_DELAY = "0.15"
 
 
@@ -54,7 +72,11 @@ def test_checkpoint_checksum_round_trip_and_damage(tmp_path):
     assert data.startswith(runs.MAGIC)
     back = runs.load_checkpoint(path)
     assert torch.equal(back["model"]["w"], state["model"]["w"]) and back["history"] == state["history"]
-    for damage in (data[:-1], data[:200], data[: len(data) // 2] + bytes([data[len(data) // 2] ^ 1]) + data[len(data) // 2 + 1 :]):
+    for damage in (
+        data[:-1],
+        data[:200],
+        data[: len(data) // 2] + bytes([data[len(data) // 2] ^ 1]) + data[len(data) // 2 + 1 :],
+    ):
         path.write_bytes(damage)
         with pytest.raises(SicotError, match=r"checkpoint-last.pt: corrupt checkpoint .*sicot train --run-dir"):
             runs.load_checkpoint(path)
@@ -96,7 +118,10 @@ def test_prepare_restores_a_side_file_lost_to_a_kill(tmp_path):
     from sicot_cli.data.prepare import prepare
 
     out = tmp_path / "p.h5"
-    recipe = load_recipe(None, [*DATA, "data.synthetic.num_classes=3", "data.synthetic.max_per_class=6", "data.synthetic.min_per_class=4"])
+    recipe = load_recipe(
+        None,
+        [*DATA, "data.synthetic.num_classes=3", "data.synthetic.max_per_class=6", "data.synthetic.min_per_class=4"],
+    )
     prepare(recipe, out)
     side = out.with_suffix(".recipe.json")
     before = json.loads(side.read_text())
@@ -118,7 +143,14 @@ def _env(delay: str | None = None) -> dict[str, str]:
 
 
 def _sicot(args: list[str], cwd: Path, delay: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sicot_cli", *args], cwd=cwd, env=_env(delay), capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "sicot_cli", *args],
+        cwd=cwd,
+        env=_env(delay),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _tmps(folder: Path, pid: int | None = None) -> list[Path]:
@@ -133,12 +165,21 @@ class Killer:
     def __init__(self, args: list[str], cwd: Path, watch: Path, started: Path) -> None:
         self.args, self.cwd, self.watch, self.started = args, cwd, watch, started
 
-    def run(self, rng: random.Random, work_seconds: float, sig: int = signal.SIGKILL, targeted: bool | None = None) -> dict:
+    def run(
+        self, rng: random.Random, work_seconds: float, sig: int = signal.SIGKILL, targeted: bool | None = None
+    ) -> dict:
         """Half the trials: kill at a random time into the work; the other half: at the N-th temporary."""
         targeted = rng.random() < 0.5 if targeted is None else targeted
         nth = rng.randint(1, 4)
         delay = rng.uniform(0, work_seconds * 1.1)
-        proc = subprocess.Popen([sys.executable, "-m", "sicot_cli", *self.args], cwd=self.cwd, env=_env(WRITE_DELAY), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sicot_cli", *self.args],
+            cwd=self.cwd,
+            env=_env(WRITE_DELAY),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         seen: set[str] = set()
         t_start = None
         deadline = time.monotonic() + 300
@@ -158,13 +199,22 @@ class Killer:
             during = bool(_tmps(self.watch, proc.pid))
             proc.send_signal(sig)
         out, err = proc.communicate(timeout=300)
-        return {"killed": not finished, "during_write": during and not finished, "rc": proc.returncode, "stderr": err, "targeted": targeted}
+        return {
+            "killed": not finished,
+            "during_write": during and not finished,
+            "rc": proc.returncode,
+            "stderr": err,
+            "targeted": targeted,
+        }
 
 
 def _figures(name: str, trials: list[dict], **extra: object) -> None:
     killed = sum(t["killed"] for t in trials)
     during = sum(t["during_write"] for t in trials)
-    print(f"\n[kill harness] {name}: {len(trials)} trials, {killed} killed mid-run, {during} kills during a write, " + ", ".join(f"{k} {v}" for k, v in extra.items()))
+    print(
+        f"\n[kill harness] {name}: {len(trials)} trials, {killed} killed mid-run, {during} kills during a write, "
+        + ", ".join(f"{k} {v}" for k, v in extra.items())
+    )
 
 
 def _work_seconds(first: Path, last: Path) -> float:
@@ -180,7 +230,9 @@ def _prepared_digest(path: Path) -> tuple[str, str]:
     with h5py.File(path, "r") as f:
         import hashlib
 
-        return str(f.attrs["content_sha256"]), hashlib.sha256(np.ascontiguousarray(f["images"][()]).tobytes()).hexdigest()
+        return str(f.attrs["content_sha256"]), hashlib.sha256(
+            np.ascontiguousarray(f["images"][()]).tobytes()
+        ).hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -249,7 +301,9 @@ def test_kill_train_and_resume_exactly(work, prepared):
     trials, resumes = [], 0
     for i in range(TRIALS):
         run = work / f"train{i}"
-        t = Killer(_train_args(prepared, run), work, run, started=run / runs.CONFIG).run(rng, _work_seconds(ref / runs.CONFIG, ref / runs.SUMMARY))
+        t = Killer(_train_args(prepared, run), work, run, started=run / runs.CONFIG).run(
+            rng, _work_seconds(ref / runs.CONFIG, ref / runs.SUMMARY)
+        )
         trials.append(t)
         # no final output until complete; what exists is readable
         if (run / runs.SUMMARY).exists():
@@ -286,7 +340,9 @@ def test_sigint_train_saves_a_resumable_checkpoint(work, prepared):
             state = runs.load_checkpoint(run / runs.LAST)
             mid_epoch += state["batch"] > 0
             if state["batch"] > 0:
-                assert "checkpoint saved; continue with sicot train --resume" in t["stderr"].replace("\n", " "), t["stderr"]
+                assert "checkpoint saved; continue with sicot train --resume" in t["stderr"].replace("\n", " "), t[
+                    "stderr"
+                ]
         r = _sicot([*_train_args(prepared, run), "--resume"], work)
         assert r.returncode == 0, r.stderr
         assert len(runs.read_metrics(run)) == len(want) and (run / runs.SUMMARY).exists()
@@ -301,17 +357,17 @@ def test_sigint_train_saves_a_resumable_checkpoint(work, prepared):
 def test_kill_ablate_never_retrains_a_finished_run(work, prepared):
     args = ["ablate", "--encoders", "mean", "--seeds", "0", "--data", str(prepared), *TRAIN, "train.epochs=2"]
     ref = work / "abl-ref"
-    t0 = time.monotonic()
     r = _sicot([*args, "--out", str(ref)], work)
     assert r.returncode == 0, r.stderr
-    seconds = time.monotonic() - t0
     names = ["none-s0", "mean-s0"]
     want = {n: _strip(runs.read_metrics(ref / n)) for n in names}
     rng = random.Random(5)
     trials, kept_finished = [], 0
     for i in range(TRIALS):
         root = work / f"abl{i}"
-        t = Killer([*args, "--out", str(root)], work, root, started=root / "ablation.json").run(rng, _work_seconds(ref / "ablation.json", ref / "report.md"))
+        t = Killer([*args, "--out", str(root)], work, root, started=root / "ablation.json").run(
+            rng, _work_seconds(ref / "ablation.json", ref / "report.md")
+        )
         trials.append(t)
         finished = {n: (root / n / runs.SUMMARY).read_bytes() for n in names if (root / n / runs.SUMMARY).exists()}
         stamps = {n: (root / n / runs.LAST).stat().st_mtime_ns for n in finished}

@@ -9,29 +9,67 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from conftest import assert_png, capture_figures, tiny_recipe
 from typer.testing import CliRunner
 
-from conftest import assert_png, capture_figures, tiny_recipe
 from sicot_cli.cli import app
 from sicot_cli.config import Recipe
 from sicot_cli.errors import SicotError
-from sicot_cli.report import bootstrap_ci, build_report, paired_t, to_markdown
+from sicot_cli.report import bootstrap_ci, build_report, paired_t
 
 runner = CliRunner()
 
 # top1 per (encoder, seed): baseline 50/52/54, bilinear 53/54/58 -> gains 3, 2, 4
-TOP1 = {("none", 0): 50.0, ("none", 1): 52.0, ("none", 2): 54.0, ("bilinear", 0): 53.0, ("bilinear", 1): 54.0, ("bilinear", 2): 58.0, ("mean", 0): 51.0, ("mean", 1): 52.0, ("mean", 2): 53.0}
+TOP1 = {
+    ("none", 0): 50.0,
+    ("none", 1): 52.0,
+    ("none", 2): 54.0,
+    ("bilinear", 0): 53.0,
+    ("bilinear", 1): 54.0,
+    ("bilinear", 2): 58.0,
+    ("mean", 0): 51.0,
+    ("mean", 1): 52.0,
+    ("mean", 2): 53.0,
+}
 
 
-def make_run(root: Path, encoder: str, seed: int, top1: float, hits: np.ndarray, order: np.ndarray | None = None) -> Path:
+def make_run(
+    root: Path, encoder: str, seed: int, top1: float, hits: np.ndarray, order: np.ndarray | None = None
+) -> Path:
     """A finished run whose test row ``100 + i`` is a hit iff ``hits[i]``, stored in ``order`` (default: reversed)."""
     d = root / f"{encoder}-s{seed}"
     d.mkdir(parents=True)
     recipe = Recipe().to_dict()
     recipe["train"]["seed"] = seed
     recipe["model"]["encoder"] = encoder
-    (d / "config.json").write_text(json.dumps({"recipe": recipe, "encoder": encoder, "data": str(root / "none.h5"), "dataset": {"classes": 2, "vocab": 5, "sha256": "x"}}))
-    final = {"epoch": 1, "loss": 1.0, "loss_v": 1.0, "top1": top1, "top3": top1 + 10, "head_top1": top1 + 1, "head_top3": top1 + 11, "tail_top1": top1 - 1, "tail_top3": top1 + 9, "many_top1": None, "many_top3": None, "medium_top1": top1, "medium_top3": top1, "few_top1": top1, "few_top3": top1, "head_threshold": 40}
+    (d / "config.json").write_text(
+        json.dumps(
+            {
+                "recipe": recipe,
+                "encoder": encoder,
+                "data": str(root / "none.h5"),
+                "dataset": {"classes": 2, "vocab": 5, "sha256": "x"},
+            }
+        )
+    )
+    final = {
+        "epoch": 1,
+        "loss": 1.0,
+        "loss_v": 1.0,
+        "top1": top1,
+        "top3": top1 + 10,
+        "head_top1": top1 + 1,
+        "head_top3": top1 + 11,
+        "tail_top1": top1 - 1,
+        "tail_top3": top1 + 9,
+        "many_top1": None,
+        "many_top3": None,
+        "medium_top1": top1,
+        "medium_top3": top1,
+        "few_top1": top1,
+        "few_top3": top1,
+        "head_threshold": 40,
+    }
     (d / "metrics.jsonl").write_text(json.dumps(final) + "\n")
     (d / "summary.json").write_text(json.dumps({"final": final, "epochs": 1, "per_class_top1": [0.5, 0.6]}))
     n = len(hits)
@@ -93,15 +131,20 @@ def _hand_percentile_ci(diff: np.ndarray, n_boot: int = 2000, seed: int = 0) -> 
     return float(lo), float(hi)
 
 
-@pytest.mark.parametrize("treated,reference", [
-    ([53.0, 54.0, 58.0], [50.0, 52.0, 54.0]),
-    ([51.0, 52.0, 53.0], [50.0, 52.0, 54.0]),
-    ([0.7, 0.1, 0.35, 0.9, 0.2], [0.5, 0.4, 0.3, 0.6, 0.25]),
-    ([12.5, -3.25], [10.0, -4.0]),
-])
+@pytest.mark.parametrize(
+    "treated,reference",
+    [
+        ([53.0, 54.0, 58.0], [50.0, 52.0, 54.0]),
+        ([51.0, 52.0, 53.0], [50.0, 52.0, 54.0]),
+        ([0.7, 0.1, 0.35, 0.9, 0.2], [0.5, 0.4, 0.3, 0.6, 0.25]),
+        ([12.5, -3.25], [10.0, -4.0]),
+    ],
+)
 def test_paired_t_is_the_hand_computed_test(treated, reference):
     p = paired_t(treated, reference)
-    assert p == pytest.approx(_hand_paired_p([a - b for a, b in zip(treated, reference)]), rel=1e-12, abs=1e-12)
+    assert p == pytest.approx(
+        _hand_paired_p([a - b for a, b in zip(treated, reference, strict=True)]), rel=1e-12, abs=1e-12
+    )
     assert 0.0 <= p <= 1.0
 
 
@@ -217,7 +260,6 @@ def test_report_refuses_non_runs(tmp_path):
     assert r.exit_code == 2 and "not a run directory and holds none" in r.output
 
 
-
 def test_a_single_run_without_baseline_is_reported_with_its_curves(tmp_path, monkeypatch):
     import warnings
 
@@ -226,7 +268,10 @@ def test_a_single_run_without_baseline_is_reported_with_its_curves(tmp_path, mon
     rep = build_report([run])
     tables = rep.tables()
     assert tables["Table 3: encoders, top-1"] == [{"method": "mean", "top-1": "50.00", "gain": "-", "evidence": "-"}]
-    assert tables["Table 2: baseline vs co-training, top-1 (top-3)"] == [] and tables["Table 4: head/tail and many/medium/few, class-averaged top-1 (top-3)"] == []
+    assert (
+        tables["Table 2: baseline vs co-training, top-1 (top-3)"] == []
+        and tables["Table 4: head/tail and many/medium/few, class-averaged top-1 (top-3)"] == []
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no RuntimeWarning may leak from the figures
         r = runner.invoke(app, ["report", str(run)])
@@ -279,18 +324,24 @@ def test_ablate_skips_finished_and_resumes(tiny_prepared, tmp_path, monkeypatch)
     # what the figures plot, against the run files and the prepared file read here
     p = open_prepared(tiny_prepared)
     loss_panel = figs["curves.png"].axes[0]
-    assert [list(ln.get_ydata()) for ln in loss_panel.lines] == [[h["loss_v"] for h in runs.read_metrics(r.path)] for r in rep.runs]
+    assert [list(ln.get_ydata()) for ln in loss_panel.lines] == [
+        [h["loss_v"] for h in runs.read_metrics(r.path)] for r in rep.runs
+    ]
     bars = figs["fig6_distribution.png"].axes[0].patches
     counts = sorted(p.train_counts.tolist(), reverse=True)
     assert [b.get_height() for b in bars] == counts == [8, 8, 8]
-    assert [to_hex(b.get_facecolor()) for b in bars] == ["#d62728" if c >= rep.head_threshold else "#2ca02c" for c in counts]
+    assert [to_hex(b.get_facecolor()) for b in bars] == [
+        "#d62728" if c >= rep.head_threshold else "#2ca02c" for c in counts
+    ]
     per_class = {r.encoder: json.loads((r.path / "summary.json").read_text())["per_class_top1"] for r in rep.runs}
     gain = np.array(per_class["bilinear"]) - np.array(per_class["none"])
     head, tail = figs["per_class_gain.png"].axes[0].collections[:2]
     assert len(head.get_offsets()) == 0  # 8 training images per class: every class is a tail class
     np.testing.assert_array_equal(np.asarray(tail.get_offsets()), np.c_[p.train_counts, gain])
     # Fig. 7: 6 test titles; per title its class, then its words by attention (highest first, 3 green)
-    texts = [t for t in figs["fig7_attention.png"].axes[0].texts if t.get_text() and not t.get_text().startswith("(no CJK")]
+    texts = [
+        t for t in figs["fig7_attention.png"].axes[0].texts if t.get_text() and not t.get_text().startswith("(no CJK")
+    ]
     labels = [t for t in texts if t.get_text().endswith(":")]
     assert len(labels) == 6 and {t.get_text()[:-1] for t in labels} <= set(p.class_names)
     for lab in labels:

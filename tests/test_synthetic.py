@@ -164,10 +164,14 @@ def test_titles_are_noisy_but_informative(demo):
     assert 0.3 < with_promo < 0.9
     assert any(any(f in t for f in FILLERS["en"] + FILLERS["zh"]) for t in titles)
     # Most titles name the brand, not all (titles drop words); never a wrong-free oracle.
-    named = [any(w in it.title for lg in ("en", "zh") for w in attribute_words("brand", it.spec.brand, lg)) for it in items]
+    named = [
+        any(w in it.title for lg in ("en", "zh") for w in attribute_words("brand", it.spec.brand, lg)) for it in items
+    ]
     assert 0.6 < np.mean(named) < 0.95
     # Synonyms appear: more than one word for "mug" across titles.
-    mug_words = {w for it in items if it.spec.shape == "mug" for w in ("mug", "cup", "马克杯", "杯子", "咖啡杯") if w in it.title}
+    mug_words = {
+        w for it in items if it.spec.shape == "mug" for w in ("mug", "cup", "马克杯", "杯子", "咖啡杯") if w in it.title
+    }
     assert len(mug_words) >= 3
     # Order varies: the brand is not always the first word.
     assert len({it.title.split()[0] for it in items if it.split == "train"}) > 50
@@ -191,7 +195,9 @@ def test_languages():
 def test_jieba_keeps_chinese_attribute_words_whole():
     from sicot_cli.data.tokenize import tokenize
 
-    zh = sorted({w for a, vals in ATTRIBUTES.items() for v in vals for w in attribute_words(a, v, "zh") if CJK.search(w)})
+    zh = sorted(
+        {w for a, vals in ATTRIBUTES.items() for v in vals for w in attribute_words(a, v, "zh") if CJK.search(w)}
+    )
     neighbours = zh + list(PROMOTIONS["zh"]) + list(FILLERS["zh"])
     ok = total = 0
     for w in zh:
@@ -239,7 +245,9 @@ def test_pretraining_set_is_balanced_seeded_and_disjoint_from_the_long_tailed_se
     assert len(pre_names) == len(set(pre_names)) == 50
     assert not set(pre_names) & set(names)  # no demo class is seen in pretraining
     assert set(_train_counts(items).values()) == {3}
-    assert Counter(it.label for it in items if it.split == "test") == Counter({n: DEFAULTS["test_per_class"] for n in pre_names})
+    assert Counter(it.label for it in items if it.split == "test") == Counter(
+        {n: DEFAULTS["test_per_class"] for n in pre_names}
+    )
     assert all(it.id.startswith("pre-") for it in items)
     again = pretraining_items(**DEFAULTS, pretrain_classes=50, pretrain_per_class=3)
     assert (pre_names, items) == again

@@ -9,7 +9,15 @@ def test_chinese_is_split_by_jieba():
 
 
 def test_english_lowercased_punctuation_dropped():
-    assert tokenize("Free Shipping!! Red MUG, 12oz — New-Arrival") == ["free", "shipping", "red", "mug", "12oz", "new", "arrival"]
+    assert tokenize("Free Shipping!! Red MUG, 12oz — New-Arrival") == [
+        "free",
+        "shipping",
+        "red",
+        "mug",
+        "12oz",
+        "new",
+        "arrival",
+    ]
 
 
 def test_mixed_scripts_and_fullwidth():

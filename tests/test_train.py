@@ -8,18 +8,18 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_recipe
 from torch import nn
 from typer.testing import CliRunner
 
-from conftest import tiny_recipe
 from encoders import create_encoder
 from sicot_cli import runs
 from sicot_cli.cli import app
 from sicot_cli.data.dataset import open_prepared
 from sicot_cli.data.loader import BatchLoader
 from sicot_cli.errors import SicotError
-from sicot_cli.provenance import package_versions
 from sicot_cli.model import SICoT, build_backbone, sicot_loss
+from sicot_cli.provenance import package_versions
 from sicot_cli.train import TIMING_KEYS, train
 
 runner = CliRunner()
@@ -128,7 +128,12 @@ def test_pretrained_from_local_file(tmp_path):
 @pytest.mark.parametrize("in_memory", [True, False])
 def test_loader_orders_are_permutations_and_seeded(tiny_prepared, in_memory):
     p = open_prepared(tiny_prepared)
-    mk = lambda seed: BatchLoader(p, 5, 0, p.n_train, shuffle=True, seed=seed, in_memory=in_memory, block_rows=7, shuffle_blocks=2)  # noqa: E731
+
+    def mk(seed: int) -> BatchLoader:
+        return BatchLoader(
+            p, 5, 0, p.n_train, shuffle=True, seed=seed, in_memory=in_memory, block_rows=7, shuffle_blocks=2
+        )
+
     a = mk(0)
     rows0 = np.concatenate([b.rows for b in a.epoch(0)])
     assert sorted(rows0) == list(range(p.n_train))
@@ -162,6 +167,7 @@ def test_resume_after_interrupt_reproduces_the_run(tiny_prepared, tmp_path):
     full = train(recipe, tmp_path / "full")
 
     for stop_at in [(1, 0), (1, 2)]:  # at the start of epoch 2, and in its middle
+
         def hook(epoch, batch, stop_at=stop_at):
             if (epoch, batch) == stop_at:
                 raise KeyboardInterrupt
@@ -185,6 +191,7 @@ def test_resume_after_interrupt_reproduces_the_run(tiny_prepared, tmp_path):
 
 def test_changed_dataset_is_refused(tiny_prepared, tmp_path):
     from conftest import KEEP_ALL, make_manifest
+
     from sicot_cli.config import load_recipe
     from sicot_cli.data.prepare import prepare
     from sicot_cli.evaluate import evaluate_run
@@ -192,14 +199,32 @@ def test_changed_dataset_is_refused(tiny_prepared, tmp_path):
     result = train(tiny_recipe(tiny_prepared, "model.encoder=none", "train.epochs=1"), tmp_path / "r")
     m = make_manifest(tmp_path / "raw2", per_class=6)
     other = tmp_path / "other.h5"
-    prepare(load_recipe(None, ["data.source=manifest", f"data.manifest={m}", "data.image_size=16", *KEEP_ALL, "text.min_count=2"]), other)
+    prepare(
+        load_recipe(
+            None, ["data.source=manifest", f"data.manifest={m}", "data.image_size=16", *KEEP_ALL, "text.min_count=2"]
+        ),
+        other,
+    )
     with pytest.raises(SicotError, match="trained on a dataset with .* use the dataset the run was trained on"):
         evaluate_run(result.run_dir, data=other)
 
 
 def test_cli_train_evaluate_predict_export(tiny_prepared, tmp_path):
     run_dir = tmp_path / "run"
-    args = ["train", "--encoder", "bilinear", "--data", str(tiny_prepared), "--run-dir", str(run_dir), "model.backbone=mobilenet_v3_small", "train.batch_size=8", "train.epochs=4", "train.lr=0.005", "train.device=cpu"]
+    args = [
+        "train",
+        "--encoder",
+        "bilinear",
+        "--data",
+        str(tiny_prepared),
+        "--run-dir",
+        str(run_dir),
+        "model.backbone=mobilenet_v3_small",
+        "train.batch_size=8",
+        "train.epochs=4",
+        "train.lr=0.005",
+        "train.device=cpu",
+    ]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     history = runs.read_metrics(run_dir)
@@ -213,11 +238,21 @@ def test_cli_train_evaluate_predict_export(tiny_prepared, tmp_path):
     final = runs.read_summary(run_dir)["final"]
     for key in ("top1", "top3", "head_top1", "tail_top1", "many_top1", "medium_top1", "few_top1", "n_test"):
         assert key in final, key
-    assert (final["split"], final["checkpoint"], final["checkpoint_epoch"], final["test_images"], final["val_images"]) == ("test", "last", 4, 6, 0)
+    assert (
+        final["split"],
+        final["checkpoint"],
+        final["checkpoint_epoch"],
+        final["test_images"],
+        final["val_images"],
+    ) == ("test", "last", 4, 6, 0)
     assert "test split (6 images), checkpoint last (epoch 4, no selection)" in " ".join(r.output.split())
     assert history[1]["lr"] == pytest.approx(0.005 * 0.8)
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["encoder"] == "bilinear" and config["recipe"]["train"]["epochs"] == 4 and config["versions"] == package_versions()
+    assert (
+        config["encoder"] == "bilinear"
+        and config["recipe"]["train"]["epochs"] == 4
+        and config["versions"] == package_versions()
+    )
     for name in ("checkpoint-last.pt", "predictions.h5", "summary.json"):
         assert (run_dir / name).is_file(), name
     assert not (run_dir / "checkpoint-best.pt").exists()  # nothing to choose it on

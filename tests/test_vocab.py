@@ -54,7 +54,11 @@ def test_tie_breaking_at_the_cut_does_not_depend_on_the_script():
 def test_removed_words_most_associated_with_a_label_are_reported():
     # "flag" names the class (every flag title, no other); "the" is in every title: both are among
     # the most frequent and removed, but only "flag" carries label information.
-    titles = [["the", "flag", f"f{i}"] for i in range(10)] + [["the", "food", f"g{i}"] for i in range(6)] + [["the", "cat", f"c{i}"] for i in range(4)]
+    titles = (
+        [["the", "flag", f"f{i}"] for i in range(10)]
+        + [["the", "food", f"g{i}"] for i in range(6)]
+        + [["the", "cat", f"c{i}"] for i in range(4)]
+    )
     labels = ["flags"] * 10 + ["food"] * 6 + ["cats"] * 4
     v = build_vocab(titles, 0.1, 0.0, 1, labels=labels)  # 23 words: the 2 most frequent removed
     assert set(v.removed) == {"the", "flag"}
@@ -69,7 +73,11 @@ def test_removed_words_most_associated_with_a_label_are_reported():
 
 
 def test_label_entropy_rule_keeps_the_words_that_name_classes():
-    titles = [["the", "flag", f"f{i}"] for i in range(10)] + [["the", "food", f"g{i}"] for i in range(6)] + [["the", "cat", f"c{i}"] for i in range(4)]
+    titles = (
+        [["the", "flag", f"f{i}"] for i in range(10)]
+        + [["the", "food", f"g{i}"] for i in range(6)]
+        + [["the", "cat", f"c{i}"] for i in range(4)]
+    )
     labels = ["flags"] * 10 + ["food"] * 6 + ["cats"] * 4
     freq = build_vocab(titles, 0.1, 0.0, 1, labels=labels)
     spread = build_vocab(titles, 0.1, 0.0, 1, labels=labels, drop_rule="label_entropy")
