@@ -330,7 +330,7 @@ RANGED = _ranged_fields()
 
 
 def test_every_numeric_field_has_bounds():
-    """Every int and float of the recipe declares its range, except the few bounded by validate() alone."""
+    """Every int and float of the recipe declares its range next to the field."""
     import dataclasses
     import typing
 
@@ -346,7 +346,7 @@ def test_every_numeric_field_has_bounds():
                 unbounded.append(f"{prefix}{f.name}")
 
     walk(Recipe, "")
-    assert unbounded == ["data.image_size"], unbounded  # 8..1024, checked by validate() with the backbone's message
+    assert unbounded == [], unbounded
 
 
 @FAST
