@@ -94,113 +94,68 @@ def evaluate_model(
     slice of every batch; features are gathered, and a class-sharded classifier's top-k are merged
     across ranks (no rank forms the full logits). Every rank returns the whole result.
     """
-    if ctx is not None and ctx.enabled:
-        return _evaluate_distributed(model, prepared, device, recipe, in_memory, ctx, split)
+    distributed = ctx is not None and ctx.enabled
     was_training = model.training
     model.eval()
     cfg = recipe.train
     k = min(max(cfg.topk), prepared.num_classes)
     start, stop = prepared.split_range(split)
+    rank, world = (ctx.rank, ctx.world) if distributed else (0, 1)
     loader = BatchLoader(
-        prepared, cfg.eval_batch_size, start, stop, shuffle=False, in_memory=in_memory, block_rows=cfg.block_rows
-    )
+        prepared, cfg.eval_batch_size, start, stop, shuffle=False, in_memory=in_memory,
+        block_rows=cfg.block_rows, rank=rank, world=world,
+    )  # fmt: skip
     amp = cfg.amp and device.type == "cuda"
-    labels_out, scores_out, rows_out, labels_true = [], [], [], []
+
+    def autocast() -> Any:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp)
+
+    parts = []
     t0 = time.perf_counter()
     for batch in loader.epoch(0):
         x = model.normalize(batch.images.to(device, non_blocking=True))
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model.logits(x)
-        probs = torch.softmax(logits.float(), dim=1)
-        top = probs.topk(k, dim=1)
-        labels_out.append(top.indices.cpu().numpy())
-        scores_out.append(top.values.cpu().numpy())
-        rows_out.append(batch.rows)
-        labels_true.append(batch.labels.numpy())
-    seconds = time.perf_counter() - t0
-    model.train(was_training)
-    return make_result(
-        recipe,
-        prepared,
-        np.concatenate(labels_out),
-        np.concatenate(scores_out),
-        np.concatenate(labels_true),
-        np.concatenate(rows_out),
-        seconds,
-    )
-
-
-@torch.no_grad()
-def _evaluate_distributed(
-    model: torch.nn.Module,
-    prepared: Prepared,
-    device: torch.device,
-    recipe: Recipe,
-    in_memory: bool,
-    ctx: DistContext,
-    split: str = "test",
-) -> EvalResult:
-    """:func:`evaluate_model` across ranks (same result on every rank).
-
-    Each rank computes the features of its slice of every test batch; the features, labels and
-    rows are gathered; a replicated classifier scores the whole batch on every rank, a sharded one
-    scores its classes and the per-shard top-k are merged (:func:`sicot_cli.distributed.sharded_topk`).
-    """
-    was_training = model.training
-    model.eval()
-    cfg = recipe.train
-    k = min(max(cfg.topk), prepared.num_classes)
-    clf = model.classifier
-    sharded = hasattr(clf, "lo")
-    start, stop = prepared.split_range(split)
-    loader = BatchLoader(
-        prepared,
-        cfg.eval_batch_size,
-        start,
-        stop,
-        shuffle=False,
-        in_memory=in_memory,
-        block_rows=cfg.block_rows,
-        rank=ctx.rank,
-        world=ctx.world,
-    )
-    amp = cfg.amp and device.type == "cuda"
-    out_ids, out_scores, out_rows, out_labels = [], [], [], []
-    t0 = time.perf_counter()
-    for batch in loader.epoch(0):
-        total = batch.global_size
-        x = model.normalize(batch.images.to(device, non_blocking=True))
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-            feats = model.features(x) if x.shape[0] else torch.zeros((0, model.feat_dim), device=device)
-            feats = _all_gather_rows(feats.float(), ctx.world, total)
-            logits = clf(feats)
-        if sharded:
-            scores, ids = sharded_topk(logits, k, clf.lo, ctx)
+        if distributed:
+            parts.append(_score_across_ranks(model, x, batch, k, device, ctx, autocast))
         else:
-            scores, ids = torch.softmax(logits.float(), dim=1).topk(k, dim=1)
-        meta = torch.stack(
-            [batch.labels.to(device), torch.as_tensor(batch.rows, dtype=torch.int64, device=device)], dim=1
-        )
-        meta = _all_gather_rows(meta, ctx.world, total)
-        out_ids.append(ids.cpu().numpy())
-        out_scores.append(scores.float().cpu().numpy())
-        out_labels.append(meta[:, 0].cpu().numpy())
-        out_rows.append(meta[:, 1].cpu().numpy())
+            parts.append(_score(model, x, batch, k, autocast))
     seconds = time.perf_counter() - t0
     model.train(was_training)
-    return make_result(
-        recipe,
-        prepared,
-        np.concatenate(out_ids),
-        np.concatenate(out_scores),
-        np.concatenate(out_labels),
-        np.concatenate(out_rows),
-        seconds,
-    )
+    ids, scores, labels, rows = (np.concatenate(column) for column in zip(*parts, strict=True))
+    return make_result(recipe, prepared, ids, scores, labels, rows, seconds)
+
+
+Scored = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # top-k classes, their probabilities, labels, rows
+
+
+def _score(model: torch.nn.Module, x: torch.Tensor, batch: Any, k: int, autocast: Any) -> Scored:
+    """One process: the batch's image-only top-k."""
+    with autocast():
+        logits = model.logits(x)
+    top = torch.softmax(logits.float(), dim=1).topk(k, dim=1)
+    return top.indices.cpu().numpy(), top.values.cpu().numpy(), batch.labels.numpy(), batch.rows
+
+
+def _score_across_ranks(
+    model: torch.nn.Module, x: torch.Tensor, batch: Any, k: int, device: torch.device, ctx: DistContext, autocast: Any
+) -> Scored:
+    """This rank's slice of the batch: features, labels and rows gathered from every rank; a replicated
+    classifier scores the whole batch, a sharded one its classes, and the per-shard top-k are merged
+    (:func:`sicot_cli.distributed.sharded_topk`). Every rank returns the whole batch's top-k."""
+    total = batch.global_size
+    clf = model.classifier
+    with autocast():
+        feats = model.features(x) if x.shape[0] else torch.zeros((0, model.feat_dim), device=device)
+        feats = _all_gather_rows(feats.float(), ctx.world, total)
+        logits = clf(feats)
+    if hasattr(clf, "lo"):  # sharded by class
+        scores, ids = sharded_topk(logits, k, clf.lo, ctx)
+    else:
+        scores, ids = torch.softmax(logits.float(), dim=1).topk(k, dim=1)
+    meta = torch.stack([batch.labels.to(device), torch.as_tensor(batch.rows, dtype=torch.int64, device=device)], dim=1)
+    meta = _all_gather_rows(meta, ctx.world, total)
+    return ids.cpu().numpy(), scores.float().cpu().numpy(), meta[:, 0].cpu().numpy(), meta[:, 1].cpu().numpy()
 
 
 def make_result(
