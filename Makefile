@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: install demo clean-demo test lint test-all bench bench-quick clean
+.PHONY: install demo clean-demo readme test lint test-all bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ demo: install
 	test -f data/demo-pretrain.h5 || $(BIN)/sicot prepare --recipe recipes/demo-pretrain.toml
 	test -f runs/demo-pretrain/summary.json || $(BIN)/sicot train --recipe recipes/demo-pretrain.toml --run-dir runs/demo-pretrain --resume
 	$(BIN)/sicot ablate --recipe recipes/demo.toml --seeds $(DEMO_SEEDS) model.pretrained=runs/demo-pretrain
+
+## README's result tables, rewritten from the run directories that produced them (make demo,
+## DEMO_SEEDS=0,1,2 make demo); `python -m benchmarks.readme --check` only compares.
+readme: install
+	$(BIN)/python -m benchmarks.readme
 
 clean-demo:
 	rm -rf runs/ablate-demo runs/demo-pretrain data/demo.h5 data/demo.recipe.json data/demo-pretrain.h5 data/demo-pretrain.recipe.json

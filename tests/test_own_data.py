@@ -240,6 +240,8 @@ def test_training_plan_warns_when_the_setting_cannot_learn():
         "is the starting point for own data)",
     ]
     assert training_plan(recipe, SimpleNamespace(image_size=32, n_train=6800, num_classes=100), 53, 2)[1] == []
+    pretrained = load_recipe(None, ["train.batch_size=128", "train.epochs=8", "model.pretrained=runs/x"])
+    assert training_plan(pretrained, SimpleNamespace(image_size=32, n_train=6800, num_classes=100), 1, 2)[1] == []
 
 
 def test_ablation_progress_names_the_run_and_moves_the_overall_bar():
