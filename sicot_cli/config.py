@@ -108,10 +108,13 @@ class TextConfig:
     drop_most_frequent: Fraction = 0.05  # fraction of the vocabulary (by frequency rank) dropped at the top
     drop_least_frequent: Fraction = 0.05  # fraction dropped at the bottom
     min_count: Count = 1
-    # Which words drop_most_frequent removes from the top: "frequency" (the paper's rule: the most
-    # frequent words) or "label_entropy" (the words whose training titles are spread most evenly
-    # over the labels, i.e. carry the least label information; see sicot_cli/data/vocab.py).
-    drop_rule: Literal["frequency", "label_entropy"] = "frequency"
+    # Which words drop_most_frequent removes from the top: "label_entropy" (the default: the words
+    # whose training titles are spread most evenly over the labels, i.e. carry the least label
+    # information; see sicot_cli/data/vocab.py) or "frequency" (the paper's rule: the most frequent
+    # words). On a small vocabulary the paper's rule removes the words that name the class and
+    # empties titles, whose training images are then dropped (emoji-zh at 5 %: 647 of 2,857; the
+    # demo: its attribute words); docs/presets.md, "The noise-word filter".
+    drop_rule: Literal["frequency", "label_entropy"] = "label_entropy"
 
 
 @dataclass

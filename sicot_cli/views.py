@@ -24,7 +24,7 @@ def _rules_rows(table: Table, rules: list[FilterRule]) -> None:
         )
 
 
-def _informative_rows(table: Table, informative: list) -> None:
+def _informative_rows(table: Table, informative: list, rules: list) -> None:
     """The removed words most associated with a label (a filter removing class names shows here)."""
     if not informative or informative[0][1] <= 0:
         return
@@ -33,9 +33,9 @@ def _informative_rows(table: Table, informative: list) -> None:
         for w, mi, label, share in informative[:6]
         if mi > 0
     )
-    table.add_row(
-        "  removed words most tied to a label", f"{shown}  [dim](text.drop_rule=label_entropy keeps such words)[/]"
-    )
+    paper_rule = any("most frequent" in (r["rule"] if isinstance(r, dict) else r.rule) for r in rules)
+    hint = "  [dim](text.drop_rule=label_entropy keeps such words)[/]" if paper_rule else ""
+    table.add_row("  removed words most tied to a label", f"{shown}{hint}")
 
 
 def _test_words_rows(table: Table, oov: float, filtered: float) -> None:
@@ -83,7 +83,7 @@ def prepare_table(s: PrepareSummary) -> Table:
     )
     t.add_row("vocabulary (before -> after filter)", f"{s.raw_vocab:,} -> {s.vocab:,}")
     _rules_rows(t, s.filter_rules)
-    _informative_rows(t, s.informative_removed)
+    _informative_rows(t, s.informative_removed, s.filter_rules)
     _vectors_row(t, s.vectors)
     _test_words_rows(t, s.test_oov_rate, s.test_filtered_rate)
     if s.truncated_titles:
@@ -101,7 +101,7 @@ def embed_table(s: EmbedSummary) -> Table:
     t.add_row("training titles", f"{s.train_titles:,}")
     t.add_row("vocabulary (before -> after filter)", f"{s.raw_vocab:,} -> {s.vocab:,}")
     _rules_rows(t, s.rules)
-    _informative_rows(t, s.informative_removed)
+    _informative_rows(t, s.informative_removed, s.rules)
     _vectors_row(t, s.vectors)
     _test_words_rows(t, s.test_oov_rate, s.test_filtered_rate)
     for reason, n in s.skipped.items():

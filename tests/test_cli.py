@@ -59,7 +59,7 @@ def test_embed_report_save_and_neighbours(tmp_path, manifest):
     vec = tmp_path / "v.txt"
     r = run("embed", f"data.manifest={manifest}", "data.source=manifest", *KEEP_ALL, "--out", str(vec))
     assert r.exit_code == 0, r.output
-    assert "vocabulary (before -> after filter)" in r.output and "0% most frequent" in r.output
+    assert "vocabulary (before -> after filter)" in r.output and "0% most spread over labels" in r.output
     header = vec.read_text(encoding="utf-8").splitlines()[0].split()
     assert header[1] == "8" and int(header[0]) > 10
     r = run("embed", "--neighbours", "cat", "--vectors", str(vec), "--top", "3")

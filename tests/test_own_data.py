@@ -146,7 +146,7 @@ def test_test_title_oov_and_filtered_words_are_reported_separately(tmp_path):
     assert any("test-title words removed by the noise filter" in ln and "25.0%" in ln for ln in lines)
     # embed --neighbours says the filter removed the word, not that it was never seen
     r = runner.invoke(app, ["embed", "--neighbours", "common", "--data", str(tmp_path / "o.h5")])
-    assert r.exit_code == 2 and "removed by the noise filter (34% most frequent)" in r.output
+    assert r.exit_code == 2 and "removed by the noise filter (34% most spread over labels)" in r.output
     # tokenize --data marks dropped words in text, not only in colour
     r = runner.invoke(app, ["tokenize", "--data", str(tmp_path / "o.h5"), "common apple"])
     assert r.exit_code == 0 and "[common] | apple" in r.output
