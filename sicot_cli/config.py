@@ -530,8 +530,9 @@ def _apply_override(table: dict[str, Any], item: str) -> None:
 
 
 def validate(recipe: Recipe, where: str) -> None:
-    """The rules that tie fields together (each field's own type, range and choices are checked
-    where it is declared, by its annotation)."""
+    """What an annotation cannot say: rules that tie fields together, and a few patterns (the run
+    name, the device, the preset). Each field's own type, range and choices are checked where it
+    is declared, by its annotation."""
     d, t, e, tr = recipe.data, recipe.text, recipe.eval, recipe.train
     checks: list[tuple[bool, str]] = [
         (
