@@ -106,6 +106,31 @@ def ablate(
     unknown = [p for p in presets if p not in PRESETS]
     if unknown:
         raise SicotError(f"--presets: unknown preset {unknown[0]!r} (known: {', '.join(sorted(PRESETS))})")
+    recipe, data_path = _prepared(recipe, data, progress)
+    root = Path(out) if out is not None else default_dir(recipe)
+    _write_plan(root, recipe, encoders, seeds, presets)
+    statuses: list[RunStatus] = []
+    plan = [(BASELINE, None)] + [(e, p) for p in presets for e in encoders if e != BASELINE]
+    order = [(seed, encoder, preset) for seed in seeds for encoder, preset in plan]
+    for i, (seed, encoder, preset) in enumerate(order):
+        own = preset is None or preset == recipe.preset
+        r = copy.deepcopy(recipe) if own else with_preset(recipe, preset)
+        r.model.encoder = encoder
+        r.train.seed = seed
+        run_dir = root / run_name(encoder, seed, None if own else preset)
+        if on_start is not None:
+            on_start(run_dir.name, i, len(order), r)
+        status = _train_run(r, run_dir, data_path, progress)
+        statuses.append(status)
+        if on_run is not None:
+            on_run(status)
+        if status.state == "interrupted":
+            break
+    return root, statuses
+
+
+def _prepared(recipe: Recipe, data: str | Path | None, progress: Progress | None) -> tuple[Recipe, Path]:
+    """The prepared file (prepared first when missing) and a copy of the recipe with its settings taken in."""
     data_path = Path(data) if data is not None else Path(recipe.data.out)
     if not data_path.exists():
         from sicot_cli.data.prepare import prepare
@@ -117,7 +142,11 @@ def ablate(
 
     recipe = copy.deepcopy(recipe)
     adopt_prepared(recipe, open_prepared(data_path).recipe, data_path)
-    root = Path(out) if out is not None else default_dir(recipe)
+    return recipe, data_path
+
+
+def _write_plan(root: Path, recipe: Recipe, encoders: list[str], seeds: list[int], presets: list[str]) -> None:
+    """``ablation.json``; a directory holding an ablation of another recipe is refused."""
     ensure_dir(root)
     plan_path = root / PLAN
     shared = _shared_recipe(recipe)
@@ -132,32 +161,15 @@ def ablate(
             raise SicotError(f"{root}: holds an ablation of another recipe ({plan_path}); use another --out")
     write_json(plan_path, {"recipe": shared, "encoders": [BASELINE, *encoders], "seeds": seeds, "presets": presets})
 
-    statuses: list[RunStatus] = []
-    plan = [(BASELINE, None)] + [(e, p) for p in presets for e in encoders if e != BASELINE]
-    order = [(seed, encoder, preset) for seed in seeds for encoder, preset in plan]
-    for i, (seed, encoder, preset) in enumerate(order):
-        own = preset is None or preset == recipe.preset
-        r = copy.deepcopy(recipe) if own else with_preset(recipe, preset)
-        r.model.encoder = encoder
-        r.train.seed = seed
-        run_dir = root / run_name(encoder, seed, None if own else preset)
-        if on_start is not None:
-            on_start(run_dir.name, i, len(order), r)
-        existed = runs.is_run(run_dir)
-        result: TrainResult = train(r, run_dir, resume=existed, data=data_path, progress=progress or NullProgress())
-        state = (
-            "skipped"
-            if result.skipped
-            else "interrupted"
-            if result.interrupted
-            else "resumed"
-            if existed
-            else "trained"
-        )
-        status = RunStatus(encoder, seed, run_dir, state, result.final)
-        statuses.append(status)
-        if on_run is not None:
-            on_run(status)
-        if result.interrupted:
-            return root, statuses
-    return root, statuses
+
+def _train_run(r: Recipe, run_dir: Path, data_path: Path, progress: Progress | None) -> RunStatus:
+    """Train, resume or skip one run of the ablation; how it went."""
+    existed = runs.is_run(run_dir)
+    result: TrainResult = train(r, run_dir, resume=existed, data=data_path, progress=progress or NullProgress())
+    if result.skipped:
+        state = "skipped"
+    elif result.interrupted:
+        state = "interrupted"
+    else:
+        state = "resumed" if existed else "trained"
+    return RunStatus(r.model.encoder, r.train.seed, run_dir, state, result.final)

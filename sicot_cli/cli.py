@@ -5,7 +5,7 @@ so ``sicot --help`` stays instant."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -522,8 +522,8 @@ def ablate(
     from sicot_cli.ablate import ablate as run_ablate
     from sicot_cli.console import AblationProgress, err_console
     from sicot_cli.errors import SicotError
-    from sicot_cli.report import VERDICT_RULE, build_report, write_report
-    from sicot_cli.views import ablation_row, ablation_table, report_tables
+    from sicot_cli.report import build_report
+    from sicot_cli.views import ablation_row, ablation_table
 
     _load_encoder_modules(encoder_module)
     names = _csv_list(encoders) or list_encoders()
@@ -563,18 +563,34 @@ def ablate(
             Text.assemble(("interrupted: run the same command again to continue", "yellow"), " ", safe(f"({root})"))
         )
         raise typer.Exit(130)
-    report = build_report([root], chosen)
-    written = write_report(report, root)
+    rep = build_report([root], chosen)
+    written = _write_report(rep, root, figures)
+    _print_tables(rep)
+    console.print(safe("wrote " + ", ".join(str(p) for p in written)))
+
+
+def _write_report(rep: Any, target: Path, figures: bool) -> list[Path]:
+    """report.md/.csv/.json and per_class.csv, and the figures when asked: the files written."""
+    from sicot_cli.report import write_report
+
+    written = write_report(rep, target)
     if figures:
         from sicot_cli.figures import render_all
 
-        written += render_all(report, root)
-    console.print(safe(f"image-only, {report.protocol}"))
-    for table in report_tables(report):
+        written += render_all(rep, target)
+    return written
+
+
+def _print_tables(rep: Any) -> None:
+    """Tables 2-4 with the protocol line above and the verdict rule below."""
+    from sicot_cli.report import VERDICT_RULE
+    from sicot_cli.views import report_tables
+
+    console.print(safe(f"image-only, {rep.protocol}"), highlight=False)
+    for table in report_tables(rep):
         show(table)
-    if report.gains:
-        console.print(safe(f"evidence: {VERDICT_RULE}"))
-    console.print(safe("wrote " + ", ".join(str(p) for p in written)))
+    if rep.gains:
+        console.print(f"evidence: {VERDICT_RULE}", markup=False, highlight=False)
 
 
 @app.command()
@@ -597,25 +613,17 @@ def report(
     """Tables 2-4 (with seeds: mean ± std, paired tests, bootstrap intervals), files and figures."""
     from sicot_cli.errors import SicotError
     from sicot_cli.fsutil import ensure_dir
-    from sicot_cli.report import VERDICT_RULE, build_report, to_csv, to_json, to_markdown, write_report
-    from sicot_cli.views import attention_view, class_words_table, report_tables
+    from sicot_cli.report import build_report, to_csv, to_json, to_markdown
+    from sicot_cli.views import attention_view, class_words_table
 
     if fmt not in ("table", "markdown", "csv", "json"):
         raise SicotError(f"--format must be table, markdown, csv or json, got {fmt!r}")
     rep = build_report(list(dirs), chosen)
     target = out or dirs[0]
     ensure_dir(target)
-    written = write_report(rep, target)
-    if figures:
-        from sicot_cli.figures import render_all
-
-        written += render_all(rep, target)
+    written = _write_report(rep, target, figures)
     if fmt == "table":
-        console.print(safe(f"image-only, {rep.protocol}"), highlight=False)
-        for table in report_tables(rep):
-            show(table)
-        if rep.gains:
-            console.print(f"evidence: {VERDICT_RULE}", markup=False, highlight=False)
+        _print_tables(rep)
     else:
         typer.echo(plain_text({"markdown": to_markdown, "csv": to_csv, "json": to_json}[fmt](rep)))
     if attention or class_name:

@@ -186,13 +186,7 @@ def export(
     out = Path(out)
     fmt = format_for(out, fmt)
     side = sidecar_path(out)
-    if out.suffix.lower() == ".json":
-        raise SicotError(f"{out}: the model file cannot be a .json (that name is for the file beside it)")
-    for p in (out, side):
-        check_name(p)
-        if exists(p):
-            raise SicotError(f"{p}: already exists (choose another --out)")
-    ensure_dir(out.parent)
+    _check_outputs(out, side)
     if fmt == "onnx":
         _need_onnx()
     run_dir = Path(run_dir)
@@ -211,62 +205,78 @@ def export(
                 f"{out}: the exported model disagrees with PyTorch on {len(images)} test images (max |dp| {diff:.2e}, top-1 {'equal' if top1 else 'different'}); nothing written"
             )
         digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
-    titles = representative_titles(prepared, set(range(prepared.num_classes)))
     meta = state.get("meta", {})
-    write_json(
-        side,
-        {
-            "format": SIDECAR_FORMAT,
-            "model": {
-                "file": out.name,
-                "format": fmt,
-                "sha256": digest,
-                "runtime": "onnxruntime" if fmt == "onnx" else "torch.jit.load",
-            },
-            "input": {
-                "name": INPUT,
-                "dtype": "uint8",
-                "shape": ["batch", 3, size, size],
-                "layout": "NCHW",
-                "channels": "RGB",
-                "range": [0, 255],
-                "image_size": size,
-                "preprocessing": PREPROCESSING,
-            },
-            "normalization": {
-                "mean": net.mean.flatten().tolist(),
-                "std": net.std.flatten().tolist(),
-                "applied": "inside the model: (x - mean) / std on 0-255 values; feed raw uint8",
-            },
-            "output": {
-                "name": OUTPUT,
-                "dtype": "float32",
-                "shape": ["batch", prepared.num_classes],
-                "meaning": "softmax probabilities; index i is classes[i]",
-            },
-            "classes": [
-                {"index": i, "name": name, "title": titles.get(i)} for i, name in enumerate(prepared.class_names)
-            ],
-            "sicot": {
-                "version": __version__,
-                "run": str(run_dir.resolve()),
-                "checkpoint": checkpoint,
-                "epoch": meta.get("epoch") if isinstance(meta, dict) else None,
-                "recipe": recipe.name,
-                "encoder": recipe.model.encoder,
-                "backbone": recipe.model.backbone,
-                "dataset": prepared.fingerprint(),
-            },
-            "verification": {
-                "images": len(images),
-                "max_abs_diff": diff,
-                "top1_equal": top1,
-                "tolerance": TOLERANCE,
-                "against": "the eager PyTorch model on the run's first test images",
-            },
-        },
-    )
+    sicot = {
+        "version": __version__,
+        "run": str(run_dir.resolve()),
+        "checkpoint": checkpoint,
+        "epoch": meta.get("epoch") if isinstance(meta, dict) else None,
+        "recipe": recipe.name,
+        "encoder": recipe.model.encoder,
+        "backbone": recipe.model.backbone,
+        "dataset": prepared.fingerprint(),
+    }
+    verification = {
+        "images": len(images),
+        "max_abs_diff": diff,
+        "top1_equal": top1,
+        "tolerance": TOLERANCE,
+        "against": "the eager PyTorch model on the run's first test images",
+    }
+    write_json(side, _sidecar(out, fmt, digest, net, prepared, sicot, verification))
     return ExportResult(out, side, fmt, len(images), diff, top1)
+
+
+def _check_outputs(out: Path, side: Path) -> None:
+    """Refuse a .json model name and an existing model or side file; create the folder."""
+    if out.suffix.lower() == ".json":
+        raise SicotError(f"{out}: the model file cannot be a .json (that name is for the file beside it)")
+    for p in (out, side):
+        check_name(p)
+        if exists(p):
+            raise SicotError(f"{p}: already exists (choose another --out)")
+    ensure_dir(out.parent)
+
+
+def _sidecar(
+    out: Path, fmt: str, digest: str, net: ImageOnly, prepared: Any, sicot: dict[str, Any], verification: dict[str, Any]
+) -> dict[str, Any]:
+    """The JSON beside the model: input contract, normalisation, classes, provenance, verification."""
+    size = prepared.image_size
+    titles = representative_titles(prepared, set(range(prepared.num_classes)))
+    return {
+        "format": SIDECAR_FORMAT,
+        "model": {
+            "file": out.name,
+            "format": fmt,
+            "sha256": digest,
+            "runtime": "onnxruntime" if fmt == "onnx" else "torch.jit.load",
+        },
+        "input": {
+            "name": INPUT,
+            "dtype": "uint8",
+            "shape": ["batch", 3, size, size],
+            "layout": "NCHW",
+            "channels": "RGB",
+            "range": [0, 255],
+            "image_size": size,
+            "preprocessing": PREPROCESSING,
+        },
+        "normalization": {
+            "mean": net.mean.flatten().tolist(),
+            "std": net.std.flatten().tolist(),
+            "applied": "inside the model: (x - mean) / std on 0-255 values; feed raw uint8",
+        },
+        "output": {
+            "name": OUTPUT,
+            "dtype": "float32",
+            "shape": ["batch", prepared.num_classes],
+            "meaning": "softmax probabilities; index i is classes[i]",
+        },
+        "classes": [{"index": i, "name": name, "title": titles.get(i)} for i, name in enumerate(prepared.class_names)],
+        "sicot": sicot,
+        "verification": verification,
+    }
 
 
 def read_sidecar(model_path: Path) -> dict[str, Any]:

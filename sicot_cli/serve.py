@@ -186,10 +186,6 @@ def create_app(recognizer: Recognizer, limits: ServeLimits) -> Any:  # noqa: ANN
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
-    from starlette.concurrency import run_in_threadpool
-    from starlette.exceptions import HTTPException
 
     limits.check()
     state: dict[str, Any] = {}
@@ -208,21 +204,7 @@ def create_app(recognizer: Recognizer, limits: ServeLimits) -> Any:  # noqa: ANN
 
     app = FastAPI(title="sicot", summary="Image-only product recognition (SICoT, CIKM'20)", lifespan=lifespan)
 
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status)
-
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, e: ApiError) -> JSONResponse:
-        return error(e.status, e.message)
-
-    @app.exception_handler(HTTPException)
-    async def _http_error(request: Request, e: HTTPException) -> JSONResponse:
-        return error(e.status_code, str(e.detail))
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
-        first = e.errors()[0] if e.errors() else {}
-        return error(422, f"{'.'.join(str(p) for p in first.get('loc', ()))}: {first.get('msg', 'invalid request')}")
+    _install_error_handlers(app)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
@@ -247,40 +229,73 @@ def create_app(recognizer: Recognizer, limits: ServeLimits) -> Any:  # noqa: ANN
 
     @app.post("/predict")
     async def predict(request: Request, k: int | None = None) -> dict[str, Any]:
-        k = min(limits.top_k, recognizer.num_classes) if k is None else k
-        if not 1 <= k <= recognizer.num_classes:
-            raise ApiError(422, f"k must be between 1 and {recognizer.num_classes}, got {k}")
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + limits.timeout_s
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype not in ("multipart/form-data", "application/json"):
-            raise ApiError(
-                415,
-                f"content type {ctype or '(none)'!r}: send multipart/form-data (image files) or application/json (base64 images)",
-            )
-        with state["batcher"].arriving():
-            body = await _read_body(request, limits.max_upload_bytes, deadline)
-            images = (
-                await _images_from_multipart(request, body, limits)
-                if ctype == "multipart/form-data"
-                else _images_from_json(body)
-            )
-            if not images:
-                raise ApiError(400, "no image in the request")
-            if len(images) > limits.max_images:
-                raise ApiError(413, f"{len(images)} images in one request (limit {limits.max_images})")
-            x = await run_in_threadpool(_decode, images, recognizer.image_size, limits.max_pixels)
-        try:
-            async with asyncio.timeout_at(deadline):
-                probs = await state["batcher"].submit(x)
-        except Busy:
-            raise ApiError(503, "the service is busy (queue full); retry later") from None
-        except TimeoutError:
-            raise ApiError(503, f"no answer from the model within {limits.timeout_s:g} s; retry later") from None
-        preds = recognizer.top(probs, [name for name, _ in images], k)
-        return {"predictions": [p.as_dict() for p in preds]}
+        return await _predict(request, k, recognizer, limits, state["batcher"])
 
     return app
+
+
+def _install_error_handlers(app: Any) -> None:  # noqa: ANN401 - fastapi.FastAPI
+    """Every error answers ``{"error": message}`` with its status (API errors, HTTP errors, bad requests)."""
+    from fastapi import Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, e: ApiError) -> JSONResponse:
+        return error(e.status, e.message)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, e: HTTPException) -> JSONResponse:
+        return error(e.status_code, str(e.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0] if e.errors() else {}
+        return error(422, f"{'.'.join(str(p) for p in first.get('loc', ()))}: {first.get('msg', 'invalid request')}")
+
+
+async def _predict(
+    request: Any, k: int | None, recognizer: Recognizer, limits: ServeLimits, batcher: MicroBatcher
+) -> dict[str, Any]:
+    """``POST /predict``: the request's images (multipart files or base64 JSON), batched, top-k each."""
+    from starlette.concurrency import run_in_threadpool
+
+    k = min(limits.top_k, recognizer.num_classes) if k is None else k
+    if not 1 <= k <= recognizer.num_classes:
+        raise ApiError(422, f"k must be between 1 and {recognizer.num_classes}, got {k}")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limits.timeout_s
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype not in ("multipart/form-data", "application/json"):
+        raise ApiError(
+            415,
+            f"content type {ctype or '(none)'!r}: send multipart/form-data (image files) or application/json (base64 images)",
+        )
+    with batcher.arriving():
+        body = await _read_body(request, limits.max_upload_bytes, deadline)
+        images = (
+            await _images_from_multipart(request, body, limits)
+            if ctype == "multipart/form-data"
+            else _images_from_json(body)
+        )
+        if not images:
+            raise ApiError(400, "no image in the request")
+        if len(images) > limits.max_images:
+            raise ApiError(413, f"{len(images)} images in one request (limit {limits.max_images})")
+        x = await run_in_threadpool(_decode, images, recognizer.image_size, limits.max_pixels)
+    try:
+        async with asyncio.timeout_at(deadline):
+            probs = await batcher.submit(x)
+    except Busy:
+        raise ApiError(503, "the service is busy (queue full); retry later") from None
+    except TimeoutError:
+        raise ApiError(503, f"no answer from the model within {limits.timeout_s:g} s; retry later") from None
+    preds = recognizer.top(probs, [name for name, _ in images], k)
+    return {"predictions": [p.as_dict() for p in preds]}
 
 
 def load(

@@ -98,6 +98,49 @@ def label_information(word_labels: Counter[str], label_counts: Counter[str], n_t
     return mi
 
 
+def _top_cut(
+    ranked: list[str], counts: Counter[str], n_top: int, drop_rule: str, stats: dict[str, Counter[str]] | None
+) -> set[str]:
+    """The ``n_top`` words the top cut removes: the most frequent, or the most evenly spread over labels."""
+    if drop_rule != "label_entropy":
+        return set(ranked[:n_top])
+    if stats is None:
+        raise ValueError("drop_rule 'label_entropy' needs the titles' labels")
+    spread = {w: _entropy(stats[w]) for w in ranked}
+    # equal spread (e.g. words seen in one class only): the rarer word goes first, since a
+    # frequent word confined to one class is the one that names it
+    return set(sorted(ranked, key=lambda w: (-spread[w], counts[w], tie_key(w)))[:n_top])
+
+
+def _rule_reports(
+    cuts: Sequence[tuple[str, set[str]]], train_titles: Sequence[Sequence[str]], counts: Counter[str]
+) -> tuple[list[FilterRule], dict[str, str]]:
+    """What each rule removed (titles emptied counted cumulatively), and the rule that removed each word."""
+    rules: list[FilterRule] = []
+    gone: set[str] = set()
+    removed_by: dict[str, str] = {}
+    for name, removed in cuts:
+        gone |= removed
+        removed_by.update(dict.fromkeys(removed, name))
+        emptied = sum(1 for title in train_titles if title and all(t in gone for t in title))
+        rules.append(FilterRule(name, len(removed), sum(counts[w] for w in removed), emptied))
+    return rules, removed_by
+
+
+def _informative(
+    removed: set[str], stats: dict[str, Counter[str]], labels: Sequence[str], n_titles: int
+) -> list[tuple[str, float, str, float]]:
+    """Removed words by their information about the label: (word, bits, its top label, share there)."""
+    label_counts = Counter(labels)
+    scored = []
+    for w in removed:
+        top_label, top_n = max(stats[w].items(), key=lambda kv: (kv[1], tie_key(kv[0])))
+        scored.append(
+            (w, label_information(stats[w], label_counts, n_titles), top_label, top_n / sum(stats[w].values()))
+        )
+    return sorted(scored, key=lambda x: (-x[1], tie_key(x[0])))
+
+
 def build_vocab(
     train_titles: Sequence[Sequence[str]],
     drop_most_frequent: float = 0.05,
@@ -128,53 +171,26 @@ def build_vocab(
     n_top = math.floor(drop_most_frequent * n)
     n_bottom = math.floor(drop_least_frequent * n)
     stats = _label_stats(train_titles, labels) if labels is not None else None
-    if drop_rule == "label_entropy":
-        if stats is None:
-            raise ValueError("drop_rule 'label_entropy' needs the titles' labels")
-        spread = {w: _entropy(stats[w]) for w in ranked}
-        # equal spread (e.g. words seen in one class only): the rarer word goes first, since a
-        # frequent word confined to one class is the one that names it
-        removed_top = set(sorted(ranked, key=lambda w: (-spread[w], counts[w], tie_key(w)))[:n_top])
-    else:
-        removed_top = set(ranked[:n_top])
+    removed_top = _top_cut(ranked, counts, n_top, drop_rule, stats)
     removed_bottom = set(ranked[n - n_bottom :]) if n_bottom else set()
     removed_bottom -= removed_top
     middle = [w for w in ranked if w not in removed_top and w not in removed_bottom]
     removed_min = {w for w in middle if counts[w] < min_count}
     kept = [w for w in middle if w not in removed_min]
-
-    rules: list[FilterRule] = []
-    gone: set[str] = set()
-    removed_by: dict[str, str] = {}
     top_name = (
         f"{drop_most_frequent * 100:g}% most frequent"
         if drop_rule == "frequency"
         else f"{drop_most_frequent * 100:g}% most spread over labels"
     )
-    for name, removed in (
+    cuts = (
         (top_name, removed_top),
         (f"{drop_least_frequent * 100:g}% least frequent", removed_bottom),
         (f"seen < {min_count} times", removed_min),
-    ):
-        gone |= removed
-        removed_by.update(dict.fromkeys(removed, name))
-        emptied = sum(1 for title in train_titles if title and all(t in gone for t in title))
-        rules.append(FilterRule(name, len(removed), sum(counts[w] for w in removed), emptied))
+    )
+    rules, removed_by = _rule_reports(cuts, train_titles, counts)
     informative: list[tuple[str, float, str, float]] = []
     if stats is not None and removed_top:
-        label_counts = Counter(labels)
-        scored = []
-        for w in removed_top:
-            top_label, top_n = max(stats[w].items(), key=lambda kv: (kv[1], tie_key(kv[0])))
-            scored.append(
-                (
-                    w,
-                    label_information(stats[w], label_counts, len(train_titles)),
-                    top_label,
-                    top_n / sum(stats[w].values()),
-                )
-            )
-        informative = sorted(scored, key=lambda x: (-x[1], tie_key(x[0])))[:report_top]
+        informative = _informative(removed_top, stats, labels or [], len(train_titles))[:report_top]
     return Vocab(
         [PAD, *kept],
         [0, *(counts[w] for w in kept)],
