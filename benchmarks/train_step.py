@@ -100,15 +100,19 @@ def loader_epochs(
     epochs: int,
     sync: Callable[[], None],
     pin_memory: bool = False,
+    sampler: str = "instance",
 ) -> tuple[list[tuple[float, float]], float]:
     """Seconds of one epoch read by the real loader (HDF5 blocks, no RAM copy) and of the same
     epoch from batches already in memory, ``epochs`` times, alternating; and the median ratio.
 
-    ``pin_memory``: page-locked batches, as ``sicot train`` uses on CUDA.
+    ``pin_memory``: page-locked batches, as ``sicot train`` uses on CUDA. ``sampler``: the rows an
+    epoch draws (``train.sampler``); both loaders draw the same rows, the streaming one reads them
+    block by block (sicot_cli.data.sampler).
     """
     mem = BatchLoader(
-        prepared, batch_size, 0, n_epoch, shuffle=True, in_memory=True, drop_last=True, pin_memory=pin_memory
-    )
+        prepared, batch_size, 0, n_epoch, shuffle=True, in_memory=True, drop_last=True, pin_memory=pin_memory,
+        sampler=sampler,
+    )  # fmt: skip
     disk = BatchLoader(
         prepared,
         batch_size,
@@ -119,6 +123,7 @@ def loader_epochs(
         block_rows=max(batch_size, 1024),
         drop_last=True,
         pin_memory=pin_memory,
+        sampler=sampler,
     )
     ram_batches = list(mem.epoch(0))
 
@@ -145,6 +150,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--encoders", default=",".join(list_encoders()))
+    parser.add_argument(
+        "--sampler", default="instance", help="train.sampler of the loader epochs (e.g. class_balanced)"
+    )
     args = parse(parser, argv)
     start()
     cuda = args.device.startswith("cuda")
@@ -201,6 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
             2 if args.quick else 3,
             sync,
             pin_memory=cuda,
+            sampler=args.sampler,
         )
         peak, peak_kind = peak_memory_gib(args.device)
 
@@ -218,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"{ratios[name]:.3f}",
         )
     console.print(table)
-    lt = Table(title="epoch time: real loader (HDF5 blocks) vs batches in memory")
+    lt = Table(title=f"epoch time: real loader (HDF5 blocks) vs batches in memory, {args.sampler} sampler")
     for col in ("epoch", "loader s", "in-memory s", "ratio"):
         lt.add_column(col, justify="right")
     for i, (a, b) in enumerate(loader_pairs):
@@ -246,6 +255,7 @@ def main(argv: list[str] | None = None) -> dict:
             "batch": batch_size,
             "classes": args.classes,
             "rounds": rounds,
+            "sampler": args.sampler,
         },
         "steps": [
             {
@@ -267,7 +277,9 @@ def main(argv: list[str] | None = None) -> dict:
             "loader_met": loader_met,
         },
     }
-    console.print(f"wrote {write_results('train_step', args.device, result)}")
+    console.print(
+        f"wrote {write_results('train_step' + ('' if args.sampler == 'instance' else '-' + args.sampler), args.device, result)}"
+    )
     return result
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sicot_cli import runs
+from sicot_cli import methods, runs
 from sicot_cli.config import PRESETS, Recipe, adopt_prepared, recipe_from_dict
 from sicot_cli.errors import SicotError
 from sicot_cli.fsutil import ensure_dir, write_json
@@ -33,13 +33,14 @@ BASELINE = "none"
 
 @dataclass
 class RunStatus:
-    """One (encoder, seed) of the ablation and what happened to it in this call."""
+    """One (encoder, method, seed) of the ablation and what happened to it in this call."""
 
     encoder: str
     seed: int
     run_dir: Path
     state: str  # "trained", "resumed", "skipped" (already finished), "interrupted"
     final: dict[str, Any]
+    method: str = methods.CE
 
 
 def _shared_recipe(recipe: Recipe) -> dict[str, Any]:
@@ -50,9 +51,10 @@ def _shared_recipe(recipe: Recipe) -> dict[str, Any]:
     return d
 
 
-def run_name(encoder: str, seed: int, preset: str | None = None) -> str:
-    """``<encoder>-s<seed>``, or ``<encoder>-<preset>-s<seed>`` for a preset other than the recipe's."""
-    return f"{encoder}-s{seed}" if preset is None else f"{encoder}-{preset}-s{seed}"
+def run_name(encoder: str, seed: int, preset: str | None = None, method: str = methods.CE) -> str:
+    """``<encoder>[-<preset>][-<method>]-s<seed>``: the preset when not the recipe's, the method when not CE."""
+    parts = [encoder] + ([preset] if preset is not None else []) + ([method] if method != methods.CE else [])
+    return "-".join(parts) + f"-s{seed}"
 
 
 def with_preset(recipe: Recipe, preset: str) -> Recipe:
@@ -79,12 +81,16 @@ def ablate(
     data: str | Path | None = None,
     presets: list[str] | None = None,
     on_start: Callable[[str, int, int, Recipe], None] | None = None,
+    method_names: list[str] | None = None,
 ) -> tuple[Path, list[RunStatus]]:
-    """Train (or skip, or resume) the baseline and each encoder for each seed.
+    """Train (or skip, or resume) the baseline and each encoder, under each method, for each seed.
 
     With ``presets`` (e.g. ``["sicot", "paper"]``) every encoder is trained under each preset, side
     by side against the one baseline (which no co-training key changes); runs of a preset other
     than the recipe's are named ``<encoder>-<preset>-s<seed>`` and reported as ``encoder[preset]``.
+    With ``method_names`` (sicot_cli.methods, e.g. ``["ce", "la-loss", "crt"]``) every encoder,
+    the baseline included, is trained with each training method, and each second stage runs on
+    the run of its training part (``crt`` on the CE run): ``<encoder>-<method>-s<seed>``.
 
     Args:
         recipe: the resolved recipe (``model.encoder`` and ``train.seed`` are set per run).
@@ -96,6 +102,7 @@ def ablate(
         data: the prepared file (default ``data.out``; prepared first when missing).
         on_start: called before each run as ``on_start(run name, index, number of runs, recipe)``
             (the CLI's progress: which run trains, and the ETA of the whole ablation).
+        method_names: long-tail methods (default: ``["ce"]``, the paper's training only).
 
     Returns:
         The ablation directory and the status of every run, in training order.
@@ -106,27 +113,60 @@ def ablate(
     unknown = [p for p in presets if p not in PRESETS]
     if unknown:
         raise SicotError(f"--presets: unknown preset {unknown[0]!r} (known: {', '.join(sorted(PRESETS))})")
+    plans = _method_plan(method_names or [methods.CE])
     recipe, data_path = _prepared(recipe, data, progress)
     root = Path(out) if out is not None else default_dir(recipe)
-    _write_plan(root, recipe, encoders, seeds, presets)
-    statuses: list[RunStatus] = []
+    _write_plan(root, recipe, encoders, seeds, presets, [m for m, _, _ in plans])
     plan = [(BASELINE, None)] + [(e, p) for p in presets for e in encoders if e != BASELINE]
-    order = [(seed, encoder, preset) for seed in seeds for encoder, preset in plan]
-    for i, (seed, encoder, preset) in enumerate(order):
+    # Training runs first (every second stage needs its first run), each seed in turn.
+    order = [
+        (seed, e, p, m)
+        for seed in seeds
+        for stage in (False, True)
+        for e, p in plan
+        for m in plans
+        if bool(m[2]) == stage
+    ]
+    statuses: list[RunStatus] = []
+    for i, (seed, encoder, preset, (method, overrides, stage)) in enumerate(order):
         own = preset is None or preset == recipe.preset
         r = copy.deepcopy(recipe) if own else with_preset(recipe, preset)
-        r.model.encoder = encoder
-        r.train.seed = seed
-        run_dir = root / run_name(encoder, seed, None if own else preset)
+        r.model.encoder, r.train.seed = encoder, seed
+        for dotted, value in overrides.items():
+            section, key = dotted.split(".")
+            setattr(getattr(r, section), key, value)
+        tag = None if own else preset
+        run_dir = root / run_name(encoder, seed, tag, method)
         if on_start is not None:
             on_start(run_dir.name, i, len(order), r)
-        status = _train_run(r, run_dir, data_path, progress)
+        if stage is None:
+            status = _train_run(r, run_dir, data_path, progress)
+        else:
+            source = root / run_name(
+                encoder, seed, tag, methods.canonical(method.rsplit("+", 1)[0]) if "+" in method else methods.CE
+            )
+            status = _stage_run(source, stage, r, run_dir, progress)
+        status.method = method
         statuses.append(status)
         if on_run is not None:
             on_run(status)
         if status.state == "interrupted":
             break
     return root, statuses
+
+
+def _method_plan(names: list[str]) -> list[tuple[str, dict[str, Any], str | None]]:
+    """Each method as (canonical name, training overrides, second stage), CE first (every gain is measured against
+    it); a second stage's training part is trained too."""
+    plans: dict[str, tuple[str, dict[str, Any], str | None]] = {methods.CE: (methods.CE, {}, None)}
+    for name in names:
+        overrides, stage = methods.parse(name)
+        full = methods.canonical(name)
+        if stage is not None:  # the first run it starts from
+            first = full.rsplit("+", 1)[0] if "+" in full else methods.CE
+            plans.setdefault(first, (first, overrides, None))
+        plans[full] = (full, overrides, stage)
+    return list(plans.values())
 
 
 def _prepared(recipe: Recipe, data: str | Path | None, progress: Progress | None) -> tuple[Recipe, Path]:
@@ -145,7 +185,9 @@ def _prepared(recipe: Recipe, data: str | Path | None, progress: Progress | None
     return recipe, data_path
 
 
-def _write_plan(root: Path, recipe: Recipe, encoders: list[str], seeds: list[int], presets: list[str]) -> None:
+def _write_plan(
+    root: Path, recipe: Recipe, encoders: list[str], seeds: list[int], presets: list[str], method_names: list[str]
+) -> None:
     """``ablation.json``; a directory holding an ablation of another recipe is refused."""
     ensure_dir(root)
     plan_path = root / PLAN
@@ -159,7 +201,16 @@ def _write_plan(root: Path, recipe: Recipe, encoders: list[str], seeds: list[int
             old, old_shared = None, None
         if old is not None and old_shared != shared:
             raise SicotError(f"{root}: holds an ablation of another recipe ({plan_path}); use another --out")
-    write_json(plan_path, {"recipe": shared, "encoders": [BASELINE, *encoders], "seeds": seeds, "presets": presets})
+    write_json(
+        plan_path,
+        {
+            "recipe": shared,
+            "encoders": [BASELINE, *encoders],
+            "seeds": seeds,
+            "presets": presets,
+            "methods": method_names,
+        },
+    )
 
 
 def _train_run(r: Recipe, run_dir: Path, data_path: Path, progress: Progress | None) -> RunStatus:
@@ -172,4 +223,15 @@ def _train_run(r: Recipe, run_dir: Path, data_path: Path, progress: Progress | N
         state = "interrupted"
     else:
         state = "resumed" if existed else "trained"
+    return RunStatus(r.model.encoder, r.train.seed, run_dir, state, result.final)
+
+
+def _stage_run(source: Path, stage: str, r: Recipe, run_dir: Path, progress: Progress | None) -> RunStatus:
+    """Run, resume or skip one second stage (``sicot decouple``) on the ablation's run ``source``."""
+    from sicot_cli.decouple import decouple
+
+    existed = runs.is_run(run_dir)
+    overrides = [f"decouple.method={json.dumps(stage)}", f"train.threads={r.train.threads}"]
+    result = decouple(source, overrides, run_dir, resume=existed, progress=progress or NullProgress())
+    state = "skipped" if result.skipped else "resumed" if existed else "trained"
     return RunStatus(r.model.encoder, r.train.seed, run_dir, state, result.final)

@@ -50,6 +50,7 @@ from sicot_cli.distributed import (
     reduce_mean,
     sharded_cross_entropy_rows,
 )
+from sicot_cli.losses import Criterion
 from sicot_cli.model import combine_losses, score_cat
 
 
@@ -131,6 +132,7 @@ def eq1_from_streams(
     sharded: bool,
     rate: float,
     generator: torch.Generator,
+    criterion: Criterion | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, SampledRows | None]:
     """Eq. 1 from this rank's stream features: the shared classifier (sharded or not, sampled or not) and the loss.
 
@@ -144,6 +146,8 @@ def eq1_from_streams(
         sharded: the classifier holds the classes ``[lo, hi)`` of this rank only.
         rate: ``train.class_sample_rate``; 1 scores all classes.
         generator: the step's seeded generator (used only when sampling).
+        criterion: a long-tail loss for both terms (sicot_cli.losses); its per-class offsets and
+            margins are taken at the global class ids of this step's columns (shard, sample).
 
     Returns:
         (total loss, CE(x_v), CE(x_m) or None, the sampled rows to step or None). Sharded, the loss
@@ -160,6 +164,7 @@ def eq1_from_streams(
             x_v, x_m = both[:, : x_v.shape[1]], both[:, x_v.shape[1] :]
     weight, bias, sampled = clf.weight, clf.bias, None
     targets = local_targets(labels, lo, hi)
+    cols = None if lo == 0 and hi == getattr(clf, "num_classes", hi) else torch.arange(lo, hi, device=labels.device)
     if rate < 1.0:
         everyone = labels if sharded or not ctx.enabled else _all_gather_rows(labels, ctx.world, total)
         chosen = sample_classes(everyone, getattr(clf, "num_classes", hi), rate, generator)
@@ -169,13 +174,17 @@ def eq1_from_streams(
         column = torch.full((hi - lo,), -1, dtype=torch.long, device=labels.device)
         column[rows] = torch.arange(len(rows), device=labels.device)
         targets = torch.where(targets >= 0, column[targets.clamp(min=0)], targets)
+        cols = rows + lo
     n = x_v.shape[0]
     logits = score_cat(x_v, x_m, weight, bias, getattr(model, "mixed_trains_classifier", True))
     targets = targets if x_m is None else torch.cat([targets, targets])
+    if criterion is not None and not criterion.plain:
+        logits = criterion.adjust(logits, targets, cols)
     if sharded:
         rows_loss = sharded_cross_entropy_rows(logits, targets)
     else:
         rows_loss = F.cross_entropy(logits.float(), targets, reduction="none")
-    loss_v = rows_loss[:n].mean()
-    loss_m = None if x_m is None else rows_loss[n:].mean()
+    mean = (lambda r: r.mean()) if criterion is None else (lambda r: criterion.reduce(r, labels))
+    loss_v = mean(rows_loss[:n])
+    loss_m = None if x_m is None else mean(rows_loss[n:])
     return combine_losses(loss_v, loss_m, lam, normalize), loss_v, loss_m, sampled

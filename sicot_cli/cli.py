@@ -513,6 +513,13 @@ def ablate(
             help="Comma-separated presets to compare side by side, e.g. sicot,paper (default: the recipe's preset)."
         ),
     ] = None,
+    methods: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated long-tail methods x every encoder, e.g. ce,cb-sampler,la-loss,balanced-softmax,"
+            "ldam-drw,crt,tau-norm,lws,posthoc-la (combine with +, e.g. balanced-softmax+crt; default: ce)."
+        ),
+    ] = None,
     threads: Threads = None,
     figures: Annotated[bool, typer.Option(help="Write the PNG figures at the end.")] = True,
     overrides: Overrides = None,
@@ -554,6 +561,7 @@ def ablate(
             data=data,
             on_start=bars.start_run,
             presets=_csv_list(presets),
+            method_names=_csv_list(methods),
         )
     show(ablation_table(done), err_console)
     if statuses and statuses[-1].state == "interrupted":
@@ -567,6 +575,30 @@ def ablate(
     written = _write_report(rep, root, figures)
     _print_tables(rep)
     console.print(safe("wrote " + ", ".join(str(p) for p in written)))
+
+
+@app.command()
+@guard
+def decouple(
+    run: Annotated[Path, typer.Argument(help="A finished run directory (its visual stream is kept, frozen).")],
+    method: Annotated[str, typer.Option(help="crt, lws, tau_norm or logit_adjust (post-hoc).")] = "crt",
+    run_dir: Annotated[Path | None, typer.Option(help="The new run's directory (default: <run>-<method>).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted second stage.")] = False,
+    threads: Threads = None,
+    overrides: Overrides = None,
+) -> None:
+    """Second stage of decoupled classifier learning (cRT, LWS, tau-norm, post-hoc logit adjustment) on a finished run."""
+    from sicot_cli.console import RichProgress
+    from sicot_cli.decouple import decouple as run_decouple
+    from sicot_cli.runs import selection_line
+    from sicot_cli.views import metrics_table
+
+    extra = [f"decouple.method={method}"] + ([f"train.threads={threads}"] if threads is not None else [])
+    result = run_decouple(run, extra + list(overrides or []), run_dir, resume=resume, progress=RichProgress())
+    if result.skipped:
+        console.print(safe(f"{result.run_dir}: already finished; nothing to do"))
+    if result.test is not None:
+        show(metrics_table(result.test, f"{result.run_dir}: {selection_line(result.test)}"))
 
 
 def _write_report(rep: Any, target: Path, figures: bool) -> list[Path]:

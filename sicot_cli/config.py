@@ -210,6 +210,45 @@ class TrainConfig:
     # alike: the batch's labels plus uniformly drawn others, this fraction of all classes. 1.0 = the
     # exact softmax over all classes. Only the sampled rows are updated (sicot_cli/classifier_step.py).
     class_sample_rate: Annotated[float, Range(0, 1, lo_open=True)] = 1.0
+    # The long-tail toolbox (docs/long-tail.md). The loss of BOTH terms of Eq. 1, with the same
+    # training class prior: "ce" (the paper), "logit_adjusted" (CE on logits + loss_tau * log prior;
+    # Menon et al. 2021), "balanced_softmax" (Ren et al. 2020: logit_adjusted at loss_tau = 1) or
+    # "ldam" (Cao et al. 2019: the true class's logit lowered by C / n_j^(1/4), at most
+    # ldam_max_margin, in logit units: the classifier here is a plain linear one, not a cosine one).
+    loss: Literal["ce", "logit_adjusted", "balanced_softmax", "ldam"] = "ce"
+    loss_tau: Annotated[float, Range(0, 10)] = 1.0
+    ldam_max_margin: Annotated[float, Range(0, 100, lo_open=True)] = 0.5
+    # Deferred re-weighting (Cao et al. 2019): from the first epoch at or after drw_start * epochs on,
+    # each row's loss is weighted by its class's (1 - beta) / (1 - beta^n_j), normalised to mean 1.
+    reweight: Literal["none", "drw"] = "none"
+    drw_start: Annotated[float, Range(0, 1)] = 0.8
+    drw_beta: Annotated[float, Range(0, 1, hi_open=True)] = 0.9999
+    # Which rows an epoch draws (sicot_cli/data/sampler.py): "instance" (each training row once, the
+    # paper), or n_train rows drawn with replacement with class probabilities proportional to 1
+    # ("class_balanced"), to sqrt(n_j) ("sqrt") or moving from n_j to 1 over the epochs ("progressive").
+    sampler: Literal["instance", "class_balanced", "sqrt", "progressive"] = "instance"
+
+
+@dataclass
+class DecoupleConfig:
+    """The second stage of decoupled classifier learning on a finished run (``sicot decouple``; Kang et al. 2020).
+
+    The run's visual stream is frozen and its training/validation features are computed once
+    (eval mode, no augmentation); only the classifier changes (docs/long-tail.md).
+    """
+
+    # "crt": a new classifier trained with `sampler`; "lws": a learned scale per class of the run's
+    # classifier; "tau_norm": each class's weights divided by their norm^tau, no bias; "logit_adjust":
+    # the post-hoc logit adjustment of Menon et al. (bias - tau * log prior). tau_norm and
+    # logit_adjust take the tau of `taus` with the best class-averaged validation top-1.
+    method: Literal["crt", "lws", "tau_norm", "logit_adjust"] = "crt"
+    epochs: Annotated[int, Range(1, 100_000)] = 10
+    batch_size: Annotated[int, Range(1, 2**20)] = 512
+    lr: Annotated[float, Range(0, 100, lo_open=True)] = 0.1  # cosine-annealed to 0 over the epochs
+    momentum: Annotated[float, Range(0, 1, hi_open=True)] = 0.9
+    weight_decay: Annotated[float, Range(0, 1)] = 5e-4
+    sampler: Literal["instance", "class_balanced", "sqrt", "progressive"] = "class_balanced"
+    taus: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0])
 
 
 # Named sets of co-training keys (docs/presets.md). A recipe's ``preset`` fills in these keys
@@ -234,6 +273,7 @@ class Recipe:
     eval: EvalConfig = field(default_factory=EvalConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    decouple: DecoupleConfig = field(default_factory=DecoupleConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe as plain data (what ``config.json`` holds)."""
@@ -567,6 +607,10 @@ def validate(recipe: Recipe, where: str) -> None:
             f"train.crop_scale must be [min, max] with 0 < min <= max <= 1, got {tr.crop_scale}",
         ),
         (bool(tr.topk) and all(k >= 1 for k in tr.topk), f"train.topk must list k >= 1, got {tr.topk}"),
+        (
+            bool(recipe.decouple.taus) and all(0 <= x <= 10 for x in recipe.decouple.taus),
+            f"decouple.taus must list values between 0 and 10, got {recipe.decouple.taus}",
+        ),
         (
             tr.device in ("auto", "cpu") or tr.device.startswith("cuda"),
             f"train.device must be auto, cpu or cuda[:N], got {tr.device!r}",

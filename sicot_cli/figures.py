@@ -114,6 +114,8 @@ def curves(report: Report, path: Path) -> Path:
     styles = ["-", "--", ":", "-."]
     seed_style = {s: styles[i % len(styles)] for i, s in enumerate(report.seeds)}
     for r in report.runs:
+        if r.config.get("stage"):  # a second stage (sicot decouple) trains no stream: it has no curve here
+            continue
         ep = [h["epoch"] for h in r.history]
         kw = {"color": colours.get(r.encoder, "black"), "linestyle": seed_style.get(r.seed, "-"), "lw": 1.4}
         a1.plot(ep, [h["loss_v"] for h in r.history], **kw)

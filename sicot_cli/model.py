@@ -42,6 +42,7 @@ from sicot_cli.errors import SicotError
 if TYPE_CHECKING:
     from sicot_cli.config import Recipe
     from sicot_cli.data.dataset import Prepared
+    from sicot_cli.losses import Criterion
 
 log = logging.getLogger(__name__)
 
@@ -308,11 +309,20 @@ def combine_losses(
 
 
 def sicot_loss(
-    logits_v: torch.Tensor, logits_m: torch.Tensor | None, labels: torch.Tensor, lam: float, normalize: bool = False
+    logits_v: torch.Tensor,
+    logits_m: torch.Tensor | None,
+    labels: torch.Tensor,
+    lam: float,
+    normalize: bool = False,
+    criterion: Criterion | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Eq. 1: CE(x_v) + lambda * CE(x_m) (over 1 + lambda if ``normalize``); returns (total, CE_v, CE_m)."""
-    loss_v = F.cross_entropy(logits_v.float(), labels)
-    loss_m = None if logits_m is None else F.cross_entropy(logits_m.float(), labels)
+    """Eq. 1: CE(x_v) + lambda * CE(x_m) (over 1 + lambda if ``normalize``); returns (total, CE_v, CE_m).
+
+    ``criterion`` replaces the cross-entropy of BOTH terms by a long-tail loss (sicot_cli.losses).
+    """
+    ce = criterion if criterion is not None else (lambda z, y: F.cross_entropy(z.float(), y))
+    loss_v = ce(logits_v, labels)
+    loss_m = None if logits_m is None else ce(logits_m, labels)
     return combine_losses(loss_v, loss_m, lam, normalize), loss_v, loss_m
 
 

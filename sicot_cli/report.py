@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from sicot_cli import runs
+from sicot_cli import methods, runs
 from sicot_cli.errors import SicotError
 
 BASELINE = "none"
@@ -109,10 +109,10 @@ def find_runs(paths: list[Path]) -> list[Path]:
 
 
 def method_label(config: dict[str, Any]) -> str:
-    """A run's row in the tables: its encoder, with ``[preset]`` for a preset other than "sicot"."""
+    """A run's row in the tables: its encoder and long-tail method (sicot_cli.methods), ``[preset]`` for a preset other than "sicot"."""
     encoder = config["encoder"]
     preset = config.get("recipe", {}).get("preset", "sicot")  # runs older than presets: sicot's keys or explicit ones
-    return encoder if encoder == BASELINE or preset == "sicot" else f"{encoder}[{preset}]"
+    return methods.label(config, "" if encoder == BASELINE or preset == "sicot" else f"[{preset}]")
 
 
 def load_runs(paths: list[Path]) -> tuple[list[Run], list[Path]]:
@@ -293,6 +293,8 @@ class Report:
     few_threshold: int
     dataset: str
     protocol: str = ""  # which split and which checkpoint the numbers come from, in words
+    # label -> trained with titles; filled when a run used a long-tail method (the methods table)
+    titles: dict[str, bool] = field(default_factory=dict)
 
     def run(self, encoder: str, seed: int) -> Run | None:
         return next((r for r in self.runs if r.encoder == encoder and r.seed == seed), None)
@@ -396,11 +398,32 @@ class Report:
                         "evidence (top-1 gain)": self.evidence(self.chosen, f"{g}_top1"),
                     }
                 )
-        return {
+        out = {
             "Table 2: baseline vs co-training, top-1 (top-3)": t2,
             "Table 3: encoders, top-1": t3,
             "Table 4: head/tail and many/medium/few, class-averaged top-1 (top-3)": t4,
         }
+        if self.titles:
+            out[METHODS_TABLE] = self.methods_table()
+        return out
+
+    def methods_table(self) -> list[dict[str, str]]:
+        """Long-tail methods against CE (the baseline): class-averaged top-1 per group, tail gain and its evidence."""
+        rows = []
+        for e in self.encoders:
+            row = {"method": "CE (baseline)" if e == BASELINE else e, "titles": "yes" if self.titles.get(e) else "no"}
+            row["top-1"] = self.fmt(e, "top1")
+            for g in ("head", "tail", "many", "medium", "few"):
+                row[g] = self.fmt(e, f"{g}_top1")
+            base = e == BASELINE
+            row["tail gain"] = "-" if base else self.fmt_gain(e, "tail_top1")
+            row["evidence (tail)"] = "-" if base else self.evidence(e, "tail_top1")
+            row["evidence (top-1)"] = "-" if base else self.evidence(e, "top1")
+            rows.append(row)
+        return rows
+
+
+METHODS_TABLE = "Long-tail methods: class-averaged top-1 by group, tail gain over CE"
 
 
 def build_report(paths: list[Path], chosen: str = "bilinear", bootstrap: bool = True) -> Report:
@@ -423,8 +446,9 @@ def build_report(paths: list[Path], chosen: str = "bilinear", bootstrap: bool = 
     encoders = sorted({r.encoder for r in runs_}, key=lambda e: (e != BASELINE, e))
     # Without a baseline there are no gains: Table 3 (accuracies), the curves and the per-class
     # table still say how the runs did (a single `sicot train` run is reported, not refused).
-    if chosen not in encoders:
-        chosen = next((e for e in encoders if e != BASELINE), BASELINE)
+    if chosen not in encoders:  # the first plain encoder (no long-tail method), else the first label
+        plain = [r.encoder for r in runs_ if r.encoder != BASELINE and r.encoder == r.config["encoder"]]
+        chosen = sorted(plain)[0] if plain else next((e for e in encoders if e != BASELINE), BASELINE)
     seeds = sorted({r.seed for r in runs_})
     keys = _metric_keys(runs_)
     cells = {
@@ -460,6 +484,8 @@ def build_report(paths: list[Path], chosen: str = "bilinear", bootstrap: bool = 
                     per_seed.append(hit_a[order_a].astype(float) - hit_b[order_b].astype(float))
                 gains[e][k].ci = bootstrap_ci(np.mean(per_seed, axis=0))
     recipe = runs_[0].config["recipe"]
+    with_methods = any(r.encoder not in (BASELINE, r.config["encoder"]) for r in runs_)
+    titles = {r.encoder: methods.needs_titles(r.config) for r in runs_} if with_methods else {}
     protocol = "; ".join(sorted({runs.selection_line(r.final) for r in runs_}))
     return Report(
         runs_,
@@ -474,6 +500,7 @@ def build_report(paths: list[Path], chosen: str = "bilinear", bootstrap: bool = 
         int(runs_[0].final.get("few_threshold", recipe["eval"]["few_threshold"])),
         str(recipe.get("name", "dataset")),
         f"scored on the {protocol}",
+        titles,
     )
 
 

@@ -36,6 +36,7 @@ from sicot_cli.data.loader import Batch, BatchLoader, epoch_seed
 from sicot_cli.distributed import DistContext, init_distributed, reduce_mean, shard_range, shutdown
 from sicot_cli.errors import SicotError
 from sicot_cli.evaluate import evaluate_model, resolve_device, use_in_memory, write_predictions
+from sicot_cli.losses import Criterion, criterion
 from sicot_cli.model import SICoT, Streams, make_model, sicot_loss
 from sicot_cli.progress import NullProgress, Progress
 from sicot_cli.provenance import package_versions
@@ -155,6 +156,7 @@ def train_step(
     generator: torch.Generator,
     ctx: DistContext | None = None,
     sharded: bool = False,
+    criterion: Criterion | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One optimisation step, the paper's §3.3 (the same for baseline and co-training).
 
@@ -164,12 +166,15 @@ def train_step(
     (``cfg.class_sample_rate`` < 1) it is the streams' wrapper (:func:`step_forward`) and the
     classifier is scored by :func:`~sicot_cli.classifier_step.eq1_from_streams` (sharded: the whole
     global batch against this rank's classes; sampled: against the step's sampled classes, whose
-    rows get their own SGD update after ``optimizer.step()``).
+    rows get their own SGD update after ``optimizer.step()``). ``criterion``: the epoch's long-tail
+    loss for both terms (``train.loss``, ``train.reweight``; sicot_cli.losses), cross-entropy if None.
 
     Returns:
         The global batch's total loss, CE(x_v) and CE(x_m) (None for the baseline), detached.
     """
     ctx = ctx or DistContext()
+    if criterion is not None and criterion.weight is not None and ctx.enabled and not sharded:
+        criterion = criterion.across_ranks(lambda s: reduce_mean(s, ctx))  # DRW's weighted mean, global
     x, labels, tokens, mask = _inputs(model, batch, device, cfg, generator)
     sampled = None
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
@@ -187,11 +192,12 @@ def train_step(
                 sharded,
                 cfg.class_sample_rate,
                 generator,
+                criterion,
             )
         else:
             logits_v, logits_m = forward(x, tokens, mask)
     if not scores_streams(cfg, sharded):
-        loss, loss_v, loss_m = sicot_loss(logits_v, logits_m, labels, cfg.lam, cfg.normalize_loss)
+        loss, loss_v, loss_m = sicot_loss(logits_v, logits_m, labels, cfg.lam, cfg.normalize_loss, criterion)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -515,7 +521,8 @@ def _loader(run: _Run) -> BatchLoader:
     loader = BatchLoader(
         prepared, cfg.batch_size, 0, prepared.n_train, shuffle=True, seed=cfg.seed, in_memory=run.in_memory,
         block_rows=cfg.block_rows, shuffle_blocks=cfg.shuffle_blocks, drop_last=prepared.n_train >= cfg.batch_size,
-        rank=run.ctx.rank, world=run.ctx.world, pin_memory=run.device.type == "cuda",
+        rank=run.ctx.rank, world=run.ctx.world, pin_memory=run.device.type == "cuda", sampler=cfg.sampler,
+        epochs=cfg.epochs,
     )  # fmt: skip
     plan, plan_warnings = training_plan(run.recipe, prepared, len(loader), run.threads)
     log.info("%s: %s", run.run_dir, plan)
@@ -593,6 +600,7 @@ def _run_epoch(
     """The epoch's batches from ``skip`` on: one :func:`train_step` each, running ``sums``, divergence check."""
     cfg, epoch = run.recipe.train, state.epoch
     state.batch = skip
+    loss_fn = criterion(cfg, run.prepared.train_counts, epoch).to(run.device)
     t_last = time.perf_counter()
     for batch in loader.epoch(epoch, skip):
         if hook is not None:
@@ -600,7 +608,7 @@ def _run_epoch(
         guard.in_step = True
         gen = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch, 1 + state.batch))
         loss, loss_v, loss_m = train_step(
-            run.model, forward, run.optimizer, batch, run.device, cfg, gen, run.ctx, run.sharded
+            run.model, forward, run.optimizer, batch, run.device, cfg, gen, run.ctx, run.sharded, loss_fn
         )
         n = batch.global_size
         # Sums stay on the device (no per-step host sync); read when shown or saved.

@@ -146,6 +146,13 @@ def _eq1(case: dict, rank: int, world: int) -> dict:
     x_v = case["x_v"][a:b].clone().requires_grad_(True)
     x_m = case["x_m"][a:b].clone().requires_grad_(True)
     model = SimpleNamespace(classifier=clf, mixed_trains_classifier=True)
+    crit = None
+    if case.get("loss"):  # a long-tail loss with per-class terms (sicot_cli.losses)
+        from sicot_cli.config import TrainConfig
+        from sicot_cli.losses import criterion
+
+        counts = (torch.arange(num_classes) * 7 % 23 + 1).numpy()
+        crit = criterion(TrainConfig(loss=case["loss"], reweight="drw", drw_start=0.0), counts, 0)
     loss, loss_v, loss_m, sampled = eq1_from_streams(
         model,
         x_v,
@@ -158,6 +165,7 @@ def _eq1(case: dict, rank: int, world: int) -> dict:
         world > 1,
         case["rate"],
         torch.Generator().manual_seed(9),
+        crit,
     )
     loss.backward()
     w = clf.weight if sampled is None else sampled.weight
@@ -212,6 +220,41 @@ def test_sharded_one_pass_equals_one_process(tmp_path: Path, rate: float) -> Non
         a, b = o["slice"]
         torch.testing.assert_close(o["x_v"], one["x_v"][a:b])
         torch.testing.assert_close(o["x_m"], one["x_m"][a:b])
+        n = o["w_grad"].shape[0]
+        torch.testing.assert_close(o["w_grad"], one["w_grad"][start : start + n])
+        start += n
+    assert start == one["w_grad"].shape[0]
+
+
+def _eq1_loss_worker(rank: int, tmp: Path, rate: float, loss: str) -> None:
+    torch.save(_eq1(_eq1_case(rate) | {"loss": loss}, rank, WORLD), tmp / f"eq1-{rank}.pt")
+
+
+@pytest.mark.parametrize("rate", [1.0, 0.3], ids=["exact", "sampled"])
+@pytest.mark.parametrize("loss", ["logit_adjusted", "balanced_softmax", "ldam"])
+def test_sharded_long_tail_losses_equal_one_process(tmp_path: Path, rate: float, loss: str) -> None:
+    """Each offset/margin loss (with DRW weights) on the class-sharded classifier: the one process's loss and gradients."""
+    case = _eq1_case(rate) | {"loss": loss}
+    one = _eq1(case, 0, 1)
+    if rate == 1.0:  # against the loss written on the full logits
+        from sicot_cli.config import TrainConfig
+        from sicot_cli.losses import criterion
+
+        counts = (torch.arange(19) * 7 % 23 + 1).numpy()
+        crit = criterion(TrainConfig(loss=loss, reweight="drw", drw_start=0.0), counts, 0)
+        w = case["weight"].clone().requires_grad_(True)
+        ce_v = crit(case["x_v"] @ w.T + case["bias"], case["labels"])
+        ce_m = crit(case["x_m"] @ w.T + case["bias"], case["labels"])
+        (ce_v + 0.7 * ce_m).backward()
+        torch.testing.assert_close(one["losses"], torch.stack([ce_v + 0.7 * ce_m, ce_v, ce_m]).detach())
+        torch.testing.assert_close(one["w_grad"], w.grad)
+    _spawn(_eq1_loss_worker, tmp_path, rate, loss)
+    outs = [torch.load(tmp_path / f"eq1-{r}.pt") for r in range(WORLD)]
+    start = 0
+    for o in outs:
+        torch.testing.assert_close(o["losses"], one["losses"])
+        a, b = o["slice"]
+        torch.testing.assert_close(o["x_v"], one["x_v"][a:b])
         n = o["w_grad"].shape[0]
         torch.testing.assert_close(o["w_grad"], one["w_grad"][start : start + n])
         start += n
@@ -289,6 +332,7 @@ def _steps(
     mixed: bool = True,
     semantic_norm: bool = False,
     emulate_world: int = 1,
+    loss: str | None = None,
 ) -> dict:
     """``STEPS`` training steps of rank ``rank`` of ``world``; ``emulate_world`` > 1 (one process): the semantic BatchNorm as on that many ranks."""
     from sicot_cli.config import TrainConfig
@@ -308,12 +352,18 @@ def _steps(
     if ctx.enabled:
         forward = nn.parallel.DistributedDataParallel(forward)
     loader = BatchLoader(p, 8, 0, p.n_train, shuffle=True, seed=0, drop_last=True, rank=rank, world=world)
+    crit = None
+    if loss is not None:  # a long-tail loss with DRW row weights from the first step (sicot_cli.losses)
+        from sicot_cli.losses import criterion
+
+        crit = criterion(TrainConfig(loss=loss, reweight="drw", drw_start=0.0), p.train_counts, 0)
     losses = []
     for i, batch in enumerate(loader.epoch(0)):
         if i == STEPS:
             break
         gen = torch.Generator().manual_seed(epoch_seed(0, 0, 1 + i))
-        loss, loss_v, loss_m = train_step(model, forward, opt, batch, torch.device("cpu"), cfg, gen, ctx, sharded)
+        args = (model, forward, opt, batch, torch.device("cpu"), cfg, gen, ctx, sharded, crit)
+        loss, loss_v, loss_m = train_step(*args)
         losses.append(torch.stack([loss, loss_v, loss_m]))
     with torch.no_grad():  # the scores of one batch after training, merged across shards
         batch = next(iter(BatchLoader(p, 6, p.n_train, p.n, shuffle=False, rank=rank, world=world).epoch(0)))
@@ -366,6 +416,23 @@ def test_two_ranks_take_the_same_steps_as_one_process(
     if rate < 1.0:  # some classes were never sampled in the 3 steps: their rows kept their initial weights
         init = _tiny_model(num_classes, torch.zeros(1, 1), None).classifier.weight
         assert (ref["params"]["classifier.weight"] == init).all(dim=1).any()
+
+
+@pytest.mark.parametrize("sharded", [True, False], ids=["class-sharded", "replicated"])
+def test_two_ranks_take_the_same_long_tail_steps_as_one_process(
+    many_classes: Path, tmp_path: Path, sharded: bool
+) -> None:
+    """LDAM with DRW weights: the margins per shard, and the weighted mean over the global batch under DDP."""
+    torch.set_num_threads(1)
+    ref = _steps(many_classes, 0, 1, False, loss="ldam")
+    _spawn(_train_worker, tmp_path, str(many_classes), sharded, 1.0, {"loss": "ldam"})
+    for r in range(WORLD):
+        out = torch.load(tmp_path / f"steps-{r}.pt")
+        torch.testing.assert_close(out["losses"], ref["losses"], rtol=1e-5, atol=1e-6)
+        lo, hi = out["shard"] or (0, None)
+        for k, v in ref["params"].items():
+            want = v[lo:hi] if k.startswith("classifier.") and sharded else v
+            torch.testing.assert_close(out["params"][k], want, rtol=1e-5, atol=1e-6, msg=f"rank {r}: {k}")
 
 
 def test_sharded_steps_keep_the_classifier_to_the_image_loss(tiny_prepared: Path, tmp_path: Path) -> None:

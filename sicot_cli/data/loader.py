@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from sicot_cli.data.dataset import Prepared
+from sicot_cli.data.sampler import draw_rows
 from sicot_cli.errors import SicotError
 
 
@@ -94,6 +95,8 @@ class BatchLoader:
         world: int = 1,
         prefetch: int = 2,
         pin_memory: bool = False,
+        sampler: str = "instance",
+        epochs: int = 1,
     ) -> None:
         self.p = prepared
         self.batch_size = batch_size
@@ -106,6 +109,7 @@ class BatchLoader:
         self.rank, self.world = rank, world
         self.prefetch = prefetch
         self.pin_memory = pin_memory  # CUDA: page-locked batches, so the copies can be non-blocking
+        self.sampler, self.epochs = sampler, epochs  # which rows an epoch draws (sicot_cli.data.sampler)
         self._ram: np.ndarray | None = None
         if in_memory:
             try:
@@ -127,6 +131,8 @@ class BatchLoader:
         if not self.shuffle:
             return np.arange(self.n)
         rng = np.random.default_rng(epoch_seed(self.seed, epoch))
+        if self.sampler != "instance":
+            return self._drawn_order(rng, epoch)
         if self._ram is not None:
             return rng.permutation(self.n)
         n_blocks = -(-self.n // self.block_rows)
@@ -141,6 +147,26 @@ class BatchLoader:
             )
             parts.append(rng.permutation(rows))
         return np.concatenate(parts) if parts else np.arange(0)
+
+    def _drawn_order(self, rng: np.random.Generator, epoch: int) -> np.ndarray:
+        """A class-aware sampler's rows (drawn with replacement), ordered as an instance epoch is.
+
+        In memory: a permutation of the drawn rows. Streaming: the drawn rows grouped by block, the
+        blocks in a shuffled order, ``shuffle_blocks`` blocks per group permuted together, so each
+        block holding a drawn row is read in one contiguous slice once per epoch.
+        """
+        labels = np.asarray(self.p.labels[self.start : self.stop])
+        rows = draw_rows(self.sampler, labels, self.p.num_classes, rng, epoch, self.epochs)
+        if self._ram is not None:
+            return rng.permutation(rows)
+        blocks = rows // self.block_rows
+        order = rng.permutation(-(-self.n // self.block_rows))
+        rank = np.empty_like(order)
+        rank[order] = np.arange(len(order))
+        rows = rows[np.argsort(rank[blocks], kind="stable")]  # the drawn rows, block after block
+        group = rank[blocks[np.argsort(rank[blocks], kind="stable")]] // self.shuffle_blocks
+        cuts = np.flatnonzero(np.diff(group)) + 1
+        return np.concatenate([rng.permutation(part) for part in np.split(rows, cuts)]) if len(rows) else rows
 
     def _batches(self, epoch: int) -> list[tuple[np.ndarray, int, int]]:
         """This rank's slice of each global batch: (rows, offset in the batch, global batch size)."""

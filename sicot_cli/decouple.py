@@ -1,0 +1,319 @@
+"""``sicot decouple``: the second stage of decoupled classifier learning on a finished run.
+
+Kang et al. (ICLR 2020) learn the representation with instance sampling, then fix it and re-balance
+only the classifier. The second stage here is a run like any other: its own directory (default
+``<run>-<method>``), ``config.json`` naming the run it started from (``stage.from_run``),
+``metrics.jsonl``, ``checkpoint-last.pt`` (an image-only model: the first run's visual stream and
+the new classifier, which ``predict``, ``export`` and ``serve`` take as they take any run),
+``predictions.h5`` and ``summary.json``; an interrupted one is resumed with ``--resume``.
+
+The first run's visual stream is frozen: its features of the training and validation rows are
+computed once (eval mode, no augmentation, the weights ``eval.select`` scored) and kept in
+``features.pt``, so the stage costs one forward pass over the data plus classifier steps that take
+seconds on a CPU. Kang et al. re-train cRT with augmentation through the frozen network; with cached
+features the classifier sees each training image's centre view only (documented in docs/long-tail.md).
+
+- ``crt``: a classifier re-initialised (seeded by ``train.seed``) and trained with
+  ``decouple.sampler`` (class-balanced), SGD with cosine-annealed ``decouple.lr``;
+- ``lws``: the first run's classifier kept, one scale per class learned the same way
+  (``w_j <- f_j w_j``, bias kept);
+- ``tau_norm``: ``w_j <- w_j / ||w_j||^tau``, no bias (Kang et al.'s tau-normalised classifier);
+- ``logit_adjust``: post-hoc logit adjustment (Menon et al., ICLR 2021): ``b_j <- b_j - tau log prior_j``.
+
+``tau_norm`` and ``logit_adjust`` take the tau of ``decouple.taus`` with the best class-averaged
+top-1 on the VALIDATION rows (the classes that have validation rows); the test rows are scored once,
+at the end, as every run's are.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sicot_cli import checkpoints, runs
+from sicot_cli.config import Recipe, apply_overrides
+from sicot_cli.data.dataset import Prepared
+from sicot_cli.data.loader import BatchLoader, epoch_seed
+from sicot_cli.data.sampler import draw_rows
+from sicot_cli.distributed import DistContext
+from sicot_cli.errors import SicotError
+from sicot_cli.evaluate import evaluate_model, load_run_model, resolve_device, use_in_memory, write_predictions
+from sicot_cli.fsutil import atomic_path
+from sicot_cli.losses import prior
+from sicot_cli.model import SICoT
+from sicot_cli.progress import NullProgress, Progress
+from sicot_cli.threads import set_threads
+from sicot_cli.train import TrainResult, run_config
+
+log = logging.getLogger(__name__)
+
+FEATURES = "features.pt"
+METHOD_NAMES = {"crt": "crt", "lws": "lws", "tau_norm": "tau-norm", "logit_adjust": "posthoc-la"}
+_ALLOWED = ("decouple.", "train.device", "train.threads", "train.eval_batch_size")
+
+
+@dataclass
+class _Stage:
+    """What the second stage works with."""
+
+    recipe: Recipe
+    prepared: Prepared
+    model: SICoT  # image-only: the first run's visual stream and (for lws/tau_norm/logit_adjust) classifier
+    device: torch.device
+    run_dir: Path
+    source: Path
+
+
+def decouple(
+    source: str | Path,
+    overrides: list[str] | None = None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: Progress | None = None,
+) -> TrainResult:
+    """Run the second stage ``decouple.method`` on the finished run ``source``.
+
+    Args:
+        source: a finished run directory (any encoder: the second stage of a co-trained run keeps
+            its visual stream and drops the text stream, which inference never uses).
+        overrides: ``decouple.*`` keys (and ``train.device``, ``train.threads``,
+            ``train.eval_batch_size``); the rest of the recipe is the first run's.
+        run_dir: the new run's directory (default ``<source>-<method name>``).
+        resume: continue an interrupted second stage.
+        progress: progress reporting.
+    """
+    stage = _set_up(Path(source), overrides or [], run_dir)
+    d = stage.recipe.decouple
+    config = run_config(stage.recipe, stage.prepared) | {
+        "encoder": runs.read_config(stage.source)["encoder"],  # the first run's: what its training needed
+        "stage": {"method": d.method, "from_run": str(stage.source.resolve())},
+    }
+    if runs.start_run(stage.run_dir, config, resume) and runs.is_finished(stage.run_dir):
+        final = runs.read_summary(stage.run_dir).get("final")
+        return TrainResult(stage.run_dir, runs.read_metrics(stage.run_dir), skipped=True, test=final)
+    feats = _features(stage)
+    if d.method in ("crt", "lws"):
+        history = _train_classifier(stage, feats, progress or NullProgress())
+    else:
+        history = [_choose_tau(stage, feats)]
+        runs.write_metrics(stage.run_dir, history)
+        _save(stage, {"epoch": 1, "history": history}, None)
+    return _finish(stage, history)
+
+
+def _set_up(source: Path, overrides: list[str], run_dir: str | Path | None) -> _Stage:
+    if not runs.is_run(source) or not runs.is_finished(source):
+        raise SicotError(f"{source}: not a finished run (decouple starts from a run that `sicot train` finished)")
+    bad = [o for o in overrides if not o.split("=", 1)[0].strip().startswith(_ALLOWED)]
+    if bad:
+        raise SicotError(
+            f"override {bad[0]!r}: a second stage keeps its first run's recipe; only decouple.*, "
+            "train.device, train.threads and train.eval_batch_size may be set"
+        )
+    checkpoint = runs.read_summary(source).get("final", {}).get("checkpoint", "last")
+    first, prepared, model, _ = load_run_model(source, checkpoint if checkpoint in ("last", "best") else "last")
+    recipe = apply_overrides(first.to_dict(), overrides, "decouple overrides")
+    recipe.model.encoder, recipe.model.pretrained = "none", ""
+    set_threads(recipe.train.threads)
+    model.encoder = model.semantic_norm = None  # image-only from here on
+    device = resolve_device(recipe.train.device)
+    model.to(device).eval()
+    name = f"{source.name}-{METHOD_NAMES[recipe.decouple.method]}"
+    return _Stage(recipe, prepared, model, device, Path(run_dir) if run_dir else source.parent / name, source)
+
+
+@torch.no_grad()
+def _features(stage: _Stage) -> dict[str, torch.Tensor]:
+    """The frozen visual stream's features of the training and validation rows (computed once, kept in ``features.pt``)."""
+    path = stage.run_dir / FEATURES
+    if path.is_file():
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - a damaged cache is recomputed, never trusted
+            log.warning("%s: unreadable, computing the features again", path)
+    out: dict[str, torch.Tensor] = {}
+    p, cfg = stage.prepared, stage.recipe.train
+    for split in ("train", "val"):
+        lo, hi = p.split_range(split) if split == "val" else (0, p.n_train)
+        loader = BatchLoader(p, cfg.eval_batch_size, lo, hi, shuffle=False, in_memory=use_in_memory(cfg, p))
+        feats, labels = [], []
+        for batch in loader.epoch(0):
+            x = stage.model.normalize(batch.images.to(stage.device))
+            feats.append(stage.model.features(x).float().cpu())
+            labels.append(batch.labels)
+        dim = stage.model.feat_dim
+        out[f"{split}_x"] = torch.cat(feats) if feats else torch.zeros(0, dim)
+        out[f"{split}_y"] = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+    clf = stage.model.classifier
+    out["weight"], out["bias"] = clf.weight.detach().cpu().clone(), clf.bias.detach().cpu().clone()
+    with atomic_path(path) as tmp:
+        torch.save(out, tmp)
+    return out
+
+
+def val_balanced_top1(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float | None:
+    """Top-1 averaged over the classes that have validation rows (None without validation rows)."""
+    if len(labels) == 0:
+        return None
+    hits = (logits.argmax(1) == labels).double()
+    n = torch.bincount(labels, minlength=num_classes).double()
+    hit = torch.bincount(labels, weights=hits, minlength=num_classes)
+    present = n > 0
+    return float((100.0 * hit[present] / n[present]).mean())
+
+
+def adjusted_classifier(
+    method: str, weight: torch.Tensor, bias: torch.Tensor, tau: float, train_counts: np.ndarray
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The classifier of ``tau_norm`` or ``logit_adjust`` at ``tau``."""
+    if method == "tau_norm":
+        norm = weight.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return weight / norm.pow(tau), torch.zeros_like(bias)
+    log_prior = torch.from_numpy(np.log(prior(train_counts))).to(bias.dtype)
+    return weight.clone(), bias - tau * log_prior
+
+
+def _choose_tau(stage: _Stage, feats: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """tau_norm / logit_adjust: every tau of ``decouple.taus`` scored on validation; the best one set."""
+    d, p = stage.recipe.decouple, stage.prepared
+    if len(feats["val_y"]) == 0:
+        raise SicotError(
+            f"{p.path}: has no validation rows, and {d.method} chooses tau on them: rebuild it with "
+            "data.val_fraction > 0 (`sicot prepare --force`)"
+        )
+    scores = []
+    for tau in d.taus:
+        w, b = adjusted_classifier(d.method, feats["weight"], feats["bias"], tau, p.train_counts)
+        scores.append(val_balanced_top1(feats["val_x"] @ w.T + b, feats["val_y"], p.num_classes))
+    best = int(np.argmax(scores))  # the first (smallest listed) tau among equal scores
+    w, b = adjusted_classifier(d.method, feats["weight"], feats["bias"], d.taus[best], p.train_counts)
+    with torch.no_grad():
+        stage.model.classifier.weight.copy_(w)
+        stage.model.classifier.bias.copy_(b)
+    log.info("%s: tau %g (class-averaged validation top-1 %.2f)", stage.run_dir, d.taus[best], scores[best])
+    return {
+        "epoch": 1,
+        "tau": d.taus[best],
+        "val_balanced_top1": scores[best],
+        "taus": list(d.taus),
+        "val_scores": scores,
+    }
+
+
+class _Scaled(torch.nn.Module):
+    """What the second stage trains: a new classifier (cRT) or per-class scales of the old one (LWS)."""
+
+    def __init__(self, method: str, weight: torch.Tensor, bias: torch.Tensor, seed: int) -> None:
+        super().__init__()
+        self.method = method
+        if method == "crt":
+            torch.manual_seed(seed)
+            self.linear = torch.nn.Linear(weight.shape[1], weight.shape[0])
+        else:
+            self.register_buffer("w0", weight.clone())
+            self.register_buffer("b0", bias.clone())
+            self.scale = torch.nn.Parameter(torch.ones(weight.shape[0]))
+
+    def classifier(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.method == "crt":
+            return self.linear.weight, self.linear.bias
+        return self.scale[:, None] * self.w0, self.b0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.classifier()
+        return F.linear(x, w, b)
+
+
+def _train_classifier(stage: _Stage, feats: dict[str, torch.Tensor], progress: Progress) -> list[dict[str, Any]]:
+    """cRT / LWS: SGD on the cached features with ``decouple.sampler``, one checkpoint per epoch."""
+    d, p, seed = stage.recipe.decouple, stage.prepared, stage.recipe.train.seed
+    head = _Scaled(d.method, feats["weight"], feats["bias"], seed)
+    opt = torch.optim.SGD(head.parameters(), lr=d.lr, momentum=d.momentum, weight_decay=d.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=d.epochs)
+    history: list[dict[str, Any]] = []
+    if (stage.run_dir / runs.LAST).is_file():  # resume after the last finished epoch
+        state = runs.load_checkpoint(stage.run_dir / runs.LAST)
+        head.load_state_dict(state["head"])
+        opt.load_state_dict(state["optimizer_head"])
+        sched.load_state_dict(state["scheduler"])
+        history = state["history"]
+        runs.write_metrics(stage.run_dir, history)
+    x, y = feats["train_x"], feats["train_y"]
+    for epoch in range(len(history), d.epochs):
+        rng = np.random.default_rng(epoch_seed(seed, epoch, 7))
+        if d.sampler == "instance":
+            order = rng.permutation(len(y))
+        else:
+            order = rng.permutation(draw_rows(d.sampler, y.numpy(), p.num_classes, rng, epoch, d.epochs))
+        total, lr = 0.0, opt.param_groups[0]["lr"]
+        with progress.task(f"{d.method} epoch {epoch + 1}/{d.epochs}", math.ceil(len(order) / d.batch_size)) as task:
+            for i in range(0, len(order), d.batch_size):
+                idx = torch.from_numpy(order[i : i + d.batch_size])
+                loss = F.cross_entropy(head(x[idx]), y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.item() * len(idx)
+                task.advance(1)
+        sched.step()
+        with torch.no_grad():
+            val = val_balanced_top1(head(feats["val_x"]), feats["val_y"], p.num_classes)
+        history.append({"epoch": epoch + 1, "lr": lr, "loss": total / max(len(order), 1), "val_balanced_top1": val})
+        runs.append_metrics(stage.run_dir, history[-1])
+        _set_classifier(stage, head)
+        state = {"head": head.state_dict(), "optimizer_head": opt.state_dict(), "scheduler": sched.state_dict()}
+        _save(stage, {"epoch": epoch + 1, "history": history} | state, None)
+    return history
+
+
+def _set_classifier(stage: _Stage, head: _Scaled) -> None:
+    w, b = head.classifier()
+    with torch.no_grad():
+        stage.model.classifier.weight.copy_(w)
+        stage.model.classifier.bias.copy_(b)
+
+
+def _meta(stage: _Stage) -> dict[str, Any]:
+    p, m = stage.prepared, stage.model
+    return {
+        "backbone": stage.recipe.model.backbone,
+        "encoder": "none",
+        "num_classes": p.num_classes,
+        "feat_dim": m.feat_dim,
+        "image_size": p.image_size,
+        "dataset": p.fingerprint(),
+    }
+
+
+def _save(stage: _Stage, state: dict[str, Any], optimizer: torch.optim.Optimizer | None) -> None:
+    """``checkpoint-last.pt``: the image-only model (loadable as any run's) and the stage's own state."""
+    state = copy.copy(state) | {"meta": _meta(stage)}
+    checkpoints.save(stage.run_dir / runs.LAST, state, stage.model, optimizer, DistContext(), False, "stage2")
+
+
+def _finish(stage: _Stage, history: list[dict[str, Any]]) -> TrainResult:
+    """The test rows scored once with the final classifier; predictions and ``summary.json``."""
+    recipe, p = stage.recipe, stage.prepared
+    final = evaluate_model(stage.model, p, stage.device, recipe, in_memory=use_in_memory(recipe.train, p))
+    selection = {
+        "split": "test",
+        "test_images": p.n - p.test_start,
+        "val_images": p.n_val,
+        "checkpoint": "last",
+        "checkpoint_epoch": history[-1]["epoch"] if history else 0,
+        "selected_on": "val" if recipe.decouple.method in ("tau_norm", "logit_adjust") else None,
+        "stage": recipe.decouple.method,
+    }
+    if "tau" in history[-1]:
+        selection["tau"] = history[-1]["tau"]
+    write_predictions(stage.run_dir / runs.PREDICTIONS, final)
+    runs.finish(stage.run_dir, history, final.per_class(), final.scalars() | selection)
+    return TrainResult(stage.run_dir, history, test={**final.scalars(), **selection})

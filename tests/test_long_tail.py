@@ -1,0 +1,368 @@
+"""The long-tail toolbox: losses, samplers, second stages and the methods grid, against hand computations."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_recipe
+from typer.testing import CliRunner
+
+from sicot_cli import methods, runs
+from sicot_cli.config import TrainConfig
+from sicot_cli.errors import SicotError
+from sicot_cli.losses import criterion, drw_weights, ldam_margins
+
+COUNTS = np.array([100, 30, 10, 3, 1])
+
+
+def _case(seed: int = 0, n: int = 12, c: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, c, generator=g) * 3, torch.randint(0, c, (n,), generator=g)
+
+
+# --- losses ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tau", [0.5, 1.0, 2.0])
+def test_logit_adjusted_loss_is_cross_entropy_on_shifted_logits(tau: float) -> None:
+    z, y = _case()
+    got = criterion(TrainConfig(loss="logit_adjusted", loss_tau=tau), COUNTS, 0)(z, y)
+    prior = torch.tensor(COUNTS / COUNTS.sum(), dtype=torch.float32)
+    torch.testing.assert_close(got, F.cross_entropy(z + tau * prior.log(), y))
+
+
+def test_balanced_softmax_is_the_count_weighted_softmax() -> None:
+    z, y = _case(1)
+    got = criterion(TrainConfig(loss="balanced_softmax"), COUNTS, 0)(z, y)
+    # Ren et al.: p_y = n_y exp(z_y) / sum_j n_j exp(z_j)
+    n = torch.tensor(COUNTS, dtype=torch.float32)
+    p = n * z.exp() / (n * z.exp()).sum(1, keepdim=True)
+    torch.testing.assert_close(got, -p[torch.arange(len(y)), y].log().mean())
+    torch.testing.assert_close(got, criterion(TrainConfig(loss="logit_adjusted", loss_tau=1.0), COUNTS, 0)(z, y))
+
+
+def test_ldam_margins_per_class_and_loss() -> None:
+    m = ldam_margins(COUNTS, 0.5)
+    np.testing.assert_allclose(m, 0.5 * (1 / COUNTS**0.25) / (1 / 1**0.25))
+    assert m.argmax() == 4 and m[4] == pytest.approx(0.5) and m[0] == pytest.approx(0.5 / 100**0.25)
+    z, y = _case(2)
+    got = criterion(TrainConfig(loss="ldam", ldam_max_margin=0.5), COUNTS, 0)(z, y)
+    shifted = z.clone()
+    for i, label in enumerate(y.tolist()):
+        shifted[i, label] -= float(m[label])
+    torch.testing.assert_close(got, F.cross_entropy(shifted, y))
+
+
+def test_deferred_reweighting_starts_at_its_epoch_and_weights_rows_by_class() -> None:
+    cfg = TrainConfig(loss="ldam", reweight="drw", drw_start=0.5, epochs=4, drw_beta=0.999)
+    assert criterion(cfg, COUNTS, 1).weight is None
+    w = drw_weights(COUNTS, 0.999)
+    expected = (1 - 0.999) / (1 - 0.999 ** COUNTS.astype(float))
+    np.testing.assert_allclose(w, expected / expected.sum() * len(COUNTS))
+    crit = criterion(cfg, COUNTS, 2)
+    z, y = _case(3)
+    shifted = z - F.one_hot(y, 5) * torch.tensor(ldam_margins(COUNTS, 0.5), dtype=torch.float32)
+    torch.testing.assert_close(crit(z, y), F.cross_entropy(shifted, y, weight=torch.tensor(w, dtype=torch.float32)))
+
+
+@pytest.mark.parametrize("loss", ["logit_adjusted", "balanced_softmax", "ldam"])
+def test_offsets_on_a_subset_of_columns_are_those_of_all_columns(loss: str) -> None:
+    """What a classifier shard (or a class sample) scores: its columns get exactly their classes' terms."""
+    z, y = _case(4, n=20)
+    crit = criterion(TrainConfig(loss=loss, reweight="drw", drw_start=0.0), COUNTS, 0)
+    full = crit.adjust(z, y)
+    cols = torch.tensor([1, 3, 4])
+    column = torch.full((5,), -1)
+    column[cols] = torch.arange(3)
+    local = column[y]  # -1: the true class is on another shard
+    part = crit.adjust(z[:, cols], local, cols)
+    here = local >= 0
+    torch.testing.assert_close(part[here], full[here][:, cols])
+    if crit.offset is not None:  # rows whose class is elsewhere get the offsets but no margin
+        torch.testing.assert_close(part[~here], z[~here][:, cols] + crit.offset[cols])
+
+
+@pytest.mark.parametrize("loss", ["logit_adjusted", "ldam"])
+def test_eq1_with_a_long_tail_loss_sampled_at_rate_one_equals_the_full_loss(loss: str) -> None:
+    from sicot_cli.classifier_step import eq1_from_streams
+    from sicot_cli.distributed import DistContext
+    from sicot_cli.model import sicot_loss
+
+    torch.manual_seed(0)
+    clf = torch.nn.Linear(4, 5)
+    model = torch.nn.Module()
+    model.classifier = clf
+    x_v, x_m = torch.randn(8, 4), torch.randn(8, 4)
+    y = torch.tensor([0, 1, 2, 3, 4, 0, 0, 1])
+    crit = criterion(TrainConfig(loss=loss, reweight="drw", drw_start=0.0), COUNTS, 0)
+    args = (model, x_v, x_m, y, 8, 0.7, True, DistContext(), False)
+    exact = eq1_from_streams(*args, 1.0, torch.Generator(), crit)[0]
+    ref = sicot_loss(clf(x_v), clf(x_m), y, 0.7, True, crit)[0]
+    torch.testing.assert_close(exact, ref)
+    # a sample that happens to hold every class (the labels cover all 5): the same loss
+    sampled = eq1_from_streams(*args, 0.5, torch.Generator().manual_seed(1), crit)[0]
+    torch.testing.assert_close(sampled, ref)
+
+
+# --- samplers ----------------------------------------------------------------------------------
+
+
+def test_class_probabilities_follow_their_formulas() -> None:
+    from sicot_cli.data.sampler import class_probabilities
+
+    c = np.array([90, 9, 1, 0])
+    np.testing.assert_allclose(class_probabilities("instance", c), c / 100)
+    np.testing.assert_allclose(class_probabilities("class_balanced", c), [1 / 3, 1 / 3, 1 / 3, 0])
+    np.testing.assert_allclose(class_probabilities("sqrt", c), np.sqrt(c) / np.sqrt(c).sum())
+    # progressive, epoch 1 of 4: (1 - 1/4) n_j/n + (1/4) / C
+    np.testing.assert_allclose(
+        class_probabilities("progressive", c, 1, 4), 0.75 * c / 100 + 0.25 * np.array([1, 1, 1, 0]) / 3
+    )
+    np.testing.assert_allclose(class_probabilities("progressive", c, 0, 4), c / 100)
+
+
+@pytest.mark.parametrize("kind", ["class_balanced", "sqrt", "progressive"])
+def test_an_epoch_draws_classes_at_the_formula_frequencies(kind: str) -> None:
+    from sicot_cli.data.sampler import class_probabilities, draw_rows
+
+    counts = np.array([4000, 1500, 300, 150, 40, 10])
+    labels = np.random.default_rng(0).permutation(np.repeat(np.arange(6), counts))
+    rows = draw_rows(kind, labels, 6, np.random.default_rng(1), epoch=2, epochs=5)
+    assert len(rows) == len(labels) and rows.min() >= 0 and rows.max() < len(labels)
+    got = np.bincount(labels[rows], minlength=6)
+    expected = len(labels) * class_probabilities(kind, counts, 2, 5)
+    sd = np.sqrt(expected * (1 - expected / len(labels)))
+    assert np.all(np.abs(got - expected) < 5 * sd), (got, expected)
+    # within a class, the rows are drawn uniformly: every row of the rarest class is drawn
+    assert set(rows[labels[rows] == 5]) == set(np.flatnonzero(labels == 5))
+
+
+def test_streamed_class_balanced_epoch_reads_each_block_once(tiny_prepared: Path) -> None:
+    from sicot_cli.data.dataset import open_prepared
+    from sicot_cli.data.loader import BatchLoader
+
+    p = open_prepared(tiny_prepared)
+    kw = {"shuffle": True, "seed": 3, "sampler": "class_balanced", "block_rows": 4, "shuffle_blocks": 2}
+    ram = BatchLoader(p, 5, 0, p.n_train, in_memory=True, **kw).order(1)
+    stream_loader = BatchLoader(p, 5, 0, p.n_train, in_memory=False, **kw)
+    stream = stream_loader.order(1)
+    assert sorted(ram) == sorted(stream) and len(stream) == p.n_train  # the same drawn rows
+    groups = (stream // 4).tolist()
+    reads = []
+    real = stream_loader._stream
+
+    def counting(plan):  # noqa: ANN001, ANN202
+        import h5py
+
+        orig = h5py.Dataset.__getitem__
+
+        def get(self, key):  # noqa: ANN001, ANN202
+            reads.append(key)
+            return orig(self, key)
+
+        h5py.Dataset.__getitem__ = get
+        try:
+            yield from real(plan)
+        finally:
+            h5py.Dataset.__getitem__ = orig
+
+    stream_loader._stream = counting
+    batches = list(stream_loader.epoch(1))
+    assert np.array_equal(np.concatenate([b.rows for b in batches]), stream)
+    assert all(isinstance(k, slice) for k in reads)  # contiguous slices only
+    assert len(reads) == len(set(groups))  # each block read once
+
+
+def test_class_balanced_training_resumes_exactly_mid_epoch(tiny_prepared: Path, tmp_path: Path) -> None:
+    from sicot_cli.train import TIMING_KEYS, train
+
+    recipe = tiny_recipe(tiny_prepared, "model.encoder=mean", "train.epochs=2", "train.sampler=class_balanced")
+    full = train(recipe, tmp_path / "full")
+
+    def hook(epoch: int, batch: int) -> None:
+        if (epoch, batch) == (1, 1):
+            raise KeyboardInterrupt
+
+    cut = train(recipe, tmp_path / "cut", hook=hook)
+    assert cut.interrupted
+    resumed = train(recipe, tmp_path / "cut", resume=True)
+    strip = lambda h: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in h]  # noqa: E731
+    assert strip(resumed.history) == strip(full.history)
+    a = runs.load_checkpoint(tmp_path / "cut" / runs.LAST)["model"]
+    b = runs.load_checkpoint(full.run_dir / runs.LAST)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- second stages -----------------------------------------------------------------------------
+
+
+def test_tau_norm_and_posthoc_adjustment_follow_their_formulas() -> None:
+    from sicot_cli.decouple import adjusted_classifier
+
+    torch.manual_seed(0)
+    w, b = torch.randn(5, 3), torch.randn(5)
+    wt, bt = adjusted_classifier("tau_norm", w, b, 0.7, COUNTS)
+    torch.testing.assert_close(wt, w / w.norm(dim=1, keepdim=True) ** 0.7)
+    assert torch.equal(bt, torch.zeros(5))
+    wl, bl = adjusted_classifier("logit_adjust", w, b, 1.5, COUNTS)
+    assert torch.equal(wl, w)
+    torch.testing.assert_close(bl, b - 1.5 * torch.tensor(np.log(COUNTS / COUNTS.sum()), dtype=torch.float32))
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished co-trained run on a tiny set WITH validation rows (2 per class)."""
+    from conftest import KEEP_ALL, make_manifest
+
+    from sicot_cli.config import load_recipe
+    from sicot_cli.data.prepare import prepare
+    from sicot_cli.train import train
+
+    root = tmp_path_factory.mktemp("lt")
+    m = make_manifest(root / "raw", per_class=10)
+    data = root / "val.h5"
+    keys = ["data.source=manifest", f"data.manifest={m}", "data.image_size=16", "data.val_fraction=0.25", *KEEP_ALL]
+    prepare(load_recipe(None, keys), data)
+    return train(tiny_recipe(data, "model.encoder=mean"), root / "mean-s0").run_dir
+
+
+def test_crt_changes_only_the_classifier(first_run: Path, tmp_path: Path) -> None:
+    from sicot_cli.decouple import decouple
+
+    result = decouple(first_run, ["decouple.method=crt", "decouple.epochs=2"], tmp_path / "crt")
+    old = runs.load_checkpoint(first_run / runs.LAST)["model"]
+    new = runs.load_checkpoint(result.run_dir / runs.LAST)["model"]
+    visual = [k for k in new if k.startswith("visual.")]
+    assert visual and all(torch.equal(new[k], old[k]) for k in visual)  # bit-identical visual stream
+    assert not any(k.startswith(("encoder.", "semantic_norm.")) for k in new)  # image-only
+    assert not torch.equal(new["classifier.weight"], old["classifier.weight"])
+    config = runs.read_config(result.run_dir)
+    assert config["stage"] == {"method": "crt", "from_run": str(first_run.resolve())}
+    assert methods.label(config) == "mean+crt" and runs.is_finished(result.run_dir)
+    with pytest.raises(SicotError, match="run directory exists"):
+        decouple(first_run, ["decouple.method=crt"], tmp_path / "crt")
+    assert decouple(first_run, ["decouple.method=crt"], tmp_path / "crt", resume=True).skipped
+
+
+def test_lws_resumes_exactly_after_an_interrupt(first_run: Path, tmp_path: Path) -> None:
+    from sicot_cli.decouple import decouple
+    from sicot_cli.progress import NullProgress
+
+    args = ["decouple.method=lws", "decouple.epochs=3", "decouple.batch_size=4"]
+    full = decouple(first_run, args, tmp_path / "full")
+
+    class Stop(NullProgress):
+        def task(self, description: str, total: int):  # noqa: ANN201
+            if description.endswith("epoch 2/3"):
+                raise KeyboardInterrupt
+            return super().task(description, total)
+
+    with pytest.raises(KeyboardInterrupt):
+        decouple(first_run, args, tmp_path / "cut", progress=Stop())
+    assert not runs.is_finished(tmp_path / "cut")
+    resumed = decouple(first_run, args, tmp_path / "cut", resume=True)
+    assert resumed.history == full.history
+    a = runs.load_checkpoint(tmp_path / "cut" / runs.LAST)["model"]
+    b = runs.load_checkpoint(full.run_dir / runs.LAST)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    old = runs.load_checkpoint(first_run / runs.LAST)["model"]
+    scale = runs.load_checkpoint(full.run_dir / runs.LAST)["head"]["scale"]
+    torch.testing.assert_close(b["classifier.weight"], scale[:, None] * old["classifier.weight"])
+    assert torch.equal(b["classifier.bias"], old["classifier.bias"])
+
+
+@pytest.mark.parametrize("method", ["tau_norm", "logit_adjust"])
+def test_tau_is_chosen_on_validation_and_test_is_scored_once(
+    first_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    from sicot_cli import decouple as stage
+
+    scored = []
+    real = stage.evaluate_model
+    monkeypatch.setattr(stage, "evaluate_model", lambda *a, **k: scored.append(k.get("split", "test")) or real(*a, **k))
+    chosen = []
+    real_score = stage.val_balanced_top1
+
+    def score(logits, labels, c):  # noqa: ANN001, ANN202
+        chosen.append(len(labels))
+        return real_score(logits, labels, c)
+
+    monkeypatch.setattr(stage, "val_balanced_top1", score)
+    result = stage.decouple(first_run, [f"decouple.method={method}", "decouple.taus=[0.0, 1.0, 3.0]"], tmp_path / "s")
+    record = runs.read_metrics(result.run_dir)[0]
+    assert scored == ["test"]  # the test rows: once, at the end
+    from sicot_cli.data.dataset import open_prepared
+
+    n_val = open_prepared(runs.read_config(first_run)["data"]).n_val
+    assert chosen == [n_val] * 3  # every tau scored on the validation rows, nothing else
+    best = int(np.argmax(record["val_scores"]))
+    assert record["tau"] == [0.0, 1.0, 3.0][best] and result.final["tau"] == record["tau"]
+    assert result.final["selected_on"] == "val" and result.final["stage"] == method
+
+
+def test_decouple_refuses_an_unfinished_run_and_recipe_changes(first_run: Path, tmp_path: Path) -> None:
+    from sicot_cli.decouple import decouple
+
+    with pytest.raises(SicotError, match="not a finished run"):
+        decouple(tmp_path, ["decouple.method=crt"])
+    with pytest.raises(SicotError, match="keeps its first run's recipe"):
+        decouple(first_run, ["train.lr=3"])
+    with pytest.raises(SicotError, match="decouple.method must be"):
+        decouple(first_run, ["decouple.method=magic"], tmp_path / "x")
+
+
+# --- the methods grid --------------------------------------------------------------------------
+
+
+def test_method_names_parse_combine_and_label() -> None:
+    assert methods.parse("ce") == ({}, None)
+    assert methods.parse("ldam-drw+cb-sampler+crt") == (
+        {"train.loss": "ldam", "train.reweight": "drw", "train.sampler": "class_balanced"},
+        "crt",
+    )
+    assert methods.canonical("cb-sampler+la-loss") == "la-loss+cb-sampler"
+    with pytest.raises(SicotError, match="unknown method 'focal'"):
+        methods.parse("focal")
+    with pytest.raises(SicotError, match="at most one second stage"):
+        methods.parse("crt+lws")
+    with pytest.raises(SicotError, match="two parts set train.loss"):
+        methods.parse("la-loss+ldam-drw")
+    recipe = {"train": {"loss": "ldam", "reweight": "drw"}}
+    assert methods.label({"encoder": "none", "recipe": recipe}) == "ldam-drw"
+    assert methods.label({"encoder": "bilinear", "recipe": recipe}) == "bilinear+ldam-drw"
+    assert methods.label({"encoder": "none", "recipe": {}}) == "none"
+    assert methods.label({"encoder": "none", "recipe": {}, "stage": {"method": "tau_norm"}}) == "tau-norm"
+
+
+def test_ablate_methods_grid_and_report_table(tiny_prepared: Path, tmp_path: Path) -> None:
+    from sicot_cli.cli import app
+
+    out = tmp_path / "abl"
+    args = ["ablate", "--data", str(tiny_prepared), "--encoders", "mean", "--methods", "balanced-softmax,crt"]
+    args += ["--out", str(out), "--no-figures", *[f"{k}" for k in _fast_overrides()]]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in out.iterdir() if p.is_dir())
+    assert names == [
+        "mean-balanced-softmax-s0", "mean-crt-s0", "mean-s0", "none-balanced-softmax-s0", "none-crt-s0", "none-s0"
+    ]  # fmt: skip
+    assert json.loads((out / "ablation.json").read_text())["methods"] == ["ce", "balanced-softmax", "crt"]
+    assert runs.read_config(out / "mean-crt-s0")["stage"]["from_run"] == str((out / "mean-s0").resolve())
+    report = json.loads((out / "report.json").read_text())
+    table = report["tables"]["Long-tail methods: class-averaged top-1 by group, tail gain over CE"]
+    rows = {r["method"]: r for r in table}
+    assert set(rows) == {"CE (baseline)", "balanced-softmax", "crt", "mean", "mean+balanced-softmax", "mean+crt"}
+    assert rows["mean+crt"]["titles"] == "yes" and rows["crt"]["titles"] == "no"
+    gain = report["gains"]["crt"]["tail_top1"]["values"][0]
+    assert rows["crt"]["tail gain"] == f"{gain:+.2f}"
+
+
+def _fast_overrides() -> list[str]:
+    from conftest import TRAIN_FAST
+
+    return [*TRAIN_FAST, "train.epochs=1", "decouple.epochs=1"]
