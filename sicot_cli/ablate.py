@@ -145,7 +145,8 @@ def ablate(
             source = root / run_name(
                 encoder, seed, tag, methods.canonical(method.rsplit("+", 1)[0]) if "+" in method else methods.CE
             )
-            status = _stage_run(source, stage, r, run_dir, progress)
+            taus = overrides.get("decouple.taus")
+            status = _stage_run(source, stage, r, run_dir, progress, taus)
         status.method = method
         statuses.append(status)
         if on_run is not None:
@@ -164,7 +165,8 @@ def _method_plan(names: list[str]) -> list[tuple[str, dict[str, Any], str | None
         full = methods.canonical(name)
         if stage is not None:  # the first run it starts from
             first = full.rsplit("+", 1)[0] if "+" in full else methods.CE
-            plans.setdefault(first, (first, overrides, None))
+            training = {k: v for k, v in overrides.items() if not k.startswith("decouple.")}
+            plans.setdefault(first, (first, training, None))
         plans[full] = (full, overrides, stage)
     return list(plans.values())
 
@@ -226,12 +228,15 @@ def _train_run(r: Recipe, run_dir: Path, data_path: Path, progress: Progress | N
     return RunStatus(r.model.encoder, r.train.seed, run_dir, state, result.final)
 
 
-def _stage_run(source: Path, stage: str, r: Recipe, run_dir: Path, progress: Progress | None) -> RunStatus:
+def _stage_run(
+    source: Path, stage: str, r: Recipe, run_dir: Path, progress: Progress | None, taus: list[float] | None = None
+) -> RunStatus:
     """Run, resume or skip one second stage (``sicot decouple``) on the ablation's run ``source``."""
     from sicot_cli.decouple import decouple
 
     existed = runs.is_run(run_dir)
     overrides = [f"decouple.method={json.dumps(stage)}", f"train.threads={r.train.threads}"]
+    overrides += [] if taus is None else [f"decouple.taus={json.dumps(taus)}"]
     result = decouple(source, overrides, run_dir, resume=existed, progress=progress or NullProgress())
     state = "skipped" if result.skipped else "resumed" if existed else "trained"
     return RunStatus(r.model.encoder, r.train.seed, run_dir, state, result.final)

@@ -11,11 +11,13 @@ by hand (``sicot train train.loss=ldam train.reweight=drw``) is reported under t
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from sicot_cli.errors import SicotError
 
 CE = "ce"
+_FIXED_TAU = re.compile(r"([a-z-]+)\(tau=([0-9]+(?:\.[0-9]+)?)\)")
 # Training methods: the recipe keys each sets.
 TRAINING: dict[str, dict[str, Any]] = {
     "cb-sampler": {"train.sampler": "class_balanced"},
@@ -43,6 +45,10 @@ def parse(method: str) -> tuple[dict[str, Any], str | None]:
         part = part.strip()
         if part == CE:
             continue
+        fixed = _FIXED_TAU.fullmatch(part)  # tau-norm(tau=1): one tau, no choice to make
+        if fixed and fixed[1] in ("tau-norm", "posthoc-la"):
+            part = fixed[1]
+            overrides["decouple.taus"] = [float(fixed[2])]
         if part in STAGES:
             if stage is not None:
                 raise SicotError(f"--methods {method!r}: at most one second stage ({', '.join(STAGES)})")
@@ -75,13 +81,19 @@ def describe(recipe: dict[str, Any], stage: str | None = None) -> str:
     if sampler != "instance":
         parts.append({"class_balanced": "cb-sampler", "sqrt": "sqrt-sampler"}.get(sampler, f"{sampler}-sampler"))
     if stage is not None:
-        parts.append({v: k for k, v in STAGES.items()}.get(stage, stage))
+        name = {v: k for k, v in STAGES.items()}.get(stage, stage)
+        taus = recipe.get("decouple", {}).get("taus", [])
+        if stage in ("tau_norm", "logit_adjust") and len(taus) == 1:  # a fixed tau, not chosen
+            name += f"(tau={taus[0]:g})"
+        parts.append(name)
     return "+".join(parts) or CE
 
 
 def canonical(method: str) -> str:
     """The name :func:`describe` gives the runs of ``method`` (``cb-sampler+la-loss`` -> ``la-loss+cb-sampler``)."""
     overrides, stage = parse(method)
+    if "decouple.taus" in overrides and float(overrides["decouple.taus"][0]) > 10:
+        raise SicotError(f"--methods {method!r}: tau must be between 0 and 10")
     table: dict[str, dict[str, Any]] = {}
     for dotted, value in overrides.items():
         section, key = dotted.split(".")

@@ -366,3 +366,16 @@ def _fast_overrides() -> list[str]:
     from conftest import TRAIN_FAST
 
     return [*TRAIN_FAST, "train.epochs=1", "decouple.epochs=1"]
+
+
+def test_a_fixed_tau_is_a_method_of_its_own(first_run: Path, tmp_path: Path) -> None:
+    """``posthoc-la(tau=1)``: Menon et al.'s tau, not chosen on anything; labelled apart from the chosen one."""
+    from sicot_cli.decouple import decouple
+
+    assert methods.parse("posthoc-la(tau=1)") == ({"decouple.taus": [1.0]}, "logit_adjust")
+    assert methods.canonical("balanced-softmax+tau-norm(tau=0.5)") == "balanced-softmax+tau-norm(tau=0.5)"
+    result = decouple(first_run, ["decouple.method=logit_adjust", "decouple.taus=[1.0]"], tmp_path / "la1")
+    assert result.final["tau"] == 1.0
+    assert methods.label(runs.read_config(result.run_dir)) == "mean+posthoc-la(tau=1)"
+    with pytest.raises(SicotError, match="unknown method 'crt\\(tau=1\\)'"):
+        methods.parse("crt(tau=1)")
