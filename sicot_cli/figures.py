@@ -120,12 +120,15 @@ def curves(report: Report, path: Path) -> Path:
         kw = {"color": colours.get(r.encoder, "black"), "linestyle": seed_style.get(r.seed, "-"), "lw": 1.4}
         a1.plot(ep, [h["loss_v"] for h in r.history], **kw)
         a2.plot(ep, [h.get("val_top1", np.nan) for h in r.history], **kw)
-    a1.set_title("training CE(x_v)")
+    a1.set_title("training loss of x_v (CE or the run's long-tail loss)")
     a2.set_title("validation top-1 (image only)")
     for a in (a1, a2):
         a.set_xlabel("epoch")
+    drawn = {r.encoder for r in report.runs if not r.config.get("stage")}
     handles = [
-        Line2D([], [], color=colours[e], lw=2, label="baseline" if e == BASELINE else e) for e in report.encoders
+        Line2D([], [], color=colours[e], lw=2, label="baseline" if e == BASELINE else e)
+        for e in report.encoders
+        if e in drawn
     ]
     if len(report.seeds) > 1:
         handles += [Line2D([], [], color="grey", linestyle=seed_style[s], label=f"seed {s}") for s in report.seeds]

@@ -295,6 +295,8 @@ class Report:
     protocol: str = ""  # which split and which checkpoint the numbers come from, in words
     # label -> trained with titles; filled when a run used a long-tail method (the methods table)
     titles: dict[str, bool] = field(default_factory=dict)
+    # "<encoder>+<method>" -> its tail top-1 gain over "<method>" alone, paired by seed: what the titles add
+    title_gains: dict[str, Gain] = field(default_factory=dict)
 
     def run(self, encoder: str, seed: int) -> Run | None:
         return next((r for r in self.runs if r.encoder == encoder and r.seed == seed), None)
@@ -419,11 +421,40 @@ class Report:
             row["tail gain"] = "-" if base else self.fmt_gain(e, "tail_top1")
             row["evidence (tail)"] = "-" if base else self.evidence(e, "tail_top1")
             row["evidence (top-1)"] = "-" if base else self.evidence(e, "top1")
+            row["titles add (tail)"] = _gain_text(self.title_gains.get(e))
             rows.append(row)
         return rows
 
 
 METHODS_TABLE = "Long-tail methods: class-averaged top-1 by group, tail gain over CE"
+
+
+def _gain_text(g: Gain | None) -> str:
+    """``+1.23 (p=0.045)``: a paired gain and its t-test, for a table cell."""
+    if g is None or not g.values:
+        return "-"
+    if g.t_undefined:
+        return f"{g.mean:+.2f} (p undefined)"
+    return f"{g.mean:+.2f}" + ("" if g.p_value is None else f" (p={g.p_value:.3f})")
+
+
+def _title_gains(runs_: list[Run]) -> dict[str, Gain]:
+    """Each ``<encoder>+<method>`` against ``<method>`` alone (``<encoder>`` against CE): tail top-1, paired by seed."""
+    by = {(r.encoder, r.seed): r for r in runs_}
+    out = {}
+    for label in sorted({r.encoder for r in runs_ if methods.needs_titles(r.config)}):
+        encoder = next(r.config["encoder"] for r in runs_ if r.encoder == label)
+        alone = label[len(encoder) + 1 :] if label.startswith(encoder + "+") else BASELINE
+        pairs = [
+            (float(by[(label, s)].final["tail_top1"]), float(by[(alone, s)].final["tail_top1"]))
+            for (lab, s) in by
+            if lab == label
+            and (alone, s) in by
+            and by[(label, s)].final.get("tail_top1") is not None
+            and by[(alone, s)].final.get("tail_top1") is not None
+        ]
+        out[label] = Gain([a - b for a, b in pairs], paired_t([a for a, _ in pairs], [b for _, b in pairs]))
+    return out
 
 
 def build_report(paths: list[Path], chosen: str = "bilinear", bootstrap: bool = True) -> Report:
@@ -501,6 +532,7 @@ def build_report(paths: list[Path], chosen: str = "bilinear", bootstrap: bool = 
         str(recipe.get("name", "dataset")),
         f"scored on the {protocol}",
         titles,
+        _title_gains(runs_) if with_methods else {},
     )
 
 

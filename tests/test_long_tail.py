@@ -360,6 +360,12 @@ def test_ablate_methods_grid_and_report_table(tiny_prepared: Path, tmp_path: Pat
     assert rows["mean+crt"]["titles"] == "yes" and rows["crt"]["titles"] == "no"
     gain = report["gains"]["crt"]["tail_top1"]["values"][0]
     assert rows["crt"]["tail gain"] == f"{gain:+.2f}"
+    # what the titles add: mean+crt against crt alone, mean against CE, on tail top-1
+    tail = {m: json.loads((out / d / "summary.json").read_text())["final"]["tail_top1"] for m, d in
+            [("mean+crt", "mean-crt-s0"), ("crt", "none-crt-s0"), ("mean", "mean-s0"), ("ce", "none-s0")]}  # fmt: skip
+    assert rows["mean+crt"]["titles add (tail)"] == f"{tail['mean+crt'] - tail['crt']:+.2f}"
+    assert rows["mean"]["titles add (tail)"] == f"{tail['mean'] - tail['ce']:+.2f}"
+    assert rows["crt"]["titles add (tail)"] == "-"
 
 
 def _fast_overrides() -> list[str]:
