@@ -588,13 +588,26 @@ def decouple(
     overrides: Overrides = None,
 ) -> None:
     """Second stage of decoupled classifier learning (cRT, LWS, tau-norm, post-hoc logit adjustment) on a finished run."""
-    from sicot_cli.console import RichProgress
+    from sicot_cli.console import RichProgress, err_console
     from sicot_cli.decouple import decouple as run_decouple
     from sicot_cli.runs import selection_line
     from sicot_cli.views import metrics_table
 
     extra = [f"decouple.method={method}"] + ([f"train.threads={threads}"] if threads is not None else [])
-    result = run_decouple(run, extra + list(overrides or []), run_dir, resume=resume, progress=RichProgress())
+    try:
+        result = run_decouple(run, extra + list(overrides or []), run_dir, resume=resume, progress=RichProgress())
+    except KeyboardInterrupt:
+        import shlex
+
+        from rich.text import Text
+
+        again = ["sicot", "decouple", str(run), "--method", method, "--resume"]
+        again += ["--run-dir", str(run_dir)] if run_dir is not None else []
+        err_console.print(
+            Text.assemble(("interrupted: the last finished epoch is kept; continue with", "yellow"), " ",
+                          safe(shlex.join(again + list(overrides or [])))),
+        )  # fmt: skip
+        raise typer.Exit(130) from None
     if result.skipped:
         console.print(safe(f"{result.run_dir}: already finished; nothing to do"))
     if result.test is not None:

@@ -309,7 +309,10 @@ def _finish(stage: _Stage, history: list[dict[str, Any]]) -> TrainResult:
         "val_images": p.n_val,
         "checkpoint": "last",
         "checkpoint_epoch": history[-1]["epoch"] if history else 0,
-        "selected_on": "val" if recipe.decouple.method in ("tau_norm", "logit_adjust") else None,
+        # tau chosen among several on validation; one tau (posthoc-la(tau=1)) is fixed, nothing chosen
+        "selected_on": "val"
+        if recipe.decouple.method in ("tau_norm", "logit_adjust") and len(recipe.decouple.taus) > 1
+        else None,
         "stage": recipe.decouple.method,
     }
     if "tau" in history[-1]:

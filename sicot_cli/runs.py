@@ -292,7 +292,8 @@ def selection_line(final: dict[str, Any]) -> str:
     how = "best validation top-1" if final.get("selected_on") == "val" else "no selection"
     if final.get("stage"):  # a second stage (sicot decouple) on a frozen visual stream
         tau = final.get("tau")
-        how = f"second stage {final['stage']}" + ("" if tau is None else f", tau {tau:g} chosen on validation")
+        chosen = "chosen on validation" if final.get("selected_on") == "val" else "fixed"
+        how = f"second stage {final['stage']}" + ("" if tau is None else f", tau {tau:g} {chosen}")
     return f"{split} split ({final.get('test_images', '?')} images), checkpoint {ckpt} (epoch {final.get('checkpoint_epoch', '?')}, {how})"
 
 

@@ -385,3 +385,17 @@ def test_a_fixed_tau_is_a_method_of_its_own(first_run: Path, tmp_path: Path) -> 
     assert methods.label(runs.read_config(result.run_dir)) == "mean+posthoc-la(tau=1)"
     with pytest.raises(SicotError, match="unknown method 'crt\\(tau=1\\)'"):
         methods.parse("crt(tau=1)")
+
+
+def test_decouple_command(first_run: Path, tmp_path: Path) -> None:
+    from sicot_cli.cli import app
+
+    out = tmp_path / "tn"
+    args = ["decouple", str(first_run), "--method", "tau_norm", "--run-dir", str(out), "decouple.taus=[0.5]"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "second stage tau_norm, tau 0.5 fixed" in " ".join(result.output.split())
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 2 and "run directory exists" in again.output
+    bad = CliRunner().invoke(app, ["decouple", str(tmp_path), "--method", "crt"])
+    assert bad.exit_code == 2 and "not a finished run" in bad.output
