@@ -115,6 +115,7 @@ def ablate(
         raise SicotError(f"--presets: unknown preset {unknown[0]!r} (known: {', '.join(sorted(PRESETS))})")
     plans = _method_plan(method_names or [methods.CE])
     recipe, data_path = _prepared(recipe, data, progress)
+    _check_stages(plans, recipe, data_path)
     root = Path(out) if out is not None else default_dir(recipe)
     _write_plan(root, recipe, encoders, seeds, presets, [m for m, _, _ in plans])
     plan = [(BASELINE, None)] + [(e, p) for p in presets for e in encoders if e != BASELINE]
@@ -154,6 +155,19 @@ def ablate(
         if status.state == "interrupted":
             break
     return root, statuses
+
+
+def _check_stages(plans: list[tuple[str, dict[str, Any], str | None]], recipe: Recipe, data_path: Path) -> None:
+    """A second stage that chooses tau on validation needs validation rows: refused before any run trains."""
+    from sicot_cli.data.dataset import open_prepared
+
+    for name, overrides, stage in plans:
+        taus = overrides.get("decouple.taus", recipe.decouple.taus)
+        if stage in ("tau_norm", "logit_adjust") and len(taus) > 1 and open_prepared(data_path).n_val == 0:
+            raise SicotError(
+                f"--methods {name}: chooses tau on the validation rows, and {data_path} has none: rebuild it with "
+                f"data.val_fraction > 0 (`sicot prepare --force`), or fix tau ({name}(tau=1))"
+            )
 
 
 def _method_plan(names: list[str]) -> list[tuple[str, dict[str, Any], str | None]]:

@@ -112,6 +112,9 @@ def decouple(
 def _set_up(source: Path, overrides: list[str], run_dir: str | Path | None) -> _Stage:
     if not runs.is_run(source) or not runs.is_finished(source):
         raise SicotError(f"{source}: not a finished run (decouple starts from a run that `sicot train` finished)")
+    if runs.read_config(source).get("stage"):
+        first = runs.read_config(source)["stage"].get("from_run", "its first run")
+        raise SicotError(f"{source}: is itself a second stage; start from the run it was made from ({first})")
     bad = [o for o in overrides if not o.split("=", 1)[0].strip().startswith(_ALLOWED)]
     if bad:
         raise SicotError(

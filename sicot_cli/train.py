@@ -420,6 +420,11 @@ def _train(
     resuming = _on_main(ctx, lambda: runs.start_run(run.run_dir, config, resume))
     state = _State()
     if resuming:
+        if runs.read_config(run.run_dir).get("stage"):
+            raise SicotError(
+                f"{run.run_dir}: is a second stage (sicot decouple), not a training run: continue it with "
+                f"`sicot decouple <first run> --resume --run-dir {run.run_dir}`"
+            )
         runs.check_dataset(run.prepared, runs.read_config(run.run_dir), run.run_dir)
         if runs.is_finished(run.run_dir):
             final = runs.read_summary(run.run_dir).get("final")

@@ -399,3 +399,27 @@ def test_decouple_command(first_run: Path, tmp_path: Path) -> None:
     assert again.exit_code == 2 and "run directory exists" in again.output
     bad = CliRunner().invoke(app, ["decouple", str(tmp_path), "--method", "crt"])
     assert bad.exit_code == 2 and "not a finished run" in bad.output
+
+
+def test_a_second_stage_is_not_chained_nor_resumed_as_training(first_run: Path, tmp_path: Path) -> None:
+    from sicot_cli.decouple import decouple
+    from sicot_cli.train import train
+
+    stage = decouple(first_run, ["decouple.method=logit_adjust"], tmp_path / "la").run_dir
+    with pytest.raises(SicotError, match="is itself a second stage; start from the run it was made from"):
+        decouple(stage, ["decouple.method=crt"], tmp_path / "again")
+    recipe = tiny_recipe(Path(runs.read_config(first_run)["data"]), "model.encoder=none")
+    with pytest.raises(SicotError, match="is a second stage .sicot decouple., not a training run"):
+        train(recipe, stage, resume=True)
+
+
+def test_ablate_refuses_a_tau_choice_without_validation_rows_before_training(
+    tiny_prepared: Path, tmp_path: Path
+) -> None:
+    from sicot_cli.ablate import ablate
+
+    with pytest.raises(SicotError, match="chooses tau on the validation rows.*has none"):
+        ablate(
+            tiny_recipe(tiny_prepared), ["mean"], [0], tmp_path / "a", data=tiny_prepared, method_names=["posthoc-la"]
+        )
+    assert not (tmp_path / "a").exists()  # nothing trained, nothing written
