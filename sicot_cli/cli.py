@@ -584,6 +584,7 @@ def decouple(
     method: Annotated[str, typer.Option(help="crt, lws, tau_norm or logit_adjust (post-hoc).")] = "crt",
     run_dir: Annotated[Path | None, typer.Option(help="The new run's directory (default: <run>-<method>).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted second stage.")] = False,
+    data: Annotated[Path | None, typer.Option(help="Prepared .h5 (default: the run's).")] = None,
     threads: Threads = None,
     overrides: Overrides = None,
 ) -> None:
@@ -595,7 +596,9 @@ def decouple(
 
     extra = [f"decouple.method={method}"] + ([f"train.threads={threads}"] if threads is not None else [])
     try:
-        result = run_decouple(run, extra + list(overrides or []), run_dir, resume=resume, progress=RichProgress())
+        result = run_decouple(
+            run, extra + list(overrides or []), run_dir, resume=resume, progress=RichProgress(), data=data
+        )
     except KeyboardInterrupt:
         import shlex
 

@@ -78,6 +78,7 @@ def decouple(
     run_dir: str | Path | None = None,
     resume: bool = False,
     progress: Progress | None = None,
+    data: str | Path | None = None,
 ) -> TrainResult:
     """Run the second stage ``decouple.method`` on the finished run ``source``.
 
@@ -89,8 +90,9 @@ def decouple(
         run_dir: the new run's directory (default ``<source>-<method name>``).
         resume: continue an interrupted second stage.
         progress: progress reporting.
+        data: the prepared file (default: the first run's; checked to be the same dataset).
     """
-    stage = _set_up(Path(source), overrides or [], run_dir)
+    stage = _set_up(Path(source), overrides or [], run_dir, data)
     d = stage.recipe.decouple
     config = run_config(stage.recipe, stage.prepared) | {
         "encoder": runs.read_config(stage.source)["encoder"],  # the first run's: what its training needed
@@ -109,7 +111,7 @@ def decouple(
     return _finish(stage, history)
 
 
-def _set_up(source: Path, overrides: list[str], run_dir: str | Path | None) -> _Stage:
+def _set_up(source: Path, overrides: list[str], run_dir: str | Path | None, data: str | Path | None) -> _Stage:
     if not runs.is_run(source) or not runs.is_finished(source):
         raise SicotError(f"{source}: not a finished run (decouple starts from a run that `sicot train` finished)")
     if runs.read_config(source).get("stage"):
@@ -122,7 +124,7 @@ def _set_up(source: Path, overrides: list[str], run_dir: str | Path | None) -> _
             "train.device, train.threads and train.eval_batch_size may be set"
         )
     checkpoint = runs.read_summary(source).get("final", {}).get("checkpoint", "last")
-    first, prepared, model, _ = load_run_model(source, checkpoint if checkpoint in ("last", "best") else "last")
+    first, prepared, model, _ = load_run_model(source, checkpoint if checkpoint in ("last", "best") else "last", data)
     recipe = apply_overrides(first.to_dict(), overrides, "decouple overrides")
     recipe.model.encoder, recipe.model.pretrained = "none", ""
     set_threads(recipe.train.threads)

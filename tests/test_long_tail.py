@@ -316,6 +316,14 @@ def test_decouple_refuses_an_unfinished_run_and_recipe_changes(first_run: Path, 
         decouple(first_run, ["decouple.method=magic"], tmp_path / "x")
 
 
+def test_decouple_refuses_another_dataset(first_run: Path, tiny_prepared: Path, tmp_path: Path) -> None:
+    from sicot_cli.decouple import decouple
+
+    with pytest.raises(SicotError, match="use the dataset the run was trained on"):
+        decouple(first_run, ["decouple.method=crt"], tmp_path / "x", data=tiny_prepared)
+    assert not (tmp_path / "x").exists()
+
+
 # --- the methods grid --------------------------------------------------------------------------
 
 
