@@ -146,6 +146,12 @@ class EvalConfig:
     # Which weights are scored on the test split at the end of training (the test set is touched
     # once): "last" (no selection) or "best" (the epoch with the best validation top-1).
     select: Literal["last", "best"] = "last"
+    # Post-hoc logit adjustment (Menon et al. 2021) of the scored weights: "val" chooses tau of
+    # logit_adjust_taus on the validation rows (class-averaged top-1), shifts the classifier's bias by
+    # -tau * log(training prior) in the scored checkpoint, then scores test once. "off": no adjustment.
+    # On a finished run: `sicot decouple RUN --method logit_adjust` (docs/long-tail.md).
+    logit_adjust: Literal["off", "val"] = "off"
+    logit_adjust_taus: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0])
 
 
 @dataclass
@@ -607,6 +613,10 @@ def validate(recipe: Recipe, where: str) -> None:
             f"train.crop_scale must be [min, max] with 0 < min <= max <= 1, got {tr.crop_scale}",
         ),
         (bool(tr.topk) and all(k >= 1 for k in tr.topk), f"train.topk must list k >= 1, got {tr.topk}"),
+        (
+            bool(e.logit_adjust_taus) and all(0 <= x <= 10 for x in e.logit_adjust_taus),
+            f"eval.logit_adjust_taus must list values between 0 and 10, got {e.logit_adjust_taus}",
+        ),
         (
             bool(recipe.decouple.taus) and all(0 <= x <= 10 for x in recipe.decouple.taus),
             f"decouple.taus must list values between 0 and 10, got {recipe.decouple.taus}",

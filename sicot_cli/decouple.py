@@ -47,7 +47,7 @@ from sicot_cli.distributed import DistContext
 from sicot_cli.errors import SicotError
 from sicot_cli.evaluate import evaluate_model, load_run_model, resolve_device, use_in_memory, write_predictions
 from sicot_cli.fsutil import atomic_path
-from sicot_cli.losses import prior
+from sicot_cli.losses import adjusted_bias, val_balanced_top1
 from sicot_cli.model import SICoT
 from sicot_cli.progress import NullProgress, Progress
 from sicot_cli.threads import set_threads
@@ -164,17 +164,6 @@ def _features(stage: _Stage) -> dict[str, torch.Tensor]:
     return out
 
 
-def val_balanced_top1(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float | None:
-    """Top-1 averaged over the classes that have validation rows (None without validation rows)."""
-    if len(labels) == 0:
-        return None
-    hits = (logits.argmax(1) == labels).double()
-    n = torch.bincount(labels, minlength=num_classes).double()
-    hit = torch.bincount(labels, weights=hits, minlength=num_classes)
-    present = n > 0
-    return float((100.0 * hit[present] / n[present]).mean())
-
-
 def adjusted_classifier(
     method: str, weight: torch.Tensor, bias: torch.Tensor, tau: float, train_counts: np.ndarray
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,8 +171,7 @@ def adjusted_classifier(
     if method == "tau_norm":
         norm = weight.norm(dim=1, keepdim=True).clamp_min(1e-12)
         return weight / norm.pow(tau), torch.zeros_like(bias)
-    log_prior = torch.from_numpy(np.log(prior(train_counts))).to(bias.dtype)
-    return weight.clone(), bias - tau * log_prior
+    return weight.clone(), adjusted_bias(bias, tau, train_counts)
 
 
 def _choose_tau(stage: _Stage, feats: dict[str, torch.Tensor]) -> dict[str, Any]:

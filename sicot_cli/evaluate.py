@@ -158,6 +158,28 @@ def _score_across_ranks(
     return ids.cpu().numpy(), scores.float().cpu().numpy(), meta[:, 0].cpu().numpy(), meta[:, 1].cpu().numpy()
 
 
+@torch.no_grad()
+def split_logits(
+    model: torch.nn.Module, prepared: Prepared, device: torch.device, recipe: Recipe, split: str, in_memory: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image-only logits ``[n, C]`` (float32, CPU) of a split's rows and their labels (one process, full classifier)."""
+    was_training = model.training
+    model.eval()
+    start, stop = prepared.split_range(split)
+    cfg = recipe.train
+    loader = BatchLoader(
+        prepared, cfg.eval_batch_size, start, stop, shuffle=False, in_memory=in_memory, block_rows=cfg.block_rows
+    )
+    logits, labels = [], []
+    for batch in loader.epoch(0):
+        logits.append(model.logits(model.normalize(batch.images.to(device))).float().cpu())
+        labels.append(batch.labels)
+    model.train(was_training)
+    if not logits:
+        return torch.zeros(0, prepared.num_classes), torch.zeros(0, dtype=torch.long)
+    return torch.cat(logits), torch.cat(labels)
+
+
 def make_result(
     recipe: Recipe,
     prepared: Prepared,

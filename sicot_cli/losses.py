@@ -151,3 +151,32 @@ def criterion(cfg: TrainConfig, train_counts: np.ndarray, epoch: int) -> Criteri
     if cfg.reweight == "drw" and epoch >= drw_epoch(cfg):
         weight = t(drw_weights(train_counts, cfg.drw_beta))
     return Criterion(offset, margin, weight)
+
+
+def val_balanced_top1(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float | None:
+    """Top-1 averaged over the classes that have rows in ``labels`` (None without rows): how tau is chosen."""
+    if len(labels) == 0:
+        return None
+    hits = (logits.argmax(1) == labels).double()
+    n = torch.bincount(labels, minlength=num_classes).double()
+    hit = torch.bincount(labels, weights=hits, minlength=num_classes)
+    present = n > 0
+    return float((100.0 * hit[present] / n[present]).mean())
+
+
+def adjusted_bias(bias: torch.Tensor, tau: float, train_counts: np.ndarray) -> torch.Tensor:
+    """Post-hoc logit adjustment (Menon et al. 2021): ``b_j - tau * log prior_j``."""
+    return bias - tau * torch.from_numpy(np.log(prior(train_counts))).to(bias.dtype).to(bias.device)
+
+
+def choose_tau(
+    logits: torch.Tensor, labels: torch.Tensor, taus: list[float], train_counts: np.ndarray
+) -> tuple[float, list[float | None]]:
+    """The tau of ``taus`` whose adjustment (``logits - tau * log prior``) has the best :func:`val_balanced_top1`.
+
+    Ties go to the first listed. Returns the tau and every tau's score.
+    """
+    log_prior = torch.from_numpy(np.log(prior(train_counts))).to(logits.dtype)
+    scores = [val_balanced_top1(logits - tau * log_prior, labels, logits.shape[1]) for tau in taus]
+    best = int(np.argmax([-1.0 if s is None else s for s in scores]))
+    return taus[best], scores

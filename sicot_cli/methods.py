@@ -80,6 +80,8 @@ def describe(recipe: dict[str, Any], stage: str | None = None) -> str:
     sampler = train.get("sampler", "instance")
     if sampler != "instance":
         parts.append({"class_balanced": "cb-sampler", "sqrt": "sqrt-sampler"}.get(sampler, f"{sampler}-sampler"))
+    if stage is None and recipe.get("eval", {}).get("logit_adjust", "off") == "val":
+        parts.append("posthoc-la")  # the same adjustment as the second stage, made at the end of training
     if stage is not None:
         name = {v: k for k, v in STAGES.items()}.get(stage, stage)
         taus = recipe.get("decouple", {}).get("taus", [])

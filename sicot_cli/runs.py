@@ -290,6 +290,8 @@ def selection_line(final: dict[str, Any]) -> str:
         return "test split, last epoch (an older run: its per-epoch scores were on test)"
     ckpt = final.get("checkpoint", "last")
     how = "best validation top-1" if final.get("selected_on") == "val" else "no selection"
+    if final.get("logit_adjust_tau") is not None:
+        how += f", post-hoc logit adjustment tau {final['logit_adjust_tau']:g} chosen on validation"
     if final.get("stage"):  # a second stage (sicot decouple) on a frozen visual stream
         tau = final.get("tau")
         chosen = "chosen on validation" if final.get("selected_on") == "val" else "fixed"

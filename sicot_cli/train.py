@@ -35,8 +35,8 @@ from sicot_cli.data.dataset import Prepared, open_prepared
 from sicot_cli.data.loader import Batch, BatchLoader, epoch_seed
 from sicot_cli.distributed import DistContext, init_distributed, reduce_mean, shard_range, shutdown
 from sicot_cli.errors import SicotError
-from sicot_cli.evaluate import evaluate_model, resolve_device, use_in_memory, write_predictions
-from sicot_cli.losses import Criterion, criterion
+from sicot_cli.evaluate import evaluate_model, resolve_device, split_logits, use_in_memory, write_predictions
+from sicot_cli.losses import Criterion, adjusted_bias, choose_tau, criterion
 from sicot_cli.model import SICoT, Streams, make_model, sicot_loss
 from sicot_cli.progress import NullProgress, Progress
 from sicot_cli.provenance import package_versions
@@ -265,6 +265,14 @@ def _score_test(
         state = runs.load_checkpoint(run_dir / runs.BEST)
         checkpoints.restore(state, run_dir / runs.BEST, model)
         epoch = int(state.get("epoch", last_epoch))
+    adjust = {}
+    if recipe.eval.logit_adjust == "val":  # chosen on validation, applied to the weights scored on test
+        logits, labels = split_logits(model, prepared, device, recipe, "val", in_memory)
+        tau, scores = choose_tau(logits, labels, recipe.eval.logit_adjust_taus, prepared.train_counts)
+        with torch.no_grad():
+            model.classifier.bias.copy_(adjusted_bias(model.classifier.bias, tau, prepared.train_counts))
+        adjust = {"logit_adjust_tau": tau, "logit_adjust_val_scores": scores}
+        log.info("post-hoc logit adjustment: tau %g (class-averaged validation top-1 %s)", tau, scores)
     final = evaluate_model(model, prepared, device, recipe, in_memory=in_memory, ctx=ctx, split="test")
     selection = {
         "split": "test",
@@ -273,7 +281,7 @@ def _score_test(
         "checkpoint": recipe.eval.select,
         "checkpoint_epoch": epoch,
         "selected_on": "val" if recipe.eval.select == "best" else None,
-    }
+    } | adjust
     return final, selection
 
 
@@ -454,6 +462,11 @@ def _open_data(recipe: Recipe, data: str | Path | None) -> tuple[Recipe, Prepare
         raise SicotError(
             f"{path}: needs training and test images (has {prepared.n_train} / {prepared.n - prepared.test_start})"
         )
+    if recipe.eval.logit_adjust == "val" and prepared.n_val < 1:
+        raise SicotError(
+            f"{path}: eval.logit_adjust = val chooses tau on validation rows, and this file has none: rebuild it "
+            "with data.val_fraction > 0 (`sicot prepare --force`) or use eval.logit_adjust=off"
+        )
     if recipe.eval.select == "best" and prepared.n_val < 1:
         raise SicotError(
             f"{path}: eval.select = best needs validation rows, and this file has none: "
@@ -480,6 +493,11 @@ def _set_up(ctx: DistContext, recipe: Recipe, run_dir: str | Path | None, data: 
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
     sharded = use_sharding(cfg, ctx, prepared.num_classes)
+    if recipe.eval.logit_adjust == "val" and ctx.enabled:
+        raise SicotError(
+            "eval.logit_adjust = val runs in one process: train with eval.logit_adjust=off, then "
+            "`sicot decouple RUN --method logit_adjust` on the finished run"
+        )
     shard = shard_range(prepared.num_classes, ctx.world, ctx.rank) if sharded else None
     model = make_model(recipe, prepared, shard)
     if cfg.channels_last:
@@ -679,6 +697,14 @@ def _finish(run: _Run, state: _State) -> TrainResult:
     """The test rows scored once (``eval.select``), predictions and ``summary.json`` written."""
     args = (run.model, run.prepared, run.device, run.recipe, run.in_memory, run.ctx, run.run_dir, state.history)
     final, selection = _score_test(*args)
+    if "logit_adjust_tau" in selection:  # the scored checkpoint holds the adjusted classifier, as predict/export use it
+        tau = selection["logit_adjust_tau"]
+        if run.recipe.eval.select == "best":
+            best = {"meta": run.meta, "epoch": selection["checkpoint_epoch"], "logit_adjust_tau": tau}
+            _save(run, runs.BEST, best, False, "adjusted")
+        else:
+            last = _checkpoint(run, state, run.recipe.train.epochs, 0) | {"logit_adjust_tau": tau}
+            _save(run, runs.LAST, last, True, "adjusted")
 
     def write_outputs() -> None:
         write_predictions(run.run_dir / runs.PREDICTIONS, final)

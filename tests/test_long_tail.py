@@ -215,20 +215,27 @@ def test_tau_norm_and_posthoc_adjustment_follow_their_formulas() -> None:
 
 
 @pytest.fixture(scope="module")
-def first_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished co-trained run on a tiny set WITH validation rows (2 per class)."""
+def val_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny prepared set WITH validation rows (2 per class)."""
     from conftest import KEEP_ALL, make_manifest
 
     from sicot_cli.config import load_recipe
     from sicot_cli.data.prepare import prepare
-    from sicot_cli.train import train
 
-    root = tmp_path_factory.mktemp("lt")
+    root = tmp_path_factory.mktemp("ltdata")
     m = make_manifest(root / "raw", per_class=10)
     data = root / "val.h5"
     keys = ["data.source=manifest", f"data.manifest={m}", "data.image_size=16", "data.val_fraction=0.25", *KEEP_ALL]
     prepare(load_recipe(None, keys), data)
-    return train(tiny_recipe(data, "model.encoder=mean"), root / "mean-s0").run_dir
+    return data
+
+
+@pytest.fixture(scope="module")
+def first_run(val_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished co-trained run on :func:`val_data`."""
+    from sicot_cli.train import train
+
+    return train(tiny_recipe(val_data, "model.encoder=mean"), tmp_path_factory.mktemp("lt") / "mean-s0").run_dir
 
 
 def test_crt_changes_only_the_classifier(first_run: Path, tmp_path: Path) -> None:
@@ -431,3 +438,45 @@ def test_ablate_refuses_a_tau_choice_without_validation_rows_before_training(
             tiny_recipe(tiny_prepared), ["mean"], [0], tmp_path / "a", data=tiny_prepared, method_names=["posthoc-la"]
         )
     assert not (tmp_path / "a").exists()  # nothing trained, nothing written
+
+
+def test_eval_logit_adjust_chooses_tau_on_validation_and_keeps_the_adjusted_classifier(
+    first_run: Path, val_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``eval.logit_adjust = "val"``: the same adjustment as the second stage, made at the end of training."""
+    from sicot_cli import train as training
+    from sicot_cli.data.dataset import open_prepared
+    from sicot_cli.decouple import decouple
+    from sicot_cli.losses import prior
+
+    splits = []
+    real = training.evaluate_model
+    monkeypatch.setattr(training, "evaluate_model", lambda *a, **k: splits.append(k.get("split")) or real(*a, **k))
+    taus = "eval.logit_adjust_taus=[0.0, 1.0, 3.0]"
+    adjusted = training.train(
+        tiny_recipe(val_data, "model.encoder=mean", "eval.logit_adjust=val", taus), tmp_path / "a"
+    )
+    assert splits == ["val", "val", "test"]  # two epochs on validation, the test rows once
+    final = adjusted.final
+    tau = final["logit_adjust_tau"]
+    assert tau == [0.0, 1.0, 3.0][int(np.argmax(final["logit_adjust_val_scores"]))]
+    # the same training without the adjustment: identical weights but the bias, shifted by -tau log prior
+    plain = runs.load_checkpoint(first_run / runs.LAST)["model"]
+    adj = runs.load_checkpoint(adjusted.run_dir / runs.LAST)["model"]
+    assert all(torch.equal(plain[k], adj[k]) for k in plain if k != "classifier.bias")
+    counts = open_prepared(val_data).train_counts
+    log_prior = torch.tensor(np.log(prior(counts)), dtype=torch.float32)
+    torch.testing.assert_close(adj["classifier.bias"], plain["classifier.bias"] - tau * log_prior)
+    # and the second stage on the plain run chooses the same tau and scores the same
+    stage = decouple(first_run, ["decouple.method=logit_adjust", "decouple.taus=[0.0, 1.0, 3.0]"], tmp_path / "s")
+    assert stage.final["tau"] == tau and stage.final["top1"] == final["top1"]
+    assert methods.label(runs.read_config(adjusted.run_dir)) == "mean+posthoc-la"
+    assert f"post-hoc logit adjustment tau {tau:g} chosen on validation" in runs.selection_line(final)
+
+
+def test_eval_logit_adjust_needs_validation_rows(tiny_prepared: Path, tmp_path: Path) -> None:
+    from sicot_cli.train import train
+
+    with pytest.raises(SicotError, match="eval.logit_adjust = val chooses tau on validation rows"):
+        train(tiny_recipe(tiny_prepared, "eval.logit_adjust=val"), tmp_path / "r")
+    assert not (tmp_path / "r").exists()
