@@ -28,7 +28,7 @@ demo: install
 
 ## The long-tail methods beside SICoT on the same demo (docs/long-tail.md): re-balanced losses and
 ## samplers, second stages on a finished run, each alone and with the bilinear encoder; the CE runs
-## and the pretraining are those of `make demo` when it ran first (DEMO_SEEDS=0,1,2: ~15 min on 2 cores).
+## and the pretraining are those of `make demo` when it ran first (DEMO_SEEDS=0,1,2: ~21 min on 2 cores).
 LONG_TAIL_METHODS ?= ce,cb-sampler,la-loss,balanced-softmax,ldam-drw,crt,tau-norm,lws,posthoc-la,posthoc-la(tau=1)
 demo-long-tail: install
 	test -f data/demo-pretrain.h5 || $(BIN)/sicot prepare --recipe recipes/demo-pretrain.toml

@@ -113,6 +113,12 @@ def ablate(
     unknown = [p for p in presets if p not in PRESETS]
     if unknown:
         raise SicotError(f"--presets: unknown preset {unknown[0]!r} (known: {', '.join(sorted(PRESETS))})")
+    owned = sorted(methods.METHOD_KEYS & recipe.explicit) if method_names else []
+    if owned:
+        raise SicotError(
+            f"{owned[0]} is set by --methods (each method sets its own, CE none): drop it from the recipe or "
+            "the overrides and name the method instead (e.g. --methods ce,balanced-softmax)"
+        )
     plans = _method_plan(method_names or [methods.CE])
     recipe, data_path = _prepared(recipe, data, progress)
     _check_stages(plans, recipe, data_path)

@@ -92,12 +92,14 @@ def decouple(
         progress: progress reporting.
         data: the prepared file (default: the first run's; checked to be the same dataset).
     """
-    stage = _set_up(Path(source), overrides or [], run_dir, data)
+    stage = _set_up(Path(source).resolve(), overrides or [], run_dir, data)
     d = stage.recipe.decouple
     config = run_config(stage.recipe, stage.prepared) | {
         "encoder": runs.read_config(stage.source)["encoder"],  # the first run's: what its training needed
         "stage": {"method": d.method, "from_run": str(stage.source.resolve())},
     }
+    if resume and (stage.run_dir / runs.CONFIG).is_file():
+        _check_same_stage(stage.run_dir, config)
     if runs.start_run(stage.run_dir, config, resume) and runs.is_finished(stage.run_dir):
         final = runs.read_summary(stage.run_dir).get("final")
         return TrainResult(stage.run_dir, runs.read_metrics(stage.run_dir), skipped=True, test=final)
@@ -111,12 +113,36 @@ def decouple(
     return _finish(stage, history)
 
 
+def _check_same_stage(run_dir: Path, config: dict[str, Any]) -> None:
+    """``--resume`` continues the second stage the directory holds: same first run, method and decouple settings."""
+    old = runs.read_config(run_dir)
+    theirs = {f"stage.{k}": v for k, v in (old.get("stage") or {}).items()}
+    theirs |= {f"decouple.{k}": v for k, v in (old.get("recipe", {}).get("decouple") or {}).items()}
+    mine = {f"stage.{k}": v for k, v in config["stage"].items()}
+    mine |= {f"decouple.{k}": v for k, v in config["recipe"]["decouple"].items()}
+    changed = [
+        f"{k} {theirs.get(k)!r} -> {mine.get(k)!r}"
+        for k in sorted(set(mine) | set(theirs))
+        if mine.get(k) != theirs.get(k)
+    ]
+    if changed:
+        raise SicotError(
+            f"{run_dir}: holds another second stage than this command asks for ({'; '.join(changed)}): resume it "
+            "with the command that started it, or use another --run-dir"
+        )
+
+
 def _set_up(source: Path, overrides: list[str], run_dir: str | Path | None, data: str | Path | None) -> _Stage:
     if not runs.is_run(source) or not runs.is_finished(source):
         raise SicotError(f"{source}: not a finished run (decouple starts from a run that `sicot train` finished)")
     if runs.read_config(source).get("stage"):
         first = runs.read_config(source)["stage"].get("from_run", "its first run")
         raise SicotError(f"{source}: is itself a second stage; start from the run it was made from ({first})")
+    if runs.read_summary(source).get("final", {}).get("logit_adjust_tau") is not None:
+        raise SicotError(
+            f"{source}: its classifier was already adjusted at the end of training (eval.logit_adjust = val); "
+            "a second stage starts from a run trained with eval.logit_adjust = off"
+        )
     bad = [o for o in overrides if not o.split("=", 1)[0].strip().startswith(_ALLOWED)]
     if bad:
         raise SicotError(
@@ -131,6 +157,12 @@ def _set_up(source: Path, overrides: list[str], run_dir: str | Path | None, data
     model.encoder = model.semantic_norm = None  # image-only from here on
     device = resolve_device(recipe.train.device)
     model.to(device).eval()
+    d = recipe.decouple
+    if d.method in ("tau_norm", "logit_adjust") and len(d.taus) > 1 and prepared.n_val == 0:
+        raise SicotError(
+            f"{prepared.path}: has no validation rows, and {d.method} chooses tau on them: rebuild it with "
+            "data.val_fraction > 0 (`sicot prepare --force`), or fix tau (decouple.taus=[1.0])"
+        )
     name = f"{source.name}-{METHOD_NAMES[recipe.decouple.method]}"
     return _Stage(recipe, prepared, model, device, Path(run_dir) if run_dir else source.parent / name, source)
 
@@ -177,25 +209,21 @@ def adjusted_classifier(
 def _choose_tau(stage: _Stage, feats: dict[str, torch.Tensor]) -> dict[str, Any]:
     """tau_norm / logit_adjust: every tau of ``decouple.taus`` scored on validation; the best one set."""
     d, p = stage.recipe.decouple, stage.prepared
-    if len(feats["val_y"]) == 0:
-        raise SicotError(
-            f"{p.path}: has no validation rows, and {d.method} chooses tau on them: rebuild it with "
-            "data.val_fraction > 0 (`sicot prepare --force`)"
-        )
-    scores = []
-    for tau in d.taus:
+    scores: list[float | None] = []
+    for tau in d.taus if len(feats["val_y"]) else []:  # no validation rows: one fixed tau (checked in _set_up)
         w, b = adjusted_classifier(d.method, feats["weight"], feats["bias"], tau, p.train_counts)
         scores.append(val_balanced_top1(feats["val_x"] @ w.T + b, feats["val_y"], p.num_classes))
-    best = int(np.argmax(scores))  # the first (smallest listed) tau among equal scores
+    best = int(np.argmax(scores)) if scores else 0  # the first (smallest listed) tau among equal scores
     w, b = adjusted_classifier(d.method, feats["weight"], feats["bias"], d.taus[best], p.train_counts)
     with torch.no_grad():
         stage.model.classifier.weight.copy_(w)
         stage.model.classifier.bias.copy_(b)
-    log.info("%s: tau %g (class-averaged validation top-1 %.2f)", stage.run_dir, d.taus[best], scores[best])
+    score = scores[best] if scores else None
+    log.info("%s: tau %g (class-averaged validation top-1 %s)", stage.run_dir, d.taus[best], score)
     return {
         "epoch": 1,
         "tau": d.taus[best],
-        "val_balanced_top1": scores[best],
+        "val_balanced_top1": score,
         "taus": list(d.taus),
         "val_scores": scores,
     }
@@ -239,6 +267,7 @@ def _train_classifier(stage: _Stage, feats: dict[str, torch.Tensor], progress: P
         sched.load_state_dict(state["scheduler"])
         history = state["history"]
         runs.write_metrics(stage.run_dir, history)
+        _set_classifier(stage, head)  # the stage's classifier, also when every epoch was already done
     x, y = feats["train_x"], feats["train_y"]
     for epoch in range(len(history), d.epochs):
         rng = np.random.default_rng(epoch_seed(seed, epoch, 7))

@@ -28,6 +28,8 @@ TRAINING: dict[str, dict[str, Any]] = {
     "ldam-drw": {"train.loss": "ldam", "train.reweight": "drw"},
     "drw": {"train.reweight": "drw"},
 }
+# The keys a method sets: with --methods they are the method's, never the recipe's.
+METHOD_KEYS = {"train.loss", "train.sampler", "train.reweight", "eval.logit_adjust"}
 # Second stages (sicot decouple) by method name -> decouple.method.
 STAGES: dict[str, str] = {"crt": "crt", "lws": "lws", "tau-norm": "tau_norm", "posthoc-la": "logit_adjust"}
 KNOWN = (CE, *TRAINING, *STAGES)
@@ -70,7 +72,7 @@ def describe(recipe: dict[str, Any], stage: str | None = None) -> str:
     parts = []
     if loss == "logit_adjusted":
         tau = float(train.get("loss_tau", 1.0))
-        parts.append("la-loss" if tau == 1.0 else f"la-loss(tau={tau:g})")
+        parts.append("la-loss" if tau == 1.0 else f"la-loss(tau={_number(tau)})")
     elif loss == "balanced_softmax":
         parts.append("balanced-softmax")
     elif loss == "ldam":
@@ -86,9 +88,15 @@ def describe(recipe: dict[str, Any], stage: str | None = None) -> str:
         name = {v: k for k, v in STAGES.items()}.get(stage, stage)
         taus = recipe.get("decouple", {}).get("taus", [])
         if stage in ("tau_norm", "logit_adjust") and len(taus) == 1:  # a fixed tau, not chosen
-            name += f"(tau={taus[0]:g})"
+            name += f"(tau={_number(taus[0])})"
         parts.append(name)
     return "+".join(parts) or CE
+
+
+def _number(x: float) -> str:
+    """``1`` for 1.0, ``0.25``, and every digit when ``:g`` would round (two taus never share a name)."""
+    short = f"{float(x):g}"
+    return short if float(short) == float(x) else repr(float(x))
 
 
 def canonical(method: str) -> str:
@@ -103,11 +111,15 @@ def canonical(method: str) -> str:
     return describe(table, stage)
 
 
+def method_of(config: dict[str, Any]) -> str:
+    """The long-tail method of a run's ``config.json`` (``ce`` for the paper's training)."""
+    return describe(config.get("recipe", {}), (config.get("stage") or {}).get("method"))
+
+
 def label(config: dict[str, Any], preset_suffix: str = "") -> str:
     """A run's row in the report: ``none`` (the baseline: CE, no encoder), a method, an encoder, or ``encoder+method``."""
     encoder = config["encoder"]
-    stage = (config.get("stage") or {}).get("method")
-    method = describe(config.get("recipe", {}), stage)
+    method = method_of(config)
     name = encoder + preset_suffix
     if method == CE:
         return name

@@ -443,8 +443,8 @@ def _title_gains(runs_: list[Run]) -> dict[str, Gain]:
     by = {(r.encoder, r.seed): r for r in runs_}
     out = {}
     for label in sorted({r.encoder for r in runs_ if methods.needs_titles(r.config)}):
-        encoder = next(r.config["encoder"] for r in runs_ if r.encoder == label)
-        alone = label[len(encoder) + 1 :] if label.startswith(encoder + "+") else BASELINE
+        method = methods.method_of(next(r.config for r in runs_ if r.encoder == label))
+        alone = BASELINE if method == methods.CE else method  # the same method without titles
         pairs = [
             (float(by[(label, s)].final["tail_top1"]), float(by[(alone, s)].final["tail_top1"]))
             for (lab, s) in by
@@ -478,7 +478,7 @@ def build_report(paths: list[Path], chosen: str = "bilinear", bootstrap: bool = 
     # Without a baseline there are no gains: Table 3 (accuracies), the curves and the per-class
     # table still say how the runs did (a single `sicot train` run is reported, not refused).
     if chosen not in encoders:  # the first plain encoder (no long-tail method), else the first label
-        plain = [r.encoder for r in runs_ if r.encoder != BASELINE and r.encoder == r.config["encoder"]]
+        plain = [r.encoder for r in runs_ if r.encoder != BASELINE and methods.method_of(r.config) == methods.CE]
         chosen = sorted(plain)[0] if plain else next((e for e in encoders if e != BASELINE), BASELINE)
     seeds = sorted({r.seed for r in runs_})
     keys = _metric_keys(runs_)
@@ -515,7 +515,7 @@ def build_report(paths: list[Path], chosen: str = "bilinear", bootstrap: bool = 
                     per_seed.append(hit_a[order_a].astype(float) - hit_b[order_b].astype(float))
                 gains[e][k].ci = bootstrap_ci(np.mean(per_seed, axis=0))
     recipe = runs_[0].config["recipe"]
-    with_methods = any(r.encoder not in (BASELINE, r.config["encoder"]) for r in runs_)
+    with_methods = any(methods.method_of(r.config) != methods.CE for r in runs_)
     titles = {r.encoder: methods.needs_titles(r.config) for r in runs_} if with_methods else {}
     protocol = "; ".join(sorted({runs.selection_line(r.final) for r in runs_}))
     return Report(

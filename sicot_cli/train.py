@@ -266,7 +266,14 @@ def _score_test(
         checkpoints.restore(state, run_dir / runs.BEST, model)
         epoch = int(state.get("epoch", last_epoch))
     adjust = {}
-    if recipe.eval.logit_adjust == "val":  # chosen on validation, applied to the weights scored on test
+    scored = run_dir / (runs.BEST if recipe.eval.select == "best" else runs.LAST)
+    done = runs.load_checkpoint(scored) if recipe.eval.logit_adjust == "val" else {}
+    if "logit_adjust_tau" in done:  # resumed after the adjusted checkpoint was saved: the model holds it already
+        adjust = {
+            "logit_adjust_tau": done["logit_adjust_tau"],
+            "logit_adjust_val_scores": done.get("logit_adjust_val_scores"),
+        }
+    elif recipe.eval.logit_adjust == "val":  # chosen on validation, applied to the weights scored on test
         logits, labels = split_logits(model, prepared, device, recipe, "val", in_memory)
         tau, scores = choose_tau(logits, labels, recipe.eval.logit_adjust_taus, prepared.train_counts)
         with torch.no_grad():
@@ -462,7 +469,7 @@ def _open_data(recipe: Recipe, data: str | Path | None) -> tuple[Recipe, Prepare
         raise SicotError(
             f"{path}: needs training and test images (has {prepared.n_train} / {prepared.n - prepared.test_start})"
         )
-    if recipe.eval.logit_adjust == "val" and prepared.n_val < 1:
+    if recipe.eval.logit_adjust == "val" and len(recipe.eval.logit_adjust_taus) > 1 and prepared.n_val < 1:
         raise SicotError(
             f"{path}: eval.logit_adjust = val chooses tau on validation rows, and this file has none: rebuild it "
             "with data.val_fraction > 0 (`sicot prepare --force`) or use eval.logit_adjust=off"
@@ -698,12 +705,12 @@ def _finish(run: _Run, state: _State) -> TrainResult:
     args = (run.model, run.prepared, run.device, run.recipe, run.in_memory, run.ctx, run.run_dir, state.history)
     final, selection = _score_test(*args)
     if "logit_adjust_tau" in selection:  # the scored checkpoint holds the adjusted classifier, as predict/export use it
-        tau = selection["logit_adjust_tau"]
+        tau = {k: selection[k] for k in ("logit_adjust_tau", "logit_adjust_val_scores")}
         if run.recipe.eval.select == "best":
-            best = {"meta": run.meta, "epoch": selection["checkpoint_epoch"], "logit_adjust_tau": tau}
+            best = {"meta": run.meta, "epoch": selection["checkpoint_epoch"]} | tau
             _save(run, runs.BEST, best, False, "adjusted")
         else:
-            last = _checkpoint(run, state, run.recipe.train.epochs, 0) | {"logit_adjust_tau": tau}
+            last = _checkpoint(run, state, run.recipe.train.epochs, 0) | tau
             _save(run, runs.LAST, last, True, "adjusted")
 
     def write_outputs() -> None:

@@ -253,7 +253,7 @@ def test_crt_changes_only_the_classifier(first_run: Path, tmp_path: Path) -> Non
     assert methods.label(config) == "mean+crt" and runs.is_finished(result.run_dir)
     with pytest.raises(SicotError, match="run directory exists"):
         decouple(first_run, ["decouple.method=crt"], tmp_path / "crt")
-    assert decouple(first_run, ["decouple.method=crt"], tmp_path / "crt", resume=True).skipped
+    assert decouple(first_run, ["decouple.method=crt", "decouple.epochs=2"], tmp_path / "crt", resume=True).skipped
 
 
 def test_lws_resumes_exactly_after_an_interrupt(first_run: Path, tmp_path: Path) -> None:
@@ -480,3 +480,100 @@ def test_eval_logit_adjust_needs_validation_rows(tiny_prepared: Path, tmp_path: 
     with pytest.raises(SicotError, match="eval.logit_adjust = val chooses tau on validation rows"):
         train(tiny_recipe(tiny_prepared, "eval.logit_adjust=val"), tmp_path / "r")
     assert not (tmp_path / "r").exists()
+
+
+# --- found in review: resume, double adjustment, presets, fixed tau, odd paths ------------------
+
+
+def test_a_stage_resumed_after_its_last_epoch_scores_its_own_classifier(first_run: Path, tmp_path: Path) -> None:
+    from sicot_cli.decouple import decouple
+
+    args = ["decouple.method=crt", "decouple.epochs=2"]
+    done = decouple(first_run, args, tmp_path / "crt")
+    (tmp_path / "crt" / runs.SUMMARY).unlink()  # killed while the test rows were scored
+    again = decouple(first_run, args, tmp_path / "crt", resume=True)
+    assert not again.skipped and again.final["top1"] == done.final["top1"]
+    assert again.final["tail_top1"] == done.final["tail_top1"]
+
+
+@pytest.mark.parametrize(
+    ("first", "then"),
+    [
+        (["decouple.method=crt", "decouple.epochs=2"], ["decouple.method=lws", "decouple.epochs=2"]),
+        (["decouple.method=crt", "decouple.epochs=2"], ["decouple.method=crt"]),
+    ],
+    ids=["another-method", "another-setting"],
+)
+def test_a_stage_resumes_only_as_it_was_started(first_run: Path, tmp_path: Path, first: list, then: list) -> None:
+    from sicot_cli.decouple import decouple
+
+    decouple(first_run, first, tmp_path / "s")
+    (tmp_path / "s" / runs.SUMMARY).unlink()
+    with pytest.raises(SicotError, match="holds another second stage"):
+        decouple(first_run, then, tmp_path / "s", resume=True)
+
+
+def test_an_adjusted_run_is_adjusted_once(val_data: Path, first_run: Path, tmp_path: Path) -> None:
+    from sicot_cli.decouple import decouple
+    from sicot_cli.train import train
+
+    recipe = tiny_recipe(val_data, "model.encoder=mean", "eval.logit_adjust=val", "eval.logit_adjust_taus=[1.0, 2.0]")
+    done = train(recipe, tmp_path / "a")
+    bias = runs.load_checkpoint(tmp_path / "a" / runs.LAST)["model"]["classifier.bias"]
+    (tmp_path / "a" / runs.SUMMARY).unlink()  # killed after the adjusted checkpoint, before summary.json
+    again = train(recipe, tmp_path / "a", resume=True)
+    assert again.final["logit_adjust_tau"] == done.final["logit_adjust_tau"]
+    assert torch.equal(runs.load_checkpoint(tmp_path / "a" / runs.LAST)["model"]["classifier.bias"], bias)
+    assert again.final["top1"] == done.final["top1"]
+    with pytest.raises(SicotError, match="already adjusted at the end of training"):
+        decouple(tmp_path / "a", ["decouple.method=logit_adjust"], tmp_path / "twice")
+
+
+def test_a_fixed_tau_needs_no_validation_rows(tiny_prepared: Path, tmp_path: Path) -> None:
+    from sicot_cli.decouple import decouple
+    from sicot_cli.train import train
+
+    run = train(tiny_recipe(tiny_prepared, "model.encoder=none", "train.epochs=1"), tmp_path / "r").run_dir
+    with pytest.raises(SicotError, match="has no validation rows"):
+        decouple(run, ["decouple.method=logit_adjust"], tmp_path / "chosen")
+    assert not (tmp_path / "chosen").exists()  # refused before anything was written
+    fixed = decouple(run, ["decouple.method=logit_adjust", "decouple.taus=[1.0]"], tmp_path / "fixed")
+    assert fixed.final["tau"] == 1.0 and fixed.final["selected_on"] is None
+
+
+def test_decouple_of_the_current_directory_goes_beside_it(first_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from sicot_cli.decouple import decouple
+
+    monkeypatch.chdir(first_run)
+    result = decouple(".", ["decouple.method=tau_norm", "decouple.taus=[0.5]"])
+    try:
+        assert result.run_dir == first_run.parent / f"{first_run.name}-tau-norm"
+    finally:
+        shutil.rmtree(result.run_dir)
+
+
+def test_titles_add_compares_with_the_same_method_under_a_preset() -> None:
+    from sicot_cli.report import Run, _title_gains
+
+    def run(encoder: str, label: str, loss: str, tail: float, seed: int) -> Run:
+        config = {"encoder": encoder, "recipe": {"preset": "paper", "train": {"loss": loss}}}
+        return Run(Path(label), label, seed, config, {"tail_top1": tail}, [])
+
+    rows = [
+        run("none", "none", "ce", 10.0, s) for s in (0, 1)
+    ] + [run("none", "la-loss", "logit_adjusted", 20.0 + s, s) for s in (0, 1)] + [
+        run("bilinear", "bilinear[paper]+la-loss", "logit_adjusted", 30.0, s) for s in (0, 1)
+    ]  # fmt: skip
+    gains = _title_gains(rows)
+    assert gains["bilinear[paper]+la-loss"].values == [10.0, 9.0]  # against la-loss alone, not CE
+
+
+def test_ablate_methods_refuse_a_method_key_in_the_recipe(tiny_prepared: Path, tmp_path: Path) -> None:
+    from sicot_cli.ablate import ablate
+
+    recipe = tiny_recipe(tiny_prepared, "train.loss=ldam")
+    with pytest.raises(SicotError, match="train.loss is set by --methods"):
+        ablate(recipe, ["mean"], [0], tmp_path / "a", data=tiny_prepared, method_names=["ce", "crt"])
+    assert methods.canonical("posthoc-la(tau=1.000001)") != methods.canonical("posthoc-la(tau=1)")

@@ -7,7 +7,7 @@ class ``j`` with probability ``p_j``, then one of its rows uniformly.
 
 - ``class_balanced``: ``p_j = 1 / C``;
 - ``sqrt``: ``p_j`` proportional to ``sqrt(n_j)``;
-- ``progressive``: ``p_j(t) = (1 - t/T) n_j / n + (t/T) / C`` at epoch ``t`` of ``T`` (0-based:
+- ``progressive``: ``p_j(t) = (1 - t/T) n_j / n + (t/T) / C`` at epoch ``t`` of ``T`` (C: the classes with rows; 0-based:
   the first epoch is instance-balanced, the last nearly class-balanced).
 
 The draw is a pure function of (seed, epoch): the per-class counts are one multinomial, each draw's
