@@ -11,6 +11,7 @@ of two settings in one table.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import logging
 from collections.abc import Callable
@@ -61,10 +62,15 @@ def with_preset(recipe: Recipe, preset: str) -> Recipe:
     """A copy of ``recipe`` with ``preset``'s keys set (they replace the recipe's own values)."""
     r = copy.deepcopy(recipe)
     r.preset = preset
-    for dotted, value in PRESETS[preset].items():
+    _set_keys(r, PRESETS[preset])
+    return r
+
+
+def _set_keys(r: Recipe, keys: dict[str, Any]) -> None:
+    """Set dotted ``section.key`` values on ``r`` (in place)."""
+    for dotted, value in keys.items():
         section, key = dotted.split(".")
         setattr(getattr(r, section), key, value)
-    return r
 
 
 def default_dir(recipe: Recipe) -> Path:
@@ -107,6 +113,54 @@ def ablate(
     Returns:
         The ablation directory and the status of every run, in training order.
     """
+    presets = _check_args(recipe, seeds, presets, method_names)
+    plans = _method_plan(method_names or [methods.CE])
+    recipe, data_path, n_val = _prepared(recipe, data, progress)
+    _check_stages(plans, recipe, data_path, n_val)
+    root = Path(out) if out is not None else default_dir(recipe)
+    _write_plan(root, recipe, encoders, seeds, presets, [m.name for m in plans])
+    jobs = _jobs(recipe, root, encoders, seeds, presets, plans)
+    statuses: list[RunStatus] = []
+    for i, job in enumerate(jobs):
+        if on_start is not None:
+            on_start(job.run_dir.name, i, len(jobs), job.recipe)
+        if job.source is None:
+            status = _train_run(job.recipe, job.run_dir, data_path, progress)
+        else:
+            status = _stage_run(job.source, job.method, job.recipe, job.run_dir, progress)
+        status.method = job.method.name
+        statuses.append(status)
+        if on_run is not None:
+            on_run(status)
+        if status.state == "interrupted":
+            break
+    return root, statuses
+
+
+@dataclass(frozen=True)
+class _Method:
+    """A long-tail method of the grid, as :func:`sicot_cli.methods.parse` reads its name."""
+
+    name: str  # canonical (sicot_cli.methods.canonical)
+    overrides: dict[str, Any]  # the recipe keys it sets (a second stage: its decouple.* keys too)
+    stage: str | None = None  # decouple.method of a second stage
+    first: str | None = None  # a second stage: the training method whose run it starts from
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One run of the ablation: where, with which recipe, and (a second stage) from which run."""
+
+    run_dir: Path
+    recipe: Recipe
+    method: _Method
+    source: Path | None
+
+
+def _check_args(
+    recipe: Recipe, seeds: list[int], presets: list[str] | None, method_names: list[str] | None
+) -> list[str]:
+    """The presets (default: the recipe's); seeds, presets and recipe keys the methods own refused in one line."""
     if not seeds:
         raise SicotError("--seeds is empty")
     presets = presets or [recipe.preset]
@@ -119,80 +173,58 @@ def ablate(
             f"{owned[0]} is set by --methods (each method sets its own, CE none): drop it from the recipe or "
             "the overrides and name the method instead (e.g. --methods ce,balanced-softmax)"
         )
-    plans = _method_plan(method_names or [methods.CE])
-    recipe, data_path = _prepared(recipe, data, progress)
-    _check_stages(plans, recipe, data_path)
-    root = Path(out) if out is not None else default_dir(recipe)
-    _write_plan(root, recipe, encoders, seeds, presets, [m for m, _, _ in plans])
+    return presets
+
+
+def _jobs(
+    recipe: Recipe, root: Path, encoders: list[str], seeds: list[int], presets: list[str], plans: list[_Method]
+) -> list[_Job]:
+    """Every run in training order: per seed, the training runs first (every second stage needs its first run)."""
     plan = [(BASELINE, None)] + [(e, p) for p in presets for e in encoders if e != BASELINE]
-    # Training runs first (every second stage needs its first run), each seed in turn.
-    order = [
-        (seed, e, p, m)
-        for seed in seeds
-        for stage in (False, True)
-        for e, p in plan
-        for m in plans
-        if bool(m[2]) == stage
-    ]
-    statuses: list[RunStatus] = []
-    for i, (seed, encoder, preset, (method, overrides, stage)) in enumerate(order):
-        own = preset is None or preset == recipe.preset
-        r = copy.deepcopy(recipe) if own else with_preset(recipe, preset)
-        r.model.encoder, r.train.seed = encoder, seed
-        for dotted, value in overrides.items():
-            section, key = dotted.split(".")
-            setattr(getattr(r, section), key, value)
-        tag = None if own else preset
-        run_dir = root / run_name(encoder, seed, tag, method)
-        if on_start is not None:
-            on_start(run_dir.name, i, len(order), r)
-        if stage is None:
-            status = _train_run(r, run_dir, data_path, progress)
-        else:
-            source = root / run_name(
-                encoder, seed, tag, methods.canonical(method.rsplit("+", 1)[0]) if "+" in method else methods.CE
-            )
-            taus = overrides.get("decouple.taus")
-            status = _stage_run(source, stage, r, run_dir, progress, taus)
-        status.method = method
-        statuses.append(status)
-        if on_run is not None:
-            on_run(status)
-        if status.state == "interrupted":
-            break
-    return root, statuses
+    jobs = []
+    groups = [[m for m in plans if m.stage is None], [m for m in plans if m.stage is not None]]
+    for seed, group, (encoder, preset) in itertools.product(seeds, groups, plan):
+        for method in group:
+            own = preset is None or preset == recipe.preset
+            r = copy.deepcopy(recipe) if own else with_preset(recipe, preset)
+            r.model.encoder, r.train.seed = encoder, seed
+            _set_keys(r, method.overrides)
+            tag = None if own else preset
+            source = None if method.first is None else root / run_name(encoder, seed, tag, method.first)
+            jobs.append(_Job(root / run_name(encoder, seed, tag, method.name), r, method, source))
+    return jobs
 
 
-def _check_stages(plans: list[tuple[str, dict[str, Any], str | None]], recipe: Recipe, data_path: Path) -> None:
+def _check_stages(plans: list[_Method], recipe: Recipe, data_path: Path, n_val: int) -> None:
     """A second stage that chooses tau on validation needs validation rows: refused before any run trains."""
-    from sicot_cli.data.dataset import open_prepared
-
-    for name, overrides, stage in plans:
-        taus = overrides.get("decouple.taus", recipe.decouple.taus)
-        if stage in ("tau_norm", "logit_adjust") and len(taus) > 1 and open_prepared(data_path).n_val == 0:
+    for m in plans:
+        taus = m.overrides.get("decouple.taus", recipe.decouple.taus)
+        if m.stage in ("tau_norm", "logit_adjust") and len(taus) > 1 and n_val == 0:
             raise SicotError(
-                f"--methods {name}: chooses tau on the validation rows, and {data_path} has none: rebuild it with "
-                f"data.val_fraction > 0 (`sicot prepare --force`), or fix tau ({name}(tau=1))"
+                f"--methods {m.name}: chooses tau on the validation rows, and {data_path} has none: rebuild it with "
+                f"data.val_fraction > 0 (`sicot prepare --force`), or fix tau ({m.name}(tau=1))"
             )
 
 
-def _method_plan(names: list[str]) -> list[tuple[str, dict[str, Any], str | None]]:
-    """Each method as (canonical name, training overrides, second stage), CE first (every gain is measured against
-    it); a second stage's training part is trained too."""
-    plans: dict[str, tuple[str, dict[str, Any], str | None]] = {methods.CE: (methods.CE, {}, None)}
+def _method_plan(names: list[str]) -> list[_Method]:
+    """Each method, CE first (every gain is measured against it); a second stage's training part is trained too."""
+    plans: dict[str, _Method] = {methods.CE: _Method(methods.CE, {})}
     for name in names:
         overrides, stage = methods.parse(name)
         full = methods.canonical(name)
-        if stage is not None:  # the first run it starts from
-            first = full.rsplit("+", 1)[0] if "+" in full else methods.CE
-            training = {k: v for k, v in overrides.items() if not k.startswith("decouple.")}
-            plans.setdefault(first, (first, training, None))
-        plans[full] = (full, overrides, stage)
+        if stage is None:
+            plans[full] = _Method(full, overrides)
+            continue
+        first = full.rsplit("+", 1)[0] if "+" in full else methods.CE  # the first run it starts from
+        training = {k: v for k, v in overrides.items() if not k.startswith("decouple.")}
+        plans.setdefault(first, _Method(first, training))
+        plans[full] = _Method(full, overrides, stage, first)
     return list(plans.values())
 
 
-def _prepared(recipe: Recipe, data: str | Path | None, progress: Progress | None) -> tuple[Recipe, Path]:
-    """The prepared file (prepared first when missing) and a copy of the recipe with its settings taken in."""
+def _prepared(recipe: Recipe, data: str | Path | None, progress: Progress | None) -> tuple[Recipe, Path, int]:
+    """The prepared file (prepared first when missing), a copy of the recipe with its settings taken in, and the
+    file's validation rows."""
     data_path = Path(data) if data is not None else Path(recipe.data.out)
     if not data_path.exists():
         from sicot_cli.data.prepare import prepare
@@ -203,8 +235,9 @@ def _prepared(recipe: Recipe, data: str | Path | None, progress: Progress | None
     from sicot_cli.data.dataset import open_prepared
 
     recipe = copy.deepcopy(recipe)
-    adopt_prepared(recipe, open_prepared(data_path).recipe, data_path)
-    return recipe, data_path
+    prepared = open_prepared(data_path)
+    adopt_prepared(recipe, prepared.recipe, data_path)
+    return recipe, data_path, prepared.n_val
 
 
 def _write_plan(
@@ -248,14 +281,13 @@ def _train_run(r: Recipe, run_dir: Path, data_path: Path, progress: Progress | N
     return RunStatus(r.model.encoder, r.train.seed, run_dir, state, result.final)
 
 
-def _stage_run(
-    source: Path, stage: str, r: Recipe, run_dir: Path, progress: Progress | None, taus: list[float] | None = None
-) -> RunStatus:
+def _stage_run(source: Path, method: _Method, r: Recipe, run_dir: Path, progress: Progress | None) -> RunStatus:
     """Run, resume or skip one second stage (``sicot decouple``) on the ablation's run ``source``."""
     from sicot_cli.decouple import decouple
 
     existed = runs.is_run(run_dir)
-    overrides = [f"decouple.method={json.dumps(stage)}", f"train.threads={r.train.threads}"]
+    overrides = [f"decouple.method={json.dumps(method.stage)}", f"train.threads={r.train.threads}"]
+    taus = method.overrides.get("decouple.taus")
     overrides += [] if taus is None else [f"decouple.taus={json.dumps(taus)}"]
     result = decouple(source, overrides, run_dir, resume=existed, progress=progress or NullProgress())
     state = "skipped" if result.skipped else "resumed" if existed else "trained"

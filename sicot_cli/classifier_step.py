@@ -178,13 +178,13 @@ def eq1_from_streams(
     n = x_v.shape[0]
     logits = score_cat(x_v, x_m, weight, bias, getattr(model, "mixed_trains_classifier", True))
     targets = targets if x_m is None else torch.cat([targets, targets])
-    if criterion is not None and not criterion.plain:
+    criterion = criterion or Criterion()  # plain cross-entropy
+    if not criterion.plain:
         logits = criterion.adjust(logits, targets, cols)
     if sharded:
         rows_loss = sharded_cross_entropy_rows(logits, targets)
     else:
         rows_loss = F.cross_entropy(logits.float(), targets, reduction="none")
-    mean = (lambda r: r.mean()) if criterion is None else (lambda r: criterion.reduce(r, labels))
-    loss_v = mean(rows_loss[:n])
-    loss_m = None if x_m is None else mean(rows_loss[n:])
+    loss_v = criterion.reduce(rows_loss[:n], labels)
+    loss_m = None if x_m is None else criterion.reduce(rows_loss[n:], labels)
     return combine_losses(loss_v, loss_m, lam, normalize), loss_v, loss_m, sampled

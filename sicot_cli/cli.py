@@ -525,45 +525,16 @@ def ablate(
     overrides: Overrides = None,
 ) -> None:
     """Train the baseline and every encoder per seed (finished runs skipped, interrupted ones resumed), then report."""
-    from encoders import list_encoders
-    from sicot_cli.ablate import ablate as run_ablate
-    from sicot_cli.console import AblationProgress, err_console
-    from sicot_cli.errors import SicotError
+    from sicot_cli.console import err_console
     from sicot_cli.report import build_report
-    from sicot_cli.views import ablation_row, ablation_table
 
-    _load_encoder_modules(encoder_module)
-    names = _csv_list(encoders) or list_encoders()
-    for name in names:
-        _check_encoder(name)
-    try:
-        seed_list = [int(s) for s in _csv_list(seeds) or []]
-    except ValueError:
-        raise SicotError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
+    names, seed_list = _ablation_axes(encoders, seeds, encoder_module)
     cfg = _recipe(recipe, overrides, _threads(threads))
     from sicot_cli.preflight import check_training
 
     check_training(cfg, data)
-    done: list = []
-    with AblationProgress(err_console) as bars:
-
-        def on_run(status) -> None:  # noqa: ANN001
-            done.append(status)
-            bars.line(ablation_row(status))
-
-        root, statuses = run_ablate(
-            cfg,
-            names,
-            seed_list,
-            out,
-            progress=bars,
-            on_run=on_run,
-            data=data,
-            on_start=bars.start_run,
-            presets=_csv_list(presets),
-            method_names=_csv_list(methods),
-        )
-    show(ablation_table(done), err_console)
+    keys = {"data": data, "presets": _csv_list(presets), "method_names": _csv_list(methods)}
+    root, statuses = _run_ablation(cfg, names, seed_list, out, keys)
     if statuses and statuses[-1].state == "interrupted":
         from rich.text import Text
 
@@ -615,6 +586,39 @@ def decouple(
         console.print(safe(f"{result.run_dir}: already finished; nothing to do"))
     if result.test is not None:
         show(metrics_table(result.test, f"{result.run_dir}: {selection_line(result.test)}"))
+
+
+def _ablation_axes(encoders: str | None, seeds: str, encoder_module: list[str] | None) -> tuple[list[str], list[int]]:
+    """The encoders (each checked; default: all registered) and the seeds of ``sicot ablate``."""
+    from encoders import list_encoders
+    from sicot_cli.errors import SicotError
+
+    _load_encoder_modules(encoder_module)
+    names = _csv_list(encoders) or list_encoders()
+    for name in names:
+        _check_encoder(name)
+    try:
+        return names, [int(s) for s in _csv_list(seeds) or []]
+    except ValueError:
+        raise SicotError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
+
+
+def _run_ablation(cfg: Any, names: list[str], seeds: list[int], out: Path | None, keys: dict[str, Any]) -> Any:
+    """The ablation under live progress bars, one line per finished run, and the table of runs at the end."""
+    from sicot_cli.ablate import ablate as run_ablate
+    from sicot_cli.console import AblationProgress, err_console
+    from sicot_cli.views import ablation_row, ablation_table
+
+    done: list = []
+    with AblationProgress(err_console) as bars:
+
+        def on_run(status) -> None:  # noqa: ANN001
+            done.append(status)
+            bars.line(ablation_row(status))
+
+        result = run_ablate(cfg, names, seeds, out, progress=bars, on_run=on_run, on_start=bars.start_run, **keys)
+    show(ablation_table(done), err_console)
+    return result
 
 
 def _write_report(rep: Any, target: Path, figures: bool) -> list[Path]:

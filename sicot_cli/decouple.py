@@ -41,17 +41,24 @@ import torch.nn.functional as F
 from sicot_cli import checkpoints, runs
 from sicot_cli.config import Recipe, apply_overrides
 from sicot_cli.data.dataset import Prepared
-from sicot_cli.data.loader import BatchLoader, epoch_seed
+from sicot_cli.data.loader import epoch_seed
 from sicot_cli.data.sampler import draw_rows
 from sicot_cli.distributed import DistContext
 from sicot_cli.errors import SicotError
-from sicot_cli.evaluate import evaluate_model, load_run_model, resolve_device, use_in_memory, write_predictions
+from sicot_cli.evaluate import (
+    evaluate_model,
+    load_run_model,
+    resolve_device,
+    rows_output,
+    use_in_memory,
+    write_predictions,
+)
 from sicot_cli.fsutil import atomic_path
 from sicot_cli.losses import adjusted_bias, val_balanced_top1
 from sicot_cli.model import SICoT
 from sicot_cli.progress import NullProgress, Progress
 from sicot_cli.threads import set_threads
-from sicot_cli.train import TrainResult, run_config
+from sicot_cli.train import TrainResult, run_config, run_meta, test_selection
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +77,7 @@ class _Stage:
     device: torch.device
     run_dir: Path
     source: Path
+    source_encoder: str  # the first run's encoder: what its training needed (the stage's report label)
 
 
 def decouple(
@@ -95,8 +103,8 @@ def decouple(
     stage = _set_up(Path(source).resolve(), overrides or [], run_dir, data)
     d = stage.recipe.decouple
     config = run_config(stage.recipe, stage.prepared) | {
-        "encoder": runs.read_config(stage.source)["encoder"],  # the first run's: what its training needed
-        "stage": {"method": d.method, "from_run": str(stage.source.resolve())},
+        "encoder": stage.source_encoder,
+        "stage": {"method": d.method, "from_run": str(stage.source)},
     }
     if resume and (stage.run_dir / runs.CONFIG).is_file():
         _check_same_stage(stage.run_dir, config)
@@ -135,10 +143,11 @@ def _check_same_stage(run_dir: Path, config: dict[str, Any]) -> None:
 def _set_up(source: Path, overrides: list[str], run_dir: str | Path | None, data: str | Path | None) -> _Stage:
     if not runs.is_run(source) or not runs.is_finished(source):
         raise SicotError(f"{source}: not a finished run (decouple starts from a run that `sicot train` finished)")
-    if runs.read_config(source).get("stage"):
-        first = runs.read_config(source)["stage"].get("from_run", "its first run")
+    config, final = runs.read_config(source), runs.read_summary(source).get("final", {})
+    if config.get("stage"):
+        first = config["stage"].get("from_run", "its first run")
         raise SicotError(f"{source}: is itself a second stage; start from the run it was made from ({first})")
-    if runs.read_summary(source).get("final", {}).get("logit_adjust_tau") is not None:
+    if final.get("logit_adjust_tau") is not None:
         raise SicotError(
             f"{source}: its classifier was already adjusted at the end of training (eval.logit_adjust = val); "
             "a second stage starts from a run trained with eval.logit_adjust = off"
@@ -149,7 +158,7 @@ def _set_up(source: Path, overrides: list[str], run_dir: str | Path | None, data
             f"override {bad[0]!r}: a second stage keeps its first run's recipe; only decouple.*, "
             "train.device, train.threads and train.eval_batch_size may be set"
         )
-    checkpoint = runs.read_summary(source).get("final", {}).get("checkpoint", "last")
+    checkpoint = final.get("checkpoint", "last")
     first, prepared, model, _ = load_run_model(source, checkpoint if checkpoint in ("last", "best") else "last", data)
     recipe = apply_overrides(first.to_dict(), overrides, "decouple overrides")
     recipe.model.encoder, recipe.model.pretrained = "none", ""
@@ -164,7 +173,8 @@ def _set_up(source: Path, overrides: list[str], run_dir: str | Path | None, data
             "data.val_fraction > 0 (`sicot prepare --force`), or fix tau (decouple.taus=[1.0])"
         )
     name = f"{source.name}-{METHOD_NAMES[recipe.decouple.method]}"
-    return _Stage(recipe, prepared, model, device, Path(run_dir) if run_dir else source.parent / name, source)
+    run_dir = Path(run_dir) if run_dir else source.parent / name
+    return _Stage(recipe, prepared, model, device, run_dir, source, config["encoder"])
 
 
 @torch.no_grad()
@@ -177,18 +187,10 @@ def _features(stage: _Stage) -> dict[str, torch.Tensor]:
         except Exception:  # noqa: BLE001 - a damaged cache is recomputed, never trusted
             log.warning("%s: unreadable, computing the features again", path)
     out: dict[str, torch.Tensor] = {}
-    p, cfg = stage.prepared, stage.recipe.train
+    p, cfg, m = stage.prepared, stage.recipe.train, stage.model
     for split in ("train", "val"):
-        lo, hi = p.split_range(split) if split == "val" else (0, p.n_train)
-        loader = BatchLoader(p, cfg.eval_batch_size, lo, hi, shuffle=False, in_memory=use_in_memory(cfg, p))
-        feats, labels = [], []
-        for batch in loader.epoch(0):
-            x = stage.model.normalize(batch.images.to(stage.device))
-            feats.append(stage.model.features(x).float().cpu())
-            labels.append(batch.labels)
-        dim = stage.model.feat_dim
-        out[f"{split}_x"] = torch.cat(feats) if feats else torch.zeros(0, dim)
-        out[f"{split}_y"] = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+        x, y = rows_output(m.features, m, p, stage.device, cfg, p.split_range(split), m.feat_dim, use_in_memory(cfg, p))
+        out[f"{split}_x"], out[f"{split}_y"] = x, y
     clf = stage.model.classifier
     out["weight"], out["bias"] = clf.weight.detach().cpu().clone(), clf.bias.detach().cpu().clone()
     with atomic_path(path) as tmp:
@@ -303,21 +305,9 @@ def _set_classifier(stage: _Stage, head: _Scaled) -> None:
         stage.model.classifier.bias.copy_(b)
 
 
-def _meta(stage: _Stage) -> dict[str, Any]:
-    p, m = stage.prepared, stage.model
-    return {
-        "backbone": stage.recipe.model.backbone,
-        "encoder": "none",
-        "num_classes": p.num_classes,
-        "feat_dim": m.feat_dim,
-        "image_size": p.image_size,
-        "dataset": p.fingerprint(),
-    }
-
-
 def _save(stage: _Stage, state: dict[str, Any], optimizer: torch.optim.Optimizer | None) -> None:
     """``checkpoint-last.pt``: the image-only model (loadable as any run's) and the stage's own state."""
-    state = copy.copy(state) | {"meta": _meta(stage)}
+    state = copy.copy(state) | {"meta": run_meta(stage.recipe, stage.prepared, stage.model)}
     checkpoints.save(stage.run_dir / runs.LAST, state, stage.model, optimizer, DistContext(), False, "stage2")
 
 
@@ -325,18 +315,11 @@ def _finish(stage: _Stage, history: list[dict[str, Any]]) -> TrainResult:
     """The test rows scored once with the final classifier; predictions and ``summary.json``."""
     recipe, p = stage.recipe, stage.prepared
     final = evaluate_model(stage.model, p, stage.device, recipe, in_memory=use_in_memory(recipe.train, p))
-    selection = {
-        "split": "test",
-        "test_images": p.n - p.test_start,
-        "val_images": p.n_val,
-        "checkpoint": "last",
-        "checkpoint_epoch": history[-1]["epoch"] if history else 0,
-        # tau chosen among several on validation; one tau (posthoc-la(tau=1)) is fixed, nothing chosen
-        "selected_on": "val"
-        if recipe.decouple.method in ("tau_norm", "logit_adjust") and len(recipe.decouple.taus) > 1
-        else None,
-        "stage": recipe.decouple.method,
-    }
+    d = recipe.decouple
+    # tau chosen among several on validation; one tau (posthoc-la(tau=1)) is fixed, nothing chosen
+    chose = d.method in ("tau_norm", "logit_adjust") and len(d.taus) > 1
+    epoch = history[-1]["epoch"] if history else 0
+    selection = test_selection(p, "last", epoch, "val" if chose else None) | {"stage": d.method}
     if "tau" in history[-1]:
         selection["tau"] = history[-1]["tau"]
     write_predictions(stage.run_dir / runs.PREDICTIONS, final)

@@ -8,6 +8,7 @@ Evaluation follows §4.2: top-1 and top-3, overall and averaged over the head an
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -159,25 +160,42 @@ def _score_across_ranks(
 
 
 @torch.no_grad()
+def rows_output(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    model: torch.nn.Module,
+    prepared: Prepared,
+    device: torch.device,
+    cfg: TrainConfig,
+    rows: tuple[int, int],
+    width: int,
+    in_memory: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fn`` of the normalised images of the rows ``[lo, hi)`` (float32, CPU, ``[n, width]``) and their labels.
+
+    One process, the model in eval mode: the frozen features of a second stage, or the logits the
+    post-hoc adjustment chooses tau on.
+    """
+    was_training = model.training
+    model.eval()
+    loader = BatchLoader(
+        prepared, cfg.eval_batch_size, *rows, shuffle=False, in_memory=in_memory, block_rows=cfg.block_rows
+    )
+    outs, labels = [], []
+    for batch in loader.epoch(0):
+        outs.append(fn(model.normalize(batch.images.to(device))).float().cpu())
+        labels.append(batch.labels)
+    model.train(was_training)
+    if not outs:
+        return torch.zeros(0, width), torch.zeros(0, dtype=torch.long)
+    return torch.cat(outs), torch.cat(labels)
+
+
 def split_logits(
     model: torch.nn.Module, prepared: Prepared, device: torch.device, recipe: Recipe, split: str, in_memory: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Image-only logits ``[n, C]`` (float32, CPU) of a split's rows and their labels (one process, full classifier)."""
-    was_training = model.training
-    model.eval()
-    start, stop = prepared.split_range(split)
-    cfg = recipe.train
-    loader = BatchLoader(
-        prepared, cfg.eval_batch_size, start, stop, shuffle=False, in_memory=in_memory, block_rows=cfg.block_rows
-    )
-    logits, labels = [], []
-    for batch in loader.epoch(0):
-        logits.append(model.logits(model.normalize(batch.images.to(device))).float().cpu())
-        labels.append(batch.labels)
-    model.train(was_training)
-    if not logits:
-        return torch.zeros(0, prepared.num_classes), torch.zeros(0, dtype=torch.long)
-    return torch.cat(logits), torch.cat(labels)
+    rows = prepared.split_range(split)
+    return rows_output(model.logits, model, prepared, device, recipe.train, rows, prepared.num_classes, in_memory)
 
 
 def make_result(

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from sicot_cli.config import TrainConfig
+from sicot_cli.metrics import per_class_accuracy
 
 
 class Criterion:
@@ -157,11 +158,8 @@ def val_balanced_top1(logits: torch.Tensor, labels: torch.Tensor, num_classes: i
     """Top-1 averaged over the classes that have rows in ``labels`` (None without rows): how tau is chosen."""
     if len(labels) == 0:
         return None
-    hits = (logits.argmax(1) == labels).double()
-    n = torch.bincount(labels, minlength=num_classes).double()
-    hit = torch.bincount(labels, weights=hits, minlength=num_classes)
-    present = n > 0
-    return float((100.0 * hit[present] / n[present]).mean())
+    hits = (logits.argmax(1) == labels).numpy()
+    return float(np.nanmean(per_class_accuracy(hits, labels.numpy(), num_classes)))  # NaN: no row of the class
 
 
 def adjusted_bias(bias: torch.Tensor, tau: float, train_counts: np.ndarray) -> torch.Tensor:

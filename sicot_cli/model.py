@@ -38,11 +38,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from sicot_cli.errors import SicotError
+from sicot_cli.losses import Criterion
 
 if TYPE_CHECKING:
     from sicot_cli.config import Recipe
     from sicot_cli.data.dataset import Prepared
-    from sicot_cli.losses import Criterion
 
 log = logging.getLogger(__name__)
 
@@ -320,7 +320,7 @@ def sicot_loss(
 
     ``criterion`` replaces the cross-entropy of BOTH terms by a long-tail loss (sicot_cli.losses).
     """
-    ce = criterion if criterion is not None else (lambda z, y: F.cross_entropy(z.float(), y))
+    ce = criterion or Criterion()  # plain cross-entropy
     loss_v = ce(logits_v, labels)
     loss_m = None if logits_m is None else ce(logits_m, labels)
     return combine_losses(loss_v, loss_m, lam, normalize), loss_v, loss_m

@@ -445,16 +445,19 @@ def _title_gains(runs_: list[Run]) -> dict[str, Gain]:
     for label in sorted({r.encoder for r in runs_ if methods.needs_titles(r.config)}):
         method = methods.method_of(next(r.config for r in runs_ if r.encoder == label))
         alone = BASELINE if method == methods.CE else method  # the same method without titles
-        pairs = [
-            (float(by[(label, s)].final["tail_top1"]), float(by[(alone, s)].final["tail_top1"]))
-            for (lab, s) in by
-            if lab == label
-            and (alone, s) in by
-            and by[(label, s)].final.get("tail_top1") is not None
-            and by[(alone, s)].final.get("tail_top1") is not None
-        ]
-        out[label] = Gain([a - b for a, b in pairs], paired_t([a for a, _ in pairs], [b for _, b in pairs]))
+        pairs = [(r, by[(alone, r.seed)]) for r in runs_ if r.encoder == label and (alone, r.seed) in by]
+        out[label] = _paired_gain(pairs, "tail_top1")
     return out
+
+
+def _paired_gain(pairs: list[tuple[Run, Run]], key: str) -> Gain:
+    """``treated - reference`` of a metric over the (treated, reference) runs of each seed, with the paired t-test."""
+    both = [
+        (float(a.final[key]), float(b.final[key]))
+        for a, b in pairs
+        if a.final.get(key) is not None and b.final.get(key) is not None
+    ]
+    return Gain([a - b for a, b in both], paired_t([a for a, _ in both], [b for _, b in both]))
 
 
 def build_report(paths: list[Path], chosen: str = "bilinear", bootstrap: bool = True) -> Report:
@@ -492,14 +495,7 @@ def build_report(paths: list[Path], chosen: str = "bilinear", bootstrap: bool = 
         if e == BASELINE:
             continue
         pairs = [(r, base_by_seed[r.seed]) for r in runs_ if r.encoder == e and r.seed in base_by_seed]
-        gains[e] = {}
-        for k in keys:
-            both = [
-                (float(a.final[k]), float(b.final[k]))
-                for a, b in pairs
-                if a.final.get(k) is not None and b.final.get(k) is not None
-            ]
-            gains[e][k] = Gain([a - b for a, b in both], paired_t([a for a, _ in both], [b for _, b in both]))
+        gains[e] = {k: _paired_gain(pairs, k) for k in keys}
         if bootstrap and pairs:
             for k in ("top1", "top3"):
                 if k not in gains[e]:

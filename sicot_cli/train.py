@@ -88,7 +88,8 @@ def use_sharding(cfg: TrainConfig, ctx: DistContext, num_classes: int) -> bool:
     return cfg.classifier_parallel == "yes" or num_classes >= cfg.classifier_parallel_min_classes
 
 
-def _meta(recipe: Recipe, prepared: Prepared, model: SICoT) -> dict[str, Any]:
+def run_meta(recipe: Recipe, prepared: Prepared, model: SICoT) -> dict[str, Any]:
+    """What a checkpoint must match to be loaded into a run: backbone, encoder, classes, sizes, dataset."""
     return {
         "backbone": recipe.model.backbone,
         "encoder": recipe.model.encoder,
@@ -244,52 +245,16 @@ def train(
         shutdown(ctx, clean)
 
 
-def _score_test(
-    model: SICoT,
-    prepared: Prepared,
-    device: torch.device,
-    recipe: Recipe,
-    in_memory: bool,
-    ctx: DistContext,
-    run_dir: Path,
-    history: list[dict[str, Any]],
-) -> tuple[Any, dict[str, Any]]:
-    """Score the test rows once, with the weights ``eval.select`` names; say which and how chosen.
-
-    ``last``: the final weights, no selection. ``best``: ``checkpoint-best.pt``, the epoch with the
-    best validation top-1 (validation rows only, never test).
-    """
-    last_epoch = history[-1]["epoch"] if history else 0
-    epoch = last_epoch
-    if recipe.eval.select == "best":
-        state = runs.load_checkpoint(run_dir / runs.BEST)
-        checkpoints.restore(state, run_dir / runs.BEST, model)
-        epoch = int(state.get("epoch", last_epoch))
-    adjust = {}
-    scored = run_dir / (runs.BEST if recipe.eval.select == "best" else runs.LAST)
-    done = runs.load_checkpoint(scored) if recipe.eval.logit_adjust == "val" else {}
-    if "logit_adjust_tau" in done:  # resumed after the adjusted checkpoint was saved: the model holds it already
-        adjust = {
-            "logit_adjust_tau": done["logit_adjust_tau"],
-            "logit_adjust_val_scores": done.get("logit_adjust_val_scores"),
-        }
-    elif recipe.eval.logit_adjust == "val":  # chosen on validation, applied to the weights scored on test
-        logits, labels = split_logits(model, prepared, device, recipe, "val", in_memory)
-        tau, scores = choose_tau(logits, labels, recipe.eval.logit_adjust_taus, prepared.train_counts)
-        with torch.no_grad():
-            model.classifier.bias.copy_(adjusted_bias(model.classifier.bias, tau, prepared.train_counts))
-        adjust = {"logit_adjust_tau": tau, "logit_adjust_val_scores": scores}
-        log.info("post-hoc logit adjustment: tau %g (class-averaged validation top-1 %s)", tau, scores)
-    final = evaluate_model(model, prepared, device, recipe, in_memory=in_memory, ctx=ctx, split="test")
-    selection = {
+def test_selection(prepared: Prepared, checkpoint: str, epoch: int, selected_on: str | None) -> dict[str, Any]:
+    """What ``summary.json``'s "final" says of how the test scores were made: split, sizes, weights, selection."""
+    return {
         "split": "test",
         "test_images": prepared.n - prepared.test_start,
         "val_images": prepared.n_val,
-        "checkpoint": recipe.eval.select,
+        "checkpoint": checkpoint,
         "checkpoint_epoch": epoch,
-        "selected_on": "val" if recipe.eval.select == "best" else None,
-    } | adjust
-    return final, selection
+        "selected_on": selected_on,
+    }
 
 
 def _on_main(ctx: DistContext, fn: Callable[[], Any]) -> Any:
@@ -384,6 +349,8 @@ class _State:
     best: float = -1.0  # best validation top-1 so far
     accum: dict[str, Any] = field(default_factory=_fresh_accum)  # the epoch's running loss sums, images, seconds
     sums: torch.Tensor | None = None  # the running loss sums on the device, while an epoch's batches run
+    # eval.logit_adjust = "val": the tau chosen and the validation scores, once the adjusted weights were saved
+    logit_adjust: dict[str, Any] = field(default_factory=dict)
 
 
 class _SigintGuard:
@@ -512,7 +479,7 @@ def _set_up(ctx: DistContext, recipe: Recipe, run_dir: str | Path | None, data: 
     model.to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
-    meta = _meta(recipe, prepared, model)
+    meta = run_meta(recipe, prepared, model)
     in_memory = use_in_memory(cfg, prepared)
     return _Run(ctx, recipe, prepared, run_dir, threads, device, sharded, model, optimizer, scheduler, meta, in_memory)
 
@@ -528,6 +495,7 @@ def _resume(run: _Run) -> _State:
     run.scheduler.load_state_dict(ckpt["scheduler"])
     torch.set_rng_state(ckpt["rng"])
     state = _State(ckpt["epoch"], ckpt["batch"], ckpt["history"], ckpt["best"], ckpt["accum"])
+    state.logit_adjust = {k: ckpt[k] for k in ADJUST_KEYS if k in ckpt}
     _on_main(run.ctx, lambda: runs.write_metrics(run.run_dir, state.history))
     log.info("resuming %s at epoch %d, batch %d", run.run_dir, state.epoch + 1, state.batch)
     return state
@@ -536,7 +504,7 @@ def _resume(run: _Run) -> _State:
 def _checkpoint(run: _Run, state: _State, epoch: int, batch: int) -> dict[str, Any]:
     return {
         "scheduler": run.scheduler.state_dict(), "rng": torch.get_rng_state(), "epoch": epoch, "batch": batch,
-        "history": state.history, "best": state.best, "accum": state.accum, "meta": run.meta,
+        "history": state.history, "best": state.best, "accum": state.accum, "meta": run.meta, **state.logit_adjust,
     }  # fmt: skip
 
 
@@ -700,18 +668,55 @@ def _end_epoch(run: _Run, state: _State, lr: float) -> None:
     log.info("epoch %d: loss %.4f%s", epoch + 1, record["loss"], f" val top1 {record['val_top1']:.2f}" if val else "")
 
 
+ADJUST_KEYS = ("logit_adjust_tau", "logit_adjust_val_scores")
+
+
+def _score_test(run: _Run, state: _State) -> tuple[Any, dict[str, Any]]:
+    """Score the test rows once, with the weights ``eval.select`` names; say which and how chosen.
+
+    ``last``: the final weights, no selection. ``best``: ``checkpoint-best.pt``, the epoch with the
+    best validation top-1 (validation rows only, never test). With ``eval.logit_adjust = "val"`` the
+    classifier of those weights is adjusted first (:func:`_adjust`), unless they already were.
+    """
+    recipe = run.recipe
+    epoch = state.history[-1]["epoch"] if state.history else 0
+    if recipe.eval.select == "best":
+        best = runs.load_checkpoint(run.run_dir / runs.BEST)
+        checkpoints.restore(best, run.run_dir / runs.BEST, run.model)
+        epoch = int(best.get("epoch", epoch))
+        state.logit_adjust = {k: best[k] for k in ADJUST_KEYS if k in best}
+    if recipe.eval.logit_adjust == "val" and not state.logit_adjust:
+        state.logit_adjust = _adjust(run)
+        _save_adjusted(run, state, epoch)
+    final = evaluate_model(
+        run.model, run.prepared, run.device, recipe, in_memory=run.in_memory, ctx=run.ctx, split="test"
+    )
+    selected_on = "val" if recipe.eval.select == "best" else None
+    return final, test_selection(run.prepared, recipe.eval.select, epoch, selected_on) | state.logit_adjust
+
+
+def _adjust(run: _Run) -> dict[str, Any]:
+    """Post-hoc logit adjustment of the model's classifier: tau chosen on the validation rows."""
+    p = run.prepared
+    logits, labels = split_logits(run.model, p, run.device, run.recipe, "val", run.in_memory)
+    tau, scores = choose_tau(logits, labels, run.recipe.eval.logit_adjust_taus, p.train_counts)
+    with torch.no_grad():
+        run.model.classifier.bias.copy_(adjusted_bias(run.model.classifier.bias, tau, p.train_counts))
+    log.info("post-hoc logit adjustment: tau %g (class-averaged validation top-1 %s)", tau, scores)
+    return {"logit_adjust_tau": tau, "logit_adjust_val_scores": scores}
+
+
+def _save_adjusted(run: _Run, state: _State, epoch: int) -> None:
+    """The scored checkpoint keeps the adjusted classifier (predict/export use it) and says so, for a resume."""
+    if run.recipe.eval.select == "best":
+        _save(run, runs.BEST, {"meta": run.meta, "epoch": epoch} | state.logit_adjust, False, "adjusted")
+    else:
+        _save(run, runs.LAST, _checkpoint(run, state, run.recipe.train.epochs, 0), True, "adjusted")
+
+
 def _finish(run: _Run, state: _State) -> TrainResult:
     """The test rows scored once (``eval.select``), predictions and ``summary.json`` written."""
-    args = (run.model, run.prepared, run.device, run.recipe, run.in_memory, run.ctx, run.run_dir, state.history)
-    final, selection = _score_test(*args)
-    if "logit_adjust_tau" in selection:  # the scored checkpoint holds the adjusted classifier, as predict/export use it
-        tau = {k: selection[k] for k in ("logit_adjust_tau", "logit_adjust_val_scores")}
-        if run.recipe.eval.select == "best":
-            best = {"meta": run.meta, "epoch": selection["checkpoint_epoch"]} | tau
-            _save(run, runs.BEST, best, False, "adjusted")
-        else:
-            last = _checkpoint(run, state, run.recipe.train.epochs, 0) | tau
-            _save(run, runs.LAST, last, True, "adjusted")
+    final, selection = _score_test(run, state)
 
     def write_outputs() -> None:
         write_predictions(run.run_dir / runs.PREDICTIONS, final)
