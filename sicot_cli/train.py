@@ -571,7 +571,7 @@ def _epochs(
                 task.advance(skip)
                 _run_epoch(run, state, state.sums, loader, forward, skip, task, hook, guard)
             state.sums = None
-            _end_epoch(run, state, lr)
+            _end_epoch(run, state, lr, guard)
     except KeyboardInterrupt:
         # Between the last batch and the epoch's checkpoint the previous checkpoint is the valid one.
         # Distributed, the ranks may be stopped at different batches: resume from the last epoch.
@@ -647,8 +647,12 @@ def _epoch_record(epoch: int, lr: float, accum: dict[str, Any], val: Any, co_tra
     return record
 
 
-def _end_epoch(run: _Run, state: _State, lr: float) -> None:
-    """StepLR, validation, the metrics line, ``checkpoint-best`` (best validation top-1) and ``-last``."""
+def _end_epoch(run: _Run, state: _State, lr: float, guard: _SigintGuard) -> None:
+    """StepLR, validation, the metrics line, ``checkpoint-best`` (best validation top-1) and ``-last``.
+
+    A Ctrl-C while the epoch's checkpoints and metrics line are written waits for them (``guard``):
+    interrupted inside ``torch.save`` the checkpoint would be lost with a traceback, not saved.
+    """
     epoch = state.epoch
     run.scheduler.step()
     val = None
@@ -657,6 +661,7 @@ def _end_epoch(run: _Run, state: _State, lr: float) -> None:
             run.model, run.prepared, run.device, run.recipe, in_memory=run.in_memory, ctx=run.ctx, split="val"
         )
     record = _epoch_record(epoch, lr, state.accum, val, run.model.encoder is not None)
+    guard.in_step = True
     state.history.append(record)
     state.batch = 0
     if val is not None and record["val_top1"] > state.best:
@@ -666,6 +671,7 @@ def _end_epoch(run: _Run, state: _State, lr: float) -> None:
     _save(run, runs.LAST, _checkpoint(run, state, epoch + 1, 0), True, f"e{epoch + 1}")
     _on_main(run.ctx, lambda: runs.append_metrics(run.run_dir, record))
     log.info("epoch %d: loss %.4f%s", epoch + 1, record["loss"], f" val top1 {record['val_top1']:.2f}" if val else "")
+    guard.step_done()  # a Ctrl-C that waited stops here, after a complete checkpoint
 
 
 ADJUST_KEYS = ("logit_adjust_tau", "logit_adjust_val_scores")
