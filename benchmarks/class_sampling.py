@@ -141,6 +141,8 @@ def tiny_run(recipe, data: Path, run_name: str) -> dict:  # noqa: ANN001
     model = SICoT(net, 128, p.num_classes)
     with torch.random.fork_rng(devices=[]):
         model.attach_encoder(create_encoder("mean", vectors=torch.from_numpy(p.vectors), out_dim=128))
+    if cfg.classifier_dtype == "bfloat16":  # as sicot_cli.train does
+        model.classifier.to(torch.bfloat16)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size, gamma=cfg.gamma)
     forward = step_forward(model, cfg, False)
@@ -195,6 +197,12 @@ def main(argv: list[str] | None = None) -> dict:
         help="the small stream + mean encoder instead of the recipe's model (see above)",
     )
     ap.add_argument("--rates", default="1,0.3,0.1")
+    ap.add_argument(
+        "--dtypes",
+        default="float32",
+        help="comma-separated train.classifier_dtype values; every (rate, dtype) is paired against (1, float32), "
+        "and a bfloat16 one also against float32 at its rate (bfloat16 needs a rate < 1: rate 1 is skipped)",
+    )
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--runs-dir", default="runs/class-sampling")
     ap.add_argument("overrides", nargs="*", help="recipe overrides (section.key=value)")
@@ -203,8 +211,13 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error("give --recipe or --many-classes")
     rates = [float(r) for r in args.rates.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
+    dtypes = [d for d in args.dtypes.split(",") if d]
     if 1.0 not in rates:
         ap.error("--rates must include 1 (the exact reference)")
+    if "float32" not in dtypes or any(d not in ("float32", "bfloat16") for d in dtypes):
+        ap.error("--dtypes: float32 (the reference) and optionally bfloat16")
+    configs = [(rate, dtype) for dtype in dtypes for rate in rates if dtype == "float32" or rate < 1]
+    ref = (1.0, "float32")
     torch.set_num_threads(1)
     start()
     base: list[str] = []
@@ -216,71 +229,91 @@ def main(argv: list[str] | None = None) -> dict:
     probe = load_recipe(args.recipe, [*base, *args.overrides])
     name = f"many{args.many_classes}" if args.many_classes else probe.name
     console = Console()
-    results: dict[float, dict[int, dict]] = {}
+    results: dict[tuple[float, str], dict[int, dict]] = {}
+
+    def label(config: tuple[float, str]) -> str:
+        return f"{config[0]:g}" + ("" if config[1] == "float32" else " bf16")
+
     for seed in seeds:
-        for rate in rates:
+        for rate, dtype in configs:
             recipe = load_recipe(
                 args.recipe,
-                [*base, *args.overrides, f"train.seed={seed}", f"train.class_sample_rate={rate}", "train.device=cpu"],
+                [
+                    *base,
+                    *args.overrides,
+                    f"train.seed={seed}",
+                    f"train.class_sample_rate={rate}",
+                    f"train.classifier_dtype={dtype}",
+                    "train.device=cpu",
+                ],
             )
-            run_dir = (
-                Path(args.runs_dir)
-                / f"{name}-{'tiny-mean' if args.tiny_backbone else recipe.model.encoder}-r{rate:g}-s{seed}"
-            )
+            stream = "tiny-mean" if args.tiny_backbone else recipe.model.encoder
+            suffix = "" if dtype == "float32" else "-bf16"
+            run_dir = Path(args.runs_dir) / f"{name}-{stream}-r{rate:g}{suffix}-s{seed}"
             if args.tiny_backbone:
                 final = tiny_run(recipe, data or Path(recipe.data.out), run_dir.name)
             else:
                 result = train(recipe, run_dir, resume=run_dir.exists(), data=data)
-                final = runs.read_metrics(result.run_dir)[-1]
-            results.setdefault(rate, {})[seed] = {
+                final = runs.read_summary(result.run_dir)["final"]  # the test split, scored once at the end
+            results.setdefault((rate, dtype), {})[seed] = {
                 k: final.get(k) for k in ("top1", "tail_top1", "head_top1", "train_images_per_s", "epoch_seconds")
             }
             console.print(
-                f"{name} rate {rate:g} seed {seed}: top-1 {final['top1']:.2f}, tail top-1 {final.get('tail_top1')}"
+                f"{name} rate {label((rate, dtype))} seed {seed}: top-1 {final['top1']:.2f}, "
+                f"tail top-1 {final.get('tail_top1')}"
             )
     model_name = (
         "tiny stream, encoder mean" if args.tiny_backbone else f"{probe.model.backbone}, encoder {probe.model.encoder}"
     )
     table = Table(title=f"class sampling, {name} ({model_name}, {probe.train.epochs} epochs, seeds {args.seeds})")
-    for col in ("rate", "top-1", "tail top-1", "Δ top-1 vs exact (p)", "Δ tail vs exact (p)", "train img/s"):
+    for col in (
+        "rate (classifier dtype)",
+        "top-1",
+        "tail top-1",
+        "Δ top-1 vs exact (p)",
+        "Δ tail vs exact (p)",
+        *(["Δ top-1 vs fp32 at the rate (p)", "Δ tail vs fp32 at the rate (p)"] if "bfloat16" in dtypes else []),
+        "train img/s",
+    ):
         table.add_column(col, justify="right")
     summary = []
-    for rate in rates:
-        row: dict = {"rate": rate}
+    for config in configs:
+        got, exact = results[config], results[ref]
+        row: dict = {"rate": config[0], "classifier_dtype": config[1]}
         for k in ("top1", "tail_top1", "train_images_per_s"):
-            row[k] = mean_std([results[rate][s][k] for s in seeds if results[rate][s][k] is not None])
+            row[k] = mean_std([got[s][k] for s in seeds if got[s][k] is not None])
         for k in ("top1", "tail_top1"):
-            both = [
-                (results[rate][s][k], results[1.0][s][k])
-                for s in seeds
-                if results[rate][s][k] is not None and results[1.0][s][k] is not None
-            ]
-            diffs = [a - b for a, b in both]
-            row[f"{k}_diff"] = {
-                "mean": float(np.mean(diffs)) if diffs else None,
-                "per_seed": diffs,
-                "p": paired_t([a for a, _ in both], [b for _, b in both]) if rate != 1.0 else None,
-            }
+            for key, other in ((f"{k}_diff", exact), (f"{k}_diff_fp32", results.get((config[0], "float32")))):
+                if other is None or (key.endswith("fp32") and config[1] == "float32"):
+                    continue
+                both = [(got[s][k], other[s][k]) for s in seeds if got[s][k] is not None and other[s][k] is not None]
+                diffs = [a - b for a, b in both]
+                row[key] = {
+                    "mean": float(np.mean(diffs)) if diffs else None,
+                    "per_seed": diffs,
+                    "p": paired_t([a for a, _ in both], [b for _, b in both]) if got is not other else None,
+                }
         summary.append(row)
 
         def fmt(ms: tuple) -> str:
             return "-" if ms[0] is None else f"{ms[0]:.2f} ± {ms[1] or 0:.2f}"
 
-        def diff(d: dict, rate: float = rate) -> str:
+        def diff(d: dict | None, config: tuple = config) -> str:
             return (
                 "-"
-                if rate == 1.0 or d["mean"] is None
+                if d is None or config == ref or d["mean"] is None
                 else f"{d['mean']:+.2f} (p={d['p']:.3f})"
                 if d["p"] is not None
-                else f"{d['mean']:+.2f}"
+                else f"{d['mean']:+.2f} (p undefined)"
             )
 
         table.add_row(
-            f"{rate:g}",
+            label(config),
             fmt(row["top1"]),
             fmt(row["tail_top1"]),
             diff(row["top1_diff"]),
             diff(row["tail_top1_diff"]),
+            *([diff(row.get("top1_diff_fp32")), diff(row.get("tail_top1_diff_fp32"))] if "bfloat16" in dtypes else []),
             fmt(row["train_images_per_s"]),
         )
     console.print(table)
@@ -292,8 +325,9 @@ def main(argv: list[str] | None = None) -> dict:
         "overrides": args.overrides,
         "many_classes": args.many_classes,
         "rates": rates,
+        "dtypes": dtypes,
         "seeds": seeds,
-        "runs": {f"{r:g}": v for r, v in results.items()},
+        "runs": {label(c): v for c, v in results.items()},
         "summary": summary,
     }
     console.print(f"wrote {write_results('class_sampling', name, result)}")

@@ -4,7 +4,8 @@ Two measurements, each from one run:
 
 1. **Scale.** ``--classes`` (default 1,000,000) x ``--dim`` (512) fp32 classifier with SGD momentum,
    sharded over ``--world`` (2) gloo ranks: each rank's classifier memory (weight + bias, their
-   gradients and momentum buffers, measured from the tensors after the steps) against the unsharded
+   gradients and momentum buffers, and with sampling the step's fp32 copies of the sampled rows,
+   measured from the tensors after the steps) against the unsharded
    size of the same tensors (goal: 1/world of it, up to one class of rounding), and the step time.
    One step is SICoT's (``sicot_cli.classifier_step.eq1_from_streams``): x_v and x_m of the global
    batch all-gathered in one collective, one GEMM for both, the exact sharded cross-entropy over
@@ -16,7 +17,10 @@ Two measurements, each from one run:
    split, the all-gather and all-reduces are added).
 
 Every rank uses one thread, so 2 ranks use the 2 cores of the CI machine. Run:
-``python -m benchmarks.sharded_fc`` (``--quick``: 100,000 / 20,000 classes, under a minute).
+``python -m benchmarks.sharded_fc`` (``--quick``: 100,000 / 20,000 classes, under a minute;
+``--settings exact,sampled,sampled-bf16``: the settings measured at ``--classes``, ``sampled-bf16``
+with ``train.classifier_dtype = "bfloat16"`` storage; leave ``exact`` out where its full gradient
+does not fit).
 """
 
 from __future__ import annotations
@@ -32,7 +36,16 @@ USES_DEVICE = False
 
 
 def _worker(
-    rank: int, world: int, rendezvous: str, classes: int, dim: int, batch: int, steps: int, out: str, rate: float = 1.0
+    rank: int,
+    world: int,
+    rendezvous: str,
+    classes: int,
+    dim: int,
+    batch: int,
+    steps: int,
+    out: str,
+    rate: float = 1.0,
+    dtype: str = "float32",
 ) -> None:
     from types import SimpleNamespace
 
@@ -48,7 +61,7 @@ def _worker(
         ctx = DistContext(rank, world)
         lo, hi = shard_range(classes, world, rank)
         torch.manual_seed(0)
-        clf = ShardedLinear(dim, classes, lo, hi)
+        clf = ShardedLinear(dim, classes, lo, hi).to(getattr(torch, dtype))  # bf16: the rows path of every step
         opt = torch.optim.SGD(clf.parameters(), lr=0.1, momentum=0.9)
         g = torch.Generator().manual_seed(1)
         local = batch // world
@@ -73,7 +86,11 @@ def _worker(
             dist.barrier()
             if step:
                 times.append(time.perf_counter() - t0)
-        grads = [clf.weight.grad, clf.bias.grad] if sampled is None else [sampled.weight.grad, sampled.bias.grad]
+        grads = (  # sampled: the rows' fp32 leaves and their gradients
+            [clf.weight.grad, clf.bias.grad]
+            if sampled is None
+            else [sampled.weight, sampled.bias, sampled.weight.grad, sampled.bias.grad]
+        )
         tensors = [clf.weight, clf.bias, *grads, *(opt.state[p]["momentum_buffer"] for p in (clf.weight, clf.bias))]
         nbytes = sum(t.numel() * t.element_size() for t in tensors if t is not None)
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -82,14 +99,16 @@ def _worker(
         dist.destroy_process_group()
 
 
-def measure(world: int, classes: int, dim: int, batch: int, steps: int, rate: float = 1.0) -> dict[str, float]:
+def measure(
+    world: int, classes: int, dim: int, batch: int, steps: int, rate: float = 1.0, dtype: str = "float32"
+) -> dict[str, float]:
     """Spawn ``world`` gloo ranks; per-rank classifier bytes, peak RSS and median step seconds."""
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(
             _worker,
-            args=(world, os.path.join(tmp, "rendezvous"), classes, dim, batch, steps, tmp, rate),
+            args=(world, os.path.join(tmp, "rendezvous"), classes, dim, batch, steps, tmp, rate, dtype),
             nprocs=world,
             join=True,
         )
@@ -107,6 +126,13 @@ def unsharded_bytes(classes: int, dim: int) -> int:
     return 3 * 4 * (classes * dim + classes)
 
 
+SETTINGS = {  # name -> (sampled?, classifier dtype)
+    "exact": (False, "float32"),
+    "sampled": (True, "float32"),
+    "sampled-bf16": (True, "bfloat16"),
+}
+
+
 def main(argv: list[str] | None = None) -> dict:
     from rich.console import Console
     from rich.table import Table
@@ -120,47 +146,46 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--world", type=int, default=2)
     ap.add_argument("--batch", type=int, default=64, help="global batch (features gathered from every rank)")
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--sample-rate", type=float, default=0.1, help="class sampling rate of the sampled settings")
     ap.add_argument(
-        "--sample-rate", type=float, default=0.1, help="class sampling rate of the extra sampled measurement (1: none)"
+        "--settings",
+        default="exact,sampled",
+        help=f"comma-separated settings measured at --classes on --world ranks, of {', '.join(SETTINGS)} "
+        "(-bf16: train.classifier_dtype = bfloat16). Leave exact out where its full-size gradient does not fit",
     )
     args = parse(ap, argv)
     if args.quick:
         args.classes, args.compare_classes, args.steps = 100_000, 20_000, 2
+    settings = [x for x in args.settings.split(",") if x]
+    if not settings or any(x not in SETTINGS for x in settings):
+        ap.error(f"--settings: comma-separated names of {', '.join(SETTINGS)}, got {args.settings!r}")
+    if not 0 < args.sample_rate < 1 and any(SETTINGS[x][0] for x in settings):
+        ap.error(f"--sample-rate must be in (0, 1) for a sampled setting, got {args.sample_rate}")
     start()
     gib = 2.0**30
-    if not 0 < args.sample_rate <= 1:
-        ap.error(f"--sample-rate must be in (0, 1], got {args.sample_rate}")
-    big = measure(args.world, args.classes, args.dim, args.batch, args.steps)
-    sampled = (
-        measure(args.world, args.classes, args.dim, args.batch, args.steps, args.sample_rate)
-        if args.sample_rate < 1
-        else None
-    )
     full = unsharded_bytes(args.classes, args.dim)
+    scale = {}
+    for name in settings:
+        sampled, dtype = SETTINGS[name]
+        got = measure(
+            args.world, args.classes, args.dim, args.batch, args.steps, args.sample_rate if sampled else 1.0, dtype
+        )
+        scale[name] = {**got, "fraction_of_unsharded": got["classifier_bytes_per_rank"] / full}
+    first = scale[settings[0]]["step_seconds"]
+    for row in scale.values():
+        row["step_ratio_to_first"] = row["step_seconds"] / first
     one = measure(1, args.compare_classes, args.dim, args.batch, args.steps)
     many = measure(args.world, args.compare_classes, args.dim, args.batch, args.steps)
-    share = big["classifier_bytes_per_rank"] / full
     goal = (1 / args.world) * (1 + args.world / args.classes) + 1e-12  # the first shard holds one class more
     result = {
         "setting": vars(args),
-        "scale": {
-            **big,
-            "classes": args.classes,
-            "dim": args.dim,
-            "world": args.world,
-            "unsharded_bytes": full,
-            "fraction_of_unsharded": share,
-            "goal_fraction": 1 / args.world,
-            "memory_met": share <= goal,
-        },
-        "sampled": None
-        if sampled is None
-        else {
-            **sampled,
-            "sample_rate": args.sample_rate,
-            "fraction_of_unsharded": sampled["classifier_bytes_per_rank"] / full,
-            "step_ratio_to_exact": sampled["step_seconds"] / big["step_seconds"],
-        },
+        "classes": args.classes,
+        "dim": args.dim,
+        "world": args.world,
+        "unsharded_bytes": full,
+        "goal_fraction": 1 / args.world,
+        "memory_met": scale["exact"]["fraction_of_unsharded"] <= goal if "exact" in scale else None,
+        "scale": scale,
         "scaling": {
             "classes": args.compare_classes,
             "one_rank_step_seconds": one["step_seconds"],
@@ -173,48 +198,43 @@ def main(argv: list[str] | None = None) -> dict:
     t = Table(
         title=f"sharded classifier, {args.world} gloo ranks x 1 thread, global batch {args.batch}", title_justify="left"
     )
-    for col in ("setting", "classes x dim", "classifier GiB / rank", "vs unsharded", "step s", "ratio"):
+    for col in ("setting", "classes x dim", "classifier GiB / rank", "vs unsharded", "peak RSS GiB / rank", "step s"):
         t.add_column(col)
-    t.add_row("unsharded (size of)", f"{args.classes:,} x {args.dim}", f"{full / gib:.2f}", "1", "-", "-")
-    t.add_row(
-        f"sharded, {args.world} ranks",
-        f"{args.classes:,} x {args.dim}",
-        f"{big['classifier_bytes_per_rank'] / gib:.2f}",
-        f"{share:.3f} (goal {1 / args.world:.3f}: {'met' if result['scale']['memory_met'] else 'NOT met'})",
-        f"{big['step_seconds']:.3f}",
-        "-",
-    )
-    if sampled is not None:
+    size = f"{args.classes:,} x {args.dim}"
+    t.add_row("unsharded fp32 exact (size of)", size, f"{full / gib:.2f}", "1", "-", "-")
+    for name, row in scale.items():
+        sampled, dtype = SETTINGS[name]
+        label = f"sharded, {args.world} ranks, " + (f"sampled {args.sample_rate:g}" if sampled else "exact")
+        share = f"{row['fraction_of_unsharded']:.3f}"
+        if name == "exact":
+            share += f" (goal {1 / args.world:.3f}: {'met' if result['memory_met'] else 'NOT met'})"
+        ratio = "" if name == settings[0] else f" ({row['step_ratio_to_first']:.2f} x {settings[0]})"
         t.add_row(
-            f"sharded, {args.world} ranks, sampled {args.sample_rate:g}",
-            f"{args.classes:,} x {args.dim}",
-            f"{sampled['classifier_bytes_per_rank'] / gib:.2f}",
-            f"{result['sampled']['fraction_of_unsharded']:.3f}",
-            f"{sampled['step_seconds']:.3f}",
-            f"{result['sampled']['step_ratio_to_exact']:.2f} x exact",
+            f"{label}, {'bf16' if dtype == 'bfloat16' else 'fp32'}",
+            size,
+            f"{row['classifier_bytes_per_rank'] / gib:.2f}",
+            share,
+            f"{row['peak_rss_bytes_per_rank'] / gib:.2f}",
+            f"{row['step_seconds']:.3f}{ratio}",
         )
     t.add_row(
-        "1 rank",
+        "1 rank, exact fp32",
         f"{args.compare_classes:,} x {args.dim}",
         f"{one['classifier_bytes_per_rank'] / gib:.3f}",
         "-",
+        f"{one['peak_rss_bytes_per_rank'] / gib:.2f}",
         f"{one['step_seconds']:.3f}",
-        "1",
     )
     t.add_row(
-        f"sharded, {args.world} ranks",
+        f"sharded, {args.world} ranks, exact fp32",
         f"{args.compare_classes:,} x {args.dim}",
         f"{many['classifier_bytes_per_rank'] / gib:.3f}",
         "-",
-        f"{many['step_seconds']:.3f}",
-        f"{result['scaling']['ratio']:.2f}",
+        f"{many['peak_rss_bytes_per_rank'] / gib:.2f}",
+        f"{many['step_seconds']:.3f} ({result['scaling']['ratio']:.2f} x 1 rank)",
     )
     Console().print(t)
-    path = write_results("sharded_fc", "cpu", result)
-    extra = "" if sampled is None else f" ({sampled['peak_rss_bytes_per_rank'] / gib:.2f} GiB sampled)"
-    Console().print(
-        f"peak RSS per rank at {args.classes:,} classes: {big['peak_rss_bytes_per_rank'] / gib:.2f} GiB{extra}; results: {path}"
-    )
+    Console().print(f"results: {write_results('sharded_fc', 'cpu', result)}")
     return result
 
 

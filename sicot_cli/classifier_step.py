@@ -32,6 +32,14 @@ of exact training. Evaluation always scores all classes.
 Memory with sampling: weights and momentum stay full size (as in Partial FC); the weight gradient
 and the logits shrink to the sample. A replicated classifier (data-parallel, not sharded) averages
 the sampled rows' gradients over ranks itself, as DDP would.
+
+**bf16 storage** (``train.classifier_dtype = "bfloat16"``, with ``class_sample_rate`` < 1): the
+classifier's weights and momentum are stored in bfloat16, half the bytes. The sampled rows are
+copied into fp32 leaves (the step's fp32 master rows), the GEMMs and softmax run as for an fp32
+classifier (fp32, or bf16 autocast with ``train.amp`` on CUDA), the SGD update in fp32, and the
+updated rows and momentum rows are written back with stochastic rounding (:func:`round_bf16`). Rounding to nearest would lose every update smaller than
+half a bf16 step (8 significant bits): at a learning rate of 0.03 most classifier updates are. The
+rounding noise is drawn from the step's seeded generator, so resume stays exact.
 """
 
 from __future__ import annotations
@@ -81,15 +89,53 @@ def sample_classes(labels: torch.Tensor, num_classes: int, rate: float, generato
     return (keys <= threshold).nonzero().squeeze(1)
 
 
-class SampledRows:
-    """Rows of the (possibly sharded) classifier taking part in one step, and their SGD update."""
+def rounding_noise(shape: torch.Size, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Uniform integers in ``[0, 2^16)``: the noise of :func:`round_bf16`."""
+    return torch.randint(0, 1 << 16, shape, generator=generator, dtype=torch.int32, device=device)
 
-    def __init__(self, classifier: nn.Module, rows: torch.Tensor) -> None:
+
+def round_bf16(x: torch.Tensor, generator: torch.Generator, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 -> bfloat16 with stochastic rounding: up with probability (the dropped bits) / 2^16.
+
+    Adds uniform noise to the 16 bits bf16 drops and truncates them, so ``E[round_bf16(x)] = x``
+    for every finite ``x`` away from the largest finite values. On the raw bit pattern the addition
+    moves the magnitude (the sign bit is untouched below the overflow), so negative values round
+    symmetrically; NaN stays NaN. ``noise``: reuse :func:`rounding_noise` of ``x``'s shape (each rounding stays
+    unbiased; the weight and momentum rows of a step share one draw, half the random numbers).
+    """
+    x = x.float().contiguous()
+    if noise is None:
+        noise = rounding_noise(x.shape, generator, x.device)
+    rounded = (x.view(torch.int32) + noise).bitwise_and_(-65536).view(torch.float32)
+    return torch.where(x.isnan(), x, rounded).to(torch.bfloat16)  # a NaN's payload could carry into inf or 0
+
+
+class SampledRows:
+    """Rows of the (possibly sharded) classifier taking part in one step, and their SGD update.
+
+    The rows are fp32 leaves whatever the classifier's storage dtype; a bf16 classifier gets them
+    back with stochastic rounding drawn from ``generator`` (the step's; required for bf16).
+    """
+
+    def __init__(self, classifier: nn.Module, rows: torch.Tensor, generator: torch.Generator | None = None) -> None:
         self.classifier = classifier
         self.rows = rows  # local row ids, sorted
+        self.rounding = None
+        if classifier.weight.dtype != torch.float32:
+            if generator is None:
+                raise ValueError("a bf16 classifier's rows need the step's generator for stochastic rounding")
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+            self.rounding = torch.Generator(device=rows.device).manual_seed(seed)
         with torch.no_grad():
-            self.weight = classifier.weight.index_select(0, rows).requires_grad_(True)
-            self.bias = classifier.bias.index_select(0, rows).requires_grad_(True)
+            self.weight = classifier.weight.index_select(0, rows).float().requires_grad_(True)
+            self.bias = classifier.bias.index_select(0, rows).float().requires_grad_(True)
+
+    def _store(self, target: torch.Tensor, values: torch.Tensor, noise: dict) -> None:
+        if self.rounding is not None:
+            if "noise" not in noise:  # one draw for the weight (bias) rows and their momentum rows
+                noise["noise"] = rounding_noise(values.shape, self.rounding, values.device)
+            values = round_bf16(values, self.rounding, noise["noise"])
+        target.index_copy_(0, self.rows, values.to(target.dtype))
 
     @torch.no_grad()
     def step(self, optimizer: torch.optim.Optimizer, average: DistContext | None = None) -> None:
@@ -97,7 +143,8 @@ class SampledRows:
 
         Args:
             optimizer: the SGD optimiser holding the classifier's parameters (its group's lr,
-                momentum, dampening, weight decay and nesterov are used; its state keeps the momentum).
+                momentum, dampening, weight decay and nesterov are used; its state keeps the momentum,
+                in the classifier's storage dtype).
             average: a replicated classifier's context: the rows' gradients are averaged over ranks.
         """
         for param, sub in ((self.classifier.weight, self.weight), (self.classifier.bias, self.bias)):
@@ -105,6 +152,7 @@ class SampledRows:
                 continue
             group = next(g for g in optimizer.param_groups if any(p is param for p in g["params"]))
             grad = sub.grad if average is None else reduce_mean(sub.grad, average)
+            noise: dict = {}
             if group.get("maximize", False):
                 grad = -grad
             if group["weight_decay"]:
@@ -114,10 +162,11 @@ class SampledRows:
                 if state.get("momentum_buffer") is None:
                     state["momentum_buffer"] = torch.zeros_like(param)
                 buf = state["momentum_buffer"]
-                rows = buf.index_select(0, self.rows).mul_(group["momentum"]).add_(grad, alpha=1 - group["dampening"])
-                buf.index_copy_(0, self.rows, rows)
+                rows = buf.index_select(0, self.rows).float().mul_(group["momentum"])
+                rows.add_(grad, alpha=1 - group["dampening"])
+                self._store(buf, rows, noise)
                 grad = grad.add(rows, alpha=group["momentum"]) if group["nesterov"] else rows
-            param.index_copy_(0, self.rows, sub.add(grad, alpha=-group["lr"]))
+            self._store(param, sub.add(grad, alpha=-group["lr"]), noise)
 
 
 def eq1_from_streams(
@@ -165,11 +214,11 @@ def eq1_from_streams(
     weight, bias, sampled = clf.weight, clf.bias, None
     targets = local_targets(labels, lo, hi)
     cols = None if lo == 0 and hi == getattr(clf, "num_classes", hi) else torch.arange(lo, hi, device=labels.device)
-    if rate < 1.0:
+    if rate < 1.0 or clf.weight.dtype != torch.float32:  # sampled, or bf16 storage: the rows path (all at rate 1)
         everyone = labels if sharded or not ctx.enabled else _all_gather_rows(labels, ctx.world, total)
         chosen = sample_classes(everyone, getattr(clf, "num_classes", hi), rate, generator)
         rows = chosen[(chosen >= lo) & (chosen < hi)] - lo
-        sampled = SampledRows(clf, rows)
+        sampled = SampledRows(clf, rows, generator)
         weight, bias = sampled.weight, sampled.bias
         column = torch.full((hi - lo,), -1, dtype=torch.long, device=labels.device)
         column[rows] = torch.arange(len(rows), device=labels.device)

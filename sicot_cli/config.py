@@ -216,6 +216,12 @@ class TrainConfig:
     # alike: the batch's labels plus uniformly drawn others, this fraction of all classes. 1.0 = the
     # exact softmax over all classes. Only the sampled rows are updated (sicot_cli/classifier_step.py).
     class_sample_rate: Annotated[float, Range(0, 1, lo_open=True)] = 1.0
+    # The shared classifier's storage while training: its weights and SGD momentum in "float32" or
+    # "bfloat16" (half their memory and checkpoint size). bfloat16 needs class_sample_rate < 1: each
+    # step works on fp32 copies of the sampled rows and writes them back with stochastic rounding, so
+    # updates smaller than bf16's resolution are not lost on average. A finished run's evaluation,
+    # export and serving load the classifier in fp32 (sicot_cli/classifier_step.py).
+    classifier_dtype: Literal["float32", "bfloat16"] = "float32"
     # The long-tail toolbox (docs/long-tail.md). The loss of BOTH terms of Eq. 1, with the same
     # training class prior: "ce" (the paper), "logit_adjusted" (CE on logits + loss_tau * log prior;
     # Menon et al. 2021), "balanced_softmax" (Ren et al. 2020: logit_adjusted at loss_tau = 1) or
@@ -607,6 +613,11 @@ def validate(recipe: Recipe, where: str) -> None:
         (
             tr.keep_best or e.select == "last",
             'train.keep_best = false needs eval.select = "last" (best is scored from checkpoint-best.pt)',
+        ),
+        (
+            tr.classifier_dtype == "float32" or tr.class_sample_rate < 1,
+            'train.classifier_dtype = "bfloat16" needs train.class_sample_rate < 1 (e.g. 0.1): at rate 1 every '
+            "step holds fp32 copies and gradients of all rows, a higher peak than fp32 storage",
         ),
         (
             len(tr.crop_scale) == 2 and 0 < tr.crop_scale[0] <= tr.crop_scale[1] <= 1,

@@ -246,6 +246,25 @@ def reduce_mean(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:
 # --- the sharded classifier ---------------------------------------------------------------------
 
 
+def linear_in(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, rows: int = 1 << 16) -> torch.Tensor:
+    """``torch.nn.functional.linear`` in ``x``'s dtype; a classifier stored in another dtype is converted ``rows`` classes at a time.
+
+    So a bf16-stored classifier scored in fp32 never holds an fp32 copy of all its rows (8 GB at
+    1M x 2048); an fp32 classifier scored in fp32 is one plain ``torch.nn.functional.linear``.
+    """
+    if weight.dtype == x.dtype:
+        return torch.nn.functional.linear(x, weight, bias)
+    if weight.shape[0] <= rows:
+        return torch.nn.functional.linear(x, weight.to(x.dtype), bias.to(x.dtype))
+    return torch.cat(
+        [
+            torch.nn.functional.linear(x, weight[i : i + rows].to(x.dtype), bias[i : i + rows].to(x.dtype))
+            for i in range(0, weight.shape[0], rows)
+        ],
+        dim=1,
+    )
+
+
 class ShardedLinear(torch.nn.Module):
     """Rows ``[lo, hi)`` of the shared ``Linear(dim, num_classes)``.
 
@@ -270,8 +289,8 @@ class ShardedLinear(torch.nn.Module):
         self.weight = torch.nn.Parameter(weight)
         self.bias = torch.nn.Parameter(bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(x, self.weight, self.bias)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # in the input's dtype: the rows may be stored in bf16
+        return linear_in(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, classes=[{self.lo}, {self.hi}) of {self.num_classes}"

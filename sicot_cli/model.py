@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sicot_cli.distributed import linear_in
 from sicot_cli.errors import SicotError
 from sicot_cli.losses import Criterion
 
@@ -175,6 +176,18 @@ def build_backbone(name: str, pretrained: str = "") -> tuple[nn.Module, int]:
     return _strip_head(net, name)
 
 
+class SharedLinear(nn.Linear):
+    """The shared classifier: ``nn.Linear`` whose stored weights may be bf16 (``train.classifier_dtype``).
+
+    It scores in the input's dtype (fp32 at evaluation; the cast is a no-op for an fp32 classifier),
+    so a bf16-stored classifier evaluates like any other. Same parameters and state-dict keys as
+    ``nn.Linear``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear_in(x, self.weight, self.bias)
+
+
 class SICoT(nn.Module):
     """Visual stream + optional semantic stream + one shared classifier."""
 
@@ -195,7 +208,7 @@ class SICoT(nn.Module):
         # Does CE(x_m) also train the shared classifier (the paper: yes)? See score_cat.
         self.mixed_trains_classifier = mixed_trains_classifier
         if shard is None:
-            self.classifier: nn.Module = nn.Linear(feat_dim, num_classes)
+            self.classifier: nn.Module = SharedLinear(feat_dim, num_classes)
         else:  # this rank's classes of the shared classifier (sicot_cli.distributed)
             from sicot_cli.distributed import ShardedLinear
 
@@ -263,6 +276,8 @@ def score_cat(
     None). With ``mixed_trains_classifier`` off the x_m scores must not train the weights, so they
     are a second product with detached weights.
     """
+    if weight.dtype != x_v.dtype and weight.dtype == torch.bfloat16:  # a bf16-stored classifier, scored in x's dtype
+        weight, bias = weight.to(x_v.dtype), bias.to(x_v.dtype)
     if x_m is None:
         return F.linear(x_v, weight, bias)
     if not mixed_trains_classifier:

@@ -101,8 +101,8 @@ def run_meta(recipe: Recipe, prepared: Prepared, model: SICoT) -> dict[str, Any]
 
 
 def scores_streams(cfg: TrainConfig, sharded: bool) -> bool:
-    """Does the step score the classifier itself (sharded or class-sampled), its ``forward`` giving only the streams?"""
-    return sharded or cfg.class_sample_rate < 1.0
+    """Does the step score the classifier itself (sharded, class-sampled or bf16-stored), its ``forward`` giving only the streams?"""
+    return sharded or cfg.class_sample_rate < 1.0 or cfg.classifier_dtype != "float32"
 
 
 def step_forward(model: SICoT, cfg: TrainConfig, sharded: bool) -> torch.nn.Module:
@@ -477,6 +477,8 @@ def _set_up(ctx: DistContext, recipe: Recipe, run_dir: str | Path | None, data: 
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.to(device)
+    if cfg.classifier_dtype == "bfloat16":  # its weights and momentum (created like them); steps via the rows path
+        model.classifier.to(torch.bfloat16)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
     meta = run_meta(recipe, prepared, model)
@@ -706,6 +708,7 @@ def _adjust(run: _Run) -> dict[str, Any]:
     p = run.prepared
     logits, labels = split_logits(run.model, p, run.device, run.recipe, "val", run.in_memory)
     tau, scores = choose_tau(logits, labels, run.recipe.eval.logit_adjust_taus, p.train_counts)
+    run.model.classifier.float()  # training is over: a bf16-stored classifier is adjusted (and saved) in fp32
     with torch.no_grad():
         run.model.classifier.bias.copy_(adjusted_bias(run.model.classifier.bias, tau, p.train_counts))
     log.info("post-hoc logit adjustment: tau %g (class-averaged validation top-1 %s)", tau, scores)

@@ -6,6 +6,7 @@ equal to one process) are in ``tests/test_distributed.py``.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -268,3 +269,122 @@ def test_resume_with_sampling_reproduces_the_run(many_classes: Path, tmp_path: P
         assert torch.equal(v, b["model"][k]), k
     for k, v in a["optimizer"]["state"].items():
         assert torch.equal(v["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"]), k
+
+
+def test_round_bf16_keeps_representable_values_and_is_unbiased() -> None:
+    from sicot_cli.classifier_step import round_bf16
+
+    g = torch.Generator().manual_seed(0)
+    exact = torch.tensor([1.0, -2.5, 0.0, 3.140625, -0.0078125])  # representable in bf16
+    assert torch.equal(round_bf16(exact, g).float(), exact)
+    step = 2.0**-7  # bf16's spacing in [1, 2)
+    for x in (1.0 + step / 8, -(1.0 + step / 8), 1.0 + 5 * step / 8):
+        out = round_bf16(torch.full((200_000,), x), g).float()
+        low = math.copysign(1.0 + step * math.floor((abs(x) - 1) / step), x)
+        assert set(out.unique().tolist()) <= {low, low + math.copysign(step, x)}, "not one of the two neighbours"
+        assert abs(out.mean().item() - x) < 3e-5, f"biased: {out.mean().item()} for {x}"
+        nearest = torch.tensor([x]).to(torch.bfloat16).float().item()
+        assert nearest != x, "the value must not be representable, or the test shows nothing"
+
+
+def test_bf16_rows_keep_updates_below_half_a_bf16_step() -> None:
+    """200 updates of 1/16 bf16 step each: stochastic rounding moves the weights by 12.5 steps on average.
+
+    Rounding to nearest would leave every weight at 1.0 (each update is below half a step). With
+    momentum the buffer (rounded with the same noise) converges to grad / (1 - momentum) on average.
+    """
+    from sicot_cli.model import SharedLinear
+
+    clf = SharedLinear(8, CLASSES).to(torch.bfloat16)
+    with torch.no_grad():
+        clf.weight.fill_(1.0)
+        clf.bias.fill_(1.0)
+    opt = torch.optim.SGD(clf.parameters(), lr=1.0, momentum=0.0)
+    g = torch.Generator().manual_seed(0)
+    rows = torch.arange(CLASSES)
+    step = 2.0**-7
+    for _ in range(200):
+        sampled = SampledRows(clf, rows, g)
+        assert sampled.weight.dtype == torch.float32 and sampled.weight.requires_grad
+        sampled.weight.grad = torch.full_like(sampled.weight, -step / 16)
+        sampled.bias.grad = torch.full_like(sampled.bias, -step / 16)
+        sampled.step(opt)
+    assert clf.weight.dtype == torch.bfloat16
+    moved = (clf.weight.float().mean().item() - 1.0) / step
+    assert 12.5 * 0.9 < moved < 12.5 * 1.1, f"moved {moved:.2f} bf16 steps, expected 12.5"
+    with pytest.raises(ValueError, match="generator"):
+        SampledRows(clf, rows)
+
+    opt = torch.optim.SGD(clf.parameters(), lr=1e-30, momentum=0.5)  # the buffer alone: the weights stay put
+    grad = 1.0 + step / 8  # not representable in bf16: the buffer's fixed point 2 * grad is not either
+    for _ in range(60):
+        sampled = SampledRows(clf, rows, g)
+        sampled.weight.grad = torch.full_like(sampled.weight, grad)
+        sampled.bias.grad = torch.full_like(sampled.bias, grad)
+        sampled.step(opt)
+    buf = opt.state[clf.weight]["momentum_buffer"]
+    assert buf.dtype == torch.bfloat16
+    assert abs(buf.float().mean().item() - 2 * grad) < 2 * step / 16, buf.float().mean().item()
+    assert torch.tensor([2 * grad]).to(torch.bfloat16).item() != 2 * grad
+
+
+def test_bf16_classifier_trains_resumes_exactly_and_evaluates_in_fp32(many_classes: Path, tmp_path: Path) -> None:
+    from sicot_cli.evaluate import evaluate_run, load_run_model
+
+    rate = "train.class_sample_rate=0.5"
+    recipe = tiny_recipe(many_classes, "model.encoder=mean", "train.classifier_dtype=bfloat16", rate, "train.epochs=1")
+    full = train(recipe, tmp_path / "full")
+    ckpt = runs.load_checkpoint(full.run_dir / runs.LAST)
+    assert ckpt["model"]["classifier.weight"].dtype == torch.bfloat16
+    momentum = [v["momentum_buffer"] for v in ckpt["optimizer"]["state"].values()]
+    assert sum(m.dtype == torch.bfloat16 for m in momentum) == 2, "the classifier's weight and bias momentum"
+    fp32 = train(tiny_recipe(many_classes, "model.encoder=mean", rate, "train.epochs=1"), tmp_path / "fp32")
+    w16 = ckpt["model"]["classifier.weight"].float()
+    w32 = runs.load_checkpoint(fp32.run_dir / runs.LAST)["model"]["classifier.weight"]
+    assert not torch.equal(w16, w32) and torch.allclose(w16, w32, atol=0.05), "bf16 storage trains like fp32"
+
+    def hook(epoch: int, batch: int) -> None:
+        if (epoch, batch) == (0, 3):
+            raise KeyboardInterrupt
+
+    run = tmp_path / "cut"
+    assert train(recipe, run, hook=hook).interrupted
+    train(recipe, run, resume=True)
+    a = runs.load_checkpoint(run / runs.LAST)
+    for k, v in a["model"].items():
+        assert torch.equal(v, ckpt["model"][k]), k
+    for k, v in a["optimizer"]["state"].items():
+        assert torch.equal(v["momentum_buffer"], ckpt["optimizer"]["state"][k]["momentum_buffer"]), k
+    _, _, model, _ = load_run_model(full.run_dir)
+    assert model.classifier.weight.dtype == torch.float32  # evaluation, export and serving score in fp32
+    final = runs.read_summary(full.run_dir)["final"]
+    assert final["checkpoint"] == "last"
+    again = evaluate_run(full.run_dir, device="cpu")
+    assert again.metrics["top1"] == pytest.approx(final["top1"])
+    assert again.metrics["top3"] == pytest.approx(final["top3"])
+
+
+def test_bf16_classifier_needs_sampling_and_keeps_nan() -> None:
+    from sicot_cli.classifier_step import round_bf16
+    from sicot_cli.config import load_recipe
+    from sicot_cli.errors import SicotError
+
+    with pytest.raises(SicotError, match=r"classifier_dtype = \"bfloat16\" needs train.class_sample_rate < 1"):
+        load_recipe(None, ["train.classifier_dtype=bfloat16"])
+    load_recipe(None, ["train.classifier_dtype=bfloat16", "train.class_sample_rate=0.1"])
+    nans = torch.tensor([0x7FFFFFFF, -1, 0x7F800001, 0x7FC00000], dtype=torch.int32).view(torch.float32)
+    assert round_bf16(nans, torch.Generator().manual_seed(0)).isnan().all()  # not inf, not 0
+
+
+def test_a_bf16_classifier_scores_in_the_input_dtype_in_blocks() -> None:
+    from sicot_cli.distributed import linear_in
+
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(0))
+    clf = nn.Linear(8, 70).to(torch.bfloat16)
+    whole = F.linear(x, clf.weight.float(), clf.bias.float())
+    got = linear_in(x, clf.weight, clf.bias, rows=16)  # 5 blocks of classes
+    assert got.dtype == torch.float32 and torch.allclose(got, whole, atol=1e-6)
+    model = _model()
+    model.classifier.to(torch.bfloat16)
+    logits_v, logits_m = model(model.normalize(_batch(0).images.float()), _batch(0).tokens, _batch(0).mask)
+    assert logits_v.dtype == torch.float32 and logits_m is not None

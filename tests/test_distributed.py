@@ -333,6 +333,7 @@ def _steps(
     semantic_norm: bool = False,
     emulate_world: int = 1,
     loss: str | None = None,
+    bf16: bool = False,
 ) -> dict:
     """``STEPS`` training steps of rank ``rank`` of ``world``; ``emulate_world`` > 1 (one process): the semantic BatchNorm as on that many ranks."""
     from sicot_cli.config import TrainConfig
@@ -346,8 +347,11 @@ def _steps(
     shard = shard_range(p.num_classes, world, rank) if sharded else None
     model = _tiny_model(p.num_classes, torch.from_numpy(p.vectors), shard, mixed, semantic_norm)
     bn_views = _per_rank_batchnorm(model.semantic_norm, emulate_world) if emulate_world > 1 else {}
+    dtype = "bfloat16" if bf16 else "float32"
+    if bf16:  # as sicot_cli.train does for train.classifier_dtype = "bfloat16"
+        model.classifier.to(torch.bfloat16)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-    cfg = TrainConfig(batch_size=8, amp=False, channels_last=False, class_sample_rate=rate)
+    cfg = TrainConfig(batch_size=8, amp=False, channels_last=False, class_sample_rate=rate, classifier_dtype=dtype)
     forward = step_forward(model, cfg, sharded)
     if ctx.enabled:
         forward = nn.parallel.DistributedDataParallel(forward)
@@ -416,6 +420,39 @@ def test_two_ranks_take_the_same_steps_as_one_process(
     if rate < 1.0:  # some classes were never sampled in the 3 steps: their rows kept their initial weights
         init = _tiny_model(num_classes, torch.zeros(1, 1), None).classifier.weight
         assert (ref["params"]["classifier.weight"] == init).all(dim=1).any()
+
+
+@pytest.mark.parametrize("sharded", [True, False], ids=["class-sharded", "replicated"])
+def test_two_ranks_train_a_bf16_classifier(many_classes: Path, tmp_path: Path, sharded: bool) -> None:
+    """``train.classifier_dtype = "bfloat16"`` with class sampling on 2 ranks.
+
+    Replicated, every rank rounds all rows with the noise one process draws: the same steps.
+    Class-sharded, each rank draws the noise of its own rows, so after the first rounding the ranks
+    differ from one process by bf16's resolution (a few units in the last place), no more.
+    """
+    torch.set_num_threads(1)
+    ref = _steps(many_classes, 0, 1, False, 0.4, bf16=True)
+    fp32 = _steps(many_classes, 0, 1, False, 0.4)
+    _spawn(_train_worker, tmp_path, str(many_classes), sharded, 0.4, {"bf16": True})
+    for r in range(WORLD):
+        out = torch.load(tmp_path / f"steps-{r}.pt")
+        assert out["params"]["classifier.weight"].dtype == torch.bfloat16
+        lo, hi = out["shard"] or (0, None)
+        if sharded:
+            torch.testing.assert_close(out["losses"][0], ref["losses"][0], rtol=1e-5, atol=1e-6)
+        else:
+            torch.testing.assert_close(out["losses"], ref["losses"], rtol=1e-5, atol=1e-6)
+        for k, v in ref["params"].items():
+            want = v[lo:hi] if k.startswith("classifier.") and sharded else v
+            tol = {"rtol": 2e-2, "atol": 2e-3} if sharded else {"rtol": 1e-5, "atol": 1e-6}
+            torch.testing.assert_close(out["params"][k], want, **tol, msg=f"rank {r}: {k}")
+        if sharded:  # the tolerance is far below what the steps moved: a shard that kept its rows would fail
+            init = _tiny_model(ref["params"]["classifier.weight"].shape[0], torch.zeros(1, 1), None).classifier.weight
+            want = ref["params"]["classifier.weight"][lo:hi].float()
+            moved = (init[lo:hi].detach() - want).abs().max()
+            assert (out["params"]["classifier.weight"].float() - want).abs().max() < moved / 4
+    w16, w32 = ref["params"]["classifier.weight"].float(), fp32["params"]["classifier.weight"]
+    assert not torch.equal(w16, w32) and torch.allclose(w16, w32, atol=2e-2), "bf16 storage steps like fp32"
 
 
 @pytest.mark.parametrize("sharded", [True, False], ids=["class-sharded", "replicated"])
