@@ -173,16 +173,82 @@ def tiny_run(recipe, data: Path, run_name: str) -> dict:  # noqa: ANN001
     }
 
 
+def summary_row(results: dict, config: tuple[float, str], seeds: list[int]) -> dict:
+    """One (rate, dtype)'s mean ± std over seeds, and its paired differences to the exact fp32 softmax
+    (``*_diff``) and, for bf16, to fp32 at the same rate (``*_diff_fp32``)."""
+    from sicot_cli.report import mean_std, paired_t
+
+    got = results[config]
+    row: dict = {"rate": config[0], "classifier_dtype": config[1]}
+    for k in ("top1", "tail_top1", "train_images_per_s"):
+        row[k] = mean_std([got[s][k] for s in seeds if got[s][k] is not None])
+    for k in ("top1", "tail_top1"):
+        for key, other in (
+            (f"{k}_diff", results[(1.0, "float32")]),
+            (f"{k}_diff_fp32", results.get((config[0], "float32"))),
+        ):
+            if other is None or (key.endswith("fp32") and config[1] == "float32"):
+                continue
+            both = [(got[s][k], other[s][k]) for s in seeds if got[s][k] is not None and other[s][k] is not None]
+            diffs = [a - b for a, b in both]
+            row[key] = {
+                "mean": float(np.mean(diffs)) if diffs else None,
+                "per_seed": diffs,
+                "p": paired_t([a for a, _ in both], [b for _, b in both]) if got is not other else None,
+            }
+    return row
+
+
+def label(config: tuple[float, str]) -> str:
+    """``0.1`` or ``0.1 bf16``: a (rate, classifier dtype) as the table and the result file name it."""
+    return f"{config[0]:g}" + ("" if config[1] == "float32" else " bf16")
+
+
+def train_all(args, configs, seeds, base, data, name, console) -> dict:  # noqa: ANN001
+    """Train (or reuse) every (rate, dtype) x seed; ``(rate, dtype) -> seed -> final test scores``."""
+    from sicot_cli import runs
+    from sicot_cli.config import load_recipe
+    from sicot_cli.train import train
+
+    results: dict[tuple[float, str], dict[int, dict]] = {}
+    for seed in seeds:
+        for rate, dtype in configs:
+            recipe = load_recipe(
+                args.recipe,
+                [
+                    *base,
+                    *args.overrides,
+                    f"train.seed={seed}",
+                    f"train.class_sample_rate={rate}",
+                    f"train.classifier_dtype={dtype}",
+                    "train.device=cpu",
+                ],
+            )
+            stream = "tiny-mean" if args.tiny_backbone else recipe.model.encoder
+            suffix = "" if dtype == "float32" else "-bf16"
+            run_dir = Path(args.runs_dir) / f"{name}-{stream}-r{rate:g}{suffix}-s{seed}"
+            if args.tiny_backbone:
+                final = tiny_run(recipe, data or Path(recipe.data.out), run_dir.name)
+            else:
+                result = train(recipe, run_dir, resume=run_dir.exists(), data=data)
+                final = runs.read_summary(result.run_dir)["final"]  # the test split, scored once at the end
+            results.setdefault((rate, dtype), {})[seed] = {
+                k: final.get(k) for k in ("top1", "tail_top1", "head_top1", "train_images_per_s", "epoch_seconds")
+            }
+            console.print(
+                f"{name} rate {label((rate, dtype))} seed {seed}: top-1 {final['top1']:.2f}, "
+                f"tail top-1 {final.get('tail_top1')}"
+            )
+    return results
+
+
 def main(argv: list[str] | None = None) -> dict:
     import torch
     from rich.console import Console
     from rich.table import Table
 
     from benchmarks.common import benchmark_parser, parse, start, write_results
-    from sicot_cli import runs
     from sicot_cli.config import load_recipe
-    from sicot_cli.report import mean_std, paired_t
-    from sicot_cli.train import train
 
     ap = benchmark_parser("class_sampling", __doc__)
     ap.add_argument("--recipe", default=None, help="a recipe whose prepared file exists")
@@ -229,39 +295,7 @@ def main(argv: list[str] | None = None) -> dict:
     probe = load_recipe(args.recipe, [*base, *args.overrides])
     name = f"many{args.many_classes}" if args.many_classes else probe.name
     console = Console()
-    results: dict[tuple[float, str], dict[int, dict]] = {}
-
-    def label(config: tuple[float, str]) -> str:
-        return f"{config[0]:g}" + ("" if config[1] == "float32" else " bf16")
-
-    for seed in seeds:
-        for rate, dtype in configs:
-            recipe = load_recipe(
-                args.recipe,
-                [
-                    *base,
-                    *args.overrides,
-                    f"train.seed={seed}",
-                    f"train.class_sample_rate={rate}",
-                    f"train.classifier_dtype={dtype}",
-                    "train.device=cpu",
-                ],
-            )
-            stream = "tiny-mean" if args.tiny_backbone else recipe.model.encoder
-            suffix = "" if dtype == "float32" else "-bf16"
-            run_dir = Path(args.runs_dir) / f"{name}-{stream}-r{rate:g}{suffix}-s{seed}"
-            if args.tiny_backbone:
-                final = tiny_run(recipe, data or Path(recipe.data.out), run_dir.name)
-            else:
-                result = train(recipe, run_dir, resume=run_dir.exists(), data=data)
-                final = runs.read_summary(result.run_dir)["final"]  # the test split, scored once at the end
-            results.setdefault((rate, dtype), {})[seed] = {
-                k: final.get(k) for k in ("top1", "tail_top1", "head_top1", "train_images_per_s", "epoch_seconds")
-            }
-            console.print(
-                f"{name} rate {label((rate, dtype))} seed {seed}: top-1 {final['top1']:.2f}, "
-                f"tail top-1 {final.get('tail_top1')}"
-            )
+    results = train_all(args, configs, seeds, base, data, name, console)
     model_name = (
         "tiny stream, encoder mean" if args.tiny_backbone else f"{probe.model.backbone}, encoder {probe.model.encoder}"
     )
@@ -278,21 +312,7 @@ def main(argv: list[str] | None = None) -> dict:
         table.add_column(col, justify="right")
     summary = []
     for config in configs:
-        got, exact = results[config], results[ref]
-        row: dict = {"rate": config[0], "classifier_dtype": config[1]}
-        for k in ("top1", "tail_top1", "train_images_per_s"):
-            row[k] = mean_std([got[s][k] for s in seeds if got[s][k] is not None])
-        for k in ("top1", "tail_top1"):
-            for key, other in ((f"{k}_diff", exact), (f"{k}_diff_fp32", results.get((config[0], "float32")))):
-                if other is None or (key.endswith("fp32") and config[1] == "float32"):
-                    continue
-                both = [(got[s][k], other[s][k]) for s in seeds if got[s][k] is not None and other[s][k] is not None]
-                diffs = [a - b for a, b in both]
-                row[key] = {
-                    "mean": float(np.mean(diffs)) if diffs else None,
-                    "per_seed": diffs,
-                    "p": paired_t([a for a, _ in both], [b for _, b in both]) if got is not other else None,
-                }
+        row = summary_row(results, config, seeds)
         summary.append(row)
 
         def fmt(ms: tuple) -> str:
@@ -303,8 +323,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "-"
                 if d is None or config == ref or d["mean"] is None
                 else f"{d['mean']:+.2f} (p={d['p']:.3f})"
-                if d["p"] is not None
-                else f"{d['mean']:+.2f} (p undefined)"
+                if d["p"] is not None and not math.isnan(d["p"])
+                else f"{d['mean']:+.2f} (p undefined: equal differences)"
             )
 
         table.add_row(

@@ -133,68 +133,12 @@ SETTINGS = {  # name -> (sampled?, classifier dtype)
 }
 
 
-def main(argv: list[str] | None = None) -> dict:
-    from rich.console import Console
+def _table(args, result: dict, settings: list[str]):  # noqa: ANN001, ANN202
+    """The printed table of one run's result."""
     from rich.table import Table
 
-    from benchmarks.common import benchmark_parser, parse, start, write_results
-
-    ap = benchmark_parser("sharded_fc", __doc__, quick="100,000 / 20,000 classes (under a minute)")
-    ap.add_argument("--classes", type=int, default=1_000_000)
-    ap.add_argument("--compare-classes", type=int, default=100_000)
-    ap.add_argument("--dim", type=int, default=512)
-    ap.add_argument("--world", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=64, help="global batch (features gathered from every rank)")
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--sample-rate", type=float, default=0.1, help="class sampling rate of the sampled settings")
-    ap.add_argument(
-        "--settings",
-        default="exact,sampled",
-        help=f"comma-separated settings measured at --classes on --world ranks, of {', '.join(SETTINGS)} "
-        "(-bf16: train.classifier_dtype = bfloat16). Leave exact out where its full-size gradient does not fit",
-    )
-    args = parse(ap, argv)
-    if args.quick:
-        args.classes, args.compare_classes, args.steps = 100_000, 20_000, 2
-    settings = [x for x in args.settings.split(",") if x]
-    if not settings or any(x not in SETTINGS for x in settings):
-        ap.error(f"--settings: comma-separated names of {', '.join(SETTINGS)}, got {args.settings!r}")
-    if not 0 < args.sample_rate < 1 and any(SETTINGS[x][0] for x in settings):
-        ap.error(f"--sample-rate must be in (0, 1) for a sampled setting, got {args.sample_rate}")
-    start()
     gib = 2.0**30
-    full = unsharded_bytes(args.classes, args.dim)
-    scale = {}
-    for name in settings:
-        sampled, dtype = SETTINGS[name]
-        got = measure(
-            args.world, args.classes, args.dim, args.batch, args.steps, args.sample_rate if sampled else 1.0, dtype
-        )
-        scale[name] = {**got, "fraction_of_unsharded": got["classifier_bytes_per_rank"] / full}
-    first = scale[settings[0]]["step_seconds"]
-    for row in scale.values():
-        row["step_ratio_to_first"] = row["step_seconds"] / first
-    one = measure(1, args.compare_classes, args.dim, args.batch, args.steps)
-    many = measure(args.world, args.compare_classes, args.dim, args.batch, args.steps)
-    goal = (1 / args.world) * (1 + args.world / args.classes) + 1e-12  # the first shard holds one class more
-    result = {
-        "setting": vars(args),
-        "classes": args.classes,
-        "dim": args.dim,
-        "world": args.world,
-        "unsharded_bytes": full,
-        "goal_fraction": 1 / args.world,
-        "memory_met": scale["exact"]["fraction_of_unsharded"] <= goal if "exact" in scale else None,
-        "scale": scale,
-        "scaling": {
-            "classes": args.compare_classes,
-            "one_rank_step_seconds": one["step_seconds"],
-            "sharded_step_seconds": many["step_seconds"],
-            "ratio": many["step_seconds"] / one["step_seconds"],
-            "one_rank_classifier_bytes": one["classifier_bytes_per_rank"],
-            "sharded_classifier_bytes_per_rank": many["classifier_bytes_per_rank"],
-        },
-    }
+    full, scale, one, many = result["unsharded_bytes"], result["scale"], result["one"], result["many"]
     t = Table(
         title=f"sharded classifier, {args.world} gloo ranks x 1 thread, global batch {args.batch}", title_justify="left"
     )
@@ -233,6 +177,72 @@ def main(argv: list[str] | None = None) -> dict:
         f"{many['peak_rss_bytes_per_rank'] / gib:.2f}",
         f"{many['step_seconds']:.3f} ({result['scaling']['ratio']:.2f} x 1 rank)",
     )
+    return t
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from rich.console import Console
+
+    from benchmarks.common import benchmark_parser, parse, start, write_results
+
+    ap = benchmark_parser("sharded_fc", __doc__, quick="100,000 / 20,000 classes (under a minute)")
+    ap.add_argument("--classes", type=int, default=1_000_000)
+    ap.add_argument("--compare-classes", type=int, default=100_000)
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--world", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=64, help="global batch (features gathered from every rank)")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--sample-rate", type=float, default=0.1, help="class sampling rate of the sampled settings")
+    ap.add_argument(
+        "--settings",
+        default="exact,sampled",
+        help=f"comma-separated settings measured at --classes on --world ranks, of {', '.join(SETTINGS)} "
+        "(-bf16: train.classifier_dtype = bfloat16). Leave exact out where its full-size gradient does not fit",
+    )
+    args = parse(ap, argv)
+    if args.quick:
+        args.classes, args.compare_classes, args.steps = 100_000, 20_000, 2
+    settings = [x for x in args.settings.split(",") if x]
+    if not settings or any(x not in SETTINGS for x in settings):
+        ap.error(f"--settings: comma-separated names of {', '.join(SETTINGS)}, got {args.settings!r}")
+    if not 0 < args.sample_rate < 1 and any(SETTINGS[x][0] for x in settings):
+        ap.error(f"--sample-rate must be in (0, 1) for a sampled setting, got {args.sample_rate}")
+    start()
+    full = unsharded_bytes(args.classes, args.dim)
+    scale = {}
+    for name in settings:
+        sampled, dtype = SETTINGS[name]
+        got = measure(
+            args.world, args.classes, args.dim, args.batch, args.steps, args.sample_rate if sampled else 1.0, dtype
+        )
+        scale[name] = {**got, "fraction_of_unsharded": got["classifier_bytes_per_rank"] / full}
+    first = scale[settings[0]]["step_seconds"]
+    for row in scale.values():
+        row["step_ratio_to_first"] = row["step_seconds"] / first
+    one = measure(1, args.compare_classes, args.dim, args.batch, args.steps)
+    many = measure(args.world, args.compare_classes, args.dim, args.batch, args.steps)
+    goal = (1 / args.world) * (1 + args.world / args.classes) + 1e-12  # the first shard holds one class more
+    result = {
+        "setting": vars(args),
+        "classes": args.classes,
+        "dim": args.dim,
+        "world": args.world,
+        "unsharded_bytes": full,
+        "goal_fraction": 1 / args.world,
+        "memory_met": scale["exact"]["fraction_of_unsharded"] <= goal if "exact" in scale else None,
+        "scale": scale,
+        "one": one,
+        "many": many,
+        "scaling": {
+            "classes": args.compare_classes,
+            "one_rank_step_seconds": one["step_seconds"],
+            "sharded_step_seconds": many["step_seconds"],
+            "ratio": many["step_seconds"] / one["step_seconds"],
+            "one_rank_classifier_bytes": one["classifier_bytes_per_rank"],
+            "sharded_classifier_bytes_per_rank": many["classifier_bytes_per_rank"],
+        },
+    }
+    t = _table(args, result, settings)
     Console().print(t)
     Console().print(f"results: {write_results('sharded_fc', 'cpu', result)}")
     return result
