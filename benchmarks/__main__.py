@@ -25,6 +25,7 @@ from benchmarks.common import RESULTS_DIR, RESULTS_ENV
 # is one line here.
 BENCHMARKS = [
     "prepare",
+    "format2",
     "encoders",
     "train_step",
     "evaluate",

@@ -104,11 +104,23 @@ def prepare(
     workers: Annotated[
         int | None, typer.Option(help="Decode processes (default: data.workers, 0 = all cores).")
     ] = None,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            help='i/n: write only part i (0-based) of n of the JPEG shards (data.images = "jpeg"), one machine\'s share; '
+            "then run once with --merge. Every part must use the same recipe and manifest."
+        ),
+    ] = None,
+    merge: Annotated[
+        bool, typer.Option(help="Check that every part's shards are there and write the index (after --shard parts).")
+    ] = False,
     overrides: Overrides = None,
 ) -> None:
     """Read raw images and titles into one HDF5 file (the only command that reads raw data)."""
     from sicot_cli.console import RichProgress
+    from sicot_cli.data.prepare import PartSummary
     from sicot_cli.data.prepare import prepare as run_prepare
+    from sicot_cli.errors import SicotError
     from sicot_cli.views import prepare_table
 
     extra = []
@@ -121,8 +133,29 @@ def prepare(
     if workers is not None:
         extra.append(f"data.workers={workers}")
     cfg = _recipe(recipe, overrides, extra)
-    summary = run_prepare(cfg, _out_file(out, cfg.name), force=force, progress=RichProgress())
+    part = _part(shard) if shard is not None else None
+    if part is not None and merge:
+        raise SicotError("--shard and --merge: run the parts with --shard, then one --merge without it")
+    summary = run_prepare(cfg, _out_file(out, cfg.name), force=force, progress=RichProgress(), part=part, merge=merge)
+    if isinstance(summary, PartSummary):
+        s = summary
+        console.print(safe(
+            f"part {s.part[0]}/{s.part[1]}: shards {s.shards.start}-{s.shards.stop - 1} in {s.folder} "
+            f"({s.resumed} already complete), {s.images:,} images, {s.skipped:,} skipped, {s.seconds:.1f} s; "
+            "when every part is done: the same command with --merge instead of --shard"
+        ), soft_wrap=True)  # fmt: skip
+        return
     show(prepare_table(summary))
+
+
+def _part(text: str) -> tuple[int, int]:
+    """``--shard i/n`` -> (i, n), 0 <= i < n."""
+    from sicot_cli.errors import SicotError
+
+    i, sep, n = text.partition("/")
+    if not (sep and i.strip().isdigit() and n.strip().isdigit() and 0 <= int(i) < int(n)):
+        raise SicotError(f"--shard {text!r}: expected i/n with 0 <= i < n, e.g. --shard 0/4")
+    return int(i), int(n)
 
 
 def _toml_str(value: str) -> str:

@@ -98,6 +98,16 @@ class DataConfig:
     # Decompression-bomb guard: images over this many pixels (after JPEG draft-mode reduction) are
     # skipped. PIL's own default (89 MP); raise it for large clip-art or scans.
     max_image_pixels: Annotated[int, Range(1, 10**10)] = 89_478_485
+    # How the images are stored (docs/datasets.md, "Storage formats"): "raw" = format 1, uint8 pixels
+    # at image_size inside the .h5 (fastest for small images: nothing to decode); "jpeg" = format 2,
+    # the centre square at stored_side JPEG-encoded in shard files beside the .h5, decoded and
+    # randomly cropped by the loader's worker processes; "auto" = jpeg from 96 px on.
+    images: Literal["auto", "raw", "jpeg"] = "auto"
+    stored_side: Annotated[int, Range(0, 4096)] = (
+        0  # jpeg: the stored square's side; 0 = image_size * 8 / 7 (256 for 224)
+    )
+    jpeg_quality: Annotated[int, Range(1, 95)] = 90
+    shard_rows: Annotated[int, Range(1, 10**7)] = 1024  # jpeg: candidate rows per shard file (the loader's block)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -205,6 +215,9 @@ class TrainConfig:
     # torch intra-op threads: 0 = auto (OMP_NUM_THREADS, else the cores this process may use, at most 8); set it on a
     # shared machine, where every job using all cores oversubscribes them (epochs 10x slower).
     threads: Annotated[int, Range(0, 1024)] = 0
+    # Format-2 (JPEG) data: processes decoding and cropping batches; 0 = auto (the cores left after the
+    # step's threads, at least 1, at most 16). Format-1 data needs none.
+    loader_workers: Annotated[int, Range(0, 256)] = 0
     # Keep checkpoint-best.pt (a second copy of the weights, about as large as the model); false
     # writes only checkpoint-last.pt (requires eval.select = "last").
     keep_best: bool = True

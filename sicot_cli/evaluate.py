@@ -19,7 +19,7 @@ import torch
 from sicot_cli import metrics, runs
 from sicot_cli.config import Recipe, TrainConfig, recipe_from_dict
 from sicot_cli.data.dataset import Prepared, open_prepared
-from sicot_cli.data.loader import BatchLoader
+from sicot_cli.data.loader import BatchLoader, decode_workers
 from sicot_cli.distributed import DistContext, _all_gather_rows, sharded_topk
 from sicot_cli.errors import SicotError
 from sicot_cli.fsutil import atomic_h5
@@ -55,6 +55,8 @@ def use_in_memory(cfg: TrainConfig, prepared: Prepared) -> bool:
     """Hold the images in RAM when asked, or when they fit ``train.memory_limit_gb`` ("auto")."""
     if cfg.in_memory != "auto":
         return cfg.in_memory == "yes"
+    if prepared.store is not None:  # format 2: the encoded bytes
+        return prepared.store.nbytes(0, prepared.n) <= cfg.memory_limit_gb * 1e9
     return prepared.n * 3 * prepared.image_size**2 <= cfg.memory_limit_gb * 1e9
 
 
@@ -104,7 +106,7 @@ def evaluate_model(
     rank, world = (ctx.rank, ctx.world) if distributed else (0, 1)
     loader = BatchLoader(
         prepared, cfg.eval_batch_size, start, stop, shuffle=False, in_memory=in_memory,
-        block_rows=cfg.block_rows, rank=rank, world=world,
+        block_rows=cfg.block_rows, rank=rank, world=world, workers=decode_workers(cfg.loader_workers, 1),
     )  # fmt: skip
     amp = cfg.amp and device.type == "cuda"
 
@@ -178,8 +180,9 @@ def rows_output(
     was_training = model.training
     model.eval()
     loader = BatchLoader(
-        prepared, cfg.eval_batch_size, *rows, shuffle=False, in_memory=in_memory, block_rows=cfg.block_rows
-    )
+        prepared, cfg.eval_batch_size, *rows, shuffle=False, in_memory=in_memory, block_rows=cfg.block_rows,
+        workers=decode_workers(cfg.loader_workers, 1),
+    )  # fmt: skip
     outs, labels = [], []
     for batch in loader.epoch(0):
         outs.append(fn(model.normalize(batch.images.to(device))).float().cpu())

@@ -104,12 +104,14 @@ def _ort_session(path: Path, threads: int | None = None):  # noqa: ANN202 - onnx
 
 
 def _test_images(prepared, n: int) -> np.ndarray:  # noqa: ANN001 - Prepared
-    """The first ``n`` test images (training ones when the split has no test rows)."""
-    import h5py
+    """The first ``n`` test images (training ones when the split has no test rows), either format."""
+    from sicot_cli.data.loader import BatchLoader
 
     lo = prepared.test_start if prepared.n > prepared.test_start else 0
-    with h5py.File(prepared.path, "r") as f:
-        return np.asarray(f["images"][lo : min(lo + n, prepared.n)])
+    if min(lo + n, prepared.n) <= lo:
+        return np.zeros((0, 3, prepared.image_size, prepared.image_size), dtype=np.uint8)
+    loader = BatchLoader(prepared, n, lo, min(lo + n, prepared.n), shuffle=False, in_memory=False, prefetch=0)
+    return next(iter(loader.epoch(0))).images.numpy()
 
 
 def _write_torchscript(net: torch.nn.Module, example: torch.Tensor, tmp: Path) -> Any:  # noqa: ANN401

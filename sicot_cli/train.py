@@ -32,7 +32,7 @@ from sicot_cli.classifier_step import eq1_from_streams
 from sicot_cli.config import Recipe, TrainConfig, adopt_prepared
 from sicot_cli.data.augment import random_resized_crop_flip
 from sicot_cli.data.dataset import Prepared, open_prepared
-from sicot_cli.data.loader import Batch, BatchLoader, epoch_seed
+from sicot_cli.data.loader import Batch, BatchLoader, decode_workers, epoch_seed
 from sicot_cli.distributed import DistContext, init_distributed, reduce_mean, shard_range, shutdown
 from sicot_cli.errors import SicotError
 from sicot_cli.evaluate import evaluate_model, resolve_device, split_logits, use_in_memory, write_predictions
@@ -134,7 +134,7 @@ def _inputs(
     """A batch on the device: augmented (seeded by ``generator``) and normalised images, labels, title tokens."""
     images = batch.images.to(device, non_blocking=True)
     labels = batch.labels.to(device, non_blocking=True)
-    if cfg.augment:
+    if cfg.augment and not batch.augmented:  # format 2's loader crops as it decodes
         scale = (cfg.crop_scale[0], cfg.crop_scale[1])
         images = random_resized_crop_flip(images, generator, scale, batch.offset, batch.total)
     x = model.normalize(images)
@@ -292,6 +292,9 @@ def training_plan(recipe: Recipe, prepared: Prepared, steps_per_epoch: int, thre
         f"{prepared.n_train:,} training images / {prepared.num_classes:,} classes, batch {cfg.batch_size} -> "
         f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs, lr {cfg.lr:g}, {threads} CPU thread(s)"
     )
+    if getattr(prepared, "store", None) is not None:  # format 2
+        workers = decode_workers(cfg.loader_workers, threads)
+        line += f"; JPEG shards (stored {prepared.store.side} px) decoded by {workers} loader process(es)"
     warnings = []
     if prepared.n_train < cfg.batch_size:
         warnings.append(
@@ -522,7 +525,8 @@ def _loader(run: _Run) -> BatchLoader:
         prepared, cfg.batch_size, 0, prepared.n_train, shuffle=True, seed=cfg.seed, in_memory=run.in_memory,
         block_rows=cfg.block_rows, shuffle_blocks=cfg.shuffle_blocks, drop_last=prepared.n_train >= cfg.batch_size,
         rank=run.ctx.rank, world=run.ctx.world, pin_memory=run.device.type == "cuda", sampler=cfg.sampler,
-        epochs=cfg.epochs,
+        epochs=cfg.epochs, workers=decode_workers(cfg.loader_workers, run.threads),
+        crop=(cfg.crop_scale[0], cfg.crop_scale[1]) if cfg.augment else None,
     )  # fmt: skip
     plan, plan_warnings = training_plan(run.recipe, prepared, len(loader), run.threads)
     log.info("%s: %s", run.run_dir, plan)

@@ -21,6 +21,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -685,3 +686,42 @@ def test_train_on_two_ranks_with_a_sharded_classifier(tiny_prepared: Path, tmp_p
     again = evaluate_run(run, device="cpu")
     assert again.metrics["top1"] == pytest.approx(final["top1"])
     assert again.metrics["top3"] == pytest.approx(final["top3"])
+
+
+def _jpeg_loader_worker(rank: int, tmp: Path, data: str) -> None:
+    from sicot_cli.data.dataset import open_prepared
+    from sicot_cli.data.loader import BatchLoader
+
+    p = open_prepared(data)
+    loader = BatchLoader(p, 6, 0, p.n_train, shuffle=True, seed=2, in_memory=False, drop_last=True, rank=rank,
+                         world=WORLD, workers=1, crop=(0.35, 1.0))  # fmt: skip
+    batches = list(loader.epoch(1))
+    torch.save({"rows": [b.rows for b in batches], "images": [b.images for b in batches]}, tmp / f"jpeg-{rank}.pt")
+
+
+def test_two_ranks_decode_disjoint_rows_of_format_2_shards_that_cover_the_epoch(tmp_path: Path) -> None:
+    """Under torchrun-style ranks, each decodes its own rows of every global batch; together, one process's epoch."""
+    from conftest import KEEP_ALL, make_manifest
+
+    from sicot_cli.config import load_recipe
+    from sicot_cli.data.dataset import open_prepared
+    from sicot_cli.data.loader import BatchLoader
+    from sicot_cli.data.prepare import prepare
+
+    m = make_manifest(tmp_path / "raw", per_class=10)
+    data = tmp_path / "j.h5"
+    prepare(load_recipe(None, ["data.source=manifest", f"data.manifest={m}", "data.image_size=16", "data.images=jpeg",
+                               "data.shard_rows=5", *KEEP_ALL]), data)  # fmt: skip
+    p = open_prepared(data)
+    one = list(BatchLoader(p, 6, 0, p.n_train, shuffle=True, seed=2, in_memory=False, drop_last=True,
+                           crop=(0.35, 1.0)).epoch(1))  # fmt: skip
+    _spawn(_jpeg_loader_worker, tmp_path, str(data))
+    got = [torch.load(tmp_path / f"jpeg-{r}.pt", weights_only=False) for r in range(WORLD)]
+    seen = []
+    for j, whole in enumerate(one):
+        r0, r1 = got[0]["rows"][j], got[1]["rows"][j]
+        assert not set(r0.tolist()) & set(r1.tolist())
+        assert np.array_equal(np.concatenate([r0, r1]), whole.rows)
+        assert torch.equal(torch.cat([got[0]["images"][j], got[1]["images"][j]]), whole.images)
+        seen += whole.rows.tolist()
+    assert len(seen) == len(set(seen)) == len(one) * 6 and len(one) == p.n_train // 6

@@ -23,6 +23,22 @@ vocab/removed_words    (R,) utf-8 strings          words the noise filter remove
 vocab/removed_rules    (R,) utf-8 strings          absent in older files) and the rule that did
 =====================  ==========================  =============================================
 
+Format 2 (``data.images = "jpeg"``, :mod:`sicot_cli.data.jpegstore`) has no ``images`` dataset: the
+images are JPEG-encoded in shard files in the folder named by the ``shard_dir`` attribute (beside
+the file), and the file holds where each row's bytes are:
+
+=====================  ==========================  =============================================
+images/shard           (N,) int32                  the row's shard
+images/offset          (N,) int64                  byte offset in the shard
+images/length          (N,) int32                  bytes
+shards/names           (K,) utf-8 strings          shard file names
+shards/bytes           (K,) int64                  each shard's size
+shards/sha256          (K,) utf-8 strings          each shard's sha256
+=====================  ==========================  =============================================
+
+with the attributes ``shard_dir`` and ``stored_side`` (the stored square's side). Format 1 files
+open as before; the loader reads both.
+
 Attributes: ``format``, ``n_train``, ``n_val`` (0 when absent: files prepared before validation
 splits), ``image_size``, ``source``, ``head_threshold``, ``recipe``
 (the resolved recipe as JSON), ``versions`` (JSON), ``side`` (the ``<out>.recipe.json`` content,
@@ -50,13 +66,15 @@ from typing import Any
 import h5py
 import numpy as np
 
+from sicot_cli.data.jpegstore import Store
 from sicot_cli.errors import SicotError
 
-FORMAT = 1
+FORMAT = 1  # raw pixels in one file
+FORMAT_JPEG = 2  # JPEG shards + this file as the index (sicot_cli.data.jpegstore)
+FORMATS = (FORMAT, FORMAT_JPEG)
 CHUNK_BYTES = 1 << 21  # ~2 MB image chunks: large sequential reads, small enough to stream
 _STR = h5py.string_dtype("utf-8")
 REQUIRED = (
-    "images",
     "labels",
     "tokens",
     "lengths",
@@ -69,6 +87,11 @@ REQUIRED = (
     "vocab/counts",
     "vectors",
 )
+STORE = ("images/shard", "images/offset", "images/length", "shards/names", "shards/bytes", "shards/sha256")
+
+
+def required(fmt: int) -> tuple[str, ...]:
+    return (*REQUIRED, *STORE) if fmt == FORMAT_JPEG else ("images", *REQUIRED)
 
 
 def chunk_rows(image_size: int) -> int:
@@ -89,6 +112,25 @@ def create(path: Path | Any, n: int, image_size: int, max_tokens: int) -> h5py.F
     f.attrs["format"] = FORMAT
     f.attrs["complete"] = 0
     return f
+
+
+def create_index(path: Path | Any) -> h5py.File:
+    """Open a new format-2 index (a path or a file object) for writing."""
+    f = h5py.File(path, "w")
+    f.attrs["format"] = FORMAT_JPEG
+    f.attrs["complete"] = 0
+    return f
+
+
+def write_store(f: h5py.File, shard: np.ndarray, offset: np.ndarray, length: np.ndarray,
+                names: Sequence[str], sizes: Sequence[int], sha256: Sequence[str]) -> None:  # fmt: skip
+    """A format-2 index's image locations and shard records (before :func:`write_attrs`)."""
+    f["images/shard"] = np.asarray(shard, dtype=np.int32)
+    f["images/offset"] = np.asarray(offset, dtype=np.int64)
+    f["images/length"] = np.asarray(length, dtype=np.int32)
+    f.create_dataset("shards/names", data=np.array(list(names), dtype=object), dtype=_STR)
+    f["shards/bytes"] = np.asarray(sizes, dtype=np.int64)
+    f.create_dataset("shards/sha256", data=np.array(list(sha256), dtype=object), dtype=_STR)
 
 
 def write_arrays(
@@ -118,7 +160,6 @@ def write_arrays(
     f.create_dataset("vocab/words", data=np.array(words, dtype=object), dtype=_STR)
     f["vocab/counts"] = word_counts
     f["vectors"] = vectors.astype(np.float32)
-    f.attrs["content_sha256"] = content_sha256(f)
 
 
 # What the checksum covers: everything open_prepared holds in memory (not the images, see above).
@@ -140,14 +181,15 @@ _V2 = "v2:"
 
 
 def _read_hashed(f: h5py.File) -> dict[str, Any]:
-    return {name: _strings(f[name]) if f[name].dtype.kind == "O" else f[name][()] for name in HASHED}
+    names = HASHED + (STORE if int(f.attrs.get("format", FORMAT)) == FORMAT_JPEG else ())
+    return {name: _strings(f[name]) if f[name].dtype.kind == "O" else f[name][()] for name in names}
 
 
 def _sha256(values: dict[str, Any]) -> str:
     import hashlib
 
     h = hashlib.sha256()
-    for name in HASHED:
+    for name in values:  # HASHED, then a format-2 file's STORE
         v = values[name]
         if isinstance(v, list):  # strings: length-prefixed utf-8, so ["ab", "c"] != ["a", "bc"]
             for item in v:
@@ -181,9 +223,12 @@ def content_sha256(f: h5py.File) -> str:
 
 
 def _attrs_text(f: h5py.File) -> str:
-    return json.dumps(
-        {name: int(f.attrs.get(name, 0) if name == "n_val" else f.attrs[name]) for name in HASHED_ATTRS}, sort_keys=True
-    )
+    values: dict[str, Any] = {
+        name: int(f.attrs.get(name, 0) if name == "n_val" else f.attrs[name]) for name in HASHED_ATTRS
+    }
+    if int(f.attrs["format"]) == FORMAT_JPEG:  # where the images are, and at what size
+        values |= {"stored_side": int(f.attrs["stored_side"]), "shard_dir": str(f.attrs["shard_dir"])}
+    return json.dumps(values, sort_keys=True)
 
 
 def _sha256_v2(values: dict[str, Any], f: h5py.File) -> str:
@@ -225,6 +270,8 @@ class Prepared:
     words: list[str]
     vectors: np.ndarray
     n_val: int = 0
+    format: int = FORMAT
+    store: Store | None = None  # format 2: the JPEG shards (sicot_cli.data.jpegstore)
 
     @property
     def n(self) -> int:
@@ -288,11 +335,12 @@ def open_prepared(path: str | Path) -> Prepared:
         raise SicotError(f"{path}: not a readable HDF5 file (truncated or corrupt?): {rebuild}") from None
     try:
         with f:
-            if int(f.attrs.get("format", -1)) != FORMAT:
-                raise SicotError(f"{path}: not a sicot prepared dataset of format {FORMAT}: {rebuild}")
+            fmt = int(f.attrs.get("format", -1))
+            if fmt not in FORMATS:
+                raise SicotError(f"{path}: not a sicot prepared dataset of format 1 or 2: {rebuild}")
             if int(f.attrs.get("complete", 0)) != 1:
                 raise SicotError(f"{path}: incomplete (prepare was interrupted): {rebuild}")
-            missing = [k for k in REQUIRED if k not in f]
+            missing = [k for k in required(fmt) if k not in f]
             if missing:
                 raise SicotError(f"{path}: dataset {missing[0]!r} is missing: {rebuild}")
             values = _read_hashed(f)
@@ -320,6 +368,8 @@ def open_prepared(path: str | Path) -> Prepared:
                 test_counts=values["classes/test_counts"],
                 words=values["vocab/words"],
                 vectors=values["vectors"],
+                format=fmt,
+                store=_store(f, path, values, rebuild) if fmt == FORMAT_JPEG else None,
             )
             _check_values(prepared, rebuild)
             return prepared
@@ -329,15 +379,45 @@ def open_prepared(path: str | Path) -> Prepared:
         raise SicotError(f"{path}: corrupt prepared dataset ({e}): {rebuild}") from None
 
 
+def _store(f: h5py.File, path: Path, values: dict[str, Any], rebuild: str) -> Store:
+    """A format-2 index's shards: locations consistent with the shard sizes, every shard file present."""
+    store = Store(
+        folder=path.parent / str(f.attrs["shard_dir"]),
+        side=int(f.attrs["stored_side"]),
+        shard=values["images/shard"],
+        offset=values["images/offset"],
+        length=values["images/length"],
+        names=values["shards/names"],
+        sizes=values["shards/bytes"],
+        sha256=values["shards/sha256"],
+    )
+    k = len(store.names)
+    bad = ""
+    if any(Path(name).name != name or name in ("", ".", "..") for name in [*store.names, str(f.attrs["shard_dir"])]):
+        bad = "a shard name that is a path"
+    elif len(store.shard) and (store.shard.min() < 0 or store.shard.max() >= k):
+        bad = "rows in shards the index does not list"
+    elif len(store.shard) and (store.length.min() <= 0 or store.offset.min() < 0
+                               or np.any(store.offset + store.length > store.sizes[store.shard])):  # fmt: skip
+        bad = "image bytes outside their shard"
+    if bad:
+        raise SicotError(f"{path}: corrupt prepared dataset ({bad}): {rebuild}")
+    store.check_files(path, rebuild)
+    return store
+
+
 def _check_shapes(f: h5py.File, path: Path, rebuild: str) -> None:
     """Shapes and dtypes that must agree, and the first and last image rows readable (cheap)."""
     n = len(f["labels"])
     size = int(f.attrs["image_size"])
     n_train = int(f.attrs["n_train"])
     n_val = int(f.attrs.get("n_val", 0))
-    images = f["images"]
+    jpeg = int(f.attrs["format"]) == FORMAT_JPEG
+    images = f["images/shard"] if jpeg else f["images"]
     expect = {
-        "images": (n, 3, size, size),
+        **({name: (n,) for name in STORE[:3]} if jpeg else {"images": (n, 3, size, size)}),
+        "shards/bytes": f["shards/names"].shape if jpeg else None,
+        "shards/sha256": f["shards/names"].shape if jpeg else None,
         "tokens": (n, f["tokens"].shape[1] if f["tokens"].ndim == 2 else -1),
         "lengths": (n,),
         "ids": (n,),
@@ -348,9 +428,9 @@ def _check_shapes(f: h5py.File, path: Path, rebuild: str) -> None:
         "vectors": (len(f["vocab/words"]), f["vectors"].shape[1] if f["vectors"].ndim == 2 else -1),
     }
     for name, shape in expect.items():
-        if f[name].shape != shape:
+        if shape is not None and f[name].shape != shape:
             raise SicotError(f"{path}: dataset {name!r} has shape {f[name].shape}, expected {shape}: {rebuild}")
-    if images.dtype != np.uint8 or not (0 <= n_train and 0 <= n_val and n_train + n_val <= n):
+    if (images.dtype != np.uint8 and not jpeg) or not (0 <= n_train and 0 <= n_val and n_train + n_val <= n):
         raise SicotError(
             f"{path}: images are {images.dtype} with n_train {n_train} and n_val {n_val} of {n} rows, expected uint8: {rebuild}"
         )

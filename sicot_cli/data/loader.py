@@ -15,6 +15,12 @@ Distributed (``rank``/``world``): every rank computes the same global batches an
 contiguous slice of each (:func:`slice_range`), so N ranks together see
 exactly the batches one process sees, and each rank reads only its rows.
 Images stay uint8 until they reach the device (augmentation runs there, in batches).
+
+Format 2 (JPEG shards, :mod:`sicot_cli.data.jpegstore`): a block is the part of a shard inside the
+split, so the shuffle above reads each shard whole (its sha256 checked); each batch is decoded,
+randomly cropped from the stored image (the crops format 1 takes on the device, drawn from the same
+per-batch seed) and flipped in ``workers`` processes (a ``torch.utils.data.DataLoader`` over the
+epoch's batches, in order), or in the reader thread when ``workers`` is 0.
 """
 
 from __future__ import annotations
@@ -29,7 +35,9 @@ import h5py
 import numpy as np
 import torch
 
+from sicot_cli.data.augment import crop_flip_params
 from sicot_cli.data.dataset import Prepared
+from sicot_cli.data.jpegstore import Store, crop_boxes, decode_row
 from sicot_cli.data.sampler import draw_rows
 from sicot_cli.errors import SicotError
 
@@ -64,6 +72,7 @@ class Batch:
     rows: np.ndarray  # [B] dataset rows
     offset: int = 0  # distributed: where this rank's slice starts in the global batch
     total: int = 0  # distributed: the global batch's size (0: this batch is the whole batch)
+    augmented: bool = False  # cropped and flipped by the loader (format 2): the step does not augment again
 
     @property
     def global_size(self) -> int:
@@ -97,6 +106,8 @@ class BatchLoader:
         pin_memory: bool = False,
         sampler: str = "instance",
         epochs: int = 1,
+        workers: int = 0,
+        crop: tuple[float, float] | None = None,
     ) -> None:
         self.p = prepared
         self.batch_size = batch_size
@@ -110,7 +121,18 @@ class BatchLoader:
         self.prefetch = prefetch
         self.pin_memory = pin_memory  # CUDA: page-locked batches, so the copies can be non-blocking
         self.sampler, self.epochs = sampler, epochs  # which rows an epoch draws (sicot_cli.data.sampler)
+        self.workers = workers  # format 2: decoding processes
+        self.crop = crop  # format 2, training: random resized crop scale (None: the whole image)
         self._ram: np.ndarray | None = None
+        self._store: Store | None = prepared.store
+        self._shards: dict[int, bytes] | None = None  # format 2 in memory: the split's shards
+        if self._store is not None:
+            self._starts = self._store.blocks(start, stop)
+            if in_memory:
+                shards = np.unique(self._store.shard[start:stop])
+                self._shards = {int(k): self._store.read_shard(int(k)) for k in shards}
+            return
+        self._starts = np.arange(0, max(self.n, 0), self.block_rows, dtype=np.int64)
         if in_memory:
             try:
                 with h5py.File(prepared.path, "r") as f:
@@ -135,16 +157,12 @@ class BatchLoader:
             return self._drawn_order(rng, epoch)
         if self._ram is not None:
             return rng.permutation(self.n)
-        n_blocks = -(-self.n // self.block_rows)
+        n_blocks = len(self._starts)
+        bounds = np.r_[self._starts, self.n]
         blocks = rng.permutation(n_blocks)
         parts = []
         for g in range(0, n_blocks, self.shuffle_blocks):
-            rows = np.concatenate(
-                [
-                    np.arange(b * self.block_rows, min((b + 1) * self.block_rows, self.n))
-                    for b in blocks[g : g + self.shuffle_blocks]
-                ]
-            )
+            rows = np.concatenate([np.arange(bounds[b], bounds[b + 1]) for b in blocks[g : g + self.shuffle_blocks]])
             parts.append(rng.permutation(rows))
         return np.concatenate(parts) if parts else np.arange(0)
 
@@ -159,8 +177,8 @@ class BatchLoader:
         rows = draw_rows(self.sampler, labels, self.p.num_classes, rng, epoch, self.epochs)
         if self._ram is not None:
             return rng.permutation(rows)
-        blocks = rows // self.block_rows
-        order = rng.permutation(-(-self.n // self.block_rows))
+        blocks = np.searchsorted(self._starts, rows, side="right") - 1
+        order = rng.permutation(len(self._starts))
         rank = np.empty_like(order)
         rank[order] = np.arange(len(order))
         rows = rows[np.argsort(rank[blocks], kind="stable")]  # the drawn rows, block after block
@@ -183,8 +201,11 @@ class BatchLoader:
         plan = self._batches(epoch)[skip:]
         if not plan:
             return
+        if self._store is not None and self.workers > 0:  # the DataLoader's processes prefetch
+            yield from self._jpeg(plan, epoch, skip)
+            return
         if self.prefetch <= 0:
-            yield from self._produce(plan)
+            yield from self._produce(plan, epoch, skip)
             return
         # A reader thread overlaps disk reads and batch assembly with the training step.
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
@@ -192,7 +213,7 @@ class BatchLoader:
 
         def work() -> None:
             try:
-                for b in self._produce(plan):
+                for b in self._produce(plan, epoch, skip):
                     while not stop.is_set():
                         try:
                             q.put(b, timeout=0.1)
@@ -219,7 +240,12 @@ class BatchLoader:
             stop.set()
             t.join(timeout=5)
 
-    def _produce(self, plan: list[tuple[np.ndarray, int, int]]) -> Iterator[Batch]:
+    def _produce(self, plan: list[tuple[np.ndarray, int, int]], epoch: int = 0, skip: int = 0) -> Iterator[Batch]:
+        if self._store is not None:
+            decoder = self._decoder(plan, epoch, skip)
+            for j, (rel, offset, total) in enumerate(plan):
+                yield self._batch(rel, decoder.decode(j), offset, total, self.crop is not None)
+            return
         if self._ram is not None:
             for rel, offset, total in plan:
                 yield self._batch(rel, self._ram[rel], offset, total)
@@ -248,16 +274,117 @@ class BatchLoader:
                     out[sel] = cache[b][rel[sel] - b * self.block_rows]
                 yield self._batch(rel, out, offset, total)
 
-    def _batch(self, rel: np.ndarray, images: np.ndarray, offset: int = 0, total: int = 0) -> Batch:
+    def _decoder(self, plan: list[tuple[np.ndarray, int, int]], epoch: int, skip: int) -> _JpegBatches:
+        assert self._store is not None
+        return _JpegBatches(
+            self._store, self.p.image_size, [(rel + self.start, offset, total) for rel, offset, total in plan],
+            self.seed, epoch, skip, self.crop, self._shards, 2 * self.shuffle_blocks,
+        )  # fmt: skip
+
+    def _jpeg(self, plan: list[tuple[np.ndarray, int, int]], epoch: int, skip: int) -> Iterator[Batch]:
+        """Format 2 with worker processes: one DataLoader over this epoch's batches, in order."""
+        from torch.utils.data import DataLoader
+
+        loader = DataLoader(
+            self._decoder(plan, epoch, skip), batch_size=None, shuffle=False, num_workers=self.workers,
+            prefetch_factor=max(2, self.prefetch), pin_memory=False,
+            # its own generator: the DataLoader draws its workers' base seed from it, and a draw
+            # from torch's global one would shift the model's random numbers (exact resume)
+            generator=torch.Generator().manual_seed(epoch_seed(self.seed, epoch, 2)),
+        )  # fmt: skip
+        for j, images in enumerate(loader):
+            if isinstance(images, str):  # a SicotError in a worker: its message, raised here
+                raise SicotError(images)
+            rel, offset, total = plan[j]
+            yield self._batch(rel, images, offset, total, self.crop is not None)
+
+    def _batch(
+        self, rel: np.ndarray, images: np.ndarray, offset: int = 0, total: int = 0, augmented: bool = False
+    ) -> Batch:
         rows = rel + self.start
         lengths = self.p.lengths[rows]
         width = max(1, int(lengths.max())) if len(rows) else 1
         tokens = torch.from_numpy(self.p.tokens[rows, :width].astype(np.int64))
         batch = Batch(
-            torch.from_numpy(images), tokens, tokens != 0, torch.from_numpy(self.p.labels[rows]), rows, offset, total
+            torch.as_tensor(images),
+            tokens,
+            tokens != 0,
+            torch.from_numpy(self.p.labels[rows]),
+            rows,
+            offset,
+            total,
+            augmented,
         )
         if self.pin_memory:  # in the reader thread, off the training step's path
             batch.images, batch.tokens, batch.mask, batch.labels = (
                 t.pin_memory() for t in (batch.images, batch.tokens, batch.mask, batch.labels)
             )
         return batch
+
+
+class _JpegBatches(torch.utils.data.Dataset):
+    """Batch ``j`` of a plan, decoded: what each loader worker process runs (picklable, no open files).
+
+    Training (``crop`` set): each image is the random resized crop and flip format 1 takes on the
+    device, drawn from the same per-batch seed, ``epoch_seed(seed, epoch, 1 + batch)``, for the whole
+    global batch and sliced for this rank; so a resumed epoch decodes exactly the batches it missed.
+    A shard is read whole, its sha256 checked, and kept for the next batches (the shuffle buffer's
+    ``keep`` shards). An error is returned as its message, so a worker's SicotError reaches the user
+    as one line.
+    """
+
+    def __init__(
+        self, store: Store, size: int, plan: list[tuple[np.ndarray, int, int]], seed: int, epoch: int, first: int,
+        crop: tuple[float, float] | None, shards: dict[int, bytes] | None, keep: int,
+    ) -> None:  # fmt: skip
+        self.store, self.size, self.plan = store, size, plan
+        self.seed, self.epoch, self.first, self.crop = seed, epoch, first, crop
+        self.shards = shards
+        self.keep = max(2, keep)
+        self._cache: OrderedDict[int, bytes] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, j: int) -> np.ndarray | str:
+        try:
+            return self.decode(j)
+        except SicotError as e:
+            return str(e)
+
+    def _shard(self, k: int) -> bytes:
+        if self.shards is not None:
+            return self.shards[k]
+        if k not in self._cache:
+            self._cache[k] = self.store.read_shard(k)
+            while len(self._cache) > self.keep:
+                self._cache.popitem(last=False)
+        return self._cache[k]
+
+    def decode(self, j: int) -> np.ndarray:
+        rows, offset, total = self.plan[j]
+        n = len(rows)
+        if self.crop is not None:
+            gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch, 1 + self.first + j))
+            boxes = crop_boxes(crop_flip_params(total or n, gen, self.crop)[offset : offset + n], self.store.side)
+        out = np.empty((n, 3, self.size, self.size), dtype=np.uint8)
+        s = self.store
+        for i, row in enumerate(rows.tolist()):
+            data = self._shard(int(s.shard[row]))
+            blob = data[int(s.offset[row]) : int(s.offset[row]) + int(s.length[row])]
+            box, flip = boxes[i] if self.crop is not None else (None, False)
+            try:
+                out[i] = decode_row(blob, self.size, box, flip)
+            except (OSError, ValueError, SyntaxError) as e:
+                raise SicotError(
+                    f"{s.folder / s.names[int(s.shard[row])]}: row {row}'s image does not decode ({e}): "
+                    "rebuild the dataset with `sicot prepare --force`"
+                ) from None
+        return out
+
+
+def decode_workers(requested: int, threads: int) -> int:
+    """Loader processes for format-2 data: ``requested``, or the cores the step's threads leave (1 to 16)."""
+    import os
+
+    return requested or max(1, min(16, (os.cpu_count() or 1) - threads))

@@ -27,6 +27,7 @@ import copy
 import json
 import logging
 import os
+import shutil
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
@@ -39,6 +40,7 @@ import numpy as np
 
 from sicot_cli.config import Recipe
 from sicot_cli.data import dataset as ds
+from sicot_cli.data import jpegstore, jpegwrite
 from sicot_cli.data.images import ImageSkip, load_image
 from sicot_cli.data.manifest import read_manifest
 from sicot_cli.data.skips import Skips
@@ -226,10 +228,11 @@ class TextStage:
     test_filtered_rate: float = 0.0
 
 
-def build_text(recipe: Recipe, skips: Skips, progress: Progress | None = None) -> TextStage:
-    """Read the rows' titles, split, build the filtered vocabulary and the word vectors.
+def build_text(recipe: Recipe, skips: Skips, progress: Progress | None = None, vectors: bool = True) -> TextStage:
+    """Read the rows' titles, split, build the filtered vocabulary and the word vectors (unless not ``vectors``).
 
-    Shared by ``prepare`` and ``embed``; no image is opened here.
+    Shared by ``prepare`` and ``embed``; no image is opened here. Deterministic: every machine of a
+    ``--shard i/n`` prepare computes the same rows, splits and vocabulary from the same inputs.
     """
     progress = progress or NullProgress()
     d = recipe.data
@@ -284,10 +287,16 @@ def build_text(recipe: Recipe, skips: Skips, progress: Progress | None = None) -
     recs = _drop_untrainable(kept, d.min_train_per_class, skips)
     if not recs:
         raise SicotError(f"{source}: no row left after filtering ({skips.as_dict()})")
-    vectors, vreport = word_vectors([r.tokens for r in recs if r.split == "train"], vocab, recipe.embed, base=None)
+    if vectors:
+        vecs, vreport = word_vectors([r.tokens for r in recs if r.split == "train"], vocab, recipe.embed, base=None)
+    else:  # a --shard part: the merge step trains them, once
+        vecs, vreport = (
+            np.zeros((len(vocab), recipe.embed.dim), np.float32),
+            VectorReport("not built", recipe.embed.dim, len(vocab), 0),
+        )
 
     rate = lambda k: k / test_tokens if test_tokens else 0.0  # noqa: E731
-    return TextStage(recs, source, rows_read, vocab, vectors, vreport, rate(test_oov), truncated, rate(test_filtered))
+    return TextStage(recs, source, rows_read, vocab, vecs, vreport, rate(test_oov), truncated, rate(test_filtered))
 
 
 def data_boundaries(train_counts: np.ndarray) -> dict[str, int]:
@@ -471,7 +480,7 @@ def _summary(
     )
 
 
-def _write_attrs(f: Any, recipe: Recipe, summary: PrepareSummary, side: dict[str, Any]) -> None:
+def _write_attrs(f: Any, recipe: Recipe, summary: PrepareSummary, side: dict[str, Any], **extra: Any) -> None:
     side_json = json.dumps(side, sort_keys=True, ensure_ascii=False)
     ds.write_attrs(
         f,
@@ -482,25 +491,48 @@ def _write_attrs(f: Any, recipe: Recipe, summary: PrepareSummary, side: dict[str
         head_threshold=recipe.eval.head_threshold,
         recipe_json=recipe.to_json(),
         versions_json=json.dumps(package_versions(), sort_keys=True),
+        **extra,
         # the side file's content, so a kill between the rename and the side file loses
         # nothing (HDF5 attributes stay small: a huge one would need dense storage)
         **({"side_json": side_json} if len(side_json.encode()) < 48_000 else {}),
     )
 
 
+@dataclass
+class PartSummary:
+    """What ``prepare --shard i/n`` did: its shards of a format-2 dataset (no index yet)."""
+
+    out: str
+    folder: str
+    part: tuple[int, int]
+    shards: range
+    resumed: int  # shards already complete, kept
+    images: int
+    skipped: int
+    seconds: float
+
+
 def prepare(
-    recipe: Recipe, out: str | Path | None = None, force: bool = False, progress: Progress | None = None
-) -> PrepareSummary:
-    """Turn the recipe's raw data into one prepared HDF5 file.
+    recipe: Recipe,
+    out: str | Path | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+    part: tuple[int, int] | None = None,
+    merge: bool = False,
+) -> PrepareSummary | PartSummary:
+    """Turn the recipe's raw data into one prepared HDF5 file (format 1), or an index and JPEG shards (format 2).
 
     Args:
         recipe: the resolved recipe (``data``, ``text``, ``embed``, ``eval`` sections are used).
         out: the output file; defaults to ``recipe.data.out``.
         force: replace an existing output (the old file stays until the new one is complete).
         progress: progress reporting (the CLI passes a rich one).
+        part: ``(i, n)``: write only part ``i`` of ``n`` of a format-2 dataset's shards (one
+            machine's share); ``merge`` then writes the index once every part is done.
+        merge: check that every shard of a format-2 dataset is there and write its index.
 
     Returns:
-        The summary of what was read, kept and skipped.
+        The summary of what was read, kept and skipped (a :class:`PartSummary` for a part).
 
     Raises:
         SicotError: any user error (bad manifest, unwritable output, empty vocabulary, nothing left).
@@ -509,11 +541,22 @@ def prepare(
     progress = progress or NullProgress()
     recipe = copy.deepcopy(recipe)  # eval.boundaries = "data" fills in the thresholds: not the caller's
     out_path = Path(out or recipe.data.out)
-    _check_output(out_path, force)
+    jpeg = jpegstore.uses_jpeg(recipe.data)
+    if (part is not None or merge) and not jpeg:
+        raise SicotError(
+            f'{out_path}: --shard and --merge write format 2 (JPEG shards); set data.images = "jpeg" (format 1 is one file)'
+        )
+    if part is None:
+        _check_output(out_path, force)
+    else:
+        check_name(out_path)
+        ensure_dir(out_path.parent)
     d = recipe.data
     skips = Skips(strict=d.strict)
     workers = d.workers or os.cpu_count() or 1
-    text = build_text(recipe, skips, progress)  # titles -> tokens -> vocabulary -> word2vec
+    text = build_text(recipe, skips, progress, vectors=part is None)  # titles -> tokens -> vocabulary -> word2vec
+    if jpeg:
+        return _prepare_jpeg(recipe, out_path, text, skips, progress, workers, part, merge, t0)
     parts = {split: [r for r in text.recs if r.split == split] for split in ("train", "val", "test")}
     t_decode = time.perf_counter()
     with atomic_path(out_path) as tmp, guarded_file(tmp) as fobj:  # a full disk: one clean error, not a crash in HDF5
@@ -532,5 +575,120 @@ def prepare(
             side = {"recipe": recipe.to_dict(), "summary": summary.as_dict(), "versions": package_versions()}
             _write_attrs(f, recipe, summary, side)
     write_json(out_path.with_suffix(".recipe.json"), side)
+    _remove_stale_shards(out_path, None)  # a format-2 file this one replaced
     log.debug("prepared %s: %d images, %d classes", out_path, len(written), len(classes))
     return summary
+
+
+def _remove_stale_shards(out_path: Path, keep: Path | None) -> None:
+    """The shard folders of the format-2 file ``out_path`` replaced (all but ``keep``)."""
+    for stale in jpegstore.stale_folders(out_path, keep):
+        shutil.rmtree(stale, ignore_errors=True)
+        log.info("removed %s (the shards of the file %s replaced)", stale, out_path)
+
+
+def _candidates(text: TextStage) -> list[_Rec]:
+    """Format 2's rows in file order (training, validation, test), before any image is decoded."""
+    return [r for split in ("train", "val", "test") for r in text.recs if r.split == split]
+
+
+def _fingerprint(recipe: Recipe, cands: list[_Rec]) -> str:
+    """What the shards depend on: the rows (source, size and time of each image file, split, words) and the image settings.
+
+    Every ``--shard`` part computes it; the merge refuses shards made from anything else, and a
+    rerun keeps the shards that still match (resume).
+    """
+    import hashlib
+
+    d = recipe.data
+    h = hashlib.sha256()
+    settings = {"side": jpegstore.stored_side(d), "quality": d.jpeg_quality, "shard_rows": d.shard_rows, "format": 2}
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    for r in cands:
+        if isinstance(r.source, Path):
+            try:
+                st = r.source.stat()
+                stamp: object = [str(r.source), st.st_size, st.st_mtime_ns]
+            except OSError:
+                stamp = [str(r.source), "missing"]
+        else:
+            stamp = ["synthetic", r.id]
+        h.update(json.dumps([r.where, r.id, r.label, r.split, r.ids, stamp], ensure_ascii=False).encode() + b"\n")
+    return h.hexdigest()
+
+
+def _prepare_jpeg(
+    recipe: Recipe, out_path: Path, text: TextStage, skips: Skips, progress: Progress, workers: int,
+    part: tuple[int, int] | None, merge: bool, t0: float,
+) -> PrepareSummary | PartSummary:  # fmt: skip
+    """Format 2: the shards (this part's, or all), then (unless a part) the index."""
+    d = recipe.data
+    cands = _candidates(text)
+    fingerprint = _fingerprint(recipe, cands)
+    folder = jpegstore.folder_for(out_path, fingerprint)
+    side = jpegstore.stored_side(d)
+    jobs = [(r.source, side, d.max_image_pixels, d.jpeg_quality) for r in cands]
+    n_shards = -(-len(cands) // d.shard_rows)
+    t_decode = time.perf_counter()
+    if merge:
+        infos = jpegwrite.collect_shards(folder, fingerprint, len(cands), d.shard_rows)
+    else:
+        mine = jpegwrite.part_shards(n_shards, part or (0, 1))
+        infos, resumed = jpegwrite.run_shards(folder, fingerprint, jobs, d.shard_rows, mine, workers, progress)
+        if part is not None:
+            images = sum(n > 0 for k in mine for n in infos[k].lengths)
+            return PartSummary(
+                str(out_path), str(folder), part, mine, resumed, images,
+                sum(len(infos[k].skips) for k in mine), time.perf_counter() - t0,
+            )  # fmt: skip
+    decode_seconds = time.perf_counter() - t_decode
+    written, loc, ends, train_labels = _index_rows(cands, infos, d.shard_rows, skips)
+    if ends["train"] == 0:
+        raise SicotError(f"{text.source}: no training image could be decoded ({skips.as_dict()})")
+    with atomic_path(out_path) as tmp, guarded_file(tmp) as fobj:
+        with ds.create_index(fobj) as f:
+            classes, train_counts, suggested = _write_rows(f, recipe, written, ends, train_labels, text)
+            ks = range(n_shards)
+            ds.write_store(
+                f, loc[:, 0], loc[:, 1], loc[:, 2], [jpegstore.shard_name(k) for k in ks],
+                [infos[k].size for k in ks], [infos[k].sha256 for k in ks],
+            )  # fmt: skip
+            seconds = time.perf_counter() - t0
+            summary = _summary(
+                out_path, recipe, text, skips, ends, len(written), train_counts, suggested, seconds, decode_seconds
+            )
+            side_file = {"recipe": recipe.to_dict(), "summary": summary.as_dict(), "versions": package_versions()}
+            _write_attrs(f, recipe, summary, side_file, shard_dir=folder.name, stored_side=side)
+    write_json(out_path.with_suffix(".recipe.json"), side_file)
+    _remove_stale_shards(out_path, folder)  # earlier prepares' shards: the new index replaced them
+    return summary
+
+
+def _index_rows(
+    cands: list[_Rec], infos: dict[int, jpegstore.ShardInfo], shard_rows: int, skips: Skips
+) -> tuple[list[_Rec], np.ndarray, dict[str, int], Counter[str]]:
+    """The rows the index keeps (decoded; a validation or test row only if its class kept a training image) and where their bytes are."""
+    written: list[_Rec] = []
+    loc: list[tuple[int, int, int]] = []
+    train_labels: Counter[str] = Counter()
+    ends: dict[str, int] = {}
+    offsets = {k: np.concatenate([[0], np.cumsum([max(n, 0) for n in info.lengths])]) for k, info in infos.items()}
+    for phase in ("train", "val", "test"):
+        for i, r in enumerate(cands):
+            if r.split != phase:
+                continue
+            k, j = divmod(i, shard_rows)
+            length = infos[k].lengths[j]
+            if length < 0:
+                reason = infos[k].skips.get(str(j), "image could not be decoded")
+                skips.add(reason, f"{r.where} ({r.source})" if isinstance(r.source, Path) else r.where)
+                continue
+            if phase != "train" and train_labels[r.label] == 0:
+                skips.add("label has no training image", r.where)
+                continue
+            written.append(r)
+            loc.append((k, int(offsets[k][j]), length))
+            if phase == "train":
+                train_labels[r.label] += 1
+        ends[phase] = len(written)
+    return written, np.array(loc, dtype=np.int64).reshape(-1, 3), ends, train_labels

@@ -1,0 +1,109 @@
+"""Format 2's writer: images encoded into JPEG shards, one machine's part or all of them (``prepare``).
+
+The layout and the reader are :mod:`sicot_cli.data.jpegstore`; what calls this is
+:func:`sicot_cli.data.prepare.prepare` (``--shard i/n`` writes :func:`part_shards` of the shards,
+``--merge`` checks them with :func:`collect_shards`).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from sicot_cli.data.images import ImageSkip, load_image
+from sicot_cli.data.jpegstore import ShardInfo, read_info, shard_name, write_shard
+from sicot_cli.errors import SicotError
+
+WINDOW = 8  # shards encoded per process-pool map
+
+
+def encode(job: tuple[object, int, int, int]) -> bytes | str:
+    """One image (a path, or a synthetic item) -> JPEG bytes of its centre square at ``side``; a skip reason on failure."""
+    source, side, max_pixels, quality = job
+    try:
+        if isinstance(source, Path):
+            hwc = load_image(source, side, max_pixels)
+        else:
+            from sicot_cli.data.synthetic import render
+
+            hwc = render(source, side)  # type: ignore[arg-type]
+    except ImageSkip as e:
+        return str(e)
+    buf = io.BytesIO()
+    Image.fromarray(hwc).save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def part_shards(n_shards: int, part: tuple[int, int]) -> range:
+    """The shards part ``i`` of ``n`` writes: near-equal contiguous runs (the loader's slice rule)."""
+    i, n = part
+    base, extra = divmod(n_shards, n)
+    lo = i * base + min(i, extra)
+    return range(lo, lo + base + (1 if i < extra else 0))
+
+
+def run_shards(
+    folder: Path, fingerprint: str, jobs: Sequence[tuple[object, int, int, int]], shard_rows: int,
+    shards: range, workers: int, progress: Any,  # noqa: ANN401 - a Progress
+) -> tuple[dict[int, ShardInfo], int]:  # fmt: skip
+    """Encode and write ``shards`` (those not already complete); returns their records and how many were kept.
+
+    One process pool encodes the rows of every missing shard in order, and each shard is written as
+    soon as its last row is back, so an interrupted run loses at most the shards in flight.
+    """
+    from concurrent.futures import ProcessPoolExecutor
+
+    folder.mkdir(parents=True, exist_ok=True)
+    infos: dict[int, ShardInfo] = {}
+    todo = []
+    for k in shards:
+        info = read_info(folder, k, fingerprint, _rows(jobs, k, shard_rows))
+        if info is None:
+            todo.append(k)
+        else:
+            infos[k] = info
+    kept = len(infos)
+    chunk = max(1, min(64, shard_rows // (workers * 4) or 1))
+    with progress.task("encoding images (JPEG shards)", sum(_rows(jobs, k, shard_rows) for k in todo)) as task:
+        pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 else None
+        try:
+            for w in range(0, len(todo), WINDOW):  # a window of shards at a time: bounded memory, few stalls
+                window = todo[w : w + WINDOW]
+                flat = [job for k in window for job in jobs[k * shard_rows : (k + 1) * shard_rows]]
+                results = pool.map(encode, flat, chunksize=chunk) if pool else map(encode, flat)
+                for k in window:
+                    got = [next(results) for _ in range(_rows(jobs, k, shard_rows))]
+                    infos[k] = write_shard(folder, k, fingerprint, got)
+                    task.advance(len(got))
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+    return infos, kept
+
+
+def _rows(jobs: Sequence[object], k: int, shard_rows: int) -> int:
+    return len(range(k * shard_rows, min((k + 1) * shard_rows, len(jobs))))
+
+
+def collect_shards(folder: Path, fingerprint: str, n_rows: int, shard_rows: int) -> dict[int, ShardInfo]:
+    """Every shard of the dataset, checked (``--merge``): missing or foreign shards are named with the part that writes them."""
+    n_shards = -(-n_rows // shard_rows)
+    infos, missing = {}, []
+    for k in range(n_shards):
+        info = read_info(folder, k, fingerprint, len(range(k * shard_rows, min((k + 1) * shard_rows, n_rows))))
+        if info is None:
+            missing.append(k)
+        else:
+            infos[k] = info
+    if missing:
+        shown = ", ".join(str(folder / shard_name(k)) for k in missing[:3])
+        raise SicotError(
+            f"{shown}{' ...' if len(missing) > 3 else ''}: {len(missing)} of {n_shards} image shards missing, incomplete or "
+            "made from other rows or settings (the parts must run with the same recipe and manifest): run the "
+            "`sicot prepare --shard i/n` parts that write them (or prepare without --shard), then merge"
+        )
+    return infos

@@ -1,0 +1,236 @@
+"""Format 2: JPEG shards + an index; parallel prepare (--shard i/n, --merge); the decoding loader."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from conftest import KEEP_ALL, TRAIN_FAST, make_manifest
+from typer.testing import CliRunner
+
+from sicot_cli.cli import app
+from sicot_cli.config import load_recipe
+from sicot_cli.data import jpegstore, jpegwrite
+from sicot_cli.data.augment import crop_flip_params
+from sicot_cli.data.dataset import open_prepared
+from sicot_cli.data.loader import BatchLoader, epoch_seed
+from sicot_cli.data.prepare import prepare
+from sicot_cli.errors import SicotError
+from sicot_cli.train import train
+
+SIZE = 24
+JPEG = ["data.images=jpeg", "data.shard_rows=7", "data.jpeg_quality=95", "data.val_fraction=0.2"]
+
+
+def _recipe(manifest: Path, *extra: str):  # noqa: ANN202
+    return load_recipe(
+        None,
+        ["data.source=manifest", f"data.manifest={manifest}", f"data.image_size={SIZE}", *KEEP_ALL, *JPEG, *extra],
+    )
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("f2")
+    return make_manifest(root / "raw", per_class=12)
+
+
+@pytest.fixture(scope="module")
+def jpeg_data(raw: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("f2data") / "d.h5"
+    prepare(_recipe(raw, f"data.stored_side={SIZE}"), out)
+    return out
+
+
+def _all_images(path: Path, start: int = 0, stop: int | None = None) -> np.ndarray:
+    p = open_prepared(path)
+    loader = BatchLoader(p, 5, start, p.n if stop is None else stop, shuffle=False, in_memory=False, prefetch=0)
+    return np.concatenate([b.images.numpy() for b in loader.epoch(0)])
+
+
+def test_round_trip_pixels_within_jpeg_tolerance_everything_else_exact(
+    raw: Path, jpeg_data: Path, tmp_path: Path
+) -> None:
+    raw_out = tmp_path / "raw.h5"
+    prepare(_recipe(raw, "data.images=raw"), raw_out)
+    a, b = open_prepared(raw_out), open_prepared(jpeg_data)
+    assert (a.format, b.format) == (1, 2)
+    assert b.store is not None and len(b.store.names) == -(-b.n // 7)
+    for name in ("labels", "tokens", "lengths", "train_counts", "test_counts", "vectors"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+    assert (a.n_train, a.n_val, a.class_names, a.words) == (b.n_train, b.n_val, b.class_names, b.words)
+    assert a.ids() == b.ids() and a.titles() == b.titles()
+    with h5py.File(raw_out) as f:
+        pixels = f["images"][()]
+    decoded = _all_images(jpeg_data)
+    assert decoded.shape == pixels.shape
+    # JPEG's loss on these noise images (the worst case for it) is a few grey levels; each decoded row is
+    # nearest to its own raw row: the right images, in the index's order
+    flat_d, flat_p = decoded.reshape(len(decoded), -1).astype(float), pixels.reshape(len(pixels), -1).astype(float)
+    dist = np.abs(flat_d[:, None, :] - flat_p[None, :, :]).mean(2)
+    assert np.diag(dist).max() < 10, np.diag(dist).max()
+    assert np.array_equal(dist.argmin(1), np.arange(len(dist)))
+
+
+def test_format2_is_the_default_from_96_px_and_bytes_are_smaller(raw: Path, tmp_path: Path) -> None:
+    assert jpegstore.uses_jpeg(load_recipe(None, ["data.image_size=96"]).data)
+    assert not jpegstore.uses_jpeg(load_recipe(None, ["data.image_size=64"]).data)
+    assert jpegstore.stored_side(load_recipe(None, ["data.image_size=224"]).data) == 256
+    p = open_prepared(prepare(_recipe(raw, "data.image_size=96", "data.jpeg_quality=90"), tmp_path / "d96.h5").out)
+    assert p.store is not None and p.store.side == 110
+    assert p.store.nbytes(0, p.n) < p.n * 3 * 96 * 96 / 5
+
+
+def test_truncated_or_tampered_shard_is_refused_with_its_name(jpeg_data: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "c"
+    shutil.copytree(jpeg_data.parent, copy)
+    data = copy / jpeg_data.name
+    store = open_prepared(data).store
+    assert store is not None
+    shard = store.folder / store.names[1]
+    body = shard.read_bytes()
+    shard.write_bytes(body[: len(body) // 2])
+    with pytest.raises(SicotError, match=rf"{shard.name}: image shard is {len(body) // 2} bytes.*truncated"):
+        open_prepared(data)
+    tampered = bytearray(body)
+    tampered[len(body) // 2] ^= 0xFF
+    shard.write_bytes(bytes(tampered))
+    p = open_prepared(data)  # a stat cannot see a same-size change ...
+    loader = BatchLoader(p, 4, 0, p.n_train, shuffle=True, in_memory=False, workers=1)
+    with pytest.raises(SicotError, match=rf"{shard.name}: image shard damaged"):  # ... the read's sha256 does
+        list(loader.epoch(0))
+    with pytest.raises(SicotError, match=rf"{shard.name}: image shard damaged"):
+        BatchLoader(p, 4, 0, p.n_train, shuffle=True, in_memory=True)
+    shard.unlink()
+    with pytest.raises(SicotError, match=rf"{shard.name}: image shard missing"):
+        open_prepared(data)
+    result = CliRunner().invoke(app, ["train", "--data", str(data), *TRAIN_FAST])
+    assert result.exit_code == 2 and "image shard missing" in result.output and "Traceback" not in result.output
+
+
+def test_an_index_naming_a_path_outside_its_folder_is_refused(jpeg_data: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "c"
+    shutil.copytree(jpeg_data.parent, copy)
+    with h5py.File(copy / jpeg_data.name, "r+") as f:
+        f.attrs["shard_dir"] = "../../etc"
+    with pytest.raises(SicotError, match="corrupt prepared dataset"):
+        open_prepared(copy / jpeg_data.name)
+
+
+def test_parts_merged_equal_one_machine_prepare(raw: Path, tmp_path: Path) -> None:
+    one = tmp_path / "one" / "d.h5"
+    prepare(_recipe(raw), one)
+    many = tmp_path / "many" / "d.h5"
+    runner = CliRunner()
+    args = ["prepare", "--manifest", str(raw), "--out", str(many), *KEEP_ALL, *JPEG, f"data.image_size={SIZE}"]
+    result = runner.invoke(app, [*args, "--merge"])
+    assert result.exit_code == 2 and "image shards missing" in result.output and "--shard i/n" in result.output
+    for i in (2, 0, 1):  # any order, on any machine sharing the folder
+        result = runner.invoke(app, [*args, "--shard", f"{i}/3"])
+        assert result.exit_code == 0, result.output
+        assert f"part {i}/3" in result.output and "--merge" in result.output
+    assert not many.exists()
+    result = runner.invoke(app, [*args, "--merge"])
+    assert result.exit_code == 0, result.output
+    a, b = open_prepared(one), open_prepared(many)
+    assert a.store is not None and b.store is not None and a.store.folder.name == b.store.folder.name
+    for name in ("labels", "tokens", "vectors"):
+        assert np.array_equal(getattr(a, name), getattr(b, name))
+    for name in ("shard", "offset", "length"):
+        assert np.array_equal(getattr(a.store, name), getattr(b.store, name))
+    assert a.store.sha256 == b.store.sha256
+    assert all((a.store.folder / n).read_bytes() == (b.store.folder / n).read_bytes() for n in a.store.names)
+    # a part run with other settings writes other shards: they never mix with these
+    assert runner.invoke(app, [*args, "--shard", "0/3", "data.jpeg_quality=50"]).exit_code == 0
+    bad = runner.invoke(app, [*args, "--merge", "--force", "data.jpeg_quality=50"])
+    flat = " ".join(bad.output.split())
+    assert bad.exit_code == 2 and "000002.jpgs" in flat and f"4 of {len(a.store.names)} image shards missing" in flat
+    assert open_prepared(many).store.sha256 == a.store.sha256
+    for text in ("5/3", "1", "a/b", "-1/2"):
+        result = runner.invoke(app, [*args, "--shard", text])
+        assert result.exit_code == 2 and "expected i/n" in result.output
+    result = runner.invoke(app, [*args, "--shard", "0/2", "data.images=raw"])
+    assert result.exit_code == 2 and 'data.images = "jpeg"' in result.output
+    # rebuilt as format 1, the file's shard folders go (the old index stayed valid until the rename)
+    assert len(list(many.parent.glob("d.shards-*"))) == 2
+    assert runner.invoke(app, [*args, "--force", "data.images=raw"]).exit_code == 0
+    assert open_prepared(many).format == 1 and not list(many.parent.glob("d.shards-*"))
+
+
+def test_an_interrupted_prepare_keeps_its_finished_shards(raw: Path, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    out = tmp_path / "d.h5"
+    calls = []
+    real = jpegwrite.write_shard
+
+    def stop_after_two(folder, k, fingerprint, results):  # noqa: ANN001, ANN202
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(k)
+        return real(folder, k, fingerprint, results)
+
+    monkeypatch.setattr(jpegwrite, "write_shard", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(_recipe(raw), out)
+    assert not out.exists() and calls == [0, 1]
+    monkeypatch.setattr(jpegwrite, "write_shard", lambda *a: calls.append(a[1]) or real(*a))
+    prepare(_recipe(raw), out)
+    assert calls[2:] == list(range(2, len(open_prepared(out).store.names)))  # 0 and 1 were kept
+
+
+def test_loader_crops_as_format_1_does_and_workers_change_nothing(jpeg_data: Path) -> None:
+    p = open_prepared(jpeg_data)
+    runs = {}
+    for workers in (0, 2):
+        loader = BatchLoader(
+            p, 4, 0, p.n_train, shuffle=True, seed=3, in_memory=False, workers=workers, crop=(0.35, 1.0)
+        )
+        runs[workers] = [(b.rows.copy(), b.images.clone(), b.augmented) for b in loader.epoch(1)]
+    assert len(runs[0]) == len(runs[2]) > 2
+    for (r0, i0, a0), (r2, i2, a2) in zip(runs[0], runs[2], strict=True):
+        assert np.array_equal(r0, r2) and torch.equal(i0, i2) and a0 and a2
+    # the crop of batch j is the affine crop format 1 draws on the device from the same seed
+    theta = crop_flip_params(4, torch.Generator().manual_seed(epoch_seed(3, 1, 1)), (0.35, 1.0))
+    boxes = jpegstore.crop_boxes(theta, p.store.side)
+    for (x0, y0, x1, y1), _ in boxes:
+        assert 0 <= x0 < x1 <= SIZE and 0 <= y0 < y1 <= SIZE
+        assert (x1 - x0) * (y1 - y0) >= 0.3 * SIZE * SIZE
+    identity = torch.tensor([[[-1.0, 0, 0], [0, 1.0, 0]]])
+    assert jpegstore.crop_boxes(identity, 10) == [((0.0, 0.0, 10.0, 10.0), True)]
+    plain = _all_images(jpeg_data, 0, 4)
+    first = runs[0][0]
+    assert not torch.equal(first[1], torch.from_numpy(plain[: len(first[0])]))  # cropped, not the plain image
+
+
+def test_format2_trains_and_resumes_mid_epoch_exactly(jpeg_data: Path, tmp_path: Path) -> None:
+    from sicot_cli import runs
+
+    recipe = load_recipe(None, [f"data.out={jpeg_data}", *TRAIN_FAST, "model.encoder=bilinear", "train.epochs=2",
+                                "train.batch_size=4", "train.loader_workers=1"])  # fmt: skip
+    full = train(recipe, tmp_path / "full")
+
+    def hook(epoch: int, batch: int) -> None:
+        if (epoch, batch) == (1, 2):
+            raise KeyboardInterrupt
+
+    cut = train(recipe, tmp_path / "cut", hook=hook)
+    assert cut.interrupted
+    resumed = train(recipe, tmp_path / "cut", resume=True)
+    a = runs.load_checkpoint(resumed.run_dir / runs.LAST)["model"]
+    b = runs.load_checkpoint(full.run_dir / runs.LAST)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.test["top1"] == full.test["top1"]
+
+
+def test_two_ranks_decode_disjoint_rows_that_cover_each_batch(jpeg_data: Path) -> None:
+    p = open_prepared(jpeg_data)
+    kw = {"shuffle": True, "seed": 1, "in_memory": False, "crop": (0.35, 1.0), "drop_last": True}
+    one = list(BatchLoader(p, 6, 0, p.n_train, **kw).epoch(0))
+    ranks = [list(BatchLoader(p, 6, 0, p.n_train, rank=r, world=2, workers=1, **kw).epoch(0)) for r in (0, 1)]
+    for whole, r0, r1 in zip(one, *ranks, strict=True):
+        assert not set(r0.rows) & set(r1.rows)
+        assert np.array_equal(np.concatenate([r0.rows, r1.rows]), whole.rows)
+        assert torch.equal(torch.cat([r0.images, r1.images]), whole.images)  # each image cropped as in one process
