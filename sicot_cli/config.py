@@ -218,6 +218,11 @@ class TrainConfig:
     # Format-2 (JPEG) data: processes decoding and cropping batches; 0 = auto (the cores left after the
     # step's threads, at least 1, at most 16). Format-1 data needs none.
     loader_workers: Annotated[int, Range(0, 256)] = 0
+    # Format-2 data under torchrun: false (default) = every rank takes its slice of the same global
+    # batches, exactly one process's batches and crops (each rank reads the shards the batch touches);
+    # true = each rank reads and decodes only its own shards (every world-th one): disjoint reads for
+    # many machines, global batches drawn alike but not equal to one process's (docs/datasets.md).
+    rank_shards: bool = False
     # Keep checkpoint-best.pt (a second copy of the weights, about as large as the model); false
     # writes only checkpoint-last.pt (requires eval.select = "last").
     keep_best: bool = True

@@ -526,7 +526,7 @@ def _loader(run: _Run) -> BatchLoader:
         block_rows=cfg.block_rows, shuffle_blocks=cfg.shuffle_blocks, drop_last=prepared.n_train >= cfg.batch_size,
         rank=run.ctx.rank, world=run.ctx.world, pin_memory=run.device.type == "cuda", sampler=cfg.sampler,
         epochs=cfg.epochs, workers=decode_workers(cfg.loader_workers, run.threads),
-        crop=(cfg.crop_scale[0], cfg.crop_scale[1]) if cfg.augment else None,
+        crop=(cfg.crop_scale[0], cfg.crop_scale[1]) if cfg.augment else None, rank_shards=cfg.rank_shards,
     )  # fmt: skip
     plan, plan_warnings = training_plan(run.recipe, prepared, len(loader), run.threads)
     log.info("%s: %s", run.run_dir, plan)

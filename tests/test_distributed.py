@@ -688,13 +688,13 @@ def test_train_on_two_ranks_with_a_sharded_classifier(tiny_prepared: Path, tmp_p
     assert again.metrics["top3"] == pytest.approx(final["top3"])
 
 
-def _jpeg_loader_worker(rank: int, tmp: Path, data: str) -> None:
+def _jpeg_loader_worker(rank: int, tmp: Path, data: str, rank_shards: bool = False) -> None:
     from sicot_cli.data.dataset import open_prepared
     from sicot_cli.data.loader import BatchLoader
 
     p = open_prepared(data)
     loader = BatchLoader(p, 6, 0, p.n_train, shuffle=True, seed=2, in_memory=False, drop_last=True, rank=rank,
-                         world=WORLD, workers=1, crop=(0.35, 1.0))  # fmt: skip
+                         world=WORLD, workers=1, crop=(0.35, 1.0), rank_shards=rank_shards)  # fmt: skip
     batches = list(loader.epoch(1))
     torch.save({"rows": [b.rows for b in batches], "images": [b.images for b in batches]}, tmp / f"jpeg-{rank}.pt")
 
@@ -725,3 +725,9 @@ def test_two_ranks_decode_disjoint_rows_of_format_2_shards_that_cover_the_epoch(
         assert torch.equal(torch.cat([got[0]["images"][j], got[1]["images"][j]]), whole.images)
         seen += whole.rows.tolist()
     assert len(seen) == len(set(seen)) == len(one) * 6 and len(one) == p.n_train // 6
+    # train.rank_shards: each rank reads only its own shards
+    _spawn(_jpeg_loader_worker, tmp_path, str(data), True)
+    got = [torch.load(tmp_path / f"jpeg-{r}.pt", weights_only=False) for r in range(WORLD)]
+    shards = [set(p.store.shard[np.concatenate(g["rows"])].tolist()) for g in got]
+    assert shards[0] and shards[1] and not shards[0] & shards[1]
+    assert len(got[0]["rows"]) == len(got[1]["rows"]) > 0

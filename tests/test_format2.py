@@ -234,3 +234,27 @@ def test_two_ranks_decode_disjoint_rows_that_cover_each_batch(jpeg_data: Path) -
         assert not set(r0.rows) & set(r1.rows)
         assert np.array_equal(np.concatenate([r0.rows, r1.rows]), whole.rows)
         assert torch.equal(torch.cat([r0.images, r1.images]), whole.images)  # each image cropped as in one process
+
+
+def test_rank_shards_give_each_rank_its_own_shards(jpeg_data: Path) -> None:
+    p = open_prepared(jpeg_data)
+    kw = {"shuffle": True, "seed": 1, "in_memory": False, "crop": (0.35, 1.0), "drop_last": True, "rank_shards": True}
+    loaders = [BatchLoader(p, 4, 0, p.n_train, rank=r, world=2, **kw) for r in (0, 1)]
+    assert len(loaders[0]) == len(loaders[1]) > 0
+    epochs = [[list(loader.epoch(e)) for loader in loaders] for e in (0, 1)]
+    for e, per_rank in enumerate(epochs):
+        rows = [np.concatenate([b.rows for b in batches]) for batches in per_rank]
+        shards = [set(p.store.shard[r].tolist()) for r in rows]
+        assert not shards[0] & shards[1], "a shard read by both ranks"
+        assert len(set(rows[0]) | set(rows[1])) == len(rows[0]) + len(rows[1])  # each row once in the epoch
+        for b0, b1 in zip(*per_rank, strict=True):
+            assert (b0.offset, b1.offset, b0.total, b1.total) == (0, 2, 4, 4) and b0.augmented
+        if e == 1:  # another epoch, another order over the same shards
+            assert not np.array_equal(rows[0], np.concatenate([b.rows for b in epochs[0][0]]))
+    again = list(loaders[0].epoch(1, skip=1))  # resume mid-epoch: the same batches
+    assert all(
+        np.array_equal(a.rows, b.rows) and torch.equal(a.images, b.images)
+        for a, b in zip(again, epochs[1][0][1:], strict=True)
+    )
+    with pytest.raises(SicotError, match="rank_shards works with"):
+        BatchLoader(p, 4, 0, p.n_train, rank=0, world=2, sampler="class_balanced", **kw)

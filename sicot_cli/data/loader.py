@@ -108,6 +108,7 @@ class BatchLoader:
         epochs: int = 1,
         workers: int = 0,
         crop: tuple[float, float] | None = None,
+        rank_shards: bool = False,
     ) -> None:
         self.p = prepared
         self.batch_size = batch_size
@@ -126,6 +127,10 @@ class BatchLoader:
         self._ram: np.ndarray | None = None
         self._store: Store | None = prepared.store
         self._shards: dict[int, bytes] | None = None  # format 2 in memory: the split's shards
+        # format 2 across ranks: each rank reads only its own shards (see _rank_plan)
+        self.rank_shards = rank_shards and prepared.store is not None and world > 1 and shuffle
+        if self.rank_shards and sampler != "instance":
+            raise SicotError(f'train.rank_shards works with train.sampler = "instance", not {sampler!r}')
         if self._store is not None:
             self._starts = self._store.blocks(start, stop)
             if in_memory:
@@ -146,6 +151,8 @@ class BatchLoader:
 
     def __len__(self) -> int:
         """(Global) batches per epoch."""
+        if self.rank_shards:
+            return self._rank_steps()
         return max(self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size), 0)
 
     def order(self, epoch: int) -> np.ndarray:
@@ -186,8 +193,48 @@ class BatchLoader:
         cuts = np.flatnonzero(np.diff(group)) + 1
         return np.concatenate([rng.permutation(part) for part in np.split(rows, cuts)]) if len(rows) else rows
 
+    def _rank_blocks(self, rank: int) -> list[int]:
+        """``train.rank_shards``: the blocks (shard pieces) rank ``rank`` owns, every epoch the same."""
+        return list(range(rank, len(self._starts), self.world))
+
+    def _rank_steps(self) -> int:
+        """Steps per epoch with rank-owned shards: as many as the rank with the fewest rows (per its slice) fills."""
+        bounds = np.r_[self._starts, self.n]
+        steps = []
+        for r in range(self.world):
+            rows = sum(int(bounds[b + 1] - bounds[b]) for b in self._rank_blocks(r))
+            lo, hi = slice_range(self.batch_size, self.world, r)
+            steps.append(rows // max(hi - lo, 1))
+        return max(min(steps), 0)
+
+    def _rank_plan(self, epoch: int) -> list[tuple[np.ndarray, int, int]]:
+        """``train.rank_shards``: this rank's batches from its own shards only (no shard is read by two ranks).
+
+        Rank r owns every world-th shard piece; each epoch it shuffles them as one process shuffles
+        all (blocks in a seeded order, ``shuffle_blocks`` mixed) and fills its slice of each global
+        batch from them. The global batch is the ranks' slices together: drawn like one process's
+        batch, but not the same rows (the price of disjoint reads); the rows beyond the step count the
+        smallest rank fills wait for the next epoch's order.
+        """
+        rng = np.random.default_rng(epoch_seed(self.seed, epoch, 1000 + self.rank))
+        bounds = np.r_[self._starts, self.n]
+        mine = self._rank_blocks(self.rank)
+        order = [mine[i] for i in rng.permutation(len(mine))]
+        parts = [
+            rng.permutation(
+                np.concatenate([np.arange(bounds[b], bounds[b + 1]) for b in order[g : g + self.shuffle_blocks]])
+            )
+            for g in range(0, len(order), self.shuffle_blocks)
+        ]
+        rows = np.concatenate(parts) if parts else np.arange(0)
+        lo, hi = slice_range(self.batch_size, self.world, self.rank)
+        size = hi - lo
+        return [(rows[j * size : (j + 1) * size], lo, self.batch_size) for j in range(len(self))]
+
     def _batches(self, epoch: int) -> list[tuple[np.ndarray, int, int]]:
         """This rank's slice of each global batch: (rows, offset in the batch, global batch size)."""
+        if self.rank_shards:
+            return self._rank_plan(epoch)
         order = self.order(epoch)
         out = []
         for i in range(len(self)):
