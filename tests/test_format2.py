@@ -108,6 +108,9 @@ def test_truncated_or_tampered_shard_is_refused_with_its_name(jpeg_data: Path, t
     shard.unlink()
     with pytest.raises(SicotError, match=rf"{shard.name}: image shard missing"):
         open_prepared(data)
+    shutil.copy(data, tmp_path / "moved.h5")  # the index without its folder
+    with pytest.raises(SicotError, match=r"image shards folder d\.shards-\w+ is not beside it .*copy or move both"):
+        open_prepared(tmp_path / "moved.h5")
     result = CliRunner().invoke(app, ["train", "--data", str(data), *TRAIN_FAST])
     assert result.exit_code == 2 and "image shard missing" in result.output and "Traceback" not in result.output
 
@@ -258,3 +261,15 @@ def test_rank_shards_give_each_rank_its_own_shards(jpeg_data: Path) -> None:
     )
     with pytest.raises(SicotError, match="rank_shards works with"):
         BatchLoader(p, 4, 0, p.n_train, rank=0, world=2, sampler="class_balanced", **kw)
+
+
+def test_a_loader_process_that_dies_is_one_clear_error(jpeg_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from sicot_cli.data import loader as loader_mod
+
+    monkeypatch.setattr(loader_mod._JpegBatches, "decode", lambda self, j: os._exit(9))  # as the OOM killer would
+    p = open_prepared(jpeg_data)
+    loader = BatchLoader(p, 4, 0, p.n_train, shuffle=True, in_memory=False, workers=1, crop=(0.35, 1.0))
+    with pytest.raises(SicotError, match="a loader process failed .*lower train.loader_workers"):
+        list(loader.epoch(0))

@@ -114,7 +114,10 @@ class Store:
     def check_files(self, index: Path, rebuild: str) -> None:
         """Every shard present with its recorded size (a stat each; the hashes are checked as the loader reads)."""
         if not self.folder.is_dir():
-            raise SicotError(f"{index}: its image shards folder {self.folder} is missing: {rebuild}")
+            raise SicotError(
+                f"{index}: its image shards folder {self.folder.name} is not beside it (a format-2 dataset is the .h5 "
+                f"AND that folder: copy or move both), or {rebuild}"
+            )
         for name, size in zip(self.names, self.sizes.tolist(), strict=True):
             path = self.folder / name
             try:

@@ -339,11 +339,17 @@ class BatchLoader:
             # from torch's global one would shift the model's random numbers (exact resume)
             generator=torch.Generator().manual_seed(epoch_seed(self.seed, epoch, 2)),
         )  # fmt: skip
-        for j, images in enumerate(loader):
-            if isinstance(images, str):  # a SicotError in a worker: its message, raised here
-                raise SicotError(images)
-            rel, offset, total = plan[j]
-            yield self._batch(rel, images, offset, total, self.crop is not None)
+        try:
+            for j, images in enumerate(loader):
+                if isinstance(images, str):  # a SicotError in a worker: its message, raised here
+                    raise SicotError(images)
+                rel, offset, total = plan[j]
+                yield self._batch(rel, images, offset, total, self.crop is not None)
+        except RuntimeError as e:  # a worker killed (out of memory) or unable to start
+            raise SicotError(
+                f"{self.p.path}: a loader process failed ({str(e).splitlines()[0]}): lower train.loader_workers "
+                "(each holds a few shards and batches in memory); an interrupted run resumes with --resume"
+            ) from None
 
     def _batch(
         self, rel: np.ndarray, images: np.ndarray, offset: int = 0, total: int = 0, augmented: bool = False

@@ -593,7 +593,7 @@ def _candidates(text: TextStage) -> list[_Rec]:
 
 
 def _fingerprint(recipe: Recipe, cands: list[_Rec]) -> str:
-    """What the shards depend on: the rows (source, size and time of each image file, split, words) and the image settings.
+    """What the shards depend on: the rows (source, size of each image file, split, words) and the image settings.
 
     Every ``--shard`` part computes it; the merge refuses shards made from anything else, and a
     rerun keeps the shards that still match (resume).
@@ -607,8 +607,9 @@ def _fingerprint(recipe: Recipe, cands: list[_Rec]) -> str:
     for r in cands:
         if isinstance(r.source, Path):
             try:
-                st = r.source.stat()
-                stamp: object = [str(r.source), st.st_size, st.st_mtime_ns]
+                # the size, not the time: copies of the images on n machines keep their sizes, not
+                # always their times (cp), and must give one fingerprint
+                stamp: object = [str(r.source), r.source.stat().st_size]
             except OSError:
                 stamp = [str(r.source), "missing"]
         else:
