@@ -12,7 +12,8 @@ a manifest; then:
    the 256-px stored images) vs one process decoding and cropping the same rows with the same
    function and the same crops, in interleaved rounds. Goal: loader / W >= 0.9 x the bare rate.
 4. a training epoch (ResNet-18 at 64 px on CPU, ResNet-50 at 224 on CUDA, bf16) read by the loader
-   vs the same steps on the same batches already decoded in memory. Goal <= 1.05.
+   vs the same steps on the same batches already decoded and on the device. Goal: <= 1.05 on CPU;
+   on CUDA images/s >= 0.9 x the on-device rate (time ratio <= 1 / 0.9).
 
 Results: ``benchmarks/results/format2-<device>.json``.
 """
@@ -43,6 +44,7 @@ BYTES_GOAL = 1 / 5
 PREPARE_GOAL = 0.8
 LOADER_GOAL = 0.9
 EPOCH_GOAL = 1.05
+GPU_GOAL = 0.9  # CUDA: loader-fed images/s vs the same steps on on-device data
 SCALE = (0.35, 1.0)
 
 
@@ -141,6 +143,8 @@ def epoch_ratio(data: Path, device: str, backbone: str, workers: int, batch: int
     loader = BatchLoader(p, batch, 0, p.n_train, shuffle=True, in_memory=True, workers=workers, crop=SCALE,
                          drop_last=True, pin_memory=dev.type == "cuda")  # fmt: skip
     cached: list[Batch] = list(loader.epoch(0))
+    for b in cached:  # already on the device (on CUDA: the step on synthetic on-device data)
+        b.images, b.labels, b.tokens, b.mask = (t.to(dev) for t in (b.images, b.labels, b.tokens, b.mask))
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
 
     def run(batches: object) -> float:
@@ -158,7 +162,7 @@ def epoch_ratio(data: Path, device: str, backbone: str, workers: int, batch: int
             "ratio": statistics.median(a / b for a, b in pairs)}  # fmt: skip
 
 
-def _table(console: Console, sizes: list[dict], prep: dict, load: dict, epoch: dict) -> None:
+def _table(console: Console, sizes: list[dict], prep: dict, load: dict, epoch: dict, cuda: bool) -> None:
     t = Table(title="format 2 (JPEG shards) vs format 1 (raw pixels)")
     for col in ("measure", "value", "ratio", "goal"):
         t.add_column(col, justify="left" if col == "measure" else "right")
@@ -174,7 +178,7 @@ def _table(console: Console, sizes: list[dict], prep: dict, load: dict, epoch: d
               f"{load['ratio_per_core']:.2f}", f">= {LOADER_GOAL}")  # fmt: skip
     t.add_row(f"epoch via loader vs cached ({epoch['backbone']} at {epoch['image_size']} px, {epoch['steps']} steps)",
               f"{epoch['loader_seconds']:.2f} vs {epoch['cached_seconds']:.2f} s", f"{epoch['ratio']:.3f}",
-              f"<= {EPOCH_GOAL}")  # fmt: skip
+              f"<= {1 / GPU_GOAL:.2f}" if cuda else f"<= {EPOCH_GOAL}")  # fmt: skip
     console.print(t)
 
 
@@ -199,12 +203,12 @@ def main(argv: list[str] | None = None) -> dict:
         load = loader_rate(made["jpeg224"], workers, 32, 2 if args.quick else 4)
         epoch = epoch_ratio(made["jpeg224" if cuda else "jpeg64"], args.device, "resnet50" if cuda else "resnet18",
                             workers, 64 if cuda else 32, 2 if args.quick else 3)  # fmt: skip
-    _table(console, sizes, prep, load, epoch)
+    _table(console, sizes, prep, load, epoch, cuda)
     verdicts = {
         "bytes_224_met": next(r for r in sizes if r["image_size"] == 224)["ratio"] <= BYTES_GOAL,
         "prepare_met": prep["ratio"] >= PREPARE_GOAL,
         "loader_met": load["ratio_per_core"] >= LOADER_GOAL,
-        "epoch_met": epoch["ratio"] <= EPOCH_GOAL,
+        "epoch_met": epoch["ratio"] <= (1 / GPU_GOAL if cuda else EPOCH_GOAL),
     }
     for k, v in verdicts.items():
         console.print(f"goal {k.removesuffix('_met')}: " + ("[green]met[/]" if v else "[red]not met[/]"))

@@ -222,3 +222,28 @@ def test_shared_options_and_profile_table(capsys):
     assert "profile (g): b, ops by self time per pass\ntable b\n" in out  # the profiler's table printed as it is
     assert "ops that grow most from a to b (ms per pass)" in " ".join(out.split())  # rich wraps the title to the table
     assert "+3.00" in out and "-2.00" in out
+
+
+def test_label_titles_gives_every_row_one_word_naming_its_class(tiny_prepared, tmp_path):
+    import numpy as np
+
+    from benchmarks.label_titles import label_titles
+
+    p = label_titles(tiny_prepared, tmp_path / "l.h5")  # opened again: its checksum holds
+    assert np.array_equal(p.tokens[:, 0], p.labels + 1) and not p.tokens[:, 1:].any()
+    assert (p.lengths == 1).all()
+    import h5py
+
+    with h5py.File(tmp_path / "l.h5") as f:  # each class's word counted once per training title
+        assert f["vocab/counts"][1 : 1 + p.num_classes].tolist() == p.train_counts.tolist()
+    from conftest import KEEP_ALL, make_manifest
+
+    from sicot_cli.config import load_recipe
+    from sicot_cli.data.prepare import prepare
+    from sicot_cli.errors import SicotError
+
+    m = make_manifest(tmp_path / "raw", per_class=6)
+    recipe = load_recipe(None, ["data.source=manifest", f"data.manifest={m}", "data.images=jpeg", *KEEP_ALL])
+    prepare(recipe, tmp_path / "j.h5")
+    with pytest.raises(SicotError, match="a format-1 .raw pixels. file is needed"):
+        label_titles(tmp_path / "j.h5", tmp_path / "x.h5")
