@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from sicot_cli.data.images import ImageSkip, load_image
@@ -21,16 +22,27 @@ from sicot_cli.errors import SicotError
 WINDOW = 8  # shards encoded per process-pool map
 
 
+def source_pixels(source: object, size: int, max_pixels: int) -> np.ndarray:
+    """A row's image (a file path, or a synthetic item) -> ``[size, size, 3]`` uint8, its centre square.
+
+    What both formats store (format 1 as it is, format 2 JPEG-encoded). Top-level: it runs in
+    process pools.
+
+    Raises:
+        ImageSkip: the image cannot be used (the skip reason).
+    """
+    if isinstance(source, Path):
+        return load_image(source, size, max_pixels)
+    from sicot_cli.data.synthetic import render
+
+    return render(source, size)  # type: ignore[arg-type]
+
+
 def encode(job: tuple[object, int, int, int]) -> bytes | str:
     """One image (a path, or a synthetic item) -> JPEG bytes of its centre square at ``side``; a skip reason on failure."""
     source, side, max_pixels, quality = job
     try:
-        if isinstance(source, Path):
-            hwc = load_image(source, side, max_pixels)
-        else:
-            from sicot_cli.data.synthetic import render
-
-            hwc = render(source, side)  # type: ignore[arg-type]
+        hwc = source_pixels(source, side, max_pixels)
     except ImageSkip as e:
         return str(e)
     buf = io.BytesIO()

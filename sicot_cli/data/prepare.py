@@ -41,7 +41,7 @@ import numpy as np
 from sicot_cli.config import Recipe
 from sicot_cli.data import dataset as ds
 from sicot_cli.data import jpegstore, jpegwrite
-from sicot_cli.data.images import ImageSkip, load_image
+from sicot_cli.data.images import ImageSkip
 from sicot_cli.data.manifest import read_manifest
 from sicot_cli.data.skips import Skips
 from sicot_cli.data.tokenize import tokenize_many
@@ -193,12 +193,7 @@ def _drop_untrainable(recs: list[_Rec], min_train: int, skips: Skips) -> list[_R
 def _decode(job: tuple[object, int, int]) -> np.ndarray | str:
     source, size, max_pixels = job
     try:
-        if isinstance(source, Path):
-            hwc = load_image(source, size, max_pixels)
-        else:
-            from sicot_cli.data.synthetic import render
-
-            hwc = render(source, size)  # type: ignore[arg-type]
+        hwc = jpegwrite.source_pixels(source, size, max_pixels)
     except ImageSkip as e:
         return str(e)
     return np.ascontiguousarray(hwc.transpose(2, 0, 1))
