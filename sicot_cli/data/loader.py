@@ -164,13 +164,17 @@ class BatchLoader:
             return self._drawn_order(rng, epoch)
         if self._ram is not None:
             return rng.permutation(self.n)
-        n_blocks = len(self._starts)
+        return self._mix_blocks(rng, rng.permutation(len(self._starts)))
+
+    def _mix_blocks(self, rng: np.random.Generator, blocks: np.ndarray | list[int]) -> np.ndarray:
+        """The rows of ``blocks`` (in that order), ``shuffle_blocks`` blocks at a time permuted together."""
         bounds = np.r_[self._starts, self.n]
-        blocks = rng.permutation(n_blocks)
-        parts = []
-        for g in range(0, n_blocks, self.shuffle_blocks):
-            rows = np.concatenate([np.arange(bounds[b], bounds[b + 1]) for b in blocks[g : g + self.shuffle_blocks]])
-            parts.append(rng.permutation(rows))
+        parts = [
+            rng.permutation(
+                np.concatenate([np.arange(bounds[b], bounds[b + 1]) for b in blocks[g : g + self.shuffle_blocks]])
+            )
+            for g in range(0, len(blocks), self.shuffle_blocks)
+        ]
         return np.concatenate(parts) if parts else np.arange(0)
 
     def _drawn_order(self, rng: np.random.Generator, epoch: int) -> np.ndarray:
@@ -217,16 +221,8 @@ class BatchLoader:
         smallest rank fills wait for the next epoch's order.
         """
         rng = np.random.default_rng(epoch_seed(self.seed, epoch, 1000 + self.rank))
-        bounds = np.r_[self._starts, self.n]
         mine = self._rank_blocks(self.rank)
-        order = [mine[i] for i in rng.permutation(len(mine))]
-        parts = [
-            rng.permutation(
-                np.concatenate([np.arange(bounds[b], bounds[b + 1]) for b in order[g : g + self.shuffle_blocks]])
-            )
-            for g in range(0, len(order), self.shuffle_blocks)
-        ]
-        rows = np.concatenate(parts) if parts else np.arange(0)
+        rows = self._mix_blocks(rng, [mine[i] for i in rng.permutation(len(mine))])
         lo, hi = slice_range(self.batch_size, self.world, self.rank)
         size = hi - lo
         return [(rows[j * size : (j + 1) * size], lo, self.batch_size) for j in range(len(self))]
