@@ -16,7 +16,9 @@ replicated or sharded by class, and only rank 0 writes the run directory and sho
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
+import math
 import signal
 import threading
 import time
@@ -111,6 +113,16 @@ def step_forward(model: SICoT, cfg: TrainConfig, sharded: bool) -> torch.nn.Modu
 
 
 SHOW_EVERY = 10  # batches between progress-bar loss updates (each costs a device sync)
+
+
+def image_only_epochs(cfg: TrainConfig) -> int:
+    """Epochs trained with lam = 0 before co-training starts (``train.cotrain_after``)."""
+    return math.floor(cfg.cotrain_after * cfg.epochs)
+
+
+def epoch_lam(cfg: TrainConfig, epoch: int) -> float:
+    """Eq. 1's lambda in ``epoch`` (0-based): 0 while the run trains image-only, then ``train.lam``."""
+    return 0.0 if epoch < image_only_epochs(cfg) else cfg.lam
 
 
 def diverged(model: torch.nn.Module) -> bool:
@@ -292,6 +304,8 @@ def training_plan(recipe: Recipe, prepared: Prepared, steps_per_epoch: int, thre
         f"{prepared.n_train:,} training images / {prepared.num_classes:,} classes, batch {cfg.batch_size} -> "
         f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs, lr {cfg.lr:g}, {threads} CPU thread(s)"
     )
+    if recipe.model.encoder != "none" and image_only_epochs(cfg):
+        line += f"; image-only (lam 0) for {image_only_epochs(cfg)} epoch(s), then co-training (train.cotrain_after)"
     if getattr(prepared, "store", None) is not None:  # format 2
         workers = decode_workers(cfg.loader_workers, threads)
         line += f"; JPEG shards (stored {prepared.store.side} px) decoded by {workers} loader process(es)"
@@ -605,6 +619,8 @@ def _run_epoch(
     cfg, epoch = run.recipe.train, state.epoch
     state.batch = skip
     loss_fn = criterion(cfg, run.prepared.train_counts, epoch).to(run.device)
+    if epoch_lam(cfg, epoch) != cfg.lam:  # train.cotrain_after: this epoch trains image-only
+        cfg = dataclasses.replace(cfg, lam=epoch_lam(cfg, epoch))
     t_last = time.perf_counter()
     for batch in loader.epoch(epoch, skip):
         if hook is not None:
@@ -635,7 +651,9 @@ def _run_epoch(
     _store(state.accum, sums)
 
 
-def _epoch_record(epoch: int, lr: float, accum: dict[str, Any], val: Any, co_training: bool) -> dict[str, Any]:
+def _epoch_record(
+    epoch: int, lr: float, accum: dict[str, Any], val: Any, co_training: bool, lam: float = 1.0
+) -> dict[str, Any]:
     """One ``metrics.jsonl`` line: the epoch's mean losses, speed, and validation scores."""
     images = max(accum["images"], 1)
     record = {
@@ -644,6 +662,7 @@ def _epoch_record(epoch: int, lr: float, accum: dict[str, Any], val: Any, co_tra
         "loss": accum["loss"] / images,
         "loss_v": accum["loss_v"] / images,
         "loss_m": accum["loss_m"] / images if co_training else None,
+        "lam": lam if co_training else None,
         "train_images": accum["images"],
         "train_images_per_s": accum["images"] / max(accum["seconds"], 1e-9),
         "epoch_seconds": accum["seconds"],
@@ -666,7 +685,8 @@ def _end_epoch(run: _Run, state: _State, lr: float, guard: _SigintGuard) -> None
         val = evaluate_model(
             run.model, run.prepared, run.device, run.recipe, in_memory=run.in_memory, ctx=run.ctx, split="val"
         )
-    record = _epoch_record(epoch, lr, state.accum, val, run.model.encoder is not None)
+    co_training = run.model.encoder is not None
+    record = _epoch_record(epoch, lr, state.accum, val, co_training, epoch_lam(run.recipe.train, epoch))
     guard.in_step = True
     state.history.append(record)
     state.batch = 0

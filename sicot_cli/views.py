@@ -128,6 +128,7 @@ def epochs_table(history: list[dict], title: str) -> Table:
         ("loss", "loss", "{:.3f}"),
         ("CE(x_v)", "loss_v", "{:.3f}"),
         ("CE(x_m)", "loss_m", "{:.3f}"),
+        ("λ", "lam", "{:g}"),
         ("img/s", "train_images_per_s", "{:.0f}"),
         ("val top-1", "val_top1", "{:.2f}"),
         ("val top-3", "val_top3", "{:.2f}"),

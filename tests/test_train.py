@@ -158,13 +158,31 @@ def test_lambda_zero_cotraining_steps_like_the_baseline(tiny_prepared, tmp_path)
     assert shared and all(k in sc for k in shared)
     for k in shared:
         assert torch.equal(sb[k], sc[k]), k
-    strip = lambda h: [{k: v for k, v in r.items() if k not in TIMING_KEYS and k not in ("loss", "loss_m")} for r in h]  # noqa: E731
+
+    def strip(h):
+        return [{k: v for k, v in r.items() if k not in (*TIMING_KEYS, "loss", "loss_m", "lam")} for r in h]
+
     assert strip(base.history) == strip(co.history)
 
 
+def test_cotrain_after_trains_image_only_first(tiny_prepared, tmp_path):
+    """train.cotrain_after = 0.5 of 2 epochs: epoch 1 is the baseline's epoch 1 exactly, epoch 2 co-trains."""
+    base = train(tiny_recipe(tiny_prepared, "model.encoder=none"), tmp_path / "base")
+    late = train(tiny_recipe(tiny_prepared, "model.encoder=mean", "train.cotrain_after=0.5"), tmp_path / "late")
+    assert [r["lam"] for r in late.history] == [0.0, 1.0] and base.history[0]["lam"] is None
+    keep = lambda r: {k: v for k, v in r.items() if k not in TIMING_KEYS and k not in ("loss", "loss_m", "lam")}  # noqa: E731
+    assert keep(late.history[0]) == keep(base.history[0])
+    assert late.history[1]["loss_v"] != base.history[1]["loss_v"]  # from epoch 2 on, CE(x_m) moves the weights
+    sb = runs.load_checkpoint(base.run_dir / runs.LAST)["model"]
+    sl = runs.load_checkpoint(late.run_dir / runs.LAST)["model"]
+    assert not all(torch.equal(sb[k], sl[k]) for k in sb)
+
+
 def test_resume_after_interrupt_reproduces_the_run(tiny_prepared, tmp_path):
-    recipe = tiny_recipe(tiny_prepared, "model.encoder=bilinear", "train.epochs=3")
+    # epoch 1 image-only (train.cotrain_after), so the cut at epoch 2 resumes into co-training
+    recipe = tiny_recipe(tiny_prepared, "model.encoder=bilinear", "train.epochs=3", "train.cotrain_after=0.34")
     full = train(recipe, tmp_path / "full")
+    assert [r["lam"] for r in full.history] == [0.0, 1.0, 1.0]
 
     for stop_at in [(1, 0), (1, 2)]:  # at the start of epoch 2, and in its middle
 
