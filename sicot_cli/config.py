@@ -201,7 +201,7 @@ class TrainConfig:
     # Co-training starts after this fraction of the epochs: the first floor(cotrain_after * epochs)
     # epochs train with lam = 0, i.e. exactly the baseline's step (the semantic stream is computed
     # but gets no gradient), the rest with lam. Eq. 1 from the first step is 0 (the paper).
-    # docs/demo-pretraining.md, "A visual stream that has learned the data first".
+    # docs/demo-pretraining.md, "Image-only first".
     cotrain_after: Annotated[float, Range(0, 1, hi_open=True)] = 0.0
     seed: Seed = 0
     device: str = "auto"  # auto, cpu, cuda, cuda:N

@@ -304,8 +304,8 @@ def training_plan(recipe: Recipe, prepared: Prepared, steps_per_epoch: int, thre
         f"{prepared.n_train:,} training images / {prepared.num_classes:,} classes, batch {cfg.batch_size} -> "
         f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs, lr {cfg.lr:g}, {threads} CPU thread(s)"
     )
-    if recipe.model.encoder != "none" and image_only_epochs(cfg):
-        line += f"; image-only (lam 0) for {image_only_epochs(cfg)} epoch(s), then co-training (train.cotrain_after)"
+    if recipe.model.encoder != "none" and (first := image_only_epochs(cfg)):
+        line += f"; image-only (lam 0) for {first} epoch(s), then co-training (train.cotrain_after)"
     if getattr(prepared, "store", None) is not None:  # format 2
         workers = decode_workers(cfg.loader_workers, threads)
         line += f"; JPEG shards (stored {prepared.store.side} px) decoded by {workers} loader process(es)"
@@ -619,8 +619,7 @@ def _run_epoch(
     cfg, epoch = run.recipe.train, state.epoch
     state.batch = skip
     loss_fn = criterion(cfg, run.prepared.train_counts, epoch).to(run.device)
-    if epoch_lam(cfg, epoch) != cfg.lam:  # train.cotrain_after: this epoch trains image-only
-        cfg = dataclasses.replace(cfg, lam=epoch_lam(cfg, epoch))
+    cfg = dataclasses.replace(cfg, lam=epoch_lam(cfg, epoch))  # 0 in train.cotrain_after's image-only epochs
     t_last = time.perf_counter()
     for batch in loader.epoch(epoch, skip):
         if hook is not None:
@@ -652,7 +651,7 @@ def _run_epoch(
 
 
 def _epoch_record(
-    epoch: int, lr: float, accum: dict[str, Any], val: Any, co_training: bool, lam: float = 1.0
+    epoch: int, lr: float, accum: dict[str, Any], val: Any, co_training: bool, lam: float
 ) -> dict[str, Any]:
     """One ``metrics.jsonl`` line: the epoch's mean losses, speed, and validation scores."""
     images = max(accum["images"], 1)
@@ -685,8 +684,9 @@ def _end_epoch(run: _Run, state: _State, lr: float, guard: _SigintGuard) -> None
         val = evaluate_model(
             run.model, run.prepared, run.device, run.recipe, in_memory=run.in_memory, ctx=run.ctx, split="val"
         )
-    co_training = run.model.encoder is not None
-    record = _epoch_record(epoch, lr, state.accum, val, co_training, epoch_lam(run.recipe.train, epoch))
+    record = _epoch_record(
+        epoch, lr, state.accum, val, run.model.encoder is not None, epoch_lam(run.recipe.train, epoch)
+    )
     guard.in_step = True
     state.history.append(record)
     state.batch = 0
