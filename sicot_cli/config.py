@@ -203,6 +203,12 @@ class TrainConfig:
     # but gets no gradient), the rest with lam. Eq. 1 from the first step is 0 (the paper).
     # docs/demo-pretraining.md, "Image-only first".
     cotrain_after: Annotated[float, Range(0, 1, hi_open=True)] = 0.0
+    # Weight of a distillation term added to Eq. 1 while co-training: the title-aware scores of
+    # x_m (detached) teach the image-only scores of x_v, T^2 * KL at temperature distill_temperature
+    # (sicot_cli.model.distill_loss), outside normalize_loss's division. 0 = off (the paper).
+    # docs/presets.md; measured in docs/demo-pretraining.md, "Three more variants, chosen on validation".
+    distill: Annotated[float, Range(0, 1000)] = 0.0
+    distill_temperature: Annotated[float, Range(0, 100, lo_open=True)] = 2.0
     seed: Seed = 0
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
@@ -647,6 +653,17 @@ def validate(recipe: Recipe, where: str) -> None:
             f"train.crop_scale must be [min, max] with 0 < min <= max <= 1, got {tr.crop_scale}",
         ),
         (bool(tr.topk) and all(k >= 1 for k in tr.topk), f"train.topk must list k >= 1, got {tr.topk}"),
+        (
+            tr.distill == 0
+            or recipe.model.encoder == "none"
+            or (tr.class_sample_rate == 1 and tr.classifier_dtype == "float32"),
+            "train.distill needs every class's scores in the step: set train.class_sample_rate = 1 and "
+            'train.classifier_dtype = "float32", or train.distill = 0',
+        ),
+        (
+            tr.distill == 0 or recipe.model.encoder == "none" or tr.lam > 0,
+            "train.distill distils x_m's scores, which train.lam = 0 never trains: set train.lam > 0, or train.distill = 0",
+        ),
         (
             bool(e.logit_adjust_taus) and all(0 <= x <= 10 for x in e.logit_adjust_taus),
             f"eval.logit_adjust_taus must list values between 0 and 10, got {e.logit_adjust_taus}",

@@ -330,15 +330,36 @@ def sicot_loss(
     lam: float,
     normalize: bool = False,
     criterion: Criterion | None = None,
+    distill: float = 0.0,
+    temperature: float = 2.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Eq. 1: CE(x_v) + lambda * CE(x_m) (over 1 + lambda if ``normalize``); returns (total, CE_v, CE_m).
 
     ``criterion`` replaces the cross-entropy of BOTH terms by a long-tail loss (sicot_cli.losses).
+    ``distill`` > 0 adds ``distill * `` :func:`distill_loss` (``train.distill``), outside the
+    normalisation.
     """
     ce = criterion or Criterion()  # plain cross-entropy
     loss_v = ce(logits_v, labels)
     loss_m = None if logits_m is None else ce(logits_m, labels)
-    return combine_losses(loss_v, loss_m, lam, normalize), loss_v, loss_m
+    total = combine_losses(loss_v, loss_m, lam, normalize)
+    if distill and logits_m is not None:
+        total = total + distill * distill_loss(logits_v, logits_m, temperature)
+    return total, loss_v, loss_m
+
+
+def distill_loss(logits_v: torch.Tensor, logits_m: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The title-aware scores as a teacher of the image-only ones (``train.distill``).
+
+    ``T^2 * KL(softmax(z_m / T) || softmax(z_v / T))``, batch mean, with z_m detached: the titles
+    are privileged information that exists only in training (generalised distillation, Lopez-Paz
+    et al., ICLR 2016), so the image path learns from the mixed path's soft scores and never the
+    other way round. T^2 keeps the gradient's size independent of T (Hinton et al., 2015).
+    """
+    t = float(temperature)
+    teacher = F.log_softmax(logits_m.detach().float() / t, dim=1)
+    student = F.log_softmax(logits_v.float() / t, dim=1)
+    return F.kl_div(student, teacher, reduction="batchmean", log_target=True) * (t * t)
 
 
 def build_model(

@@ -210,7 +210,10 @@ def train_step(
         else:
             logits_v, logits_m = forward(x, tokens, mask)
     if not scores_streams(cfg, sharded):
-        loss, loss_v, loss_m = sicot_loss(logits_v, logits_m, labels, cfg.lam, cfg.normalize_loss, criterion)
+        distill = cfg.distill if cfg.lam else 0.0  # no teacher while train.cotrain_after trains image-only
+        loss, loss_v, loss_m = sicot_loss(
+            logits_v, logits_m, labels, cfg.lam, cfg.normalize_loss, criterion, distill, cfg.distill_temperature
+        )
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -306,6 +309,8 @@ def training_plan(recipe: Recipe, prepared: Prepared, steps_per_epoch: int, thre
     )
     if recipe.model.encoder != "none" and (first := image_only_epochs(cfg)):
         line += f"; image-only (lam 0) for {first} epoch(s), then co-training (train.cotrain_after)"
+    if recipe.model.encoder != "none" and cfg.distill:
+        line += f"; x_m's scores distilled into x_v's (train.distill {cfg.distill:g}, T {cfg.distill_temperature:g})"
     if getattr(prepared, "store", None) is not None:  # format 2
         workers = decode_workers(cfg.loader_workers, threads)
         line += f"; JPEG shards (stored {prepared.store.side} px) decoded by {workers} loader process(es)"
@@ -484,6 +489,11 @@ def _set_up(ctx: DistContext, recipe: Recipe, run_dir: str | Path | None, data: 
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
     sharded = use_sharding(cfg, ctx, prepared.num_classes)
+    if sharded and cfg.distill and recipe.model.encoder != "none":
+        raise SicotError(
+            "train.distill needs every class's scores in one process, and this run shards the classifier "
+            "by class: set train.classifier_parallel=no (on --resume with --allow-changes), or train.distill=0"
+        )
     if recipe.eval.logit_adjust == "val" and ctx.enabled:
         raise SicotError(
             "eval.logit_adjust = val runs in one process: train with eval.logit_adjust=off, then "

@@ -57,6 +57,58 @@ def test_loss_is_eq1_by_hand():
     assert torch.allclose(sicot_loss(logits_v, None, y, lam=0.7, normalize=True)[0], ce(x_v), atol=1e-6)
 
 
+def test_distill_term_by_hand_and_teacher_detached():
+    """train.distill: Eq. 1 + beta * T^2 * KL(softmax(z_m/T) || softmax(z_v/T)), z_m a fixed teacher."""
+    torch.manual_seed(1)
+    z_v = torch.randn(4, 5, requires_grad=True)
+    z_m = torch.randn(4, 5, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 4])
+    plain, _, _ = sicot_loss(z_v, z_m, y, lam=0.7, normalize=True)
+    total, _, _ = sicot_loss(z_v, z_m, y, lam=0.7, normalize=True, distill=0.5, temperature=3.0)
+    p = torch.softmax(z_m / 3.0, dim=1)
+    kl = (p * (torch.log(p) - torch.log_softmax(z_v / 3.0, dim=1))).sum(1).mean() * 9.0
+    assert torch.allclose(total, plain + 0.5 * kl, atol=1e-5)
+    # the teacher gets no gradient from the distillation term
+    (g_plain,) = torch.autograd.grad(plain, z_m)
+    (g_total,) = torch.autograd.grad(total, z_m)
+    assert torch.allclose(g_plain, g_total)
+    # identical scores: nothing to distil; the baseline (no z_m) has no term at all
+    same, _, _ = sicot_loss(z_v, z_v.detach().clone(), y, lam=0.7, distill=2.0)
+    assert torch.allclose(same, sicot_loss(z_v, z_v.detach().clone(), y, lam=0.7)[0], atol=1e-6)
+    assert torch.equal(sicot_loss(z_v, None, y, lam=0.7, distill=2.0)[0], sicot_loss(z_v, None, y, lam=0.7)[0])
+
+
+def test_distill_trains_co_training_only(tiny_prepared, tmp_path):
+    """train.distill changes a co-training run, leaves the baseline bit-identical, waits for cotrain_after."""
+    base = train(tiny_recipe(tiny_prepared, "model.encoder=none"), tmp_path / "base")
+    base_d = train(tiny_recipe(tiny_prepared, "model.encoder=none", "train.distill=1"), tmp_path / "base_d")
+    assert [_image_side(r) for r in base.history] == [_image_side(r) for r in base_d.history]
+    co = train(tiny_recipe(tiny_prepared, "model.encoder=mean"), tmp_path / "co")
+    co_d = train(tiny_recipe(tiny_prepared, "model.encoder=mean", "train.distill=1"), tmp_path / "co_d")
+    assert co_d.history[0]["loss"] != co.history[0]["loss"]
+    late = train(
+        tiny_recipe(tiny_prepared, "model.encoder=mean", "train.distill=1", "train.cotrain_after=0.5"),
+        tmp_path / "late",
+    )
+    late_plain = train(tiny_recipe(tiny_prepared, "model.encoder=mean", "train.cotrain_after=0.5"), tmp_path / "lp")
+    assert _image_side(late.history[0]) == _image_side(base.history[0])  # no teacher in the image-only epoch
+    assert late.history[1]["loss_v"] != late_plain.history[1]["loss_v"]  # the teacher from epoch 2 on
+
+
+@pytest.mark.parametrize(
+    "extra", [["train.class_sample_rate=0.5"], ["train.class_sample_rate=0.5", "train.classifier_dtype=bfloat16"]]
+)
+def test_distill_refused_where_the_step_scores_a_part_of_the_classes(tiny_prepared, extra):
+    with pytest.raises(SicotError, match="train.distill needs every class"):
+        tiny_recipe(tiny_prepared, "model.encoder=mean", "train.distill=1", *extra)
+    tiny_recipe(tiny_prepared, "model.encoder=none", "train.distill=1", *extra)  # the baseline distils nothing
+
+
+def test_distill_refused_without_co_training(tiny_prepared):
+    with pytest.raises(SicotError, match="train.lam = 0 never trains"):
+        tiny_recipe(tiny_prepared, "model.encoder=mean", "train.distill=1", "train.lam=0")
+
+
 def test_semantic_norm_batch_normalises_the_title_embedding():
     model = _toy_model("batchnorm")
     x, tokens = torch.randn(4, 3, 2, 2), torch.tensor([[1, 2], [3, 0], [4, 5], [2, 2]])
@@ -337,3 +389,17 @@ def test_pretrained_run_refusals(tiny_prepared, tmp_path):
     damaged.write_bytes(damaged.read_bytes()[:-10])
     with pytest.raises(SicotError, match="corrupt checkpoint"):
         build_backbone(backbone, str(damaged))
+
+
+def test_distill_refused_when_the_classifier_is_sharded(tiny_prepared, tmp_path, monkeypatch):
+    """Sharding is decided when the run starts (torchrun, many classes): refused there, before a run directory."""
+    import sicot_cli.train as train_module
+
+    monkeypatch.setattr(train_module, "use_sharding", lambda *a: True)
+    with pytest.raises(SicotError, match="shards the classifier"):
+        train(tiny_recipe(tiny_prepared, "model.encoder=mean", "train.distill=1"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    # the baseline of the same ablation is not refused (it gets past the check, then fails for want of ranks)
+    with pytest.raises(Exception) as caught:
+        train(tiny_recipe(tiny_prepared, "model.encoder=none", "train.distill=1"), tmp_path / "base")
+    assert "shards the classifier" not in str(caught.value)
