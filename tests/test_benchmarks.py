@@ -247,3 +247,59 @@ def test_label_titles_gives_every_row_one_word_naming_its_class(tiny_prepared, t
     prepare(recipe, tmp_path / "j.h5")
     with pytest.raises(SicotError, match="a format-1 .raw pixels. file is needed"):
         label_titles(tmp_path / "j.h5", tmp_path / "x.h5")
+
+
+def test_power_matches_the_textbook_value():
+    """Paired t, an effect of one sd, 10 pairs, two-sided 0.05: power 0.803 (Cohen's tables)."""
+    import statistics
+
+    from benchmarks.cotrain_diagnostics import power
+
+    diffs = [float(i) for i in range(10)]
+    sd, pw, need = power(diffs, delta=statistics.stdev(diffs))
+    assert sd == statistics.stdev(diffs) and abs(pw - 0.803) < 0.002 and need == 10
+    assert power(diffs, delta=0.5 * sd)[1] < 0.5  # half the effect: far less power
+    assert power([0.5, 0.5, 0.5])[0] == 0.0  # no spread: power undefined, no seed count
+
+
+def test_cotrain_diagnostics_reads_an_ablation(tmp_path):
+    """A head class (12 training images) and two tail classes (6), a validation split, two seeds."""
+    from conftest import KEEP_ALL, TITLES, make_manifest, tiny_recipe, write_image
+
+    from benchmarks.cotrain_diagnostics import diagnose
+    from sicot_cli.config import load_recipe
+    from sicot_cli.data.prepare import prepare
+    from sicot_cli.errors import SicotError
+    from sicot_cli.train import train
+
+    label, titles = next(iter(TITLES.items()))
+    extra = []
+    (tmp_path / "raw").mkdir()
+    for i in range(10, 18):
+        write_image(tmp_path / "raw" / f"{label}{i}.png", seed=900 + i, channel=0)
+        extra.append({"image": f"{label}{i}.png", "title": f"{titles[i % 3]} w{i % 4}", "label": label, "id": f"x{i}"})
+    m = make_manifest(tmp_path / "raw", per_class=10, extra_rows=extra)
+    data = tmp_path / "d.h5"
+    settings = ["data.image_size=16", "data.val_fraction=0.25", "eval.head_threshold=10"]
+    prepare(load_recipe(None, ["data.source=manifest", f"data.manifest={m}", *KEEP_ALL, *settings]), data)
+    runs_dir = tmp_path / "ablation"
+    with pytest.raises(SicotError, match="no finished pair"):
+        diagnose(runs_dir, "mean")
+    for seed in (0, 1):
+        for enc in ("none", "mean"):
+            train(tiny_recipe(data, f"model.encoder={enc}", f"train.seed={seed}"), runs_dir / f"{enc}-s{seed}")
+    lines = diagnose(runs_dir, "mean")
+    assert "seeds 0,1" in lines[0]
+    text = "\n".join(lines)
+    for part in ("title headroom: top-1 x_v", "head pull", "the title wins", "head |dCE", "tail |dCE", "power (TEST"):
+        assert part in text, part
+    assert "% of tail training tokens occur in head titles" in text
+    # its image-only validation figures are the ones the run recorded for the same checkpoint
+    from benchmarks.cotrain_diagnostics import _val
+
+    for run in ("mean-s0", "none-s1"):
+        recorded = [json.loads(line) for line in (runs_dir / run / "metrics.jsonl").read_text().splitlines()][-1]
+        figures = _val(runs_dir / run)
+        assert figures["v_top1"] == pytest.approx(recorded["val_top1"])
+        assert figures["v_tail"] == pytest.approx(recorded["val_tail_top1"])
+    assert "m_top1" in _val(runs_dir / "mean-s0") and "m_top1" not in _val(runs_dir / "none-s0")
