@@ -27,7 +27,6 @@ docs/demo-pretraining.md, "Three more variants, chosen on validation", quotes it
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics as st
 from pathlib import Path
@@ -37,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sicot_cli import runs
 from sicot_cli.config import Recipe
 from sicot_cli.data import dataset as ds
 from sicot_cli.errors import SicotError
@@ -72,18 +72,20 @@ def _images(prepared: ds.Prepared, lo: int, hi: int, step: int = 1) -> torch.Ten
         return torch.from_numpy(f["images"][lo:hi:step])
 
 
-def _load(run: Path) -> tuple[Recipe, ds.Prepared, torch.nn.Module, np.ndarray]:
+Loaded = tuple[Recipe, ds.Prepared, torch.nn.Module, np.ndarray]
+
+
+def _load(run: Path) -> Loaded:
     """The run's recipe, data, model at the checkpoint its report scores (``eval.select``), and head mask."""
-    config = json.loads((run / "config.json").read_text())
-    recipe, p, model, _ = load_run_model(run, config["recipe"]["eval"]["select"])
+    recipe, p, model, _ = load_run_model(run, runs.read_config(run)["recipe"]["eval"]["select"])
     model.eval()
     return recipe, p, model, p.train_counts >= recipe.eval.head_threshold
 
 
 @torch.no_grad()
-def _val(run: Path) -> dict[str, float]:
-    """Validation figures of one run (x_m ones only when it has a text encoder)."""
-    _, p, model, head = _load(run)
+def _val(run: Path, loaded: Loaded | None = None) -> dict[str, float]:
+    """Validation figures of one run (x_m ones only when it has a text encoder); ``loaded``: its :func:`_load`."""
+    _, p, model, head = loaded or _load(run)
     lo, hi = p.split_range("val")
     if hi <= lo:
         raise SicotError(f"{run}: its data has no validation split (data.val_fraction = 0)")
@@ -108,9 +110,9 @@ def _val(run: Path) -> dict[str, float]:
     return out
 
 
-def _gradient(run: Path) -> dict[str, float]:
+def _gradient(loaded: Loaded) -> dict[str, float]:
     """CE(x_m)'s gradient on x_v against CE(x_v)'s, on training rows spread over the split, at the last checkpoint."""
-    _, p, model, head_classes = _load(run)
+    _, p, model, head_classes = loaded
     step = -(-p.n_train // GRAD_ROWS)  # every step-th training row: at most GRAD_ROWS, head and tail alike
     rows = slice(0, p.n_train, step)
     with torch.no_grad():
@@ -175,17 +177,21 @@ def power(diffs: list[float], delta: float = 1.0, alpha: float = 0.05) -> tuple[
 def diagnose(ablation: Path, encoder: str = "bilinear") -> list[str]:
     """The report's lines."""
     seeds = _seeds(ablation, encoder)
-    co = [_val(ablation / f"{encoder}-s{k}") for k in seeds]
+    co, grads = [], []
+    for k in seeds:  # each co-trained run loaded once for both measures
+        run = ablation / f"{encoder}-s{k}"
+        loaded = _load(run)
+        co.append(_val(run, loaded))
+        grads.append(_gradient(loaded))
     base = [_val(ablation / f"none-s{k}") for k in seeds]
-    grads = [_gradient(ablation / f"{encoder}-s{k}") for k in seeds]
-    _, prepared, _, head = _load(ablation / f"none-s{seeds[0]}")
+    _, prepared, _, head = loaded
     words = shared_words(prepared, head)
 
     def m(rows: list[dict[str, float]], key: str) -> float:
         return st.mean(r[key] for r in rows)
 
     def test_tail(run: Path) -> float:
-        return float(json.loads((run / "summary.json").read_text())["final"]["tail_top1"])
+        return float(runs.read_summary(run)["final"]["tail_top1"])
 
     diffs = [test_tail(ablation / f"{encoder}-s{k}") - test_tail(ablation / f"none-s{k}") for k in seeds]
     lines = [
