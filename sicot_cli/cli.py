@@ -191,7 +191,7 @@ def tokenize(
         from sicot_cli.fsutil import read_text
 
         titles += read_text(
-            file, "titles file", expected="a text file with one title per line", errors="replace"
+            file, "titles file", expected="a text file with one title per line", hint="; save it as UTF-8"
         ).splitlines()
         plain = True
     if not titles:
@@ -247,10 +247,14 @@ def embed(
     """Build the vocabulary from the training titles and train (or load) word2vec vectors."""
     from sicot_cli.console import RichProgress
     from sicot_cli.data import embed as lib
+    from sicot_cli.errors import SicotError
 
     if neighbours is not None:
         from rich.table import Table
         from rich.text import Text
+
+        if top < 1:
+            raise SicotError(f"--top must be >= 1, got {top}")
 
         table = Table(
             "word", "cosine", title=Text.assemble("nearest words to ", safe(repr(neighbours))), title_justify="left"
@@ -342,6 +346,8 @@ def train(
     if resume and run_dir is None:  # the default run directory is named by the recipe
         cfg = _recipe(recipe, overrides, extra)
         run_dir = Path(cfg.train.runs_dir) / runs.default_run_name(cfg.name, cfg.model.encoder, cfg.train.seed)
+    if resume and run_dir is not None:
+        runs.check_resumable(run_dir)
     if resume and run_dir is not None and runs.is_run(run_dir):
         from sicot_cli.resume import resume_recipe
 
@@ -539,7 +545,9 @@ def ablate(
         Path | None, typer.Option(help="Prepared .h5 (default: data.out; prepared first when missing).")
     ] = None,
     encoder_module: EncoderModule = None,
-    chosen: Annotated[str, typer.Option("--encoder", help="Encoder of Tables 2 and 4.")] = "bilinear",
+    chosen: Annotated[
+        str | None, typer.Option("--encoder", help="Encoder of Tables 2 and 4 (default: bilinear, else the first).")
+    ] = None,
     presets: Annotated[
         str | None,
         typer.Option(
@@ -559,13 +567,19 @@ def ablate(
 ) -> None:
     """Train the baseline and every encoder per seed (finished runs skipped, interrupted ones resumed), then report."""
     from sicot_cli.console import err_console
+    from sicot_cli.errors import SicotError
     from sicot_cli.report import build_report
 
     names, seed_list = _ablation_axes(encoders, seeds, encoder_module)
+    if chosen is not None and chosen.split("[")[0].split("+")[0] not in {*names, "none"}:
+        raise SicotError(f"--encoder {chosen!r} is not among the encoders trained here ({', '.join(names)})")
     cfg = _recipe(recipe, overrides, _threads(threads))
     from sicot_cli.preflight import check_training
 
     check_training(cfg, data)
+    for flag, value in (("--presets", presets), ("--methods", methods)):
+        if value is not None and not _csv_list(value):
+            raise SicotError(f"{flag} names nothing ({value!r}); leave it out for the default")
     keys = {"data": data, "presets": _csv_list(presets), "method_names": _csv_list(methods)}
     root, statuses = _run_ablation(cfg, names, seed_list, out, keys)
     if statuses and statuses[-1].state == "interrupted":
@@ -575,7 +589,7 @@ def ablate(
             Text.assemble(("interrupted: run the same command again to continue", "yellow"), " ", safe(f"({root})"))
         )
         raise typer.Exit(130)
-    rep = build_report([root], chosen)
+    rep = build_report([root], chosen or "bilinear")
     written = _write_report(rep, root, figures)
     _print_tables(rep)
     console.print(safe("wrote " + ", ".join(str(p) for p in written)))
@@ -624,16 +638,32 @@ def decouple(
 def _ablation_axes(encoders: str | None, seeds: str, encoder_module: list[str] | None) -> tuple[list[str], list[int]]:
     """The encoders (each checked; default: all registered) and the seeds of ``sicot ablate``."""
     from encoders import list_encoders
+    from sicot_cli.config import MAX_SEED
     from sicot_cli.errors import SicotError
 
     _load_encoder_modules(encoder_module)
-    names = _csv_list(encoders) or list_encoders()
+    given = _csv_list(encoders)
+    if given is not None and not given:
+        raise SicotError(f"--encoders names no encoder ({encoders!r}); leave it out to run every registered one")
+    names = given or list_encoders()
     for name in names:
         _check_encoder(name)
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise SicotError(f"--encoders names {', '.join(twice)} twice: each encoder is trained once per seed")
     try:
-        return names, [int(s) for s in _csv_list(seeds) or []]
+        numbers = [int(s) for s in _csv_list(seeds) or []]
     except ValueError:
         raise SicotError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
+    if not numbers:
+        raise SicotError(f"--seeds names no seed ({seeds!r}); e.g. --seeds 0,1,2")
+    bad = [n for n in numbers if not 0 <= n <= MAX_SEED]
+    if bad:
+        raise SicotError(f"--seeds must be integers from 0 to {MAX_SEED}, got {bad[0]}")
+    twice_s = sorted({n for n in numbers if numbers.count(n) > 1})
+    if twice_s:
+        raise SicotError(f"--seeds names {', '.join(map(str, twice_s))} twice: each seed is one run per encoder")
+    return names, numbers
 
 
 def _run_ablation(cfg: Any, names: list[str], seeds: list[int], out: Path | None, keys: dict[str, Any]) -> Any:
@@ -682,7 +712,9 @@ def _print_tables(rep: Any) -> None:
 @guard
 def report(
     dirs: Annotated[list[Path], typer.Argument(help="Run directories or ablation directories.", show_default=False)],
-    chosen: Annotated[str, typer.Option("--encoder", help="Encoder of Tables 2 and 4.")] = "bilinear",
+    chosen: Annotated[
+        str | None, typer.Option("--encoder", help="Encoder of Tables 2 and 4 (default: bilinear, else the first).")
+    ] = None,
     fmt: Annotated[str, typer.Option("--format", help="stdout format: table, markdown, csv or json.")] = "table",
     out: Annotated[
         Path | None, typer.Option(help="Where report.md/csv/json and the PNGs go (default: the first directory).")
@@ -703,14 +735,10 @@ def report(
 
     if fmt not in ("table", "markdown", "csv", "json"):
         raise SicotError(f"--format must be table, markdown, csv or json, got {fmt!r}")
-    rep = build_report(list(dirs), chosen)
-    target = out or dirs[0]
-    ensure_dir(target)
-    written = _write_report(rep, target, figures)
-    if fmt == "table":
-        _print_tables(rep)
-    else:
-        typer.echo(plain_text({"markdown": to_markdown, "csv": to_csv, "json": to_json}[fmt](rep)))
+    rep = build_report(list(dirs), chosen or "bilinear")
+    if chosen is not None and chosen != rep.chosen:
+        raise SicotError(f"--encoder {chosen!r}: no run of it here (encoders: {', '.join(rep.encoders)})")
+    views = []  # computed before anything is written: a bad --class is refused with nothing written
     if attention or class_name:
         from sicot_cli import figures as fig
 
@@ -718,8 +746,17 @@ def report(
         if run is None:
             raise SicotError(f"no run of encoder {rep.chosen!r} to show attention for")
         if attention:
-            show(attention_view(fig.attention(run.path, n=6), run.encoder))
+            views.append(attention_view(fig.attention(run.path, n=6), run.encoder))
         if class_name:
-            show(class_words_table(fig.class_words(fig.attention(run.path, class_name=class_name)), class_name))
+            views.append(class_words_table(fig.class_words(fig.attention(run.path, class_name=class_name)), class_name))
+    target = out or dirs[0]
+    ensure_dir(target)
+    written = _write_report(rep, target, figures)
+    if fmt == "table":
+        _print_tables(rep)
+    else:
+        typer.echo(plain_text({"markdown": to_markdown, "csv": to_csv, "json": to_json}[fmt](rep)))
+    for view in views:
+        show(view)
     if fmt == "table":
         console.print(safe("wrote " + ", ".join(str(p) for p in written)))

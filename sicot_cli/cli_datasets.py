@@ -78,6 +78,7 @@ def fetch(
         raise SicotError(
             f"unknown dataset {name!r}: `fetch` knows {', '.join(FETCHABLE)} (the paper's datasets: `sicot datasets import --help`)"
         )
+    _check_split_args(test_per_class, seed)  # before anything is downloaded
     default = Path("data") / name
     folder = folder or default
     if name == "emoji":
@@ -95,6 +96,29 @@ def fetch(
     recipe, manifest = FETCHABLE[name]
     extra = "" if folder == default else f" data.manifest={folder / manifest}"
     console.print(safe(f"next: sicot prepare --recipe recipes/{recipe}.toml{extra}"))
+
+
+def _check_split_args(test_per_class: int, seed: int) -> None:
+    """Refuse a negative --test-per-class or a --seed outside 0..2^63-1 before any work."""
+    from sicot_cli.config import MAX_SEED
+    from sicot_cli.errors import SicotError
+
+    if test_per_class < 0:
+        raise SicotError(f"--test-per-class must be >= 0, got {test_per_class}")
+    if not 0 <= seed <= MAX_SEED:
+        raise SicotError(f"--seed must be 0..{MAX_SEED}, got {seed}")
+
+
+Force = Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")]
+
+
+def _check_out(out: Path, force: bool) -> None:
+    """Refuse to replace an existing manifest (or anything else at ``--out``) unless ``--force``."""
+    from sicot_cli.errors import SicotError
+    from sicot_cli.fsutil import exists
+
+    if exists(out) and not force:
+        raise SicotError(f"{out}: already exists; pass --force to replace it, or choose another --out")
 
 
 @import_app.command("emoji")
@@ -115,6 +139,7 @@ def import_emoji(
     """Re-write the emoji manifests from the unpacked packages (e.g. another split)."""
     from sicot_cli.data.importers.emoji import import_emoji as run
 
+    _check_split_args(test_per_class, seed)
     _print(run(folder, test_per_class, seed, val_fraction))
 
 
@@ -136,6 +161,7 @@ def import_mdi(
     """Re-write the Material Design Icons manifest from the unpacked package (e.g. another split)."""
     from sicot_cli.data.importers.mdi import import_mdi as run
 
+    _check_split_args(test_per_class, seed)
     _print(run(folder, test_per_class, seed, val_fraction))
 
 
@@ -147,10 +173,12 @@ def import_imaterialist(
     out: Annotated[Path, typer.Option(help="Manifest to write.")] = Path("data/imaterialist2019/manifest.csv"),
     train_images: Annotated[str, typer.Option(help="Training image folder, relative to --root.")] = "train",
     test_images: Annotated[str, typer.Option(help="val.json's image folder, relative to --root.")] = "val",
+    force: Force = False,
 ) -> None:
     """iMaterialist Product 2019: train.json -> train, val.json -> test, titles from your file."""
     from sicot_cli.data.importers.imaterialist import import_imaterialist as run
 
+    _check_out(out, force)
     _print(run(root, titles, out, train_images=train_images, test_images=test_images))
 
 
@@ -166,8 +194,11 @@ def import_webvision(
     images: Annotated[
         Path | None, typer.Option(help="Where the file lists' image paths start (default: --root).")
     ] = None,
+    force: Force = False,
 ) -> None:
     """WebVision 2.0 "selected 1k": seeded random classes, titles from the meta files."""
     from sicot_cli.data.importers.webvision import import_webvision as run
 
+    _check_split_args(0, seed)
+    _check_out(out, force)
     _print(run(root, out, classes, seed, tuple(s.strip() for s in sources.split(",") if s.strip()), text, images))

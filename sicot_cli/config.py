@@ -602,6 +602,11 @@ def _apply_override(table: dict[str, Any], item: str) -> None:
                 f"{', '.join(sorted(names))})"
             )
         cls = typing.get_type_hints(cls)[part]
+    if dataclasses.is_dataclass(cls):  # `train={}` would replace the whole table (and drop other overrides)
+        first = dataclasses.fields(cls)[0].name
+        raise SicotError(
+            f"override {item!r}: {key} is a table; override its keys one at a time (e.g. {key}.{first}=...)"
+        )
     node = table
     for part in parts[:-1]:
         node = node.setdefault(part, {})

@@ -120,6 +120,11 @@ def remove_stale_tmp(path: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
+def is_stale_tmp(path: Path) -> bool:
+    """A temporary (``.NAME.tmp-PID``) left by a process that no longer runs."""
+    return path.name.startswith(".") and ".tmp-" in path.name and path.is_file() and _dead_tmp(path)
+
+
 def remove_stale_tmps(folder: Path) -> list[Path]:
     """Remove every temporary in ``folder`` left by a killed process; returns what was removed."""
     removed = []

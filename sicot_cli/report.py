@@ -460,16 +460,67 @@ def _paired_gain(pairs: list[tuple[Run, Run]], key: str) -> Gain:
     return Gain([a - b for a, b in both], paired_t([a for a, _ in both], [b for _, b in both]))
 
 
+# The recipe keys every run of one report shares: the visual stream's training and the class groups.
+# A report pairs runs by seed as one experiment, so a baseline trained with another lr, backbone,
+# pretraining or epoch count would turn a difference of settings into a "gain". The keys that may
+# differ are the ones an ablation varies: the seed, the encoder and its co-training keys (lam, the
+# preset's keys, distillation ...), the long-tail method, and how a run is executed (device, threads).
+SHARED_KEYS = (
+    ("model", "backbone"),
+    ("model", "pretrained"),
+    ("data", "image_size"),
+    ("train", "epochs"),
+    ("train", "batch_size"),
+    ("train", "lr"),
+    ("train", "momentum"),
+    ("train", "weight_decay"),
+    ("train", "step_size"),
+    ("train", "gamma"),
+    ("train", "augment"),
+    ("train", "crop_scale"),
+    ("eval", "head_threshold"),
+    ("eval", "many_threshold"),
+    ("eval", "few_threshold"),
+    ("eval", "boundaries"),
+    ("eval", "select"),
+)
+
+
+def _check_shared_settings(runs_: list[Run]) -> None:
+    """Refuse runs whose :data:`SHARED_KEYS` differ: they are not seeds of one experiment.
+
+    Raises:
+        SicotError: naming two runs and every key on which they differ.
+    """
+    first = runs_[0]
+
+    def value(r: Run, section: str, key: str) -> Any:
+        return r.config.get("recipe", {}).get(section, {}).get(key)
+
+    for r in runs_[1:]:
+        diff = [
+            f"{s}.{k} ({value(first, s, k)!r} vs {value(r, s, k)!r})"
+            for s, k in SHARED_KEYS
+            if value(first, s, k) != value(r, s, k)
+        ]
+        if diff:
+            raise SicotError(
+                f"{first.path} and {r.path} were trained with different settings: {', '.join(diff)}; "
+                "a report compares runs of one experiment across seeds: report them separately"
+            )
+
+
 def build_report(paths: list[Path], chosen: str = "bilinear", bootstrap: bool = True) -> Report:
     """Read the runs and compute every cell, gain, p-value and interval.
 
     Raises:
-        SicotError: no run, no baseline run, or runs of different datasets/settings mixed.
+        SicotError: no run, no baseline run, or runs of different datasets or settings (:data:`SHARED_KEYS`) mixed.
     """
     runs_, unfinished = load_runs(paths)
     datasets = {json.dumps(r.config.get("dataset"), sort_keys=True) for r in runs_}
     if len(datasets) > 1:
         raise SicotError("the runs were trained on different datasets: report them separately")
+    _check_shared_settings(runs_)
     seen: dict[tuple[str, int], Path] = {}
     for r in runs_:
         if (r.encoder, r.seed) in seen:

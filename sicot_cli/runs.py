@@ -21,12 +21,21 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sicot_cli.errors import SicotError
-from sicot_cli.fsutil import append_jsonl, atomic_path, ensure_dir, read_regular, remove_stale_tmps, write_json
+from sicot_cli.fsutil import (
+    append_jsonl,
+    atomic_path,
+    ensure_dir,
+    is_stale_tmp,
+    read_regular,
+    remove_stale_tmps,
+    write_json,
+)
 
 if TYPE_CHECKING:
     from sicot_cli.data.dataset import Prepared
@@ -39,6 +48,8 @@ PREDICTIONS = "predictions.h5"
 SUMMARY = "summary.json"
 MAGIC = b"SICOT-CHECKPOINT 1 "  # + 64 hex digits of the payload's sha256 + "\n"
 _HEADER = len(MAGIC) + 64 + 1
+
+log = logging.getLogger(__name__)
 
 
 def git_commit() -> str | None:
@@ -60,12 +71,35 @@ def is_finished(path: Path) -> bool:
     return (path / SUMMARY).is_file()
 
 
+def check_resumable(run_dir: Path) -> None:
+    """Refuse ``--resume`` early (before any data is read) on a folder that holds no run of ours.
+
+    A missing or empty folder (a run killed before its ``config.json`` was renamed leaves one, or
+    only its dead temporaries) is not refused: the run starts there (:func:`start_run`).
+
+    Raises:
+        SicotError: the path is a file, or a folder with files of its own and no ``config.json``.
+    """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise SicotError(f"{run_dir}: exists and is not a directory; pass --run-dir with a run folder")
+    if run_dir.is_dir() and not is_run(run_dir):
+        own = [p for p in run_dir.iterdir() if not is_stale_tmp(p)]
+        if own:
+            raise SicotError(
+                f"{run_dir}: not a run directory (no {CONFIG}), nothing to resume; pass --run-dir with a new folder"
+            )
+
+
 def start_run(run_dir: Path, config: dict[str, Any], resume: bool) -> bool:
     """Create the run directory, or check it for ``--resume``; returns True when resuming.
 
     Raises:
-        SicotError: the directory exists and ``resume`` is False; or ``resume`` with nothing to resume.
+        SicotError: the path exists and is not a directory; the directory exists and ``resume`` is
+            False; or ``resume`` with nothing to resume (no such folder, an empty one, or a folder
+            without ``config.json``, which is no run: its files are the user's and are left alone).
     """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise SicotError(f"{run_dir}: exists and is not a directory; pass --run-dir with a new folder")
     if run_dir.is_dir():
         # Half-written files of a killed run go first: the renamed ones are intact, and a folder
         # holding nothing else (killed before its config.json was renamed) is no run to protect.
@@ -75,6 +109,7 @@ def start_run(run_dir: Path, config: dict[str, Any], resume: bool) -> bool:
             raise SicotError(
                 f"{run_dir}: run directory exists (pass --resume to continue it, or --run-dir to start another)"
             )
+        check_resumable(run_dir)  # a folder of the user's own files is left alone
         if not (run_dir / LAST).is_file():
             if is_finished(run_dir):
                 return True
@@ -83,6 +118,8 @@ def start_run(run_dir: Path, config: dict[str, Any], resume: bool) -> bool:
             write_json(run_dir / CONFIG, config)
             return False
         return True
+    if resume:  # killed before its config.json existed, or never started: nothing is lost by starting
+        log.info("%s: nothing to resume (no run here yet): starting it", run_dir)
     ensure_dir(run_dir)
     write_json(run_dir / CONFIG, config)
     return False

@@ -41,6 +41,7 @@ from sicot_cli.batcher import Busy, MicroBatcher
 from sicot_cli.data.images import ImageSkip
 from sicot_cli.errors import SicotError
 from sicot_cli.predict import Recognizer, TooManyPixels, preprocess
+from sicot_cli.threads import MAX_THREADS
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +69,14 @@ class ServeLimits:
 
     def check(self) -> None:
         """Raises SicotError for a limit out of range."""
+        # the command-line flag each limit comes from (max_upload_bytes is --max-upload-mb x 1e6)
+        flags = {"max_upload_bytes": "--max-upload-mb", "top_k": "--top"}
         for name in ("max_batch", "max_upload_bytes", "max_pixels", "max_images", "max_queue", "top_k"):
             if getattr(self, name) < 1:
-                raise SicotError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                flag = flags.get(name, f"--{name.replace('_', '-')}")
+                got = getattr(self, name) / 1e6 if name == "max_upload_bytes" else getattr(self, name)
+                least = "0.000001" if name == "max_upload_bytes" else "1"
+                raise SicotError(f"{flag} must be at least {least}, got {got}")
         if self.max_pixels > MAX_PIXELS_CAP:
             raise SicotError(f"--max-pixels must be at most {MAX_PIXELS_CAP:,}, got {self.max_pixels:,}")
         if not 0 <= self.max_wait_ms <= 10_000:
@@ -313,8 +319,8 @@ def load(
     """
     if (run is None) == (model is None):
         raise SicotError("give exactly one of --run DIR or --model FILE")
-    if threads is not None and threads < 1:
-        raise SicotError(f"--threads must be at least 1, got {threads}")
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise SicotError(f"--threads must be 1..{MAX_THREADS}, got {threads}")
     import torch
 
     if threads:

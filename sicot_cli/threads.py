@@ -13,6 +13,19 @@ from __future__ import annotations
 import os
 
 AUTO_MAX = 8
+MAX_THREADS = 1024  # the bound of train.threads
+
+
+def check_threads(requested: int, flag: str = "--threads") -> None:
+    """Refuse a thread count outside 0..MAX_THREADS (0 = auto) before torch sees it.
+
+    Raises:
+        SicotError: naming the flag and the value.
+    """
+    from sicot_cli.errors import SicotError
+
+    if not 0 <= requested <= MAX_THREADS:
+        raise SicotError(f"{flag} must be 0..{MAX_THREADS} (0 = auto), got {requested}")
 
 
 def available_cores() -> int:
@@ -37,6 +50,7 @@ def set_threads(requested: int) -> int:
     """Set torch's intra-op thread count; returns the number set (what a run records)."""
     import torch
 
+    check_threads(requested)
     n = resolve_threads(requested)
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)

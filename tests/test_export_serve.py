@@ -453,7 +453,11 @@ def test_serve_cli_refusals(run_dir, onnx_model):
     r = runner.invoke(app, ["serve", "--run", str(run_dir), "--max-batch", "0"])
     assert r.exit_code == 2 and "--max-batch must be at least 1" in r.output
     r = runner.invoke(app, ["serve", "--run", str(run_dir), "--threads", "0"])
-    assert r.exit_code == 2 and "--threads must be at least 1" in r.output
+    assert r.exit_code == 2 and "--threads must be 1..1024, got 0" in r.output
+    r = runner.invoke(app, ["serve", "--run", str(run_dir), "--threads", "100000"])
+    assert r.exit_code == 2 and "--threads must be 1..1024, got 100000" in r.output
+    r = runner.invoke(app, ["serve", "--run", str(run_dir), "--top", "0"])
+    assert r.exit_code == 2 and "--top must be at least 1, got 0" in r.output
     r = runner.invoke(app, ["serve", "--run", str(run_dir), "--port", "70000"])
     assert r.exit_code == 2 and "cannot listen on 127.0.0.1:70000" in r.output
     r = runner.invoke(app, ["serve", "--model", str(onnx_model.with_name("nope.onnx"))])

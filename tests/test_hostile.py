@@ -543,6 +543,16 @@ def _evil_run(ctx: dict) -> Path:
     return ctx["evil_run"]
 
 
+def _bilinear_run(tmp: Path, ctx: dict) -> Path:
+    """A copy of a finished 1-epoch bilinear run on the tiny dataset (trained once per module)."""
+    if "bilinear_run" not in ctx:
+        from sicot_cli.train import train
+
+        rec = tiny_recipe(ctx["prepared"], "model.encoder=bilinear", "train.epochs=1")
+        ctx["bilinear_run"] = train(rec, ctx["root"] / "bilinear").run_dir
+    return Path(shutil.copytree(ctx["bilinear_run"], tmp / "run"))
+
+
 def _csv_field(value: str) -> str:
     return '"' + value.replace('"', '""') + '"'
 
@@ -787,6 +797,59 @@ def _imported(*rows: tuple[str, str]) -> Callable[[Path, dict], None]:
 LONG = "n" * 300
 
 
+def _holds(predicate: Callable[[Path, dict], object]) -> Callable[[Path, dict], None]:
+    """A case's check from a predicate: the case fails when it is false."""
+
+    def check(tmp: Path, ctx: dict) -> None:
+        assert predicate(tmp, ctx), "the case's check does not hold"
+
+    return check
+
+
+def _unchanged(name: str, text: str) -> Callable[[Path, dict], bool]:
+    def check(tmp: Path, ctx: dict) -> bool:
+        assert (tmp / name).read_text(encoding="utf-8") == text, f"{name} was changed"
+        return True
+
+    return check
+
+
+def _ablate(tmp: Path, ctx: dict, *extra: str) -> list[str]:
+    args = ["ablate", "--data", str(ctx["prepared"]), "--out", str(tmp / "abl"), "--no-figures", *TRAIN_FAST]
+    return args + (["--encoders", "none"] if "--encoders" not in extra else []) + list(extra)
+
+
+def _bytes(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _one_class_csv(tmp: Path) -> str:
+    import csv
+    import io
+
+    m = make_manifest(tmp / "raw", per_class=6)
+    with m.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    out = io.StringIO()
+    w = csv.DictWriter(out, list(rows[0]))
+    w.writeheader()
+    w.writerows({**r, "label": "cat"} for r in rows)
+    return out.getvalue()
+
+
+def _all_train(tmp: Path) -> Path:
+    m = make_manifest(tmp / "raw", per_class=6, split=True)
+    return _lines(m, m.read_text(encoding="utf-8").replace(",test\n", ",train\n").replace(",test\r\n", ",train\r\n"))
+
+
+def _one_cafe_class(tmp: Path, ctx: dict) -> None:
+    from sicot_cli.data.dataset import open_prepared
+
+    names = open_prepared(tmp / "o.h5").class_names
+    assert [unicodedata.normalize("NFC", n) for n in names].count("café") == 1, names
+
+
 CASES: dict[str, Case] = {
     # images (prepare): counted skips, or handled as documented
     "image_missing": Case(
@@ -985,17 +1048,28 @@ CASES: dict[str, Case] = {
         check=_no_marker("PWNED"),
     ),
     "prepared_truncated": Case(
-        _damaged_prepared("truncated"), "error", ["p.h5: not a readable HDF5 file", "sicot prepare --out"]
+        _damaged_prepared("truncated"),
+        "error",
+        ["p.h5: not a readable HDF5 file", "sicot prepare --recipe R (or --manifest M) --out"],
     ),
     "prepared_zero_byte": Case(
-        _damaged_prepared("empty"), "error", ["p.h5: not a readable HDF5 file", "sicot prepare --out"]
+        _damaged_prepared("empty"),
+        "error",
+        ["p.h5: not a readable HDF5 file", "sicot prepare --recipe R (or --manifest M) --out"],
     ),
     "prepared_content_damaged": Case(
         _damaged_prepared("labels-changed"),
         "error",
-        ["p.h5: corrupt prepared dataset (content checksum mismatch", "sicot prepare --out"],
+        [
+            "p.h5: corrupt prepared dataset (content checksum mismatch",
+            "sicot prepare --recipe R (or --manifest M) --out",
+        ],
     ),
-    "prepared_unfinished": Case(_damaged_prepared("incomplete"), "error", ["p.h5: incomplete", "sicot prepare --out"]),
+    "prepared_unfinished": Case(
+        _damaged_prepared("incomplete"),
+        "error",
+        ["p.h5: incomplete", "sicot prepare --recipe R (or --manifest M) --out"],
+    ),
     "prepared_word_ids_out_of_range": Case(
         _damaged_prepared("tokens-out-of-range"),
         "error",
@@ -1253,6 +1327,152 @@ CASES: dict[str, Case] = {
         ["JSON object names a key twice"],
     ),
     "jpeg_exif_orientation": Case(_with_image(_exif_rotated, "rotated.jpg"), "kept", check=_upright_kept),
+    # --- round 3 (an outside audit, 2026-12-03) ---
+    "train_run_dir_is_a_file": Case(
+        lambda t, c: [_lines(t / "notes.txt", "mine"), _train(run="notes.txt")(t, c)][1],
+        "error",
+        ["notes.txt: exists and is not a directory"],
+        check=_unchanged("notes.txt", "mine"),
+    ),
+    "decouple_run_dir_is_a_file": Case(
+        lambda t, c: [
+            _lines(t / "notes.txt", "mine"),
+            ["decouple", str(_copy_run(t, c)), "--run-dir", str(t / "notes.txt")],
+        ][1],
+        "error",
+        ["notes.txt: exists and is not a directory"],
+        check=_unchanged("notes.txt", "mine"),
+    ),
+    "train_resume_a_folder_that_is_no_run": Case(
+        lambda t, c: [_lines(t / "mine" / "metrics.jsonl", "my log\n"), _train("--resume", run="mine")(t, c)][1],
+        "error",
+        ["mine: not a run directory (no config.json), nothing to resume"],
+        check=_holds(
+            lambda t, c: (
+                sorted(p.name for p in (t / "mine").iterdir()) == ["metrics.jsonl"]
+                and _unchanged("mine/metrics.jsonl", "my log\n")(t, c)
+            )
+        ),
+    ),
+    "train_resume_an_empty_folder_starts_it": Case(
+        lambda t, c: [
+            (t / "empty").mkdir(),
+            _train("--resume", "model.encoder=none", "train.epochs=1", run="empty")(t, c),
+        ][1],
+        "ok",
+        ["nothing to resume (no run here yet): starting it"],
+        check=_holds(lambda t, c: runs.is_finished(t / "empty")),
+    ),
+    "override_replaces_a_whole_table": Case(
+        _train("train={}"), "error", ["override 'train={}': train is a table", "train.epochs="]
+    ),
+    "ablate_seed_negative": Case(
+        lambda t, c: _ablate(t, c, "--seeds", "-1"),
+        "error",
+        ["--seeds must be integers from 0 to 9223372036854775807, got -1"],
+        check=_holds(lambda t, c: not (t / "abl").exists()),
+    ),
+    "ablate_seed_past_2_63": Case(
+        lambda t, c: _ablate(t, c, "--seeds", str(10**22)), "error", ["--seeds must be integers from 0 to"]
+    ),
+    "ablate_seed_twice": Case(lambda t, c: _ablate(t, c, "--seeds", "0,0"), "error", ["--seeds names 0 twice"]),
+    "ablate_encoders_only_commas": Case(
+        lambda t, c: _ablate(t, c, "--encoders", ","), "error", ["--encoders names no encoder"]
+    ),
+    "ablate_encoders_twice": Case(
+        lambda t, c: _ablate(t, c, "--encoders", "mean,mean"), "error", ["--encoders names mean twice"]
+    ),
+    "ablate_table_encoder_not_trained": Case(
+        lambda t, c: _ablate(t, c, "--encoder", "bogus"), "error", ["--encoder 'bogus' is not among the encoders"]
+    ),
+    "embed_out_into_missing_folder": Case(
+        lambda t, c: ["embed", "--manifest", str(_manifest(t)), "--out", str(t / "new" / "dir" / "v.txt"), *KEEP_ALL],
+        "ok",
+        ["saved"],
+        check=_holds(lambda t, c: (t / "new" / "dir" / "v.txt").read_text(encoding="utf-8").split()[1] == "8"),
+    ),
+    "embed_out_in_unwritable_folder": Case(
+        lambda t, c: ["embed", "--manifest", str(_manifest(t)), "--out", str(_readonly_dir(t) / "v.txt"), *KEEP_ALL],
+        "error",
+        ["output directory"],
+    ),
+    "embed_neighbours_top_zero": Case(
+        lambda t, c: ["embed", "--manifest", str(_manifest(t)), "--neighbours", "red", "--top", "0", *KEEP_ALL],
+        "error",
+        ["--top must be >= 1, got 0"],
+    ),
+    "predict_threads_huge": Case(
+        lambda t, c: ["predict", "--run", str(_copy_run(t, c)), "--threads", "100000", str(c["image"])],
+        "error",
+        ["--threads must be 0..1024 (0 = auto), got 100000"],
+    ),
+    "evaluate_threads_negative": Case(
+        lambda t, c: ["evaluate", "--run", str(_copy_run(t, c)), "--threads", "-3"],
+        "error",
+        ["--threads must be 0..1024 (0 = auto), got -3"],
+    ),
+    "import_out_is_an_existing_file": Case(
+        lambda t, c: [_lines(t / "m.csv", "mine"), _imaterialist()(t, c)][1],
+        "error",
+        ["m.csv: already exists; pass --force to replace it"],
+        check=_unchanged("m.csv", "mine"),
+    ),
+    "manifest_one_class": Case(
+        lambda t, c: _prep(_lines(t / "raw" / "one.csv", _one_class_csv(t)), t),
+        "error",
+        ["only one class has training images ('cat')", "check the label column"],
+    ),
+    "manifest_split_column_all_train": Case(
+        lambda t, c: _prep(_all_train(t), t),
+        "ok",
+        ["no test row (every row is train or val): `sicot train` will refuse"],
+    ),
+    "manifest_same_image_in_train_and_test_rows": Case(
+        lambda t, c: _prep(
+            make_manifest(t / "raw", per_class=6, split=True, extra_rows=[_row("cat0.png", "x1", split="train")]), t
+        ),
+        "skip",
+        ["test image also in a training or validation row (the same file)"],
+    ),
+    "manifest_label_nfc_and_nfd_are_one_class": Case(
+        lambda t, c: _prep(
+            _manifest(
+                t,
+                _row("cat0.png", "x1", label=unicodedata.normalize("NFC", "café")),
+                _row("cat1.png", "x2", label=unicodedata.normalize("NFD", "café")),
+            ),
+            t,
+        ),
+        "kept",
+        check=_one_cafe_class,
+    ),
+    "tokenize_file_not_utf8": Case(
+        lambda t, c: ["tokenize", "-f", str(_bytes(t / "latin1.txt", "café red\n".encode("latin-1")))],
+        "error",
+        ["latin1.txt: not UTF-8 text", "save it as UTF-8"],
+    ),
+    "report_unknown_encoder": Case(
+        lambda t, c: ["report", str(_copy_run(t, c)), "--encoder", "bogus", "--no-figures"],
+        "error",
+        ["--encoder 'bogus': no run of it here (encoders: none)"],
+    ),
+    "report_unknown_class_writes_nothing": Case(
+        lambda t, c: ["report", str(_bilinear_run(t, c)), "--class", "nonexist", "--no-figures"],
+        "error",
+        ["class 'nonexist'"],
+        check=_holds(lambda t, c: not list((t / "run").glob("report.*"))),
+    ),
+    "fetch_negative_test_per_class_downloads_nothing": Case(
+        lambda t, c: ["datasets", "fetch", "mdi", "--test-per-class", "-1", "--dir", str(t / "mdi")],
+        "error",
+        ["--test-per-class must be >= 0, got -1"],
+        check=_holds(lambda t, c: not (t / "mdi").exists()),
+    ),
+    "serve_max_upload_zero_names_the_flag": Case(
+        lambda t, c: ["serve", "--run", str(_copy_run(t, c)), "--max-upload-mb", "0"],
+        "error",
+        ["--max-upload-mb must be at least"],
+    ),
 }
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import KEEP_ALL, make_manifest
+from conftest import KEEP_ALL, make_manifest, write_image
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -88,13 +88,15 @@ def test_given_split_is_kept_and_classes_ordered_by_count(tmp_path):
     # 4 training rows per class from the fixture (i >= 2), plus extra training rows: dog 4 + 2,
     # cup 4 + 1, and a new class bee with 4 (a tie with cat, broken by the name): dog, cup, bee, cat
     extra = [
-        {"image": f"dog{i}.png", "title": "blue dog", "label": "dog", "id": f"xd{i}", "split": "train"}
-        for i in range(2)
+        {"image": f"xd{i}.png", "title": "blue dog", "label": "dog", "id": f"xd{i}", "split": "train"} for i in range(2)
     ]
-    extra += [{"image": "cup0.png", "title": "white cup", "label": "cup", "id": "xc0", "split": "train"}]
+    extra += [{"image": "xc0.png", "title": "white cup", "label": "cup", "id": "xc0", "split": "train"}]
     extra += [
-        {"image": f"cat{i}.png", "title": "red toy", "label": "bee", "id": f"xb{i}", "split": "train"} for i in range(4)
+        {"image": f"xb{i}.png", "title": "red toy", "label": "bee", "id": f"xb{i}", "split": "train"} for i in range(4)
     ]
+    (tmp_path / "raw").mkdir()
+    for n, row in enumerate(extra):  # images of their own: a file on both sides would lose its test row
+        write_image(tmp_path / "raw" / row["image"], seed=900 + n, channel=n % 3)
     m = make_manifest(tmp_path / "raw", per_class=6, split=True, extra_rows=extra)
     s = prep.prepare(recipe_for(m), tmp_path / "p.h5")
     assert (s.train_images, s.test_images) == (12 + 7, 6)
@@ -118,6 +120,44 @@ def test_split_is_seeded_and_balanced(tmp_path, manifest):
     prep.prepare(recipe_for(manifest, "data.split_seed=1"), tmp_path / "c.h5")
     ids = lambda p: open_prepared(p).ids()[a.train_images :]  # noqa: E731
     assert ids(tmp_path / "a.h5") == ids(tmp_path / "b.h5") != ids(tmp_path / "c.h5")
+
+
+def test_rows_of_one_image_are_drawn_to_one_side(tmp_path):
+    # One photo listed twice (two titles, or a repeated row): both rows are one unit of the drawn
+    # test and validation split, so no image is trained on and scored.
+    root = tmp_path / "raw"
+    make_manifest(root, per_class=12)
+    with (root / "m.csv").open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    dups = [{**r, "id": "dup-" + r["id"], "title": r["title"] + " again"} for r in rows]
+    m = make_manifest(root, per_class=12, extra_rows=dups)
+    out = tmp_path / "p.h5"
+    prep.prepare(
+        load_recipe(None, ["data.source=manifest", f"data.manifest={m}", "data.image_size=16", *KEEP_ALL]), out
+    )
+    p = open_prepared(out)
+    ids = p.ids()
+    side = {rid: ("train" if i < p.n_train else "val" if i < p.test_start else "test") for i, rid in enumerate(ids)}
+    assert len(side) == 2 * len(rows)
+    assert {side[r["id"]] for r in rows} == {"train", "val", "test"}
+    for r in rows:
+        assert side[r["id"]] == side["dup-" + r["id"]], r["id"]
+
+
+def test_same_image_both_sides_of_a_given_split_loses_its_test_row(tmp_path):
+    m = make_manifest(
+        tmp_path / "raw",
+        per_class=6,
+        split=True,
+        extra_rows=[{"image": "cat0.png", "title": "red cat", "label": "cat", "id": "again", "split": "train"}],
+    )
+    out = tmp_path / "p.h5"
+    s = prep.prepare(
+        load_recipe(None, ["data.source=manifest", f"data.manifest={m}", "data.image_size=16", *KEEP_ALL]), out
+    )
+    ids = open_prepared(out).ids()
+    assert "again" in ids and "cat-0" not in ids  # cat0.png is a test row (i < 2) in the given split
+    assert s.skipped == {"test image also in a training or validation row (the same file)": 1}
 
 
 def test_refuses_to_overwrite_and_force_replaces(tmp_path, manifest):
@@ -156,7 +196,7 @@ def test_unfinished_file_is_refused(tmp_path, manifest):
     prep.prepare(recipe_for(manifest), out)
     with h5py.File(out, "a") as f:
         f.attrs["complete"] = 0
-    with pytest.raises(SicotError, match="incomplete .*sicot prepare --out"):
+    with pytest.raises(SicotError, match="incomplete .*sicot prepare --recipe R \\(or --manifest M\\) --out"):
         open_prepared(out)
     out.write_bytes(out.read_bytes()[:1000])
     with pytest.raises(SicotError, match="not a readable HDF5 file"):

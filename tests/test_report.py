@@ -260,6 +260,38 @@ def test_report_refuses_non_runs(tmp_path):
     assert r.exit_code == 2 and "not a run directory and holds none" in r.output
 
 
+def _edit_recipe(run: Path, section: str, key: str, value) -> None:
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["recipe"][section][key] = value
+    (run / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [
+        ("train", "lr", 5.0),
+        ("model", "backbone", "resnet34"),
+        ("model", "pretrained", "runs/other"),
+        ("eval", "head_threshold", 7),
+    ],
+)
+def test_report_refuses_runs_trained_with_other_settings(ablation, section, key, value):
+    # Pairing a baseline and a co-trained run by seed is only a gain when both trained the same
+    # visual stream the same way: another lr/backbone/pretraining/group boundary is refused by name.
+    _edit_recipe(ablation / "bilinear-s1", section, key, value)
+    with pytest.raises(SicotError, match=rf"{section}\.{key} \(.*vs .*\).*report them separately") as e:
+        build_report([ablation], "bilinear")
+    assert "bilinear-s1" in str(e.value)
+
+
+def test_report_keeps_runs_that_differ_only_in_what_an_ablation_varies(ablation):
+    # lam, the preset's keys and the long-tail method are what an ablation compares: not refused.
+    _edit_recipe(ablation / "bilinear-s1", "train", "lam", 0.5)
+    _edit_recipe(ablation / "bilinear-s1", "train", "normalize_loss", False)
+    _edit_recipe(ablation / "mean-s0", "train", "threads", 1)
+    assert build_report([ablation], "bilinear").gains["bilinear"]["top1"].values == [3.0, 2.0, 4.0]
+
+
 def test_a_single_run_without_baseline_is_reported_with_its_curves(tmp_path, monkeypatch):
     import warnings
 

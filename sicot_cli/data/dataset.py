@@ -314,6 +314,14 @@ class Prepared:
         return {"classes": self.num_classes, "vocab": len(self.words), "sha256": h.hexdigest()[:16]}
 
 
+def rebuild_hint(path: Path) -> str:
+    """How to rebuild a damaged prepared file: the same inputs and settings, not the built-in demo's."""
+    return (
+        f"rebuild it with the command that made it plus --force: `sicot prepare --recipe R (or --manifest M) "
+        f"--out {path} --force` (its settings are in {path.with_suffix('.recipe.json').name})"
+    )
+
+
 def open_prepared(path: str | Path) -> Prepared:
     """Open a prepared file and check it is complete and of a known format.
 
@@ -322,7 +330,7 @@ def open_prepared(path: str | Path) -> Prepared:
             message names the file and the command that rebuilds it.
     """
     path = Path(path)
-    rebuild = f"rebuild it with `sicot prepare --out {path} --force`"
+    rebuild = rebuild_hint(path)
     if not path.is_file():
         if path.exists():
             raise SicotError(

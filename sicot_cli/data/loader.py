@@ -30,13 +30,14 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import h5py
 import numpy as np
 import torch
 
 from sicot_cli.data.augment import crop_flip_params
-from sicot_cli.data.dataset import Prepared
+from sicot_cli.data.dataset import Prepared, rebuild_hint
 from sicot_cli.data.jpegstore import Store, crop_boxes, decode_row
 from sicot_cli.data.sampler import draw_rows
 from sicot_cli.errors import SicotError
@@ -46,7 +47,7 @@ def read_error(path: object, e: Exception) -> SicotError:
     """An HDF5 read failure in the middle of a job: the file changed or the disk failed, never a traceback."""
     return SicotError(
         f"{path}: cannot read the images ({str(e).splitlines()[0] if str(e) else type(e).__name__}): the file was damaged or the disk failed; "
-        f"rebuild it with `sicot prepare --out {path} --force` (an interrupted run resumes from its last checkpoint)"
+        f"{rebuild_hint(Path(str(path)))}; an interrupted run resumes from its last checkpoint"
     )
 
 

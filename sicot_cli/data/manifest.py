@@ -26,6 +26,7 @@ import csv
 import io
 import json
 import math
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -208,7 +209,8 @@ def read_manifest(path: str | Path, skips: Skips) -> list[Row]:
             skips.add(f"missing {bad}" if values[bad] in (None, "") else f"{bad} is not text or a finite number", where)
             continue
         image = texts["image"].strip()
-        label = texts["label"].strip()
+        # one class however its name was typed: "café" composed (NFC) and decomposed (NFD) are one label
+        label = unicodedata.normalize("NFC", texts["label"].strip())
         title = texts["title"]
         if not image:
             skips.add("missing image", where)

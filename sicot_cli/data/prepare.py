@@ -133,24 +133,61 @@ def _read_source(recipe: Recipe, skips: Skips) -> tuple[list[_Rec], str]:
     return recs, f"manifest {d.manifest}"
 
 
-def _split(recs: list[_Rec], recipe: Recipe) -> None:
-    """Give every record a split: keep the manifest's, or draw a seeded, class-balanced one."""
+def _image_key(r: _Rec) -> object:
+    """What makes two records one image: the same resolved file (a synthetic item is its own)."""
+    return r.source if isinstance(r.source, Path) else id(r)
+
+
+def _by_image(members: list[_Rec]) -> list[list[_Rec]]:
+    """``members`` grouped by image, in order of first appearance (one group per record when all differ)."""
+    groups: dict[object, list[_Rec]] = {}
+    for r in members:
+        groups.setdefault(_image_key(r), []).append(r)
+    return list(groups.values())
+
+
+def _split(recs: list[_Rec], recipe: Recipe) -> bool:
+    """Give every record a split: keep the manifest's, or draw a seeded, class-balanced one.
+
+    Rows that share an image file (one photo listed under several titles) are one unit of the
+    draw, so an image is never both trained on and scored; a file drawn to the test side under one
+    label and to training under another is trained on. Returns whether the manifest gave the split
+    (its conflicts are settled by :func:`_drop_test_rows_of_trained_images`, after the title filter).
+    """
     with_split = [r for r in recs if r.split is not None]
     if with_split and len(with_split) < len(recs):
         first = next(r for r in recs if r.split is None)
         raise SicotError(f"{first.where}: no split, but other rows have one: give every row a split or none")
     if with_split:
-        return
+        return True
     by_class: dict[str, list[_Rec]] = defaultdict(list)
     for r in recs:
         by_class[r.label].append(r)
     rng = np.random.default_rng(recipe.data.split_seed)
     for label in sorted(by_class):
-        members = sorted(by_class[label], key=lambda r: r.id)
-        order = rng.permutation(len(members))
-        n_test = max(0, min(recipe.data.test_per_class, len(members) - recipe.data.min_train_per_class))
+        units = _by_image(sorted(by_class[label], key=lambda r: r.id))
+        order = rng.permutation(len(units))
+        n_test = max(0, min(recipe.data.test_per_class, len(units) - recipe.data.min_train_per_class))
         for rank, i in enumerate(order):
-            members[i].split = "test" if rank < n_test else "train"
+            for r in units[i]:
+                r.split = "test" if rank < n_test else "train"
+    trained = {_image_key(r) for r in recs if r.split == "train"}
+    for r in recs:
+        if r.split == "test" and _image_key(r) in trained:
+            r.split = "train"
+    return False
+
+
+def _drop_test_rows_of_trained_images(recs: list[_Rec], skips: Skips) -> list[_Rec]:
+    """A manifest's own split with one file on both sides: its test rows are skipped and counted."""
+    trained = {_image_key(r) for r in recs if r.split != "test"}
+    kept = []
+    for r in recs:
+        if r.split == "test" and _image_key(r) in trained:
+            skips.add("test image also in a training or validation row (the same file)", r.where)
+            continue
+        kept.append(r)
+    return kept
 
 
 def _carve_validation(recs: list[_Rec], recipe: Recipe) -> None:
@@ -170,10 +207,15 @@ def _carve_validation(recs: list[_Rec], recipe: Recipe) -> None:
             by_class[r.label].append(r)
     rng = np.random.default_rng([d.split_seed, 1])  # its own stream: the test split is unchanged
     for label in sorted(by_class):
-        members = sorted(by_class[label], key=lambda r: r.id)
-        n_val = max(0, min(int(d.val_fraction * len(members)), len(members) - d.min_train_per_class))
-        for i in rng.permutation(len(members))[:n_val]:
-            members[i].split = "val"
+        units = _by_image(sorted(by_class[label], key=lambda r: r.id))  # one image: one side
+        n_val = max(0, min(int(d.val_fraction * len(units)), len(units) - d.min_train_per_class))
+        for i in rng.permutation(len(units))[:n_val]:
+            for r in units[i]:
+                r.split = "val"
+    trained = {_image_key(r) for r in recs if r.split == "train"}
+    for r in recs:  # an image carved into validation under one label but trained under another
+        if r.split == "val" and _image_key(r) in trained:
+            r.split = "train"
 
 
 def _drop_untrainable(recs: list[_Rec], min_train: int, skips: Skips) -> list[_Rec]:
@@ -242,7 +284,7 @@ def build_text(recipe: Recipe, skips: Skips, progress: Progress | None = None, v
             r.tokens = toks
         task.advance(len(recs))
 
-    _split(recs, recipe)
+    given_split = _split(recs, recipe)
     recs = _drop_untrainable(recs, 1, skips)
     _carve_validation(recs, recipe)
     train_recs = [r for r in recs if r.split == "train"]
@@ -279,9 +321,23 @@ def build_text(recipe: Recipe, skips: Skips, progress: Progress | None = None, v
             truncated += 1
         r.ids = ids[: d.max_title_tokens]
         kept.append(r)
+    if given_split:
+        kept = _drop_test_rows_of_trained_images(kept, skips)
     recs = _drop_untrainable(kept, d.min_train_per_class, skips)
     if not recs:
         raise SicotError(f"{source}: no row left after filtering ({skips.as_dict()})")
+    labels = sorted({r.label for r in recs if r.split == "train"})
+    if len(labels) < 2:
+        raise SicotError(
+            f"{source}: only one class has training images ({labels[0]!r}); a classifier needs at least 2: "
+            "check the label column"
+        )
+    if not any(r.split == "test" for r in recs):  # a file to measure or pretrain on may want none
+        log.warning(
+            "%s: no test row (every row is train or val): `sicot train` will refuse this file; give some rows "
+            "split=test, or leave the split column out and prepare draws one (data.test_per_class)",
+            source,
+        )
     if vectors:
         vecs, vreport = word_vectors([r.tokens for r in recs if r.split == "train"], vocab, recipe.embed, base=None)
     else:  # a --shard part: the merge step trains them, once

@@ -10,7 +10,6 @@ for that file) start from small seeded random vectors and are counted in the rep
 from __future__ import annotations
 
 import logging
-import os
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -172,12 +171,11 @@ def save_word2vec_text(path: str | Path, words: Sequence[str], vectors: np.ndarr
     """Write vectors (without the padding row) in word2vec text format, atomically."""
     from gensim.models import KeyedVectors
 
+    from sicot_cli.fsutil import atomic_path, ensure_dir
+
     path = Path(path)
     kv = KeyedVectors(vector_size=vectors.shape[1])
     kv.add_vectors(list(words[1:]), vectors[1:])
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    ensure_dir(path.parent)  # a user error naming the folder when it cannot be made or written
+    with atomic_path(path) as tmp:
         kv.save_word2vec_format(str(tmp), binary=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
