@@ -529,6 +529,28 @@ def _csv_list(value: str | None) -> list[str] | None:
     return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _axis(flag: str, value: str | None) -> list[str] | None:
+    """An ablation axis (``--encoders``, ``--seeds``, ``--presets``, ``--methods``): comma-separated,
+    no empty item, nothing named twice; None when the flag is not given.
+
+    Raises:
+        SicotError: naming the flag and what is wrong.
+    """
+    from sicot_cli.errors import SicotError
+
+    if value is None:
+        return None
+    items = [v.strip() for v in value.split(",")]
+    if not any(items):
+        raise SicotError(f"{flag} names nothing ({value!r}); leave it out for the default")
+    if not all(items):
+        raise SicotError(f"{flag} has an empty item ({value!r}): separate the names by single commas")
+    twice = sorted({v for v in items if items.count(v) > 1})
+    if twice:
+        raise SicotError(f"{flag} names {', '.join(twice)} twice: each is run once")
+    return items
+
+
 @app.command()
 @guard
 def ablate(
@@ -577,10 +599,7 @@ def ablate(
     from sicot_cli.preflight import check_training
 
     check_training(cfg, data)
-    for flag, value in (("--presets", presets), ("--methods", methods)):
-        if value is not None and not _csv_list(value):
-            raise SicotError(f"{flag} names nothing ({value!r}); leave it out for the default")
-    keys = {"data": data, "presets": _csv_list(presets), "method_names": _csv_list(methods)}
+    keys = {"data": data, "presets": _axis("--presets", presets), "method_names": _axis("--methods", methods)}
     root, statuses = _run_ablation(cfg, names, seed_list, out, keys)
     if statuses and statuses[-1].state == "interrupted":
         from rich.text import Text
@@ -642,27 +661,19 @@ def _ablation_axes(encoders: str | None, seeds: str, encoder_module: list[str] |
     from sicot_cli.errors import SicotError
 
     _load_encoder_modules(encoder_module)
-    given = _csv_list(encoders)
-    if given is not None and not given:
-        raise SicotError(f"--encoders names no encoder ({encoders!r}); leave it out to run every registered one")
-    names = given or list_encoders()
+    names = _axis("--encoders", encoders) or list_encoders()
     for name in names:
         _check_encoder(name)
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise SicotError(f"--encoders names {', '.join(twice)} twice: each encoder is trained once per seed")
     try:
-        numbers = [int(s) for s in _csv_list(seeds) or []]
+        numbers = [int(s) for s in _axis("--seeds", seeds) or []]
     except ValueError:
         raise SicotError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
-    if not numbers:
-        raise SicotError(f"--seeds names no seed ({seeds!r}); e.g. --seeds 0,1,2")
     bad = [n for n in numbers if not 0 <= n <= MAX_SEED]
     if bad:
         raise SicotError(f"--seeds must be integers from 0 to {MAX_SEED}, got {bad[0]}")
-    twice_s = sorted({n for n in numbers if numbers.count(n) > 1})
-    if twice_s:
-        raise SicotError(f"--seeds names {', '.join(map(str, twice_s))} twice: each seed is one run per encoder")
+    twice = sorted({n for n in numbers if numbers.count(n) > 1})  # 1 and 01
+    if twice:
+        raise SicotError(f"--seeds names {', '.join(map(str, twice))} twice: each is run once")
     return names, numbers
 
 

@@ -112,11 +112,22 @@ def _check_split_args(test_per_class: int, seed: int) -> None:
 Force = Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")]
 
 
-def _check_out(out: Path, force: bool) -> None:
-    """Refuse to replace an existing manifest (or anything else at ``--out``) unless ``--force``."""
+def _check_out(out: Path, force: bool, inputs: tuple[Path, ...] = (), input_dirs: tuple[Path, ...] = ()) -> None:
+    """Refuse to replace an existing manifest (or anything else at ``--out``) unless ``--force``,
+    and never (``--force`` or not) one of the command's own inputs or a file in an input folder."""
+    import os
+
     from sicot_cli.errors import SicotError
     from sicot_cli.fsutil import exists
 
+    where = Path(os.path.abspath(out))
+    for i in inputs:
+        same = where == Path(os.path.abspath(i)) or (exists(out) and exists(i) and os.path.samefile(out, i))
+        if same:
+            raise SicotError(f"{out}: is one of this command's inputs ({i}); choose another --out")
+    for d in input_dirs:
+        if Path(os.path.abspath(d)) in where.parents:
+            raise SicotError(f"{out}: is inside the dataset's folder {d}; choose another --out")
     if exists(out) and not force:
         raise SicotError(f"{out}: already exists; pass --force to replace it, or choose another --out")
 
@@ -178,7 +189,7 @@ def import_imaterialist(
     """iMaterialist Product 2019: train.json -> train, val.json -> test, titles from your file."""
     from sicot_cli.data.importers.imaterialist import import_imaterialist as run
 
-    _check_out(out, force)
+    _check_out(out, force, (titles, root / "train.json", root / "val.json"), (root / train_images, root / test_images))
     _print(run(root, titles, out, train_images=train_images, test_images=test_images))
 
 
@@ -200,5 +211,5 @@ def import_webvision(
     from sicot_cli.data.importers.webvision import import_webvision as run
 
     _check_split_args(0, seed)
-    _check_out(out, force)
+    _check_out(out, force, (), (root / "info", root / "meta"))
     _print(run(root, out, classes, seed, tuple(s.strip() for s in sources.split(",") if s.strip()), text, images))

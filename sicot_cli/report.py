@@ -478,6 +478,8 @@ SHARED_KEYS = (
     ("train", "gamma"),
     ("train", "augment"),
     ("train", "crop_scale"),
+    ("train", "class_sample_rate"),
+    ("train", "classifier_dtype"),
     ("eval", "head_threshold"),
     ("eval", "many_threshold"),
     ("eval", "few_threshold"),
@@ -486,28 +488,57 @@ SHARED_KEYS = (
 )
 
 
+# Recipe keys that say how a run was executed or where its files are, not what it computed: the
+# seeds of one row of a table may differ in these (and in train.seed) and nothing else.
+HOW_IT_RAN = {
+    ("train", k)
+    for k in (
+        "seed", "device", "threads", "loader_workers", "runs_dir", "in_memory", "memory_limit_gb", "block_rows",
+        "shuffle_blocks", "eval_batch_size", "compile", "rank_shards", "keep_best", "classifier_parallel",
+        "classifier_parallel_min_classes", "amp", "channels_last",
+    )
+} | {("data", k) for k in ("out", "manifest", "workers", "strict")} | {("", "name")}  # fmt: skip
+
+
+def _flat(recipe: dict[str, Any]) -> dict[tuple[str, str], Any]:
+    """``{(section, key): value}`` of a saved recipe (top-level keys under section "")."""
+    out: dict[tuple[str, str], Any] = {}
+    for k, v in recipe.items():
+        if isinstance(v, dict) and k not in ("encoder_options",):
+            out.update({(k, kk): vv for kk, vv in v.items()})
+        else:
+            out[("", k)] = v
+    return out
+
+
 def _check_shared_settings(runs_: list[Run]) -> None:
-    """Refuse runs whose :data:`SHARED_KEYS` differ: they are not seeds of one experiment.
+    """Refuse runs that are not one experiment: :data:`SHARED_KEYS` differ between any two runs,
+    or two seeds of one table row (same label) differ in any key but :data:`HOW_IT_RAN`.
 
     Raises:
         SicotError: naming two runs and every key on which they differ.
     """
+
+    def refuse(a: Run, b: Run, keys: list[tuple[str, str]], why: str) -> None:
+        fa, fb = _flat(a.config.get("recipe", {})), _flat(b.config.get("recipe", {}))
+        diff = [f"{'.'.join(x for x in key if x)} ({fa.get(key)!r} vs {fb.get(key)!r})" for key in keys]
+        raise SicotError(f"{a.path} and {b.path} {why}: {', '.join(diff)}; report them separately")
+
     first = runs_[0]
-
-    def value(r: Run, section: str, key: str) -> Any:
-        return r.config.get("recipe", {}).get(section, {}).get(key)
-
     for r in runs_[1:]:
-        diff = [
-            f"{s}.{k} ({value(first, s, k)!r} vs {value(r, s, k)!r})"
-            for s, k in SHARED_KEYS
-            if value(first, s, k) != value(r, s, k)
-        ]
-        if diff:
-            raise SicotError(
-                f"{first.path} and {r.path} were trained with different settings: {', '.join(diff)}; "
-                "a report compares runs of one experiment across seeds: report them separately"
+        fa, fb = _flat(first.config.get("recipe", {})), _flat(r.config.get("recipe", {}))
+        keys = [k for k in SHARED_KEYS if fa.get(k) != fb.get(k)]
+        if keys:
+            refuse(
+                first, r, keys, "were trained with different settings (a report pairs runs by seed as one experiment)"
             )
+    by_label: dict[str, Run] = {}
+    for r in runs_:
+        a = by_label.setdefault(r.encoder, r)
+        fa, fb = _flat(a.config.get("recipe", {})), _flat(r.config.get("recipe", {}))
+        keys = sorted(k for k in set(fa) | set(fb) if k not in HOW_IT_RAN and fa.get(k) != fb.get(k))
+        if keys:
+            refuse(a, r, keys, f"are both {r.encoder!r} in the tables but were trained differently")
 
 
 def build_report(paths: list[Path], chosen: str = "bilinear", bootstrap: bool = True) -> Report:
@@ -523,6 +554,8 @@ def build_report(paths: list[Path], chosen: str = "bilinear", bootstrap: bool = 
     _check_shared_settings(runs_)
     seen: dict[tuple[str, int], Path] = {}
     for r in runs_:
+        if (r.encoder, r.seed) in seen and seen[(r.encoder, r.seed)].resolve() == r.path.resolve():
+            raise SicotError(f"{r.path}: the same run is given twice; give each run or ablation directory once")
         if (r.encoder, r.seed) in seen:
             raise SicotError(
                 f"two runs of encoder {r.encoder!r} with seed {r.seed}: {seen[(r.encoder, r.seed)]} and {r.path}; report them separately"

@@ -33,7 +33,6 @@ from sicot_cli.fsutil import (
     ensure_dir,
     is_stale_tmp,
     read_regular,
-    remove_stale_tmps,
     write_json,
 )
 
@@ -71,6 +70,17 @@ def is_finished(path: Path) -> bool:
     return (path / SUMMARY).is_file()
 
 
+# What a run directory holds (decouple.FEATURES too): the temporaries a killed run may leave are theirs.
+RUN_FILES = (CONFIG, METRICS, LAST, BEST, PREDICTIONS, SUMMARY, "features.pt")
+
+
+def _stale_run_tmp(path: Path) -> bool:
+    """A temporary of one of :data:`RUN_FILES` (``.NAME.tmp-PID``) left by a process that no longer runs."""
+    base = path.name[1:].rsplit(".tmp-", 1)[0] if path.name.startswith(".") and ".tmp-" in path.name else None
+    ours = base is not None and (base in RUN_FILES or base.startswith("checkpoint-"))  # + classifier parts
+    return ours and is_stale_tmp(path)
+
+
 def check_resumable(run_dir: Path) -> None:
     """Refuse ``--resume`` early (before any data is read) on a folder that holds no run of ours.
 
@@ -83,7 +93,7 @@ def check_resumable(run_dir: Path) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise SicotError(f"{run_dir}: exists and is not a directory; pass --run-dir with a run folder")
     if run_dir.is_dir() and not is_run(run_dir):
-        own = [p for p in run_dir.iterdir() if not is_stale_tmp(p)]
+        own = [p for p in run_dir.iterdir() if not _stale_run_tmp(p)]
         if own:
             raise SicotError(
                 f"{run_dir}: not a run directory (no {CONFIG}), nothing to resume; pass --run-dir with a new folder"
@@ -95,15 +105,18 @@ def start_run(run_dir: Path, config: dict[str, Any], resume: bool) -> bool:
 
     Raises:
         SicotError: the path exists and is not a directory; the directory exists and ``resume`` is
-            False; or ``resume`` with nothing to resume (no such folder, an empty one, or a folder
-            without ``config.json``, which is no run: its files are the user's and are left alone).
+            False; or ``resume`` on a folder without ``config.json`` that holds files of its own
+            (no run: its files are the user's and are left alone). A missing or empty folder starts.
     """
     if run_dir.exists() and not run_dir.is_dir():
         raise SicotError(f"{run_dir}: exists and is not a directory; pass --run-dir with a new folder")
     if run_dir.is_dir():
         # Half-written files of a killed run go first: the renamed ones are intact, and a folder
         # holding nothing else (killed before its config.json was renamed) is no run to protect.
-        remove_stale_tmps(run_dir)
+        # Only temporaries of a run's own files: a user's ".notes.tmp-123" is not ours to delete.
+        for tmp in run_dir.iterdir():
+            if _stale_run_tmp(tmp):
+                tmp.unlink(missing_ok=True)
     if run_dir.exists() and any(run_dir.iterdir()):
         if not resume:
             raise SicotError(

@@ -1377,13 +1377,39 @@ CASES: dict[str, Case] = {
     ),
     "ablate_seed_twice": Case(lambda t, c: _ablate(t, c, "--seeds", "0,0"), "error", ["--seeds names 0 twice"]),
     "ablate_encoders_only_commas": Case(
-        lambda t, c: _ablate(t, c, "--encoders", ","), "error", ["--encoders names no encoder"]
+        lambda t, c: _ablate(t, c, "--encoders", ","), "error", ["--encoders names nothing"]
     ),
     "ablate_encoders_twice": Case(
         lambda t, c: _ablate(t, c, "--encoders", "mean,mean"), "error", ["--encoders names mean twice"]
     ),
     "ablate_table_encoder_not_trained": Case(
         lambda t, c: _ablate(t, c, "--encoder", "bogus"), "error", ["--encoder 'bogus' is not among the encoders"]
+    ),
+    "ablate_seeds_empty_item": Case(
+        lambda t, c: _ablate(t, c, "--seeds", "0,,1"), "error", ["--seeds has an empty item ('0,,1')"]
+    ),
+    "ablate_presets_twice": Case(
+        lambda t, c: _ablate(t, c, "--presets", "sicot,sicot"), "error", ["--presets names sicot twice"]
+    ),
+    "report_same_run_twice": Case(
+        lambda t, c: ["report", str(_copy_run(t, c)), str(t / "." / "run"), "--no-figures"],
+        "error",
+        ["the same run is given twice"],
+    ),
+    "train_resume_keeps_a_users_tmp_named_file": Case(
+        lambda t, c: [
+            _lines(t / "mine" / ".notes.tmp-999999999", "mine"),
+            _train("--resume", run="mine")(t, c),
+        ][1],
+        "error",
+        ["mine: not a run directory (no config.json), nothing to resume"],
+        check=_unchanged("mine/.notes.tmp-999999999", "mine"),
+    ),
+    "import_out_is_its_own_titles_file_even_with_force": Case(
+        lambda t, c: [*_imaterialist()(t, c)[:-1], str(t / "t.jsonl"), "--force"],
+        "error",
+        ["t.jsonl: is one of this command's inputs"],
+        check=_unchanged("t.jsonl", '{"id": "train000ab.jpg", "title": "red cup"}\n'),
     ),
     "embed_out_into_missing_folder": Case(
         lambda t, c: ["embed", "--manifest", str(_manifest(t)), "--out", str(t / "new" / "dir" / "v.txt"), *KEEP_ALL],

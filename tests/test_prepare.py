@@ -129,7 +129,20 @@ def test_rows_of_one_image_are_drawn_to_one_side(tmp_path):
     make_manifest(root, per_class=12)
     with (root / "m.csv").open(newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
-    dups = [{**r, "id": "dup-" + r["id"], "title": r["title"] + " again"} for r in rows]
+    for r in rows:  # the second row names the file another way: a hard link, or ./ and ../
+        if r["id"].endswith(("0", "2", "4", "6", "8")):
+            os.link(root / r["image"], root / ("hard-" + r["image"]))
+    dups = [
+        {
+            **r,
+            "id": "dup-" + r["id"],
+            "title": r["title"] + " again",
+            "image": ("hard-" + r["image"])
+            if r["id"].endswith(("0", "2", "4", "6", "8"))
+            else f"./../raw/{r['image']}",
+        }
+        for r in rows
+    ]
     m = make_manifest(root, per_class=12, extra_rows=dups)
     out = tmp_path / "p.h5"
     prep.prepare(
@@ -145,19 +158,26 @@ def test_rows_of_one_image_are_drawn_to_one_side(tmp_path):
 
 
 def test_same_image_both_sides_of_a_given_split_loses_its_test_row(tmp_path):
-    m = make_manifest(
-        tmp_path / "raw",
-        per_class=6,
-        split=True,
-        extra_rows=[{"image": "cat0.png", "title": "red cat", "label": "cat", "id": "again", "split": "train"}],
-    )
+    extra = [
+        {"image": "cat0.png", "title": "red cat", "label": "cat", "id": "again", "split": "train"},
+        {"image": "./cat3.png", "title": "red cat", "label": "cat", "id": "val-of-train", "split": "val"},
+        {"image": "./dog5.png", "title": "dog", "label": "dog", "id": "val-5", "split": "val"},
+        {"image": "../raw/dog5.png", "title": "dog", "label": "dog", "id": "test-of-val", "split": "test"},
+    ]
+    m = make_manifest(tmp_path / "raw", per_class=6, split=True, extra_rows=extra)
+    lines = m.read_text(encoding="utf-8").splitlines()  # dog5.png's own row becomes a test row too
+    m.write_text("\n".join(ln for ln in lines if not ln.startswith("dog5.png,")) + "\n", encoding="utf-8")
     out = tmp_path / "p.h5"
     s = prep.prepare(
         load_recipe(None, ["data.source=manifest", f"data.manifest={m}", "data.image_size=16", *KEEP_ALL]), out
     )
     ids = open_prepared(out).ids()
     assert "again" in ids and "cat-0" not in ids  # cat0.png is a test row (i < 2) in the given split
-    assert s.skipped == {"test image also in a training or validation row (the same file)": 1}
+    assert "val-5" in ids and "val-of-train" not in ids and "test-of-val" not in ids
+    assert s.skipped == {
+        "test image also in a training or validation row (the same file)": 2,
+        "validation image also in a training row (the same file)": 1,
+    }
 
 
 def test_refuses_to_overwrite_and_force_replaces(tmp_path, manifest):

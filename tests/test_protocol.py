@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import KEEP_ALL, TRAIN_FAST, make_manifest
+from conftest import KEEP_ALL, TRAIN_FAST, make_manifest, write_image
 
 from sicot_cli import runs
 from sicot_cli.config import load_recipe
@@ -92,9 +92,12 @@ def test_small_classes_keep_all_their_training_images(tmp_path: Path) -> None:
 
 def test_manifest_val_rows_are_kept_as_given(tmp_path: Path) -> None:
     extra = [
-        {"image": f"cat{i}.png", "title": "red cat", "label": "cat", "id": f"v{i}", "split": sp}
+        {"image": f"v{i}.png", "title": "red cat", "label": "cat", "id": f"v{i}", "split": sp}
         for i, sp in ((2, "val"), (3, "validation"))
     ]
+    (tmp_path / "raw").mkdir()
+    for i in (2, 3):  # images of their own: a validation row that repeats a training file is skipped
+        write_image(tmp_path / "raw" / f"v{i}.png", seed=700 + i, channel=0)
     m = make_manifest(tmp_path / "raw", per_class=8, split=True, extra_rows=extra)
     p = _prepare(m, tmp_path / "d.h5")
     assert _ids(p, "val") == {"v2", "v3"}

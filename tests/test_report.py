@@ -285,11 +285,27 @@ def test_report_refuses_runs_trained_with_other_settings(ablation, section, key,
 
 
 def test_report_keeps_runs_that_differ_only_in_what_an_ablation_varies(ablation):
-    # lam, the preset's keys and the long-tail method are what an ablation compares: not refused.
-    _edit_recipe(ablation / "bilinear-s1", "train", "lam", 0.5)
-    _edit_recipe(ablation / "bilinear-s1", "train", "normalize_loss", False)
+    # lam, the preset's keys and the long-tail method are what an ablation compares (the same for
+    # every seed of one row); threads and the device say how a run ran: not refused.
+    for seed in (0, 1, 2):
+        _edit_recipe(ablation / f"bilinear-s{seed}", "train", "lam", 0.5)
+        _edit_recipe(ablation / f"bilinear-s{seed}", "train", "normalize_loss", False)
     _edit_recipe(ablation / "mean-s0", "train", "threads", 1)
+    _edit_recipe(ablation / "none-s2", "train", "device", "cuda")
     assert build_report([ablation], "bilinear").gains["bilinear"]["top1"].values == [3.0, 2.0, 4.0]
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"), [("train", "lam", 0.1), ("train", "distill", 1.0), ("decouple", "epochs", 3)]
+)
+def test_report_refuses_seeds_of_one_row_trained_differently(ablation, section, key, value):
+    # Averaged as one row over seeds, they must be one setting: a lam of 1 on seed 0 and 0.1 on
+    # seed 1 would be reported as "bilinear" with a mean over both.
+    _edit_recipe(ablation / "bilinear-s1", section, key, value)
+    with pytest.raises(
+        SicotError, match=rf"are both 'bilinear' in the tables but were trained differently: {section}\.{key}"
+    ):
+        build_report([ablation], "bilinear")
 
 
 def test_a_single_run_without_baseline_is_reported_with_its_curves(tmp_path, monkeypatch):

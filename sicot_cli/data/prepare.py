@@ -67,6 +67,7 @@ class _Rec:
     source: object  # a Path (manifest) or a SyntheticItem
     tokens: list[str] = field(default_factory=list)
     ids: list[int] = field(default_factory=list)
+    image_key: object = None  # see _image_key
 
 
 @dataclass
@@ -134,8 +135,18 @@ def _read_source(recipe: Recipe, skips: Skips) -> tuple[list[_Rec], str]:
 
 
 def _image_key(r: _Rec) -> object:
-    """What makes two records one image: the same resolved file (a synthetic item is its own)."""
-    return r.source if isinstance(r.source, Path) else id(r)
+    """What makes two records one image: the same file, however it is named (another relative path,
+    a symlink, a hard link: its device and inode); a synthetic item is its own. Computed once."""
+    if r.image_key is None:
+        if isinstance(r.source, Path):
+            try:
+                st = os.stat(r.source)
+                r.image_key = (st.st_dev, st.st_ino)
+            except (OSError, ValueError):  # missing or unreadable: skipped later, when it is decoded
+                r.image_key = r.source
+        else:
+            r.image_key = id(r)
+    return r.image_key
 
 
 def _by_image(members: list[_Rec]) -> list[list[_Rec]]:
@@ -179,11 +190,18 @@ def _split(recs: list[_Rec], recipe: Recipe) -> bool:
 
 
 def _drop_test_rows_of_trained_images(recs: list[_Rec], skips: Skips) -> list[_Rec]:
-    """A manifest's own split with one file on both sides: its test rows are skipped and counted."""
-    trained = {_image_key(r) for r in recs if r.split != "test"}
+    """A manifest's own split with one file on two sides: its training rows are kept, its
+    validation and test rows that repeat a training (or, for test, a validation) file are skipped
+    and counted."""
+    trained = {_image_key(r) for r in recs if r.split == "train"}
+    selected = {_image_key(r) for r in recs if r.split == "val"} - trained
     kept = []
     for r in recs:
-        if r.split == "test" and _image_key(r) in trained:
+        key = _image_key(r)
+        if r.split == "val" and key in trained:
+            skips.add("validation image also in a training row (the same file)", r.where)
+            continue
+        if r.split == "test" and (key in trained or key in selected):
             skips.add("test image also in a training or validation row (the same file)", r.where)
             continue
         kept.append(r)
