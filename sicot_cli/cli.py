@@ -196,6 +196,8 @@ def tokenize(
         plain = True
     if not titles:
         raise SicotError("nothing to tokenize: give titles as arguments or --file FILE")
+    if workers < 0:
+        raise SicotError(f"--workers must be >= 0 (0 = all cores), got {workers}")
     vocab = None
     if data is not None:
         from sicot_cli.data.dataset import open_prepared
@@ -456,8 +458,11 @@ def export(
     data: Annotated[Path | None, typer.Option(help="Prepared .h5 (default: the run's).")] = None,
 ) -> None:
     """Write the image-only model (ONNX or TorchScript) and a JSON that lets it run without sicot."""
+    from sicot_cli.errors import SicotError
     from sicot_cli.export import export as run_export
 
+    if out.name in ("", ".", "..") or out.is_dir():
+        raise SicotError(f"{out}: is a folder; --out names the model file to write (e.g. {out / 'model.onnx'})")
     r = run_export(run, out, fmt, checkpoint, data)
     console.print(
         safe(

@@ -1411,6 +1411,27 @@ CASES: dict[str, Case] = {
         ["t.jsonl: is one of this command's inputs"],
         check=_unchanged("t.jsonl", '{"id": "train000ab.jpg", "title": "red cup"}\n'),
     ),
+    "data_is_the_current_folder": Case(
+        lambda t, c: ["evaluate", "--run", str(_copy_run(t, c)), "--data", "."],
+        "error",
+        [".: not a regular file", "a prepared dataset is an .h5 file"],
+    ),
+    "data_is_a_manifest_gets_no_rebuild_command": Case(
+        lambda t, c: ["tokenize", "--data", str(_manifest(t)), "red"],
+        "error",
+        ["m.csv: not a readable HDF5 file", "--data names a prepared dataset"],
+        check=_holds(lambda t, c: (t / "raw" / "m.csv").read_text(encoding="utf-8").startswith("image,")),
+    ),
+    "export_out_is_a_folder": Case(
+        lambda t, c: ["export", "--run", str(_copy_run(t, c)), "--out", ""],
+        "error",
+        [".: is a folder; --out names the model file to write"],
+    ),
+    "tokenize_workers_negative": Case(
+        lambda t, c: ["tokenize", "--workers", "-5", "red cat"],
+        "error",
+        ["--workers must be >= 0 (0 = all cores), got -5"],
+    ),
     "embed_out_into_missing_folder": Case(
         lambda t, c: ["embed", "--manifest", str(_manifest(t)), "--out", str(t / "new" / "dir" / "v.txt"), *KEEP_ALL],
         "ok",

@@ -315,10 +315,22 @@ class Prepared:
 
 
 def rebuild_hint(path: Path) -> str:
-    """How to rebuild a damaged prepared file: the same inputs and settings, not the built-in demo's."""
+    """How to rebuild a damaged prepared file: the same inputs and settings, not the built-in demo's.
+
+    A file that does not look like a prepared dataset (no ``.h5`` name, no ``.recipe.json`` beside
+    it: a manifest given by mistake) gets no rebuild command: ``--out`` would name the user's file.
+    """
+    try:
+        side: Path | None = path.with_suffix(".recipe.json")
+    except ValueError:  # "", ".", "..": no file name
+        side = None
+    recorded = side is not None and side.is_file()
+    if path.suffix.lower() not in (".h5", ".hdf5") and not recorded:
+        return "--data names a prepared dataset, the .h5 file `sicot prepare` writes"
+    where = f" (its settings are in {side.name})" if recorded and side is not None else ""
     return (
         f"rebuild it with the command that made it plus --force: `sicot prepare --recipe R (or --manifest M) "
-        f"--out {path} --force` (its settings are in {path.with_suffix('.recipe.json').name})"
+        f"--out {path} --force`{where}"
     )
 
 
