@@ -530,10 +530,6 @@ def serve(
     )
 
 
-def _csv_list(value: str | None) -> list[str] | None:
-    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
-
-
 def _axis(flag: str, value: str | None) -> list[str] | None:
     """An ablation axis (``--encoders``, ``--seeds``, ``--presets``, ``--methods``): comma-separated,
     no empty item, nothing named twice; None when the flag is not given.

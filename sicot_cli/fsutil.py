@@ -125,16 +125,6 @@ def is_stale_tmp(path: Path) -> bool:
     return path.name.startswith(".") and ".tmp-" in path.name and path.is_file() and _dead_tmp(path)
 
 
-def remove_stale_tmps(folder: Path) -> list[Path]:
-    """Remove every temporary in ``folder`` left by a killed process; returns what was removed."""
-    removed = []
-    for tmp in folder.glob(".*.tmp-*"):
-        if tmp.is_file() and _dead_tmp(tmp):
-            tmp.unlink(missing_ok=True)
-            removed.append(tmp)
-    return removed
-
-
 def _name_max(folder: Path) -> int:
     while True:
         try:

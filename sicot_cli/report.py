@@ -520,13 +520,14 @@ def _check_shared_settings(runs_: list[Run]) -> None:
     """
 
     def refuse(a: Run, b: Run, keys: list[tuple[str, str]], why: str) -> None:
-        fa, fb = _flat(a.config.get("recipe", {})), _flat(b.config.get("recipe", {}))
+        fa, fb = flat[a.path], flat[b.path]
         diff = [f"{'.'.join(x for x in key if x)} ({fa.get(key)!r} vs {fb.get(key)!r})" for key in keys]
         raise SicotError(f"{a.path} and {b.path} {why}: {', '.join(diff)}; report them separately")
 
+    flat = {r.path: _flat(r.config.get("recipe", {})) for r in runs_}  # each recipe flattened once
     first = runs_[0]
     for r in runs_[1:]:
-        fa, fb = _flat(first.config.get("recipe", {})), _flat(r.config.get("recipe", {}))
+        fa, fb = flat[first.path], flat[r.path]
         keys = [k for k in SHARED_KEYS if fa.get(k) != fb.get(k)]
         if keys:
             refuse(
@@ -535,7 +536,7 @@ def _check_shared_settings(runs_: list[Run]) -> None:
     by_label: dict[str, Run] = {}
     for r in runs_:
         a = by_label.setdefault(r.encoder, r)
-        fa, fb = _flat(a.config.get("recipe", {})), _flat(r.config.get("recipe", {}))
+        fa, fb = flat[a.path], flat[r.path]
         keys = sorted(k for k in set(fa) | set(fb) if k not in HOW_IT_RAN and fa.get(k) != fb.get(k))
         if keys:
             refuse(a, r, keys, f"are both {r.encoder!r} in the tables but were trained differently")

@@ -189,6 +189,26 @@ def _split(recs: list[_Rec], recipe: Recipe) -> bool:
     return False
 
 
+def _check_classes_and_test_rows(recs: list[_Rec], source: str) -> None:
+    """Refuse data with one training class; warn when no test row is left (``train`` needs one).
+
+    Raises:
+        SicotError: naming the one class and the column to check.
+    """
+    labels = sorted({r.label for r in recs if r.split == "train"})
+    if len(labels) < 2:
+        raise SicotError(
+            f"{source}: only one class has training images ({labels[0]!r}); a classifier needs at least 2: "
+            "check the label column"
+        )
+    if not any(r.split == "test" for r in recs):  # a file to measure or pretrain on may want none
+        log.warning(
+            "%s: no test row (every row is train or val): `sicot train` will refuse this file; give some rows "
+            "split=test, or leave the split column out and prepare draws one (data.test_per_class)",
+            source,
+        )
+
+
 def _drop_test_rows_of_trained_images(recs: list[_Rec], skips: Skips) -> list[_Rec]:
     """A manifest's own split with one file on two sides: its training rows are kept, its
     validation and test rows that repeat a training (or, for test, a validation) file are skipped
@@ -344,18 +364,7 @@ def build_text(recipe: Recipe, skips: Skips, progress: Progress | None = None, v
     recs = _drop_untrainable(kept, d.min_train_per_class, skips)
     if not recs:
         raise SicotError(f"{source}: no row left after filtering ({skips.as_dict()})")
-    labels = sorted({r.label for r in recs if r.split == "train"})
-    if len(labels) < 2:
-        raise SicotError(
-            f"{source}: only one class has training images ({labels[0]!r}); a classifier needs at least 2: "
-            "check the label column"
-        )
-    if not any(r.split == "test" for r in recs):  # a file to measure or pretrain on may want none
-        log.warning(
-            "%s: no test row (every row is train or val): `sicot train` will refuse this file; give some rows "
-            "split=test, or leave the split column out and prepare draws one (data.test_per_class)",
-            source,
-        )
+    _check_classes_and_test_rows(recs, source)
     if vectors:
         vecs, vreport = word_vectors([r.tokens for r in recs if r.split == "train"], vocab, recipe.embed, base=None)
     else:  # a --shard part: the merge step trains them, once
