@@ -1,6 +1,6 @@
 """``python -m sicot_cli ...``: the console script, for launchers such as ``torchrun -m sicot_cli train``."""
 
-from sicot_cli.cli import app
+from sicot_cli.cli import main
 
 if __name__ == "__main__":
-    app(prog_name="sicot")
+    main()

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from sicot_cli.cli_datasets import app as datasets_app
-from sicot_cli.console import console, guard, safe, setup_logging, show
+from sicot_cli.console import console, fail, guard, safe, setup_logging, show
 from sicot_cli.console import plain as plain_text
 
 app = typer.Typer(
@@ -21,6 +21,45 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 app.add_typer(datasets_app, name="datasets")  # sicot datasets fetch emoji / import ... (sicot_cli/cli_datasets.py)
+
+
+def main(args: list[str] | None = None) -> None:
+    """The console script: the Typer app, with click's usage errors (an unknown option, a missing or
+    malformed value) as one red line naming the command's --help, and exit code 2."""
+    try:  # recent Typer carries its own copy of click
+        from typer._click import exceptions as click_errors
+    except ImportError:  # pragma: no cover - older Typer, on click itself
+        from click import exceptions as click_errors
+
+    try:
+        code = app(args=args, prog_name="sicot", standalone_mode=False)
+    except click_errors.UsageError as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # the help is already printed
+            raise SystemExit(2) from None
+        command = e.ctx.command_path if e.ctx is not None else _command_path(args)
+        fail(f"{e.format_message()} (see `{command} --help`)", e.exit_code)
+    except click_errors.ClickException as e:  # a bad file argument, and the like
+        fail(e.format_message(), e.exit_code)
+    except typer.Abort:
+        fail("aborted", 1)
+    raise SystemExit(code if isinstance(code, int) else 0)
+
+
+def _command_path(args: list[str] | None) -> str:
+    """``sicot <command> [<subcommand>]`` as far as the arguments name commands (for a usage error)."""
+    import sys
+
+    words, group = ["sicot"], typer.main.get_command(app)
+    for arg in sys.argv[1:] if args is None else args:
+        sub = getattr(group, "commands", {}).get(arg)
+        if sub is None:
+            if not arg.startswith("-"):
+                break
+            continue
+        words.append(arg)
+        group = sub
+    return " ".join(words)
+
 
 RecipeOpt = Annotated[
     Path | None, typer.Option("--recipe", "-r", help="TOML recipe (default: the built-in demo recipe).")
@@ -226,7 +265,9 @@ def tokenize(
 @guard
 def embed(
     recipe: RecipeOpt = None,
-    out: Annotated[Path | None, typer.Option(help="Write the vectors here (word2vec text format).")] = None,
+    out: Annotated[
+        str | None, typer.Option(metavar="<path>", help="Write the vectors here (word2vec text format).")
+    ] = None,
     neighbours: Annotated[
         str | None, typer.Option("--neighbours", help="Print the nearest words to WORD instead.")
     ] = None,
@@ -250,7 +291,9 @@ def embed(
     from sicot_cli.console import RichProgress
     from sicot_cli.data import embed as lib
     from sicot_cli.errors import SicotError
+    from sicot_cli.fsutil import file_to_write
 
+    vectors_out = None if out is None else file_to_write(out, "--out", "the vectors file", "vectors.txt")
     if neighbours is not None:
         from rich.table import Table
         from rich.text import Text
@@ -275,7 +318,7 @@ def embed(
     else:
         extra = None if manifest is None else _manifest_extras(manifest)[: 2 if recipe is not None else 3]
         cfg = _recipe(recipe, overrides, extra)
-    summary = lib.embed(cfg, out, progress=RichProgress())
+    summary = lib.embed(cfg, vectors_out, progress=RichProgress())
     show(embed_table(summary))
 
 
@@ -449,7 +492,10 @@ def predict(
 def export(
     run: Annotated[Path, typer.Option(help="Run directory.")],
     out: Annotated[
-        Path, typer.Option(help="Output model file (.onnx or .pt); its JSON goes beside it as <file>.json.")
+        str,
+        typer.Option(
+            metavar="<path>", help="Output model file (.onnx or .pt); its JSON goes beside it as <file>.json."
+        ),
     ],
     fmt: Annotated[
         str | None, typer.Option("--format", help="torchscript or onnx (default: from --out, .onnx -> onnx).")
@@ -458,12 +504,10 @@ def export(
     data: Annotated[Path | None, typer.Option(help="Prepared .h5 (default: the run's).")] = None,
 ) -> None:
     """Write the image-only model (ONNX or TorchScript) and a JSON that lets it run without sicot."""
-    from sicot_cli.errors import SicotError
     from sicot_cli.export import export as run_export
+    from sicot_cli.fsutil import file_to_write
 
-    if out.name in ("", ".", "..") or out.is_dir():
-        raise SicotError(f"{out}: is a folder; --out names the model file to write (e.g. {out / 'model.onnx'})")
-    r = run_export(run, out, fmt, checkpoint, data)
+    r = run_export(run, file_to_write(out, "--out", "the model file", "model.onnx"), fmt, checkpoint, data)
     console.print(
         safe(
             f"wrote {r.path} ({r.format}) and {r.sidecar}; checked on {r.verified_images} test images: max |dp| {r.max_abs_diff:.1e}, top-1 {'identical' if r.top1_equal else 'different'}"

@@ -112,14 +112,15 @@ def _check_split_args(test_per_class: int, seed: int) -> None:
 Force = Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")]
 
 
-def _check_out(out: Path, force: bool, inputs: tuple[Path, ...] = (), input_dirs: tuple[Path, ...] = ()) -> None:
-    """Refuse to replace an existing manifest (or anything else at ``--out``) unless ``--force``,
-    and never (``--force`` or not) one of the command's own inputs or a file in an input folder."""
+def _check_out(raw: str, force: bool, inputs: tuple[Path, ...] = (), input_dirs: tuple[Path, ...] = ()) -> Path:
+    """``--out`` as a file to write: refuse a folder, an existing file unless ``--force``, and never
+    (``--force`` or not) one of the command's own inputs or a file in an input folder."""
     import os
 
     from sicot_cli.errors import SicotError
-    from sicot_cli.fsutil import exists
+    from sicot_cli.fsutil import exists, file_to_write
 
+    out = file_to_write(raw, "--out", "the manifest", "manifest.csv")
     where = Path(os.path.abspath(out))
     for i in inputs:
         same = where == Path(os.path.abspath(i)) or (exists(out) and exists(i) and os.path.samefile(out, i))
@@ -130,6 +131,7 @@ def _check_out(out: Path, force: bool, inputs: tuple[Path, ...] = (), input_dirs
             raise SicotError(f"{out}: is inside the dataset's folder {d}; choose another --out")
     if exists(out) and not force:
         raise SicotError(f"{out}: already exists; pass --force to replace it, or choose another --out")
+    return out
 
 
 @import_app.command("emoji")
@@ -181,7 +183,9 @@ def import_mdi(
 def import_imaterialist(
     root: Annotated[Path, typer.Option(help="Dataset folder: train.json, val.json and the image folders.")],
     titles: Annotated[Path, typer.Option(help="Your titles file: id,title (CSV/TSV) or JSONL.")],
-    out: Annotated[Path, typer.Option(help="Manifest to write.")] = Path("data/imaterialist2019/manifest.csv"),
+    out: Annotated[
+        str, typer.Option(metavar="<path>", help="Manifest to write.")
+    ] = "data/imaterialist2019/manifest.csv",
     train_images: Annotated[str, typer.Option(help="Training image folder, relative to --root.")] = "train",
     test_images: Annotated[str, typer.Option(help="val.json's image folder, relative to --root.")] = "val",
     force: Force = False,
@@ -189,15 +193,17 @@ def import_imaterialist(
     """iMaterialist Product 2019: train.json -> train, val.json -> test, titles from your file."""
     from sicot_cli.data.importers.imaterialist import import_imaterialist as run
 
-    _check_out(out, force, (titles, root / "train.json", root / "val.json"), (root / train_images, root / test_images))
-    _print(run(root, titles, out, train_images=train_images, test_images=test_images))
+    manifest = _check_out(
+        out, force, (titles, root / "train.json", root / "val.json"), (root / train_images, root / test_images)
+    )
+    _print(run(root, titles, manifest, train_images=train_images, test_images=test_images))
 
 
 @import_app.command("webvision")
 @guard
 def import_webvision(
     root: Annotated[Path, typer.Option(help="Dataset folder: info/ and meta/ (and the images, unless --images).")],
-    out: Annotated[Path, typer.Option(help="Manifest to write.")] = Path("data/webvision1k/manifest.csv"),
+    out: Annotated[str, typer.Option(metavar="<path>", help="Manifest to write.")] = "data/webvision1k/manifest.csv",
     classes: Annotated[int, typer.Option(help="Classes picked at random (the paper: 1000); 0 = all.")] = 1000,
     seed: Seed = 0,
     sources: Annotated[str, typer.Option(help="google, flickr or google,flickr.")] = "google,flickr",
@@ -211,5 +217,5 @@ def import_webvision(
     from sicot_cli.data.importers.webvision import import_webvision as run
 
     _check_split_args(0, seed)
-    _check_out(out, force, (), (root / "info", root / "meta"))
-    _print(run(root, out, classes, seed, tuple(s.strip() for s in sources.split(",") if s.strip()), text, images))
+    manifest = _check_out(out, force, (), (root / "info", root / "meta"))
+    _print(run(root, manifest, classes, seed, tuple(s.strip() for s in sources.split(",") if s.strip()), text, images))

@@ -14,8 +14,11 @@ ResNet-50 aside: the default backbone is CPU-sized). The embedded default recipe
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
+import logging
 import math
+import os
 import tomllib
 import types
 import typing
@@ -25,6 +28,8 @@ from typing import Annotated, Any, Literal
 
 from sicot_cli.errors import SicotError
 from sicot_cli.fsutil import read_text
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -335,6 +340,17 @@ PREPARED_SECTIONS = ("data", "text", "embed")
 PREPARED_DEFAULTS = ("name", "eval.head_threshold", "eval.many_threshold", "eval.few_threshold", "eval.boundaries")
 
 
+# Keys of the prepared sections that say how prepare ran, not what the file holds: never a clash.
+_PREPARE_HOW = frozenset({"data.out", "data.workers", "data.strict"})
+
+
+def _same_path(key: str, a: Any, b: Any) -> bool:
+    """Two spellings of one file (a recipe's paths are resolved against its folder)."""
+    if key not in ("data.manifest", "embed.pretrained") or not a or not b:
+        return False
+    return os.path.normpath(os.path.abspath(str(a))) == os.path.normpath(os.path.abspath(str(b)))
+
+
 def adopt_prepared(recipe: Recipe, prepared_recipe: dict[str, Any], data_path: str | Path) -> list[str]:
     """Take the prepared file's settings into ``recipe`` (in place); return the keys that changed.
 
@@ -342,7 +358,8 @@ def adopt_prepared(recipe: Recipe, prepared_recipe: dict[str, Any], data_path: s
     file's (with ``data.out`` the file's actual path). ``name`` and the ``eval`` boundaries are the
     file's unless set explicitly in the ``--recipe`` file or on the command line: runs made from
     ``sicot prepare --manifest products.csv`` are named ``products-*`` and scored at the boundaries
-    prepare chose, not the built-in demo's.
+    prepare chose, not the built-in demo's. A prepared-section key that the recipe file or the
+    command line sets explicitly to another value is still the file's, with one warning naming each.
     """
     try:
         theirs = recipe_from_dict(
@@ -352,14 +369,25 @@ def adopt_prepared(recipe: Recipe, prepared_recipe: dict[str, Any], data_path: s
     except SicotError:
         return []  # a file from another sicot version: its settings stay the recipe's
     changed: list[str] = []
+    clashes: list[str] = []
     for section in PREPARED_SECTIONS:
         mine, other = getattr(recipe, section), getattr(theirs, section)
         if section == "data":
             other.out = str(data_path)
         for f in dataclasses.fields(mine):
-            if getattr(mine, f.name) != getattr(other, f.name):
-                setattr(mine, f.name, getattr(other, f.name))
-                changed.append(f"{section}.{f.name}")
+            key, ours, its = f"{section}.{f.name}", getattr(mine, f.name), getattr(other, f.name)
+            if ours != its:
+                setattr(mine, f.name, its)
+                changed.append(key)
+                if key in recipe.explicit and key not in _PREPARE_HOW and not _same_path(key, ours, its):
+                    clashes.append(f"{key} = {ours!s} (the file: {its!s})")
+    if clashes:
+        log.warning(
+            "%s was prepared with other settings than the recipe asks, and training uses the file's: %s. "
+            "Prepare the recipe's own file (`sicot prepare --recipe ... --force`) or pass the --data it writes",
+            data_path,
+            "; ".join(clashes),
+        )
     for key in PREPARED_DEFAULTS:
         if key in recipe.explicit:
             continue
@@ -404,6 +432,19 @@ def _article(name: str) -> str:
     return ("an " if name[0] in "aeiou" else "a ") + name
 
 
+def _shown(value: Any) -> str:
+    """A recipe value as its TOML reads, for an error message (no Python reprs of dates or tables)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (datetime.date, datetime.time)):
+        return f"{value.isoformat()} (a TOML date/time)"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "[" + ", ".join(_shown(v) for v in value) + "]"
+    return repr(value)
+
+
 def _check_value(value: Any, tp: Any, key: str, where: str) -> Any:
     """Return ``value`` converted to ``tp`` (int -> float only), or raise naming ``key``."""
     if typing.get_origin(tp) is Annotated:
@@ -411,26 +452,26 @@ def _check_value(value: Any, tp: Any, key: str, where: str) -> Any:
         value = _check_value(value, base, key, where)
         for bound in extras:
             if isinstance(bound, Range) and not bound.holds(value):
-                raise SicotError(f"{where}: {key} must be {bound.violated(value)}, got {value!r}")
+                raise SicotError(f"{where}: {key} must be {bound.violated(value)}, got {_shown(value)}")
         return value
     if typing.get_origin(tp) is Literal:
         choices = typing.get_args(tp)
         if not isinstance(value, str) or value not in choices:
-            raise SicotError(f"{where}: {key} must be {_one_of(choices)}, got {value!r}")
+            raise SicotError(f"{where}: {key} must be {_one_of(choices)}, got {_shown(value)}")
         return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise SicotError(f"{where}: [{key}] must be a table, got {type(value).__name__}")
+            raise SicotError(f"{where}: [{key}] must be a table, got {_shown(value)}")
         return _build(tp, value, key, where)
     origin = typing.get_origin(tp)
     if origin is list:
         (inner,) = typing.get_args(tp)
         if not isinstance(value, list):
-            raise SicotError(f"{where}: {key} must be {_article(_type_name(tp))}, got {value!r}")
+            raise SicotError(f"{where}: {key} must be {_article(_type_name(tp))}, got {_shown(value)}")
         return [_check_value(v, inner, f"{key}[{i}]", where) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise SicotError(f"{where}: {key} must be a table, got {value!r}")
+            raise SicotError(f"{where}: {key} must be a table, got {_shown(value)}")
         return dict(value)
     if origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(tp):
@@ -438,7 +479,7 @@ def _check_value(value: Any, tp: Any, key: str, where: str) -> Any:
                 return _check_value(value, arg, key, where)
             except SicotError:
                 continue
-        raise SicotError(f"{where}: {key} has the wrong type: {value!r}")
+        raise SicotError(f"{where}: {key} has the wrong type: {_shown(value)}")
     ok = (
         (tp is bool and isinstance(value, bool))
         or (tp is int and isinstance(value, int) and not isinstance(value, bool))
@@ -446,9 +487,9 @@ def _check_value(value: Any, tp: Any, key: str, where: str) -> Any:
         or (tp is str and isinstance(value, str))
     )
     if not ok:
-        raise SicotError(f"{where}: {key} must be {_article(_type_name(tp))}, got {value!r}")
+        raise SicotError(f"{where}: {key} must be {_article(_type_name(tp))}, got {_shown(value)}")
     if tp is float and not math.isfinite(value):  # nan passes every comparison; inf trains into NaN weights
-        raise SicotError(f"{where}: {key} must be a finite number, got {value!r}")
+        raise SicotError(f"{where}: {key} must be a finite number, got {_shown(value)}")
     if tp is str and "\x00" in value:  # would surface later as a ValueError from the OS layer
         raise SicotError(f"{where}: {key} contains a NUL character")
     return float(value) if tp is float else value
@@ -503,7 +544,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
         except RecursionError:  # tomllib recurses per nesting level: `x = [[[[...]]]]`
             raise SicotError(f"{p}: not valid TOML: nested too deeply") from None
     for item in overrides or []:
-        _apply_override(table, item)
+        _apply_override(table, item, where)
     apply_preset(table, where)
     recipe = recipe_from_dict(table, where)
     if path is None:  # the built-in demo's own keys are defaults, not the user's choices
@@ -546,7 +587,7 @@ def recipe_with_overrides(table: dict[str, Any], overrides: list[str] | None, wh
     """A recipe from plain data (e.g. a prepared file's recorded recipe) with overrides applied."""
     table = json.loads(json.dumps(table))
     for item in overrides or []:
-        _apply_override(table, item)
+        _apply_override(table, item, where)
     return recipe_from_dict(table, where)
 
 
@@ -578,11 +619,11 @@ def apply_overrides(table: dict[str, Any], overrides: list[str], where: str) -> 
 
     table = copy.deepcopy(table)
     for item in overrides:
-        _apply_override(table, item)
+        _apply_override(table, item, where)
     return recipe_from_dict(table, where)
 
 
-def _apply_override(table: dict[str, Any], item: str) -> None:
+def _apply_override(table: dict[str, Any], item: str, where: str = "the recipe") -> None:
     if "=" not in item:
         raise SicotError(f"override {item!r}: expected section.key=value (e.g. train.lr=0.05)")
     key, raw = item.split("=", 1)
@@ -608,10 +649,11 @@ def _apply_override(table: dict[str, Any], item: str) -> None:
             f"override {item!r}: {key} is a table; override its keys one at a time (e.g. {key}.{first}=...)"
         )
     node = table
-    for part in parts[:-1]:
+    for i, part in enumerate(parts[:-1]):
         node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise SicotError(f"override {item!r}: {part} is not a table in the recipe")
+        if not isinstance(node, dict):  # the recipe's fault, not the override's
+            section = ".".join(parts[: i + 1])
+            raise SicotError(f"{where}: [{section}] must be a table, got {_shown(node)}")
     node[parts[-1]] = parse_override_value(raw.strip())
 
 

@@ -124,6 +124,11 @@ def decouple(
 def _check_same_stage(run_dir: Path, config: dict[str, Any]) -> None:
     """``--resume`` continues the second stage the directory holds: same first run, method and decouple settings."""
     old = runs.read_config(run_dir)
+    if not old.get("stage"):
+        raise SicotError(
+            f"{run_dir}: holds a training run (`sicot train`), not a second stage: --resume continues a second "
+            "stage in its own directory; choose a new --run-dir (it must not be the first run's)"
+        )
     theirs = {f"stage.{k}": v for k, v in (old.get("stage") or {}).items()}
     theirs |= {f"decouple.{k}": v for k, v in (old.get("recipe", {}).get("decouple") or {}).items()}
     mine = {f"stage.{k}": v for k, v in config["stage"].items()}

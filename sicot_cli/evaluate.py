@@ -233,6 +233,17 @@ def write_predictions(path: Path, result: EvalResult) -> None:
         f["topk_scores"] = result.topk_scores
 
 
+def _why_no_best(run_dir: Path, config: dict[str, Any], prepared: Prepared) -> str:
+    """Why a run has no ``checkpoint-best.pt``, as far as its files tell."""
+    if config["recipe"].get("train", {}).get("keep_best", True) is False:
+        return "this run was trained with train.keep_best = false, which keeps only checkpoint-last.pt"
+    if prepared.n_val < 1:
+        return "its data has no validation rows, on which the best epoch is chosen"
+    if not (run_dir / runs.SUMMARY).is_file():
+        return f"no epoch has been scored on validation yet (resume it: `sicot train --run-dir {run_dir} --resume`)"
+    return "it was removed"
+
+
 def load_run_model(
     run_dir: Path, checkpoint: str = "last", data: str | Path | None = None
 ) -> tuple[Recipe, Prepared, torch.nn.Module, dict[str, Any]]:
@@ -251,6 +262,10 @@ def load_run_model(
     name = {"last": runs.LAST, "best": runs.BEST}.get(checkpoint)
     if name is None:
         raise SicotError(f"--checkpoint must be last or best, got {checkpoint!r}")
+    if checkpoint == "best" and not (run_dir / name).is_file():
+        raise SicotError(
+            f"{run_dir / name}: not found: {_why_no_best(run_dir, config, prepared)}; use --checkpoint last"
+        )
     state = runs.load_checkpoint(run_dir / name)
     recipe.model.pretrained = ""  # the checkpoint holds the weights
     model = make_model(recipe, prepared)
@@ -279,7 +294,8 @@ def evaluate_run(
     recipe, prepared, model, _ = load_run_model(Path(run_dir), checkpoint, data)
     if prepared.split_range(split)[0] == prepared.split_range(split)[1]:
         raise SicotError(
-            f"{prepared.path}: has no {split} rows (prepared with data.val_fraction = 0 or before validation splits)"
+            f"{prepared.path}: has no {split} rows (prepared with data.val_fraction = 0 or before validation "
+            "splits): score --split test, or prepare it again with data.val_fraction > 0 (`sicot prepare --force`)"
         )
     model.to(dev)
     if recipe.train.channels_last:

@@ -92,6 +92,8 @@ def read_text(
     except UnicodeDecodeError as e:
         raise SicotError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}){hint}") from None
     except OSError as e:
+        if e.errno == errno.ELOOP:  # the not-UTF-8 hint would mislead: there is no file to save again
+            raise SicotError(f"{path}: a symbolic link loop (it leads back to itself); point it at a file") from None
         raise SicotError(f"{path}: cannot read{the} ({e.strerror or e}){hint}") from None
     except ValueError:  # a NUL in the path
         raise SicotError(f"{path}: not a valid path") from None
@@ -150,6 +152,17 @@ def check_name(path: Path) -> None:
         raise SicotError(
             f"{path}: file name too long (at most {limit - len(tmp_name(Path('x')).name) + 1} bytes here, including the temporary name's suffix)"
         )
+
+
+def file_to_write(raw: str, flag: str, what: str, example: str) -> Path:
+    """An output option as the user typed it, refused when it names a folder: empty, ``.``, a
+    trailing slash (which ``pathlib`` would drop, writing a FILE named after the folder), or an
+    existing folder."""
+    path = Path(raw)
+    if raw.strip() in ("", ".", "..") or raw.endswith(("/", os.sep)) or path.is_dir():
+        shown = raw.strip() or "."
+        raise SicotError(f"{shown}: is a folder; {flag} names {what} to write (e.g. {path / example})")
+    return path
 
 
 def exists(path: Path) -> bool:

@@ -25,6 +25,28 @@ def test_help_imports_no_heavy_library():
     assert run("--help").exit_code == 0
 
 
+def test_usage_errors_are_one_red_line_naming_the_commands_help():
+    """The console script (`sicot_cli.cli:main`): click's usage errors are no boxed panel."""
+    cases = [
+        (["train", "--bogus"], "No such option: --bogus (see `sicot train --help`)"),
+        (["predict", "--run"], "Option '--run' requires an argument. (see `sicot predict --help`)"),
+        (["predict", "--top", "x", "a.png"], "(see `sicot predict --help`)"),
+        (["report"], "Missing argument 'dirs'. (see `sicot report --help`)"),
+        (["datasets", "fetch", "--seed"], "(see `sicot datasets fetch --help`)"),
+        (["nosuch"], "No such command 'nosuch'. (see `sicot --help`)"),
+        (["tokenize"], "nothing to tokenize"),  # a sicot error, through the same entry point
+    ]
+    for args, message in cases:
+        r = subprocess.run([sys.executable, "-m", "sicot_cli", *args], capture_output=True, text=True)
+        assert r.returncode == 2 and r.stdout == "", args
+        (line,) = r.stderr.splitlines()
+        assert line.startswith("error: ") and message in line, (args, r.stderr)
+    ok = subprocess.run([sys.executable, "-m", "sicot_cli", "--version"], capture_output=True, text=True)
+    assert ok.returncode == 0 and ok.stdout.startswith("sicot ")
+    bare = subprocess.run([sys.executable, "-m", "sicot_cli"], capture_output=True, text=True)
+    assert bare.returncode == 2 and "Usage: sicot" in bare.stdout + bare.stderr and "error" not in bare.stderr
+
+
 def test_tokenize_args_and_file(tmp_path):
     r = run("tokenize", "新款包邮红色保温杯", "Red MUG!!")
     assert r.exit_code == 0
@@ -73,6 +95,9 @@ def test_embed_report_save_and_neighbours(tmp_path, manifest):
     known = tmp_path / "known.txt"
     known.write_text("4 2\ncat 1 0\nkitten 0.9 0.1\ndog 0 1\ncar -1 0\n", encoding="utf-8")
     r = run("embed", "--neighbours", "cat", "--vectors", str(known), "--top", "2")
+    assert r.exit_code == 0 and _neighbour_rows(r.output) == [("kitten", 0.994), ("dog", 0.0)], r.output
+    # typed as a user types it: looked up as the tokenizer writes it (every title was lower-cased)
+    r = run("embed", "--neighbours", " CAT ", "--vectors", str(known), "--top", "2")
     assert r.exit_code == 0 and _neighbour_rows(r.output) == [("kitten", 0.994), ("dog", 0.0)], r.output
     r = run("embed", "--neighbours", "zebra", "--vectors", str(vec))
     assert r.exit_code == 2 and "'zebra' is not in the vocabulary" in r.output

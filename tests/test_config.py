@@ -49,7 +49,11 @@ def test_recipe_paths_resolve_against_the_recipe(tmp_path):
         ('[data]\nimage_size = "big"\n', "data.image_size must be an integer, got 'big'"),
         ("[data]\nimage_size = 4\n", "data.image_size must be >= 8, got 4"),
         ("[data]\nstrict = 1\n", "data.strict must be a boolean"),
-        ("data = 3\n", "[data] must be a table"),
+        ("data = 3\n", "[data] must be a table, got 3"),
+        # values as TOML writes them, not as Python's repr
+        ("name = 2026-01-01\n", "name must be a string, got 2026-01-01 (a TOML date/time)"),
+        ("[train]\nlr = { a = 1 }\n", "train.lr must be a number, got a table"),
+        ("[train]\ntopk = [1, true]\n", "train.topk[1] must be an integer, got true"),
         ("[data\n", "not valid TOML"),
         ("[text]\ndrop_most_frequent = 0.6\ndrop_least_frequent = 0.5\n", "must be < 1"),
         (
@@ -65,6 +69,14 @@ def test_bad_recipes_name_the_key_and_file(tmp_path, text, message):
     with pytest.raises(SicotError) as e:
         load_recipe(p)
     assert message in str(e.value) and str(p) in str(e.value)
+
+
+def test_a_recipe_section_that_is_no_table_is_the_recipes_fault_not_the_overrides(tmp_path):
+    p = tmp_path / "bad.toml"
+    p.write_text("data = 3\n")
+    with pytest.raises(SicotError) as e:
+        load_recipe(p, ["data.image_size=32"])
+    assert str(e.value) == f"{p}: [data] must be a table, got 3"
 
 
 def test_bad_overrides():

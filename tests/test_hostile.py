@@ -760,6 +760,19 @@ def _webvision(filelist: str = "", meta: str | None = None) -> Callable[[Path, d
     return make
 
 
+def _link_loop(tmp: Path, name: str) -> Path:
+    """``name`` -> ``name.other`` -> ``name``: a link that never reaches a file."""
+    (tmp / f"{name}.other").symlink_to(tmp / name)
+    (tmp / name).symlink_to(tmp / f"{name}.other")
+    return tmp / name
+
+
+def _out_replaced(args: list[str], out: str) -> list[str]:
+    """A command's arguments with the value of --out replaced."""
+    i = args.index("--out")
+    return [*args[: i + 1], out, *args[i + 2 :]]
+
+
 def _imaterialist(train_json: str | None = None, titles: str | None = None) -> Callable[[Path, dict], list[str]]:
     def make(tmp: Path, ctx: dict) -> list[str]:
         from test_datasets import make_imaterialist
@@ -1087,6 +1100,16 @@ CASES: dict[str, Case] = {
         ),
         "error",
         ["q.jpg: not an image file"],
+    ),
+    "predict_image_is_a_symlink_loop": Case(
+        lambda t, c: ["predict", "--run", str(_copy_run(t, c)), str(_link_loop(t, "q.png"))],
+        "error",
+        ["q.png: image path is a symbolic link loop"],
+    ),
+    "recipe_is_a_symlink_loop": Case(
+        lambda t, c: ["train", "--recipe", str(_link_loop(t, "r.toml"))],
+        "error",
+        ["r.toml: a symbolic link loop (it leads back to itself); point it at a file"],
     ),
     "predict_missing_image": Case(
         lambda t, c: ["predict", "--run", str(_copy_run(t, c)), str(t / "gone.png")],
@@ -1426,6 +1449,30 @@ CASES: dict[str, Case] = {
         lambda t, c: ["export", "--run", str(_copy_run(t, c)), "--out", ""],
         "error",
         [".: is a folder; --out names the model file to write"],
+    ),
+    "decouple_resume_names_a_training_run": Case(
+        lambda t, c: ["decouple", str(_copy_run(t, c)), "--method", "crt", "--run-dir", str(t / "run"), "--resume"],
+        "error",
+        ["run: holds a training run (`sicot train`), not a second stage", "choose a new --run-dir"],
+        check=_holds(lambda t, c: "stage" not in json.loads((t / "run" / "config.json").read_text(encoding="utf-8"))),
+    ),
+    "export_out_names_a_new_folder": Case(  # Path("new/") is Path("new"): a FILE named new would be written
+        lambda t, c: ["export", "--run", str(_copy_run(t, c)), "--out", f"{t / 'new'}/"],
+        "error",
+        ["new/: is a folder; --out names the model file to write", "new/model.onnx"],
+        check=_holds(lambda t, c: not (t / "new").exists()),
+    ),
+    "embed_out_names_a_new_folder": Case(
+        lambda t, c: ["embed", "--manifest", str(_manifest(t)), "--out", f"{t / 'vecs'}/", *KEEP_ALL],
+        "error",
+        ["vecs/: is a folder; --out names the vectors file to write"],
+        check=_holds(lambda t, c: not (t / "vecs").exists()),
+    ),
+    "webvision_out_names_a_new_folder": Case(
+        lambda t, c: _out_replaced(_webvision()(t, c), f"{t / 'out'}/"),
+        "error",
+        ["out/: is a folder; --out names the manifest to write"],
+        check=_holds(lambda t, c: not (t / "out").exists()),
     ),
     "tokenize_workers_negative": Case(
         lambda t, c: ["tokenize", "--workers", "-5", "red cat"],

@@ -412,3 +412,28 @@ def test_report_names_the_removed_words_most_tied_to_a_label(tmp_path):
     assert (
         _removed_words_line(SimpleNamespace(runs=[SimpleNamespace(config={"data": str(tmp_path / "gone.h5")})])) is None
     )
+
+
+def test_recipe_keys_the_prepared_file_overrides_are_warned_once(tiny_prepared, caplog):
+    """`train --recipe R --data X`: X's data settings win, and each explicit key of R they override is named."""
+    import logging
+    import os
+
+    from sicot_cli.config import adopt_prepared, load_recipe
+    from sicot_cli.data.dataset import open_prepared
+
+    theirs = open_prepared(tiny_prepared).recipe
+    manifest = theirs["data"]["manifest"]
+    same_file = os.path.join(os.path.dirname(manifest), ".", os.path.basename(manifest))
+    with caplog.at_level(logging.WARNING, logger="sicot_cli.config"):
+        # the built-in recipe's own keys and data.out are no user's choice; one file spelt two ways is one file
+        quiet = load_recipe(None, [f"data.out={tiny_prepared}", "data.workers=3", f"data.manifest={same_file}"])
+        assert "data.source" in adopt_prepared(quiet, theirs, tiny_prepared)
+        assert not caplog.records
+        loud = load_recipe(None, ["data.image_size=32", "text.min_count=2"])
+        adopt_prepared(loud, theirs, tiny_prepared)
+    (record,) = caplog.records
+    assert (
+        "data.image_size = 32 (the file: 16)" in record.message and "text.min_count = 2 (the file: 1)" in record.message
+    )
+    assert loud.data.image_size == 16 and str(tiny_prepared) in record.message and "--force" in record.message

@@ -333,7 +333,13 @@ def test_cli_train_evaluate_predict_export(tiny_prepared, tmp_path):
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["top1"] == pytest.approx(final["top1"])
     r = runner.invoke(app, ["evaluate", "--run", str(run_dir), "--split", "val"])
-    assert r.exit_code == 2 and "has no val rows" in r.output
+    assert r.exit_code == 2 and "has no val rows" in r.output and "score --split test, or prepare it again" in r.output
+    r = runner.invoke(app, ["evaluate", "--run", str(run_dir), "--checkpoint", "best"])
+    assert r.exit_code == 2 and "its data has no validation rows" in r.output and "use --checkpoint last" in r.output
+    config["recipe"]["train"]["keep_best"] = False  # what the message says when the run kept no best
+    (run_dir / "config.json").write_text(json.dumps(config))
+    r = runner.invoke(app, ["export", "--run", str(run_dir), "--out", str(tmp_path / "b.pt"), "--checkpoint", "best"])
+    assert r.exit_code == 2 and "train.keep_best = false, which keeps only checkpoint-last.pt" in r.output, r.output
     img = tiny_prepared.parent / "raw" / "cat3.png"
     r = runner.invoke(app, ["predict", "--run", str(run_dir), "--json", "-k", "2", str(img)])
     assert r.exit_code == 0, r.output

@@ -63,15 +63,29 @@ def embed(recipe: Recipe, out: str | Path | None = None, progress: Progress | No
     )
 
 
+def _as_tokenized(word: str, words: list[str]) -> str:
+    """``word`` as typed when the vocabulary has it, else its one token when it tokenizes to one."""
+    if word in words:
+        return word
+    from sicot_cli.data.tokenize import tokenize
+
+    tokens = tokenize(word)
+    return tokens[0] if len(tokens) == 1 else word
+
+
 def neighbours(
     word: str, k: int, data: str | Path | None = None, vectors: str | Path | None = None, binary: bool = False
 ) -> list[tuple[str, float]]:
-    """Nearest words to ``word`` in a prepared dataset's vectors or in a word2vec file."""
+    """Nearest words to ``word`` in a prepared dataset's vectors or in a word2vec file.
+
+    A word the vectors do not hold as typed is looked up as the tokenizer writes it when that is
+    one token (``APPLE`` -> ``apple``, as every title was lower-cased)."""
     if data is not None:
         from sicot_cli.data.dataset import open_prepared
 
         prepared = open_prepared(data)
         words, matrix = prepared.words, prepared.vectors
+        word = _as_tokenized(word, words)
         if word not in prepared.words[1:]:
             from sicot_cli.data.dataset import read_removed
 
@@ -92,6 +106,7 @@ def neighbours(
         )
         words = [PAD, *kv.index_to_key]
         matrix = np.vstack([np.zeros((1, kv.vector_size), np.float32), kv.vectors])
+        word = _as_tokenized(word, words)
     else:
         raise SicotError("--neighbours needs --data PREPARED.h5 or --vectors FILE")
     return nearest(words, matrix, word, k)

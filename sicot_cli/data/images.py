@@ -9,6 +9,7 @@ to 8 bits, and animated images contribute their first frame.
 
 from __future__ import annotations
 
+import errno
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
@@ -111,6 +112,10 @@ def load_image(path: Path | BinaryIO, size: int, max_pixels: int = DEFAULT_MAX_P
         raise ImageSkip(f"image over data.max_image_pixels ({max_pixels / 1e6:.0f} MP)") from None
     except MemoryError:
         raise ImageSkip("image too large to decode") from None
-    except (OSError, SyntaxError, ValueError, EOFError, TypeError) as e:
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # a link that leads back to itself: no file to be corrupt
+            raise ImageSkip("image path is a symbolic link loop") from None
         # PIL reports truncated and corrupt data as OSError/SyntaxError/ValueError
+        raise ImageSkip("truncated or corrupt image") from e
+    except (SyntaxError, ValueError, EOFError, TypeError) as e:
         raise ImageSkip("truncated or corrupt image") from e
