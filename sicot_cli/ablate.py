@@ -24,6 +24,7 @@ from sicot_cli.config import PRESETS, Recipe, adopt_prepared, recipe_from_dict
 from sicot_cli.errors import SicotError
 from sicot_cli.fsutil import ensure_dir, write_json
 from sicot_cli.progress import NullProgress, Progress
+from sicot_cli.resume import changes, check_same_settings
 from sicot_cli.train import TrainResult, train
 
 log = logging.getLogger(__name__)
@@ -118,8 +119,8 @@ def ablate(
     recipe, data_path, n_val = _prepared(recipe, data, progress)
     _check_stages(plans, recipe, data_path, n_val)
     root = Path(out) if out is not None else default_dir(recipe)
-    _write_plan(root, recipe, encoders, seeds, presets, [m.name for m in plans])
     jobs = _jobs(recipe, root, encoders, seeds, presets, plans)
+    _write_plan(root, recipe, encoders, seeds, presets, [m.name for m in plans], jobs)
     statuses: list[RunStatus] = []
     for i, job in enumerate(jobs):
         if on_start is not None:
@@ -197,12 +198,14 @@ def _jobs(
 
 def _check_stages(plans: list[_Method], recipe: Recipe, data_path: Path, n_val: int) -> None:
     """A second stage that chooses tau on validation needs validation rows: refused before any run trains."""
+    from sicot_cli.data.dataset import val_rows_hint
+
     for m in plans:
         taus = m.overrides.get("decouple.taus", recipe.decouple.taus)
         if m.stage in ("tau_norm", "logit_adjust") and len(taus) > 1 and n_val == 0:
             raise SicotError(
-                f"--methods {m.name}: chooses tau on the validation rows, and {data_path} has none: rebuild it with "
-                f"data.val_fraction > 0 (`sicot prepare --force`), or fix tau ({m.name}(tau=1))"
+                f"--methods {m.name}: chooses tau on the validation rows, and {data_path} has none: "
+                f"{val_rows_hint(recipe.data.val_fraction)}, or fix tau ({m.name}(tau=1))"
             )
 
 
@@ -241,12 +244,20 @@ def _prepared(recipe: Recipe, data: str | Path | None, progress: Progress | None
 
 
 def _write_plan(
-    root: Path, recipe: Recipe, encoders: list[str], seeds: list[int], presets: list[str], method_names: list[str]
+    root: Path,
+    recipe: Recipe,
+    encoders: list[str],
+    seeds: list[int],
+    presets: list[str],
+    method_names: list[str],
+    jobs: list[_Job],
 ) -> None:
-    """``ablation.json``; a directory holding an ablation of another recipe is refused."""
+    """``ablation.json``; a directory holding an ablation of another recipe is refused, and so is a
+    run already there (the plan lost, runs copied in) that was trained with other settings."""
     ensure_dir(root)
     plan_path = root / PLAN
     shared = _shared_recipe(recipe)
+    old, old_shared = None, None
     if plan_path.is_file():
         try:
             old = json.loads(plan_path.read_text(encoding="utf-8"))
@@ -254,8 +265,15 @@ def _write_plan(
             old_shared = _shared_recipe(recipe_from_dict(old["recipe"], str(plan_path)))
         except (ValueError, KeyError, TypeError, SicotError):
             old, old_shared = None, None
-        if old is not None and old_shared != shared:
-            raise SicotError(f"{root}: holds an ablation of another recipe ({plan_path}); use another --out")
+    if old is not None and old_shared != shared:
+        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes(old_shared, shared).items())
+        raise SicotError(
+            f"{root}: holds an ablation of another recipe ({plan_path}: {listed or 'its settings differ'}); "
+            "use another --out"
+        )
+    for job in jobs:
+        if job.source is None and runs.is_run(job.run_dir):
+            check_same_settings(job.run_dir, runs.read_config(job.run_dir)["recipe"], job.recipe, "use another --out")
     write_json(
         plan_path,
         {

@@ -545,9 +545,14 @@ def serve(
     threads: Annotated[int | None, typer.Option(help="CPU threads for the model (default: the runtime's).")] = None,
 ) -> None:
     """Serve the image-only model over HTTP: POST /predict, GET /classes, GET /healthz (FastAPI + uvicorn)."""
+    import math
+
+    from sicot_cli.errors import SicotError
     from sicot_cli.serve import ServeLimits
     from sicot_cli.serve import serve as run_serve
 
+    if not (math.isfinite(max_upload_mb) and 1e-6 <= max_upload_mb <= 100_000):  # int() of inf or nan raises
+        raise SicotError(f"--max-upload-mb must be between 0.000001 and 100000 (MB), got {max_upload_mb}")
     limits = ServeLimits(
         max_batch=max_batch,
         max_wait_ms=max_wait_ms,

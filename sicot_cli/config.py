@@ -642,7 +642,7 @@ def _apply_override(table: dict[str, Any], item: str, where: str = "the recipe")
                 f"unknown override key {key!r} (known under {'.'.join(parts[:i]) or 'the top'}: "
                 f"{', '.join(sorted(names))})"
             )
-        cls = typing.get_type_hints(cls)[part]
+        cls = typing.get_type_hints(cls, include_extras=True)[part]
     if dataclasses.is_dataclass(cls):  # `train={}` would replace the whole table (and drop other overrides)
         first = dataclasses.fields(cls)[0].name
         raise SicotError(
@@ -654,7 +654,9 @@ def _apply_override(table: dict[str, Any], item: str, where: str = "the recipe")
         if not isinstance(node, dict):  # the recipe's fault, not the override's
             section = ".".join(parts[: i + 1])
             raise SicotError(f"{where}: [{section}] must be a table, got {_shown(node)}")
-    node[parts[-1]] = parse_override_value(raw.strip())
+    value = parse_override_value(raw.strip())
+    _check_value(value, cls, key, f"override {item!r}")  # its own error, not the recipe file's
+    node[parts[-1]] = value
 
 
 def validate(recipe: Recipe, where: str) -> None:

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from sicot_cli import checkpoints, runs
 from sicot_cli.config import Recipe, apply_overrides
-from sicot_cli.data.dataset import Prepared
+from sicot_cli.data.dataset import Prepared, val_rows_hint
 from sicot_cli.data.loader import epoch_seed
 from sicot_cli.data.sampler import draw_rows
 from sicot_cli.distributed import DistContext
@@ -174,8 +174,8 @@ def _set_up(source: Path, overrides: list[str], run_dir: str | Path | None, data
     d = recipe.decouple
     if d.method in ("tau_norm", "logit_adjust") and len(d.taus) > 1 and prepared.n_val == 0:
         raise SicotError(
-            f"{prepared.path}: has no validation rows, and {d.method} chooses tau on them: rebuild it with "
-            "data.val_fraction > 0 (`sicot prepare --force`), or fix tau (decouple.taus=[1.0])"
+            f"{prepared.path}: has no validation rows, and {d.method} chooses tau on them: "
+            f"{val_rows_hint(prepared.recipe['data'].get('val_fraction', 0))}, or fix tau (decouple.taus=[1.0])"
         )
     name = f"{source.name}-{METHOD_NAMES[recipe.decouple.method]}"
     run_dir = Path(run_dir) if run_dir else source.parent / name

@@ -18,7 +18,7 @@ import torch
 
 from sicot_cli import metrics, runs
 from sicot_cli.config import Recipe, TrainConfig, recipe_from_dict
-from sicot_cli.data.dataset import Prepared, open_prepared
+from sicot_cli.data.dataset import Prepared, open_prepared, val_rows_hint
 from sicot_cli.data.loader import BatchLoader, decode_workers
 from sicot_cli.distributed import DistContext, _all_gather_rows, sharded_topk
 from sicot_cli.errors import SicotError
@@ -294,8 +294,12 @@ def evaluate_run(
     recipe, prepared, model, _ = load_run_model(Path(run_dir), checkpoint, data)
     if prepared.split_range(split)[0] == prepared.split_range(split)[1]:
         raise SicotError(
-            f"{prepared.path}: has no {split} rows (prepared with data.val_fraction = 0 or before validation "
-            "splits): score --split test, or prepare it again with data.val_fraction > 0 (`sicot prepare --force`)"
+            f"{prepared.path}: has no {split} rows: "
+            + (
+                f"score --split test, or {val_rows_hint(prepared.recipe.get('data', {}).get('val_fraction', 0))}"
+                if split == "val"
+                else "every row is a training row; prepare it with test rows (data.test_per_class > 0)"
+            )
         )
     model.to(dev)
     if recipe.train.channels_last:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import errno
 import io
 import json
@@ -82,7 +83,10 @@ def read_text(
     the = f" the {what}" if what else ""
     missing = missing or f"{what or 'file'} not found"
     try:
-        return read_regular(path).decode("utf-8-sig", errors=errors)
+        data = read_regular(path)
+        if data.startswith((b"\xff\xfe", b"\xfe\xff")):  # Excel's "Unicode text": every line would be garbage
+            raise SicotError(f"{path}: UTF-16 text (it starts with a UTF-16 byte-order mark); save it as UTF-8{hint}")
+        return data.decode("utf-8-sig", errors=errors)
     except FileNotFoundError:
         raise SicotError(f"{path}: {missing}") from None
     except IsADirectoryError as e:
@@ -97,6 +101,46 @@ def read_text(
         raise SicotError(f"{path}: cannot read{the} ({e.strerror or e}){hint}") from None
     except ValueError:  # a NUL in the path
         raise SicotError(f"{path}: not a valid path") from None
+
+
+# csv's default field limit (128 KiB) would refuse a whole manifest for one runaway title; titles
+# are cut to data.max_title_tokens words later anyway.
+CSV_FIELD_LIMIT = 1 << 26
+
+
+def csv_records(text: str, path: str | Path, tsv: bool) -> tuple[list[str], Iterator[tuple[int, dict[str, Any]]]]:
+    """A user's CSV (strict quoting) or TSV (no quoting: a title's quotes are its own) text.
+
+    Returns:
+        The header's column names (stripped), and ``(line, record)`` for each record, ``line``
+        being where it ends. A record with too few fields has None values, one with too many a None key.
+
+    Raises:
+        SicotError: (while iterating) a quoted field that never closes, naming the line it starts on.
+    """
+    csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
+    dialect: dict[str, Any] = (
+        {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if tsv else {"delimiter": ",", "strict": True}
+    )
+    reader = csv.DictReader(io.StringIO(text, newline=""), **dialect)
+    try:
+        columns = [c.strip() for c in reader.fieldnames or []]
+    except csv.Error as e:
+        raise SicotError(f"{path}: not a CSV file ({e})") from None
+    reader.fieldnames = columns
+
+    def records() -> Iterator[tuple[int, dict[str, Any]]]:
+        start = reader.line_num + 1  # where the record being read starts (a quoted field can span lines)
+        try:
+            for record in reader:
+                yield reader.line_num, record
+                start = reader.line_num + 1
+        except csv.Error as e:
+            raise SicotError(
+                f'{path}: line {start}: malformed CSV ({e}; a quote opens a quoted field, which must close before the next comma: write a quote inside a field as "")'
+            ) from None
+
+    return columns, records()
 
 
 def tmp_name(path: Path) -> Path:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -175,13 +176,19 @@ def predict(
         raise SicotError("no image given: sicot predict --run DIR IMAGE...")
     if k < 1:
         raise SicotError(f"--top must be >= 1, got {k}")
+    for p in images:  # before the model is loaded: these are no files at all
+        if str(p) == "-":
+            raise SicotError("-: standard input is not read; save the image to a file and name it")
+        if re.match(r"[A-Za-z][A-Za-z0-9+.-]+:/", str(p)):  # Path() has already folded "//" to "/"
+            raise SicotError(f"{p}: a URL; predict reads local image files: download the image first")
     recognizer = load_recognizer(run_dir, checkpoint, data, device)
     arrays = []
     for p in images:
         try:
             arrays.append(preprocess(Path(p), recognizer.image_size))
         except ImageSkip as e:
-            raise SicotError(f"{p}: {e}") from None
+            hint = f" (name its images, e.g. {Path(p) / '*.jpg'})" if Path(p).is_dir() else ""
+            raise SicotError(f"{p}: {e}{hint}") from None
     return recognizer.top(recognizer.probabilities(np.stack(arrays)), [str(p) for p in images], k)
 
 

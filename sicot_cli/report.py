@@ -773,6 +773,31 @@ def _extras_markdown(report: Report, info: tuple[list[str], list[int]] | None) -
     return "\n".join(out)
 
 
+# How each file an earlier `sicot report` wrote begins: only such a file is replaced.
+_REPORT_STARTS = {
+    "report.md": "# sicot report",
+    "report.csv": "encoder,metric,",
+    "report.json": '{\n  "dataset":',
+    "per_class.csv": "class,",
+}
+
+
+def _check_replaceable(path: Path) -> None:
+    """Refuse to replace a file at a report's name that no ``sicot report`` wrote (a user's own notes)."""
+    if not path.exists() and not path.is_symlink():
+        return
+    try:
+        with path.open("rb") as f:
+            head = f.read(256).decode("utf-8", errors="replace")
+    except OSError:
+        head = ""
+    if not path.is_file() or not head.startswith(_REPORT_STARTS[path.name]):
+        raise SicotError(
+            f"{path}: exists and was not written by `sicot report`; it is not replaced: move it, or write the "
+            "report elsewhere (--out FOLDER)"
+        )
+
+
 def write_report(report: Report, out_dir: Path) -> list[Path]:
     """report.md, report.csv, report.json and per_class.csv (atomically) in ``out_dir``."""
     from sicot_cli.fsutil import atomic_path
@@ -791,6 +816,8 @@ def write_report(report: Report, out_dir: Path) -> list[Path]:
         ("report.json", to_json(report)),
         ("per_class.csv", _per_class_csv(per_class_rows(report, info))),
     ]
+    for name, _ in files:
+        _check_replaceable(out_dir / name)
     for name, text in files:
         path = out_dir / name
         with atomic_path(path) as tmp:

@@ -58,6 +58,27 @@ def changes(saved: dict[str, Any], wanted: dict[str, Any]) -> dict[str, list[Any
     }
 
 
+# Keys that say how a run is executed on this machine, not what it computes: a run continued or
+# reused by `sicot ablate` may differ in these from the run that started it.
+HOW_IT_RUNS = ("train.threads", "train.loader_workers", "train.in_memory", "train.memory_limit_gb", "name")
+
+
+def check_same_settings(run_dir: Path, saved: dict[str, Any], recipe: Recipe, what_to_do: str) -> None:
+    """Refuse to continue or reuse a run whose saved recipe computes something else than ``recipe``.
+
+    Raises:
+        SicotError: naming each differing key with the run's and the asked-for value, then ``what_to_do``.
+    """
+    diff = {
+        k: v
+        for k, v in changes(recipe_from_dict(saved, str(run_dir / runs.CONFIG)).to_dict(), recipe.to_dict()).items()
+        if k not in HOW_IT_RUNS
+    }
+    if diff:
+        listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in diff.items())
+        raise SicotError(f"{run_dir}: holds a run trained with other settings than asked for ({listed}): {what_to_do}")
+
+
 def resume_recipe(
     run_dir: Path, recipe: Path | None, overrides: list[str], allow_changes: bool = False
 ) -> tuple[Recipe, Path]:
@@ -93,6 +114,7 @@ def resume_recipe(
             f"resume with `sicot train --resume --run-dir {run_dir}` alone, or pass --allow-changes to accept and record the change"
         )
     if diff:
+        _check_change_applies(run_dir, diff)
         when = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
         write_json(
             path,
@@ -103,3 +125,20 @@ def resume_recipe(
             },
         )
     return wanted, Path(config["data"])
+
+
+def _check_change_applies(run_dir: Path, diff: dict[str, list[Any]]) -> None:
+    """``--allow-changes`` changes the rest of a run: refused on a finished run, and for an epoch
+    count the run has already reached (its config would claim epochs it never trained)."""
+    if runs.is_finished(run_dir):
+        raise SicotError(
+            f"{run_dir}: has finished, so --allow-changes would record settings it never trained with: "
+            "train a new run (`sicot train --run-dir NEW_DIR ...`)"
+        )
+    if "train.epochs" in diff:
+        done = len(runs.read_metrics(run_dir))
+        if diff["train.epochs"][1] <= done:
+            raise SicotError(
+                f"{run_dir}: has trained {done} epochs already, so train.epochs = {diff['train.epochs'][1]} would "
+                f"end it where it stands: ask for more than {done}, or use the run as it is"
+            )

@@ -33,7 +33,7 @@ from sicot_cli import checkpoints, runs
 from sicot_cli.classifier_step import eq1_from_streams
 from sicot_cli.config import Recipe, TrainConfig, adopt_prepared
 from sicot_cli.data.augment import random_resized_crop_flip
-from sicot_cli.data.dataset import Prepared, open_prepared
+from sicot_cli.data.dataset import Prepared, open_prepared, val_rows_hint
 from sicot_cli.data.loader import Batch, BatchLoader, decode_workers, epoch_seed
 from sicot_cli.distributed import DistContext, init_distributed, reduce_mean, shard_range, shutdown
 from sicot_cli.errors import SicotError
@@ -42,6 +42,7 @@ from sicot_cli.losses import Criterion, adjusted_bias, choose_tau, criterion
 from sicot_cli.model import SICoT, Streams, make_model, sicot_loss
 from sicot_cli.progress import NullProgress, Progress
 from sicot_cli.provenance import package_versions
+from sicot_cli.resume import check_same_settings
 from sicot_cli.threads import set_threads
 
 log = logging.getLogger(__name__)
@@ -430,6 +431,12 @@ def _train(
                 f"`sicot decouple <first run> --resume --run-dir {run.run_dir}`"
             )
         runs.check_dataset(run.prepared, runs.read_config(run.run_dir), run.run_dir)
+        check_same_settings(  # `sicot ablate` reuses and continues runs with the recipe it is given
+            run.run_dir,
+            runs.read_config(run.run_dir)["recipe"],
+            run.recipe,
+            "train these settings into another directory (`--run-dir`; `--out` for `sicot ablate`)",
+        )
         if runs.is_finished(run.run_dir):
             final = runs.read_summary(run.run_dir).get("final")
             return TrainResult(run.run_dir, runs.read_metrics(run.run_dir), skipped=True, test=final)
@@ -460,13 +467,13 @@ def _open_data(recipe: Recipe, data: str | Path | None) -> tuple[Recipe, Prepare
         )
     if recipe.eval.logit_adjust == "val" and len(recipe.eval.logit_adjust_taus) > 1 and prepared.n_val < 1:
         raise SicotError(
-            f"{path}: eval.logit_adjust = val chooses tau on validation rows, and this file has none: rebuild it "
-            "with data.val_fraction > 0 (`sicot prepare --force`) or use eval.logit_adjust=off"
+            f"{path}: eval.logit_adjust = val chooses tau on validation rows, and this file has none: "
+            f"{val_rows_hint(recipe.data.val_fraction)}, or use eval.logit_adjust=off"
         )
     if recipe.eval.select == "best" and prepared.n_val < 1:
         raise SicotError(
             f"{path}: eval.select = best needs validation rows, and this file has none: "
-            "rebuild it with data.val_fraction > 0 (`sicot prepare --force`) or use eval.select=last"
+            f"{val_rows_hint(recipe.data.val_fraction)}, or use eval.select=last"
         )
     return recipe, prepared
 

@@ -96,6 +96,13 @@ def test_embed_report_save_and_neighbours(tmp_path, manifest):
     known.write_text("4 2\ncat 1 0\nkitten 0.9 0.1\ndog 0 1\ncar -1 0\n", encoding="utf-8")
     r = run("embed", "--neighbours", "cat", "--vectors", str(known), "--top", "2")
     assert r.exit_code == 0 and _neighbour_rows(r.output) == [("kitten", 0.994), ("dog", 0.0)], r.output
+    # a word given twice is read once; a zero vector has no cosine: neither is listed as None / nan
+    odd = tmp_path / "odd.txt"
+    odd.write_text("4 2\ncat 1 0\ndog 0 1\ncat 0 1\nzero 0 0\n", encoding="utf-8")
+    r = run("embed", "--neighbours", "dog", "--vectors", str(odd))
+    assert r.exit_code == 0 and _neighbour_rows(r.output) == [("cat", 0.0)], r.output
+    r = run("embed", "--neighbours", "zero", "--vectors", str(odd))
+    assert r.exit_code == 2 and "'zero' has a zero or non-finite vector" in r.output, r.output
     # typed as a user types it: looked up as the tokenizer writes it (every title was lower-cased)
     r = run("embed", "--neighbours", " CAT ", "--vectors", str(known), "--top", "2")
     assert r.exit_code == 0 and _neighbour_rows(r.output) == [("kitten", 0.994), ("dog", 0.0)], r.output

@@ -79,6 +79,20 @@ def test_a_recipe_section_that_is_no_table_is_the_recipes_fault_not_the_override
     assert str(e.value) == f"{p}: [data] must be a table, got 3"
 
 
+def test_a_bad_override_value_is_the_overrides_fault_not_the_recipes(tmp_path):
+    p = tmp_path / "good.toml"
+    p.write_text("[train]\nlr = 0.05\n")
+    for item, message in (
+        ("train.lr=1e400", "train.lr must be a finite number, got inf"),
+        ("train.batch_size=0", "train.batch_size must be >= 1, got 0"),
+        ("train.lr=abc", "train.lr must be a number, got 'abc'"),
+    ):
+        for recipe in (p, None):
+            with pytest.raises(SicotError) as e:
+                load_recipe(recipe, [item])
+            assert str(e.value) == f"override {item!r}: {message}"
+
+
 def test_bad_overrides():
     with pytest.raises(SicotError, match="unknown override key 'train.lrate'"):
         load_recipe(None, ["train.lrate=0.1"])

@@ -588,3 +588,22 @@ def test_demo_pretraining_recipe_describes_the_demos_long_tailed_set():
         "none",
     )
     assert pre.data.out != demo.data.out
+
+
+def test_titles_files_are_read_as_strictly_as_manifests(tmp_path):
+    """A stray quote is an error naming its line, not the rest of the file in one title; TSV quotes
+    are the title's own; JSONL splits at newlines only (U+2028, U+0085 are valid inside a JSON string)."""
+    from sicot_cli.data.importers.common import read_titles
+
+    csv_file = tmp_path / "t.csv"
+    csv_file.write_text('id,title\nt0,cat toy\nt1,"12 inch cat toy\nt2,dog\n', encoding="utf-8")
+    with pytest.raises(SicotError, match=r"t\.csv: line 3: malformed CSV"):
+        read_titles(csv_file)
+    tsv = tmp_path / "t.tsv"
+    tsv.write_text('id\ttitle\nt0\t"Deluxe" 12 inch\nt1\tcup\n', encoding="utf-8")
+    assert read_titles(tsv)[0] == {"t0": '"Deluxe" 12 inch', "t1": "cup"}
+    jsonl = tmp_path / "t.jsonl"
+    rows = [{"id": f"t{i}", "title": f"cat{sep}toy"} for i, sep in enumerate(["\u2028", "\x85", "\x1c", " "])]
+    jsonl.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    titles, problems = read_titles(jsonl)
+    assert sorted(titles) == ["t0", "t1", "t2", "t3"] and not problems, (titles, problems)

@@ -983,6 +983,9 @@ CASES: dict[str, Case] = {
     "recipe_wrong_type": Case(
         _recipe('[train]\nbatch_size = "eight"\n'), "error", ["r.toml", "train.batch_size must be an integer"]
     ),
+    "recipe_utf16": Case(
+        _recipe("[train]\nlr = 0.1\n".encode("utf-16")), "error", ["r.toml: UTF-16 text", "save it as UTF-8"]
+    ),
     "recipe_list_for_number": Case(_recipe("[train]\nlr = [0.1]\n"), "error", ["r.toml", "train.lr must be a number"]),
     "recipe_binary_garbage": Case(_recipe(b"\x00\xff\xfe garbage"), "error", ["r.toml", "not UTF-8"]),
     "recipe_nesting_bomb": Case(
@@ -1111,6 +1114,18 @@ CASES: dict[str, Case] = {
         "error",
         ["r.toml: a symbolic link loop (it leads back to itself); point it at a file"],
     ),
+    **{
+        f"predict_{name}": Case(
+            lambda t, c, v=value: ["predict", "--run", str(_copy_run(t, c)), "--", v(t) if callable(v) else v],
+            "error",
+            needles,
+        )
+        for name, value, needles in (
+            ("url", "https://example.com/a.png", ["a URL; predict reads local image files: download the image first"]),
+            ("stdin", "-", ["-: standard input is not read; save the image to a file"]),
+            ("folder", lambda t: str(t), ["image path is a directory (name its images, e.g. "]),
+        )
+    },
     "predict_missing_image": Case(
         lambda t, c: ["predict", "--run", str(_copy_run(t, c)), str(t / "gone.png")],
         "error",
@@ -1565,8 +1580,16 @@ CASES: dict[str, Case] = {
     "serve_max_upload_zero_names_the_flag": Case(
         lambda t, c: ["serve", "--run", str(_copy_run(t, c)), "--max-upload-mb", "0"],
         "error",
-        ["--max-upload-mb must be at least"],
+        ["--max-upload-mb must be between 0.000001 and 100000 (MB), got 0.0"],
     ),
+    **{
+        f"serve_max_upload_{name}": Case(
+            lambda t, c, v=value: ["serve", "--run", str(_copy_run(t, c)), "--max-upload-mb", v],
+            "error",
+            [f"--max-upload-mb must be between 0.000001 and 100000 (MB), got {value}"],
+        )
+        for name, value in (("inf", "inf"), ("nan", "nan"))
+    },
 }
 
 

@@ -749,6 +749,17 @@ def test_resume_refuses_result_changing_overrides_unless_allowed(finished_run, t
         {"train.epochs": [1, 2]}
     ]
     assert [m["epoch"] for m in runs.read_metrics(run)] == [1, 2]
+    # a finished run is not changed after the fact: its config would claim what it never trained
+    before = (run / runs.CONFIG).read_text()
+    r = runner.invoke(app, ["train", "--resume", "--allow-changes", "--run-dir", str(run), "train.epochs=5"])
+    assert r.exit_code == 2 and "has finished, so --allow-changes would record settings" in r.output, r.output
+    assert (run / runs.CONFIG).read_text() == before
+    # nor cut below the epochs an interrupted run has trained
+    (run / runs.SUMMARY).unlink()
+    (run / runs.PREDICTIONS).unlink()
+    r = runner.invoke(app, ["train", "--resume", "--allow-changes", "--run-dir", str(run), "train.epochs=1"])
+    assert r.exit_code == 2 and "has trained 2 epochs already, so train.epochs = 1" in r.output, r.output
+    assert (run / runs.CONFIG).read_text() == before
 
 
 def test_failed_start_leaves_no_run_directory(tiny_prepared, tmp_path):

@@ -252,6 +252,16 @@ def test_markdown_parses_and_files(ablation):
     assert data["gains"]["bilinear"]["top1"]["mean"] == pytest.approx(3.0)
     r = runner.invoke(app, ["report", str(ablation), "--format", "csv", "--no-figures"])
     assert "bilinear,top1,55.0," in r.output
+    # a report replaces its own earlier files (above), never a user's file of the same name
+    notes = ablation / "notes"
+    notes.mkdir()
+    for name in ("report.md", "per_class.csv"):
+        (notes / name).write_text("my own notes\n", encoding="utf-8")
+        r = runner.invoke(app, ["report", str(ablation), "--no-figures", "--out", str(notes)])
+        assert r.exit_code == 2 and f"{name}: exists and was not written by `sicot report`" in r.output, r.output
+        assert (notes / name).read_text(encoding="utf-8") == "my own notes\n"
+        assert not (notes / "report.json").exists()  # checked before anything is written
+        (notes / name).unlink()
 
 
 def test_report_refuses_non_runs(tmp_path):
@@ -398,5 +408,11 @@ def test_ablate_skips_finished_and_resumes(tiny_prepared, tmp_path, monkeypatch)
         weights = [float(t.get_text().rsplit(" ", 1)[1]) for t in words]
         assert weights == sorted(weights, reverse=True) and abs(sum(weights) - 1) <= 0.005 * len(weights)
         assert [to_hex(t.get_color()) for t in words[:3]] == ["#1a9641"] * min(3, len(words))
-    with pytest.raises(SicotError, match="ablation of another recipe"):
+    with pytest.raises(SicotError, match=r"ablation of another recipe \(.*train\.epochs: \d+ -> 2\)"):
         ab.ablate(tiny_recipe(tiny_prepared, "train.epochs=2"), ["bilinear"], [0], root, data=tiny_prepared)
+    # ablation.json lost: the runs still say what they were trained with, and another recipe is
+    # refused before the plan is rewritten (nothing is reported as what it is not)
+    (root / "ablation.json").unlink()
+    with pytest.raises(SicotError, match=r"none-s0: holds a run trained with other settings .*train\.epochs: \d+ -> 2"):
+        ab.ablate(tiny_recipe(tiny_prepared, "train.epochs=2"), ["bilinear"], [0], root, data=tiny_prepared)
+    assert not (root / "ablation.json").exists()

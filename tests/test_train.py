@@ -333,7 +333,11 @@ def test_cli_train_evaluate_predict_export(tiny_prepared, tmp_path):
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["top1"] == pytest.approx(final["top1"])
     r = runner.invoke(app, ["evaluate", "--run", str(run_dir), "--split", "val"])
-    assert r.exit_code == 2 and "has no val rows" in r.output and "score --split test, or prepare it again" in r.output
+    assert (
+        r.exit_code == 2
+        and "has no val rows" in r.output
+        and "score --split test, or its data.val_fraction = 0.1 spared none" in " ".join(r.output.split())
+    )
     r = runner.invoke(app, ["evaluate", "--run", str(run_dir), "--checkpoint", "best"])
     assert r.exit_code == 2 and "its data has no validation rows" in r.output and "use --checkpoint last" in r.output
     config["recipe"]["train"]["keep_best"] = False  # what the message says when the run kept no best

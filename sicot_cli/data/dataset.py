@@ -314,6 +314,17 @@ class Prepared:
         return {"classes": self.num_classes, "vocab": len(self.words), "sha256": h.hexdigest()[:16]}
 
 
+def val_rows_hint(val_fraction: float) -> str:
+    """How to get validation rows into a prepared file that has none, given its ``data.val_fraction``."""
+    if val_fraction <= 0:
+        return "rebuild it with data.val_fraction > 0 (`sicot prepare --force`)"
+    return (
+        f"its data.val_fraction = {val_fraction:g} spared none (a class gives floor({val_fraction:g} x its training "
+        "images), so each needs more images): rebuild it with a larger data.val_fraction or more images per class "
+        "(`sicot prepare --force`)"
+    )
+
+
 def rebuild_hint(path: Path) -> str:
     """How to rebuild a damaged prepared file: the same inputs and settings, not the built-in demo's.
 

@@ -104,8 +104,8 @@ def neighbours(
             missing="word vectors not found",
             hint="; --binary for a binary file, without it for a text file",
         )
-        words = [PAD, *kv.index_to_key]
-        matrix = np.vstack([np.zeros((1, kv.vector_size), np.float32), kv.vectors])
+        words = [PAD, *kv.index_to_key]  # a word given twice is read once (gensim warns): as many rows as words
+        matrix = np.vstack([np.zeros((1, kv.vector_size), np.float32), kv.vectors[: len(kv.index_to_key)]])
         word = _as_tokenized(word, words)
     else:
         raise SicotError("--neighbours needs --data PREPARED.h5 or --vectors FILE")

@@ -22,8 +22,6 @@ a title holding U+2028 or another Unicode line separator stays one row.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import unicodedata
@@ -32,12 +30,9 @@ from pathlib import Path
 
 from sicot_cli.data.skips import Skips
 from sicot_cli.errors import SicotError
-from sicot_cli.fsutil import read_text
+from sicot_cli.fsutil import csv_records, read_text
 
 REQUIRED = ("image", "title", "label")
-# csv's default field limit (128 KiB) would refuse a whole manifest for one runaway title; titles
-# are cut to data.max_title_tokens words later anyway.
-FIELD_LIMIT = 1 << 26
 OPTIONAL = ("split", "id")
 SPLITS = ("train", "val", "test")  # "validation" is read as "val"
 
@@ -104,35 +99,19 @@ def _records(path: Path, text: str, skips: Skips) -> list[tuple[int, dict[str, o
             out.append((n, obj))
         return out
     if suffix in (".csv", ".tsv"):
-        csv.field_size_limit(max(csv.field_size_limit(), FIELD_LIMIT))
-        dialect = (
-            {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if suffix == ".tsv" else {"delimiter": ",", "strict": True}
-        )
-        reader = csv.DictReader(io.StringIO(text, newline=""), **dialect)
-        try:
-            columns = [c.strip() for c in reader.fieldnames or []]
-        except csv.Error as e:
-            raise SicotError(f"{path}: not a CSV file ({e})") from None
+        columns, records = csv_records(text, path, tsv=suffix == ".tsv")
         if not columns:
             raise SicotError(f"{path}: empty manifest (no header row)")
         _check_columns(columns, path)
-        reader.fieldnames = columns
         rows: list[tuple[int, dict[str, object]]] = []
-        start = reader.line_num + 1  # where the record being read starts (a quoted field can span lines)
-        try:
-            for record in reader:
-                n, start = reader.line_num, reader.line_num + 1
-                if None in record or any(v is None for v in record.values()):
-                    skips.add("wrong number of fields", f"{path}:{n}")
-                    continue
-                if any(_bad_text(str(v)) for v in record.values()):
-                    skips.add("line is not UTF-8", f"{path}:{n}")
-                    continue
-                rows.append((n, dict(record)))
-        except csv.Error as e:
-            raise SicotError(
-                f'{path}: line {start}: malformed CSV ({e}; a quote opens a quoted field, which must close before the next comma: write a quote inside a field as "")'
-            ) from None
+        for n, record in records:
+            if None in record or any(v is None for v in record.values()):
+                skips.add("wrong number of fields", f"{path}:{n}")
+                continue
+            if any(_bad_text(str(v)) for v in record.values()):
+                skips.add("line is not UTF-8", f"{path}:{n}")
+                continue
+            rows.append((n, dict(record)))
         return rows
     raise SicotError(f"{path}: unknown manifest type {path.suffix!r} (use .csv, .tsv or .jsonl)")
 

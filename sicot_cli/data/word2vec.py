@@ -10,6 +10,7 @@ for that file) start from small seeded random vectors and are counted in the rep
 from __future__ import annotations
 
 import logging
+import math
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -164,7 +165,13 @@ def nearest(words: Sequence[str], vectors: np.ndarray, query: str, k: int = 10) 
         raise SicotError(
             f"word {query!r} is not in the vocabulary ({len(words) - 1} words; try `sicot tokenize` to see how it is split)"
         )
-    return [(w, float(s)) for w, s in kv.most_similar(query, topn=k)]
+    q = kv[query]
+    if not (np.all(np.isfinite(q)) and np.any(q)):
+        raise SicotError(f"word {query!r} has a zero or non-finite vector: it is near no word")
+    # words with a zero or non-finite vector have no cosine with anything: left out, not shown as nan
+    with np.errstate(invalid="ignore", divide="ignore"):
+        found = kv.most_similar(query, topn=len(kv))
+    return [(w, float(s)) for w, s in found if math.isfinite(s)][:k]
 
 
 def save_word2vec_text(path: str | Path, words: Sequence[str], vectors: np.ndarray) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import random
@@ -14,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sicot_cli.errors import SicotError
-from sicot_cli.fsutil import atomic_path, ensure_dir, read_text
+from sicot_cli.fsutil import atomic_path, csv_records, ensure_dir, read_text
 
 COLUMNS = ("image", "title", "label", "split", "id")
 
@@ -125,7 +124,8 @@ def read_titles(path: Path) -> tuple[dict[str, str], Counter[str]]:
     pairs: list[tuple[object, object]] = []
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson", ".json"):
-        for line in text.splitlines():
+        # not str.splitlines(): it also splits at U+2028, U+0085, \x1c... which JSON leaves unescaped
+        for line in text.split("\n"):
             if not line.strip():
                 continue
             try:
@@ -138,16 +138,13 @@ def read_titles(path: Path) -> tuple[dict[str, str], Counter[str]]:
                 continue
             pairs.append((obj.get("id"), obj.get("title")))
     elif suffix in (".csv", ".tsv", ".txt"):
-        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="," if suffix == ".csv" else "\t")
-        columns = [c.strip() for c in reader.fieldnames or []]
+        # as the manifest reader: a stray quote in a CSV is an error, not the rest of the file in one
+        # title; tab-separated text has no quoting (a title's quotes are its own)
+        columns, records = csv_records(text, path, tsv=suffix != ".csv")
         for need in ("id", "title"):
             if need not in columns:
                 raise SicotError(f"{path}: missing column {need!r} (a titles file has the columns id and title)")
-        reader.fieldnames = columns
-        try:
-            pairs = [(r.get("id"), r.get("title")) for r in reader]
-        except csv.Error as e:
-            raise SicotError(f"{path}: line {reader.line_num}: malformed CSV ({e})") from None
+        pairs = [(r.get("id"), r.get("title")) for _, r in records]
     else:
         raise SicotError(f"{path}: unknown titles file type {path.suffix!r} (use .csv, .tsv or .jsonl)")
     titles: dict[str, str] = {}
