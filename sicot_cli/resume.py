@@ -61,6 +61,20 @@ def changes(saved: dict[str, Any], wanted: dict[str, Any]) -> dict[str, list[Any
 # Keys that say how a run is executed on this machine, not what it computes: a run continued or
 # reused by `sicot ablate` may differ in these from the run that started it.
 HOW_IT_RUNS = ("train.threads", "train.loader_workers", "train.in_memory", "train.memory_limit_gb", "name")
+# Keys that change nothing in a run without a text encoder (the baseline: its loss is CE(x_v) alone),
+# so a baseline is one run under every preset, lambda and co-training variant.
+TEXT_ONLY = (
+    "preset",
+    "model.encoder_options",
+    "model.freeze_embeddings",
+    "model.semantic_norm",
+    "model.mixed_trains_classifier",
+    "train.lam",
+    "train.normalize_loss",
+    "train.cotrain_after",
+    "train.distill",
+    "train.distill_temperature",
+)
 
 
 def check_same_settings(run_dir: Path, saved: dict[str, Any], recipe: Recipe, what_to_do: str) -> None:
@@ -69,10 +83,11 @@ def check_same_settings(run_dir: Path, saved: dict[str, Any], recipe: Recipe, wh
     Raises:
         SicotError: naming each differing key with the run's and the asked-for value, then ``what_to_do``.
     """
+    ignored = HOW_IT_RUNS + (TEXT_ONLY if recipe.model.encoder == "none" else ())
     diff = {
         k: v
         for k, v in changes(recipe_from_dict(saved, str(run_dir / runs.CONFIG)).to_dict(), recipe.to_dict()).items()
-        if k not in HOW_IT_RUNS
+        if not k.startswith(ignored)
     }
     if diff:
         listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in diff.items())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import h5py
@@ -416,3 +417,17 @@ def test_ablate_skips_finished_and_resumes(tiny_prepared, tmp_path, monkeypatch)
     with pytest.raises(SicotError, match=r"none-s0: holds a run trained with other settings .*train\.epochs: \d+ -> 2"):
         ab.ablate(tiny_recipe(tiny_prepared, "train.epochs=2"), ["bilinear"], [0], root, data=tiny_prepared)
     assert not (root / "ablation.json").exists()
+    # a co-training variant's ablation may start from the default's baselines (docs/demo-pretraining.md):
+    # no co-training key changes a run without a text encoder; the co-trained run copied in is refused
+    variant = tmp_path / "variant"
+    variant.mkdir()
+    for name in ("none-s0", "bilinear-s0"):
+        shutil.copytree(root / name, variant / name)
+    lam2 = tiny_recipe(tiny_prepared, "train.epochs=1", "train.lam=2", "train.normalize_loss=false")
+    with pytest.raises(
+        SicotError, match=r"bilinear-s0: holds a run trained with other settings .*train\.lam: 1\.0 -> 2"
+    ):
+        ab.ablate(lam2, ["bilinear"], [0], variant, data=tiny_prepared)
+    shutil.rmtree(variant / "bilinear-s0")
+    _, statuses = ab.ablate(lam2, ["bilinear"], [0], variant, data=tiny_prepared)
+    assert [(s.run_dir.name, s.state) for s in statuses] == [("none-s0", "skipped"), ("bilinear-s0", "trained")]
