@@ -66,6 +66,11 @@ class Run:
         import h5py
 
         path = self.path / runs.PREDICTIONS
+        if not path.exists():
+            raise SicotError(
+                f"{path}: missing, though the run finished (its summary.json is there), and the report's "
+                "per-image tests need it: leave the run out of the report, or train it again into a new --run-dir"
+            )
         try:
             with h5py.File(path, "r") as f:
                 rows = f["rows"][()]

@@ -648,6 +648,13 @@ def _truncated_predictions(tmp: Path, ctx: dict) -> list[str]:
     return ["report", str(tmp / "abl"), "--encoder", "mean", "--no-figures"]
 
 
+def _deleted_predictions(tmp: Path, ctx: dict) -> list[str]:
+    """As :func:`_truncated_predictions`, with the co-training run's predictions.h5 deleted."""
+    args = _truncated_predictions(tmp, ctx)
+    (tmp / "abl" / "enc" / runs.PREDICTIONS).unlink()
+    return args
+
+
 def _drop(key: str) -> Callable[[dict], dict]:
     return lambda d: {k: v for k, v in d.items() if k != key}
 
@@ -1231,6 +1238,9 @@ CASES: dict[str, Case] = {
         ["metrics.jsonl:1: field (the whole file): Value error, top1 must be a number"],
     ),
     "run_predictions_truncated": Case(_truncated_predictions, "error", ["enc/predictions.h5: unreadable predictions"]),
+    "run_predictions_deleted": Case(
+        _deleted_predictions, "error", ["enc/predictions.h5: missing, though the run finished", "leave the run out"]
+    ),
     # 5. recipe values with bounds next to each field; divergence caught at the step
     "seed_negative": Case(_train("train.seed=-1"), "error", ["train.seed must be >= 0, got -1"]),
     "split_seed_over_2_64": Case(

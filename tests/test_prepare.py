@@ -376,3 +376,20 @@ def test_prepare_the_synthetic_pretraining_set(tmp_path):
     pre = open_prepared(tmp_path / "p.h5")
     assert len(pre.class_names) == 5 and not set(pre.class_names) & set(target.class_names)
     assert list(pre.train_counts) == [3] * 5 and pre.n_train == 15
+
+
+def test_labels_differing_only_in_case_stay_classes_with_a_warning(tmp_path, caplog):
+    import logging
+
+    from sicot_cli.data.manifest import read_manifest
+    from sicot_cli.data.skips import Skips
+
+    m = tmp_path / "m.csv"
+    rows = ["image,title,label", "a.png,x,cat", "b.png,x,CAT", "c.png,x, Dog ", "d.png,x,dog", "e.png,x,cow"]
+    m.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="sicot_cli.data.manifest"):
+        read = read_manifest(m, Skips())
+    assert sorted({r.label for r in read}) == ["CAT", "Dog", "cat", "cow", "dog"]  # as written: no silent merge
+    (record,) = caplog.records
+    assert "4 labels differ from another only in case" in record.message
+    assert "'CAT' / 'cat'; 'Dog' / 'dog'" in record.message

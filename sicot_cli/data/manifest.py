@@ -23,6 +23,7 @@ a title holding U+2028 or another Unicode line separator stays one row.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import unicodedata
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ from sicot_cli.fsutil import csv_records, read_text
 
 REQUIRED = ("image", "title", "label")
 OPTIONAL = ("split", "id")
+log = logging.getLogger(__name__)
+
 SPLITS = ("train", "val", "test")  # "validation" is read as "val"
 
 
@@ -217,4 +220,24 @@ def read_manifest(path: str | Path, skips: Skips) -> list[Row]:
             skips.add("image path cannot be resolved", where)
             continue
         rows.append(Row(where, rid, img, title, label, split))
+    _warn_case_twins(path, rows)
     return rows
+
+
+def _warn_case_twins(path: Path, rows: list[Row]) -> None:
+    """Labels that differ only in case (``cat``, ``Cat``) are separate classes, as written: say so once."""
+    spellings: dict[str, set[str]] = {}
+    for row in rows:
+        spellings.setdefault(row.label.casefold(), set()).add(row.label)
+    twins = [sorted(s) for s in spellings.values() if len(s) > 1]
+    if twins:
+        shown = "; ".join(" / ".join(repr(x) for x in t) for t in sorted(twins)[:3])
+        more = f" and {len(twins) - 3} more" if len(twins) > 3 else ""
+        log.warning(
+            "%s: %d labels differ from another only in case and are separate classes (%s%s): "
+            "spell each product's label one way in the manifest if they are one class",
+            path,
+            sum(len(t) for t in twins),
+            shown,
+            more,
+        )
