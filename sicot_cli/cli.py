@@ -124,6 +124,21 @@ def _out_file(out: Path | None, name: str) -> Path | None:
     """``--out`` may name the .h5 file or a folder to put ``<name>.h5`` in."""
     if out is None or out.suffix.lower() in (".h5", ".hdf5"):
         return out
+    from sicot_cli.errors import SicotError
+
+    if out.is_file():
+        raise SicotError(
+            f"{out}: is a file; --out names the .h5 file to write (e.g. {out.with_suffix('.h5')}) or a folder"
+        )
+    if out.suffix and not out.exists():
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "%s: not an .h5 name, so it is taken as a folder to hold %s.h5 (write %s for the file itself)",
+            out,
+            name,
+            out.with_suffix(".h5"),
+        )
     return out / f"{name}.h5"
 
 

@@ -131,3 +131,17 @@ def test_embed_pretrained_vectors_and_oov(tmp_path, manifest):
     bad.write_text("not a vector file\n")
     r = run("embed", f"data.manifest={manifest}", "data.source=manifest", *KEEP_ALL, f"embed.pretrained={bad}")
     assert r.exit_code == 2 and "bad.txt: not a word2vec text file" in r.output
+
+
+def test_prepare_out_with_another_suffix_is_a_folder_and_says_so(tmp_path, caplog):
+    import logging
+
+    from sicot_cli.cli import _out_file
+
+    with caplog.at_level(logging.WARNING, logger="sicot_cli.cli"):
+        assert _out_file(tmp_path / "x.h5", "m") == tmp_path / "x.h5"
+        assert _out_file(tmp_path / "plain", "m") == tmp_path / "plain" / "m.h5"
+        assert not caplog.records
+        assert _out_file(tmp_path / "x.hdf", "m") == tmp_path / "x.hdf" / "m.h5"
+    (record,) = caplog.records
+    assert "x.hdf: not an .h5 name, so it is taken as a folder to hold m.h5" in record.message

@@ -1287,6 +1287,12 @@ CASES: dict[str, Case] = {
     ),
     "export_into_missing_folder": Case(_export(lambda t: t / "new" / "dir" / "m.pt"), "ok", ["wrote"], check=_exported),
     "export_file_name_too_long": Case(_export(lambda t: t / f"{LONG}.pt"), "error", ["file name too long"]),
+    "prepare_out_is_an_image": Case(
+        lambda t, c: ["prepare", "--manifest", str(m := _manifest(t)), "--out", str(m.parent / "cat0.png"), *KEEP_ALL],
+        "error",
+        ["cat0.png: is a file; --out names the .h5 file to write (e.g. ", "cat0.h5) or a folder"],
+        check=_holds(lambda t, c: (t / "raw" / "cat0.png").read_bytes().startswith(b"\x89PNG")),
+    ),
     "prepare_out_file_name_too_long": Case(
         lambda t, c: _prep(_manifest(t), t)[: -1 - len(KEEP_ALL)] + [str(t / f"{LONG}.h5"), *KEEP_ALL],
         "error",
