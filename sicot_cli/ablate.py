@@ -24,7 +24,7 @@ from sicot_cli.config import PRESETS, Recipe, adopt_prepared, recipe_from_dict
 from sicot_cli.errors import SicotError
 from sicot_cli.fsutil import ensure_dir, write_json
 from sicot_cli.progress import NullProgress, Progress
-from sicot_cli.resume import changes, check_same_settings
+from sicot_cli.resume import changes, check_same_settings, described
 from sicot_cli.train import TrainResult, train
 
 log = logging.getLogger(__name__)
@@ -266,7 +266,7 @@ def _write_plan(
         except (ValueError, KeyError, TypeError, SicotError):
             old, old_shared = None, None
     if old is not None and old_shared != shared:
-        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes(old_shared, shared).items())
+        listed = described(changes(old_shared, shared))
         raise SicotError(
             f"{root}: holds an ablation of another recipe ({plan_path}: {listed or 'its settings differ'}); "
             "use another --out"

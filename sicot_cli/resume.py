@@ -58,6 +58,11 @@ def changes(saved: dict[str, Any], wanted: dict[str, Any]) -> dict[str, list[Any
     }
 
 
+def described(diff: dict[str, list[Any]]) -> str:
+    """``key: old -> new; ...``: how every error about differing settings names them."""
+    return "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in diff.items())
+
+
 # Keys that say how a run is executed on this machine, not what it computes: a run continued or
 # reused by `sicot ablate` may differ in these from the run that started it.
 HOW_IT_RUNS = ("train.threads", "train.loader_workers", "train.in_memory", "train.memory_limit_gb", "name")
@@ -90,8 +95,9 @@ def check_same_settings(run_dir: Path, saved: dict[str, Any], recipe: Recipe, wh
         if not k.startswith(ignored)
     }
     if diff:
-        listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in diff.items())
-        raise SicotError(f"{run_dir}: holds a run trained with other settings than asked for ({listed}): {what_to_do}")
+        raise SicotError(
+            f"{run_dir}: holds a run trained with other settings than asked for ({described(diff)}): {what_to_do}"
+        )
 
 
 def resume_recipe(
@@ -123,9 +129,8 @@ def resume_recipe(
     # compared as resolved recipes: a key a newer sicot added is at its default in both
     diff = changes(recipe_from_dict(saved, f"{path}, field recipe").to_dict(), wanted.to_dict())
     if diff and not allow_changes:
-        listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in diff.items())
         raise SicotError(
-            f"{run_dir}: resuming with a recipe other than the run's changes its result ({listed}): "
+            f"{run_dir}: resuming with a recipe other than the run's changes its result ({described(diff)}): "
             f"resume with `sicot train --resume --run-dir {run_dir}` alone, or pass --allow-changes to accept and record the change"
         )
     if diff:

@@ -425,15 +425,16 @@ def _train(
     resuming = _on_main(ctx, lambda: runs.start_run(run.run_dir, config, resume))
     state = _State()
     if resuming:
-        if runs.read_config(run.run_dir).get("stage"):
+        saved = runs.read_config(run.run_dir)
+        if saved.get("stage"):
             raise SicotError(
                 f"{run.run_dir}: is a second stage (sicot decouple), not a training run: continue it with "
                 f"`sicot decouple <first run> --resume --run-dir {run.run_dir}`"
             )
-        runs.check_dataset(run.prepared, runs.read_config(run.run_dir), run.run_dir)
+        runs.check_dataset(run.prepared, saved, run.run_dir)
         check_same_settings(  # `sicot ablate` reuses and continues runs with the recipe it is given
             run.run_dir,
-            runs.read_config(run.run_dir)["recipe"],
+            saved["recipe"],
             run.recipe,
             "train these settings into another directory (`--run-dir`; `--out` for `sicot ablate`)",
         )
