@@ -138,6 +138,11 @@ class EmbedConfig:
 
     pretrained: str = ""  # word2vec text or binary file; empty = train on the training titles
     binary: bool = False  # format of `pretrained`
+    # More sentences for word2vec, trained together with the training titles: a UTF-8 text file, one
+    # sentence per line (tokenized like the titles); "" = the training titles alone. The paper's word
+    # vectors come from a large product corpus; `sicot datasets fetch icons` writes one offline
+    # (data/icons/icon-words.txt, the icon sets' names and tags, English). Not with `pretrained`.
+    corpus: str = ""
     dim: Annotated[int, Range(1, 4096)] = 64
     window: Annotated[int, Range(1, 1000)] = 5
     epochs: Annotated[int, Range(1, 100_000)] = 20
@@ -346,7 +351,7 @@ _PREPARE_HOW = frozenset({"data.out", "data.workers", "data.strict"})
 
 def _same_path(key: str, a: Any, b: Any) -> bool:
     """Two spellings of one file (a recipe's paths are resolved against its folder)."""
-    if key not in ("data.manifest", "embed.pretrained") or not a or not b:
+    if key not in ("data.manifest", "embed.pretrained", "embed.corpus") or not a or not b:
         return False
     return os.path.normpath(os.path.abspath(str(a))) == os.path.normpath(os.path.abspath(str(b)))
 
@@ -557,6 +562,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
         for key, section, attr in (
             ("data.manifest", recipe.data, "manifest"),
             ("embed.pretrained", recipe.embed, "pretrained"),
+            ("embed.corpus", recipe.embed, "corpus"),
         ):
             value = getattr(section, attr)
             if value and not Path(value).is_absolute() and key not in given:

@@ -48,15 +48,46 @@ def _stable_hash(text: str) -> int:
     return zlib.crc32(text.encode("utf-8"))
 
 
+def read_corpus(path: str | Path) -> list[list[str]]:
+    """The sentences of an ``embed.corpus`` file: one a line, tokenized like the titles.
+
+    Raises:
+        SicotError: a missing, unreadable or non-UTF-8 file, or one without a single word.
+    """
+    from sicot_cli.data.tokenize import tokenize_many
+    from sicot_cli.fsutil import read_text
+
+    p = Path(path)
+    text = read_text(
+        p,
+        "word2vec corpus",
+        missing="word2vec corpus not found (embed.corpus; `sicot datasets fetch icons` writes data/icons/icon-words.txt)",
+        expected="a text file of sentences, one a line (embed.corpus)",
+    )
+    sentences = [t for t in tokenize_many([line for line in text.splitlines() if line.strip()]) if t]
+    if not sentences:
+        raise SicotError(
+            f"{p}: the word2vec corpus (embed.corpus) holds no word: give a text file, one sentence a line"
+        )
+    return sentences
+
+
 def train_word2vec(
-    train_titles: Sequence[Sequence[str]], vocab: Vocab, cfg: EmbedConfig
+    train_titles: Sequence[Sequence[str]],
+    vocab: Vocab,
+    cfg: EmbedConfig,
+    corpus: Sequence[Sequence[str]] = (),
+    corpus_name: str = "",
 ) -> tuple[np.ndarray, VectorReport]:
-    """Train word2vec on the training titles restricted to the vocabulary.
+    """Train word2vec on the training titles restricted to the vocabulary, and on ``corpus``.
 
     Args:
         train_titles: tokenized training titles.
-        vocab: the filtered vocabulary; other words are removed from the sentences first.
+        vocab: the filtered vocabulary; other words are removed from the titles first.
         cfg: dimension, window, epochs, sg/cbow, negative samples, seed.
+        corpus: more tokenized sentences (``embed.corpus``), every word kept: a word outside the
+            vocabulary still places the vocabulary's words by the company they keep.
+        corpus_name: the corpus file's name, for the report.
 
     Returns:
         The ``[len(vocab), cfg.dim]`` float32 matrix and its report.
@@ -70,7 +101,7 @@ def train_word2vec(
             "the vocabulary is empty after filtering: lower text.drop_most_frequent / text.drop_least_frequent / text.min_count"
         )
     model = Word2Vec(
-        sentences=sentences,
+        sentences=sentences + [list(c) for c in corpus],
         vector_size=cfg.dim,
         window=cfg.window,
         min_count=1,
@@ -85,7 +116,8 @@ def train_word2vec(
     for i, word in enumerate(vocab.words[1:], start=1):
         matrix[i] = model.wv[word]
     kind = "skip-gram" if cfg.sg else "CBOW"
-    return matrix, VectorReport(f"word2vec {kind} trained on training titles", cfg.dim, len(vocab), 0)
+    extra = f" and {len(corpus):,} sentences of {corpus_name}" if corpus else ""
+    return matrix, VectorReport(f"word2vec {kind} trained on training titles{extra}", cfg.dim, len(vocab), 0)
 
 
 def load_word2vec_file(path: str | Path, binary: bool, *, missing: str, hint: str) -> KeyedVectors:
@@ -142,12 +174,25 @@ def load_pretrained(path: str | Path, binary: bool, vocab: Vocab, seed: int = 0)
 def word_vectors(
     train_titles: Sequence[Sequence[str]], vocab: Vocab, cfg: EmbedConfig, base: Path | None = None
 ) -> tuple[np.ndarray, VectorReport]:
-    """Vectors for the vocabulary as the recipe asks: pretrained when ``embed.pretrained`` is set."""
+    """Vectors for the vocabulary as the recipe asks: pretrained when ``embed.pretrained`` is set.
+
+    Raises:
+        SicotError: both ``embed.pretrained`` and ``embed.corpus`` set, or an unusable file.
+    """
+
+    def resolved(value: str) -> Path:
+        path = Path(value)
+        return base / path if base is not None and not path.is_absolute() else path
+
+    if cfg.pretrained and cfg.corpus:
+        raise SicotError(
+            'embed.pretrained loads word vectors and embed.corpus trains them: set one of the two (the other to "")'
+        )
     if cfg.pretrained:
-        path = Path(cfg.pretrained)
-        if base is not None and not path.is_absolute():
-            path = base / path
-        return load_pretrained(path, cfg.binary, vocab, cfg.seed)
+        return load_pretrained(resolved(cfg.pretrained), cfg.binary, vocab, cfg.seed)
+    if cfg.corpus:
+        path = resolved(cfg.corpus)
+        return train_word2vec(train_titles, vocab, cfg, read_corpus(path), path.name)
     return train_word2vec(train_titles, vocab, cfg)
 
 
