@@ -661,6 +661,8 @@ def _apply_override(table: dict[str, Any], item: str, where: str = "the recipe")
             section = ".".join(parts[: i + 1])
             raise SicotError(f"{where}: [{section}] must be a table, got {_shown(node)}")
     value = parse_override_value(raw.strip())
+    if cls is str and not isinstance(value, str):  # a file named 5, a run named 2024: what the shell user typed
+        value = raw.strip()
     _check_value(value, cls, key, f"override {item!r}")  # its own error, not the recipe file's
     node[parts[-1]] = value
 
@@ -679,6 +681,11 @@ def validate(recipe: Recipe, where: str) -> None:
         (
             d.source != "manifest" or bool(d.manifest),
             "data.manifest must name a CSV/JSONL file when data.source = 'manifest'",
+        ),
+        (
+            d.source == "manifest" or not d.manifest,
+            f"data.manifest is set ({d.manifest!r}) but data.source is {d.source!r}, which would ignore it: "
+            'set data.source = "manifest" (or use --manifest FILE), or data.manifest = ""',
         ),
         (
             d.synthetic.min_per_class <= d.synthetic.max_per_class,

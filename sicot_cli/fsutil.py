@@ -94,7 +94,9 @@ def read_text(
             raise SicotError(f"{path}: cannot read{the} ({e.strerror}){hint}") from None
         raise SicotError(f"{path}: is a directory, expected {expected}") from None
     except UnicodeDecodeError as e:
-        raise SicotError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}){hint}") from None
+        line = data.count(b"\n", 0, e.start) + 1
+        again = hint or "; save it as UTF-8"
+        raise SicotError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}, line {line}){again}") from None
     except OSError as e:
         if e.errno == errno.ELOOP:  # the not-UTF-8 hint would mislead: there is no file to save again
             raise SicotError(f"{path}: a symbolic link loop (it leads back to itself); point it at a file") from None

@@ -133,6 +133,18 @@ def test_embed_pretrained_vectors_and_oov(tmp_path, manifest):
     assert r.exit_code == 2 and "bad.txt: not a word2vec text file" in r.output
 
 
+def test_embed_with_a_word2vec_corpus_reports_its_coverage(tmp_path, manifest):
+    corpus = tmp_path / "words.txt"
+    corpus.write_text("red kitten\nzebra crossing\n", encoding="utf-8")
+    args = ("embed", f"data.manifest={manifest}", "data.source=manifest", *KEEP_ALL)
+    r = run(*args, f"embed.corpus={corpus}")
+    out = " ".join(r.output.split())
+    assert r.exit_code == 0 and "trained on training titles and 2 sentences of words.txt" in out, r.output
+    assert "vocabulary words in the corpus │ 1 of " in out and "vocabulary OOV" not in out, r.output
+    r = run(*args)
+    assert r.exit_code == 0 and "in the corpus" not in r.output and "vocabulary OOV" in r.output
+
+
 def test_prepare_out_with_another_suffix_is_a_folder_and_says_so(tmp_path, caplog):
     import logging
 

@@ -34,12 +34,28 @@ def test_overrides_are_typed():
 def test_recipe_paths_resolve_against_the_recipe(tmp_path):
     p = tmp_path / "sub" / "r.toml"
     p.parent.mkdir()
-    p.write_text('[data]\nsource = "manifest"\nmanifest = "m.csv"\n[embed]\npretrained = "v.txt"\n')
+    p.write_text('[data]\nsource = "manifest"\nmanifest = "m.csv"\n[embed]\npretrained = "v.txt"\ncorpus = "w.txt"\n')
     r = load_recipe(p)
     assert r.data.manifest == str(p.parent / "m.csv")
-    assert r.embed.pretrained == str(p.parent / "v.txt")
+    assert r.embed.pretrained == str(p.parent / "v.txt") and r.embed.corpus == str(p.parent / "w.txt")
+    assert load_recipe(p, ["embed.corpus=mine.txt"]).embed.corpus == "mine.txt"
+    # a bare value for a text key is the text typed, even when TOML would read a number or a date
+    assert load_recipe(p, ["embed.corpus=5", "name=2024-01-02"]).embed.corpus == "5"
+    assert load_recipe(p, ["name=2024-01-02"]).name == "2024-01-02"
     # overrides given on the command line stay relative to the working directory
     assert load_recipe(p, ["data.manifest=other.csv"]).data.manifest == "other.csv"
+
+
+def test_a_manifest_with_the_synthetic_source_is_refused(tmp_path):
+    p = tmp_path / "r.toml"
+    p.write_text('[data]\nmanifest = "m.csv"\n')
+    with pytest.raises(
+        SicotError, match="data.manifest is set .* but data.source is 'synthetic', which would ignore it"
+    ):
+        load_recipe(p)
+    with pytest.raises(SicotError, match='set data.source = "manifest"'):
+        load_recipe(None, ["data.manifest=m.csv"])
+    assert load_recipe(None, ["data.manifest=m.csv", "data.source=manifest"]).data.source == "manifest"
 
 
 @pytest.mark.parametrize(

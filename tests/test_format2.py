@@ -156,6 +156,9 @@ def test_parts_merged_equal_one_machine_prepare(raw: Path, tmp_path: Path) -> No
     for text in ("5/3", "1", "a/b", "-1/2"):
         result = runner.invoke(app, [*args, "--shard", text])
         assert result.exit_code == 2 and "expected i/n" in result.output
+    # a part checks the word2vec corpus the merge will train on, so a bad one is not found hours later
+    result = runner.invoke(app, [*args, "--shard", "0/2", f"embed.corpus={tmp_path / 'nope.txt'}"])
+    assert result.exit_code == 2 and "nope.txt: word2vec corpus not found" in result.output, result.output
     result = runner.invoke(app, [*args, "--shard", "0/2", "data.images=raw"])
     assert result.exit_code == 2 and 'data.images = "jpeg"' in result.output
     # rebuilt as format 1, the file's shard folders go (the old index stayed valid until the rename)

@@ -354,6 +354,14 @@ def _pretrained(content: str) -> Callable[[Path, dict], list[str]]:
     return make
 
 
+def _corpus(content: bytes) -> Callable[[Path, dict], list[str]]:
+    def make(tmp: Path, ctx: dict) -> list[str]:
+        (tmp / "words.txt").write_bytes(content)
+        return _prep(_manifest(tmp), tmp, f"embed.corpus={tmp / 'words.txt'}")
+
+    return make
+
+
 def _recipe(text: str, command: str = "prepare") -> Callable[[Path, dict], list[str]]:
     def make(tmp: Path, ctx: dict) -> list[str]:
         r = tmp / "r.toml"
@@ -985,6 +993,29 @@ CASES: dict[str, Case] = {
         lambda t, c: _prep(_manifest(t), t, f"embed.pretrained={t}/nope.txt"),
         "error",
         ["nope.txt", "pretrained word vectors not found"],
+    ),
+    "word_corpus_missing": Case(
+        lambda t, c: _prep(_manifest(t), t, f"embed.corpus={t}/nope.txt"),
+        "error",
+        ["nope.txt", "word2vec corpus not found", "sicot datasets fetch icons"],
+    ),
+    "word_corpus_a_folder": Case(
+        lambda t, c: _prep(_manifest(t), t, f"embed.corpus={t}"),
+        "error",
+        ["is a directory, expected a text file of sentences"],
+    ),
+    "word_corpus_no_word": Case(
+        _corpus(b"... !!\n\n  --\n"), "error", ["words.txt", "holds no word", "one sentence a line"]
+    ),
+    "word_corpus_not_utf8": Case(
+        _corpus(b"red cat\nblue \xe9t\xe9\n"),
+        "error",
+        ["words.txt: not UTF-8 text (invalid continuation byte at byte 13, line 2); save it as UTF-8"],
+    ),
+    "word_corpus_and_pretrained": Case(
+        lambda t, c: _corpus(b"red cat\n")(t, c) + [f"embed.pretrained={t}/v.txt"],
+        "error",
+        ["embed.pretrained loads word vectors and embed.corpus trains them", "set one of the two"],
     ),
     # recipes
     "recipe_wrong_type": Case(
@@ -1764,9 +1795,11 @@ def test_the_one_text_reader_names_the_file_and_what_to_do(tmp_path):
     bad = tmp_path / "b.txt"
     bad.write_bytes(b"ok\n\xff\xfe")
     with pytest.raises(
-        SicotError, match=re.escape(f"{bad}: not UTF-8 text (invalid start byte at byte 3); fetch again")
+        SicotError, match=re.escape(f"{bad}: not UTF-8 text (invalid start byte at byte 3, line 2); fetch again")
     ):
         read_text(bad, "list", hint="; fetch again")
+    with pytest.raises(SicotError, match=re.escape("(invalid start byte at byte 3, line 2); save it as UTF-8")):
+        read_text(bad, "list")  # a user's own file: what to do with it
     assert read_text(bad, errors="replace") == "ok\n\ufffd\ufffd"
     assert read_text(bad, errors="surrogateescape") == "ok\n\udcff\udcfe"
     with pytest.raises(SicotError, match=re.escape(f"{tmp_path / 'no.toml'}: recipe not found")):

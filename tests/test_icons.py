@@ -297,6 +297,17 @@ def test_icons_pool_concepts_across_sets_and_styles(tmp_path):
         ink = a[a[..., 3] > 0][:, :3]
         want = palette_color(r["id"])
         assert (ink == [int(want[i : i + 2], 16) for i in (1, 3, 5)]).all()
+    # the names and tags as a word2vec corpus (embed.corpus): every tagged icon, then the other
+    # sets' names once each; no category (Tabler's "Health" is a label, not a word of the icon)
+    assert (folder / ic.CORPUS).read_text(encoding="utf-8").splitlines() == [
+        "heart love like",
+        "bolt lightning power",
+        "heart sponsor",
+        "acorn",
+        "bolt",
+        "heart",
+    ]
+    assert any("icon-words.txt (6 sentences" in n for n in s.notes)
     assert ic.import_icons(folder, min_images=2).classes == 3  # a-b's single image can't be split
     with pytest.raises(SicotError, match="min_images must be >= 2"):
         ic.import_icons(folder, min_images=1)

@@ -99,3 +99,37 @@ def test_encode_drops_filtered_words_and_truncates():
 def test_rule_names_keep_fractional_percentages():
     v = build_vocab([["a", "b", "c"]], 0.005, 0.05, 1)
     assert [r.rule for r in v.rules][:2] == ["0.5% most frequent", "5% least frequent"]
+
+
+def test_a_word2vec_corpus_places_title_words_by_the_company_they_keep(tmp_path):
+    """embed.corpus: title words that never share a title come close through the corpus's contexts."""
+    import numpy as np
+
+    from sicot_cli.config import EmbedConfig
+    from sicot_cli.data.word2vec import read_corpus, word_vectors
+
+    titles = [["cat", "toy"], ["red", "cat"], ["fox", "mug"], ["blue", "fox"], ["red", "mug"], ["blue", "toy"]] * 5
+    vocab = build_vocab(titles, 0.0, 0.0, 1)
+    corpus = tmp_path / "words.txt"
+    corpus.write_text("Cat, kitten & meow!\n\n   \nfox kitten meow\n" * 100, encoding="utf-8")
+    assert read_corpus(corpus)[:2] == [["cat", "kitten", "meow"], ["fox", "kitten", "meow"]]  # tokenized as titles
+    long = tmp_path / "one-line.txt"  # text8-style: gensim would train on the first 10,000 words only
+    long.write_text(" ".join(f"w{i % 7}" for i in range(25_000)), encoding="utf-8")
+    assert [len(s) for s in read_corpus(long)] == [10_000, 10_000, 5_000]
+    alone, r0 = word_vectors(titles, vocab, EmbedConfig(epochs=30))
+    mixed, r1 = word_vectors(titles, vocab, EmbedConfig(epochs=30, corpus="words.txt"), base=tmp_path)
+    again, _ = word_vectors(titles, vocab, EmbedConfig(epochs=30, corpus=str(corpus)))
+    assert r1.source == "word2vec skip-gram trained on training titles and 200 sentences of words.txt"
+    assert r0.source == "word2vec skip-gram trained on training titles" and r1.oov_words == 0
+    assert (r0.in_corpus, r1.in_corpus) == (None, 2)  # cat and fox; toy, red, mug, blue are not in it
+    assert mixed.shape == alone.shape == (len(vocab), 64)  # corpus-only words never join the vocabulary
+    assert np.array_equal(mixed, again)  # deterministic, and the recipe-relative path is the same file
+
+    def nearest(m, word):
+        unit = m[1:] / np.linalg.norm(m[1:], axis=1, keepdims=True)
+        sims = unit @ unit[vocab.index[word] - 1]
+        sims[vocab.index[word] - 1] = -2
+        return vocab.words[1 + int(np.argmax(sims))]
+
+    assert nearest(mixed, "cat") == "fox" and nearest(mixed, "fox") == "cat"
+    assert nearest(alone, "cat") != "fox" and nearest(alone, "fox") != "cat"

@@ -46,7 +46,7 @@ from sicot_cli.data.manifest import read_manifest
 from sicot_cli.data.skips import Skips
 from sicot_cli.data.tokenize import tokenize_many
 from sicot_cli.data.vocab import FilterRule, Vocab, build_vocab
-from sicot_cli.data.word2vec import VectorReport, word_vectors
+from sicot_cli.data.word2vec import VectorReport, read_corpus, word_vectors
 from sicot_cli.errors import SicotError
 from sicot_cli.fsutil import atomic_path, check_name, ensure_dir, guarded_file, remove_stale_tmp, write_json
 from sicot_cli.progress import NullProgress, Progress
@@ -367,7 +367,9 @@ def build_text(recipe: Recipe, skips: Skips, progress: Progress | None = None, v
     _check_classes_and_test_rows(recs, source)
     if vectors:
         vecs, vreport = word_vectors([r.tokens for r in recs if r.split == "train"], vocab, recipe.embed, base=None)
-    else:  # a --shard part: the merge step trains them, once
+    else:  # a --shard part: the merge step trains them, once; a bad corpus is refused now, not then
+        if recipe.embed.corpus:
+            read_corpus(recipe.embed.corpus)
         vecs, vreport = (
             np.zeros((len(vocab), recipe.embed.dim), np.float32),
             VectorReport("not built", recipe.embed.dim, len(vocab), 0),

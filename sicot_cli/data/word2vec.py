@@ -37,6 +37,7 @@ class VectorReport:
     dim: int
     vocab_size: int  # including padding
     oov_words: int  # vocabulary words with no pretrained vector (0 when trained here)
+    in_corpus: int | None = None  # vocabulary words that occur in embed.corpus (None: no corpus)
 
     @property
     def oov_rate(self) -> float:
@@ -46,6 +47,9 @@ class VectorReport:
 
 def _stable_hash(text: str) -> int:
     return zlib.crc32(text.encode("utf-8"))
+
+
+MAX_WORDS = 10_000  # gensim.models.word2vec.MAX_WORDS_IN_BATCH, the longest sentence it trains on
 
 
 def read_corpus(path: str | Path) -> list[list[str]]:
@@ -64,7 +68,10 @@ def read_corpus(path: str | Path) -> list[list[str]]:
         missing="word2vec corpus not found (embed.corpus; `sicot datasets fetch icons` writes data/icons/icon-words.txt)",
         expected="a text file of sentences, one a line (embed.corpus)",
     )
-    sentences = [t for t in tokenize_many([line for line in text.splitlines() if line.strip()]) if t]
+    lines = tokenize_many([line for line in text.splitlines() if line.strip()])
+    # gensim reads at most MAX_WORDS words of a sentence and silently drops the rest (a corpus
+    # written as one line, text8-style): such a line is cut into sentences of that length instead
+    sentences = [t[i : i + MAX_WORDS] for t in lines for i in range(0, len(t), MAX_WORDS)]
     if not sentences:
         raise SicotError(
             f"{p}: the word2vec corpus (embed.corpus) holds no word: give a text file, one sentence a line"
@@ -116,8 +123,16 @@ def train_word2vec(
     for i, word in enumerate(vocab.words[1:], start=1):
         matrix[i] = model.wv[word]
     kind = "skip-gram" if cfg.sg else "CBOW"
-    extra = f" and {len(corpus):,} sentences of {corpus_name}" if corpus else ""
-    return matrix, VectorReport(f"word2vec {kind} trained on training titles{extra}", cfg.dim, len(vocab), 0)
+    if not corpus:
+        return matrix, VectorReport(f"word2vec {kind} trained on training titles", cfg.dim, len(vocab), 0)
+    seen = {w for sentence in corpus for w in sentence}
+    return matrix, VectorReport(
+        f"word2vec {kind} trained on training titles and {len(corpus):,} sentences of {corpus_name}",
+        cfg.dim,
+        len(vocab),
+        0,
+        in_corpus=sum(1 for w in vocab.words[1:] if w in seen),
+    )
 
 
 def load_word2vec_file(path: str | Path, binary: bool, *, missing: str, hint: str) -> KeyedVectors:

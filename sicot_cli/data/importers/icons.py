@@ -19,6 +19,12 @@ so "heart" holds every set's hearts in every style: the network learns what an i
 the stroke, weight, fill or artist. Concepts with fewer than :data:`MIN_IMAGES` images are left out.
 Title = the name's words and the set's tags (unused by image-only pretraining; ``prepare`` needs one).
 
+The sets' names and tags are also a text corpus, written beside the manifest as ``icon-words.txt``
+(one sentence a line: a Tabler, Lucide or Octicons icon's name and tags, then every Phosphor and
+Bootstrap name once): the English word2vec corpus that ``embed.corpus`` trains with the training
+titles, as the paper's word vectors come from a corpus larger than its titles. Text only: no image
+and no label of an evaluated dataset is in it (Tabler's categories are left out).
+
 Each icon is rasterised with resvg to a 64 px PNG in one colour of a fixed palette, chosen by a stable
 hash of the image's id: emoji are colourful, and colour must not name the class.
 
@@ -41,7 +47,7 @@ from sicot_cli.data.importers.common import ImportSummary, clean_title, load_jso
 from sicot_cli.data.importers.npm import NpmPackage, fetch_packages
 from sicot_cli.data.importers.svg import palette_color, rasterise
 from sicot_cli.errors import SicotError
-from sicot_cli.fsutil import write_json
+from sicot_cli.fsutil import atomic_path, write_json
 
 _SVG = r"[a-z0-9][a-z0-9-]*\.svg"
 TABLER = NpmPackage(
@@ -87,6 +93,7 @@ SIZE = 64
 PNG = "png"
 MANIFEST = "icons.csv"
 MIN_IMAGES = 4
+CORPUS = "icon-words.txt"
 
 
 @dataclass
@@ -169,6 +176,31 @@ def _octicons(src: Path) -> Iterator[_Svg]:
         yield _Svg(OCTICONS.folder, style, name, p, tuple(str(t) for t in tags))
 
 
+def _tabler_words(src: Path) -> Iterator[tuple[str, Any]]:
+    meta = _json(src / "icons.json") or {}
+    for name, m in meta.items() if isinstance(meta, dict) else ():
+        yield name, m.get("tags") if isinstance(m, dict) else None
+
+
+def _lucide_words(src: Path) -> Iterator[tuple[str, Any]]:
+    meta = _json(src / "tags.json") or {}
+    yield from meta.items() if isinstance(meta, dict) else ()
+
+
+def _octicons_words(src: Path) -> Iterator[tuple[str, Any]]:
+    meta = _json(src / "build" / "data.json") or {}
+    for name, m in meta.items() if isinstance(meta, dict) else ():
+        yield name, m.get("keywords") if isinstance(m, dict) else None
+
+
+# The sets whose metadata tags their icons: (name, tags) for each entry, in the file's order.
+TAGGED: dict[str, Callable[[Path], Iterator[tuple[str, Any]]]] = {
+    TABLER.name: _tabler_words,
+    LUCIDE.name: _lucide_words,
+    OCTICONS.name: _octicons_words,
+}
+
+
 READERS: dict[str, Callable[[Path], Iterator[_Svg]]] = {
     TABLER.name: _tabler,
     LUCIDE.name: _lucide,
@@ -176,6 +208,30 @@ READERS: dict[str, Callable[[Path], Iterator[_Svg]]] = {
     BOOTSTRAP.name: _bootstrap,
     OCTICONS.name: _octicons,
 }
+
+
+def write_corpus(folder: Path, packages: tuple[NpmPackage, ...] = PACKAGES) -> int:
+    """Write ``folder/icon-words.txt``, the sets' names and tags as word2vec sentences; return their number.
+
+    Every icon of a tagged set (:data:`TAGGED`) is one line, its name's words then its tags; the
+    other sets' names follow, each once, sorted. Tokenized as titles are (lower-cased words).
+    """
+    from sicot_cli.data.tokenize import tokenize
+
+    tagged: list[str] = []
+    names: set[str] = set()
+    for pkg in packages:
+        src = folder / pkg.folder
+        if pkg.name in TAGGED:
+            for name, tags in TAGGED[pkg.name](src):
+                words = [str(t) for t in tags] if isinstance(tags, list) else []
+                tagged.append(" ".join([str(name).replace("-", " "), *words]))
+        else:
+            names.update(s.name.replace("-", " ") for s in READERS[pkg.name](src))
+    lines = [" ".join(t) for t in map(tokenize, [*tagged, *sorted(names)]) if t]
+    with atomic_path(folder / CORPUS) as tmp:
+        tmp.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+    return len(lines)
 
 
 def import_icons(
@@ -218,6 +274,7 @@ def import_icons(
             words = " ".join([s.name.replace("-", " "), *s.tags])
             rows.append({"image": f"{PNG}/{s.id}.png", "title": clean_title(words), "label": s.name, "id": s.id})
     write_manifest(folder / MANIFEST, rows, with_split=False)
+    sentences = write_corpus(folder, packages)
     counts = Counter(r["label"] for r in rows)
     per_set = Counter(r["id"].split("/")[0] for r in rows)
     write_json(
@@ -234,6 +291,7 @@ def import_icons(
             f"images per concept: {max(counts.values())} down to {min(counts.values())}",
             "; ".join(f"{p.spec} ({LICENCES.get(p.name, '?')}): {per_set[p.folder]:,}" for p in packages),
             "disjoint from the evaluation datasets: " + ", ".join(EVALUATED),
+            f"word2vec corpus: {folder / CORPUS} ({sentences:,} sentences of the sets' names and tags; embed.corpus)",
         ],
     )
 
