@@ -427,8 +427,10 @@ def test_recipe_keys_the_prepared_file_overrides_are_warned_once(tiny_prepared, 
     same_file = os.path.join(os.path.dirname(manifest), ".", os.path.basename(manifest))
     with caplog.at_level(logging.WARNING, logger="sicot_cli.config"):
         # the built-in recipe's own keys and data.out are no user's choice; one file spelt two ways is one file
-        quiet = load_recipe(None, [f"data.out={tiny_prepared}", "data.workers=3", f"data.manifest={same_file}"])
+        quiet = load_recipe(None, [f"data.out={tiny_prepared}", "data.workers=3"])
         assert "data.source" in adopt_prepared(quiet, theirs, tiny_prepared)
+        same = load_recipe(None, ["data.source=manifest", f"data.manifest={same_file}"])
+        assert "data.manifest" in adopt_prepared(same, theirs, tiny_prepared)
         assert not caplog.records
         loud = load_recipe(None, ["data.image_size=32", "text.min_count=2"])
         adopt_prepared(loud, theirs, tiny_prepared)
