@@ -330,9 +330,19 @@ def embed(
         from sicot_cli.data.dataset import open_prepared
 
         cfg = recipe_with_overrides(open_prepared(data).recipe, overrides, f"{data} (its recipe)")
-    else:
-        extra = None if manifest is None else _manifest_extras(manifest)[: 2 if recipe is not None else 3]
-        cfg = _recipe(recipe, overrides, extra)
+        try:
+            summary = lib.embed(cfg, vectors_out, progress=RichProgress())
+        except SicotError as e:  # the paths a file records are as `prepare` was given them
+            if "not found" not in str(e):
+                raise
+            raise SicotError(
+                f"{e}; the path is recorded in {data} as `prepare` was given it, relative to the folder it ran in: "
+                "run from there, or set it again (e.g. data.manifest=PATH)"
+            ) from None
+        show(embed_table(summary))
+        return
+    extra = None if manifest is None else _manifest_extras(manifest)[: 2 if recipe is not None else 3]
+    cfg = _recipe(recipe, overrides, extra)
     summary = lib.embed(cfg, vectors_out, progress=RichProgress())
     show(embed_table(summary))
 
@@ -693,9 +703,13 @@ def decouple(
     """Second stage of decoupled classifier learning (cRT, LWS, tau-norm, post-hoc logit adjustment) on a finished run."""
     from sicot_cli.console import RichProgress, err_console
     from sicot_cli.decouple import decouple as run_decouple
+    from sicot_cli.errors import SicotError
+    from sicot_cli.methods import STAGES
     from sicot_cli.runs import selection_line
     from sicot_cli.views import metrics_table
 
+    if method not in STAGES.values():  # the option's own error, not that of an override the user never typed
+        raise SicotError(f"--method must be one of {', '.join(STAGES.values())}, got {method!r}")
     extra = [f"decouple.method={method}"] + ([f"train.threads={threads}"] if threads is not None else [])
     try:
         result = run_decouple(

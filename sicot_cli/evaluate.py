@@ -7,6 +7,7 @@ Evaluation follows §4.2: top-1 and top-3, overall and averaged over the head an
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from sicot_cli.data.loader import BatchLoader, decode_workers
 from sicot_cli.distributed import DistContext, _all_gather_rows, sharded_topk
 from sicot_cli.errors import SicotError
 from sicot_cli.fsutil import atomic_h5
+
+log = logging.getLogger(__name__)
 
 PER_CLASS = "per_class_"
 
@@ -267,6 +270,17 @@ def load_run_model(
             f"{run_dir / name}: not found: {_why_no_best(run_dir, config, prepared)}; use --checkpoint last"
         )
     state = runs.load_checkpoint(run_dir / name)
+    if not runs.is_finished(run_dir):  # evaluate, predict, export and serve use it as it stands: say so
+        done = len(runs.read_metrics(run_dir))
+        log.warning(
+            "%s: unfinished (%d of %d epochs trained): its %s checkpoint is used; finish it with "
+            "`sicot train --run-dir %s --resume`",
+            run_dir,
+            done,
+            recipe.train.epochs,
+            checkpoint,
+            run_dir,
+        )
     recipe.model.pretrained = ""  # the checkpoint holds the weights
     model = make_model(recipe, prepared)
     from sicot_cli.checkpoints import restore

@@ -291,14 +291,77 @@ def read_sidecar(model_path: Path) -> dict[str, Any]:
     try:
         meta = json.loads(side.read_text(encoding="utf-8"))
     except FileNotFoundError:
+        if model_path.name.lower().endswith(".json"):
+            raise SicotError(
+                f"{model_path}: is an export's JSON; name the model file beside it ({model_path.name[:-5]})"
+            ) from None
         raise SicotError(
             f"{side}: not found; an exported model is served with the JSON `sicot export` writes beside it"
         ) from None
-    except (OSError, ValueError) as e:
-        raise SicotError(f"{side}: unreadable ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise SicotError(f"{side}: unreadable ({e or 'nested too deeply'})") from None
     if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT:
         raise SicotError(f"{side}: not the JSON of a sicot export (format {SIDECAR_FORMAT})")
+    _check_sidecar(side, meta)
     return meta
+
+
+def _check_sidecar(side: Path, meta: dict[str, Any]) -> None:
+    """The fields a served model relies on, each of the type ``sicot export`` writes (an edited or
+    damaged JSON is named here, once, instead of failing on every request)."""
+    model, inp, classes = meta.get("model"), meta.get("input"), meta.get("classes")
+    size = inp.get("image_size") if isinstance(inp, dict) else None
+    problems = [
+        (
+            isinstance(model, dict) and model.get("format") in FORMATS,
+            f"model.format must be one of {', '.join(FORMATS)}",
+        ),
+        (
+            isinstance(model, dict) and isinstance(model.get("sha256"), str),
+            "model.sha256 must be the model file's sha256",
+        ),
+        (
+            type(size) is int and 8 <= size <= 4096,
+            f"input.image_size must be an integer between 8 and 4096, got {json.dumps(size)}",
+        ),
+        (
+            isinstance(classes, list)
+            and bool(classes)
+            and all(
+                isinstance(c, dict)
+                and c.get("index") == i
+                and type(c.get("index")) is int
+                and isinstance(c.get("name"), str)
+                for i, c in enumerate(classes)
+            ),
+            'classes must list {"index": i, "name": ...} for i = 0, 1, 2 ...',
+        ),
+    ]
+    for ok, what in problems:
+        if not ok:
+            raise SicotError(f"{side}: {what} (export the run again: `sicot export --run RUN`)")
+
+
+def _check_model(path: Path, meta: dict[str, Any], probabilities: Any) -> None:
+    """The model file is the one the JSON describes: its sha256, and one image through it."""
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != meta["model"]["sha256"]:
+        raise SicotError(
+            f"{path}: not the model {sidecar_path(path).name} describes (its sha256 differs): "
+            "export the run again, or put the two files of one export together"
+        )
+    size, n = meta["input"]["image_size"], len(meta["classes"])
+    try:
+        scores = np.asarray(probabilities(np.zeros((1, 3, size, size), np.uint8)))
+    except Exception as e:  # onnxruntime raises its own types for an input the graph does not take
+        raise SicotError(
+            f"{path}: does not take {size} px images as {sidecar_path(path).name} says "
+            f"({type(e).__name__}): export the run again"
+        ) from None
+    if scores.shape != (1, n):
+        raise SicotError(
+            f"{path}: scores {scores.shape[-1]} classes, but {sidecar_path(path).name} lists {n}: export the run again"
+        )
 
 
 def load_exported(model_path: str | Path, threads: int | None = None) -> Recognizer:
@@ -333,8 +396,9 @@ def load_exported(model_path: str | Path, threads: int | None = None) -> Recogni
         raise SicotError(
             f"{path}: cannot load the {fmt} model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
         ) from None
+    _check_model(path, meta, probabilities)
     classes = meta["classes"]
-    titles = {int(c["index"]): c["title"] for c in classes if c.get("title") is not None}
+    titles = {int(c["index"]): str(c["title"]) for c in classes if c.get("title") is not None}
     return Recognizer(
         int(meta["input"]["image_size"]),
         [c["name"] for c in classes],

@@ -27,6 +27,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,8 @@ import numpy as np
 
 from sicot_cli import methods, runs
 from sicot_cli.errors import SicotError
+
+log = logging.getLogger(__name__)
 
 BASELINE = "none"
 GROUP_METRICS = ("head", "tail", "many", "medium", "few")
@@ -720,7 +723,12 @@ def confused_pairs(report: Report, names: list[str] | None, encoder: str, top: i
         try:
             with h5py.File(r.path / runs.PREDICTIONS, "r") as f:
                 labels, pred = f["labels"][()], f["topk_labels"][:, 0]
-        except (OSError, KeyError):
+        except (OSError, KeyError, ValueError, TypeError, IndexError) as e:
+            log.warning(
+                "%s: unreadable predictions (%s): the most confused class pairs leave this run out",
+                r.path / runs.PREDICTIONS,
+                type(e).__name__,
+            )
             continue
         for t, p in zip(labels.tolist(), pred.tolist(), strict=True):
             if t != p:

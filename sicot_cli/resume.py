@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import datetime as _dt
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sicot_cli import runs
 from sicot_cli.config import Recipe, apply_overrides, load_recipe, recipe_from_dict
 from sicot_cli.errors import SicotError
 from sicot_cli.fsutil import write_json
+
+if TYPE_CHECKING:
+    from sicot_cli.data.dataset import Prepared
 
 # Settings that change nothing a run computes: where it runs (another device may differ in the
 # last bits, as any two devices do), evaluation batch size, compilation and memory layout, where
@@ -162,3 +165,20 @@ def _check_change_applies(run_dir: Path, diff: dict[str, list[Any]]) -> None:
                 f"{run_dir}: has trained {done} epochs already, so train.epochs = {diff['train.epochs'][1]} would "
                 f"end it where it stands: ask for more than {done}, or use the run as it is"
             )
+
+
+def check_same_content(prepared: Prepared, config: dict[str, Any], run_dir: Path) -> None:
+    """A resumed run continues on the data it started with: refuse a prepared file rebuilt since."""
+    want = config.get("content")
+    if not want or not prepared.content or want == prepared.content:
+        return  # a run (or a file) from before content checksums: the fingerprint is all there is
+    saved = {k: v for k, v in (config.get("recipe") or {}).items() if k in ("data", "text", "embed")}
+    now = {k: v for k, v in prepared.recipe.items() if k in ("data", "text", "embed")}
+    a, b = _flat(saved), _flat(now)
+    how = ("data.out", "data.workers", "data.strict")  # how prepare ran, not what the file holds
+    diff = {k: [a.get(k), b.get(k)] for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k) and k not in how}
+    what = described(diff) if diff else "same settings, other contents"
+    raise SicotError(
+        f"{run_dir}: {prepared.path} was prepared again since the run started ({what}), and a run continues on the "
+        "data it started with: prepare the file as it was, or train a new run (`--run-dir NEW_DIR`)"
+    )

@@ -2,8 +2,9 @@
 
 ``runs/<name>/`` holds:
 
-- ``config.json``: the resolved recipe, the encoder, the prepared file and its fingerprint,
-  package versions and the git commit when there is one;
+- ``config.json``: the resolved recipe, the encoder, the prepared file, its fingerprint (classes
+  and vocabulary) and its content checksum (``content``: a resumed run continues on this data
+  only), package versions and the git commit when there is one;
 - ``metrics.jsonl``: one JSON object per epoch (losses, lr, images/s, validation metrics ``val_*``);
 - ``checkpoint-last.pt`` (everything needed to resume exactly) and ``checkpoint-best.pt`` (the
   weights with the best VALIDATION top-1 so far; absent when the dataset has no validation rows), both written to a temporary name and renamed. Each is
@@ -365,11 +366,17 @@ def finish(run_dir: Path, history: list[dict[str, Any]], per_class: dict[str, An
 
 
 def check_dataset(prepared: Prepared, config: dict[str, Any], run_dir: Path) -> None:
-    """Refuse a dataset whose classes or vocabulary differ from the run's."""
+    """Refuse a dataset whose classes, vocabulary or image size differ from the run's."""
     want, have = config.get("dataset", {}), prepared.fingerprint()
     if want != have:
         raise SicotError(
             f"{run_dir}: trained on a dataset with {want.get('classes')} classes / {want.get('vocab')} words "
             f"(fingerprint {want.get('sha256')}), but {prepared.path} has {have['classes']} / {have['vocab']} "
             f"({have['sha256']}): use the dataset the run was trained on"
+        )
+    size = (config.get("recipe") or {}).get("data", {}).get("image_size")
+    if isinstance(size, int) and size != prepared.image_size:
+        raise SicotError(
+            f"{run_dir}: trained on {size} px images, but {prepared.path} holds {prepared.image_size} px images: "
+            f"use a file prepared at data.image_size={size} (the run's own: {config.get('data')})"
         )

@@ -12,6 +12,7 @@ with their types. Metrics (``top1``, ``head_top3``, ``loss``...) must be numbers
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,10 @@ class ConfigFile(_Strict):
     dataset: Fingerprint
 
 
+# Accuracies are percentages: never NaN or infinite (a loss may be, when a run diverged).
+_ACCURACY = re.compile(r"(val_)?((head|tail|many|medium|few)_)?top\d+")
+
+
 def _numbers(record: dict[str, Any]) -> dict[str, Any]:
     for key, value in record.items():
         if (
@@ -53,6 +58,8 @@ def _numbers(record: dict[str, Any]) -> dict[str, Any]:
             and (isinstance(value, bool) or not isinstance(value, int | float))
         ):
             raise ValueError(f"{key} must be a number or null, got {value!r}")
+        if _ACCURACY.fullmatch(key) and isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{key} must be a finite number (an accuracy in %), got {value!r}")
     return record
 
 

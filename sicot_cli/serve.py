@@ -161,6 +161,8 @@ def _images_from_json(body: bytes) -> list[tuple[str, bytes]]:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise ApiError(400, "body is not valid JSON") from None
+    except RecursionError:
+        raise ApiError(400, "body is not valid JSON (nested too deeply)") from None
     items = doc.get("images") if isinstance(doc, dict) else doc
     if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
         raise ApiError(400, 'JSON body must be a list of base64 strings, or {"images": [...]}')
@@ -168,6 +170,7 @@ def _images_from_json(body: bytes) -> list[tuple[str, bytes]]:
     for i, s in enumerate(items):
         if s.startswith("data:"):  # a data URL: data:image/png;base64,....
             s = s.partition(",")[2]
+        s = "".join(s.split())  # base64 wrapped at 76 columns (`base64`, MIME), as many encoders write it
         try:
             out.append((str(i), base64.b64decode(s, validate=True)))
         except (binascii.Error, ValueError):

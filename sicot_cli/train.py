@@ -42,7 +42,7 @@ from sicot_cli.losses import Criterion, adjusted_bias, choose_tau, criterion
 from sicot_cli.model import SICoT, Streams, make_model, sicot_loss
 from sicot_cli.progress import NullProgress, Progress
 from sicot_cli.provenance import package_versions
-from sicot_cli.resume import check_same_settings
+from sicot_cli.resume import check_same_content, check_same_settings
 from sicot_cli.threads import set_threads
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,7 @@ def run_config(recipe: Recipe, prepared: Prepared) -> dict[str, Any]:
         "encoder": recipe.model.encoder,
         "data": str(prepared.path.resolve()),
         "dataset": prepared.fingerprint(),
+        "content": prepared.content,  # a resumed run must continue on exactly this data
         "versions": package_versions(),
         "git_commit": runs.git_commit(),
     }
@@ -432,6 +433,7 @@ def _train(
                 f"`sicot decouple <first run> --resume --run-dir {run.run_dir}`"
             )
         runs.check_dataset(run.prepared, saved, run.run_dir)
+        check_same_content(run.prepared, saved, run.run_dir)
         check_same_settings(  # `sicot ablate` reuses and continues runs with the recipe it is given
             run.run_dir,
             saved["recipe"],

@@ -145,6 +145,18 @@ def test_embed_with_a_word2vec_corpus_reports_its_coverage(tmp_path, manifest):
     assert r.exit_code == 0 and "in the corpus" not in r.output and "vocabulary OOV" in r.output
 
 
+def test_embed_data_says_where_a_recorded_path_came_from(tmp_path, manifest, monkeypatch):
+    monkeypatch.chdir(manifest.parent)  # prepared with a relative manifest path...
+    r = run("prepare", "--manifest", "m.csv", "--out", str(tmp_path / "d.h5"), *KEEP_ALL)
+    assert r.exit_code == 0, r.output
+    monkeypatch.chdir(tmp_path)  # ...and read again from another folder
+    r = run("embed", "--data", "d.h5")
+    flat = " ".join(r.output.split())
+    assert r.exit_code == 2 and "m.csv: manifest not found" in flat, r.output
+    assert "the path is recorded in d.h5 as `prepare` was given it, relative to the folder it ran in" in flat
+    assert run("embed", "--data", "d.h5", f"data.manifest={manifest}").exit_code == 0
+
+
 def test_prepare_out_with_another_suffix_is_a_folder_and_says_so(tmp_path, caplog):
     import logging
 

@@ -205,6 +205,43 @@ def test_export_refusals(run_dir, onnx_model, tmp_path, monkeypatch):
         export_mod.load_exported(tmp_path / "model.onnx")
 
 
+def test_an_edited_export_json_is_named_once_at_load(onnx_model, tmp_path):
+    """serve/predict trust nothing in the JSON beside a model: each field it relies on is checked on load."""
+    model = tmp_path / "model.onnx"
+    model.write_bytes(onnx_model.read_bytes())
+    good = json.loads(onnx_model.with_name("model.onnx.json").read_text(encoding="utf-8"))
+
+    def edited(change) -> str:
+        meta = json.loads(json.dumps(good))
+        change(meta)
+        (tmp_path / "model.onnx.json").write_text(json.dumps(meta), encoding="utf-8")
+        with pytest.raises(SicotError) as e:
+            export_mod.load_exported(model)
+        return str(e.value)
+
+    assert 'input.image_size must be an integer between 8 and 4096, got "big"' in edited(
+        lambda m: m["input"].update(image_size="big")
+    )
+    assert "got 0 (export the run again" in edited(lambda m: m["input"].update(image_size=0))
+    assert "got null" in edited(lambda m: m.pop("input"))
+    assert 'classes must list {"index": i' in edited(lambda m: m.update(classes={"a": 1}))
+    assert "model.onnx: scores 3 classes, but model.onnx.json lists 2" in edited(
+        lambda m: m.update(classes=m["classes"][:2])
+    )
+    assert "model.onnx: does not take 99 px images as model.onnx.json says" in edited(
+        lambda m: m["input"].update(image_size=99)
+    )
+    assert "not the model model.onnx.json describes (its sha256 differs)" in edited(
+        lambda m: m["model"].update(sha256="0" * 64)
+    )
+    (tmp_path / "model.onnx.json").write_text(json.dumps(good), encoding="utf-8")
+    assert export_mod.load_exported(model).num_classes == 3
+    with pytest.raises(
+        SicotError, match=r"model.onnx.json: is an export's JSON; name the model file beside it \(model.onnx\)"
+    ):
+        export_mod.load_exported(tmp_path / "model.onnx.json")
+
+
 def test_documented_checkpoint_reader(run_dir):
     """The README's one line that reads a checkpoint without sicot works, and gives what sicot loads."""
     line = next(
@@ -258,6 +295,11 @@ def test_served_topk_equals_predict(client, images, reference):
     r = client.post("/predict?k=2", json={"images": [b64[0], "data:image/png;base64," + b64[1]]})
     assert r.status_code == 200, r.text
     _same_top(r.json()["predictions"], [{**w, "top": w["top"][:2]} for w in want[4:]], atol=1e-5)
+    # base64 as `base64` and MIME write it, wrapped at 76 columns: the same images
+    wrapped = [base64.encodebytes(p.read_bytes()).decode() for p in images[4:6]]
+    assert all("\n" in w for w in wrapped)
+    r2 = client.post("/predict?k=2", json={"images": wrapped})
+    assert r2.status_code == 200 and r2.json()["predictions"] == r.json()["predictions"], r2.text
     classes = client.get("/classes").json()["classes"]
     assert [c["index"] for c in classes] == [0, 1, 2] and all(c["title"] for c in classes)
     health = client.get("/healthz").json()
@@ -316,6 +358,11 @@ def _bad_cases(images: list[Path]) -> dict[str, tuple[dict, int, str]]:
             "body is not valid JSON",
         ),
         "json_not_strings": ({"json": {"images": [1, 2]}}, 400, "list of base64 strings"),
+        "json_nested_too_deeply": (
+            {"content": b"[" * 100_000, "headers": {"content-type": "application/json"}},
+            400,
+            "body is not valid JSON (nested too deeply)",
+        ),
         "bad_base64": ({"json": ["@@@"]}, 400, "images[0] is not valid base64"),
         "empty_list": ({"json": []}, 400, "no image in the request"),
         "k_zero": (
@@ -354,6 +401,7 @@ BAD_CASES = [
     "no_image",
     "bad_json",
     "json_not_strings",
+    "json_nested_too_deeply",
     "bad_base64",
     "empty_list",
     "k_zero",

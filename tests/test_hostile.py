@@ -811,13 +811,14 @@ def _imaterialist(train_json: str | None = None, titles: str | None = None) -> C
     return make
 
 
-def _imported(*rows: tuple[str, str]) -> Callable[[Path, dict], None]:
-    """The manifest holds exactly these (id, title) rows: the bad lines cost nothing else."""
+def _imported(*rows: tuple[str, str], labels: tuple[str, ...] | None = None) -> Callable[[Path, dict], None]:
+    """The manifest holds exactly these (id, title) rows (with these labels): the bad lines cost nothing else."""
 
     def check(tmp: Path, ctx: dict) -> None:
         from test_datasets import rows_of
 
         assert [(r["id"], r["title"]) for r in rows_of(tmp / "m.csv")] == list(rows)
+        assert labels is None or tuple(r["label"] for r in rows_of(tmp / "m.csv")) == labels
 
     return check
 
@@ -1258,6 +1259,16 @@ CASES: dict[str, Case] = {
         "error",
         ["summary.json: field final: Value error, top1 must be a number or null"],
     ),
+    "run_summary_accuracy_nan": Case(
+        _run_file(runs.SUMMARY, _set("final.top1", float("nan"))),
+        "error",
+        ["summary.json: field final: Value error, top1 must be a finite number (an accuracy in %), got nan"],
+    ),
+    "run_predictions_truncated_in_a_one_run_report": Case(
+        _run_file(runs.PREDICTIONS, 900),
+        "ok",
+        ["predictions.h5: unreadable predictions (OSError): the most confused class pairs leave this run out"],
+    ),
     "run_metrics_not_utf8": Case(
         _run_file(runs.METRICS, b'{"epoch": 1, "loss": "\xff\xfe"}\n{"epoch": 1}\n'),
         "error",
@@ -1378,6 +1389,40 @@ CASES: dict[str, Case] = {
     ),
     "import_meta_nesting_bomb": Case(
         _webvision(meta="[" * 100_000 + "]" * 100_000), "error", ["q0001.json: not valid JSON (nested too deeply)"]
+    ),
+    "import_annotations_odd_entries": Case(
+        _imaterialist(
+            train_json=json.dumps(
+                {
+                    "images": [
+                        {"id": "train000ab.jpg", "class": "01"},  # the integer 1, as written by hand
+                        {"id": "b.jpg", "class": True},
+                        {"id": "c.jpg", "class": "cup"},
+                        {"id": "", "class": 3},
+                        {"id": "../../../etc/passwd", "class": 1},
+                    ]
+                }
+            )
+        ),
+        "ok",
+        ["train.json: entry whose class is not an integer", "train.json: entry whose id is not a file name"],
+        check=_imported(("train000ab.jpg", "red cup"), labels=("1",)),
+    ),
+    "import_out_not_csv": Case(
+        lambda t, c: _out_replaced(_imaterialist()(t, c), str(t / "m.jsonl")),
+        "error",
+        ["m.jsonl: the manifest is written as CSV; name it .csv (e.g. m.csv)"],
+        check=_holds(lambda t, c: not (t / "m.jsonl").exists()),
+    ),
+    "import_synsets_duplicate_name": Case(
+        lambda t, c: [_webvision()(t, c), _lines(t / "wv" / "info" / "synsets.txt", "crane\ncrane\n")][0],
+        "error",
+        ["synsets.txt:2: names class 1 'crane', as line 1 names class 0: each line must name its class distinctly"],
+    ),
+    "import_meta_title_nested_deep": Case(
+        _webvision(meta='[{"id": "0", "title": ' + "[" * 400 + '"x"' + "]" * 400 + "}]"),
+        "ok",
+        ["empty title"],
     ),
     # 9. manifests read strictly
     "manifest_duplicate_header_column": Case(
@@ -1511,6 +1556,12 @@ CASES: dict[str, Case] = {
         lambda t, c: ["export", "--run", str(_copy_run(t, c)), "--out", ""],
         "error",
         [".: is a folder; --out names the model file to write"],
+    ),
+    "decouple_unknown_method": Case(
+        lambda t, c: ["decouple", str(_copy_run(t, c)), "--method", "bogus", "--run-dir", str(t / "x")],
+        "error",
+        ["--method must be one of crt, lws, tau_norm, logit_adjust, got 'bogus'"],
+        check=_holds(lambda t, c: not (t / "x").exists()),
     ),
     "decouple_resume_names_a_training_run": Case(
         lambda t, c: ["decouple", str(_copy_run(t, c)), "--method", "crt", "--run-dir", str(t / "run"), "--resume"],

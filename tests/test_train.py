@@ -413,3 +413,33 @@ def test_distill_refused_when_the_classifier_is_sharded(tiny_prepared, tmp_path,
     with pytest.raises(Exception) as caught:
         train(tiny_recipe(tiny_prepared, "model.encoder=none", "train.distill=1"), tmp_path / "base")
     assert "shards the classifier" not in str(caught.value)
+
+
+def test_a_run_continues_only_on_the_data_it_started_with(tmp_path):
+    """Resume refuses a prepared file rebuilt since the run started; evaluate refuses another image
+    size; an unfinished run is named as such when it is used."""
+    from conftest import KEEP_ALL, make_manifest
+
+    from sicot_cli.config import load_recipe
+    from sicot_cli.data.prepare import prepare
+
+    m = make_manifest(tmp_path / "raw", per_class=10)
+    data = tmp_path / "d.h5"
+    base = ["data.source=manifest", f"data.manifest={m}", "data.image_size=16", *KEEP_ALL]
+    prepare(load_recipe(None, base), data)
+    run = train(tiny_recipe(data, "model.encoder=none", "train.epochs=2"), tmp_path / "run").run_dir
+    assert json.loads((run / runs.CONFIG).read_text())["content"] == open_prepared(data).content != ""
+    (run / runs.SUMMARY).unlink()  # as if killed before its end
+    r = runner.invoke(app, ["evaluate", "--run", str(run)])
+    assert r.exit_code == 0 and "unfinished (2 of 2 epochs trained): its last checkpoint is used" in r.output
+    prepare(load_recipe(None, [*base, "embed.seed=1"]), data, force=True)  # same classes and words, other vectors
+    r = runner.invoke(app, ["train", "--resume", "--run-dir", str(run)])
+    flat = " ".join(r.output.split())
+    assert r.exit_code == 2 and "d.h5 was prepared again since the run started (embed.seed: 0 -> 1)" in flat
+    assert "a run continues on the data it started with" in flat and "--run-dir NEW_DIR" in flat
+    # same classes and vocabulary at another size: refused wherever a run meets a --data
+    big = tmp_path / "d24.h5"
+    prepare(load_recipe(None, [*base, "data.image_size=24"]), big)
+    r = runner.invoke(app, ["evaluate", "--run", str(run), "--data", str(big)])
+    flat = " ".join(r.output.split())
+    assert r.exit_code == 2 and "trained on 16 px images, but" in flat and "d24.h5 holds 24 px images" in flat

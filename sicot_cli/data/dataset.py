@@ -272,6 +272,7 @@ class Prepared:
     n_val: int = 0
     format: int = FORMAT
     store: Store | None = None  # format 2: the JPEG shards (sicot_cli.data.jpegstore)
+    content: str = ""  # the file's content_sha256 ("" for files prepared before checksums)
 
     @property
     def n(self) -> int:
@@ -401,6 +402,7 @@ def open_prepared(path: str | Path) -> Prepared:
                 vectors=values["vectors"],
                 format=fmt,
                 store=_store(f, path, values, rebuild) if fmt == FORMAT_JPEG else None,
+                content=str(want or ""),
             )
             _check_values(prepared, rebuild)
             return prepared

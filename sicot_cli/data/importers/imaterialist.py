@@ -41,6 +41,28 @@ def _title(titles: dict[str, str], image_id: str) -> str | None:
     return titles.get(stem) or titles.get(f"{stem}.jpg")
 
 
+def _entry(im: Any) -> tuple[str, str] | str:
+    """``(id, class)`` of one ``images`` entry, or why it is skipped.
+
+    The release's id is an image's file name and its class an integer: a class written as a digit
+    string ("01") is that integer ("1"), never a class of its own; ``true`` is not a class (JSON's
+    booleans are Python ints); an id with a path in it would point outside the image folder.
+    """
+    if not isinstance(im, dict) or im.get("id") is None or im.get("class") is None:
+        return "entry without id or class"
+    raw_id, raw_class = im["id"], im["class"]
+    if isinstance(raw_id, bool) or not isinstance(raw_id, str | int):
+        return "entry whose id is not a file name"
+    image_id = str(raw_id).strip()
+    if not image_id or image_id in (".", "..") or "/" in image_id or "\\" in image_id or not image_id.isprintable():
+        return "entry whose id is not a file name"
+    if isinstance(raw_class, str) and raw_class.strip().isascii() and raw_class.strip().isdigit():
+        raw_class = int(raw_class.strip())
+    if isinstance(raw_class, bool) or not isinstance(raw_class, int):
+        return "entry whose class is not an integer"
+    return image_id, str(raw_class)
+
+
 def import_imaterialist(
     root: Path,
     titles: Path,
@@ -68,14 +90,11 @@ def import_imaterialist(
     seen: set[str] = set()
     for split, name, folder in (("train", train_json, train_images), ("test", test_json, test_images)):
         for im in _images(root / name):
-            if (
-                not isinstance(im, dict)
-                or not isinstance(im.get("id"), str | int)
-                or not isinstance(im.get("class"), int | str)
-            ):
-                skipped[f"{name}: entry without id or class"] += 1
+            entry = _entry(im)
+            if isinstance(entry, str):
+                skipped[f"{name}: {entry}"] += 1
                 continue
-            image_id = str(im["id"]).strip()
+            image_id, label = entry
             if image_id in seen:
                 skipped[f"{name}: duplicate id"] += 1
                 continue
@@ -88,7 +107,7 @@ def import_imaterialist(
                 {
                     "image": manifest_path(root / folder / image_id, out.parent),
                     "title": title,
-                    "label": str(im["class"]).strip(),
+                    "label": label,
                     "split": split,
                     "id": image_id,
                 }

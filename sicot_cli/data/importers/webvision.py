@@ -61,14 +61,21 @@ def _filelist(path: Path) -> list[tuple[str, int]]:
     return out
 
 
-def _text(value: Any) -> str:
+def _text(value: Any, depth: int = 0) -> str:
+    """The text of a meta field: a string, ``{"_content": ...}`` or a list of them (nested at most
+    :data:`MAX_DEPTH` deep; deeper is not a title, and counts as none)."""
     if isinstance(value, str):
         return value
+    if depth >= MAX_DEPTH:
+        return ""
     if isinstance(value, dict):
-        return _text(value.get("_content", ""))
+        return _text(value.get("_content", ""), depth + 1)
     if isinstance(value, list):
-        return " ".join(_text(v) for v in value)
+        return " ".join(_text(v, depth + 1) for v in value)
     return ""
+
+
+MAX_DEPTH = 20
 
 
 def _position(stem: str) -> int | None:
@@ -111,7 +118,16 @@ def _class_names(root: Path) -> dict[int, str]:
     if not path.is_file():
         return {}
     lines = read_text(path, errors="replace").splitlines()
-    return {i: " ".join(line.split()) for i, line in enumerate(lines) if line.strip()}
+    names = {i: " ".join(line.split()) for i, line in enumerate(lines) if line.strip()}
+    first: dict[str, int] = {}
+    for i, name in names.items():
+        if name in first:  # two classes under one label would be merged into one, silently
+            raise SicotError(
+                f"{path}:{i + 1}: names class {i} {name!r}, as line {first[name] + 1} names class {first[name]}: "
+                "each line must name its class distinctly (WebVision's lines start with the WordNet id)"
+            )
+        first[name] = i
+    return names
 
 
 def import_webvision(
