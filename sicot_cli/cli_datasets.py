@@ -130,7 +130,9 @@ def _check_out(raw: str, force: bool, inputs: tuple[Path, ...] = (), input_dirs:
         if Path(os.path.abspath(d)) in where.parents:
             raise SicotError(f"{out}: is inside the dataset's folder {d}; choose another --out")
     if out.suffix.lower() != ".csv":  # `prepare` reads a manifest by its suffix: a .jsonl holding CSV is unreadable
-        raise SicotError(f"{out}: the manifest is written as CSV; name it .csv (e.g. {out.stem or 'manifest'}.csv)")
+        raise SicotError(
+            f"{out}: the manifest is written as CSV; name it .csv (e.g. {out.name.split('.')[0] or 'manifest'}.csv)"
+        )
     if exists(out) and not force:
         raise SicotError(f"{out}: already exists; pass --force to replace it, or choose another --out")
     return out

@@ -58,7 +58,7 @@ from sicot_cli.losses import adjusted_bias, val_balanced_top1
 from sicot_cli.model import SICoT
 from sicot_cli.progress import NullProgress, Progress
 from sicot_cli.threads import set_threads
-from sicot_cli.train import TrainResult, run_config, run_meta, test_selection
+from sicot_cli.train import SigintGuard, TrainResult, run_config, run_meta, test_selection
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +262,7 @@ class _Scaled(torch.nn.Module):
 
 def _train_classifier(stage: _Stage, feats: dict[str, torch.Tensor], progress: Progress) -> list[dict[str, Any]]:
     """cRT / LWS: SGD on the cached features with ``decouple.sampler``, one checkpoint per epoch."""
-    d, p, seed = stage.recipe.decouple, stage.prepared, stage.recipe.train.seed
+    d, seed = stage.recipe.decouple, stage.recipe.train.seed
     head = _Scaled(d.method, feats["weight"], feats["bias"], seed)
     opt = torch.optim.SGD(head.parameters(), lr=d.lr, momentum=d.momentum, weight_decay=d.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=d.epochs)
@@ -275,32 +275,51 @@ def _train_classifier(stage: _Stage, feats: dict[str, torch.Tensor], progress: P
         history = state["history"]
         runs.write_metrics(stage.run_dir, history)
         _set_classifier(stage, head)  # the stage's classifier, also when every epoch was already done
-    x, y = feats["train_x"], feats["train_y"]
-    for epoch in range(len(history), d.epochs):
-        rng = np.random.default_rng(epoch_seed(seed, epoch, 7))
-        if d.sampler == "instance":
-            order = rng.permutation(len(y))
-        else:
-            order = rng.permutation(draw_rows(d.sampler, y.numpy(), p.num_classes, rng, epoch, d.epochs))
-        total, lr = 0.0, opt.param_groups[0]["lr"]
-        with progress.task(f"{d.method} epoch {epoch + 1}/{d.epochs}", math.ceil(len(order) / d.batch_size)) as task:
-            for i in range(0, len(order), d.batch_size):
-                idx = torch.from_numpy(order[i : i + d.batch_size])
-                loss = F.cross_entropy(head(x[idx]), y[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += loss.item() * len(idx)
-                task.advance(1)
-        sched.step()
-        with torch.no_grad():
-            val = val_balanced_top1(head(feats["val_x"]), feats["val_y"], p.num_classes)
-        history.append({"epoch": epoch + 1, "lr": lr, "loss": total / max(len(order), 1), "val_balanced_top1": val})
-        runs.append_metrics(stage.run_dir, history[-1])
-        _set_classifier(stage, head)
-        state = {"head": head.state_dict(), "optimizer_head": opt.state_dict(), "scheduler": sched.state_dict()}
-        _save(stage, {"epoch": epoch + 1, "history": history} | state, None)
+    with SigintGuard() as guard:
+        while len(history) < d.epochs:
+            _classifier_epoch(stage, feats, (head, opt, sched), history, guard, progress)
     return history
+
+
+def _classifier_epoch(
+    stage: _Stage,
+    feats: dict[str, torch.Tensor],
+    trained: tuple[_Scaled, torch.optim.Optimizer, Any],
+    history: list[dict[str, Any]],
+    guard: SigintGuard,
+    progress: Progress,
+) -> None:
+    """One cRT / LWS epoch (the head, its optimiser and scheduler); a Ctrl-C while its metrics line and
+    checkpoint are written waits for them."""
+    head, opt, sched = trained
+    d, p, seed = stage.recipe.decouple, stage.prepared, stage.recipe.train.seed
+    x, y = feats["train_x"], feats["train_y"]
+    epoch = len(history)
+    rng = np.random.default_rng(epoch_seed(seed, epoch, 7))
+    if d.sampler == "instance":
+        order = rng.permutation(len(y))
+    else:
+        order = rng.permutation(draw_rows(d.sampler, y.numpy(), p.num_classes, rng, epoch, d.epochs))
+    total, lr = 0.0, opt.param_groups[0]["lr"]
+    with progress.task(f"{d.method} epoch {epoch + 1}/{d.epochs}", math.ceil(len(order) / d.batch_size)) as task:
+        for i in range(0, len(order), d.batch_size):
+            idx = torch.from_numpy(order[i : i + d.batch_size])
+            loss = F.cross_entropy(head(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+            task.advance(1)
+    sched.step()
+    with torch.no_grad():
+        val = val_balanced_top1(head(feats["val_x"]), feats["val_y"], p.num_classes)
+    guard.in_step = True
+    history.append({"epoch": epoch + 1, "lr": lr, "loss": total / max(len(order), 1), "val_balanced_top1": val})
+    runs.append_metrics(stage.run_dir, history[-1])
+    _set_classifier(stage, head)
+    state = {"head": head.state_dict(), "optimizer_head": opt.state_dict(), "scheduler": sched.state_dict()}
+    _save(stage, {"epoch": epoch + 1, "history": history} | state, None)
+    guard.step_done()  # a Ctrl-C that waited stops here, after a complete checkpoint
 
 
 def _set_classifier(stage: _Stage, head: _Scaled) -> None:

@@ -271,15 +271,25 @@ def load_run_model(
         )
     state = runs.load_checkpoint(run_dir / name)
     if not runs.is_finished(run_dir):  # evaluate, predict, export and serve use it as it stands: say so
+        stage = config.get("stage") or {}
+        epochs, kind, how = (
+            (
+                recipe.decouple.epochs,
+                "decouple epochs",
+                f"sicot decouple {stage.get('from_run')} --method {stage.get('method')} --run-dir {run_dir} --resume",
+            )
+            if stage
+            else (recipe.train.epochs, "epochs", f"sicot train --run-dir {run_dir} --resume")
+        )
         done = len(runs.read_metrics(run_dir))
         log.warning(
-            "%s: unfinished (%d of %d epochs trained): its %s checkpoint is used; finish it with "
-            "`sicot train --run-dir %s --resume`",
+            "%s: unfinished (%d of %d %s trained): its %s checkpoint is used; finish it with `%s`",
             run_dir,
             done,
-            recipe.train.epochs,
+            epochs,
+            kind,
             checkpoint,
-            run_dir,
+            how,
         )
     recipe.model.pretrained = ""  # the checkpoint holds the weights
     model = make_model(recipe, prepared)

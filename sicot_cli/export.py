@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("torchscript", "onnx")
 SIDECAR_FORMAT = "sicot-export/1"
+INPUT_RECORD = "sicot-input.json"  # inside a TorchScript export: {"image_size": S}
 TOLERANCE = 1e-4  # max |p_export - p_torch| over the verification images
 VERIFY_IMAGES = 256  # test images the export is checked on (the first ones of the test split)
 INPUT, OUTPUT = "images", "probabilities"
@@ -82,6 +83,8 @@ def format_for(out: Path, fmt: str | None) -> str:
         return "onnx" if out.suffix.lower() == ".onnx" else "torchscript"
     if fmt not in FORMATS:
         raise SicotError(f"--format must be torchscript or onnx, got {fmt!r}")
+    if fmt == "torchscript" and out.suffix.lower() == ".onnx":  # every ONNX tool would fail on it
+        raise SicotError(f"{out}: an .onnx name for a TorchScript file; name it .pt, or use --format onnx")
     return fmt
 
 
@@ -124,7 +127,9 @@ def _write_torchscript(net: torch.nn.Module, example: torch.Tensor, tmp: Path) -
         # Serialised in memory and written by Python: libtorch's own file writer aborts the process
         # (SIGABRT) on a full disk, while a Python write raises ENOSPC, which atomic_path reports.
         buf = io.BytesIO()
-        torch.jit.save(scripted, buf)
+        # the trained input size inside the model file: a TorchScript ResNet takes any size, so an
+        # edited JSON could not be caught by scoring an image (ONNX's input shape is fixed)
+        torch.jit.save(scripted, buf, _extra_files={INPUT_RECORD: json.dumps({"image_size": example.shape[-1]})})
         with tmp.open("wb") as f:
             f.write(buf.getbuffer())
         loaded = torch.jit.load(str(tmp))
@@ -342,6 +347,19 @@ def _check_sidecar(side: Path, meta: dict[str, Any]) -> None:
             raise SicotError(f"{side}: {what} (export the run again: `sicot export --run RUN`)")
 
 
+def _check_recorded_size(path: Path, meta: dict[str, Any], record: str | bytes) -> None:
+    """A TorchScript export records its trained input size inside the file (exports before this did not)."""
+    try:
+        size = json.loads(record)["image_size"] if record else None
+    except (ValueError, KeyError, TypeError):
+        size = None
+    if size is not None and size != meta["input"]["image_size"]:
+        raise SicotError(
+            f"{sidecar_path(path)}: input.image_size is {meta['input']['image_size']}, but {path.name} was trained "
+            f"on {size} px images: export the run again (`sicot export --run RUN`)"
+        )
+
+
 def _check_model(path: Path, meta: dict[str, Any], probabilities: Any) -> None:
     """The model file is the one the JSON describes: its sha256, and one image through it."""
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -385,7 +403,9 @@ def load_exported(model_path: str | Path, threads: int | None = None) -> Recogni
         else:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
-                scripted = torch.jit.load(str(path), map_location="cpu")
+                recorded = {INPUT_RECORD: ""}
+                scripted = torch.jit.load(str(path), map_location="cpu", _extra_files=recorded)
+            _check_recorded_size(path, meta, recorded[INPUT_RECORD])
 
             @torch.no_grad()
             def probabilities(x: np.ndarray) -> np.ndarray:

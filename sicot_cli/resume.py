@@ -168,17 +168,26 @@ def _check_change_applies(run_dir: Path, diff: dict[str, list[Any]]) -> None:
 
 
 def check_same_content(prepared: Prepared, config: dict[str, Any], run_dir: Path) -> None:
-    """A resumed run continues on the data it started with: refuse a prepared file rebuilt since."""
-    want = config.get("content")
-    if not want or not prepared.content or want == prepared.content:
-        return  # a run (or a file) from before content checksums: the fingerprint is all there is
-    saved = {k: v for k, v in (config.get("recipe") or {}).items() if k in ("data", "text", "embed")}
-    now = {k: v for k, v in prepared.recipe.items() if k in ("data", "text", "embed")}
+    """A resumed run continues on the data it started with: refuse a prepared file that holds other data.
+
+    A run without a text encoder is checked on its labels, splits and image size only (it reads no
+    title): baseline runs copied into another ablation (docs/demo-pretraining.md) keep working across title variants.
+    """
+    saved_sums = config.get("content")
+    if not isinstance(saved_sums, dict):
+        return  # a run from before data checksums: the fingerprint is all there is
+    key = "labels" if config.get("encoder") == "none" else "data"
+    want = saved_sums.get(key)
+    if not want or want == prepared.data_checksum(text=key == "data"):
+        return
+    sections = ("data",) if key == "labels" else ("data", "text", "embed")
+    saved = {k: v for k, v in (config.get("recipe") or {}).items() if k in sections}
+    now = {k: v for k, v in prepared.recipe.items() if k in sections}
     a, b = _flat(saved), _flat(now)
     how = ("data.out", "data.workers", "data.strict")  # how prepare ran, not what the file holds
     diff = {k: [a.get(k), b.get(k)] for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k) and k not in how}
     what = described(diff) if diff else "same settings, other contents"
     raise SicotError(
-        f"{run_dir}: {prepared.path} was prepared again since the run started ({what}), and a run continues on the "
-        "data it started with: prepare the file as it was, or train a new run (`--run-dir NEW_DIR`)"
+        f"{run_dir}: {prepared.path} holds other data than the run started on ({what}), and a run continues on "
+        "the data it started with: give it that data (--data), or train a new run (`--run-dir NEW_DIR`)"
     )

@@ -12,7 +12,6 @@ with their types. Metrics (``top1``, ``head_top3``, ``loss``...) must be numbers
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Any
@@ -46,7 +45,7 @@ class ConfigFile(_Strict):
     dataset: Fingerprint
 
 
-# Accuracies are percentages: never NaN or infinite (a loss may be, when a run diverged).
+# Accuracies are percentages: 0 to 100, never NaN or infinite (a loss may be, when a run diverged).
 _ACCURACY = re.compile(r"(val_)?((head|tail|many|medium|few)_)?top\d+")
 
 
@@ -58,8 +57,8 @@ def _numbers(record: dict[str, Any]) -> dict[str, Any]:
             and (isinstance(value, bool) or not isinstance(value, int | float))
         ):
             raise ValueError(f"{key} must be a number or null, got {value!r}")
-        if _ACCURACY.fullmatch(key) and isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"{key} must be a finite number (an accuracy in %), got {value!r}")
+        if _ACCURACY.fullmatch(key) and isinstance(value, int | float) and not 0 <= value <= 100:
+            raise ValueError(f"{key} must be an accuracy in % (0 to 100), got {value!r}")
     return record
 
 

@@ -79,7 +79,8 @@ def run_config(recipe: Recipe, prepared: Prepared) -> dict[str, Any]:
         "encoder": recipe.model.encoder,
         "data": str(prepared.path.resolve()),
         "dataset": prepared.fingerprint(),
-        "content": prepared.content,  # a resumed run must continue on exactly this data
+        # a resumed run continues on exactly this data (a baseline: on these labels, splits and sizes)
+        "content": {"data": prepared.data_checksum(), "labels": prepared.data_checksum(text=False)},
         "versions": package_versions(),
         "git_commit": runs.git_commit(),
     }
@@ -377,7 +378,7 @@ class _State:
     logit_adjust: dict[str, Any] = field(default_factory=dict)
 
 
-class _SigintGuard:
+class SigintGuard:
     """Ctrl-C between steps stops at once; inside a step it waits for the step's end.
 
     A Ctrl-C after ``optimizer.step()`` began but before the batch is counted would save weights one
@@ -400,7 +401,7 @@ class _SigintGuard:
         if self.asked:
             raise KeyboardInterrupt
 
-    def __enter__(self) -> _SigintGuard:
+    def __enter__(self) -> SigintGuard:
         if threading.current_thread() is threading.main_thread():
             self._old = signal.signal(signal.SIGINT, self._handler)
         return self
@@ -446,7 +447,7 @@ def _train(
         state = _resume(run)
     loader = _loader(run)
     forward = _forward(run)
-    with _SigintGuard() as guard:
+    with SigintGuard() as guard:
         if _epochs(run, state, loader, forward, progress or NullProgress(), hook, guard):
             return TrainResult(run.run_dir, state.history, interrupted=True)
     return _finish(run, state)
@@ -590,7 +591,7 @@ def _epochs(
     forward: Callable[..., Any],
     progress: Progress,
     hook: Callable[[int, int], None] | None,
-    guard: _SigintGuard,
+    guard: SigintGuard,
 ) -> bool:
     """Train from ``state`` to the last epoch. True when Ctrl-C stopped it (a resumable checkpoint saved)."""
     cfg = run.recipe.train
@@ -633,7 +634,7 @@ def _run_epoch(
     skip: int,
     task: Any,
     hook: Callable[[int, int], None] | None,
-    guard: _SigintGuard,
+    guard: SigintGuard,
 ) -> None:
     """The epoch's batches from ``skip`` on: one :func:`train_step` each, running ``sums``, divergence check."""
     cfg, epoch = run.recipe.train, state.epoch
@@ -691,7 +692,7 @@ def _epoch_record(
     return record
 
 
-def _end_epoch(run: _Run, state: _State, lr: float, guard: _SigintGuard) -> None:
+def _end_epoch(run: _Run, state: _State, lr: float, guard: SigintGuard) -> None:
     """StepLR, validation, the metrics line, ``checkpoint-best`` (best validation top-1) and ``-last``.
 
     A Ctrl-C while the epoch's checkpoints and metrics line are written waits for them (``guard``):

@@ -188,6 +188,12 @@ def test_torchscript_export_has_no_grad_and_equals_predict(run_dir, images, refe
     assert probs.grad_fn is None and not probs.requires_grad
     exported = export_mod.load_exported(out)
     _same_top([p.as_dict() for p in exported.top(probs.numpy(), list(map(str, images)), 3)], reference, atol=1e-5)
+    # a TorchScript ResNet takes any size, so the trained size is recorded inside the file: an edited JSON is caught
+    side = tmp_path / "model.pt.json"
+    meta = json.loads(side.read_text())
+    side.write_text(json.dumps({**meta, "input": {**meta["input"], "image_size": 200}}))
+    with pytest.raises(SicotError, match="input.image_size is 200, but model.pt was trained on 16 px images"):
+        export_mod.load_exported(out)
 
 
 def test_export_refusals(run_dir, onnx_model, tmp_path, monkeypatch):

@@ -1262,7 +1262,23 @@ CASES: dict[str, Case] = {
     "run_summary_accuracy_nan": Case(
         _run_file(runs.SUMMARY, _set("final.top1", float("nan"))),
         "error",
-        ["summary.json: field final: Value error, top1 must be a finite number (an accuracy in %), got nan"],
+        ["summary.json: field final: Value error, top1 must be an accuracy in % (0 to 100), got nan"],
+    ),
+    "run_summary_accuracy_over_100": Case(
+        _run_file(runs.SUMMARY, _set("final.tail_top1", 150.0)),
+        "error",
+        ["summary.json: field final: Value error, tail_top1 must be an accuracy in % (0 to 100), got 150.0"],
+    ),
+    "export_onnx_name_for_torchscript": Case(
+        lambda t, c: ["export", "--run", str(_copy_run(t, c)), "--out", str(t / "m.onnx"), "--format", "torchscript"],
+        "error",
+        ["m.onnx: an .onnx name for a TorchScript file; name it .pt, or use --format onnx"],
+        check=_holds(lambda t, c: not (t / "m.onnx").exists()),
+    ),
+    "import_out_double_suffix": Case(
+        lambda t, c: _out_replaced(_imaterialist()(t, c), str(t / "m.csv.gz")),
+        "error",
+        ["m.csv.gz: the manifest is written as CSV; name it .csv (e.g. m.csv)"],
     ),
     "run_predictions_truncated_in_a_one_run_report": Case(
         _run_file(runs.PREDICTIONS, 900),

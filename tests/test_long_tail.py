@@ -254,6 +254,13 @@ def test_crt_changes_only_the_classifier(first_run: Path, tmp_path: Path) -> Non
     with pytest.raises(SicotError, match="run directory exists"):
         decouple(first_run, ["decouple.method=crt"], tmp_path / "crt")
     assert decouple(first_run, ["decouple.method=crt", "decouple.epochs=2"], tmp_path / "crt", resume=True).skipped
+    # used unfinished, a second stage is named as one, with the command that finishes it
+    from sicot_cli.cli import app
+
+    (result.run_dir / runs.SUMMARY).unlink()
+    out = " ".join(CliRunner().invoke(app, ["evaluate", "--run", str(result.run_dir)]).output.split())
+    assert "unfinished (2 of 2 decouple epochs trained)" in out, out
+    assert f"sicot decouple {first_run.resolve()} --method crt --run-dir {result.run_dir} --resume" in out, out
 
 
 def test_lws_resumes_exactly_after_an_interrupt(first_run: Path, tmp_path: Path) -> None:
@@ -577,3 +584,29 @@ def test_ablate_methods_refuse_a_method_key_in_the_recipe(tiny_prepared: Path, t
     with pytest.raises(SicotError, match="train.loss is set by --methods"):
         ablate(recipe, ["mean"], [0], tmp_path / "a", data=tiny_prepared, method_names=["ce", "crt"])
     assert methods.canonical("posthoc-la(tau=1.000001)") != methods.canonical("posthoc-la(tau=1)")
+
+
+def test_a_ctrl_c_while_a_stage_saves_waits_for_its_checkpoint(first_run: Path, tmp_path: Path, monkeypatch) -> None:
+    """As in train: a Ctrl-C that lands inside an epoch's checkpoint write stops after it, never inside it."""
+    import os
+    import signal
+
+    from sicot_cli import decouple as stage
+
+    real = stage._save
+
+    def save_with_a_ctrl_c(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        os.kill(os.getpid(), signal.SIGINT)  # delivered while the checkpoint is being written
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(stage, "_save", save_with_a_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        stage.decouple(first_run, ["decouple.method=crt", "decouple.epochs=3"], tmp_path / "s")
+    assert runs.load_checkpoint(tmp_path / "s" / runs.LAST)["epoch"] == 1  # complete, and the stop came after it
+    monkeypatch.setattr(stage, "_save", real)
+    assert (
+        len(
+            stage.decouple(first_run, ["decouple.method=crt", "decouple.epochs=3"], tmp_path / "s", resume=True).history
+        )
+        == 3
+    )

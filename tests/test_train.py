@@ -416,8 +416,8 @@ def test_distill_refused_when_the_classifier_is_sharded(tiny_prepared, tmp_path,
 
 
 def test_a_run_continues_only_on_the_data_it_started_with(tmp_path):
-    """Resume refuses a prepared file rebuilt since the run started; evaluate refuses another image
-    size; an unfinished run is named as such when it is used."""
+    """Resume refuses a prepared file that holds other data than the run started on (a baseline: other
+    labels or splits only); evaluate refuses another image size; an unfinished run is named as such."""
     from conftest import KEEP_ALL, make_manifest
 
     from sicot_cli.config import load_recipe
@@ -427,19 +427,32 @@ def test_a_run_continues_only_on_the_data_it_started_with(tmp_path):
     data = tmp_path / "d.h5"
     base = ["data.source=manifest", f"data.manifest={m}", "data.image_size=16", *KEEP_ALL]
     prepare(load_recipe(None, base), data)
-    run = train(tiny_recipe(data, "model.encoder=none", "train.epochs=2"), tmp_path / "run").run_dir
-    assert json.loads((run / runs.CONFIG).read_text())["content"] == open_prepared(data).content != ""
-    (run / runs.SUMMARY).unlink()  # as if killed before its end
-    r = runner.invoke(app, ["evaluate", "--run", str(run)])
+    base_run = train(tiny_recipe(data, "model.encoder=none", "train.epochs=2"), tmp_path / "base").run_dir
+    text_run = train(tiny_recipe(data, "model.encoder=mean", "train.epochs=2"), tmp_path / "text").run_dir
+    sums = json.loads((text_run / runs.CONFIG).read_text())["content"]
+    assert sums == {"data": open_prepared(data).data_checksum(), "labels": open_prepared(data).data_checksum(False)}
+    for run in (base_run, text_run):
+        (run / runs.SUMMARY).unlink()  # as if killed before its end
+    r = runner.invoke(app, ["evaluate", "--run", str(text_run)])
     assert r.exit_code == 0 and "unfinished (2 of 2 epochs trained): its last checkpoint is used" in r.output
     prepare(load_recipe(None, [*base, "embed.seed=1"]), data, force=True)  # same classes and words, other vectors
-    r = runner.invoke(app, ["train", "--resume", "--run-dir", str(run)])
+    r = runner.invoke(app, ["train", "--resume", "--run-dir", str(text_run)])
     flat = " ".join(r.output.split())
-    assert r.exit_code == 2 and "d.h5 was prepared again since the run started (embed.seed: 0 -> 1)" in flat
+    assert r.exit_code == 2 and "d.h5 holds other data than the run started on (embed.seed: 0 -> 1)" in flat
     assert "a run continues on the data it started with" in flat and "--run-dir NEW_DIR" in flat
+    # a baseline reads no title or vector: it continues (the copy-the-baselines workflow)
+    assert runner.invoke(app, ["train", "--resume", "--run-dir", str(base_run)]).exit_code == 0
+    # the same data under another name (format 2: another shard folder) is the same data
+    jpeg = [*base, "data.images=jpeg", "data.shard_rows=7"]
+    prepare(load_recipe(None, jpeg), tmp_path / "a.h5")
+    prepare(load_recipe(None, jpeg), tmp_path / "b.h5")
+    run = train(tiny_recipe(tmp_path / "a.h5", "model.encoder=mean", "train.epochs=1"), tmp_path / "j").run_dir
+    (run / runs.SUMMARY).unlink()
+    r = runner.invoke(app, ["train", "--resume", "--run-dir", str(run), "--data", str(tmp_path / "b.h5")])
+    assert r.exit_code == 0, r.output
     # same classes and vocabulary at another size: refused wherever a run meets a --data
     big = tmp_path / "d24.h5"
     prepare(load_recipe(None, [*base, "data.image_size=24"]), big)
-    r = runner.invoke(app, ["evaluate", "--run", str(run), "--data", str(big)])
+    r = runner.invoke(app, ["evaluate", "--run", str(base_run), "--data", str(big)])
     flat = " ".join(r.output.split())
     assert r.exit_code == 2 and "trained on 16 px images, but" in flat and "d24.h5 holds 24 px images" in flat

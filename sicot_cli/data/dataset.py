@@ -272,7 +272,6 @@ class Prepared:
     n_val: int = 0
     format: int = FORMAT
     store: Store | None = None  # format 2: the JPEG shards (sicot_cli.data.jpegstore)
-    content: str = ""  # the file's content_sha256 ("" for files prepared before checksums)
 
     @property
     def n(self) -> int:
@@ -304,6 +303,22 @@ class Prepared:
     def ids(self) -> list[str]:
         with h5py.File(self.path, "r") as f:
             return _strings(f["ids"])
+
+    def data_checksum(self, text: bool = True) -> str:
+        """sha256 of the data a run computes from: labels, classes, splits and image size, and with
+        ``text`` the tokens, vocabulary and vectors. Unlike ``content_sha256`` it leaves out where the
+        file and its shards are, so the same data under another name has the same checksum; a
+        baseline (no text encoder) is checked with ``text=False``. The pixels are not hashed."""
+        import hashlib
+
+        h = hashlib.sha256(json.dumps([self.n_train, self.n_val, self.image_size, self.class_names]).encode())
+        arrays = [self.labels, self.train_counts, self.test_counts]
+        if text:
+            arrays += [self.tokens, self.lengths, self.vectors]
+            h.update(json.dumps(self.words).encode())
+        for a in arrays:
+            h.update(f"{a.dtype.str}{a.shape}".encode() + np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()[:32]
 
     def fingerprint(self) -> dict[str, Any]:
         """What a trained model depends on: classes and vocabulary (checked on resume/evaluate/predict)."""
@@ -402,7 +417,6 @@ def open_prepared(path: str | Path) -> Prepared:
                 vectors=values["vectors"],
                 format=fmt,
                 store=_store(f, path, values, rebuild) if fmt == FORMAT_JPEG else None,
-                content=str(want or ""),
             )
             _check_values(prepared, rebuild)
             return prepared
