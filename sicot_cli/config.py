@@ -551,7 +551,14 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
     for item in overrides or []:
         _apply_override(table, item, where)
     apply_preset(table, where)
-    recipe = recipe_from_dict(table, where)
+    try:
+        recipe = recipe_from_dict(table, where)
+    except SicotError as e:  # a rule that ties keys together, broken by an override: blame the override
+        message = str(e).removeprefix(f"{where}: ")
+        for item in overrides or []:
+            if message.startswith(item.split("=", 1)[0].strip() + " "):
+                raise SicotError(f"override {item!r}: {message}") from None
+        raise
     if path is None:  # the built-in demo's own keys are defaults, not the user's choices
         recipe.__dict__["_explicit"] = _override_keys(overrides)
     if path is not None:

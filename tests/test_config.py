@@ -46,6 +46,15 @@ def test_recipe_paths_resolve_against_the_recipe(tmp_path):
     assert load_recipe(p, ["data.manifest=other.csv"]).data.manifest == "other.csv"
 
 
+def test_a_rule_broken_by_an_override_blames_the_override(tmp_path):
+    with pytest.raises(SicotError, match="^override 'name=': name must be a non-empty file-name part"):
+        load_recipe(None, ["name="])
+    p = tmp_path / "r.toml"
+    p.write_text('name = "a/b"\n')
+    with pytest.raises(SicotError, match="r.toml: name must be a non-empty file-name part"):
+        load_recipe(p, ["train.lr=0.1"])  # the recipe's own value: the recipe is named
+
+
 def test_a_manifest_with_the_synthetic_source_is_refused(tmp_path):
     p = tmp_path / "r.toml"
     p.write_text('[data]\nmanifest = "m.csv"\n')
