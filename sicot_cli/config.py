@@ -346,7 +346,7 @@ PREPARED_DEFAULTS = ("name", "eval.head_threshold", "eval.many_threshold", "eval
 
 
 # Keys of the prepared sections that say how prepare ran, not what the file holds: never a clash.
-_PREPARE_HOW = frozenset({"data.out", "data.workers", "data.strict"})
+PREPARE_HOW = frozenset({"data.out", "data.workers", "data.strict"})
 
 
 def _same_path(key: str, a: Any, b: Any) -> bool:
@@ -384,7 +384,7 @@ def adopt_prepared(recipe: Recipe, prepared_recipe: dict[str, Any], data_path: s
             if ours != its:
                 setattr(mine, f.name, its)
                 changed.append(key)
-                if key in recipe.explicit and key not in _PREPARE_HOW and not _same_path(key, ours, its):
+                if key in recipe.explicit and key not in PREPARE_HOW and not _same_path(key, ours, its):
                     clashes.append(f"{key} = {ours!s} (the file: {its!s})")
     if clashes:
         log.warning(

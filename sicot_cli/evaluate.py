@@ -271,16 +271,12 @@ def load_run_model(
         )
     state = runs.load_checkpoint(run_dir / name)
     if not runs.is_finished(run_dir):  # evaluate, predict, export and serve use it as it stands: say so
-        stage = config.get("stage") or {}
-        epochs, kind, how = (
-            (
-                recipe.decouple.epochs,
-                "decouple epochs",
-                f"sicot decouple {stage.get('from_run')} --method {stage.get('method')} --run-dir {run_dir} --resume",
-            )
-            if stage
-            else (recipe.train.epochs, "epochs", f"sicot train --run-dir {run_dir} --resume")
-        )
+        stage = config.get("stage")
+        if stage:
+            epochs, kind = recipe.decouple.epochs, "decouple epochs"
+            how = f"sicot decouple {stage.get('from_run')} --method {stage.get('method')} --run-dir {run_dir} --resume"
+        else:
+            epochs, kind, how = recipe.train.epochs, "epochs", f"sicot train --run-dir {run_dir} --resume"
         done = len(runs.read_metrics(run_dir))
         log.warning(
             "%s: unfinished (%d of %d %s trained): its %s checkpoint is used; finish it with `%s`",

@@ -13,11 +13,12 @@ describes itself.
 from __future__ import annotations
 
 import datetime as _dt
+from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sicot_cli import runs
-from sicot_cli.config import Recipe, apply_overrides, load_recipe, recipe_from_dict
+from sicot_cli.config import PREPARE_HOW, Recipe, apply_overrides, load_recipe, recipe_from_dict
 from sicot_cli.errors import SicotError
 from sicot_cli.fsutil import write_json
 
@@ -51,13 +52,14 @@ def _flat(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def changes(saved: dict[str, Any], wanted: dict[str, Any]) -> dict[str, list[Any]]:
-    """``key -> [saved, wanted]`` for every result-changing setting that differs."""
+def changes(saved: dict[str, Any], wanted: dict[str, Any], neutral: Collection[str] = NEUTRAL) -> dict[str, list[Any]]:
+    """``key -> [saved, wanted]`` for every setting that differs, but the ``neutral`` keys (a name
+    ending in "." stands for its whole section): by default, every result-changing setting."""
     a, b = _flat(saved), _flat(wanted)
     return {
         k: [a.get(k), b.get(k)]
         for k in sorted(a.keys() | b.keys())
-        if a.get(k) != b.get(k) and not any(k == n or (n.endswith(".") and k.startswith(n)) for n in NEUTRAL)
+        if a.get(k) != b.get(k) and not any(k == n or (n.endswith(".") and k.startswith(n)) for n in neutral)
     }
 
 
@@ -183,9 +185,7 @@ def check_same_content(prepared: Prepared, config: dict[str, Any], run_dir: Path
     sections = ("data",) if key == "labels" else ("data", "text", "embed")
     saved = {k: v for k, v in (config.get("recipe") or {}).items() if k in sections}
     now = {k: v for k, v in prepared.recipe.items() if k in sections}
-    a, b = _flat(saved), _flat(now)
-    how = ("data.out", "data.workers", "data.strict")  # how prepare ran, not what the file holds
-    diff = {k: [a.get(k), b.get(k)] for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k) and k not in how}
+    diff = changes(saved, now, neutral=PREPARE_HOW)  # how prepare ran is not what the file holds
     what = described(diff) if diff else "same settings, other contents"
     raise SicotError(
         f"{run_dir}: {prepared.path} holds other data than the run started on ({what}), and a run continues on "

@@ -46,8 +46,9 @@ def _test_words_rows(table: Table, oov: float, filtered: float) -> None:
 def _vectors_row(table: Table, v: VectorReport) -> None:
     table.add_row("word vectors", Text.assemble(safe(v.source), f", dim {v.dim}"))
     if v.in_corpus is not None:
-        words = max(v.vocab_size - 1, 1)
-        table.add_row("  vocabulary words in the corpus", f"{v.in_corpus:,} of {words:,} ({v.in_corpus / words:.1%})")
+        table.add_row(
+            "  vocabulary words in the corpus", f"{v.in_corpus:,} of {v.words:,} ({v.in_corpus / v.words:.1%})"
+        )
     else:
         table.add_row("  vocabulary OOV (no pretrained vector)", f"{v.oov_words:,} words ({v.oov_rate:.1%})")
 

@@ -40,9 +40,13 @@ class VectorReport:
     in_corpus: int | None = None  # vocabulary words that occur in embed.corpus (None: no corpus)
 
     @property
+    def words(self) -> int:
+        """The vocabulary's real words (padding left out), at least 1 (a rate's denominator)."""
+        return max(self.vocab_size - 1, 1)
+
+    @property
     def oov_rate(self) -> float:
-        real = max(self.vocab_size - 1, 1)
-        return self.oov_words / real
+        return self.oov_words / self.words
 
 
 def _stable_hash(text: str) -> int:

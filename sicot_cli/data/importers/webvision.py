@@ -61,6 +61,9 @@ def _filelist(path: Path) -> list[tuple[str, int]]:
     return out
 
 
+MAX_DEPTH = 20  # the deepest meta text field read as a title
+
+
 def _text(value: Any, depth: int = 0) -> str:
     """The text of a meta field: a string, ``{"_content": ...}`` or a list of them (nested at most
     :data:`MAX_DEPTH` deep; deeper is not a title, and counts as none)."""
@@ -73,9 +76,6 @@ def _text(value: Any, depth: int = 0) -> str:
     if isinstance(value, list):
         return " ".join(_text(v, depth + 1) for v in value)
     return ""
-
-
-MAX_DEPTH = 20
 
 
 def _position(stem: str) -> int | None:
