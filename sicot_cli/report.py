@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from sicot_cli import methods, runs
+from sicot_cli.config import recipe_from_dict
 from sicot_cli.errors import SicotError
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,9 @@ def load_runs(paths: list[Path]) -> tuple[list[Run], list[Path]]:
         if not runs.is_finished(d):
             unfinished.append(d)
             continue
+        # the saved recipe resolved (a key it lacks takes its default; a bad value names the file), as
+        # every other reader of a run does: the report reads seeds and boundaries from it
+        config = {**config, "recipe": recipe_from_dict(config["recipe"], str(d / runs.CONFIG)).to_dict()}
         summary = runs.read_summary(d)
         history = runs.read_metrics(d)
         done.append(

@@ -810,3 +810,14 @@ def test_hdf5_read_error_mid_training_is_one_error(tiny_prepared, tmp_path):
     ):
         for _ in loader.epoch(0):
             pass
+
+
+def test_a_run_whose_saved_recipe_lacks_sections_still_reports(finished_run, tmp_path):
+    """Found by the generated test above: `recipe: {}` in config.json gave a KeyError in report."""
+    from sicot_cli.report import load_runs
+
+    run = Path(shutil.copytree(finished_run, tmp_path / "run"))
+    config = json.loads((run / "config.json").read_text(encoding="utf-8"))
+    (run / "config.json").write_text(json.dumps({**config, "recipe": {}}), encoding="utf-8")
+    done, unfinished = load_runs([run])
+    assert [r.seed for r in done] == [0] and not unfinished  # the default seed, as every reader resolves it
