@@ -193,6 +193,13 @@ def prepare(
     summary = run_prepare(cfg, _out_file(out, cfg.name), force=force, progress=RichProgress(), part=part, merge=merge)
     if isinstance(summary, PartSummary):
         s = summary
+        if not s.shards:  # more parts than shards: this part has none to write
+            console.print(safe(
+                f"part {s.part[0]}/{s.part[1]}: no shards to write (the manifest fills fewer shards than "
+                f"{s.part[1]} parts; data.shard_rows sets a shard's rows); "
+                "when every part is done: the same command with --merge instead of --shard"
+            ), soft_wrap=True)  # fmt: skip
+            return
         console.print(safe(
             f"part {s.part[0]}/{s.part[1]}: shards {s.shards.start}-{s.shards.stop - 1} in {s.folder} "
             f"({s.resumed} already complete), {s.images:,} images, {s.skipped:,} skipped, {s.seconds:.1f} s; "

@@ -147,6 +147,11 @@ def test_parts_merged_equal_one_machine_prepare(raw: Path, tmp_path: Path) -> No
         assert np.array_equal(getattr(a.store, name), getattr(b.store, name))
     assert a.store.sha256 == b.store.sha256
     assert all((a.store.folder / n).read_bytes() == (b.store.folder / n).read_bytes() for n in a.store.names)
+    # more parts than shards: the last part has nothing to write, and says so
+    n = len(a.store.names)
+    result = runner.invoke(app, [*args, "--shard", f"{n}/{n + 1}"])
+    flat = " ".join(result.output.split())
+    assert result.exit_code == 0 and f"part {n}/{n + 1}: no shards to write" in flat and "shards 1-0" not in flat
     # a part run with other settings writes other shards: they never mix with these
     assert runner.invoke(app, [*args, "--shard", "0/3", "data.jpeg_quality=50"]).exit_code == 0
     bad = runner.invoke(app, [*args, "--merge", "--force", "data.jpeg_quality=50"])

@@ -5,12 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from conftest import KEEP_ALL, make_manifest, write_image
+from conftest import KEEP_ALL, TITLES, make_manifest, write_image
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -178,6 +179,35 @@ def test_same_image_both_sides_of_a_given_split_loses_its_test_row(tmp_path):
         "test image also in a training or validation row (the same file)": 2,
         "validation image also in a training row (the same file)": 1,
     }
+
+
+def test_pixel_copies_across_splits_are_kept_counted_and_named(tmp_path, caplog):
+    """Another file with a training image's pixels, in validation or test: kept, counted, named (format 1)."""
+    root = tmp_path / "raw"
+    extra = [
+        {"image": "copy-a.png", "title": "red cat", "label": "cat", "id": "t-copy", "split": "test"},
+        {"image": "copy-b.png", "title": "dog", "label": "dog", "id": "v-copy", "split": "val"},
+        {"image": "copy-c.png", "title": "dog", "label": "dog", "id": "t-of-val", "split": "test"},
+        {"image": "copy-d.png", "title": "red cat", "label": "cat", "id": "train-copy", "split": "train"},
+    ]
+    m = make_manifest(root, per_class=6, split=True, extra_rows=extra)
+    for name, of in (("copy-a", "cat3"), ("copy-b", "dog4"), ("copy-c", "copy-b"), ("copy-d", "cat5")):
+        shutil.copy(root / f"{of}.png", root / f"{name}.png")
+    out = tmp_path / "p.h5"
+    with caplog.at_level("WARNING"):
+        s = prep.prepare(
+            load_recipe(None, ["data.source=manifest", f"data.manifest={m}", "data.image_size=16", *KEEP_ALL]), out
+        )
+    assert s.duplicate_counts == {"val": 1, "test": 2}  # a copy within training is no leak
+    assert s.duplicate_examples["val"] == [(f"{m}:{len(TITLES) * 6 + 3}", f"{m}:{list(TITLES).index('dog') * 6 + 6}")]
+    assert {"t-copy", "v-copy", "t-of-val", "train-copy"} <= set(open_prepared(out).ids())  # nothing dropped
+    text = " ".join(caplog.text.split())
+    assert "1 validation image has the same pixels as a training image" in text
+    assert "2 test images have the same pixels as a training or validation image" in text
+    side = json.loads(out.with_suffix(".recipe.json").read_text())["summary"]
+    assert side["duplicate_counts"] == {"val": 1, "test": 2}
+    clean = tmp_path / "clean.h5"
+    assert prep.prepare(recipe_for(make_manifest(tmp_path / "raw2")), clean).duplicate_counts == {}
 
 
 def test_refuses_to_overwrite_and_force_replaces(tmp_path, manifest):

@@ -24,6 +24,7 @@ See :mod:`sicot_cli.data.dataset` for the layout.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import os
@@ -55,6 +56,7 @@ from sicot_cli.provenance import package_versions
 log = logging.getLogger(__name__)
 
 WRITE_BATCH = 256
+DUPLICATE_EXAMPLES = 3
 
 
 @dataclass
@@ -102,6 +104,11 @@ class PrepareSummary:
     truncated_titles: int
     seconds: float
     decode_seconds: float
+    # validation / test rows whose decoded pixels equal a training (for test: or validation) row's,
+    # from another file: split -> [(row, the earlier row it repeats)], at most DUPLICATE_EXAMPLES;
+    # counted in duplicate_counts. Format 1 only (format 2's pixels are encoded in worker processes).
+    duplicate_counts: dict[str, int] = field(default_factory=dict)
+    duplicate_examples: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
 
     @property
     def images_per_second(self) -> float:
@@ -446,9 +453,32 @@ class _ImageWriter:
             self.fobj.check()  # stop at the first failed write, not after decoding everything
 
 
+class _Duplicates:
+    """Validation and test images whose pixels equal an earlier split's (another file with the same
+    picture: the same file is refused earlier). They are kept, counted and named: the scores on
+    them measure memory, not recognition."""
+
+    def __init__(self) -> None:
+        self.seen: dict[bytes, str] = {}  # digest -> the first row (train, then val) with these pixels
+        self.counts: Counter[str] = Counter()
+        self.examples: dict[str, list[tuple[str, str]]] = {}
+
+    def add(self, phase: str, r: _Rec, image: np.ndarray) -> None:
+        key = hashlib.blake2b(image.tobytes(), digest_size=16).digest()
+        first = self.seen.get(key)
+        if first is not None and not first.startswith(phase + ":"):
+            self.counts[phase] += 1
+            shown = self.examples.setdefault(phase, [])
+            if len(shown) < DUPLICATE_EXAMPLES:
+                shown.append((r.where, first.partition(":")[2]))
+        if first is None and phase != "test":
+            self.seen[key] = f"{phase}:{r.where}"
+
+
 def _decode_splits(
-    writer: _ImageWriter, parts: dict[str, list[_Rec]], recipe: Recipe, skips: Skips, progress: Progress, workers: int
-) -> tuple[list[_Rec], dict[str, int], Counter[str]]:
+    writer: _ImageWriter, parts: dict[str, list[_Rec]], recipe: Recipe, skips: Skips, progress: Progress, workers: int,
+    dups: _Duplicates,
+) -> tuple[list[_Rec], dict[str, int], Counter[str]]:  # fmt: skip
     """Decode train, then val, then test images into the file; an undecodable image is a counted skip.
 
     Returns:
@@ -474,11 +504,23 @@ def _decode_splits(
                     continue
                 written.append(r)
                 writer.add(result)
+                dups.add(phase, r, result)
                 if phase == "train":
                     train_labels[r.label] += 1
         ends[phase] = len(written)
     writer.flush()
     return written, ends, train_labels
+
+
+def _warn_duplicates(s: PrepareSummary) -> None:
+    for phase, n in s.duplicate_counts.items():
+        row, first = s.duplicate_examples[phase][0]
+        log.warning(
+            "%s: %d %s image%s the same pixels as a %s image (e.g. %s repeats %s); kept, but a score on %s "
+            "measures memory, not recognition: give such copies one split (a split column) or remove one",
+            s.source, n, "validation" if phase == "val" else "test", "s have" if n > 1 else " has",
+            "training" if phase == "val" else "training or validation", row, first, "them" if n > 1 else "it",
+        )  # fmt: skip
 
 
 def _write_rows(
@@ -642,7 +684,8 @@ def prepare(
     with atomic_path(out_path) as tmp, guarded_file(tmp) as fobj:  # a full disk: one clean error, not a crash in HDF5
         with ds.create(fobj, len(text.recs), d.image_size, d.max_title_tokens) as f:
             writer = _ImageWriter(f["images"], fobj)
-            written, ends, train_labels = _decode_splits(writer, parts, recipe, skips, progress, workers)
+            dups = _Duplicates()
+            written, ends, train_labels = _decode_splits(writer, parts, recipe, skips, progress, workers, dups)
             if ends["train"] == 0:
                 raise SicotError(f"{text.source}: no training image could be decoded ({skips.as_dict()})")
             f["images"].resize(len(written), axis=0)
@@ -652,6 +695,8 @@ def prepare(
             summary = _summary(
                 out_path, recipe, text, skips, ends, len(written), train_counts, suggested, seconds, decode_seconds
             )
+            summary.duplicate_counts, summary.duplicate_examples = dict(dups.counts), dups.examples
+            _warn_duplicates(summary)
             side = {"recipe": recipe.to_dict(), "summary": summary.as_dict(), "versions": package_versions()}
             _write_attrs(f, recipe, summary, side)
     write_json(out_path.with_suffix(".recipe.json"), side)
@@ -678,8 +723,6 @@ def _fingerprint(recipe: Recipe, cands: list[_Rec]) -> str:
     Every ``--shard`` part computes it; the merge refuses shards made from anything else, and a
     rerun keeps the shards that still match (resume).
     """
-    import hashlib
-
     d = recipe.data
     h = hashlib.sha256()
     settings = {"side": jpegstore.stored_side(d), "quality": d.jpeg_quality, "shard_rows": d.shard_rows, "format": 2}
