@@ -10,7 +10,7 @@ import os
 import stat
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -363,3 +363,75 @@ def append_jsonl(path: Path, obj: Any) -> None:
             os.fsync(f.fileno())
     except OSError as e:
         raise SicotError(f"{path}: cannot write ({e.strerror or e})") from None
+
+
+def _lock_holder(fd: int) -> str:
+    """The pid holding a flock on ``fd``'s file, from ``/proc/locks`` ("" when it cannot be told)."""
+    st = os.fstat(fd)
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return ""
+    for line in lines:
+        fields = line.split()
+        if "FLOCK" in fields and len(fields) >= 6 and fields[-3] == inode:
+            return fields[-4]
+    return ""
+
+
+def _in_use(path: Path, fd: int, flag: str) -> SicotError:
+    pid = _lock_holder(fd)
+    who = f"another sicot process (pid {pid})" if pid else "another sicot process"
+    return SicotError(f"{path}: in use by {who}; wait for it to finish, or choose another {flag}")
+
+
+@contextmanager
+def exclusive(path: Path, flag: str = "--out") -> Iterator[None]:
+    """Hold ``path`` for one process: a second sicot writing the same output is refused at once.
+
+    A folder (a run directory) is locked itself; a file (a prepared dataset) through a hidden
+    ``.NAME.lock`` beside it, removed on exit. The lock is an ``flock``, so a killed process
+    releases it with its last descriptor: nothing stale is left to clean up.
+
+    Raises:
+        SicotError: "<path>: in use by another sicot process (pid N)", naming ``flag`` as the way out.
+    """
+    import fcntl
+
+    if path.is_dir():
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise _in_use(path, fd, flag) from None
+            yield
+        finally:
+            os.close(fd)
+        return
+    lock = path.with_name(f".{path.name}.lock")
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise SicotError(f"{path}: cannot write beside it ({e.strerror or e})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            err = _in_use(path, fd, flag)
+            os.close(fd)
+            raise err from None
+        try:  # the holder before us may have removed the name after we opened it: lock the live one
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with suppress(OSError):
+            lock.unlink()
+        os.close(fd)

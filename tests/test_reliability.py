@@ -386,3 +386,38 @@ def test_kill_ablate_never_retrains_a_finished_run(work, prepared):
 
 def test_tmp_name_is_what_the_harness_watches(tmp_path):
     assert tmp_name(tmp_path / "checkpoint-last.pt").name == f".checkpoint-last.pt.tmp-{os.getpid()}"
+
+
+@pytest.mark.parametrize("kind", ["folder", "file"])
+def test_exclusive_refuses_a_second_holder_naming_its_pid_and_leaves_nothing(tmp_path, kind):
+    import subprocess
+    import sys
+    import textwrap
+
+    from sicot_cli.errors import SicotError
+    from sicot_cli.fsutil import exclusive
+
+    target = tmp_path / ("run" if kind == "folder" else "data.h5")
+    if kind == "folder":
+        target.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys, time
+            from pathlib import Path
+            from sicot_cli.fsutil import exclusive
+            with exclusive(Path({str(target)!r})):
+                print("held", flush=True)
+                sys.stdin.readline()
+            """)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1],
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(SicotError, match=rf"in use by another sicot process \(pid {holder.pid}\).*--out"):
+            with exclusive(target):
+                pass
+    finally:
+        holder.communicate("\n", timeout=30)
+    with exclusive(target):  # released with its holder
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["run"] if kind == "folder" else [])
