@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import re
 import tomllib
 import types
 import typing
@@ -521,6 +522,27 @@ def recipe_from_dict(table: dict[str, Any], where: str = "<recipe>") -> Recipe:
     return recipe
 
 
+def _blame_overrides(error: SicotError, where: str, path: str | Path | None, overrides: list[str] | None) -> SicotError:
+    """``error`` (from checking the recipe) restated to name the overrides whose keys it mentions.
+
+    A rule that ties keys together (``text.drop_most_frequent + text.drop_least_frequent < 1``),
+    broken by an override, is the override's doing: the message names it, and the recipe file it was
+    applied to, instead of blaming a file the user did not change.
+    """
+    message = str(error).removeprefix(f"{where}: ")
+    named = [
+        item
+        for item in overrides or []
+        if re.search(rf"(?<![\w.]){re.escape(item.split('=', 1)[0].strip())}(?![\w])", message)
+    ]
+    if not named:
+        return error
+    blamed = ", ".join(repr(item) for item in named)
+    plural = "s" if len(named) > 1 else ""
+    on = f" (applied to {where})" if path is not None else ""
+    return SicotError(f"override{plural} {blamed}{on}: {message}")
+
+
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
     """Load a TOML recipe (or the built-in demo recipe when ``path`` is None) and apply overrides.
 
@@ -550,15 +572,11 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise SicotError(f"{p}: not valid TOML: nested too deeply") from None
     for item in overrides or []:
         _apply_override(table, item, where)
-    apply_preset(table, where)
     try:
+        apply_preset(table, where)
         recipe = recipe_from_dict(table, where)
-    except SicotError as e:  # a rule that ties keys together, broken by an override: blame the override
-        message = str(e).removeprefix(f"{where}: ")
-        for item in overrides or []:
-            if message.startswith(item.split("=", 1)[0].strip() + " "):
-                raise SicotError(f"override {item!r}: {message}") from None
-        raise
+    except SicotError as e:  # a rule broken by an override: name the override (and the recipe it changed)
+        raise _blame_overrides(e, where, path, overrides) from None
     if path is None:  # the built-in demo's own keys are defaults, not the user's choices
         recipe.__dict__["_explicit"] = _override_keys(overrides)
     if path is not None:
