@@ -53,10 +53,15 @@ def test_a_rule_broken_by_an_override_blames_the_override(tmp_path):
     p.write_text('name = "a/b"\n')
     with pytest.raises(SicotError, match="r.toml: name must be a non-empty file-name part"):
         load_recipe(p, ["train.lr=0.1"])  # the recipe's own value: the recipe is named
-    p.write_text('[text]\ndrop_most_frequent = 0.05\n')
-    with pytest.raises(SicotError, match=r"^override 'text.drop_least_frequent=0.96' \(applied to .*r.toml\): text.drop_most_frequent \+ text.drop_least_frequent must be < 1"):
+    p.write_text("[text]\ndrop_most_frequent = 0.05\n")
+    with pytest.raises(
+        SicotError,
+        match=r"^override 'text.drop_least_frequent=0.96' \(applied to .*r.toml\): text.drop_most_frequent \+ text.drop_least_frequent must be < 1",
+    ):
         load_recipe(p, ["text.drop_least_frequent=0.96"])  # a rule tying two keys: the override that broke it
-    with pytest.raises(SicotError, match=r"^override 'data.synthetic.max_per_class=3': data.synthetic.min_per_class must be"):
+    with pytest.raises(
+        SicotError, match=r"^override 'data.synthetic.max_per_class=3': data.synthetic.min_per_class must be"
+    ):
         load_recipe(None, ["data.synthetic.max_per_class=3"])
     with pytest.raises(SicotError, match=r"^override 'preset=nope': preset must be one of"):
         load_recipe(None, ["preset=nope"])
