@@ -401,15 +401,22 @@ def test_exclusive_refuses_a_second_holder_naming_its_pid_and_leaves_nothing(tmp
     if kind == "folder":
         target.mkdir()
     holder = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(f"""
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
             import sys, time
             from pathlib import Path
             from sicot_cli.fsutil import exclusive
             with exclusive(Path({str(target)!r})):
                 print("held", flush=True)
                 sys.stdin.readline()
-            """)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1],
+            """),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parents[1],
     )
     try:
         assert holder.stdout.readline().strip() == "held"
