@@ -533,12 +533,39 @@ def _resume(run: _Run) -> _State:
         )
     checkpoints.restore(ckpt, run.run_dir / runs.LAST, run.model, run.optimizer)
     run.scheduler.load_state_dict(ckpt["scheduler"])
+    follow_recipe(run.optimizer, run.scheduler, run.recipe.train)
     torch.set_rng_state(ckpt["rng"])
     state = _State(ckpt["epoch"], ckpt["batch"], ckpt["history"], ckpt["best"], ckpt["accum"])
     state.logit_adjust = {k: ckpt[k] for k in ADJUST_KEYS if k in ckpt}
     _on_main(run.ctx, lambda: runs.write_metrics(run.run_dir, state.history))
     log.info("resuming %s at epoch %d, batch %d", run.run_dir, state.epoch + 1, state.batch)
     return state
+
+
+def follow_recipe(
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.StepLR, cfg: TrainConfig
+) -> None:
+    """After a checkpoint's optimiser and StepLR state were loaded: the recipe's SGD and StepLR settings.
+
+    Their saved state holds the values the run started with; a resume with ``--allow-changes``
+    (``train.lr``, ``momentum``, ``weight_decay``, ``step_size``, ``gamma``) would otherwise record
+    the new value in ``config.json`` and train on with the old one. The learning rate is the one the
+    recipe's schedule gives at the resumed epoch, ``lr * gamma ** (epoch // step_size)``, as a run
+    trained with these settings from the start would have; an unchanged schedule is left as loaded
+    (bit for bit: a resumed run reproduces the uninterrupted one).
+    """
+    for group in optimizer.param_groups:
+        group["momentum"], group["weight_decay"] = cfg.momentum, cfg.weight_decay
+    if (scheduler.step_size, scheduler.gamma) == (cfg.step_size, cfg.gamma) and all(
+        base == cfg.lr for base in scheduler.base_lrs
+    ):
+        return
+    scheduler.step_size, scheduler.gamma = cfg.step_size, cfg.gamma
+    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+    lr = cfg.lr * cfg.gamma ** (scheduler.last_epoch // cfg.step_size)
+    for group in optimizer.param_groups:
+        group["initial_lr"], group["lr"] = cfg.lr, lr
+    scheduler._last_lr = [lr] * len(optimizer.param_groups)  # what get_last_lr() reports
 
 
 def _checkpoint(run: _Run, state: _State, epoch: int, batch: int) -> dict[str, Any]:
