@@ -119,6 +119,23 @@ def ablate(
     recipe, data_path, n_val = _prepared(recipe, data, progress)
     _check_stages(plans, recipe, data_path, n_val)
     root = Path(out) if out is not None else default_dir(recipe)
+    with runs.hold(root, "--out"):  # a second ablation into the same folder is refused at once
+        return root, _run_jobs(root, recipe, encoders, seeds, presets, plans, data_path, progress, on_run, on_start)
+
+
+def _run_jobs(
+    root: Path,
+    recipe: Recipe,
+    encoders: list[str],
+    seeds: list[int],
+    presets: list[str],
+    plans: list[_Method],
+    data_path: Path,
+    progress: Progress | None,
+    on_run: Callable[[RunStatus], None] | None,
+    on_start: Callable[[str, int, int, Recipe], None] | None,
+) -> list[RunStatus]:
+    """:func:`ablate` once ``root`` is this process's: the plan checked and written, then every run in order."""
     jobs = _jobs(recipe, root, encoders, seeds, presets, plans)
     _write_plan(root, recipe, encoders, seeds, presets, [m.name for m in plans], jobs)
     statuses: list[RunStatus] = []
@@ -135,7 +152,7 @@ def ablate(
             on_run(status)
         if status.state == "interrupted":
             break
-    return root, statuses
+    return statuses
 
 
 @dataclass(frozen=True)

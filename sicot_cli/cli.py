@@ -425,21 +425,25 @@ def train(
         run_dir = Path(cfg.train.runs_dir) / runs.default_run_name(cfg.name, cfg.model.encoder, cfg.train.seed)
     if resume and run_dir is not None:
         runs.check_resumable(run_dir)
-    if resume and run_dir is not None and runs.is_run(run_dir):
-        from sicot_cli.resume import resume_recipe
-
-        cfg, saved_data = resume_recipe(run_dir, recipe, [*extra, *(overrides or [])], allow_changes)
-        data = data if data is not None else saved_data
-    elif cfg is None:
-        cfg = _recipe(recipe, overrides, extra)
-    _check_encoder(cfg.model.encoder)
-    from sicot_cli.preflight import check_training
-
-    check_training(cfg, data)
+    import contextlib
     import os
 
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 prints
-    result = run_train(cfg, run_dir, resume=resume, data=data, progress=RichProgress() if main_rank else None)
+    with contextlib.ExitStack() as held:
+        if resume and run_dir is not None and runs.is_run(run_dir):
+            from sicot_cli.resume import resume_recipe
+
+            if main_rank:  # held from before --allow-changes rewrites config.json to the run's end
+                held.enter_context(runs.hold(run_dir))
+            cfg, saved_data = resume_recipe(run_dir, recipe, [*extra, *(overrides or [])], allow_changes)
+            data = data if data is not None else saved_data
+        elif cfg is None:
+            cfg = _recipe(recipe, overrides, extra)
+        _check_encoder(cfg.model.encoder)
+        from sicot_cli.preflight import check_training
+
+        check_training(cfg, data)
+        result = run_train(cfg, run_dir, resume=resume, data=data, progress=RichProgress() if main_rank else None)
     if not main_rank:
         return
     if result.skipped:

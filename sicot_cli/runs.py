@@ -24,6 +24,8 @@ import io
 import json
 import logging
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +34,7 @@ from sicot_cli.fsutil import (
     append_jsonl,
     atomic_path,
     ensure_dir,
+    exclusive,
     is_stale_tmp,
     read_regular,
     write_json,
@@ -99,6 +102,37 @@ def check_resumable(run_dir: Path) -> None:
             raise SicotError(
                 f"{run_dir}: not a run directory (no {CONFIG}), nothing to resume; pass --run-dir with a new folder"
             )
+
+
+_HELD: set[tuple[int, int]] = set()  # (device, inode) of the folders this process holds
+
+
+@contextmanager
+def hold(run_dir: Path, flag: str = "--run-dir") -> Iterator[None]:
+    """Hold ``run_dir`` (created when missing) for this process while it writes there.
+
+    A second sicot process writing the same run (``train --resume`` twice, two ``ablate`` with one
+    ``--out``) is refused at once, naming the holder's pid (:func:`sicot_cli.fsutil.exclusive`).
+    A hold taken again inside this process (the CLI holds a run it resumes, then ``train`` does) is
+    the same hold.
+
+    Raises:
+        SicotError: the path is a file, cannot be created, or another process holds it.
+    """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise SicotError(f"{run_dir}: exists and is not a directory; pass {flag} with a folder")
+    ensure_dir(run_dir)
+    st = run_dir.stat()
+    key = (st.st_dev, st.st_ino)
+    if key in _HELD:
+        yield
+        return
+    with exclusive(run_dir, flag):
+        _HELD.add(key)
+        try:
+            yield
+        finally:
+            _HELD.discard(key)
 
 
 def start_run(run_dir: Path, config: dict[str, Any], resume: bool) -> bool:

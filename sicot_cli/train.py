@@ -15,6 +15,7 @@ replicated or sharded by class, and only rank 0 writes the run directory and sho
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -423,8 +424,18 @@ def _train(
     run = _set_up(ctx, recipe, run_dir, data)
     # Only now, with the device, model and optimiser built (anything the recipe gets wrong has been
     # refused), is the run directory created: a failed start leaves nothing that blocks the retry.
+    # Rank 0, which writes it, holds it until the run ends: a second process is refused at once.
+    with contextlib.ExitStack() as held:
+        _on_main(ctx, lambda: held.enter_context(runs.hold(run.run_dir)))
+        return _train_held(run, resume, progress, hook)
+
+
+def _train_held(
+    run: _Run, resume: bool, progress: Progress | None, hook: Callable[[int, int], None] | None
+) -> TrainResult:
+    """:func:`_train` once the run directory is this process's."""
     config = run_config(run.recipe, run.prepared) | {"threads": run.threads}
-    resuming = _on_main(ctx, lambda: runs.start_run(run.run_dir, config, resume))
+    resuming = _on_main(run.ctx, lambda: runs.start_run(run.run_dir, config, resume))
     state = _State()
     if resuming:
         saved = runs.read_config(run.run_dir)
