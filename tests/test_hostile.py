@@ -1704,6 +1704,13 @@ CASES: dict[str, Case] = {
         )
         for name, value in (("inf", "inf"), ("nan", "nan"))
     },
+    # --- round 7 (a seventh outside audit) ---
+    "train_topk_without_1": Case(  # was a KeyError 'val_top1' after epoch 1
+        _train("train.topk=[3]"),
+        "error",
+        ["train.topk must include 1 (top-1 is always reported, and checkpoint-best is chosen on it), got [3]"],
+        check=_holds(lambda t, c: not (t / "run").exists()),
+    ),
 }
 
 
