@@ -459,12 +459,15 @@ def train(
 
         from rich.text import Text
 
+        again = safe(shlex.join(["sicot", "train", "--resume", "--run-dir", str(result.run_dir)]))
+        if result.checkpoint is None:
+            said = "interrupted before its first checkpoint: nothing saved yet;", "starts the run again"
+        elif result.checkpoint.startswith("after"):  # stopped in an epoch's validation: that epoch runs again
+            said = f"interrupted: the checkpoint {result.checkpoint} is kept; continue with", ""
+        else:
+            said = "interrupted: checkpoint saved; continue with", ""
         err_console.print(
-            Text.assemble(
-                ("interrupted: checkpoint saved; continue with", "yellow"),
-                " ",
-                safe(shlex.join(["sicot", "train", "--resume", "--run-dir", str(result.run_dir)])),
-            )
+            Text.assemble((said[0], "yellow"), " ", again, *([" ", (said[1], "yellow")] if said[1] else []))
         )
         raise typer.Exit(130)
 

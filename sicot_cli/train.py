@@ -59,6 +59,9 @@ class TrainResult:
     run_dir: Path
     history: list[dict[str, Any]]
     interrupted: bool = False
+    # interrupted: what checkpoint-last.pt now holds ("epoch 2, batch 3": saved by the Ctrl-C; "after
+    # epoch 1": the last epoch's, kept), or None when the run stopped before its first checkpoint
+    checkpoint: str | None = None
     skipped: bool = False  # the run had already finished
     test: dict[str, Any] | None = None  # summary.json's "final": test metrics and how they were chosen
 
@@ -249,8 +252,8 @@ def train(
         hook: called as ``hook(epoch, batch)`` before every batch (tests use it to interrupt).
 
     Returns:
-        The run's directory and per-epoch history. Ctrl-C saves a resumable checkpoint and returns
-        with ``interrupted=True``.
+        The run's directory and per-epoch history. Ctrl-C among an epoch's batches saves a resumable
+        checkpoint and returns with ``interrupted=True`` (``checkpoint`` says what is kept).
     """
     ctx = init_distributed(recipe.train.device)
     if not ctx.is_main:  # one voice: rank 0 logs, the others only warn
@@ -377,6 +380,20 @@ class _State:
     sums: torch.Tensor | None = None  # the running loss sums on the device, while an epoch's batches run
     # eval.logit_adjust = "val": the tau chosen and the validation scores, once the adjusted weights were saved
     logit_adjust: dict[str, Any] = field(default_factory=dict)
+    saved_on_interrupt: bool = False  # a Ctrl-C inside an epoch's batches saved checkpoint-last.pt
+
+
+def kept_checkpoint(run_dir: Path, state: _State) -> str | None:
+    """What an interrupted run's ``checkpoint-last.pt`` holds, in words; None when there is none yet.
+
+    A Ctrl-C among an epoch's batches saves one there; a Ctrl-C while the epoch's validation runs
+    saves none (the previous epoch's checkpoint is the valid one, and in epoch 1 there is none).
+    """
+    if not (run_dir / runs.LAST).is_file():
+        return None
+    if state.saved_on_interrupt:
+        return f"epoch {state.epoch + 1}, batch {state.batch}"
+    return f"after epoch {len(state.history)}"
 
 
 class SigintGuard:
@@ -460,7 +477,8 @@ def _train_held(
     forward = _forward(run)
     with SigintGuard() as guard:
         if _epochs(run, state, loader, forward, progress or NullProgress(), hook, guard):
-            return TrainResult(run.run_dir, state.history, interrupted=True)
+            kept = kept_checkpoint(run.run_dir, state)
+            return TrainResult(run.run_dir, state.history, interrupted=True, checkpoint=kept)
     return _finish(run, state)
 
 
@@ -631,7 +649,8 @@ def _epochs(
     hook: Callable[[int, int], None] | None,
     guard: SigintGuard,
 ) -> bool:
-    """Train from ``state`` to the last epoch. True when Ctrl-C stopped it (a resumable checkpoint saved)."""
+    """Train from ``state`` to the last epoch. True when Ctrl-C stopped it (among the batches a resumable
+    checkpoint is saved, ``state.saved_on_interrupt``; during validation the last epoch's stays)."""
     cfg = run.recipe.train
     start_epoch, start_batch = state.epoch, state.batch
     try:
@@ -659,6 +678,7 @@ def _epochs(
             _save(
                 run, runs.LAST, _checkpoint(run, state, state.epoch, state.batch), True, f"e{state.epoch}b{state.batch}"
             )
+            state.saved_on_interrupt = True
         return True
     return False
 

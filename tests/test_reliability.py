@@ -467,3 +467,39 @@ def test_a_run_written_by_another_process_is_refused_at_once(tiny_prepared, tmp_
         assert r.exit_code == 2 and f"in use by another sicot process (pid {pid})" in r.output, r.output
     assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before  # config.json not rewritten
     assert [list(d.iterdir()) for d in (stage, out, new)] == [[], [], []]
+
+
+@pytest.mark.parametrize("stop_in", [1, 2])
+def test_ctrl_c_in_an_epochs_validation_says_which_checkpoint_is_kept(tiny_prepared, tmp_path, monkeypatch, stop_in):
+    """A Ctrl-C while epoch N is validated saves nothing: epoch 1 has no checkpoint to continue from
+    (the message said "checkpoint saved"), a later epoch keeps the one before."""
+    from typer.testing import CliRunner
+
+    from sicot_cli import train as train_module
+    from sicot_cli.cli import app
+
+    record = train_module._epoch_record
+
+    def interrupted(epoch, *args):
+        if epoch + 1 == stop_in:
+            raise KeyboardInterrupt
+        return record(epoch, *args)
+
+    monkeypatch.setattr(train_module, "_epoch_record", interrupted)
+    run = tmp_path / "run"
+    args = ["train", "--data", str(tiny_prepared), "--run-dir", str(run), "--encoder", "none"]
+    fast = ["model.backbone=mobilenet_v3_small", "train.device=cpu", "train.epochs=2", "train.batch_size=8"]
+    r = CliRunner().invoke(app, [*args, *fast])
+    flat = " ".join(r.output.split())
+    assert r.exit_code == 130 and "Traceback" not in r.output, r.output
+    assert "checkpoint saved" not in flat, flat
+    if stop_in == 1:
+        assert not (run / runs.LAST).exists()
+        assert "interrupted before its first checkpoint: nothing saved yet; sicot train --resume --run-dir" in flat
+        assert "starts the run again" in flat
+    else:
+        assert runs.load_checkpoint(run / runs.LAST)["epoch"] == 1
+        assert "interrupted: the checkpoint after epoch 1 is kept; continue with sicot train --resume" in flat
+    monkeypatch.setattr(train_module, "_epoch_record", record)
+    r = CliRunner().invoke(app, ["train", "--resume", "--run-dir", str(run)])
+    assert r.exit_code == 0 and len(runs.read_metrics(run)) == 2, r.output
