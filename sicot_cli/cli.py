@@ -543,13 +543,17 @@ def export(
     data: Annotated[Path | None, typer.Option(help="Prepared .h5 (default: the run's).")] = None,
 ) -> None:
     """Write the image-only model (ONNX or TorchScript) and a JSON that lets it run without sicot."""
+    from sicot_cli.export import TOLERANCE
     from sicot_cli.export import export as run_export
     from sicot_cli.fsutil import file_to_write
 
     r = run_export(run, file_to_write(out, "--out", "the model file", "model.onnx"), fmt, checkpoint, data)
+    within = (
+        f" (tolerance {r.tolerance:.1e}: float32's own rounding of its large logits)" if r.tolerance > TOLERANCE else ""
+    )
     console.print(
         safe(
-            f"wrote {r.path} ({r.format}) and {r.sidecar}; checked on {r.verified_images} test images: max |dp| {r.max_abs_diff:.1e}, top-1 {'identical' if r.top1_equal else 'different'}"
+            f"wrote {r.path} ({r.format}) and {r.sidecar}; checked on {r.verified_images} test images: max |dp| {r.max_abs_diff:.1e}{within}, top-1 {'identical' if r.top1_equal else 'different'}"
         )
     )
 

@@ -1711,6 +1711,12 @@ CASES: dict[str, Case] = {
         ["train.topk must include 1 (top-1 is always reported, and checkpoint-best is chosen on it), got [3]"],
         check=_holds(lambda t, c: not (t / "run").exists()),
     ),
+    "export_file_named_dot_json": Case(  # Path(".json").suffix is "": it was taken for a model name
+        lambda t, c: ["export", "--run", str(_copy_run(t, c)), "--out", str(t / "ex" / ".json")],
+        "error",
+        [".json: the model file cannot be a .json"],
+        check=_holds(lambda t, c: not (t / "ex").exists()),
+    ),
 }
 
 
