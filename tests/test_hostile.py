@@ -651,6 +651,7 @@ def _truncated_predictions(tmp: Path, ctx: dict) -> list[str]:
     shutil.copytree(ctx["run"], tmp / "abl" / "base")
     enc = Path(shutil.copytree(ctx["run"], tmp / "abl" / "enc"))
     config = json.loads((enc / runs.CONFIG).read_text(encoding="utf-8"))
+    config["recipe"]["model"]["encoder"] = "mean"
     (enc / runs.CONFIG).write_text(json.dumps({**config, "encoder": "mean"}), encoding="utf-8")
     (enc / runs.PREDICTIONS).write_bytes((enc / runs.PREDICTIONS).read_bytes()[:900])
     return ["report", str(tmp / "abl"), "--encoder", "mean", "--no-figures"]
@@ -1717,6 +1718,14 @@ CASES: dict[str, Case] = {
         [".json: the model file cannot be a .json"],
         check=_holds(lambda t, c: not (t / "ex").exists()),
     ),
+    **{
+        f"run_config_encoder_contradicts_its_recipe_{command}": Case(  # was read as either, silently
+            _run_file(runs.CONFIG, _set("encoder", "bilinear"), command),
+            "error",
+            ["config.json: field recipe.model.encoder is 'none', but field encoder is 'bilinear'", "hand-edited"],
+        )
+        for command in ("evaluate", "report")
+    },
 }
 
 
