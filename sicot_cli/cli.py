@@ -414,6 +414,7 @@ def train(
     """Train one run: the baseline (--encoder none) or SICoT co-training with a text encoder."""
     from sicot_cli import runs
     from sicot_cli.console import RichProgress, err_console
+    from sicot_cli.errors import SicotError
     from sicot_cli.train import train as run_train
     from sicot_cli.views import epochs_table
 
@@ -425,6 +426,14 @@ def train(
         run_dir = Path(cfg.train.runs_dir) / runs.default_run_name(cfg.name, cfg.model.encoder, cfg.train.seed)
     if resume and run_dir is not None:
         runs.check_resumable(run_dir)
+        described = recipe is not None or bool(overrides) or encoder is not None or data is not None
+        if not runs.is_run(run_dir) and not described:  # the built-in recipe would start here, silently
+            where = "no such folder" if not run_dir.exists() else f"no {runs.CONFIG}"
+            raise SicotError(
+                f"{run_dir}: no run to resume ({where}); --resume alone continues a run from its {runs.CONFIG}: "
+                f"start one with `sicot train --run-dir {run_dir} --recipe ...` (or add --resume to the command "
+                "that started it)"
+            )
     import contextlib
     import os
 

@@ -89,7 +89,8 @@ def check_resumable(run_dir: Path) -> None:
     """Refuse ``--resume`` early (before any data is read) on a folder that holds no run of ours.
 
     A missing or empty folder (a run killed before its ``config.json`` was renamed leaves one, or
-    only its dead temporaries) is not refused: the run starts there (:func:`start_run`).
+    only its dead temporaries) is not refused: the run starts there (:func:`start_run`), when the
+    command says what to train (``sicot train --resume`` alone is refused there by the CLI).
 
     Raises:
         SicotError: the path is a file, or a folder with files of its own and no ``config.json``.
@@ -167,7 +168,7 @@ def start_run(run_dir: Path, config: dict[str, Any], resume: bool) -> bool:
             return False
         return True
     if resume:  # killed before its config.json existed, or never started: nothing is lost by starting
-        log.info("%s: nothing to resume (no run here yet): starting it", run_dir)
+        log.warning("%s: nothing to resume (no run here yet): starting it with the recipe given", run_dir)
     ensure_dir(run_dir)
     write_json(run_dir / CONFIG, config)
     return False

@@ -1726,6 +1726,18 @@ CASES: dict[str, Case] = {
         )
         for command in ("evaluate", "report")
     },
+    "train_resume_alone_on_a_missing_folder": Case(  # started the built-in recipe there, silently
+        lambda t, c: ["train", "--resume", "--run-dir", str(t / "gone")],
+        "error",
+        ["gone: no run to resume (no such folder); --resume alone continues a run from its config.json"],
+        check=_holds(lambda t, c: not (t / "gone").exists()),
+    ),
+    "train_resume_alone_on_an_empty_folder": Case(
+        lambda t, c: [(t / "empty").mkdir(), ["train", "--resume", "--run-dir", str(t / "empty")]][1],
+        "error",
+        ["empty: no run to resume (no config.json)", "sicot train --run-dir"],
+        check=_holds(lambda t, c: not any((t / "empty").iterdir())),
+    ),
 }
 
 
