@@ -188,16 +188,19 @@ def read_config(run_dir: Path) -> dict[str, Any]:
         raise SicotError(f"{run_dir}: not a run directory (no {CONFIG}); runs are made by `sicot train`")
     config = _read_json(path, "unreadable run config")
     check(ConfigFile, config, path)
-    recipe = recipe_from_dict(config["recipe"], f"{path}, field recipe")
-    # Readers take the encoder from one or the other (report labels, resume checks, decouple): they must agree.
-    # A second stage (sicot decouple) is image-only: its encoder is its first run's, its recipe's "none".
+    recipe_from_dict(config["recipe"], f"{path}, field recipe")
+    # Readers take the encoder from one or the other (report labels, resume checks, decouple): where the
+    # recipe states it, they must agree. A second stage (sicot decouple) is image-only: its encoder is
+    # its first run's, its recipe's "none".
+    model = config["recipe"].get("model")
+    stated = model.get("encoder") if isinstance(model, dict) else None
     stage = bool(config.get("stage"))
-    if recipe.model.encoder != ("none" if stage else config["encoder"]):
+    if stated is not None and stated != ("none" if stage else config["encoder"]):
         said = (
             "a second stage (field stage) is image-only: 'none'" if stage else f"field encoder is {config['encoder']!r}"
         )
         raise SicotError(
-            f"{path}: field recipe.model.encoder is {recipe.model.encoder!r}, but {said}: "
+            f"{path}: field recipe.model.encoder is {stated!r}, but {said}: "
             "a damaged or hand-edited run file (the two must agree)"
         )
     return config
