@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from sicot_cli import methods, runs
-from sicot_cli.config import PRESETS, Recipe, adopt_prepared, recipe_from_dict
+from sicot_cli.config import PREPARE_HOW, PRESETS, Recipe, adopt_prepared, recipe_from_dict
 from sicot_cli.errors import SicotError
 from sicot_cli.fsutil import ensure_dir, write_json
 from sicot_cli.progress import NullProgress, Progress
@@ -116,11 +116,23 @@ def ablate(
     """
     presets = _check_args(recipe, seeds, presets, method_names)
     plans = _method_plan(method_names or [methods.CE])
-    recipe, data_path, n_val = _prepared(recipe, data, progress)
+    recipe, data_path, n_val, content = _prepared(recipe, data, progress)
     _check_stages(plans, recipe, data_path, n_val)
     root = Path(out) if out is not None else default_dir(recipe)
-    jobs = _jobs(recipe, root, encoders, seeds, presets, plans)
-    _write_plan(root, recipe, encoders, seeds, presets, [m.name for m in plans], jobs)
+    with runs.hold(root, "--out"):  # a second ablation into the same folder is refused at once
+        jobs = _jobs(recipe, root, encoders, seeds, presets, plans)
+        _write_plan(root, recipe, encoders, seeds, presets, [m.name for m in plans], jobs, (data_path, content))
+        return root, _run_jobs(jobs, data_path, progress, on_run, on_start)
+
+
+def _run_jobs(
+    jobs: list[_Job],
+    data_path: Path,
+    progress: Progress | None,
+    on_run: Callable[[RunStatus], None] | None,
+    on_start: Callable[[str, int, int, Recipe], None] | None,
+) -> list[RunStatus]:
+    """Every run of the ablation in order, until one is interrupted."""
     statuses: list[RunStatus] = []
     for i, job in enumerate(jobs):
         if on_start is not None:
@@ -135,7 +147,7 @@ def ablate(
             on_run(status)
         if status.state == "interrupted":
             break
-    return root, statuses
+    return statuses
 
 
 @dataclass(frozen=True)
@@ -225,9 +237,9 @@ def _method_plan(names: list[str]) -> list[_Method]:
     return list(plans.values())
 
 
-def _prepared(recipe: Recipe, data: str | Path | None, progress: Progress | None) -> tuple[Recipe, Path, int]:
-    """The prepared file (prepared first when missing), a copy of the recipe with its settings taken in, and the
-    file's validation rows."""
+def _prepared(recipe: Recipe, data: str | Path | None, progress: Progress | None) -> tuple[Recipe, Path, int, str]:
+    """The prepared file (prepared first when missing), a copy of the recipe with its settings taken in, the
+    file's validation rows and its data checksum."""
     data_path = Path(data) if data is not None else Path(recipe.data.out)
     if not data_path.exists():
         from sicot_cli.data.prepare import prepare
@@ -240,7 +252,7 @@ def _prepared(recipe: Recipe, data: str | Path | None, progress: Progress | None
     recipe = copy.deepcopy(recipe)
     prepared = open_prepared(data_path)
     adopt_prepared(recipe, prepared.recipe, data_path)
-    return recipe, data_path, prepared.n_val
+    return recipe, data_path, prepared.n_val, prepared.data_checksum()
 
 
 def _write_plan(
@@ -251,9 +263,13 @@ def _write_plan(
     presets: list[str],
     method_names: list[str],
     jobs: list[_Job],
+    data: tuple[Path, str],
 ) -> None:
-    """``ablation.json``; a directory holding an ablation of another recipe is refused, and so is a
-    run already there (the plan lost, runs copied in) that was trained with other settings."""
+    """``ablation.json``; a directory holding an ablation of another recipe or other data is refused,
+    and so is a run already there (the plan lost, runs copied in) that was trained with other settings.
+
+    ``data``: the prepared file and its data checksum, recorded; the same data under another name
+    (a copy, a moved file) is the same ablation, as it is the same run for ``train --resume``."""
     ensure_dir(root)
     plan_path = root / PLAN
     shared = _shared_recipe(recipe)
@@ -265,12 +281,8 @@ def _write_plan(
             old_shared = _shared_recipe(recipe_from_dict(old["recipe"], str(plan_path)))
         except (ValueError, KeyError, TypeError, SicotError):
             old, old_shared = None, None
-    if old is not None and old_shared != shared:
-        listed = described(changes(old_shared, shared))
-        raise SicotError(
-            f"{root}: holds an ablation of another recipe ({plan_path}: {listed or 'its settings differ'}); "
-            "use another --out"
-        )
+    if old is not None and old_shared is not None and old_shared != shared:
+        _check_same_plan(root, old, old_shared, shared, data[1])
     for job in jobs:
         if job.source is None and runs.is_run(job.run_dir):
             check_same_settings(job.run_dir, runs.read_config(job.run_dir)["recipe"], job.recipe, "use another --out")
@@ -282,7 +294,41 @@ def _write_plan(
             "seeds": seeds,
             "presets": presets,
             "methods": method_names,
+            "data": {"path": str(data[0]), "content": data[1]},
         },
+    )
+
+
+def _check_same_plan(
+    root: Path, old: dict[str, Any], old_shared: dict[str, Any], shared: dict[str, Any], content: str
+) -> None:
+    """Refuse an ablation whose recipe or data differs from the one ``root`` holds, naming each difference.
+
+    The data is compared by its checksum when ``ablation.json`` recorded one (by its path otherwise);
+    how ``prepare`` ran (``data.workers``...) and where the file lies are no difference.
+    """
+    settings = changes(old_shared, shared, neutral=PREPARE_HOW)
+    was, now = old_shared.get("data", {}).get("out"), shared.get("data", {}).get("out")
+    recorded = old.get("data") if isinstance(old.get("data"), dict) else {}
+    other = []
+    if recorded.get("content"):
+        if recorded["content"] != content:
+            other = [
+                f"data: {recorded.get('path', was)} (checksum {recorded['content']}) -> {now} (checksum {content})"
+            ]
+    elif was != now:  # an ablation.json from before checksums: its path is all there is
+        other = [f"data.out: {was!r} -> {now!r}"]
+    if not settings and not other:
+        return  # the same recipe and the same data (another name, or prepared by other workers)
+    prepared = [k for k in settings if k.startswith(("data.", "text.", "embed."))]
+    what = ["another recipe"] if len(prepared) < len(settings) else []
+    hint = ""
+    if other or prepared:
+        what.append("other data")
+        hint = f", or give it the data it was made with (--data {recorded.get('path', was)})"
+    listed = "; ".join([*other, *([described(settings)] if settings else [])])
+    raise SicotError(
+        f"{root}: holds an ablation of {' and '.join(what)} ({root / PLAN}: {listed}); use another --out{hint}"
     )
 
 

@@ -414,6 +414,7 @@ def train(
     """Train one run: the baseline (--encoder none) or SICoT co-training with a text encoder."""
     from sicot_cli import runs
     from sicot_cli.console import RichProgress, err_console
+    from sicot_cli.errors import SicotError
     from sicot_cli.train import train as run_train
     from sicot_cli.views import epochs_table
 
@@ -425,21 +426,33 @@ def train(
         run_dir = Path(cfg.train.runs_dir) / runs.default_run_name(cfg.name, cfg.model.encoder, cfg.train.seed)
     if resume and run_dir is not None:
         runs.check_resumable(run_dir)
-    if resume and run_dir is not None and runs.is_run(run_dir):
-        from sicot_cli.resume import resume_recipe
-
-        cfg, saved_data = resume_recipe(run_dir, recipe, [*extra, *(overrides or [])], allow_changes)
-        data = data if data is not None else saved_data
-    elif cfg is None:
-        cfg = _recipe(recipe, overrides, extra)
-    _check_encoder(cfg.model.encoder)
-    from sicot_cli.preflight import check_training
-
-    check_training(cfg, data)
+        described = recipe is not None or bool(overrides) or encoder is not None or data is not None
+        if not runs.is_run(run_dir) and not described:  # the built-in recipe would start here, silently
+            where = "no such folder" if not run_dir.exists() else f"no {runs.CONFIG}"
+            raise SicotError(
+                f"{run_dir}: no run to resume ({where}); --resume alone continues a run from its {runs.CONFIG}: "
+                f"start one with `sicot train --run-dir {run_dir} --recipe ...` (or add --resume to the command "
+                "that started it)"
+            )
+    import contextlib
     import os
 
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 prints
-    result = run_train(cfg, run_dir, resume=resume, data=data, progress=RichProgress() if main_rank else None)
+    with contextlib.ExitStack() as held:
+        if resume and run_dir is not None and runs.is_run(run_dir):
+            from sicot_cli.resume import resume_recipe
+
+            if main_rank:  # held from before --allow-changes rewrites config.json to the run's end
+                held.enter_context(runs.hold(run_dir))
+            cfg, saved_data = resume_recipe(run_dir, recipe, [*extra, *(overrides or [])], allow_changes)
+            data = data if data is not None else saved_data
+        elif cfg is None:
+            cfg = _recipe(recipe, overrides, extra)
+        _check_encoder(cfg.model.encoder)
+        from sicot_cli.preflight import check_training
+
+        check_training(cfg, data)
+        result = run_train(cfg, run_dir, resume=resume, data=data, progress=RichProgress() if main_rank else None)
     if not main_rank:
         return
     if result.skipped:
@@ -455,12 +468,15 @@ def train(
 
         from rich.text import Text
 
+        again = safe(shlex.join(["sicot", "train", "--resume", "--run-dir", str(result.run_dir)]))
+        if result.checkpoint is None:
+            said = "interrupted before its first checkpoint: nothing saved yet;", "starts the run again"
+        elif result.checkpoint.startswith("after"):  # stopped in an epoch's validation: that epoch runs again
+            said = f"interrupted: the checkpoint {result.checkpoint} is kept; continue with", ""
+        else:
+            said = "interrupted: checkpoint saved; continue with", ""
         err_console.print(
-            Text.assemble(
-                ("interrupted: checkpoint saved; continue with", "yellow"),
-                " ",
-                safe(shlex.join(["sicot", "train", "--resume", "--run-dir", str(result.run_dir)])),
-            )
+            Text.assemble((said[0], "yellow"), " ", again, *([" ", (said[1], "yellow")] if said[1] else []))
         )
         raise typer.Exit(130)
 
@@ -536,13 +552,17 @@ def export(
     data: Annotated[Path | None, typer.Option(help="Prepared .h5 (default: the run's).")] = None,
 ) -> None:
     """Write the image-only model (ONNX or TorchScript) and a JSON that lets it run without sicot."""
+    from sicot_cli.export import TOLERANCE
     from sicot_cli.export import export as run_export
     from sicot_cli.fsutil import file_to_write
 
     r = run_export(run, file_to_write(out, "--out", "the model file", "model.onnx"), fmt, checkpoint, data)
+    within = (
+        f" (tolerance {r.tolerance:.1e}: float32's own rounding of its large logits)" if r.tolerance > TOLERANCE else ""
+    )
     console.print(
         safe(
-            f"wrote {r.path} ({r.format}) and {r.sidecar}; checked on {r.verified_images} test images: max |dp| {r.max_abs_diff:.1e}, top-1 {'identical' if r.top1_equal else 'different'}"
+            f"wrote {r.path} ({r.format}) and {r.sidecar}; checked on {r.verified_images} test images: max |dp| {r.max_abs_diff:.1e}{within}, top-1 {'identical' if r.top1_equal else 'different'}"
         )
     )
 

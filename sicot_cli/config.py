@@ -232,7 +232,7 @@ class TrainConfig:
     augment: bool = True  # random resized crop + horizontal flip, on uint8 batches
     crop_scale: list[float] = field(default_factory=lambda: [0.35, 1.0])
     eval_batch_size: Annotated[int, Range(1, 2**20)] = 512
-    topk: list[int] = field(default_factory=lambda: [1, 3])
+    topk: list[int] = field(default_factory=lambda: [1, 3])  # must include 1 (reported, and chooses checkpoint-best)
     runs_dir: str = "runs"
     # torch intra-op threads: 0 = auto (OMP_NUM_THREADS, else the cores this process may use, at most 8); set it on a
     # shared machine, where every job using all cores oversubscribes them (epochs 10x slower).
@@ -740,6 +740,11 @@ def validate(recipe: Recipe, where: str) -> None:
             f"train.crop_scale must be [min, max] with 0 < min <= max <= 1, got {tr.crop_scale}",
         ),
         (bool(tr.topk) and all(k >= 1 for k in tr.topk), f"train.topk must list k >= 1, got {tr.topk}"),
+        (
+            1 in tr.topk,
+            f"train.topk must include 1 (top-1 is always reported, and checkpoint-best is chosen on it), got "
+            f"{tr.topk}: e.g. train.topk = [1, {max(tr.topk or [1])}]",
+        ),
         (
             tr.distill == 0
             or recipe.model.encoder == "none"

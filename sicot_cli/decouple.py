@@ -106,6 +106,13 @@ def decouple(
         "encoder": stage.source_encoder,
         "stage": {"method": d.method, "from_run": str(stage.source)},
     }
+    with runs.hold(stage.run_dir):  # a second process writing this stage is refused at once
+        return _run_stage(stage, config, resume, progress)
+
+
+def _run_stage(stage: _Stage, config: dict[str, Any], resume: bool, progress: Progress | None) -> TrainResult:
+    """:func:`decouple` once the stage's directory is this process's."""
+    d = stage.recipe.decouple
     if resume and (stage.run_dir / runs.CONFIG).is_file():
         _check_same_stage(stage.run_dir, config)
     if runs.start_run(stage.run_dir, config, resume) and runs.is_finished(stage.run_dir):

@@ -24,6 +24,8 @@ import io
 import json
 import logging
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +34,7 @@ from sicot_cli.fsutil import (
     append_jsonl,
     atomic_path,
     ensure_dir,
+    exclusive,
     is_stale_tmp,
     read_regular,
     write_json,
@@ -86,7 +89,8 @@ def check_resumable(run_dir: Path) -> None:
     """Refuse ``--resume`` early (before any data is read) on a folder that holds no run of ours.
 
     A missing or empty folder (a run killed before its ``config.json`` was renamed leaves one, or
-    only its dead temporaries) is not refused: the run starts there (:func:`start_run`).
+    only its dead temporaries) is not refused: the run starts there (:func:`start_run`), when the
+    command says what to train (``sicot train --resume`` alone is refused there by the CLI).
 
     Raises:
         SicotError: the path is a file, or a folder with files of its own and no ``config.json``.
@@ -99,6 +103,37 @@ def check_resumable(run_dir: Path) -> None:
             raise SicotError(
                 f"{run_dir}: not a run directory (no {CONFIG}), nothing to resume; pass --run-dir with a new folder"
             )
+
+
+_HELD: set[tuple[int, int]] = set()  # (device, inode) of the folders this process holds
+
+
+@contextmanager
+def hold(run_dir: Path, flag: str = "--run-dir") -> Iterator[None]:
+    """Hold ``run_dir`` (created when missing) for this process while it writes there.
+
+    A second sicot process writing the same run (``train --resume`` twice, two ``ablate`` with one
+    ``--out``) is refused at once, naming the holder's pid (:func:`sicot_cli.fsutil.exclusive`).
+    A hold taken again inside this process (the CLI holds a run it resumes, then ``train`` does) is
+    the same hold.
+
+    Raises:
+        SicotError: the path is a file, cannot be created, or another process holds it.
+    """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise SicotError(f"{run_dir}: exists and is not a directory; pass {flag} with a folder")
+    ensure_dir(run_dir)
+    st = run_dir.stat()
+    key = (st.st_dev, st.st_ino)
+    if key in _HELD:
+        yield
+        return
+    with exclusive(run_dir, flag):
+        _HELD.add(key)
+        try:
+            yield
+        finally:
+            _HELD.discard(key)
 
 
 def start_run(run_dir: Path, config: dict[str, Any], resume: bool) -> bool:
@@ -133,7 +168,7 @@ def start_run(run_dir: Path, config: dict[str, Any], resume: bool) -> bool:
             return False
         return True
     if resume:  # killed before its config.json existed, or never started: nothing is lost by starting
-        log.info("%s: nothing to resume (no run here yet): starting it", run_dir)
+        log.warning("%s: nothing to resume (no run here yet): starting it with the recipe given", run_dir)
     ensure_dir(run_dir)
     write_json(run_dir / CONFIG, config)
     return False
@@ -154,6 +189,20 @@ def read_config(run_dir: Path) -> dict[str, Any]:
     config = _read_json(path, "unreadable run config")
     check(ConfigFile, config, path)
     recipe_from_dict(config["recipe"], f"{path}, field recipe")
+    # Readers take the encoder from one or the other (report labels, resume checks, decouple): where the
+    # recipe states it, they must agree. A second stage (sicot decouple) is image-only: its encoder is
+    # its first run's, its recipe's "none".
+    model = config["recipe"].get("model")
+    stated = model.get("encoder") if isinstance(model, dict) else None
+    stage = bool(config.get("stage"))
+    if stated is not None and stated != ("none" if stage else config["encoder"]):
+        said = (
+            "a second stage (field stage) is image-only: 'none'" if stage else f"field encoder is {config['encoder']!r}"
+        )
+        raise SicotError(
+            f"{path}: field recipe.model.encoder is {stated!r}, but {said}: "
+            "a damaged or hand-edited run file (the two must agree)"
+        )
     return config
 
 

@@ -15,6 +15,7 @@ replicated or sharded by class, and only rank 0 writes the run directory and sho
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -58,6 +59,9 @@ class TrainResult:
     run_dir: Path
     history: list[dict[str, Any]]
     interrupted: bool = False
+    # interrupted: what checkpoint-last.pt now holds ("epoch 2, batch 3": saved by the Ctrl-C; "after
+    # epoch 1": the last epoch's, kept), or None when the run stopped before its first checkpoint
+    checkpoint: str | None = None
     skipped: bool = False  # the run had already finished
     test: dict[str, Any] | None = None  # summary.json's "final": test metrics and how they were chosen
 
@@ -248,8 +252,8 @@ def train(
         hook: called as ``hook(epoch, batch)`` before every batch (tests use it to interrupt).
 
     Returns:
-        The run's directory and per-epoch history. Ctrl-C saves a resumable checkpoint and returns
-        with ``interrupted=True``.
+        The run's directory and per-epoch history. Ctrl-C among an epoch's batches saves a resumable
+        checkpoint and returns with ``interrupted=True`` (``checkpoint`` says what is kept).
     """
     ctx = init_distributed(recipe.train.device)
     if not ctx.is_main:  # one voice: rank 0 logs, the others only warn
@@ -376,6 +380,20 @@ class _State:
     sums: torch.Tensor | None = None  # the running loss sums on the device, while an epoch's batches run
     # eval.logit_adjust = "val": the tau chosen and the validation scores, once the adjusted weights were saved
     logit_adjust: dict[str, Any] = field(default_factory=dict)
+    saved_on_interrupt: bool = False  # a Ctrl-C inside an epoch's batches saved checkpoint-last.pt
+
+
+def kept_checkpoint(run_dir: Path, state: _State) -> str | None:
+    """What an interrupted run's ``checkpoint-last.pt`` holds, in words; None when there is none yet.
+
+    A Ctrl-C among an epoch's batches saves one there; a Ctrl-C while the epoch's validation runs
+    saves none (the previous epoch's checkpoint is the valid one, and in epoch 1 there is none).
+    """
+    if not (run_dir / runs.LAST).is_file():
+        return None
+    if state.saved_on_interrupt:
+        return f"epoch {state.epoch + 1}, batch {state.batch}"
+    return f"after epoch {len(state.history)}"
 
 
 class SigintGuard:
@@ -423,8 +441,18 @@ def _train(
     run = _set_up(ctx, recipe, run_dir, data)
     # Only now, with the device, model and optimiser built (anything the recipe gets wrong has been
     # refused), is the run directory created: a failed start leaves nothing that blocks the retry.
+    # Rank 0, which writes it, holds it until the run ends: a second process is refused at once.
+    with contextlib.ExitStack() as held:
+        _on_main(ctx, lambda: held.enter_context(runs.hold(run.run_dir)))
+        return _train_held(run, resume, progress, hook)
+
+
+def _train_held(
+    run: _Run, resume: bool, progress: Progress | None, hook: Callable[[int, int], None] | None
+) -> TrainResult:
+    """:func:`_train` once the run directory is this process's."""
     config = run_config(run.recipe, run.prepared) | {"threads": run.threads}
-    resuming = _on_main(ctx, lambda: runs.start_run(run.run_dir, config, resume))
+    resuming = _on_main(run.ctx, lambda: runs.start_run(run.run_dir, config, resume))
     state = _State()
     if resuming:
         saved = runs.read_config(run.run_dir)
@@ -449,7 +477,8 @@ def _train(
     forward = _forward(run)
     with SigintGuard() as guard:
         if _epochs(run, state, loader, forward, progress or NullProgress(), hook, guard):
-            return TrainResult(run.run_dir, state.history, interrupted=True)
+            kept = kept_checkpoint(run.run_dir, state)
+            return TrainResult(run.run_dir, state.history, interrupted=True, checkpoint=kept)
     return _finish(run, state)
 
 
@@ -533,12 +562,39 @@ def _resume(run: _Run) -> _State:
         )
     checkpoints.restore(ckpt, run.run_dir / runs.LAST, run.model, run.optimizer)
     run.scheduler.load_state_dict(ckpt["scheduler"])
+    follow_recipe(run.optimizer, run.scheduler, run.recipe.train)
     torch.set_rng_state(ckpt["rng"])
     state = _State(ckpt["epoch"], ckpt["batch"], ckpt["history"], ckpt["best"], ckpt["accum"])
     state.logit_adjust = {k: ckpt[k] for k in ADJUST_KEYS if k in ckpt}
     _on_main(run.ctx, lambda: runs.write_metrics(run.run_dir, state.history))
     log.info("resuming %s at epoch %d, batch %d", run.run_dir, state.epoch + 1, state.batch)
     return state
+
+
+def follow_recipe(
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.StepLR, cfg: TrainConfig
+) -> None:
+    """After a checkpoint's optimiser and StepLR state were loaded: the recipe's SGD and StepLR settings.
+
+    Their saved state holds the values the run started with; a resume with ``--allow-changes``
+    (``train.lr``, ``momentum``, ``weight_decay``, ``step_size``, ``gamma``) would otherwise record
+    the new value in ``config.json`` and train on with the old one. The learning rate is the one the
+    recipe's schedule gives at the resumed epoch, ``lr * gamma ** (epoch // step_size)``, as a run
+    trained with these settings from the start would have; an unchanged schedule is left as loaded
+    (bit for bit: a resumed run reproduces the uninterrupted one).
+    """
+    for group in optimizer.param_groups:
+        group["momentum"], group["weight_decay"] = cfg.momentum, cfg.weight_decay
+    if (scheduler.step_size, scheduler.gamma) == (cfg.step_size, cfg.gamma) and all(
+        base == cfg.lr for base in scheduler.base_lrs
+    ):
+        return
+    scheduler.step_size, scheduler.gamma = cfg.step_size, cfg.gamma
+    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+    lr = cfg.lr * cfg.gamma ** (scheduler.last_epoch // cfg.step_size)
+    for group in optimizer.param_groups:
+        group["initial_lr"], group["lr"] = cfg.lr, lr
+    scheduler._last_lr = [lr] * len(optimizer.param_groups)  # what get_last_lr() reports
 
 
 def _checkpoint(run: _Run, state: _State, epoch: int, batch: int) -> dict[str, Any]:
@@ -593,7 +649,8 @@ def _epochs(
     hook: Callable[[int, int], None] | None,
     guard: SigintGuard,
 ) -> bool:
-    """Train from ``state`` to the last epoch. True when Ctrl-C stopped it (a resumable checkpoint saved)."""
+    """Train from ``state`` to the last epoch. True when Ctrl-C stopped it (among the batches a resumable
+    checkpoint is saved, ``state.saved_on_interrupt``; during validation the last epoch's stays)."""
     cfg = run.recipe.train
     start_epoch, start_batch = state.epoch, state.batch
     try:
@@ -621,6 +678,7 @@ def _epochs(
             _save(
                 run, runs.LAST, _checkpoint(run, state, state.epoch, state.batch), True, f"e{state.epoch}b{state.batch}"
             )
+            state.saved_on_interrupt = True
         return True
     return False
 

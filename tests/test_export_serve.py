@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import json
 import os
 import re
@@ -203,12 +204,52 @@ def test_export_refusals(run_dir, onnx_model, tmp_path, monkeypatch):
     assert r.exit_code == 2 and "--format must be torchscript or onnx" in r.output
     # an export that disagrees with PyTorch is refused and leaves nothing behind
     monkeypatch.setattr(export_mod, "TOLERANCE", -1.0)
+    monkeypatch.setattr(export_mod, "float32_rounding", lambda net, images: -1.0)
     with pytest.raises(SicotError, match="disagrees with PyTorch on 6 test images"):
         export_mod.export(run_dir, tmp_path / "bad.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
     with pytest.raises(SicotError, match="model.onnx.json: not found"):
         (tmp_path / "model.onnx").write_bytes(onnx_model.read_bytes())
         export_mod.load_exported(tmp_path / "model.onnx")
+
+
+def test_a_model_with_large_logits_is_checked_within_float32s_own_rounding(run_dir, tiny_prepared):
+    """A cRT classifier's logits reach 1e5, where float32 rounds the probabilities by ~4e-4 (an ulp
+    is 0.008): its ONNX export was refused at 1e-4 though top-1 agreed. An export as exact as float64
+    passes; one off by more than PyTorch's own rounding allows is refused, naming the way out."""
+    from sicot_cli.evaluate import load_run_model
+    from sicot_cli.model import ImageOnly
+
+    _, prepared, model, _ = load_run_model(run_dir, "last", None)
+    net = ImageOnly(model.cpu()).eval()
+    with torch.no_grad():  # logits of ~1e5, as the audit's cRT stage had; the same probabilities in exact arithmetic
+        net.classifier.bias += 1e5
+    images = export_mod._test_images(prepared, 64)
+    exact = copy.deepcopy(net).double()
+
+    def exported(x, shift=0.0):  # float64 arithmetic, float32 out (the best any float32 export can give)
+        with torch.no_grad():
+            z = exact.classifier(exact.visual((torch.from_numpy(x).double() - exact.mean) / exact.std))
+            p = torch.softmax(z, dim=1).float().numpy()
+        p[:, p.argmax(1)[0]] += shift  # a wrong export that keeps every top-1
+        return p
+
+    diff, top1 = export_mod.verify(exported, net, images)
+    assert top1 and diff > export_mod.TOLERANCE  # float32 PyTorch itself is that far from exact
+    checked = export_mod.check_agreement(Path("m.onnx"), exported, net, images)
+    assert checked["max_abs_diff"] == diff and checked["tolerance"] > diff
+    assert checked["tolerance"] == export_mod.ROUNDING_MARGIN * checked["float32_rounding"]
+    with pytest.raises(SicotError, match=r"m.onnx: .* > tolerance .*float32 rounding.*`--format torchscript`"):
+        export_mod.check_agreement(Path("m.onnx"), lambda x: exported(x, shift=0.02), net, images)
+
+
+def test_the_format_follows_the_name_of_a_file_called_onnx():
+    """``--out ex/.onnx`` wrote TorchScript: ``Path('.onnx').suffix`` is empty."""
+    assert export_mod.format_for(Path("ex/.onnx"), None) == "onnx"
+    assert export_mod.format_for(Path("ex/m.ONNX"), None) == "onnx"
+    assert export_mod.format_for(Path("ex/m.pt"), None) == export_mod.format_for(Path("ex/onnx"), None) == "torchscript"
+    with pytest.raises(SicotError, match="an .onnx name for a TorchScript file"):
+        export_mod.format_for(Path("ex/.onnx"), "torchscript")
 
 
 def test_an_edited_export_json_is_named_once_at_load(onnx_model, tmp_path):

@@ -651,6 +651,7 @@ def _truncated_predictions(tmp: Path, ctx: dict) -> list[str]:
     shutil.copytree(ctx["run"], tmp / "abl" / "base")
     enc = Path(shutil.copytree(ctx["run"], tmp / "abl" / "enc"))
     config = json.loads((enc / runs.CONFIG).read_text(encoding="utf-8"))
+    config["recipe"]["model"]["encoder"] = "mean"
     (enc / runs.CONFIG).write_text(json.dumps({**config, "encoder": "mean"}), encoding="utf-8")
     (enc / runs.PREDICTIONS).write_bytes((enc / runs.PREDICTIONS).read_bytes()[:900])
     return ["report", str(tmp / "abl"), "--encoder", "mean", "--no-figures"]
@@ -1704,6 +1705,39 @@ CASES: dict[str, Case] = {
         )
         for name, value in (("inf", "inf"), ("nan", "nan"))
     },
+    # --- round 7 (a seventh outside audit) ---
+    "train_topk_without_1": Case(  # was a KeyError 'val_top1' after epoch 1
+        _train("train.topk=[3]"),
+        "error",
+        ["train.topk must include 1 (top-1 is always reported, and checkpoint-best is chosen on it), got [3]"],
+        check=_holds(lambda t, c: not (t / "run").exists()),
+    ),
+    "export_file_named_dot_json": Case(  # Path(".json").suffix is "": it was taken for a model name
+        lambda t, c: ["export", "--run", str(_copy_run(t, c)), "--out", str(t / "ex" / ".json")],
+        "error",
+        [".json: the model file cannot be a .json"],
+        check=_holds(lambda t, c: not (t / "ex").exists()),
+    ),
+    **{
+        f"run_config_encoder_contradicts_its_recipe_{command}": Case(  # was read as either, silently
+            _run_file(runs.CONFIG, _set("encoder", "bilinear"), command),
+            "error",
+            ["config.json: field recipe.model.encoder is 'none', but field encoder is 'bilinear'", "hand-edited"],
+        )
+        for command in ("evaluate", "report")
+    },
+    "train_resume_alone_on_a_missing_folder": Case(  # started the built-in recipe there, silently
+        lambda t, c: ["train", "--resume", "--run-dir", str(t / "gone")],
+        "error",
+        ["gone: no run to resume (no such folder); --resume alone continues a run from its config.json"],
+        check=_holds(lambda t, c: not (t / "gone").exists()),
+    ),
+    "train_resume_alone_on_an_empty_folder": Case(
+        lambda t, c: [(t / "empty").mkdir(), ["train", "--resume", "--run-dir", str(t / "empty")]][1],
+        "error",
+        ["empty: no run to resume (no config.json)", "sicot train --run-dir"],
+        check=_holds(lambda t, c: not any((t / "empty").iterdir())),
+    ),
 }
 
 

@@ -15,6 +15,7 @@ each harness test (``pytest -m slow -s tests/test_reliability.py``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -388,27 +389,22 @@ def test_tmp_name_is_what_the_harness_watches(tmp_path):
     assert tmp_name(tmp_path / "checkpoint-last.pt").name == f".checkpoint-last.pt.tmp-{os.getpid()}"
 
 
-@pytest.mark.parametrize("kind", ["folder", "file"])
-def test_exclusive_refuses_a_second_holder_naming_its_pid_and_leaves_nothing(tmp_path, kind):
-    import subprocess
-    import sys
+@contextlib.contextmanager
+def _held_elsewhere(*targets: Path):
+    """Another process holding ``targets`` (sicot_cli.fsutil.exclusive) until the block ends; yields its pid."""
     import textwrap
 
-    from sicot_cli.errors import SicotError
-    from sicot_cli.fsutil import exclusive
-
-    target = tmp_path / ("run" if kind == "folder" else "data.h5")
-    if kind == "folder":
-        target.mkdir()
     holder = subprocess.Popen(
         [
             sys.executable,
             "-c",
             textwrap.dedent(f"""
-            import sys, time
+            import contextlib, sys
             from pathlib import Path
             from sicot_cli.fsutil import exclusive
-            with exclusive(Path({str(target)!r})):
+            with contextlib.ExitStack() as stack:
+                for t in {[str(t) for t in targets]!r}:
+                    stack.enter_context(exclusive(Path(t)))
                 print("held", flush=True)
                 sys.stdin.readline()
             """),
@@ -420,11 +416,90 @@ def test_exclusive_refuses_a_second_holder_naming_its_pid_and_leaves_nothing(tmp
     )
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(SicotError, match=rf"in use by another sicot process \(pid {holder.pid}\).*--out"):
-            with exclusive(target):
-                pass
+        yield holder.pid
     finally:
         holder.communicate("\n", timeout=30)
+
+
+@pytest.mark.parametrize("kind", ["folder", "file"])
+def test_exclusive_refuses_a_second_holder_naming_its_pid_and_leaves_nothing(tmp_path, kind):
+    from sicot_cli.fsutil import exclusive
+
+    target = tmp_path / ("run" if kind == "folder" else "data.h5")
+    if kind == "folder":
+        target.mkdir()
+    with _held_elsewhere(target) as pid:
+        with pytest.raises(SicotError, match=rf"in use by another sicot process \(pid {pid}\).*--out"):
+            with exclusive(target):
+                pass
     with exclusive(target):  # released with its holder
         pass
     assert sorted(p.name for p in tmp_path.iterdir()) == (["run"] if kind == "folder" else [])
+
+
+def test_a_run_written_by_another_process_is_refused_at_once(tiny_prepared, tmp_path):
+    """train (new and --resume), decouple and ablate hold the folder they write: a second process is
+    refused with one line naming the holder, and writes nothing there."""
+    from typer.testing import CliRunner
+
+    from sicot_cli.cli import app
+
+    runner = CliRunner()
+    run = train(tiny_recipe(tiny_prepared, "model.encoder=none", "train.epochs=1"), tmp_path / "run").run_dir
+    fast = ["model.backbone=mobilenet_v3_small", "train.device=cpu", "train.epochs=1", "train.batch_size=8"]
+    stage, out, new = tmp_path / "stage", tmp_path / "ablation", tmp_path / "new"
+    for d in (stage, out, new):
+        d.mkdir()
+    before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+    with _held_elsewhere(run, stage, out, new) as pid:
+        calls = {
+            run: ["train", "--resume", "--allow-changes", "--run-dir", str(run), "train.epochs=3"],
+            new: ["train", "--data", str(tiny_prepared), "--run-dir", str(new), *fast],
+            out: ["ablate", "--encoders", "mean", "--data", str(tiny_prepared), "--out", str(out), *fast],
+        }
+        for target, args in calls.items():
+            r = runner.invoke(app, args)
+            flat = " ".join(r.output.split())
+            assert r.exit_code == 2, r.output
+            assert f"{target}: in use by another sicot process (pid {pid})" in flat, flat
+            assert ("--out" if target == out else "--run-dir") in flat and "Traceback" not in r.output
+        r = runner.invoke(app, ["decouple", str(run), "--method", "crt", "--run-dir", str(stage)])
+        assert r.exit_code == 2 and f"in use by another sicot process (pid {pid})" in r.output, r.output
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before  # config.json not rewritten
+    assert [list(d.iterdir()) for d in (stage, out, new)] == [[], [], []]
+
+
+@pytest.mark.parametrize("stop_in", [1, 2])
+def test_ctrl_c_in_an_epochs_validation_says_which_checkpoint_is_kept(tiny_prepared, tmp_path, monkeypatch, stop_in):
+    """A Ctrl-C while epoch N is validated saves nothing: epoch 1 has no checkpoint to continue from
+    (the message said "checkpoint saved"), a later epoch keeps the one before."""
+    from typer.testing import CliRunner
+
+    from sicot_cli import train as train_module
+    from sicot_cli.cli import app
+
+    record = train_module._epoch_record
+
+    def interrupted(epoch, *args):
+        if epoch + 1 == stop_in:
+            raise KeyboardInterrupt
+        return record(epoch, *args)
+
+    monkeypatch.setattr(train_module, "_epoch_record", interrupted)
+    run = tmp_path / "run"
+    args = ["train", "--data", str(tiny_prepared), "--run-dir", str(run), "--encoder", "none"]
+    fast = ["model.backbone=mobilenet_v3_small", "train.device=cpu", "train.epochs=2", "train.batch_size=8"]
+    r = CliRunner().invoke(app, [*args, *fast])
+    flat = " ".join(r.output.split())
+    assert r.exit_code == 130 and "Traceback" not in r.output, r.output
+    assert "checkpoint saved" not in flat, flat
+    if stop_in == 1:
+        assert not (run / runs.LAST).exists()
+        assert "interrupted before its first checkpoint: nothing saved yet; sicot train --resume --run-dir" in flat
+        assert "starts the run again" in flat
+    else:
+        assert runs.load_checkpoint(run / runs.LAST)["epoch"] == 1
+        assert "interrupted: the checkpoint after epoch 1 is kept; continue with sicot train --resume" in flat
+    monkeypatch.setattr(train_module, "_epoch_record", record)
+    r = CliRunner().invoke(app, ["train", "--resume", "--run-dir", str(run)])
+    assert r.exit_code == 0 and len(runs.read_metrics(run)) == 2, r.output

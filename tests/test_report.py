@@ -345,6 +345,41 @@ def test_a_single_run_without_baseline_is_reported_with_its_curves(tmp_path, mon
     assert (run / "per_class.csv").read_text().splitlines() == ["class,train_images,top1 mean", "0,,0.5", "1,,0.6"]
 
 
+def test_ablate_into_a_folder_of_other_data_names_the_data(tiny_prepared, tmp_path):
+    """Another --data into an ablation's folder was refused as "another recipe (...: its settings
+    differ)"; it names the data (path and checksum) and the setting that differs. The same data under
+    another name (a copy) is the same ablation: its finished run is skipped."""
+    from conftest import KEEP_ALL
+
+    from sicot_cli import ablate as ab
+    from sicot_cli.config import load_recipe
+    from sicot_cli.data.prepare import prepare
+
+    recipe = tiny_recipe(tiny_prepared, "train.epochs=1")
+    root, _ = ab.ablate(recipe, [], [0], tmp_path / "abl", data=tiny_prepared)
+    other = tmp_path / "other.h5"
+    m = tiny_prepared.parent / "raw" / "m.csv"
+    prepare(
+        load_recipe(
+            None, ["data.source=manifest", f"data.manifest={m}", "data.image_size=16", *KEEP_ALL, "embed.seed=1"]
+        ),
+        other,
+    )
+    with pytest.raises(SicotError) as e:
+        ab.ablate(recipe, [], [0], root, data=other)
+    said = str(e.value)
+    assert said.startswith(
+        f"{root}: holds an ablation of other data ({root / 'ablation.json'}: data: {tiny_prepared} (checksum "
+    )
+    assert f"-> {other} (checksum " in said and "embed.seed: 0 -> 1" in said
+    assert said.endswith(f"use another --out, or give it the data it was made with (--data {tiny_prepared})")
+    copy = tmp_path / "copy.h5"
+    shutil.copy(tiny_prepared, copy)
+    shutil.copy(tiny_prepared.with_suffix(".recipe.json"), copy.with_suffix(".recipe.json"))
+    _, statuses = ab.ablate(recipe, [], [0], root, data=copy)
+    assert [s.state for s in statuses] == ["skipped"]
+
+
 def test_ablate_skips_finished_and_resumes(tiny_prepared, tmp_path, monkeypatch):
     from matplotlib.colors import to_hex
 

@@ -456,3 +456,29 @@ def test_a_run_continues_only_on_the_data_it_started_with(tmp_path):
     r = runner.invoke(app, ["evaluate", "--run", str(base_run), "--data", str(big)])
     flat = " ".join(r.output.split())
     assert r.exit_code == 2 and "trained on 16 px images, but" in flat and "d24.h5 holds 24 px images" in flat
+
+
+def test_resume_with_allowed_changes_trains_with_the_new_optimiser_settings(tiny_prepared, tmp_path):
+    """--allow-changes train.lr / momentum / weight_decay / step_size / gamma: the loaded optimiser and
+    StepLR state took the old values back; the rest of the run follows the recipe as it now stands."""
+
+    def stop(epoch, batch):
+        if (epoch, batch) == (1, 0):
+            raise KeyboardInterrupt
+
+    recipe = tiny_recipe(tiny_prepared, "model.encoder=none", "train.epochs=3")
+    run_dir = tmp_path / "run"
+    assert train(recipe, run_dir, hook=stop).interrupted
+    new = ["train.lr=0.02", "train.gamma=0.5", "train.momentum=0.5", "train.weight_decay=0.001"]
+    r = runner.invoke(app, ["train", "--resume", "--allow-changes", "--run-dir", str(run_dir), *new])
+    assert r.exit_code == 0, r.output
+    lrs = [m["lr"] for m in runs.read_metrics(run_dir)]
+    assert lrs == pytest.approx([0.005, 0.02 * 0.5, 0.02 * 0.25])  # the new schedule at epochs 2 and 3
+    group = runs.load_checkpoint(run_dir / runs.LAST)["optimizer"]["param_groups"][0]
+    assert (group["momentum"], group["weight_decay"], group["initial_lr"]) == (0.5, 0.001, 0.02)
+    # step_size: the new one counts from the run's start (epoch 3 of step_size 2 is still in the first step)
+    run_dir = tmp_path / "step"
+    assert train(recipe, run_dir, hook=stop).interrupted
+    r = runner.invoke(app, ["train", "--resume", "--allow-changes", "--run-dir", str(run_dir), "train.step_size=2"])
+    assert r.exit_code == 0, r.output
+    assert [m["lr"] for m in runs.read_metrics(run_dir)] == pytest.approx([0.005, 0.005, 0.005 * 0.8])
