@@ -23,6 +23,7 @@ See :mod:`sicot_cli.data.dataset` for the layout.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -32,7 +33,6 @@ import shutil
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,7 @@ from sicot_cli.errors import SicotError
 from sicot_cli.fsutil import atomic_path, check_name, ensure_dir, guarded_file, remove_stale_tmp, write_json
 from sicot_cli.progress import NullProgress, Progress
 from sicot_cli.provenance import package_versions
+from sicot_cli.threads import worker_pool
 
 log = logging.getLogger(__name__)
 
@@ -291,8 +292,8 @@ def _decoded(jobs: Sequence[tuple[object, int, int]], workers: int) -> Iterator[
         yield from map(_decode, jobs)
         return
     chunk = max(8, min(256, len(jobs) // (workers * 16) or 8))
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        yield from pool.map(_decode, jobs, chunksize=chunk)
+    with worker_pool(workers) as pool_map:  # Ctrl-C: the workers stop with the generator's close()
+        yield from pool_map(_decode, jobs, chunk)
 
 
 @dataclass
@@ -496,8 +497,12 @@ def _decode_splits(
                     skips.add("label has no training image", r.where)
             part = [r for r in part if train_labels[r.label] > 0]
         jobs = [(r.source, d.image_size, d.max_image_pixels) for r in part]
-        with progress.task(f"decoding {phase} images", len(part)) as task:
-            for r, result in zip(part, _decoded(jobs, workers), strict=True):
+        # closing(): an interrupt or error stops the decoding workers at once, not when the generator is collected
+        with (
+            progress.task(f"decoding {phase} images", len(part)) as task,
+            contextlib.closing(_decoded(jobs, workers)) as results,
+        ):
+            for r, result in zip(part, results, strict=True):
                 task.advance(1)
                 if isinstance(result, str):
                     skips.add(result, f"{r.where} ({r.source})" if isinstance(r.source, Path) else r.where)

@@ -12,7 +12,8 @@ import os
 import re
 import unicodedata
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+
+from sicot_cli.threads import worker_pool
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def tokenize_many(texts: Sequence[str], workers: int = 0) -> list[list[str]]:
     size = max(1000, len(texts) // (workers * 8))
     chunks = [texts[i : i + size] for i in range(0, len(texts), size)]
     out: list[list[str]] = []
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        for part in pool.map(_tokenize_chunk, chunks):
+    with worker_pool(workers) as pool_map:
+        for part in pool_map(_tokenize_chunk, chunks):
             out.extend(part)
     return out
