@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import re
 import shutil
@@ -989,6 +990,40 @@ CASES: dict[str, Case] = {
     ),
     "word_vectors_not_numbers": Case(
         _pretrained("2 3\nred a b c\ncat 0 1 0\n"), "error", ["v.txt", "not a word2vec text file"]
+    ),
+    **{
+        f"word_vectors_{name}": Case(
+            _pretrained(f"3 3\nred 1 0 0\ncat 0 1 0\ntoy 0 {value} 1\n"),
+            "error",
+            ["v.txt:4: word 'toy' has a non-finite value", repr(value), "fix or remove that line"],
+        )
+        for name, value in (("nan", "nan"), ("inf", "-inf"), ("float32_overflow", "1e39"))
+    },
+    "word_vectors_binary_nan": Case(
+        lambda t, c: _prep(
+            _manifest(t),
+            t,
+            "embed.binary=true",
+            "embed.pretrained="
+            + str(
+                _bytes(
+                    t / "v.bin", b"2 2\nred " + struct.pack("<2f", 1, 0) + b"\ncat " + struct.pack("<2f", 0, math.nan)
+                )
+            ),
+        ),
+        "error",
+        ["v.bin (vector 2): word 'cat' has a non-finite value (nan)", "fix or remove that word"],
+    ),
+    "embed_neighbours_vectors_nan": Case(
+        lambda t, c: [
+            "embed",
+            "--neighbours",
+            "red",
+            "--vectors",
+            str(_lines(t / "v.txt", "2 2\nred 1 0\ncat nan 1\n")),
+        ],
+        "error",
+        ["v.txt:3: word 'cat' has a non-finite value ('nan')"],
     ),
     "word_vectors_missing": Case(
         lambda t, c: _prep(_manifest(t), t, f"embed.pretrained={t}/nope.txt"),
