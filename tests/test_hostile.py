@@ -605,6 +605,8 @@ def _special_input(kind: str, what: str) -> Callable[[Path, dict], list[str]]:
             return ["predict", "--run", str(_copy_run(tmp, ctx)), str(_special(kind, tmp / "q.png"))]
         if what == "pretrained":
             return _train(f"model.pretrained={_special(kind, tmp / 'w.pt')}")(tmp, ctx)
+        if what == "word_vectors":
+            return _prep(_manifest(tmp), tmp, f"embed.pretrained={_special(kind, tmp / 'v.txt')}")
         if what == "titles":
             from test_datasets import make_imaterialist
 
@@ -1014,6 +1016,16 @@ CASES: dict[str, Case] = {
         "error",
         ["v.bin (vector 2): word 'cat' has a non-finite value (nan)", "fix or remove that word"],
     ),
+    "word_vectors_a_folder": Case(
+        lambda t, c: _prep(_manifest(t), t, f"embed.pretrained={t / 'raw'}"),
+        "error",
+        ["raw: is a folder, expected a word2vec text file (embed.pretrained names the file itself)"],
+    ),
+    "embed_neighbours_vectors_a_folder": Case(
+        lambda t, c: ["embed", "--neighbours", "red", "--vectors", str(t)],
+        "error",
+        [": is a folder, expected a word2vec text file (--vectors names the file itself)"],
+    ),
     "embed_neighbours_vectors_nan": Case(
         lambda t, c: [
             "embed",
@@ -1261,7 +1273,7 @@ CASES: dict[str, Case] = {
             else ["not a regular file"],
         )
         for kind in ("fifo", "device")
-        for what in ("manifest", "recipe", "tokenize", "predict", "pretrained", "titles", "image_row")
+        for what in ("manifest", "recipe", "tokenize", "predict", "pretrained", "word_vectors", "titles", "image_row")
     },
     # 4. run directories checked against a schema (one message naming the file and the field)
     "run_config_empty_object": Case(

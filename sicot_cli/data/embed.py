@@ -103,6 +103,7 @@ def neighbours(
             binary,
             missing="word vectors not found",
             hint="; --binary for a binary file, without it for a text file",
+            given="--vectors",
         )
         words = [PAD, *kv.index_to_key]  # a word given twice is read once (gensim warns): as many rows as words
         matrix = np.vstack([np.zeros((1, kv.vector_size), np.float32), kv.vectors[: len(kv.index_to_key)]])

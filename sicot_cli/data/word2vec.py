@@ -139,14 +139,15 @@ def train_word2vec(
     )
 
 
-def load_word2vec_file(path: str | Path, binary: bool, *, missing: str, hint: str) -> KeyedVectors:
+def load_word2vec_file(path: str | Path, binary: bool, *, missing: str, hint: str, given: str) -> KeyedVectors:
     """A word2vec text or binary file as gensim ``KeyedVectors``: the one reader of word-vector files.
 
     Args:
         path: the file.
         binary: word2vec binary format (else text).
-        missing: what to say after the path when it is not a file.
+        missing: what to say after the path when it does not exist.
         hint: what to add when it does not parse (how to choose the other format).
+        given: where the path came from (``embed.pretrained``, ``--vectors``), for a folder or other non-file.
 
     Raises:
         SicotError: missing file, a file that is not in word2vec format (the error's type and text),
@@ -155,13 +156,17 @@ def load_word2vec_file(path: str | Path, binary: bool, *, missing: str, hint: st
     from gensim.models import KeyedVectors
 
     p = Path(path)
+    fmt = "binary" if binary else "text"
+    if p.is_dir():
+        raise SicotError(f"{p}: is a folder, expected a word2vec {fmt} file ({given} names the file itself)")
     if not p.is_file():
+        if p.exists():  # a FIFO, a device: gensim would block on it or read garbage
+            raise SicotError(f"{p}: not a regular file, expected a word2vec {fmt} file ({given})")
         raise SicotError(f"{p}: {missing}")
     try:
         with np.errstate(over="ignore"):  # 1e39 is inf as float32: refused below, not a numpy warning
             kv = KeyedVectors.load_word2vec_format(str(p), binary=binary, unicode_errors="replace")
     except Exception as e:  # gensim raises ValueError, UnicodeDecodeError, EOFError... on bad files
-        fmt = "binary" if binary else "text"
         raise SicotError(f"{p}: not a word2vec {fmt} file ({type(e).__name__}: {e}){hint}") from None
     _check_finite(p, kv, binary)
     return kv
@@ -215,6 +220,7 @@ def load_pretrained(path: str | Path, binary: bool, vocab: Vocab, seed: int = 0)
         binary,
         missing="pretrained word vectors not found (embed.pretrained)",
         hint="; set embed.binary to match the file",
+        given="embed.pretrained",
     )
     dim = kv.vector_size
     rng = np.random.default_rng(seed)
