@@ -49,7 +49,15 @@ from sicot_cli.data.tokenize import tokenize_many
 from sicot_cli.data.vocab import FilterRule, Vocab, build_vocab
 from sicot_cli.data.word2vec import VectorReport, read_corpus, word_vectors
 from sicot_cli.errors import SicotError
-from sicot_cli.fsutil import atomic_path, check_name, ensure_dir, guarded_file, remove_stale_tmp, write_json
+from sicot_cli.fsutil import (
+    atomic_path,
+    check_name,
+    ensure_dir,
+    exclusive,
+    guarded_file,
+    remove_stale_tmp,
+    write_json,
+)
 from sicot_cli.progress import NullProgress, Progress
 from sicot_cli.provenance import package_versions
 from sicot_cli.threads import worker_pool
@@ -673,11 +681,22 @@ def prepare(
         raise SicotError(
             f'{out_path}: --shard and --merge write format 2 (JPEG shards); set data.images = "jpeg" (format 1 is one file)'
         )
-    if part is None:
-        _check_output(out_path, force)
-    else:
-        check_name(out_path)
-        ensure_dir(out_path.parent)
+    check_name(out_path)
+    ensure_dir(out_path.parent)
+    # One writer per output: a second prepare to the same --out is refused at once (its existence
+    # check below would pass while the first still works, and the last to finish would win). A
+    # --shard part holds only its own part: the parts of one dataset may run side by side.
+    held = out_path if part is None else out_path.with_name(f"{out_path.name}.part-{part[0]}-of-{part[1]}")
+    with exclusive(held):
+        if part is None:
+            _check_output(out_path, force)
+        return _prepare(recipe, out_path, progress, part, merge, jpeg, t0)
+
+
+def _prepare(
+    recipe: Recipe, out_path: Path, progress: Progress, part: tuple[int, int] | None, merge: bool, jpeg: bool, t0: float
+) -> PrepareSummary | PartSummary:
+    """:func:`prepare` once its output is held and checked."""
     d = recipe.data
     skips = Skips(strict=d.strict)
     workers = d.workers or os.cpu_count() or 1
