@@ -292,7 +292,11 @@ def save_word2vec_text(path: str | Path, words: Sequence[str], vectors: np.ndarr
 
     path = Path(path)
     kv = KeyedVectors(vector_size=vectors.shape[1])
+    # a "count" per word (decreasing: the vocabulary's own order) is what gensim sorts by on saving;
+    # without it gensim logs "attribute count not present in KeyedVectors", a warning about nothing
     kv.add_vectors(list(words[1:]), vectors[1:])
+    kv.allocate_vecattrs(["count"], [np.int64])
+    kv.expandos["count"][:] = np.arange(len(kv), 0, -1)
     ensure_dir(path.parent)  # a user error naming the folder when it cannot be made or written
     with atomic_path(path) as tmp:
         kv.save_word2vec_format(str(tmp), binary=False)
