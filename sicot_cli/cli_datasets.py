@@ -121,7 +121,7 @@ def _check_out(raw: str, force: bool, inputs: tuple[Path, ...] = (), input_dirs:
     import os
 
     from sicot_cli.errors import SicotError
-    from sicot_cli.fsutil import exists, file_to_write
+    from sicot_cli.fsutil import exists, file_to_write, taken
 
     out = file_to_write(raw, "--out", "the manifest", "manifest.csv")
     where = Path(os.path.abspath(out))
@@ -136,7 +136,7 @@ def _check_out(raw: str, force: bool, inputs: tuple[Path, ...] = (), input_dirs:
         raise SicotError(
             f"{out}: the manifest is written as CSV; name it .csv (e.g. {out.name.split('.')[0] or 'manifest'}.csv)"
         )
-    if exists(out) and not force:
+    if taken(out) and not force:  # a dangling symbolic link too
         raise SicotError(f"{out}: already exists; pass --force to replace it, or choose another --out")
     return out
 

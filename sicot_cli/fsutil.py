@@ -221,6 +221,21 @@ def exists(path: Path) -> bool:
         raise SicotError(f"{path}: {e.strerror}") from None
 
 
+def taken(path: Path) -> bool:
+    """Whether an output name is in use: a file, a folder, or a symbolic link, even a dangling one
+    (``exists`` follows the link and says no, and the write would replace the link unasked).
+
+    Raises:
+        SicotError: a name the system refuses (too long, NUL), as :func:`exists`.
+    """
+    try:
+        return os.path.lexists(path) or path.exists()
+    except ValueError:
+        raise SicotError(f"{path}: not a valid path") from None
+    except OSError as e:
+        raise SicotError(f"{path}: {e.strerror}") from None
+
+
 def ensure_dir(path: Path) -> None:
     """Create ``path`` (and parents) or raise a user error saying why it cannot be."""
     try:

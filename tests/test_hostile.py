@@ -785,6 +785,12 @@ def _link_loop(tmp: Path, name: str) -> Path:
     return tmp / name
 
 
+def _dangling(path: Path) -> Path:
+    """A symbolic link to a file that is not there: an output name in use all the same."""
+    path.symlink_to(path.with_name("gone.target"))
+    return path
+
+
 def _out_replaced(args: list[str], out: str) -> list[str]:
     """A command's arguments with the value of --out replaced."""
     i = args.index("--out")
@@ -1389,6 +1395,29 @@ CASES: dict[str, Case] = {
         lambda t, c: ["evaluate", "--run", str(_copy_run(t, c)), "--device", "cuda:99"],
         "error",
         ["--device = 'cuda:99' but"],
+    ),
+    # a dangling symbolic link as the output: taken (exists() follows it and said no, and the
+    # rename replaced the link without --force)
+    "prepare_out_dangling_symlink": Case(
+        lambda t, c: _out_replaced(_prep(_manifest(t), t), str(_dangling(t / "o.h5"))),
+        "error",
+        ["o.h5: already exists (pass --force"],
+        check=_holds(lambda t, c: (t / "o.h5").is_symlink() and not (t / "o.recipe.json").exists()),
+    ),
+    "embed_out_dangling_symlink": Case(
+        lambda t, c: ["embed", "--manifest", str(_manifest(t)), "--out", str(_dangling(t / "v.txt")), *KEEP_ALL],
+        "error",
+        ["v.txt: already exists"],
+        check=_holds(lambda t, c: (t / "v.txt").is_symlink()),
+    ),
+    "export_out_dangling_symlink": Case(
+        _export(lambda t: _dangling(t / "m.pt")), "error", ["m.pt: already exists (choose another --out)"]
+    ),
+    "import_out_dangling_symlink": Case(
+        lambda t, c: _out_replaced(_imaterialist()(t, c), str(_dangling(t / "m2.csv"))),
+        "error",
+        ["m2.csv: already exists; pass --force"],
+        check=_holds(lambda t, c: (t / "m2.csv").is_symlink()),
     ),
     "export_into_missing_folder": Case(_export(lambda t: t / "new" / "dir" / "m.pt"), "ok", ["wrote"], check=_exported),
     "export_file_name_too_long": Case(_export(lambda t: t / f"{LONG}.pt"), "error", ["file name too long"]),

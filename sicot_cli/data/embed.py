@@ -13,7 +13,7 @@ from sicot_cli.data.skips import Skips
 from sicot_cli.data.vocab import FilterRule
 from sicot_cli.data.word2vec import VectorReport, load_word2vec_file, nearest, save_word2vec_text
 from sicot_cli.errors import SicotError
-from sicot_cli.fsutil import check_name, ensure_dir, exclusive
+from sicot_cli.fsutil import check_name, ensure_dir, exclusive, taken
 from sicot_cli.progress import Progress
 
 
@@ -48,7 +48,7 @@ def embed(recipe: Recipe, out: str | Path | None = None, progress: Progress | No
     check_name(out)
     ensure_dir(out.parent)
     with exclusive(out):  # a second embed to the same --out is refused at once, not overwritten at its end
-        if out.exists():
+        if taken(out):  # a dangling symbolic link too
             raise SicotError(f"{out}: already exists (choose another --out)")
         return _embed(recipe, out, progress)
 

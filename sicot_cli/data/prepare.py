@@ -56,6 +56,7 @@ from sicot_cli.fsutil import (
     exclusive,
     guarded_file,
     remove_stale_tmp,
+    taken,
     write_json,
 )
 from sicot_cli.progress import NullProgress, Progress
@@ -433,7 +434,7 @@ def _check_output(out_path: Path, force: bool) -> None:
     check_name(out_path)
     for path in (out_path, out_path.with_suffix(".recipe.json")):
         remove_stale_tmp(path)  # left by a killed prepare
-    if out_path.exists() and not force:
+    if taken(out_path) and not force:  # a dangling symbolic link too: the rename would replace it
         _restore_side_file(out_path)
         raise SicotError(f"{out_path}: already exists (pass --force to rebuild it, or --out to write elsewhere)")
     if out_path.is_dir():
