@@ -636,3 +636,8 @@ def test_titles_files_are_read_as_strictly_as_manifests(tmp_path):
     jsonl.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     titles, problems = read_titles(jsonl)
     assert sorted(titles) == ["t0", "t1", "t2", "t3"] and not problems, (titles, problems)
+    # a bare CR inside an unquoted title: one bad line, not a row cut in two ("t1" and a row "toy")
+    cr = tmp_path / "cr.csv"
+    cr.write_bytes(b'id,title\nt0,cat toy\nt1,red\rtoy\nt2,"dog\rbed"\n')
+    titles, problems = read_titles(cr)
+    assert titles == {"t0": "cat toy", "t2": "dog bed"} and problems == {"bad line": 1}, (titles, problems)

@@ -574,6 +574,28 @@ def _stray_quote(tmp: Path, ctx: dict) -> list[str]:
     return _prep(m, tmp)
 
 
+def _bare_cr(quoted: bool, fmt: str = "csv") -> Callable[[Path, dict], list[str]]:
+    """A title holding a bare CR (as a csv writer with lineterminator="\\n" writes it: unquoted)."""
+
+    def make(tmp: Path, ctx: dict) -> list[str]:
+        m = make_manifest(tmp / "raw", per_class=6)
+        sep = "\t" if fmt == "tsv" else ","
+        lines = [sep.join(r) for r in _csv_rows(m)]
+        title = '"red\rcat toy"' if quoted else "red\rcat toy"
+        out = m.with_suffix(f".{fmt}")
+        out.write_bytes(("\r\n".join([*lines, sep.join(["cat0.png", title, "cat", "x1"])]) + "\r\n").encode())
+        return _prep(out, tmp)
+
+    return make
+
+
+def _csv_rows(m: Path) -> list[list[str]]:
+    import csv
+
+    with m.open(newline="", encoding="utf-8") as f:
+        return list(csv.reader(f))
+
+
 def _tsv(tmp: Path, ctx: dict) -> list[str]:
     import csv
 
@@ -1522,6 +1544,13 @@ CASES: dict[str, Case] = {
         "error",
         ["m.csv: column 'label' appears twice in the header"],
     ),
+    # a bare CR inside an unquoted field ended the record there: two short rows ("wrong number of
+    # fields" twice); one row skipped for what it is. Quoted, a CR is the title's own.
+    "manifest_bare_cr_in_unquoted_title": Case(_bare_cr(quoted=False), "skip", ["line break inside an unquoted field"]),
+    "manifest_bare_cr_in_tsv_title": Case(
+        _bare_cr(quoted=False, fmt="tsv"), "skip", ["line break inside an unquoted field"]
+    ),
+    "manifest_bare_cr_in_quoted_title": Case(_bare_cr(quoted=True), "kept", check=_title_kept("x1", "red\rcat toy")),
     "manifest_unterminated_quote": Case(_stray_quote, "error", ["m.csv: line 2: malformed CSV"]),
     "manifest_mixed_ids": Case(
         lambda t, c: _prep(

@@ -17,7 +17,9 @@ labels there. The manifest is data: paths
 are resolved (made absolute, ``..`` and symlinks followed) against the manifest folder, reported in
 that form when a row is skipped, and only ever opened as images, never executed or expanded by a
 shell. A UTF-8 BOM, CRLF line ends and NUL bytes are tolerated; JSONL lines end at ``\n`` only, so
-a title holding U+2028 or another Unicode line separator stays one row.
+a title holding U+2028 or another Unicode line separator stays one row. A carriage return inside an
+unquoted CSV/TSV field (a title written by a csv writer whose line end is ``\n`` alone) makes that
+row a skip, "line break inside an unquoted field", not two short rows.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from pathlib import Path
 
 from sicot_cli.data.skips import Skips
 from sicot_cli.errors import SicotError
-from sicot_cli.fsutil import csv_records, read_text
+from sicot_cli.fsutil import LineBreakInField, csv_records, read_text
 
 REQUIRED = ("image", "title", "label")
 OPTIONAL = ("split", "id")
@@ -108,6 +110,9 @@ def _records(path: Path, text: str, skips: Skips) -> list[tuple[int, dict[str, o
         _check_columns(columns, path)
         rows: list[tuple[int, dict[str, object]]] = []
         for n, record in records:
+            if isinstance(record, LineBreakInField):  # a bare CR in a title, say: not two short rows
+                skips.add("line break inside an unquoted field", f"{path}:{n}")
+                continue
             if None in record or any(v is None for v in record.values()):
                 skips.add("wrong number of fields", f"{path}:{n}")
                 continue

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sicot_cli.errors import SicotError
-from sicot_cli.fsutil import atomic_path, csv_records, ensure_dir, read_text
+from sicot_cli.fsutil import LineBreakInField, atomic_path, csv_records, ensure_dir, read_text
 
 COLUMNS = ("image", "title", "label", "split", "id")
 
@@ -171,7 +171,11 @@ def read_titles(path: Path) -> tuple[dict[str, str], Counter[str]]:
         for need in ("id", "title"):
             if need not in columns:
                 raise SicotError(f"{path}: missing column {need!r} (a titles file has the columns id and title)")
-        pairs = [(r.get("id"), r.get("title")) for _, r in records]
+        for _, r in records:
+            if isinstance(r, LineBreakInField):  # a bare CR inside an unquoted field: not the row meant
+                problems["bad line"] += 1
+            else:
+                pairs.append((r.get("id"), r.get("title")))
     else:
         raise SicotError(f"{path}: unknown titles file type {path.suffix!r} (use .csv, .tsv or .jsonl)")
     titles: dict[str, str] = {}
