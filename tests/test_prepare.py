@@ -472,3 +472,29 @@ def test_labels_differing_only_in_case_stay_classes_with_a_warning(tmp_path, cap
     (record,) = caplog.records
     assert "4 labels differ from another only in case" in record.message
     assert "'CAT' / 'cat'; 'Dog' / 'dog'" in record.message
+
+
+def test_labels_that_only_look_alike_stay_classes_with_a_warning(tmp_path, caplog):
+    """A zero-width space, a Cyrillic 'а' or a full-width letter in a label made another class silently."""
+    import logging
+
+    from sicot_cli.data.manifest import read_manifest
+    from sicot_cli.data.skips import Skips
+
+    m = tmp_path / "m.csv"
+    labels = ["red", "red\u200b", "r\u0435d", "cat", "c\u0430t", "Ｃat", "dog", "DOG", "猫"]
+    m.write_text(
+        "image,title,label\n" + "".join(f"{i}.png,x,{lab}\n" for i, lab in enumerate(labels)), encoding="utf-8"
+    )
+    with caplog.at_level(logging.WARNING, logger="sicot_cli.data.manifest"):
+        read = read_manifest(m, Skips())
+    assert {r.label for r in read} == set(labels)  # as written: no silent merge
+    (case, looks) = (r.message for r in caplog.records)
+    assert "2 labels differ from another only in case" in case  # DOG / dog: the case warning's, not this one's
+    assert "m.csv: 6 labels look like another but differ in invisible or look-alike characters" in looks
+    assert "'cat' / 'c\\u0430t' / '\\uff23at'" in looks and "'red' / 'red\\u200b' / 'r\\u0435d'" in looks, looks
+    caplog.clear()
+    m.write_text("image,title,label\na.png,x,cat\nb.png,x,сок\nc.png,x,кот\n", encoding="utf-8")  # Russian labels
+    with caplog.at_level(logging.WARNING, logger="sicot_cli.data.manifest"):
+        read_manifest(m, Skips())
+    assert not caplog.records

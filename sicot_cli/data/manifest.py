@@ -226,6 +226,7 @@ def read_manifest(path: str | Path, skips: Skips) -> list[Row]:
             continue
         rows.append(Row(where, rid, img, title, label, split))
     _warn_case_twins(path, rows)
+    _warn_lookalike_twins(path, rows)
     return rows
 
 
@@ -241,6 +242,48 @@ def _warn_case_twins(path: Path, rows: list[Row]) -> None:
         log.warning(
             "%s: %d labels differ from another only in case and are separate classes (%s%s): "
             "spell each product's label one way in the manifest if they are one class",
+            path,
+            sum(len(t) for t in twins),
+            shown,
+            more,
+        )
+
+
+# Cyrillic and Greek letters drawn like Latin ones (Unicode's confusables, the common part): two
+# labels that differ only in these, in invisible format characters (zero-width space or joiner,
+# soft hyphen, bidi marks) or in compatibility forms (full-width, ligatures) look the same.
+_LOOKALIKE = str.maketrans(
+    "аеорсухіјѕԁӏһԛԝАВЕКМНОРСТХІЈЅҮονρΑΒΕΖΗΙΚΜΝΟΡΤΥΧ",
+    "aeopcyxijsdlhqwABEKMHOPCTXIJSYovpABEZHIKMNOPTYX",
+)
+
+
+def _skeleton(label: str) -> str:
+    text = unicodedata.normalize("NFKC", label).translate(_LOOKALIKE)
+    return "".join(c for c in text if unicodedata.category(c) != "Cf").casefold()
+
+
+def _shown(label: str) -> str:
+    """A label with its invisible and look-alike characters spelt out (\\u0430), the rest as written."""
+    odd = (c for c in label if unicodedata.category(c) == "Cf" or _skeleton(c) != c.casefold())
+    marked = set(odd)
+    return "'" + "".join(f"\\u{ord(c):04x}" if c in marked else c for c in label) + "'"
+
+
+def _warn_lookalike_twins(path: Path, rows: list[Row]) -> None:
+    """Labels that look alike but are spelt differently (``red`` and ``red`` + a zero-width space,
+    ``cat`` with a Cyrillic ``а``) are separate classes, as written: say so once, naming examples.
+    Labels that differ only in case are :func:`_warn_case_twins`'s."""
+    groups: dict[str, dict[str, str]] = {}
+    for row in rows:
+        groups.setdefault(_skeleton(row.label), {}).setdefault(row.label.casefold(), row.label)
+    twins = [sorted(g.values()) for g in groups.values() if len(g) > 1]
+    if twins:
+        shown = "; ".join(" / ".join(_shown(x) for x in t) for t in sorted(twins)[:3])
+        more = f" and {len(twins) - 3} more" if len(twins) > 3 else ""
+        log.warning(
+            "%s: %d labels look like another but differ in invisible or look-alike characters, and are separate "
+            "classes (%s%s): spell each class's label one way in the manifest",
             path,
             sum(len(t) for t in twins),
             shown,
