@@ -521,12 +521,16 @@ def recipe_from_dict(table: dict[str, Any], where: str = "<recipe>") -> Recipe:
     return recipe
 
 
-def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
+def load_recipe(
+    path: str | Path | None, overrides: list[str] | None = None, given_as: dict[str, str] | None = None
+) -> Recipe:
     """Load a TOML recipe (or the built-in demo recipe when ``path`` is None) and apply overrides.
 
     Args:
         path: a ``.toml`` file, or None for the built-in demo recipe.
         overrides: ``section.key=value`` strings applied in order after loading.
+        given_as: what the user typed for an override the CLI made from an option (``data.workers=8``
+            -> ``--workers 8``), named in its errors instead of the override.
 
     Returns:
         The validated recipe. A relative ``data.manifest`` is resolved against the recipe's folder.
@@ -548,16 +552,17 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise SicotError(f"{p}: not valid TOML: {e}") from None
         except RecursionError:  # tomllib recurses per nesting level: `x = [[[[...]]]]`
             raise SicotError(f"{p}: not valid TOML: nested too deeply") from None
+    given_as = given_as or {}
     for item in overrides or []:
-        _apply_override(table, item, where)
+        _apply_override(table, item, where, given_as.get(item))
     apply_preset(table, where)
     try:
         recipe = recipe_from_dict(table, where)
     except SicotError as e:  # a rule that ties keys together, broken by an override: blame the override
         message = str(e).removeprefix(f"{where}: ")
-        for item in overrides or []:
+        for item in reversed(overrides or []):  # the last to set the key: its value is the one refused
             if message.startswith(item.split("=", 1)[0].strip() + " "):
-                raise SicotError(f"override {item!r}: {message}") from None
+                raise SicotError(f"{given_as.get(item) or f'override {item!r}'}: {message}") from None
         raise
     if path is None:  # the built-in demo's own keys are defaults, not the user's choices
         recipe.__dict__["_explicit"] = _override_keys(overrides)
@@ -636,7 +641,8 @@ def apply_overrides(table: dict[str, Any], overrides: list[str], where: str) -> 
     return recipe_from_dict(table, where)
 
 
-def _apply_override(table: dict[str, Any], item: str, where: str = "the recipe") -> None:
+def _apply_override(table: dict[str, Any], item: str, where: str = "the recipe", typed: str | None = None) -> None:
+    """Set one ``section.key=value`` in ``table``; ``typed`` is the option it came from, for its errors."""
     if "=" not in item:
         raise SicotError(f"override {item!r}: expected section.key=value (e.g. train.lr=0.05)")
     key, raw = item.split("=", 1)
@@ -670,7 +676,7 @@ def _apply_override(table: dict[str, Any], item: str, where: str = "the recipe")
     value = parse_override_value(raw.strip())
     if cls is str and not isinstance(value, str):  # a file named 5, a run named 2024: what the shell user typed
         value = raw.strip()
-    _check_value(value, cls, key, f"override {item!r}")  # its own error, not the recipe file's
+    _check_value(value, cls, key, typed or f"override {item!r}")  # its own error, not the recipe file's
     node[parts[-1]] = value
 
 

@@ -1551,6 +1551,20 @@ CASES: dict[str, Case] = {
         _bare_cr(quoted=False, fmt="tsv"), "skip", ["line break inside an unquoted field"]
     ),
     "manifest_bare_cr_in_quoted_title": Case(_bare_cr(quoted=True), "kept", check=_title_kept("x1", "red\rcat toy")),
+    # an error names what the user typed: their override (not the --manifest's name= before it), an option
+    "override_name_after_manifest": Case(
+        lambda t, c: [*_prep(_manifest(t), t), "name=a/b"], "error", ["override 'name=a/b': name must be"]
+    ),
+    "workers_option_out_of_range": Case(
+        lambda t, c: [*_prep(_manifest(t), t), "--workers", "99999999999"],
+        "error",
+        ["--workers 99999999999: data.workers must be <= 4096, got 99999999999"],
+    ),
+    "manifest_file_name_not_a_name": Case(
+        lambda t, c: _prep(_lines(t / "m\x01.csv", "image,title,label\na.png,red cat,cat\n"), t),
+        "error",
+        ["--manifest ", "m\\u0001.csv: name must be a non-empty file-name part"],
+    ),
     "manifest_unterminated_quote": Case(_stray_quote, "error", ["m.csv: line 2: malformed CSV"]),
     "manifest_mixed_ids": Case(
         lambda t, c: _prep(
