@@ -196,7 +196,7 @@ def test_ctrl_c_during_parallel_decoding_stops_cleanly(tmp_path, images, when):
     assert seconds < 15, f"{seconds:.1f} s from Ctrl-C to exit"
     assert not _group_alive(proc.pid), f"left running: {sorted(workers)}"
     assert not _tmps(tmp_path), _tmps(tmp_path)
-    assert not (tmp_path / "o.h5").exists()
+    assert not (tmp_path / "o.h5").exists() and not list(tmp_path.glob(".o.h5*")), os.listdir(tmp_path)  # nor its lock
 
 
 # --- slow: the kill harness --------------------------------------------------------------------
