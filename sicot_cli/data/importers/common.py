@@ -130,7 +130,8 @@ def keep_edits(path: Path, content: bytes) -> None:
     if old != content:
         raise SicotError(
             f"{path}: already exists and differs from what this fetch writes (edited by hand, or written with "
-            "other --test-per-class / --seed); pass --force to replace it, or choose another --dir"
+            "other --test-per-class / --seed or by another sicot version); pass --force to replace it, or choose "
+            "another --dir"
         )
 
 
