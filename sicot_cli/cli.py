@@ -114,10 +114,22 @@ def _manifest_extras(manifest: Path) -> list[str]:
     ]
 
 
-def _recipe(recipe: Path | None, overrides: list[str] | None, extra: list[str] | None = None):  # noqa: ANN202
+def _recipe(  # noqa: ANN202
+    recipe: Path | None,
+    overrides: list[str] | None,
+    extra: list[str] | None = None,
+    typed: dict[str, str] | None = None,
+):
+    """The recipe with the options' overrides (``extra``; ``typed``: the option each came from, for
+    its errors) and then the user's."""
     from sicot_cli.config import load_recipe
 
-    return load_recipe(recipe, [*(extra or []), *(overrides or [])])
+    return load_recipe(recipe, [*(extra or []), *(overrides or [])], typed)
+
+
+def _typed(option: str, value: object, items: list[str]) -> dict[str, str]:
+    """Each of ``items`` as the user typed it: ``--workers 8``, for an error about ``data.workers=8``."""
+    return dict.fromkeys(items, f"{option} {value}")
 
 
 def _out_file(out: Path | None, name: str) -> Path | None:
@@ -182,11 +194,13 @@ def prepare(
         extra = _manifest_extras(manifest)
         if recipe is not None:  # the recipe's own name, output and boundaries stay
             extra = extra[:2]
+    typed = _typed("--manifest", manifest, extra)
     if strict:
         extra.append("data.strict=true")
     if workers is not None:
         extra.append(f"data.workers={workers}")
-    cfg = _recipe(recipe, overrides, extra)
+        typed |= _typed("--workers", workers, extra[-1:])
+    cfg = _recipe(recipe, overrides, extra, typed)
     part = _part(shard) if shard is not None else None
     if part is not None and merge:
         raise SicotError("--shard and --merge: run the parts with --shard, then one --merge without it")
@@ -349,7 +363,7 @@ def embed(
         show(embed_table(summary))
         return
     extra = None if manifest is None else _manifest_extras(manifest)[: 2 if recipe is not None else 3]
-    cfg = _recipe(recipe, overrides, extra)
+    cfg = _recipe(recipe, overrides, extra, _typed("--manifest", manifest, extra or []))
     summary = lib.embed(cfg, vectors_out, progress=RichProgress())
     show(embed_table(summary))
 
@@ -420,9 +434,10 @@ def train(
 
     _load_encoder_modules(encoder_module)
     extra = [*([f"model.encoder={_toml_str(encoder)}"] if encoder else []), *_threads(threads)]
+    typed = _typed("--encoder", encoder, extra[:1] if encoder else [])
     cfg = None
     if resume and run_dir is None:  # the default run directory is named by the recipe
-        cfg = _recipe(recipe, overrides, extra)
+        cfg = _recipe(recipe, overrides, extra, typed)
         run_dir = Path(cfg.train.runs_dir) / runs.default_run_name(cfg.name, cfg.model.encoder, cfg.train.seed)
     if resume and run_dir is not None:
         runs.check_resumable(run_dir)
@@ -447,7 +462,7 @@ def train(
             cfg, saved_data = resume_recipe(run_dir, recipe, [*extra, *(overrides or [])], allow_changes)
             data = data if data is not None else saved_data
         elif cfg is None:
-            cfg = _recipe(recipe, overrides, extra)
+            cfg = _recipe(recipe, overrides, extra, typed)
         _check_encoder(cfg.model.encoder)
         from sicot_cli.preflight import check_training
 

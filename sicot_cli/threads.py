@@ -1,4 +1,4 @@
-"""How many CPU threads torch may use (``train.threads``, ``--threads``).
+"""How many CPU threads torch may use (``train.threads``, ``--threads``), and the worker processes of ``prepare``.
 
 torch's default is one thread per core; two such jobs on one machine oversubscribe every core and
 each runs several times slower (measured on a shared 2-core machine: an epoch of 4 s alone took
@@ -10,7 +10,12 @@ set in the environment (torchrun sets 1 per rank) is the auto value instead.
 
 from __future__ import annotations
 
+import functools
 import os
+import signal
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 AUTO_MAX = 8
 MAX_THREADS = 1024  # the bound of train.threads
@@ -55,3 +60,80 @@ def set_threads(requested: int) -> int:
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n
+
+
+# --- worker processes (image decoding, JPEG encoding, tokenizing) ------------------------------
+
+STOP_GRACE = 10.0  # seconds the workers get to finish the image in hand after Ctrl-C; then they are terminated
+_stopping: Any = None  # in a worker: the pool's stop event (a multiprocessing.Event)
+
+
+def _init_worker(stopping: Any) -> None:  # noqa: ANN401 - a multiprocessing.Event
+    """A worker ignores Ctrl-C (the terminal sends it to every process of the job): the parent stops the pool."""
+    global _stopping
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # held back while the pool started
+    _stopping = stopping
+
+
+def _call(fn: Callable[[Any], Any], item: Any) -> Any:  # noqa: ANN401
+    """``fn(item)``, or nothing once the pool is stopping: the queued work drains at once."""
+    if _stopping is not None and _stopping.is_set():
+        return None
+    return fn(item)
+
+
+@contextmanager
+def worker_pool(workers: int) -> Iterator[Callable[..., Iterator[Any]]]:
+    """``workers`` processes; yields ``map(fn, items, chunksize)`` (results in order, ``fn`` a module-level function).
+
+    Ctrl-C is the parent's alone: the workers ignore SIGINT (no traceback from each of them). When
+    the block ends by an exception (KeyboardInterrupt included), the queued work is cancelled, the
+    workers skip what they were sent and finish the item in hand (at most :data:`STOP_GRACE`
+    seconds, or a second Ctrl-C; then they are terminated), and every worker has exited before the
+    exception goes on: no orphan process, no worker killed while it sends a result (which could
+    leave the pool's reader waiting forever at exit).
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    stopping = multiprocessing.Event()
+    pool = ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(stopping,))
+    try:
+        # Start the workers now with SIGINT held back: a forked worker has the parent's handler until
+        # its initializer runs. (The parent's Ctrl-C, if any, comes when the mask is restored.)
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            pool.submit(int).result()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+        def run(fn: Callable[[Any], Any], items: Iterable[Any], chunksize: int = 1) -> Iterator[Any]:
+            return pool.map(functools.partial(_call, fn), items, chunksize=chunksize)
+
+        yield run
+    except BaseException:
+        stopping.set()
+        _stop(pool)
+        raise
+    pool.shutdown()
+
+
+def _stop(pool: Any) -> None:  # noqa: ANN401 - a ProcessPoolExecutor
+    """Cancel the queued work and wait for the workers (see :func:`worker_pool`); terminate them if they hang."""
+    procs = list((pool._processes or {}).values())  # private: the only handle on the workers
+    manager = pool._executor_manager_thread
+    pool.shutdown(wait=False, cancel_futures=True)
+    try:
+        if manager is not None:
+            manager.join(STOP_GRACE)
+    except KeyboardInterrupt:  # a second Ctrl-C: stop waiting
+        pass
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    for p in procs:
+        p.join(STOP_GRACE)
+        if p.is_alive():
+            p.kill()
+            p.join()

@@ -8,6 +8,7 @@ The real npm fetch is the `slow` test at the end.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import random
@@ -318,6 +319,34 @@ def test_fetch_verifies_and_unpacks_only_the_allowed_files(tmp_path):
         em.fetch_emoji(folder, npm=None, packages=tuple(pkgs))
 
 
+def test_fetch_again_keeps_a_hand_edited_manifest_unless_forced(tmp_path, monkeypatch):
+    """`datasets fetch emoji` rewrote a hand-edited manifest silently; it is refused without --force.
+    The same fetch again (nothing edited) still runs: it writes the same bytes."""
+    src = make_emoji_packages(tmp_path / "src")
+    folder = tmp_path / "data"
+    folder.mkdir()
+    pkgs = []
+    for pkg in em.PACKAGES:
+        pack(src / pkg.name, folder / pkg.tarball)
+        pkgs.append(pinned(pkg, folder / pkg.tarball))
+    monkeypatch.setattr(em, "fetch_emoji", functools.partial(em.fetch_emoji, npm=None, packages=tuple(pkgs)))
+    fetch = ["datasets", "fetch", "emoji", "--dir", str(folder), "--test-per-class", "2"]
+    assert runner.invoke(app, fetch).exit_code == 0
+    assert runner.invoke(app, fetch).exit_code == 0  # nothing edited: the same file again
+    manifest = folder / "emoji-en.csv"
+    edited = manifest.read_bytes() + b"extra.png,my row,smileys,train,X1\r\n"
+    manifest.write_bytes(edited)
+    r = runner.invoke(app, fetch)
+    assert r.exit_code == 2, r.output
+    assert "emoji-en.csv: already exists and differs from what this fetch writes" in r.output
+    assert "pass --force to replace it, or choose another --dir" in r.output
+    assert manifest.read_bytes() == edited
+    r = runner.invoke(app, [*fetch, "--seed", "1"])  # another split: the same refusal (the zh manifest first)
+    assert r.exit_code == 2 and "emoji-zh.csv: already exists and differs" in r.output, r.output
+    assert runner.invoke(app, [*fetch, "--force"]).exit_code == 0
+    assert b"my row" not in manifest.read_bytes()
+
+
 def test_fetch_runs_npm_pack(tmp_path):
     src = make_emoji_packages(tmp_path / "src")
     store = tmp_path / "registry"
@@ -607,3 +636,8 @@ def test_titles_files_are_read_as_strictly_as_manifests(tmp_path):
     jsonl.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     titles, problems = read_titles(jsonl)
     assert sorted(titles) == ["t0", "t1", "t2", "t3"] and not problems, (titles, problems)
+    # a bare CR inside an unquoted title: one bad line, not a row cut in two ("t1" and a row "toy")
+    cr = tmp_path / "cr.csv"
+    cr.write_bytes(b'id,title\nt0,cat toy\nt1,red\rtoy\nt2,"dog\rbed"\n')
+    titles, problems = read_titles(cr)
+    assert titles == {"t0": "cat toy", "t2": "dog bed"} and problems == {"bad line": 1}, (titles, problems)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import re
 import shutil
@@ -573,6 +574,28 @@ def _stray_quote(tmp: Path, ctx: dict) -> list[str]:
     return _prep(m, tmp)
 
 
+def _bare_cr(quoted: bool, fmt: str = "csv") -> Callable[[Path, dict], list[str]]:
+    """A title holding a bare CR (as a csv writer with lineterminator="\\n" writes it: unquoted)."""
+
+    def make(tmp: Path, ctx: dict) -> list[str]:
+        m = make_manifest(tmp / "raw", per_class=6)
+        sep = "\t" if fmt == "tsv" else ","
+        lines = [sep.join(r) for r in _csv_rows(m)]
+        title = '"red\rcat toy"' if quoted else "red\rcat toy"
+        out = m.with_suffix(f".{fmt}")
+        out.write_bytes(("\r\n".join([*lines, sep.join(["cat0.png", title, "cat", "x1"])]) + "\r\n").encode())
+        return _prep(out, tmp)
+
+    return make
+
+
+def _csv_rows(m: Path) -> list[list[str]]:
+    import csv
+
+    with m.open(newline="", encoding="utf-8") as f:
+        return list(csv.reader(f))
+
+
 def _tsv(tmp: Path, ctx: dict) -> list[str]:
     import csv
 
@@ -604,6 +627,8 @@ def _special_input(kind: str, what: str) -> Callable[[Path, dict], list[str]]:
             return ["predict", "--run", str(_copy_run(tmp, ctx)), str(_special(kind, tmp / "q.png"))]
         if what == "pretrained":
             return _train(f"model.pretrained={_special(kind, tmp / 'w.pt')}")(tmp, ctx)
+        if what == "word_vectors":
+            return _prep(_manifest(tmp), tmp, f"embed.pretrained={_special(kind, tmp / 'v.txt')}")
         if what == "titles":
             from test_datasets import make_imaterialist
 
@@ -781,6 +806,12 @@ def _link_loop(tmp: Path, name: str) -> Path:
     (tmp / f"{name}.other").symlink_to(tmp / name)
     (tmp / name).symlink_to(tmp / f"{name}.other")
     return tmp / name
+
+
+def _dangling(path: Path) -> Path:
+    """A symbolic link to a file that is not there: an output name in use all the same."""
+    path.symlink_to(path.with_name("gone.target"))
+    return path
 
 
 def _out_replaced(args: list[str], out: str) -> list[str]:
@@ -990,6 +1021,50 @@ CASES: dict[str, Case] = {
     ),
     "word_vectors_not_numbers": Case(
         _pretrained("2 3\nred a b c\ncat 0 1 0\n"), "error", ["v.txt", "not a word2vec text file"]
+    ),
+    **{
+        f"word_vectors_{name}": Case(
+            _pretrained(f"3 3\nred 1 0 0\ncat 0 1 0\ntoy 0 {value} 1\n"),
+            "error",
+            ["v.txt:4: word 'toy' has a non-finite value", repr(value), "fix or remove that line"],
+        )
+        for name, value in (("nan", "nan"), ("inf", "-inf"), ("float32_overflow", "1e39"))
+    },
+    "word_vectors_binary_nan": Case(
+        lambda t, c: _prep(
+            _manifest(t),
+            t,
+            "embed.binary=true",
+            "embed.pretrained="
+            + str(
+                _bytes(
+                    t / "v.bin", b"2 2\nred " + struct.pack("<2f", 1, 0) + b"\ncat " + struct.pack("<2f", 0, math.nan)
+                )
+            ),
+        ),
+        "error",
+        ["v.bin (vector 2): word 'cat' has a non-finite value (nan)", "fix or remove that word"],
+    ),
+    "word_vectors_a_folder": Case(
+        lambda t, c: _prep(_manifest(t), t, f"embed.pretrained={t / 'raw'}"),
+        "error",
+        ["raw: is a folder, expected a word2vec text file (embed.pretrained names the file itself)"],
+    ),
+    "embed_neighbours_vectors_a_folder": Case(
+        lambda t, c: ["embed", "--neighbours", "red", "--vectors", str(t)],
+        "error",
+        [": is a folder, expected a word2vec text file (--vectors names the file itself)"],
+    ),
+    "embed_neighbours_vectors_nan": Case(
+        lambda t, c: [
+            "embed",
+            "--neighbours",
+            "red",
+            "--vectors",
+            str(_lines(t / "v.txt", "2 2\nred 1 0\ncat nan 1\n")),
+        ],
+        "error",
+        ["v.txt:3: word 'cat' has a non-finite value ('nan')"],
     ),
     "word_vectors_missing": Case(
         lambda t, c: _prep(_manifest(t), t, f"embed.pretrained={t}/nope.txt"),
@@ -1227,7 +1302,7 @@ CASES: dict[str, Case] = {
             else ["not a regular file"],
         )
         for kind in ("fifo", "device")
-        for what in ("manifest", "recipe", "tokenize", "predict", "pretrained", "titles", "image_row")
+        for what in ("manifest", "recipe", "tokenize", "predict", "pretrained", "word_vectors", "titles", "image_row")
     },
     # 4. run directories checked against a schema (one message naming the file and the field)
     "run_config_empty_object": Case(
@@ -1344,6 +1419,29 @@ CASES: dict[str, Case] = {
         "error",
         ["--device = 'cuda:99' but"],
     ),
+    # a dangling symbolic link as the output: taken (exists() follows it and said no, and the
+    # rename replaced the link without --force)
+    "prepare_out_dangling_symlink": Case(
+        lambda t, c: _out_replaced(_prep(_manifest(t), t), str(_dangling(t / "o.h5"))),
+        "error",
+        ["o.h5: already exists (pass --force"],
+        check=_holds(lambda t, c: (t / "o.h5").is_symlink() and not (t / "o.recipe.json").exists()),
+    ),
+    "embed_out_dangling_symlink": Case(
+        lambda t, c: ["embed", "--manifest", str(_manifest(t)), "--out", str(_dangling(t / "v.txt")), *KEEP_ALL],
+        "error",
+        ["v.txt: already exists"],
+        check=_holds(lambda t, c: (t / "v.txt").is_symlink()),
+    ),
+    "export_out_dangling_symlink": Case(
+        _export(lambda t: _dangling(t / "m.pt")), "error", ["m.pt: already exists (choose another --out)"]
+    ),
+    "import_out_dangling_symlink": Case(
+        lambda t, c: _out_replaced(_imaterialist()(t, c), str(_dangling(t / "m2.csv"))),
+        "error",
+        ["m2.csv: already exists; pass --force"],
+        check=_holds(lambda t, c: (t / "m2.csv").is_symlink()),
+    ),
     "export_into_missing_folder": Case(_export(lambda t: t / "new" / "dir" / "m.pt"), "ok", ["wrote"], check=_exported),
     "export_file_name_too_long": Case(_export(lambda t: t / f"{LONG}.pt"), "error", ["file name too long"]),
     "prepare_out_is_an_image": Case(
@@ -1446,6 +1544,27 @@ CASES: dict[str, Case] = {
         lambda t, c: _prep(_lines(t / "m.csv", "image,title,label,label\na.png,red cat,cat,dog\n"), t),
         "error",
         ["m.csv: column 'label' appears twice in the header"],
+    ),
+    # a bare CR inside an unquoted field ended the record there: two short rows ("wrong number of
+    # fields" twice); one row skipped for what it is. Quoted, a CR is the title's own.
+    "manifest_bare_cr_in_unquoted_title": Case(_bare_cr(quoted=False), "skip", ["line break inside an unquoted field"]),
+    "manifest_bare_cr_in_tsv_title": Case(
+        _bare_cr(quoted=False, fmt="tsv"), "skip", ["line break inside an unquoted field"]
+    ),
+    "manifest_bare_cr_in_quoted_title": Case(_bare_cr(quoted=True), "kept", check=_title_kept("x1", "red\rcat toy")),
+    # an error names what the user typed: their override (not the --manifest's name= before it), an option
+    "override_name_after_manifest": Case(
+        lambda t, c: [*_prep(_manifest(t), t), "name=a/b"], "error", ["override 'name=a/b': name must be"]
+    ),
+    "workers_option_out_of_range": Case(
+        lambda t, c: [*_prep(_manifest(t), t), "--workers", "99999999999"],
+        "error",
+        ["--workers 99999999999: data.workers must be <= 4096, got 99999999999"],
+    ),
+    "manifest_file_name_not_a_name": Case(
+        lambda t, c: _prep(_lines(t / "m\x01.csv", "image,title,label\na.png,red cat,cat\n"), t),
+        "error",
+        ["--manifest ", "m\\u0001.csv: name must be a non-empty file-name part"],
     ),
     "manifest_unterminated_quote": Case(_stray_quote, "error", ["m.csv: line 2: malformed CSV"]),
     "manifest_mixed_ids": Case(

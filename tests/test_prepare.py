@@ -221,6 +221,55 @@ def test_refuses_to_overwrite_and_force_replaces(tmp_path, manifest):
     assert open_prepared(out).n == 24
 
 
+def test_a_second_prepare_to_the_same_output_is_refused_while_the_first_writes(tmp_path, manifest):
+    """Two prepares to one --out both succeeded, the last to finish winning: the second is refused at
+    once, naming the first's pid (here this process holds the output, as a running prepare does)."""
+    from sicot_cli.fsutil import exclusive
+
+    out = tmp_path / "p.h5"
+    args = ["data.source=manifest", f"data.manifest={manifest}", *KEEP_ALL]
+    in_use = f"p.h5: in use by another sicot process (pid {os.getpid()}); wait for it to finish"
+    with exclusive(out):
+        r = runner.invoke(app, ["prepare", "--out", str(out), *args])
+        assert r.exit_code == 2 and in_use in r.output, r.output
+        r = runner.invoke(app, ["prepare", "--out", str(out), "--force", *args])  # --force too: it is being written
+        assert r.exit_code == 2 and in_use in r.output, r.output
+        assert not out.exists()
+    assert run("prepare", "--out", str(out), *args).exit_code == 0  # released with its holder
+    assert sorted(os.listdir(tmp_path)) == ["p.h5", "p.recipe.json", "raw"]  # no lock file left
+
+
+def test_a_second_embed_to_the_same_output_is_refused_while_the_first_writes(tmp_path, manifest):
+    from sicot_cli.fsutil import exclusive
+
+    out = tmp_path / "v.txt"
+    args = ["embed", "--manifest", str(manifest), "--out", str(out), *KEEP_ALL]
+    with exclusive(out):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2 and f"v.txt: in use by another sicot process (pid {os.getpid()})" in r.output
+        assert not out.exists()
+    assert run(*args).exit_code == 0 and out.exists()
+
+
+def test_the_parts_of_one_format2_dataset_hold_only_themselves(tmp_path, manifest):
+    """A --shard part holds its part (the same part twice is refused; other parts run beside it),
+    --merge holds the output."""
+    from sicot_cli.fsutil import exclusive
+
+    out = tmp_path / "p.h5"
+    args = ["prepare", "--out", str(out), "data.source=manifest", f"data.manifest={manifest}", "data.images=jpeg"]
+    args += [*KEEP_ALL, "data.shard_rows=8"]
+    with exclusive(out.with_name("p.h5.part-0-of-2")):
+        r = runner.invoke(app, [*args, "--shard", "0/2"])
+        assert r.exit_code == 2 and "p.h5.part-0-of-2: in use by another sicot process" in r.output, r.output
+        assert run(*args, "--shard", "1/2").exit_code == 0  # the other part runs
+    assert run(*args, "--shard", "0/2").exit_code == 0
+    with exclusive(out):
+        r = runner.invoke(app, [*args, "--merge"])
+        assert r.exit_code == 2 and "p.h5: in use by another sicot process" in r.output, r.output
+    assert run(*args, "--merge").exit_code == 0 and open_prepared(out).n == 24
+
+
 def test_interrupted_prepare_leaves_no_final_file(tmp_path, manifest, monkeypatch):
     out = tmp_path / "p.h5"
 
@@ -423,3 +472,29 @@ def test_labels_differing_only_in_case_stay_classes_with_a_warning(tmp_path, cap
     (record,) = caplog.records
     assert "4 labels differ from another only in case" in record.message
     assert "'CAT' / 'cat'; 'Dog' / 'dog'" in record.message
+
+
+def test_labels_that_only_look_alike_stay_classes_with_a_warning(tmp_path, caplog):
+    """A zero-width space, a Cyrillic 'а' or a full-width letter in a label made another class silently."""
+    import logging
+
+    from sicot_cli.data.manifest import read_manifest
+    from sicot_cli.data.skips import Skips
+
+    m = tmp_path / "m.csv"
+    labels = ["red", "red\u200b", "r\u0435d", "cat", "c\u0430t", "Ｃat", "dog", "DOG", "猫"]
+    m.write_text(
+        "image,title,label\n" + "".join(f"{i}.png,x,{lab}\n" for i, lab in enumerate(labels)), encoding="utf-8"
+    )
+    with caplog.at_level(logging.WARNING, logger="sicot_cli.data.manifest"):
+        read = read_manifest(m, Skips())
+    assert {r.label for r in read} == set(labels)  # as written: no silent merge
+    (case, looks) = (r.message for r in caplog.records)
+    assert "2 labels differ from another only in case" in case  # DOG / dog: the case warning's, not this one's
+    assert "m.csv: 6 labels look like another but differ in invisible or look-alike characters" in looks
+    assert "'cat' / 'c\\u0430t' / '\\uff23at'" in looks and "'red' / 'red\\u200b' / 'r\\u0435d'" in looks, looks
+    caplog.clear()
+    m.write_text("image,title,label\na.png,x,cat\nb.png,x,сок\nc.png,x,кот\n", encoding="utf-8")  # Russian labels
+    with caplog.at_level(logging.WARNING, logger="sicot_cli.data.manifest"):
+        read_manifest(m, Skips())
+    assert not caplog.records

@@ -132,6 +132,74 @@ def test_prepare_restores_a_side_file_lost_to_a_kill(tmp_path):
     assert json.loads(side.read_text()) == before
 
 
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _children(pid: int) -> set[int]:
+    kids = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.add(int(stat.parent.name))
+    return kids
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+@pytest.mark.parametrize(("images", "when"), [("raw", "decoding"), ("raw", "new workers"), ("jpeg", "decoding")])
+def test_ctrl_c_during_parallel_decoding_stops_cleanly(tmp_path, images, when):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while worker processes
+    decode images ("decoding"), or just as the next split's workers start ("new workers": the
+    moment that gave worker tracebacks and a hang): the one-line "interrupted", exit 130, no
+    traceback, promptly, no worker left, no temporary left."""
+    args = [
+        "prepare", "--out", "o.h5", "data.workers=2", f"data.images={images}", "data.image_size=128",
+        "data.synthetic.num_classes=10", "data.synthetic.max_per_class=200", "data.synthetic.min_per_class=150",
+        "data.synthetic.test_per_class=10", "embed.dim=8", "embed.epochs=1",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sicot_cli", *args],
+        cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        first: set[int] = set()
+        while time.monotonic() < deadline and proc.poll() is None:
+            workers = _children(proc.pid)
+            if when == "decoding" and len(workers) >= 2:
+                time.sleep(0.5)  # well into the decoding
+                break
+            if when == "new workers" and len(workers) >= 2 and not first:
+                first = workers
+            elif when == "new workers" and workers - first:
+                break
+            time.sleep(0.002)
+        workers = _children(proc.pid) | first
+        assert proc.poll() is None and workers, "the prepare ended before decoding with workers"
+        os.killpg(proc.pid, signal.SIGINT)
+        t0 = time.monotonic()
+        out, err = proc.communicate(timeout=60)
+        seconds = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "Error" not in err, err
+    assert err.strip().splitlines()[-1] == "interrupted", err
+    assert seconds < 15, f"{seconds:.1f} s from Ctrl-C to exit"
+    assert not _group_alive(proc.pid), f"left running: {sorted(workers)}"
+    assert not _tmps(tmp_path), _tmps(tmp_path)
+    assert not (tmp_path / "o.h5").exists() and not list(tmp_path.glob(".o.h5*")), os.listdir(tmp_path)  # nor its lock
+
+
 # --- slow: the kill harness --------------------------------------------------------------------
 
 

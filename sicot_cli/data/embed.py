@@ -13,6 +13,7 @@ from sicot_cli.data.skips import Skips
 from sicot_cli.data.vocab import FilterRule
 from sicot_cli.data.word2vec import VectorReport, load_word2vec_file, nearest, save_word2vec_text
 from sicot_cli.errors import SicotError
+from sicot_cli.fsutil import check_name, ensure_dir, exclusive, taken
 from sicot_cli.progress import Progress
 
 
@@ -41,12 +42,21 @@ def embed(recipe: Recipe, out: str | Path | None = None, progress: Progress | No
         out: if given, the vectors are written there in word2vec text format (atomically).
         progress: progress reporting.
     """
+    if out is None:
+        return _embed(recipe, None, progress)
+    out = Path(out)
+    check_name(out)
+    ensure_dir(out.parent)
+    with exclusive(out):  # a second embed to the same --out is refused at once, not overwritten at its end
+        if taken(out):  # a dangling symbolic link too
+            raise SicotError(f"{out}: already exists (choose another --out)")
+        return _embed(recipe, out, progress)
+
+
+def _embed(recipe: Recipe, out: Path | None, progress: Progress | None) -> EmbedSummary:
     skips = Skips(strict=recipe.data.strict)
     text = build_text(recipe, skips, progress)
     if out is not None:
-        out = Path(out)
-        if out.exists():
-            raise SicotError(f"{out}: already exists (choose another --out)")
         save_word2vec_text(out, text.vocab.words, text.vectors)
     return EmbedSummary(
         source=text.source,
@@ -103,6 +113,7 @@ def neighbours(
             binary,
             missing="word vectors not found",
             hint="; --binary for a binary file, without it for a text file",
+            given="--vectors",
         )
         words = [PAD, *kv.index_to_key]  # a word given twice is read once (gensim warns): as many rows as words
         matrix = np.vstack([np.zeros((1, kv.vector_size), np.float32), kv.vectors[: len(kv.index_to_key)]])

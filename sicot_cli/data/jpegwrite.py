@@ -7,6 +7,7 @@ The layout and the reader are :mod:`sicot_cli.data.jpegstore`; what calls this i
 
 from __future__ import annotations
 
+import contextlib
 import io
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +19,7 @@ from PIL import Image
 from sicot_cli.data.images import ImageSkip, load_image
 from sicot_cli.data.jpegstore import ShardInfo, read_info, shard_name, write_shard
 from sicot_cli.errors import SicotError
+from sicot_cli.threads import worker_pool
 
 WINDOW = 8  # shards encoded per process-pool map
 
@@ -67,8 +69,6 @@ def run_shards(
     One process pool encodes the rows of every missing shard in order, and each shard is written as
     soon as its last row is back, so an interrupted run loses at most the shards in flight.
     """
-    from concurrent.futures import ProcessPoolExecutor
-
     folder.mkdir(parents=True, exist_ok=True)
     infos: dict[int, ShardInfo] = {}
     todo = []
@@ -81,19 +81,15 @@ def run_shards(
     kept = len(infos)
     chunk = max(1, min(64, shard_rows // (workers * 4) or 1))
     with progress.task("encoding images (JPEG shards)", sum(_rows(jobs, k, shard_rows) for k in todo)) as task:
-        pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 else None
-        try:
+        with worker_pool(workers) if workers > 1 else contextlib.nullcontext() as pool_map:
             for w in range(0, len(todo), WINDOW):  # a window of shards at a time: bounded memory, few stalls
                 window = todo[w : w + WINDOW]
                 flat = [job for k in window for job in jobs[k * shard_rows : (k + 1) * shard_rows]]
-                results = pool.map(encode, flat, chunksize=chunk) if pool else map(encode, flat)
+                results = pool_map(encode, flat, chunk) if pool_map else map(encode, flat)
                 for k in window:
                     got = [next(results) for _ in range(_rows(jobs, k, shard_rows))]
                     infos[k] = write_shard(folder, k, fingerprint, got)
                     task.advance(len(got))
-        finally:
-            if pool is not None:
-                pool.shutdown(cancel_futures=True)
     return infos, kept
 
 

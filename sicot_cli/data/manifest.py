@@ -17,7 +17,9 @@ labels there. The manifest is data: paths
 are resolved (made absolute, ``..`` and symlinks followed) against the manifest folder, reported in
 that form when a row is skipped, and only ever opened as images, never executed or expanded by a
 shell. A UTF-8 BOM, CRLF line ends and NUL bytes are tolerated; JSONL lines end at ``\n`` only, so
-a title holding U+2028 or another Unicode line separator stays one row.
+a title holding U+2028 or another Unicode line separator stays one row. A carriage return inside an
+unquoted CSV/TSV field (a title written by a csv writer whose line end is ``\n`` alone) makes that
+row a skip, "line break inside an unquoted field", not two short rows.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from pathlib import Path
 
 from sicot_cli.data.skips import Skips
 from sicot_cli.errors import SicotError
-from sicot_cli.fsutil import csv_records, read_text
+from sicot_cli.fsutil import LineBreakInField, csv_records, read_text
 
 REQUIRED = ("image", "title", "label")
 OPTIONAL = ("split", "id")
@@ -108,6 +110,9 @@ def _records(path: Path, text: str, skips: Skips) -> list[tuple[int, dict[str, o
         _check_columns(columns, path)
         rows: list[tuple[int, dict[str, object]]] = []
         for n, record in records:
+            if isinstance(record, LineBreakInField):  # a bare CR in a title, say: not two short rows
+                skips.add("line break inside an unquoted field", f"{path}:{n}")
+                continue
             if None in record or any(v is None for v in record.values()):
                 skips.add("wrong number of fields", f"{path}:{n}")
                 continue
@@ -221,6 +226,7 @@ def read_manifest(path: str | Path, skips: Skips) -> list[Row]:
             continue
         rows.append(Row(where, rid, img, title, label, split))
     _warn_case_twins(path, rows)
+    _warn_lookalike_twins(path, rows)
     return rows
 
 
@@ -236,6 +242,48 @@ def _warn_case_twins(path: Path, rows: list[Row]) -> None:
         log.warning(
             "%s: %d labels differ from another only in case and are separate classes (%s%s): "
             "spell each product's label one way in the manifest if they are one class",
+            path,
+            sum(len(t) for t in twins),
+            shown,
+            more,
+        )
+
+
+# Cyrillic and Greek letters drawn like Latin ones (Unicode's confusables, the common part): two
+# labels that differ only in these, in invisible format characters (zero-width space or joiner,
+# soft hyphen, bidi marks) or in compatibility forms (full-width, ligatures) look the same.
+_LOOKALIKE = str.maketrans(
+    "аеорсухіјѕԁӏһԛԝАВЕКМНОРСТХІЈЅҮονρΑΒΕΖΗΙΚΜΝΟΡΤΥΧ",
+    "aeopcyxijsdlhqwABEKMHOPCTXIJSYovpABEZHIKMNOPTYX",
+)
+
+
+def _skeleton(label: str) -> str:
+    text = unicodedata.normalize("NFKC", label).translate(_LOOKALIKE)
+    return "".join(c for c in text if unicodedata.category(c) != "Cf").casefold()
+
+
+def _shown(label: str) -> str:
+    """A label with its invisible and look-alike characters spelt out (\\u0430), the rest as written."""
+    odd = (c for c in label if unicodedata.category(c) == "Cf" or _skeleton(c) != c.casefold())
+    marked = set(odd)
+    return "'" + "".join(f"\\u{ord(c):04x}" if c in marked else c for c in label) + "'"
+
+
+def _warn_lookalike_twins(path: Path, rows: list[Row]) -> None:
+    """Labels that look alike but are spelt differently (``red`` and ``red`` + a zero-width space,
+    ``cat`` with a Cyrillic ``а``) are separate classes, as written: say so once, naming examples.
+    Labels that differ only in case are :func:`_warn_case_twins`'s."""
+    groups: dict[str, dict[str, str]] = {}
+    for row in rows:
+        groups.setdefault(_skeleton(row.label), {}).setdefault(row.label.casefold(), row.label)
+    twins = [sorted(g.values()) for g in groups.values() if len(g) > 1]
+    if twins:
+        shown = "; ".join(" / ".join(_shown(x) for x in t) for t in sorted(twins)[:3])
+        more = f" and {len(twins) - 3} more" if len(twins) > 3 else ""
+        log.warning(
+            "%s: %d labels look like another but differ in invisible or look-alike characters, and are separate "
+            "classes (%s%s): spell each class's label one way in the manifest",
             path,
             sum(len(t) for t in twins),
             shown,

@@ -23,6 +23,7 @@ See :mod:`sicot_cli.data.dataset` for the layout.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -32,7 +33,6 @@ import shutil
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,9 +49,19 @@ from sicot_cli.data.tokenize import tokenize_many
 from sicot_cli.data.vocab import FilterRule, Vocab, build_vocab
 from sicot_cli.data.word2vec import VectorReport, read_corpus, word_vectors
 from sicot_cli.errors import SicotError
-from sicot_cli.fsutil import atomic_path, check_name, ensure_dir, guarded_file, remove_stale_tmp, write_json
+from sicot_cli.fsutil import (
+    atomic_path,
+    check_name,
+    ensure_dir,
+    exclusive,
+    guarded_file,
+    remove_stale_tmp,
+    taken,
+    write_json,
+)
 from sicot_cli.progress import NullProgress, Progress
 from sicot_cli.provenance import package_versions
+from sicot_cli.threads import worker_pool
 
 log = logging.getLogger(__name__)
 
@@ -291,8 +301,8 @@ def _decoded(jobs: Sequence[tuple[object, int, int]], workers: int) -> Iterator[
         yield from map(_decode, jobs)
         return
     chunk = max(8, min(256, len(jobs) // (workers * 16) or 8))
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        yield from pool.map(_decode, jobs, chunksize=chunk)
+    with worker_pool(workers) as pool_map:  # Ctrl-C: the workers stop with the generator's close()
+        yield from pool_map(_decode, jobs, chunk)
 
 
 @dataclass
@@ -424,7 +434,7 @@ def _check_output(out_path: Path, force: bool) -> None:
     check_name(out_path)
     for path in (out_path, out_path.with_suffix(".recipe.json")):
         remove_stale_tmp(path)  # left by a killed prepare
-    if out_path.exists() and not force:
+    if taken(out_path) and not force:  # a dangling symbolic link too: the rename would replace it
         _restore_side_file(out_path)
         raise SicotError(f"{out_path}: already exists (pass --force to rebuild it, or --out to write elsewhere)")
     if out_path.is_dir():
@@ -496,8 +506,12 @@ def _decode_splits(
                     skips.add("label has no training image", r.where)
             part = [r for r in part if train_labels[r.label] > 0]
         jobs = [(r.source, d.image_size, d.max_image_pixels) for r in part]
-        with progress.task(f"decoding {phase} images", len(part)) as task:
-            for r, result in zip(part, _decoded(jobs, workers), strict=True):
+        # closing(): an interrupt or error stops the decoding workers at once, not when the generator is collected
+        with (
+            progress.task(f"decoding {phase} images", len(part)) as task,
+            contextlib.closing(_decoded(jobs, workers)) as results,
+        ):
+            for r, result in zip(part, results, strict=True):
                 task.advance(1)
                 if isinstance(result, str):
                     skips.add(result, f"{r.where} ({r.source})" if isinstance(r.source, Path) else r.where)
@@ -668,11 +682,22 @@ def prepare(
         raise SicotError(
             f'{out_path}: --shard and --merge write format 2 (JPEG shards); set data.images = "jpeg" (format 1 is one file)'
         )
-    if part is None:
-        _check_output(out_path, force)
-    else:
-        check_name(out_path)
-        ensure_dir(out_path.parent)
+    check_name(out_path)
+    ensure_dir(out_path.parent)
+    # One writer per output: a second prepare to the same --out is refused at once (its existence
+    # check below would pass while the first still works, and the last to finish would win). A
+    # --shard part holds only its own part: the parts of one dataset may run side by side.
+    held = out_path if part is None else out_path.with_name(f"{out_path.name}.part-{part[0]}-of-{part[1]}")
+    with exclusive(held):
+        if part is None:
+            _check_output(out_path, force)
+        return _prepare(recipe, out_path, progress, part, merge, jpeg, t0)
+
+
+def _prepare(
+    recipe: Recipe, out_path: Path, progress: Progress, part: tuple[int, int] | None, merge: bool, jpeg: bool, t0: float
+) -> PrepareSummary | PartSummary:
+    """:func:`prepare` once its output is held and checked."""
     d = recipe.data
     skips = Skips(strict=d.strict)
     workers = d.workers or os.cpu_count() or 1

@@ -139,28 +139,73 @@ def train_word2vec(
     )
 
 
-def load_word2vec_file(path: str | Path, binary: bool, *, missing: str, hint: str) -> KeyedVectors:
+def load_word2vec_file(path: str | Path, binary: bool, *, missing: str, hint: str, given: str) -> KeyedVectors:
     """A word2vec text or binary file as gensim ``KeyedVectors``: the one reader of word-vector files.
 
     Args:
         path: the file.
         binary: word2vec binary format (else text).
-        missing: what to say after the path when it is not a file.
+        missing: what to say after the path when it does not exist.
         hint: what to add when it does not parse (how to choose the other format).
+        given: where the path came from (``embed.pretrained``, ``--vectors``), for a folder or other non-file.
 
     Raises:
-        SicotError: missing file, or a file that is not in word2vec format (the error's type and text).
+        SicotError: missing file, a file that is not in word2vec format (the error's type and text),
+            or a vector with a value that is not a finite number (``nan``, ``inf``, ``1e39``: beyond float32).
     """
     from gensim.models import KeyedVectors
 
     p = Path(path)
+    fmt = "binary" if binary else "text"
+    if p.is_dir():
+        raise SicotError(f"{p}: is a folder, expected a word2vec {fmt} file ({given} names the file itself)")
     if not p.is_file():
+        if p.exists():  # a FIFO, a device: gensim would block on it or read garbage
+            raise SicotError(f"{p}: not a regular file, expected a word2vec {fmt} file ({given})")
         raise SicotError(f"{p}: {missing}")
     try:
-        return KeyedVectors.load_word2vec_format(str(p), binary=binary, unicode_errors="replace")
+        with np.errstate(over="ignore"):  # 1e39 is inf as float32: refused below, not a numpy warning
+            kv = KeyedVectors.load_word2vec_format(str(p), binary=binary, unicode_errors="replace")
     except Exception as e:  # gensim raises ValueError, UnicodeDecodeError, EOFError... on bad files
-        fmt = "binary" if binary else "text"
         raise SicotError(f"{p}: not a word2vec {fmt} file ({type(e).__name__}: {e}){hint}") from None
+    _check_finite(p, kv, binary)
+    return kv
+
+
+def _check_finite(p: Path, kv: KeyedVectors, binary: bool) -> None:
+    """Refuse a vector holding nan, inf or a number float32 cannot hold, naming its line and word.
+
+    Such a vector spreads nan through the text encoder's first step (every loss nan) or, as a
+    neighbour, has no cosine with anything.
+    """
+    n = len(kv.index_to_key)  # a word given twice is read once: the rows past n are not words
+    bad = ~np.isfinite(kv.vectors[:n]).all(axis=1)
+    if not bad.any():
+        return
+    i = int(np.argmax(bad))
+    word = kv.index_to_key[i]
+    where, value = f"{p} (vector {i + 1})", repr(float(kv.vectors[i][~np.isfinite(kv.vectors[i])][0]))
+    if not binary:  # the line as written, for the text format
+        with open(p, encoding="utf-8", errors="replace") as f, np.errstate(over="ignore"):
+            for lineno, line in enumerate(f, start=1):
+                parts = line.rstrip().split(" ")
+                if lineno == 1 or parts[0] != word:
+                    continue
+                values = [x for x in parts[1:] if x and not np.isfinite(np.float32(_number(x)))]
+                if values:
+                    where, value = f"{p}:{lineno}", repr(values[0])
+                    break
+    raise SicotError(
+        f"{where}: word {word!r} has a non-finite value ({value}): nan, inf and numbers beyond float32's range "
+        f"(+-3.4e38) are not word vectors; fix or remove {'that word' if binary else 'that line'}"
+    )
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return 0.0
 
 
 def load_pretrained(path: str | Path, binary: bool, vocab: Vocab, seed: int = 0) -> tuple[np.ndarray, VectorReport]:
@@ -175,6 +220,7 @@ def load_pretrained(path: str | Path, binary: bool, vocab: Vocab, seed: int = 0)
         binary,
         missing="pretrained word vectors not found (embed.pretrained)",
         hint="; set embed.binary to match the file",
+        given="embed.pretrained",
     )
     dim = kv.vector_size
     rng = np.random.default_rng(seed)
@@ -246,7 +292,11 @@ def save_word2vec_text(path: str | Path, words: Sequence[str], vectors: np.ndarr
 
     path = Path(path)
     kv = KeyedVectors(vector_size=vectors.shape[1])
+    # a "count" per word (decreasing: the vocabulary's own order) is what gensim sorts by on saving;
+    # without it gensim logs "attribute count not present in KeyedVectors", a warning about nothing
     kv.add_vectors(list(words[1:]), vectors[1:])
+    kv.allocate_vecattrs(["count"], [np.int64])
+    kv.expandos["count"][:] = np.arange(len(kv), 0, -1)
     ensure_dir(path.parent)  # a user error naming the folder when it cannot be made or written
     with atomic_path(path) as tmp:
         kv.save_word2vec_format(str(tmp), binary=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import random
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sicot_cli.errors import SicotError
-from sicot_cli.fsutil import atomic_path, csv_records, ensure_dir, read_text
+from sicot_cli.fsutil import LineBreakInField, atomic_path, csv_records, ensure_dir, read_text
 
 COLUMNS = ("image", "title", "label", "split", "id")
 
@@ -91,20 +92,47 @@ def manifest_path(image: Path, manifest_dir: Path) -> str:
         return str(image)
 
 
-def write_manifest(path: Path, rows: list[dict[str, str]], with_split: bool) -> None:
+def write_manifest(path: Path, rows: list[dict[str, str]], with_split: bool, force: bool = True) -> None:
     """Write ``rows`` as a CSV manifest, atomically (temporary name, then rename).
 
     Args:
         path: the ``.csv`` file.
         rows: dicts with ``image``, ``title``, ``label``, ``id`` (and ``split`` when ``with_split``).
         with_split: write the ``split`` column.
+        force: replace a file that holds something else (else see :func:`keep_edits`).
     """
     ensure_dir(path.parent)
     columns = [c for c in COLUMNS if with_split or c != "split"]
+    if not force:
+        text = io.StringIO(newline="")
+        w = csv.DictWriter(text, columns, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+        keep_edits(path, text.getvalue().encode("utf-8"))
     with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, columns, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
+
+
+def keep_edits(path: Path, content: bytes) -> None:
+    """Refuse to replace ``path`` when it holds other bytes than ``content``: a manifest edited by
+    hand, or written with other settings (``datasets fetch`` without ``--force``). The same file
+    again is no change, so a second fetch with the same settings still runs.
+
+    Raises:
+        SicotError: naming the file, ``--force`` and ``--dir``.
+    """
+    try:
+        old = path.read_bytes()
+    except OSError:  # missing (the usual case), or unreadable: the write itself says what is wrong
+        return
+    if old != content:
+        raise SicotError(
+            f"{path}: already exists and differs from what this fetch writes (edited by hand, or written with "
+            "other --test-per-class / --seed or by another sicot version); pass --force to replace it, or choose "
+            "another --dir"
+        )
 
 
 def read_titles(path: Path) -> tuple[dict[str, str], Counter[str]]:
@@ -144,7 +172,11 @@ def read_titles(path: Path) -> tuple[dict[str, str], Counter[str]]:
         for need in ("id", "title"):
             if need not in columns:
                 raise SicotError(f"{path}: missing column {need!r} (a titles file has the columns id and title)")
-        pairs = [(r.get("id"), r.get("title")) for _, r in records]
+        for _, r in records:
+            if isinstance(r, LineBreakInField):  # a bare CR inside an unquoted field: not the row meant
+                problems["bad line"] += 1
+            else:
+                pairs.append((r.get("id"), r.get("title")))
     else:
         raise SicotError(f"{path}: unknown titles file type {path.suffix!r} (use .csv, .tsv or .jsonl)")
     titles: dict[str, str] = {}

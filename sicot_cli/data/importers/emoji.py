@@ -171,6 +171,7 @@ def import_emoji(
     test_per_class: int = DEFAULT_TEST_PER_CLASS,
     seed: int = 0,
     val_fraction: float = DEFAULT_VAL_FRACTION,
+    force: bool = True,
 ) -> ImportSummary:
     """Write ``emoji-zh.csv``, ``emoji-en.csv`` and ``emoji-classes.json`` into ``folder``.
 
@@ -180,6 +181,7 @@ def import_emoji(
         seed: the split's seed.
         val_fraction: about this fraction of each class's training images become validation rows,
             whole base emoji with their skin-tone variants (``prepare`` keeps a manifest's own ``val`` rows).
+        force: replace a manifest that holds something else (``fetch`` without ``--force``: refused).
 
     Raises:
         SicotError: missing or unreadable package files, a bad ``test_per_class`` or ``val_fraction``.
@@ -205,7 +207,7 @@ def import_emoji(
             }
             for im, s in split
         ]
-        write_manifest(path, rows, with_split=True)
+        write_manifest(path, rows, with_split=True, force=force)
         manifests.append(str(path))
     names: dict[str, dict[str, str]] = defaultdict(dict)
     for lang in LANGUAGES:
@@ -243,6 +245,7 @@ def fetch_emoji(
     test_per_class: int = DEFAULT_TEST_PER_CLASS,
     seed: int = 0,
     packages: tuple[NpmPackage, ...] = PACKAGES,
+    force: bool = False,
 ) -> ImportSummary:
     """Fetch (``npm pack``), verify and unpack the two packages into ``folder``, then import them.
 
@@ -255,10 +258,11 @@ def fetch_emoji(
         test_per_class: see :func:`import_emoji`.
         seed: see :func:`import_emoji`.
         packages: the pinned packages (tests pass their own tiny ones).
+        force: replace a manifest edited since (or written with other settings); without it, refused.
 
     Raises:
         SicotError: npm missing while a tarball is missing (the message gives the commands to run),
             npm failing, checksum mismatch, unsafe archive, unreadable package files.
     """
     fetch_packages(folder, packages, npm)  # unscoped packages: each unpacks into folder/<name>
-    return import_emoji(folder, test_per_class, seed)
+    return import_emoji(folder, test_per_class, seed, force=force)

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from sicot_cli.data.importers import emoji, mdi
-from sicot_cli.data.importers.common import ImportSummary, clean_title, load_json, write_manifest
+from sicot_cli.data.importers.common import ImportSummary, clean_title, keep_edits, load_json, write_manifest
 from sicot_cli.data.importers.npm import NpmPackage, fetch_packages
 from sicot_cli.data.importers.svg import palette_color, rasterise
 from sicot_cli.errors import SicotError
@@ -210,7 +210,7 @@ READERS: dict[str, Callable[[Path], Iterator[_Svg]]] = {
 }
 
 
-def write_corpus(folder: Path, packages: tuple[NpmPackage, ...] = PACKAGES) -> int:
+def write_corpus(folder: Path, packages: tuple[NpmPackage, ...] = PACKAGES, force: bool = True) -> int:
     """Write ``folder/icon-words.txt``, the sets' names and tags as word2vec sentences; return their number.
 
     Every icon of a tagged set (:data:`TAGGED`) is one line, its name's words then its tags; the
@@ -229,13 +229,16 @@ def write_corpus(folder: Path, packages: tuple[NpmPackage, ...] = PACKAGES) -> i
         else:
             names.update(s.name.replace("-", " ") for s in READERS[pkg.name](src))
     lines = [" ".join(t) for t in map(tokenize, [*tagged, *sorted(names)]) if t]
+    text = "".join(f"{line}\n" for line in lines)
+    if not force:
+        keep_edits(folder / CORPUS, text.encode("utf-8"))
     with atomic_path(folder / CORPUS) as tmp:
-        tmp.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8")
     return len(lines)
 
 
 def import_icons(
-    folder: Path, min_images: int = MIN_IMAGES, packages: tuple[NpmPackage, ...] = PACKAGES
+    folder: Path, min_images: int = MIN_IMAGES, packages: tuple[NpmPackage, ...] = PACKAGES, force: bool = True
 ) -> ImportSummary:
     """Rasterise the icon sets and write ``icons.csv`` (no split column: ``prepare`` draws it).
 
@@ -243,6 +246,7 @@ def import_icons(
         folder: where ``sicot datasets fetch icons`` unpacked the packages.
         min_images: concepts with fewer images are left out.
         packages: the packages to read (each must have a reader in :data:`READERS`).
+        force: replace a manifest or corpus that holds something else (``fetch`` without ``--force``: refused).
 
     Raises:
         SicotError: a package shared with an evaluation dataset, unreadable package files, no icons.
@@ -273,8 +277,8 @@ def import_icons(
         if (folder / PNG / f"{s.id}.png").is_file():
             words = " ".join([s.name.replace("-", " "), *s.tags])
             rows.append({"image": f"{PNG}/{s.id}.png", "title": clean_title(words), "label": s.name, "id": s.id})
-    write_manifest(folder / MANIFEST, rows, with_split=False)
-    sentences = write_corpus(folder, packages)
+    write_manifest(folder / MANIFEST, rows, with_split=False, force=force)
+    sentences = write_corpus(folder, packages, force=force)
     counts = Counter(r["label"] for r in rows)
     per_set = Counter(r["id"].split("/")[0] for r in rows)
     write_json(
@@ -297,7 +301,11 @@ def import_icons(
 
 
 def fetch_icons(
-    folder: Path, npm: str | None = "auto", min_images: int = MIN_IMAGES, packages: tuple[NpmPackage, ...] = PACKAGES
+    folder: Path,
+    npm: str | None = "auto",
+    min_images: int = MIN_IMAGES,
+    packages: tuple[NpmPackage, ...] = PACKAGES,
+    force: bool = False,
 ) -> ImportSummary:
     """Fetch (``npm pack``), verify and unpack the icon sets into ``folder``, then import them.
 
@@ -306,10 +314,11 @@ def fetch_icons(
         npm: the npm executable; ``"auto"`` looks it up on PATH; None means not available.
         min_images: see :func:`import_icons`.
         packages: the pinned packages (tests pass their own tiny ones).
+        force: replace a manifest or corpus edited since; without it, refused.
 
     Raises:
         SicotError: see :func:`~sicot_cli.data.importers.npm.fetch_packages` and :func:`import_icons`.
     """
     check_disjoint(packages)  # before downloading anything
     fetch_packages(folder, packages, npm)
-    return import_icons(folder, min_images, packages)
+    return import_icons(folder, min_images, packages, force=force)

@@ -134,6 +134,7 @@ def import_mdi(
     test_per_class: int = DEFAULT_TEST_PER_CLASS,
     seed: int = 0,
     val_fraction: float = DEFAULT_VAL_FRACTION,
+    force: bool = True,
 ) -> ImportSummary:
     """Rasterise the icons and write ``mdi.csv`` and ``mdi-classes.json`` into ``folder``.
 
@@ -143,6 +144,7 @@ def import_mdi(
         seed: the split's seed.
         val_fraction: about this fraction of each class's training icons become validation rows,
             whole families (``prepare`` keeps a manifest's own ``val`` rows).
+        force: replace a manifest that holds something else (``fetch`` without ``--force``: refused).
 
     Raises:
         SicotError: missing or unreadable package files, a bad ``test_per_class`` or ``val_fraction``.
@@ -170,7 +172,7 @@ def import_mdi(
         {"image": f"{PNG}/{ic.name}.png", "title": ic.title, "label": ic.label, "split": s, "id": ic.name}
         for ic, s in split
     ]
-    write_manifest(folder / MANIFEST, rows, with_split=True)
+    write_manifest(folder / MANIFEST, rows, with_split=True, force=force)
     counts = Counter(ic.label for ic, _ in split)
     train_counts = Counter(ic.label for ic, s in split if s == "train")
     write_json(
@@ -203,6 +205,7 @@ def fetch_mdi(
     test_per_class: int = DEFAULT_TEST_PER_CLASS,
     seed: int = 0,
     packages: tuple[NpmPackage, ...] = PACKAGES,
+    force: bool = False,
 ) -> ImportSummary:
     """Fetch (``npm pack``), verify and unpack ``@mdi/svg`` into ``folder``, then import it.
 
@@ -212,9 +215,10 @@ def fetch_mdi(
         test_per_class: see :func:`import_mdi`.
         seed: see :func:`import_mdi`.
         packages: the pinned package (tests pass their own tiny one).
+        force: replace a manifest edited since (or written with other settings); without it, refused.
 
     Raises:
         SicotError: see :func:`~sicot_cli.data.importers.npm.fetch_packages` and :func:`import_mdi`.
     """
     fetch_packages(folder, packages, npm)
-    return import_mdi(folder, test_per_class, seed)
+    return import_mdi(folder, test_per_class, seed, force=force)
