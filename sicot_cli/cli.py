@@ -134,10 +134,12 @@ def _typed(option: str, value: object, items: list[str]) -> dict[str, str]:
 
 def _out_file(out: Path | None, name: str) -> Path | None:
     """``--out`` may name the .h5 file or a folder to put ``<name>.h5`` in."""
-    if out is None or out.suffix.lower() in (".h5", ".hdf5"):
-        return out
     from sicot_cli.errors import SicotError
 
+    if out is not None and out.name.lower() in (".h5", ".hdf5"):  # Path(".h5").suffix is "": taken for a folder
+        raise SicotError(f"{out}: a file name needs a name before {out.name}; --out names the .h5 file (e.g. data.h5)")
+    if out is None or out.suffix.lower() in (".h5", ".hdf5"):
+        return out
     if out.is_file():
         raise SicotError(
             f"{out}: is a file; --out names the .h5 file to write (e.g. {out.with_suffix('.h5')}) or a folder"

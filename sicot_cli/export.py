@@ -40,7 +40,7 @@ import torch
 from sicot_cli import __version__
 from sicot_cli.errors import SicotError
 from sicot_cli.evaluate import load_run_model
-from sicot_cli.fsutil import atomic_path, check_name, ensure_dir, taken, write_json
+from sicot_cli.fsutil import atomic_path, check_name, ensure_dir, extension, taken, write_json
 from sicot_cli.model import ImageOnly
 from sicot_cli.predict import Recognizer, representative_titles
 
@@ -79,13 +79,6 @@ class ExportResult:
 def sidecar_path(model_path: Path) -> Path:
     """The JSON beside an exported model: ``model.onnx`` -> ``model.onnx.json`` (an .onnx and a .pt of one name may sit together)."""
     return model_path.with_name(model_path.name + ".json")
-
-
-def extension(path: Path) -> str:
-    """The name's last ``.part``, lower-cased: ``.onnx`` for ``m.ONNX`` and for a file named ``.onnx``
-    (``Path('.onnx').suffix`` is empty: such a name was written as TorchScript)."""
-    name = path.name.lower()
-    return name[name.rfind(".") :] if "." in name else ""
 
 
 def format_for(out: Path, fmt: str | None) -> str:

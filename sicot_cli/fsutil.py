@@ -255,6 +255,14 @@ def file_to_write(raw: str, flag: str, what: str, example: str) -> Path:
     return path
 
 
+def extension(path: Path) -> str:
+    """The name's last ``.part``, lower-cased: ``.onnx`` for ``m.ONNX`` and for a file named ``.onnx``
+    (``Path('.onnx').suffix`` is empty: export wrote such a name as TorchScript, and a manifest
+    named ``.csv`` was of an "unknown type ''")."""
+    name = path.name.lower()
+    return name[name.rfind(".") :] if "." in name else ""
+
+
 def exists(path: Path) -> bool:
     """``path.exists()`` that reports a name the system refuses (too long, NUL) as a user error."""
     try:

@@ -1450,6 +1450,12 @@ CASES: dict[str, Case] = {
         ["cat0.png: is a file; --out names the .h5 file to write (e.g. ", "cat0.h5) or a folder"],
         check=_holds(lambda t, c: (t / "raw" / "cat0.png").read_bytes().startswith(b"\x89PNG")),
     ),
+    "prepare_out_named_only_the_extension": Case(
+        lambda t, c: ["prepare", "--manifest", str(_manifest(t)), "--out", str(t / ".h5"), *KEEP_ALL],
+        "error",
+        [".h5: a file name needs a name before .h5; --out names the .h5 file (e.g. data.h5)"],
+        check=_holds(lambda t, c: not (t / ".h5").exists()),
+    ),
     "prepare_out_file_name_too_long": Case(
         lambda t, c: _prep(_manifest(t), t)[: -1 - len(KEEP_ALL)] + [str(t / f"{LONG}.h5"), *KEEP_ALL],
         "error",
@@ -2039,3 +2045,15 @@ def test_the_one_text_reader_names_the_file_and_what_to_do(tmp_path):
         read_text(fifo, "titles file")
     with pytest.raises(SicotError, match="not a valid path"):
         read_text("a\x00b", "recipe")
+
+
+@pytest.mark.parametrize("name", [".csv", ".JSONL"])
+def test_a_manifest_named_only_its_extension_is_read_by_it(tmp_path, name):
+    # Path(".csv").suffix is "": such a file was "of unknown manifest type ''"
+    path = tmp_path / name
+    if name == ".csv":
+        path.write_text("image,title,label\na.png,red shirt,red\n")
+    else:
+        path.write_text(json.dumps({"image": "a.png", "title": "red shirt", "label": "red"}) + "\n")
+    rows = read_manifest(path, Skips())
+    assert [(r.title, r.label) for r in rows] == [("red shirt", "red")]

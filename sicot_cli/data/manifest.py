@@ -33,7 +33,7 @@ from pathlib import Path
 
 from sicot_cli.data.skips import Skips
 from sicot_cli.errors import SicotError
-from sicot_cli.fsutil import LineBreakInField, csv_records, read_text
+from sicot_cli.fsutil import LineBreakInField, csv_records, extension, read_text
 
 REQUIRED = ("image", "title", "label")
 OPTIONAL = ("split", "id")
@@ -75,7 +75,7 @@ def _check_columns(columns: list[str], path: Path) -> None:
 
 
 def _records(path: Path, text: str, skips: Skips) -> list[tuple[int, dict[str, object]]]:
-    suffix = path.suffix.lower()
+    suffix = extension(path)
     if suffix in (".jsonl", ".ndjson", ".json"):
         out: list[tuple[int, dict[str, object]]] = []
         # not str.splitlines(): it also splits at U+2028, U+0085, \x1c... which JSON leaves unescaped
@@ -121,7 +121,7 @@ def _records(path: Path, text: str, skips: Skips) -> list[tuple[int, dict[str, o
                 continue
             rows.append((n, dict(record)))
         return rows
-    raise SicotError(f"{path}: unknown manifest type {path.suffix!r} (use .csv, .tsv or .jsonl)")
+    raise SicotError(f"{path}: unknown manifest type {suffix!r} (use .csv, .tsv or .jsonl)")
 
 
 class _DuplicateKey(ValueError):
