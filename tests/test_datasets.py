@@ -174,6 +174,16 @@ def pinned(pkg: NpmPackage, tgz: Path) -> NpmPackage:
     return NpmPackage(pkg.name, pkg.version, integrity, sha256, pkg.members)
 
 
+def _packed(src: Path, folder: Path) -> list:
+    """Each emoji package of ``src`` packed into ``folder`` (made), pinned to its tarball."""
+    folder.mkdir()
+    pkgs = []
+    for pkg in em.PACKAGES:
+        pack(src / pkg.name, folder / pkg.tarball)
+        pkgs.append(pinned(pkg, folder / pkg.tarball))
+    return pkgs
+
+
 def test_emoji_join_titles_and_leak_free_split(tmp_path):
     folder = make_emoji_packages(tmp_path / "emoji")
     s = em.import_emoji(folder, test_per_class=2, seed=0)
@@ -296,12 +306,7 @@ def test_fetch_verifies_and_unpacks_only_the_allowed_files(tmp_path):
     (src / em.DATASOURCE.name / "img/google/sheets").mkdir(parents=True)
     (src / em.DATASOURCE.name / "img/google/sheets/64.png").write_bytes(b"sprite")  # must not be unpacked
     folder = tmp_path / "data"
-    folder.mkdir()
-    pkgs = []
-    for pkg in em.PACKAGES:
-        tgz = folder / pkg.tarball
-        pack(src / pkg.name, tgz)
-        pkgs.append(pinned(pkg, tgz))
+    pkgs = _packed(src, folder)
     s = em.fetch_emoji(folder, npm=None, test_per_class=2, packages=tuple(pkgs))  # tarballs present: npm not needed
     assert s.rows > 0 and (folder / "emoji-zh.csv").is_file()
     assert not (folder / em.DATASOURCE.name / "img/google/sheets").exists()
@@ -324,11 +329,7 @@ def test_fetch_again_keeps_a_hand_edited_manifest_unless_forced(tmp_path, monkey
     The same fetch again (nothing edited) still runs: it writes the same bytes."""
     src = make_emoji_packages(tmp_path / "src")
     folder = tmp_path / "data"
-    folder.mkdir()
-    pkgs = []
-    for pkg in em.PACKAGES:
-        pack(src / pkg.name, folder / pkg.tarball)
-        pkgs.append(pinned(pkg, folder / pkg.tarball))
+    pkgs = _packed(src, folder)
     monkeypatch.setattr(em, "fetch_emoji", functools.partial(em.fetch_emoji, npm=None, packages=tuple(pkgs)))
     fetch = ["datasets", "fetch", "emoji", "--dir", str(folder), "--test-per-class", "2"]
     assert runner.invoke(app, fetch).exit_code == 0
@@ -350,11 +351,7 @@ def test_fetch_again_keeps_a_hand_edited_manifest_unless_forced(tmp_path, monkey
 def test_fetch_runs_npm_pack(tmp_path):
     src = make_emoji_packages(tmp_path / "src")
     store = tmp_path / "registry"
-    store.mkdir()
-    pkgs = []
-    for pkg in em.PACKAGES:
-        pack(src / pkg.name, store / pkg.tarball)
-        pkgs.append(pinned(pkg, store / pkg.tarball))
+    pkgs = _packed(src, store)
     npm = tmp_path / "npm"  # stands in for `npm pack NAME@VERSION --silent`: the tarball lands in the cwd
     npm.write_text(
         f'#!/bin/sh\n[ "$1" = pack ] || exit 9\ncp "{store}/$(echo "$2" | tr @ -).tgz" .\n', encoding="utf-8"

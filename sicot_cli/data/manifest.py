@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -230,23 +231,28 @@ def read_manifest(path: str | Path, skips: Skips) -> list[Row]:
     return rows
 
 
-def _warn_case_twins(path: Path, rows: list[Row]) -> None:
-    """Labels that differ only in case (``cat``, ``Cat``) are separate classes, as written: say so once."""
-    spellings: dict[str, set[str]] = {}
-    for row in rows:
-        spellings.setdefault(row.label.casefold(), set()).add(row.label)
-    twins = [sorted(s) for s in spellings.values() if len(s) > 1]
+def _warn_twins(path: Path, groups: dict[str, dict[str, str]], shown: Callable[[str], str], what: str) -> None:
+    """One warning for labels grouped as the same-looking class: ``groups`` maps a key to its spellings."""
+    twins = [sorted(g.values()) for g in groups.values() if len(g) > 1]
     if twins:
-        shown = "; ".join(" / ".join(repr(x) for x in t) for t in sorted(twins)[:3])
+        examples = "; ".join(" / ".join(shown(x) for x in t) for t in sorted(twins)[:3])
         more = f" and {len(twins) - 3} more" if len(twins) > 3 else ""
         log.warning(
-            "%s: %d labels differ from another only in case and are separate classes (%s%s): "
-            "spell each product's label one way in the manifest if they are one class",
+            "%s: %d labels %s, and are separate classes (%s%s): spell each class's label one way in the manifest",
             path,
             sum(len(t) for t in twins),
-            shown,
+            what,
+            examples,
             more,
         )
+
+
+def _warn_case_twins(path: Path, rows: list[Row]) -> None:
+    """Labels that differ only in case (``cat``, ``Cat``) are separate classes, as written: say so once."""
+    groups: dict[str, dict[str, str]] = {}
+    for row in rows:
+        groups.setdefault(row.label.casefold(), {})[row.label] = row.label
+    _warn_twins(path, groups, repr, "differ from another only in case")
 
 
 # Cyrillic and Greek letters drawn like Latin ones (Unicode's confusables, the common part): two
@@ -277,15 +283,4 @@ def _warn_lookalike_twins(path: Path, rows: list[Row]) -> None:
     groups: dict[str, dict[str, str]] = {}
     for row in rows:
         groups.setdefault(_skeleton(row.label), {}).setdefault(row.label.casefold(), row.label)
-    twins = [sorted(g.values()) for g in groups.values() if len(g) > 1]
-    if twins:
-        shown = "; ".join(" / ".join(_shown(x) for x in t) for t in sorted(twins)[:3])
-        more = f" and {len(twins) - 3} more" if len(twins) > 3 else ""
-        log.warning(
-            "%s: %d labels look like another but differ in invisible or look-alike characters, and are separate "
-            "classes (%s%s): spell each class's label one way in the manifest",
-            path,
-            sum(len(t) for t in twins),
-            shown,
-            more,
-        )
+    _warn_twins(path, groups, _shown, "look like another but differ in invisible or look-alike characters")
