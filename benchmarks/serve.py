@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> dict:
         run = args.run or make_run(tmp_path)
         paths = make_images(tmp_path / "images")
         images = [p.read_bytes() for p in paths]
-        expected = [(p.classes[0], p.scores[0]) for p in predict(run, paths, k=1, device="cpu")]
+        expected = [(p.classes[0], p.scores[0]) for p in predict(run, paths, k=1, device="cpu")[0]]
         reference = predict_reference(run, paths, 1 if args.quick else 3)
 
         servers = {

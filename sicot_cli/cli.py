@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from sicot_cli.cli_datasets import app as datasets_app
-from sicot_cli.console import console, fail, guard, safe, setup_logging, show
+from sicot_cli.console import console, error_line, fail, guard, safe, setup_logging, show
 from sicot_cli.console import plain as plain_text
 
 app = typer.Typer(
@@ -545,11 +545,19 @@ def predict(
     from sicot_cli.views import predictions_table
 
     set_threads(threads or 0)
-    preds = run_predict(run, list(images), top, checkpoint, data, device)
-    if json_out:
-        typer.echo(plain_text(predictions_json(preds)))
-    else:
-        show(predictions_table(preds))
+    preds, unreadable = run_predict(run, list(images), top, checkpoint, data, device)
+    if preds or json_out:
+        if json_out:
+            typer.echo(plain_text(predictions_json(preds)))
+        else:
+            show(predictions_table(preds))
+    if unreadable:  # every readable image is predicted; each unreadable one is named, and the exit says so
+        for u in unreadable[:-1]:
+            error_line(f"{u.image}: {u.reason}")
+        last = f"{unreadable[-1].image}: {unreadable[-1].reason}"
+        if len(images) > 1:
+            last += f" ({len(unreadable)} of {len(images)} images could not be read; the others were predicted)"
+        fail(last)
 
 
 @app.command()

@@ -125,9 +125,14 @@ def setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def error_line(message: str) -> None:
+    """Print one red error line (on standard error) and go on."""
+    err_console.print(Text.assemble(("error:", "bold red"), " ", safe(message, "red")), soft_wrap=True)
+
+
 def fail(message: str, code: int = 2) -> None:
     """Print one red line and exit."""
-    err_console.print(Text.assemble(("error:", "bold red"), " ", safe(message, "red")), soft_wrap=True)
+    error_line(message)
     raise SystemExit(code)
 
 

@@ -269,14 +269,19 @@ def load_run_model(
         raise SicotError(
             f"{run_dir / name}: not found: {_why_no_best(run_dir, config, prepared)}; use --checkpoint last"
         )
+    stage = config.get("stage")
+    if stage:
+        epochs, kind = recipe.decouple.epochs, "decouple epochs"
+        how = f"sicot decouple {stage.get('from_run')} --method {stage.get('method')} --run-dir {run_dir} --resume"
+    else:
+        epochs, kind, how = recipe.train.epochs, "epochs", f"sicot train --run-dir {run_dir} --resume"
+    if checkpoint == "last" and not (run_dir / name).exists() and not runs.is_finished(run_dir):
+        raise SicotError(
+            f"{run_dir / name}: not found: the run saved no checkpoint yet (stopped, or copied, before its first "
+            f"epoch ended): continue it with `{how}`"
+        )
     state = runs.load_checkpoint(run_dir / name)
     if not runs.is_finished(run_dir):  # evaluate, predict, export and serve use it as it stands: say so
-        stage = config.get("stage")
-        if stage:
-            epochs, kind = recipe.decouple.epochs, "decouple epochs"
-            how = f"sicot decouple {stage.get('from_run')} --method {stage.get('method')} --run-dir {run_dir} --resume"
-        else:
-            epochs, kind, how = recipe.train.epochs, "epochs", f"sicot train --run-dir {run_dir} --resume"
         done = len(runs.read_metrics(run_dir))
         log.warning(
             "%s: unfinished (%d of %d %s trained): its %s checkpoint is used; finish it with `%s`",

@@ -253,12 +253,11 @@ def export(
         run_exported = (_write_onnx if fmt == "onnx" else _write_torchscript)(net, example, tmp)
         checked = check_agreement(out, run_exported, net, images)
         digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
-    meta = state.get("meta", {})
     sicot = {
         "version": __version__,
         "run": str(run_dir.resolve()),
         "checkpoint": checkpoint,
-        "epoch": meta.get("epoch") if isinstance(meta, dict) else None,
+        "epoch": state.get("epoch") if isinstance(state.get("epoch"), int) else None,  # epochs the weights trained
         "recipe": recipe.name,
         "encoder": recipe.model.encoder,
         "backbone": recipe.model.backbone,

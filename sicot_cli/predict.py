@@ -13,22 +13,16 @@ from __future__ import annotations
 import io
 import json
 import re
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from sicot_cli.data.images import ImageSkip, load_image
+from sicot_cli.data.images import DEFAULT_MAX_PIXELS, ImageSkip, load_image
 from sicot_cli.errors import SicotError
 from sicot_cli.evaluate import load_run_model, resolve_device
-
-
-class TooManyPixels(ImageSkip):
-    """An image over the pixel limit (a decompression bomb, or just too large to serve)."""
 
 
 def preprocess(source: str | Path | bytes, size: int, max_pixels: int | None = None) -> np.ndarray:
@@ -41,25 +35,16 @@ def preprocess(source: str | Path | bytes, size: int, max_pixels: int | None = N
         source: an image file, or the bytes of one.
         size: the model's image size.
         max_pixels: refuse images with more pixels than this before decoding them (read from the
-            header, so a decompression bomb costs nothing); None: ``load_image``'s own limit
-            (``data.max_image_pixels``'s default) alone.
+            header, so a decompression bomb costs nothing; a JPEG: at the reduced size it is decoded
+            at); None: ``data.max_image_pixels``'s default.
 
     Raises:
         ImageSkip: not an image, truncated, over the pixel limit (:class:`TooManyPixels`)...
     """
-    if max_pixels is not None:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below decides
-                with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
-                    pixels = img.width * img.height
-        except Exception:  # noqa: BLE001 - load_image below names what is wrong with it
-            pixels = 0
-        if pixels > max_pixels:
-            raise TooManyPixels(f"image has {pixels:,} pixels (limit {max_pixels:,})")
     # load_image opens whatever PIL's Image.open accepts: a path or a file object.
     data = io.BytesIO(source) if isinstance(source, bytes) else Path(source)
-    return load_image(data, size).transpose(2, 0, 1)  # type: ignore[arg-type]
+    limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+    return load_image(data, size, limit, limit_name=None).transpose(2, 0, 1)  # type: ignore[arg-type]
 
 
 def representative_titles(prepared, classes: set[int]) -> dict[int, str]:  # noqa: ANN001 - Prepared
@@ -159,6 +144,18 @@ def load_recognizer(
     )
 
 
+# Images decoded and scored at a time by ``predict``: memory stays that of one batch for any number of files.
+PREDICT_BATCH = 64
+
+
+@dataclass
+class Unreadable:
+    """An image ``predict`` could not read, and why."""
+
+    image: str
+    reason: str
+
+
 def predict(
     run_dir: str | Path,
     images: list[str | Path],
@@ -166,11 +163,16 @@ def predict(
     checkpoint: str = "last",
     data: str | Path | None = None,
     device: str = "auto",
-) -> list[Prediction]:
-    """Top-k classes of each image, by the image-only model of a run.
+    batch: int = PREDICT_BATCH,
+) -> tuple[list[Prediction], list[Unreadable]]:
+    """Top-k classes of each readable image, by the image-only model of a run, ``batch`` images at a time.
+
+    Returns:
+        The predictions, in the order of ``images``, and the images that could not be read (each with
+        its reason; a folder's reason says how to name its images).
 
     Raises:
-        SicotError: not a run, a dataset other than the run's, or an image that cannot be read.
+        SicotError: not a run, a dataset other than the run's, no image, a URL or standard input.
     """
     if not images:
         raise SicotError("no image given: sicot predict --run DIR IMAGE...")
@@ -182,14 +184,20 @@ def predict(
         if re.match(r"[A-Za-z][A-Za-z0-9+.-]+:/", str(p)):  # Path() has already folded "//" to "/"
             raise SicotError(f"{p}: a URL; predict reads local image files: download the image first")
     recognizer = load_recognizer(run_dir, checkpoint, data, device)
-    arrays = []
-    for p in images:
-        try:
-            arrays.append(preprocess(Path(p), recognizer.image_size))
-        except ImageSkip as e:
-            hint = f" (name its images, e.g. {Path(p) / '*.jpg'})" if Path(p).is_dir() else ""
-            raise SicotError(f"{p}: {e}{hint}") from None
-    return recognizer.top(recognizer.probabilities(np.stack(arrays)), [str(p) for p in images], k)
+    preds: list[Prediction] = []
+    unreadable: list[Unreadable] = []
+    for start in range(0, len(images), batch):
+        arrays, names = [], []
+        for p in images[start : start + batch]:
+            try:
+                arrays.append(preprocess(Path(p), recognizer.image_size))
+                names.append(str(p))
+            except ImageSkip as e:
+                hint = f" (name its images, e.g. {Path(p) / '*.jpg'})" if Path(p).is_dir() else ""
+                unreadable.append(Unreadable(str(p), f"{e}{hint}"))
+        if arrays:
+            preds += recognizer.top(recognizer.probabilities(np.stack(arrays)), names, k)
+    return preds, unreadable
 
 
 def predictions_json(preds: list[Prediction]) -> str:

@@ -137,6 +137,13 @@ def load_runs(paths: list[Path]) -> tuple[list[Run], list[Path]]:
         config = {**config, "recipe": recipe_from_dict(config["recipe"], str(d / runs.CONFIG)).to_dict()}
         summary = runs.read_summary(d)
         history = runs.read_metrics(d)
+        if isinstance(summary.get("epochs"), int) and len(history) < summary["epochs"]:
+            log.warning(
+                "%s: %d of the %d epochs' records (a damaged or hand-edited file): the learning curves show those only",
+                d / runs.METRICS,
+                len(history),
+                summary["epochs"],
+            )
         done.append(
             Run(
                 d,

@@ -350,6 +350,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     import torch
 
     if not path.is_file():
+        if path.exists():
+            raise SicotError(f"{path}: not a checkpoint file (a directory or special file stands in its place)")
         raise SicotError(f"{path}: checkpoint not found")
     try:
         with path.open("rb") as f:

@@ -27,8 +27,10 @@ import base64
 import binascii
 import json
 import logging
+import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,9 +40,9 @@ from typing import Any
 import numpy as np
 
 from sicot_cli.batcher import Busy, MicroBatcher
-from sicot_cli.data.images import ImageSkip
+from sicot_cli.data.images import ImageSkip, TooManyPixels
 from sicot_cli.errors import SicotError
-from sicot_cli.predict import Recognizer, TooManyPixels, preprocess
+from sicot_cli.predict import Recognizer, preprocess
 from sicot_cli.threads import MAX_THREADS
 
 log = logging.getLogger(__name__)
@@ -139,9 +141,15 @@ async def _images_from_multipart(request: Any, body: bytes, limits: ServeLimits)
         return {"type": "http.request", "body": body, "more_body": False}
 
     try:
-        form = await Request(request.scope, replay).form(max_files=limits.max_images, max_fields=limits.max_images)
+        # one file over the limit parsed, so that the count below answers as it does for JSON
+        form = await Request(request.scope, replay).form(max_files=limits.max_images + 1, max_fields=limits.max_images)
     except (MultiPartException, HTTPException) as e:
-        raise ApiError(400, f"bad multipart body: {getattr(e, 'detail', None) or e}") from None
+        detail = str(getattr(e, "detail", None) or e)
+        if detail.startswith("Too many files"):
+            raise ApiError(
+                413, f"more than {limits.max_images + 1} images in one request (limit {limits.max_images})"
+            ) from None
+        raise ApiError(400, f"bad multipart body: {detail}") from None
     out = []
     try:
         for _, value in form.multi_items():
@@ -172,21 +180,28 @@ def _images_from_json(body: bytes) -> list[tuple[str, bytes]]:
             s = s.partition(",")[2]
         s = "".join(s.split())  # base64 wrapped at 76 columns (`base64`, MIME), as many encoders write it
         try:
-            out.append((str(i), base64.b64decode(s, validate=True)))
+            out.append((f"images[{i}]", base64.b64decode(s, validate=True)))
         except (binascii.Error, ValueError):
             raise ApiError(400, f"images[{i}] is not valid base64") from None
     return out
 
 
+# Requests decoding images at once: each may hold an image of --max-pixels being converted (a
+# 16-bit 40 MP one takes ~0.4 GB), and the thread pool they run in has ~40 threads; the others wait.
+DECODE_SLOTS = max(1, min(4, os.cpu_count() or 1))
+_decoding = threading.BoundedSemaphore(DECODE_SLOTS)
+
+
 def _decode(images: list[tuple[str, bytes]], size: int, max_pixels: int) -> np.ndarray:
     arrays = []
-    for name, data in images:
-        try:
-            arrays.append(preprocess(data, size, max_pixels))
-        except TooManyPixels as e:
-            raise ApiError(413, f"{name}: {e}") from None
-        except ImageSkip as e:
-            raise ApiError(422, f"{name}: {e}") from None
+    with _decoding:
+        for name, data in images:
+            try:
+                arrays.append(preprocess(data, size, max_pixels))
+            except TooManyPixels as e:
+                raise ApiError(413, f"{name}: {e}") from None
+            except ImageSkip as e:
+                raise ApiError(422, f"{name}: {e}") from None
     return np.stack(arrays)
 
 
@@ -211,11 +226,20 @@ def create_app(recognizer: Recognizer, limits: ServeLimits) -> Any:  # noqa: ANN
         finally:
             await batcher.stop()
 
-    app = FastAPI(title="sicot", summary="Image-only product recognition (SICoT, CIKM'20)", lifespan=lifespan)
+    # no /docs, /redoc or /openapi.json: the API is the three routes below (README), and the docs
+    # page would load its UI from a CDN
+    app = FastAPI(
+        title="sicot",
+        summary="Image-only product recognition (SICoT, CIKM'20)",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
 
     _install_error_handlers(app)
 
-    @app.get("/healthz")
+    @app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz() -> dict[str, Any]:
         b: MicroBatcher = state["batcher"]
         return {

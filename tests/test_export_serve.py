@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+import io
 import json
 import os
 import re
@@ -22,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_recipe
+from PIL import Image
 from typer.testing import CliRunner
 
 from sicot_cli import runs
@@ -316,6 +318,72 @@ def client(run_dir):
         yield c
 
 
+def _ico() -> bytes:
+    """A small, honest .ico: refused like a bomb would be, since PIL decodes an icon's images while opening it."""
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(buf, format="ICO")
+    return buf.getvalue()
+
+
+def test_predict_scores_every_readable_image_in_batches_and_names_the_rest(run_dir, images, reference, tmp_path):
+    """A bad file among good ones: the good ones are predicted (as alone), each bad one gets a red line, exit 2."""
+    from sicot_cli.predict import predict
+
+    bad = tmp_path / "junk.jpg"
+    bad.write_bytes(b"not an image")
+    r = runner.invoke(
+        app,
+        [
+            "predict",
+            "--run",
+            str(run_dir),
+            "--json",
+            "-k",
+            "3",
+            str(images[0]),
+            str(bad),
+            str(images[1]),
+            str(tmp_path),
+        ],
+    )
+    assert r.exit_code == 2
+    preds = json.loads(r.stdout)
+    _same_top(preds, reference[:2], atol=1e-6)
+    assert "junk.jpg: not an image file" in r.stderr
+    assert "image path is a directory (name its images" in r.stderr
+    assert "2 of 4 images could not be read; the others were predicted" in r.stderr
+    # decoded and scored a few at a time: the same answers as in one batch
+    small, unreadable = predict(run_dir, [*images, bad], k=3, device="cpu", batch=4)
+    assert [u.image for u in unreadable] == [str(bad)]
+    _same_top([p.as_dict() for p in small], reference, atol=1e-5)
+
+
+def test_export_records_the_epoch_its_weights_trained(onnx_model):
+    assert json.loads(Path(f"{onnx_model}.json").read_text())["sicot"]["epoch"] == 2
+
+
+def test_health_answers_head_and_the_api_has_no_docs_pages(client):
+    """HEAD /healthz for health checks; no /docs, /redoc or /openapi.json (the docs page loads from a CDN)."""
+    assert client.head("/healthz").status_code == 200
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert client.get(path).status_code == 404, path
+
+
+def test_serve_applies_its_pixel_limit_above_the_prepare_default(monkeypatch):
+    """--max-pixels reaches the decoder: the prepare default (89 MP) no longer caps it."""
+    import sicot_cli.predict as predict_module
+
+    seen = {}
+
+    def fake(data, size, max_pixels, limit_name):  # noqa: ANN001, ANN202
+        seen.update(max_pixels=max_pixels, limit_name=limit_name)
+        return np.zeros((size, size, 3), np.uint8)
+
+    monkeypatch.setattr(predict_module, "load_image", fake)
+    predict_module.preprocess(b"x", 8, 150_000_000)
+    assert seen == {"max_pixels": 150_000_000, "limit_name": None}
+
+
 def _png_header(width: int, height: int) -> bytes:
     """A PNG that declares width x height but holds almost nothing: a decompression bomb's header."""
 
@@ -395,8 +463,24 @@ def _bad_cases(images: list[Path]) -> dict[str, tuple[dict, int, str]]:
         "no_content_type": ({"content": png}, 415, "content type '(none)'"),
         "too_many_images": (
             {"files": [("image", (f"{i}.png", png, "image/png")) for i in range(5)]},
-            400,
-            "Too many files",
+            413,
+            "5 images in one request (limit 4)",
+        ),
+        "far_too_many_images": (
+            {"files": [("image", (f"{i}.png", png, "image/png")) for i in range(9)]},
+            413,
+            "more than 5 images in one request (limit 4)",
+        ),
+        "too_many_images_json": (
+            {"json": [base64.b64encode(png).decode()] * 5},
+            413,
+            "5 images in one request (limit 4)",
+        ),
+        "base64_non_image": ({"json": [base64.b64encode(b"hello").decode()]}, 422, "images[0]: not an image file"),
+        "icon_container": (
+            {"files": {"image": ("i.ico", _ico(), "image/x-icon")}},
+            422,
+            "i.ico: an icon container (ICO, CUR or ICNS) is not read: save the image as PNG",
         ),
         "no_image": ({"files": [("a", (None, "b"))]}, 400, "no image in the request"),
         "bad_json": (
@@ -445,6 +529,10 @@ BAD_CASES = [
     "non_image_request",
     "no_content_type",
     "too_many_images",
+    "far_too_many_images",
+    "too_many_images_json",
+    "base64_non_image",
+    "icon_container",
     "no_image",
     "bad_json",
     "json_not_strings",

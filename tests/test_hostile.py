@@ -801,6 +801,12 @@ def _webvision(filelist: str = "", meta: str | None = None) -> Callable[[Path, d
     return make
 
 
+def _example_names(tmp: Path, reason: str, tail: str) -> None:
+    """prepare's first example of ``reason`` ends with ``tail`` (the path, as for every image skip)."""
+    example = json.loads((tmp / "o.recipe.json").read_text())["summary"]["skip_examples"][reason][0]
+    assert example.endswith(tail), example
+
+
 def _link_loop(tmp: Path, name: str) -> Path:
     """``name`` -> ``name.other`` -> ``name``: a link that never reaches a file."""
     (tmp / f"{name}.other").symlink_to(tmp / name)
@@ -930,6 +936,23 @@ CASES: dict[str, Case] = {
         _with_image(lambda p: _huge_png(p, 1, 50_000_000), "strip.png"), "skip", ["image aspect ratio over 100:1"]
     ),
     "image_cmyk_jpeg": Case(_with_image(_cmyk, "cmyk.jpg"), "kept", check=_kept("x1")),
+    # --- round 8 ---
+    "image_icon_container": Case(
+        _with_image(lambda p: Image.new("RGB", (32, 32), 9).save(p, format="ICO"), "icon.ico"),
+        "skip",
+        ["an icon container (ICO, CUR or ICNS) is not read: save the image as PNG"],
+    ),
+    "image_nan_float_tiff": Case(
+        _with_image(lambda p: Image.fromarray(np.full((8, 8), np.nan, np.float32)).save(p), "nan.tif"),
+        "skip",
+        ["image has non-finite pixel values (NaN or infinity)"],
+    ),
+    "image_symlink_loop_in_manifest": Case(
+        _with_image(lambda p: _link_loop(p.parent, p.name), "loop.png"),
+        "skip",
+        ["image path is a symbolic link loop"],
+        check=lambda t, c: _example_names(t, "image path is a symbolic link loop", "loop.png)"),
+    ),
     "image_16bit_png": Case(_with_image(_sixteen_bit, "deep.png"), "kept", check=_kept("x1")),
     "image_animated_gif": Case(_with_image(_animated, "anim.gif"), "kept", check=_kept("x1")),
     "image_path_is_directory": Case(
@@ -1241,6 +1264,30 @@ CASES: dict[str, Case] = {
             ("folder", lambda t: str(t), ["image path is a directory (name its images, e.g. "]),
         )
     },
+    "evaluate_run_stopped_before_its_first_checkpoint": Case(
+        lambda t, c: (
+            ((run := _copy_run(t, c, unfinished=True)) / runs.LAST).unlink() or ["evaluate", "--run", str(run)]
+        ),
+        "error",
+        ["checkpoint-last.pt: not found: the run saved no checkpoint yet", "sicot train --run-dir"],
+    ),
+    "evaluate_checkpoint_is_a_directory": Case(
+        lambda t, c: (
+            ((run := _copy_run(t, c)) / runs.LAST).unlink(),
+            (run / runs.LAST).mkdir(),
+            ["evaluate", "--run", str(run)],
+        )[-1],
+        "error",
+        ["checkpoint-last.pt: not a checkpoint file (a directory or special file stands in its place)"],
+    ),
+    "evaluate_data_of_another_tool": Case(
+        lambda t, c: (
+            h5py.File(t / "theirs.h5", "w").close(),
+            ["evaluate", "--run", str(_copy_run(t, c)), "--data", str(t / "theirs.h5")],
+        )[-1],
+        "error",
+        ["theirs.h5: not a sicot prepared dataset (an HDF5 file without sicot's format mark): give the .h5"],
+    ),
     "predict_missing_image": Case(
         lambda t, c: ["predict", "--run", str(_copy_run(t, c)), str(t / "gone.png")],
         "error",

@@ -177,6 +177,38 @@ def test_large_jpeg_decodes_in_draft_mode_and_the_pixel_limit_is_a_recipe_key(tm
         load_recipe(None, ["data.max_image_pixels=0"])
 
 
+def test_odd_images_convert_or_skip_with_a_reason(tmp_path):
+    """Audit round 8: colour-keyed transparency on white, 16-bit scaled by integers, NaN and icons skipped, no warnings."""
+    import warnings
+
+    from sicot_cli.data.images import ImageSkip, _to_rgb, load_image
+
+    for mode, fill in (("L", 7), ("RGB", (1, 2, 3))):  # a tRNS colour key: the keyed pixels are transparent
+        p = tmp_path / f"key-{mode}.png"
+        Image.new(mode, (8, 8), fill).save(p, transparency=fill)
+        assert (load_image(p, 8) == 255).all(), mode
+    grey16 = Image.fromarray(np.array([[0, 128, 129, 40000, 65535]], np.uint16))
+    assert np.asarray(_to_rgb(grey16))[0, :, 0].tolist() == [0, 0, 1, 156, 255]  # round(v * 255 / 65535)
+    int32 = Image.fromarray(np.array([[-5, 0, 17, 255]], np.int32))
+    assert np.asarray(_to_rgb(int32))[0, :, 0].tolist() == [0, 0, 17, 255]
+    nan = tmp_path / "nan.tif"
+    Image.fromarray(np.full((8, 8), np.nan, np.float32)).save(nan)
+    with pytest.raises(ImageSkip, match="non-finite pixel values"):
+        load_image(nan, 8)
+    ico = tmp_path / "a.png"  # an icon named .png
+    Image.new("RGB", (32, 32), (9, 9, 9)).save(ico, format="ICO")
+    with pytest.raises(ImageSkip, match=r"an icon container \(ICO, CUR or ICNS\) is not read"):
+        load_image(ico, 8)
+    with pytest.raises(ImageSkip, match="icon container"):  # whatever its name says
+        load_image(io.BytesIO(ico.read_bytes()), 8)
+    bad_exif = tmp_path / "exif.jpg"
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(bad_exif, exif=b"Exif\x00\x00II*\x00\x08\x00\x00\x00\xff\xff\x00")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert load_image(bad_exif, 8).shape == (8, 8, 3)  # the pixels as stored
+    assert not seen, [str(w.message) for w in seen]
+
+
 def test_threads_auto_value_and_bounds(monkeypatch):
     from sicot_cli import threads
 

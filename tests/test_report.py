@@ -319,6 +319,15 @@ def test_report_refuses_seeds_of_one_row_trained_differently(ablation, section, 
         build_report([ablation], "bilinear")
 
 
+@pytest.mark.parametrize("metrics", ["", '{"epoch": 1, "lo'])
+def test_a_finished_run_with_fewer_epoch_records_than_it_trained_is_warned(tmp_path, caplog, metrics):
+    """metrics.jsonl emptied or torn by hand: the curves would be empty; the report says why."""
+    run = make_run(tmp_path / "x", "mean", 0, 50.0, np.ones(5, bool))
+    (run / "metrics.jsonl").write_text(metrics)
+    build_report([run])
+    assert f"{run / 'metrics.jsonl'}: 0 of the 1 epochs' records" in caplog.text
+
+
 def test_a_single_run_without_baseline_is_reported_with_its_curves(tmp_path, monkeypatch):
     import warnings
 

@@ -382,6 +382,11 @@ def open_prepared(path: str | Path) -> Prepared:
         raise SicotError(f"{path}: not a readable HDF5 file (truncated or corrupt?): {rebuild}") from None
     try:
         with f:
+            if "format" not in f.attrs:  # another tool's HDF5: never suggest writing over it
+                raise SicotError(
+                    f"{path}: not a sicot prepared dataset (an HDF5 file without sicot's format mark): "
+                    "give the .h5 that `sicot prepare` wrote (a run's own is named in its config.json)"
+                )
             fmt = int(f.attrs.get("format", -1))
             if fmt not in FORMATS:
                 raise SicotError(f"{path}: not a sicot prepared dataset of format 1 or 2: {rebuild}")

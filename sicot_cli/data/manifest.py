@@ -24,6 +24,7 @@ row a skip, "line break inside an unquoted field", not two short rows.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -222,8 +223,13 @@ def read_manifest(path: str | Path, skips: Skips) -> list[Row]:
         seen.add(rid)
         try:
             img = (base / image).resolve()  # an absolute `image` replaces base
-        except (OSError, RuntimeError, ValueError):  # symlink loop, NUL (stripped above, but be sure)
-            skips.add("image path cannot be resolved", where)
+        except (OSError, RuntimeError, ValueError) as e:  # symlink loop, NUL (stripped above, but be sure)
+            loop = isinstance(e, RuntimeError) or getattr(e, "errno", None) == errno.ELOOP
+            # the reason load_image gives a loop it meets; the path as the row gives it (joined to its folder)
+            skips.add(
+                "image path is a symbolic link loop" if loop else "image path cannot be resolved",
+                f"{where} ({base / image})",
+            )
             continue
         rows.append(Row(where, rid, img, title, label, split))
     _warn_case_twins(path, rows)
