@@ -220,6 +220,11 @@ class TrainConfig:
     # docs/presets.md; measured in docs/demo-pretraining.md, "Three more variants, chosen on validation".
     distill: Annotated[float, Range(0, 1000)] = 0.0
     distill_temperature: Annotated[float, Range(0, 100, lo_open=True)] = 2.0
+    # How CE(x_m)'s gradient joins CE(x_v)'s on the visual stream and the shared classifier: "sum" =
+    # Eq. 1's gradient (over 1 + lam with normalize_loss); "orthogonal" = CE(x_v)'s gradient plus lam
+    # times the part of CE(x_m)'s that is orthogonal to it, so the image step is the baseline's
+    # (sicot_cli.model.orthogonal_backward; needs normalize_loss = false). docs/presets.md.
+    mixed_step: Literal["sum", "orthogonal"] = "sum"
     seed: Seed = 0
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
@@ -759,6 +764,16 @@ def validate(recipe: Recipe, where: str) -> None:
             or (tr.class_sample_rate == 1 and tr.classifier_dtype == "float32"),
             "train.distill needs every class's scores in the step: set train.class_sample_rate = 1 and "
             'train.classifier_dtype = "float32", or train.distill = 0',
+        ),
+        (
+            tr.mixed_step == "sum" or recipe.model.encoder == "none" or not tr.normalize_loss,
+            "train.mixed_step = \"orthogonal\" keeps the baseline's step along CE(x_v)'s gradient by itself, and "
+            "train.normalize_loss would halve it: set train.normalize_loss = false with it",
+        ),
+        (
+            tr.mixed_step == "sum" or recipe.model.encoder == "none" or (tr.class_sample_rate == 1 and tr.distill == 0),
+            'train.mixed_step = "orthogonal" needs the whole classifier in one step and no other loss term: set '
+            'train.class_sample_rate = 1 and train.distill = 0, or train.mixed_step = "sum"',
         ),
         (
             tr.distill == 0 or recipe.model.encoder == "none" or tr.lam > 0,

@@ -84,6 +84,7 @@ TEXT_ONLY = (
     "train.cotrain_after",
     "train.distill",
     "train.distill_temperature",
+    "train.mixed_step",
 )
 
 

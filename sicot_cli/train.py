@@ -40,7 +40,7 @@ from sicot_cli.distributed import DistContext, init_distributed, reduce_mean, sh
 from sicot_cli.errors import SicotError
 from sicot_cli.evaluate import evaluate_model, resolve_device, split_logits, use_in_memory, write_predictions
 from sicot_cli.losses import Criterion, adjusted_bias, choose_tau, criterion
-from sicot_cli.model import SICoT, Streams, make_model, sicot_loss
+from sicot_cli.model import SICoT, Streams, make_model, orthogonal_backward, sicot_loss
 from sicot_cli.progress import NullProgress, Progress
 from sicot_cli.provenance import package_versions
 from sicot_cli.resume import check_same_content, check_same_settings
@@ -222,7 +222,10 @@ def train_step(
             logits_v, logits_m, labels, cfg.lam, cfg.normalize_loss, criterion, distill, cfg.distill_temperature
         )
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    if cfg.mixed_step == "orthogonal" and loss_m is not None and cfg.lam and not scores_streams(cfg, sharded):
+        orthogonal_backward(model, loss_v, loss_m, cfg.lam)  # one process, whole classifier (config, _set_up)
+    else:
+        loss.backward()
     optimizer.step()
     if sampled is not None:  # the classifier's sampled rows: their own SGD step (sicot_cli.classifier_step)
         sampled.step(optimizer, ctx if ctx.enabled and not sharded else None)
@@ -316,6 +319,8 @@ def training_plan(recipe: Recipe, prepared: Prepared, steps_per_epoch: int, thre
     )
     if recipe.model.encoder != "none" and (first := image_only_epochs(cfg)):
         line += f"; image-only (lam 0) for {first} epoch(s), then co-training (train.cotrain_after)"
+    if recipe.model.encoder != "none" and cfg.mixed_step == "orthogonal":
+        line += "; CE(x_m)'s step orthogonal to CE(x_v)'s (train.mixed_step)"
     if recipe.model.encoder != "none" and cfg.distill:
         line += f"; x_m's scores distilled into x_v's (train.distill {cfg.distill:g}, T {cfg.distill_temperature:g})"
     if getattr(prepared, "store", None) is not None:  # format 2
@@ -533,6 +538,11 @@ def _set_up(ctx: DistContext, recipe: Recipe, run_dir: str | Path | None, data: 
         raise SicotError(
             "train.distill needs every class's scores in one process, and this run shards the classifier "
             "by class: set train.classifier_parallel=no (on --resume with --allow-changes), or train.distill=0"
+        )
+    if ctx.enabled and cfg.mixed_step == "orthogonal" and recipe.model.encoder != "none":
+        raise SicotError(
+            'train.mixed_step = "orthogonal" runs in one process (its two backward passes bypass the gradient '
+            'averaging across ranks): train without torchrun, or with train.mixed_step = "sum"'
         )
     if recipe.eval.logit_adjust == "val" and ctx.enabled:
         raise SicotError(

@@ -18,7 +18,7 @@ from sicot_cli.cli import app
 from sicot_cli.data.dataset import open_prepared
 from sicot_cli.data.loader import BatchLoader
 from sicot_cli.errors import SicotError
-from sicot_cli.model import SICoT, build_backbone, sicot_loss
+from sicot_cli.model import SICoT, build_backbone, orthogonal_backward, sicot_loss
 from sicot_cli.provenance import package_versions
 from sicot_cli.train import TIMING_KEYS, train
 
@@ -107,6 +107,72 @@ def test_distill_refused_where_the_step_scores_a_part_of_the_classes(tiny_prepar
 def test_distill_refused_without_co_training(tiny_prepared):
     with pytest.raises(SicotError, match="train.lam = 0 never trains"):
         tiny_recipe(tiny_prepared, "model.encoder=mean", "train.distill=1", "train.lam=0")
+
+
+def _shared_and_text(model: SICoT) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    shared = [*model.visual.parameters(), *model.classifier.parameters()]
+    return shared, [p for p in model.parameters() if all(p is not q for q in shared)]
+
+
+def test_orthogonal_step_keeps_the_image_step_and_adds_the_rest_by_hand():
+    """train.mixed_step = orthogonal: shared grad = g_v + lam (g_m - proj_{g_v} g_m), text grad = lam g_m."""
+    model = _toy_model("batchnorm")
+    x = torch.randn(6, 3, 2, 2)
+    tokens = torch.tensor([[1, 2, 0], [3, 0, 0], [4, 5, 1], [2, 2, 0], [5, 0, 0], [1, 3, 4]])
+    y = torch.tensor([0, 3, 4, 1, 2, 0])
+    shared, text = _shared_and_text(model)
+
+    def losses():
+        z_v, z_m = model(x, tokens, tokens != 0)
+        return F.cross_entropy(z_v, y), F.cross_entropy(z_m, y)
+
+    loss_v, loss_m = losses()
+    g_v = torch.cat([g.flatten() for g in torch.autograd.grad(loss_v, shared, retain_graph=True)])
+    g_m_all = torch.autograd.grad(loss_m, shared + text)
+    g_m = torch.cat([g.flatten() for g in g_m_all[: len(shared)]])
+    assert abs(float(F.cosine_similarity(g_v, g_m, dim=0))) > 0.05  # a real projection, not a no-op
+    expected = g_v + 0.7 * (g_m - (g_m @ g_v) / (g_v @ g_v) * g_v)
+    model.zero_grad()
+    orthogonal_backward(model, *losses(), lam=0.7)
+    got = torch.cat([p.grad.flatten() for p in shared])
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert torch.allclose(got @ g_v, g_v @ g_v, rtol=1e-5)  # along g_v: exactly the baseline's step
+    for p, g in zip(text, g_m_all[len(shared) :], strict=True):
+        assert torch.allclose(p.grad, 0.7 * g, atol=1e-7)
+    # a title loss whose gradient is the image loss's adds nothing to the shared parameters
+    model.zero_grad()
+    loss_v, _ = losses()
+    orthogonal_backward(model, loss_v, 2 * loss_v, lam=0.5)
+    assert torch.allclose(torch.cat([p.grad.flatten() for p in shared]), g_v, atol=1e-6)
+
+
+def test_orthogonal_step_trains_co_training_only(tiny_prepared, tmp_path):
+    """The baseline is bit-identical under it; co-training changes; lam 0 epochs are the plain step."""
+    base = train(tiny_recipe(tiny_prepared, "model.encoder=none"), tmp_path / "base")
+    orth = ("train.mixed_step=orthogonal", "train.normalize_loss=false")
+    base_o = train(tiny_recipe(tiny_prepared, "model.encoder=none", *orth), tmp_path / "base_o")
+    assert [_image_side(r) for r in base.history] == [_image_side(r) for r in base_o.history]
+    co = train(tiny_recipe(tiny_prepared, "model.encoder=mean", "train.normalize_loss=false"), tmp_path / "co")
+    co_o = train(tiny_recipe(tiny_prepared, "model.encoder=mean", *orth), tmp_path / "co_o")
+    first = co_o.history[0]  # the logged loss is Eq. 1's sum (lam 1), whatever the step does with it
+    assert first["loss"] == pytest.approx(first["loss_v"] + first["loss_m"], rel=1e-5)
+    assert _image_side(co_o.history[-1]) != _image_side(co.history[-1])
+    late = train(tiny_recipe(tiny_prepared, "model.encoder=mean", *orth, "train.cotrain_after=0.5"), tmp_path / "late")
+    assert _image_side(late.history[0]) == _image_side(base.history[0])  # image-only epoch: the plain step
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        ([], "set train.normalize_loss = false"),
+        (["train.normalize_loss=false", "train.class_sample_rate=0.5"], "whole classifier in one step"),
+        (["train.normalize_loss=false", "train.distill=1"], "whole classifier in one step"),
+    ],
+)
+def test_orthogonal_step_refused_where_it_cannot_hold(tiny_prepared, extra, match):
+    with pytest.raises(SicotError, match=match):
+        tiny_recipe(tiny_prepared, "model.encoder=mean", "train.mixed_step=orthogonal", *extra)
+    tiny_recipe(tiny_prepared, "model.encoder=none", "train.mixed_step=orthogonal", *extra)  # the baseline: no x_m
 
 
 def test_semantic_norm_batch_normalises_the_title_embedding():
