@@ -167,6 +167,7 @@ def test_ctrl_c_during_parallel_decoding_stops_cleanly(tmp_path, images, when):
     proc = subprocess.Popen(
         [sys.executable, "-m", "sicot_cli", *args],
         cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        preexec_fn=_terminal_ctrl_c,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 120
@@ -201,6 +202,18 @@ def test_ctrl_c_during_parallel_decoding_stops_cleanly(tmp_path, images, when):
 
 
 # --- slow: the kill harness --------------------------------------------------------------------
+
+
+def _terminal_ctrl_c() -> None:
+    """In the child, before exec: SIGINT as a terminal's foreground job has it (default, unblocked).
+
+    A test runner started in the background of a non-interactive shell (`bash .ci/run &`) ignores
+    SIGINT, as POSIX shells make background jobs do, and a child inherits that: the Ctrl-C the test
+    sends would be ignored and the command run to its end (exit 0). Measured: the three Ctrl-C
+    tests fail that way when pytest is started so, and pass with this.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def _env(delay: str | None = None) -> dict[str, str]:
@@ -248,6 +261,7 @@ class Killer:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            preexec_fn=_terminal_ctrl_c if sig == signal.SIGINT else None,
         )
         seen: set[str] = set()
         t_start = None
