@@ -399,6 +399,37 @@ def _check_encoder(name: str) -> None:
         raise SicotError(f"unknown encoder {name!r} (choices: {', '.join(_encoder_names())})")
 
 
+def _show_train_result(result: Any) -> None:  # noqa: ANN401 - sicot_cli.train.TrainResult
+    """``sicot train``'s output: the epochs, the test scores, and how to continue an interrupted run (exit 130)."""
+    from sicot_cli.console import err_console
+    from sicot_cli.views import epochs_table
+
+    if result.skipped:
+        console.print(safe(f"{result.run_dir}: already finished; nothing to do"))
+    show(epochs_table(result.history, str(result.run_dir)))
+    if result.test is not None:
+        from sicot_cli.runs import selection_line
+        from sicot_cli.views import metrics_table
+
+        show(metrics_table(result.test, f"{result.run_dir}: {selection_line(result.test)}"))
+    if result.interrupted:
+        import shlex
+
+        from rich.text import Text
+
+        again = safe(shlex.join(["sicot", "train", "--resume", "--run-dir", str(result.run_dir)]))
+        if result.checkpoint is None:
+            said = "interrupted before its first checkpoint: nothing saved yet;", "starts the run again"
+        elif result.checkpoint.startswith("after"):  # stopped in an epoch's validation: that epoch runs again
+            said = f"interrupted: the checkpoint {result.checkpoint} is kept; continue with", ""
+        else:
+            said = "interrupted: checkpoint saved; continue with", ""
+        err_console.print(
+            Text.assemble((said[0], "yellow"), " ", again, *([" ", (said[1], "yellow")] if said[1] else []))
+        )
+        raise typer.Exit(130)
+
+
 @app.command()
 @guard
 def train(
@@ -429,10 +460,9 @@ def train(
 ) -> None:
     """Train one run: the baseline (--encoder none) or SICoT co-training with a text encoder."""
     from sicot_cli import runs
-    from sicot_cli.console import RichProgress, err_console
+    from sicot_cli.console import RichProgress
     from sicot_cli.errors import SicotError
     from sicot_cli.train import train as run_train
-    from sicot_cli.views import epochs_table
 
     _load_encoder_modules(encoder_module)
     extra = [*([f"model.encoder={_toml_str(encoder)}"] if encoder else []), *_threads(threads)]
@@ -470,32 +500,8 @@ def train(
 
         check_training(cfg, data)
         result = run_train(cfg, run_dir, resume=resume, data=data, progress=RichProgress() if main_rank else None)
-    if not main_rank:
-        return
-    if result.skipped:
-        console.print(safe(f"{result.run_dir}: already finished; nothing to do"))
-    show(epochs_table(result.history, str(result.run_dir)))
-    if result.test is not None:
-        from sicot_cli.runs import selection_line
-        from sicot_cli.views import metrics_table
-
-        show(metrics_table(result.test, f"{result.run_dir}: {selection_line(result.test)}"))
-    if result.interrupted:
-        import shlex
-
-        from rich.text import Text
-
-        again = safe(shlex.join(["sicot", "train", "--resume", "--run-dir", str(result.run_dir)]))
-        if result.checkpoint is None:
-            said = "interrupted before its first checkpoint: nothing saved yet;", "starts the run again"
-        elif result.checkpoint.startswith("after"):  # stopped in an epoch's validation: that epoch runs again
-            said = f"interrupted: the checkpoint {result.checkpoint} is kept; continue with", ""
-        else:
-            said = "interrupted: checkpoint saved; continue with", ""
-        err_console.print(
-            Text.assemble((said[0], "yellow"), " ", again, *([" ", (said[1], "yellow")] if said[1] else []))
-        )
-        raise typer.Exit(130)
+    if main_rank:  # under torchrun only rank 0 prints
+        _show_train_result(result)
 
 
 @app.command()

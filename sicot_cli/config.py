@@ -705,6 +705,34 @@ def _apply_override(table: dict[str, Any], item: str, where: str = "the recipe",
     node[parts[-1]] = value
 
 
+def _cotraining_rules(recipe: Recipe) -> list[tuple[bool, str]]:
+    """:func:`validate`'s rules on the co-training switches (distillation, the mixed step); a baseline breaks none."""
+    tr = recipe.train
+    if recipe.model.encoder == "none":
+        return []
+    return [
+        (
+            tr.distill == 0 or (tr.class_sample_rate == 1 and tr.classifier_dtype == "float32"),
+            "train.distill needs every class's scores in the step: set train.class_sample_rate = 1 and "
+            'train.classifier_dtype = "float32", or train.distill = 0',
+        ),
+        (
+            tr.mixed_step == "sum" or not tr.normalize_loss,
+            "train.mixed_step = \"orthogonal\" keeps the baseline's step along CE(x_v)'s gradient by itself, and "
+            "train.normalize_loss would halve it: set train.normalize_loss = false with it",
+        ),
+        (
+            tr.mixed_step == "sum" or (tr.class_sample_rate == 1 and tr.distill == 0),
+            'train.mixed_step = "orthogonal" needs the whole classifier in one step and no other loss term: set '
+            'train.class_sample_rate = 1 and train.distill = 0, or train.mixed_step = "sum"',
+        ),
+        (
+            tr.distill == 0 or tr.lam > 0,
+            "train.distill distils x_m's scores, which train.lam = 0 never trains: set train.lam > 0, or train.distill = 0",
+        ),
+    ]
+
+
 def validate(recipe: Recipe, where: str) -> None:
     """What an annotation cannot say: rules that tie fields together, and a few patterns (the run
     name, the device, the preset). Each field's own type, range and choices are checked where it
@@ -758,27 +786,7 @@ def validate(recipe: Recipe, where: str) -> None:
             f"train.topk must include 1 (top-1 is always reported, and checkpoint-best is chosen on it), got "
             f"{tr.topk}: e.g. train.topk = [1, {max(tr.topk or [1])}]",
         ),
-        (
-            tr.distill == 0
-            or recipe.model.encoder == "none"
-            or (tr.class_sample_rate == 1 and tr.classifier_dtype == "float32"),
-            "train.distill needs every class's scores in the step: set train.class_sample_rate = 1 and "
-            'train.classifier_dtype = "float32", or train.distill = 0',
-        ),
-        (
-            tr.mixed_step == "sum" or recipe.model.encoder == "none" or not tr.normalize_loss,
-            "train.mixed_step = \"orthogonal\" keeps the baseline's step along CE(x_v)'s gradient by itself, and "
-            "train.normalize_loss would halve it: set train.normalize_loss = false with it",
-        ),
-        (
-            tr.mixed_step == "sum" or recipe.model.encoder == "none" or (tr.class_sample_rate == 1 and tr.distill == 0),
-            'train.mixed_step = "orthogonal" needs the whole classifier in one step and no other loss term: set '
-            'train.class_sample_rate = 1 and train.distill = 0, or train.mixed_step = "sum"',
-        ),
-        (
-            tr.distill == 0 or recipe.model.encoder == "none" or tr.lam > 0,
-            "train.distill distils x_m's scores, which train.lam = 0 never trains: set train.lam > 0, or train.distill = 0",
-        ),
+        *_cotraining_rules(recipe),
         (
             bool(e.logit_adjust_taus) and all(0 <= x <= 10 for x in e.logit_adjust_taus),
             f"eval.logit_adjust_taus must list values between 0 and 10, got {e.logit_adjust_taus}",

@@ -10,6 +10,7 @@ to 8 bits, and animated images contribute their first frame.
 from __future__ import annotations
 
 import errno
+import functools
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
@@ -50,9 +51,11 @@ def _icon_container(fp: BinaryIO) -> bool:
     return any(m._accept(head) for m in (IcoImagePlugin, CurImagePlugin, IcnsImagePlugin))
 
 
-def _readable_formats() -> list[str]:
+@functools.cache
+def _readable_formats() -> tuple[str, ...]:
+    """Every format PIL opens but the icon containers (computed once per process, not per image)."""
     Image.init()
-    return [f for f in Image.OPEN if f not in ICON_CONTAINERS]
+    return tuple(f for f in Image.OPEN if f not in ICON_CONTAINERS)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
