@@ -30,6 +30,13 @@ TestPerClass = Annotated[
     ),
 ]
 Seed = Annotated[int, typer.Option(help="Seed of the split (emoji, mdi) or of the class selection (WebVision).")]
+ValSeed = Annotated[
+    int | None,
+    typer.Option(
+        help="Seed of the validation rows alone (default: --seed): another value re-draws them and keeps the "
+        "test rows, a validation fold (docs/datasets.md)."
+    ),
+]
 
 
 def _lines(items: list[str]):  # noqa: ANN202 - a rich Text
@@ -101,8 +108,8 @@ def fetch(
     console.print(safe(f"next: sicot prepare --recipe recipes/{recipe}.toml{extra}"))
 
 
-def _check_split_args(test_per_class: int, seed: int) -> None:
-    """Refuse a negative --test-per-class or a --seed outside 0..2^63-1 before any work."""
+def _check_split_args(test_per_class: int, seed: int, val_seed: int | None = None) -> None:
+    """Refuse a negative --test-per-class or a --seed (--val-seed) outside 0..2^63-1 before any work."""
     from sicot_cli.config import MAX_SEED
     from sicot_cli.errors import SicotError
 
@@ -110,6 +117,8 @@ def _check_split_args(test_per_class: int, seed: int) -> None:
         raise SicotError(f"--test-per-class must be >= 0, got {test_per_class}")
     if not 0 <= seed <= MAX_SEED:
         raise SicotError(f"--seed must be 0..{MAX_SEED}, got {seed}")
+    if val_seed is not None and not 0 <= val_seed <= MAX_SEED:
+        raise SicotError(f"--val-seed must be 0..{MAX_SEED}, got {val_seed}")
 
 
 Force = Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")]
@@ -155,12 +164,13 @@ def import_emoji(
             help="About this fraction of each class's training images become validation rows (whole base emoji)."
         ),
     ] = 0.1,
+    val_seed: ValSeed = None,
 ) -> None:
     """Re-write the emoji manifests from the unpacked packages (e.g. another split)."""
     from sicot_cli.data.importers.emoji import import_emoji as run
 
-    _check_split_args(test_per_class, seed)
-    _print(run(folder, test_per_class, seed, val_fraction))
+    _check_split_args(test_per_class, seed, val_seed)
+    _print(run(folder, test_per_class, seed, val_fraction, val_seed=val_seed))
 
 
 @import_app.command("mdi")
@@ -177,12 +187,13 @@ def import_mdi(
             help="About this fraction of each class's training icons become validation rows (whole families)."
         ),
     ] = 0.1,
+    val_seed: ValSeed = None,
 ) -> None:
     """Re-write the Material Design Icons manifest from the unpacked package (e.g. another split)."""
     from sicot_cli.data.importers.mdi import import_mdi as run
 
-    _check_split_args(test_per_class, seed)
-    _print(run(folder, test_per_class, seed, val_fraction))
+    _check_split_args(test_per_class, seed, val_seed)
+    _print(run(folder, test_per_class, seed, val_fraction, val_seed=val_seed))
 
 
 @import_app.command("imaterialist2019")

@@ -278,6 +278,26 @@ def test_emoji_validation_rows_are_whole_base_emoji(tmp_path):
         em.import_emoji(folder, val_fraction=0.9)
 
 
+def test_emoji_val_seed_redraws_validation_only(tmp_path):
+    folder = make_emoji_packages(tmp_path / "emoji")
+    em.import_emoji(folder, test_per_class=1, seed=2, val_fraction=0.5)
+    default = (folder / "emoji-zh.csv").read_bytes()
+    em.import_emoji(folder, test_per_class=1, seed=2, val_fraction=0.5, val_seed=2)
+    assert (folder / "emoji-zh.csv").read_bytes() == default  # the default val_seed is --seed
+    ref = rows_of(folder / "emoji-zh.csv")
+    base = lambda i: i.split("-")[0]  # noqa: E731
+    folds = set()
+    for val_seed in range(6):
+        em.import_emoji(folder, test_per_class=1, seed=2, val_fraction=0.5, val_seed=val_seed)
+        zh = rows_of(folder / "emoji-zh.csv")
+        # the same rows, the same test rows; only train/val move, whole base emoji at a time
+        assert [(r["id"], r["split"] == "test") for r in zh] == [(r["id"], r["split"] == "test") for r in ref]
+        side = {k: {base(r["id"]) for r in zh if r["split"] == k} for k in ("train", "val")}
+        assert side["val"] and not side["val"] & side["train"]
+        folds.add(frozenset(side["val"]))
+    assert len(folds) > 1  # another val_seed, another fold
+
+
 def test_emoji_manifest_prepares_and_trains(tmp_path):
     folder = make_emoji_packages(tmp_path / "emoji")
     em.import_emoji(folder, test_per_class=1, seed=0)
@@ -403,6 +423,15 @@ def test_cli_import_emoji(tmp_path):
     n = len(rows_of(folder / "emoji-zh.csv"))
     assert f"{n} / 3" in r.output and "left out: Component group" in r.output
     assert rows_of(folder / "emoji-en.csv")[0]["id"] == rows_of(folder / "emoji-zh.csv")[0]["id"]
+    r = runner.invoke(app, ["datasets", "import", "emoji", "--dir", str(folder), "--val-seed", "-1"])
+    assert r.exit_code == 2 and "--val-seed must be 0.." in r.output
+    before = [(row["id"], row["split"]) for row in rows_of(folder / "emoji-zh.csv")]
+    for val_seed in ("0", "3"):
+        args = ["--test-per-class", "1", "--val-fraction", "0.5", "--val-seed", val_seed]
+        r = runner.invoke(app, ["datasets", "import", "emoji", "--dir", str(folder), *args])
+        assert r.exit_code == 0, r.output
+        after = [(row["id"], row["split"]) for row in rows_of(folder / "emoji-zh.csv")]
+        assert [x for x in after if x[1] == "test"] == [x for x in before if x[1] == "test"]
 
 
 # ---- iMaterialist Product 2019 -------------------------------------------------------------------

@@ -204,6 +204,22 @@ def test_mdi_classes_titles_and_family_split(tmp_path):
         for label in {r["label"] for r in rows}:
             n = {side: sum(r["label"] == label and r["split"] == side for r in rows) for side in ("train", "val")}
             assert n["val"] <= int(0.5 * (n["train"] + n["val"]))
+    # val_seed re-draws the validation families alone: the test rows stay
+    mdi.import_mdi(folder, test_per_class=1, seed=1, val_fraction=0.5)
+    ref = rows_of(folder / "mdi.csv")
+    assert (
+        mdi.import_mdi(folder, test_per_class=1, seed=1, val_fraction=0.5, val_seed=1)
+        and rows_of(folder / "mdi.csv") == ref
+    )
+    folds = set()
+    for val_seed in range(6):
+        mdi.import_mdi(folder, test_per_class=1, seed=1, val_fraction=0.5, val_seed=val_seed)
+        rows = rows_of(folder / "mdi.csv")
+        assert [(r["id"], r["split"] == "test") for r in rows] == [(r["id"], r["split"] == "test") for r in ref]
+        val = {families.get(r["id"], r["id"]) for r in rows if r["split"] == "val"}
+        assert val and not val & {families.get(r["id"], r["id"]) for r in rows if r["split"] == "train"}
+        folds.add(frozenset(val))
+    assert len(folds) > 1
     with pytest.raises(SicotError, match=r"val-fraction must be in \[0, 0.5\]"):
         mdi.import_mdi(folder, val_fraction=0.6)
     with pytest.raises(SicotError, match="test-per-class must be >= 0"):

@@ -136,7 +136,7 @@ def _images(folder: Path, skipped: Counter[str]) -> list[_Image]:
 
 
 def _split(
-    images: list[_Image], test_per_class: int, val_fraction: float, seed: int, skipped: Counter[str]
+    images: list[_Image], test_per_class: int, val_fraction: float, seed: int, skipped: Counter[str], val_seed: int
 ) -> list[tuple[_Image, str]]:
     by_class: dict[str, dict[str, list[_Image]]] = defaultdict(lambda: defaultdict(list))
     for im in images:
@@ -162,7 +162,7 @@ def _split(
     for im, side in out:
         if side == "train":
             sizes[im.label][im.base] += 1
-    val = group_validation(sizes, val_fraction, seed)
+    val = group_validation(sizes, val_fraction, val_seed)
     return [(im, "val" if side == "train" and im.base in val else side) for im, side in out]
 
 
@@ -172,6 +172,7 @@ def import_emoji(
     seed: int = 0,
     val_fraction: float = DEFAULT_VAL_FRACTION,
     force: bool = True,
+    val_seed: int | None = None,
 ) -> ImportSummary:
     """Write ``emoji-zh.csv``, ``emoji-en.csv`` and ``emoji-classes.json`` into ``folder``.
 
@@ -182,6 +183,8 @@ def import_emoji(
         val_fraction: about this fraction of each class's training images become validation rows,
             whole base emoji with their skin-tone variants (``prepare`` keeps a manifest's own ``val`` rows).
         force: replace a manifest that holds something else (``fetch`` without ``--force``: refused).
+        val_seed: the validation draw's seed (default: ``seed``); another value re-draws the
+            validation rows only, the test rows unchanged (validation folds, docs/datasets.md).
 
     Raises:
         SicotError: missing or unreadable package files, a bad ``test_per_class`` or ``val_fraction``.
@@ -191,7 +194,9 @@ def import_emoji(
     if not 0 <= val_fraction <= 0.5:
         raise SicotError(f"--val-fraction must be in [0, 0.5], got {val_fraction}")
     skipped: Counter[str] = Counter()
-    split = _split(_images(folder, skipped), test_per_class, val_fraction, seed, skipped)
+    split = _split(
+        _images(folder, skipped), test_per_class, val_fraction, seed, skipped, seed if val_seed is None else val_seed
+    )
     if not split:
         raise SicotError(f"{folder}: no usable emoji image found")
     manifests = []

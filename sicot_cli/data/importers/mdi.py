@@ -98,7 +98,7 @@ def _icons(src: Path, skipped: Counter[str]) -> list[_Icon]:
 
 
 def _split(
-    icons: list[_Icon], test_per_class: int, val_fraction: float, seed: int, skipped: Counter[str]
+    icons: list[_Icon], test_per_class: int, val_fraction: float, seed: int, skipped: Counter[str], val_seed: int
 ) -> list[tuple[_Icon, str]]:
     by_class: dict[str, dict[str, list[_Icon]]] = defaultdict(lambda: defaultdict(list))
     for ic in icons:
@@ -116,7 +116,7 @@ def _split(
     val_families = group_validation(
         {c: {f: len(m) for f, m in fams.items() if f not in test_families} for c, fams in by_class.items()},
         val_fraction,
-        seed,
+        val_seed,
     )
     out: list[tuple[_Icon, str]] = []
     for ic in icons:
@@ -135,6 +135,7 @@ def import_mdi(
     seed: int = 0,
     val_fraction: float = DEFAULT_VAL_FRACTION,
     force: bool = True,
+    val_seed: int | None = None,
 ) -> ImportSummary:
     """Rasterise the icons and write ``mdi.csv`` and ``mdi-classes.json`` into ``folder``.
 
@@ -145,6 +146,8 @@ def import_mdi(
         val_fraction: about this fraction of each class's training icons become validation rows,
             whole families (``prepare`` keeps a manifest's own ``val`` rows).
         force: replace a manifest that holds something else (``fetch`` without ``--force``: refused).
+        val_seed: the validation draw's seed (default: ``seed``); another value re-draws the
+            validation rows only, the test rows unchanged (validation folds, docs/datasets.md).
 
     Raises:
         SicotError: missing or unreadable package files, a bad ``test_per_class`` or ``val_fraction``.
@@ -165,7 +168,7 @@ def import_mdi(
         skipped["SVG resvg cannot draw"] = drawn["unrenderable"]
     split = [
         (ic, s)
-        for ic, s in _split(icons, test_per_class, val_fraction, seed, skipped)
+        for ic, s in _split(icons, test_per_class, val_fraction, seed, skipped, seed if val_seed is None else val_seed)
         if (folder / PNG / f"{ic.name}.png").is_file()
     ]
     rows = [
