@@ -80,18 +80,22 @@ class TextEncoder(nn.Module):
         )
 
 
-def check_positive_int(option: str, value: object) -> int:
-    """Return ``value`` if it is an integer >= 1, else raise a SicotError naming ``option``.
+MAX_WIDTH = 16384  # a width or rank above it is a typo, and its weights would not fit in memory
+
+
+def check_positive_int(option: str, value: object, maximum: int = MAX_WIDTH) -> int:
+    """Return ``value`` if it is an integer from 1 to ``maximum``, else raise a SicotError naming ``option``.
 
     Args:
         option: The option's name, as the user wrote it.
         value: The value to check; ``bool`` is refused although it is an ``int``.
+        maximum: The largest value accepted (a size: its weights must fit in memory).
 
     Returns:
         The value as an ``int``.
     """
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise SicotError(f"encoder option {option!r} must be an integer >= 1, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
+        raise SicotError(f"encoder option {option!r} must be an integer from 1 to {maximum}, got {value!r}")
     return value
 
 

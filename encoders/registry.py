@@ -55,6 +55,11 @@ def list_encoders() -> list[str]:
     return sorted(_ENCODERS)
 
 
+# Every encoder gets these from sicot (the prepared word vectors, the visual stream's width,
+# model.freeze_embeddings): they are not model.encoder_options.
+SET_BY_SICOT = ("vectors", "out_dim", "freeze_embeddings")
+
+
 def create_encoder(name: str, **kw: object) -> TextEncoder:
     """Build the encoder registered as ``name``.
 
@@ -73,7 +78,16 @@ def create_encoder(name: str, **kw: object) -> TextEncoder:
         raise SicotError(f"unknown encoder {name!r} (choices: {', '.join(list_encoders())})")
     factory = _ENCODERS[name]
     _check_options(name, factory, kw)
-    encoder = factory(**kw)
+    try:
+        encoder = factory(**kw)
+    except (MemoryError, RuntimeError) as e:  # torch's "can't allocate memory" is a RuntimeError
+        if not isinstance(e, MemoryError) and "alloc" not in str(e):
+            raise
+        own = {k: v for k, v in kw.items() if k not in SET_BY_SICOT}
+        raise SicotError(
+            f"encoder {name!r} with {own or 'its default options'}: its weights do not fit in memory; "
+            "choose smaller sizes (model.encoder_options)"
+        ) from None
     if not isinstance(encoder, TextEncoder):
         raise SicotError(
             f"encoder {name!r} returned {type(encoder).__name__}, not a TextEncoder (subclass encoders.TextEncoder)"
@@ -96,7 +110,8 @@ def _check_options(name: str, factory: Callable[..., TextEncoder], kw: dict[str,
     ]
     for key in kw:
         if key not in known:
-            raise SicotError(f"encoder {name!r} has no option {key!r} (options: {', '.join(known)})")
+            own = [k for k in known if k not in SET_BY_SICOT]
+            raise SicotError(f"encoder {name!r} has no option {key!r} (options: {', '.join(own) or 'none'})")
     missing = [
         p.name
         for p in params.values()

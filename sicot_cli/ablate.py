@@ -121,6 +121,7 @@ def ablate(
     root = Path(out) if out is not None else default_dir(recipe)
     with runs.hold(root, "--out"):  # a second ablation into the same folder is refused at once
         jobs = _jobs(recipe, root, encoders, seeds, presets, plans)
+        _check_out_folder(root, jobs)
         _write_plan(root, recipe, encoders, seeds, presets, [m.name for m in plans], jobs, (data_path, content))
         return root, _run_jobs(jobs, data_path, progress, on_run, on_start)
 
@@ -253,6 +254,39 @@ def _prepared(recipe: Recipe, data: str | Path | None, progress: Progress | None
     prepared = open_prepared(data_path)
     adopt_prepared(recipe, prepared.recipe, data_path)
     return recipe, data_path, prepared.n_val, prepared.data_checksum()
+
+
+def _check_out_folder(root: Path, jobs: list[_Job]) -> None:
+    """Refuse, before anything is written, an ``--out`` that is no ablation's: a training run, a
+    folder of other files (without ``ablation.json``: runs copied in beforehand, and a report of
+    them, are welcome), or a run's place taken by a file or by a folder of files that is no run."""
+    if runs.is_run(root):
+        raise SicotError(
+            f"{root}: is a training run ({runs.CONFIG}), not an ablation folder; pass --out with another folder"
+        )
+    for job in jobs:
+        d = job.run_dir
+        if d.exists() and not d.is_dir():
+            raise SicotError(
+                f"{d}: a file stands where this ablation's run {d.name} goes; move it, or pass another --out"
+            )
+        if d.is_dir() and not runs.is_run(d) and any(not p.name.startswith(".") for p in d.iterdir()):
+            raise SicotError(
+                f"{d}: holds files but no run ({runs.CONFIG}), where this ablation's run {d.name} goes; move them, "
+                "or pass another --out"
+            )
+    if (root / PLAN).is_file():
+        return
+    from sicot_cli.report import REPORT_FILES
+
+    ours = {job.run_dir.name for job in jobs} | set(REPORT_FILES)  # a report of its runs, its plan lost
+    foreign = sorted(p.name for p in root.iterdir() if not p.name.startswith(".") and p.name not in ours)
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise SicotError(
+            f"{root}: holds {foreign[0]!r}{more} and no {PLAN}: not an ablation folder; pass --out with a new or "
+            "empty folder (or one holding only this ablation's runs)"
+        )
 
 
 def _write_plan(

@@ -4,6 +4,7 @@ so ``sicot --help`` stays instant."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -132,10 +133,16 @@ def _typed(option: str, value: object, items: list[str]) -> dict[str, str]:
     return dict.fromkeys(items, f"{option} {value}")
 
 
-def _out_file(out: Path | None, name: str) -> Path | None:
-    """``--out`` may name the .h5 file or a folder to put ``<name>.h5`` in."""
+def _out_file(raw: str | Path | None, name: str) -> Path | None:
+    """``--out`` may name the .h5 file or a folder to put ``<name>.h5`` in (a trailing slash: a folder)."""
     from sicot_cli.errors import SicotError
 
+    raw = None if raw is None else os.fspath(raw)
+    if raw is not None and not raw.strip():
+        raise SicotError("--out is empty; it names the .h5 file to write (e.g. data.h5) or a folder")
+    if raw is not None and raw.endswith(("/", os.sep)):
+        return Path(raw) / f"{name}.h5"
+    out = None if raw is None else Path(raw)
     if out is not None and out.name.lower() in (".h5", ".hdf5"):  # Path(".h5").suffix is "": taken for a folder
         raise SicotError(f"{out}: a file name needs a name before {out.name}; --out names the .h5 file (e.g. data.h5)")
     if out is None or out.suffix.lower() in (".h5", ".hdf5"):
@@ -165,7 +172,7 @@ def prepare(
         typer.Option(help="CSV/JSONL manifest (image,title,label[,split][,id]); default settings, no recipe needed."),
     ] = None,
     out: Annotated[
-        Path | None, typer.Option(help="Output .h5 file, or a folder for <recipe name>.h5 (default: data.out).")
+        str | None, typer.Option(help="Output .h5 file, or a folder for <recipe name>.h5 (default: data.out).")
     ] = None,
     force: Annotated[bool, typer.Option(help="Rebuild an existing output.")] = False,
     strict: Annotated[bool, typer.Option(help="Stop at the first unusable row instead of skipping it.")] = False,
@@ -273,8 +280,8 @@ def tokenize(
         plain = True
     if not titles:
         raise SicotError("nothing to tokenize: give titles as arguments or --file FILE")
-    if workers < 0:
-        raise SicotError(f"--workers must be >= 0 (0 = all cores), got {workers}")
+    if not 0 <= workers <= 4096:  # as data.workers; the pool itself takes at most one per core
+        raise SicotError(f"--workers must be 0..4096 (0 = all cores), got {workers}")
     vocab = None
     if data is not None:
         from sicot_cli.data.dataset import open_prepared
@@ -535,7 +542,7 @@ def evaluate(
 @app.command()
 @guard
 def predict(
-    images: Annotated[list[Path], typer.Argument(help="Image files.", show_default=False)],
+    images: Annotated[list[Path], typer.Argument(help="Image files.", show_default=False, readable=False)],
     run: Annotated[Path, typer.Option(help="Run directory.")],
     top: Annotated[int, typer.Option("--top", "-k", help="How many classes per image.")] = 3,
     checkpoint: Annotated[str, typer.Option(help="last or best.")] = "last",

@@ -108,7 +108,7 @@ def fetch(
     console.print(safe(f"next: sicot prepare --recipe recipes/{recipe}.toml{extra}"))
 
 
-def _check_split_args(test_per_class: int, seed: int, val_seed: int | None = None) -> None:
+def _check_split_args(test_per_class: int, seed: int, val_seed: int | None = None, val_fraction: float = 0.1) -> None:
     """Refuse a negative --test-per-class or a --seed (--val-seed) outside 0..2^63-1 before any work."""
     from sicot_cli.config import MAX_SEED
     from sicot_cli.errors import SicotError
@@ -119,6 +119,8 @@ def _check_split_args(test_per_class: int, seed: int, val_seed: int | None = Non
         raise SicotError(f"--seed must be 0..{MAX_SEED}, got {seed}")
     if val_seed is not None and not 0 <= val_seed <= MAX_SEED:
         raise SicotError(f"--val-seed must be 0..{MAX_SEED}, got {val_seed}")
+    if val_seed is not None and val_fraction == 0:
+        raise SicotError("--val-seed draws validation rows, and --val-fraction 0 asks for none: drop one of the two")
 
 
 Force = Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")]
@@ -169,7 +171,7 @@ def import_emoji(
     """Re-write the emoji manifests from the unpacked packages (e.g. another split)."""
     from sicot_cli.data.importers.emoji import import_emoji as run
 
-    _check_split_args(test_per_class, seed, val_seed)
+    _check_split_args(test_per_class, seed, val_seed, val_fraction)
     _print(run(folder, test_per_class, seed, val_fraction, val_seed=val_seed))
 
 
@@ -192,7 +194,7 @@ def import_mdi(
     """Re-write the Material Design Icons manifest from the unpacked package (e.g. another split)."""
     from sicot_cli.data.importers.mdi import import_mdi as run
 
-    _check_split_args(test_per_class, seed, val_seed)
+    _check_split_args(test_per_class, seed, val_seed, val_fraction)
     _print(run(folder, test_per_class, seed, val_fraction, val_seed=val_seed))
 
 

@@ -182,6 +182,8 @@ class ModelConfig:
     backbone: str = "resnet18"  # any torchvision classification model; the paper: resnet50
     pretrained: str = ""  # "" (random init), "imagenet" (torch hub cache, never downloaded), a state_dict file, or a sicot run directory / checkpoint (its visual stream)
     encoder: str = "bilinear"  # a registered encoder, or "none" for the image-only baseline
+    # the encoder's own options (bilinear: rank; bilstm: hidden_size; bilstm_attention: attention_dim too),
+    # one at a time from the command line: model.encoder_options.rank=64
     encoder_options: dict[str, Any] = field(default_factory=dict)
     freeze_embeddings: bool = False
     semantic_norm: Literal["batchnorm", "none"] = (
@@ -458,6 +460,8 @@ def _shown(value: Any) -> str:
 
 def _check_value(value: Any, tp: Any, key: str, where: str) -> Any:
     """Return ``value`` converted to ``tp`` (int -> float only), or raise naming ``key``."""
+    if tp is Any:  # a free table's value (model.encoder_options.rank): its encoder checks it
+        return value
     if typing.get_origin(tp) is Annotated:
         base, *extras = typing.get_args(tp)
         value = _check_value(value, base, key, where)
@@ -678,6 +682,14 @@ def _apply_override(table: dict[str, Any], item: str, where: str = "the recipe",
     # Check the path against the schema so a typo is reported as an unknown override key.
     cls: Any = Recipe
     for i, part in enumerate(parts):
+        if typing.get_origin(cls) is dict:  # one key of a free table (model.encoder_options)
+            if i < len(parts) - 1:
+                table_key = ".".join(parts[:i])
+                raise SicotError(
+                    f"unknown override key {key!r}: {table_key} holds plain values; set one as {table_key}.KEY=VALUE"
+                )
+            cls = Any
+            break
         if not dataclasses.is_dataclass(cls):
             raise SicotError(f"unknown override key {key!r}: {'.'.join(parts[:i])} is not a table")
         names = {f.name for f in dataclasses.fields(cls)}
@@ -781,6 +793,7 @@ def validate(recipe: Recipe, where: str) -> None:
             f"train.crop_scale must be [min, max] with 0 < min <= max <= 1, got {tr.crop_scale}",
         ),
         (bool(tr.topk) and all(k >= 1 for k in tr.topk), f"train.topk must list k >= 1, got {tr.topk}"),
+        (len(set(tr.topk)) == len(tr.topk), f"train.topk lists a k twice, got {tr.topk}: each k once"),
         (
             1 in tr.topk,
             f"train.topk must include 1 (top-1 is always reported, and checkpoint-best is chosen on it), got "

@@ -146,11 +146,17 @@ def guard(fn: F) -> F:
         except SicotError as e:
             fail(str(e))
         except OSError as e:
-            # A name longer than the filesystem allows can surface from any stat() of a path the
-            # user typed (Path.exists raises it): it is the user's path, not a bug.
-            if e.errno != errno.ENAMETOOLONG:
-                raise
-            fail(f"{e.filename or 'a path'}: file name too long for this filesystem")
+            # A name longer than the filesystem allows, or a path inside a folder this user may not
+            # read, can surface from any stat() of a path the user typed (Path.exists raises both
+            # on Python 3.11): it is the user's path, not a bug.
+            if e.errno == errno.ENAMETOOLONG:
+                fail(f"{e.filename or 'a path'}: file name too long for this filesystem")
+            if e.errno in (errno.EACCES, errno.EPERM):
+                fail(
+                    f"{e.filename or 'a path'}: permission denied; check the permissions of it and of the folders "
+                    "above it, or choose another path"
+                )
+            raise
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")
             raise SystemExit(130) from None

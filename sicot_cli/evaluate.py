@@ -276,6 +276,7 @@ def load_run_model(
     else:
         epochs, kind, how = recipe.train.epochs, "epochs", f"sicot train --run-dir {run_dir} --resume"
     if checkpoint == "last" and not (run_dir / name).exists() and not runs.is_finished(run_dir):
+        runs.lost_checkpoint(run_dir)
         raise SicotError(
             f"{run_dir / name}: not found: the run saved no checkpoint yet (stopped, or copied, before its first "
             f"epoch ended): continue it with `{how}`"

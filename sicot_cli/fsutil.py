@@ -100,6 +100,10 @@ def read_text(
     except OSError as e:
         if e.errno == errno.ELOOP:  # the not-UTF-8 hint would mislead: there is no file to save again
             raise SicotError(f"{path}: a symbolic link loop (it leads back to itself); point it at a file") from None
+        if e.errno == errno.ENOTDIR:  # nor here: a file stands where the path needs a folder
+            raise SicotError(f"{path}: a file stands where this path needs a folder; check the path") from None
+        if isinstance(e, NotRegularFileError):  # a pipe or device: nothing to save or fetch again
+            raise SicotError(f"{path}: cannot read{the} ({e.strerror}); name a regular file") from None
         raise SicotError(f"{path}: cannot read{the} ({e.strerror or e}){hint}") from None
     except ValueError:  # a NUL in the path
         raise SicotError(f"{path}: not a valid path") from None
@@ -297,7 +301,7 @@ def ensure_dir(path: Path) -> None:
     except OSError as e:
         raise SicotError(f"{path}: cannot create the output directory ({e.strerror})") from None
     if not os.access(path, os.W_OK | os.X_OK):
-        raise SicotError(f"{path}: output directory is not writable (choose another with --out)")
+        raise SicotError(f"{path}: output directory is not writable (choose another place to write)")
 
 
 @contextmanager

@@ -411,11 +411,18 @@ def build_model(
     model = SICoT(net, dim, num_classes, shard=shard, mixed_trains_classifier=mixed_trains_classifier)
     if encoder != "none":
         from encoders import create_encoder
+        from encoders.registry import SET_BY_SICOT
 
         # fork_rng: the encoder's initialisation must not shift the random stream that the
         # training (dropout in some backbones) draws from, or baseline and co-training would differ.
         with torch.random.fork_rng(devices=[]):
             options = encoder_options or {}
+            for key in SET_BY_SICOT:
+                if key in options:
+                    raise SicotError(
+                        f"model.encoder_options.{key}: set by sicot for every encoder (the prepared word vectors, "
+                        "the visual stream's width, model.freeze_embeddings), not an option; remove it"
+                    )
             text = create_encoder(encoder, vectors=vectors, out_dim=dim, freeze_embeddings=freeze_embeddings, **options)
             model.attach_encoder(text, semantic_norm)
     return model

@@ -96,7 +96,27 @@ class Run:
             raise SicotError(
                 f"{path}: field topk_labels/labels/rows: shapes {topk.shape}/{labels.shape}/{rows.shape} do not fit together: a damaged run file"
             )
+        self._check_agrees(path, labels, topk)
         return rows, (topk[:, :k] == labels[:, None]).any(axis=1)
+
+    def _check_agrees(self, path: Path, labels: np.ndarray, topk: np.ndarray) -> None:
+        """Refuse predictions that are not the summary's: labels outside the run's classes, or a
+        top-1 other than ``summary.json``'s (another run's file copied in, or a hand edit)."""
+        classes = len(self.per_class.get("per_class_top1", []))
+        for name, a in (("labels", labels), ("topk_labels", topk)):
+            if a.size and (a.min() < 0 or (classes and a.max() >= classes)):
+                raise SicotError(
+                    f"{path}: field {name}: class {int(a.min() if a.min() < 0 else a.max())} outside the run's "
+                    f"{classes or 'known'} classes: a damaged run file (retrain it, or leave it out of the report)"
+                )
+        top1 = self.final.get("top1")
+        if isinstance(top1, (int, float)) and len(labels):
+            here = 100.0 * float(np.mean(topk[:, 0] == labels))
+            if abs(here - top1) > 1e-6:
+                raise SicotError(
+                    f"{path}: top-1 {here:.2f} from the predictions, {top1:.2f} in {runs.SUMMARY}: the two files are "
+                    "not one run's (copied from another, or edited): retrain it, or leave it out of the report"
+                )
 
 
 def find_runs(paths: list[Path]) -> list[Path]:
@@ -804,6 +824,8 @@ _REPORT_STARTS = {
     "report.json": '{\n  "dataset":',
     "per_class.csv": "class,",
 }
+# Everything a report writes into an ablation folder (the figures: sicot_cli.figures.render_all).
+REPORT_FILES = (*_REPORT_STARTS, "curves.png", "fig6_distribution.png", "per_class_gain.png", "fig7_attention.png")
 
 
 def _check_replaceable(path: Path) -> None:

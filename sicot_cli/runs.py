@@ -159,9 +159,13 @@ def start_run(run_dir: Path, config: dict[str, Any], resume: bool) -> bool:
                 f"{run_dir}: run directory exists (pass --resume to continue it, or --run-dir to start another)"
             )
         check_resumable(run_dir)  # a folder of the user's own files is left alone
-        if not (run_dir / LAST).is_file():
+        last = run_dir / LAST
+        if last.exists() and not last.is_file():
+            raise SicotError(f"{last}: exists and is not a file; move it away (nothing was changed), then resume")
+        if not last.is_file():
             if is_finished(run_dir):
                 return True
+            lost_checkpoint(run_dir)
             # killed before the first checkpoint: nothing to lose, start again in place
             (run_dir / METRICS).unlink(missing_ok=True)
             write_json(run_dir / CONFIG, config)
@@ -172,6 +176,24 @@ def start_run(run_dir: Path, config: dict[str, Any], resume: bool) -> bool:
     ensure_dir(run_dir)
     write_json(run_dir / CONFIG, config)
     return False
+
+
+def lost_checkpoint(run_dir: Path) -> None:
+    """Refuse a run whose ``metrics.jsonl`` records an epoch while ``checkpoint-last.pt`` is gone.
+
+    An epoch's checkpoint is saved before its metrics line, so a recorded epoch means the checkpoint
+    existed and was moved or deleted since: starting again in place would erase the run's history.
+
+    Raises:
+        SicotError: naming the checkpoint and the epochs recorded.
+    """
+    done = len(read_metrics(run_dir))
+    if done:
+        raise SicotError(
+            f"{run_dir / LAST}: missing, but {METRICS} records {done} finished epoch(s): the checkpoint was moved "
+            "or deleted since; put it back to continue, or start another run with --run-dir NEW_DIR (nothing was "
+            "changed here)"
+        )
 
 
 def read_config(run_dir: Path) -> dict[str, Any]:
@@ -335,6 +357,7 @@ def _rebuild_hint(path: Path) -> str:
         return f"use --checkpoint last, or retrain with `sicot train --run-dir NEW_DIR` and the recipe in {path.parent / CONFIG}"
     return (
         f"it cannot be repaired: retrain with `sicot train --run-dir NEW_DIR` and the recipe in {path.parent / CONFIG}"
+        f" (a run of an ablation: delete {path.parent} and run the same `sicot ablate` again)"
     )
 
 

@@ -85,7 +85,7 @@ def _call(fn: Callable[[Any], Any], item: Any) -> Any:  # noqa: ANN401
 
 @contextmanager
 def worker_pool(workers: int) -> Iterator[Callable[..., Iterator[Any]]]:
-    """``workers`` processes; yields ``map(fn, items, chunksize)`` (results in order, ``fn`` a module-level function).
+    """``workers`` processes (at most one per core); yields ``map(fn, items, chunksize)`` (results in order, ``fn`` a module-level function).
 
     Ctrl-C is the parent's alone: the workers ignore SIGINT (no traceback from each of them). When
     the block ends by an exception (KeyboardInterrupt included), the queued work is cancelled, the
@@ -97,6 +97,14 @@ def worker_pool(workers: int) -> Iterator[Callable[..., Iterator[Any]]]:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
+    cores = os.cpu_count() or 1
+    if workers > cores:  # CPU-bound work: more processes than cores only add forks and memory
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "%d worker processes asked for, %d cores here: using %d", workers, cores, cores
+        )
+        workers = cores
     stopping = multiprocessing.Event()
     pool = ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(stopping,))
     try:

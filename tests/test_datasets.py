@@ -425,6 +425,16 @@ def test_cli_import_emoji(tmp_path):
     assert rows_of(folder / "emoji-en.csv")[0]["id"] == rows_of(folder / "emoji-zh.csv")[0]["id"]
     r = runner.invoke(app, ["datasets", "import", "emoji", "--dir", str(folder), "--val-seed", "-1"])
     assert r.exit_code == 2 and "--val-seed must be 0.." in r.output
+    (tmp_path / "afile").write_text("x", encoding="utf-8")  # said "cannot read (Not a directory); delete its folder"
+    for name in ("emoji", "mdi"):
+        r = runner.invoke(app, ["datasets", "import", name, "--dir", str(tmp_path / "afile")])
+        assert (
+            r.exit_code == 2 and f"afile: is a file; --dir names the folder `sicot datasets fetch {name}`" in r.output
+        )
+    r = runner.invoke(
+        app, ["datasets", "import", "emoji", "--dir", str(folder), "--val-seed", "1", "--val-fraction", "0"]
+    )
+    assert r.exit_code == 2 and "--val-fraction 0 asks for none" in r.output
     before = [(row["id"], row["split"]) for row in rows_of(folder / "emoji-zh.csv")]
     for val_seed in ("0", "3"):
         args = ["--test-per-class", "1", "--val-fraction", "0.5", "--val-seed", val_seed]

@@ -362,9 +362,55 @@ def test_bad_options_name_the_option(name: str, kw: dict, option: str) -> None:
 def test_unknown_option_lists_the_options() -> None:
     with pytest.raises(SicotError) as info:
         create_encoder("bilinear", vectors=torch.randn(5, 3), out_dim=2, rnak=4)
-    assert str(info.value) == (
-        "encoder 'bilinear' has no option 'rnak' (options: vectors, out_dim, freeze_embeddings, rank)"
+    # vectors, out_dim and freeze_embeddings are sicot's to set, not options a recipe can give
+    assert str(info.value) == "encoder 'bilinear' has no option 'rnak' (options: rank)"
+    with pytest.raises(SicotError, match=r"has no option 'rank' \(options: none\)"):
+        create_encoder("mean", vectors=torch.randn(5, 3), out_dim=2, rank=4)
+
+
+@pytest.mark.parametrize("option", ["rank", "hidden_size", "attention_dim"])
+def test_sizes_are_bounded(option: str) -> None:
+    name = {"rank": "bilinear", "hidden_size": "bilstm", "attention_dim": "bilstm_attention"}[option]
+    with pytest.raises(SicotError, match=f"'{option}' must be an integer from 1 to 16384, got 100000000"):
+        create_encoder(name, vectors=torch.randn(5, 3), out_dim=2, **{option: 100_000_000})
+
+
+def test_weights_that_do_not_fit_are_one_error(monkeypatch) -> None:
+    import encoders.bilinear_attention as ba
+
+    def alloc(*a, **kw):  # noqa: ANN002, ANN003
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 25600000000 bytes")
+
+    monkeypatch.setattr(ba.BilinearAttentionEncoder, "__init__", alloc)
+    with pytest.raises(
+        SicotError, match=r"^encoder 'bilinear' with \{'rank': 9000\}: its weights do not fit in memory"
+    ):
+        create_encoder("bilinear", vectors=torch.randn(5, 3), out_dim=2, rank=9000)
+    monkeypatch.setattr(
+        ba.BilinearAttentionEncoder, "__init__", lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("a bug"))
     )
+    with pytest.raises(RuntimeError, match="a bug"):  # any other error is not the user's
+        create_encoder("bilinear", vectors=torch.randn(5, 3), out_dim=2)
+
+
+def test_encoder_options_in_a_recipe(tiny_prepared) -> None:
+    from conftest import tiny_recipe
+
+    from sicot_cli.config import load_recipe
+    from sicot_cli.model import build_model
+
+    # one key at a time from the command line, as any other table's
+    assert load_recipe(None, ["model.encoder_options.rank=3"]).model.encoder_options == {"rank": 3}
+    r = load_recipe(None, ["model.encoder_options={rank=2}", "model.encoder_options.x=1"])
+    assert r.model.encoder_options == {"rank": 2, "x": 1}
+    with pytest.raises(
+        SicotError, match=r"model.encoder_options holds plain values; set one as model.encoder_options.KEY=VALUE"
+    ):
+        load_recipe(None, ["model.encoder_options.rank.x=3"])
+    for key in ("out_dim", "vectors", "freeze_embeddings"):  # was a TypeError: got multiple values for keyword
+        with pytest.raises(SicotError, match=f"^model.encoder_options.{key}: set by sicot"):
+            build_model("resnet18", 4, "bilinear", torch.randn(5, 3), encoder_options={key: 8})
+    assert tiny_recipe(tiny_prepared, "model.encoder_options.rank=3").model.encoder_options == {"rank": 3}
 
 
 def test_missing_options_are_named() -> None:

@@ -18,6 +18,7 @@ import threading
 import time
 import zlib
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -352,6 +353,13 @@ def test_predict_scores_every_readable_image_in_batches_and_names_the_rest(run_d
     assert "junk.jpg: not an image file" in r.stderr
     assert "image path is a directory (name its images" in r.stderr
     assert "2 of 4 images could not be read; the others were predicted" in r.stderr
+    # an image this user may not read is one of the unreadable, not a refusal of the whole command
+    # (click's readable check said "Invalid value for 'images'"; root reads anything, so os.access says no)
+    real_access = os.access
+    denied = images[1].name
+    with mock.patch("os.access", lambda path, mode, **kw: Path(path).name != denied and real_access(path, mode, **kw)):
+        r = runner.invoke(app, ["predict", "--run", str(run_dir), "--json", str(images[0]), str(images[1])])
+    assert "Invalid value" not in r.output and r.exit_code == 0, r.output
     # decoded and scored a few at a time: the same answers as in one batch
     small, unreadable = predict(run_dir, [*images, bad], k=3, device="cpu", batch=4)
     assert [u.image for u in unreadable] == [str(bad)]

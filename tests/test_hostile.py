@@ -682,6 +682,28 @@ def _truncated_predictions(tmp: Path, ctx: dict) -> list[str]:
     return ["report", str(tmp / "abl"), "--encoder", "mean", "--no-figures"]
 
 
+def _edited_predictions(edit: Callable[[Any, float], None]) -> Callable[[Path, dict], list[str]]:
+    """As :func:`_truncated_predictions`, with the co-training run's predictions.h5 edited:
+    ``edit(the open file, the run's top-1 in summary.json)``."""
+
+    def make(tmp: Path, ctx: dict) -> list[str]:
+        args = _truncated_predictions(tmp, ctx)
+        enc = tmp / "abl" / "enc"
+        shutil.copy(ctx["run"] / runs.PREDICTIONS, enc / runs.PREDICTIONS)
+        top1 = json.loads((enc / runs.SUMMARY).read_text(encoding="utf-8"))["final"]["top1"]
+        with h5py.File(enc / runs.PREDICTIONS, "r+") as f:
+            edit(f, top1)
+        return args
+
+    return make
+
+
+def _other_top1(f: Any, top1: float) -> None:
+    """Labels that give another top-1 than the summary's: every row right, or (if it was 100) every row wrong."""
+    first = f["topk_labels"][:, 0]
+    f["labels"][...] = first if top1 < 100 else (first + 1) % 3
+
+
 def _deleted_predictions(tmp: Path, ctx: dict) -> list[str]:
     """As :func:`_truncated_predictions`, with the co-training run's predictions.h5 deleted."""
     args = _truncated_predictions(tmp, ctx)
@@ -1068,6 +1090,16 @@ CASES: dict[str, Case] = {
         "error",
         ["v.bin (vector 2): word 'cat' has a non-finite value (nan)", "fix or remove that word"],
     ),
+    "word_vectors_text_read_as_binary": Case(  # parsed the digits as floats: 99 % OOV, no error
+        lambda t, c: _prep(
+            _manifest(t),
+            t,
+            "embed.binary=true",
+            "embed.pretrained=" + str(_bytes(t / "v.txt", b"3 3\nred 0.5 -1.25 3e-2\ncat 0 1 0\ntoy 0 0 1\n")),
+        ),
+        "error",
+        ["v.txt: a word2vec TEXT file (its first vector is written in digits), read as binary"],
+    ),
     "word_vectors_a_folder": Case(
         lambda t, c: _prep(_manifest(t), t, f"embed.pretrained={t / 'raw'}"),
         "error",
@@ -1266,7 +1298,9 @@ CASES: dict[str, Case] = {
     },
     "evaluate_run_stopped_before_its_first_checkpoint": Case(
         lambda t, c: (
-            ((run := _copy_run(t, c, unfinished=True)) / runs.LAST).unlink() or ["evaluate", "--run", str(run)]
+            ((run := _copy_run(t, c, unfinished=True)) / runs.LAST).unlink()  # and no epoch recorded either
+            or (run / runs.METRICS).unlink()
+            or ["evaluate", "--run", str(run)]
         ),
         "error",
         ["checkpoint-last.pt: not found: the run saved no checkpoint yet", "sicot train --run-dir"],
@@ -1417,6 +1451,16 @@ CASES: dict[str, Case] = {
         _run_file(runs.METRICS, '{"epoch": 1, "top1": "x"}\n{"epoch": 2}\n'),
         "error",
         ["metrics.jsonl:1: field (the whole file): Value error, top1 must be a number"],
+    ),
+    "run_predictions_with_a_label_out_of_range": Case(  # accepted: CI [-11.67, +0.00] against a gain of +1.67
+        _edited_predictions(lambda f, _: f["labels"].write_direct(np.full(f["labels"].shape, -5, f["labels"].dtype))),
+        "error",
+        ["enc/predictions.h5: field labels: class -5 outside the run's 3 classes", "damaged run file"],
+    ),
+    "run_predictions_of_another_run": Case(  # a CI that excluded its own point estimate
+        _edited_predictions(_other_top1),
+        "error",
+        ["enc/predictions.h5: top-1", "in summary.json: the two files are not one run's"],
     ),
     "run_predictions_truncated": Case(_truncated_predictions, "error", ["enc/predictions.h5: unreadable predictions"]),
     "run_predictions_deleted": Case(
@@ -1779,7 +1823,7 @@ CASES: dict[str, Case] = {
     "tokenize_workers_negative": Case(
         lambda t, c: ["tokenize", "--workers", "-5", "red cat"],
         "error",
-        ["--workers must be >= 0 (0 = all cores), got -5"],
+        ["--workers must be 0..4096 (0 = all cores), got -5"],
     ),
     "embed_out_into_missing_folder": Case(
         lambda t, c: ["embed", "--manifest", str(_manifest(t)), "--out", str(t / "new" / "dir" / "v.txt"), *KEEP_ALL],
@@ -1898,6 +1942,99 @@ CASES: dict[str, Case] = {
         )
         for command in ("evaluate", "report")
     },
+    **{
+        f"prepare_data_out_{name}": Case(  # the checks of --out were not applied to data.out
+            lambda t, c, value=value: [
+                "prepare",
+                "--manifest",
+                str(_manifest(t)),
+                *KEEP_ALL,
+                "--force",
+                f"data.out={value}",
+            ],
+            "error",
+            [needle],
+        )
+        for name, value, needle in (
+            ("empty", "", "data.out = '': names a folder"),  # ValueError: PosixPath('.') has an empty name
+            ("dot", ".", "data.out = '.': names a folder"),
+            ("trailing_slash", "newfolder/", "names a folder"),  # wrote a FILE named newfolder
+            ("bare_h5", "sub/.h5", "needs a name before .h5"),  # wrote a hidden sub/.h5
+            ("not_h5", "photo.png", "not an .h5 name"),  # with --force: a user's photo.png replaced
+        )
+    },
+    "prepare_out_is_a_fifo": Case(  # h5py opened the pipe to restore its side file and blocked for ever
+        lambda t, c: [
+            os.mkfifo(t / "f.h5"),
+            ["prepare", "--manifest", str(_manifest(t)), "--out", str(t / "f.h5"), *KEEP_ALL],
+        ][1],
+        "error",
+        ["f.h5: exists and is not a regular file"],
+    ),
+    "prepare_out_with_a_trailing_slash_is_a_folder": Case(  # wrote a FILE named y.h5
+        lambda t, c: ["prepare", "--manifest", str(_manifest(t)), "--out", f"{t / 'y.h5'}/", *KEEP_ALL],
+        "ok",
+        check=_holds(lambda t, c: (t / "y.h5" / "m.h5").is_file()),
+    ),
+    "ablate_out_a_folder_of_other_files": Case(  # ablation.json was written among the user's files
+        lambda t, c: [_bytes((t / "abl").mkdir() or t / "abl" / "notes.txt", b"mine"), _ablate(t, c)][1],
+        "error",
+        ["abl: holds 'notes.txt' and no ablation.json: not an ablation folder", "--out"],
+        check=_holds(lambda t, c: sorted(p.name for p in (t / "abl").iterdir()) == ["notes.txt"]),
+    ),
+    "ablate_out_a_runs_place_holding_other_files": Case(  # said "pass --resume", an option ablate lacks
+        lambda t, c: [
+            _bytes((t / "abl" / "none-s0").mkdir(parents=True) or t / "abl" / "none-s0" / "my.txt", b"x"),
+            _ablate(t, c),
+        ][1],
+        "error",
+        ["none-s0: holds files but no run (config.json)", "another --out"],
+        check=_holds(lambda t, c: not (t / "abl" / "ablation.json").exists()),
+    ),
+    "ablate_out_a_file_in_a_runs_place": Case(  # said "pass --run-dir with a folder"
+        lambda t, c: [_bytes((t / "abl").mkdir() or t / "abl" / "none-s0", b"x"), _ablate(t, c)][1],
+        "error",
+        ["none-s0: a file stands where this ablation's run none-s0 goes"],
+    ),
+    "ablate_out_a_training_run": Case(  # nested its runs inside the run; report then ignored them
+        lambda t, c: [shutil.copytree(c["run"], t / "abl"), _ablate(t, c)][1],
+        "error",
+        ["abl: is a training run (config.json), not an ablation folder"],
+    ),
+    "train_topk_twice": Case(_train("train.topk=[1,1]"), "error", ["train.topk lists a k twice, got [1, 1]"]),
+    "train_topk_above_the_classes": Case(  # wrote a top-100000 column of 100.00 without a word
+        _train("train.topk=[1,100000]"), "ok", ["top-100000 is 100 % by definition with 3 classes"]
+    ),
+    "train_resume_with_its_last_checkpoint_gone": Case(  # restarted from epoch 1 and erased metrics.jsonl
+        lambda t, c: [
+            (_copy_run(t, c, unfinished=True) / runs.LAST).unlink(),
+            ["train", "--resume", "--run-dir", str(t / "run")],
+        ][1],
+        "error",
+        [
+            "checkpoint-last.pt: missing, but metrics.jsonl records 1 finished epoch(s)",
+            "put it back",
+            "nothing was changed",
+        ],
+        check=_holds(lambda t, c: len(runs.read_metrics(t / "run")) == 1),
+    ),
+    "train_resume_with_a_folder_as_its_last_checkpoint": Case(  # metrics.jsonl deleted, then a crash after an epoch
+        lambda t, c: [
+            (_copy_run(t, c, unfinished=True) / runs.LAST).unlink(),
+            (t / "run" / runs.LAST).mkdir(),
+            ["train", "--resume", "--run-dir", str(t / "run")],
+        ][2],
+        "error",
+        ["checkpoint-last.pt: exists and is not a file; move it away"],
+        check=_holds(lambda t, c: len(runs.read_metrics(t / "run")) == 1),
+    ),
+    "evaluate_with_its_last_checkpoint_gone": Case(  # said "the run saved no checkpoint yet"
+        lambda t, c: [(_copy_run(t, c, unfinished=True) / runs.LAST).unlink(), ["evaluate", "--run", str(t / "run")]][
+            1
+        ],
+        "error",
+        ["checkpoint-last.pt: missing, but metrics.jsonl records 1 finished epoch(s)"],
+    ),
     "train_resume_alone_on_a_missing_folder": Case(  # started the built-in recipe there, silently
         lambda t, c: ["train", "--resume", "--run-dir", str(t / "gone")],
         "error",
@@ -2056,6 +2193,51 @@ def test_legacy_checkpoint_with_code_is_refused_too(tmp_path):
     with pytest.raises(SicotError, match="unreadable checkpoint"):
         runs.load_checkpoint(path)
     assert not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["train", "--run-dir", "locked/x"],
+        ["evaluate", "--run", "locked/x"],
+        ["embed", "--out", "locked/v.txt"],
+        ["report", "locked/ab"],
+        ["ablate", "--out", "locked/ab", "--seeds", "0"],
+    ],
+    ids=lambda c: c[0],
+)
+def test_a_path_in_a_folder_that_cannot_be_read_is_one_line(command, ctx, tmp_path, monkeypatch):
+    # Python 3.11's Path.exists raises PermissionError inside a folder without the x bit (chmod 000;
+    # root ignores modes, so the test raises it where the OS would)
+    monkeypatch.chdir(tmp_path)
+    real = Path.stat
+
+    def stat(self, *a, **kw):  # noqa: ANN001, ANN002, ANN003
+        if "locked" in str(self):
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(Path, "stat", stat)
+    extra = [] if command[0] in ("report", "evaluate") else ["--data", str(ctx["prepared"])]
+    r = runner.invoke(app, [*command, *extra], catch_exceptions=False)
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.output.strip().splitlines() if ln.strip() and not ln.startswith(("INFO ", "WARNING ", " "))]
+    assert len(lines) == 1 and lines[0].startswith("error: locked") and "permission denied" in lines[0], r.output
+
+
+def test_text_reader_hints_fit_the_cause(tmp_path):
+    from sicot_cli.fsutil import read_text
+
+    (tmp_path / "afile").write_text("x", encoding="utf-8")
+    with pytest.raises(
+        SicotError, match=r"afile/x.json: a file stands where this path needs a folder; check the path$"
+    ):
+        read_text(tmp_path / "afile" / "x.json", hint="; delete its folder and fetch again")
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(
+        SicotError, match=r"pipe: cannot read \(not a regular file \(a FIFO, socket or device\)\); name a regular file$"
+    ):
+        read_text(tmp_path / "pipe", hint="; save it as UTF-8")
 
 
 def test_the_one_text_reader_names_the_file_and_what_to_do(tmp_path):

@@ -28,6 +28,7 @@ from sicot_cli.data.importers import icons as ic
 from sicot_cli.data.importers import mdi
 from sicot_cli.data.importers.npm import NpmPackage, checksums
 from sicot_cli.data.importers.svg import PALETTE, palette_color, rasterise, render_mask
+from sicot_cli.data.importers.svg import no_png_reason as svg_no_png
 from sicot_cli.data.prepare import prepare
 from sicot_cli.errors import SicotError
 from sicot_cli.train import train
@@ -454,3 +455,14 @@ def test_real_icon_fetch_and_disjointness(tmp_path):
         return {hashlib.sha256(np.asarray(Image.open(f))[..., 3].tobytes()).hexdigest() for f in folder.rglob("*.png")}
 
     assert not masks(tmp_path / "icons" / ic.PNG) & masks(tmp_path / "mdi" / mdi.PNG)
+
+
+def test_an_icon_whose_png_was_deleted_is_counted(tmp_path):
+    # the rasteriser's marker keeps it from drawing again: the row went missing without a word
+    folder = make_mdi(tmp_path / "mdi")
+    s = mdi.import_mdi(folder, test_per_class=0, seed=0, val_fraction=0)
+    assert not any(k.startswith("no PNG") for k in s.skipped)
+    (folder / "png" / "tire.png").unlink()
+    again = mdi.import_mdi(folder, test_per_class=0, seed=0, val_fraction=0)
+    assert again.rows == s.rows - 1
+    assert again.skipped[svg_no_png(folder / "png")] == 1

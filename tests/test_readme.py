@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_report import TOP1, make_run
+from test_report import TOP1, _exact_hits, make_run
 
 from benchmarks import readme
 from sicot_cli.report import build_report, find_runs, to_markdown
@@ -16,7 +16,7 @@ from sicot_cli.report import build_report, find_runs, to_markdown
 def ablation(tmp_path: Path) -> Path:
     rng = np.random.default_rng(0)
     for (enc, seed), top1 in TOP1.items():
-        make_run(tmp_path / "runs" / "abl", enc, seed, top1, rng.random(50) < top1 / 100)
+        make_run(tmp_path / "runs" / "abl", enc, seed, top1, _exact_hits(rng, top1))
     return tmp_path
 
 

@@ -585,3 +585,25 @@ def test_ctrl_c_in_an_epochs_validation_says_which_checkpoint_is_kept(tiny_prepa
     monkeypatch.setattr(train_module, "_epoch_record", record)
     r = CliRunner().invoke(app, ["train", "--resume", "--run-dir", str(run)])
     assert r.exit_code == 0 and len(runs.read_metrics(run)) == 2, r.output
+
+
+def test_a_worker_pool_takes_at_most_one_process_per_core(monkeypatch, caplog):
+    # `tokenize --workers 100000` forked 100,000 processes at the first submit
+    import concurrent.futures
+
+    from sicot_cli.threads import worker_pool
+
+    asked = []
+
+    class Recorder:
+        def __init__(self, max_workers, **kw):  # noqa: ANN001, ANN003
+            asked.append(max_workers)
+            raise RuntimeError("recorded")
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", Recorder)
+    for n, expected in ((100_000, 3), (3, 3), (2, 2)):
+        with pytest.raises(RuntimeError, match="recorded"), worker_pool(n):
+            pass
+        assert asked[-1] == expected
+    assert "100000 worker processes asked for, 3 cores here: using 3" in caplog.text

@@ -35,9 +35,14 @@ TOP1 = {
 
 
 def make_run(
-    root: Path, encoder: str, seed: int, top1: float, hits: np.ndarray, order: np.ndarray | None = None
+    root: Path, encoder: str, seed: int, top1: float | None, hits: np.ndarray, order: np.ndarray | None = None
 ) -> Path:
-    """A finished run whose test row ``100 + i`` is a hit iff ``hits[i]``, stored in ``order`` (default: reversed)."""
+    """A finished run whose test row ``100 + i`` is a hit iff ``hits[i]``, stored in ``order`` (default: reversed).
+
+    ``top1``: the hits' rate (None: computed), as report checks the predictions against the summary."""
+    rate = 100.0 * int(hits.sum()) / len(hits)
+    assert top1 is None or top1 == pytest.approx(rate), (top1, rate)
+    top1 = rate if top1 is None else top1
     d = root / f"{encoder}-s{seed}"
     d.mkdir(parents=True)
     recipe = Recipe().to_dict()
@@ -90,8 +95,15 @@ def make_run(
 def ablation(tmp_path: Path) -> Path:
     rng = np.random.default_rng(0)
     for (enc, seed), top1 in TOP1.items():
-        make_run(tmp_path / "abl", enc, seed, top1, rng.random(50) < top1 / 100)
+        make_run(tmp_path / "abl", enc, seed, top1, _exact_hits(rng, top1))
     return tmp_path / "abl"
+
+
+def _exact_hits(rng: np.random.Generator, top1: float, n: int = 100) -> np.ndarray:
+    """``n`` test rows of which exactly ``top1`` % are hits, at random places."""
+    hits = np.zeros(n, bool)
+    hits[rng.permutation(n)[: round(top1 * n / 100)]] = True
+    return hits
 
 
 def test_report_numbers_gains_and_paired_test(ablation):
@@ -185,12 +197,12 @@ def test_bootstrap_of_the_ablation_fixture_survives_a_row_shuffle(ablation):
     lo, hi = rep.gains["bilinear"]["top1"].ci
     # the fixture's hits, in row order, re-drawn the way the fixture drew them
     rng = np.random.default_rng(0)
-    hits = {key: rng.random(50) < top1 / 100 for key, top1 in TOP1.items()}
+    hits = {key: _exact_hits(rng, top1) for key, top1 in TOP1.items()}
     diff = np.mean([hits[("bilinear", s)].astype(float) - hits[("none", s)].astype(float) for s in (0, 1, 2)], axis=0)
     assert (lo, hi) == bootstrap_ci(diff)
     path = ablation / "bilinear-s1" / "predictions.h5"
     with h5py.File(path, "r+") as f:
-        order = np.random.default_rng(5).permutation(50)
+        order = np.random.default_rng(5).permutation(100)
         for name in ("rows", "labels", "topk_labels", "topk_scores"):
             data = f[name][()]
             del f[name]
@@ -208,8 +220,8 @@ def test_bootstrap_aligns_rows(tmp_path):
 
     # the same hits on every row: each aligned difference is 0, so every bootstrap mean is 0
     for seed in (0, 1):
-        make_run(tmp_path / "same", "none", seed, 50.0, base, perm(10 + seed))
-        make_run(tmp_path / "same", "bilinear", seed, 50.0, base, perm(20 + seed))
+        make_run(tmp_path / "same", "none", seed, None, base, perm(10 + seed))
+        make_run(tmp_path / "same", "bilinear", seed, None, base, perm(20 + seed))
     assert build_report([tmp_path / "same"], "bilinear").gains["bilinear"]["top1"].ci == (0.0, 0.0)
     # bilinear hits rows 3 and 7 more on seed 0, row 3 more on seed 1 (both missed by the baseline):
     # the seed-averaged per-row difference is 1 on row 3, 0.5 on row 7 and 0 elsewhere
@@ -218,8 +230,8 @@ def test_bootstrap_aligns_rows(tmp_path):
     gained[0][[3, 7]] = True
     gained[1][3] = True
     for seed in (0, 1):
-        make_run(tmp_path / "diff", "none", seed, 50.0, base, perm(30 + seed))
-        make_run(tmp_path / "diff", "bilinear", seed, 50.0, gained[seed], perm(40 + seed))
+        make_run(tmp_path / "diff", "none", seed, None, base, perm(30 + seed))
+        make_run(tmp_path / "diff", "bilinear", seed, None, gained[seed], perm(40 + seed))
     want = np.zeros(n)
     want[3], want[7] = 1.0, 0.5
     ci = build_report([tmp_path / "diff"], "bilinear").gains["bilinear"]["top1"].ci
@@ -322,7 +334,7 @@ def test_report_refuses_seeds_of_one_row_trained_differently(ablation, section, 
 @pytest.mark.parametrize("metrics", ["", '{"epoch": 1, "lo'])
 def test_a_finished_run_with_fewer_epoch_records_than_it_trained_is_warned(tmp_path, caplog, metrics):
     """metrics.jsonl emptied or torn by hand: the curves would be empty; the report says why."""
-    run = make_run(tmp_path / "x", "mean", 0, 50.0, np.ones(5, bool))
+    run = make_run(tmp_path / "x", "mean", 0, 50.0, np.arange(4) % 2 == 0)
     (run / "metrics.jsonl").write_text(metrics)
     build_report([run])
     assert f"{run / 'metrics.jsonl'}: 0 of the 1 epochs' records" in caplog.text
@@ -332,7 +344,7 @@ def test_a_single_run_without_baseline_is_reported_with_its_curves(tmp_path, mon
     import warnings
 
     figs = capture_figures(monkeypatch)
-    run = make_run(tmp_path / "x", "mean", 0, 50.0, np.ones(5, bool))
+    run = make_run(tmp_path / "x", "mean", 0, 50.0, np.arange(4) % 2 == 0)
     rep = build_report([run])
     tables = rep.tables()
     assert tables["Table 3: encoders, top-1"] == [{"method": "mean", "top-1": "50.00", "gain": "-", "evidence": "-"}]

@@ -429,9 +429,34 @@ def _restore_side_file(out_path: Path) -> None:
         log.info("restored %s from %s", side, out_path)
 
 
+H5_SUFFIXES = (".h5", ".hdf5")
+
+
+def _recipe_out(raw: str) -> Path:
+    """``data.out`` as the recipe gives it: the .h5 file itself (``--out`` may also name a folder).
+
+    Raises:
+        SicotError: empty, a folder (``.``, a trailing slash, an existing folder), a bare ``.h5``,
+            or a name that is not ``.h5``/``.hdf5`` (another file of the user's would be replaced).
+    """
+    path = Path(raw)
+    example = "data/NAME.h5"
+    if raw.strip() in ("", ".", "..") or raw.endswith(("/", os.sep)) or path.is_dir():
+        raise SicotError(f"data.out = {raw!r}: names a folder; data.out names the .h5 file to write (e.g. {example})")
+    if path.name.lower() in H5_SUFFIXES:
+        raise SicotError(f"data.out = {raw!r}: a file name needs a name before {path.name} (e.g. {example})")
+    if path.suffix.lower() not in H5_SUFFIXES:
+        raise SicotError(
+            f"data.out = {raw!r}: not an .h5 name; data.out names the prepared .h5 file (e.g. {path.with_suffix('.h5')})"
+        )
+    return path
+
+
 def _check_output(out_path: Path, force: bool) -> None:
     """Refuse an output that exists (without ``force``) or is a folder; clear a killed run's leftovers."""
     check_name(out_path)
+    if out_path.exists() and not out_path.is_file() and not out_path.is_dir():  # a FIFO would block the reads below
+        raise SicotError(f"{out_path}: exists and is not a regular file (a pipe or a device?); choose another output")
     for path in (out_path, out_path.with_suffix(".recipe.json")):
         remove_stale_tmp(path)  # left by a killed prepare
     if taken(out_path) and not force:  # a dangling symbolic link too: the rename would replace it
@@ -676,7 +701,7 @@ def prepare(
     t0 = time.perf_counter()
     progress = progress or NullProgress()
     recipe = copy.deepcopy(recipe)  # eval.boundaries = "data" fills in the thresholds: not the caller's
-    out_path = Path(out or recipe.data.out)
+    out_path = Path(out) if out else _recipe_out(recipe.data.out)
     jpeg = jpegstore.uses_jpeg(recipe.data)
     if (part is not None or merge) and not jpeg:
         raise SicotError(

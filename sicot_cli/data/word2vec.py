@@ -163,6 +163,8 @@ def load_word2vec_file(path: str | Path, binary: bool, *, missing: str, hint: st
         if p.exists():  # a FIFO, a device: gensim would block on it or read garbage
             raise SicotError(f"{p}: not a regular file, expected a word2vec {fmt} file ({given})")
         raise SicotError(f"{p}: {missing}")
+    if binary and _looks_like_text(p):  # gensim would read the digits as floats: garbage words, no error
+        raise SicotError(f"{p}: a word2vec TEXT file (its first vector is written in digits), read as binary{hint}")
     try:
         with np.errstate(over="ignore"):  # 1e39 is inf as float32: refused below, not a numpy warning
             kv = KeyedVectors.load_word2vec_format(str(p), binary=binary, unicode_errors="replace")
@@ -170,6 +172,20 @@ def load_word2vec_file(path: str | Path, binary: bool, *, missing: str, hint: st
         raise SicotError(f"{p}: not a word2vec {fmt} file ({type(e).__name__}: {e}){hint}") from None
     _check_finite(p, kv, binary)
     return kv
+
+
+def _looks_like_text(p: Path) -> bool:
+    """Whether a word2vec file is the text format: after the header and the first word, the text
+    format writes the first vector in digits, where the binary one writes ``4 * dim`` raw bytes."""
+    with open(p, "rb") as f:
+        header = f.readline(256).split()
+        if len(header) != 2 or not header[1].isdigit():
+            return False
+        dim = int(header[1])
+        head = f.read(min(4 * dim, 4096) + 256)
+    _, space, rest = head.partition(b" ")
+    sample = rest[: 4 * min(dim, 64)]
+    return bool(space and sample) and all(c in b"0123456789.-+eE \t\r\n" for c in sample)
 
 
 def _check_finite(p: Path, kv: KeyedVectors, binary: bool) -> None:

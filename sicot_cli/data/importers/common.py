@@ -130,7 +130,8 @@ def keep_edits(path: Path, content: bytes) -> None:
     if old != content:
         raise SicotError(
             f"{path}: already exists and differs from what this fetch writes (edited by hand, or written with "
-            "other --test-per-class / --seed or by another sicot version); pass --force to replace it, or choose "
+            "other --test-per-class / --seed / --val-fraction / --val-seed by `sicot datasets import`, or by another sicot "
+            "version); pass --force to replace it, or choose "
             "another --dir"
         )
 

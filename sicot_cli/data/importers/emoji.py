@@ -189,6 +189,8 @@ def import_emoji(
     Raises:
         SicotError: missing or unreadable package files, a bad ``test_per_class`` or ``val_fraction``.
     """
+    if folder.exists() and not folder.is_dir():
+        raise SicotError(f"{folder}: is a file; --dir names the folder `sicot datasets fetch emoji` unpacked into")
     if test_per_class < 0:
         raise SicotError(f"--test-per-class must be >= 0, got {test_per_class}")
     if not 0 <= val_fraction <= 0.5:

@@ -45,7 +45,7 @@ from typing import Any
 from sicot_cli.data.importers import emoji, mdi
 from sicot_cli.data.importers.common import ImportSummary, clean_title, keep_edits, load_json, write_manifest
 from sicot_cli.data.importers.npm import NpmPackage, fetch_packages
-from sicot_cli.data.importers.svg import palette_color, rasterise
+from sicot_cli.data.importers.svg import no_png_reason, palette_color, rasterise
 from sicot_cli.errors import SicotError
 from sicot_cli.fsutil import atomic_path, write_json
 
@@ -269,14 +269,14 @@ def import_icons(
         raise SicotError(
             f"{folder}: no icon concept with {min_images} images or more (run `sicot datasets fetch icons` first)"
         )
-    drawn = rasterise(((s.path, f"{s.id}.png", palette_color(s.id)) for s in svgs), folder / PNG, SIZE, "palette-v1")
-    if drawn["unrenderable"]:
-        skipped["SVG resvg cannot draw"] = drawn["unrenderable"]
+    rasterise(((s.path, f"{s.id}.png", palette_color(s.id)) for s in svgs), folder / PNG, SIZE, "palette-v1")
     rows = []
     for s in svgs:
         if (folder / PNG / f"{s.id}.png").is_file():
             words = " ".join([s.name.replace("-", " "), *s.tags])
             rows.append({"image": f"{PNG}/{s.id}.png", "title": clean_title(words), "label": s.name, "id": s.id})
+    if len(rows) < len(svgs):  # every icon without its image is counted, never dropped unsaid
+        skipped[no_png_reason(folder / PNG)] = len(svgs) - len(rows)
     write_manifest(folder / MANIFEST, rows, with_split=False, force=force)
     sentences = write_corpus(folder, packages, force=force)
     counts = Counter(r["label"] for r in rows)

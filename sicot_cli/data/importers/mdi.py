@@ -32,7 +32,7 @@ from typing import Any
 
 from sicot_cli.data.importers.common import ImportSummary, clean_title, group_validation, load_json, write_manifest
 from sicot_cli.data.importers.npm import NpmPackage, fetch_packages
-from sicot_cli.data.importers.svg import rasterise
+from sicot_cli.data.importers.svg import no_png_reason, rasterise
 from sicot_cli.errors import SicotError
 from sicot_cli.fsutil import write_json
 
@@ -152,6 +152,8 @@ def import_mdi(
     Raises:
         SicotError: missing or unreadable package files, a bad ``test_per_class`` or ``val_fraction``.
     """
+    if folder.exists() and not folder.is_dir():
+        raise SicotError(f"{folder}: is a file; --dir names the folder `sicot datasets fetch mdi` unpacked into")
     if test_per_class < 0:
         raise SicotError(f"--test-per-class must be >= 0, got {test_per_class}")
     if not 0 <= val_fraction <= 0.5:
@@ -161,16 +163,13 @@ def import_mdi(
     icons = _icons(src, skipped)
     if not icons:
         raise SicotError(f"{src}: no icon with one category found")
-    drawn = rasterise(
+    rasterise(
         ((src / "svg" / f"{ic.name}.svg", f"{ic.name}.png", "#000000") for ic in icons), folder / PNG, SIZE, "mdi-black"
     )
-    if drawn["unrenderable"]:
-        skipped["SVG resvg cannot draw"] = drawn["unrenderable"]
-    split = [
-        (ic, s)
-        for ic, s in _split(icons, test_per_class, val_fraction, seed, skipped, seed if val_seed is None else val_seed)
-        if (folder / PNG / f"{ic.name}.png").is_file()
-    ]
+    drawn = _split(icons, test_per_class, val_fraction, seed, skipped, seed if val_seed is None else val_seed)
+    split = [(ic, s) for ic, s in drawn if (folder / PNG / f"{ic.name}.png").is_file()]
+    if len(split) < len(drawn):  # every row without its image is counted, never dropped unsaid
+        skipped[no_png_reason(folder / PNG)] = len(drawn) - len(split)
     rows = [
         {"image": f"{PNG}/{ic.name}.png", "title": ic.title, "label": ic.label, "split": s, "id": ic.name}
         for ic, s in split

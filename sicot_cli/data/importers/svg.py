@@ -76,6 +76,11 @@ def _file_size(path: Path) -> int:
         return -1  # missing: reported by name when it is read
 
 
+def no_png_reason(dest: Path) -> str:
+    """The skip reason of an icon without its PNG in ``dest`` (not drawable, or deleted since)."""
+    return f"no PNG (resvg cannot draw the SVG, or the PNG was deleted since: remove {dest} to draw them again)"
+
+
 def rasterise(jobs: Iterable[tuple[Path, str, str]], dest: Path, size: int, scheme: str) -> dict[str, int]:
     """Render SVG files into ``dest`` as PNGs, atomically as a folder.
 
