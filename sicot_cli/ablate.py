@@ -14,6 +14,7 @@ import copy
 import itertools
 import json
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -241,7 +242,12 @@ def _method_plan(names: list[str]) -> list[_Method]:
 def _prepared(recipe: Recipe, data: str | Path | None, progress: Progress | None) -> tuple[Recipe, Path, int, str]:
     """The prepared file (prepared first when missing), a copy of the recipe with its settings taken in, the
     file's validation rows and its data checksum."""
-    data_path = Path(data) if data is not None else Path(recipe.data.out)
+    if data is not None:
+        data_path = Path(data)
+    else:
+        from sicot_cli.data.prepare import recipe_out
+
+        data_path = recipe_out(recipe.data.out)
     if not data_path.exists():
         from sicot_cli.data.prepare import prepare
 
@@ -266,9 +272,9 @@ def _check_out_folder(root: Path, jobs: list[_Job]) -> None:
         )
     for job in jobs:
         d = job.run_dir
-        if d.exists() and not d.is_dir():
+        if os.path.lexists(d) and not d.is_dir():  # a dangling link too
             raise SicotError(
-                f"{d}: a file stands where this ablation's run {d.name} goes; move it, or pass another --out"
+                f"{d}: a file or link stands where this ablation's run {d.name} goes; move it, or pass another --out"
             )
         if d.is_dir() and not runs.is_run(d) and any(not p.name.startswith(".") for p in d.iterdir()):
             raise SicotError(

@@ -143,6 +143,8 @@ def _out_file(raw: str | Path | None, name: str) -> Path | None:
     if raw is not None and raw.endswith(("/", os.sep)):
         return Path(raw) / f"{name}.h5"
     out = None if raw is None else Path(raw)
+    if out is not None and out.name.startswith(".") and out.name.lower() not in (".h5", ".hdf5"):
+        raise SicotError(f"{out}: a hidden file name; --out names the .h5 file to write (e.g. data.h5) or a folder")
     if out is not None and out.name.lower() in (".h5", ".hdf5"):  # Path(".h5").suffix is "": taken for a folder
         raise SicotError(f"{out}: a file name needs a name before {out.name}; --out names the .h5 file (e.g. data.h5)")
     if out is None or out.suffix.lower() in (".h5", ".hdf5"):
@@ -701,7 +703,7 @@ def ablate(
     ] = None,
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0",
     out: Annotated[
-        Path | None, typer.Option(help="Ablation directory (default: <train.runs_dir>/ablate-<name>).")
+        str | None, typer.Option(help="Ablation directory (default: <train.runs_dir>/ablate-<name>).")
     ] = None,
     data: Annotated[
         Path | None, typer.Option(help="Prepared .h5 (default: data.out; prepared first when missing).")
@@ -735,12 +737,14 @@ def ablate(
     names, seed_list = _ablation_axes(encoders, seeds, encoder_module)
     if chosen is not None and chosen.split("[")[0].split("+")[0] not in {*names, "none"}:
         raise SicotError(f"--encoder {chosen!r} is not among the encoders trained here ({', '.join(names)})")
+    if out is not None and not out.strip():
+        raise SicotError("--out is empty; it names the ablation folder (e.g. runs/my-ablation)")
     cfg = _recipe(recipe, overrides, _threads(threads))
     from sicot_cli.preflight import check_training
 
     check_training(cfg, data)
     keys = {"data": data, "presets": _axis("--presets", presets), "method_names": _axis("--methods", methods)}
-    root, statuses = _run_ablation(cfg, names, seed_list, out, keys)
+    root, statuses = _run_ablation(cfg, names, seed_list, None if out is None else Path(out), keys)
     if statuses and statuses[-1].state == "interrupted":
         from rich.text import Text
 

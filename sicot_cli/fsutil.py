@@ -102,6 +102,8 @@ def read_text(
             raise SicotError(f"{path}: a symbolic link loop (it leads back to itself); point it at a file") from None
         if e.errno == errno.ENOTDIR:  # nor here: a file stands where the path needs a folder
             raise SicotError(f"{path}: a file stands where this path needs a folder; check the path") from None
+        if e.errno in (errno.EACCES, errno.EPERM):  # a permission, not the file's content
+            raise SicotError(f"{path}: cannot read{the} (permission denied); check its permissions") from None
         if isinstance(e, NotRegularFileError):  # a pipe or device: nothing to save or fetch again
             raise SicotError(f"{path}: cannot read{the} ({e.strerror}); name a regular file") from None
         raise SicotError(f"{path}: cannot read{the} ({e.strerror or e}){hint}") from None

@@ -193,11 +193,19 @@ def predict(
                 arrays.append(preprocess(Path(p), recognizer.image_size))
                 names.append(str(p))
             except ImageSkip as e:
-                hint = f" (name its images, e.g. {Path(p) / '*.jpg'})" if Path(p).is_dir() else ""
+                hint = f" (name its images, e.g. {Path(p) / '*.jpg'})" if _is_folder(Path(p)) else ""
                 unreadable.append(Unreadable(str(p), f"{e}{hint}"))
         if arrays:
             preds += recognizer.top(recognizer.probabilities(np.stack(arrays)), names, k)
     return preds, unreadable
+
+
+def _is_folder(path: Path) -> bool:
+    """``path.is_dir()``, False where the folder above it may not be read (Python 3.11 raises there)."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
 
 
 def predictions_json(preds: list[Prediction]) -> str:

@@ -101,7 +101,7 @@ class Run:
 
     def _check_agrees(self, path: Path, labels: np.ndarray, topk: np.ndarray) -> None:
         """Refuse predictions that are not the summary's: labels outside the run's classes, or a
-        top-1 other than ``summary.json``'s (another run's file copied in, or a hand edit)."""
+        top-k other than ``summary.json``'s (another run's file copied in, or a hand edit)."""
         classes = len(self.per_class.get("per_class_top1", []))
         for name, a in (("labels", labels), ("topk_labels", topk)):
             if a.size and (a.min() < 0 or (classes and a.max() >= classes)):
@@ -109,13 +109,15 @@ class Run:
                     f"{path}: field {name}: class {int(a.min() if a.min() < 0 else a.max())} outside the run's "
                     f"{classes or 'known'} classes: a damaged run file (retrain it, or leave it out of the report)"
                 )
-        top1 = self.final.get("top1")
-        if isinstance(top1, (int, float)) and len(labels):
-            here = 100.0 * float(np.mean(topk[:, 0] == labels))
-            if abs(here - top1) > 1e-6:
+        for k in range(1, topk.shape[1] + 1):  # every top-k the summary states
+            stated = self.final.get(f"top{k}")
+            if not isinstance(stated, (int, float)) or not len(labels):
+                continue
+            here = 100.0 * float(np.mean((topk[:, :k] == labels[:, None]).any(axis=1)))
+            if abs(here - stated) > 1e-6:
                 raise SicotError(
-                    f"{path}: top-1 {here:.2f} from the predictions, {top1:.2f} in {runs.SUMMARY}: the two files are "
-                    "not one run's (copied from another, or edited): retrain it, or leave it out of the report"
+                    f"{path}: top-{k} {here:.2f} from the predictions, {stated:.2f} in {runs.SUMMARY}: the two files "
+                    "are not one run's (copied from another, or edited): retrain it, or leave it out of the report"
                 )
 
 

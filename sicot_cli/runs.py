@@ -159,9 +159,12 @@ def start_run(run_dir: Path, config: dict[str, Any], resume: bool) -> bool:
                 f"{run_dir}: run directory exists (pass --resume to continue it, or --run-dir to start another)"
             )
         check_resumable(run_dir)  # a folder of the user's own files is left alone
+        for name in (LAST, METRICS, BEST):  # a folder (or link to one) where a run file goes
+            if (run_dir / name).exists() and not (run_dir / name).is_file():
+                raise SicotError(
+                    f"{run_dir / name}: exists and is not a file; move it away (nothing was changed), then resume"
+                )
         last = run_dir / LAST
-        if last.exists() and not last.is_file():
-            raise SicotError(f"{last}: exists and is not a file; move it away (nothing was changed), then resume")
         if not last.is_file():
             if is_finished(run_dir):
                 return True
@@ -179,7 +182,8 @@ def start_run(run_dir: Path, config: dict[str, Any], resume: bool) -> bool:
 
 
 def lost_checkpoint(run_dir: Path) -> None:
-    """Refuse a run whose ``metrics.jsonl`` records an epoch while ``checkpoint-last.pt`` is gone.
+    """Refuse a run whose ``metrics.jsonl`` records an epoch (or which holds ``checkpoint-best.pt``)
+    while ``checkpoint-last.pt`` is gone.
 
     An epoch's checkpoint is saved before its metrics line, so a recorded epoch means the checkpoint
     existed and was moved or deleted since: starting again in place would erase the run's history.
@@ -188,6 +192,12 @@ def lost_checkpoint(run_dir: Path) -> None:
         SicotError: naming the checkpoint and the epochs recorded.
     """
     done = len(read_metrics(run_dir))
+    if not done and (run_dir / BEST).is_file():  # saved after an epoch's validation: an epoch ended
+        raise SicotError(
+            f"{run_dir / LAST}: missing, but {BEST} is there, saved after an epoch ended: the run's checkpoint was "
+            f"moved or deleted since; put it back to continue, start another run with --run-dir NEW_DIR, or (if "
+            f"it was stopped during its first epoch) delete {BEST} to start it again here (nothing was changed)"
+        )
     if done:
         raise SicotError(
             f"{run_dir / LAST}: missing, but {METRICS} records {done} finished epoch(s): the checkpoint was moved "

@@ -108,13 +108,7 @@ def worker_pool(workers: int) -> Iterator[Callable[..., Iterator[Any]]]:
     stopping = multiprocessing.Event()
     pool = ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(stopping,))
     try:
-        # Start the workers now with SIGINT held back: a forked worker has the parent's handler until
-        # its initializer runs. (The parent's Ctrl-C, if any, comes when the mask is restored.)
-        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        try:
-            pool.submit(int).result()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        _start_workers(pool)
 
         def run(fn: Callable[[Any], Any], items: Iterable[Any], chunksize: int = 1) -> Iterator[Any]:
             return pool.map(functools.partial(_call, fn), items, chunksize=chunksize)
@@ -125,6 +119,34 @@ def worker_pool(workers: int) -> Iterator[Callable[..., Iterator[Any]]]:
         _stop(pool)
         raise
     pool.shutdown()
+
+
+def _start_workers(pool: Any) -> None:  # noqa: ANN401 - a ProcessPoolExecutor
+    """Fork every worker with Ctrl-C held back, and deliver a Ctrl-C that came meanwhile afterwards.
+
+    A forked worker has the parent's handler until its initializer runs, so SIGINT is blocked in
+    this thread, and the children inherit the mask. Blocking is per thread, though: another thread
+    of this process (a queue feeder, a progress bar) can take a terminal's SIGINT, and Python then
+    raises KeyboardInterrupt here, between a fork and the pool's record of that child, which
+    nobody would stop (measured: "left running" 1 run in 9). So the Python handler is swapped for
+    one that only notes the signal, and the noted Ctrl-C is delivered once the pool knows its workers.
+    """
+    import threading
+
+    noted: list[int] = []
+    main = threading.current_thread() is threading.main_thread()  # signal.signal works there only
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: noted.append(signum)) if main else None
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        pool.submit(int).result()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        if main:
+            signal.signal(signal.SIGINT, previous)
+    if noted and callable(previous):  # Python's default handler raises KeyboardInterrupt
+        previous(signal.SIGINT, None)
+    elif noted and previous == signal.SIG_DFL:
+        raise KeyboardInterrupt
 
 
 def _stop(pool: Any) -> None:  # noqa: ANN401 - a ProcessPoolExecutor

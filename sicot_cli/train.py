@@ -331,11 +331,11 @@ def training_plan(recipe: Recipe, prepared: Prepared, steps_per_epoch: int, thre
         warnings.append(
             f"train.batch_size {cfg.batch_size} is larger than the {prepared.n_train:,} training images: one step per epoch"
         )
-    above = sorted(k for k in set(cfg.topk) if k > prepared.num_classes)
+    above = sorted(k for k in set(cfg.topk) if k >= prepared.num_classes > 1)
     if above:
         warnings.append(
-            f"train.topk: top-{above[0]} is 100 % by definition with {prepared.num_classes} classes; keep k <= "
-            f"{prepared.num_classes} (e.g. train.topk = [1, {min(3, prepared.num_classes)}])"
+            f"train.topk: top-{above[0]} is 100 % by definition with {prepared.num_classes} classes; keep k < "
+            f"{prepared.num_classes} (e.g. train.topk = [1, {min(3, prepared.num_classes - 1)}])"
         )
     if total < prepared.num_classes and not recipe.model.pretrained:  # a pretrained stream needs fewer
         warnings.append(

@@ -360,6 +360,20 @@ def test_predict_scores_every_readable_image_in_batches_and_names_the_rest(run_d
     with mock.patch("os.access", lambda path, mode, **kw: Path(path).name != denied and real_access(path, mode, **kw)):
         r = runner.invoke(app, ["predict", "--run", str(run_dir), "--json", str(images[0]), str(images[1])])
     assert "Invalid value" not in r.output and r.exit_code == 0, r.output
+    # an image inside a folder this user may not read: Python 3.11's is_dir raises there (it was a
+    # "permission denied" for the whole command, no prediction at all)
+    locked = tmp_path / "lock" / "in.png"
+    real_is_dir = Path.is_dir
+
+    def is_dir(self):  # noqa: ANN001, ANN202
+        if "lock" in self.parts:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_is_dir(self)
+
+    with mock.patch.object(Path, "is_dir", is_dir):
+        r = runner.invoke(app, ["predict", "--run", str(run_dir), "--json", str(images[0]), str(locked)])
+    assert r.exit_code == 2 and len(json.loads(r.stdout)) == 1, r.output
+    assert f"{locked}: image file" in r.stderr and "1 of 2 images could not be read" in r.stderr, r.stderr
     # decoded and scored a few at a time: the same answers as in one batch
     small, unreadable = predict(run_dir, [*images, bad], k=3, device="cpu", batch=4)
     assert [u.image for u in unreadable] == [str(bad)]

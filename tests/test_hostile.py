@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import h5py
 import numpy as np
@@ -1462,6 +1463,13 @@ CASES: dict[str, Case] = {
         "error",
         ["enc/predictions.h5: top-1", "in summary.json: the two files are not one run's"],
     ),
+    "run_predictions_of_another_run_top3": Case(  # top-1 kept, top-3 not the summary's: a CI beside its estimate
+        _edited_predictions(
+            lambda f, top1: f["topk_labels"].write_direct(np.repeat(f["topk_labels"][:, :1], 3, axis=1))
+        ),
+        "error",
+        ["enc/predictions.h5: top-3", "in summary.json: the two files are not one run's"],
+    ),
     "run_predictions_truncated": Case(_truncated_predictions, "error", ["enc/predictions.h5: unreadable predictions"]),
     "run_predictions_deleted": Case(
         _deleted_predictions, "error", ["enc/predictions.h5: missing, though the run finished", "leave the run out"]
@@ -1994,7 +2002,7 @@ CASES: dict[str, Case] = {
     "ablate_out_a_file_in_a_runs_place": Case(  # said "pass --run-dir with a folder"
         lambda t, c: [_bytes((t / "abl").mkdir() or t / "abl" / "none-s0", b"x"), _ablate(t, c)][1],
         "error",
-        ["none-s0: a file stands where this ablation's run none-s0 goes"],
+        ["none-s0: a file or link stands where this ablation's run none-s0 goes"],
     ),
     "ablate_out_a_training_run": Case(  # nested its runs inside the run; report then ignored them
         lambda t, c: [shutil.copytree(c["run"], t / "abl"), _ablate(t, c)][1],
@@ -2003,7 +2011,64 @@ CASES: dict[str, Case] = {
     ),
     "train_topk_twice": Case(_train("train.topk=[1,1]"), "error", ["train.topk lists a k twice, got [1, 1]"]),
     "train_topk_above_the_classes": Case(  # wrote a top-100000 column of 100.00 without a word
-        _train("train.topk=[1,100000]"), "ok", ["top-100000 is 100 % by definition with 3 classes"]
+        _train("train.topk=[1,100000]"), "ok", ["top-100000 is 100 % by definition with 3 classes", "keep k < 3"]
+    ),
+    "ablate_data_out_not_h5": Case(  # ablate prepared an HDF5 file named photo.png: prepare's check skipped
+        lambda t, c: ["ablate", "--out", str(t / "abl"), "--encoders", "none", "data.out=photo.png"],
+        "error",
+        ["data.out = 'photo.png': not an .h5 name"],
+        check=_holds(lambda t, c: not (t / "photo.png").exists()),
+    ),
+    "ablate_out_empty": Case(  # taken as the current folder
+        lambda t, c: [*_ablate(t, c)[:4], "", *_ablate(t, c)[5:]],
+        "error",
+        ["--out is empty"],
+    ),
+    "ablate_out_a_dangling_link_in_a_runs_place": Case(  # ablation.json written, then a failure in the first run
+        lambda t, c: [(t / "abl").mkdir(), (t / "abl" / "none-s0").symlink_to(t / "nowhere"), _ablate(t, c)][2],
+        "error",
+        ["none-s0: a file or link stands where"],
+        check=_holds(lambda t, c: not (t / "abl" / "ablation.json").exists()),
+    ),
+    "prepare_out_hidden_name": Case(
+        lambda t, c: ["prepare", "--manifest", str(_manifest(t)), "--out", str(t / ".x.h5"), *KEEP_ALL],
+        "error",
+        [".x.h5: a hidden file name"],
+    ),
+    "prepare_data_out_dot_dot_h5": Case(  # wrote a hidden ..h5
+        lambda t, c: ["prepare", "--manifest", str(_manifest(t)), *KEEP_ALL, f"data.out={t / '..h5'}"],
+        "error",
+        ["not a hidden one"],
+    ),
+    "train_resume_with_a_folder_as_its_metrics": Case(  # IsADirectoryError traceback
+        lambda t, c: [
+            (_copy_run(t, c, unfinished=True) / runs.METRICS).unlink(),
+            (t / "run" / runs.METRICS).mkdir(),
+            ["train", "--resume", "--run-dir", str(t / "run")],
+        ][2],
+        "error",
+        ["metrics.jsonl: exists and is not a file"],
+    ),
+    "train_resume_with_only_its_best_checkpoint_left": Case(  # restarted in place over checkpoint-best.pt
+        lambda t, c: [
+            shutil.copy(_copy_run(t, c, unfinished=True) / runs.LAST, t / "run" / runs.BEST),
+            (t / "run" / runs.LAST).unlink(),
+            (t / "run" / runs.METRICS).unlink(),
+            ["train", "--resume", "--run-dir", str(t / "run")],
+        ][3],
+        "error",
+        ["checkpoint-last.pt: missing, but checkpoint-best.pt is there", "nothing was changed"],
+        check=_holds(lambda t, c: (t / "run" / runs.BEST).is_file()),
+    ),
+    "word_vectors_text_with_nan_read_as_binary": Case(
+        lambda t, c: _prep(
+            _manifest(t),
+            t,
+            "embed.binary=true",
+            "embed.pretrained=" + str(_bytes(t / "v.txt", b"3 3\nred nan -Infinity 3e-2\ncat 0 1 0\ntoy 0 0 1\n")),
+        ),
+        "error",
+        ["v.txt: a word2vec TEXT file"],
     ),
     "train_resume_with_its_last_checkpoint_gone": Case(  # restarted from epoch 1 and erased metrics.jsonl
         lambda t, c: [
@@ -2233,6 +2298,18 @@ def test_text_reader_hints_fit_the_cause(tmp_path):
         SicotError, match=r"afile/x.json: a file stands where this path needs a folder; check the path$"
     ):
         read_text(tmp_path / "afile" / "x.json", hint="; delete its folder and fetch again")
+    real_open = os.open
+
+    def locked(path, *a, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if str(path).endswith("locked.txt"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, *a, **kw)
+
+    with (
+        mock.patch("os.open", locked),
+        pytest.raises(SicotError, match=r"locked.txt: cannot read \(permission denied\); check its permissions$"),
+    ):
+        read_text(tmp_path / "locked.txt", hint="; save it as UTF-8")  # it said "save it as UTF-8"
     os.mkfifo(tmp_path / "pipe")
     with pytest.raises(
         SicotError, match=r"pipe: cannot read \(not a regular file \(a FIFO, socket or device\)\); name a regular file$"

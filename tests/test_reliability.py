@@ -162,8 +162,10 @@ def test_ctrl_c_during_parallel_decoding_stops_cleanly(tmp_path, images, when):
     args = [
         "prepare", "--out", "o.h5", "data.workers=2", f"data.images={images}", "data.image_size=128",
         "data.synthetic.num_classes=10", "data.synthetic.max_per_class=200", "data.synthetic.min_per_class=150",
-        "data.synthetic.test_per_class=10", "embed.dim=8", "embed.epochs=1",
+        "data.synthetic.test_per_class=80", "embed.dim=8", "embed.epochs=1",
     ]  # fmt: skip
+    # 800 test images: the next split's pool lives long enough to be seen starting ("new workers"
+    # missed a test split of 100 images, decoded between two looks, on a loaded machine)
     proc = subprocess.Popen(
         [sys.executable, "-m", "sicot_cli", *args],
         cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
@@ -183,7 +185,12 @@ def test_ctrl_c_during_parallel_decoding_stops_cleanly(tmp_path, images, when):
                 break
             time.sleep(0.002)
         workers = _children(proc.pid) | first
-        assert proc.poll() is None and workers, "the prepare ended before decoding with workers"
+        if proc.poll() is not None or not workers:  # say why, for a failure seen only on a loaded machine
+            _, late = proc.communicate(timeout=60)
+            raise AssertionError(
+                f"the prepare ended (exit {proc.returncode}) before decoding with workers (seen: {sorted(first)}): "
+                f"{late[-2000:]!r}"
+            )
         os.killpg(proc.pid, signal.SIGINT)
         t0 = time.monotonic()
         out, err = proc.communicate(timeout=60)

@@ -432,7 +432,7 @@ def _restore_side_file(out_path: Path) -> None:
 H5_SUFFIXES = (".h5", ".hdf5")
 
 
-def _recipe_out(raw: str) -> Path:
+def recipe_out(raw: str) -> Path:
     """``data.out`` as the recipe gives it: the .h5 file itself (``--out`` may also name a folder).
 
     Raises:
@@ -443,8 +443,10 @@ def _recipe_out(raw: str) -> Path:
     example = "data/NAME.h5"
     if raw.strip() in ("", ".", "..") or raw.endswith(("/", os.sep)) or path.is_dir():
         raise SicotError(f"data.out = {raw!r}: names a folder; data.out names the .h5 file to write (e.g. {example})")
-    if path.name.lower() in H5_SUFFIXES:
-        raise SicotError(f"data.out = {raw!r}: a file name needs a name before {path.name} (e.g. {example})")
+    if path.name.lower() in H5_SUFFIXES or path.name.startswith("."):
+        raise SicotError(
+            f"data.out = {raw!r}: a file name needs a name before {path.suffix or path.name}, not a hidden one (e.g. {example})"
+        )
     if path.suffix.lower() not in H5_SUFFIXES:
         raise SicotError(
             f"data.out = {raw!r}: not an .h5 name; data.out names the prepared .h5 file (e.g. {path.with_suffix('.h5')})"
@@ -701,7 +703,7 @@ def prepare(
     t0 = time.perf_counter()
     progress = progress or NullProgress()
     recipe = copy.deepcopy(recipe)  # eval.boundaries = "data" fills in the thresholds: not the caller's
-    out_path = Path(out) if out else _recipe_out(recipe.data.out)
+    out_path = Path(out) if out else recipe_out(recipe.data.out)
     jpeg = jpegstore.uses_jpeg(recipe.data)
     if (part is not None or merge) and not jpeg:
         raise SicotError(

@@ -185,7 +185,7 @@ def _looks_like_text(p: Path) -> bool:
         head = f.read(min(4 * dim, 4096) + 256)
     _, space, rest = head.partition(b" ")
     sample = rest[: 4 * min(dim, 64)]
-    return bool(space and sample) and all(c in b"0123456789.-+eE \t\r\n" for c in sample)
+    return bool(space and sample) and all(c in b"0123456789.-+eE \t\r\nnaNAifIFty" for c in sample)  # nan, inf(inity)
 
 
 def _check_finite(p: Path, kv: KeyedVectors, binary: bool) -> None:
