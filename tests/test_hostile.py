@@ -2040,15 +2040,6 @@ CASES: dict[str, Case] = {
         "error",
         ["not a hidden one"],
     ),
-    "train_resume_with_a_folder_as_its_metrics": Case(  # IsADirectoryError traceback
-        lambda t, c: [
-            (_copy_run(t, c, unfinished=True) / runs.METRICS).unlink(),
-            (t / "run" / runs.METRICS).mkdir(),
-            ["train", "--resume", "--run-dir", str(t / "run")],
-        ][2],
-        "error",
-        ["metrics.jsonl: exists and is not a file"],
-    ),
     "train_resume_with_only_its_best_checkpoint_left": Case(  # restarted in place over checkpoint-best.pt
         lambda t, c: [
             shutil.copy(_copy_run(t, c, unfinished=True) / runs.LAST, t / "run" / runs.BEST),
@@ -2083,16 +2074,20 @@ CASES: dict[str, Case] = {
         ],
         check=_holds(lambda t, c: len(runs.read_metrics(t / "run")) == 1),
     ),
-    "train_resume_with_a_folder_as_its_last_checkpoint": Case(  # metrics.jsonl deleted, then a crash after an epoch
-        lambda t, c: [
-            (_copy_run(t, c, unfinished=True) / runs.LAST).unlink(),
-            (t / "run" / runs.LAST).mkdir(),
-            ["train", "--resume", "--run-dir", str(t / "run")],
-        ][2],
-        "error",
-        ["checkpoint-last.pt: exists and is not a file; move it away"],
-        check=_holds(lambda t, c: len(runs.read_metrics(t / "run")) == 1),
-    ),
+    **{
+        # checkpoint-last.pt: metrics.jsonl deleted, then a crash after an epoch; metrics.jsonl: a traceback
+        f"train_resume_with_a_folder_as_its_{name.split('.')[0].replace('-', '_')}": Case(
+            lambda t, c, name=name: [
+                (_copy_run(t, c, unfinished=True) / name).unlink(),
+                (t / "run" / name).mkdir(),
+                ["train", "--resume", "--run-dir", str(t / "run")],
+            ][2],
+            "error",
+            [f"{name}: exists and is not a file; move it away"],
+            check=_holds(lambda t, c, name=name: name == runs.METRICS or len(runs.read_metrics(t / "run")) == 1),
+        )
+        for name in (runs.LAST, runs.METRICS)
+    },
     "evaluate_with_its_last_checkpoint_gone": Case(  # said "the run saved no checkpoint yet"
         lambda t, c: [(_copy_run(t, c, unfinished=True) / runs.LAST).unlink(), ["evaluate", "--run", str(t / "run")]][
             1
