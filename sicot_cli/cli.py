@@ -135,19 +135,22 @@ def _typed(option: str, value: object, items: list[str]) -> dict[str, str]:
 
 def _out_file(raw: str | Path | None, name: str) -> Path | None:
     """``--out`` may name the .h5 file or a folder to put ``<name>.h5`` in (a trailing slash: a folder)."""
+    from sicot_cli.data.prepare import H5_SUFFIXES
     from sicot_cli.errors import SicotError
 
-    raw = None if raw is None else os.fspath(raw)
-    if raw is not None and not raw.strip():
+    if raw is None:
+        return None
+    raw = os.fspath(raw)
+    if not raw.strip():
         raise SicotError("--out is empty; it names the .h5 file to write (e.g. data.h5) or a folder")
-    if raw is not None and raw.endswith(("/", os.sep)):
+    if raw.endswith(("/", os.sep)):
         return Path(raw) / f"{name}.h5"
-    out = None if raw is None else Path(raw)
-    if out is not None and out.name.startswith(".") and out.name.lower() not in (".h5", ".hdf5"):
-        raise SicotError(f"{out}: a hidden file name; --out names the .h5 file to write (e.g. data.h5) or a folder")
-    if out is not None and out.name.lower() in (".h5", ".hdf5"):  # Path(".h5").suffix is "": taken for a folder
+    out = Path(raw)
+    if out.name.lower() in H5_SUFFIXES:  # Path(".h5").suffix is "": taken for a folder
         raise SicotError(f"{out}: a file name needs a name before {out.name}; --out names the .h5 file (e.g. data.h5)")
-    if out is None or out.suffix.lower() in (".h5", ".hdf5"):
+    if out.name.startswith("."):
+        raise SicotError(f"{out}: a hidden file name; --out names the .h5 file to write (e.g. data.h5) or a folder")
+    if out.suffix.lower() in H5_SUFFIXES:
         return out
     if out.is_file():
         raise SicotError(

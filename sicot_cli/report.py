@@ -25,6 +25,7 @@ accuracies, the curves and the per-class table.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import logging
@@ -67,6 +68,13 @@ class Run:
 
     def hits(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(test rows, top-k hit per row) from ``predictions.h5``."""
+        rows, labels, topk = self._predictions
+        return rows, (topk[:, :k] == labels[:, None]).any(axis=1)
+
+    @functools.cached_property
+    def _predictions(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``predictions.h5``'s rows, labels and top-k labels, read and checked once per run (a
+        baseline is paired with every encoder, at every k)."""
         import h5py
 
         path = self.path / runs.PREDICTIONS
@@ -97,7 +105,7 @@ class Run:
                 f"{path}: field topk_labels/labels/rows: shapes {topk.shape}/{labels.shape}/{rows.shape} do not fit together: a damaged run file"
             )
         self._check_agrees(path, labels, topk)
-        return rows, (topk[:, :k] == labels[:, None]).any(axis=1)
+        return rows, labels, topk
 
     def _check_agrees(self, path: Path, labels: np.ndarray, topk: np.ndarray) -> None:
         """Refuse predictions that are not the summary's: labels outside the run's classes, or a
