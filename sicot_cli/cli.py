@@ -882,6 +882,14 @@ def report(
         Path | None, typer.Option(help="Where report.md/csv/json and the PNGs go (default: the first directory).")
     ] = None,
     figures: Annotated[bool, typer.Option(help="Write the PNG figures.")] = True,
+    split: Annotated[
+        str,
+        typer.Option(
+            help="test (the result) or val: the validation figures of each run's scored epoch, for choosing between "
+            "settings without the test set; runs on several validation folds (data.val_fold) pair by seed within each. "
+            "val prints its tables and writes no file."
+        ),
+    ] = "test",
     attention: Annotated[
         bool, typer.Option("--attention", help="Print the Fig. 7 view (words by attention) in the terminal.")
     ] = False,
@@ -897,7 +905,14 @@ def report(
 
     if fmt not in ("table", "markdown", "csv", "json"):
         raise SicotError(f"--format must be table, markdown, csv or json, got {fmt!r}")
-    rep = build_report(list(dirs), chosen or "bilinear")
+    if split not in ("test", "val"):
+        raise SicotError(f"--split must be test or val, got {split!r}")
+    if split == "val" and out is not None:
+        raise SicotError(
+            "--split val prints its tables and writes no file (report.md is the test result): leave --out out, "
+            "and keep the output with --format markdown|csv|json > FILE"
+        )
+    rep = build_report(list(dirs), chosen or "bilinear", split=split)
     if chosen is not None and chosen != rep.chosen:
         raise SicotError(f"--encoder {chosen!r}: no run of it here (encoders: {', '.join(rep.encoders)})")
     views = []  # computed before anything is written: a bad --class is refused with nothing written
@@ -911,14 +926,16 @@ def report(
             views.append(attention_view(fig.attention(run.path, n=6), run.encoder))
         if class_name:
             views.append(class_words_table(fig.class_words(fig.attention(run.path, class_name=class_name)), class_name))
-    target = out or dirs[0]
-    ensure_dir(target)
-    written = _write_report(rep, target, figures)
+    written = []
+    if split == "test":
+        target = out or dirs[0]
+        ensure_dir(target)
+        written = _write_report(rep, target, figures)
     if fmt == "table":
         _print_tables(rep)
     else:
         typer.echo(plain_text({"markdown": to_markdown, "csv": to_csv, "json": to_json}[fmt](rep)))
     for view in views:
         show(view)
-    if fmt == "table":
+    if fmt == "table" and written:
         console.print(safe("wrote " + ", ".join(str(p) for p in written)))

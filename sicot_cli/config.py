@@ -97,6 +97,11 @@ class DataConfig:
     # Validation rows carved from the training rows (per class floor(val_fraction * n), seeded by
     # split_seed): every choice (checkpoint-best, eval.select, tau...) is made on them, never on test.
     val_fraction: Annotated[float, Range(0, 0.5)] = 0.1
+    # Validation fold: 0 = the carve above; k > 0 = another draw of the same number of validation
+    # rows per class, seeded by (split_seed, k): training and test rows are otherwise the same, so
+    # a choice can be made on several folds (docs/datasets.md, "Validation folds"). Refused where
+    # the manifest names its own val rows (re-draw those with `sicot datasets import --val-seed`).
+    val_fold: Seed = 0
     max_title_tokens: Annotated[int, Range(1, 4096)] = 32  # allocated as [rows, max_title_tokens]
     split_seed: Seed = 0
     workers: Annotated[int, Range(0, 4096)] = 0  # decode processes; 0 = one per core
@@ -800,6 +805,11 @@ def validate(recipe: Recipe, where: str) -> None:
             f"{tr.topk}: e.g. train.topk = [1, {max(tr.topk or [1])}]",
         ),
         *_cotraining_rules(recipe),
+        (
+            not (recipe.data.val_fold and recipe.data.val_fraction == 0),
+            f"data.val_fold = {recipe.data.val_fold} re-draws the validation rows, and data.val_fraction = 0 carves "
+            "none: set data.val_fraction > 0, or leave data.val_fold at 0",
+        ),
         (
             bool(e.logit_adjust_taus) and all(0 <= x <= 10 for x in e.logit_adjust_taus),
             f"eval.logit_adjust_taus must list values between 0 and 10, got {e.logit_adjust_taus}",

@@ -560,7 +560,9 @@ def _flat(recipe: dict[str, Any]) -> dict[tuple[str, str], Any]:
     return out
 
 
-def _check_shared_settings(runs_: list[Run]) -> None:
+def _check_shared_settings(
+    runs_: list[Run], also_free: frozenset[tuple[str, str]] | set[tuple[str, str]] = frozenset()
+) -> None:
     """Refuse runs that are not one experiment: :data:`SHARED_KEYS` differ between any two runs,
     or two seeds of one table row (same label) differ in any key but :data:`HOW_IT_RAN`.
 
@@ -586,31 +588,88 @@ def _check_shared_settings(runs_: list[Run]) -> None:
     for r in runs_:
         a = by_label.setdefault(r.encoder, r)
         fa, fb = flat[a.path], flat[r.path]
-        keys = sorted(k for k in set(fa) | set(fb) if k not in HOW_IT_RAN and fa.get(k) != fb.get(k))
+        keys = sorted(k for k in set(fa) | set(fb) if k not in HOW_IT_RAN | also_free and fa.get(k) != fb.get(k))
         if keys:
             refuse(a, r, keys, f"are both {r.encoder!r} in the tables but were trained differently")
 
 
-def build_report(paths: list[Path], chosen: str = "bilinear", bootstrap: bool = True) -> Report:
+SPLITS = ("test", "val")
+# Keys that only draw the validation rows: runs on several validation folds of one dataset
+# (data.val_fold, or data.split_seed where the test rows are the manifest's) are one experiment
+# for `sicot report --split val`.
+FOLD_KEYS = {("data", "val_fold"), ("data", "split_seed")}
+
+
+def _dataset_key(r: Run) -> str:
+    return json.dumps(r.config.get("dataset"), sort_keys=True)
+
+
+def _on_validation(r: Run) -> Run:
+    """``r`` with its validation figures in place of its test figures: those of the scored
+    checkpoint's epoch, as ``metrics.jsonl`` logged them (``val_*``).
+
+    Raises:
+        SicotError: the run changed its classifier after training (a second stage, post-hoc
+            logit adjustment), or logged no validation figures for that epoch.
+    """
+    if r.final.get("stage") or r.final.get("logit_adjust_tau") is not None:
+        what = f"second stage {r.final['stage']}" if r.final.get("stage") else "post-hoc logit adjustment"
+        raise SicotError(
+            f"{r.path}: its {what} changed the classifier after training, so metrics.jsonl's validation figures are "
+            "not the scored model's: report it on test, or leave it out of --split val"
+        )
+    epoch = r.final.get("checkpoint_epoch", r.history[-1].get("epoch") if r.history else None)
+    row = next((h for h in r.history if h.get("epoch") == epoch), None)
+    if row is None or not isinstance(row.get("val_top1"), (int, float)):
+        raise SicotError(
+            f"{r.path / runs.METRICS}: no validation figures for epoch {epoch}, the scored checkpoint's (a file "
+            "prepared without validation rows, data.val_fraction = 0?): report it on test"
+        )
+    final = {k[4:]: v for k, v in row.items() if k.startswith("val_")}
+    final |= {k: r.final[k] for k in ("checkpoint", "checkpoint_epoch", "selected_on") if k in r.final}
+    final |= {"split": "val", "test_images": final.get("n_test", r.final.get("val_images", "?"))}
+    return Run(r.path, r.encoder, r.seed, r.config, final, r.history, {})
+
+
+def build_report(paths: list[Path], chosen: str = "bilinear", bootstrap: bool = True, split: str = "test") -> Report:
     """Read the runs and compute every cell, gain, p-value and interval.
+
+    ``split = "val"``: the validation figures of each run's scored epoch (what choosing between
+    settings may look at), paired by seed within each prepared file, so runs on several validation
+    folds of one dataset (``data.val_fold``) are one experiment; seeds p only (validation predictions
+    are not kept per image).
 
     Raises:
         SicotError: no run, no baseline run, or runs of different datasets or settings (:data:`SHARED_KEYS`) mixed.
     """
+    if split not in SPLITS:
+        raise SicotError(f"--split must be test or val, got {split!r}")
     runs_, unfinished = load_runs(paths)
-    datasets = {json.dumps(r.config.get("dataset"), sort_keys=True) for r in runs_}
-    if len(datasets) > 1:
-        raise SicotError("the runs were trained on different datasets: report them separately")
-    _check_shared_settings(runs_)
-    seen: dict[tuple[str, int], Path] = {}
-    for r in runs_:
-        if (r.encoder, r.seed) in seen and seen[(r.encoder, r.seed)].resolve() == r.path.resolve():
-            raise SicotError(f"{r.path}: the same run is given twice; give each run or ablation directory once")
-        if (r.encoder, r.seed) in seen:
+    on_val = split == "val"
+    if on_val:
+        runs_ = [_on_validation(r) for r in runs_]
+        bootstrap = False
+        classes = {r.config.get("dataset", {}).get("classes") for r in runs_}
+        if len(classes) > 1:
             raise SicotError(
-                f"two runs of encoder {r.encoder!r} with seed {r.seed}: {seen[(r.encoder, r.seed)]} and {r.path}; report them separately"
+                "the runs were trained on different datasets (class counts differ): report them separately"
             )
-        seen[(r.encoder, r.seed)] = r.path
+    elif len({_dataset_key(r) for r in runs_}) > 1:
+        raise SicotError("the runs were trained on different datasets: report them separately")
+    _check_shared_settings(runs_, FOLD_KEYS if on_val else frozenset())
+    # a pair is one seed on one prepared file (on validation, folds are different files)
+    pair_key = (lambda r: (_dataset_key(r), r.seed)) if on_val else (lambda r: r.seed)
+    seen: dict[tuple[str, Any], Path] = {}
+    for r in runs_:
+        key = (r.encoder, pair_key(r))
+        if key in seen and seen[key].resolve() == r.path.resolve():
+            raise SicotError(f"{r.path}: the same run is given twice; give each run or ablation directory once")
+        if key in seen:
+            raise SicotError(
+                f"two runs of encoder {r.encoder!r} with seed {r.seed}{' on one prepared file' if on_val else ''}: "
+                f"{seen[key]} and {r.path}; report them separately"
+            )
+        seen[key] = r.path
     encoders = sorted({r.encoder for r in runs_}, key=lambda e: (e != BASELINE, e))
     # Without a baseline there are no gains: Table 3 (accuracies), the curves and the per-class
     # table still say how the runs did (a single `sicot train` run is reported, not refused).
@@ -624,11 +683,11 @@ def build_report(paths: list[Path], chosen: str = "bilinear", bootstrap: bool = 
         for e in encoders
     }
     gains: dict[str, dict[str, Gain]] = {}
-    base_by_seed = {r.seed: r for r in runs_ if r.encoder == BASELINE}
+    base_by_seed = {pair_key(r): r for r in runs_ if r.encoder == BASELINE}
     for e in encoders:
         if e == BASELINE:
             continue
-        pairs = [(r, base_by_seed[r.seed]) for r in runs_ if r.encoder == e and r.seed in base_by_seed]
+        pairs = [(r, base_by_seed[pair_key(r)]) for r in runs_ if r.encoder == e and pair_key(r) in base_by_seed]
         gains[e] = {k: _paired_gain(pairs, k) for k in keys}
         if bootstrap and pairs:
             for k in ("top1", "top3"):
@@ -648,6 +707,12 @@ def build_report(paths: list[Path], chosen: str = "bilinear", bootstrap: bool = 
     with_methods = any(methods.method_of(r.config) != methods.CE for r in runs_)
     titles = {r.encoder: methods.needs_titles(r.config) for r in runs_} if with_methods else {}
     protocol = "; ".join(sorted({runs.selection_line(r.final) for r in runs_}))
+    if on_val:
+        folds = len({_dataset_key(r) for r in runs_})
+        protocol += (
+            f"{f', {folds} validation folds (prepared files), runs paired by seed within each' if folds > 1 else ''}; "
+            "validation figures as logged at that epoch, for choosing; seeds p only (no per-image validation predictions)"
+        )
     return Report(
         runs_,
         unfinished,

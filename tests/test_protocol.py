@@ -103,6 +103,29 @@ def test_manifest_val_rows_are_kept_as_given(tmp_path: Path) -> None:
     assert _ids(p, "val") == {"v2", "v3"}
 
 
+def test_validation_folds_redraw_validation_rows_only(tmp_path: Path) -> None:
+    """data.val_fold = k > 0: the same number of validation rows per class, other rows, the same test
+    rows; fold 0 is the file every earlier version prepared. Refused where the manifest names val rows."""
+    m = make_manifest(tmp_path / "raw", per_class=24)  # no split column: the test rows are drawn too
+    base = _prepare(m, tmp_path / "a.h5", "data.val_fraction=0.2")
+    zero = _prepare(m, tmp_path / "z.h5", "data.val_fraction=0.2", "data.val_fold=0")
+    assert zero.ids() == base.ids()
+    folds = [_prepare(m, tmp_path / f"f{k}.h5", "data.val_fraction=0.2", f"data.val_fold={k}") for k in (1, 2)]
+    vals = [_ids(base, "val")] + [_ids(f, "val") for f in folds]
+    assert len({frozenset(v) for v in vals}) == 3  # three different validation draws
+    for f in folds:
+        assert _ids(f, "test") == _ids(base, "test")
+        assert _ids(f, "train") | _ids(f, "val") == _ids(base, "train") | _ids(base, "val")
+        lo, hi = f.split_range("val")
+        assert np.bincount(f.labels[lo:hi]).tolist() == [4, 4, 4]
+    with pytest.raises(SicotError, match="val_fraction"):
+        _prepare(m, tmp_path / "n.h5", "data.val_fraction=0", "data.val_fold=1")
+    extra = [{"image": "cat0.png", "title": "red cat", "label": "cat", "id": "v0", "split": "val"}]
+    own = make_manifest(tmp_path / "own", per_class=8, split=True, extra_rows=extra)
+    with pytest.raises(SicotError, match="names its own val rows.*--val-seed"):
+        _prepare(own, tmp_path / "o.h5", "data.val_fold=1")
+
+
 @pytest.fixture(scope="module")
 def with_val(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("val")

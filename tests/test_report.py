@@ -331,6 +331,79 @@ def test_report_refuses_seeds_of_one_row_trained_differently(ablation, section, 
         build_report([ablation], "bilinear")
 
 
+def _with_validation(run: Path, val_top1: list[float], scored: int | None = None, sha: str | None = None) -> Path:
+    """Give ``run`` one epoch record per ``val_top1`` value (val_tail_top1 = value - 2) and score epoch
+    ``scored`` (default the last); ``sha``: another prepared file (another validation fold)."""
+    recs = [
+        {"epoch": e, "loss": 1.0, "val_top1": v, "val_top3": v + 5, "val_tail_top1": v - 2, "val_n_test": 30}
+        for e, v in enumerate(val_top1, 1)
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    summary = json.loads((run / "summary.json").read_text())
+    summary["epochs"] = len(recs)
+    summary["final"] |= {"split": "test", "checkpoint": "last", "checkpoint_epoch": scored or len(recs)}
+    (run / "summary.json").write_text(json.dumps(summary))
+    if sha is not None:
+        cfg = json.loads((run / "config.json").read_text())
+        cfg["dataset"]["sha256"] = sha
+        cfg["recipe"]["data"]["val_fold"] = int(sha[-1])
+        (run / "config.json").write_text(json.dumps(cfg))
+    return run
+
+
+def test_report_on_validation_reads_the_scored_epochs_validation_figures(ablation, tmp_path):
+    """--split val: the val_* figures of the scored epoch (not the test ones), paired by seed, seeds p
+    only; printed, nothing written; runs without them, or changed after training, refused by name."""
+    for (enc, seed), top1 in TOP1.items():
+        # epoch 2 holds test top-1 + 20; epoch 1 is a decoy, scored only by checkpoint-best below
+        _with_validation(ablation / f"{enc}-s{seed}", [5.0, top1 + 20], scored=2)
+    _with_validation(ablation / "mean-s1", [52.0 + 20, 5.0], scored=1)  # its best epoch: the first
+    rep = build_report([ablation], "bilinear", split="val")
+    assert rep.cells["bilinear"]["top1"].values == [73.0, 74.0, 78.0]
+    assert rep.cells["mean"]["top1"].values == [71.0, 72.0, 73.0]
+    g = rep.gains["bilinear"]["tail_top1"]
+    assert g.values == [3.0, 2.0, 4.0] and g.ci is None and g.p_value == pytest.approx(0.03513, abs=1e-4)
+    assert "val split (30 images)" in rep.protocol and "seeds p only" in rep.protocol
+    before = sorted(p.name for p in ablation.iterdir())
+    r = runner.invoke(app, ["report", str(ablation), "--split", "val", "--format", "markdown"])
+    assert r.exit_code == 0, r.output
+    assert "| bilinear | 75.00±2.65 | +3.00 | significant (seeds p=0.035) |" in r.output
+    assert sorted(p.name for p in ablation.iterdir()) == before  # nothing written
+    r = runner.invoke(app, ["report", str(ablation), "--split", "val", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "writes no file" in r.output and not (tmp_path / "o").exists()
+    assert runner.invoke(app, ["report", str(ablation), "--split", "train"]).exit_code == 2
+    (ablation / "none-s1" / "metrics.jsonl").write_text(json.dumps({"epoch": 2, "loss": 1.0}) + "\n")
+    with pytest.raises(SicotError, match=r"none-s1/metrics.jsonl: no validation figures for epoch 2"):
+        build_report([ablation], split="val")
+    _with_validation(ablation / "none-s1", [5.0, 72.0])
+    summary = json.loads((ablation / "none-s1" / "summary.json").read_text())
+    summary["final"]["logit_adjust_tau"] = 1.0
+    (ablation / "none-s1" / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(SicotError, match=r"none-s1: its post-hoc logit adjustment changed the classifier"):
+        build_report([ablation], split="val")
+
+
+def test_report_on_validation_pairs_seeds_within_each_fold(tmp_path):
+    """Runs on two validation folds (two prepared files, data.val_fold differs), seed 0 on each: four
+    pairs' worth of runs give two gains, each against its own fold's baseline. On test they are refused."""
+    rng = np.random.default_rng(0)
+    for fold, (base, co) in enumerate(((50.0, 53.0), (60.0, 61.0)), 1):
+        for enc, top1 in (("none", base), ("bilinear", co)):
+            run = make_run(tmp_path / f"f{fold}", enc, 0, None, _exact_hits(rng, 50.0))
+            _with_validation(run, [top1], sha=f"fold{fold}")
+    dirs = [tmp_path / "f1", tmp_path / "f2"]
+    rep = build_report(dirs, split="val")
+    assert sorted(rep.gains["bilinear"]["top1"].values) == [1.0, 3.0]
+    assert "2 validation folds" in rep.protocol
+    with pytest.raises(SicotError, match="different datasets"):
+        build_report(dirs)
+    cfg = json.loads((tmp_path / "f2" / "bilinear-s0" / "config.json").read_text())
+    cfg["recipe"]["train"]["lr"] = 5.0  # a fold trained otherwise is still refused
+    (tmp_path / "f2" / "bilinear-s0" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SicotError, match=r"train\.lr"):
+        build_report(dirs, split="val")
+
+
 @pytest.mark.parametrize("metrics", ["", '{"epoch": 1, "lo'])
 def test_a_finished_run_with_fewer_epoch_records_than_it_trained_is_warned(tmp_path, caplog, metrics):
     """metrics.jsonl emptied or torn by hand: the curves would be empty; the report says why."""

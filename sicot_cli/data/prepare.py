@@ -254,13 +254,21 @@ def _carve_validation(recs: list[_Rec], recipe: Recipe) -> None:
     theirs. A manifest that names ``val`` rows keeps its own split.
     """
     d = recipe.data
+    if d.val_fold and any(r.split == "val" for r in recs):
+        first = next(r for r in recs if r.split == "val")
+        raise SicotError(
+            f"{first.where}: data.val_fold = {d.val_fold}, but the manifest names its own val rows, which prepare keeps: "
+            "re-draw them where the manifest is made (`sicot datasets import emoji|mdi --val-seed K` for the built-in "
+            "sets), or leave data.val_fold at 0"
+        )
     if d.val_fraction <= 0 or any(r.split == "val" for r in recs):
         return
     by_class: dict[str, list[_Rec]] = defaultdict(list)
     for r in recs:
         if r.split == "train":
             by_class[r.label].append(r)
-    rng = np.random.default_rng([d.split_seed, 1])  # its own stream: the test split is unchanged
+    # its own stream: the test split is unchanged; fold k > 0 another stream again (fold 0 is unchanged)
+    rng = np.random.default_rng([d.split_seed, 1] if not d.val_fold else [d.split_seed, 1, d.val_fold])
     for label in sorted(by_class):
         units = _by_image(sorted(by_class[label], key=lambda r: r.id))  # one image: one side
         n_val = max(0, min(int(d.val_fraction * len(units)), len(units) - d.min_train_per_class))
