@@ -850,7 +850,7 @@ def _write_report(rep: Any, target: Path, figures: bool) -> list[Path]:
     """report.md/.csv/.json and per_class.csv, and the figures when asked: the files written."""
     from sicot_cli.report import write_report
 
-    written = write_report(rep, target)
+    written = write_report(rep, target, figures)
     if figures:
         from sicot_cli.figures import render_all
 

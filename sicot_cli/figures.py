@@ -19,7 +19,7 @@ import numpy as np
 
 from sicot_cli.errors import SicotError
 from sicot_cli.fsutil import atomic_path
-from sicot_cli.report import BASELINE, Report
+from sicot_cli.report import BASELINE, FIGURE_SOFTWARE, Report
 
 
 def _plt():  # noqa: ANN202 - matplotlib is imported lazily and headless
@@ -33,7 +33,7 @@ def _plt():  # noqa: ANN202 - matplotlib is imported lazily and headless
 
 def _save(fig, path: Path) -> Path:  # noqa: ANN001
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
+        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png", metadata={"Software": FIGURE_SOFTWARE})
     _plt().close(fig)
     return path
 

@@ -903,24 +903,40 @@ _REPORT_STARTS = {
 REPORT_FILES = (*_REPORT_STARTS, "curves.png", "fig6_distribution.png", "per_class_gain.png", "fig7_attention.png")
 
 
-def _check_replaceable(path: Path) -> None:
-    """Refuse to replace a file at a report's name that no ``sicot report`` wrote (a user's own notes)."""
-    if not path.exists() and not path.is_symlink():
-        return
+FIGURE_FILES = REPORT_FILES[len(_REPORT_STARTS) :]
+# The PNG text chunk sicot's figures carry (sicot_cli.figures); figures of earlier versions carry
+# matplotlib's own, and are replaced too.
+FIGURE_SOFTWARE = "sicot report"
+_PNG_SOFTWARE = (b"tEXtSoftware\x00" + FIGURE_SOFTWARE.encode(), b"tEXtSoftware\x00Matplotlib")
+
+
+def _written_by_report(path: Path) -> bool:
     try:
         with path.open("rb") as f:
-            head = f.read(256).decode("utf-8", errors="replace")
+            head = f.read(512)
     except OSError:
-        head = ""
-    if not path.is_file() or not head.startswith(_REPORT_STARTS[path.name]):
+        return False
+    if path.name in _REPORT_STARTS:
+        return head.decode("utf-8", errors="replace").startswith(_REPORT_STARTS[path.name])
+    return head.startswith(b"\x89PNG\r\n\x1a\n") and any(tag in head for tag in _PNG_SOFTWARE)
+
+
+def _check_replaceable(path: Path) -> None:
+    """Refuse to replace a file at a report's name that no ``sicot report`` wrote (a user's own notes,
+    a picture of their own)."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if not path.is_file() or not _written_by_report(path):
         raise SicotError(
             f"{path}: exists and was not written by `sicot report`; it is not replaced: move it, or write the "
             "report elsewhere (--out FOLDER)"
         )
 
 
-def write_report(report: Report, out_dir: Path) -> list[Path]:
-    """report.md, report.csv, report.json and per_class.csv (atomically) in ``out_dir``."""
+def write_report(report: Report, out_dir: Path, figures: bool = False) -> list[Path]:
+    """report.md, report.csv, report.json and per_class.csv (atomically) in ``out_dir``; with
+    ``figures``, the figures' names are checked too (before anything is written), for the caller
+    to render them after."""
     from sicot_cli.fsutil import atomic_path
 
     info = _class_info(report)
@@ -937,7 +953,7 @@ def write_report(report: Report, out_dir: Path) -> list[Path]:
         ("report.json", to_json(report)),
         ("per_class.csv", _per_class_csv(per_class_rows(report, info))),
     ]
-    for name, _ in files:
+    for name in [name for name, _ in files] + list(FIGURE_FILES if figures else ()):
         _check_replaceable(out_dir / name)
     for name, text in files:
         path = out_dir / name

@@ -277,6 +277,26 @@ def test_markdown_parses_and_files(ablation):
         (notes / name).unlink()
 
 
+def test_report_replaces_its_own_figures_never_a_users_picture(ablation):
+    """A report's PNGs carry its name (tEXt Software); a picture of the user's own at a figure's name
+    is refused before anything is written, and left as it was."""
+    from PIL import Image
+
+    r = runner.invoke(app, ["report", str(ablation)])
+    assert r.exit_code == 0, r.output
+    assert b"tEXtSoftware\x00sicot report" in (ablation / "curves.png").read_bytes()[:512]
+    assert runner.invoke(app, ["report", str(ablation)]).exit_code == 0  # its own figure: replaced
+    for f in ("report.md", "report.json"):
+        (ablation / f).unlink()
+    Image.new("RGB", (4, 4), "red").save(ablation / "curves.png")
+    mine = (ablation / "curves.png").read_bytes()
+    r = runner.invoke(app, ["report", str(ablation)])
+    assert r.exit_code == 2 and "curves.png: exists and was not written by `sicot report`" in r.output, r.output
+    assert (ablation / "curves.png").read_bytes() == mine and not (ablation / "report.md").exists()
+    r = runner.invoke(app, ["report", str(ablation), "--no-figures"])  # no figure written: nothing to refuse
+    assert r.exit_code == 0 and (ablation / "curves.png").read_bytes() == mine
+
+
 def test_report_refuses_non_runs(tmp_path):
     (tmp_path / "empty").mkdir()
     r = runner.invoke(app, ["report", str(tmp_path / "empty")])
