@@ -12,6 +12,7 @@ and nothing takes a softmax over nothing, so no encoder ever produces NaN for it
 
 from __future__ import annotations
 
+import json
 import logging
 
 import torch
@@ -95,7 +96,14 @@ def check_positive_int(option: str, value: object, maximum: int = MAX_WIDTH) -> 
         The value as an ``int``.
     """
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
-        raise SicotError(f"encoder option {option!r} must be an integer from 1 to {maximum}, got {value!r}")
+        try:  # as the recipe writes it (true, {"a": 1}), not as Python does (True, {'a': 1})
+            shown = json.dumps(value, ensure_ascii=False)
+        except (TypeError, ValueError):
+            shown = repr(value)
+        raise SicotError(
+            f"encoder option {option!r} (model.encoder_options.{option}) must be an integer from 1 to {maximum}, "
+            f"got {shown}"
+        )
     return value
 
 

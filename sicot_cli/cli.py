@@ -237,12 +237,17 @@ def prepare(
     show(prepare_table(summary))
 
 
+def _ascii_digits(text: str) -> bool:
+    """Digits 0-9 only (``str.isdigit`` is also true for '²', which ``int`` refuses)."""
+    return text.strip().isascii() and text.strip().isdigit()
+
+
 def _part(text: str) -> tuple[int, int]:
     """``--shard i/n`` -> (i, n), 0 <= i < n."""
     from sicot_cli.errors import SicotError
 
     i, sep, n = text.partition("/")
-    if not (sep and i.strip().isdigit() and n.strip().isdigit() and 0 <= int(i) < int(n)):
+    if not (sep and _ascii_digits(i) and _ascii_digits(n) and 0 <= int(i) < int(n)):
         raise SicotError(f"--shard {text!r}: expected i/n with 0 <= i < n, e.g. --shard 0/4")
     return int(i), int(n)
 
@@ -279,10 +284,16 @@ def tokenize(
     if file is not None:
         from sicot_cli.fsutil import read_text
 
-        titles += read_text(
-            file, "titles file", expected="a text file with one title per line", hint="; save it as UTF-8"
-        ).splitlines()
+        text = read_text(file, "titles file", expected="a text file with one title per line")
+        # one title a line, lines ended by \n (\r\n too): not str.splitlines, which also breaks a title
+        # at a vertical tab, form feed, U+0085 or U+2028, and the output would no longer line up with it
+        lines = text.split("\n")
+        if lines[-1] == "":
+            lines.pop()
+        titles += [ln.removesuffix("\r") for ln in lines]
         plain = True
+        if not titles:
+            raise SicotError(f"{file}: nothing to tokenize: the file is empty (one title per line)")
     if not titles:
         raise SicotError("nothing to tokenize: give titles as arguments or --file FILE")
     if not 0 <= workers <= 4096:  # as data.workers; the pool itself takes at most one per core
@@ -343,6 +354,7 @@ def embed(
     from sicot_cli.errors import SicotError
     from sicot_cli.fsutil import file_to_write
 
+    _check_embed_options(neighbours is not None, recipe, out, manifest, data, vectors, binary, overrides)
     vectors_out = None if out is None else file_to_write(out, "--out", "the vectors file", "vectors.txt")
     if neighbours is not None:
         from rich.table import Table
@@ -380,6 +392,53 @@ def embed(
     cfg = _recipe(recipe, overrides, extra, _typed("--manifest", manifest, extra or []))
     summary = lib.embed(cfg, vectors_out, progress=RichProgress())
     show(embed_table(summary))
+
+
+def _check_embed_options(
+    look_up: bool,
+    recipe: Path | None,
+    out: str | None,
+    manifest: Path | None,
+    data: Path | None,
+    vectors: Path | None,
+    binary: bool,
+    overrides: list[str] | None,
+) -> None:
+    """Refuse options that the chosen mode of ``embed`` would not use (they were ignored, silently)."""
+    from sicot_cli.errors import SicotError
+
+    given = {
+        "--recipe": recipe is not None,
+        "--out": out is not None,
+        "--manifest": manifest is not None,
+        "--data": data is not None,
+        "--vectors": vectors is not None,
+        "--binary": binary,
+        "overrides": bool(overrides),
+    }
+    if look_up:
+        unused = [k for k in ("--recipe", "--out", "--manifest", "overrides") if given[k]]
+        if unused:
+            raise SicotError(
+                f"{', '.join(unused)}: not used with --neighbours, which reads the vectors of --data or --vectors: "
+                "leave them out, or build vectors first without --neighbours"
+            )
+        if given["--data"] and given["--vectors"]:
+            raise SicotError("--neighbours reads the vectors of --data or of --vectors, not both: give one")
+        if given["--binary"] and not given["--vectors"]:
+            raise SicotError("--binary describes the --vectors file: give --vectors FILE, or leave --binary out")
+        return
+    if given["--vectors"] or given["--binary"]:
+        raise SicotError(
+            "--vectors/--binary are for --neighbours; to start the vocabulary's vectors from a word2vec file, "
+            "set embed.pretrained=FILE (and embed.binary=true)"
+        )
+    if given["--data"] and (given["--manifest"] or given["--recipe"]):
+        which = " and ".join(k for k in ("--manifest", "--recipe") if given[k])
+        raise SicotError(
+            f"--data rebuilds the vocabulary with the settings it was prepared with, so {which} would not be used: "
+            "give --data, or --recipe/--manifest, not both"
+        )
 
 
 def _encoder_names() -> list[str]:

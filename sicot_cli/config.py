@@ -204,7 +204,8 @@ class TrainConfig:
     """The paper's optimiser (§4.3) and the loop's settings."""
 
     epochs: Annotated[int, Range(1, 100_000)] = 12
-    batch_size: Annotated[int, Range(1, 2**20)] = 256
+    # >= 2: batch normalisation (the backbones, model.semantic_norm) needs two images a step
+    batch_size: Annotated[int, Range(2, 2**20)] = 256
     lr: Annotated[float, Range(0, 100, lo_open=True)] = 0.1
     momentum: Annotated[float, Range(0, 1, hi_open=True)] = 0.9
     weight_decay: Annotated[float, Range(0, 1)] = 1e-4
@@ -660,9 +661,15 @@ def _override_keys(overrides: list[str] | None) -> set[str]:
 def parse_override_value(raw: str) -> Any:
     """Parse the right side of ``key=value`` as a TOML value, or as a bare string."""
     try:
-        return tomllib.loads(f"v = {raw}")["v"]
+        doc = tomllib.loads(f"v = {raw}")
     except (tomllib.TOMLDecodeError, RecursionError):
         return raw
+    if list(doc) != ["v"]:  # "1\ntrain.lr=0.5": a second key after a line break, which was dropped
+        raise SicotError(
+            f"{raw!r} is more than one value (a line break inside the argument?): give each key=value as an "
+            "argument of its own"
+        )
+    return doc["v"]
 
 
 def apply_overrides(table: dict[str, Any], overrides: list[str], where: str) -> Recipe:
@@ -715,7 +722,10 @@ def _apply_override(table: dict[str, Any], item: str, where: str = "the recipe",
         if not isinstance(node, dict):  # the recipe's fault, not the override's
             section = ".".join(parts[: i + 1])
             raise SicotError(f"{where}: [{section}] must be a table, got {_shown(node)}")
-    value = parse_override_value(raw.strip())
+    try:
+        value = parse_override_value(raw.strip())
+    except SicotError as e:
+        raise SicotError(f"override {item!r}: {e}") from None
     if cls is str and not isinstance(value, str):  # a file named 5, a run named 2024: what the shell user typed
         value = raw.strip()
     _check_value(value, cls, key, typed or f"override {item!r}")  # its own error, not the recipe file's

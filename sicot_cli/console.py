@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import os
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -30,8 +31,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 # DEL, C1 controls (U+009B is a one-character CSI) and the bidi embeddings, overrides and isolates
 # that make a line display as something other than what it holds. Tab and newline are kept only
 # where the output is plain text (``plain``), never inside a table cell or an error line.
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
-_UNSAFE_PLAIN = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+# Lone surrogates too: the bytes of a file name that are not UTF-8 (Python's surrogateescape),
+# which would otherwise be written raw and make the output invalid UTF-8 (and invalid JSON).
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+_UNSAFE_PLAIN = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 
 
 def _visible(m: re.Match[str]) -> str:
@@ -136,12 +139,35 @@ def fail(message: str, code: int = 2) -> None:
     raise SystemExit(code)
 
 
+# Arguments read, never written or recorded: a file name that is not UTF-8 is fine there (predict
+# names it with a \udcXX escape).
+READ_ONLY_ARGS = {("predict", "images")}
+
+
+def _check_utf8(fn: Callable[..., Any], kwargs: dict[str, Any]) -> None:
+    """Refuse a path or text argument that holds bytes that are not UTF-8 (they reach Python as lone
+    surrogates): it cannot be written into the JSON, TOML and HDF5 files a run keeps, and failed
+    there after the work was done (a report half written, a prepared file decoded for nothing)."""
+    for name, value in kwargs.items():
+        if (fn.__name__, name) in READ_ONLY_ARGS:
+            continue
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            text = str(v) if isinstance(v, (str, os.PathLike)) else ""
+            if any("\ud800" <= ch <= "\udfff" for ch in text):
+                shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                raise SicotError(
+                    f"{shown}: not valid UTF-8 (argument {name}); sicot records names in its JSON, "
+                    "TOML and HDF5 files: rename it"
+                )
+
+
 def guard(fn: F) -> F:
     """Turn a user error raised anywhere below a command into one red line and exit code 2."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
+            _check_utf8(fn, kwargs)
             return fn(*args, **kwargs)
         except SicotError as e:
             fail(str(e))

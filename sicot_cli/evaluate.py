@@ -238,6 +238,9 @@ def write_predictions(path: Path, result: EvalResult) -> None:
 
 def _why_no_best(run_dir: Path, config: dict[str, Any], prepared: Prepared) -> str:
     """Why a run has no ``checkpoint-best.pt``, as far as its files tell."""
+    if config.get("stage"):
+        method = config["stage"].get("method", "") if isinstance(config["stage"], dict) else ""
+        return f"a second stage ({method or 'sicot decouple'}) keeps only checkpoint-last.pt"
     if config["recipe"].get("train", {}).get("keep_best", True) is False:
         return "this run was trained with train.keep_best = false, which keeps only checkpoint-last.pt"
     if prepared.n_val < 1:

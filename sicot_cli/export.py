@@ -249,11 +249,32 @@ def export(
     size = prepared.image_size
     example = torch.zeros(2, 3, size, size, dtype=torch.uint8)
     images = _test_images(prepared, VERIFY_IMAGES)
-    with atomic_path(out) as tmp:
-        run_exported = (_write_onnx if fmt == "onnx" else _write_torchscript)(net, example, tmp)
-        checked = check_agreement(out, run_exported, net, images)
-        digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
-    sicot = {
+    # the JSON first, the model renamed into place last: a model file means a complete export; a stop
+    # in between takes the JSON back, and one that could not (SIGKILL) leaves it for the next export
+    try:
+        with atomic_path(out) as tmp:
+            run_exported = (_write_onnx if fmt == "onnx" else _write_torchscript)(net, example, tmp)
+            checked = check_agreement(out, run_exported, net, images)
+            digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+            verification = {
+                "images": len(images),
+                **checked,
+                "against": "the eager PyTorch model on the run's first test images",
+            }
+            sicot = _provenance(run_dir, checkpoint, recipe, state, prepared)
+            write_json(side, _sidecar(out, fmt, digest, net, prepared, sicot, verification))
+    except BaseException:
+        if not taken(out):
+            side.unlink(missing_ok=True)
+        raise
+    return ExportResult(
+        out, side, fmt, len(images), checked["max_abs_diff"], checked["top1_equal"], checked["tolerance"]
+    )
+
+
+def _provenance(run_dir: Path, checkpoint: str, recipe: Any, state: dict[str, Any], prepared: Any) -> dict[str, Any]:
+    """The JSON's "sicot" block: where the weights come from."""
+    return {
         "version": __version__,
         "run": str(run_dir.resolve()),
         "checkpoint": checkpoint,
@@ -263,15 +284,6 @@ def export(
         "backbone": recipe.model.backbone,
         "dataset": prepared.fingerprint(),
     }
-    verification = {
-        "images": len(images),
-        **checked,
-        "against": "the eager PyTorch model on the run's first test images",
-    }
-    write_json(side, _sidecar(out, fmt, digest, net, prepared, sicot, verification))
-    return ExportResult(
-        out, side, fmt, len(images), checked["max_abs_diff"], checked["top1_equal"], checked["tolerance"]
-    )
 
 
 def _check_outputs(out: Path, side: Path) -> None:
@@ -280,9 +292,27 @@ def _check_outputs(out: Path, side: Path) -> None:
         raise SicotError(f"{out}: the model file cannot be a .json (that name is for the file beside it)")
     for p in (out, side):
         check_name(p)
+        if p == side and not taken(out) and _left_by_export(side, out):
+            log.warning("%s: left by an export stopped before its model was written: replaced", side)
+            continue
         if taken(p):  # a dangling symbolic link too
             raise SicotError(f"{p}: already exists (choose another --out)")
     ensure_dir(out.parent)
+
+
+def _left_by_export(side: Path, out: Path) -> bool:
+    """``side`` is a regular file, the JSON an export writes before renaming ``out`` into place."""
+    if side.is_symlink() or not side.is_file():
+        return False
+    try:
+        meta = json.loads(side.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (
+        isinstance(meta, dict)
+        and meta.get("format") == SIDECAR_FORMAT
+        and meta.get("model", {}).get("file") == out.name
+    )
 
 
 def _sidecar(

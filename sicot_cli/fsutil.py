@@ -204,11 +204,14 @@ def tmp_name(path: Path) -> Path:
 # pauses this many seconds after its temporary is written and before it is renamed, so that a
 # SIGKILL can be aimed at the window in which a half-finished output exists.
 FAULT_WRITE_DELAY = "SICOT_FAULT_WRITE_DELAY"
+# Seconds each image decode of `prepare` waits (tests only): worker pools live long enough to be
+# seen, and interrupted, on a loaded machine.
+FAULT_DECODE_DELAY = "SICOT_FAULT_DECODE_DELAY"
 
 
 def _dead_tmp(tmp: Path) -> bool:
     pid = tmp.name.rsplit("-", 1)[-1]
-    return pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists()
+    return pid.isascii() and pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists()
 
 
 def remove_stale_tmp(path: Path) -> None:

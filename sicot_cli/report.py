@@ -320,7 +320,9 @@ class Gain:
 
 
 def _metric_keys(runs_: list[Run]) -> list[str]:
-    ks = sorted({int(k[3:]) for r in runs_ for k in r.final if k.startswith("top") and k[3:].isdigit()})
+    ks = sorted(
+        {int(k[3:]) for r in runs_ for k in r.final if k.startswith("top") and k[3:].isascii() and k[3:].isdigit()}
+    )
     keys = [f"top{k}" for k in ks]
     keys += [f"{g}_top{k}" for g in GROUP_METRICS for k in ks]
     return keys

@@ -28,6 +28,7 @@ import binascii
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import threading
@@ -79,6 +80,11 @@ class ServeLimits:
                 got = getattr(self, name) / 1e6 if name == "max_upload_bytes" else getattr(self, name)
                 least = "0.000001" if name == "max_upload_bytes" else "1"
                 raise SicotError(f"{flag} must be at least {least}, got {got}")
+        if self.max_queue < self.max_images:  # a request of max_images images would be refused forever (503)
+            raise SicotError(
+                f"--max-queue {self.max_queue} is below --max-images {self.max_images}: a request of "
+                f"{self.max_images} images could never be queued; raise --max-queue or lower --max-images"
+            )
         if self.max_pixels > MAX_PIXELS_CAP:
             raise SicotError(f"--max-pixels must be at most {MAX_PIXELS_CAP:,}, got {self.max_pixels:,}")
         if not 0 <= self.max_wait_ms <= 10_000:
@@ -109,10 +115,11 @@ def need_extras() -> None:
 async def _read_body(request: Any, limit: int, deadline: float) -> bytes:  # noqa: ANN401 - starlette Request
     """The request body, at most ``limit`` bytes, received before ``deadline`` (loop time)."""
     length = request.headers.get("content-length")
-    if length is not None and (not length.isdigit() or int(length) > limit):
+    number = length is not None and length.isascii() and length.isdigit()  # not '²' (isdigit alone)
+    if length is not None and (not number or int(length) > limit):
         raise ApiError(
-            413 if length.isdigit() else 400,
-            f"upload over the limit of {limit:,} bytes" if length.isdigit() else "bad Content-Length",
+            413 if number else 400,
+            f"upload over the limit of {limit:,} bytes" if number else "bad Content-Length",
         )
     from starlette.requests import ClientDisconnect
 
@@ -139,6 +146,11 @@ async def _images_from_multipart(request: Any, body: bytes, limits: ServeLimits)
 
     async def replay() -> dict[str, Any]:
         return {"type": "http.request", "body": body, "more_body": False}
+
+    boundary = re.search(r'boundary="?([^";]+)"?', request.headers.get("content-type", ""), re.IGNORECASE)
+    if boundary and b"--" + boundary.group(1).strip().encode("latin-1") + b"--" not in body:
+        # the parser takes the parts it finished and drops the rest without a word
+        raise ApiError(400, "bad multipart body: it does not end with its closing boundary (a truncated upload?)")
 
     try:
         # one file over the limit parsed, so that the count below answers as it does for JSON
@@ -409,6 +421,7 @@ def serve(
     # The grace period covers the longest an accepted request may take (its deadline), plus a margin.
     config = uvicorn.Config(
         app,
+        http=head_deadline_protocol(limits.timeout_s),
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=int(limits.timeout_s) + 5,
@@ -429,6 +442,52 @@ def serve(
         signal.signal(signal.SIGTERM, previous)
         sock.close()
     log.info("stopped after %.0f s", time.perf_counter() - t0)
+
+
+def head_deadline_protocol(seconds: float) -> type:
+    """uvicorn's h11 protocol with a deadline on each request's head: a client that opens a connection
+    and sends its request line and headers slower than ``seconds`` (or never) is disconnected.
+    uvicorn times out an idle kept-alive connection, and the body has the app's own deadline, but a
+    head that never ends held its connection (and a file descriptor) for ever: a thousand such
+    clients would exhaust the process."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeadDeadline(H11Protocol):
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def _waiting_for_head(self) -> bool:
+            return self.cycle is None or self.cycle.response_complete
+
+        def _arm(self) -> None:
+            if self._head_timer is None:
+                self._head_timer = self.loop.call_later(seconds, self._head_expired)
+
+        def _disarm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_expired(self) -> None:
+            self._head_timer = None
+            if self._waiting_for_head() and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            if self._waiting_for_head():
+                self._arm()  # a new request begins: its head must be complete by the deadline
+            super().data_received(data)
+            if not self._waiting_for_head():
+                self._disarm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return HeadDeadline
 
 
 class _Stopped(Exception):

@@ -46,7 +46,7 @@ def resolve_threads(requested: int) -> int:
     if requested > 0:
         return requested
     env = os.environ.get("OMP_NUM_THREADS", "").strip()
-    if env.isdigit() and int(env) > 0:
+    if env.isascii() and env.isdigit() and int(env) > 0:
         return int(env)
     return max(1, min(AUTO_MAX, available_cores()))
 

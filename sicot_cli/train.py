@@ -529,10 +529,12 @@ def _set_up(ctx: DistContext, recipe: Recipe, run_dir: str | Path | None, data: 
     threads = set_threads(cfg.threads)
     name = runs.default_run_name(recipe.name, recipe.model.encoder, cfg.seed)
     run_dir = Path(run_dir) if run_dir is not None else Path(cfg.runs_dir) / name
-    if ctx.enabled and (cfg.batch_size % ctx.world or prepared.n_train < cfg.batch_size):
+    if ctx.enabled and (
+        cfg.batch_size % ctx.world or prepared.n_train < cfg.batch_size or cfg.batch_size < 2 * ctx.world
+    ):
         raise SicotError(
-            f"train.batch_size = {cfg.batch_size} (the global batch) must be a multiple of the {ctx.world} ranks "
-            f"and at most the {prepared.n_train} training images"
+            f"train.batch_size = {cfg.batch_size} (the global batch) must be a multiple of the {ctx.world} ranks, "
+            f"at least 2 images a rank (batch normalisation) and at most the {prepared.n_train} training images"
         )
     device = resolve_device(cfg.device)
     if ctx.enabled and device.type == "cuda":

@@ -150,7 +150,7 @@ def epochs_table(history: list[dict], title: str) -> Table:
 def metrics_table(m: dict, title: str) -> Table:
     """Top-k overall and per group."""
     t = Table(title=safe(title), title_justify="left")
-    ks = sorted(int(k[3:]) for k in m if k.startswith("top") and k[3:].isdigit())
+    ks = sorted(int(k[3:]) for k in m if k.startswith("top") and k[3:].isascii() and k[3:].isdigit())
     t.add_column("")
     for k in ks:
         t.add_column(f"top-{k}", justify="right")

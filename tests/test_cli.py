@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 from conftest import KEEP_ALL
 from typer.testing import CliRunner
 
@@ -55,6 +56,20 @@ def test_tokenize_args_and_file(tmp_path):
     f.write_text("\ufeffRed MUG!!\n白色 cup\n", encoding="utf-8")
     r = run("tokenize", "--file", str(f))
     assert r.output.splitlines() == ["red mug", "白色 cup"]
+    # one output line per input line, whatever else a title holds (str.splitlines broke these up)
+    f.write_text("a b\nc\x0bd\r\ne\x1cf\ng\u2028h\ni\x85j\x0ck\n\nlast", encoding="utf-8")
+    r = run("tokenize", "--file", str(f))
+    assert r.exit_code == 0 and r.output.split("\n") == ["a b", "c d", "e f", "g h", "i j k", "", "last", ""]
+
+
+def test_tokenize_file_errors_say_it_once(tmp_path):
+    f = tmp_path / "t.txt"
+    f.write_bytes(b"")
+    r = run("tokenize", "--file", str(f))
+    assert r.exit_code == 2 and "t.txt: nothing to tokenize: the file is empty" in r.output
+    f.write_bytes("red mug".encode("utf-16"))
+    r = run("tokenize", "--file", str(f))
+    assert r.exit_code == 2 and r.output.count("save it as UTF-8") == 1, r.output
 
 
 def test_tokenize_with_vocabulary_of_a_prepared_dataset(tmp_path, manifest):
@@ -156,6 +171,26 @@ def test_embed_data_says_where_a_recorded_path_came_from(tmp_path, manifest, mon
     assert r.exit_code == 2 and "m.csv: manifest not found" in flat, r.output
     assert "the path is recorded in d.h5 as `prepare` was given it, relative to the folder it ran in" in flat
     assert run("embed", "--data", "d.h5", f"data.manifest={manifest}").exit_code == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--data", "d.h5", "--manifest", "m.csv"], "so --manifest would not be used"),
+        (["--data", "d.h5", "--recipe", "r.toml"], "so --recipe would not be used"),
+        (["--manifest", "m.csv", "--vectors", "v.txt"], "--vectors/--binary are for --neighbours"),
+        (["--neighbours", "red", "--data", "d.h5", "--vectors", "v.txt"], "not both: give one"),
+        (["--neighbours", "red", "--vectors", "v.txt", "--out", "o.txt"], "--out: not used with --neighbours"),
+        (["--neighbours", "red", "--data", "d.h5", "--manifest", "m.csv"], "--manifest: not used with --neighbours"),
+        (["--neighbours", "red", "--data", "d.h5", "--binary"], "--binary describes the --vectors file"),
+    ],
+)
+def test_embed_refuses_options_its_mode_would_ignore(args, needle, tmp_path, monkeypatch):
+    """Each was ignored without a word: the vectors of --data shown for --vectors, --manifest left out..."""
+    monkeypatch.chdir(tmp_path)
+    r = run("embed", *args)
+    assert r.exit_code == 2 and needle in " ".join(r.output.split()), r.output
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_prepare_out_with_another_suffix_is_a_folder_and_says_so(tmp_path, caplog):

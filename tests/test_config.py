@@ -121,7 +121,7 @@ def test_a_bad_override_value_is_the_overrides_fault_not_the_recipes(tmp_path):
     p.write_text("[train]\nlr = 0.05\n")
     for item, message in (
         ("train.lr=1e400", "train.lr must be a finite number, got inf"),
-        ("train.batch_size=0", "train.batch_size must be >= 1, got 0"),
+        ("train.batch_size=0", "train.batch_size must be >= 2, got 0"),
         ("train.lr=abc", "train.lr must be a number, got 'abc'"),
     ):
         for recipe in (p, None):
@@ -133,9 +133,9 @@ def test_a_bad_override_value_is_the_overrides_fault_not_the_recipes(tmp_path):
 def test_bad_overrides():
     with pytest.raises(SicotError, match="unknown override key 'train.lrate'"):
         load_recipe(None, ["train.lrate=0.1"])
-    with pytest.raises(SicotError, match="train.batch_size must be >= 1"):
+    with pytest.raises(SicotError, match="train.batch_size must be >= 2"):
         load_recipe(None, ["train.batch_size=0"])
-    with pytest.raises(SicotError, match="train.batch_size must be >= 1"):
+    with pytest.raises(SicotError, match="train.batch_size must be >= 2"):
         load_recipe(None, ["train.batch_size=-4"])
     with pytest.raises(SicotError, match="unknown override key 'data.nope'"):
         load_recipe(None, ["data.nope=1"])

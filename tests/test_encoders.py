@@ -4,6 +4,7 @@ references for each encoder, the registry's errors and plug-in modules."""
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -371,8 +372,14 @@ def test_unknown_option_lists_the_options() -> None:
 @pytest.mark.parametrize("option", ["rank", "hidden_size", "attention_dim"])
 def test_sizes_are_bounded(option: str) -> None:
     name = {"rank": "bilinear", "hidden_size": "bilstm", "attention_dim": "bilstm_attention"}[option]
-    with pytest.raises(SicotError, match=f"'{option}' must be an integer from 1 to 16384, got 100000000"):
+    with pytest.raises(
+        SicotError,
+        match=rf"'{option}' \(model.encoder_options.{option}\) must be an integer from 1 to 16384, got 100000000",
+    ):
         create_encoder(name, vectors=torch.randn(5, 3), out_dim=2, **{option: 100_000_000})
+    for value, shown in ((True, "true"), ({"a": 1}, '{"a": 1}')):  # as a recipe writes them, not Python's True
+        with pytest.raises(SicotError, match=f"got {re.escape(shown)}$"):
+            create_encoder(name, vectors=torch.randn(5, 3), out_dim=2, **{option: value})
 
 
 def test_weights_that_do_not_fit_are_one_error(monkeypatch) -> None:

@@ -216,6 +216,35 @@ def test_export_refusals(run_dir, onnx_model, tmp_path, monkeypatch):
         export_mod.load_exported(tmp_path / "model.onnx")
 
 
+def test_an_export_stopped_before_its_model_is_redone(run_dir, tmp_path, monkeypatch, caplog):
+    """The JSON is written first and the model renamed into place last: a stop in between leaves the
+    JSON alone (never a model without it), and the same command then replaces it; a JSON that no
+    export left (the user's own, or one naming another model) is still refused."""
+    from sicot_cli import fsutil
+
+    out = tmp_path / "m.pt"
+    real = fsutil.os.replace
+
+    def stop_at_model(src, dst):  # Ctrl-C after the JSON, before the model's rename
+        if str(dst) == str(out):
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(fsutil.os, "replace", stop_at_model)
+    with pytest.raises(KeyboardInterrupt):
+        export_mod.export(run_dir, out, "torchscript")
+    monkeypatch.setattr(fsutil.os, "replace", real)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # the JSON is taken back too
+    (tmp_path / "m.pt.json").write_text(json.dumps({"format": export_mod.SIDECAR_FORMAT, "model": {"file": "m.pt"}}))
+    export_mod.export(run_dir, out, "torchscript")  # as a SIGKILL between the two would leave it
+    assert "left by an export stopped before its model was written: replaced" in caplog.text
+    assert export_mod.load_exported(out).num_classes == 3
+    for text in ('{"mine": 1}', json.dumps({"format": export_mod.SIDECAR_FORMAT, "model": {"file": "x.pt"}})):
+        (tmp_path / "n.pt.json").write_text(text)
+        with pytest.raises(SicotError, match=r"n.pt.json: already exists \(choose another --out\)"):
+            export_mod.export(run_dir, tmp_path / "n.pt", "torchscript")
+
+
 def test_a_model_with_large_logits_is_checked_within_float32s_own_rounding(run_dir, tiny_prepared):
     """A cRT classifier's logits reach 1e5, where float32 rounds the probabilities by ~4e-4 (an ulp
     is 0.008): its ONNX export was refused at 1e-4 though top-1 agreed. An export as exact as float64
@@ -538,6 +567,15 @@ def _bad_cases(images: list[Path]) -> dict[str, tuple[dict, int, str]]:
             400,
             "bad multipart body: Missing boundary",
         ),
+        "multipart_truncated": (  # a whole image part, no closing boundary: was "no image in the request"
+            {
+                "content": b'--zz\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+                b"Content-Type: image/png\r\n\r\n" + png + b"\r\n",
+                "headers": {"content-type": "multipart/form-data; boundary=zz"},
+            },
+            400,
+            "does not end with its closing boundary (a truncated upload?)",
+        ),
     }
 
 
@@ -565,6 +603,7 @@ BAD_CASES = [
     "k_not_int",
     "bad_multipart",
     "multipart_no_boundary",
+    "multipart_truncated",
 ]
 
 
@@ -657,6 +696,8 @@ def test_serve_cli_refusals(run_dir, onnx_model):
     assert r.exit_code == 2 and "give exactly one of --run DIR or --model FILE" in r.output
     r = runner.invoke(app, ["serve", "--run", str(run_dir), "--max-batch", "0"])
     assert r.exit_code == 2 and "--max-batch must be at least 1" in r.output
+    r = runner.invoke(app, ["serve", "--run", str(run_dir), "--max-queue", "2", "--max-images", "3"])
+    assert r.exit_code == 2 and "--max-queue 2 is below --max-images 3" in r.output  # answered 503 forever
     r = runner.invoke(app, ["serve", "--run", str(run_dir), "--threads", "0"])
     assert r.exit_code == 2 and "--threads must be 1..1024, got 0" in r.output
     r = runner.invoke(app, ["serve", "--run", str(run_dir), "--threads", "100000"])
@@ -672,6 +713,47 @@ def test_serve_cli_refusals(run_dir, onnx_model):
         busy.listen(1)
         r = runner.invoke(app, ["serve", "--run", str(run_dir), "--port", str(busy.getsockname()[1])])
     assert r.exit_code == 2 and "cannot listen on 127.0.0.1" in r.output
+
+
+def test_a_request_head_that_never_ends_is_disconnected_at_the_deadline():
+    """A client that sends half a request head and stops was held for ever (one file descriptor each:
+    a thousand such clients exhaust the process); a complete request on the same protocol is answered,
+    and its kept-alive connection can send the next request."""
+    import uvicorn
+
+    from sicot_cli.serve import head_deadline_protocol
+
+    async def app(scope, receive, send):  # the smallest ASGI app: 200 "ok"
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, http=head_deadline_protocol(0.5), log_config=None, access_log=False, lifespan="off")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as ok:
+            for _ in range(2):  # two requests on one kept-alive connection, the second after the deadline
+                ok.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert ok.recv(4096).startswith(b"HTTP/1.1 200")
+                time.sleep(0.8)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as slow:
+            slow.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\n")
+            t0 = time.monotonic()
+            assert slow.recv(4096) == b""  # closed by the server
+            assert time.monotonic() - t0 < 8
+    finally:
+        server.should_exit = True
+        thread.join(30)
 
 
 def _post(url: str, path: Path, out: list, i: int) -> None:

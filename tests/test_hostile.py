@@ -458,6 +458,19 @@ def _evil_checkpoint(marker: Path) -> bytes:
     return runs.MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload
 
 
+def _absent(path: Path) -> None:
+    assert not path.exists(), f"{path} was written"
+
+
+def _folder_absent(name: str) -> Callable[[Path, dict], None]:
+    """Refused before anything was made: no ``name`` in the case's folder."""
+
+    def check(tmp: Path, ctx: dict) -> None:
+        assert not (tmp / name).exists(), f"{name} was created"
+
+    return check
+
+
 def _no_marker(name: str) -> Callable[[Path, dict], None]:
     """The case's folder holds no ``name``: every payload below writes it there if it runs
     (``test_bad_input`` runs the CLI in that folder, so a relative path lands there too;
@@ -945,6 +958,16 @@ CASES: dict[str, Case] = {
     "image_missing": Case(
         lambda t, c: _prep(_manifest(t, _row("nowhere.png", "x1")), t), "skip", ["image file not found"]
     ),
+    "image_is_a_url": Case(  # was "image file not found", at raw/https:/example.com/a.png
+        lambda t, c: _prep(_manifest(t, _row("https://example.com/a.png", "x1")), t),
+        "skip",
+        ["image is a URL (download the images first; the manifest names local files)"],
+    ),
+    "manifest_is_a_url": Case(  # was "https:/example.com/m.csv: manifest not found"
+        lambda t, c: ["prepare", "--manifest", "https://example.com/m.csv", "--out", str(t / "o.h5")],
+        "error",
+        ["https://example.com/m.csv: a URL; the manifest is read from a local file: download it first"],
+    ),
     "image_corrupt_bytes": Case(
         _with_image(lambda p: p.write_bytes(os.urandom(300)), "bad.jpg"), "skip", ["not an image file"]
     ),
@@ -1173,8 +1196,43 @@ CASES: dict[str, Case] = {
     ),
     # training settings
     "unknown_encoder": Case(_train("--encoder", "transformerXL"), "error", ["unknown encoder 'transformerXL'"]),
-    "batch_size_zero": Case(_train("train.batch_size=0"), "error", ["train.batch_size must be >= 1, got 0"]),
-    "batch_size_negative": Case(_train("train.batch_size=-8"), "error", ["train.batch_size must be >= 1, got -8"]),
+    # a name with bytes that are not UTF-8 (a lone surrogate here): prepare decoded every image and
+    # crashed writing the file's attributes; report wrote half its files; export crashed in torch
+    "non_utf8_prepare_out": Case(
+        lambda t, c: _prep(_manifest(t), t) + ["--out", str(t / "p\udcff.h5")],
+        "error",
+        ["p\\xff.h5: not valid UTF-8 (argument out)", "rename it"],
+    ),
+    "non_utf8_override": Case(
+        _train("data.out=x\udcff.h5"), "error", ["data.out=x\\xff.h5: not valid UTF-8 (argument overrides)"]
+    ),
+    "non_utf8_report_dir": Case(
+        lambda t, c: ["report", str(shutil.copytree(c["run"], t / "run\udcff"))],
+        "error",
+        ["run\\xff: not valid UTF-8 (argument dirs)"],
+        check=lambda t, c: _absent(t / "run\udcff" / "report.md"),
+    ),
+    "non_utf8_export_out": Case(
+        lambda t, c: ["export", "--run", str(c["run"]), "--out", str(t / "m\udcfe.pt")],
+        "error",
+        ["m\\xfe.pt: not valid UTF-8 (argument out)"],
+    ),
+    "non_utf8_image_name_predicted_as_json": Case(  # the JSON held the raw bytes: not UTF-8, not JSON
+        lambda t, c: ["predict", "--run", str(c["run"]), "--json", str(shutil.copy(c["image"], t / "a\udcff.png"))],
+        "ok",
+        ['"image": "', "a\\udcff.png"],
+    ),
+    "override_with_a_line_break": Case(  # the second key was dropped without a word
+        _train("train.epochs=1\ntrain.lr=0.5"), "error", ["is more than one value (a line break inside the argument?)"]
+    ),
+    "shard_with_a_superscript_digit": Case(  # '²'.isdigit() is True: int() raised a traceback
+        lambda t, c: ["prepare", "--out", str(t / "o.h5"), "--shard", "²/4"], "error", ["--shard '²/4': expected i/n"]
+    ),
+    "batch_size_zero": Case(_train("train.batch_size=0"), "error", ["train.batch_size must be >= 2, got 0"]),
+    "batch_size_one": Case(  # crashed in batch normalisation, and left a run folder behind
+        _train("train.batch_size=1"), "error", ["train.batch_size must be >= 2, got 1"], check=_folder_absent("run")
+    ),
+    "batch_size_negative": Case(_train("train.batch_size=-8"), "error", ["train.batch_size must be >= 2, got -8"]),
     "image_size_too_small_for_backbone": Case(
         _train("model.backbone=alexnet"),
         "error",
@@ -1845,7 +1903,7 @@ CASES: dict[str, Case] = {
         ["output directory"],
     ),
     "embed_neighbours_top_zero": Case(
-        lambda t, c: ["embed", "--manifest", str(_manifest(t)), "--neighbours", "red", "--top", "0", *KEEP_ALL],
+        lambda t, c: ["embed", "--data", str(c["prepared"]), "--neighbours", "red", "--top", "0"],
         "error",
         ["--top must be >= 1, got 0"],
     ),

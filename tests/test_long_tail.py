@@ -419,6 +419,8 @@ def test_decouple_command(first_run: Path, tmp_path: Path) -> None:
     assert "second stage tau_norm, tau 0.5 fixed" in " ".join(result.output.split())
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 2 and "run directory exists" in again.output
+    best = CliRunner().invoke(app, ["evaluate", "--run", str(out), "--checkpoint", "best"])  # said "it was removed"
+    assert best.exit_code == 2 and "a second stage (tau_norm) keeps only checkpoint-last.pt" in best.output
     bad = CliRunner().invoke(app, ["decouple", str(tmp_path), "--method", "crt"])
     assert bad.exit_code == 2 and "not a finished run" in bad.output
 

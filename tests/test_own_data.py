@@ -201,6 +201,10 @@ def test_odd_images_convert_or_skip_with_a_reason(tmp_path):
         load_image(ico, 8)
     with pytest.raises(ImageSkip, match="icon container"):  # whatever its name says
         load_image(io.BytesIO(ico.read_bytes()), 8)
+    tga = tmp_path / "t.tga"  # an uncompressed TGA's header (00 00 02 00) is also a CUR's: it is read
+    Image.new("RGB", (24, 20), (0, 200, 0)).save(tga)
+    assert tga.read_bytes()[:4] == b"\x00\x00\x02\x00"
+    assert load_image(tga, 8)[0, 0].tolist() == [0, 200, 0]
     bad_exif = tmp_path / "exif.jpg"
     Image.new("RGB", (8, 8), (200, 0, 0)).save(bad_exif, exif=b"Exif\x00\x00II*\x00\x08\x00\x00\x00\xff\xff\x00")
     with warnings.catch_warnings(record=True) as seen:
@@ -220,6 +224,9 @@ def test_threads_auto_value_and_bounds(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS")
     monkeypatch.setattr(threads, "available_cores", lambda: 2)
     assert threads.resolve_threads(0) == 2
+    for odd in ("²", "٣", "x", "-2"):  # '²'.isdigit() is True, and int('²') raised a traceback
+        monkeypatch.setenv("OMP_NUM_THREADS", odd)
+        assert threads.resolve_threads(0) == 2
     with pytest.raises(Exception, match="train.threads must be >= 0"):
         load_recipe(None, ["train.threads=-1"])
 

@@ -132,12 +132,24 @@ def test_prepare_restores_a_side_file_lost_to_a_kill(tmp_path):
     assert json.loads(side.read_text()) == before
 
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+def _group_members(pgid: int) -> dict[int, str]:
+    """pid -> state letter of every process in the process group ``pgid`` (from /proc)."""
+    out = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid:
+                out[int(stat.parent.name)] = fields[0]
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
+def _group_alive(pgid: int) -> dict[int, str]:
+    """The group's processes still running. A zombie has exited: one whose parent exited first waits
+    for the init process to reap it, which in a container can take a moment (seen: one worker in
+    ten, state Z, ppid 1, just after the prepare's exit)."""
+    return {pid: state for pid, state in _group_members(pgid).items() if state not in "ZX"}
 
 
 def _children(pid: int) -> set[int]:
@@ -168,28 +180,32 @@ def test_ctrl_c_during_parallel_decoding_stops_cleanly(tmp_path, images, when):
     # missed a test split of 100 images, decoded between two looks, on a loaded machine)
     proc = subprocess.Popen(
         [sys.executable, "-m", "sicot_cli", *args],
-        cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-        preexec_fn=_terminal_ctrl_c,
+        # 5 ms a decode: each pool lives seconds, so a look every few ms sees it start even when this
+        # process is starved on a loaded machine (it once ran the whole prepare between two looks)
+        cwd=tmp_path, env={**_env(), "SICOT_FAULT_DECODE_DELAY": "0.005"}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=_terminal_ctrl_c,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 120
         first: set[int] = set()
+        looks = most = 0
         while time.monotonic() < deadline and proc.poll() is None:
             workers = _children(proc.pid)
+            looks, most = looks + 1, max(most, len(workers))
             if when == "decoding" and len(workers) >= 2:
                 time.sleep(0.5)  # well into the decoding
                 break
             if when == "new workers" and len(workers) >= 2 and not first:
                 first = workers
-            elif when == "new workers" and workers - first:
-                break
+            elif when == "new workers" and first and workers - first:  # not before the first pool was seen:
+                break  # a lone early child (the first pool starting) was taken for the new one, then gone
             time.sleep(0.002)
         workers = _children(proc.pid) | first
         if proc.poll() is not None or not workers:  # say why, for a failure seen only on a loaded machine
             _, late = proc.communicate(timeout=60)
             raise AssertionError(
-                f"the prepare ended (exit {proc.returncode}) before decoding with workers (seen: {sorted(first)}): "
-                f"{late[-2000:]!r}"
+                f"the prepare ended (exit {proc.returncode}) before decoding with workers (seen: {sorted(first)}; "
+                f"{looks} looks, at most {most} children at once): {late[-2000:]!r}"
             )
         os.killpg(proc.pid, signal.SIGINT)
         t0 = time.monotonic()
@@ -203,7 +219,7 @@ def test_ctrl_c_during_parallel_decoding_stops_cleanly(tmp_path, images, when):
     assert "Traceback" not in err and "Error" not in err, err
     assert err.strip().splitlines()[-1] == "interrupted", err
     assert seconds < 15, f"{seconds:.1f} s from Ctrl-C to exit"
-    assert not _group_alive(proc.pid), f"left running: {sorted(workers)}"
+    assert not _group_alive(proc.pid), f"left running: {_group_alive(proc.pid)} (workers seen: {sorted(workers)})"
     assert not _tmps(tmp_path), _tmps(tmp_path)
     assert not (tmp_path / "o.h5").exists() and not list(tmp_path.glob(".o.h5*")), os.listdir(tmp_path)  # nor its lock
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import errno
 import functools
 import warnings
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import BinaryIO
 
@@ -49,6 +50,21 @@ def _icon_container(fp: BinaryIO) -> bool:
     head = fp.read(16)
     fp.seek(0)
     return any(m._accept(head) for m in (IcoImagePlugin, CurImagePlugin, IcnsImagePlugin))
+
+
+@contextmanager
+def _opened(fp: BinaryIO) -> Iterator[Image.Image]:
+    """``fp`` opened by every format but the icon containers; one that no other format opens and whose
+    header is an icon container's is named as one (a TGA header can look like a CUR's: it is read)."""
+    try:
+        img = Image.open(fp, formats=_readable_formats())
+    except UnidentifiedImageError:
+        fp.seek(0)
+        if _icon_container(fp):
+            raise ImageSkip("an icon container (ICO, CUR or ICNS) is not read: save the image as PNG") from None
+        raise
+    with img:
+        yield img
 
 
 @functools.cache
@@ -138,22 +154,19 @@ def load_image(
             # a path is opened only if it is a regular file (a FIFO would block); bytes in memory
             # (sicot serve's uploads) are read as they are
             source = nullcontext(path) if hasattr(path, "read") else open_regular(path)
-            with source as fp:
-                if _icon_container(fp):
-                    raise ImageSkip("an icon container (ICO, CUR or ICNS) is not read: save the image as PNG")
-                with Image.open(fp, formats=_readable_formats()) as img:
-                    img.seek(0)
-                    if img.width < 1 or img.height < 1:
-                        raise ImageSkip("image has no pixels")
-                    if max(img.size) > MAX_ASPECT * min(img.size):
-                        raise ImageSkip(f"image aspect ratio over {MAX_ASPECT}:1")
-                    if img.format == "JPEG":
-                        scale = min(img.size) / size
-                        img.draft("RGB", (max(size, round(img.width / scale)), max(size, round(img.height / scale))))
-                    if img.width * img.height > max_pixels:
-                        raise too_many(img.width * img.height)
-                    img.load()
-                    return square_resize(_to_rgb(_upright(img)), size)
+            with source as fp, _opened(fp) as img:
+                img.seek(0)
+                if img.width < 1 or img.height < 1:
+                    raise ImageSkip("image has no pixels")
+                if max(img.size) > MAX_ASPECT * min(img.size):
+                    raise ImageSkip(f"image aspect ratio over {MAX_ASPECT}:1")
+                if img.format == "JPEG":
+                    scale = min(img.size) / size
+                    img.draft("RGB", (max(size, round(img.width / scale)), max(size, round(img.height / scale))))
+                if img.width * img.height > max_pixels:
+                    raise too_many(img.width * img.height)
+                img.load()
+                return square_resize(_to_rgb(_upright(img)), size)
     except FileNotFoundError:
         raise ImageSkip("image file not found") from None
     except IsADirectoryError:

@@ -28,6 +28,7 @@ import errno
 import json
 import logging
 import math
+import re
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -156,6 +157,10 @@ def _text(value: object) -> str | None:
         return None
 
 
+# "https://...", "s3://..." (and, once a Path has folded it, "https:/..."); not "C:/..." (one letter)
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:/")
+
+
 def read_manifest(path: str | Path, skips: Skips) -> list[Row]:
     """Read and check a manifest.
 
@@ -169,6 +174,11 @@ def read_manifest(path: str | Path, skips: Skips) -> list[Row]:
     Raises:
         SicotError: missing or unreadable file, unknown or missing column, malformed CSV.
     """
+    if _URL.match(str(path)) and not Path(path).exists():  # Path() has already folded "//" to "/"
+        shown = re.sub(r"^([A-Za-z][A-Za-z0-9+.-]+):/(?!/)", r"\1://", str(path))
+        raise SicotError(
+            f"{shown}: a URL; the manifest is read from a local file: download it first, then give its path"
+        )
     path = Path(path)
     # bytes that are not UTF-8 are kept (surrogateescape): the rows they are in are skipped and counted
     text = read_text(path, "manifest", expected="a CSV or JSONL manifest", errors="surrogateescape").replace("\x00", "")
@@ -221,6 +231,9 @@ def read_manifest(path: str | Path, skips: Skips) -> list[Row]:
             skips.add("duplicate id", where)
             continue
         seen.add(rid)
+        if _URL.match(str(image)):
+            skips.add("image is a URL (download the images first; the manifest names local files)", where)
+            continue
         try:
             img = (base / image).resolve()  # an absolute `image` replaces base
         except (OSError, RuntimeError, ValueError) as e:  # symlink loop, NUL (stripped above, but be sure)

@@ -50,6 +50,7 @@ from sicot_cli.data.vocab import FilterRule, Vocab, build_vocab
 from sicot_cli.data.word2vec import VectorReport, read_corpus, word_vectors
 from sicot_cli.errors import SicotError
 from sicot_cli.fsutil import (
+    FAULT_DECODE_DELAY,
     atomic_path,
     check_name,
     ensure_dir,
@@ -297,6 +298,9 @@ def _drop_untrainable(recs: list[_Rec], min_train: int, skips: Skips) -> list[_R
 
 def _decode(job: tuple[object, int, int]) -> np.ndarray | str:
     source, size, max_pixels = job
+    delay = os.environ.get(FAULT_DECODE_DELAY)
+    if delay:
+        time.sleep(float(delay))
     try:
         hwc = jpegwrite.source_pixels(source, size, max_pixels)
     except ImageSkip as e:

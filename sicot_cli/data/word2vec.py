@@ -179,7 +179,7 @@ def _looks_like_text(p: Path) -> bool:
     format writes the first vector in digits, where the binary one writes ``4 * dim`` raw bytes."""
     with open(p, "rb") as f:
         header = f.readline(256).split()
-        if len(header) != 2 or not header[1].isdigit():
+        if len(header) != 2 or not (header[1].isascii() and header[1].isdigit()):
             return False
         dim = int(header[1])
         head = f.read(min(4 * dim, 4096) + 256)
