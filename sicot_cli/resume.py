@@ -132,8 +132,13 @@ def resume_recipe(
         if recipe is not None
         else apply_overrides(saved, overrides, f"{path} with the command-line overrides")
     )
-    # compared as resolved recipes: a key a newer sicot added is at its default in both
-    diff = changes(recipe_from_dict(saved, f"{path}, field recipe").to_dict(), wanted.to_dict())
+    # compared as resolved recipes: a key a newer sicot added is at its default in both; how the run
+    # runs (threads, loader workers, memory) is not its result, as ablate's resume already counts it
+    diff = {
+        k: v
+        for k, v in changes(recipe_from_dict(saved, f"{path}, field recipe").to_dict(), wanted.to_dict()).items()
+        if not k.startswith(HOW_IT_RUNS)
+    }
     if diff and not allow_changes:
         raise SicotError(
             f"{run_dir}: resuming with a recipe other than the run's changes its result ({described(diff)}): "

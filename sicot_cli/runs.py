@@ -286,6 +286,11 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
                 break
             raise SicotError(f"{path}:{n}: not a JSON line ({e}): a damaged or hand-edited run file") from None
         check(MetricsRecord, record, path, f":{n}")
+        if out and record["epoch"] <= out[-1]["epoch"]:  # a reader would take one of the two, silently
+            raise SicotError(
+                f"{path}:{n}: epoch {record['epoch']} after epoch {out[-1]['epoch']} (each epoch once, in order): "
+                "a damaged or hand-edited run file"
+            )
         out.append(record)
     return out
 

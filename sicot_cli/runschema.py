@@ -22,7 +22,8 @@ from sicot_cli.errors import SicotError
 
 # Keys of a metrics record or of summary.json's "final" that hold numbers: report averages them.
 _METRIC = re.compile(
-    r"(top\d+|(head|tail|many|medium|few)_top\d+|loss(_[vm])?|lr|epoch|train_images|.*_per_s|epoch_seconds|.*_classes|.*_threshold)"
+    r"(val_)?(top\d+|(head|tail|many|medium|few)_top\d+|loss(_[vm])?|lr|epoch|train_images|.*_per_s|epoch_seconds"
+    r"|.*_classes|.*_threshold)"
 )
 
 

@@ -23,6 +23,7 @@ import math
 import signal
 import threading
 import time
+import warnings as warnings_module
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -335,7 +336,7 @@ def training_plan(recipe: Recipe, prepared: Prepared, steps_per_epoch: int, thre
     if above:
         warnings.append(
             f"train.topk: top-{above[0]} is 100 % by definition with {prepared.num_classes} classes; keep k < "
-            f"{prepared.num_classes} (e.g. train.topk = [1, {min(3, prepared.num_classes - 1)}])"
+            f"{prepared.num_classes} (e.g. train.topk = {sorted({1, min(3, prepared.num_classes - 1)})})"
         )
     if total < prepared.num_classes and not recipe.model.pretrained:  # a pretrained stream needs fewer
         warnings.append(
@@ -775,7 +776,12 @@ def _end_epoch(run: _Run, state: _State, lr: float, guard: SigintGuard) -> None:
     interrupted inside ``torch.save`` the checkpoint would be lost with a traceback, not saved.
     """
     epoch = state.epoch
-    run.scheduler.step()
+    with warnings_module.catch_warnings():
+        # a run resumed after its epoch's last step takes no optimiser step in this process before the
+        # scheduler's, and torch warns that the schedule skips a value; it does not (the scheduler's
+        # state came with the checkpoint, and a test checks the resumed lr against an uninterrupted run)
+        warnings_module.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+        run.scheduler.step()
     val = None
     if run.prepared.n_val:
         val = evaluate_model(

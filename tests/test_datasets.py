@@ -12,6 +12,7 @@ import functools
 import io
 import json
 import random
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -386,6 +387,26 @@ def test_fetch_runs_npm_pack(tmp_path):
     broken.chmod(0o755)
     with pytest.raises(SicotError, match="404 Not Found"):
         em.fetch_emoji(tmp_path / "other", npm=str(broken), packages=tuple(pkgs))
+    (tmp_path / "third" / pkgs[0].tarball).mkdir(parents=True)  # a folder at the tarball's name: a traceback
+    with pytest.raises(SicotError, match=rf"{re.escape(pkgs[0].tarball)}: exists and is not a file"):
+        em.fetch_emoji(tmp_path / "third", npm=str(npm), packages=tuple(pkgs))
+    assert not list((tmp_path / "third").glob(".npm-pack-*"))
+
+
+def test_fetch_again_unpacks_a_damaged_package_again(tmp_path, caplog):
+    """An image deleted from the unpacked package: the next fetch blamed a hand-edited manifest, and
+    --force wrote one image short; it now unpacks the verified tarball again."""
+    src = make_emoji_packages(tmp_path / "src")
+    pkgs = _packed(src, tmp_path / "data")  # the tarballs where fetch looks for them: no npm needed
+    folder = tmp_path / "data"
+    first = em.fetch_emoji(folder, npm=None, test_per_class=2, packages=tuple(pkgs))
+    manifest = (folder / "emoji-zh.csv").read_bytes()
+    image = next((folder / pkgs[0].folder).rglob("*.png"))
+    image.unlink()
+    again = em.fetch_emoji(folder, npm=None, test_per_class=2, packages=tuple(pkgs))
+    assert "unpacked files are there (removed or added since): unpacking" in caplog.text
+    assert image.is_file() and (folder / "emoji-zh.csv").read_bytes() == manifest
+    assert again.classes == first.classes
 
 
 def test_unpack_refuses_links_and_ignores_traversal(tmp_path):
@@ -414,6 +435,9 @@ def test_cli_fetch_without_npm_says_what_to_run(tmp_path, monkeypatch):
     assert "npm pack emoji-datasource-google@16.0.0" in out and "npm pack emojibase-data@17.0.0" in out
     r = runner.invoke(app, ["datasets", "fetch", "imagenet"])
     assert r.exit_code == 2 and "unknown dataset" in r.output
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(app, ["datasets", "fetch", "emoji", "--dir", ""])  # was the working folder, ~80 MB
+    assert r.exit_code == 2 and "--dir '': give a folder" in r.output and not list(tmp_path.glob("*.tgz"))
 
 
 def test_cli_import_emoji(tmp_path):

@@ -462,6 +462,21 @@ def _absent(path: Path) -> None:
     assert not path.exists(), f"{path} was written"
 
 
+def _wordless_titles(tmp: Path) -> Path:
+    """make_manifest's images, every title empty or punctuation only."""
+    m = make_manifest(tmp / "raw", per_class=6)
+    lines = m.read_text(encoding="utf-8").splitlines()
+    header = lines[0].split(",")
+    col = header.index("title")
+    out = [lines[0]]
+    for i, line in enumerate(lines[1:]):
+        cells = line.split(",")
+        cells[col] = "" if i % 2 else "!!! ..."
+        out.append(",".join(cells))
+    m.write_text("\n".join(out) + "\n", encoding="utf-8")
+    return m
+
+
 def _folder_absent(name: str) -> Callable[[Path, dict], None]:
     """Refused before anything was made: no ``name`` in the case's folder."""
 
@@ -1085,6 +1100,9 @@ CASES: dict[str, Case] = {
         "error",
         ["vocabulary is empty after filtering"],
     ),
+    "no_training_title_has_a_word": Case(  # advised lowering filters that were already 0
+        lambda t, c: _prep(_wordless_titles(t), t), "error", ["no training title has a word", "fill the title column"]
+    ),
     "word_vectors_wrong_dimension": Case(
         _pretrained("3 5\nred 1 0 0\ncat 0 1 0\ntoy 0 0 1\n"), "error", ["v.txt", "not a word2vec text file"]
     ),
@@ -1391,6 +1409,11 @@ CASES: dict[str, Case] = {
         lambda t, c: ["evaluate", "--run", str(_copy_run(t, c)), "--checkpoint", "final"],
         "error",
         ["--checkpoint must be last or best"],
+    ),
+    "ablate_seeds_python_only_spellings": Case(  # int() took "1_0" as 10 and "٣" as 3
+        lambda t, c: ["ablate", "--seeds", "0,1_0,٣", "--out", str(t / "abl")],
+        "error",
+        ["--seeds must be comma-separated integers (digits 0-9)"],
     ),
     "ablate_seeds_not_integers": Case(
         lambda t, c: ["ablate", "--seeds", "1,two", "--out", str(t / "abl")],
@@ -2069,7 +2092,9 @@ CASES: dict[str, Case] = {
     ),
     "train_topk_twice": Case(_train("train.topk=[1,1]"), "error", ["train.topk lists a k twice, got [1, 1]"]),
     "train_topk_above_the_classes": Case(  # wrote a top-100000 column of 100.00 without a word
-        _train("train.topk=[1,100000]"), "ok", ["top-100000 is 100 % by definition with 3 classes", "keep k < 3"]
+        _train("train.topk=[1,100000]"),
+        "ok",
+        ["top-100000 is 100 % by definition with 3 classes", "keep k < 3 (e.g. train.topk = [1, 2])"],
     ),
     "ablate_data_out_not_h5": Case(  # ablate prepared an HDF5 file named photo.png: prepare's check skipped
         lambda t, c: ["ablate", "--out", str(t / "abl"), "--encoders", "none", "data.out=photo.png"],

@@ -737,12 +737,16 @@ def test_resume_refuses_result_changing_overrides_unless_allowed(finished_run, t
     assert r.exit_code == 2 and len(lines) == 1, r.output
     for needle in ("train.augment: True -> False", "train.epochs: 1 -> 2", "train.lam: 1.0 -> 0", "--allow-changes"):
         assert needle in lines[0], (needle, lines[0])
-    # neutral settings pass; the result-changing ones with --allow-changes are recorded
+    # neutral settings pass (how the run runs: threads, as ablate counts them); the result-changing
+    # ones with --allow-changes are recorded
     r = runner.invoke(
         app,
-        ["train", "--resume", "--allow-changes", "--run-dir", str(run), "train.epochs=2", "train.eval_batch_size=4"],
+        [
+            "train", "--resume", "--allow-changes", "--run-dir", str(run), "train.epochs=2",
+            "train.eval_batch_size=4", "--threads", "2",
+        ],
         catch_exceptions=False,
-    )
+    )  # fmt: skip
     assert r.exit_code == 0, r.output
     config = json.loads((run / runs.CONFIG).read_text())
     assert config["recipe"]["train"]["epochs"] == 2 and [c["settings"] for c in config["changes"]] == [

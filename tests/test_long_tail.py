@@ -390,6 +390,25 @@ def test_ablate_methods_grid_and_report_table(tiny_prepared: Path, tmp_path: Pat
     assert rows["crt"]["titles add (tail)"] == "-"
 
 
+def test_ctrl_c_in_an_ablations_second_stage_says_how_to_go_on(
+    tiny_prepared: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """It ended with a bare "interrupted" (a training run's Ctrl-C gives the table and the command)."""
+    import sicot_cli.decouple as decouple_mod
+    from sicot_cli.cli import app
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(decouple_mod, "decouple", stopped)
+    out = tmp_path / "abl"
+    args = ["ablate", "--data", str(tiny_prepared), "--encoders", "none", "--methods", "ce,crt", "--out", str(out)]
+    result = CliRunner().invoke(app, [*args, "--no-figures", *_fast_overrides()])
+    flat = " ".join(result.output.split())
+    assert result.exit_code == 130 and "interrupted: run the same command again to continue" in flat, result.output
+    assert "none-crt-s0" in flat  # the table names the run that stopped
+
+
 def _fast_overrides() -> list[str]:
     from conftest import TRAIN_FAST
 

@@ -403,20 +403,95 @@ def test_report_on_validation_reads_the_scored_epochs_validation_figures(ablatio
         build_report([ablation], split="val")
 
 
-def test_report_on_validation_pairs_seeds_within_each_fold(tmp_path):
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        ({"val_tail_top1": "x"}, "val_tail_top1 must be a number or null, got 'x'"),
+        ({"val_top1": True}, "val_top1 must be a number or null, got True"),
+        ({"val_top1": [1]}, "val_top1 must be a number or null"),
+        ({"val_tail_top1": "50"}, "val_tail_top1 must be a number or null, got '50'"),
+        ({"epoch": 1}, "epoch 1 after epoch 1 (each epoch once, in order)"),
+    ],
+)
+def test_report_on_validation_refuses_hand_edited_figures(ablation, edit, needle):
+    """A string, a bool or a list where a validation figure goes crashed the report or was read as a
+    number (true as 1.00); a repeated epoch was read once, silently."""
+    for (enc, seed), top1 in TOP1.items():
+        _with_validation(ablation / f"{enc}-s{seed}", [top1])
+    path = ablation / "bilinear-s1" / "metrics.jsonl"
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps(record) + "\n" + json.dumps({**record, **edit}) + "\n")
+    r = runner.invoke(app, ["report", "--split", "val", str(ablation)])
+    assert r.exit_code == 2 and needle in " ".join(r.output.split()), r.output
+    path.unlink()
+    r = runner.invoke(app, ["report", "--split", "val", str(ablation)])
+    assert r.exit_code == 2 and "metrics.jsonl: missing, empty or not a file" in " ".join(r.output.split()), r.output
+
+
+def test_report_warns_of_runs_without_their_pair(ablation, caplog):
+    """bilinear's mean over seeds 0-1 and the baseline's over 0-2, the gain over 0-1: said, not hidden."""
+    shutil.rmtree(ablation / "bilinear-s2")
+    rep = build_report([ablation], "bilinear")
+    assert rep.gains["bilinear"]["top1"].values == [3.0, 2.0]
+    assert "none-s2: no run of the same seed to pair with (bilinear against the baseline)" in caplog.text
+    assert "mean against the baseline" not in caplog.text  # "mean" has every seed
+
+
+def test_report_csv_on_stdout_is_csv_and_views_need_the_table_format(ablation):
+    import csv
+    import io
+
+    r = runner.invoke(app, ["report", str(ablation), "--format", "csv", "--no-figures"])
+    rows = list(csv.DictReader(io.StringIO(r.output)))  # each line ended in a literal \u000d
+    assert r.exit_code == 0 and list(rows[0])[-1] == "significant" and "\\u000d" not in r.output
+    for extra in (["--attention"], ["--class", "cat"]):
+        r = runner.invoke(app, ["report", str(ablation), "--format", "json", "--no-figures", *extra])
+        assert r.exit_code == 2 and "use them with --format table" in r.output  # tables after the JSON
+    r = runner.invoke(app, ["report", str(ablation), "--encoder", "none", "--no-figures"])
+    assert r.exit_code == 2 and "--encoder none is the baseline" in r.output
+
+
+def test_report_on_validation_pairs_seeds_within_each_fold(tmp_path, monkeypatch):
     """Runs on two validation folds (two prepared files, data.val_fold differs), seed 0 on each: four
-    pairs' worth of runs give two gains, each against its own fold's baseline. On test they are refused."""
+    pairs' worth of runs give two gains, each against its own fold's baseline. On test they are refused,
+    and so are files that are not folds of one dataset (other test rows, other classes), or unreadable."""
+    from types import SimpleNamespace
+
+    import sicot_cli.data.dataset as dataset_mod
+
+    files = {  # path -> (classes, ids in file order: train, val, test); fold 2 trades a train and a val row
+        "fold1.h5": (["a", "b"], ["t1", "t2", "v1", "x1", "x2"]),
+        "fold2.h5": (["a", "b"], ["v1", "t2", "t1", "x1", "x2"]),
+    }
+
+    def fake_open(path):
+        if str(path) not in files:
+            raise SicotError(f"{path}: prepared dataset not found")
+        classes, ids = files[str(path)]
+        return SimpleNamespace(class_names=classes, ids=lambda: list(ids), split_range=lambda split: (3, 5))
+
+    monkeypatch.setattr(dataset_mod, "open_prepared", fake_open)
     rng = np.random.default_rng(0)
     for fold, (base, co) in enumerate(((50.0, 53.0), (60.0, 61.0)), 1):
         for enc, top1 in (("none", base), ("bilinear", co)):
             run = make_run(tmp_path / f"f{fold}", enc, 0, None, _exact_hits(rng, 50.0))
             _with_validation(run, [top1], sha=f"fold{fold}")
+            cfg = json.loads((run / "config.json").read_text())
+            (run / "config.json").write_text(json.dumps({**cfg, "data": f"fold{fold}.h5"}))
     dirs = [tmp_path / "f1", tmp_path / "f2"]
     rep = build_report(dirs, split="val")
     assert sorted(rep.gains["bilinear"]["top1"].values) == [1.0, 3.0]
     assert "2 validation folds" in rep.protocol
     with pytest.raises(SicotError, match="different datasets"):
         build_report(dirs)
+    for changed in ((["a", "b"], ["v1", "t2", "t1", "x1", "x3"]), (["a", "c"], files["fold2.h5"][1])):
+        files["fold2.h5"] = changed  # another test row; another class
+        with pytest.raises(SicotError, match="different datasets \\(not validation folds of one"):
+            build_report(dirs, split="val")
+    del files["fold2.h5"]
+    with pytest.raises(SicotError, match="its prepared file is needed to check.*fold2.h5: prepared dataset not found"):
+        build_report(dirs, split="val")
+    files["fold2.h5"] = (["a", "b"], ["v1", "t2", "t1", "x1", "x2"])
     cfg = json.loads((tmp_path / "f2" / "bilinear-s0" / "config.json").read_text())
     cfg["recipe"]["train"]["lr"] = 5.0  # a fold trained otherwise is still refused
     (tmp_path / "f2" / "bilinear-s0" / "config.json").write_text(json.dumps(cfg))

@@ -363,6 +363,11 @@ def build_text(recipe: Recipe, skips: Skips, progress: Progress | None = None, v
         labels=[r.label for r in train_recs],
         drop_rule=recipe.text.drop_rule,
     )
+    if len(vocab) <= 1 and vocab.raw_size == 0:  # the filters' advice below could not help
+        raise SicotError(
+            f"{source}: no training title has a word (each is empty, or punctuation only): the titles are the "
+            "side information sicot trains with; fill the title column"
+        )
     if len(vocab) <= 1:
         raise SicotError(
             f"{source}: the vocabulary is empty after filtering ({vocab.raw_size} words before): "

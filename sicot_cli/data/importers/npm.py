@@ -95,6 +95,8 @@ def fetch_tarball(pkg: NpmPackage, folder: Path, npm: str | None) -> Path:
     if target.is_file():
         verify(target, pkg)
         return target
+    if target.exists() or target.is_symlink():  # a folder, a dangling link...: npm pack would run for nothing
+        raise SicotError(f"{target}: exists and is not a file (the package's tarball goes there): move it away")
     if npm is None:
         raise SicotError(
             f"npm is not installed: in {folder} run {npm_commands((pkg,))} (or put the tarball there), "
@@ -170,7 +172,7 @@ def unpack(tarball: Path, pkg: NpmPackage, dest: Path) -> int:
     Raises:
         SicotError: a wanted member that is not a regular file, or a corrupt archive.
     """
-    done = read_marker(dest / MARKER, pkg)
+    done = _complete(dest, pkg)
     if done is not None:
         return done
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
@@ -208,8 +210,26 @@ def unpack(tarball: Path, pkg: NpmPackage, dest: Path) -> int:
 
 
 def unpacked(dest: Path, pkg: NpmPackage) -> bool:
-    """Whether ``dest`` is a complete unpacking of ``pkg`` (its marker records the pinned integrity)."""
-    return read_marker(dest / MARKER, pkg) is not None
+    """Whether ``dest`` is a complete unpacking of ``pkg`` (its marker records the pinned integrity,
+    and the files it counts are there)."""
+    return _complete(dest, pkg) is not None
+
+
+def _complete(dest: Path, pkg: NpmPackage) -> int | None:
+    """The marker's file count when ``dest`` still holds that many files; None otherwise (no marker, or
+    files deleted since: the package is then unpacked again from its verified tarball, and the
+    manifests come out whole, not short of the missing images)."""
+    done = read_marker(dest / MARKER, pkg)
+    if done is None:
+        return None
+    here = sum(1 for p in dest.rglob("*") if p.is_file() and not p.is_symlink()) - 1  # but the marker
+    if here != done:
+        log.warning(
+            "%s: %d of the %d unpacked files are there (removed or added since): unpacking %s again", dest, here,
+            done, pkg.tarball,
+        )  # fmt: skip
+        return None
+    return done
 
 
 def fetch_packages(folder: Path, packages: tuple[NpmPackage, ...], npm: str | None = "auto") -> dict[str, Path]:
