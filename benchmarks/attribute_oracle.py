@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.common import benchmark_parser, parse, start, write_results
+from benchmarks.common import benchmark_parser, count, parse, positive_int, start, write_results
 from sicot_cli.config import load_recipe
 from sicot_cli.data.augment import random_resized_crop_flip
 from sicot_cli.data.dataset import open_prepared
@@ -152,8 +152,8 @@ def main(argv: list[str] | None = None) -> dict:
         default="",
         help="model.pretrained for the backbone: a sicot run directory, a checkpoint or a state_dict file",
     )
-    ap.add_argument("--epochs", type=int, default=16)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--epochs", type=positive_int, default=16)
+    ap.add_argument("--seed", type=count, default=0)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parse(ap, argv)
     start()
@@ -186,4 +186,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from benchmarks.common import cli
+
+    cli(main)

@@ -247,16 +247,19 @@ def main(argv: list[str] | None = None) -> dict:
     from rich.console import Console
     from rich.table import Table
 
-    from benchmarks.common import benchmark_parser, parse, start, write_results
+    from benchmarks.common import benchmark_parser, count, parse, positive_int, start, write_results
     from sicot_cli.config import load_recipe
 
     ap = benchmark_parser("class_sampling", __doc__)
     ap.add_argument("--recipe", default=None, help="a recipe whose prepared file exists")
     ap.add_argument(
-        "--many-classes", type=int, default=0, help="build the synthetic many-class set with this many classes instead"
+        "--many-classes",
+        type=count,
+        default=0,
+        help="build the synthetic many-class set with this many classes instead",
     )
-    ap.add_argument("--image-size", type=int, default=16)
-    ap.add_argument("--max-per-class", type=int, default=40)
+    ap.add_argument("--image-size", type=positive_int, default=16)
+    ap.add_argument("--max-per-class", type=positive_int, default=40)
     ap.add_argument(
         "--tiny-backbone",
         action="store_true",
@@ -355,4 +358,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from benchmarks.common import cli
+
+    cli(main)

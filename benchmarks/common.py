@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -80,16 +81,64 @@ def benchmark_parser(
         parser.add_argument(
             "--backbone", default=None, help="torchvision model (default: resnet50 on CUDA, resnet18 on CPU)"
         )
-        parser.add_argument("--image-size", type=int, default=None, help="default: 224 on CUDA, 64 on CPU (32 quick)")
-        parser.add_argument("--batch", type=int, default=None, help=batch)
+        parser.add_argument(
+            "--image-size", type=positive_int, default=None, help="default: 224 on CUDA, 64 on CPU (32 quick)"
+        )
+        parser.add_argument("--batch", type=positive_int, default=None, help=batch)
     if profile is not None:
         parser.add_argument("--profile", choices=PROFILE_MODES, default="auto", help=profile)
     return parser
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 written with digits 0-9 (a count, a size, a number of rounds)."""
+    if not re.fullmatch(r"\s*[0-9]+\s*", text) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return int(text)
+
+
+def count(text: str) -> int:
+    """An argparse type: an integer >= 0 written with digits 0-9 (0 meaning "the default" where the help says so)."""
+    if not re.fullmatch(r"\s*[0-9]+\s*", text):
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return int(text)
+
+
+def positive_ints(text: str) -> list[int]:
+    """An argparse type: comma-separated integers >= 1."""
+    return [positive_int(t) for t in text.split(",")]
+
+
+def cli(main: Callable[[], object]) -> None:
+    """Run a benchmark's ``main`` from the command line: a user error (sicot's, a missing or unreadable
+    file, an unknown name) is one ``error:`` line and exit 2, as in ``sicot`` itself, not a traceback."""
+    from sicot_cli.errors import SicotError
+
+    try:
+        result = main()
+    except SicotError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        if e.filename is None:
+            raise
+        print(f"error: {e.filename}: {e.strerror or e}", file=sys.stderr)
+        sys.exit(2)
+    if isinstance(result, int) and not isinstance(result, bool):
+        sys.exit(result)
+
+
 def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """``parser.parse_args(argv)``, refusing ``--device cuda`` on a machine without CUDA."""
+    """``parser.parse_args(argv)``, refusing ``--device cuda`` on a machine without CUDA and a
+    ``--backbone`` torchvision does not have."""
     args = parser.parse_args(argv)
+    if getattr(args, "backbone", None) is not None:
+        import torchvision
+
+        if args.backbone not in torchvision.models.list_models(module=torchvision.models):
+            parser.error(
+                f"--backbone {args.backbone!r}: not a torchvision classification model (e.g. resnet18, resnet50)"
+            )
     if getattr(args, "device", None) == "cuda":
         import torch
 

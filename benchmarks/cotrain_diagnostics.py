@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from benchmarks.common import positive_int
 from sicot_cli import runs
 from sicot_cli.config import Recipe
 from sicot_cli.data import dataset as ds
@@ -228,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("ablations", type=Path, nargs="+", help="output directories of `sicot ablate`")
     parser.add_argument("--encoder", default="bilinear")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=positive_int, default=1)
     args = parser.parse_args(argv)
     if args.encoder == "none":
         parser.error("--encoder names the co-trained runs (none-sK are the baselines they are compared with)")
@@ -238,4 +239,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from benchmarks.common import cli
+
+    cli(main)

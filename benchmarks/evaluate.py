@@ -32,6 +32,7 @@ from benchmarks.common import (
     interleaved_ms,
     model_setting,
     parse,
+    positive_int,
     print_profile,
     profile_step,
     start,
@@ -63,9 +64,9 @@ def main(argv: list[str] | None = None) -> dict:
         batch="evaluation batch (default: 512 on CUDA, 128 on CPU)",
     )
     parser.add_argument(
-        "--images", type=int, default=None, help="test images (default: 8192 on CUDA, 512 on CPU, 256 quick)"
+        "--images", type=positive_int, default=None, help="test images (default: 8192 on CUDA, 512 on CPU, 256 quick)"
     )
-    parser.add_argument("--classes", type=int, default=1000)
+    parser.add_argument("--classes", type=positive_int, default=1000)
     args = parse(parser, argv)
     start()
     cuda = args.device == "cuda"
@@ -168,4 +169,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from benchmarks.common import cli
+
+    cli(main)

@@ -31,7 +31,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.common import benchmark_parser, parse, start, write_results
+from benchmarks.common import benchmark_parser, count, parse, start, write_results
 from benchmarks.prepare import make_images
 from sicot_cli.config import load_recipe
 from sicot_cli.data import jpegstore, jpegwrite
@@ -185,7 +185,7 @@ def _table(console: Console, sizes: list[dict], prep: dict, load: dict, epoch: d
 def main(argv: list[str] | None = None) -> dict:
     parser = benchmark_parser("format2", __doc__, quick="few images (about 1 min on a 2-core CPU)", device=True)
     parser.add_argument(
-        "--workers", type=int, default=0, help="loader and prepare processes (0: cores - 1, at least 1)"
+        "--workers", type=count, default=0, help="loader and prepare processes (0: cores - 1, at least 1)"
     )
     args = parse(parser, argv)
     start()
@@ -219,4 +219,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from benchmarks.common import cli
+
+    cli(main)

@@ -52,6 +52,7 @@ from benchmarks.common import (
     interleaved_ms,
     parse,
     peak_memory_gib,
+    positive_ints,
     print_profile,
     profile_step,
     start,
@@ -62,6 +63,7 @@ from benchmarks.train_step import loader_epochs, synthetic_prepared
 from sicot_cli.config import TrainConfig, load_recipe
 from sicot_cli.data import dataset as ds
 from sicot_cli.data.loader import Batch, BatchLoader
+from sicot_cli.errors import SicotError
 from sicot_cli.model import MEAN, STD, build_model
 from sicot_cli.train import step_forward, train_step
 
@@ -105,10 +107,14 @@ def settings(args: argparse.Namespace) -> dict:
         default = {"backbone": backbone, "image_size": size, "batch": 32, "classes": "1000,100000"}
         rounds, round_ms, batches, epoch_batches = 5, 1500.0, 3, 4
     chosen = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in default.items()}
-    chosen["classes"] = [int(c) for c in str(chosen["classes"]).split(",") if c.strip()]
+    if isinstance(chosen["classes"], str):  # the default
+        chosen["classes"] = [int(c) for c in chosen["classes"].split(",")]
     models = model_names(args.sample_rate)
     if args.models:
         wanted = [resolve(m.strip(), args.sample_rate) for m in args.models.split(",") if m.strip()]
+        unknown = [m for m in wanted if m not in models]
+        if unknown or not wanted:  # dropped without a word: an empty table, and a result file of nothing
+            raise SicotError(f"--models: unknown {', '.join(unknown) or 'empty list'} (known: {', '.join(models)})")
         models = [m for m in models if m in wanted]
     return {
         **chosen,
@@ -338,7 +344,9 @@ def main(argv: list[str] | None = None) -> dict:
         profile="profile a step when its goal is not met (auto)",
         batch="default: 256 on CUDA, 32 on CPU (16 quick)",
     )
-    parser.add_argument("--classes", default=None, help="comma-separated class counts (default: 1000,100000)")
+    parser.add_argument(
+        "--classes", type=positive_ints, default=None, help="comma-separated class counts (default: 1000,100000)"
+    )
     parser.add_argument("--encoder", default="bilinear", help="the co-training encoder")
     parser.add_argument(
         "--sample-rate", type=float, default=0.1, help="train.class_sample_rate of the sampled models (1: none)"
@@ -397,4 +405,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from benchmarks.common import cli
+
+    cli(main)

@@ -20,7 +20,7 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.common import benchmark_parser, parse, start, write_results
+from benchmarks.common import benchmark_parser, parse, positive_int, start, write_results
 from sicot_cli.config import load_recipe
 from sicot_cli.data.images import load_image
 from sicot_cli.data.prepare import prepare
@@ -60,7 +60,7 @@ def make_images(root: Path, n: int, classes: int = 20, seed: int = 0) -> Path:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = benchmark_parser("prepare", __doc__, quick="fewer images (< 1 min on a 2-core CPU)")
-    parser.add_argument("--size", type=int, default=64, help="prepared image size")
+    parser.add_argument("--size", type=positive_int, default=64, help="prepared image size")
     args = parse(parser, argv)
     start()
     n = 300 if args.quick else 2000
@@ -125,4 +125,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from benchmarks.common import cli
+
+    cli(main)

@@ -39,7 +39,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.common import benchmark_parser, parse, start, write_results
+from benchmarks.common import benchmark_parser, parse, positive_int, start, write_results
 
 USES_DEVICE = False  # a CPU service: `python -m benchmarks all --device cuda` still runs it here
 GOAL = 2.0
@@ -293,12 +293,14 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark, print the tables and write the JSON results."""
     parser = benchmark_parser("serve", __doc__, quick="fewer requests (< 1 min on a 2-core CPU)")
     parser.add_argument("--run", type=Path, default=None, help="serve this run (default: one trained here, ~10 s)")
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 2, quick 1)")
+    parser.add_argument("--rounds", type=positive_int, default=None, help="interleaved rounds (default 2, quick 1)")
     parser.add_argument("--point-seconds", type=float, default=20.0, help="cut each measurement at this many seconds")
     parser.add_argument(
         "--memory-requests", type=int, default=None, help="requests of the memory run (default 10,000, quick 1,000)"
     )
-    parser.add_argument("--threads", type=int, default=1, help="torch threads of this process (the servers use 1)")
+    parser.add_argument(
+        "--threads", type=positive_int, default=1, help="torch threads of this process (the servers use 1)"
+    )
     args = parse(parser, argv)
     import torch
 
@@ -450,4 +452,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from benchmarks.common import cli
+
+    cli(main)

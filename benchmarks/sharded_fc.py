@@ -183,15 +183,15 @@ def _table(args, result: dict, settings: list[str]):  # noqa: ANN001, ANN202
 def main(argv: list[str] | None = None) -> dict:
     from rich.console import Console
 
-    from benchmarks.common import benchmark_parser, parse, start, write_results
+    from benchmarks.common import benchmark_parser, parse, positive_int, start, write_results
 
     ap = benchmark_parser("sharded_fc", __doc__, quick="100,000 / 20,000 classes (under a minute)")
-    ap.add_argument("--classes", type=int, default=1_000_000)
-    ap.add_argument("--compare-classes", type=int, default=100_000)
-    ap.add_argument("--dim", type=int, default=512)
-    ap.add_argument("--world", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=64, help="global batch (features gathered from every rank)")
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--classes", type=positive_int, default=1_000_000)
+    ap.add_argument("--compare-classes", type=positive_int, default=100_000)
+    ap.add_argument("--dim", type=positive_int, default=512)
+    ap.add_argument("--world", type=positive_int, default=2)
+    ap.add_argument("--batch", type=positive_int, default=64, help="global batch (features gathered from every rank)")
+    ap.add_argument("--steps", type=positive_int, default=3)
     ap.add_argument("--sample-rate", type=float, default=0.1, help="class sampling rate of the sampled settings")
     ap.add_argument(
         "--settings",
@@ -249,4 +249,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from benchmarks.common import cli
+
+    cli(main)

@@ -28,6 +28,7 @@ from benchmarks.common import (
     model_setting,
     parse,
     peak_memory_gib,
+    positive_int,
     start,
     write_results,
 )
@@ -148,10 +149,13 @@ def main(argv: list[str] | None = None) -> dict:
         device=True,
         batch="default: 256 on CUDA, 64 on CPU",
     )
-    parser.add_argument("--classes", type=int, default=1000)
+    parser.add_argument("--classes", type=positive_int, default=1000)
     parser.add_argument("--encoders", default=",".join(list_encoders()))
     parser.add_argument(
-        "--sampler", default="instance", help="train.sampler of the loader epochs (e.g. class_balanced)"
+        "--sampler",
+        default="instance",
+        choices=["instance", "class_balanced", "sqrt", "progressive"],
+        help="train.sampler of the loader epochs",
     )
     args = parse(parser, argv)
     start()
@@ -284,4 +288,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from benchmarks.common import cli
+
+    cli(main)

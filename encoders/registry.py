@@ -75,7 +75,10 @@ def create_encoder(name: str, **kw: object) -> TextEncoder:
             did not return a :class:`TextEncoder`.
     """
     if name not in _ENCODERS:
-        raise SicotError(f"unknown encoder {name!r} (choices: {', '.join(list_encoders())})")
+        raise SicotError(
+            f"unknown encoder {name!r} (choices: {', '.join(list_encoders())}); an encoder of one's own is known once "
+            "its module is loaded: give --encoder-module FILE (for a run, the one it was trained with)"
+        )
     factory = _ENCODERS[name]
     _check_options(name, factory, kw)
     try:

@@ -274,8 +274,13 @@ def tokenize(
     ] = None,
     workers: Annotated[int, typer.Option(help="Processes for large inputs (0 = all cores).")] = 0,
     plain: Annotated[
-        bool, typer.Option(help="One line of space-separated tokens per title (default for --file).")
-    ] = False,
+        bool | None,
+        typer.Option(
+            "--plain/--no-plain",
+            help="One line of space-separated tokens per title (default: on for --file, off for titles given).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Split titles into words: jieba for Chinese, lower-cased latin words and numbers."""
     from sicot_cli.data.tokenize import tokenize_many
@@ -292,11 +297,12 @@ def tokenize(
         if lines[-1] == "":
             lines.pop()
         titles += [ln.removesuffix("\r") for ln in lines]
-        plain = True
+        plain = True if plain is None else plain  # plain by default for a file; --no-plain asks for the table
         if not titles:
             raise SicotError(f"{file}: nothing to tokenize: the file is empty (one title per line)")
     if not titles:
         raise SicotError("nothing to tokenize: give titles as arguments or --file FILE")
+    plain = bool(plain)
     if not 0 <= workers <= 4096:  # as data.workers; the pool itself takes at most one per core
         raise SicotError(f"--workers must be 0..4096 (0 = all cores), got {workers}")
     vocab = None
@@ -310,10 +316,12 @@ def tokenize(
             shown = toks if vocab is None else [t if t in vocab else f"[{t}]" for t in toks]
             typer.echo(plain_text(" ".join(shown)))
         return
-    from rich.table import Table
+    from rich.table import Column, Table
     from rich.text import Text
 
-    table = Table("title", "tokens", *(["kept by the vocabulary ([word]: not kept)"] if vocab is not None else []))
+    # a Text header: as a string, rich would read "[word]" as markup and print "(: not kept)"
+    legend = [Column(header=Text("kept by the vocabulary ([word]: not kept)"))] if vocab is not None else []
+    table = Table("title", "tokens", *legend)
     for title, toks in zip(titles, tokens, strict=True):
         row = [safe(title), safe(" | ".join(toks))]
         if vocab is not None:
@@ -588,8 +596,10 @@ def evaluate(
     ] = "test",
     json_out: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
     threads: Threads = None,
+    encoder_module: EncoderModule = None,
 ) -> None:
     """Re-score a run's checkpoint on its test (or validation) split, image only."""
+    _load_encoder_modules(encoder_module)  # a run trained with an encoder of one's own
     import json
 
     from sicot_cli.evaluate import evaluate_run
@@ -615,8 +625,10 @@ def predict(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     threads: Threads = None,
+    encoder_module: EncoderModule = None,
 ) -> None:
     """Recognise products from images alone; show each predicted class's title."""
+    _load_encoder_modules(encoder_module)  # a run trained with an encoder of one's own
     from sicot_cli.predict import predict as run_predict
     from sicot_cli.predict import predictions_json
     from sicot_cli.threads import set_threads
@@ -653,8 +665,10 @@ def export(
     ] = None,
     checkpoint: Annotated[str, typer.Option(help="last or best.")] = "last",
     data: Annotated[Path | None, typer.Option(help="Prepared .h5 (default: the run's).")] = None,
+    encoder_module: EncoderModule = None,
 ) -> None:
     """Write the image-only model (ONNX or TorchScript) and a JSON that lets it run without sicot."""
+    _load_encoder_modules(encoder_module)  # a run trained with an encoder of one's own
     from sicot_cli.export import TOLERANCE
     from sicot_cli.export import export as run_export
     from sicot_cli.fsutil import file_to_write
@@ -698,8 +712,10 @@ def serve(
     data: Annotated[Path | None, typer.Option(help="With --run: prepared .h5 (default: the run's).")] = None,
     device: Annotated[str, typer.Option(help="With --run: auto, cpu or cuda.")] = "auto",
     threads: Annotated[int | None, typer.Option(help="CPU threads for the model (default: the runtime's).")] = None,
+    encoder_module: EncoderModule = None,
 ) -> None:
     """Serve the image-only model over HTTP: POST /predict, GET /classes, GET /healthz (FastAPI + uvicorn)."""
+    _load_encoder_modules(encoder_module)  # a run trained with an encoder of one's own
     import math
 
     from sicot_cli.errors import SicotError
@@ -831,8 +847,10 @@ def decouple(
     data: Annotated[Path | None, typer.Option(help="Prepared .h5 (default: the run's).")] = None,
     threads: Threads = None,
     overrides: Overrides = None,
+    encoder_module: EncoderModule = None,
 ) -> None:
     """Second stage of decoupled classifier learning (cRT, LWS, tau-norm, post-hoc logit adjustment) on a finished run."""
+    _load_encoder_modules(encoder_module)  # a run trained with an encoder of one's own
     from sicot_cli.console import RichProgress, err_console
     from sicot_cli.decouple import decouple as run_decouple
     from sicot_cli.errors import SicotError

@@ -20,7 +20,8 @@ def _rules_rows(table: Table, rules: list[FilterRule]) -> None:
     for r in rules:
         table.add_row(
             Text.assemble("  removed: ", safe(r.rule)),
-            f"{r.words:,} words, {r.tokens:,} occurrences, {r.titles_emptied:,} titles emptied",
+            # titles_emptied is cumulative: a title is emptied by the rules up to this one together
+            f"{r.words:,} words, {r.tokens:,} occurrences; {r.titles_emptied:,} titles empty after this rule",
         )
 
 

@@ -303,3 +303,34 @@ def test_cotrain_diagnostics_reads_an_ablation(tmp_path):
         assert figures["v_top1"] == pytest.approx(recorded["val_top1"])
         assert figures["v_tail"] == pytest.approx(recorded["val_tail_top1"])
     assert "m_top1" in _val(runs_dir / "mean-s0") and "m_top1" not in _val(runs_dir / "none-s0")
+
+
+@pytest.mark.parametrize(
+    ("module", "argv", "needle"),
+    [
+        ("prepare", ["--size", "0"], "argument --size: must be an integer >= 1, got '0'"),
+        ("sharded_fc", ["--world", "0"], "argument --world: must be an integer >= 1"),
+        ("gpu_step", ["--device", "cpu", "--classes", "0"], "argument --classes: must be an integer >= 1"),
+        ("gpu_step", ["--device", "cpu", "--models", "foo", "--no-loader"], "--models: unknown foo"),
+        ("gpu_step", ["--device", "cpu", "--backbone", "nosuch"], "not a torchvision classification model"),
+        ("evaluate", ["--device", "cpu", "--images", "0"], "argument --images: must be an integer >= 1"),
+        ("format2", ["--device", "cpu", "--workers", "-3"], "argument --workers: must be an integer >= 0"),
+        ("attribute_oracle", ["--epochs", "-1"], "argument --epochs: must be an integer >= 1"),
+        ("train_step", ["--device", "cpu", "--sampler", "nosuch"], "invalid choice: 'nosuch'"),
+        ("label_titles", ["--data", "/nonexistent/d.h5"], "error: /nonexistent/d.h5: prepared dataset not found"),
+        ("readme", ["--readme", "/nonexistent/R.md"], "error: /nonexistent/R.md: README not found"),
+        ("cotrain_diagnostics", ["/nonexistent"], "error: /nonexistent: "),
+    ],
+)
+def test_a_benchmark_refuses_bad_arguments_in_one_line(module, argv, needle, capsys):
+    """Tracebacks before (a negative size, an unknown model name, a missing file), or a result of
+    nothing written with exit 0 (an unknown --models, --workers -3 measured as ratio -0.33)."""
+    import importlib
+
+    from benchmarks.common import cli
+
+    mod = importlib.import_module(f"benchmarks.{module}")
+    with pytest.raises(SystemExit) as e:
+        cli(lambda: mod.main(argv))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and needle in err and "Traceback" not in err, err

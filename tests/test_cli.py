@@ -77,6 +77,12 @@ def test_tokenize_with_vocabulary_of_a_prepared_dataset(tmp_path, manifest):
     assert run("prepare", "--manifest", str(manifest), "--out", str(out), *KEEP_ALL).exit_code == 0
     r = run("tokenize", "--plain", "--data", str(out), "red cat unseenword")
     assert r.output.strip() == "red cat [unseenword]"
+    # the table's legend keeps its "[word]" (rich read it as markup: "(: not kept)"); --no-plain
+    # asks for the table with --file too (it was ignored)
+    f = tmp_path / "t.txt"
+    f.write_text("red cat unseenword\n", encoding="utf-8")
+    r = run("tokenize", "--file", str(f), "--no-plain", "--data", str(out))
+    assert "([word]: not kept)" in r.output and "[unseenword]" in r.output and "┃" in r.output, r.output
 
 
 def test_tokenize_errors(tmp_path):

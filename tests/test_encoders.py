@@ -460,6 +460,38 @@ def {name}(vectors, out_dim, freeze_embeddings=False):
 """
 
 
+def test_a_run_of_ones_own_encoder_is_used_with_its_module(tmp_path: Path, tiny_prepared: Path) -> None:
+    """predict, evaluate, export, serve and decouple take --encoder-module too: without it such a run
+    could not be used at all after training; the error says which option to give."""
+    from conftest import TRAIN_FAST
+    from typer.testing import CliRunner
+
+    from sicot_cli.cli import app
+
+    runner = CliRunner()
+    path = tmp_path / "my_encoder.py"
+    path.write_text(PLUGIN.replace("{name}", "my_encoder"), encoding="utf-8")
+    run = tmp_path / "run"
+    r = runner.invoke(
+        app,
+        ["train", "--data", str(tiny_prepared), "--encoder-module", str(path), "--encoder", "my_encoder"]
+        + ["--run-dir", str(run), *TRAIN_FAST, "train.epochs=1"],
+    )
+    assert r.exit_code == 0, r.output
+    registry._ENCODERS.pop("my_encoder")  # as in a new process
+    image = tiny_prepared.parent / "raw" / "cat3.png"
+    r = runner.invoke(app, ["predict", "--run", str(run), str(image)])
+    assert r.exit_code == 2 and "give --encoder-module FILE (for a run, the one it was trained with)" in " ".join(
+        r.output.split()
+    )
+    for args in (["predict", "--run", str(run), str(image)], ["evaluate", "--run", str(run)]):
+        registry._ENCODERS.pop("my_encoder", None)
+        r = runner.invoke(app, [*args, "--encoder-module", str(path)])
+        assert r.exit_code == 0, r.output
+    for command in ("export", "serve", "decouple"):
+        assert "--encoder-module" in runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"}).output
+
+
 def test_plugin_file_registers_and_trains(tmp_path: Path, vectors: torch.Tensor) -> None:
     path = tmp_path / "my_encoder.py"
     path.write_text(PLUGIN.replace("{name}", "my_encoder"), encoding="utf-8")

@@ -108,6 +108,10 @@ def test_truncated_or_tampered_shard_is_refused_with_its_name(jpeg_data: Path, t
     shard.unlink()
     with pytest.raises(SicotError, match=rf"{shard.name}: image shard missing"):
         open_prepared(data)
+    shard.mkdir()  # was "image shard is 4096 bytes, the index records N (truncated or replaced)"
+    with pytest.raises(SicotError, match=rf"{shard.name}: the image shard is not a file \(a folder"):
+        open_prepared(data)
+    shard.rmdir()
     shutil.copy(data, tmp_path / "moved.h5")  # the index without its folder
     with pytest.raises(SicotError, match=r"image shards folder d\.shards-\w+ is not beside it .*copy or move both"):
         open_prepared(tmp_path / "moved.h5")

@@ -978,6 +978,17 @@ CASES: dict[str, Case] = {
         "skip",
         ["image is a URL (download the images first; the manifest names local files)"],
     ),
+    "shipped_recipe_without_its_data": Case(  # "recipes/../data/webvision1k/manifest.csv: manifest not found"
+        lambda t, c: [
+            "prepare",
+            "--recipe",
+            str(Path(__file__).resolve().parents[1] / "recipes" / "webvision1k.toml"),
+            "--out",
+            str(t / "o.h5"),
+        ],  # fmt: skip
+        "error",
+        ["data/webvision1k/manifest.csv: manifest not found; `sicot datasets import webvision --root DIR"],
+    ),
     "manifest_is_a_url": Case(  # was "https:/example.com/m.csv: manifest not found"
         lambda t, c: ["prepare", "--manifest", "https://example.com/m.csv", "--out", str(t / "o.h5")],
         "error",

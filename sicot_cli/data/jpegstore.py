@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,9 +122,12 @@ class Store:
         for name, size in zip(self.names, self.sizes.tolist(), strict=True):
             path = self.folder / name
             try:
-                got = path.stat().st_size
+                st = path.stat()
             except OSError:
                 raise SicotError(f"{path}: image shard missing: {rebuild}") from None
+            if not stat.S_ISREG(st.st_mode):  # a folder's "size" would be compared as if it were the shard's
+                raise SicotError(f"{path}: the image shard is not a file (a folder or device stands there): {rebuild}")
+            got = st.st_size
             if got != size:
                 raise SicotError(
                     f"{path}: image shard is {got} bytes, the index records {size} (truncated or replaced): {rebuild}"

@@ -28,6 +28,7 @@ import errno
 import json
 import logging
 import math
+import os
 import re
 import unicodedata
 from collections.abc import Callable
@@ -157,6 +158,24 @@ def _text(value: object) -> str | None:
         return None
 
 
+# The folder a shipped recipe's manifest lies in -> the command that writes it (docs/datasets.md).
+_MADE_BY = {
+    "emoji": "sicot datasets fetch emoji",
+    "mdi": "sicot datasets fetch mdi",
+    "icons": "sicot datasets fetch icons",
+    "webvision1k": "sicot datasets import webvision --root DIR (the WebVision 1.0 download)",
+    "imaterialist2019": "sicot datasets import imaterialist2019 --root DIR (the Kaggle download)",
+}
+
+
+def _how_to_make(path: Path) -> str:
+    """What writes the manifest of a shipped recipe, or how to name one's own."""
+    made_by = _MADE_BY.get(path.parent.name)
+    if made_by is not None:
+        return f"`{made_by}` writes it (docs/datasets.md), or set data.manifest=PATH"
+    return 'write one (image,title,label columns: README, "Your own data") and set data.manifest=PATH or --manifest'
+
+
 # "https://...", "s3://..." (and, once a Path has folded it, "https:/..."); not "C:/..." (one letter)
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:/")
 
@@ -180,6 +199,8 @@ def read_manifest(path: str | Path, skips: Skips) -> list[Row]:
             f"{shown}: a URL; the manifest is read from a local file: download it first, then give its path"
         )
     path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        raise SicotError(f"{os.path.normpath(path)}: manifest not found; {_how_to_make(path)}")
     # bytes that are not UTF-8 are kept (surrogateescape): the rows they are in are skipped and counted
     text = read_text(path, "manifest", expected="a CSV or JSONL manifest", errors="surrogateescape").replace("\x00", "")
     base = path.parent
