@@ -333,7 +333,10 @@ def test_duplicate_registration_is_a_value_error() -> None:
 def test_unknown_name_lists_the_choices() -> None:
     with pytest.raises(SicotError) as info:
         create_encoder("nope", vectors=torch.randn(3, 2), out_dim=2)
-    assert str(info.value) == ("unknown encoder 'nope' (choices: bilinear, bilstm, bilstm_attention, mean)")
+    assert str(info.value) == (
+        "unknown encoder 'nope' (choices: bilinear, bilstm, bilstm_attention, mean); an encoder of one's own is "
+        "known once its module is loaded: give --encoder-module FILE (for a run, the one it was trained with)"
+    )
 
 
 @pytest.mark.parametrize(
