@@ -317,6 +317,12 @@ def _classifier_epoch(
             opt.step()
             total += loss.item() * len(idx)
             task.advance(1)
+    if not math.isfinite(total) or not all(bool(torch.isfinite(w).all()) for w in head.parameters()):
+        # as train's check: a NaN classifier's argmax is a score, and the stage would be "finished"
+        raise SicotError(
+            f"{stage.run_dir}: the loss diverged (not finite) in {d.method} epoch {epoch + 1}: lower decouple.lr "
+            "and train the stage into a new --run-dir"
+        )
     sched.step()
     with torch.no_grad():
         val = val_balanced_top1(head(feats["val_x"]), feats["val_y"], p.num_classes)

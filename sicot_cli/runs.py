@@ -431,7 +431,9 @@ def selection_line(final: dict[str, Any]) -> str:
     ckpt = final.get("checkpoint", "last")
     how = "best validation top-1" if final.get("selected_on") == "val" else "no selection"
     if final.get("logit_adjust_tau") is not None:
-        how += f", post-hoc logit adjustment tau {final['logit_adjust_tau']:g} chosen on validation"
+        scores = final.get("logit_adjust_val_scores")
+        chosen = "fixed" if isinstance(scores, list) and len(scores) == 1 else "chosen on validation"
+        how += f", post-hoc logit adjustment tau {final['logit_adjust_tau']:g} {chosen}"
     if final.get("stage"):  # a second stage (sicot decouple) on a frozen visual stream
         tau = final.get("tau")
         chosen = "chosen on validation" if final.get("selected_on") == "val" else "fixed"

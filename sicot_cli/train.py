@@ -40,7 +40,7 @@ from sicot_cli.data.loader import Batch, BatchLoader, decode_workers, epoch_seed
 from sicot_cli.distributed import DistContext, init_distributed, reduce_mean, shard_range, shutdown
 from sicot_cli.errors import SicotError
 from sicot_cli.evaluate import evaluate_model, resolve_device, split_logits, use_in_memory, write_predictions
-from sicot_cli.losses import Criterion, adjusted_bias, choose_tau, criterion
+from sicot_cli.losses import Criterion, adjusted_bias, choose_tau, criterion, drw_epoch
 from sicot_cli.model import SICoT, Streams, make_model, orthogonal_backward, sicot_loss
 from sicot_cli.progress import NullProgress, Progress
 from sicot_cli.provenance import package_versions
@@ -131,6 +131,11 @@ def image_only_epochs(cfg: TrainConfig) -> int:
 def epoch_lam(cfg: TrainConfig, epoch: int) -> float:
     """Eq. 1's lambda in ``epoch`` (0-based): 0 while the run trains image-only, then ``train.lam``."""
     return 0.0 if epoch < image_only_epochs(cfg) else cfg.lam
+
+
+# An epoch's mean loss this many times a uniform guess's (ln classes) is a diverging run, though finite:
+# warned (seen: 1.8e14 at lr 100, finished as a normal run).
+LOSS_ALARM = 100
 
 
 def diverged(model: torch.nn.Module) -> bool:
@@ -320,7 +325,7 @@ def training_plan(recipe: Recipe, prepared: Prepared, steps_per_epoch: int, thre
     )
     if recipe.model.encoder != "none" and (first := image_only_epochs(cfg)):
         line += f"; image-only (lam 0) for {first} epoch(s), then co-training (train.cotrain_after)"
-    if recipe.model.encoder != "none" and cfg.mixed_step == "orthogonal":
+    if recipe.model.encoder != "none" and cfg.lam and cfg.mixed_step == "orthogonal":
         line += "; CE(x_m)'s step orthogonal to CE(x_v)'s (train.mixed_step)"
     if recipe.model.encoder != "none" and cfg.distill:
         line += f"; x_m's scores distilled into x_v's (train.distill {cfg.distill:g}, T {cfg.distill_temperature:g})"
@@ -328,6 +333,21 @@ def training_plan(recipe: Recipe, prepared: Prepared, steps_per_epoch: int, thre
         workers = decode_workers(cfg.loader_workers, threads)
         line += f"; JPEG shards (stored {prepared.store.side} px) decoded by {workers} loader process(es)"
     warnings = []
+    if recipe.model.encoder != "none" and not cfg.lam:
+        warnings.append(
+            f"train.lam = 0 with encoder {recipe.model.encoder!r}: CE(x_m) never trains, so this run is the baseline's "
+            "(the titles are read and unused)"
+        )
+    if recipe.model.encoder != "none" and cfg.cotrain_after and not image_only_epochs(cfg):
+        warnings.append(
+            f"train.cotrain_after = {cfg.cotrain_after:g} of {cfg.epochs} epoch(s) is no epoch (floor), so co-training "
+            "starts at once: raise it or train.epochs"
+        )
+    if cfg.reweight == "drw" and drw_epoch(cfg) >= cfg.epochs:
+        warnings.append(
+            f"train.drw_start = {cfg.drw_start:g} of {cfg.epochs} epoch(s) starts re-weighting after the last epoch: "
+            "this run is plain CE; lower it"
+        )
     if prepared.n_train < cfg.batch_size:
         warnings.append(
             f"train.batch_size {cfg.batch_size} is larger than the {prepared.n_train:,} training images: one step per epoch"
@@ -800,6 +820,12 @@ def _end_epoch(run: _Run, state: _State, lr: float, guard: SigintGuard) -> None:
     _save(run, runs.LAST, _checkpoint(run, state, epoch + 1, 0), True, f"e{epoch + 1}")
     _on_main(run.ctx, lambda: runs.append_metrics(run.run_dir, record))
     log.info("epoch %d: loss %.4f%s", epoch + 1, record["loss"], f" val top1 {record['val_top1']:.2f}" if val else "")
+    chance = math.log(max(run.prepared.num_classes, 2))
+    if isinstance(record.get("loss"), float) and record["loss"] > LOSS_ALARM * chance:  # finite, yet diverging
+        log.warning(
+            "epoch %d: loss %.3g is over %d times a guess's (ln %d classes = %.2f): the run is diverging; lower "
+            "train.lr", epoch + 1, record["loss"], LOSS_ALARM, run.prepared.num_classes, chance,
+        )  # fmt: skip
     guard.step_done()  # a Ctrl-C that waited stops here, after a complete checkpoint
 
 

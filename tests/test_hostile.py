@@ -2101,6 +2101,15 @@ CASES: dict[str, Case] = {
         "error",
         ["abl: is a training run (config.json), not an ablation folder"],
     ),
+    "train_text_encoder_with_lam_zero": Case(  # reported as co-training, bit-identical to the baseline
+        _train("--encoder", "mean", "train.lam=0"), "ok", ["train.lam = 0 with encoder 'mean'", "the baseline's"]
+    ),
+    "train_drw_that_never_starts": Case(  # labelled drw, trained as plain CE
+        _train("train.reweight=drw", "train.drw_start=1.0"), "ok", ["starts re-weighting after the last epoch"]
+    ),
+    "train_cotrain_after_of_no_epoch": Case(
+        _train("--encoder", "mean", "train.cotrain_after=0.2"), "ok", ["is no epoch (floor), so co-training starts"]
+    ),
     "train_topk_twice": Case(_train("train.topk=[1,1]"), "error", ["train.topk lists a k twice, got [1, 1]"]),
     "train_topk_above_the_classes": Case(  # wrote a top-100000 column of 100.00 without a word
         _train("train.topk=[1,100000]"),

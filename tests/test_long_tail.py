@@ -238,6 +238,20 @@ def first_run(val_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return train(tiny_recipe(val_data, "model.encoder=mean"), tmp_path_factory.mktemp("lt") / "mean-s0").run_dir
 
 
+def test_a_diverging_second_stage_stops_unfinished(first_run: Path, tmp_path: Path, monkeypatch) -> None:
+    """A NaN loss (lr 100, batch 1 on real features) was written to metrics.jsonl and the stage
+    "finished" with the score of a NaN classifier's argmax."""
+    import torch.nn.functional as F
+
+    from sicot_cli.decouple import decouple
+
+    real = F.cross_entropy
+    monkeypatch.setattr(F, "cross_entropy", lambda *a, **k: real(*a, **k) * float("nan"))
+    with pytest.raises(SicotError, match=r"the loss diverged \(not finite\) in crt epoch 1: lower decouple.lr"):
+        decouple(first_run, ["decouple.method=crt", "decouple.epochs=2"], tmp_path / "crt")
+    assert not runs.is_finished(tmp_path / "crt")
+
+
 def test_crt_changes_only_the_classifier(first_run: Path, tmp_path: Path) -> None:
     from sicot_cli.decouple import decouple
 
@@ -500,6 +514,9 @@ def test_eval_logit_adjust_chooses_tau_on_validation_and_keeps_the_adjusted_clas
     assert stage.final["tau"] == tau and stage.final["top1"] == final["top1"]
     assert methods.label(runs.read_config(adjusted.run_dir)) == "mean+posthoc-la"
     assert f"post-hoc logit adjustment tau {tau:g} chosen on validation" in runs.selection_line(final)
+    # one candidate is a fixed tau, not a choice (it said "chosen on validation", with no validation row)
+    one = {**final, "logit_adjust_tau": 1.0, "logit_adjust_val_scores": [None]}
+    assert "post-hoc logit adjustment tau 1 fixed" in runs.selection_line(one)
 
 
 def test_eval_logit_adjust_needs_validation_rows(tiny_prepared: Path, tmp_path: Path) -> None:

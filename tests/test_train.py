@@ -267,6 +267,31 @@ def test_loader_orders_are_permutations_and_seeded(tiny_prepared, in_memory):
     assert np.array_equal(skipped, rows0[10:])
 
 
+@pytest.mark.parametrize(("block_rows", "shuffle_blocks"), [(1, 1), (2, 1), (3, 2), (4, 1)])
+def test_a_streamed_batch_spanning_more_blocks_than_the_cache_keeps_is_read(tiny_prepared, block_rows, shuffle_blocks):
+    """A batch of 8 over blocks of 1-4 rows spans more blocks than 2 x shuffle_blocks: one was evicted
+    before it was read, and the KeyError was reported as a damaged file ("rebuild it --force")."""
+    p = open_prepared(tiny_prepared)
+    kw = {"shuffle": True, "seed": 0, "block_rows": block_rows, "shuffle_blocks": shuffle_blocks}
+    streamed = list(BatchLoader(p, 8, 0, p.n_train, in_memory=False, **kw).epoch(0))
+    with __import__("h5py").File(tiny_prepared) as f:
+        images = f["images"][: p.n_train]
+    assert sorted(np.concatenate([b.rows for b in streamed]).tolist()) == list(range(p.n_train))
+    for b in streamed:
+        assert np.array_equal(b.images.numpy(), images[b.rows])
+
+
+def test_a_finite_but_exploding_loss_is_warned(tiny_prepared, tmp_path, monkeypatch, caplog):
+    """lr 100 gave a loss of 1.8e14 (8 classes: a guess is 2.1) and a run that finished like any other."""
+    import sicot_cli.train as train_mod
+
+    monkeypatch.setattr(train_mod, "LOSS_ALARM", 1e-6)  # every loss is "exploding" here: the check is wired
+    train_mod.train(tiny_recipe(tiny_prepared, "model.encoder=none", "train.epochs=1"), tmp_path / "run")
+    assert (
+        "epoch 1: loss" in caplog.text and "times a guess's (ln 3 classes = 1.10): the run is diverging" in caplog.text
+    )
+
+
 def test_lambda_zero_cotraining_steps_like_the_baseline(tiny_prepared, tmp_path):
     base = train(tiny_recipe(tiny_prepared, "model.encoder=none"), tmp_path / "base")
     co = train(tiny_recipe(tiny_prepared, "model.encoder=mean", "train.lam=0"), tmp_path / "co")

@@ -306,14 +306,17 @@ class BatchLoader:
             images = f["images"]
             for rel, offset, total in plan:
                 block_ids = rel // self.block_rows
-                for b in np.unique(block_ids):
+                needed = np.unique(block_ids)
+                for b in needed:
                     if b not in cache:
                         lo = self.start + b * self.block_rows
                         cache[b] = images[lo : min(lo + self.block_rows, self.stop)]
-                        while len(cache) > keep:
-                            cache.popitem(last=False)
+                # the oldest blocks go, never one this batch reads: a batch can span more than `keep`
+                # blocks (small train.block_rows), and evicting one of them was reported as a damaged file
+                for b in [b for b in cache if b not in set(needed.tolist())][: max(0, len(cache) - keep)]:
+                    del cache[b]
                 out = np.empty((len(rel), *images.shape[1:]), dtype=np.uint8)
-                for b in np.unique(block_ids):
+                for b in needed:
                     sel = block_ids == b
                     out[sel] = cache[b][rel[sel] - b * self.block_rows]
                 yield self._batch(rel, out, offset, total)
