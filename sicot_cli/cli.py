@@ -74,7 +74,8 @@ Threads = Annotated[
     int | None,
     typer.Option(
         "--threads",
-        help="CPU threads for torch (default: train.threads; 0 = auto, the cores this process may use, at most 8).",
+        help="CPU threads for torch (default: train.threads; 0 = auto: OMP_NUM_THREADS when set, else the cores "
+        "this process may use, at most 8).",
     ),
 ]
 

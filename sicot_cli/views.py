@@ -94,7 +94,10 @@ def prepare_table(s: PrepareSummary) -> Table:
     _test_words_rows(t, s.test_oov_rate, s.test_filtered_rate)
     if s.truncated_titles:
         t.add_row("titles truncated to data.max_title_tokens", f"{s.truncated_titles:,}")
-    t.add_row("time", f"{s.seconds:.1f} s ({s.images_per_second:,.0f} images/s decode+write)")
+    rate = (
+        f"{s.images_per_second:,.0f} images/s decode+write" if s.decode_seconds > 0 else "merged: nothing decoded here"
+    )
+    t.add_row("time", f"{s.seconds:.1f} s ({rate})")
     return t
 
 

@@ -834,7 +834,8 @@ def _prepare_jpeg(
                 str(out_path), str(folder), part, mine, resumed, images,
                 sum(len(infos[k].skips) for k in mine), time.perf_counter() - t0,
             )  # fmt: skip
-    decode_seconds = time.perf_counter() - t_decode
+    # a merge decodes nothing (the shards were written by the --shard runs): no throughput to report
+    decode_seconds = 0.0 if merge else time.perf_counter() - t_decode
     written, loc, ends, train_labels = _index_rows(cands, infos, d.shard_rows, skips)
     if ends["train"] == 0:
         raise SicotError(f"{text.source}: no training image could be decoded ({skips.as_dict()})")
