@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import json
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 
 from sicot_cli.data.images import DEFAULT_MAX_PIXELS, ImageSkip, load_image
+from sicot_cli.data.manifest import URL
 from sicot_cli.errors import SicotError
 from sicot_cli.evaluate import load_run_model, resolve_device
 
@@ -181,7 +181,7 @@ def predict(
     for p in images:  # before the model is loaded: these are no files at all
         if str(p) == "-":
             raise SicotError("-: standard input is not read; save the image to a file and name it")
-        if re.match(r"[A-Za-z][A-Za-z0-9+.-]+:/", str(p)):  # Path() has already folded "//" to "/"
+        if URL.match(str(p)):  # Path() has already folded "//" to "/"
             raise SicotError(f"{p}: a URL; predict reads local image files: download the image first")
     recognizer = load_recognizer(run_dir, checkpoint, data, device)
     preds: list[Prediction] = []

@@ -696,6 +696,46 @@ def _check_folds(runs_: list[Run]) -> None:
         )
 
 
+def _check_one_run_a_pair(runs_: list[Run], pair_key: Callable[[Run], Any], on_val: bool) -> None:
+    """Refuse a run given twice, and two runs of one encoder that would pair with the same baseline."""
+    seen: dict[tuple[str, Any], Path] = {}
+    for r in runs_:
+        key = (r.encoder, pair_key(r))
+        if key in seen and seen[key].resolve() == r.path.resolve():
+            raise SicotError(f"{r.path}: the same run is given twice; give each run or ablation directory once")
+        if key in seen:
+            raise SicotError(
+                f"two runs of encoder {r.encoder!r} with seed {r.seed}{' on one prepared file' if on_val else ''}: "
+                f"{seen[key]} and {r.path}; report them separately"
+            )
+        seen[key] = r.path
+
+
+def _images_ci(pairs: list[tuple[Run, Run]], k: int) -> tuple[float, float]:
+    """Bootstrap interval of the top-``k`` gain over test images, seeds averaged, rows aligned by id."""
+    per_seed = []
+    for a, b in pairs:
+        rows_a, hit_a = a.hits(k)
+        rows_b, hit_b = b.hits(k)
+        order_a, order_b = np.argsort(rows_a), np.argsort(rows_b)
+        if not np.array_equal(rows_a[order_a], rows_b[order_b]):
+            raise SicotError(f"{a.path} and {b.path} were scored on different test rows")
+        per_seed.append(hit_a[order_a].astype(float) - hit_b[order_b].astype(float))
+    return bootstrap_ci(np.mean(per_seed, axis=0))
+
+
+def _protocol(runs_: list[Run], on_val: bool) -> str:
+    """Which split and checkpoints the numbers come from, in words (and how validation folds pair)."""
+    protocol = "; ".join(sorted({runs.selection_line(r.final) for r in runs_}))
+    if on_val:
+        folds = len({_dataset_key(r) for r in runs_})
+        protocol += (
+            f"{f', {folds} validation folds (prepared files), runs paired by seed within each' if folds > 1 else ''}; "
+            "validation figures as logged at that epoch, for choosing; seeds p only (no per-image validation predictions)"
+        )
+    return protocol
+
+
 def build_report(paths: list[Path], chosen: str = "bilinear", bootstrap: bool = True, split: str = "test") -> Report:
     """Read the runs and compute every cell, gain, p-value and interval.
 
@@ -720,17 +760,7 @@ def build_report(paths: list[Path], chosen: str = "bilinear", bootstrap: bool = 
     _check_shared_settings(runs_, FOLD_KEYS if on_val else frozenset())
     # a pair is one seed on one prepared file (on validation, folds are different files)
     pair_key = (lambda r: (_dataset_key(r), r.seed)) if on_val else (lambda r: r.seed)
-    seen: dict[tuple[str, Any], Path] = {}
-    for r in runs_:
-        key = (r.encoder, pair_key(r))
-        if key in seen and seen[key].resolve() == r.path.resolve():
-            raise SicotError(f"{r.path}: the same run is given twice; give each run or ablation directory once")
-        if key in seen:
-            raise SicotError(
-                f"two runs of encoder {r.encoder!r} with seed {r.seed}{' on one prepared file' if on_val else ''}: "
-                f"{seen[key]} and {r.path}; report them separately"
-            )
-        seen[key] = r.path
+    _check_one_run_a_pair(runs_, pair_key, on_val)
     encoders = sorted({r.encoder for r in runs_}, key=lambda e: (e != BASELINE, e))
     # Without a baseline there are no gains: Table 3 (accuracies), the curves and the per-class
     # table still say how the runs did (a single `sicot train` run is reported, not refused).
@@ -753,28 +783,12 @@ def build_report(paths: list[Path], chosen: str = "bilinear", bootstrap: bool = 
         gains[e] = {k: _paired_gain(pairs, k) for k in keys}
         if bootstrap and pairs:
             for k in ("top1", "top3"):
-                if k not in gains[e]:
-                    continue
-                kk = int(k[3:])
-                per_seed = []
-                for a, b in pairs:
-                    rows_a, hit_a = a.hits(kk)
-                    rows_b, hit_b = b.hits(kk)
-                    order_a, order_b = np.argsort(rows_a), np.argsort(rows_b)
-                    if not np.array_equal(rows_a[order_a], rows_b[order_b]):
-                        raise SicotError(f"{a.path} and {b.path} were scored on different test rows")
-                    per_seed.append(hit_a[order_a].astype(float) - hit_b[order_b].astype(float))
-                gains[e][k].ci = bootstrap_ci(np.mean(per_seed, axis=0))
+                if k in gains[e]:
+                    gains[e][k].ci = _images_ci(pairs, int(k[3:]))
     recipe = runs_[0].config["recipe"]
     with_methods = any(methods.method_of(r.config) != methods.CE for r in runs_)
     titles = {r.encoder: methods.needs_titles(r.config) for r in runs_} if with_methods else {}
-    protocol = "; ".join(sorted({runs.selection_line(r.final) for r in runs_}))
-    if on_val:
-        folds = len({_dataset_key(r) for r in runs_})
-        protocol += (
-            f"{f', {folds} validation folds (prepared files), runs paired by seed within each' if folds > 1 else ''}; "
-            "validation figures as logged at that epoch, for choosing; seeds p only (no per-image validation predictions)"
-        )
+    protocol = _protocol(runs_, on_val)
     return Report(
         runs_,
         unfinished,

@@ -177,7 +177,39 @@ def _how_to_make(path: Path) -> str:
 
 
 # "https://...", "s3://..." (and, once a Path has folded it, "https:/..."); not "C:/..." (one letter)
-_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:/")
+URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:/")
+
+
+def _manifest_text(path: Path) -> str:
+    """The manifest's text, NUL removed; a URL or a missing file is one error saying what to do.
+
+    Bytes that are not UTF-8 are kept (surrogateescape): the rows they are in are skipped and counted.
+    """
+    if URL.match(str(path)) and not path.exists():  # Path() has already folded "//" to "/"
+        shown = re.sub(r"^([A-Za-z][A-Za-z0-9+.-]+):/(?!/)", r"\1://", str(path))
+        raise SicotError(
+            f"{shown}: a URL; the manifest is read from a local file: download it first, then give its path"
+        )
+    if not path.exists() and not path.is_symlink():
+        raise SicotError(f"{os.path.normpath(path)}: manifest not found; {_how_to_make(path)}")
+    return read_text(path, "manifest", expected="a CSV or JSONL manifest", errors="surrogateescape").replace("\x00", "")
+
+
+def _image_path(base: Path, image: str, where: str, skips: Skips) -> Path | None:
+    """A row's image resolved against the manifest's folder, or None with the reason counted (a URL, a link loop)."""
+    if URL.match(image):
+        skips.add("image is a URL (download the images first; the manifest names local files)", where)
+        return None
+    try:
+        return (base / image).resolve()  # an absolute `image` replaces base
+    except (OSError, RuntimeError, ValueError) as e:  # symlink loop, NUL (stripped above, but be sure)
+        loop = isinstance(e, RuntimeError) or getattr(e, "errno", None) == errno.ELOOP
+        # the reason load_image gives a loop it meets; the path as the row gives it (joined to its folder)
+        skips.add(
+            "image path is a symbolic link loop" if loop else "image path cannot be resolved",
+            f"{where} ({base / image})",
+        )
+        return None
 
 
 def read_manifest(path: str | Path, skips: Skips) -> list[Row]:
@@ -193,16 +225,8 @@ def read_manifest(path: str | Path, skips: Skips) -> list[Row]:
     Raises:
         SicotError: missing or unreadable file, unknown or missing column, malformed CSV.
     """
-    if _URL.match(str(path)) and not Path(path).exists():  # Path() has already folded "//" to "/"
-        shown = re.sub(r"^([A-Za-z][A-Za-z0-9+.-]+):/(?!/)", r"\1://", str(path))
-        raise SicotError(
-            f"{shown}: a URL; the manifest is read from a local file: download it first, then give its path"
-        )
     path = Path(path)
-    if not path.exists() and not path.is_symlink():
-        raise SicotError(f"{os.path.normpath(path)}: manifest not found; {_how_to_make(path)}")
-    # bytes that are not UTF-8 are kept (surrogateescape): the rows they are in are skipped and counted
-    text = read_text(path, "manifest", expected="a CSV or JSONL manifest", errors="surrogateescape").replace("\x00", "")
+    text = _manifest_text(path)
     base = path.parent
     rows: list[Row] = []
     seen: set[str] = set()
@@ -252,20 +276,9 @@ def read_manifest(path: str | Path, skips: Skips) -> list[Row]:
             skips.add("duplicate id", where)
             continue
         seen.add(rid)
-        if _URL.match(str(image)):
-            skips.add("image is a URL (download the images first; the manifest names local files)", where)
-            continue
-        try:
-            img = (base / image).resolve()  # an absolute `image` replaces base
-        except (OSError, RuntimeError, ValueError) as e:  # symlink loop, NUL (stripped above, but be sure)
-            loop = isinstance(e, RuntimeError) or getattr(e, "errno", None) == errno.ELOOP
-            # the reason load_image gives a loop it meets; the path as the row gives it (joined to its folder)
-            skips.add(
-                "image path is a symbolic link loop" if loop else "image path cannot be resolved",
-                f"{where} ({base / image})",
-            )
-            continue
-        rows.append(Row(where, rid, img, title, label, split))
+        img = _image_path(base, image, where, skips)
+        if img is not None:
+            rows.append(Row(where, rid, img, title, label, split))
     _warn_case_twins(path, rows)
     _warn_lookalike_twins(path, rows)
     return rows

@@ -296,11 +296,13 @@ def _drop_untrainable(recs: list[_Rec], min_train: int, skips: Skips) -> list[_R
     return kept
 
 
+_DECODE_DELAY = float(os.environ.get(FAULT_DECODE_DELAY) or 0)  # tests only; read once, not per image
+
+
 def _decode(job: tuple[object, int, int]) -> np.ndarray | str:
     source, size, max_pixels = job
-    delay = os.environ.get(FAULT_DECODE_DELAY)
-    if delay:
-        time.sleep(float(delay))
+    if _DECODE_DELAY:
+        time.sleep(_DECODE_DELAY)
     try:
         hwc = jpegwrite.source_pixels(source, size, max_pixels)
     except ImageSkip as e:
