@@ -182,6 +182,13 @@ def _check_args(
     unknown = [p for p in presets if p not in PRESETS]
     if unknown:
         raise SicotError(f"--presets: unknown preset {unknown[0]!r} (known: {', '.join(sorted(PRESETS))})")
+    preset_keys = {k for values in PRESETS.values() for k in values}
+    set_by_presets = sorted(preset_keys & recipe.explicit) if presets != [recipe.preset] else []
+    if set_by_presets:
+        raise SicotError(
+            f"{set_by_presets[0]} is set by --presets (each preset sets its own; docs/presets.md): drop it from the "
+            f"recipe or the overrides, or ablate one preset with the key (--presets {recipe.preset})"
+        )
     owned = sorted(methods.METHOD_KEYS & recipe.explicit) if method_names else []
     if owned:
         raise SicotError(

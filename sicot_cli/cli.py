@@ -577,9 +577,11 @@ def train(
         elif cfg is None:
             cfg = _recipe(recipe, overrides, extra, typed)
         _check_encoder(cfg.model.encoder)
+        from sicot_cli.model import check_encoder_options
         from sicot_cli.preflight import check_training
 
         check_training(cfg, data)
+        check_encoder_options(cfg, [cfg.model.encoder], recipe)
         result = run_train(cfg, run_dir, resume=resume, data=data, progress=RichProgress() if main_rank else None)
     if main_rank:  # under torchrun only rank 0 prints
         _show_train_result(result)
@@ -610,7 +612,10 @@ def evaluate(
     set_threads(threads or 0)
     result = evaluate_run(run, checkpoint, data, device, split)
     if json_out:
-        typer.echo(plain_text(json.dumps(result.scalars(), indent=2)))
+        scalars = result.scalars()
+        n_images = scalars.pop("n_test")  # a val split's rows are not test rows: named by the split
+        scalars = {"split": split, **scalars, "n_images": n_images}
+        typer.echo(plain_text(json.dumps(scalars, indent=2)))
     else:
         show(metrics_table(result.scalars(), f"{run} ({checkpoint}, {split} split)"))
 
@@ -820,9 +825,11 @@ def ablate(
     if out is not None and not out.strip():
         raise SicotError("--out is empty; it names the ablation folder (e.g. runs/my-ablation)")
     cfg = _recipe(recipe, overrides, _threads(threads))
+    from sicot_cli.model import check_encoder_options
     from sicot_cli.preflight import check_training
 
     check_training(cfg, data)
+    check_encoder_options(cfg, names, recipe)
     keys = {"data": data, "presets": _axis("--presets", presets), "method_names": _axis("--methods", methods)}
     root, statuses = _run_ablation(cfg, names, seed_list, None if out is None else Path(out), keys)
     if statuses and statuses[-1].state == "interrupted":

@@ -30,6 +30,7 @@ TestPerClass = Annotated[
     ),
 ]
 Seed = Annotated[int, typer.Option(help="Seed of the split (emoji, mdi) or of the class selection (WebVision).")]
+FetchSeed = Annotated[int, typer.Option(help="Seed of the split (emoji, mdi; icons has no split).")]
 ValSeed = Annotated[
     int | None,
     typer.Option(
@@ -77,7 +78,7 @@ def fetch(
         typer.Option("--dir", metavar="PATH", help="Download and output folder (default: data/NAME)."),
     ] = None,
     test_per_class: TestPerClass = 5,
-    seed: Seed = 0,
+    seed: FetchSeed = 0,
     force: Annotated[
         bool, typer.Option("--force", help="Replace a manifest edited since (or written with other settings).")
     ] = False,

@@ -199,6 +199,14 @@ class ModelConfig:
     mixed_trains_classifier: bool = True
 
 
+def floor_share(fraction: float, n: int) -> int:
+    """``floor(fraction * n)`` for the decimal the user wrote: 0.41 of 300 is 123, where the float
+    product (122.99999999999999) floors to 122. (Every default fraction gives the float result.)"""
+    from fractions import Fraction
+
+    return math.floor(Fraction(repr(float(fraction))) * n)
+
+
 @dataclass
 class TrainConfig:
     """The paper's optimiser (§4.3) and the loop's settings."""
@@ -292,6 +300,16 @@ class TrainConfig:
     # paper), or n_train rows drawn with replacement with class probabilities proportional to 1
     # ("class_balanced"), to sqrt(n_j) ("sqrt") or moving from n_j to 1 over the epochs ("progressive").
     sampler: Literal["instance", "class_balanced", "sqrt", "progressive"] = "instance"
+
+    @property
+    def image_only_epochs(self) -> int:
+        """Epochs trained with lam = 0 before co-training starts (``cotrain_after``)."""
+        return floor_share(self.cotrain_after, self.epochs)
+
+    @property
+    def drw_epoch(self) -> int:
+        """The first (0-based) epoch that DRW weights (``drw_start``)."""
+        return floor_share(self.drw_start, self.epochs)
 
 
 @dataclass

@@ -154,7 +154,7 @@ def csv_records(text: str, path: str | Path, tsv: bool) -> tuple[list[str], Iter
 
     Returns:
         The header's column names (stripped), and ``(line, record)`` for each record, ``line``
-        being where it ends. A record with too few fields has None values, one with too many a None key;
+        being where it starts (a quoted field may run over several lines; lines end at line feeds). A record with too few fields has None values, one with too many a None key;
         one with a carriage return inside an unquoted field is a :class:`LineBreakInField`.
 
     Raises:
@@ -165,7 +165,9 @@ def csv_records(text: str, path: str | Path, tsv: bool) -> tuple[list[str], Iter
         {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if tsv else {"delimiter": ",", "strict": True}
     )
     text, marker = _unquoted_crs(text, tsv)
-    reader = csv.DictReader(io.StringIO(text, newline=""), **dialect)
+    # lines end at \n alone, as an editor counts them: a CR inside a quoted field is no line of its own
+    lines = (line + "\n" for line in text.removesuffix("\n").split("\n")) if text else iter(())
+    reader = csv.DictReader(lines, **dialect)
     try:
         columns = [c.strip() for c in reader.fieldnames or []]
     except csv.Error as e:
@@ -185,7 +187,7 @@ def csv_records(text: str, path: str | Path, tsv: bool) -> tuple[list[str], Iter
         start = reader.line_num + 1  # where the record being read starts (a quoted field can span lines)
         try:
             for record in reader:
-                yield reader.line_num, cut(record) if marker else record
+                yield start, cut(record) if marker else record  # the line a row starts on, as an editor shows it
                 start = reader.line_num + 1
         except csv.Error as e:
             raise SicotError(

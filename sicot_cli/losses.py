@@ -29,7 +29,6 @@ shard's columns is completed by the sharded cross-entropy's all-reduces, and off
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import numpy as np
@@ -131,11 +130,6 @@ def drw_weights(train_counts: np.ndarray, beta: float) -> np.ndarray:
     return w / w.sum() * len(counts)
 
 
-def drw_epoch(cfg: TrainConfig) -> int:
-    """The first (0-based) epoch that DRW weights."""
-    return math.floor(cfg.drw_start * cfg.epochs)
-
-
 def criterion(cfg: TrainConfig, train_counts: np.ndarray, epoch: int) -> Criterion:
     """The loss ``cfg`` asks for at ``epoch`` (0-based), from the training class counts."""
 
@@ -149,7 +143,7 @@ def criterion(cfg: TrainConfig, train_counts: np.ndarray, epoch: int) -> Criteri
         offset = t(np.log(prior(train_counts)))
     elif cfg.loss == "ldam":
         margin = t(ldam_margins(train_counts, cfg.ldam_max_margin))
-    if cfg.reweight == "drw" and epoch >= drw_epoch(cfg):
+    if cfg.reweight == "drw" and epoch >= cfg.drw_epoch:
         weight = t(drw_weights(train_counts, cfg.drw_beta))
     return Criterion(offset, margin, weight)
 

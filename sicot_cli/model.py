@@ -411,21 +411,49 @@ def build_model(
     model = SICoT(net, dim, num_classes, shard=shard, mixed_trains_classifier=mixed_trains_classifier)
     if encoder != "none":
         from encoders import create_encoder
-        from encoders.registry import SET_BY_SICOT
 
         # fork_rng: the encoder's initialisation must not shift the random stream that the
         # training (dropout in some backbones) draws from, or baseline and co-training would differ.
         with torch.random.fork_rng(devices=[]):
             options = encoder_options or {}
-            for key in SET_BY_SICOT:
-                if key in options:
-                    raise SicotError(
-                        f"model.encoder_options.{key}: set by sicot for every encoder (the prepared word vectors, "
-                        "the visual stream's width, model.freeze_embeddings), not an option; remove it"
-                    )
+            check_not_set_by_sicot(options)
             text = create_encoder(encoder, vectors=vectors, out_dim=dim, freeze_embeddings=freeze_embeddings, **options)
             model.attach_encoder(text, semantic_norm)
     return model
+
+
+def check_not_set_by_sicot(options: dict) -> None:
+    """Refuse ``model.encoder_options`` that sicot sets for every encoder itself."""
+    from encoders.registry import SET_BY_SICOT
+
+    for key in SET_BY_SICOT:
+        if key in options:
+            raise SicotError(
+                f"model.encoder_options.{key}: set by sicot for every encoder (the prepared word vectors, "
+                "the visual stream's width, model.freeze_embeddings), not an option; remove it"
+            )
+
+
+def check_encoder_options(recipe: Recipe, encoders: list[str], where: str | Path | None) -> None:
+    """Build each text encoder with the recipe's ``model.encoder_options`` on tiny word vectors: an
+    unknown, missing or bad option is refused before any run trains (an ablation's baseline too),
+    naming the recipe file it came from. Unknown encoder names are left to the command's own check.
+
+    Raises:
+        SicotError: ``FILE: model.encoder_options: what is wrong``.
+    """
+    from encoders.registry import create_encoder, list_encoders
+
+    options = recipe.model.encoder_options
+    prefix = f"{where}: " if where else ""
+    try:
+        check_not_set_by_sicot(options)
+        for name in dict.fromkeys(e for e in encoders if e != "none" and e in list_encoders()):
+            with torch.random.fork_rng(devices=[]):
+                create_encoder(name, vectors=torch.zeros(3, 4), out_dim=8, freeze_embeddings=False, **options)
+    except SicotError as e:
+        text = str(e)
+        raise SicotError(prefix + (text if text.startswith("model.") else f"model.encoder_options: {text}")) from None
 
 
 class ImageOnly(nn.Module):

@@ -38,8 +38,9 @@ from typing import Any
 import numpy as np
 
 from sicot_cli import methods, runs
-from sicot_cli.config import recipe_from_dict
+from sicot_cli.config import PRESETS, recipe_from_dict
 from sicot_cli.errors import SicotError
+from sicot_cli.resume import TEXT_ONLY
 
 log = logging.getLogger(__name__)
 
@@ -152,11 +153,12 @@ def find_runs(paths: list[Path]) -> list[Path]:
     return found
 
 
-def method_label(config: dict[str, Any]) -> str:
-    """A run's row in the tables: its encoder and long-tail method (sicot_cli.methods), ``[preset]`` for a preset other than "sicot"."""
+def method_label(config: dict[str, Any], extra: str = "") -> str:
+    """A run's row in the tables: its encoder and long-tail method (sicot_cli.methods), ``[preset]`` for
+    a preset other than "sicot", then ``extra`` (co-training keys that differ between rows)."""
     encoder = config["encoder"]
     preset = config.get("recipe", {}).get("preset", "sicot")  # runs older than presets: sicot's keys or explicit ones
-    return methods.label(config, "" if encoder == BASELINE or preset == "sicot" else f"[{preset}]")
+    return methods.label(config, ("" if encoder == BASELINE or preset == "sicot" else f"[{preset}]") + extra)
 
 
 def load_runs(paths: list[Path]) -> tuple[list[Run], list[Path]]:
@@ -211,19 +213,31 @@ def paired_t(treated: list[float], reference: list[float]) -> float | None:
     ``treated[i]`` and ``reference[i]`` are the same seed's metric with and without the encoder; the
     test is on their differences. NaN when every seed's difference is the same: the statistic is x/0
     (or 0/0) and the test is undefined, whatever the difference; a report says "p undefined" rather
-    than p=0.000. (Checked on the differences themselves: scipy, like any mean/std computation in
-    floating point, can see a tiny non-zero spread in identical values such as 0.1, 0.1, 0.1 and
-    return p ~ 1e-32.)
+    than p=0.000. (Checked on the differences rounded to :data:`DIFF_DECIMALS` places: one more
+    test image right on every seed is 100 * (h + 1) / n - 100 * h / n, equal in exact arithmetic
+    but not always in the last bit, and scipy would divide by a spread of 1e-15 and return
+    p ~ 1e-14; it can also see a spread in identical values such as 0.1, 0.1, 0.1.)
     """
     if len(treated) != len(reference):
         raise ValueError(f"paired_t: {len(treated)} treated values, {len(reference)} reference values")
     if len(treated) < 2:
         return None
-    if len({a - b for a, b in zip(treated, reference, strict=True)}) == 1:
+    diffs = differences(treated, reference)
+    if len(set(diffs)) == 1:
         return math.nan
     from scipy import stats
 
-    return float(stats.ttest_rel(treated, reference).pvalue)
+    return float(stats.ttest_1samp(diffs, 0.0).pvalue)  # = ttest_rel(treated, reference) on exact differences
+
+
+# Metrics are percentages: differences are rounded to 1e-9 points, far below one image of any
+# test set, so that float noise in the last bit is neither a spread nor a "-0.00" gain.
+DIFF_DECIMALS = 9
+
+
+def differences(treated: list[float], reference: list[float]) -> list[float]:
+    """``treated[i] - reference[i]`` rounded to :data:`DIFF_DECIMALS` places (``+ 0.0``: never -0.0)."""
+    return [round(a - b, DIFF_DECIMALS) + 0.0 for a, b in zip(treated, reference, strict=True)]
 
 
 def bootstrap_ci(diff: np.ndarray, n_boot: int = BOOTSTRAP, seed: int = 0) -> tuple[float, float]:
@@ -276,7 +290,8 @@ class Gain:
 
     @property
     def mean(self) -> float | None:
-        return mean_std(self.values)[0]
+        m = mean_std(self.values)[0]
+        return None if m is None else round(m, DIFF_DECIMALS) + 0.0  # +1.1 and -1.1: 0, not -1e-16
 
     @property
     def t_undefined(self) -> bool:
@@ -412,6 +427,9 @@ class Report:
 
     def tables(self) -> dict[str, list[dict[str, str]]]:
         has_base = BASELINE in self.cells
+        # a long-tail method on the baseline (no titles) is compared, but it is no co-training
+        titled = any(methods.needs_titles(r.config) for r in self.runs if r.encoder == self.chosen)
+        versus = f"co-training ({self.chosen})" if titled else self.chosen
         t2 = (
             []
             if not has_base
@@ -419,7 +437,7 @@ class Report:
                 {
                     "dataset": self.dataset,
                     "baseline": self.pair(BASELINE, "top1"),
-                    f"co-training ({self.chosen})": self.pair(self.chosen, "top1"),
+                    versus: self.pair(self.chosen, "top1"),
                     "gain": self.pair_gain(self.chosen, "top1"),
                     "evidence (top-1 gain)": self.evidence(self.chosen, "top1"),
                 }
@@ -452,13 +470,13 @@ class Report:
                         "classes": g,
                         "#training samples": span,
                         "baseline": self.pair(BASELINE, f"{g}_top1"),
-                        f"co-training ({self.chosen})": self.pair(self.chosen, f"{g}_top1"),
+                        versus: self.pair(self.chosen, f"{g}_top1"),
                         "gain": self.pair_gain(self.chosen, f"{g}_top1"),
                         "evidence (top-1 gain)": self.evidence(self.chosen, f"{g}_top1"),
                     }
                 )
         out = {
-            "Table 2: baseline vs co-training, top-1 (top-3)": t2,
+            f"Table 2: baseline vs {'co-training' if titled else self.chosen}, top-1 (top-3)": t2,
             "Table 3: encoders, top-1": t3,
             "Table 4: head/tail and many/medium/few, class-averaged top-1 (top-3)": t4,
         }
@@ -467,7 +485,8 @@ class Report:
         return out
 
     def methods_table(self) -> list[dict[str, str]]:
-        """Long-tail methods against CE (the baseline): class-averaged top-1 per group, tail gain and its evidence."""
+        """Long-tail methods against CE (the baseline): top-1 over all test images, class-averaged top-1 per
+        group, tail gain and its evidence."""
         rows = []
         for e in self.encoders:
             row = {"method": "CE (baseline)" if e == BASELINE else e, "titles": "yes" if self.titles.get(e) else "no"}
@@ -483,7 +502,8 @@ class Report:
         return rows
 
 
-METHODS_TABLE = "Long-tail methods: class-averaged top-1 by group, tail gain over CE"
+# "top-1" is over all test images (Table 2's figure); the groups are class-averaged (Table 4's)
+METHODS_TABLE = "Long-tail methods: top-1 over all images, class-averaged top-1 by group, tail gain over CE"
 
 
 def _gain_text(g: Gain | None) -> str:
@@ -514,7 +534,8 @@ def _paired_gain(pairs: list[tuple[Run, Run]], key: str) -> Gain:
         for a, b in pairs
         if a.final.get(key) is not None and b.final.get(key) is not None
     ]
-    return Gain([a - b for a, b in both], paired_t([a for a, _ in both], [b for _, b in both]))
+    treated, reference = [a for a, _ in both], [b for _, b in both]
+    return Gain(differences(treated, reference), paired_t(treated, reference))
 
 
 # The recipe keys every run of one report shares: the visual stream's training and the class groups.
@@ -555,6 +576,12 @@ HOW_IT_RAN = {
         "classifier_parallel_min_classes", "amp", "channels_last",
     )
 } | {("data", k) for k in ("out", "manifest", "workers", "strict")} | {("", "name")}  # fmt: skip
+
+
+# The co-training settings every encoder of one report shares (within a preset, which its label shows).
+COTRAIN_KEYS = tuple(
+    (k.partition(".")[0], k.partition(".")[2]) for k in TEXT_ONLY if "." in k and k != "model.encoder_options"
+)
 
 
 def _flat(recipe: dict[str, Any]) -> dict[tuple[str, str], Any]:
@@ -599,6 +626,35 @@ def _check_shared_settings(
         keys = sorted(k for k in set(fa) | set(fb) if k not in HOW_IT_RAN | also_free and fa.get(k) != fb.get(k))
         if keys:
             refuse(a, r, keys, f"are both {r.encoder!r} in the tables but were trained differently")
+
+
+def _label_cotraining_differences(runs_: list[Run]) -> None:
+    """Rows are labelled by encoder, preset and method: encoders co-trained with another lambda,
+    normalisation, step... would be compared as if the encoder were the only difference. Each
+    co-training key (:data:`COTRAIN_KEYS`) on which the titled rows differ is added to their
+    labels, ``bilinear[lam=0.5]`` (a key a preset sets: only where two rows of one preset differ,
+    the preset's own label tells the rest). Called once the seeds of each row are known to agree."""
+    titled = [r for r in runs_ if methods.needs_titles(r.config)]
+    flat = {r.path: _flat(r.config.get("recipe", {})) for r in titled}
+    preset_keys = {tuple(k.split(".", 1)) for values in PRESETS.values() for k in values}
+
+    def differs(key: tuple[str, str]) -> bool:
+        groups: dict[Any, set[str]] = {}
+        for r in titled:
+            group = flat[r.path].get(("", "preset")) if key in preset_keys else None
+            groups.setdefault(group, set()).add(json.dumps(flat[r.path].get(key), sort_keys=True))
+        return any(len(values) > 1 for values in groups.values())
+
+    shown = [k for k in COTRAIN_KEYS if differs(k)]
+    for r in titled if shown else ():
+        extra = ", ".join(f"{k[1]}={_value_text(flat[r.path].get(k))}" for k in shown)
+        r.encoder = method_label(r.config, f"[{extra}]")
+
+
+def _value_text(v: Any) -> str:
+    if isinstance(v, bool) or v is None:
+        return json.dumps(v)
+    return f"{v:g}" if isinstance(v, float) else str(v)
 
 
 SPLITS = ("test", "val")
@@ -758,6 +814,7 @@ def build_report(paths: list[Path], chosen: str = "bilinear", bootstrap: bool = 
     elif len({_dataset_key(r) for r in runs_}) > 1:
         raise SicotError("the runs were trained on different datasets: report them separately")
     _check_shared_settings(runs_, FOLD_KEYS if on_val else frozenset())
+    _label_cotraining_differences(runs_)
     # a pair is one seed on one prepared file (on validation, folds are different files)
     pair_key = (lambda r: (_dataset_key(r), r.seed)) if on_val else (lambda r: r.seed)
     _check_one_run_a_pair(runs_, pair_key, on_val)
@@ -766,7 +823,8 @@ def build_report(paths: list[Path], chosen: str = "bilinear", bootstrap: bool = 
     # table still say how the runs did (a single `sicot train` run is reported, not refused).
     if chosen not in encoders:  # the first plain encoder (no long-tail method), else the first label
         plain = [r.encoder for r in runs_ if r.encoder != BASELINE and methods.method_of(r.config) == methods.CE]
-        chosen = sorted(plain)[0] if plain else next((e for e in encoders if e != BASELINE), BASELINE)
+        asked = sorted(e for e in plain if e.startswith(chosen + "["))  # bilinear[lam=0.5] for bilinear
+        chosen = (asked or sorted(plain) or [next((e for e in encoders if e != BASELINE), BASELINE)])[0]
     seeds = sorted({r.seed for r in runs_})
     keys = _metric_keys(runs_)
     cells = {

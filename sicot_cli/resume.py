@@ -13,6 +13,7 @@ describes itself.
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,8 @@ from sicot_cli.fsutil import write_json
 
 if TYPE_CHECKING:
     from sicot_cli.data.dataset import Prepared
+
+log = logging.getLogger(__name__)
 
 # Settings that change nothing a run computes: where it runs (another device may differ in the
 # last bits, as any two devices do), evaluation batch size, compilation and memory layout, where
@@ -146,6 +149,8 @@ def resume_recipe(
         )
     if diff:
         _check_change_applies(run_dir, diff)
+        if "train.epochs" in diff:
+            _warn_moved_schedules(run_dir, recipe_from_dict(saved, str(path)), wanted)
         when = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
         write_json(
             path,
@@ -156,6 +161,38 @@ def resume_recipe(
             },
         )
     return wanted, Path(config["data"])
+
+
+def _warn_moved_schedules(run_dir: Path, old: Recipe, new: Recipe) -> None:
+    """Schedules given as a fraction of ``train.epochs`` are re-drawn over the new count for the
+    epochs still to train (the trained ones keep theirs): say where each one moves."""
+    a, b = old.train, new.train
+    done = len(runs.read_metrics(run_dir))
+    moved = []
+    if new.model.encoder != "none" and (a.cotrain_after or b.cotrain_after):
+        moved.append(("train.cotrain_after", "co-training", a.image_only_epochs, b.image_only_epochs))
+    if a.reweight == "drw" or b.reweight == "drw":
+        moved.append(("train.drw_start", "re-weighting", a.drw_epoch, b.drw_epoch))
+    for key, what, was, now in moved:
+        if was != now:
+            log.warning(
+                "%s: train.epochs %d -> %d moves %s's start of %s from epoch %d to epoch %d; the %d epoch(s) "
+                "trained keep the schedule they had%s",
+                run_dir, a.epochs, b.epochs, key, what, was + 1, now + 1, done,
+                f" ({_epochs(done + 1, now)} train{'s' if now == done + 1 else ''} without {what} again)"
+                if was <= done < now
+                else "",
+            )  # fmt: skip
+    if b.sampler == "progressive":
+        log.warning(
+            "%s: train.epochs %d -> %d stretches the progressive sampler: epoch t now draws at t/%d of the way "
+            "to class-balanced (the %d epoch(s) trained drew at t/%d)",
+            run_dir, a.epochs, b.epochs, b.epochs, done, a.epochs,
+        )  # fmt: skip
+
+
+def _epochs(first: int, last: int) -> str:
+    return f"epoch {first}" if first == last else f"epochs {first}-{last}"
 
 
 def _check_change_applies(run_dir: Path, diff: dict[str, list[Any]]) -> None:
@@ -192,7 +229,7 @@ def check_same_content(prepared: Prepared, config: dict[str, Any], run_dir: Path
     saved = {k: v for k, v in (config.get("recipe") or {}).items() if k in sections}
     now = {k: v for k, v in prepared.recipe.items() if k in sections}
     diff = changes(saved, now, neutral=PREPARE_HOW)  # how prepare ran is not what the file holds
-    what = described(diff) if diff else "same settings, other contents"
+    what = described(diff) if diff else "the same settings: the source's images or titles changed"
     raise SicotError(
         f"{run_dir}: {prepared.path} holds other data than the run started on ({what}), and a run continues on "
         "the data it started with: give it that data (--data), or train a new run (`--run-dir NEW_DIR`)"

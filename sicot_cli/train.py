@@ -40,7 +40,7 @@ from sicot_cli.data.loader import Batch, BatchLoader, decode_workers, epoch_seed
 from sicot_cli.distributed import DistContext, init_distributed, reduce_mean, shard_range, shutdown
 from sicot_cli.errors import SicotError
 from sicot_cli.evaluate import evaluate_model, resolve_device, split_logits, use_in_memory, write_predictions
-from sicot_cli.losses import Criterion, adjusted_bias, choose_tau, criterion, drw_epoch
+from sicot_cli.losses import Criterion, adjusted_bias, choose_tau, criterion
 from sicot_cli.model import SICoT, Streams, make_model, orthogonal_backward, sicot_loss
 from sicot_cli.progress import NullProgress, Progress
 from sicot_cli.provenance import package_versions
@@ -123,14 +123,9 @@ def step_forward(model: SICoT, cfg: TrainConfig, sharded: bool) -> torch.nn.Modu
 SHOW_EVERY = 10  # batches between progress-bar loss updates (each costs a device sync)
 
 
-def image_only_epochs(cfg: TrainConfig) -> int:
-    """Epochs trained with lam = 0 before co-training starts (``train.cotrain_after``)."""
-    return math.floor(cfg.cotrain_after * cfg.epochs)
-
-
 def epoch_lam(cfg: TrainConfig, epoch: int) -> float:
     """Eq. 1's lambda in ``epoch`` (0-based): 0 while the run trains image-only, then ``train.lam``."""
-    return 0.0 if epoch < image_only_epochs(cfg) else cfg.lam
+    return 0.0 if epoch < cfg.image_only_epochs else cfg.lam
 
 
 # An epoch's mean loss this many times a uniform guess's (ln classes) is a diverging run, though finite:
@@ -323,7 +318,7 @@ def training_plan(recipe: Recipe, prepared: Prepared, steps_per_epoch: int, thre
         f"{prepared.n_train:,} training images / {prepared.num_classes:,} classes, batch {cfg.batch_size} -> "
         f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs, lr {cfg.lr:g}, {threads} CPU thread(s)"
     )
-    if recipe.model.encoder != "none" and (first := image_only_epochs(cfg)):
+    if recipe.model.encoder != "none" and (first := cfg.image_only_epochs):
         line += f"; image-only (lam 0) for {first} epoch(s), then co-training (train.cotrain_after)"
     if recipe.model.encoder != "none" and cfg.lam and cfg.mixed_step == "orthogonal":
         line += "; CE(x_m)'s step orthogonal to CE(x_v)'s (train.mixed_step)"
@@ -338,12 +333,12 @@ def training_plan(recipe: Recipe, prepared: Prepared, steps_per_epoch: int, thre
             f"train.lam = 0 with encoder {recipe.model.encoder!r}: CE(x_m) never trains, so this run is the baseline's "
             "(the titles are read and unused)"
         )
-    if recipe.model.encoder != "none" and cfg.cotrain_after and not image_only_epochs(cfg):
+    if recipe.model.encoder != "none" and cfg.cotrain_after and not cfg.image_only_epochs:
         warnings.append(
             f"train.cotrain_after = {cfg.cotrain_after:g} of {cfg.epochs} epoch(s) is no epoch (floor), so co-training "
             "starts at once: raise it or train.epochs"
         )
-    if cfg.reweight == "drw" and drw_epoch(cfg) >= cfg.epochs:
+    if cfg.reweight == "drw" and cfg.drw_epoch >= cfg.epochs:
         warnings.append(
             f"train.drw_start = {cfg.drw_start:g} of {cfg.epochs} epoch(s) starts re-weighting after the last epoch: "
             "this run is plain CE; lower it"

@@ -175,3 +175,20 @@ def test_a_field_with_choices_lists_them(override, message):
     with pytest.raises(SicotError) as e:
         load_recipe(None, [override])
     assert str(e.value).endswith(message)
+
+
+def test_fractions_of_counts_floor_the_decimal_written():
+    """0.41 of 300 validation rows were 122 (the float product is 122.99999999999999), and a DRW
+    start of 0.7 of 90 epochs was epoch 62: floor of the decimal the user wrote."""
+    from sicot_cli.config import TrainConfig, floor_share
+
+    assert (0.41 * 300, floor_share(0.41, 300)) == (122.99999999999999, 123)
+    assert [floor_share(f, n) for f, n in ((0.29, 100), (0.35, 180), (0.1, 2000), (0.0, 7), (1.0, 7))] == [
+        29,
+        63,
+        200,
+        0,
+        7,
+    ]
+    cfg = TrainConfig(epochs=90, drw_start=0.7, cotrain_after=0.7)
+    assert (cfg.drw_epoch, cfg.image_only_epochs) == (63, 63)

@@ -701,3 +701,13 @@ def test_titles_files_are_read_as_strictly_as_manifests(tmp_path):
     cr.write_bytes(b'id,title\nt0,cat toy\nt1,red\rtoy\nt2,"dog\rbed"\n')
     titles, problems = read_titles(cr)
     assert titles == {"t0": "cat toy", "t2": "dog bed"} and problems == {"bad line": 1}, (titles, problems)
+
+
+def test_each_command_s_seed_help_names_only_what_it_seeds():
+    """fetch's --seed said it chose WebVision's classes, a dataset fetch does not take."""
+    fetch = " ".join(runner.invoke(app, ["datasets", "fetch", "--help"], env={"COLUMNS": "200"}).output.split())
+    assert "Seed of the split (emoji, mdi; icons has no split)" in fetch and "WebVision" not in fetch
+    webvision = " ".join(
+        runner.invoke(app, ["datasets", "import", "webvision", "--help"], env={"COLUMNS": "200"}).output.split()
+    )
+    assert "class selection (WebVision)" in webvision

@@ -577,3 +577,41 @@ def test_plugin_duplicate_name_is_rolled_back(tmp_path: Path) -> None:
 
 def test_registry_left_clean_by_the_tests_above() -> None:
     assert list_encoders() == BUILTIN
+
+
+def test_bad_encoder_options_are_refused_before_any_run_naming_the_recipe(tiny_prepared: Path, tmp_path: Path) -> None:
+    """ablate trained its baseline, then stopped at the first text encoder on an option it had not
+    checked, without naming the recipe that set it: refused before anything is written now."""
+    from typer.testing import CliRunner
+
+    from sicot_cli.cli import app
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[model]\nbackbone = "mobilenet_v3_small"\n[model.encoder_options]\nrnak = 4\n')
+    out = tmp_path / "abl"
+    args = [
+        "ablate",
+        "--recipe",
+        str(recipe),
+        "--data",
+        str(tiny_prepared),
+        "--out",
+        str(out),
+        "--encoders",
+        "bilinear",
+    ]
+    r = CliRunner().invoke(app, [*args, "train.epochs=1"])
+    flat = " ".join(r.output.split())
+    assert (
+        r.exit_code == 2
+        and f"{recipe}: model.encoder_options: encoder 'bilinear' has no option 'rnak' (options: rank)" in flat
+    )
+    assert not out.exists()
+    run_dir = tmp_path / "run"
+    r = CliRunner().invoke(
+        app, ["train", "--data", str(tiny_prepared), "--run-dir", str(run_dir), "--encoder", "bilinear",
+              "model.backbone=mobilenet_v3_small", "model.encoder_options.rank=0"],
+    )  # fmt: skip
+    flat = " ".join(r.output.split())
+    assert r.exit_code == 2 and flat.startswith("error: model.encoder_options: encoder option 'rank'"), flat
+    assert not run_dir.exists()

@@ -390,7 +390,9 @@ def test_ablate_methods_grid_and_report_table(tiny_prepared: Path, tmp_path: Pat
     assert json.loads((out / "ablation.json").read_text())["methods"] == ["ce", "balanced-softmax", "crt"]
     assert runs.read_config(out / "mean-crt-s0")["stage"]["from_run"] == str((out / "mean-s0").resolve())
     report = json.loads((out / "report.json").read_text())
-    table = report["tables"]["Long-tail methods: class-averaged top-1 by group, tail gain over CE"]
+    table = report["tables"][
+        "Long-tail methods: top-1 over all images, class-averaged top-1 by group, tail gain over CE"
+    ]
     rows = {r["method"]: r for r in table}
     assert set(rows) == {"CE (baseline)", "balanced-softmax", "crt", "mean", "mean+balanced-softmax", "mean+crt"}
     assert rows["mean+crt"]["titles"] == "yes" and rows["crt"]["titles"] == "no"

@@ -210,6 +210,33 @@ def test_pixel_copies_across_splits_are_kept_counted_and_named(tmp_path, caplog)
     assert prep.prepare(recipe_for(make_manifest(tmp_path / "raw2")), clean).duplicate_counts == {}
 
 
+@pytest.mark.parametrize("fmt", [[], ["data.images=jpeg", "data.shard_rows=7", "data.stored_side=16"]])
+def test_the_data_checksum_covers_the_pixels(tmp_path, manifest, fmt):
+    """An image replaced in place and prepared again under the same settings: the runs' data checksum
+    (what ablate and resume compare) changes; the same images under another name keep it."""
+    a, b, c = (tmp_path / f"{n}.h5" for n in "abc")
+    prep.prepare(recipe_for(manifest, "data.image_size=16", *fmt), a)
+    prep.prepare(recipe_for(manifest, "data.image_size=16", *fmt), b)
+    assert open_prepared(a).pixels_sha256 and open_prepared(a).data_checksum() == open_prepared(b).data_checksum()
+    write_image(manifest.parent / "dog3.png", seed=999, channel=1)  # one training image replaced, same size
+    prep.prepare(recipe_for(manifest, "data.image_size=16", *fmt), c)
+    pa, pc = open_prepared(a), open_prepared(c)
+    assert (pa.labels == pc.labels).all() and pa.words == pc.words  # everything else is the same
+    assert pa.data_checksum() != pc.data_checksum()
+    assert pa.data_checksum(text=False) != pc.data_checksum(text=False)  # a baseline sees the pixels too
+
+
+def test_files_prepared_before_the_pixel_checksum_keep_their_data_checksum(tmp_path, manifest):
+    """A file without ``pixels_sha256`` (earlier versions) checks as it always did: its runs still match."""
+    out = tmp_path / "p.h5"
+    prep.prepare(recipe_for(manifest, "data.image_size=16"), out)
+    new = open_prepared(out).data_checksum()
+    with h5py.File(out, "a") as f:
+        del f.attrs["pixels_sha256"]
+    old = open_prepared(out)
+    assert old.pixels_sha256 == "" and old.data_checksum() != new
+
+
 def test_refuses_to_overwrite_and_force_replaces(tmp_path, manifest):
     out = tmp_path / "p.h5"
     prep.prepare(recipe_for(manifest), out)
@@ -498,3 +525,18 @@ def test_labels_that_only_look_alike_stay_classes_with_a_warning(tmp_path, caplo
     with caplog.at_level(logging.WARNING, logger="sicot_cli.data.manifest"):
         read_manifest(m, Skips())
     assert not caplog.records
+
+
+def test_csv_line_numbers_count_line_feeds_as_an_editor_does():
+    """A CR inside a quoted title counted as a line of its own: every later row was named one line
+    too far down ("m.csv:5" for the row on line 4); a row whose title runs over two lines was named
+    by its last line, not the line it starts on."""
+    from sicot_cli.fsutil import csv_records
+
+    text = 'image,title,label\na.png,"red\rcat",cat\nb.png,"two\nlines",dog\nc.png,too,many,fields\n'
+    _, records = csv_records(text, "m.csv", tsv=False)
+    assert [(n, r.get("image")) for n, r in records] == [(2, "a.png"), (3, "b.png"), (5, "c.png")]
+    crlf = text.replace("\n", "\r\n")
+    _, records = csv_records(crlf, "m.csv", tsv=False)
+    assert [n for n, _ in records] == [2, 3, 5]
+    assert [n for n, _ in csv_records(text.removesuffix("\n"), "m.csv", tsv=False)[1]] == [2, 3, 5]

@@ -174,6 +174,15 @@ def test_checkpoint_best_follows_validation_not_test(
     assert again.metrics["top1"] == pytest.approx(final["top1"])
     val = evaluate_run(tmp_path / "run", checkpoint="best", device="cpu", split="val")
     assert val.metrics["n_test"] == 9
+    # --json names the split it scored and counts its images as such, not as test images
+    from typer.testing import CliRunner
+
+    from sicot_cli.cli import app
+
+    r = CliRunner().invoke(app, ["evaluate", "--run", str(tmp_path / "run"), "--split", "val", "--json"])
+    out = json.loads(r.output)
+    assert (out["split"], out["n_images"], "n_test" in out) == ("val", 9, False)
+    assert out["top1"] == pytest.approx(val.metrics["top1"])
 
 
 def test_select_best_needs_validation_rows(tiny_prepared: Path, tmp_path: Path) -> None:
@@ -259,3 +268,11 @@ def test_ablate_compares_presets_side_by_side(tiny_prepared: Path, tmp_path: Pat
     assert rep.encoders == ["none", "mean", "mean[paper]"]
     with pytest.raises(SicotError, match="unknown preset 'x'"):
         ablate(recipe, ["mean"], [0], tmp_path / "ab2", data=tiny_prepared, presets=["x"])
+    # a key the presets set, set again by hand, won for the recipe's own preset and lost for the other
+    own = load_recipe(None, [f"data.out={tiny_prepared}", *TRAIN_FAST, "train.epochs=1", "model.semantic_norm=none"])
+    with pytest.raises(SicotError, match=r"^model.semantic_norm is set by --presets .*--presets sicot\)$"):
+        ablate(own, ["mean"], [0], tmp_path / "ab3", data=tiny_prepared, presets=["sicot", "paper"])
+    assert not (tmp_path / "ab3").exists()
+    ablate(
+        own, ["mean"], [0], tmp_path / "ab3", data=tiny_prepared, presets=["sicot"]
+    )  # one preset: the key is the user's

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from sicot_cli.cli import app
 from sicot_cli.config import Recipe
 from sicot_cli.errors import SicotError
-from sicot_cli.report import bootstrap_ci, build_report, paired_t
+from sicot_cli.report import bootstrap_ci, build_report, paired_t, to_markdown
 
 runner = CliRunner()
 
@@ -161,6 +161,15 @@ def test_paired_t_is_the_hand_computed_test(treated, reference):
     assert 0.0 <= p <= 1.0
 
 
+def test_a_gain_of_float_noise_is_no_negative_zero():
+    from sicot_cli.report import Gain, differences
+
+    # the same figure summed in another order: -4.4e-16 apart, shown as "-0.00" before
+    assert 3.3 - (1.1 + 2.2) < 0 and differences([3.3], [1.1 + 2.2]) == [0.0]
+    assert f"{Gain(differences([3.3, 0.0], [1.1 + 2.2, 0.0]), None).mean:+.2f}" == "+0.00"
+    assert f"{Gain([-4.4e-16, 0.0], None).mean:+.2f}" == "+0.00"
+
+
 def test_paired_t_degenerate_and_too_few():
     assert paired_t([1.0], [0.0]) is None
     assert math.isnan(paired_t([2.0, 2.0], [0.0, 0.0]))  # undefined, not p=0 (tests/test_protocol.py)
@@ -168,6 +177,11 @@ def test_paired_t_degenerate_and_too_few():
     # (the hand-written test returned p ~ 1e-32 here, scipy alone returns p = 0)
     assert math.isnan(paired_t([0.1, 0.1, 0.1], [0.0, 0.0, 0.0]))
     assert math.isnan(paired_t([0.3] * 7, [0.2] * 7))
+    # one more test image right on every seed (720 images): the same difference in exact arithmetic,
+    # not in the last bit (0.13888888888889284 and 0.13888888888888573): scipy said p = 1.6e-14
+    treated, reference = [100 * 301 / 720, 100 * 302 / 720], [100 * 300 / 720, 100 * 301 / 720]
+    assert treated[0] - reference[0] != treated[1] - reference[1]
+    assert math.isnan(paired_t(treated, reference))
     with pytest.raises(ValueError):
         paired_t([1.0, 2.0], [1.0])
 
@@ -335,7 +349,40 @@ def test_report_keeps_runs_that_differ_only_in_what_an_ablation_varies(ablation)
         _edit_recipe(ablation / f"bilinear-s{seed}", "train", "normalize_loss", False)
     _edit_recipe(ablation / "mean-s0", "train", "threads", 1)
     _edit_recipe(ablation / "none-s2", "train", "device", "cuda")
-    assert build_report([ablation], "bilinear").gains["bilinear"]["top1"].values == [3.0, 2.0, 4.0]
+    rep = build_report([ablation], "bilinear")
+    # ... but the rows say so: the encoders were co-trained differently, which "bilinear" and "mean" would hide
+    bilinear, mean = "bilinear[lam=0.5, normalize_loss=false]", "mean[lam=1, normalize_loss=true]"
+    assert rep.encoders == ["none", bilinear, mean] and rep.chosen == bilinear
+    assert rep.gains[bilinear]["top1"].values == [3.0, 2.0, 4.0]
+    assert f"| {bilinear} |" in to_markdown(rep)
+    # a key only one row's preset sets differently is its preset's label, not a difference
+    for seed in (0, 1, 2):
+        _edit_recipe(ablation / f"mean-s{seed}", "train", "lam", 0.5)
+        cfg = json.loads((ablation / f"bilinear-s{seed}" / "config.json").read_text())
+        cfg["recipe"]["preset"] = "paper"
+        (ablation / f"bilinear-s{seed}" / "config.json").write_text(json.dumps(cfg))
+    assert build_report([ablation], "bilinear").encoders == ["none", "bilinear[paper]", "mean"]
+
+
+def test_table_2_calls_a_method_on_the_baseline_by_its_name(ablation):
+    """Ablations of long-tail methods alone (no titles): Table 2 said "co-training (lws)"."""
+    for seed in (0, 1, 2):
+        for enc in ("bilinear", "mean"):
+            cfg = json.loads((ablation / f"{enc}-s{seed}" / "config.json").read_text())
+            if enc == "mean":
+                shutil.rmtree(ablation / f"{enc}-s{seed}")
+                continue
+            cfg["encoder"] = cfg["recipe"]["model"]["encoder"] = "none"
+            cfg["recipe"]["train"]["loss"] = "balanced_softmax"
+            (ablation / f"{enc}-s{seed}" / "config.json").write_text(json.dumps(cfg))
+    rep = build_report([ablation], "bilinear")
+    tables = rep.tables()
+    label = rep.chosen
+    assert label != "bilinear" and "co-training" not in json.dumps(tables)
+    assert (
+        f"Table 2: baseline vs {label}, top-1 (top-3)" in tables
+        and label in tables[f"Table 2: baseline vs {label}, top-1 (top-3)"][0]
+    )
 
 
 @pytest.mark.parametrize(

@@ -351,6 +351,45 @@ def test_resume_after_interrupt_reproduces_the_run(tiny_prepared, tmp_path):
     assert again.skipped
 
 
+def test_more_epochs_on_resume_say_where_the_schedules_move(tiny_prepared, tmp_path, monkeypatch):
+    """train.cotrain_after / drw_start are fractions of train.epochs: --allow-changes train.epochs=N
+    re-draws them over N for the epochs still to train, and says so (co-training switched off again)."""
+
+    def stop(epoch, batch):
+        if (epoch, batch) == (1, 0):
+            raise KeyboardInterrupt
+
+    extra = (
+        "model.encoder=mean",
+        "train.epochs=2",
+        "train.cotrain_after=0.5",
+        "train.reweight=drw",
+        "train.drw_start=0.5",
+    )
+    run_dir = train(tiny_recipe(tiny_prepared, *extra), tmp_path / "run", hook=stop).run_dir
+    args = ["train", "--resume", "--allow-changes", "--run-dir", str(run_dir), "train.epochs=4"]
+    r = runner.invoke(app, args)
+    flat = " ".join(r.output.split())
+    assert r.exit_code == 0, flat
+    for key, what in (("train.cotrain_after", "co-training"), ("train.drw_start", "re-weighting")):
+        assert (
+            f"train.epochs 2 -> 4 moves {key}'s start of {what} from epoch 2 to epoch 3; the 1 epoch(s) trained keep "
+            f"the schedule they had (epoch 2 trains without {what} again)"
+        ) in flat
+    assert [m["lam"] for m in runs.read_metrics(run_dir)] == [0.0, 0.0, 1.0, 1.0]  # what the line said
+    assert "progressive sampler" not in flat
+    from sicot_cli import resume
+
+    old, new = (tiny_recipe(tiny_prepared, "train.sampler=progressive", f"train.epochs={n}") for n in (2, 6))
+    seen: list[str] = []
+    monkeypatch.setattr(resume.log, "warning", lambda msg, *args: seen.append(msg % args))
+    resume._warn_moved_schedules(run_dir, old, new)
+    assert seen == [
+        f"{run_dir}: train.epochs 2 -> 6 stretches the progressive sampler: epoch t now draws at t/6 of the way to "
+        "class-balanced (the 4 epoch(s) trained drew at t/2)"
+    ]
+
+
 def test_changed_dataset_is_refused(tiny_prepared, tmp_path):
     from conftest import KEEP_ALL, make_manifest
 
@@ -423,6 +462,7 @@ def test_cli_train_evaluate_predict_export(tiny_prepared, tmp_path):
     r = runner.invoke(app, ["evaluate", "--run", str(run_dir), "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["top1"] == pytest.approx(final["top1"])
+    assert (json.loads(r.output)["split"], json.loads(r.output)["n_images"]) == ("test", 6)
     r = runner.invoke(app, ["evaluate", "--run", str(run_dir), "--split", "val"])
     assert (
         r.exit_code == 2
@@ -533,6 +573,15 @@ def test_a_run_continues_only_on_the_data_it_started_with(tmp_path):
     assert "a run continues on the data it started with" in flat and "--run-dir NEW_DIR" in flat
     # a baseline reads no title or vector: it continues (the copy-the-baselines workflow)
     assert runner.invoke(app, ["train", "--resume", "--run-dir", str(base_run)]).exit_code == 0
+    # ... but it reads the images: one replaced in place and prepared again is other data
+    (base_run / runs.SUMMARY).unlink()
+    from conftest import write_image
+
+    write_image(m.parent / "cat4.png", seed=999, channel=0)
+    prepare(load_recipe(None, [*base, "embed.seed=1"]), data, force=True)
+    r = runner.invoke(app, ["train", "--resume", "--run-dir", str(base_run)])
+    flat = " ".join(r.output.split())
+    assert r.exit_code == 2 and "(the same settings: the source's images or titles changed)" in flat, flat
     # the same data under another name (format 2: another shard folder) is the same data
     jpeg = [*base, "data.images=jpeg", "data.shard_rows=7"]
     prepare(load_recipe(None, jpeg), tmp_path / "a.h5")

@@ -272,6 +272,7 @@ class Prepared:
     n_val: int = 0
     format: int = FORMAT
     store: Store | None = None  # format 2: the JPEG shards (sicot_cli.data.jpegstore)
+    pixels_sha256: str = ""  # the images' sha256, recorded by prepare ("" in files prepared before it was recorded)
 
     @property
     def n(self) -> int:
@@ -308,10 +309,14 @@ class Prepared:
         """sha256 of the data a run computes from: labels, classes, splits and image size, and with
         ``text`` the tokens, vocabulary and vectors. Unlike ``content_sha256`` it leaves out where the
         file and its shards are, so the same data under another name has the same checksum; a
-        baseline (no text encoder) is checked with ``text=False``. The pixels are not hashed."""
+        baseline (no text encoder) is checked with ``text=False``. The pixels are covered by the
+        ``pixels_sha256`` prepare recorded (files prepared before it was recorded: not covered, and
+        their checksum is the one earlier versions computed, so their runs still match)."""
         import hashlib
 
         h = hashlib.sha256(json.dumps([self.n_train, self.n_val, self.image_size, self.class_names]).encode())
+        if self.pixels_sha256:
+            h.update(f"pixels:{self.pixels_sha256}".encode())
         arrays = [self.labels, self.train_counts, self.test_counts]
         if text:
             arrays += [self.tokens, self.lengths, self.vectors]
@@ -422,6 +427,7 @@ def open_prepared(path: str | Path) -> Prepared:
                 vectors=values["vectors"],
                 format=fmt,
                 store=_store(f, path, values, rebuild) if fmt == FORMAT_JPEG else None,
+                pixels_sha256=str(f.attrs.get("pixels_sha256", "")),
             )
             _check_values(prepared, rebuild)
             return prepared

@@ -28,6 +28,8 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from sicot_cli.config import floor_share
+
 PAD = "<pad>"
 
 
@@ -168,8 +170,8 @@ def build_vocab(
     counts = Counter(t for title in train_titles for t in title)
     ranked = sorted(counts, key=lambda w: (-counts[w], tie_key(w)))
     n = len(ranked)
-    n_top = math.floor(drop_most_frequent * n)
-    n_bottom = math.floor(drop_least_frequent * n)
+    n_top = floor_share(drop_most_frequent, n)
+    n_bottom = floor_share(drop_least_frequent, n)
     stats = _label_stats(train_titles, labels) if labels is not None else None
     removed_top = _top_cut(ranked, counts, n_top, drop_rule, stats)
     removed_bottom = set(ranked[n - n_bottom :]) if n_bottom else set()

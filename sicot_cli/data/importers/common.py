@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sicot_cli.config import floor_share
 from sicot_cli.errors import SicotError
 from sicot_cli.fsutil import LineBreakInField, atomic_path, csv_records, ensure_dir, read_text
 
@@ -218,7 +219,7 @@ def group_validation(sizes_by_class: dict[str, dict[str, int]], fraction: float,
     for label, groups in sizes_by_class.items():
         for g, n in groups.items():
             sizes[g][label] = n
-    budget = {label: int(fraction * sum(groups.values())) for label, groups in sizes_by_class.items()}
+    budget = {label: floor_share(fraction, sum(groups.values())) for label, groups in sizes_by_class.items()}
     taken: Counter[str] = Counter()
     chosen: set[str] = set()
     for label in sorted(sizes_by_class):
