@@ -97,21 +97,28 @@ def fetch(
     _check_split_args(test_per_class, seed)  # before anything is downloaded
     default = Path("data") / name
     folder = folder or default
-    if name == "emoji":
-        from sicot_cli.data.importers.emoji import fetch_emoji
+    from sicot_cli.fsutil import ensure_dir, exclusive
 
-        _print(fetch_emoji(folder, test_per_class=test_per_class, seed=seed, force=force))
-    elif name == "mdi":
-        from sicot_cli.data.importers.mdi import fetch_mdi
-
-        _print(fetch_mdi(folder, test_per_class=test_per_class, seed=seed, force=force))
-    else:
-        from sicot_cli.data.importers.icons import fetch_icons
-
-        _print(fetch_icons(folder, force=force))
+    ensure_dir(folder)
+    with exclusive(folder, "--dir"):  # a second fetch into the folder would unpack under this one's feet
+        _print(_fetch(name, folder, test_per_class, seed, force))
     recipe, manifest = FETCHABLE[name]
     extra = "" if folder == default else f" data.manifest={folder / manifest}"
     console.print(safe(f"next: sicot prepare --recipe recipes/{recipe}.toml{extra}"))
+
+
+def _fetch(name: str, folder: Path, test_per_class: int, seed: int, force: bool):  # noqa: ANN202 - an importer's summary
+    if name == "emoji":
+        from sicot_cli.data.importers.emoji import fetch_emoji
+
+        return fetch_emoji(folder, test_per_class=test_per_class, seed=seed, force=force)
+    if name == "mdi":
+        from sicot_cli.data.importers.mdi import fetch_mdi
+
+        return fetch_mdi(folder, test_per_class=test_per_class, seed=seed, force=force)
+    from sicot_cli.data.importers.icons import fetch_icons
+
+    return fetch_icons(folder, force=force)
 
 
 def _check_split_args(test_per_class: int, seed: int, val_seed: int | None = None, val_fraction: float = 0.1) -> None:

@@ -40,7 +40,7 @@ import torch
 from sicot_cli import __version__
 from sicot_cli.errors import SicotError
 from sicot_cli.evaluate import load_run_model
-from sicot_cli.fsutil import atomic_path, check_name, ensure_dir, extension, taken, write_json
+from sicot_cli.fsutil import atomic_path, check_name, ensure_dir, exclusive, extension, taken, write_json
 from sicot_cli.model import ImageOnly
 from sicot_cli.predict import Recognizer, representative_titles
 
@@ -57,7 +57,11 @@ ROUNDING_MARGIN = 4.0
 VERIFY_IMAGES = 256  # test images the export is checked on (the first ones of the test split)
 INPUT, OUTPUT = "images", "probabilities"
 PREPROCESSING = (
-    "decode; convert to RGB (alpha composited on white, 16-bit scaled to 8); resize the shorter side to "
+    "decode (a JPEG in PIL's draft mode: with s = min(w, h) / image_size, "
+    "img.draft('RGB', (max(image_size, round(w / s)), max(image_size, round(h / s)))), the DCT reduction "
+    "that keeps the shorter side >= image_size); apply the EXIF orientation (PIL.ImageOps.exif_transpose; "
+    "none if the EXIF block is unreadable); "
+    "convert to RGB (alpha composited on white, 16-bit scaled to 8); resize the shorter side to "
     "image_size with PIL's bicubic filter (Image.Resampling.BICUBIC, reducing_gap=3.0); crop the centre "
     "image_size x image_size; HWC -> CHW; uint8, no scaling (the model normalises)"
 )
@@ -241,7 +245,14 @@ def export(
     _check_outputs(out, side)
     if fmt == "onnx":
         _need_onnx()
-    run_dir = Path(run_dir)
+    # a second export to the same --out is refused while this one writes (it replaced this one's
+    # files without a word); under the hold, the outputs are checked again: one may have finished
+    with exclusive(out, "--out"):
+        _check_outputs(out, side, warn=False)
+        return _export(Path(run_dir), out, side, fmt, checkpoint, data)
+
+
+def _export(run_dir: Path, out: Path, side: Path, fmt: str, checkpoint: str, data: str | Path | None) -> ExportResult:
     recipe, prepared, model, state = load_run_model(run_dir, checkpoint, data)
     net = ImageOnly(model.cpu()).eval()
     for p in net.parameters():
@@ -286,14 +297,15 @@ def _provenance(run_dir: Path, checkpoint: str, recipe: Any, state: dict[str, An
     }
 
 
-def _check_outputs(out: Path, side: Path) -> None:
+def _check_outputs(out: Path, side: Path, warn: bool = True) -> None:
     """Refuse a .json model name and an existing model or side file; create the folder."""
     if extension(out) == ".json":
         raise SicotError(f"{out}: the model file cannot be a .json (that name is for the file beside it)")
     for p in (out, side):
         check_name(p)
         if p == side and not taken(out) and _left_by_export(side, out):
-            log.warning("%s: left by an export stopped before its model was written: replaced", side)
+            if warn:
+                log.warning("%s: left by an export stopped before its model was written: replaced", side)
             continue
         if taken(p):  # a dangling symbolic link too
             raise SicotError(f"{p}: already exists (choose another --out)")

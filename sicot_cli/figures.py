@@ -26,6 +26,9 @@ def _plt():  # noqa: ANN202 - matplotlib is imported lazily and headless
     import matplotlib
 
     matplotlib.use("Agg")
+    # class names, titles and dataset names are the user's text: "$5-$10 shoes" is no formula
+    # (mathtext drew it as "5 - 10 shoes", or raised on one it could not parse)
+    matplotlib.rcParams["text.parse_math"] = False
     import matplotlib.pyplot as plt
 
     return plt

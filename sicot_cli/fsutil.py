@@ -443,6 +443,23 @@ def append_jsonl(path: Path, obj: Any) -> None:
         raise SicotError(f"{path}: cannot write ({e.strerror or e})") from None
 
 
+# Lock descriptors this process holds (:func:`exclusive`). A forked child (a decoding worker, a
+# data-loader worker) closes its copies at once: it never holds the lock, so a killed sicot whose
+# workers outlive it for a moment does not keep its output "in use". (The parent's descriptor keeps
+# the lock: an flock lasts until every descriptor of its open file is closed.)
+_HELD: set[int] = set()
+
+
+def _close_held_in_child() -> None:
+    for fd in _HELD:
+        with suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_in_child)
+
+
 def _lock_holder(fd: int) -> str:
     """The pid holding a flock on ``fd``'s file, from ``/proc/locks`` ("" when it cannot be told)."""
     st = os.fstat(fd)
@@ -484,8 +501,10 @@ def exclusive(path: Path, flag: str = "--out") -> Iterator[None]:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise _in_use(path, fd, flag) from None
+            _HELD.add(fd)
             yield
         finally:
+            _HELD.discard(fd)
             os.close(fd)
         return
     lock = path.with_name(f".{path.name}.lock")
@@ -507,9 +526,11 @@ def exclusive(path: Path, flag: str = "--out") -> Iterator[None]:
         if same:
             break
         os.close(fd)
+    _HELD.add(fd)
     try:
         yield
     finally:
         with suppress(OSError):
             lock.unlink()
+        _HELD.discard(fd)
         os.close(fd)

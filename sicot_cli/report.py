@@ -869,6 +869,12 @@ def build_report(paths: list[Path], chosen: str = "bilinear", bootstrap: bool = 
 # --- renderings ------------------------------------------------------------------------------
 
 
+def md_cell(text: str) -> str:
+    """A table cell of report.md: ``|`` escaped, a line break (a label typed with Alt+Enter in a
+    spreadsheet) as ``<br>``, so that a class name never ends its table row."""
+    return "<br>".join(text.replace("|", "\\|").splitlines()) if text else text
+
+
 def to_markdown(report: Report) -> str:
     out = [
         f"# sicot report: {report.dataset}",
@@ -884,9 +890,9 @@ def to_markdown(report: Report) -> str:
             continue
         out += [f"## {title}", ""]
         cols = list(rows[0])
-        out.append("| " + " | ".join(cols) + " |")
+        out.append("| " + " | ".join(md_cell(c) for c in cols) + " |")
         out.append("|" + "|".join("---" for _ in cols) + "|")
-        out += ["| " + " | ".join(r[c].replace("|", "\\|") for c in cols) + " |" for r in rows]
+        out += ["| " + " | ".join(md_cell(r[c]) for c in cols) + " |" for r in rows]
         out.append("")
     if report.gains:
         out += [f"Evidence: {report.rule}", ""]
@@ -1022,7 +1028,7 @@ def _extras_markdown(report: Report, info: tuple[list[str], list[int]] | None) -
             "| true class | predicted as | images |",
             "|---|---|---:|",
         ]
-        out += [f"| {t.replace('|', chr(92) + '|')} | {p.replace('|', chr(92) + '|')} | {n} |" for t, p, n in pairs]
+        out += [f"| {md_cell(t)} | {md_cell(p)} | {n} |" for t, p, n in pairs]
         out.append("")
     return "\n".join(out)
 

@@ -136,6 +136,25 @@ def hold(run_dir: Path, flag: str = "--run-dir") -> Iterator[None]:
             _HELD.discard(key)
 
 
+def check_held(run_dir: Path) -> None:
+    """Refuse to write on into ``run_dir`` when the folder there is no longer the one this process
+    holds (removed, or removed and made again by another run: writing by path would mix two runs).
+
+    Raises:
+        SicotError: naming the folder; the caller stops before writing.
+    """
+    try:
+        st = run_dir.stat()
+        here = (st.st_dev, st.st_ino) in _HELD
+    except OSError:
+        here = False
+    if not here:
+        raise SicotError(
+            f"{run_dir}: removed or replaced while this run was writing it: stopped (nothing more is written; "
+            "another run may be writing there now)"
+        )
+
+
 def start_run(run_dir: Path, config: dict[str, Any], resume: bool) -> bool:
     """Create the run directory, or check it for ``--resume``; returns True when resuming.
 
@@ -168,7 +187,7 @@ def start_run(run_dir: Path, config: dict[str, Any], resume: bool) -> bool:
         if not last.is_file():
             if is_finished(run_dir):
                 return True
-            lost_checkpoint(run_dir)
+            lost_checkpoint(run_dir, repair=True)
             # killed before the first checkpoint: nothing to lose, start again in place
             (run_dir / METRICS).unlink(missing_ok=True)
             write_json(run_dir / CONFIG, config)
@@ -181,9 +200,10 @@ def start_run(run_dir: Path, config: dict[str, Any], resume: bool) -> bool:
     return False
 
 
-def lost_checkpoint(run_dir: Path) -> None:
-    """Refuse a run whose ``metrics.jsonl`` records an epoch (or which holds ``checkpoint-best.pt``)
-    while ``checkpoint-last.pt`` is gone.
+def lost_checkpoint(run_dir: Path, repair: bool = False) -> None:
+    """Refuse a run whose ``metrics.jsonl`` records an epoch (or which holds ``checkpoint-best.pt`` of
+    a later epoch than the first) while ``checkpoint-last.pt`` is gone. A best checkpoint of epoch 1
+    alone is a run killed between its first two saves: removed, and the run starts again.
 
     An epoch's checkpoint is saved before its metrics line, so a recorded epoch means the checkpoint
     existed and was moved or deleted since: starting again in place would erase the run's history.
@@ -192,6 +212,13 @@ def lost_checkpoint(run_dir: Path) -> None:
         SicotError: naming the checkpoint and the epochs recorded.
     """
     done = len(read_metrics(run_dir))
+    if not done and (run_dir / BEST).is_file() and _first_epochs_best(run_dir / BEST):
+        # killed between epoch 1's two checkpoints (best is saved first): epoch 1 was never recorded,
+        # and training it again gives the same weights; with ``repair`` (train) the run starts again
+        if repair:
+            log.warning("%s: stopped while saving its first epoch's checkpoints: starting it again", run_dir)
+            (run_dir / BEST).unlink()
+        return
     if not done and (run_dir / BEST).is_file():  # saved after an epoch's validation: an epoch ended
         raise SicotError(
             f"{run_dir / LAST}: missing, but {BEST} is there, saved after an epoch ended: the run's checkpoint was "
@@ -204,6 +231,14 @@ def lost_checkpoint(run_dir: Path) -> None:
             "or deleted since; put it back to continue, or start another run with --run-dir NEW_DIR (nothing was "
             "changed here)"
         )
+
+
+def _first_epochs_best(path: Path) -> bool:
+    """``checkpoint-best.pt`` holds epoch 1's weights (a damaged one: no)."""
+    try:
+        return load_checkpoint(path).get("epoch") == 1
+    except SicotError:
+        return False
 
 
 def read_config(run_dir: Path) -> dict[str, Any]:
@@ -313,10 +348,15 @@ class _HashingWriter:
     def __init__(self, f: Any) -> None:
         self._f = f
         self.sha256 = hashlib.sha256()
+        self.error: OSError | None = None  # the first failed write (torch reports it as a RuntimeError)
 
     def write(self, data: bytes) -> int:
         self.sha256.update(data)
-        return self._f.write(data)
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
 
     def flush(self) -> None:
         self._f.flush()
@@ -361,7 +401,12 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     with atomic_path(path) as tmp, tmp.open("wb") as f:
         f.write(MAGIC + b"0" * 64 + b"\n")
         writer = _HashingWriter(f)
-        torch.save(state, writer)
+        try:
+            torch.save(state, writer)
+        except RuntimeError:
+            if writer.error is not None:  # a full disk: "cannot write (No space left on device)", not torch's words
+                raise writer.error from None
+            raise
         f.flush()
         f.seek(len(MAGIC))
         f.write(writer.sha256.hexdigest().encode("ascii"))

@@ -68,12 +68,33 @@ STOP_GRACE = 10.0  # seconds the workers get to finish the image in hand after C
 _stopping: Any = None  # in a worker: the pool's stop event (a multiprocessing.Event)
 
 
-def _init_worker(stopping: Any) -> None:  # noqa: ANN401 - a multiprocessing.Event
-    """A worker ignores Ctrl-C (the terminal sends it to every process of the job): the parent stops the pool."""
+def _init_worker(stopping: Any, parent: int) -> None:  # noqa: ANN401 - a multiprocessing.Event
+    """A worker ignores Ctrl-C (the terminal sends it to every process of the job): the parent stops
+    the pool. It dies with its parent: a sicot killed outright (SIGKILL, the OOM killer) leaves no
+    idle worker behind."""
     global _stopping
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # held back while the pool started
     _stopping = stopping
+    die_with_parent(parent)
+
+
+def die_with_parent(parent: int, *_: object) -> None:
+    """Ask Linux to send this process SIGTERM when its parent dies (``prctl(PR_SET_PDEATHSIG)``);
+    if the parent ``parent`` is gone already, exit now. Elsewhere: nothing (the pool's own checks).
+    Further arguments (a DataLoader's worker id) are ignored."""
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # died between the fork and the prctl
+        os._exit(1)
 
 
 def _call(fn: Callable[[Any], Any], item: Any) -> Any:  # noqa: ANN401
@@ -106,7 +127,7 @@ def worker_pool(workers: int) -> Iterator[Callable[..., Iterator[Any]]]:
         )
         workers = cores
     stopping = multiprocessing.Event()
-    pool = ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(stopping,))
+    pool = ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(stopping, os.getpid()))
     try:
         _start_workers(pool)
 

@@ -639,6 +639,8 @@ def _checkpoint(run: _Run, state: _State, epoch: int, batch: int) -> dict[str, A
 
 
 def _save(run: _Run, name: str, state: dict[str, Any], with_optimizer: bool, tag: str) -> None:
+    if run.ctx.rank == 0:  # the process that holds the run directory (runs.hold)
+        runs.check_held(run.run_dir)
     optimizer = run.optimizer if with_optimizer else None
     checkpoints.save(run.run_dir / name, state, run.model, optimizer, run.ctx, run.sharded, tag)
 

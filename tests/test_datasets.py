@@ -328,8 +328,13 @@ def test_fetch_verifies_and_unpacks_only_the_allowed_files(tmp_path):
     (src / em.DATASOURCE.name / "img/google/sheets/64.png").write_bytes(b"sprite")  # must not be unpacked
     folder = tmp_path / "data"
     pkgs = _packed(src, folder)
+    # temporaries of fetches killed while downloading or unpacking (named by their pids): removed
+    for leftover in (f".{pkgs[0].folder}.tmp-1212", ".npm-pack-77"):
+        (folder / leftover / "img").mkdir(parents=True)
+    (folder / ".notes.tmp-5").mkdir()  # not a fetch's: kept
     s = em.fetch_emoji(folder, npm=None, test_per_class=2, packages=tuple(pkgs))  # tarballs present: npm not needed
     assert s.rows > 0 and (folder / "emoji-zh.csv").is_file()
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == [".notes.tmp-5"]
     assert not (folder / em.DATASOURCE.name / "img/google/sheets").exists()
     assert (folder / em.EMOJIBASE.name / "zh/data.json").read_bytes() == (
         src / em.EMOJIBASE.name / "zh/data.json"
@@ -435,6 +440,13 @@ def test_cli_fetch_without_npm_says_what_to_run(tmp_path, monkeypatch):
     assert "npm pack emoji-datasource-google@16.0.0" in out and "npm pack emojibase-data@17.0.0" in out
     r = runner.invoke(app, ["datasets", "fetch", "imagenet"])
     assert r.exit_code == 2 and "unknown dataset" in r.output
+    # two fetches into one folder: the second unpacked under the first's feet
+    from sicot_cli.fsutil import exclusive
+
+    (tmp_path / "busy").mkdir()
+    with exclusive(tmp_path / "busy"):
+        r = runner.invoke(app, ["datasets", "fetch", "emoji", "--dir", str(tmp_path / "busy")])
+    assert r.exit_code == 2 and "busy: in use by another sicot process" in " ".join(r.output.split())
     monkeypatch.chdir(tmp_path)
     r = runner.invoke(app, ["datasets", "fetch", "emoji", "--dir", ""])  # was the working folder, ~80 MB
     assert r.exit_code == 2 and "--dir '': give a folder" in r.output and not list(tmp_path.glob("*.tgz"))

@@ -142,15 +142,20 @@ CONSUMER = r"""
 import json, sys
 import numpy as np
 import onnxruntime as ort
-from PIL import Image
+from PIL import Image, ImageOps
 
 model_path, images = sys.argv[1], sys.argv[2:]
 meta = json.load(open(model_path + ".json"))
 size = meta["input"]["image_size"]
+assert "PIL.ImageOps.exif_transpose" in meta["input"]["preprocessing"] and "draft" in meta["input"]["preprocessing"]
 assert meta["input"]["dtype"] == "uint8" and meta["input"]["layout"] == "NCHW" and meta["input"]["channels"] == "RGB"
 batch = []
 for path in images:
-    img = Image.open(path).convert("RGB")
+    img = Image.open(path)
+    if img.format == "JPEG":  # as the JSON says: draft mode first
+        s = min(img.size) / size
+        img.draft("RGB", (max(size, round(img.width / s)), max(size, round(img.height / s))))
+    img = ImageOps.exif_transpose(img).convert("RGB")
     w, h = img.size
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
@@ -180,6 +185,24 @@ def test_exported_json_is_enough_for_onnxruntime_and_numpy(onnx_model, images, r
     _same_top(json.loads(r.stdout), reference, atol=1e-4)
 
 
+def test_the_exported_json_names_the_exif_orientation_predict_applies(run_dir, onnx_model, images, tmp_path):
+    """A phone photo stored sideways (EXIF orientation 6): sicot turns it upright, and the JSON's
+    preprocessing did not say so, so a consumer following it scored the sideways picture."""
+    img = Image.open(images[0]).convert("RGB")
+    img = img.resize((img.width * 2, img.height))  # not square: the crop depends on the orientation
+    sideways = tmp_path / "phone.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to display"
+    img.transpose(Image.Transpose.ROTATE_90).save(sideways, quality=100, exif=exif)
+    want = runner.invoke(app, ["predict", "--run", str(run_dir), "--json", "-k", "3", str(sideways)])
+    assert want.exit_code == 0, want.output
+    r = subprocess.run(
+        [sys.executable, "-c", CONSUMER, str(onnx_model), str(sideways)], capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr
+    _same_top(json.loads(r.stdout), json.loads(want.output), atol=1e-4)
+
+
 def test_torchscript_export_has_no_grad_and_equals_predict(run_dir, images, reference, tmp_path):
     out = tmp_path / "model.pt"
     r = runner.invoke(app, ["export", "--run", str(run_dir), "--out", str(out), "--format", "torchscript"])
@@ -203,6 +226,14 @@ def test_torchscript_export_has_no_grad_and_equals_predict(run_dir, images, refe
 def test_export_refusals(run_dir, onnx_model, tmp_path, monkeypatch):
     r = runner.invoke(app, ["export", "--run", str(run_dir), "--out", str(onnx_model)])
     assert r.exit_code == 2 and "already exists" in r.output
+    # two exports to one --out: both succeeded and one replaced the other's files without a word
+    from sicot_cli.fsutil import exclusive
+
+    busy = tmp_path / "busy.pt"
+    with exclusive(busy):  # another export writing it
+        r = runner.invoke(app, ["export", "--run", str(run_dir), "--out", str(busy)])
+    assert r.exit_code == 2 and "busy.pt: in use by another sicot process" in " ".join(r.output.split())
+    assert not busy.exists()
     r = runner.invoke(app, ["export", "--run", str(run_dir), "--out", str(tmp_path / "m.bin"), "--format", "tflite"])
     assert r.exit_code == 2 and "--format must be torchscript or onnx" in r.output
     # an export that disagrees with PyTorch is refused and leaves nothing behind

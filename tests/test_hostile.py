@@ -396,6 +396,16 @@ def _readonly_dir(tmp: Path) -> Path:
     return d
 
 
+def _only_best_left(tmp: Path, ctx: dict, epoch: int) -> list[str]:
+    """An unfinished run left with a checkpoint-best.pt of ``epoch`` alone (no last checkpoint, no metrics)."""
+    run = _copy_run(tmp, ctx, unfinished=True)
+    state = runs.load_checkpoint(run / runs.LAST)
+    runs.save_checkpoint(run / runs.BEST, {**state, "epoch": epoch})
+    (run / runs.LAST).unlink()
+    (run / runs.METRICS).unlink()
+    return ["train", "--resume", "--run-dir", str(run)]
+
+
 def _copy_run(tmp: Path, ctx: dict, unfinished: bool = False) -> Path:
     """A copy of the finished run; ``unfinished``: as if killed after epoch 1 of 2 (resumable)."""
     run = tmp / "run"
@@ -2144,15 +2154,18 @@ CASES: dict[str, Case] = {
         ["not a hidden one"],
     ),
     "train_resume_with_only_its_best_checkpoint_left": Case(  # restarted in place over checkpoint-best.pt
-        lambda t, c: [
-            shutil.copy(_copy_run(t, c, unfinished=True) / runs.LAST, t / "run" / runs.BEST),
-            (t / "run" / runs.LAST).unlink(),
-            (t / "run" / runs.METRICS).unlink(),
-            ["train", "--resume", "--run-dir", str(t / "run")],
-        ][3],
+        lambda t, c: _only_best_left(t, c, epoch=2),
         "error",
         ["checkpoint-last.pt: missing, but checkpoint-best.pt is there", "nothing was changed"],
         check=_holds(lambda t, c: (t / "run" / runs.BEST).is_file()),
+    ),
+    # killed between epoch 1's checkpoint-best.pt and checkpoint-last.pt: "moved or deleted since",
+    # and the documented rerun failed for ever; epoch 1 was never recorded, so the run starts again
+    "train_resume_killed_between_its_first_two_checkpoints": Case(
+        lambda t, c: _only_best_left(t, c, epoch=1),
+        "ok",
+        ["stopped while saving its first epoch's checkpoints: starting it again"],
+        check=_holds(lambda t, c: runs.is_finished(t / "run") and len(runs.read_metrics(t / "run")) == 1),
     ),
     "word_vectors_text_with_nan_read_as_binary": Case(
         lambda t, c: _prep(

@@ -809,6 +809,10 @@ def test_hdf5_read_error_mid_training_is_one_error(tiny_prepared, tmp_path):
     loader = BatchLoader(prepared, 4, 0, prepared.n_train, shuffle=True, in_memory=False, block_rows=4)
     with p.open("r+b") as f:  # the disk loses the file's tail after it was opened
         f.truncate(p.stat().st_size // 3)
+    with pytest.raises(SicotError, match=r"p.h5: replaced or changed since this run opened it"):
+        for _ in loader.epoch(0):  # its size and time tell
+            pass
+    prepared.identity = ()  # a damage the file's size and time do not show: the read fails, one error
     with pytest.raises(
         SicotError, match=r"p.h5: cannot read the images .*sicot prepare --recipe R \(or --manifest M\) --out"
     ):

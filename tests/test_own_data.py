@@ -478,3 +478,20 @@ def test_recipe_keys_the_prepared_file_overrides_are_warned_once(tiny_prepared, 
         "data.image_size = 32 (the file: 16)" in record.message and "text.min_count = 2 (the file: 1)" in record.message
     )
     assert loud.data.image_size == 16 and str(tiny_prepared) in record.message and "--force" in record.message
+
+
+def test_class_names_with_dollar_signs_are_drawn_as_written(tmp_path):
+    """matplotlib read "$5_$10" as a formula: report crashed with a traceback ("$5_$10" cannot be
+    parsed) or drew "$10-$20 shoes" as "10 - 20 shoes"."""
+    from sicot_cli import figures
+    from sicot_cli.figures import TitleAttention
+
+    items = [TitleAttention(0, "price_bin_$5_$10", ["red", "cup"], [0.6, 0.4])]
+    figures.fig7_attention(items, tmp_path / "f.png", "bilinear")  # raised ValueError (ParseSyntaxException)
+    assert (tmp_path / "f.png").stat().st_size > 0
+    figures.fig6_distribution(np.array([5, 3, 1]), 2, "$10-$20 shoes", tmp_path / "g.png")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    assert ax.text(0, 0, "$10-$20 shoes").get_parse_math() is False  # drawn as written, not as 10 - 20
+    plt.close(fig)

@@ -510,6 +510,14 @@ def test_labels_that_only_look_alike_stay_classes_with_a_warning(tmp_path, caplo
 
     m = tmp_path / "m.csv"
     labels = ["red", "red\u200b", "r\u0435d", "cat", "c\u0430t", "Ｃat", "dog", "DOG", "猫"]
+    labels += [
+        "T-shirt",
+        "T\u2013shirt",
+        "red bag",
+        "red  bag",
+        "Men's",
+        "Men\u2019s",
+    ]  # autocorrect's dash, quote, a doubled space
     m.write_text(
         "image,title,label\n" + "".join(f"{i}.png,x,{lab}\n" for i, lab in enumerate(labels)), encoding="utf-8"
     )
@@ -518,8 +526,8 @@ def test_labels_that_only_look_alike_stay_classes_with_a_warning(tmp_path, caplo
     assert {r.label for r in read} == set(labels)  # as written: no silent merge
     (case, looks) = (r.message for r in caplog.records)
     assert "2 labels differ from another only in case" in case  # DOG / dog: the case warning's, not this one's
-    assert "m.csv: 6 labels look like another but differ in invisible or look-alike characters" in looks
-    assert "'cat' / 'c\\u0430t' / '\\uff23at'" in looks and "'red' / 'red\\u200b' / 'r\\u0435d'" in looks, looks
+    assert "m.csv: 12 labels look like another but differ in invisible or look-alike characters or spacing" in looks
+    assert "'Men's' / 'Men\\u2019s'; 'T-shirt' / 'T\\u2013shirt'; 'cat' / 'c\\u0430t' / '\\uff23at' and 2 more" in looks
     caplog.clear()
     m.write_text("image,title,label\na.png,x,cat\nb.png,x,сок\nc.png,x,кот\n", encoding="utf-8")  # Russian labels
     with caplog.at_level(logging.WARNING, logger="sicot_cli.data.manifest"):
@@ -540,3 +548,116 @@ def test_csv_line_numbers_count_line_feeds_as_an_editor_does():
     _, records = csv_records(crlf, "m.csv", tsv=False)
     assert [n for n, _ in records] == [2, 3, 5]
     assert [n for n, _ in csv_records(text.removesuffix("\n"), "m.csv", tsv=False)[1]] == [2, 3, 5]
+
+
+def test_repeated_rows_are_counted_skips_and_an_image_under_two_labels_is_warned(tmp_path, caplog):
+    """A manifest pasted twice doubled every class and scored each test image twice; one file under
+    two labels trained (and was scored) under both; neither was said."""
+    import logging
+
+    m = make_manifest(tmp_path / "raw", per_class=8)
+    lines = m.read_text(encoding="utf-8").splitlines()
+    rows = [line for line in lines[1:] if not line.startswith(("dog",))]
+    # every cat and cup row twice (ids removed: the line numbers name them), dog0.png as a cup too
+    header = "image,title,label"
+    body = [",".join(line.split(",")[:3]) for line in rows]
+    dogs = [",".join(line.split(",")[:3]) for line in lines[1:] if line.startswith("dog")]
+    m.write_text("\n".join([header, *body, *dogs, *body, "dog0.png,a dog or a cup,cup"]) + "\n", encoding="utf-8")
+    out = tmp_path / "p.h5"
+    with caplog.at_level(logging.WARNING):
+        s = prep.prepare(recipe_for(m, "data.image_size=16"), out)
+    assert s.skipped == {"row repeats an earlier row (the same image, label, title and split)": 16}
+    first_repeat = 2 + len(body) + len(dogs)  # line of the first repeated row
+    assert s.skip_examples["row repeats an earlier row (the same image, label, title and split)"][0] == (
+        f"{m}:{first_repeat} (= {m}:2)"
+    )
+    assert (s.train_images + s.val_images + s.test_images, s.classes) == (25, 3)
+    text = " ".join(caplog.text.split())
+    n_dog0 = 2 + len(body)
+    assert (
+        f"1 image file carries more than one label (e.g. {m}:{n_dog0} as 'dog'; {m}:{2 * len(body) + len(dogs) + 2} as 'cup')"
+        in text
+    )
+
+
+def test_a_quote_that_never_closes_does_not_merge_the_next_row_silently(tmp_path):
+    """`shoe1.png,"Dream shoe size 9,...` took the next row into its title: 23 rows read, 0 skipped,
+    one image gone without a word. A quoted field that runs into what begins as a row is a skip."""
+    m = make_manifest(tmp_path / "raw", per_class=8)
+    lines = m.read_text(encoding="utf-8").splitlines()
+    lines[3] = lines[3].replace(",", ',"Dream shoe size 9,', 1)  # cat2.png's title opens a quote...
+    lines[4] = lines[4].replace(",cat,", '",cat,', 1)  # ...that the next row's title closes
+    m.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    s = prep.prepare(recipe_for(m, "data.image_size=16"), tmp_path / "p.h5")
+    assert s.skipped == {"a quoted field holds the next row (a quote never closed?)": 1}
+    assert s.skip_examples["a quoted field holds the next row (a quote never closed?)"][0] == f"{m}:4 (+1 line(s))"
+    assert s.rows_read == 23  # 24 data lines, one row spanning two
+    # a title that runs over lines of its own is the title's
+    lines = make_manifest(tmp_path / "raw2", per_class=8).read_text(encoding="utf-8").splitlines()
+    parts = lines[3].split(",")
+    lines[3] = ",".join([parts[0], '"red cat\nsoft, warm\ntoy.png pictured"', *parts[2:]])
+    m2 = tmp_path / "raw2" / "m.csv"
+    m2.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert prep.prepare(recipe_for(m2, "data.image_size=16"), tmp_path / "q.h5").skipped == {}
+
+
+def test_file_urls_and_paths_in_the_other_unicode_form_are_the_files_they_name(tmp_path):
+    """A `file:///...` image was "a URL (download the images first)"; a folder `été` decomposed on
+    disk (a zip made on a Mac) and composed in the manifest was "image file not found", and a whole
+    class went without a word."""
+    import unicodedata
+
+    m = make_manifest(tmp_path / "raw", per_class=8)
+    folder = tmp_path / "raw" / unicodedata.normalize("NFD", "été")
+    folder.mkdir()
+    lines = m.read_text(encoding="utf-8").splitlines()
+    out = [lines[0]]
+    for line in lines[1:]:
+        image, rest = line.split(",", 1)
+        if image.startswith("cup"):
+            (tmp_path / "raw" / image).rename(folder / image)
+            image = unicodedata.normalize("NFC", "été") + "/" + image  # composed, as typed
+        elif image.startswith("dog"):
+            image = (tmp_path / "raw" / image).as_uri()  # file:///...
+        out.append(f"{image},{rest}")
+    m.write_text("\n".join(out) + "\n", encoding="utf-8")
+    s = prep.prepare(recipe_for(m, "data.image_size=16"), tmp_path / "p.h5")
+    assert (s.skipped, s.classes, s.train_images + s.val_images + s.test_images) == ({}, 3, 24)
+
+
+def test_when_no_row_survives_the_error_names_an_example_and_what_to_do(tmp_path):
+    m = tmp_path / "m.csv"
+    m.write_bytes(
+        b"image,title,label\n" + "".join(f"{i}.png,caf\xe9 {i},c{i % 2}\n" for i in range(4)).encode("latin-1")
+    )  # Excel's "CSV"
+    with pytest.raises(SicotError) as e:
+        prep.prepare(recipe_for(m, "data.image_size=16"), tmp_path / "p.h5")
+    assert f"no usable rows (4 skipped: line is not UTF-8 (4, e.g. {m}:2): save the manifest as UTF-8" in str(
+        e.value
+    ), str(e.value)
+    j = tmp_path / "m.jsonl"
+    j.write_text('[\n  {\n    "image": "a.png",\n    "title": "x",\n    "label": "y"\n  }\n]\n', encoding="utf-8")
+    with pytest.raises(
+        SicotError,
+        match=r"not a JSON object \(7, e.g. .*m.jsonl:1 \(Expecting value\)\): a .jsonl manifest holds one JSON object a line; a JSON array",
+    ):
+        prep.prepare(recipe_for(j, "data.image_size=16"), tmp_path / "q.h5")
+
+
+def test_no_test_row_drawn_says_why_not_what_was_done(tmp_path, caplog):
+    """One image a class (the label column held SKU ids): the warning said to leave the split column
+    out, which the manifest had done."""
+    import logging
+
+    m = tmp_path / "raw" / "m.csv"
+    m.parent.mkdir()
+    for i in range(6):
+        write_image(m.parent / f"{i}.png", seed=i, channel=i % 3)
+    m.write_text("image,title,label\n" + "".join(f"{i}.png,red shoe {i},SKU-{i}\n" for i in range(6)), encoding="utf-8")
+    with caplog.at_level(logging.WARNING):
+        prep.prepare(recipe_for(m, "data.image_size=16"), tmp_path / "p.h5")
+    text = " ".join(caplog.text.split())
+    assert "no test row could be drawn: a class spares a test image only above data.min_train_per_class = 1" in text
+    assert "the largest of the 6 classes has 1 (data.test_per_class = 2)" in text
+    assert "(6 of the classes have a single image: is the label column an id?)" in text
+    assert "leave the split column out" not in text

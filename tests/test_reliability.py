@@ -63,6 +63,34 @@ WRITE_DELAY = "0.15"
 # --- fast: the pieces --------------------------------------------------------------------------
 
 
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line(tmp_path, monkeypatch):
+    """torch.save turned the disk's ENOSPC into "RuntimeError: [enforce fail at inline_container.cc]
+    unexpected pos": a traceback from train and ablate, where every other writer says one line."""
+    import errno
+
+    import torch
+
+    class FillingDisk:  # the checkpoint file, on a disk that fills after a few writes
+        def __init__(self, f) -> None:  # noqa: ANN001
+            self.f, self.n = f, 0
+
+        def write(self, data: bytes) -> int:
+            self.n += 1
+            if self.n > 3:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(data)
+
+        def flush(self) -> None:
+            self.f.flush()
+
+    real = runs._HashingWriter.__init__
+    monkeypatch.setattr(runs._HashingWriter, "__init__", lambda self, f: real(self, FillingDisk(f)))
+    path = tmp_path / runs.LAST
+    with pytest.raises(SicotError, match=r"checkpoint-last.pt: cannot write \(No space left on device\)$"):
+        runs.save_checkpoint(path, {"model": {"w": torch.zeros(1000)}, "history": []})
+    assert list(tmp_path.iterdir()) == []  # no checkpoint, no temporary
+
+
 def test_checkpoint_checksum_round_trip_and_damage(tmp_path):
     import torch
 
@@ -130,6 +158,15 @@ def test_prepare_restores_a_side_file_lost_to_a_kill(tmp_path):
     with pytest.raises(SicotError, match="already exists"):
         prepare(recipe, out)
     assert json.loads(side.read_text()) == before
+    # the same kill in a `prepare --force`: the side file still described the file it replaced, for ever
+    side.write_text(json.dumps({**before, "recipe": {**before["recipe"], "name": "the replaced file"}}))
+    with pytest.raises(SicotError, match="already exists"):
+        prepare(recipe, out)
+    assert json.loads(side.read_text()) == before
+    # d.hdf5 beside d.h5: both wrote d.recipe.json, each describing the other's file
+    with pytest.raises(SicotError, match=r"p.hdf5: p.h5 beside it would share its side file p.recipe.json"):
+        prepare(recipe, out.with_suffix(".hdf5"))
+    assert json.loads(side.read_text()) == before and not out.with_suffix(".hdf5").exists()
 
 
 def _group_members(pgid: int) -> dict[int, str]:
@@ -630,3 +667,54 @@ def test_a_worker_pool_takes_at_most_one_process_per_core(monkeypatch, caplog):
             pass
         assert asked[-1] == expected
     assert "100000 worker processes asked for, 3 cores here: using 3" in caplog.text
+
+
+KILLED_WITH_WORKERS = r"""
+import sys, time
+from pathlib import Path
+from sicot_cli.fsutil import exclusive
+from sicot_cli.threads import worker_pool
+
+
+def slow(x):
+    time.sleep(60)
+    return x
+
+
+with exclusive(Path(sys.argv[1])):
+    with worker_pool(2) as run:
+        results = run(slow, range(4))
+        print("working", flush=True)
+        list(results)
+"""
+
+
+def test_a_killed_job_leaves_no_worker_and_no_lock(tmp_path):
+    """`prepare` killed outright (SIGKILL, the OOM killer) left its decoding workers idle for ever,
+    and they held its output's lock: every rerun was refused as "in use by pid <the dead one>"."""
+    from sicot_cli.fsutil import exclusive
+
+    out = tmp_path / "d.h5"
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WITH_WORKERS, str(out)], cwd=root, stdout=subprocess.PIPE, text=True
+    )
+    assert p.stdout.readline().strip() == "working"
+    children = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
+    assert children  # the workers
+    p.kill()
+    p.wait()
+
+    def running(pid: str) -> bool:  # a zombie is not running: it waits for init to reap it
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except (OSError, IndexError):
+            return False
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(running(c) for c in children):
+        time.sleep(0.1)
+    alive = [c for c in children if running(c)]
+    assert not alive, f"workers left running: {alive}"
+    with exclusive(out):  # not "in use by another sicot process"
+        pass

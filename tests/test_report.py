@@ -702,3 +702,12 @@ def test_ablate_skips_finished_and_resumes(tiny_prepared, tmp_path, monkeypatch)
     shutil.rmtree(variant / "bilinear-s0")
     _, statuses = ab.ablate(lam2, ["bilinear"], [0], variant, data=tiny_prepared)
     assert [(s.run_dir.name, s.state) for s in statuses] == [("none-s0", "skipped"), ("bilinear-s0", "trained")]
+
+
+def test_a_class_name_never_ends_its_markdown_table_row():
+    """A label typed with Alt+Enter in a spreadsheet ("hats\\nwinter") split its row of report.md in two."""
+    from sicot_cli.report import md_cell
+
+    assert md_cell("hats\nwinter") == "hats<br>winter"
+    assert md_cell("a|b\r\nc\u2028d") == "a\\|b<br>c<br>d"
+    assert md_cell("plain") == "plain" and md_cell("") == ""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -622,3 +624,36 @@ def test_resume_with_allowed_changes_trains_with_the_new_optimiser_settings(tiny
     r = runner.invoke(app, ["train", "--resume", "--allow-changes", "--run-dir", str(run_dir), "train.step_size=2"])
     assert r.exit_code == 0, r.output
     assert [m["lr"] for m in runs.read_metrics(run_dir)] == pytest.approx([0.005, 0.005, 0.005 * 0.8])
+
+
+def test_a_run_folder_removed_and_made_again_while_training_stops_the_run(tiny_prepared, tmp_path):
+    """`rm -rf RUN` and a second `train` into the same path while the first trained: both wrote by
+    path into the new folder (epochs 1 1 2 2 ..., one config, the other's checkpoints), both exit 0."""
+    run_dir = tmp_path / "run"
+
+    def replace(epoch, batch):
+        if (epoch, batch) == (1, 0):
+            shutil.rmtree(run_dir)
+            run_dir.mkdir()
+            (run_dir / "config.json").write_text("{}")  # another run's
+
+    with pytest.raises(SicotError, match=r"run: removed or replaced while this run was writing it: stopped"):
+        train(tiny_recipe(tiny_prepared, "model.encoder=none", "train.epochs=2"), run_dir, hook=replace)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.json"]  # nothing written into the other's
+
+
+def test_a_prepared_file_replaced_while_training_stops_the_run(tiny_prepared, tmp_path):
+    """`prepare --force` onto the file a run trains on: the next validation (or the test scoring)
+    read the new file's images against the old file's labels, silently, and the run exited 0."""
+    data = tmp_path / "d.h5"
+    shutil.copy(tiny_prepared, data)
+
+    def replace(epoch, batch):
+        if (epoch, batch) == (1, 0):
+            other = tmp_path / "other.h5"
+            shutil.copy(tiny_prepared, other)
+            os.replace(other, data)  # as prepare --force renames its finished file over the old one
+
+    with pytest.raises(SicotError, match=r"d.h5: replaced or changed since this run opened it"):
+        train(tiny_recipe(data, "model.encoder=none", "train.epochs=2"), tmp_path / "run", data=data, hook=replace)
+    assert not (tmp_path / "run" / runs.SUMMARY).exists()

@@ -273,6 +273,22 @@ class Prepared:
     format: int = FORMAT
     store: Store | None = None  # format 2: the JPEG shards (sicot_cli.data.jpegstore)
     pixels_sha256: str = ""  # the images' sha256, recorded by prepare ("" in files prepared before it was recorded)
+    identity: tuple[int, ...] = ()  # the file as opened: device, inode, size, mtime (check_unchanged)
+
+    def check_unchanged(self) -> None:
+        """Refuse to read images again from ``path`` once another file is there (``prepare --force``
+        while a run trains): the labels and splits in memory are the opened file's, and the new
+        file's images scored against them would be silently wrong.
+
+        Raises:
+            SicotError: naming the file and what to do.
+        """
+        if self.identity and _identity(self.path) != self.identity:
+            raise SicotError(
+                f"{self.path}: replaced or changed since this run opened it (prepared again?): its labels and "
+                "splits in memory are the old file's, so the run stopped; resume it (`--resume`) to check the "
+                "file it finds, or train a new run on the new file"
+            )
 
     @property
     def n(self) -> int:
@@ -366,6 +382,14 @@ def rebuild_hint(path: Path) -> str:
     )
 
 
+def _identity(path: Path) -> tuple[int, ...]:
+    try:
+        st = path.stat()
+    except OSError:
+        return ()
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def open_prepared(path: str | Path) -> Prepared:
     """Open a prepared file and check it is complete and of a known format.
 
@@ -428,6 +452,7 @@ def open_prepared(path: str | Path) -> Prepared:
                 format=fmt,
                 store=_store(f, path, values, rebuild) if fmt == FORMAT_JPEG else None,
                 pixels_sha256=str(f.attrs.get("pixels_sha256", "")),
+                identity=_identity(path),
             )
             _check_values(prepared, rebuild)
             return prepared

@@ -25,6 +25,8 @@ epoch's batches, in order), or in the reader thread when ``workers`` is 0.
 
 from __future__ import annotations
 
+import functools
+import os
 import queue
 import threading
 from collections import OrderedDict
@@ -41,6 +43,7 @@ from sicot_cli.data.dataset import Prepared, rebuild_hint
 from sicot_cli.data.jpegstore import Store, crop_boxes, decode_row
 from sicot_cli.data.sampler import draw_rows
 from sicot_cli.errors import SicotError
+from sicot_cli.threads import die_with_parent
 
 
 def read_error(path: object, e: Exception) -> SicotError:
@@ -111,6 +114,7 @@ class BatchLoader:
         crop: tuple[float, float] | None = None,
         rank_shards: bool = False,
     ) -> None:
+        prepared.check_unchanged()  # a validation pass, or an epoch, reads the file again by its name
         self.p = prepared
         self.batch_size = batch_size
         self.start, self.stop = start, stop
@@ -302,6 +306,7 @@ class BatchLoader:
     def _stream(self, plan: list[tuple[np.ndarray, int, int]]) -> Iterator[Batch]:
         cache: OrderedDict[int, np.ndarray] = OrderedDict()
         keep = 2 * self.shuffle_blocks
+        self.p.check_unchanged()
         with h5py.File(self.p.path, "r") as f:
             images = f["images"]
             for rel, offset, total in plan:
@@ -338,6 +343,7 @@ class BatchLoader:
             # its own generator: the DataLoader draws its workers' base seed from it, and a draw
             # from torch's global one would shift the model's random numbers (exact resume)
             generator=torch.Generator().manual_seed(epoch_seed(self.seed, epoch, 2)),
+            worker_init_fn=functools.partial(die_with_parent, os.getpid()),  # no worker outlives a killed train
         )  # fmt: skip
         try:
             for j, images in enumerate(loader):

@@ -31,6 +31,7 @@ import math
 import os
 import re
 import unicodedata
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,9 +124,34 @@ def _records(path: Path, text: str, skips: Skips) -> list[tuple[int, dict[str, o
             if any(_bad_text(str(v)) for v in record.values()):
                 skips.add("line is not UTF-8", f"{path}:{n}")
                 continue
+            swallowed = _swallowed_row(record, columns, "\t" if suffix == ".tsv" else ",")
+            if swallowed:
+                skips.add(
+                    "a quoted field holds the next row (a quote never closed?)", f"{path}:{n} (+{swallowed} line(s))"
+                )
+                continue
             rows.append((n, dict(record)))
         return rows
     raise SicotError(f"{path}: unknown manifest type {suffix!r} (use .csv, .tsv or .jsonl)")
+
+
+_IMAGE_NAME = re.compile(r"[^/\\]\.(jpe?g|png|webp|gif|bmp|tiff?)$", re.IGNORECASE)
+
+
+def _swallowed_row(record: dict[str, object], columns: list[str], sep: str) -> int:
+    """Lines of a quoted field that begin as a row of the manifest would (an image file name where
+    the image column is, and a separator in that line or in the field's first, which then holds the
+    rest of its own row): a quote that never closed, which took the next row into this one's field.
+    Returns how many lines after the first the field runs over (0: no such line)."""
+    at = columns.index("image")
+    for value in record.values():
+        lines = str(value).split("\n") if isinstance(value, str) and "\n" in value else []
+        for line in lines[1:]:
+            parts = line.split(sep)
+            if len(parts) > at and _IMAGE_NAME.search(parts[at].strip().strip('"')):
+                if len(parts) > at + 1 or sep in lines[0]:
+                    return len(lines) - 1
+    return 0
 
 
 class _DuplicateKey(ValueError):
@@ -196,12 +222,26 @@ def _manifest_text(path: Path) -> str:
 
 
 def _image_path(base: Path, image: str, where: str, skips: Skips) -> Path | None:
-    """A row's image resolved against the manifest's folder, or None with the reason counted (a URL, a link loop)."""
+    """A row's image resolved against the manifest's folder, or None with the reason counted (a URL, a link loop).
+
+    A ``file://`` URL is the local path it names. A path whose folder or file name is spelt in the
+    other Unicode normal form than on disk (``été`` composed in the manifest, decomposed by the
+    zip a Mac made) is the file on disk."""
+    local = urllib.parse.urlsplit(image) if image[:7].lower() == "file://" else None
+    if local is not None and local.netloc in ("", "localhost"):
+        image = urllib.parse.unquote(local.path)  # file:///data/a%20b.png is /data/a b.png
     if URL.match(image):
         skips.add("image is a URL (download the images first; the manifest names local files)", where)
         return None
     try:
-        return (base / image).resolve()  # an absolute `image` replaces base
+        resolved = (base / image).resolve()  # an absolute `image` replaces base
+        if not resolved.exists():
+            other = base / unicodedata.normalize(
+                "NFD" if image == unicodedata.normalize("NFC", image) else "NFC", image
+            )
+            if other.exists():
+                return other.resolve()
+        return resolved
     except (OSError, RuntimeError, ValueError) as e:  # symlink loop, NUL (stripped above, but be sure)
         loop = isinstance(e, RuntimeError) or getattr(e, "errno", None) == errno.ELOOP
         # the reason load_image gives a loop it meets; the path as the row gives it (joined to its folder)
@@ -311,20 +351,28 @@ def _warn_case_twins(path: Path, rows: list[Row]) -> None:
 # Cyrillic and Greek letters drawn like Latin ones (Unicode's confusables, the common part): two
 # labels that differ only in these, in invisible format characters (zero-width space or joiner,
 # soft hyphen, bidi marks) or in compatibility forms (full-width, ligatures) look the same.
+# ... and the dashes and quotes a word processor's autocorrect types for - ' and " (T-shirt, T–shirt;
+# Men's, Men’s).
 _LOOKALIKE = str.maketrans(
-    "аеорсухіјѕԁӏһԛԝАВЕКМНОРСТХІЈЅҮονρΑΒΕΖΗΙΚΜΝΟΡΤΥΧ",
-    "aeopcyxijsdlhqwABEKMHOPCTXIJSYovpABEZHIKMNOPTYX",
+    "аеорсухіјѕԁӏһԛԝАВЕКМНОРСТХІЈЅҮονρΑΒΕΖΗΙΚΜΝΟΡΤΥΧ\u2010\u2011\u2012\u2013\u2014\u2015\u2212‘’‛′“”„″",
+    "aeopcyxijsdlhqwABEKMHOPCTXIJSYovpABEZHIKMNOPTYX-------''''\"\"\"\"",
 )
 
 
-def _skeleton(label: str) -> str:
-    text = unicodedata.normalize("NFKC", label).translate(_LOOKALIKE)
+def _letters(text: str) -> str:
+    text = unicodedata.normalize("NFKC", text).translate(_LOOKALIKE)
     return "".join(c for c in text if unicodedata.category(c) != "Cf").casefold()
+
+
+def _skeleton(label: str) -> str:
+    """What a label looks like: look-alike letters, dashes and quotes as their ASCII twins, invisible
+    characters dropped, case folded, and any run of spaces as one (``red  bag`` is ``red bag``)."""
+    return " ".join(_letters(label).split())
 
 
 def _shown(label: str) -> str:
     """A label with its invisible and look-alike characters spelt out (\\u0430), the rest as written."""
-    odd = (c for c in label if unicodedata.category(c) == "Cf" or _skeleton(c) != c.casefold())
+    odd = (c for c in label if unicodedata.category(c) == "Cf" or _letters(c) != c.casefold())
     marked = set(odd)
     return "'" + "".join(f"\\u{ord(c):04x}" if c in marked else c for c in label) + "'"
 
@@ -336,4 +384,4 @@ def _warn_lookalike_twins(path: Path, rows: list[Row]) -> None:
     groups: dict[str, dict[str, str]] = {}
     for row in rows:
         groups.setdefault(_skeleton(row.label), {}).setdefault(row.label.casefold(), row.label)
-    _warn_twins(path, groups, _shown, "look like another but differ in invisible or look-alike characters")
+    _warn_twins(path, groups, _shown, "look like another but differ in invisible or look-alike characters or spacing")

@@ -167,6 +167,40 @@ def _image_key(r: _Rec) -> object:
     return r.image_key
 
 
+def _drop_repeated_rows(recs: list[_Rec], skips: Skips) -> list[_Rec]:
+    """A row that repeats an earlier one (the same image, label, title and split: a manifest pasted
+    twice) is a counted skip: kept, it would double its class's count and score its test image twice.
+    One image under several titles stays several rows."""
+    first: dict[tuple[object, ...], str] = {}
+    kept = []
+    for r in recs:
+        key = (_image_key(r), r.label, r.title, r.split)
+        if key in first:
+            skips.add(
+                "row repeats an earlier row (the same image, label, title and split)", f"{r.where} (= {first[key]})"
+            )
+            continue
+        first[key] = r.where
+        kept.append(r)
+    return kept
+
+
+def _warn_images_with_several_labels(recs: list[_Rec], source: str) -> None:
+    """One image file under two labels: each of its rows trains (or is scored) under its own label,
+    and at most one label can be right. Kept as written, and said once."""
+    labels: dict[object, dict[str, str]] = {}
+    for r in recs:
+        labels.setdefault(_image_key(r), {}).setdefault(r.label, r.where)
+    several = [rows for rows in labels.values() if len(rows) > 1]
+    if several:
+        example = "; ".join(f"{where} as {label!r}" for label, where in list(several[0].items())[:3])
+        log.warning(
+            "%s: %d image file%s more than one label (e.g. %s): each row trains or is scored under its own "
+            "label, and at most one can be right: give each image one label",
+            source, len(several), "s carry" if len(several) > 1 else " carries", example,
+        )  # fmt: skip
+
+
 def _by_image(members: list[_Rec]) -> list[list[_Rec]]:
     """``members`` grouped by image, in order of first appearance (one group per record when all differ)."""
     groups: dict[object, list[_Rec]] = {}
@@ -207,7 +241,9 @@ def _split(recs: list[_Rec], recipe: Recipe) -> bool:
     return False
 
 
-def _check_classes_and_test_rows(recs: list[_Rec], source: str) -> None:
+def _check_classes_and_test_rows(
+    recs: list[_Rec], source: str, given_split: bool, min_train: int, test_per_class: int
+) -> None:
     """Refuse data with one training class; warn when no test row is left (``train`` needs one).
 
     Raises:
@@ -219,12 +255,26 @@ def _check_classes_and_test_rows(recs: list[_Rec], source: str) -> None:
             f"{source}: only one class has training images ({labels[0]!r}); a classifier needs at least 2: "
             "check the label column"
         )
-    if not any(r.split == "test" for r in recs):  # a file to measure or pretrain on may want none
+    if any(r.split == "test" for r in recs):
+        return
+    if given_split:  # a file to measure or pretrain on may want none
         log.warning(
             "%s: no test row (every row is train or val): `sicot train` will refuse this file; give some rows "
             "split=test, or leave the split column out and prepare draws one (data.test_per_class)",
             source,
         )
+        return
+    if test_per_class == 0:
+        log.warning("%s: no test row (data.test_per_class = 0 draws none): `sicot train` will refuse this file", source)
+        return
+    sizes = Counter(r.label for r in recs)
+    single = sum(1 for n in sizes.values() if n == 1)
+    log.warning(
+        "%s: no test row could be drawn: a class spares a test image only above data.min_train_per_class = %d "
+        "images, and %s (data.test_per_class = %d); `sicot train` will refuse this file%s",
+        source, min_train, f"the largest of the {len(sizes)} classes has {max(sizes.values())}", test_per_class,
+        f" ({single} of the classes have a single image: is the label column an id?)" if single > len(sizes) // 2 else "",
+    )  # fmt: skip
 
 
 def _drop_test_rows_of_trained_images(recs: list[_Rec], skips: Skips) -> list[_Rec]:
@@ -343,9 +393,11 @@ def build_text(recipe: Recipe, skips: Skips, progress: Progress | None = None, v
     progress = progress or NullProgress()
     d = recipe.data
     recs, source = _read_source(recipe, skips)
+    recs = _drop_repeated_rows(recs, skips)
+    _warn_images_with_several_labels(recs, source)
     rows_read = len(recs) + skips.total
     if not recs:
-        raise SicotError(f"{source}: no usable rows ({skips.total} skipped: {skips.as_dict()})")
+        raise SicotError(f"{source}: no usable rows ({skips.described()})")
     workers = d.workers or os.cpu_count() or 1
 
     with progress.task("tokenizing titles", len(recs)) as task:
@@ -399,8 +451,8 @@ def build_text(recipe: Recipe, skips: Skips, progress: Progress | None = None, v
         kept = _drop_test_rows_of_trained_images(kept, skips)
     recs = _drop_untrainable(kept, d.min_train_per_class, skips)
     if not recs:
-        raise SicotError(f"{source}: no row left after filtering ({skips.as_dict()})")
-    _check_classes_and_test_rows(recs, source)
+        raise SicotError(f"{source}: no row left after filtering ({skips.described()})")
+    _check_classes_and_test_rows(recs, source, given_split, d.min_train_per_class, d.test_per_class)
     if vectors:
         vecs, vreport = word_vectors([r.tokens for r in recs if r.split == "train"], vocab, recipe.embed, base=None)
     else:  # a --shard part: the merge step trains them, once; a bad corpus is refused now, not then
@@ -434,9 +486,10 @@ def data_boundaries(train_counts: np.ndarray) -> dict[str, int]:
 
 
 def _restore_side_file(out_path: Path) -> None:
-    """Rewrite ``<out>.recipe.json`` from the prepared file when a kill came between the two."""
+    """Rewrite ``<out>.recipe.json`` from the prepared file when a kill came between the two: missing,
+    or still describing the file a ``--force`` replaced."""
     side = out_path.with_suffix(".recipe.json")
-    if side.exists():
+    if side.exists() and not side.is_file():
         return
     import h5py
 
@@ -445,9 +498,16 @@ def _restore_side_file(out_path: Path) -> None:
             content = f.attrs.get("side") if int(f.attrs.get("complete", 0)) == 1 else None
     except OSError:
         return
-    if content is not None:
-        write_json(side, json.loads(content))
-        log.info("restored %s from %s", side, out_path)
+    if content is None:
+        return
+    want = json.loads(content)
+    try:
+        if side.exists() and json.loads(side.read_text(encoding="utf-8")) == want:
+            return
+    except (OSError, ValueError):
+        pass  # unreadable or damaged: rewritten
+    write_json(side, want)
+    log.info("restored %s from %s", side, out_path)
 
 
 H5_SUFFIXES = (".h5", ".hdf5")
@@ -480,6 +540,12 @@ def _check_output(out_path: Path, force: bool) -> None:
     check_name(out_path)
     if out_path.exists() and not out_path.is_file() and not out_path.is_dir():  # a FIFO would block the reads below
         raise SicotError(f"{out_path}: exists and is not a regular file (a pipe or a device?); choose another output")
+    twin = next((out_path.with_suffix(x) for x in H5_SUFFIXES if x != out_path.suffix.lower()), None)
+    if out_path.suffix.lower() in H5_SUFFIXES and twin is not None and taken(twin):
+        raise SicotError(
+            f"{out_path}: {twin.name} beside it would share its side file {out_path.with_suffix('.recipe.json').name}, "
+            "which describes one of the two: choose another name"
+        )
     for path in (out_path, out_path.with_suffix(".recipe.json")):
         remove_stale_tmp(path)  # left by a killed prepare
     if taken(out_path) and not force:  # a dangling symbolic link too: the rename would replace it
@@ -764,7 +830,7 @@ def _prepare(
             dups = _Duplicates()
             written, ends, train_labels = _decode_splits(writer, parts, recipe, skips, progress, workers, dups)
             if ends["train"] == 0:
-                raise SicotError(f"{text.source}: no training image could be decoded ({skips.as_dict()})")
+                raise SicotError(f"{text.source}: no training image could be decoded ({skips.described()})")
             f["images"].resize(len(written), axis=0)
             decode_seconds = time.perf_counter() - t_decode
             classes, train_counts, suggested = _write_rows(f, recipe, written, ends, train_labels, text)
@@ -846,7 +912,7 @@ def _prepare_jpeg(
     decode_seconds = 0.0 if merge else time.perf_counter() - t_decode
     written, loc, ends, train_labels = _index_rows(cands, infos, d.shard_rows, skips)
     if ends["train"] == 0:
-        raise SicotError(f"{text.source}: no training image could be decoded ({skips.as_dict()})")
+        raise SicotError(f"{text.source}: no training image could be decoded ({skips.described()})")
     with atomic_path(out_path) as tmp, guarded_file(tmp) as fobj:
         with ds.create_index(fobj) as f:
             classes, train_counts, suggested = _write_rows(f, recipe, written, ends, train_labels, text)

@@ -36,3 +36,23 @@ class Skips:
 
     def as_dict(self) -> dict[str, int]:
         return dict(sorted(self.counts.items()))
+
+    def described(self) -> str:
+        """``N skipped: reason (count, e.g. where); ...`` with what to do about the commonest
+        reasons: the line an error ends with when no row survives."""
+        parts = []
+        for reason, n in self.counts.most_common():
+            hint = HINTS.get(reason)
+            example = self.examples.get(reason, [""])[0]
+            parts.append(f"{reason} ({n}{', e.g. ' + example if example else ''}){': ' + hint if hint else ''}")
+        return f"{self.total} skipped: {'; '.join(parts)}"
+
+
+# What to do about a skip reason that can take every row (the error names it with an example).
+HINTS = {
+    "line is not UTF-8": 'save the manifest as UTF-8 (a spreadsheet\'s "CSV UTF-8")',
+    "not a JSON object": "a .jsonl manifest holds one JSON object a line; a JSON array ([...]) or an object "
+    "spread over lines is not JSONL",
+    "image file not found": "image paths are relative to the manifest's folder, with / between folders",
+    "label has no training image": "every class needs a training image that decodes",
+}

@@ -253,6 +253,7 @@ def fetch_packages(folder: Path, packages: tuple[NpmPackage, ...], npm: str | No
     if npm == "auto":
         npm = shutil.which("npm")
     ensure_dir(folder)
+    _remove_stale_temporaries(folder, packages)
     todo = [p for p in packages if not unpacked(folder / p.folder, p)]
     missing = [p for p in todo if not (folder / p.tarball).is_file()]
     if missing and npm is None:
@@ -262,3 +263,13 @@ def fetch_packages(folder: Path, packages: tuple[NpmPackage, ...], npm: str | No
     for pkg in todo:
         unpack(fetch_tarball(pkg, folder, npm), pkg, folder / pkg.folder)
     return {p.name: folder / p.folder for p in packages}
+
+
+def _remove_stale_temporaries(folder: Path, packages: tuple[NpmPackage, ...]) -> None:
+    """The download and unpack folders of fetches killed before they could remove them (named by
+    their pid; the caller holds ``folder``, so no live fetch owns one)."""
+    names = [".npm-pack-", *(f".{p.folder}.tmp-" for p in packages)]
+    for tmp in folder.iterdir():
+        rest = next((tmp.name[len(n) :] for n in names if tmp.name.startswith(n)), None)
+        if rest is not None and rest.isascii() and rest.isdigit() and tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
