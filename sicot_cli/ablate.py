@@ -326,7 +326,7 @@ def _write_plan(
             old = json.loads(plan_path.read_text(encoding="utf-8"))
             # Through the Recipe type, so that keys a newer sicot added (at their defaults) still match.
             old_shared = _shared_recipe(recipe_from_dict(old["recipe"], str(plan_path)))
-        except (ValueError, KeyError, TypeError, SicotError):
+        except (ValueError, KeyError, TypeError, RecursionError, SicotError):  # damaged: rewritten
             old, old_shared = None, None
     if old is not None and old_shared is not None and old_shared != shared:
         _check_same_plan(root, old, old_shared, shared, data[1])

@@ -98,6 +98,30 @@ def save(
     ctx.barrier()
 
 
+def _parts(parts: object, path: Path) -> list[dict[str, Any]]:
+    """A checkpoint's list of classifier part files, each a plain file name beside it (never a path
+    elsewhere: a downloaded checkpoint must not make sicot read files outside its run folder) with
+    an integer class range.
+
+    Raises:
+        SicotError: naming the checkpoint.
+    """
+    ok = isinstance(parts, list) and all(
+        isinstance(p, dict)
+        and isinstance(p.get("file"), str)
+        and Path(p["file"]).name == p["file"]
+        and p["file"] not in ("", ".", "..")
+        and all(type(p.get(k)) is int and p[k] >= 0 for k in ("lo", "hi"))
+        for p in parts
+    )
+    if not ok:
+        raise SicotError(
+            f"{path}: damaged checkpoint (its classifier_parts must list file names beside it with integer class "
+            "ranges); retrain the run, or use a checkpoint from its source"
+        )
+    return parts  # type: ignore[return-value]
+
+
 def classifier_rows(
     state: dict[str, Any], path: Path, lo: int, hi: int, index: dict[str, int]
 ) -> dict[str, torch.Tensor | None]:
@@ -121,7 +145,7 @@ def classifier_rows(
         ]
     else:
         sources = []
-        for p in state[PARTS]:
+        for p in _parts(state[PARTS], path):
             if p["hi"] <= lo or p["lo"] >= hi:
                 continue  # a part this rank does not need is never read
             part = runs.load_checkpoint(path.parent / p["file"])
@@ -138,6 +162,11 @@ def classifier_rows(
             if m is not None:
                 out[f"momentum_{k}"].append(m[a - plo : b - plo])
         covered += b - a
+    if covered != hi - lo and PARTS not in state:
+        raise SicotError(
+            f"{path}: checkpoint of another model (its classifier has {covered} classes of [{lo}, {hi}): the run's data "
+            "has others)"
+        )
     if covered != hi - lo:
         raise SicotError(
             f"{path}: the classifier parts cover {covered} of classes [{lo}, {hi}): a part file is missing; resume from the other checkpoint or retrain"
@@ -173,13 +202,26 @@ def restore(
         raise SicotError(
             f"{path}: checkpoint of another model ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
         ) from None
+    except (TypeError, ValueError, AttributeError, IndexError) as e:  # a value of the wrong kind
+        raise _damaged(path, e) from None
     if optimizer is None or "optimizer" not in state:
         return
-    opt_sd = {**state["optimizer"], "state": dict(state["optimizer"]["state"])}
-    for k, name in (("weight", WEIGHT), ("bias", BIAS)):
-        m = rows[f"momentum_{k}"]
-        if m is None:
-            opt_sd["state"].pop(index[name], None)
-        else:
-            opt_sd["state"][index[name]] = {**opt_sd["state"].get(index[name], {}), "momentum_buffer": m}
-    optimizer.load_state_dict(opt_sd)
+    try:
+        opt_sd = {**state["optimizer"], "state": dict(state["optimizer"]["state"])}
+        for k, name in (("weight", WEIGHT), ("bias", BIAS)):
+            m = rows[f"momentum_{k}"]
+            if m is None:
+                opt_sd["state"].pop(index[name], None)
+            else:
+                opt_sd["state"][index[name]] = {**opt_sd["state"].get(index[name], {}), "momentum_buffer": m}
+        optimizer.load_state_dict(opt_sd)
+    except (RuntimeError, KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise _damaged(path, e) from None
+
+
+def _damaged(path: Path, e: Exception) -> SicotError:
+    why = str(e).splitlines()[0] if str(e) else ""
+    return SicotError(
+        f"{path}: damaged checkpoint ({type(e).__name__}{': ' + why if why else ''}): use the other checkpoint, "
+        "or retrain the run"
+    )

@@ -195,9 +195,12 @@ def _features(stage: _Stage) -> dict[str, torch.Tensor]:
     path = stage.run_dir / FEATURES
     if path.is_file():
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            cached = torch.load(path, map_location="cpu", weights_only=True)
         except Exception:  # noqa: BLE001 - a damaged cache is recomputed, never trusted
-            log.warning("%s: unreadable, computing the features again", path)
+            cached = None
+        if _fits(cached, stage):
+            return cached
+        log.warning("%s: unreadable or not this run's features, computing them again", path)
     out: dict[str, torch.Tensor] = {}
     p, cfg, m = stage.prepared, stage.recipe.train, stage.model
     for split in ("train", "val"):
@@ -208,6 +211,25 @@ def _features(stage: _Stage) -> dict[str, torch.Tensor]:
     with atomic_path(path) as tmp:
         torch.save(out, tmp)
     return out
+
+
+def _fits(cached: object, stage: _Stage) -> bool:
+    """A features cache of this stage's data and model: the keys, shapes, label range and finite
+    values :func:`_features` writes (a file from elsewhere or a damaged one is computed again)."""
+    p, clf = stage.prepared, stage.model.classifier
+    if not isinstance(cached, dict) or not all(isinstance(cached.get(k), torch.Tensor) for k in FEATURE_KEYS):
+        return False
+    dim, classes = clf.weight.shape[1], p.num_classes
+    ok = cached["weight"].shape == (classes, dim) and cached["bias"].shape == (classes,)
+    for split in ("train", "val"):
+        x, y = cached[f"{split}_x"], cached[f"{split}_y"]
+        lo, hi = p.split_range(split)
+        ok = ok and x.shape == (hi - lo, dim) and y.shape == (hi - lo,) and not y.is_floating_point()
+        ok = ok and (len(y) == 0 or (int(y.min()) >= 0 and int(y.max()) < classes))
+    return bool(ok and all(torch.isfinite(cached[k].float()).all() for k in FEATURE_KEYS))
+
+
+FEATURE_KEYS = ("train_x", "train_y", "val_x", "val_y", "weight", "bias")
 
 
 def adjusted_classifier(

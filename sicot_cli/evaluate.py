@@ -301,6 +301,14 @@ def load_run_model(
     from sicot_cli.checkpoints import restore
 
     restore(state, run_dir / name, model)  # a class-sharded checkpoint is assembled here
+    bad = next(
+        (k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()), None
+    )
+    if bad is not None:  # training stops before saving such weights: damaged, or not sicot's
+        raise SicotError(
+            f"{run_dir / name}: damaged checkpoint ({bad} holds NaN or infinite values; every score would be "
+            "NaN): use the other checkpoint, or retrain the run"
+        )
     return recipe, prepared, model, state
 
 

@@ -322,6 +322,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     remove_stale_tmp(path)
     tmp = tmp_name(path)
     try:
+        _claim(tmp)
         yield tmp
         delay = os.environ.get(FAULT_WRITE_DELAY)
         if delay:
@@ -336,6 +337,16 @@ def atomic_path(path: Path) -> Iterator[Path]:
         raise SicotError(f"{path}: cannot write ({e.strerror or e})") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _claim(tmp: Path) -> None:
+    """Create ``tmp`` as a new, empty regular file of ours. Whatever has this name (this process's
+    pid) is not ours: a link planted in a downloaded folder would make the write go through it to a
+    file elsewhere, so it is removed first, and the file is created exclusively, never following a
+    link."""
+    if tmp.is_symlink() or tmp.is_file():
+        tmp.unlink()
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644))
 
 
 class GuardedFile(io.RawIOBase):

@@ -89,6 +89,11 @@ class Run:
                 f"{path}: missing, though the run finished (its summary.json is there), and the report's "
                 "per-image tests need it: leave the run out of the report, or train it again into a new --run-dir"
             )
+        if not path.is_file():  # a FIFO would block the read for ever
+            raise SicotError(
+                f"{path}: not a regular file (a FIFO, socket, device or folder): a damaged run file (retrain it, or "
+                "leave it out of the report)"
+            )
         try:
             with h5py.File(path, "r") as f:
                 rows = f["rows"][()]
@@ -965,7 +970,7 @@ def confused_pairs(report: Report, names: list[str] | None, encoder: str, top: i
 
     pairs: dict[tuple[int, int], int] = {}
     for r in report.runs:
-        if r.encoder != encoder:
+        if r.encoder != encoder or not (r.path / runs.PREDICTIONS).is_file():  # a FIFO: Run.hits refused it
             continue
         try:
             with h5py.File(r.path / runs.PREDICTIONS, "r") as f:
@@ -986,11 +991,12 @@ def confused_pairs(report: Report, names: list[str] | None, encoder: str, top: i
 
 
 def _per_class_csv(rows: list[dict[str, Any]]) -> str:
+    """The per-class table; with no row, its header alone (an empty file would not be recognised as
+    a report's, and the next report into the folder would refuse to replace it)."""
     buf = io.StringIO()
-    if rows:
-        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["class", "train_images"])
+    w.writeheader()
+    w.writerows(rows)
     return buf.getvalue()
 
 

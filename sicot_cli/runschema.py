@@ -44,10 +44,18 @@ class ConfigFile(_Strict):
     encoder: StrictStr
     data: StrictStr
     dataset: Fingerprint
+    stage: dict[str, Any] | None = None  # a second stage's origin (sicot decouple)
 
 
 # Accuracies are percentages: 0 to 100, never NaN or infinite (a loss may be, when a run diverged).
 _ACCURACY = re.compile(r"(val_)?((head|tail|many|medium|few)_)?top\d+")
+
+
+# Keys whose values are counts: whole, finite and not negative (a class boundary of NaN or 1e400
+# made report fail with a traceback converting it).
+_COUNT = re.compile(r"(val_)?(.*_threshold|.*_classes|.*_images|n_test)")
+# What a record says of how it was scored (report prints them).
+_WORDS = {"split": ("test", "val"), "checkpoint": ("last", "best"), "selected_on": ("val", "test", "none")}
 
 
 def _numbers(record: dict[str, Any]) -> dict[str, Any]:
@@ -60,6 +68,10 @@ def _numbers(record: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"{key} must be a number or null, got {value!r}")
         if _ACCURACY.fullmatch(key) and isinstance(value, int | float) and not 0 <= value <= 100:
             raise ValueError(f"{key} must be an accuracy in % (0 to 100), got {value!r}")
+        if _COUNT.fullmatch(key) and value is not None and not (type(value) is int and value >= 0):
+            raise ValueError(f"{key} must be a whole number >= 0, got {value!r}")
+        if key in _WORDS and value is not None and value not in _WORDS[key]:
+            raise ValueError(f"{key} must be one of {', '.join(_WORDS[key])}, got {value!r}")
     return record
 
 
@@ -90,9 +102,12 @@ class SummaryFile(_Strict):
         for key, value in (self.model_extra or {}).items():
             if key.startswith("per_class_") and not (
                 isinstance(value, list)
+                and value
                 and all(x is None or (isinstance(x, int | float) and not isinstance(x, bool)) for x in value)
             ):
-                raise ValueError(f"{key} must be a list of numbers or nulls")
+                raise ValueError(f"{key} must be a list of numbers or nulls, one a class")
+            if key.startswith("per_class_top") and any(x is not None and not 0 <= x <= 100 for x in value):
+                raise ValueError(f"{key} must hold accuracies in % (0 to 100)")
         return self
 
 

@@ -590,10 +590,11 @@ def _set_up(ctx: DistContext, recipe: Recipe, run_dir: str | Path | None, data: 
 def _resume(run: _Run) -> _State:
     """Weights, optimiser, scheduler, RNG and position from ``checkpoint-last.pt``."""
     ckpt = runs.load_checkpoint(run.run_dir / runs.LAST)
-    if ckpt["meta"] != run.meta:
+    if ckpt.get("meta") != run.meta:
         raise SicotError(
-            f"{run.run_dir / runs.LAST}: checkpoint of another model ({ckpt['meta']}) than the recipe's ({run.meta})"
+            f"{run.run_dir / runs.LAST}: checkpoint of another model ({ckpt.get('meta')}) than the recipe's ({run.meta})"
         )
+    _check_position(ckpt, run.run_dir / runs.LAST, run.recipe.train.epochs)
     checkpoints.restore(ckpt, run.run_dir / runs.LAST, run.model, run.optimizer)
     run.scheduler.load_state_dict(ckpt["scheduler"])
     follow_recipe(run.optimizer, run.scheduler, run.recipe.train)
@@ -603,6 +604,32 @@ def _resume(run: _Run) -> _State:
     _on_main(run.ctx, lambda: runs.write_metrics(run.run_dir, state.history))
     log.info("resuming %s at epoch %d, batch %d", run.run_dir, state.epoch + 1, state.batch)
     return state
+
+
+def _check_position(ckpt: dict[str, Any], path: Path, epochs: int) -> None:
+    """What a resume takes from a checkpoint besides weights, checked before anything is written
+    (its history becomes metrics.jsonl): a downloaded or damaged file is refused in one line."""
+    history = ckpt.get("history")
+    ok = (
+        type(ckpt.get("epoch")) is int
+        and 0 <= ckpt["epoch"] <= epochs
+        and type(ckpt.get("batch")) is int
+        and ckpt["batch"] >= 0
+        and isinstance(history, list)
+        and len(history) == ckpt["epoch"]
+        and all(isinstance(h, dict) and h.get("epoch") == i + 1 for i, h in enumerate(history))
+        and isinstance(ckpt.get("rng"), torch.Tensor)
+        and ckpt["rng"].dtype == torch.uint8
+        and isinstance(ckpt.get("scheduler"), dict)
+        and isinstance(ckpt.get("accum"), dict)
+        and isinstance(ckpt.get("best"), int | float)
+        and "meta" in ckpt
+    )
+    if not ok:
+        raise SicotError(
+            f"{path}: damaged checkpoint (its epoch, batch, history, random state or schedule are not what training "
+            f"saves for a run of {epochs} epochs): it cannot be resumed; retrain the run with --run-dir NEW_DIR"
+        )
 
 
 def follow_recipe(

@@ -74,3 +74,23 @@ def test_streamed_file_has_the_checksummed_format(tmp_path: Path) -> None:
     path.write_bytes(bytes(damaged))
     with pytest.raises(SicotError, match="checksum mismatch"):
         runs.load_checkpoint(path)
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [
+        [{"file": "../../outside/secret-part.pt", "lo": 0, "hi": 3}],
+        [{"file": "/etc/passwd", "lo": 0, "hi": 3}],
+        [{"file": "part-0.pt", "lo": "0", "hi": 3}],
+        [{"file": "..", "lo": 0, "hi": 3}],
+        5,
+    ],
+)
+def test_classifier_parts_are_file_names_beside_the_checkpoint(tmp_path, parts):
+    """A downloaded checkpoint's parts named files elsewhere, which were read and used as weights
+    (or, for /etc/passwd, the advice was to delete /etc); wrong types were tracebacks."""
+    from sicot_cli.checkpoints import PARTS, classifier_rows
+    from sicot_cli.errors import SicotError
+
+    with pytest.raises(SicotError, match=r"checkpoint-last.pt: damaged checkpoint \(its classifier_parts must list"):
+        classifier_rows({PARTS: parts}, tmp_path / "checkpoint-last.pt", 0, 3, {})

@@ -877,3 +877,21 @@ def test_sigterm_answers_accepted_requests_then_exits(run_dir, images, reference
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_checkpoint_with_nan_weights_is_refused_by_every_reader(run_dir, tmp_path):
+    """evaluate exited 0 on NaN weights, predict printed `score nan`, serve answered 200 with null
+    scores, and export suggested the torchscript format that would ship them."""
+    import shutil
+
+    import torch
+
+    bad = Path(shutil.copytree(run_dir, tmp_path / "run"))
+    state = runs.load_checkpoint(bad / runs.LAST)
+    state["model"]["classifier.weight"] = torch.full_like(state["model"]["classifier.weight"], float("nan"))
+    runs.save_checkpoint(bad / runs.LAST, state)
+    for args in (["evaluate", "--run", str(bad)], ["predict", "--run", str(bad), str(tmp_path)],
+                 ["export", "--run", str(bad), "--out", str(tmp_path / "m.pt")]):  # fmt: skip
+        r = runner.invoke(app, args)
+        flat = " ".join(r.output.split())
+        assert r.exit_code == 2 and "checkpoint-last.pt: damaged checkpoint (classifier.weight holds NaN" in flat, flat

@@ -287,3 +287,39 @@ def test_a_loader_process_that_dies_is_one_clear_error(jpeg_data: Path, monkeypa
     loader = BatchLoader(p, 4, 0, p.n_train, shuffle=True, in_memory=False, workers=1, crop=(0.35, 1.0))
     with pytest.raises(SicotError, match="a loader process failed .*lower train.loader_workers"):
         list(loader.epoch(0))
+
+
+@pytest.mark.parametrize(("attr", "value", "needle"), [
+    ("stored_side", 0, "stored_side 0 is no image side"),
+    ("n_train", 10**6, "n_train 1000000 and n_val"),
+])  # fmt: skip
+def test_an_index_with_hostile_attributes_is_refused_in_one_line(jpeg_data, tmp_path, attr, value, needle):
+    """stored_side 0 was a ZeroDivisionError in the loader; an n_train past the rows was called
+    "images are int32 ... expected uint8", which format 2 rightly holds."""
+    from sicot_cli.data import dataset as ds
+
+    copy = tmp_path / jpeg_data.name
+    shutil.copy(jpeg_data, copy)
+    shutil.copytree(
+        jpeg_data.parent / str(open_prepared(jpeg_data).store.folder.name),
+        tmp_path / open_prepared(jpeg_data).store.folder.name,
+    )
+    with h5py.File(copy, "a") as f:
+        f.attrs[attr] = value
+        f.attrs["content_sha256"] = ds._sha256_v2(ds._read_hashed(f), f)  # resealed
+    with pytest.raises(SicotError, match=needle):
+        open_prepared(copy)
+
+
+def test_a_stored_image_over_the_pixel_limit_is_a_decode_error(monkeypatch):
+    import io
+
+    from PIL import Image
+
+    from sicot_cli.data.jpegstore import decode_row
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(buf, "JPEG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 64 x 64 is over twice it: PIL's bomb error
+    with pytest.raises(ValueError, match="over PIL's pixel limit"):
+        decode_row(buf.getvalue(), 16, None, False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -650,3 +651,31 @@ def test_a_ctrl_c_while_a_stage_saves_waits_for_its_checkpoint(first_run: Path, 
         )
         == 3
     )
+
+
+@pytest.mark.parametrize("poison", ["shape", "labels", "nan", "keys", "list"])
+def test_a_features_cache_that_is_not_this_runs_is_computed_again(first_run: Path, tmp_path: Path, poison: str) -> None:
+    """`decouple --resume` trusted features.pt whatever it held: wrong shapes or labels were
+    tracebacks (IndexError, broadcasting), NaN features "the loss diverged: lower decouple.lr"."""
+    import torch
+
+    from sicot_cli.decouple import FEATURES, decouple
+
+    ref = decouple(first_run, ["decouple.method=crt", "decouple.epochs=1"], tmp_path / "ref").run_dir
+    cut = Path(shutil.copytree(ref, tmp_path / "cut"))
+    (cut / runs.SUMMARY).unlink()
+    feats = torch.load(cut / FEATURES, weights_only=True)
+    if poison == "shape":
+        feats["train_x"] = feats["train_x"][:, :3]
+    elif poison == "labels":
+        feats["train_y"] = feats["train_y"] + 79
+    elif poison == "nan":
+        feats["train_x"] = torch.full_like(feats["train_x"], float("nan"))
+    elif poison == "keys":
+        del feats["weight"]
+    else:
+        feats = [1, 2]
+    torch.save(feats, cut / FEATURES)
+    decouple(first_run, ["decouple.method=crt", "decouple.epochs=1"], cut, resume=True)
+    want = json.loads((ref / runs.SUMMARY).read_text())["final"]["top1"]
+    assert json.loads((cut / runs.SUMMARY).read_text())["final"]["top1"] == want

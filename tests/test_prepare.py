@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -661,3 +662,32 @@ def test_no_test_row_drawn_says_why_not_what_was_done(tmp_path, caplog):
     assert "the largest of the 6 classes has 1 (data.test_per_class = 2)" in text
     assert "(6 of the classes have a single image: is the label column an id?)" in text
     assert "leave the split column out" not in text
+
+
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        ("recipe_list", "its recorded recipe is not a recipe"),
+        ("recipe_deep", "its recorded recipe is nested too deeply"),
+        ("nan_vectors", "word vectors that are NaN or infinite"),
+    ],
+)
+def test_a_prepared_file_with_a_hostile_recipe_or_vectors_is_refused(tmp_path, manifest, edit, needle):
+    """A recorded recipe of "[1]" or nested thousands deep was a traceback in train/evaluate; NaN
+    word vectors trained into "the loss diverged: lower train.lr", blaming the settings."""
+    from sicot_cli.data import dataset as ds
+
+    out = tmp_path / "p.h5"
+    prep.prepare(recipe_for(manifest, "data.image_size=16"), out)
+    with h5py.File(out, "a") as f:
+        if edit == "recipe_list":
+            f.attrs["recipe"] = "[1]"
+        elif edit == "recipe_deep":
+            f.attrs["recipe"] = '{"a": ' * 100_000 + "1" + "}" * 100_000
+        else:
+            v = f["vectors"][()]
+            v[1] = np.nan
+            f["vectors"][...] = v
+            f.attrs["content_sha256"] = ds._sha256_v2(ds._read_hashed(f), f)  # resealed: not "damaged on disk"
+    with pytest.raises(SicotError, match=re.escape(needle)):
+        open_prepared(out)

@@ -718,3 +718,43 @@ def test_a_killed_job_leaves_no_worker_and_no_lock(tmp_path):
     assert not alive, f"workers left running: {alive}"
     with exclusive(out):  # not "in use by another sicot process"
         pass
+
+
+def test_a_link_planted_at_the_temporary_name_is_not_written_through(tmp_path):
+    """A downloaded run folder with `.report.md.tmp-<pid>` links to a file of the user's: the write
+    went through the link (the victim held the report) and the rename put the link in place."""
+    from sicot_cli.fsutil import atomic_path, tmp_name, write_json
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("MY NOTES")
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("report.md", "summary.json"):
+        tmp_name(run / name).symlink_to(victim)
+    with atomic_path(run / "report.md") as tmp:
+        tmp.write_text("# sicot report")
+    write_json(run / "summary.json", {"a": 1})
+    assert victim.read_text() == "MY NOTES"
+    assert not (run / "report.md").is_symlink() and (run / "report.md").read_text() == "# sicot report"
+    assert json.loads((run / "summary.json").read_text()) == {"a": 1}
+
+
+@pytest.mark.parametrize(
+    "edit", [{"history": [5, "x"]}, {"epoch": "1"}, {"epoch": -5}, {"rng": "hello"}, {"model": []}]
+)
+def test_a_resumed_checkpoint_of_the_wrong_kind_is_refused_before_anything_is_written(tiny_prepared, tmp_path, edit):
+    """A downloaded checkpoint-last.pt with history [5, "x"] rewrote metrics.jsonl to `5` / `"x"`,
+    then crashed with a traceback; rng "hello", epoch "1" or -5, a list for the weights: tracebacks."""
+
+    def stop(epoch, batch):
+        if (epoch, batch) == (1, 0):
+            raise KeyboardInterrupt
+
+    recipe = tiny_recipe(tiny_prepared, "model.encoder=none", "train.epochs=2")
+    run_dir = train(recipe, tmp_path / "run", hook=stop).run_dir
+    state = runs.load_checkpoint(run_dir / runs.LAST)
+    runs.save_checkpoint(run_dir / runs.LAST, {**state, **edit})
+    before = (run_dir / runs.METRICS).read_bytes()
+    with pytest.raises(SicotError, match=r"checkpoint-last.pt: (damaged checkpoint|checkpoint of another model)"):
+        train(recipe, run_dir, resume=True)
+    assert (run_dir / runs.METRICS).read_bytes() == before

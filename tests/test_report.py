@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -711,3 +712,40 @@ def test_a_class_name_never_ends_its_markdown_table_row():
     assert md_cell("hats\nwinter") == "hats<br>winter"
     assert md_cell("a|b\r\nc\u2028d") == "a\\|b<br>c<br>d"
     assert md_cell("plain") == "plain" and md_cell("") == ""
+
+
+def test_a_fifo_in_place_of_a_runs_predictions_is_refused_not_waited_on(ablation):
+    """`report` opened a FIFO at predictions.h5 with h5py and waited for a writer for ever."""
+    import os
+
+    p = ablation / "bilinear-s1" / "predictions.h5"
+    p.unlink()
+    os.mkfifo(p)
+    with pytest.raises(SicotError, match=r"bilinear-s1/predictions.h5: not a regular file \(a FIFO"):
+        build_report([ablation], "bilinear")
+
+
+@pytest.mark.parametrize(
+    ("file", "edit", "needle"),
+    [
+        ("config.json", {"stage": "x"}, "field stage"),
+        ("summary.json", {"final.head_threshold": float("nan")}, "head_threshold must be a whole number >= 0"),
+        ("summary.json", {"final.test_images": -5}, "test_images must be a whole number >= 0"),
+        ("summary.json", {"final.split": ["x"]}, "split must be one of test, val"),
+        ("summary.json", {"final.checkpoint": {"a": 1}}, "checkpoint must be one of last, best"),
+        ("summary.json", {"per_class_top1": []}, "per_class_top1 must be a list of numbers or nulls, one a class"),
+        ("summary.json", {"per_class_top1": [1e300, 5.0]}, "per_class_top1 must hold accuracies in %"),
+    ],
+)
+def test_hostile_values_in_a_runs_files_are_one_line(ablation, file, edit, needle):
+    """From a downloaded run folder: a stage of the wrong type and a NaN boundary were tracebacks; an
+    empty per-class list wrote an empty per_class.csv that blocked the next report; 1e300 % and a
+    split of ['x'] went into the report as they were."""
+    path = ablation / "bilinear-s1" / file
+    data = json.loads(path.read_text())
+    for key, value in edit.items():
+        node, _, leaf = key.rpartition(".")
+        (data[node] if node else data)[leaf] = value
+    path.write_text(json.dumps(data))
+    with pytest.raises(SicotError, match=re.escape(needle)):
+        build_report([ablation], "bilinear")

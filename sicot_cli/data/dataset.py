@@ -460,6 +460,10 @@ def open_prepared(path: str | Path) -> Prepared:
         raise
     except (OSError, KeyError, ValueError, TypeError, UnicodeDecodeError) as e:
         raise SicotError(f"{path}: corrupt prepared dataset ({e}): {rebuild}") from None
+    except RecursionError:  # a recorded recipe nested thousands deep
+        raise SicotError(
+            f"{path}: corrupt prepared dataset (its recorded recipe is nested too deeply): {rebuild}"
+        ) from None
 
 
 def _store(f: h5py.File, path: Path, values: dict[str, Any], rebuild: str) -> Store:
@@ -513,9 +517,15 @@ def _check_shapes(f: h5py.File, path: Path, rebuild: str) -> None:
     for name, shape in expect.items():
         if shape is not None and f[name].shape != shape:
             raise SicotError(f"{path}: dataset {name!r} has shape {f[name].shape}, expected {shape}: {rebuild}")
-    if (images.dtype != np.uint8 and not jpeg) or not (0 <= n_train and 0 <= n_val and n_train + n_val <= n):
+    if not (0 <= n_train and 0 <= n_val and n_train + n_val <= n):
         raise SicotError(
-            f"{path}: images are {images.dtype} with n_train {n_train} and n_val {n_val} of {n} rows, expected uint8: {rebuild}"
+            f"{path}: corrupt prepared dataset (n_train {n_train} and n_val {n_val} do not fit its {n} rows): {rebuild}"
+        )
+    if images.dtype != np.uint8 and not jpeg:
+        raise SicotError(f"{path}: images are {images.dtype}, expected uint8: {rebuild}")
+    if jpeg and not 1 <= int(f.attrs["stored_side"]) <= 65_535:
+        raise SicotError(
+            f"{path}: corrupt prepared dataset (stored_side {int(f.attrs['stored_side'])} is no image side): {rebuild}"
         )
     if n:
         images[0]
@@ -533,6 +543,12 @@ def _check_values(p: Prepared, rebuild: str) -> None:
         bad = "title lengths outside [0, max_title_tokens]"
     elif not p.words or p.words[0] != "<pad>":
         bad = "vocabulary without the <pad> word first"
+    elif not isinstance(p.recipe, dict) or not all(
+        isinstance(v, dict) for k, v in p.recipe.items() if k in ("data", "text", "embed", "eval", "model", "train")
+    ):
+        bad = "its recorded recipe is not a recipe"
+    elif p.vectors.size and not np.isfinite(p.vectors).all():
+        bad = "word vectors that are NaN or infinite"
     elif not (
         np.array_equal(np.bincount(p.labels[: p.n_train], minlength=p.num_classes), p.train_counts)
         and np.array_equal(np.bincount(p.labels[p.test_start :], minlength=p.num_classes), p.test_counts)

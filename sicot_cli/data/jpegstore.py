@@ -165,7 +165,10 @@ def decode_row(data: bytes, size: int, box: tuple[float, float, float, float] | 
     The JPEG decoder's draft mode decodes at a power-of-two reduction when the crop is still at least
     ``size`` pixels there (2x-8x fewer pixels to decode for small crops of large stored images).
     """
-    img = Image.open(io.BytesIO(data))
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:  # a shard holding a 30000 x 30000 image: not one prepare wrote
+        raise ValueError(f"over PIL's pixel limit: {e}") from None
     w, h = img.size
     if box is None:
         box = (0.0, 0.0, float(w), float(h))
