@@ -98,6 +98,23 @@ def create_encoder(name: str, **kw: object) -> TextEncoder:
     return encoder
 
 
+def check_options(name: str, **kw: object) -> None:
+    """The checks :func:`create_encoder` makes of the option NAMES (unknown, missing), without
+    building anything; the values are the factory's to check when it builds.
+
+    Raises:
+        SicotError: an unknown name, or an unknown or missing option.
+    """
+    if name not in _ENCODERS:
+        raise SicotError(f"unknown encoder {name!r} (choices: {', '.join(list_encoders())})")
+    _check_options(name, _ENCODERS[name], kw)
+
+
+def is_builtin(name: str) -> bool:
+    """Is ``name`` one of the encoders this package ships (not one of a ``--encoder-module``)?"""
+    return name in _ENCODERS and _ENCODERS[name].__module__.startswith("encoders.")
+
+
 def _check_options(name: str, factory: Callable[..., TextEncoder], kw: dict[str, object]) -> None:
     """Turn the TypeError a bad keyword would raise into a SicotError that names the option."""
     try:

@@ -246,9 +246,11 @@ def _method_plan(names: list[str]) -> list[_Method]:
     return list(plans.values())
 
 
-def _prepared(recipe: Recipe, data: str | Path | None, progress: Progress | None) -> tuple[Recipe, Path, int, str]:
+def _prepared(
+    recipe: Recipe, data: str | Path | None, progress: Progress | None
+) -> tuple[Recipe, Path, int, tuple[str, ...]]:
     """The prepared file (prepared first when missing), a copy of the recipe with its settings taken in, the
-    file's validation rows and its data checksum."""
+    file's validation rows and its data checksums (``Prepared.data_checksums``)."""
     if data is not None:
         data_path = Path(data)
     else:
@@ -266,7 +268,7 @@ def _prepared(recipe: Recipe, data: str | Path | None, progress: Progress | None
     recipe = copy.deepcopy(recipe)
     prepared = open_prepared(data_path)
     adopt_prepared(recipe, prepared.recipe, data_path)
-    return recipe, data_path, prepared.n_val, prepared.data_checksum()
+    return recipe, data_path, prepared.n_val, prepared.data_checksums()
 
 
 def _check_out_folder(root: Path, jobs: list[_Job]) -> None:
@@ -310,7 +312,7 @@ def _write_plan(
     presets: list[str],
     method_names: list[str],
     jobs: list[_Job],
-    data: tuple[Path, str],
+    data: tuple[Path, tuple[str, ...]],
 ) -> None:
     """``ablation.json``; a directory holding an ablation of another recipe or other data is refused,
     and so is a run already there (the plan lost, runs copied in) that was trained with other settings.
@@ -341,13 +343,13 @@ def _write_plan(
             "seeds": seeds,
             "presets": presets,
             "methods": method_names,
-            "data": {"path": str(data[0]), "content": data[1]},
+            "data": {"path": str(data[0]), "content": data[1][0]},
         },
     )
 
 
 def _check_same_plan(
-    root: Path, old: dict[str, Any], old_shared: dict[str, Any], shared: dict[str, Any], content: str
+    root: Path, old: dict[str, Any], old_shared: dict[str, Any], shared: dict[str, Any], content: tuple[str, ...]
 ) -> None:
     """Refuse an ablation whose recipe or data differs from the one ``root`` holds, naming each difference.
 
@@ -359,9 +361,9 @@ def _check_same_plan(
     recorded = old.get("data") if isinstance(old.get("data"), dict) else {}
     other = []
     if recorded.get("content"):
-        if recorded["content"] != content:
+        if recorded["content"] not in content:  # content[1:]: the same data as a sicot without pixel sums saw it
             other = [
-                f"data: {recorded.get('path', was)} (checksum {recorded['content']}) -> {now} (checksum {content})"
+                f"data: {recorded.get('path', was)} (checksum {recorded['content']}) -> {now} (checksum {content[0]})"
             ]
     elif was != now:  # an ablation.json from before checksums: its path is all there is
         other = [f"data.out: {was!r} -> {now!r}"]

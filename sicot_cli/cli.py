@@ -1005,7 +1005,7 @@ def report(
             "and keep the output with --format markdown|csv|json > FILE"
         )
     rep = build_report(list(dirs), chosen or "bilinear", split=split)
-    if chosen is not None and chosen != rep.chosen:
+    if chosen is not None and chosen != rep.chosen and not rep.chosen.startswith(chosen + "["):
         raise SicotError(f"--encoder {chosen!r}: no run of it here (encoders: {', '.join(rep.encoders)})")
     views = []  # computed before anything is written: a bad --class is refused with nothing written
     if attention or class_name:

@@ -612,13 +612,14 @@ def load_recipe(
     given_as = given_as or {}
     for item in overrides or []:
         _apply_override(table, item, where, given_as.get(item))
+    written = _flat_keys(table)  # what the user wrote, before the preset fills its keys in
     try:
         apply_preset(table, where)
         recipe = recipe_from_dict(table, where)
     except SicotError as e:  # a rule broken by an override: name the override (and the recipe it changed)
         raise _blame_overrides(e, where, path, overrides, given_as) from None
-    if path is None:  # the built-in demo's own keys are defaults, not the user's choices
-        recipe.__dict__["_explicit"] = _override_keys(overrides)
+    # the built-in demo's own keys are defaults, not the user's choices; a preset's keys are the preset's
+    recipe.__dict__["_explicit"] = _override_keys(overrides) if path is None else written
     if path is not None:
         # Paths inside a recipe are relative to the recipe's folder; paths given as overrides
         # on the command line are relative to the working directory, as a shell user expects.

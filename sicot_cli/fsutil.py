@@ -149,6 +149,24 @@ def _unquoted_crs(text: str, tsv: bool) -> tuple[str, str]:
     return "".join(out), marker
 
 
+class _Lines:
+    """Lines for the csv reader, counting them and noting the first non-blank one read since
+    ``first`` was reset: where a row starts, as an editor numbers it."""
+
+    def __init__(self, lines: Iterator[str]) -> None:
+        self._lines, self.n, self.first = lines, 0, None
+
+    def __iter__(self) -> _Lines:
+        return self
+
+    def __next__(self) -> str:
+        line = next(self._lines)
+        self.n += 1
+        if self.first is None and line.strip("\r\n"):
+            self.first = self.n
+        return line
+
+
 def csv_records(text: str, path: str | Path, tsv: bool) -> tuple[list[str], Iterator[tuple[int, dict[str, Any]]]]:
     """A user's CSV (strict quoting) or TSV (no quoting: a title's quotes are its own) text.
 
@@ -165,8 +183,10 @@ def csv_records(text: str, path: str | Path, tsv: bool) -> tuple[list[str], Iter
         {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if tsv else {"delimiter": ",", "strict": True}
     )
     text, marker = _unquoted_crs(text, tsv)
-    # lines end at \n alone, as an editor counts them: a CR inside a quoted field is no line of its own
-    lines = (line + "\n" for line in text.removesuffix("\n").split("\n")) if text else iter(())
+    # lines end at \n alone, as an editor counts them: a CR inside a quoted field is no line of its own;
+    # a file without any \n ends its lines in CR alone (old Mac: Excel for Mac's "CSV (Macintosh)")
+    end = "\n" if "\n" in text else "\r"
+    lines = _Lines(line + end for line in text.removesuffix(end).split(end)) if text else _Lines(iter(()))
     reader = csv.DictReader(lines, **dialect)
     try:
         columns = [c.strip() for c in reader.fieldnames or []]
@@ -184,14 +204,17 @@ def csv_records(text: str, path: str | Path, tsv: bool) -> tuple[list[str], Iter
         return LineBreakInField(put_back)
 
     def records() -> Iterator[tuple[int, dict[str, Any]]]:
-        start = reader.line_num + 1  # where the record being read starts (a quoted field can span lines)
         try:
-            for record in reader:
-                yield start, cut(record) if marker else record  # the line a row starts on, as an editor shows it
-                start = reader.line_num + 1
+            while True:
+                lines.first = None  # the line the next row starts on (blank lines skipped; it may span lines)
+                record = next(reader, None)
+                if record is None:
+                    return
+                yield lines.first or reader.line_num, cut(record) if marker else record
         except csv.Error as e:
             raise SicotError(
-                f'{path}: line {start}: malformed CSV ({e}; a quote opens a quoted field, which must close before the next comma: write a quote inside a field as "")'
+                f"{path}: line {lines.first or lines.n}: malformed CSV ({e}; a quote opens a quoted field, which must "
+                'close before the next comma: write a quote inside a field as "")'
             ) from None
 
     return columns, records()

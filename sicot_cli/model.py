@@ -442,14 +442,17 @@ def check_encoder_options(recipe: Recipe, encoders: list[str], where: str | Path
     Raises:
         SicotError: ``FILE: model.encoder_options: what is wrong``.
     """
-    from encoders.registry import create_encoder, list_encoders
+    from encoders.registry import check_options, create_encoder, is_builtin, list_encoders
 
     options = recipe.model.encoder_options
     prefix = f"{where}: " if where else ""
     try:
         check_not_set_by_sicot(options)
         for name in dict.fromkeys(e for e in encoders if e != "none" and e in list_encoders()):
-            with torch.random.fork_rng(devices=[]):
+            check_options(name, vectors=None, out_dim=8, freeze_embeddings=False, **options)
+            if not is_builtin(name):
+                continue  # an encoder of one's own may need real sizes (heads dividing the width) or be costly to build
+            with torch.random.fork_rng(devices=[]):  # sicot's own: their option values are checked on tiny sizes
                 create_encoder(name, vectors=torch.zeros(3, 4), out_dim=8, freeze_embeddings=False, **options)
     except SicotError as e:
         text = str(e)

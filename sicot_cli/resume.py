@@ -223,7 +223,15 @@ def check_same_content(prepared: Prepared, config: dict[str, Any], run_dir: Path
         return  # a run from before data checksums: the fingerprint is all there is
     key = "labels" if config.get("encoder") == "none" else "data"
     want = saved_sums.get(key)
-    if not want or want == prepared.data_checksum(text=key == "data"):
+    sums = prepared.data_checksums(text=key == "data")
+    if not want or want == sums[0]:
+        return
+    if want in sums[1:]:  # recorded by a sicot that did not hash pixels: the same labels, splits and text
+        log.warning(
+            "%s: recorded before data checksums covered the images: %s holds the same labels, splits and text, "
+            "and its images are not checked against the run's",
+            run_dir, prepared.path,
+        )  # fmt: skip
         return
     sections = ("data",) if key == "labels" else ("data", "text", "embed")
     saved = {k: v for k, v in (config.get("recipe") or {}).items() if k in sections}

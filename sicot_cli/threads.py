@@ -87,13 +87,17 @@ def die_with_parent(parent: int, *_: object) -> None:
 
     if not sys.platform.startswith("linux"):
         return
+    if os.getppid() != parent:  # a fork server's child (start method "forkserver"), or the parent is gone
+        if not os.path.exists(f"/proc/{parent}"):
+            os._exit(1)
+        return  # the pool's own checks: the signal would follow the fork server, not sicot
     try:
         import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # 1: PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
-    if os.getppid() != parent:  # died between the fork and the prctl
+    if os.getppid() != parent:  # died between the check and the prctl
         os._exit(1)
 
 

@@ -615,3 +615,49 @@ def test_bad_encoder_options_are_refused_before_any_run_naming_the_recipe(tiny_p
     flat = " ".join(r.output.split())
     assert r.exit_code == 2 and flat.startswith("error: model.encoder_options: encoder option 'rank'"), flat
     assert not run_dir.exists()
+
+
+HEADS_PLUGIN = """
+from torch import nn
+
+from encoders import TextEncoder, register_encoder
+
+
+class Heads(TextEncoder):
+    def __init__(self, vectors, out_dim, freeze_embeddings, heads):
+        super().__init__(vectors, out_dim, freeze_embeddings)
+        self.att = nn.MultiheadAttention(self.embed_dim, heads, batch_first=True)  # heads must divide the width
+        self.proj = nn.Linear(self.embed_dim, out_dim)
+
+    def forward(self, tokens, mask):
+        words = self.embedding(tokens)
+        return self.proj(self.att(words, words, words, key_padding_mask=~mask)[0].mean(dim=1))
+
+
+@register_encoder
+def heads_encoder(vectors, out_dim, freeze_embeddings=False, heads=1):
+    return Heads(vectors, out_dim, freeze_embeddings, heads)
+"""
+
+
+def test_the_option_preflight_builds_no_encoder_of_ones_own(tmp_path: Path, tiny_prepared: Path) -> None:
+    """Every encoder was built on 4-wide vectors before the run: an encoder of one's own whose valid
+    options depend on the real width (attention heads dividing it) failed with a traceback."""
+    from conftest import TRAIN_FAST
+    from typer.testing import CliRunner
+
+    from sicot_cli.cli import app
+    from sicot_cli.data.dataset import open_prepared
+
+    path = tmp_path / "heads.py"
+    path.write_text(HEADS_PLUGIN, encoding="utf-8")
+    width = open_prepared(tiny_prepared).vectors.shape[1]
+    base = ["train", "--data", str(tiny_prepared), "--encoder-module", str(path), "--encoder", "heads_encoder"]
+    r = CliRunner().invoke(app, [*base, "--run-dir", str(tmp_path / "run"), *TRAIN_FAST, "train.epochs=1",
+                                 f"model.encoder_options.heads={width}"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    registry._ENCODERS.pop("heads_encoder", None)
+    r = CliRunner().invoke(app, [*base, "--run-dir", str(tmp_path / "r2"), *TRAIN_FAST, "model.encoder_options.head=2"])
+    assert r.exit_code == 2 and "encoder 'heads_encoder' has no option 'head' (options: heads)" in r.output
+    assert not (tmp_path / "r2").exists()
+    registry._ENCODERS.pop("heads_encoder", None)

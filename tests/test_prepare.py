@@ -549,6 +549,12 @@ def test_csv_line_numbers_count_line_feeds_as_an_editor_does():
     _, records = csv_records(crlf, "m.csv", tsv=False)
     assert [n for n, _ in records] == [2, 3, 5]
     assert [n for n, _ in csv_records(text.removesuffix("\n"), "m.csv", tsv=False)[1]] == [2, 3, 5]
+    # a row after blank lines is named by its own line, not the blank one before it
+    blank = "image,label,title\n\na.png,x,t1\n\n\nb.png,y,t2\n"
+    assert [n for n, _ in csv_records(blank, "m.csv", tsv=False)[1]] == [3, 6]
+    # lines ending in CR alone (Excel for Mac's "CSV (Macintosh)"): rows, not one malformed line
+    mac = "image,label,title\ra.png,x,t1\rb.png,y,t2\r"
+    assert [(n, r["image"]) for n, r in csv_records(mac, "m.csv", tsv=False)[1]] == [(2, "a.png"), (3, "b.png")]
 
 
 def test_repeated_rows_are_counted_skips_and_an_image_under_two_labels_is_warned(tmp_path, caplog):
@@ -691,3 +697,15 @@ def test_a_prepared_file_with_a_hostile_recipe_or_vectors_is_refused(tmp_path, m
             f.attrs["content_sha256"] = ds._sha256_v2(ds._read_hashed(f), f)  # resealed: not "damaged on disk"
     with pytest.raises(SicotError, match=re.escape(needle)):
         open_prepared(out)
+
+
+def test_a_title_over_lines_that_names_an_image_is_not_taken_for_a_swallowed_row(tmp_path):
+    """`"Icon set, 50 icons\nformats: .png, .jpg"` and `"Sticker pack\nfile.png, 300 dpi"` were
+    skipped as "a quoted field holds the next row": only an image the manifest's folder holds counts."""
+    m = make_manifest(tmp_path / "raw", per_class=8)
+    lines = m.read_text(encoding="utf-8").splitlines()
+    for k, title in ((3, "Icon set, 50 icons\nformats: .png, .jpg"), (5, "Sticker pack\nfile.png, 300 dpi")):
+        parts = lines[k].split(",")
+        lines[k] = ",".join([parts[0], f'"{title}"', *parts[2:]])
+    m.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert prep.prepare(recipe_for(m, "data.image_size=16"), tmp_path / "p.h5").skipped == {}

@@ -276,3 +276,9 @@ def test_ablate_compares_presets_side_by_side(tiny_prepared: Path, tmp_path: Pat
     ablate(
         own, ["mean"], [0], tmp_path / "ab3", data=tiny_prepared, presets=["sicot"]
     )  # one preset: the key is the user's
+    # a recipe file that sets no preset key: the preset's own keys are not the user's (all were refused)
+    r = tmp_path / "r.toml"
+    r.write_text('[model]\nbackbone = "mobilenet_v3_small"\n')
+    from_file = load_recipe(r, [f"data.out={tiny_prepared}", *TRAIN_FAST, "train.epochs=1"])
+    assert not {"train.normalize_loss", "model.semantic_norm", "model.mixed_trains_classifier"} & from_file.explicit
+    ablate(from_file, ["mean"], [0], tmp_path / "ab4", data=tiny_prepared, presets=["sicot", "paper"])

@@ -758,3 +758,31 @@ def test_a_resumed_checkpoint_of_the_wrong_kind_is_refused_before_anything_is_wr
     with pytest.raises(SicotError, match=r"checkpoint-last.pt: (damaged checkpoint|checkpoint of another model)"):
         train(recipe, run_dir, resume=True)
     assert (run_dir / runs.METRICS).read_bytes() == before
+
+
+FORKSERVER_POOL = r"""
+import multiprocessing, sys
+from sicot_cli.threads import worker_pool
+
+
+def square(x):
+    return x * x
+
+
+if __name__ == "__main__":
+    multiprocessing.set_start_method(sys.argv[1])
+    with worker_pool(2) as run:
+        print(list(run(square, range(5))))
+"""
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_the_worker_pool_works_under_every_start_method(tmp_path, method):
+    """Workers checked that their parent was sicot and exited at once when it was not: under
+    "forkserver" (Python 3.14's default on Linux) their parent is the fork server, and the pool broke."""
+    script = tmp_path / "pool.py"
+    script.write_text(FORKSERVER_POOL)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    r = subprocess.run([sys.executable, str(script), method], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0 and r.stdout.strip() == "[0, 1, 4, 9, 16]", r.stderr

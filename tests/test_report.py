@@ -356,6 +356,10 @@ def test_report_keeps_runs_that_differ_only_in_what_an_ablation_varies(ablation)
     assert rep.encoders == ["none", bilinear, mean] and rep.chosen == bilinear
     assert rep.gains[bilinear]["top1"].values == [3.0, 2.0, 4.0]
     assert f"| {bilinear} |" in to_markdown(rep)
+    r = runner.invoke(
+        app, ["report", str(ablation), "--encoder", "bilinear", "--no-figures"]
+    )  # was "no run of it here"
+    assert r.exit_code == 0 and "co-training (bilinear[lam=0.5, normalize_loss=false])" in r.output, r.output
     # a key only one row's preset sets differently is its preset's label, not a difference
     for seed in (0, 1, 2):
         _edit_recipe(ablation / f"mean-s{seed}", "train", "lam", 0.5)

@@ -657,3 +657,24 @@ def test_a_prepared_file_replaced_while_training_stops_the_run(tiny_prepared, tm
     with pytest.raises(SicotError, match=r"d.h5: replaced or changed since this run opened it"):
         train(tiny_recipe(data, "model.encoder=none", "train.epochs=2"), tmp_path / "run", data=data, hook=replace)
     assert not (tmp_path / "run" / runs.SUMMARY).exists()
+
+
+def test_a_run_recorded_before_pixel_checksums_resumes_on_the_same_data(tiny_prepared, tmp_path, caplog):
+    """A run whose config.json holds the checksum an earlier sicot computed (no pixels) met the same
+    data prepared again by this version and was refused: "the source's images or titles changed"."""
+    import logging
+
+    def stop(epoch, batch):
+        if (epoch, batch) == (1, 0):
+            raise KeyboardInterrupt
+
+    recipe = tiny_recipe(tiny_prepared, "model.encoder=mean", "train.epochs=2")
+    run_dir = train(recipe, tmp_path / "run", hook=stop).run_dir
+    p = open_prepared(tiny_prepared)
+    config = json.loads((run_dir / runs.CONFIG).read_text())
+    config["content"] = {"data": p.data_checksums()[1], "labels": p.data_checksums(False)[1]}  # as recorded before
+    assert config["content"]["data"] != p.data_checksum()
+    (run_dir / runs.CONFIG).write_text(json.dumps(config))
+    with caplog.at_level(logging.WARNING):
+        result = train(recipe, run_dir, resume=True)
+    assert len(result.history) == 2 and "recorded before data checksums covered the images" in caplog.text

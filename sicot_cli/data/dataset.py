@@ -57,6 +57,7 @@ pixel values, never crash a command.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -320,6 +321,14 @@ class Prepared:
     def ids(self) -> list[str]:
         with h5py.File(self.path, "r") as f:
             return _strings(f["ids"])
+
+    def data_checksums(self, text: bool = True) -> tuple[str, ...]:
+        """The checksums a run of this data may have recorded: :meth:`data_checksum`, and the one
+        without the pixels that sicot versions before ``pixels_sha256`` recorded (the same data)."""
+        now = self.data_checksum(text)
+        if not self.pixels_sha256:
+            return (now,)
+        return (now, dataclasses.replace(self, pixels_sha256="").data_checksum(text))
 
     def data_checksum(self, text: bool = True) -> str:
         """sha256 of the data a run computes from: labels, classes, splits and image size, and with

@@ -24,6 +24,7 @@ row a skip, "line break inside an unquoted field", not two short rows.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -124,7 +125,7 @@ def _records(path: Path, text: str, skips: Skips) -> list[tuple[int, dict[str, o
             if any(_bad_text(str(v)) for v in record.values()):
                 skips.add("line is not UTF-8", f"{path}:{n}")
                 continue
-            swallowed = _swallowed_row(record, columns, "\t" if suffix == ".tsv" else ",")
+            swallowed = _swallowed_row(record, columns, "\t" if suffix == ".tsv" else ",", path.parent)
             if swallowed:
                 skips.add(
                     "a quoted field holds the next row (a quote never closed?)", f"{path}:{n} (+{swallowed} line(s))"
@@ -138,19 +139,21 @@ def _records(path: Path, text: str, skips: Skips) -> list[tuple[int, dict[str, o
 _IMAGE_NAME = re.compile(r"[^/\\]\.(jpe?g|png|webp|gif|bmp|tiff?)$", re.IGNORECASE)
 
 
-def _swallowed_row(record: dict[str, object], columns: list[str], sep: str) -> int:
-    """Lines of a quoted field that begin as a row of the manifest would (an image file name where
-    the image column is, and a separator in that line or in the field's first, which then holds the
-    rest of its own row): a quote that never closed, which took the next row into this one's field.
-    Returns how many lines after the first the field runs over (0: no such line)."""
+def _swallowed_row(record: dict[str, object], columns: list[str], sep: str, base: Path) -> int:
+    """Lines of a quoted field that begin as a row of the manifest would: an image file of the
+    manifest's folder (a name without spaces, with an image extension, that is there on disk) where
+    the image column is. That is a quote that never closed, which took the next row into this one's
+    field. Returns how many lines after the first the field runs over (0: no such line)."""
     at = columns.index("image")
     for value in record.values():
         lines = str(value).split("\n") if isinstance(value, str) and "\n" in value else []
         for line in lines[1:]:
             parts = line.split(sep)
-            if len(parts) > at and _IMAGE_NAME.search(parts[at].strip().strip('"')):
-                if len(parts) > at + 1 or sep in lines[0]:
-                    return len(lines) - 1
+            name = parts[at].strip().strip('"') if len(parts) > at else ""
+            if name and not any(c.isspace() for c in name) and _IMAGE_NAME.search(name):
+                with contextlib.suppress(OSError, ValueError):
+                    if (base / name).is_file():
+                        return len(lines) - 1
     return 0
 
 
