@@ -18,7 +18,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sicot_cli import methods, runs
 from sicot_cli.config import PREPARE_HOW, PRESETS, Recipe, adopt_prepared, recipe_from_dict
@@ -27,6 +27,9 @@ from sicot_cli.fsutil import ensure_dir, write_json
 from sicot_cli.progress import NullProgress, Progress
 from sicot_cli.resume import changes, check_same_settings, described
 from sicot_cli.train import TrainResult, train
+
+if TYPE_CHECKING:
+    from sicot_cli.data.dataset import Prepared
 
 log = logging.getLogger(__name__)
 
@@ -117,13 +120,13 @@ def ablate(
     """
     presets = _check_args(recipe, seeds, presets, method_names)
     plans = _method_plan(method_names or [methods.CE])
-    recipe, data_path, n_val, content = _prepared(recipe, data, progress)
-    _check_stages(plans, recipe, data_path, n_val)
+    recipe, data_path, prepared = _prepared(recipe, data, progress)
+    _check_stages(plans, recipe, data_path, prepared.n_val)
     root = Path(out) if out is not None else default_dir(recipe)
     with runs.hold(root, "--out"):  # a second ablation into the same folder is refused at once
         jobs = _jobs(recipe, root, encoders, seeds, presets, plans)
         _check_out_folder(root, jobs)
-        _write_plan(root, recipe, encoders, seeds, presets, [m.name for m in plans], jobs, (data_path, content))
+        _write_plan(root, recipe, encoders, seeds, presets, [m.name for m in plans], jobs, (data_path, prepared))
         return root, _run_jobs(jobs, data_path, progress, on_run, on_start)
 
 
@@ -246,11 +249,9 @@ def _method_plan(names: list[str]) -> list[_Method]:
     return list(plans.values())
 
 
-def _prepared(
-    recipe: Recipe, data: str | Path | None, progress: Progress | None
-) -> tuple[Recipe, Path, int, tuple[str, ...]]:
-    """The prepared file (prepared first when missing), a copy of the recipe with its settings taken in, the
-    file's validation rows and its data checksums (``Prepared.data_checksums``)."""
+def _prepared(recipe: Recipe, data: str | Path | None, progress: Progress | None) -> tuple[Recipe, Path, Prepared]:
+    """The prepared file (prepared first when missing), a copy of the recipe with its settings taken in, and
+    the file opened."""
     if data is not None:
         data_path = Path(data)
     else:
@@ -268,7 +269,7 @@ def _prepared(
     recipe = copy.deepcopy(recipe)
     prepared = open_prepared(data_path)
     adopt_prepared(recipe, prepared.recipe, data_path)
-    return recipe, data_path, prepared.n_val, prepared.data_checksums()
+    return recipe, data_path, prepared
 
 
 def _check_out_folder(root: Path, jobs: list[_Job]) -> None:
@@ -312,7 +313,7 @@ def _write_plan(
     presets: list[str],
     method_names: list[str],
     jobs: list[_Job],
-    data: tuple[Path, tuple[str, ...]],
+    data: tuple[Path, Prepared],
 ) -> None:
     """``ablation.json``; a directory holding an ablation of another recipe or other data is refused,
     and so is a run already there (the plan lost, runs copied in) that was trained with other settings.
@@ -343,13 +344,13 @@ def _write_plan(
             "seeds": seeds,
             "presets": presets,
             "methods": method_names,
-            "data": {"path": str(data[0]), "content": data[1][0]},
+            "data": {"path": str(data[0]), "content": data[1].data_checksum()},
         },
     )
 
 
 def _check_same_plan(
-    root: Path, old: dict[str, Any], old_shared: dict[str, Any], shared: dict[str, Any], content: tuple[str, ...]
+    root: Path, old: dict[str, Any], old_shared: dict[str, Any], shared: dict[str, Any], prepared: Prepared
 ) -> None:
     """Refuse an ablation whose recipe or data differs from the one ``root`` holds, naming each difference.
 
@@ -361,9 +362,11 @@ def _check_same_plan(
     recorded = old.get("data") if isinstance(old.get("data"), dict) else {}
     other = []
     if recorded.get("content"):
-        if recorded["content"] not in content:  # content[1:]: the same data as a sicot without pixel sums saw it
+        content = prepared.data_checksum()
+        # the checksum a sicot without pixel sums recorded is the same data
+        if recorded["content"] not in (content, prepared.checksum_without_pixels()):
             other = [
-                f"data: {recorded.get('path', was)} (checksum {recorded['content']}) -> {now} (checksum {content[0]})"
+                f"data: {recorded.get('path', was)} (checksum {recorded['content']}) -> {now} (checksum {content})"
             ]
     elif was != now:  # an ablation.json from before checksums: its path is all there is
         other = [f"data.out: {was!r} -> {now!r}"]

@@ -371,6 +371,10 @@ class Recipe:
         return self.__dict__.get("_explicit", set())
 
 
+# The recipe's sections (each a table of its own): what a recorded recipe must hold as tables.
+SECTIONS = tuple(f.name for f in dataclasses.fields(Recipe) if dataclasses.is_dataclass(f.default_factory))
+
+
 # What a prepared file decides for every run made from it: how its data was built (always), and
 # its name and evaluation boundaries (unless the user sets them explicitly).
 PREPARED_SECTIONS = ("data", "text", "embed")

@@ -55,7 +55,7 @@ from sicot_cli.evaluate import (
 )
 from sicot_cli.fsutil import atomic_path
 from sicot_cli.losses import adjusted_bias, val_balanced_top1
-from sicot_cli.model import SICoT
+from sicot_cli.model import SICoT, diverged, first_nonfinite
 from sicot_cli.progress import NullProgress, Progress
 from sicot_cli.threads import set_threads
 from sicot_cli.train import SigintGuard, TrainResult, run_config, run_meta, test_selection
@@ -226,7 +226,7 @@ def _fits(cached: object, stage: _Stage) -> bool:
         lo, hi = p.split_range(split)
         ok = ok and x.shape == (hi - lo, dim) and y.shape == (hi - lo,) and not y.is_floating_point()
         ok = ok and (len(y) == 0 or (int(y.min()) >= 0 and int(y.max()) < classes))
-    return bool(ok and all(torch.isfinite(cached[k].float()).all() for k in FEATURE_KEYS))
+    return bool(ok) and first_nonfinite((k, cached[k]) for k in FEATURE_KEYS) is None
 
 
 FEATURE_KEYS = ("train_x", "train_y", "val_x", "val_y", "weight", "bias")
@@ -339,7 +339,7 @@ def _classifier_epoch(
             opt.step()
             total += loss.item() * len(idx)
             task.advance(1)
-    if not math.isfinite(total) or not all(bool(torch.isfinite(w).all()) for w in head.parameters()):
+    if not math.isfinite(total) or diverged(head):
         # as train's check: a NaN classifier's argmax is a score, and the stage would be "finished"
         raise SicotError(
             f"{stage.run_dir}: the loss diverged (not finite) in {d.method} epoch {epoch + 1}: lower decouple.lr "

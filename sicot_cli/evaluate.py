@@ -258,7 +258,7 @@ def load_run_model(
     Raises:
         SicotError: not a run, missing checkpoint, or a dataset other than the run's.
     """
-    from sicot_cli.model import make_model
+    from sicot_cli.model import first_nonfinite, make_model
     from sicot_cli.runs import check_dataset
 
     config = runs.read_config(run_dir)
@@ -301,9 +301,7 @@ def load_run_model(
     from sicot_cli.checkpoints import restore
 
     restore(state, run_dir / name, model)  # a class-sharded checkpoint is assembled here
-    bad = next(
-        (k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()), None
-    )
+    bad = first_nonfinite(model.state_dict().items())
     if bad is not None:  # training stops before saving such weights: damaged, or not sicot's
         raise SicotError(
             f"{run_dir / name}: damaged checkpoint ({bad} holds NaN or infinite values; every score would be "

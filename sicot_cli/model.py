@@ -30,6 +30,7 @@ the same starting weights). At inference only images are used (:meth:`SICoT.logi
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -420,6 +421,26 @@ def build_model(
             text = create_encoder(encoder, vectors=vectors, out_dim=dim, freeze_embeddings=freeze_embeddings, **options)
             model.attach_encoder(text, semantic_norm)
     return model
+
+
+def diverged(model: nn.Module) -> bool:
+    """True when a weight is no longer finite (checked with the loss, at the same device syncs).
+
+    The loss of a step is computed before its update, so a step that blows the weights up (an
+    inf or huge learning rate) shows a finite loss; only the weights tell, and without this a
+    one-epoch run would be evaluated and marked finished with NaN weights.
+    """
+    params = [p.detach() for p in model.parameters()]
+    return bool(params) and not bool(torch.isfinite(torch.nn.utils.get_total_norm(params)))
+
+
+def first_nonfinite(named: Iterable[tuple[str, torch.Tensor]]) -> str | None:
+    """The name of the first floating tensor holding NaN or inf (by its norm: one pass, no mask of
+    its size, which for a million-class classifier would be gigabytes), or None."""
+    return next(
+        (k for k, v in named if v.is_floating_point() and not bool(torch.isfinite(torch.linalg.vector_norm(v)))),
+        None,
+    )
 
 
 def check_not_set_by_sicot(options: dict) -> None:

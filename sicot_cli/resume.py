@@ -223,10 +223,9 @@ def check_same_content(prepared: Prepared, config: dict[str, Any], run_dir: Path
         return  # a run from before data checksums: the fingerprint is all there is
     key = "labels" if config.get("encoder") == "none" else "data"
     want = saved_sums.get(key)
-    sums = prepared.data_checksums(text=key == "data")
-    if not want or want == sums[0]:
+    if not want or want == prepared.data_checksum(text=key == "data"):
         return
-    if want in sums[1:]:  # recorded by a sicot that did not hash pixels: the same labels, splits and text
+    if want == prepared.checksum_without_pixels(text=key == "data"):  # recorded by a sicot that did not hash pixels
         log.warning(
             "%s: recorded before data checksums covered the images: %s holds the same labels, splits and text, "
             "and its images are not checked against the run's",

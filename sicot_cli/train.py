@@ -41,7 +41,7 @@ from sicot_cli.distributed import DistContext, init_distributed, reduce_mean, sh
 from sicot_cli.errors import SicotError
 from sicot_cli.evaluate import evaluate_model, resolve_device, split_logits, use_in_memory, write_predictions
 from sicot_cli.losses import Criterion, adjusted_bias, choose_tau, criterion
-from sicot_cli.model import SICoT, Streams, make_model, orthogonal_backward, sicot_loss
+from sicot_cli.model import SICoT, Streams, diverged, make_model, orthogonal_backward, sicot_loss
 from sicot_cli.progress import NullProgress, Progress
 from sicot_cli.provenance import package_versions
 from sicot_cli.resume import check_same_content, check_same_settings
@@ -131,17 +131,6 @@ def epoch_lam(cfg: TrainConfig, epoch: int) -> float:
 # An epoch's mean loss this many times a uniform guess's (ln classes) is a diverging run, though finite:
 # warned (seen: 1.8e14 at lr 100, finished as a normal run).
 LOSS_ALARM = 100
-
-
-def diverged(model: torch.nn.Module) -> bool:
-    """True when a weight is no longer finite (checked with the loss, at the same device syncs).
-
-    The loss of a step is computed before its update, so a step that blows the weights up (an
-    inf or huge learning rate) shows a finite loss; only the weights tell, and without this a
-    one-epoch run would be evaluated and marked finished with NaN weights.
-    """
-    params = [p.detach() for p in model.parameters()]
-    return bool(params) and not bool(torch.isfinite(torch.nn.utils.get_total_norm(params)))
 
 
 def _store(accum: dict[str, Any], sums: torch.Tensor) -> None:

@@ -67,6 +67,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from sicot_cli.config import SECTIONS
 from sicot_cli.data.jpegstore import Store
 from sicot_cli.errors import SicotError
 
@@ -322,13 +323,10 @@ class Prepared:
         with h5py.File(self.path, "r") as f:
             return _strings(f["ids"])
 
-    def data_checksums(self, text: bool = True) -> tuple[str, ...]:
-        """The checksums a run of this data may have recorded: :meth:`data_checksum`, and the one
-        without the pixels that sicot versions before ``pixels_sha256`` recorded (the same data)."""
-        now = self.data_checksum(text)
-        if not self.pixels_sha256:
-            return (now,)
-        return (now, dataclasses.replace(self, pixels_sha256="").data_checksum(text))
+    def checksum_without_pixels(self, text: bool = True) -> str | None:
+        """What sicot versions before ``pixels_sha256`` recorded for this data (:meth:`data_checksum`
+        without the pixels); None for a file without ``pixels_sha256``, whose checksum is that already."""
+        return dataclasses.replace(self, pixels_sha256="").data_checksum(text) if self.pixels_sha256 else None
 
     def data_checksum(self, text: bool = True) -> str:
         """sha256 of the data a run computes from: labels, classes, splits and image size, and with
@@ -552,9 +550,7 @@ def _check_values(p: Prepared, rebuild: str) -> None:
         bad = "title lengths outside [0, max_title_tokens]"
     elif not p.words or p.words[0] != "<pad>":
         bad = "vocabulary without the <pad> word first"
-    elif not isinstance(p.recipe, dict) or not all(
-        isinstance(v, dict) for k, v in p.recipe.items() if k in ("data", "text", "embed", "eval", "model", "train")
-    ):
+    elif not isinstance(p.recipe, dict) or not all(isinstance(v, dict) for k, v in p.recipe.items() if k in SECTIONS):
         bad = "its recorded recipe is not a recipe"
     elif p.vectors.size and not np.isfinite(p.vectors).all():
         bad = "word vectors that are NaN or infinite"

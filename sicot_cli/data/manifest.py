@@ -238,7 +238,7 @@ def _image_path(base: Path, image: str, where: str, skips: Skips) -> Path | None
         return None
     try:
         resolved = (base / image).resolve()  # an absolute `image` replaces base
-        if not resolved.exists():
+        if not image.isascii() and not resolved.exists():  # an ASCII name has one normal form: no second stat
             other = base / unicodedata.normalize(
                 "NFD" if image == unicodedata.normalize("NFC", image) else "NFC", image
             )

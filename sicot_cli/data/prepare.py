@@ -384,38 +384,26 @@ class TextStage:
     test_filtered_rate: float = 0.0
 
 
-def build_text(recipe: Recipe, skips: Skips, progress: Progress | None = None, vectors: bool = True) -> TextStage:
-    """Read the rows' titles, split, build the filtered vocabulary and the word vectors (unless not ``vectors``).
-
-    Shared by ``prepare`` and ``embed``; no image is opened here. Deterministic: every machine of a
-    ``--shard i/n`` prepare computes the same rows, splits and vocabulary from the same inputs.
-    """
-    progress = progress or NullProgress()
-    d = recipe.data
+def _read_rows(recipe: Recipe, skips: Skips) -> tuple[list[_Rec], str, int]:
+    """The source's rows, repeated rows skipped; its name; the rows read. Refuses a source without a usable row."""
     recs, source = _read_source(recipe, skips)
     recs = _drop_repeated_rows(recs, skips)
     _warn_images_with_several_labels(recs, source)
-    rows_read = len(recs) + skips.total
     if not recs:
         raise SicotError(f"{source}: no usable rows ({skips.described()})")
-    workers = d.workers or os.cpu_count() or 1
+    return recs, source, len(recs) + skips.total
 
-    with progress.task("tokenizing titles", len(recs)) as task:
-        for r, toks in zip(recs, tokenize_many([r.title for r in recs], workers), strict=True):
-            r.tokens = toks
-        task.advance(len(recs))
 
-    given_split = _split(recs, recipe)
-    recs = _drop_untrainable(recs, 1, skips)
-    _carve_validation(recs, recipe)
-    train_recs = [r for r in recs if r.split == "train"]
+def _vocabulary(train_recs: list[_Rec], recipe: Recipe, source: str) -> Vocab:
+    """The filtered vocabulary of the training titles; refused when empty, saying which filter to lower."""
+    t = recipe.text
     vocab = build_vocab(
         [r.tokens for r in train_recs],
-        recipe.text.drop_most_frequent,
-        recipe.text.drop_least_frequent,
-        recipe.text.min_count,
+        t.drop_most_frequent,
+        t.drop_least_frequent,
+        t.min_count,
         labels=[r.label for r in train_recs],
-        drop_rule=recipe.text.drop_rule,
+        drop_rule=t.drop_rule,
     )
     if len(vocab) <= 1 and vocab.raw_size == 0:  # the filters' advice below could not help
         raise SicotError(
@@ -427,6 +415,29 @@ def build_text(recipe: Recipe, skips: Skips, progress: Progress | None = None, v
             f"{source}: the vocabulary is empty after filtering ({vocab.raw_size} words before): "
             "lower text.drop_most_frequent / text.drop_least_frequent / text.min_count"
         )
+    return vocab
+
+
+def build_text(recipe: Recipe, skips: Skips, progress: Progress | None = None, vectors: bool = True) -> TextStage:
+    """Read the rows' titles, split, build the filtered vocabulary and the word vectors (unless not ``vectors``).
+
+    Shared by ``prepare`` and ``embed``; no image is opened here. Deterministic: every machine of a
+    ``--shard i/n`` prepare computes the same rows, splits and vocabulary from the same inputs.
+    """
+    progress = progress or NullProgress()
+    d = recipe.data
+    recs, source, rows_read = _read_rows(recipe, skips)
+    workers = d.workers or os.cpu_count() or 1
+
+    with progress.task("tokenizing titles", len(recs)) as task:
+        for r, toks in zip(recs, tokenize_many([r.title for r in recs], workers), strict=True):
+            r.tokens = toks
+        task.advance(len(recs))
+
+    given_split = _split(recs, recipe)
+    recs = _drop_untrainable(recs, 1, skips)
+    _carve_validation(recs, recipe)
+    vocab = _vocabulary([r for r in recs if r.split == "train"], recipe, source)
     truncated = 0
     kept: list[_Rec] = []
     test_tokens = test_oov = test_filtered = 0
