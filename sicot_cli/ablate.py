@@ -130,6 +130,74 @@ def ablate(
         return root, _run_jobs(jobs, data_path, progress, on_run, on_start)
 
 
+def fold_data_path(recipe: Recipe, fold: int) -> Path:
+    """Validation fold ``fold``'s prepared file: ``data.out`` itself for fold 0 (the carve every
+    version makes), else ``<stem>-vf<fold><suffix>`` beside it."""
+    from sicot_cli.data.prepare import recipe_out
+
+    base = recipe_out(recipe.data.out)
+    return base if fold == 0 else base.with_name(f"{base.stem}-vf{fold}{base.suffix}")
+
+
+def default_folds_dir(recipe: Recipe) -> Path:
+    return Path(recipe.train.runs_dir) / f"ablate-{recipe.name}-folds"
+
+
+def ablate_folds(
+    recipe: Recipe,
+    encoders: list[str],
+    folds: list[int],
+    out: str | Path | None = None,
+    progress: Progress | None = None,
+    **keys: Any,  # noqa: ANN401 - ablate's on_run, on_start, presets, method_names
+) -> tuple[Path, list[Path], list[RunStatus]]:
+    """The ablation on each validation fold ``K`` (``data.val_fold = K``, seed ``K``), in ``<out>/fold-<K>``:
+    the loop of docs/datasets.md ("Validation folds") as one call, for ``sicot report --split val``.
+
+    Every fold's prepared file (:func:`fold_data_path`) is made or checked first, so a fold that
+    cannot be carved is refused before any run trains. Stops after an interrupted run.
+
+    Returns:
+        The folds' parent folder, each fold's ablation folder (in order, as far as they ran), and
+        every run's status.
+
+    Raises:
+        SicotError: ``data.val_fold`` set by the user, no validation rows to re-draw, a fold's file
+            holding another fold, or anything :func:`ablate` refuses.
+    """
+    if "data.val_fold" in recipe.explicit:
+        raise SicotError("--val-folds sets data.val_fold for each fold: drop it from the recipe or the overrides")
+    if recipe.data.val_fraction == 0:
+        raise SicotError(
+            "--val-folds re-draws the validation rows, and data.val_fraction = 0 carves none: set data.val_fraction > 0"
+        )
+    paths = []
+    for k in folds:
+        r = copy.deepcopy(recipe)
+        r.data.val_fold = k
+        path = fold_data_path(recipe, k)
+        _, _, prepared = _prepared(r, path, progress)
+        held = prepared.recipe.get("data", {}).get("val_fold", 0)
+        if held != k:
+            raise SicotError(
+                f"{path}: holds validation fold {held}, not fold {k}; remove it (--val-folds prepares it again) "
+                "or set data.out to another file"
+            )
+        paths.append(path)
+    root = Path(out) if out is not None else default_folds_dir(recipe)
+    dirs: list[Path] = []
+    statuses: list[RunStatus] = []
+    for k, path in zip(folds, paths, strict=True):
+        r = copy.deepcopy(recipe)
+        r.data.val_fold = k
+        fold_root, done = ablate(r, encoders, [k], root / f"fold-{k}", progress, data=path, **keys)
+        dirs.append(fold_root)
+        statuses += done
+        if done and done[-1].state == "interrupted":
+            break
+    return root, dirs, statuses
+
+
 def _run_jobs(
     jobs: list[_Job],
     data_path: Path,

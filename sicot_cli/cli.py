@@ -12,8 +12,9 @@ from typing import Annotated, Any
 import typer
 
 from sicot_cli.cli_datasets import app as datasets_app
-from sicot_cli.console import console, error_line, fail, guard, safe, setup_logging, show
+from sicot_cli.console import console, error_line, fail, guard, safe, setup_logging, show, stop_on_sigterm, utf8_streams
 from sicot_cli.console import plain as plain_text
+from sicot_cli.interrupts import stop_code
 
 app = typer.Typer(
     name="sicot",
@@ -33,6 +34,8 @@ def main(args: list[str] | None = None) -> None:
     except ImportError:  # pragma: no cover - older Typer, on click itself
         from click import exceptions as click_errors
 
+    utf8_streams()
+    stop_on_sigterm()
     try:
         code = app(args=args, prog_name="sicot", standalone_mode=False)
     except click_errors.UsageError as e:
@@ -69,6 +72,13 @@ RecipeOpt = Annotated[
 Overrides = Annotated[
     list[str] | None,
     typer.Argument(help="Recipe overrides: section.key=value (e.g. data.image_size=64).", show_default=False),
+]
+CheckpointOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="last or best (default: the checkpoint the run's scores come from: best where it selected on "
+        "validation, else last)."
+    ),
 ]
 Threads = Annotated[
     int | None,
@@ -505,10 +515,11 @@ def _show_train_result(result: Any) -> None:  # noqa: ANN401 - sicot_cli.train.T
             said = f"interrupted: the checkpoint {result.checkpoint} is kept; continue with", ""
         else:
             said = "interrupted: checkpoint saved; continue with", ""
-        err_console.print(
-            Text.assemble((said[0], "yellow"), " ", again, *([" ", (said[1], "yellow")] if said[1] else []))
+        err_console.print(  # one line, never wrapped: the command is copied from it
+            Text.assemble((said[0], "yellow"), " ", again, *([" ", (said[1], "yellow")] if said[1] else [])),
+            soft_wrap=True,
         )
-        raise typer.Exit(130)
+        raise typer.Exit(stop_code())
 
 
 @app.command()
@@ -591,7 +602,7 @@ def train(
 @guard
 def evaluate(
     run: Annotated[Path, typer.Option(help="Run directory.")],
-    checkpoint: Annotated[str, typer.Option(help="last or best.")] = "last",
+    checkpoint: CheckpointOpt = None,
     data: Annotated[Path | None, typer.Option(help="Prepared .h5 (default: the run's).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     split: Annotated[
@@ -610,14 +621,18 @@ def evaluate(
     from sicot_cli.views import metrics_table
 
     set_threads(threads or 0)
-    result = evaluate_run(run, checkpoint, data, device, split)
+    from sicot_cli.console import RichProgress
+
+    result = evaluate_run(run, checkpoint, data, device, split, progress=RichProgress())
+    which = {"checkpoint": result.checkpoint, "checkpoint_epoch": result.checkpoint_epoch}
     if json_out:
         scalars = result.scalars()
         n_images = scalars.pop("n_test")  # a val split's rows are not test rows: named by the split
-        scalars = {"split": split, **scalars, "n_images": n_images}
+        scalars = {"split": split, **which, **scalars, "n_images": n_images}
         typer.echo(plain_text(json.dumps(scalars, indent=2)))
     else:
-        show(metrics_table(result.scalars(), f"{run} ({checkpoint}, {split} split)"))
+        epoch = "" if result.checkpoint_epoch is None else f", epoch {result.checkpoint_epoch}"
+        show(metrics_table(result.scalars(), f"{run} (checkpoint {result.checkpoint}{epoch}, {split} split)"))
 
 
 @app.command()
@@ -625,8 +640,10 @@ def evaluate(
 def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files.", show_default=False, readable=False)],
     run: Annotated[Path, typer.Option(help="Run directory.")],
-    top: Annotated[int, typer.Option("--top", "-k", help="How many classes per image.")] = 3,
-    checkpoint: Annotated[str, typer.Option(help="last or best.")] = "last",
+    top: Annotated[
+        int | None, typer.Option("--top", "-k", help="How many classes per image (default: 3, at most every class).")
+    ] = None,
+    checkpoint: CheckpointOpt = None,
     data: Annotated[Path | None, typer.Option(help="Prepared .h5 (default: the run's).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
@@ -641,11 +658,14 @@ def predict(
     from sicot_cli.views import predictions_table
 
     set_threads(threads or 0)
-    preds, unreadable = run_predict(run, list(images), top, checkpoint, data, device)
+
+    sources: list[str] = []  # the table's heading, printed with the table (the JSON stays a list of predictions)
+    preds, unreadable = run_predict(run, list(images), top, checkpoint, data, device, on_model=sources.append)
     if preds or json_out:
         if json_out:
             typer.echo(plain_text(predictions_json(preds)))
         else:
+            console.print(safe(f"image-only model of {sources[0]}"), highlight=False)
             show(predictions_table(preds))
     if unreadable:  # every readable image is predicted; each unreadable one is named, and the exit says so
         for u in unreadable[:-1]:
@@ -669,7 +689,7 @@ def export(
     fmt: Annotated[
         str | None, typer.Option("--format", help="torchscript or onnx (default: from --out, .onnx -> onnx).")
     ] = None,
-    checkpoint: Annotated[str, typer.Option(help="last or best.")] = "last",
+    checkpoint: CheckpointOpt = None,
     data: Annotated[Path | None, typer.Option(help="Prepared .h5 (default: the run's).")] = None,
     encoder_module: EncoderModule = None,
 ) -> None:
@@ -685,7 +705,7 @@ def export(
     )
     console.print(
         safe(
-            f"wrote {r.path} ({r.format}) and {r.sidecar}; checked on {r.verified_images} test images: max |dp| {r.max_abs_diff:.1e}{within}, top-1 {'identical' if r.top1_equal else 'different'}"
+            f"wrote {r.path} ({r.format}) and {r.sidecar}, from {r.source}; checked on {r.verified_images} test images: max |dp| {r.max_abs_diff:.1e}{within}, top-1 {'identical' if r.top1_equal else 'different'}"
         )
     )
 
@@ -700,7 +720,12 @@ def serve(
     ] = None,
     host: Annotated[str, typer.Option(help="Address to bind (127.0.0.1: this machine only).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-    top: Annotated[int, typer.Option("--top", "-k", help="Default classes per image (a request may ask ?k=N).")] = 5,
+    top: Annotated[
+        int | None,
+        typer.Option(
+            "--top", "-k", help="Classes per image unless a request asks ?k=N (default: 5, at most every class)."
+        ),
+    ] = None,
     max_batch: Annotated[int, typer.Option(help="Micro-batching: most images per forward pass (1 = off).")] = 32,
     max_wait_ms: Annotated[
         float, typer.Option(help="Micro-batching: longest wait for more images after the first.")
@@ -714,7 +739,7 @@ def serve(
         float, typer.Option(help="Per-request limit (s): receiving the upload, and waiting for the model.")
     ] = 30.0,
     max_queue: Annotated[int, typer.Option(help="Images waiting for the model before new requests get 503.")] = 1024,
-    checkpoint: Annotated[str, typer.Option(help="With --run: last or best.")] = "last",
+    checkpoint: CheckpointOpt = None,
     data: Annotated[Path | None, typer.Option(help="With --run: prepared .h5 (default: the run's).")] = None,
     device: Annotated[str, typer.Option(help="With --run: auto, cpu or cuda.")] = "auto",
     threads: Annotated[int | None, typer.Option(help="CPU threads for the model (default: the runtime's).")] = None,
@@ -786,9 +811,13 @@ def ablate(
         str | None,
         typer.Option(help="Comma-separated encoders (default: all registered); the baseline is always trained."),
     ] = None,
-    seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0",
+    seeds: Annotated[str | None, typer.Option(help="Comma-separated seeds.  [default: 0]")] = None,
     out: Annotated[
-        str | None, typer.Option(help="Ablation directory (default: <train.runs_dir>/ablate-<name>).")
+        str | None,
+        typer.Option(
+            help="Ablation directory (default: <train.runs_dir>/ablate-<name>, with --val-folds "
+            "<train.runs_dir>/ablate-<name>-folds)."
+        ),
     ] = None,
     data: Annotated[
         Path | None, typer.Option(help="Prepared .h5 (default: data.out; prepared first when missing).")
@@ -812,14 +841,20 @@ def ablate(
     ] = None,
     threads: Threads = None,
     figures: Annotated[bool, typer.Option(help="Write the PNG figures at the end.")] = True,
+    val_folds: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated validation folds, e.g. 0,1,2,3,4: fold K re-draws the validation rows "
+            "(data.val_fold=K, prepared beside data.out) and trains seed K, in <out>/fold-K; then prints "
+            "`report --split val` over the folds, for choosing a setting without the test set (writes no report)."
+        ),
+    ] = None,
     overrides: Overrides = None,
 ) -> None:
     """Train the baseline and every encoder per seed (finished runs skipped, interrupted ones resumed), then report."""
-    from sicot_cli.console import err_console
     from sicot_cli.errors import SicotError
-    from sicot_cli.report import build_report
 
-    names, seed_list = _ablation_axes(encoders, seeds, encoder_module)
+    names, seed_list = _ablation_axes(encoders, seeds, encoder_module, val_folds, data)
     if chosen is not None and chosen.split("[")[0].split("+")[0] not in {*names, "none"}:
         raise SicotError(f"--encoder {chosen!r} is not among the encoders trained here ({', '.join(names)})")
     if out is not None and not out.strip():
@@ -830,15 +865,36 @@ def ablate(
 
     check_training(cfg, data)
     check_encoder_options(cfg, names, recipe)
-    keys = {"data": data, "presets": _axis("--presets", presets), "method_names": _axis("--methods", methods)}
-    root, statuses = _run_ablation(cfg, names, seed_list, None if out is None else Path(out), keys)
+    keys = {"presets": _axis("--presets", presets), "method_names": _axis("--methods", methods)}
+    target = None if out is None else Path(out)
+    if val_folds is not None:
+        root, dirs, statuses = _run_ablation(cfg, names, seed_list, target, keys, folds=True)
+    else:
+        (root, statuses), dirs = _run_ablation(cfg, names, seed_list, target, {**keys, "data": data}), None
     if statuses and statuses[-1].state == "interrupted":
         from rich.text import Text
 
+        from sicot_cli.console import err_console
+
         err_console.print(
-            Text.assemble(("interrupted: run the same command again to continue", "yellow"), " ", safe(f"({root})"))
+            Text.assemble(("interrupted: run the same command again to continue", "yellow"), " ", safe(f"({root})")),
+            soft_wrap=True,
         )
-        raise typer.Exit(130)
+        raise typer.Exit(stop_code())
+    _ablation_report(root, dirs, chosen, figures)
+
+
+def _ablation_report(root: Path, fold_dirs: list[Path] | None, chosen: str | None, figures: bool) -> None:
+    """The end of ``sicot ablate``: the report written and printed, or (validation folds) printed only."""
+    from sicot_cli.report import build_report
+
+    if fold_dirs is not None:
+        _print_tables(build_report(fold_dirs, chosen or "bilinear", split="val"))
+        console.print(
+            "validation only: score the setting chosen here on test with the same command without --val-folds",
+            markup=False, highlight=False,
+        )  # fmt: skip
+        return
     rep = build_report([root], chosen or "bilinear")
     written = _write_report(rep, root, figures)
     _print_tables(rep)
@@ -883,52 +939,66 @@ def decouple(
         err_console.print(
             Text.assemble(("interrupted: the last finished epoch is kept; continue with", "yellow"), " ",
                           safe(shlex.join(again + list(overrides or [])))),
+            soft_wrap=True,
         )  # fmt: skip
-        raise typer.Exit(130) from None
+        raise typer.Exit(stop_code()) from None
     if result.skipped:
         console.print(safe(f"{result.run_dir}: already finished; nothing to do"))
     if result.test is not None:
         show(metrics_table(result.test, f"{result.run_dir}: {selection_line(result.test)}"))
 
 
-def _ablation_axes(encoders: str | None, seeds: str, encoder_module: list[str] | None) -> tuple[list[str], list[int]]:
-    """The encoders (each checked; default: all registered) and the seeds of ``sicot ablate``."""
+def _ablation_axes(
+    encoders: str | None, seeds: str | None, encoder_module: list[str] | None, folds: str | None, data: Path | None
+) -> tuple[list[str], list[int]]:
+    """The encoders (each checked; default: all registered) and the seeds (or the validation folds,
+    each its own seed) of ``sicot ablate``."""
     from encoders import list_encoders
     from sicot_cli.config import MAX_SEED
     from sicot_cli.errors import SicotError
+
+    if folds is not None and (seeds is not None or data is not None):
+        raise SicotError(
+            f"--val-folds trains seed K on fold K, prepared from the recipe: leave {'--seeds' if seeds else '--data'} out"
+        )
+    flag, seeds = ("--val-folds", folds) if folds is not None else ("--seeds", seeds or "0")
 
     _load_encoder_modules(encoder_module)
     names = _axis("--encoders", encoders) or list_encoders()
     for name in names:
         _check_encoder(name)
-    items = _axis("--seeds", seeds) or []
+    items = _axis(flag, seeds) or []
     if not all(re.fullmatch(r"-?[0-9]+", s.strip()) for s in items):  # int() also takes "1_0" and "٣"
-        raise SicotError(f"--seeds must be comma-separated integers (digits 0-9), got {seeds!r}")
+        raise SicotError(f"{flag} must be comma-separated integers (digits 0-9), got {seeds!r}")
     numbers = [int(s) for s in items]
     bad = [n for n in numbers if not 0 <= n <= MAX_SEED]
     if bad:
-        raise SicotError(f"--seeds must be integers from 0 to {MAX_SEED}, got {bad[0]}")
+        raise SicotError(f"{flag} must be integers from 0 to {MAX_SEED}, got {bad[0]}")
     twice = sorted({n for n in numbers if numbers.count(n) > 1})  # 1 and 01
     if twice:
-        raise SicotError(f"--seeds names {', '.join(map(str, twice))} twice: each is run once")
+        raise SicotError(f"{flag} names {', '.join(map(str, twice))} twice: each is run once")
     return names, numbers
 
 
-def _run_ablation(cfg: Any, names: list[str], seeds: list[int], out: Path | None, keys: dict[str, Any]) -> Any:
-    """The ablation under live progress bars, one line per finished run, and the table of runs at the end."""
-    from sicot_cli.ablate import ablate as run_ablate
+def _run_ablation(
+    cfg: Any, names: list[str], seeds: list[int], out: Path | None, keys: dict[str, Any], folds: bool = False
+) -> Any:
+    """The ablation (on validation folds: ``seeds`` are the folds) under live progress bars, one line
+    per finished run, and the table of runs at the end."""
+    from sicot_cli.ablate import ablate, ablate_folds
     from sicot_cli.console import AblationProgress, err_console
     from sicot_cli.views import ablation_row, ablation_table
 
+    run_ablate, split = (ablate_folds, "val") if folds else (ablate, "test")
     done: list = []
     with AblationProgress(err_console) as bars:
 
         def on_run(status) -> None:  # noqa: ANN001
             done.append(status)
-            bars.line(ablation_row(status))
+            bars.line(ablation_row(status, split))
 
         result = run_ablate(cfg, names, seeds, out, progress=bars, on_run=on_run, on_start=bars.start_run, **keys)
-    show(ablation_table(done), err_console)
+    show(ablation_table(done, split), err_console)
     return result
 
 

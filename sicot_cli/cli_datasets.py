@@ -103,8 +103,14 @@ def fetch(
     with exclusive(folder, "--dir"):  # a second fetch into the folder would unpack under this one's feet
         _print(_fetch(name, folder, test_per_class, seed, force))
     recipe, manifest = FETCHABLE[name]
-    extra = "" if folder == default else f" data.manifest={folder / manifest}"
-    console.print(safe(f"next: sicot prepare --recipe recipes/{recipe}.toml{extra}"))
+    import shlex
+
+    # the built-in recipe by name (any folder, an installed wheel), its manifest named unless it is
+    # where the recipe looks (data/NAME of the working folder); one line, quoted: it is copied
+    words = ["sicot", "prepare", "--recipe", recipe] + (
+        [] if folder == default else [f"data.manifest={folder / manifest}"]
+    )
+    console.print(safe(f"next: {shlex.join(words)}"), soft_wrap=True)
 
 
 def _fetch(name: str, folder: Path, test_per_class: int, seed: int, force: bool):  # noqa: ANN202 - an importer's summary

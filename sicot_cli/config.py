@@ -243,7 +243,7 @@ class TrainConfig:
     mixed_step: Literal["sum", "orthogonal"] = "sum"
     seed: Seed = 0
     device: str = "auto"  # auto, cpu, cuda, cuda:N
-    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    amp: bool = True  # bf16 autocast of the training steps on CUDA (ignored on CPU); scoring is always float32
     channels_last: bool = True
     compile: bool = False  # torch.compile the model (off until measured on your GPU)
     in_memory: Literal["auto", "yes", "no"] = "auto"  # hold the training images in RAM
@@ -601,12 +601,19 @@ def load_recipe(
     """
     table: dict[str, Any] = {}
     where = "built-in demo recipe"
+    base = None if path is None else Path(path).parent  # what paths inside the recipe are relative to
     if path is None:
         table = tomllib.loads(_demo_recipe_text())
     else:
         p = Path(path)
         where = str(p)
-        text = read_text(p, "recipe", missing="recipe not found (see recipes/ for examples)", expected="a .toml recipe")
+        builtin = None if os.path.lexists(p) or p.parent != Path() else _builtin_recipe_text(p.name)
+        if builtin is not None:
+            # a shipped recipe by name, from any folder and from an installed wheel: its paths read
+            # as in a checkout's recipes/ folder beside the working folder (data/ is the working folder's)
+            text, where, base = builtin, f"built-in recipe {p.name}", Path("recipes")
+        else:
+            text = read_text(p, "recipe", missing=_no_recipe(), expected="a .toml recipe")
         try:
             table = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
@@ -624,20 +631,39 @@ def load_recipe(
         raise _blame_overrides(e, where, path, overrides, given_as) from None
     # the built-in demo's own keys are defaults, not the user's choices; a preset's keys are the preset's
     recipe.__dict__["_explicit"] = _override_keys(overrides) if path is None else written
+    _expand_home(recipe)
     if path is not None:
         # Paths inside a recipe are relative to the recipe's folder; paths given as overrides
         # on the command line are relative to the working directory, as a shell user expects.
         given = _override_keys(overrides)
-        base = Path(path).parent
         for key, section, attr in (
             ("data.manifest", recipe.data, "manifest"),
             ("embed.pretrained", recipe.embed, "pretrained"),
             ("embed.corpus", recipe.embed, "corpus"),
         ):
             value = getattr(section, attr)
-            if value and not Path(value).is_absolute() and key not in given:
+            if value and not Path(value).is_absolute() and key not in given and base is not None:
                 setattr(section, attr, str(base / value))
     return recipe
+
+
+# The keys that name files or folders. A TOML string (and an override: bash expands no ``~`` after
+# ``key=``) keeps a leading ``~`` literally, which made a folder named ``~`` in the working folder.
+PATH_KEYS = ("data.manifest", "data.out", "embed.pretrained", "embed.corpus", "model.pretrained", "train.runs_dir")
+
+
+def _expand_home(recipe: Recipe) -> None:
+    """``~`` and ``~user`` at the start of a path key mean the home folder, as in a shell."""
+    for key in PATH_KEYS:
+        section, attr = key.split(".")
+        value = getattr(getattr(recipe, section), attr)
+        if isinstance(value, str) and value.startswith("~"):
+            expanded = os.path.expanduser(value)
+            if expanded.startswith("~"):  # no such user, or no home folder
+                raise SicotError(
+                    f"{key} = {value!r}: {value.split('/')[0]} names no home folder here; write the path out"
+                )
+            setattr(getattr(recipe, section), attr, expanded)
 
 
 def apply_preset(table: dict[str, Any], where: str = "<recipe>") -> None:
@@ -669,12 +695,36 @@ def recipe_with_overrides(table: dict[str, Any], overrides: list[str] | None, wh
 
 def _demo_recipe_text() -> str:
     """``recipes/demo.toml``: from the source tree (checkouts, editable installs) or the wheel."""
-    source = Path(__file__).resolve().parent.parent / "recipes" / "demo.toml"
+    text = _builtin_recipe_text("demo")
+    assert text is not None, "the demo recipe ships with sicot"
+    return text
+
+
+def builtin_recipes() -> list[str]:
+    """The names of the shipped recipes (``recipes/*.toml``; inside the wheel, ``sicot_cli.recipes``)."""
+    source = Path(__file__).resolve().parent.parent / "recipes"
+    if source.is_dir():
+        return sorted(p.stem for p in source.glob("*.toml"))
+    from importlib.resources import files
+
+    return sorted(f.name[:-5] for f in files("sicot_cli.recipes").iterdir() if f.name.endswith(".toml"))
+
+
+def _builtin_recipe_text(name: str) -> str | None:
+    """A shipped recipe's text by name (``emoji-zh`` or ``emoji-zh.toml``), None when there is none."""
+    stem = name[:-5] if name.endswith(".toml") else name
+    if stem not in builtin_recipes():
+        return None
+    source = Path(__file__).resolve().parent.parent / "recipes" / f"{stem}.toml"
     if source.is_file():
         return source.read_text(encoding="utf-8")
     from importlib.resources import files
 
-    return files("sicot_cli.recipes").joinpath("demo.toml").read_text(encoding="utf-8")
+    return files("sicot_cli.recipes").joinpath(f"{stem}.toml").read_text(encoding="utf-8")
+
+
+def _no_recipe() -> str:
+    return f"recipe not found (a .toml file, or a built-in recipe by name: {', '.join(builtin_recipes())})"
 
 
 def _override_keys(overrides: list[str] | None) -> set[str]:

@@ -10,6 +10,10 @@ import functools
 import logging
 import os
 import re
+import signal
+import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -20,7 +24,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.text import Text
 
 from sicot_cli.errors import SicotError
+from sicot_cli.interrupts import interrupt, stop_code
 
+log = logging.getLogger(__name__)
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
@@ -75,6 +81,15 @@ class _CleanRecords(logging.Filter):
         return True
 
 
+NAME_WIDTH = 40  # a class name or word shown inside a sentence or a table cell
+
+
+def abbreviate(text: str, width: int = NAME_WIDTH) -> str:
+    """``text`` cut to ``width`` characters with an ellipsis, for a user's name inside a line: one
+    class name of a thousand characters made a summary's row or a report's sentence a page long."""
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def data_text(text: object) -> str:
     """Text that comes from the user's data (class names, titles, words, paths) made safe to print
     inside rich markup (control characters made visible by :func:`clean`, markup escaped). Prefer
@@ -124,7 +139,8 @@ def setup_logging(verbose: bool) -> None:
     )
     for handler in logging.getLogger().handlers:
         handler.addFilter(_CleanRecords())
-    for noisy in ("gensim", "jieba", "smart_open", "PIL", "matplotlib", "h5py"):
+    # torch's own INFO lines ("FakeTensor cache stats" at exit after an export) are not sicot's
+    for noisy in ("gensim", "jieba", "smart_open", "PIL", "matplotlib", "h5py", "torch", "onnxscript", "onnx_ir"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -154,11 +170,43 @@ def _check_utf8(fn: Callable[..., Any], kwargs: dict[str, Any]) -> None:
         for v in value if isinstance(value, (list, tuple)) else [value]:
             text = str(v) if isinstance(v, (str, os.PathLike)) else ""
             if any("\ud800" <= ch <= "\udfff" for ch in text):
-                shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-                raise SicotError(
-                    f"{shown}: not valid UTF-8 (argument {name}); sicot records names in its JSON, "
-                    "TOML and HDF5 files: rename it"
-                )
+                raise SicotError(_not_utf8(text, name))
+
+
+def _not_utf8(text: str, name: str) -> str:
+    """Why an argument holds bytes Python could not decode: a name that is not UTF-8, or (the bytes
+    are UTF-8) a shell whose locale is not, so Python decoded them as ASCII."""
+    fs = sys.getfilesystemencoding()
+    raw = os.fsencode(text)
+    try:
+        shown = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        shown = raw.decode("utf-8", "backslashreplace")
+        return (
+            f"{shown}: not valid UTF-8 (argument {name}); sicot records names in its JSON, TOML and HDF5 files: "
+            "rename it"
+        )
+    return (
+        f"{shown.encode('ascii', 'backslashreplace').decode()}: this shell's locale is not UTF-8 (Python reads "
+        f"file names as {fs}) (argument {name}); run with a UTF-8 locale, e.g. LANG=C.UTF-8, or PYTHONUTF8=1"
+    )
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (``timeout``, Slurm, ``docker stop``, ``kill``) stops a command as Ctrl-C does: the
+    checkpoint saved, one line, exit 143; it ended the process at once, silently, losing the epoch."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
+
+
+def utf8_streams() -> None:
+    """Standard output and error that never fail on a character their encoding lacks (a non-UTF-8
+    locale, ``PYTHONIOENCODING=ascii``): shown as a backslash escape instead of a traceback, which
+    came after the work was done (a finished run's table, a prepared file's summary)."""
+    for stream in (sys.stdout, sys.stderr):
+        encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "")
+        if encoding != "utf8" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
 
 
 def guard(fn: F) -> F:
@@ -184,18 +232,50 @@ def guard(fn: F) -> F:
                 )
             raise
         except KeyboardInterrupt:
-            err_console.print("[yellow]interrupted[/]")
-            raise SystemExit(130) from None
+            err_console.print("[yellow]interrupted[/]" + (" (SIGTERM)" if stop_code() == 143 else ""))
+            raise SystemExit(stop_code()) from None
 
     return wrapper  # type: ignore[return-value]
 
 
+HEARTBEAT_S = 60.0  # off a terminal (a log, CI, a batch job): a long task's progress line at most this often
+
+
+class _Heartbeat:
+    """Off a terminal, where no bar is drawn, a long task's progress as a log line at most every
+    :data:`HEARTBEAT_S` seconds (a log showed nothing for minutes: an evaluation, an epoch)."""
+
+    def __init__(self, description: str, total: int | None, silent: bool) -> None:
+        self.description, self.total, self.done, self.silent = description, total, 0, silent
+        self.t0 = self.said = time.monotonic()
+        self._stop = threading.Event()
+        if not silent and total is None:  # a stage with no count (a vocabulary, word vectors) never ticks
+            threading.Thread(target=self._still_running, daemon=True).start()
+
+    def _still_running(self) -> None:
+        """A count-less stage's line every :data:`HEARTBEAT_S` seconds, until :meth:`close` (a stage done
+        within it says nothing: short commands and their error lines stay as they were)."""
+        while not self._stop.wait(HEARTBEAT_S):
+            log.info("%s ... (%.0f s)", self.description, time.monotonic() - self.t0)
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def tick(self, n: int) -> None:
+        self.done += n
+        if not self.silent and time.monotonic() - self.said >= HEARTBEAT_S:
+            self.said = time.monotonic()
+            of = f"/{self.total:,}" if self.total else ""
+            log.info("%s: %s%s (%.0f s)", self.description, f"{self.done:,}", of, self.said - self.t0)
+
+
 class _RichTask:
-    def __init__(self, progress: Progress, task_id: Any) -> None:
-        self._p, self._id = progress, task_id
+    def __init__(self, progress: Progress, task_id: Any, beat: _Heartbeat) -> None:
+        self._p, self._id, self._beat = progress, task_id, beat
 
     def advance(self, n: int = 1, **fields: object) -> None:
         self._p.update(self._id, advance=n, **fields)
+        self._beat.tick(n)
 
 
 def _bar_columns() -> list[Any]:
@@ -221,15 +301,20 @@ class RichProgress:
     def task(self, description: str, total: int | None) -> Iterator[_RichTask]:
         with Progress(*_bar_columns(), console=err_console, transient=True, disable=not err_console.is_terminal) as p:
             tid = p.add_task(description, total=total, info="")
-            yield _RichTask(p, tid)
+            beat = _Heartbeat(description, total, silent=not p.disable)
+            try:
+                yield _RichTask(p, tid, beat)
+            finally:
+                beat.close()
 
 
 class _AblationTask:
-    def __init__(self, owner: AblationProgress, task_id: Any, share: float) -> None:
-        self._o, self._id, self._share = owner, task_id, share
+    def __init__(self, owner: AblationProgress, task_id: Any, share: float, beat: _Heartbeat) -> None:
+        self._o, self._id, self._share, self._beat = owner, task_id, share, beat
 
     def advance(self, n: int = 1, **fields: object) -> None:
         self._o.bars.update(self._id, advance=n, **fields)
+        self._beat.tick(n)
         if self._share and self._o.overall is not None:
             self._o.bars.update(self._o.overall, advance=n * self._share)
 
@@ -283,7 +368,9 @@ class AblationProgress:
         tid = self.bars.add_task(description, total=total, info="")
         # an epoch's steps move the overall bar by one epoch in all
         share = 1.0 / total if description.startswith("epoch ") and total else 0.0
+        beat = _Heartbeat(description, total, silent=not self.bars.disable)
         try:
-            yield _AblationTask(self, tid, share)
+            yield _AblationTask(self, tid, share, beat)
         finally:
+            beat.close()
             self.bars.remove_task(tid)

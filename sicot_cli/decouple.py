@@ -118,14 +118,14 @@ def _run_stage(stage: _Stage, config: dict[str, Any], resume: bool, progress: Pr
     if runs.start_run(stage.run_dir, config, resume) and runs.is_finished(stage.run_dir):
         final = runs.read_summary(stage.run_dir).get("final")
         return TrainResult(stage.run_dir, runs.read_metrics(stage.run_dir), skipped=True, test=final)
-    feats = _features(stage)
+    feats = _features(stage, progress)
     if d.method in ("crt", "lws"):
         history = _train_classifier(stage, feats, progress or NullProgress())
     else:
         history = [_choose_tau(stage, feats)]
         runs.write_metrics(stage.run_dir, history)
         _save(stage, {"epoch": 1, "history": history}, None)
-    return _finish(stage, history)
+    return _finish(stage, history, progress)
 
 
 def _check_same_stage(run_dir: Path, config: dict[str, Any]) -> None:
@@ -190,7 +190,7 @@ def _set_up(source: Path, overrides: list[str], run_dir: str | Path | None, data
 
 
 @torch.no_grad()
-def _features(stage: _Stage) -> dict[str, torch.Tensor]:
+def _features(stage: _Stage, progress: Progress | None = None) -> dict[str, torch.Tensor]:
     """The frozen visual stream's features of the training and validation rows (computed once, kept in ``features.pt``)."""
     path = stage.run_dir / FEATURES
     if path.is_file():
@@ -204,7 +204,10 @@ def _features(stage: _Stage) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     p, cfg, m = stage.prepared, stage.recipe.train, stage.model
     for split in ("train", "val"):
-        x, y = rows_output(m.features, m, p, stage.device, cfg, p.split_range(split), m.feat_dim, use_in_memory(cfg, p))
+        x, y = rows_output(
+            m.features, m, p, stage.device, cfg, p.split_range(split), m.feat_dim, use_in_memory(cfg, p),
+            progress, f"features of the {'training' if split == 'train' else 'validation'} images",
+        )  # fmt: skip
         out[f"{split}_x"], out[f"{split}_y"] = x, y
     clf = stage.model.classifier
     out["weight"], out["bias"] = clf.weight.detach().cpu().clone(), clf.bias.detach().cpu().clone()
@@ -255,7 +258,8 @@ def _choose_tau(stage: _Stage, feats: dict[str, torch.Tensor]) -> dict[str, Any]
         stage.model.classifier.weight.copy_(w)
         stage.model.classifier.bias.copy_(b)
     score = scores[best] if scores else None
-    log.info("%s: tau %g (class-averaged validation top-1 %s)", stage.run_dir, d.taus[best], score)
+    shown = f"{score:.2f}" if score is not None else "none: no validation rows"
+    log.info("%s: tau %g (class-averaged validation top-1 %s)", stage.run_dir, d.taus[best], shown)
     return {
         "epoch": 1,
         "tau": d.taus[best],
@@ -370,10 +374,11 @@ def _save(stage: _Stage, state: dict[str, Any], optimizer: torch.optim.Optimizer
     checkpoints.save(stage.run_dir / runs.LAST, state, stage.model, optimizer, DistContext(), False, "stage2")
 
 
-def _finish(stage: _Stage, history: list[dict[str, Any]]) -> TrainResult:
+def _finish(stage: _Stage, history: list[dict[str, Any]], progress: Progress | None = None) -> TrainResult:
     """The test rows scored once with the final classifier; predictions and ``summary.json``."""
     recipe, p = stage.recipe, stage.prepared
-    final = evaluate_model(stage.model, p, stage.device, recipe, in_memory=use_in_memory(recipe.train, p))
+    in_memory = use_in_memory(recipe.train, p)
+    final = evaluate_model(stage.model, p, stage.device, recipe, in_memory=in_memory, progress=progress)
     d = recipe.decouple
     # tau chosen among several on validation; one tau (posthoc-la(tau=1)) is fixed, nothing chosen
     chose = d.method in ("tau_norm", "logit_adjust") and len(d.taus) > 1

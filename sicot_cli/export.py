@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sicot_cli import __version__
+from sicot_cli import __version__, runs
 from sicot_cli.errors import SicotError
 from sicot_cli.evaluate import load_run_model
 from sicot_cli.fsutil import atomic_path, check_name, ensure_dir, exclusive, extension, taken, write_json
@@ -61,7 +61,13 @@ PREPROCESSING = (
     "img.draft('RGB', (max(image_size, round(w / s)), max(image_size, round(h / s)))), the DCT reduction "
     "that keeps the shorter side >= image_size); apply the EXIF orientation (PIL.ImageOps.exif_transpose; "
     "none if the EXIF block is unreadable); "
-    "convert to RGB (alpha composited on white, 16-bit scaled to 8); resize the shorter side to "
+    "convert to RGB: an image with alpha (modes RGBA, LA, PA) or a tRNS transparency entry (modes P, L, RGB "
+    "with 'transparency' in img.info) converted to RGBA and alpha-composited on opaque white "
+    "(Image.alpha_composite); integer modes I;16* and I clipped to [0, top] and scaled v -> "
+    "(v * 255 + top // 2) // top, with top = 65535 for I;16* and for an I image whose largest value is over 255, "
+    "else 255; float mode F stretched per image, (v - min) / (max - min) * 255 truncated to uint8 (all 0 when "
+    "max = min; an image with NaN or infinity is refused); those grey results repeated on 3 channels; any other "
+    "mode img.convert('RGB'); resize the shorter side to "
     "image_size with PIL's bicubic filter (Image.Resampling.BICUBIC, reducing_gap=3.0); crop the centre "
     "image_size x image_size; HWC -> CHW; uint8, no scaling (the model normalises)"
 )
@@ -78,6 +84,7 @@ class ExportResult:
     max_abs_diff: float
     top1_equal: bool
     tolerance: float = TOLERANCE  # larger than TOLERANCE: float32's rounding of the model's large logits
+    source: str = ""  # which weights: "checkpoint best (epoch 5)", a second stage's method
 
 
 def sidecar_path(model_path: Path) -> Path:
@@ -230,10 +237,11 @@ def export(
     run_dir: str | Path,
     out: str | Path,
     fmt: str | None = None,
-    checkpoint: str = "last",
+    checkpoint: str | None = None,
     data: str | Path | None = None,
 ) -> ExportResult:
     """Write the image-only model of a run (TorchScript or ONNX) and its JSON, checked against PyTorch.
+    ``checkpoint`` (default): the one the run's scores come from (:func:`runs.scored_checkpoint`).
 
     Raises:
         SicotError: the output exists, an unknown format, missing extras for ONNX, or an export that
@@ -252,7 +260,10 @@ def export(
         return _export(Path(run_dir), out, side, fmt, checkpoint, data)
 
 
-def _export(run_dir: Path, out: Path, side: Path, fmt: str, checkpoint: str, data: str | Path | None) -> ExportResult:
+def _export(
+    run_dir: Path, out: Path, side: Path, fmt: str, checkpoint: str | None, data: str | Path | None
+) -> ExportResult:
+    checkpoint = checkpoint or runs.scored_checkpoint(run_dir)
     recipe, prepared, model, state = load_run_model(run_dir, checkpoint, data)
     net = ImageOnly(model.cpu()).eval()
     for p in net.parameters():
@@ -278,23 +289,38 @@ def _export(run_dir: Path, out: Path, side: Path, fmt: str, checkpoint: str, dat
         if not taken(out):
             side.unlink(missing_ok=True)
         raise
+    epoch, stage = sicot["epoch"], sicot.get("stage")
+    source = f"checkpoint {checkpoint}" + ("" if epoch is None else f" (epoch {epoch})")
+    if stage:
+        source += f", second stage {stage['method']} on {stage['from_run']}"
     return ExportResult(
-        out, side, fmt, len(images), checked["max_abs_diff"], checked["top1_equal"], checked["tolerance"]
+        out, side, fmt, len(images), checked["max_abs_diff"], checked["top1_equal"], checked["tolerance"], source
     )
 
 
 def _provenance(run_dir: Path, checkpoint: str, recipe: Any, state: dict[str, Any], prepared: Any) -> dict[str, Any]:
-    """The JSON's "sicot" block: where the weights come from."""
-    return {
+    """The JSON's "sicot" block: where the weights come from. A second stage (``sicot decouple``)
+    is named with its method, the run it started from and its tau; the encoder is the one the
+    visual stream was trained with (the stage's own recipe has none)."""
+    config = runs.read_config(run_dir)
+    encoder = config.get("encoder") if isinstance(config.get("encoder"), str) else recipe.model.encoder
+    block: dict[str, Any] = {
         "version": __version__,
         "run": str(run_dir.resolve()),
         "checkpoint": checkpoint,
         "epoch": state.get("epoch") if isinstance(state.get("epoch"), int) else None,  # epochs the weights trained
         "recipe": recipe.name,
-        "encoder": recipe.model.encoder,
+        "encoder": encoder,
         "backbone": recipe.model.backbone,
         "dataset": prepared.fingerprint(),
     }
+    final = runs.read_summary(run_dir).get("final", {}) if runs.is_finished(run_dir) else {}
+    stage = config.get("stage")
+    if isinstance(stage, dict):
+        block["stage"] = {"method": stage.get("method"), "from_run": stage.get("from_run"), "tau": final.get("tau")}
+    if isinstance(state.get("logit_adjust_tau"), (int, float)):  # folded into this checkpoint's classifier bias
+        block["logit_adjust_tau"] = state["logit_adjust_tau"]
+    return block
 
 
 def _check_outputs(out: Path, side: Path, warn: bool = True) -> None:

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,9 @@ from sicot_cli.report import BASELINE, FIGURE_SOFTWARE, Report
 
 
 def _plt():  # noqa: ANN202 - matplotlib is imported lazily and headless
+    # figures are written to files, never shown: a desktop's MPLBACKEND (or a wrong one, a
+    # ValueError inside matplotlib's import) has no say
+    os.environ.pop("MPLBACKEND", None)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -46,16 +50,19 @@ def fig6_distribution(train_counts: np.ndarray, head_threshold: int, title: str,
     counts = np.sort(np.asarray(train_counts))[::-1]
     head = counts >= head_threshold
     fig, ax = plt.subplots(figsize=(7, 3.2))
-    x = np.arange(len(counts))
-    # a group with no class gets no bar and no legend entry
-    if head.any():
-        ax.bar(x[head], counts[head], color="#d62728", width=1.0, label=f"head (>= {head_threshold})")
-    if (~head).any():
-        ax.bar(x[~head], counts[~head], color="#2ca02c", width=1.0, label=f"tail (< {head_threshold})")
+    # one filled step outline per group (the head classes come first in this order), each class a
+    # bar of width 1 centred on its index: drawing one bar object per class took 11 KB and 0.6 ms a
+    # class (11 minutes at a million classes). A group with no class gets no outline and no legend entry.
+    n_head = int(head.sum())
+    edges = np.arange(len(counts) + 1) - 0.5
+    if n_head:
+        ax.stairs(counts[:n_head], edges[: n_head + 1], fill=True, color="#d62728", label=f"head (>= {head_threshold})")
+    if n_head < len(counts):
+        ax.stairs(counts[n_head:], edges[n_head:], fill=True, color="#2ca02c", label=f"tail (< {head_threshold})")
     ax.set_xlabel("classes, sorted by training images")
     ax.set_ylabel("training images")
     ax.set_title(f"Fig. 6: long-tailed training distribution ({title})")
-    ax.legend()
+    ax.legend(loc="upper right")  # "best" searches the data for a free corner: slow with many classes
     return _save(fig, path)
 
 

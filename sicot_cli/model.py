@@ -142,8 +142,9 @@ def load_pretrained(net: nn.Module, backbone: str, pretrained: str) -> None:
     else:
         path = Path(pretrained)
         if not path.exists():
+            where = "" if path.is_absolute() else f", looked for at {path.absolute()}: relative to the working folder"
             raise SicotError(
-                f'model.pretrained: {path} not found (a state_dict file, a sicot run directory, or "imagenet")'
+                f'model.pretrained: {path} not found{where} (a state_dict file, a sicot run directory, or "imagenet")'
             )
     if path.is_dir() or _starts_with(path, runs.MAGIC):
         state = _sicot_visual_state(path, backbone)

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sicot_cli import runs
 from sicot_cli.data.images import DEFAULT_MAX_PIXELS, ImageSkip, load_image
 from sicot_cli.data.manifest import URL
 from sicot_cli.errors import SicotError
@@ -119,16 +120,18 @@ class Recognizer:
 
 
 def load_recognizer(
-    run_dir: str | Path, checkpoint: str = "last", data: str | Path | None = None, device: str = "auto"
+    run_dir: str | Path, checkpoint: str | None = None, data: str | Path | None = None, device: str = "auto"
 ) -> Recognizer:
-    """The image-only model of a run, in eval mode on ``device``.
+    """The image-only model of a run (``checkpoint`` default: the one its scores come from), in eval mode on ``device``.
 
     Raises:
         SicotError: not a run, a missing checkpoint, or a dataset other than the run's.
     """
     dev = resolve_device(device, "--device")
-    _, prepared, model, _ = load_run_model(Path(run_dir), checkpoint, data)
+    checkpoint = checkpoint or runs.scored_checkpoint(Path(run_dir))
+    _, prepared, model, state = load_run_model(Path(run_dir), checkpoint, data)
     model.to(dev).eval()
+    epoch = state.get("epoch")
 
     @torch.no_grad()
     def probabilities(images: np.ndarray) -> np.ndarray:
@@ -140,9 +143,11 @@ def load_recognizer(
         list(prepared.class_names),
         probabilities,
         lambda cs: representative_titles(prepared, cs),
-        f"run {run_dir} ({checkpoint})",
+        f"run {run_dir} (checkpoint {checkpoint}" + (f", epoch {epoch})" if isinstance(epoch, int) else ")"),
     )
 
+
+DEFAULT_TOP = 3  # classes per image when --top does not say (at most every class)
 
 # Images decoded and scored at a time by ``predict``: memory stays that of one batch for any number of files.
 PREDICT_BATCH = 64
@@ -159,11 +164,12 @@ class Unreadable:
 def predict(
     run_dir: str | Path,
     images: list[str | Path],
-    k: int = 3,
-    checkpoint: str = "last",
+    k: int | None = None,
+    checkpoint: str | None = None,
     data: str | Path | None = None,
     device: str = "auto",
     batch: int = PREDICT_BATCH,
+    on_model: Callable[[str], None] | None = None,
 ) -> tuple[list[Prediction], list[Unreadable]]:
     """Top-k classes of each readable image, by the image-only model of a run, ``batch`` images at a time.
 
@@ -176,7 +182,7 @@ def predict(
     """
     if not images:
         raise SicotError("no image given: sicot predict --run DIR IMAGE...")
-    if k < 1:
+    if k is not None and k < 1:
         raise SicotError(f"--top must be >= 1, got {k}")
     for p in images:  # before the model is loaded: these are no files at all
         if str(p) == "-":
@@ -184,6 +190,14 @@ def predict(
         if URL.match(str(p)):  # Path() has already folded "//" to "/"
             raise SicotError(f"{p}: a URL; predict reads local image files: download the image first")
     recognizer = load_recognizer(run_dir, checkpoint, data, device)
+    if k is not None and k > recognizer.num_classes:  # as serve's --top and ?k=N: refused, not silently fewer
+        raise SicotError(
+            f"--top {k}: the model knows {recognizer.num_classes} classes; ask for at most that many "
+            f"(or leave --top out: {DEFAULT_TOP}, or every class of a smaller model)"
+        )
+    k = k or min(DEFAULT_TOP, recognizer.num_classes)
+    if on_model is not None:
+        on_model(recognizer.source)
     preds: list[Prediction] = []
     unreadable: list[Unreadable] = []
     for start in range(0, len(images), batch):

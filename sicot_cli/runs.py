@@ -56,14 +56,24 @@ log = logging.getLogger(__name__)
 
 
 def git_commit() -> str | None:
-    """The commit of the sicot source tree, when it is a git checkout."""
+    """The commit of the sicot source tree, when it is a git checkout: the package's parent folder
+    must be the repository's top level. An installed sicot inside another project's repository
+    (``project/.venv/lib/...``) recorded that project's commit as sicot's."""
+    source = Path(__file__).resolve().parent.parent
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+            ["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=source, capture_output=True, text=True, timeout=5
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    lines = out.stdout.split("\n") if out.returncode == 0 else []
+    if len(lines) < 2 or not lines[1].strip():
+        return None
+    try:
+        ours = Path(lines[0]).resolve() == source
+    except (OSError, RuntimeError):
+        return None
+    return lines[1].strip() if ours else None
 
 
 def is_run(path: Path) -> bool:
@@ -292,6 +302,20 @@ def read_summary(run_dir: Path) -> dict[str, Any]:
     summary = _read_json(path, "unreadable")
     check(SummaryFile, summary, path)
     return summary
+
+
+def scored_checkpoint(run_dir: Path) -> str:
+    """The checkpoint a finished run's recorded scores come from (``best`` where it selected on
+    validation, else ``last``): what ``evaluate``, ``predict``, ``export`` and ``serve`` use unless
+    told. ``last`` for an unfinished run, or one whose summary cannot be read (its readers say why)."""
+    if not is_finished(run_dir):
+        return "last"
+    try:
+        final = read_summary(run_dir).get("final")
+    except SicotError:
+        return "last"
+    chosen = final.get("checkpoint") if isinstance(final, dict) else None
+    return chosen if chosen in ("last", "best") else "last"
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

@@ -57,6 +57,9 @@ IMAGE_TYPES = ("image/", "application/octet-stream")  # what a multipart image p
 MAX_PIXELS_CAP = 1_000_000_000
 
 
+DEFAULT_TOP = 5  # classes per image when neither --top nor ?k= says (at most every class)
+
+
 @dataclass
 class ServeLimits:
     """How much one request may ask, and how requests are batched."""
@@ -68,14 +71,14 @@ class ServeLimits:
     max_images: int = 32
     timeout_s: float = 30.0
     max_queue: int = 1024
-    top_k: int = 5
+    top_k: int | None = None  # classes per image unless a request asks ?k=N; None: DEFAULT_TOP, at most every class
 
     def check(self) -> None:
         """Raises SicotError for a limit out of range."""
         # the command-line flag each limit comes from (max_upload_bytes is --max-upload-mb x 1e6)
         flags = {"max_upload_bytes": "--max-upload-mb", "top_k": "--top"}
         for name in ("max_batch", "max_upload_bytes", "max_pixels", "max_images", "max_queue", "top_k"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 flag = flags.get(name, f"--{name.replace('_', '-')}")
                 got = getattr(self, name) / 1e6 if name == "max_upload_bytes" else getattr(self, name)
                 least = "0.000001" if name == "max_upload_bytes" else "1"
@@ -164,9 +167,13 @@ async def _images_from_multipart(request: Any, body: bytes, limits: ServeLimits)
         raise ApiError(400, f"bad multipart body: {detail}") from None
     out = []
     try:
-        for _, value in form.multi_items():
-            if not isinstance(value, UploadFile):
-                continue
+        for name, value in form.multi_items():
+            if not isinstance(value, UploadFile):  # a part without a filename: text, which was skipped silently
+                raise ApiError(
+                    400,
+                    f"form field {name!r} is no file upload (its part has no filename): send each image as a file, "
+                    f"e.g. curl -F '{name}=@photo.jpg'",
+                )
             ctype = (value.content_type or "application/octet-stream").lower()
             if not ctype.startswith(IMAGE_TYPES):
                 raise ApiError(415, f"{value.filename or 'upload'}: content type {ctype!r} is not an image")
@@ -309,7 +316,7 @@ async def _predict(
     """``POST /predict``: the request's images (multipart files or base64 JSON), batched, top-k each."""
     from starlette.concurrency import run_in_threadpool
 
-    k = min(limits.top_k, recognizer.num_classes) if k is None else k
+    k = (limits.top_k or min(DEFAULT_TOP, recognizer.num_classes)) if k is None else k
     if not 1 <= k <= recognizer.num_classes:
         raise ApiError(422, f"k must be between 1 and {recognizer.num_classes}, got {k}")
     loop = asyncio.get_running_loop()
@@ -346,7 +353,7 @@ async def _predict(
 def load(
     run: Path | None,
     model: Path | None,
-    checkpoint: str = "last",
+    checkpoint: str | None = None,
     data: Path | None = None,
     device: str = "auto",
     threads: int | None = None,
@@ -396,7 +403,7 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     limits: ServeLimits | None = None,
-    checkpoint: str = "last",
+    checkpoint: str | None = None,
     data: Path | None = None,
     device: str = "auto",
     threads: int | None = None,
@@ -413,6 +420,11 @@ def serve(
     limits = limits or ServeLimits()
     limits.check()
     recognizer = load(run, model, checkpoint, data, device, threads)
+    if limits.top_k is not None and limits.top_k > recognizer.num_classes:  # as ?k=N above the classes: refused
+        raise SicotError(
+            f"--top {limits.top_k}: the model knows {recognizer.num_classes} classes; ask for at most that many "
+            f"(or leave --top out: {DEFAULT_TOP}, or every class of a smaller model)"
+        )
     app = create_app(recognizer, limits)
     sock = bind(host, port)
     if host not in ("127.0.0.1", "localhost", "::1"):

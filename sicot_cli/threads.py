@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from sicot_cli.interrupts import STOP_SIGNALS
+
 AUTO_MAX = 8
 MAX_THREADS = 1024  # the bound of train.threads
 
@@ -69,20 +71,30 @@ _stopping: Any = None  # in a worker: the pool's stop event (a multiprocessing.E
 
 
 def _init_worker(stopping: Any, parent: int) -> None:  # noqa: ANN401 - a multiprocessing.Event
-    """A worker ignores Ctrl-C (the terminal sends it to every process of the job): the parent stops
-    the pool. It dies with its parent: a sicot killed outright (SIGKILL, the OOM killer) leaves no
-    idle worker behind."""
+    """A worker ignores Ctrl-C and SIGTERM (the terminal, or ``kill`` of the job's process group,
+    sends them to every process of the job): the parent stops the pool. It dies with its parent: a
+    sicot killed outright (SIGKILL, the OOM killer) leaves no idle worker behind."""
     global _stopping
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # held back while the pool started
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # held back while the pool started
     _stopping = stopping
     die_with_parent(parent)
 
 
+def loader_worker_init(parent: int, *_: object) -> None:
+    """A DataLoader worker (format 2's image decoding): as a pool worker, it leaves Ctrl-C and
+    SIGTERM to the parent, which stops the loader (a worker killed first was reported as a dead
+    loader process instead of an interrupt), and it dies with its parent."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    die_with_parent(parent)
+
+
 def die_with_parent(parent: int, *_: object) -> None:
-    """Ask Linux to send this process SIGTERM when its parent dies (``prctl(PR_SET_PDEATHSIG)``);
-    if the parent ``parent`` is gone already, exit now. Elsewhere: nothing (the pool's own checks).
-    Further arguments (a DataLoader's worker id) are ignored."""
+    """Ask Linux to kill this process when its parent dies (``prctl(PR_SET_PDEATHSIG)``, SIGKILL:
+    workers ignore SIGTERM); if the parent ``parent`` is gone already, exit now. Elsewhere: nothing
+    (the pool's own checks). Further arguments (a DataLoader's worker id) are ignored."""
     import sys
 
     if not sys.platform.startswith("linux"):
@@ -94,7 +106,7 @@ def die_with_parent(parent: int, *_: object) -> None:
     try:
         import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # 1: PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
     if os.getppid() != parent:  # died between the check and the prctl
@@ -160,18 +172,20 @@ def _start_workers(pool: Any) -> None:  # noqa: ANN401 - a ProcessPoolExecutor
 
     noted: list[int] = []
     main = threading.current_thread() is threading.main_thread()  # signal.signal works there only
-    previous = signal.signal(signal.SIGINT, lambda signum, _frame: noted.append(signum)) if main else None
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    previous = {s: signal.signal(s, lambda signum, _frame: noted.append(signum)) for s in STOP_SIGNALS} if main else {}
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         pool.submit(int).result()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
-        if main:
-            signal.signal(signal.SIGINT, previous)
-    if noted and callable(previous):  # Python's default handler raises KeyboardInterrupt
-        previous(signal.SIGINT, None)
-    elif noted and previous == signal.SIG_DFL:
-        raise KeyboardInterrupt
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if noted and callable(previous.get(noted[0])):  # Python's default SIGINT handler raises KeyboardInterrupt
+        previous[noted[0]](noted[0], None)
+    elif noted and previous.get(noted[0]) == signal.SIG_DFL:
+        if noted[0] == signal.SIGINT:
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), noted[0])  # SIGTERM's default: end the process, now that the pool knows its workers
 
 
 def _stop(pool: Any) -> None:  # noqa: ANN401 - a ProcessPoolExecutor

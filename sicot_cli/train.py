@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from sicot_cli import checkpoints, runs
+from sicot_cli import checkpoints, interrupts, runs
 from sicot_cli.classifier_step import eq1_from_streams
 from sicot_cli.config import Recipe, TrainConfig, adopt_prepared
 from sicot_cli.data.augment import random_resized_crop_flip
@@ -346,7 +346,7 @@ def training_plan(recipe: Recipe, prepared: Prepared, steps_per_epoch: int, thre
         warnings.append(
             f"fewer optimisation steps in the whole run ({total}) than classes ({prepared.num_classes}): likely too few "
             f"to learn them (a model that predicts one class for everything); lower train.batch_size or raise "
-            f"train.epochs (recipes/product-manifest.toml is the starting point for own data)"
+            f"train.epochs (the built-in recipe product-manifest, `--recipe product-manifest`, is the starting point for own data)"
         )
     return line, warnings
 
@@ -382,6 +382,7 @@ class _Run:
     scheduler: torch.optim.lr_scheduler.StepLR
     meta: dict[str, Any]
     in_memory: bool
+    progress: Progress = field(default_factory=NullProgress)  # the caller's: epochs, and each scoring pass
 
 
 @dataclass
@@ -413,7 +414,8 @@ def kept_checkpoint(run_dir: Path, state: _State) -> str | None:
 
 
 class SigintGuard:
-    """Ctrl-C between steps stops at once; inside a step it waits for the step's end.
+    """Ctrl-C (and SIGTERM, where the CLI made it an interrupt) between steps stops at once; inside a
+    step it waits for the step's end.
 
     A Ctrl-C after ``optimizer.step()`` began but before the batch is counted would save weights one
     step ahead of their batch counter.
@@ -425,6 +427,7 @@ class SigintGuard:
         self._old: Any = None
 
     def _handler(self, signum: int, frame: Any) -> None:
+        interrupts.note_stop(signum)
         if self.in_step:
             self.asked = True
         else:
@@ -437,12 +440,14 @@ class SigintGuard:
 
     def __enter__(self) -> SigintGuard:
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handler)
+            # SIGTERM only where the CLI made it an interrupt (stop_on_sigterm): a library caller keeps its own
+            term = signal.getsignal(signal.SIGTERM) is interrupts.interrupt
+            self._old = {s: signal.signal(s, self._handler) for s in (signal.SIGINT, *([signal.SIGTERM] * term))}
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for signum, handler in (self._old or {}).items():
+            signal.signal(signum, handler)
 
 
 def _train(
@@ -491,8 +496,9 @@ def _train_held(
         state = _resume(run)
     loader = _loader(run)
     forward = _forward(run)
+    run.progress = progress or NullProgress()
     with SigintGuard() as guard:
-        if _epochs(run, state, loader, forward, progress or NullProgress(), hook, guard):
+        if _epochs(run, state, loader, forward, run.progress, hook, guard):
             kept = kept_checkpoint(run.run_dir, state)
             return TrainResult(run.run_dir, state.history, interrupted=True, checkpoint=kept)
     return _finish(run, state)
@@ -818,8 +824,9 @@ def _end_epoch(run: _Run, state: _State, lr: float, guard: SigintGuard) -> None:
     val = None
     if run.prepared.n_val:
         val = evaluate_model(
-            run.model, run.prepared, run.device, run.recipe, in_memory=run.in_memory, ctx=run.ctx, split="val"
-        )
+            run.model, run.prepared, run.device, run.recipe, in_memory=run.in_memory, ctx=run.ctx, split="val",
+            progress=run.progress,
+        )  # fmt: skip
     record = _epoch_record(
         epoch, lr, state.accum, val, run.model.encoder is not None, epoch_lam(run.recipe.train, epoch)
     )
@@ -863,8 +870,9 @@ def _score_test(run: _Run, state: _State) -> tuple[Any, dict[str, Any]]:
         state.logit_adjust = _adjust(run)
         _save_adjusted(run, state, epoch)
     final = evaluate_model(
-        run.model, run.prepared, run.device, recipe, in_memory=run.in_memory, ctx=run.ctx, split="test"
-    )
+        run.model, run.prepared, run.device, recipe, in_memory=run.in_memory, ctx=run.ctx, split="test",
+        progress=run.progress,
+    )  # fmt: skip
     selected_on = "val" if recipe.eval.select == "best" else None
     return final, test_selection(run.prepared, recipe.eval.select, epoch, selected_on) | state.logit_adjust
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from rich.table import Table
 from rich.text import Text
 
-from sicot_cli.console import clean, data_text, safe
+from sicot_cli.console import abbreviate, clean, data_text, safe
 
 if TYPE_CHECKING:
     from sicot_cli.data.embed import EmbedSummary
@@ -30,7 +30,7 @@ def _informative_rows(table: Table, informative: list, rules: list) -> None:
     if not informative or informative[0][1] <= 0:
         return
     shown = ", ".join(
-        f"{data_text(w)} ({mi:.2f} bits; {share:.0%} in {data_text(label)})"
+        f"{data_text(abbreviate(w))} ({mi:.2f} bits; {share:.0%} in {data_text(abbreviate(label))})"
         for w, mi, label, share in informative[:6]
         if mi > 0
     )
@@ -180,24 +180,27 @@ def predictions_table(preds: list) -> Table:
     return t
 
 
-def ablation_row(s) -> str:  # noqa: ANN001 - sicot_cli.ablate.RunStatus
-    """One finished run of ``sicot ablate``, as a line printed when it ends."""
-    f = s.final or {}
-    return f"{data_text(s.run_dir.name)}: {s.state}; test top-1 {_fmt(f.get('top1'))}, top-3 {_fmt(f.get('top3'))}, head {_fmt(f.get('head_top1'))}, tail {_fmt(f.get('tail_top1'))}"
+def ablation_row(s, split: str = "test") -> str:  # noqa: ANN001 - sicot_cli.ablate.RunStatus
+    """One finished run of ``sicot ablate``, as a line printed when it ends: its ``split``'s figures
+    (``val`` on validation folds, where nothing should look at test)."""
+    f, k = s.final or {}, "val_" if split == "val" else ""
+    return (
+        f"{data_text(s.run_dir.name)}: {s.state}; {split} top-1 {_fmt(f.get(k + 'top1'))}, top-3 "
+        f"{_fmt(f.get(k + 'top3'))}, head {_fmt(f.get(k + 'head_top1'))}, tail {_fmt(f.get(k + 'tail_top1'))}"
+    )
 
 
-def ablation_table(statuses: list) -> Table:
-    """The table of ``sicot ablate``: the runs of this call."""
-    t = Table("run", "state", "top-1", "top-3", "head top-1", "tail top-1", title="ablation", title_justify="left")
+def ablation_table(statuses: list, split: str = "test") -> Table:
+    """The table of ``sicot ablate``: the runs of this call, with their ``split``'s figures."""
+    k = "val_" if split == "val" else ""
+    title = "ablation (test)" if split == "test" else "ablation (validation)"
+    t = Table("run", "state", "top-1", "top-3", "head top-1", "tail top-1", title=title, title_justify="left")
     for s in statuses:
         f = s.final or {}
         t.add_row(
             safe(s.run_dir.name),
             safe(s.state),
-            _fmt(f.get("top1")),
-            _fmt(f.get("top3")),
-            _fmt(f.get("head_top1")),
-            _fmt(f.get("tail_top1")),
+            *(_fmt(f.get(k + m)) for m in ("top1", "top3", "head_top1", "tail_top1")),
         )
     return t
 

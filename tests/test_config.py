@@ -192,3 +192,41 @@ def test_fractions_of_counts_floor_the_decimal_written():
     ]
     cfg = TrainConfig(epochs=90, drw_start=0.7, cotrain_after=0.7)
     assert (cfg.drw_epoch, cfg.image_only_epochs) == (63, 63)
+
+
+def test_a_shipped_recipe_is_found_by_name_from_any_folder(tmp_path, monkeypatch):
+    """Outside a checkout (an installed wheel) `--recipe recipes/emoji-zh.toml` names no file: the
+    shipped recipes answer to their names, their paths read as in a checkout's recipes/ folder,
+    so the manifest is where `sicot datasets fetch emoji` writes it from the same folder."""
+    from sicot_cli.config import builtin_recipes
+
+    monkeypatch.chdir(tmp_path)
+    assert {"demo", "emoji-zh", "mdi", "product-manifest"} <= set(builtin_recipes())
+    for name in ("emoji-zh", "emoji-zh.toml"):
+        r = load_recipe(Path(name))
+        assert Path(r.data.manifest).resolve() == tmp_path / "data" / "emoji" / "emoji-zh.csv"
+        assert r.name == "emoji-zh"
+    (tmp_path / "emoji-zh.toml").write_text('name = "mine"\n')  # a file of that name is the user's
+    assert load_recipe(Path("emoji-zh.toml")).name == "mine"
+    with pytest.raises(
+        SicotError, match=r"nope: recipe not found \(a \.toml file, or a built-in recipe by name: .*emoji-zh"
+    ):
+        load_recipe(Path("nope"))
+    with pytest.raises(SicotError, match="recipe not found"):
+        load_recipe(Path("sub") / "emoji-zh.toml")  # a path with a folder is a file, never a built-in
+
+
+def test_a_leading_tilde_in_a_path_key_is_the_home_folder(tmp_path, monkeypatch):
+    """A TOML string, and bash after `key=`, keep `~`: it made a folder named `~` in the working folder."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    r = load_recipe(None, ["data.out=~/d.h5", "train.runs_dir=~/runs", "model.pretrained=~/w.pt"])
+    assert (r.data.out, r.train.runs_dir, r.model.pretrained) == (
+        str(tmp_path / "home" / "d.h5"),
+        str(tmp_path / "home" / "runs"),
+        str(tmp_path / "home" / "w.pt"),
+    )
+    f = tmp_path / "r.toml"
+    f.write_text('[data]\nsource = "manifest"\nmanifest = "~/m.csv"\n')
+    assert load_recipe(f).data.manifest == str(tmp_path / "home" / "m.csv")  # not joined to the recipe's folder
+    with pytest.raises(SicotError, match="~nosuchuser names no home folder"):
+        load_recipe(None, ["data.out=~nosuchuser/d.h5"])

@@ -378,7 +378,7 @@ def test_fetch_runs_npm_pack(tmp_path):
     src = make_emoji_packages(tmp_path / "src")
     store = tmp_path / "registry"
     pkgs = _packed(src, store)
-    npm = tmp_path / "npm"  # stands in for `npm pack NAME@VERSION --silent`: the tarball lands in the cwd
+    npm = tmp_path / "npm"  # stands in for `npm pack NAME@VERSION --loglevel=error`: the tarball lands in the cwd
     npm.write_text(
         f'#!/bin/sh\n[ "$1" = pack ] || exit 9\ncp "{store}/$(echo "$2" | tr @ -).tgz" .\n', encoding="utf-8"
     )
@@ -392,6 +392,21 @@ def test_fetch_runs_npm_pack(tmp_path):
     broken.chmod(0o755)
     with pytest.raises(SicotError, match="404 Not Found"):
         em.fetch_emoji(tmp_path / "other", npm=str(broken), packages=tuple(pkgs))
+    # npm's reason, not its stack trace nor its log file, and what to do without a registry
+    offline = tmp_path / "offline-npm"
+    trace = [
+        "code ECONNREFUSED", "syscall connect", "errno ECONNREFUSED",
+        "FetchError: request to http://127.0.0.1:9/x failed, reason: connect ECONNREFUSED 127.0.0.1:9",
+        "    at ClientRequest.<anonymous> (index.js:130:14)", "{", "  errno: 'ECONNREFUSED',", "}",
+        "A complete log of this run can be found in: /x/debug-0.log",
+    ]  # fmt: skip
+    offline.write_text("#!/bin/sh\n" + "".join(f"echo 'npm error {t}' >&2\n" for t in trace) + "exit 1\n")
+    offline.chmod(0o755)
+    with pytest.raises(SicotError) as e:
+        em.fetch_emoji(tmp_path / "off", npm=str(offline), packages=tuple(pkgs))
+    assert "failed (exit 1): ECONNREFUSED; FetchError: request to http://127.0.0.1:9/x failed" in str(e.value)
+    assert "at ClientRequest" not in str(e.value) and "complete log" not in str(e.value)
+    assert f"run `npm pack {pkgs[0].spec}` and put {pkgs[0].tarball} in {tmp_path / 'off'}" in str(e.value)
     (tmp_path / "third" / pkgs[0].tarball).mkdir(parents=True)  # a folder at the tarball's name: a traceback
     with pytest.raises(SicotError, match=rf"{re.escape(pkgs[0].tarball)}: exists and is not a file"):
         em.fetch_emoji(tmp_path / "third", npm=str(npm), packages=tuple(pkgs))

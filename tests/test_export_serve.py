@@ -91,7 +91,8 @@ def onnx_model(run_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("onnx") / "model.onnx"
     r = runner.invoke(app, ["export", "--run", str(run_dir), "--out", str(out)])
     assert r.exit_code == 0, r.output
-    assert "(onnx)" in r.output and "top-1 identical" in r.output
+    said = " ".join(r.output.split())
+    assert "(onnx)" in said and "from checkpoint last (epoch 2)" in said and "top-1 identical" in said
     return out
 
 
@@ -149,13 +150,32 @@ meta = json.load(open(model_path + ".json"))
 size = meta["input"]["image_size"]
 assert "PIL.ImageOps.exif_transpose" in meta["input"]["preprocessing"] and "draft" in meta["input"]["preprocessing"]
 assert meta["input"]["dtype"] == "uint8" and meta["input"]["layout"] == "NCHW" and meta["input"]["channels"] == "RGB"
+for said in ("tRNS", "(v * 255 + top // 2) // top", "top = 65535 for I;16*", "(v - min) / (max - min) * 255"):
+    assert said in meta["input"]["preprocessing"], said
+
+def to_rgb(img):  # the JSON's "convert to RGB", rule by rule
+    if img.mode.startswith("I"):
+        a = np.asarray(img).astype(np.int64)
+        top = 65535 if img.mode.startswith("I;16") or a.max() > 255 else 255
+        a = (np.clip(a, 0, top) * 255 + top // 2) // top
+        return Image.fromarray(a.astype(np.uint8), "L").convert("RGB")
+    if img.mode == "F":
+        a = np.asarray(img, dtype=np.float32)
+        lo, hi = a.min(), a.max()
+        a = np.zeros_like(a) if hi <= lo else (a - lo) / (hi - lo) * 255.0
+        return Image.fromarray(a.astype(np.uint8), "L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode in ("P", "L", "RGB") and "transparency" in img.info):
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, img.convert("RGBA")).convert("RGB")
+    return img.convert("RGB")
+
 batch = []
 for path in images:
     img = Image.open(path)
     if img.format == "JPEG":  # as the JSON says: draft mode first
         s = min(img.size) / size
         img.draft("RGB", (max(size, round(img.width / s)), max(size, round(img.height / s))))
-    img = ImageOps.exif_transpose(img).convert("RGB")
+    img = to_rgb(ImageOps.exif_transpose(img))
     w, h = img.size
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
@@ -198,6 +218,34 @@ def test_the_exported_json_names_the_exif_orientation_predict_applies(run_dir, o
     assert want.exit_code == 0, want.output
     r = subprocess.run(
         [sys.executable, "-c", CONSUMER, str(onnx_model), str(sideways)], capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr
+    _same_top(json.loads(r.stdout), json.loads(want.output), atol=1e-4)
+
+
+def test_the_exported_json_says_how_every_image_mode_becomes_rgb(run_dir, onnx_model, tmp_path):
+    """Colour-key transparency (tRNS), 32-bit integer and float images: sicot converts each by its own
+    rule, which the JSON did not state, so a consumer following it scored other pixels (up to 247
+    levels off, a different top-1)."""
+    rng = np.random.default_rng(5)
+    rgb = (rng.random((20, 24, 3)) * 255).astype(np.uint8)
+    files = []
+    pal = Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    pal.info["transparency"] = 3
+    for name, img, kw in (
+        ("pal-key.png", pal, {"transparency": 3}),
+        ("rgb-key.png", Image.fromarray(rgb), {"transparency": tuple(int(v) for v in rgb[0, 0])}),
+        ("i32-12bit.tif", Image.fromarray((rng.random((20, 24)) * 4095).astype(np.int32), "I"), {}),
+        ("i32-8bit.tif", Image.fromarray((rng.random((20, 24)) * 255).astype(np.int32), "I"), {}),
+        ("f32.tif", Image.fromarray((rng.random((20, 24)) * 3 - 1).astype(np.float32), "F"), {}),
+    ):
+        img.save(tmp_path / name, **kw)
+        files.append(str(tmp_path / name))
+    assert Image.open(files[1]).info.get("transparency") is not None and Image.open(files[2]).mode == "I"
+    want = runner.invoke(app, ["predict", "--run", str(run_dir), "--json", "-k", "3", *files])
+    assert want.exit_code == 0, want.output
+    r = subprocess.run(
+        [sys.executable, "-c", CONSUMER, str(onnx_model), *files], capture_output=True, text=True, timeout=120
     )
     assert r.returncode == 0, r.stderr
     _same_top(json.loads(r.stdout), json.loads(want.output), atol=1e-4)
@@ -564,7 +612,16 @@ def _bad_cases(images: list[Path]) -> dict[str, tuple[dict, int, str]]:
             422,
             "i.ico: an icon container (ICO, CUR or ICNS) is not read: save the image as PNG",
         ),
-        "no_image": ({"files": [("a", (None, "b"))]}, 400, "no image in the request"),
+        "no_image": (
+            {"content": b"--zz--\r\n", "headers": {"content-type": "multipart/form-data; boundary=zz"}},
+            400,
+            "no image in the request",
+        ),
+        "field_not_file": (  # a part without a filename beside an image: was dropped, 2 images sent, 1 answered
+            {"files": [("image", ("a.png", png, "image/png")), ("b", (None, "b"))]},
+            400,
+            "form field 'b' is no file upload (its part has no filename): send each image as a file, e.g. curl -F 'b=@photo.jpg'",
+        ),
         "bad_json": (
             {"content": b"[1,", "headers": {"content-type": "application/json"}},
             400,
@@ -625,6 +682,7 @@ BAD_CASES = [
     "base64_non_image",
     "icon_container",
     "no_image",
+    "field_not_file",
     "bad_json",
     "json_not_strings",
     "json_nested_too_deeply",
@@ -648,6 +706,18 @@ def test_bad_upload_answers_4xx_json_and_service_keeps_serving(client, images, r
     good = client.post("/predict", files={"image": (images[1].name, images[1].read_bytes(), "image/png")})
     assert good.status_code == 200
     _same_top(good.json()["predictions"], [{**reference[1], "image": images[1].name}], atol=1e-5)
+
+
+def test_top_k_beyond_the_classes_is_refused_and_the_default_is_at_most_every_class(run_dir, images, client):
+    r = runner.invoke(app, ["predict", "--run", str(run_dir), "-k", "4", str(images[0])])
+    assert r.exit_code == 2 and "--top 4: the model knows 3 classes" in " ".join(r.output.split()), r.output
+    r = runner.invoke(app, ["predict", "--run", str(run_dir), "--json", str(images[0])])
+    assert r.exit_code == 0 and len(json.loads(r.output)[0]["top"]) == 3  # default 3
+    png = images[0].read_bytes()
+    r = client.post("/predict", files={"image": ("a.png", png, "image/png")}, params={"k": 4})
+    assert r.status_code == 422 and "k must be between 1 and 3, got 4" in r.json()["error"]
+    r = client.post("/predict", files={"image": ("a.png", png, "image/png")})
+    assert r.status_code == 200 and len(r.json()["predictions"][0]["top"]) == 3  # the fixture's --top 3
 
 
 def test_unknown_route_and_method_are_json(client):
@@ -735,6 +805,9 @@ def test_serve_cli_refusals(run_dir, onnx_model):
     assert r.exit_code == 2 and "--threads must be 1..1024, got 100000" in r.output
     r = runner.invoke(app, ["serve", "--run", str(run_dir), "--top", "0"])
     assert r.exit_code == 2 and "--top must be at least 1, got 0" in r.output
+    # more classes than the model knows: refused by serve, predict and ?k=N alike (two clipped silently)
+    r = runner.invoke(app, ["serve", "--run", str(run_dir), "--top", "4"])
+    assert r.exit_code == 2 and "--top 4: the model knows 3 classes; ask for at most that many" in r.output
     r = runner.invoke(app, ["serve", "--run", str(run_dir), "--port", "70000"])
     assert r.exit_code == 2 and "cannot listen on 127.0.0.1:70000" in r.output
     r = runner.invoke(app, ["serve", "--model", str(onnx_model.with_name("nope.onnx"))])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -323,3 +324,29 @@ def test_a_stored_image_over_the_pixel_limit_is_a_decode_error(monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 64 x 64 is over twice it: PIL's bomb error
     with pytest.raises(ValueError, match="over PIL's pixel limit"):
         decode_row(buf.getvalue(), 16, None, False)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        pytest.param(lambda info: info.pop("digests"), id="written before shards recorded pixel digests"),
+        pytest.param(lambda info: info.update(digests=7), id="digests not a list"),
+        pytest.param(lambda info: info.update(lengths=["12"] * len(info["lengths"])), id="lengths not numbers"),
+        pytest.param(lambda info: info.update(skips=[]), id="skips not a table"),
+    ],
+)
+def test_a_shard_record_without_pixel_digests_or_malformed_is_encoded_again(raw, tmp_path, monkeypatch, edit):  # noqa: ANN001
+    """Such a record cannot serve the cross-split copy check (or be read at all): the rerun rewrites that shard."""
+    out = tmp_path / "d.h5"
+    prepare(_recipe(raw), out)
+    record = next(out.parent.glob("d.shards-*")) / "000001.json"
+    info = json.loads(record.read_text())
+    edit(info)
+    record.write_text(json.dumps(info))
+    calls = []
+    real = jpegwrite.write_shard
+    monkeypatch.setattr(jpegwrite, "write_shard", lambda *a: calls.append(a[1]) or real(*a))
+    prepare(_recipe(raw), out, force=True)
+    assert calls == [1]
+    rewritten = json.loads(record.read_text())
+    assert len(rewritten["digests"]) == len(rewritten["lengths"]) > 0

@@ -145,3 +145,23 @@ def test_short_cuda_run_with_amp_channels_last_and_pinned_memory(
 
     again = evaluate_run(fp32.run_dir, device="cpu")
     np.testing.assert_allclose(again.topk_scores, top_b, atol=5e-3, rtol=0)
+
+
+def test_recorded_scores_are_the_shipped_models_under_amp(tiny_prepared: Path, tmp_path: Path) -> None:
+    """train.amp trains under bf16 autocast, but the scores a run records (and evaluate) are float32,
+    as predict, serve and export run the model: the same probabilities, not up to 1e-2 apart."""
+    from sicot_cli.evaluate import evaluate_run
+    from sicot_cli.predict import load_recognizer
+    from sicot_cli.train import train
+
+    run = train(tiny_recipe(tiny_prepared, *CUDA, "train.amp=true"), tmp_path / "run").run_dir
+    result = evaluate_run(run, device="cuda")
+    p = open_prepared(tiny_prepared)
+    lo, hi = p.split_range("test")
+    images = next(iter(BatchLoader(p, hi - lo, lo, hi, shuffle=False, in_memory=False).epoch(0))).images.numpy()
+    probs = load_recognizer(run, device="cuda").probabilities(images)
+    order = np.argsort(result.rows)  # the evaluation's rows, in file order
+    shipped = np.take_along_axis(probs, result.topk_labels[order], axis=1)
+    result.topk_scores = result.topk_scores[order]
+    np.testing.assert_allclose(shipped, result.topk_scores, atol=1e-5)
+    assert runs.read_summary(run)["final"]["top1"] == pytest.approx(result.metrics["top1"])

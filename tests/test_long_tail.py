@@ -457,6 +457,17 @@ def test_decouple_command(first_run: Path, tmp_path: Path) -> None:
     assert again.exit_code == 2 and "run directory exists" in again.output
     best = CliRunner().invoke(app, ["evaluate", "--run", str(out), "--checkpoint", "best"])  # said "it was removed"
     assert best.exit_code == 2 and "a second stage (tau_norm) keeps only checkpoint-last.pt" in best.output
+    # its export names the stage, the run it started from, its tau and the encoder that trained the
+    # visual stream (it said encoder "none" and nothing of the stage: a plain image-only baseline)
+    exported = CliRunner().invoke(app, ["export", "--run", str(out), "--out", str(tmp_path / "tn.pt")])
+    assert exported.exit_code == 0, exported.output
+    assert f"second stage tau_norm on {first_run}" in " ".join(exported.output.split())
+    sicot = json.loads((tmp_path / "tn.pt.json").read_text())["sicot"]
+    assert sicot["encoder"] == "mean" and sicot["stage"] == {
+        "method": "tau_norm",
+        "from_run": str(first_run),
+        "tau": 0.5,
+    }
     bad = CliRunner().invoke(app, ["decouple", str(tmp_path), "--method", "crt"])
     assert bad.exit_code == 2 and "not a finished run" in bad.output
 
@@ -516,6 +527,10 @@ def test_eval_logit_adjust_chooses_tau_on_validation_and_keeps_the_adjusted_clas
     stage = decouple(first_run, ["decouple.method=logit_adjust", "decouple.taus=[0.0, 1.0, 3.0]"], tmp_path / "s")
     assert stage.final["tau"] == tau and stage.final["top1"] == final["top1"]
     assert methods.label(runs.read_config(adjusted.run_dir)) == "mean+posthoc-la"
+    from sicot_cli.export import export
+
+    export(adjusted.run_dir, tmp_path / "a.pt")  # the adjusted classifier ships, and its JSON says with which tau
+    assert json.loads((tmp_path / "a.pt.json").read_text())["sicot"]["logit_adjust_tau"] == tau
     assert f"post-hoc logit adjustment tau {tau:g} chosen on validation" in runs.selection_line(final)
     # one candidate is a fixed tau, not a choice (it said "chosen on validation", with no validation row)
     one = {**final, "logit_adjust_tau": 1.0, "logit_adjust_val_scores": [None]}

@@ -275,8 +275,8 @@ def test_training_plan_warns_when_the_setting_cannot_learn():
     assert warnings == [
         "train.batch_size 128 is larger than the 68 training images: one step per epoch",
         "fewer optimisation steps in the whole run (8) than classes (100): likely too few to learn them (a model that "
-        "predicts one class for everything); lower train.batch_size or raise train.epochs (recipes/product-manifest.toml "
-        "is the starting point for own data)",
+        "predicts one class for everything); lower train.batch_size or raise train.epochs (the built-in recipe "
+        "product-manifest, `--recipe product-manifest`, is the starting point for own data)",
     ]
     assert training_plan(recipe, SimpleNamespace(image_size=32, n_train=6800, num_classes=100), 53, 2)[1] == []
     pretrained = load_recipe(None, ["train.batch_size=128", "train.epochs=8", "model.pretrained=runs/x"])
@@ -336,8 +336,9 @@ def test_ablate_writes_figures_per_class_table_and_confusions(own, tmp_path, mon
     assert_png(abl / "curves.png", (10, 3.6))
     assert_png(abl / "fig6_distribution.png", (7, 3.2))
     # 8 training images in each class, head boundary 8 (the file's own): three red head bars
-    bars = figs["fig6_distribution.png"].axes[0].patches
-    assert [(b.get_height(), to_hex(b.get_facecolor())) for b in bars] == [(8, "#d62728")] * 3
+    steps = figs["fig6_distribution.png"].axes[0].patches  # one filled step outline per group
+    bars = [(float(v), to_hex(st.get_facecolor())) for st in steps for v in st.get_data().values]
+    assert bars == [(8, "#d62728")] * 3
     assert [len(ln.get_xdata()) for ln in figs["curves.png"].axes[0].lines] == [
         1,
         1,
@@ -451,6 +452,26 @@ def test_report_names_the_removed_words_most_tied_to_a_label(tmp_path):
     assert (
         _removed_words_line(SimpleNamespace(runs=[SimpleNamespace(config={"data": str(tmp_path / "gone.h5")})])) is None
     )
+    # a class name of a thousand characters is shown by its first 39 and an ellipsis, as in prepare's summary
+    side["summary"]["informative_removed"][0][2] = "x" * 1000
+    (tmp_path / "e.recipe.json").write_text(json.dumps(side))
+    assert _removed_words_line(report).endswith(f"97% in {'x' * 39}…).")
+
+
+def test_prepare_summary_shortens_a_long_class_name_in_the_removed_words_row():
+    from rich.console import Console
+    from rich.table import Table
+
+    from sicot_cli.views import _informative_rows
+
+    table = Table()
+    table.add_column("a")
+    table.add_column("b")
+    _informative_rows(table, [("flag", 0.41, "y" * 1000, 0.97)], [])
+    console = Console(width=4000, record=True)
+    console.print(table)
+    text = console.export_text()
+    assert f"97% in {'y' * 39}…)" in text and "y" * 40 not in text, text
 
 
 def test_recipe_keys_the_prepared_file_overrides_are_warned_once(tiny_prepared, caplog):
@@ -495,3 +516,30 @@ def test_class_names_with_dollar_signs_are_drawn_as_written(tmp_path):
     fig, ax = plt.subplots()
     assert ax.text(0, 0, "$10-$20 shoes").get_parse_math() is False  # drawn as written, not as 10 - 20
     plt.close(fig)
+
+
+def test_fig6_draws_one_outline_per_group_whatever_the_number_of_classes(tmp_path, monkeypatch):
+    """One bar object per class: 32 s and 613 MB at 50k classes. Now two filled steps, their edges on the classes."""
+    from sicot_cli import figures
+
+    captured = {}
+    monkeypatch.setattr(figures, "_save", lambda fig, path: captured.setdefault("fig", fig))
+    counts = np.array([50, 3, 40, 1, 7] * 2000)
+    figures.fig6_distribution(counts, 40, "x", tmp_path / "f.png")
+    steps = captured["fig"].axes[0].patches
+    assert len(steps) == 2
+    (head, head_edges), (tail, tail_edges) = ((st.get_data().values, st.get_data().edges) for st in steps)
+    assert list(head) == [50] * 2000 + [40] * 2000 and list(tail) == [7] * 2000 + [3] * 2000 + [1] * 2000
+    assert head_edges[0] == -0.5 and head_edges[-1] == tail_edges[0] == 3999.5 and tail_edges[-1] == 9999.5
+
+
+def test_a_path_too_long_or_through_a_file_is_named_so_not_a_corrupt_image(tmp_path):
+    """A 300-character file name or a 5,000-character path was counted as "truncated or corrupt image"."""
+    from sicot_cli.data.images import ImageSkip, load_image
+
+    for path in (tmp_path / ("x" * 300 + ".png"), Path(str(tmp_path) + ("/" + "d" * 200) * 25 + "/a.png")):
+        with pytest.raises(ImageSkip, match="image path too long for this filesystem"):
+            load_image(path, 8)
+    (tmp_path / "f").write_bytes(b"x")
+    with pytest.raises(ImageSkip, match="a file where a folder should be"):
+        load_image(tmp_path / "f" / "a.png", 8)

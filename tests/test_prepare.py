@@ -182,8 +182,9 @@ def test_same_image_both_sides_of_a_given_split_loses_its_test_row(tmp_path):
     }
 
 
-def test_pixel_copies_across_splits_are_kept_counted_and_named(tmp_path, caplog):
-    """Another file with a training image's pixels, in validation or test: kept, counted, named (format 1)."""
+@pytest.mark.parametrize("fmt", [[], ["data.images=jpeg", "data.shard_rows=5", "data.stored_side=16"]])
+def test_pixel_copies_across_splits_are_kept_counted_and_named(tmp_path, caplog, fmt):
+    """Another file with a training image's pixels, in validation or test: kept, counted, named (both formats)."""
     root = tmp_path / "raw"
     extra = [
         {"image": "copy-a.png", "title": "red cat", "label": "cat", "id": "t-copy", "split": "test"},
@@ -197,7 +198,8 @@ def test_pixel_copies_across_splits_are_kept_counted_and_named(tmp_path, caplog)
     out = tmp_path / "p.h5"
     with caplog.at_level("WARNING"):
         s = prep.prepare(
-            load_recipe(None, ["data.source=manifest", f"data.manifest={m}", "data.image_size=16", *KEEP_ALL]), out
+            load_recipe(None, ["data.source=manifest", f"data.manifest={m}", "data.image_size=16", *KEEP_ALL, *fmt]),
+            out,
         )
     assert s.duplicate_counts == {"val": 1, "test": 2}  # a copy within training is no leak
     assert s.duplicate_examples["val"] == [(f"{m}:{len(TITLES) * 6 + 3}", f"{m}:{list(TITLES).index('dog') * 6 + 6}")]
@@ -208,7 +210,10 @@ def test_pixel_copies_across_splits_are_kept_counted_and_named(tmp_path, caplog)
     side = json.loads(out.with_suffix(".recipe.json").read_text())["summary"]
     assert side["duplicate_counts"] == {"val": 1, "test": 2}
     clean = tmp_path / "clean.h5"
-    assert prep.prepare(recipe_for(make_manifest(tmp_path / "raw2")), clean).duplicate_counts == {}
+    assert (
+        prep.prepare(recipe_for(make_manifest(tmp_path / "raw2"), "data.image_size=16", *fmt), clean).duplicate_counts
+        == {}
+    )
 
 
 @pytest.mark.parametrize("fmt", [[], ["data.images=jpeg", "data.shard_rows=7", "data.stored_side=16"]])

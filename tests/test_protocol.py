@@ -184,6 +184,27 @@ def test_checkpoint_best_follows_validation_not_test(
     assert (out["split"], out["n_images"], "n_test" in out) == ("val", 9, False)
     assert out["top1"] == pytest.approx(val.metrics["top1"])
 
+    # unless told, every command uses the checkpoint the run's scores come from (here best, epoch 2,
+    # not the last, epoch 3), and says so: evaluate's default reproduces the recorded test score
+    assert runs.scored_checkpoint(tmp_path / "run") == "best"
+    default = evaluate_run(tmp_path / "run", device="cpu")
+    assert (default.checkpoint, default.checkpoint_epoch) == ("best", 2)
+    assert default.metrics["top1"] == pytest.approx(final["top1"])
+    out = json.loads(CliRunner().invoke(app, ["evaluate", "--run", str(tmp_path / "run"), "--json"]).output)
+    assert (out["checkpoint"], out["checkpoint_epoch"], out["top1"]) == ("best", 2, pytest.approx(final["top1"]))
+    out = json.loads(
+        CliRunner().invoke(app, ["evaluate", "--run", str(tmp_path / "run"), "--json", "--checkpoint", "last"]).output
+    )
+    assert (out["checkpoint"], out["checkpoint_epoch"]) == ("last", 3)
+    image = tmp_path / "x.png"
+    write_image(image, seed=1, channel=0)
+    r = CliRunner().invoke(app, ["predict", "--run", str(tmp_path / "run"), str(image)])
+    assert r.exit_code == 0 and "(checkpoint best, epoch 2)" in " ".join(r.output.split()), r.output
+    r = CliRunner().invoke(app, ["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "m.pt")])
+    assert r.exit_code == 0 and "from checkpoint best (epoch 2)" in " ".join(r.output.split()), r.output
+    sicot = json.loads((tmp_path / "m.pt.json").read_text())["sicot"]
+    assert (sicot["checkpoint"], sicot["epoch"], "stage" in sicot) == ("best", 2, False)
+
 
 def test_select_best_needs_validation_rows(tiny_prepared: Path, tmp_path: Path) -> None:
     from sicot_cli.train import train
@@ -282,3 +303,57 @@ def test_ablate_compares_presets_side_by_side(tiny_prepared: Path, tmp_path: Pat
     from_file = load_recipe(r, [f"data.out={tiny_prepared}", *TRAIN_FAST, "train.epochs=1"])
     assert not {"train.normalize_loss", "model.semantic_norm", "model.mixed_trains_classifier"} & from_file.explicit
     ablate(from_file, ["mean"], [0], tmp_path / "ab4", data=tiny_prepared, presets=["sicot", "paper"])
+
+
+def test_ablate_on_validation_folds_is_the_documented_loop_in_one_command(tmp_path: Path, monkeypatch) -> None:
+    """`ablate --val-folds 0,1`: fold K prepared beside data.out (fold 0 is data.out itself), seed K
+    trained on it in <out>/fold-K, then the validation tables over both folds; no report written.
+    Folds that cannot be drawn, or a fold file holding another fold, are refused before any run."""
+    from typer.testing import CliRunner
+
+    from sicot_cli.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    m = make_manifest(tmp_path / "raw", per_class=14)
+    data = [
+        "data.source=manifest",
+        f"data.manifest={m}",
+        "data.image_size=16",
+        "data.out=d.h5",
+        "data.val_fraction=0.25",
+    ]
+    args = ["ablate", "--val-folds", "0,1", "--encoders", "mean", "--out", "ab", *data, *KEEP_ALL, *TRAIN_FAST]
+    r = CliRunner().invoke(app, [*args, "train.epochs=1"])
+    assert r.exit_code == 0, r.output
+    assert "2 validation folds" in r.output and "validation only" in r.output
+    assert "ablation (validation)" in r.output and "test top-1" not in r.output  # runs shown by their validation scores
+    assert sorted(p.name for p in (tmp_path / "ab").iterdir()) == ["fold-0", "fold-1"]
+    for k in (0, 1):
+        assert sorted(p.name for p in (tmp_path / "ab" / f"fold-{k}").iterdir() if p.is_dir()) == [
+            f"mean-s{k}",
+            f"none-s{k}",
+        ]
+        cfg = json.loads((tmp_path / "ab" / f"fold-{k}" / f"mean-s{k}" / "config.json").read_text())
+        assert (cfg["recipe"]["data"]["val_fold"], cfg["recipe"]["train"]["seed"]) == (k, k)
+    assert not list((tmp_path / "ab").rglob("report.md"))
+    f0, f1 = open_prepared(tmp_path / "d.h5"), open_prepared(tmp_path / "d-vf1.h5")
+    assert _ids(f0, "test") == _ids(f1, "test") and _ids(f0, "val") != _ids(f1, "val")
+    # again: everything is kept, nothing retrained
+    r = CliRunner().invoke(app, [*args, "train.epochs=1"])
+    assert r.exit_code == 0 and r.output.count("skipped") >= 4, r.output
+    for extra, needle in (
+        (["--seeds", "0"], "leave --seeds out"),
+        (["--data", "d.h5"], "leave --data out"),
+        (["data.val_fold=1"], "--val-folds sets data.val_fold"),
+        (["data.val_fraction=0"], "carves none"),
+    ):
+        r = CliRunner().invoke(app, [*args, *extra])
+        assert r.exit_code == 2 and needle in " ".join(r.output.split()), r.output
+    (tmp_path / "d-vf2.h5").write_bytes((tmp_path / "d-vf1.h5").read_bytes())  # fold 1's file under fold 2's name
+    r = CliRunner().invoke(
+        app, ["ablate", "--val-folds", "2", "--encoders", "mean", "--out", "ab2", *data, *KEEP_ALL, *TRAIN_FAST]
+    )
+    assert r.exit_code == 2 and "holds validation fold 1, not fold 2" in " ".join(r.output.split()), r.output
+    assert not (tmp_path / "ab2").exists()
+    r = CliRunner().invoke(app, ["ablate", "--val-folds", "0,x"])
+    assert r.exit_code == 2 and "--val-folds must be comma-separated integers" in r.output

@@ -202,12 +202,22 @@ def _children(pid: int) -> set[int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
-@pytest.mark.parametrize(("images", "when"), [("raw", "decoding"), ("raw", "new workers"), ("jpeg", "decoding")])
-def test_ctrl_c_during_parallel_decoding_stops_cleanly(tmp_path, images, when):
+@pytest.mark.parametrize(
+    ("images", "when", "sig"),
+    [
+        ("raw", "decoding", signal.SIGINT),
+        ("raw", "new workers", signal.SIGINT),
+        ("jpeg", "decoding", signal.SIGINT),
+        ("raw", "decoding", signal.SIGTERM),
+        ("jpeg", "decoding", signal.SIGTERM),
+    ],
+)
+def test_ctrl_c_during_parallel_decoding_stops_cleanly(tmp_path, images, when, sig):
     """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while worker processes
     decode images ("decoding"), or just as the next split's workers start ("new workers": the
     moment that gave worker tracebacks and a hang): the one-line "interrupted", exit 130, no
-    traceback, promptly, no worker left, no temporary left."""
+    traceback, promptly, no worker left, no temporary left. SIGTERM to the group (`kill`, Slurm,
+    `timeout`) the same, with exit 143: it ended the process silently, its workers with it."""
     args = [
         "prepare", "--out", "o.h5", "data.workers=2", f"data.images={images}", "data.image_size=128",
         "data.synthetic.num_classes=10", "data.synthetic.max_per_class=200", "data.synthetic.min_per_class=150",
@@ -244,7 +254,7 @@ def test_ctrl_c_during_parallel_decoding_stops_cleanly(tmp_path, images, when):
                 f"the prepare ended (exit {proc.returncode}) before decoding with workers (seen: {sorted(first)}; "
                 f"{looks} looks, at most {most} children at once): {late[-2000:]!r}"
             )
-        os.killpg(proc.pid, signal.SIGINT)
+        os.killpg(proc.pid, sig)
         t0 = time.monotonic()
         out, err = proc.communicate(timeout=60)
         seconds = time.monotonic() - t0
@@ -252,9 +262,9 @@ def test_ctrl_c_during_parallel_decoding_stops_cleanly(tmp_path, images, when):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
-    assert proc.returncode == 130, err
+    assert proc.returncode == 128 + sig, err
     assert "Traceback" not in err and "Error" not in err, err
-    assert err.strip().splitlines()[-1] == "interrupted", err
+    assert err.strip().splitlines()[-1] == ("interrupted" if sig == signal.SIGINT else "interrupted (SIGTERM)"), err
     assert seconds < 15, f"{seconds:.1f} s from Ctrl-C to exit"
     assert not _group_alive(proc.pid), f"left running: {_group_alive(proc.pid)} (workers seen: {sorted(workers)})"
     assert not _tmps(tmp_path), _tmps(tmp_path)
@@ -464,7 +474,9 @@ def test_kill_train_and_resume_exactly(work, prepared):
 
 
 @pytest.mark.slow
-def test_sigint_train_saves_a_resumable_checkpoint(work, prepared):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_sigint_train_saves_a_resumable_checkpoint(work, prepared, sig):
+    """Ctrl-C, or SIGTERM (`timeout`, Slurm, `docker stop`), during training: a checkpoint that resumes exactly."""
     ref = work / "train-ref"
     if not ref.exists():
         assert _sicot(_train_args(prepared, ref), work).returncode == 0
@@ -472,13 +484,13 @@ def test_sigint_train_saves_a_resumable_checkpoint(work, prepared):
     rng = random.Random(3)
     trials, mid_epoch, differ = [], 0, 0
     for i in range(6):
-        run = work / f"sigint{i}"
+        run = work / f"sig{sig}-{i}"
         # aim at the training steps: after the first checkpoint, a little into epoch 2
         killer = Killer(_train_args(prepared, run), work, run, started=run / runs.LAST)
-        t = killer.run(rng, 0.3, sig=signal.SIGINT, targeted=False)
+        t = killer.run(rng, 0.3, sig=sig, targeted=False)
         trials.append(t)
         if t["killed"]:
-            assert t["rc"] == 130, t["stderr"]
+            assert t["rc"] == 128 + sig, t["stderr"]
             assert "interrupted" in t["stderr"] and "Traceback" not in t["stderr"], t["stderr"]
             state = runs.load_checkpoint(run / runs.LAST)
             mid_epoch += state["batch"] > 0
@@ -490,10 +502,12 @@ def test_sigint_train_saves_a_resumable_checkpoint(work, prepared):
         assert r.returncode == 0, r.stderr
         assert len(runs.read_metrics(run)) == len(want) and (run / runs.SUMMARY).exists()
         differ += _strip(runs.read_metrics(run)) != want
-    _figures("train SIGINT", trials, mid_epoch_checkpoints=mid_epoch, resumed_runs_that_differ=differ)
+    _figures(
+        f"train {signal.Signals(sig).name}", trials, mid_epoch_checkpoints=mid_epoch, resumed_runs_that_differ=differ
+    )
     assert sum(t["killed"] for t in trials) >= 1
     # Ctrl-C inside a step waits for the step's end (train.py), so the checkpoint matches its counter.
-    assert differ == 0, f"{differ} SIGINT-resumed run(s) differ from the uninterrupted run"
+    assert differ == 0, f"{differ} {signal.Signals(sig).name}-resumed run(s) differ from the uninterrupted run"
 
 
 @pytest.mark.slow

@@ -662,12 +662,11 @@ def test_ablate_skips_finished_and_resumes(tiny_prepared, tmp_path, monkeypatch)
     assert [list(ln.get_ydata()) for ln in loss_panel.lines] == [
         [h["loss_v"] for h in runs.read_metrics(r.path)] for r in rep.runs
     ]
-    bars = figs["fig6_distribution.png"].axes[0].patches
+    steps = figs["fig6_distribution.png"].axes[0].patches  # one filled step outline per group, a step per class
+    bars = [(float(v), to_hex(st.get_facecolor())) for st in steps for v in st.get_data().values]
     counts = sorted(p.train_counts.tolist(), reverse=True)
-    assert [b.get_height() for b in bars] == counts == [8, 8, 8]
-    assert [to_hex(b.get_facecolor()) for b in bars] == [
-        "#d62728" if c >= rep.head_threshold else "#2ca02c" for c in counts
-    ]
+    assert [h for h, _ in bars] == counts == [8, 8, 8]
+    assert [c for _, c in bars] == ["#d62728" if c >= rep.head_threshold else "#2ca02c" for c in counts]
     per_class = {r.encoder: json.loads((r.path / "summary.json").read_text())["per_class_top1"] for r in rep.runs}
     gain = np.array(per_class["bilinear"]) - np.array(per_class["none"])
     head, tail = figs["per_class_gain.png"].axes[0].collections[:2]
@@ -753,3 +752,33 @@ def test_hostile_values_in_a_runs_files_are_one_line(ablation, file, edit, needl
     path.write_text(json.dumps(data))
     with pytest.raises(SicotError, match=re.escape(needle)):
         build_report([ablation], "bilinear")
+
+
+def test_a_baseline_alone_has_no_table_comparing_it_with_itself(tmp_path):
+    """Only baseline runs: Table 2 read "baseline vs none", the same run in both columns."""
+    run = make_run(tmp_path / "x", "none", 0, 50.0, np.arange(4) % 2 == 0)
+    rep = build_report([run])
+    tables = rep.tables()
+    assert tables["Table 3: encoders, top-1"] == [
+        {"method": "baseline", "top-1": "50.00", "gain": "-", "evidence": "-"}
+    ]
+    assert all(rows == [] for title, rows in tables.items() if title.startswith(("Table 2", "Table 4")))
+    r = runner.invoke(app, ["report", str(run), "--no-figures"])
+    assert r.exit_code == 0 and "vs none" not in r.output and "Table 2" not in r.output, r.output
+
+
+def test_the_bootstrap_holds_a_bounded_number_of_resampled_values(monkeypatch):
+    """scipy resampled all 2,000 x n at once (31 KB a test image: 5 GB at 171k images); in batches
+    the interval is the same (one random stream) and at most BOOTSTRAP_BATCH_VALUES values are held."""
+    import scipy.stats
+
+    from sicot_cli import report as report_mod
+
+    diff = np.random.default_rng(2).choice([-1.0, 0.0, 1.0], size=3001, p=[0.2, 0.6, 0.2])
+    whole = report_mod.bootstrap_ci(diff)
+    batches = []
+    real = scipy.stats.bootstrap
+    monkeypatch.setattr(scipy.stats, "bootstrap", lambda *a, **k: batches.append(k["batch"]) or real(*a, **k))
+    monkeypatch.setattr(report_mod, "BOOTSTRAP_BATCH_VALUES", 100_000)
+    assert report_mod.bootstrap_ci(diff) == whole
+    assert batches == [33] and batches[0] * len(diff) <= 100_000

@@ -72,6 +72,29 @@ def test_removed_words_most_associated_with_a_label_are_reported():
     assert label_information({"flags": 10}, {"flags": 10, "food": 6, "cats": 4}, 20) == mi
 
 
+def test_label_information_sums_the_labels_without_the_word_in_closed_form():
+    """Labels the word never occurs with are summed in one term (not a loop over every class): the
+    same value as the definition, summed over every label, on random counts."""
+    import math
+    import random
+
+    rng = random.Random(0)
+    for _ in range(200):
+        labels = {f"l{i}": rng.randint(1, 9) for i in range(rng.randint(1, 12))}
+        word = {k: rng.randint(1, n) for k, n in labels.items() if rng.random() < 0.4}
+        n = sum(labels.values())
+        n_w = sum(word.values())
+        want = 0.0
+        if 0 < n_w < n:
+            for label, n_c in labels.items():
+                both = word.get(label, 0)
+                for joint, marginal in ((both, n_w), (n_c - both, n - n_w)):
+                    if joint:
+                        want += joint / n * math.log2(joint * n / (marginal * n_c))
+        assert math.isclose(label_information(word, labels, n), want, rel_tol=1e-9, abs_tol=1e-12)
+        assert math.isclose(label_information(word, labels, n, n), want, rel_tol=1e-9, abs_tol=1e-12)
+
+
 def test_label_entropy_rule_keeps_the_words_that_name_classes():
     titles = (
         [["the", "flag", f"f{i}"] for i in range(10)]

@@ -184,6 +184,10 @@ def load_image(
     except OSError as e:
         if e.errno == errno.ELOOP:  # a link that leads back to itself: no file to be corrupt
             raise ImageSkip("image path is a symbolic link loop") from None
+        if e.errno == errno.ENAMETOOLONG:  # a name over 255 bytes, or a path over 4096: no file was opened
+            raise ImageSkip("image path too long for this filesystem") from None
+        if e.errno in (errno.ENOTDIR, errno.EIO):
+            raise ImageSkip("image path cannot be read (a file where a folder should be, or an I/O error)") from None
         # PIL reports truncated and corrupt data as OSError/SyntaxError/ValueError
         raise ImageSkip("truncated or corrupt image") from e
     except (SyntaxError, ValueError, EOFError, TypeError) as e:

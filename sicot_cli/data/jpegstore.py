@@ -8,7 +8,7 @@ size, so a random resized crop has pixels to take) and JPEG-encoded at ``data.jp
 Layout: the shards live in a folder ``<out stem>.shards-<fingerprint>/`` beside the index. Shard ``k``
 holds the encoded images of the candidate rows ``[k * shard_rows, (k + 1) * shard_rows)`` in file
 order (training rows first, then validation, then test), concatenated in ``k.jpgs`` (six digits), and
-``k.json`` records each row's byte length (or why it was skipped), the shard's size, its sha256 and the
+``k.json`` records each row's byte length (or why it was skipped) and pixel digest, the shard's size, its sha256 and the
 fingerprint of the text stage that chose the rows. Because a shard is a fixed range of candidate rows,
 n machines (``sicot prepare --shard i/n``) write exactly the shards one machine writes, and a merge
 step (``--merge``) checks them and writes the index. A shard already complete is kept when prepare
@@ -27,7 +27,7 @@ import io
 import json
 import stat
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,22 +58,27 @@ class ShardInfo:
     skips: dict[str, str]  # candidate row (within the shard, as a string) -> skip reason
     size: int
     sha256: str
+    # per candidate row, the digest of its pixels before JPEG encoding ("" when skipped): prepare's
+    # check for copies across splits. A record without them (written before they were) is incomplete:
+    # its shard is encoded again.
+    digests: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True)
 
 
-def write_shard(folder: Path, k: int, fingerprint: str, results: Sequence[bytes | str]) -> ShardInfo:
-    """Write shard ``k`` (its bytes, then its json, each atomically) from the rows' encode results."""
-    blobs = [r for r in results if isinstance(r, bytes)]
-    data = b"".join(blobs)
+def write_shard(folder: Path, k: int, fingerprint: str, results: Sequence[tuple[bytes, str] | str]) -> ShardInfo:
+    """Write shard ``k`` (its bytes, then its json, each atomically) from the rows' encode results
+    (JPEG bytes and pixel digest, or a skip reason)."""
+    data = b"".join(r[0] for r in results if not isinstance(r, str))
     info = ShardInfo(
         index=k,
         fingerprint=fingerprint,
-        lengths=[len(r) if isinstance(r, bytes) else -1 for r in results],
+        lengths=[-1 if isinstance(r, str) else len(r[0]) for r in results],
         skips={str(i): r for i, r in enumerate(results) if isinstance(r, str)},
         size=len(data),
         sha256=sha256_bytes(data),
+        digests=["" if isinstance(r, str) else r[1] for r in results],
     )
     with atomic_path(folder / shard_name(k)) as tmp:
         tmp.write_bytes(data)
@@ -89,7 +94,7 @@ def read_info(folder: Path, k: int, fingerprint: str, rows: int) -> ShardInfo | 
         info = ShardInfo(**json.loads(meta.read_text(encoding="utf-8")))
     except (OSError, ValueError, TypeError):
         return None
-    if info.fingerprint != fingerprint or info.index != k or len(info.lengths) != rows:
+    if info.fingerprint != fingerprint or info.index != k or not _well_formed(info, rows):
         return None
     try:
         data = path.read_bytes()
@@ -97,6 +102,20 @@ def read_info(folder: Path, k: int, fingerprint: str, rows: int) -> ShardInfo | 
         return None
     ok = len(data) == info.size == sum(n for n in info.lengths if n > 0) and sha256_bytes(data) == info.sha256
     return info if ok else None
+
+
+def _well_formed(info: ShardInfo, rows: int) -> bool:
+    """A record with a length and a pixel digest per row, of the right types."""
+    lengths, digests = info.lengths, info.digests
+    return (
+        isinstance(lengths, list)
+        and len(lengths) == rows
+        and all(type(n) is int for n in lengths)
+        and isinstance(info.skips, dict)
+        and isinstance(digests, list)
+        and len(digests) == rows
+        and all(isinstance(d, str) for d in digests)
+    )
 
 
 @dataclass

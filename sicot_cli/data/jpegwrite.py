@@ -8,6 +8,7 @@ The layout and the reader are :mod:`sicot_cli.data.jpegstore`; what calls this i
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,8 +41,9 @@ def source_pixels(source: object, size: int, max_pixels: int) -> np.ndarray:
     return render(source, size)  # type: ignore[arg-type]
 
 
-def encode(job: tuple[object, int, int, int]) -> bytes | str:
-    """One image (a path, or a synthetic item) -> JPEG bytes of its centre square at ``side``; a skip reason on failure."""
+def encode(job: tuple[object, int, int, int]) -> tuple[bytes, str] | str:
+    """One image (a path, or a synthetic item) -> the JPEG bytes of its centre square at ``side`` and
+    the digest of those pixels before encoding (:func:`pixel_digest`); a skip reason on failure."""
     source, side, max_pixels, quality = job
     try:
         hwc = source_pixels(source, side, max_pixels)
@@ -49,7 +51,13 @@ def encode(job: tuple[object, int, int, int]) -> bytes | str:
         return str(e)
     buf = io.BytesIO()
     Image.fromarray(hwc).save(buf, "JPEG", quality=quality)
-    return buf.getvalue()
+    return buf.getvalue(), pixel_digest(hwc)
+
+
+def pixel_digest(hwc: np.ndarray) -> str:
+    """What says two rows hold the same picture (both formats' cross-split duplicate check): a
+    128-bit blake2b of the decoded pixels, hex."""
+    return hashlib.blake2b(np.ascontiguousarray(hwc).tobytes(), digest_size=16).hexdigest()
 
 
 def part_shards(n_shards: int, part: tuple[int, int]) -> range:

@@ -43,7 +43,7 @@ from sicot_cli.data.dataset import Prepared, rebuild_hint
 from sicot_cli.data.jpegstore import Store, crop_boxes, decode_row
 from sicot_cli.data.sampler import draw_rows
 from sicot_cli.errors import SicotError
-from sicot_cli.threads import die_with_parent
+from sicot_cli.threads import loader_worker_init
 
 
 def read_error(path: object, e: Exception) -> SicotError:
@@ -343,7 +343,7 @@ class BatchLoader:
             # its own generator: the DataLoader draws its workers' base seed from it, and a draw
             # from torch's global one would shift the model's random numbers (exact resume)
             generator=torch.Generator().manual_seed(epoch_seed(self.seed, epoch, 2)),
-            worker_init_fn=functools.partial(die_with_parent, os.getpid()),  # no worker outlives a killed train
+            worker_init_fn=functools.partial(loader_worker_init, os.getpid()),  # no worker outlives a killed train
         )  # fmt: skip
         try:
             for j, images in enumerate(loader):

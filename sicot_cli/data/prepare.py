@@ -117,7 +117,7 @@ class PrepareSummary:
     decode_seconds: float
     # validation / test rows whose decoded pixels equal a training (for test: or validation) row's,
     # from another file: split -> [(row, the earlier row it repeats)], at most DUPLICATE_EXAMPLES;
-    # counted in duplicate_counts. Format 1 only (format 2's pixels are encoded in worker processes).
+    # counted in duplicate_counts (format 2: from the pixel digest each shard records per row).
     duplicate_counts: dict[str, int] = field(default_factory=dict)
     duplicate_examples: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
 
@@ -426,7 +426,8 @@ def build_text(recipe: Recipe, skips: Skips, progress: Progress | None = None, v
     """
     progress = progress or NullProgress()
     d = recipe.data
-    recs, source, rows_read = _read_rows(recipe, skips)
+    with progress.task("reading the rows", None):
+        recs, source, rows_read = _read_rows(recipe, skips)
     workers = d.workers or os.cpu_count() or 1
 
     with progress.task("tokenizing titles", len(recs)) as task:
@@ -437,7 +438,8 @@ def build_text(recipe: Recipe, skips: Skips, progress: Progress | None = None, v
     given_split = _split(recs, recipe)
     recs = _drop_untrainable(recs, 1, skips)
     _carve_validation(recs, recipe)
-    vocab = _vocabulary([r for r in recs if r.split == "train"], recipe, source)
+    with progress.task("building the vocabulary", None):
+        vocab = _vocabulary([r for r in recs if r.split == "train"], recipe, source)
     truncated = 0
     kept: list[_Rec] = []
     test_tokens = test_oov = test_filtered = 0
@@ -465,7 +467,8 @@ def build_text(recipe: Recipe, skips: Skips, progress: Progress | None = None, v
         raise SicotError(f"{source}: no row left after filtering ({skips.described()})")
     _check_classes_and_test_rows(recs, source, given_split, d.min_train_per_class, d.test_per_class)
     if vectors:
-        vecs, vreport = word_vectors([r.tokens for r in recs if r.split == "train"], vocab, recipe.embed, base=None)
+        with progress.task("word vectors", None):
+            vecs, vreport = word_vectors([r.tokens for r in recs if r.split == "train"], vocab, recipe.embed, base=None)
     else:  # a --shard part: the merge step trains them, once; a bad corpus is refused now, not then
         if recipe.embed.corpus:
             read_corpus(recipe.embed.corpus)
@@ -598,12 +601,12 @@ class _Duplicates:
     them measure memory, not recognition."""
 
     def __init__(self) -> None:
-        self.seen: dict[bytes, str] = {}  # digest -> the first row (train, then val) with these pixels
+        self.seen: dict[str, str] = {}  # digest -> the first row (train, then val) with these pixels
         self.counts: Counter[str] = Counter()
         self.examples: dict[str, list[tuple[str, str]]] = {}
 
-    def add(self, phase: str, r: _Rec, image: np.ndarray) -> None:
-        key = hashlib.blake2b(image.tobytes(), digest_size=16).digest()
+    def add(self, phase: str, r: _Rec, key: str) -> None:
+        """Row ``r`` of ``phase`` holds the pixels whose :func:`jpegwrite.pixel_digest` is ``key``."""
         first = self.seen.get(key)
         if first is not None and not first.startswith(phase + ":"):
             self.counts[phase] += 1
@@ -647,7 +650,7 @@ def _decode_splits(
                     continue
                 written.append(r)
                 writer.add(result)
-                dups.add(phase, r, result)
+                dups.add(phase, r, jpegwrite.pixel_digest(result))
                 if phase == "train":
                     train_labels[r.label] += 1
         ends[phase] = len(written)
@@ -921,7 +924,8 @@ def _prepare_jpeg(
             )  # fmt: skip
     # a merge decodes nothing (the shards were written by the --shard runs): no throughput to report
     decode_seconds = 0.0 if merge else time.perf_counter() - t_decode
-    written, loc, ends, train_labels = _index_rows(cands, infos, d.shard_rows, skips)
+    dups = _Duplicates()
+    written, loc, ends, train_labels = _index_rows(cands, infos, d.shard_rows, skips, dups)
     if ends["train"] == 0:
         raise SicotError(f"{text.source}: no training image could be decoded ({skips.described()})")
     with atomic_path(out_path) as tmp, guarded_file(tmp) as fobj:
@@ -936,6 +940,8 @@ def _prepare_jpeg(
             summary = _summary(
                 out_path, recipe, text, skips, ends, len(written), train_counts, suggested, seconds, decode_seconds
             )
+            summary.duplicate_counts, summary.duplicate_examples = dict(dups.counts), dups.examples
+            _warn_duplicates(summary)
             side_file = {"recipe": recipe.to_dict(), "summary": summary.as_dict(), "versions": package_versions()}
             _write_attrs(
                 f, recipe, summary, side_file, shard_dir=folder.name, stored_side=side,
@@ -955,9 +961,10 @@ def _store_sha256(loc: np.ndarray, shard_sha256: list[str]) -> str:
 
 
 def _index_rows(
-    cands: list[_Rec], infos: dict[int, jpegstore.ShardInfo], shard_rows: int, skips: Skips
+    cands: list[_Rec], infos: dict[int, jpegstore.ShardInfo], shard_rows: int, skips: Skips, dups: _Duplicates
 ) -> tuple[list[_Rec], np.ndarray, dict[str, int], Counter[str]]:
-    """The rows the index keeps (decoded; a validation or test row only if its class kept a training image) and where their bytes are."""
+    """The rows the index keeps (decoded; a validation or test row only if its class kept a training
+    image) and where their bytes are; copies across splits are counted in ``dups``."""
     written: list[_Rec] = []
     loc: list[tuple[int, int, int]] = []
     train_labels: Counter[str] = Counter()
@@ -978,6 +985,7 @@ def _index_rows(
                 continue
             written.append(r)
             loc.append((k, int(offsets[k][j]), length))
+            dups.add(phase, r, infos[k].digests[j])
             if phase == "train":
                 train_labels[r.label] += 1
         ends[phase] = len(written)

@@ -109,15 +109,19 @@ def fetch_tarball(pkg: NpmPackage, folder: Path, npm: str | None) -> Path:
     try:
         log.info("npm pack %s", pkg.spec)
         try:
-            done = subprocess.run(
-                [npm, "pack", pkg.spec, "--silent"], cwd=tmp, capture_output=True, text=True, timeout=1800, check=False
-            )
+            done = subprocess.run(  # --loglevel=error: no progress, but npm's reason when it fails
+                [npm, "pack", pkg.spec, "--loglevel=error"], cwd=tmp, capture_output=True, text=True, timeout=1800,
+                check=False,
+            )  # fmt: skip
         except (OSError, subprocess.TimeoutExpired) as e:
             raise SicotError(f"npm pack {pkg.spec} failed ({e})") from None
         got = tmp / pkg.tarball
         if done.returncode != 0 or not got.is_file():
-            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise SicotError(f"npm pack {pkg.spec} failed (exit {done.returncode}): {last}")
+            raise SicotError(
+                f"npm pack {pkg.spec} failed (exit {done.returncode}): {npm_reason(done.stderr)}; on a machine that "
+                f"reaches the npm registry, run `npm pack {pkg.spec}` and put {pkg.tarball} in {folder}, then run "
+                "this command again"
+            )
         verify(got, pkg)
         os.replace(got, target)
     finally:
@@ -230,6 +234,20 @@ def _complete(dest: Path, pkg: NpmPackage) -> int | None:
         )  # fmt: skip
         return None
     return done
+
+
+def npm_reason(stderr: str) -> str:
+    """npm's own reason for a failure, in one line: its error code and first message (the network,
+    the cache's permissions, an unknown package), without the stack trace and the log file's name."""
+    lines = []
+    for raw in stderr.splitlines():
+        line = re.sub(r"^npm (error|ERR!)\s?", "", raw.strip()).strip()
+        if line and not line.startswith(("at ", "A complete log", "{", "}")) and not re.match(r"^\w+: ['\d]", line):
+            lines.append(line)
+    code = next((ln.split(None, 1)[1] for ln in lines if ln.startswith("code ") and " " in ln), None)
+    message = next((ln for ln in lines if not ln.startswith(("code ", "syscall ", "errno "))), None)
+    said = "; ".join(x for x in (code, message) if x) or "no output"
+    return said if len(said) <= 300 else said[:297] + "..."
 
 
 def fetch_packages(folder: Path, packages: tuple[NpmPackage, ...], npm: str | None = "auto") -> dict[str, Path]:
