@@ -32,6 +32,7 @@ BENCHMARKS = [
     "gpu_step",
     "sharded_fc",
     "serve",
+    "report_scale",
 ]
 
 

@@ -93,6 +93,7 @@ def ablate(
     presets: list[str] | None = None,
     on_start: Callable[[str, int, int, Recipe], None] | None = None,
     method_names: list[str] | None = None,
+    data_remedy: str | None = None,
 ) -> tuple[Path, list[RunStatus]]:
     """Train (or skip, or resume) the baseline and each encoder, under each method, for each seed.
 
@@ -114,13 +115,15 @@ def ablate(
         on_start: called before each run as ``on_start(run name, index, number of runs, recipe)``
             (the CLI's progress: which run trains, and the ETA of the whole ablation).
         method_names: long-tail methods (default: ``["ce"]``, the paper's training only).
+        data_remedy: what the warning about a prepared file made with other settings advises
+            (default: prepare the recipe's own file or pass its --data).
 
     Returns:
         The ablation directory and the status of every run, in training order.
     """
     presets = _check_args(recipe, seeds, presets, method_names)
     plans = _method_plan(method_names or [methods.CE])
-    recipe, data_path, prepared = _prepared(recipe, data, progress)
+    recipe, data_path, prepared = _prepared(recipe, data, progress, data_remedy)
     _check_stages(plans, recipe, data_path, prepared.n_val)
     root = Path(out) if out is not None else default_dir(recipe)
     with runs.hold(root, "--out"):  # a second ablation into the same folder is refused at once
@@ -171,31 +174,51 @@ def ablate_folds(
         raise SicotError(
             "--val-folds re-draws the validation rows, and data.val_fraction = 0 carves none: set data.val_fraction > 0"
         )
-    paths = []
-    for k in folds:
-        r = copy.deepcopy(recipe)
-        r.data.val_fold = k
-        path = fold_data_path(recipe, k)
-        _, _, prepared = _prepared(r, path, progress)
-        held = prepared.recipe.get("data", {}).get("val_fold", 0)
-        if held != k:
-            raise SicotError(
-                f"{path}: holds validation fold {held}, not fold {k}; remove it (--val-folds prepares it again) "
-                "or set data.out to another file"
-            )
-        paths.append(path)
+    paths = {}
+    for k in sorted(folds, key=lambda k: k == 0):  # a fold the manifest cannot re-draw fails before fold 0 is made
+        paths[k] = _fold_file(recipe, k, progress)
     root = Path(out) if out is not None else default_folds_dir(recipe)
     dirs: list[Path] = []
     statuses: list[RunStatus] = []
-    for k, path in zip(folds, paths, strict=True):
+    remedy = "Remove the file: --val-folds prepares it again with the recipe's settings"
+    for k in folds:
         r = copy.deepcopy(recipe)
         r.data.val_fold = k
-        fold_root, done = ablate(r, encoders, [k], root / f"fold-{k}", progress, data=path, **keys)
+        fold_root, done = ablate(
+            r, encoders, [k], root / f"fold-{k}", progress, data=paths[k], data_remedy=remedy, **keys
+        )
         dirs.append(fold_root)
         statuses += done
         if done and done[-1].state == "interrupted":
             break
     return root, dirs, statuses
+
+
+def _fold_file(recipe: Recipe, k: int, progress: Progress | None) -> Path:
+    """Validation fold ``k``'s prepared file, prepared when missing, checked to hold fold ``k``."""
+    from sicot_cli.data.dataset import open_prepared
+    from sicot_cli.data.prepare import OwnValidationRows, prepare
+
+    path = fold_data_path(recipe, k)
+    if not path.exists():
+        r = copy.deepcopy(recipe)
+        r.data.val_fold = k
+        log.info("%s does not exist yet: preparing validation fold %d", path, k)
+        try:
+            prepare(r, path, progress=progress)
+        except OwnValidationRows as e:
+            raise SicotError(
+                f"--val-folds {k}: {e.where} names its own val rows, which every fold would keep; re-draw them where "
+                "the manifest is made (`sicot datasets import emoji|mdi --val-seed K`) and run an ablation per "
+                "manifest, or give --val-folds 0 alone"
+            ) from None
+    held = open_prepared(path).recipe.get("data", {}).get("val_fold", 0)
+    if held != k:
+        raise SicotError(
+            f"{path}: holds validation fold {held}, not fold {k}; remove it (--val-folds prepares it again) "
+            "or set data.out to another file"
+        )
+    return path
 
 
 def _run_jobs(
@@ -317,7 +340,9 @@ def _method_plan(names: list[str]) -> list[_Method]:
     return list(plans.values())
 
 
-def _prepared(recipe: Recipe, data: str | Path | None, progress: Progress | None) -> tuple[Recipe, Path, Prepared]:
+def _prepared(
+    recipe: Recipe, data: str | Path | None, progress: Progress | None, remedy: str | None = None
+) -> tuple[Recipe, Path, Prepared]:
     """The prepared file (prepared first when missing), a copy of the recipe with its settings taken in, and
     the file opened."""
     if data is not None:
@@ -336,7 +361,7 @@ def _prepared(recipe: Recipe, data: str | Path | None, progress: Progress | None
 
     recipe = copy.deepcopy(recipe)
     prepared = open_prepared(data_path)
-    adopt_prepared(recipe, prepared.recipe, data_path)
+    adopt_prepared(recipe, prepared.recipe, data_path, *([remedy] if remedy else []))
     return recipe, data_path, prepared
 
 

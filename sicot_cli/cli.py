@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -26,6 +27,30 @@ app = typer.Typer(
 app.add_typer(datasets_app, name="datasets")  # sicot datasets fetch emoji / import ... (sicot_cli/cli_datasets.py)
 
 
+def _check_encoders_package() -> None:
+    """sicot's text encoders are the top-level package ``encoders``: under ``python -m sicot_cli`` (and
+    ``torchrun -m sicot_cli``) the working folder comes first on the import path, where a user's own
+    ``encoders.py``, or a folder of encoder files named ``encoders`` (with an editable install), hid
+    it and the first command that needed it failed with an ImportError traceback. sicot's own is
+    then loaded under its name, ahead of what hides it (a user's encoder module imports it too)."""
+    import importlib.util
+
+    ours = Path(__file__).resolve().parent.parent / "encoders" / "__init__.py"
+    spec = importlib.util.find_spec("encoders")
+    origin = Path(spec.origin).resolve() if spec is not None and spec.origin else None
+    if origin == ours or "encoders" in sys.modules:
+        return
+    if not ours.is_file():  # installed some other way: whatever is found must be sicot's
+        if origin is not None and origin.name == "__init__.py" and (origin.parent / "registry.py").is_file():
+            return
+        fail("sicot's `encoders` package is not installed beside sicot_cli: install sicot again")
+    spec = importlib.util.spec_from_file_location("encoders", ours, submodule_search_locations=[str(ours.parent)])
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["encoders"] = module
+    spec.loader.exec_module(module)
+
+
 def main(args: list[str] | None = None) -> None:
     """The console script: the Typer app, with click's usage errors (an unknown option, a missing or
     malformed value) as one red line naming the command's --help, and exit code 2."""
@@ -36,6 +61,7 @@ def main(args: list[str] | None = None) -> None:
 
     utf8_streams()
     stop_on_sigterm()
+    _check_encoders_package()
     try:
         code = app(args=args, prog_name="sicot", standalone_mode=False)
     except click_errors.UsageError as e:
@@ -536,7 +562,10 @@ def train(
     encoder_module: EncoderModule = None,
     data: Annotated[Path | None, typer.Option(help="Prepared .h5 (default: data.out).")] = None,
     run_dir: Annotated[
-        Path | None, typer.Option(help="Run directory (default: <train.runs_dir>/<name>-<encoder>-s<seed>).")
+        Path | None,
+        typer.Option(
+            help="Run directory (default: in train.runs_dir, named like demo-bilinear-s0: recipe, encoder, seed)."
+        ),
     ] = None,
     resume: Annotated[
         bool, typer.Option(help="Continue an existing run from its last checkpoint, with its own recipe and data.")
@@ -815,8 +844,7 @@ def ablate(
     out: Annotated[
         str | None,
         typer.Option(
-            help="Ablation directory (default: <train.runs_dir>/ablate-<name>, with --val-folds "
-            "<train.runs_dir>/ablate-<name>-folds)."
+            help="Ablation directory (default: ablate-<name> in train.runs_dir; with --val-folds ablate-<name>-folds)."
         ),
     ] = None,
     data: Annotated[
@@ -835,8 +863,8 @@ def ablate(
     methods: Annotated[
         str | None,
         typer.Option(
-            help="Comma-separated long-tail methods x every encoder, e.g. ce,cb-sampler,la-loss,balanced-softmax,"
-            "ldam-drw,crt,tau-norm,lws,posthoc-la (combine with +, e.g. balanced-softmax+crt; default: ce)."
+            help="Comma-separated long-tail methods x every encoder, e.g. ce, cb-sampler, la-loss, balanced-softmax, "
+            "ldam-drw, crt, tau-norm, lws, posthoc-la (combine with +, e.g. balanced-softmax+crt; default: ce)."
         ),
     ] = None,
     threads: Threads = None,
@@ -959,7 +987,7 @@ def _ablation_axes(
 
     if folds is not None and (seeds is not None or data is not None):
         raise SicotError(
-            f"--val-folds trains seed K on fold K, prepared from the recipe: leave {'--seeds' if seeds else '--data'} out"
+            f"--val-folds trains seed K on fold K, prepared from the recipe: leave {'--seeds' if seeds is not None else '--data'} out"
         )
     flag, seeds = ("--val-folds", folds) if folds is not None else ("--seeds", seeds or "0")
 

@@ -392,7 +392,12 @@ def _same_path(key: str, a: Any, b: Any) -> bool:
     return os.path.normpath(os.path.abspath(str(a))) == os.path.normpath(os.path.abspath(str(b)))
 
 
-def adopt_prepared(recipe: Recipe, prepared_recipe: dict[str, Any], data_path: str | Path) -> list[str]:
+FILE_REMEDY = "Prepare the recipe's own file (`sicot prepare --recipe ... --force`) or pass the --data it writes"
+
+
+def adopt_prepared(
+    recipe: Recipe, prepared_recipe: dict[str, Any], data_path: str | Path, remedy: str = FILE_REMEDY
+) -> list[str]:
     """Take the prepared file's settings into ``recipe`` (in place); return the keys that changed.
 
     The ``data``, ``text`` and ``embed`` sections describe how the file was built, so they are the
@@ -400,7 +405,8 @@ def adopt_prepared(recipe: Recipe, prepared_recipe: dict[str, Any], data_path: s
     file's unless set explicitly in the ``--recipe`` file or on the command line: runs made from
     ``sicot prepare --manifest products.csv`` are named ``products-*`` and scored at the boundaries
     prepare chose, not the built-in demo's. A prepared-section key that the recipe file or the
-    command line sets explicitly to another value is still the file's, with one warning naming each.
+    command line sets explicitly to another value is still the file's, with one warning naming each
+    and ending in ``remedy``.
     """
     try:
         theirs = recipe_from_dict(
@@ -424,10 +430,10 @@ def adopt_prepared(recipe: Recipe, prepared_recipe: dict[str, Any], data_path: s
                     clashes.append(f"{key} = {ours!s} (the file: {its!s})")
     if clashes:
         log.warning(
-            "%s was prepared with other settings than the recipe asks, and training uses the file's: %s. "
-            "Prepare the recipe's own file (`sicot prepare --recipe ... --force`) or pass the --data it writes",
+            "%s was prepared with other settings than the recipe asks, and training uses the file's: %s. %s",
             data_path,
             "; ".join(clashes),
+            remedy,
         )
     for key in PREPARED_DEFAULTS:
         if key in recipe.explicit:
@@ -602,16 +608,23 @@ def load_recipe(
     table: dict[str, Any] = {}
     where = "built-in demo recipe"
     base = None if path is None else Path(path).parent  # what paths inside the recipe are relative to
+    virtual = False  # base is a built-in recipe's recipes/ folder, which need not exist here
     if path is None:
         table = tomllib.loads(_demo_recipe_text())
     else:
         p = Path(path)
         where = str(p)
-        builtin = None if os.path.lexists(p) or p.parent != Path() else _builtin_recipe_text(p.name)
+        # a file of that name wins; a folder or a broken link named like a built-in recipe is no recipe
+        shadowed = os.path.lexists(p) and not p.is_file()
+        builtin = None if (os.path.lexists(p) and not shadowed) or p.parent != Path() else _builtin_recipe_text(p.name)
         if builtin is not None:
+            if shadowed:
+                log.warning(
+                    "./%s is no recipe file (a folder or a broken link): using the built-in recipe %s", p, p.name
+                )
             # a shipped recipe by name, from any folder and from an installed wheel: its paths read
             # as in a checkout's recipes/ folder beside the working folder (data/ is the working folder's)
-            text, where, base = builtin, f"built-in recipe {p.name}", Path("recipes")
+            text, where, base, virtual = builtin, f"built-in recipe {p.name}", Path("recipes"), True
         else:
             text = read_text(p, "recipe", missing=_no_recipe(), expected="a .toml recipe")
         try:
@@ -643,7 +656,9 @@ def load_recipe(
         ):
             value = getattr(section, attr)
             if value and not Path(value).is_absolute() and key not in given and base is not None:
-                setattr(section, attr, str(base / value))
+                # recipes/../data/x.csv cannot be opened where there is no recipes/ folder: a built-in
+                # recipe's paths are normalised (a file's keep their folder, symbolic links and all)
+                setattr(section, attr, os.path.normpath(base / value) if virtual else str(base / value))
     return recipe
 
 

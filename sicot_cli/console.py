@@ -23,7 +23,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.text import Text
 
-from sicot_cli.errors import SicotError
+from sicot_cli.errors import WHERE_ELSE, SicotError
 from sicot_cli.interrupts import interrupt, stop_code
 
 log = logging.getLogger(__name__)
@@ -195,7 +195,8 @@ def _not_utf8(text: str, name: str) -> str:
 def stop_on_sigterm() -> None:
     """SIGTERM (``timeout``, Slurm, ``docker stop``, ``kill``) stops a command as Ctrl-C does: the
     checkpoint saved, one line, exit 143; it ended the process at once, silently, losing the epoch."""
-    if threading.current_thread() is threading.main_thread():
+    # An ignored SIGTERM stays ignored (`trap '' TERM`, nohup-like wrappers), as Python leaves an ignored SIGINT
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) != signal.SIG_IGN:
         signal.signal(signal.SIGTERM, interrupt)
 
 
@@ -230,6 +231,8 @@ def guard(fn: F) -> F:
                     f"{e.filename or 'a path'}: permission denied; check the permissions of it and of the folders "
                     "above it, or choose another path"
                 )
+            if e.errno in WHERE_ELSE:  # a folder made on a read-only or full disk
+                fail(f"{e.filename or 'a path'}: cannot write ({e.strerror}){WHERE_ELSE[e.errno]}")
             raise
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]" + (" (SIGTERM)" if stop_code() == 143 else ""))

@@ -279,7 +279,7 @@ def load_run_model(
     recipe = recipe_from_dict(config["recipe"], str(run_dir / runs.CONFIG))
     prepared = open_prepared(data if data is not None else config["data"])
     check_dataset(prepared, config, run_dir)
-    checkpoint = checkpoint or runs.scored_checkpoint(run_dir)
+    checkpoint = runs.scored_checkpoint(run_dir) if checkpoint is None else checkpoint
     name = {"last": runs.LAST, "best": runs.BEST}.get(checkpoint)
     if name is None:
         raise SicotError(f"--checkpoint must be last or best, got {checkpoint!r}")
@@ -343,7 +343,7 @@ def evaluate_run(
     if split not in ("test", "val"):
         raise SicotError(f"--split must be test or val, got {split!r}")
     dev = resolve_device(device, "--device")
-    checkpoint = checkpoint or runs.scored_checkpoint(Path(run_dir))
+    checkpoint = runs.scored_checkpoint(Path(run_dir)) if checkpoint is None else checkpoint
     recipe, prepared, model, state = load_run_model(Path(run_dir), checkpoint, data)
     if prepared.split_range(split)[0] == prepared.split_range(split)[1]:
         raise SicotError(

@@ -14,7 +14,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from sicot_cli.errors import SicotError
+from sicot_cli.errors import WHERE_ELSE, SicotError
 
 
 class NotRegularFileError(OSError):
@@ -357,7 +357,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
             os.close(fd)
         os.replace(tmp, path)
     except OSError as e:
-        raise SicotError(f"{path}: cannot write ({e.strerror or e})") from None
+        raise SicotError(f"{path}: cannot write ({e.strerror or e}){WHERE_ELSE.get(e.errno, '')}") from None
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -128,7 +128,7 @@ def load_recognizer(
         SicotError: not a run, a missing checkpoint, or a dataset other than the run's.
     """
     dev = resolve_device(device, "--device")
-    checkpoint = checkpoint or runs.scored_checkpoint(Path(run_dir))
+    checkpoint = runs.scored_checkpoint(Path(run_dir)) if checkpoint is None else checkpoint
     _, prepared, model, state = load_run_model(Path(run_dir), checkpoint, data)
     model.to(dev).eval()
     epoch = state.get("epoch")

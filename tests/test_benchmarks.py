@@ -334,3 +334,16 @@ def test_a_benchmark_refuses_bad_arguments_in_one_line(module, argv, needle, cap
         cli(lambda: mod.main(argv))
     err = capsys.readouterr().err
     assert e.value.code == 2 and needle in err and "Traceback" not in err, err
+
+
+def test_report_scale_compares_with_the_code_it_replaced(tmp_path, monkeypatch):
+    """The closed-form label information and the batched bootstrap give the reference's values."""
+    from benchmarks import report_scale
+
+    monkeypatch.setenv("SICOT_BENCH_RESULTS", str(tmp_path))
+    result = report_scale.main(["--classes", "300", "--words", "5", "--images", "3000"])
+    parts = result["parts"]
+    assert parts["label information"]["agree"] and parts["label information"]["max_abs_difference_bits"] <= 1e-9
+    assert parts["bootstrap"]["agree"] and parts["bootstrap"]["images"] == 3000
+    assert parts["Fig. 6"]["seconds"]["step outlines"] > 0 and (tmp_path / "report_scale-cpu.json").is_file()
+    assert set(result["goals"]) == {"label information", "bootstrap", "Fig. 6"}

@@ -26,6 +26,21 @@ def test_help_imports_no_heavy_library():
     assert run("--help").exit_code == 0
 
 
+def test_every_help_reads_whole_in_an_80_column_terminal():
+    """A default like `<train.runs_dir>/ablate-<name>` was wider than its help column and ended in
+    an ellipsis: in 80 columns (a common terminal) the user never saw where the runs go."""
+    import typer
+
+    def commands(group, path):  # noqa: ANN001, ANN202 - click's objects
+        yield path
+        for name, sub in getattr(group, "commands", {}).items():
+            yield from commands(sub, [*path, name])
+
+    for path in commands(typer.main.get_command(app), []):
+        r = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "80"})
+        assert r.exit_code == 0 and "…" not in r.output, (path, r.output)
+
+
 def test_usage_errors_are_one_red_line_naming_the_commands_help():
     """The console script (`sicot_cli.cli:main`): click's usage errors are no boxed panel."""
     cases = [

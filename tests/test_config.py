@@ -202,12 +202,19 @@ def test_a_shipped_recipe_is_found_by_name_from_any_folder(tmp_path, monkeypatch
 
     monkeypatch.chdir(tmp_path)
     assert {"demo", "emoji-zh", "mdi", "product-manifest"} <= set(builtin_recipes())
+    manifest = tmp_path / "data" / "emoji" / "emoji-zh.csv"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text("image,title,label\n")
     for name in ("emoji-zh", "emoji-zh.toml"):
         r = load_recipe(Path(name))
-        assert Path(r.data.manifest).resolve() == tmp_path / "data" / "emoji" / "emoji-zh.csv"
+        # openable here, where there is no recipes/ folder (recipes/../data/... could not be opened)
+        assert Path(r.data.manifest) == Path("data/emoji/emoji-zh.csv") and Path(r.data.manifest).is_file()
         assert r.name == "emoji-zh"
     (tmp_path / "emoji-zh.toml").write_text('name = "mine"\n')  # a file of that name is the user's
     assert load_recipe(Path("emoji-zh.toml")).name == "mine"
+    (tmp_path / "mdi").mkdir()  # a folder (or a broken link) of a built-in's name is no recipe: the built-in
+    (tmp_path / "demo").symlink_to(tmp_path / "gone")
+    assert load_recipe(Path("mdi")).name == "mdi" and load_recipe(Path("demo")).name == "demo"
     with pytest.raises(
         SicotError, match=r"nope: recipe not found \(a \.toml file, or a built-in recipe by name: .*emoji-zh"
     ):

@@ -111,3 +111,70 @@ def test_a_desktop_or_wrong_mplbackend_does_not_break_the_figures(tmp_path):
             [sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "MPLBACKEND": backend}, capture_output=True
         )
         assert r.returncode == 0 and r.stdout.decode().strip().lower() == "agg", r.stderr.decode()
+
+
+def test_a_read_only_or_full_disk_says_to_write_elsewhere(tmp_path, monkeypatch, capsys):
+    """A run folder made on a read-only mount was a traceback (EROFS is neither a permission nor the
+    data's fault); a file written there said only "cannot write (Read-only file system)"."""
+    import errno
+
+    import pytest
+
+    from sicot_cli import fsutil
+    from sicot_cli.console import guard
+    from sicot_cli.errors import SicotError
+
+    @guard
+    def make_run_dir() -> None:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), "/mnt/ro/runs/x")
+
+    with pytest.raises(SystemExit) as e:
+        make_run_dir()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert "/mnt/ro/runs/x: cannot write (Read-only file system); the filesystem is read-only" in " ".join(err.split())
+
+    def read_only(*_a, **_k):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(fsutil.os, "replace", read_only)
+    with pytest.raises(
+        SicotError, match=r"cannot write \(Read-only file system\); the filesystem is read-only.*--run-dir"
+    ):
+        with fsutil.atomic_path(tmp_path / "o.json") as tmp:
+            tmp.write_text("{}")
+    assert not list(tmp_path.iterdir()), "no temporary left behind"
+
+
+def test_an_ignored_sigterm_stays_ignored():
+    """`trap '' TERM; exec sicot train ...` asks for a job that outlives SIGTERM: sicot made it stop."""
+    import signal
+
+    from sicot_cli.console import stop_on_sigterm
+    from sicot_cli.interrupts import interrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        stop_on_sigterm()
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        stop_on_sigterm()
+        assert signal.getsignal(signal.SIGTERM) is interrupt
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def test_a_local_encoders_module_does_not_hide_sicots(tmp_path):
+    """`python -m sicot_cli` (and torchrun -m) from a folder with the user's own encoders.py, or a
+    folder of encoder files named encoders/: the first command that needed the registry was an
+    ImportError traceback (the folder hid it with an editable install)."""
+    (tmp_path / "encoders.py").write_text("x = 1\n")
+    for case in ("file", "folder"):
+        r = _sicot(["ablate", "--encoders", "nope"], tmp_path, COLUMNS="300")
+        err = r.stderr.decode()
+        assert r.returncode == 2 and "Traceback" not in err, (case, err)
+        assert "unknown encoder 'nope'" in err and "bilinear" in err, (case, err)
+        (tmp_path / "encoders.py").unlink(missing_ok=True)
+        (tmp_path / "encoders").mkdir(exist_ok=True)
+        (tmp_path / "encoders" / "mine.py").write_text("x = 1\n")

@@ -350,3 +350,21 @@ def test_a_shard_record_without_pixel_digests_or_malformed_is_encoded_again(raw,
     assert calls == [1]
     rewritten = json.loads(record.read_text())
     assert len(rewritten["digests"]) == len(rewritten["lengths"]) > 0
+
+
+def test_merging_parts_written_before_pixel_digests_names_that_cause(raw: Path, tmp_path: Path) -> None:
+    """Parts written by the previous version: "missing, incomplete or made from other rows" hid the cause."""
+    many = tmp_path / "many" / "d.h5"
+    args = ["prepare", "--manifest", str(raw), "--out", str(many), *KEEP_ALL, *JPEG, f"data.image_size={SIZE}"]
+    runner = CliRunner()
+    assert runner.invoke(app, [*args, "--shard", "0/1"]).exit_code == 0
+    records = sorted(next(many.parent.glob("d.shards-*")).glob("*.json"))
+    for record in records:
+        info = json.loads(record.read_text())
+        info.pop("digests")
+        record.write_text(json.dumps(info))
+    result = runner.invoke(app, [*args, "--merge"])
+    flat = " ".join(result.output.split())
+    assert (
+        result.exit_code == 2 and f"({len(records)} written by an earlier sicot, without the pixel digests" in flat
+    ), flat

@@ -1363,6 +1363,16 @@ CASES: dict[str, Case] = {
     "dataset_changed_resume": Case(_changed_dataset("train"), "error", ["use the dataset the run was trained on"]),
     "dataset_changed_evaluate": Case(_changed_dataset("evaluate"), "error", ["use the dataset the run was trained on"]),
     "dataset_changed_predict": Case(_changed_dataset("predict"), "error", ["use the dataset the run was trained on"]),
+    "evaluate_empty_checkpoint": Case(
+        lambda t, c: ["evaluate", "--run", str(_copy_run(t, c)), "--checkpoint", ""],
+        "error",
+        ["--checkpoint must be last or best, got ''"],
+    ),
+    "predict_empty_checkpoint": Case(
+        lambda t, c: ["predict", "--run", str(_copy_run(t, c)), "--checkpoint", "", str(c["image"])],
+        "error",
+        ["--checkpoint must be last or best, got ''"],
+    ),
     "predict_corrupt_image": Case(
         lambda t, c: (
             (t / "q.jpg").write_bytes(b"\xff\xd8\xff garbage")

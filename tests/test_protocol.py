@@ -341,8 +341,14 @@ def test_ablate_on_validation_folds_is_the_documented_loop_in_one_command(tmp_pa
     # again: everything is kept, nothing retrained
     r = CliRunner().invoke(app, [*args, "train.epochs=1"])
     assert r.exit_code == 0 and r.output.count("skipped") >= 4, r.output
+    # files prepared with other settings: one warning a fold, advising what --val-folds allows
+    r = CliRunner().invoke(app, [*args, "train.epochs=1", "data.image_size=20"])
+    said = " ".join(r.output.split())
+    assert r.exit_code == 0 and said.count("was prepared with other settings") == 2, r.output
+    assert "Remove the file: --val-folds prepares it again" in said and "--data it writes" not in said, r.output
     for extra, needle in (
         (["--seeds", "0"], "leave --seeds out"),
+        (["--seeds", ""], "leave --seeds out"),
         (["--data", "d.h5"], "leave --data out"),
         (["data.val_fold=1"], "--val-folds sets data.val_fold"),
         (["data.val_fraction=0"], "carves none"),
@@ -357,3 +363,13 @@ def test_ablate_on_validation_folds_is_the_documented_loop_in_one_command(tmp_pa
     assert not (tmp_path / "ab2").exists()
     r = CliRunner().invoke(app, ["ablate", "--val-folds", "0,x"])
     assert r.exit_code == 2 and "--val-folds must be comma-separated integers" in r.output
+    # a manifest that names its own val rows: refused in --val-folds' terms before fold 0 is prepared
+    own = make_manifest(tmp_path / "raw-own", per_class=14, split=True)
+    own.write_text(own.read_text().replace("-5,train", "-5,val"))  # image 5 of each class: a val row
+    assert own.read_text().count(",val") == 3
+    fresh = [a for a in data if not a.startswith(("data.manifest=", "data.out="))]
+    own_args = ["ablate", "--val-folds", "0,1", "--encoders", "mean", "--out", "ab3", *fresh, f"data.manifest={own}"]
+    r = CliRunner().invoke(app, [*own_args, "data.out=own.h5", *KEEP_ALL, *TRAIN_FAST])
+    said = " ".join(r.output.split())
+    assert r.exit_code == 2 and "--val-folds 1:" in said and "names its own val rows" in said, r.output
+    assert "data.val_fold" not in said and not (tmp_path / "own.h5").exists() and not (tmp_path / "ab3").exists()

@@ -86,7 +86,10 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_line(tmp_path, monkeypatch
     real = runs._HashingWriter.__init__
     monkeypatch.setattr(runs._HashingWriter, "__init__", lambda self, f: real(self, FillingDisk(f)))
     path = tmp_path / runs.LAST
-    with pytest.raises(SicotError, match=r"checkpoint-last.pt: cannot write \(No space left on device\)$"):
+    with pytest.raises(
+        SicotError,
+        match=r"checkpoint-last.pt: cannot write \(No space left on device\); free some space or write to another disk",
+    ):
         runs.save_checkpoint(path, {"model": {"w": torch.zeros(1000)}, "history": []})
     assert list(tmp_path.iterdir()) == []  # no checkpoint, no temporary
 

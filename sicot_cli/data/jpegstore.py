@@ -104,6 +104,15 @@ def read_info(folder: Path, k: int, fingerprint: str, rows: int) -> ShardInfo | 
     return info if ok else None
 
 
+def predates_digests(folder: Path, k: int) -> bool:
+    """Whether shard ``k``'s record was written before records held pixel digests (an earlier sicot)."""
+    try:
+        record = json.loads((folder / f"{k:06d}.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and "lengths" in record and "digests" not in record
+
+
 def _well_formed(info: ShardInfo, rows: int) -> bool:
     """A record with a length and a pixel digest per row, of the right types."""
     lengths, digests = info.lengths, info.digests

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from sicot_cli.data.images import ImageSkip, load_image
-from sicot_cli.data.jpegstore import ShardInfo, read_info, shard_name, write_shard
+from sicot_cli.data.jpegstore import ShardInfo, predates_digests, read_info, shard_name, write_shard
 from sicot_cli.errors import SicotError
 from sicot_cli.threads import worker_pool
 
@@ -117,9 +117,16 @@ def collect_shards(folder: Path, fingerprint: str, n_rows: int, shard_rows: int)
             infos[k] = info
     if missing:
         shown = ", ".join(str(folder / shard_name(k)) for k in missing[:3])
+        older = sum(predates_digests(folder, k) for k in missing)
+        why = (
+            f" ({older} written by an earlier sicot, without the pixel digests that the check for copies across "
+            "splits reads)"
+            if older
+            else ""
+        )
         raise SicotError(
             f"{shown}{' ...' if len(missing) > 3 else ''}: {len(missing)} of {n_shards} image shards missing, incomplete or "
-            "made from other rows or settings (the parts must run with the same recipe and manifest): run the "
+            f"made from other rows or settings{why} (the parts must run with the same recipe and manifest): run the "
             "`sicot prepare --shard i/n` parts that write them (or prepare without --shard), then merge"
         )
     return infos

@@ -296,6 +296,14 @@ def _drop_test_rows_of_trained_images(recs: list[_Rec], skips: Skips) -> list[_R
     return kept
 
 
+class OwnValidationRows(SicotError):
+    """``data.val_fold`` > 0 for a manifest that names its own ``val`` rows (``where``: the first one)."""
+
+    def __init__(self, message: str, where: str) -> None:
+        super().__init__(message)
+        self.where = where
+
+
 def _carve_validation(recs: list[_Rec], recipe: Recipe) -> None:
     """Move ``floor(data.val_fraction * n)`` training rows of each class to the validation split.
 
@@ -307,10 +315,11 @@ def _carve_validation(recs: list[_Rec], recipe: Recipe) -> None:
     d = recipe.data
     if d.val_fold and any(r.split == "val" for r in recs):
         first = next(r for r in recs if r.split == "val")
-        raise SicotError(
+        raise OwnValidationRows(
             f"{first.where}: data.val_fold = {d.val_fold}, but the manifest names its own val rows, which prepare keeps: "
             "re-draw them where the manifest is made (`sicot datasets import emoji|mdi --val-seed K` for the built-in "
-            "sets), or leave data.val_fold at 0"
+            "sets), or leave data.val_fold at 0",
+            first.where,
         )
     if d.val_fraction <= 0 or any(r.split == "val" for r in recs):
         return
