@@ -158,6 +158,13 @@ def load_encoder_module(spec: str) -> list[str]:
             a duplicate encoder name, ...); the message names the spec and the cause in one line.
     """
     is_file = spec.endswith(".py") or "/" in spec or "\\" in spec or Path(spec).is_file()
+    if not is_file and spec.split(".")[0] == __package__:  # a dotted name in sicot's own package
+        local = Path(*spec.split(".")).with_suffix(".py")
+        if spec == __package__ or local.is_file():
+            raise SicotError(
+                f"cannot load encoder module {spec!r}: `{__package__}` is sicot's own package"
+                + (f"; to load the file {local}, give its path (./{local.as_posix()})" if local.is_file() else "")
+            )
     key = str(Path(spec).resolve()) if is_file else spec
     previous = _LOADED.get(key)
     if previous is not None and all(n in _ENCODERS for n in previous):

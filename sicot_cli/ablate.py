@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sicot_cli import methods, runs
-from sicot_cli.config import PREPARE_HOW, PRESETS, Recipe, adopt_prepared, recipe_from_dict
+from sicot_cli.config import FILE_REMEDY, PREPARE_HOW, PRESETS, Recipe, adopt_prepared, recipe_from_dict
 from sicot_cli.errors import SicotError
 from sicot_cli.fsutil import ensure_dir, write_json
 from sicot_cli.progress import NullProgress, Progress
@@ -93,7 +93,7 @@ def ablate(
     presets: list[str] | None = None,
     on_start: Callable[[str, int, int, Recipe], None] | None = None,
     method_names: list[str] | None = None,
-    data_remedy: str | None = None,
+    data_remedy: str | None = FILE_REMEDY,
 ) -> tuple[Path, list[RunStatus]]:
     """Train (or skip, or resume) the baseline and each encoder, under each method, for each seed.
 
@@ -116,7 +116,7 @@ def ablate(
             (the CLI's progress: which run trains, and the ETA of the whole ablation).
         method_names: long-tail methods (default: ``["ce"]``, the paper's training only).
         data_remedy: what the warning about a prepared file made with other settings advises
-            (default: prepare the recipe's own file or pass its --data).
+            (default: prepare the recipe's own file or pass its --data; None: no warning).
 
     Returns:
         The ablation directory and the status of every run, in training order.
@@ -180,12 +180,12 @@ def ablate_folds(
     root = Path(out) if out is not None else default_folds_dir(recipe)
     dirs: list[Path] = []
     statuses: list[RunStatus] = []
-    remedy = "Remove the file: --val-folds prepares it again with the recipe's settings"
     for k in folds:
         r = copy.deepcopy(recipe)
         r.data.val_fold = k
+        # its file's settings were checked (and warned about) by _fold_file, before any run
         fold_root, done = ablate(
-            r, encoders, [k], root / f"fold-{k}", progress, data=paths[k], data_remedy=remedy, **keys
+            r, encoders, [k], root / f"fold-{k}", progress, data=paths[k], data_remedy=None, **keys
         )
         dirs.append(fold_root)
         statuses += done
@@ -212,12 +212,20 @@ def _fold_file(recipe: Recipe, k: int, progress: Progress | None) -> Path:
                 "the manifest is made (`sicot datasets import emoji|mdi --val-seed K`) and run an ablation per "
                 "manifest, or give --val-folds 0 alone"
             ) from None
-    held = open_prepared(path).recipe.get("data", {}).get("val_fold", 0)
+    theirs = open_prepared(path).recipe
+    held = theirs.get("data", {}).get("val_fold", 0)
     if held != k:
         raise SicotError(
             f"{path}: holds validation fold {held}, not fold {k}; remove it (--val-folds prepares it again) "
             "or set data.out to another file"
         )
+    # a file made with other settings than the recipe asks: said here, before any run trains
+    remedy = (
+        "Prepare it again (`sicot prepare --recipe ... --force`)"
+        if k == 0
+        else "Remove the file: --val-folds prepares it again with the recipe's settings"
+    )
+    adopt_prepared(copy.deepcopy(recipe), theirs, path, remedy)
     return path
 
 
@@ -341,7 +349,7 @@ def _method_plan(names: list[str]) -> list[_Method]:
 
 
 def _prepared(
-    recipe: Recipe, data: str | Path | None, progress: Progress | None, remedy: str | None = None
+    recipe: Recipe, data: str | Path | None, progress: Progress | None, remedy: str | None = FILE_REMEDY
 ) -> tuple[Recipe, Path, Prepared]:
     """The prepared file (prepared first when missing), a copy of the recipe with its settings taken in, and
     the file opened."""
@@ -361,7 +369,7 @@ def _prepared(
 
     recipe = copy.deepcopy(recipe)
     prepared = open_prepared(data_path)
-    adopt_prepared(recipe, prepared.recipe, data_path, *([remedy] if remedy else []))
+    adopt_prepared(recipe, prepared.recipe, data_path, remedy)
     return recipe, data_path, prepared
 
 

@@ -32,7 +32,8 @@ def _check_encoders_package() -> None:
     ``torchrun -m sicot_cli``) the working folder comes first on the import path, where a user's own
     ``encoders.py``, or a folder of encoder files named ``encoders`` (with an editable install), hid
     it and the first command that needed it failed with an ImportError traceback. sicot's own is
-    then loaded under its name, ahead of what hides it (a user's encoder module imports it too)."""
+    then registered under its name, ahead of what hides it (a user's encoder module imports it too),
+    and runs on first use."""
     import importlib.util
 
     ours = Path(__file__).resolve().parent.parent / "encoders" / "__init__.py"
@@ -46,6 +47,8 @@ def _check_encoders_package() -> None:
         fail("sicot's `encoders` package is not installed beside sicot_cli: install sicot again")
     spec = importlib.util.spec_from_file_location("encoders", ours, submodule_search_locations=[str(ours.parent)])
     assert spec is not None and spec.loader is not None
+    # run on first use, as an import would be (it imports torch: `--help` stays instant)
+    spec.loader = importlib.util.LazyLoader(spec.loader)
     module = importlib.util.module_from_spec(spec)
     sys.modules["encoders"] = module
     spec.loader.exec_module(module)

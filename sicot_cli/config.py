@@ -396,7 +396,7 @@ FILE_REMEDY = "Prepare the recipe's own file (`sicot prepare --recipe ... --forc
 
 
 def adopt_prepared(
-    recipe: Recipe, prepared_recipe: dict[str, Any], data_path: str | Path, remedy: str = FILE_REMEDY
+    recipe: Recipe, prepared_recipe: dict[str, Any], data_path: str | Path, remedy: str | None = FILE_REMEDY
 ) -> list[str]:
     """Take the prepared file's settings into ``recipe`` (in place); return the keys that changed.
 
@@ -406,7 +406,7 @@ def adopt_prepared(
     ``sicot prepare --manifest products.csv`` are named ``products-*`` and scored at the boundaries
     prepare chose, not the built-in demo's. A prepared-section key that the recipe file or the
     command line sets explicitly to another value is still the file's, with one warning naming each
-    and ending in ``remedy``.
+    and ending in ``remedy`` (None: no warning, the caller has given it).
     """
     try:
         theirs = recipe_from_dict(
@@ -428,7 +428,7 @@ def adopt_prepared(
                 changed.append(key)
                 if key in recipe.explicit and key not in PREPARE_HOW and not _same_path(key, ours, its):
                     clashes.append(f"{key} = {ours!s} (the file: {its!s})")
-    if clashes:
+    if clashes and remedy is not None:
         log.warning(
             "%s was prepared with other settings than the recipe asks, and training uses the file's: %s. %s",
             data_path,

@@ -231,8 +231,8 @@ def guard(fn: F) -> F:
                     f"{e.filename or 'a path'}: permission denied; check the permissions of it and of the folders "
                     "above it, or choose another path"
                 )
-            if e.errno in WHERE_ELSE:  # a folder made on a read-only or full disk
-                fail(f"{e.filename or 'a path'}: cannot write ({e.strerror}){WHERE_ELSE[e.errno]}")
+            if e.errno in WHERE_ELSE and e.filename:  # a folder made on a read-only or full disk
+                fail(f"{e.filename}: cannot write ({e.strerror}){WHERE_ELSE[e.errno]}")
             raise
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]" + (" (SIGTERM)" if stop_code() == 143 else ""))

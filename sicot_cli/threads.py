@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from sicot_cli.errors import SicotError
 from sicot_cli.interrupts import STOP_SIGNALS
 
 AUTO_MAX = 8
@@ -142,8 +143,14 @@ def worker_pool(workers: int) -> Iterator[Callable[..., Iterator[Any]]]:
             "%d worker processes asked for, %d cores here: using %d", workers, cores, cores
         )
         workers = cores
-    stopping = multiprocessing.Event()
-    pool = ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(stopping, os.getpid()))
+    try:
+        stopping = multiprocessing.Event()
+        pool = ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(stopping, os.getpid()))
+    except OSError as e:  # their locks live in /dev/shm: read-only, or full (a container's 64 MB)
+        raise SicotError(
+            f"cannot start {workers} worker processes ({e.strerror or e}): they need a writable /dev/shm with room "
+            "(in a container: `docker run --shm-size=1g`); or work in this process with data.workers = 1 (--workers 1)"
+        ) from None
     try:
         _start_workers(pool)
 

@@ -170,6 +170,12 @@ def test_a_local_encoders_module_does_not_hide_sicots(tmp_path):
     folder of encoder files named encoders/: the first command that needed the registry was an
     ImportError traceback (the folder hid it with an editable install)."""
     (tmp_path / "encoders.py").write_text("x = 1\n")
+    # registered ahead of the local file, but run on first use: `--help` imports no torch
+    code = "import sys; from sicot_cli.cli import _check_encoders_package as c; c(); print('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
+    r = _sicot(["ablate", "--encoder-module", "encoders"], tmp_path, COLUMNS="300")
+    assert r.returncode == 2 and "give its path (./encoders.py)" in r.stderr.decode(), r.stderr.decode()
     for case in ("file", "folder"):
         r = _sicot(["ablate", "--encoders", "nope"], tmp_path, COLUMNS="300")
         err = r.stderr.decode()
@@ -178,3 +184,27 @@ def test_a_local_encoders_module_does_not_hide_sicots(tmp_path):
         (tmp_path / "encoders.py").unlink(missing_ok=True)
         (tmp_path / "encoders").mkdir(exist_ok=True)
         (tmp_path / "encoders" / "mine.py").write_text("x = 1\n")
+    r = _sicot(["ablate", "--encoder-module", "encoders.mine"], tmp_path, COLUMNS="300")
+    assert r.returncode == 2 and "give its path (./encoders/mine.py)" in r.stderr.decode(), r.stderr.decode()
+
+
+def test_worker_processes_without_a_writable_dev_shm_are_one_line(monkeypatch):
+    """A read-only or full /dev/shm (a container's) failed prepare as "data.out: cannot write
+    (Read-only file system); write to a folder on a writable one": the output's disk was fine."""
+    import errno
+    import multiprocessing
+
+    import pytest
+
+    from sicot_cli.errors import SicotError
+    from sicot_cli.threads import worker_pool
+
+    def no_shm(*_a, **_k):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(multiprocessing, "Event", no_shm)
+    with pytest.raises(
+        SicotError, match=r"cannot start [0-9]+ worker processes \(Read-only file system\).*/dev/shm.*--workers 1"
+    ):
+        with worker_pool(2):
+            pass

@@ -368,3 +368,16 @@ def test_merging_parts_written_before_pixel_digests_names_that_cause(raw: Path, 
     assert (
         result.exit_code == 2 and f"({len(records)} written by an earlier sicot, without the pixel digests" in flat
     ), flat
+
+
+def test_parts_given_one_manifest_by_two_spellings_merge(raw: Path, tmp_path: Path) -> None:
+    """`--recipe product-manifest` (data/x.csv) and `--recipe recipes/product-manifest.toml`
+    (recipes/../data/x.csv) name one manifest: their parts belong to one dataset."""
+    (raw.parent / "sub").mkdir()
+    many = tmp_path / "many" / "d.h5"
+    common = ["--out", str(many), *KEEP_ALL, *JPEG, f"data.image_size={SIZE}"]
+    runner = CliRunner()
+    alias = f"{raw.parent}/sub/../{raw.name}"
+    assert runner.invoke(app, ["prepare", "--manifest", alias, *common, "--shard", "0/1"]).exit_code == 0
+    result = runner.invoke(app, ["prepare", "--manifest", str(raw), *common, "--merge"])
+    assert result.exit_code == 0, result.output

@@ -346,6 +346,7 @@ def test_ablate_on_validation_folds_is_the_documented_loop_in_one_command(tmp_pa
     said = " ".join(r.output.split())
     assert r.exit_code == 0 and said.count("was prepared with other settings") == 2, r.output
     assert "Remove the file: --val-folds prepares it again" in said and "--data it writes" not in said, r.output
+    assert said.index("d-vf1.h5 was prepared with other settings") < said.index("skipped"), "both before any run"
     for extra, needle in (
         (["--seeds", "0"], "leave --seeds out"),
         (["--seeds", ""], "leave --seeds out"),

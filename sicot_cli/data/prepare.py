@@ -894,16 +894,20 @@ def _fingerprint(recipe: Recipe, cands: list[_Rec]) -> str:
     settings = {"side": jpegstore.stored_side(d), "quality": d.jpeg_quality, "shard_rows": d.shard_rows, "format": 2}
     h.update(json.dumps(settings, sort_keys=True).encode())
     for r in cands:
+        # paths as written, folded: `recipes/../data/x.csv` (a recipe file's relative manifest) and
+        # `data/x.csv` (the same built-in recipe by name) are one manifest and give one fingerprint
+        source = os.path.normpath(r.source) if isinstance(r.source, Path) else ""
         if isinstance(r.source, Path):
             try:
                 # the size, not the time: copies of the images on n machines keep their sizes, not
                 # always their times (cp), and must give one fingerprint
-                stamp: object = [str(r.source), r.source.stat().st_size]
+                stamp: object = [source, r.source.stat().st_size]
             except OSError:
-                stamp = [str(r.source), "missing"]
+                stamp = [source, "missing"]
         else:
             stamp = ["synthetic", r.id]
-        h.update(json.dumps([r.where, r.id, r.label, r.split, r.ids, stamp], ensure_ascii=False).encode() + b"\n")
+        where = os.path.normpath(r.where)
+        h.update(json.dumps([where, r.id, r.label, r.split, r.ids, stamp], ensure_ascii=False).encode() + b"\n")
     return h.hexdigest()
 
 
