@@ -27,6 +27,19 @@ from sicot_cli.errors import WHERE_ELSE, SicotError
 from sicot_cli.interrupts import interrupt, stop_code
 
 log = logging.getLogger(__name__)
+
+
+def _sane_terminal_size() -> None:
+    """``COLUMNS=0`` (or ``LINES=0``, or a non-number) in the environment made rich draw every line
+    zero characters wide: a command printed nothing at all in a terminal. Such a value is dropped
+    and the terminal's own size is used."""
+    for name in ("COLUMNS", "LINES"):
+        value = os.environ.get(name)
+        if value is not None and not (value.strip().isascii() and value.strip().isdigit() and int(value) > 0):
+            del os.environ[name]
+
+
+_sane_terminal_size()
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
@@ -106,15 +119,20 @@ def show(table: Any, target: Console | None = None) -> None:
     (logs, CI, pipes), where no one resizes a window, the table is printed at its natural width,
     however wide, every cell on one line (``sicot report --format markdown`` gives Markdown).
     """
+    from rich.measure import Measurement
+
     target = target or console
     for col in table.columns:
         col.overflow = "fold"
     if target.is_terminal:
         for col in table.columns:
             col.no_wrap = False
+        # narrower than its longest words with the cells' padding (an epoch table in 80 columns):
+        # without it, rather than split "53.61" into "53." and "61"
+        if Measurement.get(target, target.options.update(width=10**5), table).minimum > target.width:
+            table.padding = (0, 0)
         target.print(table)
         return
-    from rich.measure import Measurement
 
     for col in table.columns:
         col.no_wrap = True

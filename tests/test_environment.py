@@ -208,3 +208,39 @@ def test_worker_processes_without_a_writable_dev_shm_are_one_line(monkeypatch):
     ):
         with worker_pool(2):
             pass
+
+
+def test_the_epoch_table_keeps_its_numbers_whole_in_an_80_column_terminal():
+    """In a terminal of 80 columns the epoch table split "53.61" into "53." and "61" (every column
+    folded to fit): without the cells' padding it fits, numbers whole."""
+    import io
+
+    from rich.console import Console
+
+    from sicot_cli.console import show
+    from sicot_cli.views import epochs_table
+
+    rec = dict(
+        epoch=12, lr=0.03, loss=1.2345, loss_v=0.9876, loss_m=0.5432, lam=1, train_images_per_s=1234,
+        val_top1=53.61, val_top3=84.38, val_head_top1=87.5, val_tail_top1=51.19,
+    )  # fmt: skip
+    out = io.StringIO()
+    show(epochs_table([rec], "run"), Console(file=out, width=80, force_terminal=True, color_system=None))
+    text = out.getvalue()
+    assert max(map(len, text.splitlines())) <= 80, text
+    for number in ("3.00e-02", "1.234", "0.988", "0.543", "1234", "53.61", "84.38", "87.50", "51.19"):
+        assert number in text, (number, text)
+
+
+def test_columns_zero_in_the_environment_is_ignored(monkeypatch):
+    """COLUMNS=0 made every line of a terminal zero characters wide: sicot printed nothing."""
+    from sicot_cli.console import _sane_terminal_size
+
+    for bad in ("0", "-3", "abc", "", "٣"):
+        monkeypatch.setenv("COLUMNS", bad)
+        monkeypatch.setenv("LINES", "0")
+        _sane_terminal_size()
+        assert "COLUMNS" not in os.environ and "LINES" not in os.environ, bad
+    monkeypatch.setenv("COLUMNS", "120")
+    _sane_terminal_size()
+    assert os.environ["COLUMNS"] == "120"
