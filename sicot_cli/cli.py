@@ -34,12 +34,14 @@ def _check_encoders_package() -> None:
     it and the first command that needed it failed with an ImportError traceback. sicot's own is
     then registered under its name, ahead of what hides it (a user's encoder module imports it too),
     and runs on first use."""
+    if "encoders" in sys.modules:  # imported already (a launcher, a test): nothing to look up
+        return
     import importlib.util
 
     ours = Path(__file__).resolve().parent.parent / "encoders" / "__init__.py"
     spec = importlib.util.find_spec("encoders")
     origin = Path(spec.origin).resolve() if spec is not None and spec.origin else None
-    if origin == ours or "encoders" in sys.modules:
+    if origin == ours:
         return
     if not ours.is_file():  # installed some other way: whatever is found must be sicot's
         if origin is not None and origin.name == "__init__.py" and (origin.parent / "registry.py").is_file():

@@ -615,10 +615,9 @@ def load_recipe(
         p = Path(path)
         where = str(p)
         # a file of that name wins; a folder or a broken link named like a built-in recipe is no recipe
-        shadowed = os.path.lexists(p) and not p.is_file()
-        builtin = None if (os.path.lexists(p) and not shadowed) or p.parent != Path() else _builtin_recipe_text(p.name)
+        builtin = None if p.is_file() or p.parent != Path() else _builtin_recipe_text(p.name)
         if builtin is not None:
-            if shadowed:
+            if os.path.lexists(p):
                 log.warning(
                     "./%s is no recipe file (a folder or a broken link): using the built-in recipe %s", p, p.name
                 )
@@ -715,14 +714,20 @@ def _demo_recipe_text() -> str:
     return text
 
 
-def builtin_recipes() -> list[str]:
-    """The names of the shipped recipes (``recipes/*.toml``; inside the wheel, ``sicot_cli.recipes``)."""
+def _recipes_folder() -> Any:  # noqa: ANN401 - a Path, or importlib.resources' Traversable inside a wheel
+    """Where the shipped recipes are: ``recipes/`` of the source tree (checkouts, editable installs),
+    else the wheel's ``sicot_cli.recipes``."""
     source = Path(__file__).resolve().parent.parent / "recipes"
     if source.is_dir():
-        return sorted(p.stem for p in source.glob("*.toml"))
+        return source
     from importlib.resources import files
 
-    return sorted(f.name[:-5] for f in files("sicot_cli.recipes").iterdir() if f.name.endswith(".toml"))
+    return files("sicot_cli.recipes")
+
+
+def builtin_recipes() -> list[str]:
+    """The names of the shipped recipes."""
+    return sorted(f.name[:-5] for f in _recipes_folder().iterdir() if f.name.endswith(".toml"))
 
 
 def _builtin_recipe_text(name: str) -> str | None:
@@ -730,12 +735,7 @@ def _builtin_recipe_text(name: str) -> str | None:
     stem = name[:-5] if name.endswith(".toml") else name
     if stem not in builtin_recipes():
         return None
-    source = Path(__file__).resolve().parent.parent / "recipes" / f"{stem}.toml"
-    if source.is_file():
-        return source.read_text(encoding="utf-8")
-    from importlib.resources import files
-
-    return files("sicot_cli.recipes").joinpath(f"{stem}.toml").read_text(encoding="utf-8")
+    return _recipes_folder().joinpath(f"{stem}.toml").read_text(encoding="utf-8")
 
 
 def _no_recipe() -> str:

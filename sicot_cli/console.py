@@ -274,12 +274,15 @@ class _Heartbeat:
             threading.Thread(target=self._still_running, daemon=True).start()
 
     def _still_running(self) -> None:
-        """A count-less stage's line every :data:`HEARTBEAT_S` seconds, until :meth:`close` (a stage done
+        """A count-less stage's line every :data:`HEARTBEAT_S` seconds, until the stage ends (a stage done
         within it says nothing: short commands and their error lines stay as they were)."""
         while not self._stop.wait(HEARTBEAT_S):
             log.info("%s ... (%.0f s)", self.description, time.monotonic() - self.t0)
 
-    def close(self) -> None:
+    def __enter__(self) -> _Heartbeat:
+        return self
+
+    def __exit__(self, *_: object) -> None:
         self._stop.set()
 
     def tick(self, n: int) -> None:
@@ -320,13 +323,9 @@ class RichProgress:
 
     @contextmanager
     def task(self, description: str, total: int | None) -> Iterator[_RichTask]:
-        with Progress(*_bar_columns(), console=err_console, transient=True, disable=not err_console.is_terminal) as p:
-            tid = p.add_task(description, total=total, info="")
-            beat = _Heartbeat(description, total, silent=not p.disable)
-            try:
-                yield _RichTask(p, tid, beat)
-            finally:
-                beat.close()
+        bars = Progress(*_bar_columns(), console=err_console, transient=True, disable=not err_console.is_terminal)
+        with bars as p, _Heartbeat(description, total, silent=not p.disable) as beat:
+            yield _RichTask(p, p.add_task(description, total=total, info=""), beat)
 
 
 class _AblationTask:
@@ -389,9 +388,8 @@ class AblationProgress:
         tid = self.bars.add_task(description, total=total, info="")
         # an epoch's steps move the overall bar by one epoch in all
         share = 1.0 / total if description.startswith("epoch ") and total else 0.0
-        beat = _Heartbeat(description, total, silent=not self.bars.disable)
         try:
-            yield _AblationTask(self, tid, share, beat)
+            with _Heartbeat(description, total, silent=not self.bars.disable) as beat:
+                yield _AblationTask(self, tid, share, beat)
         finally:
-            beat.close()
             self.bars.remove_task(tid)

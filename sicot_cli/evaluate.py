@@ -117,12 +117,6 @@ def evaluate_model(
         block_rows=cfg.block_rows, rank=rank, world=world, workers=decode_workers(cfg.loader_workers, 1),
     )  # fmt: skip
 
-    # Scored in float32 on every device, as predict, serve and export run the model: under train.amp's
-    # bf16 autocast (CUDA) the recorded scores were another computation than the shipped model's
-    # (probabilities up to 1e-2 apart, measured by casting on CPU). Training steps keep the autocast.
-    def autocast() -> Any:
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=False)
-
     parts = []
     t0 = time.perf_counter()
     with (progress or NullProgress()).task(f"scoring {split} images", stop - start) as task:
@@ -131,9 +125,9 @@ def evaluate_model(
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             if distributed:
-                parts.append(_score_across_ranks(model, x, batch, k, device, ctx, autocast))
+                parts.append(_score_across_ranks(model, x, batch, k, device, ctx))
             else:
-                parts.append(_score(model, x, batch, k, autocast))
+                parts.append(_score(model, x, batch, k))
             task.advance(batch.global_size if distributed else len(batch.rows))
     seconds = time.perf_counter() - t0
     model.train(was_training)
@@ -144,23 +138,31 @@ def evaluate_model(
 Scored = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # top-k classes, their probabilities, labels, rows
 
 
-def _score(model: torch.nn.Module, x: torch.Tensor, batch: Any, k: int, autocast: Any) -> Scored:
+def _float32(device: torch.device) -> Any:  # noqa: ANN401 - torch's autocast context
+    """Scoring in float32 on every device, also inside a caller's autocast, as predict, serve and
+    export run the model: under train.amp's bf16 autocast (CUDA) the recorded scores were another
+    computation than the shipped model's (probabilities up to 1e-2 apart, measured by casting on
+    CPU). Training steps keep the autocast."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def _score(model: torch.nn.Module, x: torch.Tensor, batch: Any, k: int) -> Scored:
     """One process: the batch's image-only top-k."""
-    with autocast():
+    with _float32(x.device):
         logits = model.logits(x)
     top = torch.softmax(logits.float(), dim=1).topk(k, dim=1)
     return top.indices.cpu().numpy(), top.values.cpu().numpy(), batch.labels.numpy(), batch.rows
 
 
 def _score_across_ranks(
-    model: torch.nn.Module, x: torch.Tensor, batch: Any, k: int, device: torch.device, ctx: DistContext, autocast: Any
+    model: torch.nn.Module, x: torch.Tensor, batch: Any, k: int, device: torch.device, ctx: DistContext
 ) -> Scored:
     """This rank's slice of the batch: features, labels and rows gathered from every rank; a replicated
     classifier scores the whole batch, a sharded one its classes, and the per-shard top-k are merged
     (:func:`sicot_cli.distributed.sharded_topk`). Every rank returns the whole batch's top-k."""
     total = batch.global_size
     clf = model.classifier
-    with autocast():
+    with _float32(device):
         feats = model.features(x) if x.shape[0] else torch.zeros((0, model.feat_dim), device=device)
         feats = _all_gather_rows(feats.float(), ctx.world, total)
         logits = clf(feats)
@@ -279,7 +281,7 @@ def load_run_model(
     recipe = recipe_from_dict(config["recipe"], str(run_dir / runs.CONFIG))
     prepared = open_prepared(data if data is not None else config["data"])
     check_dataset(prepared, config, run_dir)
-    checkpoint = runs.scored_checkpoint(run_dir) if checkpoint is None else checkpoint
+    checkpoint = runs.scored_checkpoint(run_dir, checkpoint)
     name = {"last": runs.LAST, "best": runs.BEST}.get(checkpoint)
     if name is None:
         raise SicotError(f"--checkpoint must be last or best, got {checkpoint!r}")
@@ -343,7 +345,7 @@ def evaluate_run(
     if split not in ("test", "val"):
         raise SicotError(f"--split must be test or val, got {split!r}")
     dev = resolve_device(device, "--device")
-    checkpoint = runs.scored_checkpoint(Path(run_dir)) if checkpoint is None else checkpoint
+    checkpoint = runs.scored_checkpoint(Path(run_dir), checkpoint)
     recipe, prepared, model, state = load_run_model(Path(run_dir), checkpoint, data)
     if prepared.split_range(split)[0] == prepared.split_range(split)[1]:
         raise SicotError(

@@ -263,7 +263,7 @@ def export(
 def _export(
     run_dir: Path, out: Path, side: Path, fmt: str, checkpoint: str | None, data: str | Path | None
 ) -> ExportResult:
-    checkpoint = runs.scored_checkpoint(run_dir) if checkpoint is None else checkpoint
+    checkpoint = runs.scored_checkpoint(run_dir, checkpoint)
     recipe, prepared, model, state = load_run_model(run_dir, checkpoint, data)
     net = ImageOnly(model.cpu()).eval()
     for p in net.parameters():

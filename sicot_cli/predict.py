@@ -128,7 +128,7 @@ def load_recognizer(
         SicotError: not a run, a missing checkpoint, or a dataset other than the run's.
     """
     dev = resolve_device(device, "--device")
-    checkpoint = runs.scored_checkpoint(Path(run_dir)) if checkpoint is None else checkpoint
+    checkpoint = runs.scored_checkpoint(Path(run_dir), checkpoint)
     _, prepared, model, state = load_run_model(Path(run_dir), checkpoint, data)
     model.to(dev).eval()
     epoch = state.get("epoch")
@@ -148,6 +148,17 @@ def load_recognizer(
 
 
 DEFAULT_TOP = 3  # classes per image when --top does not say (at most every class)
+
+
+def check_top(k: int | None, num_classes: int, default: int) -> None:
+    """``--top k`` of predict and serve: above the model's classes it is refused, not silently fewer
+    (``default``: what leaving it out gives)."""
+    if k is not None and k > num_classes:
+        raise SicotError(
+            f"--top {k}: the model knows {num_classes} classes; ask for at most that many "
+            f"(or leave --top out: {default}, or every class of a smaller model)"
+        )
+
 
 # Images decoded and scored at a time by ``predict``: memory stays that of one batch for any number of files.
 PREDICT_BATCH = 64
@@ -190,11 +201,7 @@ def predict(
         if URL.match(str(p)):  # Path() has already folded "//" to "/"
             raise SicotError(f"{p}: a URL; predict reads local image files: download the image first")
     recognizer = load_recognizer(run_dir, checkpoint, data, device)
-    if k is not None and k > recognizer.num_classes:  # as serve's --top and ?k=N: refused, not silently fewer
-        raise SicotError(
-            f"--top {k}: the model knows {recognizer.num_classes} classes; ask for at most that many "
-            f"(or leave --top out: {DEFAULT_TOP}, or every class of a smaller model)"
-        )
+    check_top(k, recognizer.num_classes, DEFAULT_TOP)
     k = k or min(DEFAULT_TOP, recognizer.num_classes)
     if on_model is not None:
         on_model(recognizer.source)

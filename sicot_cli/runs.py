@@ -304,10 +304,13 @@ def read_summary(run_dir: Path) -> dict[str, Any]:
     return summary
 
 
-def scored_checkpoint(run_dir: Path) -> str:
-    """The checkpoint a finished run's recorded scores come from (``best`` where it selected on
-    validation, else ``last``): what ``evaluate``, ``predict``, ``export`` and ``serve`` use unless
-    told. ``last`` for an unfinished run, or one whose summary cannot be read (its readers say why)."""
+def scored_checkpoint(run_dir: Path, given: str | None = None) -> str:
+    """``given`` when there is one, else the checkpoint a finished run's recorded scores come from
+    (``best`` where it selected on validation, else ``last``): what ``evaluate``, ``predict``,
+    ``export`` and ``serve`` use unless told. ``last`` for an unfinished run, or one whose summary
+    cannot be read (its readers say why)."""
+    if given is not None:
+        return given
     if not is_finished(run_dir):
         return "last"
     try:

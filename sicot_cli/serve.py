@@ -43,7 +43,7 @@ import numpy as np
 from sicot_cli.batcher import Busy, MicroBatcher
 from sicot_cli.data.images import ImageSkip, TooManyPixels
 from sicot_cli.errors import SicotError
-from sicot_cli.predict import Recognizer, preprocess
+from sicot_cli.predict import Recognizer, check_top, preprocess
 from sicot_cli.threads import MAX_THREADS
 
 log = logging.getLogger(__name__)
@@ -420,11 +420,7 @@ def serve(
     limits = limits or ServeLimits()
     limits.check()
     recognizer = load(run, model, checkpoint, data, device, threads)
-    if limits.top_k is not None and limits.top_k > recognizer.num_classes:  # as ?k=N above the classes: refused
-        raise SicotError(
-            f"--top {limits.top_k}: the model knows {recognizer.num_classes} classes; ask for at most that many "
-            f"(or leave --top out: {DEFAULT_TOP}, or every class of a smaller model)"
-        )
+    check_top(limits.top_k, recognizer.num_classes, DEFAULT_TOP)  # as ?k=N above the classes: refused
     app = create_app(recognizer, limits)
     sock = bind(host, port)
     if host not in ("127.0.0.1", "localhost", "::1"):

@@ -180,28 +180,25 @@ def predictions_table(preds: list) -> Table:
     return t
 
 
+def _run_figures(s, split: str) -> list[str]:  # noqa: ANN001 - sicot_cli.ablate.RunStatus
+    """A finished run's top-1, top-3, head and tail top-1 on ``split`` (``val``: the validation figures)."""
+    f, k = s.final or {}, "val_" if split == "val" else ""
+    return [_fmt(f.get(k + m)) for m in ("top1", "top3", "head_top1", "tail_top1")]
+
+
 def ablation_row(s, split: str = "test") -> str:  # noqa: ANN001 - sicot_cli.ablate.RunStatus
     """One finished run of ``sicot ablate``, as a line printed when it ends: its ``split``'s figures
     (``val`` on validation folds, where nothing should look at test)."""
-    f, k = s.final or {}, "val_" if split == "val" else ""
-    return (
-        f"{data_text(s.run_dir.name)}: {s.state}; {split} top-1 {_fmt(f.get(k + 'top1'))}, top-3 "
-        f"{_fmt(f.get(k + 'top3'))}, head {_fmt(f.get(k + 'head_top1'))}, tail {_fmt(f.get(k + 'tail_top1'))}"
-    )
+    top1, top3, head, tail = _run_figures(s, split)
+    return f"{data_text(s.run_dir.name)}: {s.state}; {split} top-1 {top1}, top-3 {top3}, head {head}, tail {tail}"
 
 
 def ablation_table(statuses: list, split: str = "test") -> Table:
     """The table of ``sicot ablate``: the runs of this call, with their ``split``'s figures."""
-    k = "val_" if split == "val" else ""
     title = "ablation (test)" if split == "test" else "ablation (validation)"
     t = Table("run", "state", "top-1", "top-3", "head top-1", "tail top-1", title=title, title_justify="left")
     for s in statuses:
-        f = s.final or {}
-        t.add_row(
-            safe(s.run_dir.name),
-            safe(s.state),
-            *(_fmt(f.get(k + m)) for m in ("top1", "top3", "head_top1", "tail_top1")),
-        )
+        t.add_row(safe(s.run_dir.name), safe(s.state), *_run_figures(s, split))
     return t
 
 
