@@ -146,9 +146,15 @@ def _threads(threads: int | None) -> list[str]:
     return [] if threads is None else [f"train.threads={threads}"]
 
 
-def _manifest_extras(manifest: Path) -> list[str]:
+def _manifest_extras(manifest: Path, overrides: list[str] | None) -> list[str]:
     """Own data without a recipe: named after the manifest, written to data/<name>.h5, and with
-    head/tail boundaries derived from its training counts (not the demo's)."""
+    head/tail boundaries derived from its training counts (not the demo's). ``--manifest`` beside a
+    ``data.manifest=`` override is refused: one of the two would be read without a word."""
+    from sicot_cli.errors import SicotError
+
+    both = next((o for o in overrides or [] if o.split("=", 1)[0].strip() == "data.manifest"), None)
+    if both is not None:
+        raise SicotError(f"--manifest {manifest} and the override {both!r} both name the manifest: give one of them")
     return [
         'data.source="manifest"',
         f"data.manifest={_toml_str(str(manifest))}",
@@ -248,7 +254,7 @@ def prepare(
 
     extra = []
     if manifest is not None:
-        extra = _manifest_extras(manifest)
+        extra = _manifest_extras(manifest, overrides)
         if recipe is not None:  # the recipe's own name, output and boundaries stay
             extra = extra[:2]
     typed = _typed("--manifest", manifest, extra)
@@ -439,7 +445,7 @@ def embed(
             ) from None
         show(embed_table(summary))
         return
-    extra = None if manifest is None else _manifest_extras(manifest)[: 2 if recipe is not None else 3]
+    extra = None if manifest is None else _manifest_extras(manifest, overrides)[: 2 if recipe is not None else 3]
     cfg = _recipe(recipe, overrides, extra, _typed("--manifest", manifest, extra or []))
     summary = lib.embed(cfg, vectors_out, progress=RichProgress())
     show(embed_table(summary))
@@ -994,7 +1000,7 @@ def _ablation_axes(
         raise SicotError(
             f"--val-folds trains seed K on fold K, prepared from the recipe: leave {'--seeds' if seeds is not None else '--data'} out"
         )
-    flag, seeds = ("--val-folds", folds) if folds is not None else ("--seeds", seeds or "0")
+    flag, seeds = ("--val-folds", folds) if folds is not None else ("--seeds", "0" if seeds is None else seeds)
 
     _load_encoder_modules(encoder_module)
     names = _axis("--encoders", encoders) or list_encoders()

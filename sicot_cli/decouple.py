@@ -128,6 +128,16 @@ def _run_stage(stage: _Stage, config: dict[str, Any], resume: bool, progress: Pr
     return _finish(stage, history, progress)
 
 
+def _moved_beside(run_dir: Path, theirs: Any, mine: Any) -> bool:
+    """The first run recorded as ``theirs`` and the one given now are the same run moved with its stage:
+    the same name, and the one given sits beside the stage's directory (an ablation's folder moved or
+    copied elsewhere, ``<out>/none-s0`` beside ``<out>/none-crt-s0``)."""
+    if not isinstance(theirs, str) or not isinstance(mine, str) or theirs == mine:
+        return False
+    given = Path(mine).absolute()
+    return Path(theirs).name == given.name and given.parent.resolve() == run_dir.absolute().parent.resolve()
+
+
 def _check_same_stage(run_dir: Path, config: dict[str, Any]) -> None:
     """``--resume`` continues the second stage the directory holds: same first run, method and decouple settings."""
     old = runs.read_config(run_dir)
@@ -140,6 +150,8 @@ def _check_same_stage(run_dir: Path, config: dict[str, Any]) -> None:
     theirs |= {f"decouple.{k}": v for k, v in (old.get("recipe", {}).get("decouple") or {}).items()}
     mine = {f"stage.{k}": v for k, v in config["stage"].items()}
     mine |= {f"decouple.{k}": v for k, v in config["recipe"]["decouple"].items()}
+    if _moved_beside(run_dir, theirs.get("stage.from_run"), mine.get("stage.from_run")):
+        theirs["stage.from_run"] = mine["stage.from_run"]
     changed = [
         f"{k} {theirs.get(k)!r} -> {mine.get(k)!r}"
         for k in sorted(set(mine) | set(theirs))

@@ -212,8 +212,14 @@ def csv_records(text: str, path: str | Path, tsv: bool) -> tuple[list[str], Iter
                     return
                 yield lines.first or reader.line_num, cut(record) if marker else record
         except csv.Error as e:
+            where = f"{path}: line {lines.first or lines.n}"
+            if "field larger than field limit" in str(e):
+                raise SicotError(
+                    f"{where}: a field over {CSV_FIELD_LIMIT // 2**20} MiB (a runaway title, or a quote that never "
+                    "closes and swallows the lines after it): shorten or remove that row"
+                ) from None
             raise SicotError(
-                f"{path}: line {lines.first or lines.n}: malformed CSV ({e}; a quote opens a quoted field, which must "
+                f"{where}: malformed CSV ({e}; a quote opens a quoted field, which must "
                 'close before the next comma: write a quote inside a field as "")'
             ) from None
 

@@ -703,7 +703,12 @@ def _on_validation(r: Run) -> Run:
         )
     epoch = r.final.get("checkpoint_epoch", r.history[-1].get("epoch"))
     row = next((h for h in r.history if h.get("epoch") == epoch), None)
-    if row is None or not isinstance(row.get("val_top1"), (int, float)):
+    if row is None:
+        raise SicotError(
+            f"{r.path / runs.METRICS}: no record of epoch {epoch}, the scored checkpoint's (the line is missing or "
+            "damaged): report the run on test, or leave it out of --split val"
+        )
+    if not isinstance(row.get("val_top1"), (int, float)):
         raise SicotError(
             f"{r.path / runs.METRICS}: no validation figures for epoch {epoch}, the scored checkpoint's (a file "
             "prepared without validation rows, data.val_fraction = 0?): report it on test"
@@ -913,6 +918,13 @@ def to_markdown(report: Report) -> str:
     return "\n".join(out)
 
 
+def _text_cell(value: Any) -> Any:
+    """A name from the data (a class label, an encoder's name) as a CSV cell a spreadsheet shows as text:
+    one starting with = + - @ (or a tab or CR) would be run as a formula (CSV injection), so it gets a
+    leading quote. Numbers are left alone."""
+    return f"'{value}" if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r") else value
+
+
 def to_csv(report: Report) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")  # also printed to stdout, where a CR would be escaped
@@ -922,7 +934,7 @@ def to_csv(report: Report) -> str:
             g = report.gains.get(e, {}).get(k)
             w.writerow(
                 [
-                    e,
+                    _text_cell(e),
                     k,
                     c.mean if c.values else "",
                     "" if c.std is None else c.std,
@@ -1005,7 +1017,7 @@ def _per_class_csv(rows: list[dict[str, Any]]) -> str:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["class", "train_images"])
     w.writeheader()
-    w.writerows(rows)
+    w.writerows({k: _text_cell(v) for k, v in row.items()} for row in rows)
     return buf.getvalue()
 
 

@@ -195,13 +195,29 @@ def _epochs(first: int, last: int) -> str:
     return f"epoch {first}" if first == last else f"epochs {first}-{last}"
 
 
+# Keys that decide which weights the model has: a checkpoint of one cannot continue as another.
+# (model.encoder covers model.encoder_options; the text stream's keys change no weight of a baseline.)
+MODEL_SHAPE = ("model.encoder", "model.backbone", "model.semantic_norm")
+TEXT_STREAM = ("model.encoder_options", "model.semantic_norm")
+
+
 def _check_change_applies(run_dir: Path, diff: dict[str, list[Any]]) -> None:
-    """``--allow-changes`` changes the rest of a run: refused on a finished run, and for an epoch
-    count the run has already reached (its config would claim epochs it never trained)."""
+    """``--allow-changes`` changes the rest of a run: refused on a finished run, for the model's
+    shape (:data:`MODEL_SHAPE`: the checkpoint holds other weights), and
+    for an epoch count the run has already reached (its config would claim epochs it never trained).
+    Checked before ``config.json`` is rewritten."""
     if runs.is_finished(run_dir):
         raise SicotError(
             f"{run_dir}: has finished, so --allow-changes would record settings it never trained with: "
             "train a new run (`sicot train --run-dir NEW_DIR ...`)"
+        )
+    baseline = "model.encoder" not in diff and runs.read_config(run_dir).get("encoder") == "none"
+    shape = [k for k in diff if k.startswith(MODEL_SHAPE) and not (baseline and k.startswith(TEXT_STREAM))]
+    if shape:
+        raise SicotError(
+            f"{run_dir}: --allow-changes cannot change {described({k: diff[k] for k in shape})}: its checkpoint "
+            "holds the weights of the model it started with; train a new run (`sicot train --run-dir NEW_DIR ...`), "
+            f"which may start its visual stream from this one's with model.pretrained={run_dir}"
         )
     if "train.epochs" in diff:
         done = len(runs.read_metrics(run_dir))

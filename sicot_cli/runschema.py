@@ -111,10 +111,15 @@ class SummaryFile(_Strict):
         return self
 
 
+_VALUE_ERROR = "Value error, "  # how pydantic prefixes a ValueError raised by a validator
+
+
 def _message(path: Path, e: ValidationError) -> str:
     err = e.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"]) or "(the whole file)"
     more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+    if not err["loc"] and err["msg"].startswith(_VALUE_ERROR):  # a check over the record's own keys: it names the key
+        return f"{path}: {err['msg'].removeprefix(_VALUE_ERROR)}{more}"
+    loc = ".".join(str(p) for p in err["loc"]) or "(the whole file)"
     return f"{path}: field {loc}: {err['msg']}{more}"
 
 

@@ -978,7 +978,33 @@ def _one_cafe_class(tmp: Path, ctx: dict) -> None:
     assert [unicodedata.normalize("NFC", n) for n in names].count("café") == 1, names
 
 
+def _header_only(tmp: Path, ctx: dict) -> list[str]:
+    (tmp / "h.csv").write_text("image,title,label\n", encoding="utf-8")
+    return _prep(tmp / "h.csv", tmp)
+
+
+def _every_row_test(tmp: Path, ctx: dict) -> list[str]:
+    m = make_manifest(tmp / "raw", per_class=6, split=True)
+    lines = m.read_text(encoding="utf-8").splitlines()
+    head = lines[0].split(",")
+    col = head.index("split")
+    rows = [",".join("test" if i == col else v for i, v in enumerate(ln.split(","))) for ln in lines[1:]]
+    m.write_text("\n".join([lines[0], *rows]) + "\n", encoding="utf-8")
+    return _prep(m, tmp)
+
+
 CASES: dict[str, Case] = {
+    # manifests without rows to train on: said as such (were "no usable rows (0 skipped: )" and
+    # "no training title has a word")
+    "manifest_header_only": Case(_header_only, "error", ["h.csv: holds no rows (a header alone?)"]),
+    "manifest_every_row_test": Case(
+        _every_row_test, "error", ["no training rows (every row's split is test): mark some rows train"]
+    ),
+    "manifest_given_twice": Case(  # the override was read, the option ignored without a word
+        lambda t, c: _prep(_manifest(t), t, f"data.manifest={t / 'other.csv'}"),
+        "error",
+        ["and the override 'data.manifest=", "both name the manifest: give one of them"],
+    ),
     # images (prepare): counted skips, or handled as documented
     "image_missing": Case(
         lambda t, c: _prep(_manifest(t, _row("nowhere.png", "x1")), t), "skip", ["image file not found"]
@@ -1563,7 +1589,7 @@ CASES: dict[str, Case] = {
     "run_metrics_metric_not_a_number": Case(
         _run_file(runs.METRICS, '{"epoch": 1, "top1": "x"}\n{"epoch": 2}\n'),
         "error",
-        ["metrics.jsonl:1: field (the whole file): Value error, top1 must be a number"],
+        ["metrics.jsonl:1: top1 must be a number"],
     ),
     "run_predictions_with_a_label_out_of_range": Case(  # accepted: CI [-11.67, +0.00] against a gain of +1.67
         _edited_predictions(lambda f, _: f["labels"].write_direct(np.full(f["labels"].shape, -5, f["labels"].dtype))),
@@ -1859,6 +1885,9 @@ CASES: dict[str, Case] = {
         lambda t, c: _ablate(t, c, "--seeds", str(10**22)), "error", ["--seeds must be integers from 0 to"]
     ),
     "ablate_seed_twice": Case(lambda t, c: _ablate(t, c, "--seeds", "0,0"), "error", ["--seeds names 0 twice"]),
+    "ablate_seeds_empty": Case(  # was the recipe's seed, without a word
+        lambda t, c: _ablate(t, c, "--seeds", ""), "error", ["--seeds names nothing ('')"]
+    ),
     "ablate_encoders_only_commas": Case(
         lambda t, c: _ablate(t, c, "--encoders", ","), "error", ["--encoders names nothing"]
     ),

@@ -764,6 +764,11 @@ def test_resume_refuses_result_changing_overrides_unless_allowed(finished_run, t
     r = runner.invoke(app, ["train", "--resume", "--allow-changes", "--run-dir", str(run), "train.epochs=1"])
     assert r.exit_code == 2 and "has trained 2 epochs already, so train.epochs = 1" in r.output, r.output
     assert (run / runs.CONFIG).read_text() == before
+    # nor turned into another model: the checkpoint holds this one's weights (and config.json is left as it was)
+    for change in (["--encoder", "mean"], ["model.backbone=resnet34"]):
+        r = runner.invoke(app, ["train", "--resume", "--allow-changes", "--run-dir", str(run), *change])
+        assert r.exit_code == 2 and "--allow-changes cannot change model." in r.output, (change, r.output)
+        assert (run / runs.CONFIG).read_text() == before
 
 
 def test_failed_start_leaves_no_run_directory(tiny_prepared, tmp_path):
@@ -829,3 +834,20 @@ def test_a_run_whose_saved_recipe_lacks_sections_still_reports(finished_run, tmp
     (run / "config.json").write_text(json.dumps({**config, "recipe": {}}), encoding="utf-8")
     done, unfinished = load_runs([run])
     assert [r.seed for r in done] == [0] and not unfinished  # the default seed, as every reader resolves it
+
+
+@pytest.mark.parametrize(("encoder", "refused"), [("bilinear", True), ("none", False)])
+def test_allow_changes_refuses_the_text_streams_shape_only_where_there_is_one(monkeypatch, tmp_path, encoder, refused):
+    """model.semantic_norm / model.encoder_options change a co-trained run's weights, not a baseline's."""
+    from sicot_cli import resume
+
+    monkeypatch.setattr(runs, "is_finished", lambda d: False)
+    monkeypatch.setattr(runs, "read_config", lambda d: {"encoder": encoder})
+    diff = {"model.semantic_norm": ["batchnorm", "none"], "model.encoder_options.rank": [4, 8]}
+    if refused:
+        with pytest.raises(
+            SicotError, match=r"cannot change model.semantic_norm: 'batchnorm' -> 'none'; model.encoder_options"
+        ):
+            resume._check_change_applies(tmp_path, diff)
+    else:
+        resume._check_change_applies(tmp_path, diff)

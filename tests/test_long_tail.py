@@ -576,6 +576,33 @@ def test_a_stage_resumes_only_as_it_was_started(first_run: Path, tmp_path: Path,
         decouple(first_run, then, tmp_path / "s", resume=True)
 
 
+def test_a_stage_moved_with_its_first_run_is_the_same_stage(first_run: Path, tmp_path: Path) -> None:
+    """An ablation folder moved or copied elsewhere: its finished stage is skipped, not refused; a first
+    run of the same name that is not beside the stage is still another run."""
+    import shutil
+
+    from sicot_cli.decouple import decouple
+
+    shutil.copytree(first_run, tmp_path / "a" / "none-s0")
+    decouple(tmp_path / "a" / "none-s0", ["decouple.method=crt", "decouple.epochs=1"], tmp_path / "a" / "none-crt-s0")
+    (tmp_path / "a").rename(tmp_path / "b")
+    again = decouple(
+        tmp_path / "b" / "none-s0",
+        ["decouple.method=crt", "decouple.epochs=1"],
+        tmp_path / "b" / "none-crt-s0",
+        resume=True,
+    )
+    assert again.skipped
+    shutil.copytree(tmp_path / "b" / "none-s0", tmp_path / "elsewhere" / "none-s0")
+    with pytest.raises(SicotError, match="holds another second stage"):
+        decouple(
+            tmp_path / "elsewhere" / "none-s0",
+            ["decouple.method=crt", "decouple.epochs=1"],
+            tmp_path / "b" / "none-crt-s0",
+            resume=True,
+        )
+
+
 def test_an_adjusted_run_is_adjusted_once(val_data: Path, first_run: Path, tmp_path: Path) -> None:
     from sicot_cli.decouple import decouple
     from sicot_cli.train import train

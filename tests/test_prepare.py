@@ -714,3 +714,31 @@ def test_a_title_over_lines_that_names_an_image_is_not_taken_for_a_swallowed_row
         lines[k] = ",".join([parts[0], f'"{title}"', *parts[2:]])
     m.write_text("\n".join(lines) + "\n", encoding="utf-8")
     assert prep.prepare(recipe_for(m, "data.image_size=16"), tmp_path / "p.h5").skipped == {}
+
+
+def test_a_field_over_the_csv_limit_is_named_as_such(monkeypatch, tmp_path):
+    """A runaway title (or a quote that never closes) past the field limit: said as such, not as a quoting mistake."""
+
+    from sicot_cli import fsutil
+
+    before = csv.field_size_limit()
+    monkeypatch.setattr(fsutil, "CSV_FIELD_LIMIT", 1 << 20)
+    try:
+        csv.field_size_limit(1 << 20)
+        text = "image,title,label\na.png,short,cat\nb.png," + "x" * ((1 << 20) + 10) + ",cat\n"
+        _, records = fsutil.csv_records(text, tmp_path / "m.csv", tsv=False)
+        with pytest.raises(SicotError, match=r"m.csv: line 3: a field over 1 MiB \(a runaway title"):
+            list(records)
+    finally:
+        csv.field_size_limit(before)
+
+
+def test_a_runaway_title_is_tokenised_from_its_start_only(tmp_path, monkeypatch, caplog):
+    """A title longer than TITLE_CHARS: its start is tokenised (with a warning), the row is kept."""
+    monkeypatch.setattr(prep, "TITLE_CHARS", 40)
+    long = {"image": "cat0.png", "title": "red cat toy " + "zzzword " * 50, "label": "cat", "id": "long"}
+    m = make_manifest(tmp_path / "raw", extra_rows=[long])
+    with caplog.at_level("WARNING"):
+        prep.prepare(recipe_for(m), tmp_path / "o.h5")
+    assert "1 title(s) longer than 40 characters: only the first 40 of each are tokenised" in caplog.text
+    assert "long" in open_prepared(tmp_path / "o.h5").ids()

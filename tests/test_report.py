@@ -447,6 +447,10 @@ def test_report_on_validation_reads_the_scored_epochs_validation_figures(ablatio
     (ablation / "none-s1" / "metrics.jsonl").write_text(json.dumps({"epoch": 2, "loss": 1.0}) + "\n")
     with pytest.raises(SicotError, match=r"none-s1/metrics.jsonl: no validation figures for epoch 2"):
         build_report([ablation], split="val")
+    # the scored epoch's line torn off (epoch 1 alone left): a damaged record, not a file without validation rows
+    (ablation / "none-s1" / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "loss": 1.0, "val_top1": 5.0}) + "\n")
+    with pytest.raises(SicotError, match=r"none-s1/metrics.jsonl: no record of epoch 2, .*missing or damaged"):
+        build_report([ablation], split="val")
     _with_validation(ablation / "none-s1", [5.0, 72.0])
     summary = json.loads((ablation / "none-s1" / "summary.json").read_text())
     summary["final"]["logit_adjust_tau"] = 1.0
@@ -782,3 +786,16 @@ def test_the_bootstrap_holds_a_bounded_number_of_resampled_values(monkeypatch):
     monkeypatch.setattr(report_mod, "BOOTSTRAP_BATCH_VALUES", 100_000)
     assert report_mod.bootstrap_ci(diff) == whole
     assert batches == [33] and batches[0] * len(diff) <= 100_000
+
+
+def test_names_from_the_data_cannot_run_as_spreadsheet_formulas():
+    """A class label such as =HYPERLINK(...) from an untrusted manifest is written as text; numbers stay numbers."""
+    from sicot_cli.report import _per_class_csv
+
+    rows = [
+        {"class": '=HYPERLINK("http://x")', "train_images": 3, "top1 mean": -0.5},
+        {"class": "@SUM(A1)", "train_images": 2, "top1 mean": 0.25},
+        {"class": "mug", "train_images": 1, "top1 mean": 1.0},
+    ]
+    lines = _per_class_csv(rows).splitlines()
+    assert lines[1:] == ['"\'=HYPERLINK(""http://x"")",3,-0.5', "'@SUM(A1),2,0.25", "mug,1,1.0"]

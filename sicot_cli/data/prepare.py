@@ -67,6 +67,9 @@ from sicot_cli.threads import worker_pool
 log = logging.getLogger(__name__)
 
 WRITE_BATCH = 256
+# Characters of a title that are tokenised: a product title is a few hundred; gensim's word2vec reads
+# at most 10,000 words of a sentence anyway.
+TITLE_CHARS = 100_000
 DUPLICATE_EXAMPLES = 3
 
 
@@ -398,6 +401,8 @@ def _read_rows(recipe: Recipe, skips: Skips) -> tuple[list[_Rec], str, int]:
     recs, source = _read_source(recipe, skips)
     recs = _drop_repeated_rows(recs, skips)
     _warn_images_with_several_labels(recs, source)
+    if not recs and not skips.total:
+        raise SicotError(f"{source}: holds no rows (a header alone?): add one row per image")
     if not recs:
         raise SicotError(f"{source}: no usable rows ({skips.described()})")
     return recs, source, len(recs) + skips.total
@@ -439,12 +444,25 @@ def build_text(recipe: Recipe, skips: Skips, progress: Progress | None = None, v
         recs, source, rows_read = _read_rows(recipe, skips)
     workers = d.workers or os.cpu_count() or 1
 
+    long = sum(len(r.title) > TITLE_CHARS for r in recs)
+    if long:  # a runaway title (a whole page pasted in one cell) tokenised in full takes minutes and gigabytes
+        log.warning(
+            "%s: %d title(s) longer than %s characters: only the first %s of each are tokenised "
+            "(a title keeps data.max_title_tokens words in any case)",
+            source, long, f"{TITLE_CHARS:,}", f"{TITLE_CHARS:,}",
+        )  # fmt: skip
     with progress.task("tokenizing titles", len(recs)) as task:
-        for r, toks in zip(recs, tokenize_many([r.title for r in recs], workers), strict=True):
+        titles = [r.title[:TITLE_CHARS] for r in recs]
+        for r, toks in zip(recs, tokenize_many(titles, workers), strict=True):
             r.tokens = toks
         task.advance(len(recs))
 
     given_split = _split(recs, recipe)
+    if given_split and not any(r.split == "train" for r in recs):
+        raise SicotError(
+            f"{source}: no training rows (every row's split is {' or '.join(sorted({str(r.split) for r in recs}))}): "
+            "mark some rows train, or leave the split column out to have the split drawn"
+        )
     recs = _drop_untrainable(recs, 1, skips)
     _carve_validation(recs, recipe)
     with progress.task("building the vocabulary", None):
