@@ -148,7 +148,7 @@ def resume_recipe(
             f"resume with `sicot train --resume --run-dir {run_dir}` alone, or pass --allow-changes to accept and record the change"
         )
     if diff:
-        _check_change_applies(run_dir, diff)
+        _check_change_applies(run_dir, diff, config.get("encoder"))
         if "train.epochs" in diff:
             _warn_moved_schedules(run_dir, recipe_from_dict(saved, str(path)), wanted)
         when = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
@@ -196,23 +196,22 @@ def _epochs(first: int, last: int) -> str:
 
 
 # Keys that decide which weights the model has: a checkpoint of one cannot continue as another.
-# (model.encoder covers model.encoder_options; the text stream's keys change no weight of a baseline.)
+# (model.encoder covers model.encoder_options; TEXT_ONLY's keys change no weight of a baseline.)
 MODEL_SHAPE = ("model.encoder", "model.backbone", "model.semantic_norm")
-TEXT_STREAM = ("model.encoder_options", "model.semantic_norm")
 
 
-def _check_change_applies(run_dir: Path, diff: dict[str, list[Any]]) -> None:
+def _check_change_applies(run_dir: Path, diff: dict[str, list[Any]], encoder: str | None) -> None:
     """``--allow-changes`` changes the rest of a run: refused on a finished run, for the model's
     shape (:data:`MODEL_SHAPE`: the checkpoint holds other weights), and
     for an epoch count the run has already reached (its config would claim epochs it never trained).
-    Checked before ``config.json`` is rewritten."""
+    Checked before ``config.json`` is rewritten; ``encoder``: the run's, as its config records it."""
     if runs.is_finished(run_dir):
         raise SicotError(
             f"{run_dir}: has finished, so --allow-changes would record settings it never trained with: "
             "train a new run (`sicot train --run-dir NEW_DIR ...`)"
         )
-    baseline = "model.encoder" not in diff and runs.read_config(run_dir).get("encoder") == "none"
-    shape = [k for k in diff if k.startswith(MODEL_SHAPE) and not (baseline and k.startswith(TEXT_STREAM))]
+    baseline = "model.encoder" not in diff and encoder == "none"
+    shape = [k for k in diff if k.startswith(MODEL_SHAPE) and not (baseline and k.startswith(TEXT_ONLY))]
     if shape:
         raise SicotError(
             f"{run_dir}: --allow-changes cannot change {described({k: diff[k] for k in shape})}: its checkpoint "

@@ -842,12 +842,11 @@ def test_allow_changes_refuses_the_text_streams_shape_only_where_there_is_one(mo
     from sicot_cli import resume
 
     monkeypatch.setattr(runs, "is_finished", lambda d: False)
-    monkeypatch.setattr(runs, "read_config", lambda d: {"encoder": encoder})
     diff = {"model.semantic_norm": ["batchnorm", "none"], "model.encoder_options.rank": [4, 8]}
     if refused:
         with pytest.raises(
             SicotError, match=r"cannot change model.semantic_norm: 'batchnorm' -> 'none'; model.encoder_options"
         ):
-            resume._check_change_applies(tmp_path, diff)
+            resume._check_change_applies(tmp_path, diff, encoder)
     else:
-        resume._check_change_applies(tmp_path, diff)
+        resume._check_change_applies(tmp_path, diff, encoder)
