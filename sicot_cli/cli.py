@@ -142,19 +142,35 @@ def _main(
     setup_logging(verbose)
 
 
-def _threads(threads: int | None) -> list[str]:
-    return [] if threads is None else [f"train.threads={threads}"]
+def _threads(threads: int | None, overrides: list[str] | None) -> list[str]:
+    """``--threads N`` as its override, refused beside a ``train.threads=`` override of its own."""
+    if threads is None:
+        return []
+    _refuse_twice({"train.threads": f"--threads {threads}"}, overrides)
+    return [f"train.threads={threads}"]
+
+
+def _refuse_twice(options: dict[str, str], overrides: list[str] | None) -> None:
+    """An option and an override that set the same key are refused: the override would win without a word.
+
+    ``options``: each key an option sets, with the option as the user typed it (``train.threads`` ->
+    ``--threads 2``). Keys an option only defaults (``--manifest``'s name, output and boundaries)
+    are left out by the caller: an override of those is the way to change them.
+    """
+    from sicot_cli.errors import SicotError
+
+    for item in overrides or []:
+        key = item.split("=", 1)[0].strip()
+        if key in options:
+            raise SicotError(f"{options[key]} and the override {item!r} both set {key}: give one of them")
 
 
 def _manifest_extras(manifest: Path, overrides: list[str] | None) -> list[str]:
     """Own data without a recipe: named after the manifest, written to data/<name>.h5, and with
     head/tail boundaries derived from its training counts (not the demo's). ``--manifest`` beside a
-    ``data.manifest=`` override is refused: one of the two would be read without a word."""
-    from sicot_cli.errors import SicotError
-
-    both = next((o for o in overrides or [] if o.split("=", 1)[0].strip() == "data.manifest"), None)
-    if both is not None:
-        raise SicotError(f"--manifest {manifest} and the override {both!r} both name the manifest: give one of them")
+    ``data.source=`` or ``data.manifest=`` override is refused: one of the two would be read without a
+    word; the name, output and boundaries are defaults an override may replace."""
+    _refuse_twice(dict.fromkeys(("data.source", "data.manifest"), f"--manifest {manifest}"), overrides)
     return [
         'data.source="manifest"',
         f"data.manifest={_toml_str(str(manifest))}",
@@ -260,9 +276,11 @@ def prepare(
     typed = _typed("--manifest", manifest, extra)
     if strict:
         extra.append("data.strict=true")
+        _refuse_twice({"data.strict": "--strict"}, overrides)
     if workers is not None:
         extra.append(f"data.workers={workers}")
         typed |= _typed("--workers", workers, extra[-1:])
+        _refuse_twice({"data.workers": f"--workers {workers}"}, overrides)
     cfg = _recipe(recipe, overrides, extra, typed)
     part = _part(shard) if shard is not None else None
     if part is not None and merge:
@@ -597,8 +615,10 @@ def train(
     from sicot_cli.train import train as run_train
 
     _load_encoder_modules(encoder_module)
-    extra = [*([f"model.encoder={_toml_str(encoder)}"] if encoder else []), *_threads(threads)]
+    extra = [*([f"model.encoder={_toml_str(encoder)}"] if encoder else []), *_threads(threads, overrides)]
     typed = _typed("--encoder", encoder, extra[:1] if encoder else [])
+    if encoder:
+        _refuse_twice({"model.encoder": f"--encoder {encoder}"}, overrides)
     cfg = None
     if resume and run_dir is None:  # the default run directory is named by the recipe
         cfg = _recipe(recipe, overrides, extra, typed)
@@ -898,7 +918,8 @@ def ablate(
         raise SicotError(f"--encoder {chosen!r} is not among the encoders trained here ({', '.join(names)})")
     if out is not None and not out.strip():
         raise SicotError("--out is empty; it names the ablation folder (e.g. runs/my-ablation)")
-    cfg = _recipe(recipe, overrides, _threads(threads))
+    _per_run_keys(overrides, val_folds is not None)
+    cfg = _recipe(recipe, overrides, _threads(threads, overrides))
     from sicot_cli.model import check_encoder_options
     from sicot_cli.preflight import check_training
 
@@ -963,7 +984,8 @@ def decouple(
 
     if method not in STAGES.values():  # the option's own error, not that of an override the user never typed
         raise SicotError(f"--method must be one of {', '.join(STAGES.values())}, got {method!r}")
-    extra = [f"decouple.method={method}"] + ([f"train.threads={threads}"] if threads is not None else [])
+    _refuse_twice({"decouple.method": f"--method {method}"}, overrides)
+    extra = [f"decouple.method={method}", *_threads(threads, overrides)]
     try:
         result = run_decouple(
             run, extra + list(overrides or []), run_dir, resume=resume, progress=RichProgress(), data=data
@@ -985,6 +1007,20 @@ def decouple(
         console.print(safe(f"{result.run_dir}: already finished; nothing to do"))
     if result.test is not None:
         show(metrics_table(result.test, f"{result.run_dir}: {selection_line(result.test)}"))
+
+
+def _per_run_keys(overrides: list[str] | None, folds: bool) -> None:
+    """``train.seed`` and ``model.encoder`` are set per run by ablate: an override of them would be dropped."""
+    from sicot_cli.errors import SicotError
+
+    axis = {"train.seed": "--val-folds" if folds else "--seeds", "model.encoder": "--encoders"}
+    for item in overrides or []:
+        key = item.split("=", 1)[0].strip()
+        if key in axis:
+            raise SicotError(
+                f"the override {item!r}: ablate sets {key} for each run from {axis[key]}; drop the override and "
+                f"give {axis[key]} instead"
+            )
 
 
 def _ablation_axes(

@@ -214,6 +214,59 @@ def test_embed_refuses_options_its_mode_would_ignore(args, needle, tmp_path, mon
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (
+            ["train", "--threads", "2", "train.threads=4"],
+            "--threads 2 and the override 'train.threads=4' both set train.threads",
+        ),
+        (
+            ["train", "--encoder", "mean", "model.encoder=bilinear"],
+            "--encoder mean and the override 'model.encoder=bilinear'",
+        ),
+        (["prepare", "--workers", "2", "data.workers=1"], "--workers 2 and the override 'data.workers=1' both set"),
+        (
+            ["prepare", "--strict", "data.strict=false"],
+            "--strict and the override 'data.strict=false' both set data.strict",
+        ),
+        (
+            ["prepare", "--manifest", "m.csv", "data.source=demo"],
+            "--manifest m.csv and the override 'data.source=demo'",
+        ),
+        (["embed", "--manifest", "m.csv", "data.manifest=o.csv"], "and the override 'data.manifest=o.csv' both set"),
+        (
+            ["decouple", "r", "--method", "crt", "decouple.method=lws"],
+            "--method crt and the override 'decouple.method=lws'",
+        ),
+        (
+            ["ablate", "--threads", "1", "train.threads = 2"],
+            "--threads 1 and the override 'train.threads = 2' both set",
+        ),
+        (["ablate", "--seeds", "0", "train.seed=5"], "ablate sets train.seed for each run from --seeds; drop the"),
+        (["ablate", "model.encoder=mean"], "ablate sets model.encoder for each run from --encoders; drop the"),
+        (["ablate", "--val-folds", "0,1", "train.seed=1"], "train.seed for each run from --val-folds"),
+    ],
+)
+def test_an_option_and_an_override_of_the_same_key_are_refused(args, needle, tmp_path, monkeypatch):
+    """The override won without a word (``--threads 2 train.threads=4`` trained on 4 threads, ablate's
+    ``train.seed=5`` trained seed 0): now one red line naming both, before anything is read or written.
+    Two overrides of one key stay as they were: the last wins, as a repeated option does."""
+    monkeypatch.chdir(tmp_path)
+    r = run(*args)
+    assert r.exit_code != 0 and needle in " ".join(r.output.split()), r.output
+    assert "Traceback" not in r.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_override_may_replace_what_manifest_only_defaults(tmp_path, monkeypatch):
+    """--manifest names the output after the manifest; ``data.out=`` is the way to change that, not a conflict."""
+    from sicot_cli.cli import _manifest_extras
+
+    extra = _manifest_extras(tmp_path / "m.csv", ["data.out=elsewhere.h5", "name=mine", 'eval.boundaries="fixed"'])
+    assert extra[0] == 'data.source="manifest"' and len(extra) == 5
+
+
 def test_prepare_out_with_another_suffix_is_a_folder_and_says_so(tmp_path, caplog):
     import logging
 
