@@ -94,6 +94,7 @@ def ablate(
     on_start: Callable[[str, int, int, Recipe], None] | None = None,
     method_names: list[str] | None = None,
     data_remedy: str | None = FILE_REMEDY,
+    report_figures: bool | None = None,
 ) -> tuple[Path, list[RunStatus]]:
     """Train (or skip, or resume) the baseline and each encoder, under each method, for each seed.
 
@@ -117,6 +118,8 @@ def ablate(
         method_names: long-tail methods (default: ``["ce"]``, the paper's training only).
         data_remedy: what the warning about a prepared file made with other settings advises
             (default: prepare the recipe's own file or pass its --data; None: no warning).
+        report_figures: the caller writes the report into the folder at the end (with the figures if
+            True): its files' names are checked before the first run (None: no report follows).
 
     Returns:
         The ablation directory and the status of every run, in training order.
@@ -129,6 +132,10 @@ def ablate(
     with runs.hold(root, "--out"):  # a second ablation into the same folder is refused at once
         jobs = _jobs(recipe, root, encoders, seeds, presets, plans)
         _check_out_folder(root, jobs)
+        if report_figures is not None:
+            from sicot_cli.report import check_report_files
+
+            check_report_files(root, report_figures)
         _write_plan(root, recipe, encoders, seeds, presets, [m.name for m in plans], jobs, (data_path, prepared))
         return root, _run_jobs(jobs, data_path, progress, on_run, on_start)
 
@@ -393,6 +400,12 @@ def _check_out_folder(root: Path, jobs: list[_Job]) -> None:
                 "or pass another --out"
             )
     if (root / PLAN).is_file():
+        if not _plan_is_ours(root / PLAN) and not any(runs.is_run(job.run_dir) for job in jobs):
+            raise SicotError(
+                f"{root / PLAN}: not an ablation plan `sicot ablate` wrote (it reads no recipe and encoders), and "
+                "the folder holds none of this ablation's runs; it is not replaced: move it, or pass --out with "
+                "another folder"
+            )
         return
     from sicot_cli.report import REPORT_FILES
 
@@ -404,6 +417,18 @@ def _check_out_folder(root: Path, jobs: list[_Job]) -> None:
             f"{root}: holds {foreign[0]!r}{more} and no {PLAN}: not an ablation folder; pass --out with a new or "
             "empty folder (or one holding only this ablation's runs)"
         )
+
+
+def _plan_is_ours(path: Path) -> bool:
+    """An ``ablation.json`` as ``_write_plan`` writes it (a JSON object with the recipe and the encoders).
+
+    A damaged plan beside this ablation's runs is rewritten (``_write_plan``); a file of that name
+    in a folder without them is someone's own file, and is refused by ``_check_out_folder``."""
+    try:
+        plan = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(plan, dict) and isinstance(plan.get("recipe"), dict) and isinstance(plan.get("encoders"), list)
 
 
 def _write_plan(

@@ -930,7 +930,8 @@ def ablate(
     if val_folds is not None:
         root, dirs, statuses = _run_ablation(cfg, names, seed_list, target, keys, folds=True)
     else:
-        (root, statuses), dirs = _run_ablation(cfg, names, seed_list, target, {**keys, "data": data}), None
+        keys |= {"data": data, "report_figures": figures}
+        (root, statuses), dirs = _run_ablation(cfg, names, seed_list, target, keys), None
     if statuses and statuses[-1].state == "interrupted":
         from rich.text import Text
 

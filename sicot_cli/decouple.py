@@ -165,6 +165,8 @@ def _check_same_stage(run_dir: Path, config: dict[str, Any]) -> None:
 
 
 def _set_up(source: Path, overrides: list[str], run_dir: str | Path | None, data: str | Path | None) -> _Stage:
+    if not source.exists():
+        raise SicotError(f"{source}: no such folder (decouple starts from a run that `sicot train` finished)")
     if not runs.is_run(source) or not runs.is_finished(source):
         raise SicotError(f"{source}: not a finished run (decouple starts from a run that `sicot train` finished)")
     config, final = runs.read_config(source), runs.read_summary(source).get("final", {})

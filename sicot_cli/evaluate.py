@@ -8,6 +8,7 @@ Evaluation follows §4.2: top-1 and top-3, overall and averaged over the head an
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -279,6 +280,11 @@ def load_run_model(
 
     config = runs.read_config(run_dir)
     recipe = recipe_from_dict(config["recipe"], str(run_dir / runs.CONFIG))
+    if data is None and not os.path.lexists(config["data"]):
+        raise SicotError(
+            f"{config['data']}: the prepared dataset {run_dir} was trained on is not there (moved or removed): pass "
+            "--data with where it is now, or prepare it again with the run's recipe"
+        )
     prepared = open_prepared(data if data is not None else config["data"])
     check_dataset(prepared, config, run_dir)
     checkpoint = runs.scored_checkpoint(run_dir, checkpoint)

@@ -1104,6 +1104,13 @@ def _check_replaceable(path: Path) -> None:
         )
 
 
+def check_report_files(out_dir: Path, figures: bool) -> None:
+    """Refuse a report into ``out_dir`` where a file of one of its names was not written by ``sicot
+    report`` (``ablate`` asks before its first run, not after its last)."""
+    for name in [*_REPORT_STARTS, *(FIGURE_FILES if figures else ())]:
+        _check_replaceable(out_dir / name)
+
+
 def write_report(report: Report, out_dir: Path, figures: bool = False) -> list[Path]:
     """report.md, report.csv, report.json and per_class.csv (atomically) in ``out_dir``; with
     ``figures``, the figures' names are checked too (before anything is written), for the caller
@@ -1124,8 +1131,7 @@ def write_report(report: Report, out_dir: Path, figures: bool = False) -> list[P
         ("report.json", to_json(report)),
         ("per_class.csv", _per_class_csv(per_class_rows(report, info))),
     ]
-    for name in [name for name, _ in files] + list(FIGURE_FILES if figures else ()):
-        _check_replaceable(out_dir / name)
+    check_report_files(out_dir, figures)
     for name, text in files:
         path = out_dir / name
         with atomic_path(path) as tmp:

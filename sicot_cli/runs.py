@@ -184,6 +184,11 @@ def start_run(run_dir: Path, config: dict[str, Any], resume: bool) -> bool:
                 tmp.unlink(missing_ok=True)
     if run_dir.exists() and any(run_dir.iterdir()):
         if not resume:
+            if not is_run(run_dir):  # the user's own files: --resume would refuse them too
+                raise SicotError(
+                    f"{run_dir}: holds files and no run ({CONFIG}); they are left alone: pass --run-dir with a new "
+                    "or empty folder"
+                )
             raise SicotError(
                 f"{run_dir}: run directory exists (pass --resume to continue it, or --run-dir to start another)"
             )

@@ -2150,6 +2150,45 @@ CASES: dict[str, Case] = {
         "error",
         ["abl: is a training run (config.json), not an ablation folder"],
     ),
+    "ablate_out_holding_a_users_ablation_json": Case(  # the user's file was replaced by the plan, exit 0
+        lambda t, c: [_bytes((t / "abl").mkdir() or t / "abl" / "ablation.json", b'{"notes": [1]}'), _ablate(t, c)][1],
+        "error",
+        ["ablation.json: not an ablation plan `sicot ablate` wrote", "it is not replaced"],
+        check=_holds(
+            lambda t, c: (
+                sorted(p.name for p in (t / "abl").iterdir()) == ["ablation.json"]
+                and (t / "abl" / "ablation.json").read_bytes() == b'{"notes": [1]}'
+            )
+        ),
+    ),
+    "ablate_out_holding_a_users_report_md": Case(  # every run trained first, then the report step refused
+        lambda t, c: [_bytes((t / "abl").mkdir() or t / "abl" / "report.md", b"my notes"), _ablate(t, c)][1],
+        "error",
+        ["report.md: exists and was not written by `sicot report`"],
+        check=_holds(
+            lambda t, c: not (t / "abl" / "none-s0").exists() and (t / "abl" / "report.md").read_bytes() == b"my notes"
+        ),
+    ),
+    "prepare_out_beside_a_users_recipe_json": Case(  # o.recipe.json replaced without --force
+        lambda t, c: [_bytes(t / "o.recipe.json", b"precious"), _prep(_manifest(t), t)][1],
+        "error",
+        ["o.recipe.json: exists and is not the side file `sicot prepare` writes", "--force"],
+        check=_holds(lambda t, c: (t / "o.recipe.json").read_bytes() == b"precious" and not (t / "o.h5").exists()),
+    ),
+    "train_run_dir_of_the_users_files": Case(  # said "pass --resume", which then refused the folder
+        lambda t, c: [_bytes((t / "run").mkdir() or t / "run" / "a.txt", b"mine"), _train()(t, c)][1],
+        "error",
+        ["run: holds files and no run (config.json); they are left alone: pass --run-dir with a new"],
+        check=_holds(lambda t, c: sorted(p.name for p in (t / "run").iterdir()) == ["a.txt"]),
+    ),
+    "decouple_a_missing_folder": Case(  # said "not a finished run"
+        lambda t, c: ["decouple", str(t / "nowhere")], "error", ["nowhere: no such folder (decouple starts from"]
+    ),
+    "evaluate_a_run_whose_dataset_moved": Case(  # said "create it with `sicot prepare`", not --data
+        _run_file(runs.CONFIG, lambda cfg: {**cfg, "data": "/nonexistent/moved.h5"}, command="evaluate"),
+        "error",
+        ["/nonexistent/moved.h5: the prepared dataset", "is not there (moved or removed): pass --data with where"],
+    ),
     "train_text_encoder_with_lam_zero": Case(  # reported as co-training, bit-identical to the baseline
         _train("--encoder", "mean", "train.lam=0"), "ok", ["train.lam = 0 with encoder 'mean'", "the baseline's"]
     ),

@@ -799,3 +799,23 @@ def test_names_from_the_data_cannot_run_as_spreadsheet_formulas():
     ]
     lines = _per_class_csv(rows).splitlines()
     assert lines[1:] == ['"\'=HYPERLINK(""http://x"")",3,-0.5', "'@SUM(A1),2,0.25", "mug,1,1.0"]
+
+
+def test_a_damaged_plan_beside_its_runs_is_ours_a_foreign_one_alone_is_refused(tmp_path):
+    """ablate rewrites its own damaged ablation.json (its runs are beside it) but never replaces a
+    user's file of that name in a folder that holds none of the ablation's runs."""
+    from types import SimpleNamespace
+
+    from sicot_cli.ablate import _check_out_folder
+    from sicot_cli.errors import SicotError
+
+    root = tmp_path / "abl"
+    (root / "none-s0").mkdir(parents=True)
+    (root / "ablation.json").write_text('{"recipe": {"name": "x"}, "encoders": ["none"]}', encoding="utf-8")
+    jobs = [SimpleNamespace(run_dir=root / "none-s0")]
+    _check_out_folder(root, jobs)  # a plan as ablate writes it
+    (root / "ablation.json").write_text('{"recipe": {"na', encoding="utf-8")  # torn
+    with pytest.raises(SicotError, match="not an ablation plan `sicot ablate` wrote"):
+        _check_out_folder(root, jobs)
+    (root / "none-s0" / "config.json").write_text("{}", encoding="utf-8")  # the ablation's run is there
+    _check_out_folder(root, jobs)

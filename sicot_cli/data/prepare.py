@@ -594,7 +594,22 @@ def _check_output(out_path: Path, force: bool) -> None:
         raise SicotError(f"{out_path}: already exists (pass --force to rebuild it, or --out to write elsewhere)")
     if out_path.is_dir():
         raise SicotError(f"{out_path}: is a directory; --out names the .h5 file to write")
+    side = out_path.with_suffix(".recipe.json")
+    if taken(side) and not force and not _is_side_file(side):  # a removed .h5's own side file is replaced
+        raise SicotError(
+            f"{side}: exists and is not the side file `sicot prepare` writes beside {out_path.name}; it is not "
+            "replaced: move it, choose another --out, or pass --force to replace it"
+        )
     ensure_dir(out_path.parent)
+
+
+def _is_side_file(path: Path) -> bool:
+    """``<out>.recipe.json`` as prepare writes it: a JSON object with the recipe, the summary and the versions."""
+    try:
+        side = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(side, dict) and {"recipe", "summary", "versions"} <= side.keys()
 
 
 class _ImageWriter:
