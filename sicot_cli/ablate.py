@@ -399,12 +399,18 @@ def _check_out_folder(root: Path, jobs: list[_Job]) -> None:
                 f"{d}: holds files but no run ({runs.CONFIG}), where this ablation's run {d.name} goes; move them, "
                 "or pass another --out"
             )
-    if (root / PLAN).is_file():
-        if not _plan_is_ours(root / PLAN) and not any(runs.is_run(job.run_dir) for job in jobs):
+    plan = root / PLAN
+    if os.path.lexists(plan) and not plan.is_file():
+        raise SicotError(
+            f"{plan}: not a file (a folder, or a link to nothing) where this ablation's plan goes; move it, or pass "
+            "--out with another folder"
+        )
+    if plan.is_file():
+        state = _plan_state(plan)
+        if state == "foreign" or (state == "torn" and not any(runs.is_run(job.run_dir) for job in jobs)):
             raise SicotError(
-                f"{root / PLAN}: not an ablation plan `sicot ablate` wrote (it reads no recipe and encoders), and "
-                "the folder holds none of this ablation's runs; it is not replaced: move it, or pass --out with "
-                "another folder"
+                f"{plan}: not an ablation plan `sicot ablate` wrote (it reads no recipe and encoders); it is not "
+                "replaced: move it, or pass --out with another folder"
             )
         return
     from sicot_cli.report import REPORT_FILES
@@ -419,16 +425,21 @@ def _check_out_folder(root: Path, jobs: list[_Job]) -> None:
         )
 
 
-def _plan_is_ours(path: Path) -> bool:
-    """An ``ablation.json`` as ``_write_plan`` writes it (a JSON object with the recipe and the encoders).
-
-    A damaged plan beside this ablation's runs is rewritten (``_write_plan``); a file of that name
-    in a folder without them is someone's own file, and is refused by ``_check_out_folder``."""
+def _plan_state(path: Path) -> str:
+    """``ablation.json``: "ours" (a JSON object with the recipe and the encoders, as ``_write_plan``
+    writes it), "torn" (a JSON object cut short or damaged: rewritten beside this ablation's runs)
+    or "foreign" (any other file: someone's own, never replaced)."""
     try:
-        plan = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return False
-    return isinstance(plan, dict) and isinstance(plan.get("recipe"), dict) and isinstance(plan.get("encoders"), list)
+        text = path.read_text(encoding="utf-8")
+    except (OSError, ValueError):
+        return "foreign"
+    try:
+        plan = json.loads(text)
+    except (ValueError, RecursionError):
+        return "torn" if "".join(text[:200].split())[:2] == '{"' else "foreign"
+    if isinstance(plan, dict) and isinstance(plan.get("recipe"), dict) and isinstance(plan.get("encoders"), list):
+        return "ours"
+    return "torn" if isinstance(plan, dict) and {"recipe", "encoders"} & plan.keys() else "foreign"
 
 
 def _write_plan(

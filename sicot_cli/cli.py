@@ -871,7 +871,7 @@ def ablate(
         str | None,
         typer.Option(help="Comma-separated encoders (default: all registered); the baseline is always trained."),
     ] = None,
-    seeds: Annotated[str | None, typer.Option(help="Comma-separated seeds.  [default: 0]")] = None,
+    seeds: Annotated[str | None, typer.Option(help="Comma-separated seeds (default: 0).")] = None,
     out: Annotated[
         str | None,
         typer.Option(
@@ -920,6 +920,7 @@ def ablate(
         raise SicotError("--out is empty; it names the ablation folder (e.g. runs/my-ablation)")
     _per_run_keys(overrides, val_folds is not None)
     cfg = _recipe(recipe, overrides, _threads(threads, overrides))
+    _unused_recipe_seed(cfg, recipe, seeds is None and val_folds is None)
     from sicot_cli.model import check_encoder_options
     from sicot_cli.preflight import check_training
 
@@ -966,7 +967,10 @@ def _ablation_report(root: Path, fold_dirs: list[Path] | None, chosen: str | Non
 @guard
 def decouple(
     run: Annotated[Path, typer.Argument(help="A finished run directory (its visual stream is kept, frozen).")],
-    method: Annotated[str, typer.Option(help="crt, lws, tau_norm or logit_adjust (post-hoc).")] = "crt",
+    method: Annotated[
+        str | None,
+        typer.Option(help="crt (default), lws, tau_norm or logit_adjust (post-hoc); or decouple.method=."),
+    ] = None,
     run_dir: Annotated[Path | None, typer.Option(help="The new run's directory (default: <run>-<method>).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted second stage.")] = False,
     data: Annotated[Path | None, typer.Option(help="Prepared .h5 (default: the run's).")] = None,
@@ -983,10 +987,12 @@ def decouple(
     from sicot_cli.runs import selection_line
     from sicot_cli.views import metrics_table
 
-    if method not in STAGES.values():  # the option's own error, not that of an override the user never typed
+    if method is not None and method not in STAGES.values():  # the option's own error, not an override's
         raise SicotError(f"--method must be one of {', '.join(STAGES.values())}, got {method!r}")
-    _refuse_twice({"decouple.method": f"--method {method}"}, overrides)
-    extra = [f"decouple.method={method}", *_threads(threads, overrides)]
+    if method is not None:
+        _refuse_twice({"decouple.method": f"--method {method}"}, overrides)
+    given = any(o.split("=", 1)[0].strip() == "decouple.method" for o in overrides or [])
+    extra = [*([] if given else [f"decouple.method={method or 'crt'}"]), *_threads(threads, overrides)]
     try:
         result = run_decouple(
             run, extra + list(overrides or []), run_dir, resume=resume, progress=RichProgress(), data=data
@@ -996,7 +1002,7 @@ def decouple(
 
         from rich.text import Text
 
-        again = ["sicot", "decouple", str(run), "--method", method, "--resume"]
+        again = ["sicot", "decouple", str(run), *(["--method", method] if method else []), "--resume"]
         again += ["--run-dir", str(run_dir)] if run_dir is not None else []
         err_console.print(
             Text.assemble(("interrupted: the last finished epoch is kept; continue with", "yellow"), " ",
@@ -1008,6 +1014,20 @@ def decouple(
         console.print(safe(f"{result.run_dir}: already finished; nothing to do"))
     if result.test is not None:
         show(metrics_table(result.test, f"{result.run_dir}: {selection_line(result.test)}"))
+
+
+def _unused_recipe_seed(cfg: Any, recipe: Path | None, default_seeds: bool) -> None:
+    """A recipe's own ``train.seed`` is not what ablate trains (``--seeds``, default 0): said, not dropped silently."""
+    if default_seeds and "train.seed" in cfg.explicit and cfg.train.seed != 0:
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "%s sets train.seed = %d, which ablate does not use: it trains the seeds of --seeds (default 0); "
+            "give --seeds %d to train that seed",
+            recipe,
+            cfg.train.seed,
+            cfg.train.seed,
+        )
 
 
 def _per_run_keys(overrides: list[str] | None, folds: bool) -> None:

@@ -100,6 +100,8 @@ def decouple(
         progress: progress reporting.
         data: the prepared file (default: the first run's; checked to be the same dataset).
     """
+    if not Path(source).exists():  # named as typed: a link to nothing is not named by its target
+        raise SicotError(f"{source}: no such folder (decouple starts from a run that `sicot train` finished)")
     stage = _set_up(Path(source).resolve(), overrides or [], run_dir, data)
     d = stage.recipe.decouple
     config = run_config(stage.recipe, stage.prepared) | {
@@ -165,8 +167,6 @@ def _check_same_stage(run_dir: Path, config: dict[str, Any]) -> None:
 
 
 def _set_up(source: Path, overrides: list[str], run_dir: str | Path | None, data: str | Path | None) -> _Stage:
-    if not source.exists():
-        raise SicotError(f"{source}: no such folder (decouple starts from a run that `sicot train` finished)")
     if not runs.is_run(source) or not runs.is_finished(source):
         raise SicotError(f"{source}: not a finished run (decouple starts from a run that `sicot train` finished)")
     config, final = runs.read_config(source), runs.read_summary(source).get("final", {})

@@ -1098,9 +1098,10 @@ def _check_replaceable(path: Path) -> None:
     if not path.exists() and not path.is_symlink():
         return
     if not path.is_file() or not _written_by_report(path):
+        figure = ", or leave the figures out (--no-figures)" if path.name in FIGURE_FILES else ""
         raise SicotError(
             f"{path}: exists and was not written by `sicot report`; it is not replaced: move it, or write the "
-            "report elsewhere (--out FOLDER)"
+            f"report elsewhere (--out FOLDER){figure}"
         )
 
 

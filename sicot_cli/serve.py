@@ -326,6 +326,8 @@ async def _predict(
     unknown = sorted(set(request.query_params) - {"k"})
     if unknown:  # ?top=1 answered with the default k, without a word
         raise ApiError(422, f"unknown query parameter {unknown[0]!r}: /predict takes k (classes per image), e.g. ?k=3")
+    if len(request.query_params.getlist("k")) > 1:  # ?k=1&k=2: the last won, without a word
+        raise ApiError(422, "k given more than once: give ?k=N once")
     k = (limits.top_k or min(DEFAULT_TOP, recognizer.num_classes)) if k is None else k
     if not 1 <= k <= recognizer.num_classes:
         raise ApiError(422, f"k must be between 1 and {recognizer.num_classes}, got {k}")

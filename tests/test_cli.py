@@ -261,10 +261,12 @@ def test_an_option_and_an_override_of_the_same_key_are_refused(args, needle, tmp
 
 def test_an_override_may_replace_what_manifest_only_defaults(tmp_path, monkeypatch):
     """--manifest names the output after the manifest; ``data.out=`` is the way to change that, not a conflict."""
-    from sicot_cli.cli import _manifest_extras
+    from sicot_cli.cli import _manifest_extras, _recipe
 
-    extra = _manifest_extras(tmp_path / "m.csv", ["data.out=elsewhere.h5", "name=mine", 'eval.boundaries="fixed"'])
-    assert extra[0] == 'data.source="manifest"' and len(extra) == 5
+    mine = ["data.out=elsewhere.h5", "name=mine", 'eval.boundaries="fixed"']
+    cfg = _recipe(None, mine, _manifest_extras(tmp_path / "m.csv", mine))
+    assert (cfg.data.out, cfg.name, cfg.eval.boundaries) == ("elsewhere.h5", "mine", "fixed")
+    assert cfg.data.source == "manifest" and cfg.data.manifest == str(tmp_path / "m.csv")
 
 
 def test_prepare_out_with_another_suffix_is_a_folder_and_says_so(tmp_path, caplog):

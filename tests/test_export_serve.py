@@ -747,6 +747,8 @@ def test_top_k_beyond_the_classes_is_refused_and_the_default_is_at_most_every_cl
     # ?top=1 (the CLI's option name) was answered with the default k without a word
     r = client.post("/predict", files={"image": ("a.png", png, "image/png")}, params={"top": 1})
     assert r.status_code == 422 and "unknown query parameter 'top': /predict takes k" in r.json()["error"]
+    r = client.post("/predict?k=1&k=2", files={"image": ("a.png", png, "image/png")})
+    assert r.status_code == 422 and "k given more than once" in r.json()["error"]
 
 
 def test_unknown_route_and_method_are_json(client):

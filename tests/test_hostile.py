@@ -2189,6 +2189,16 @@ CASES: dict[str, Case] = {
         "error",
         ["/nonexistent/moved.h5: the prepared dataset", "is not there (moved or removed): pass --data with where"],
     ),
+    "ablate_recipe_seed_it_does_not_train": Case(  # trained none-s0 without a word
+        lambda t, c: [*_ablate(t, c), "--recipe", str(_bytes(t / "r.toml", b"[train]\nseed = 5\n"))],
+        "ok",
+        ["sets train.seed = 5, which ablate does not use", "give --seeds 5"],
+    ),
+    "decouple_a_link_to_nothing": Case(  # named the link's target
+        lambda t, c: [(t / "dl").symlink_to(t / "nowhere"), ["decouple", str(t / "dl")]][1],
+        "error",
+        ["dl: no such folder"],
+    ),
     "train_text_encoder_with_lam_zero": Case(  # reported as co-training, bit-identical to the baseline
         _train("--encoder", "mean", "train.lam=0"), "ok", ["train.lam = 0 with encoder 'mean'", "the baseline's"]
     ),

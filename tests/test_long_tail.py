@@ -470,6 +470,11 @@ def test_decouple_command(first_run: Path, tmp_path: Path) -> None:
     }
     bad = CliRunner().invoke(app, ["decouple", str(tmp_path), "--method", "crt"])
     assert bad.exit_code == 2 and "not a finished run" in bad.output
+    # the method as an override, without --method (refused as a clash with --method's default crt)
+    tn2 = tmp_path / "tn2"
+    r = CliRunner().invoke(app, ["decouple", str(first_run), "--run-dir", str(tn2), "decouple.method=tau_norm"])
+    assert r.exit_code == 0, r.output
+    assert runs.read_config(tn2)["stage"]["method"] == "tau_norm"
 
 
 def test_a_second_stage_is_not_chained_nor_resumed_as_training(first_run: Path, tmp_path: Path) -> None:

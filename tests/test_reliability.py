@@ -166,6 +166,14 @@ def test_prepare_restores_a_side_file_lost_to_a_kill(tmp_path):
     with pytest.raises(SicotError, match="already exists"):
         prepare(recipe, out)
     assert json.loads(side.read_text()) == before
+    # a file of that name that is no side file (a user's own, the .h5 copied in without its side
+    # file) was "restored" over: it is left alone
+    for theirs in ("my precious notes", '{"my": "notes"}'):
+        side.write_text(theirs)
+        with pytest.raises(SicotError, match="already exists"):
+            prepare(recipe, out)
+        assert side.read_text() == theirs
+    side.write_text(json.dumps(before))
     # d.hdf5 beside d.h5: both wrote d.recipe.json, each describing the other's file
     with pytest.raises(SicotError, match=r"p.hdf5: p.h5 beside it would share its side file p.recipe.json"):
         prepare(recipe, out.with_suffix(".hdf5"))

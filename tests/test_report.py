@@ -802,8 +802,8 @@ def test_names_from_the_data_cannot_run_as_spreadsheet_formulas():
 
 
 def test_a_damaged_plan_beside_its_runs_is_ours_a_foreign_one_alone_is_refused(tmp_path):
-    """ablate rewrites its own damaged ablation.json (its runs are beside it) but never replaces a
-    user's file of that name in a folder that holds none of the ablation's runs."""
+    """ablate rewrites its own torn ablation.json (its runs are beside it) but never replaces a user's
+    file of that name: in a folder without the ablation's runs, or one that is no plan at all."""
     from types import SimpleNamespace
 
     from sicot_cli.ablate import _check_out_folder
@@ -819,3 +819,14 @@ def test_a_damaged_plan_beside_its_runs_is_ours_a_foreign_one_alone_is_refused(t
         _check_out_folder(root, jobs)
     (root / "none-s0" / "config.json").write_text("{}", encoding="utf-8")  # the ablation's run is there
     _check_out_folder(root, jobs)
+    # a user's own file of that name, beside runs they copied in: never replaced
+    (root / "ablation.json").write_text('{"my": "notes"}', encoding="utf-8")
+    with pytest.raises(SicotError, match="not an ablation plan `sicot ablate` wrote"):
+        _check_out_folder(root, jobs)
+    (root / "ablation.json").write_text("my notes", encoding="utf-8")
+    with pytest.raises(SicotError, match="not an ablation plan `sicot ablate` wrote"):
+        _check_out_folder(root, jobs)
+    (root / "ablation.json").unlink()
+    (root / "ablation.json").mkdir()  # said "holds 'ablation.json' and no ablation.json"
+    with pytest.raises(SicotError, match=r"ablation.json: not a file \(a folder, or a link to nothing\)"):
+        _check_out_folder(root, jobs)

@@ -528,7 +528,8 @@ def data_boundaries(train_counts: np.ndarray) -> dict[str, int]:
 
 def _restore_side_file(out_path: Path) -> None:
     """Rewrite ``<out>.recipe.json`` from the prepared file when a kill came between the two: missing,
-    or still describing the file a ``--force`` replaced."""
+    or still describing the file a ``--force`` replaced. A file there that is not a side file (a
+    user's own) is never replaced."""
     side = out_path.with_suffix(".recipe.json")
     if side.exists() and not side.is_file():
         return
@@ -542,11 +543,10 @@ def _restore_side_file(out_path: Path) -> None:
     if content is None:
         return
     want = json.loads(content)
-    try:
-        if side.exists() and json.loads(side.read_text(encoding="utf-8")) == want:
-            return
-    except (OSError, ValueError):
-        pass  # unreadable or damaged: rewritten
+    if os.path.lexists(side) and not _is_side_file(side):  # not prepare's: someone's own file, left alone
+        return
+    if os.path.lexists(side) and json.loads(side.read_text(encoding="utf-8")) == want:
+        return
     write_json(side, want)
     log.info("restored %s from %s", side, out_path)
 
@@ -598,7 +598,8 @@ def _check_output(out_path: Path, force: bool) -> None:
     if taken(side) and not force and not _is_side_file(side):  # a removed .h5's own side file is replaced
         raise SicotError(
             f"{side}: exists and is not the side file `sicot prepare` writes beside {out_path.name}; it is not "
-            "replaced: move it, choose another --out, or pass --force to replace it"
+            "replaced: move it, or write the prepared file under another name (prepare --out, or data.out=), or "
+            "replace it with `sicot prepare --force`"
         )
     ensure_dir(out_path.parent)
 
