@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from sicot_cli import methods, runs
 from sicot_cli.config import FILE_REMEDY, PREPARE_HOW, PRESETS, Recipe, adopt_prepared, recipe_from_dict
 from sicot_cli.errors import SicotError
-from sicot_cli.fsutil import ensure_dir, write_json
+from sicot_cli.fsutil import ensure_dir, json_file_state, write_json
 from sicot_cli.progress import NullProgress, Progress
 from sicot_cli.resume import changes, check_same_settings, described
 from sicot_cli.train import TrainResult, train
@@ -406,7 +406,7 @@ def _check_out_folder(root: Path, jobs: list[_Job]) -> None:
             "--out with another folder"
         )
     if plan.is_file():
-        state = _plan_state(plan)
+        state = json_file_state(plan, ("recipe", "encoders"))  # a damaged one is rewritten by _write_plan
         if state == "foreign" or (state == "torn" and not any(runs.is_run(job.run_dir) for job in jobs)):
             raise SicotError(
                 f"{plan}: not an ablation plan `sicot ablate` wrote (it reads no recipe and encoders); it is not "
@@ -423,23 +423,6 @@ def _check_out_folder(root: Path, jobs: list[_Job]) -> None:
             f"{root}: holds {foreign[0]!r}{more} and no {PLAN}: not an ablation folder; pass --out with a new or "
             "empty folder (or one holding only this ablation's runs)"
         )
-
-
-def _plan_state(path: Path) -> str:
-    """``ablation.json``: "ours" (a JSON object with the recipe and the encoders, as ``_write_plan``
-    writes it), "torn" (a JSON object cut short or damaged: rewritten beside this ablation's runs)
-    or "foreign" (any other file: someone's own, never replaced)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, ValueError):
-        return "foreign"
-    try:
-        plan = json.loads(text)
-    except (ValueError, RecursionError):
-        return "torn" if "".join(text[:200].split())[:2] == '{"' else "foreign"
-    if isinstance(plan, dict) and isinstance(plan.get("recipe"), dict) and isinstance(plan.get("encoders"), list):
-        return "ours"
-    return "torn" if isinstance(plan, dict) and {"recipe", "encoders"} & plan.keys() else "foreign"
 
 
 def _write_plan(
@@ -466,7 +449,7 @@ def _write_plan(
             old = json.loads(plan_path.read_text(encoding="utf-8"))
             # Through the Recipe type, so that keys a newer sicot added (at their defaults) still match.
             old_shared = _shared_recipe(recipe_from_dict(old["recipe"], str(plan_path)))
-        except (ValueError, KeyError, TypeError, RecursionError, SicotError):  # damaged: rewritten
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError, SicotError):  # damaged: rewritten
             old, old_shared = None, None
     if old is not None and old_shared is not None and old_shared != shared:
         _check_same_plan(root, old, old_shared, shared, data[1])

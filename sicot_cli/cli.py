@@ -920,7 +920,7 @@ def ablate(
         raise SicotError("--out is empty; it names the ablation folder (e.g. runs/my-ablation)")
     _per_run_keys(overrides, val_folds is not None)
     cfg = _recipe(recipe, overrides, _threads(threads, overrides))
-    _unused_recipe_seed(cfg, recipe, seeds is None and val_folds is None)
+    _unused_recipe_seed(cfg, recipe, seeds is None, val_folds is not None)
     from sicot_cli.model import check_encoder_options
     from sicot_cli.preflight import check_training
 
@@ -1016,18 +1016,20 @@ def decouple(
         show(metrics_table(result.test, f"{result.run_dir}: {selection_line(result.test)}"))
 
 
-def _unused_recipe_seed(cfg: Any, recipe: Path | None, default_seeds: bool) -> None:
-    """A recipe's own ``train.seed`` is not what ablate trains (``--seeds``, default 0): said, not dropped silently."""
-    if default_seeds and "train.seed" in cfg.explicit and cfg.train.seed != 0:
-        import logging
+def _unused_recipe_seed(cfg: Any, recipe: Path | None, default_seeds: bool, folds: bool) -> None:
+    """A recipe's own ``train.seed`` is not what ablate trains (``--seeds``, default 0; with
+    ``--val-folds``, seed K on fold K): said, not dropped silently."""
+    if not (default_seeds and "train.seed" in cfg.explicit and cfg.train.seed != 0):
+        return
+    import logging
 
-        logging.getLogger(__name__).warning(
-            "%s sets train.seed = %d, which ablate does not use: it trains the seeds of --seeds (default 0); "
-            "give --seeds %d to train that seed",
-            recipe,
-            cfg.train.seed,
-            cfg.train.seed,
-        )
+    seed = cfg.train.seed
+    how = (
+        "--val-folds trains seed K on fold K"
+        if folds
+        else f"it trains the seeds of --seeds (default 0); give --seeds {seed} to train that seed"
+    )
+    logging.getLogger(__name__).warning("%s sets train.seed = %d, which ablate does not use: %s", recipe, seed, how)
 
 
 def _per_run_keys(overrides: list[str] | None, folds: bool) -> None:

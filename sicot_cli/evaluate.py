@@ -280,10 +280,12 @@ def load_run_model(
 
     config = runs.read_config(run_dir)
     recipe = recipe_from_dict(config["recipe"], str(run_dir / runs.CONFIG))
-    if data is None and (not config["data"] or not os.path.exists(config["data"])):  # a dangling link too
+    if data is None and not config["data"]:
+        raise SicotError(f"{run_dir / runs.CONFIG}: records no prepared dataset; pass --data with the run's .h5")
+    if data is None and not os.path.exists(config["data"]):  # a dangling link too
         raise SicotError(
-            f"{config['data'] or '(no path recorded)'}: the prepared dataset {run_dir} was trained on is not there "
-            "(moved or removed): pass --data with where it is now, or prepare it again with the run's recipe"
+            f"{config['data']}: the prepared dataset {run_dir} was trained on is not there (moved or removed): "
+            "pass --data with where it is now, or prepare it again with the run's recipe"
         )
     prepared = open_prepared(data if data is not None else config["data"])
     check_dataset(prepared, config, run_dir)

@@ -472,6 +472,26 @@ def write_json(path: Path, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def json_file_state(path: Path, keys: tuple[str, ...]) -> str:
+    """Whose JSON file ``path`` is, for a file sicot writes (atomically) and would replace:
+
+    "ours": a JSON object with every one of ``keys``; "torn": empty, or a JSON object cut short or
+    damaged (a copy cut off, a disk error: sicot's own, rewritten where that is safe); "foreign":
+    anything else (someone's own file of that name, never replaced).
+    """
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a BOM an editor added
+    except (OSError, ValueError):
+        return "foreign"
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError):
+        return "torn" if not text.strip() or text.lstrip().startswith("{") else "foreign"
+    if isinstance(obj, dict) and set(keys) <= obj.keys():
+        return "ours"
+    return "torn" if isinstance(obj, dict) and set(keys) & obj.keys() else "foreign"
+
+
 def append_jsonl(path: Path, obj: Any) -> None:
     """Append one JSON line and fsync (a line is either fully there or ``read_jsonl`` drops it)."""
     try:

@@ -281,3 +281,24 @@ def test_prepare_out_with_another_suffix_is_a_folder_and_says_so(tmp_path, caplo
         assert _out_file(tmp_path / "x.hdf", "m") == tmp_path / "x.hdf" / "m.h5"
     (record,) = caplog.records
     assert "x.hdf: not an .h5 name, so it is taken as a folder to hold m.h5" in record.message
+
+
+@pytest.mark.parametrize(
+    ("seeds", "folds", "said"),
+    [
+        (True, False, "give --seeds 3 to train that seed"),
+        (True, True, "--val-folds trains seed K on fold K"),
+        (False, False, None),
+    ],
+)
+def test_a_recipes_own_seed_that_ablate_does_not_train_is_named(seeds, folds, said, tmp_path, caplog):
+    """A recipe file's ``train.seed = 3`` was dropped without a word by ablate (it trains --seeds,
+    default 0, or seed K on fold K); with --seeds given there is nothing to say."""
+    from sicot_cli.cli import _recipe, _unused_recipe_seed
+
+    (tmp_path / "r.toml").write_text("[train]\nseed = 3\n", encoding="utf-8")
+    cfg = _recipe(tmp_path / "r.toml", [])
+    with caplog.at_level("WARNING"):
+        _unused_recipe_seed(cfg, tmp_path / "r.toml", seeds, folds)
+    warned = [r.getMessage() for r in caplog.records if "train.seed = 3" in r.getMessage()]
+    assert (said in warned[0]) if said else not warned

@@ -2184,6 +2184,11 @@ CASES: dict[str, Case] = {
     "decouple_a_missing_folder": Case(  # said "not a finished run"
         lambda t, c: ["decouple", str(t / "nowhere")], "error", ["nowhere: no such folder (decouple starts from"]
     ),
+    "evaluate_a_run_that_records_no_dataset": Case(  # "(no path recorded): ... is not there (moved or removed)"
+        _run_file(runs.CONFIG, lambda cfg: {**cfg, "data": ""}, command="evaluate"),
+        "error",
+        ["config.json: records no prepared dataset; pass --data with the run's .h5"],
+    ),
     "evaluate_a_run_whose_dataset_moved": Case(  # said "create it with `sicot prepare`", not --data
         _run_file(runs.CONFIG, lambda cfg: {**cfg, "data": "/nonexistent/moved.h5"}, command="evaluate"),
         "error",

@@ -173,7 +173,12 @@ def test_prepare_restores_a_side_file_lost_to_a_kill(tmp_path):
         with pytest.raises(SicotError, match="already exists"):
             prepare(recipe, out)
         assert side.read_text() == theirs
-    side.write_text(json.dumps(before))
+    # prepare's own side file, damaged (cut short, emptied): restored, as a missing one is
+    for torn in (json.dumps(before)[:200], ""):
+        side.write_text(torn)
+        with pytest.raises(SicotError, match="already exists"):
+            prepare(recipe, out)
+        assert json.loads(side.read_text()) == before
     # d.hdf5 beside d.h5: both wrote d.recipe.json, each describing the other's file
     with pytest.raises(SicotError, match=r"p.hdf5: p.h5 beside it would share its side file p.recipe.json"):
         prepare(recipe, out.with_suffix(".hdf5"))

@@ -830,3 +830,21 @@ def test_a_damaged_plan_beside_its_runs_is_ours_a_foreign_one_alone_is_refused(t
     (root / "ablation.json").mkdir()  # said "holds 'ablation.json' and no ablation.json"
     with pytest.raises(SicotError, match=r"ablation.json: not a file \(a folder, or a link to nothing\)"):
         _check_out_folder(root, jobs)
+
+
+def test_a_torn_plan_beside_its_runs_is_rewritten_not_a_traceback(tiny_prepared, tmp_path):
+    """``{"recipe": null, ...}`` (or an empty file, a BOM) beside the ablation's runs: rewritten, the
+    finished run skipped; ``"recipe": null`` was an AttributeError traceback."""
+    import json
+
+    from sicot_cli import ablate as ab
+
+    recipe = tiny_recipe(tiny_prepared, "train.epochs=1")
+    root, _ = ab.ablate(recipe, [], [0], tmp_path / "abl", data=tiny_prepared)
+    plan = root / "ablation.json"
+    good = json.loads(plan.read_text(encoding="utf-8"))
+    for torn in ('{"recipe": null, "encoders": ["none"]}', '{"recipe": "x"}', "", "\ufeff" + json.dumps(good)[:40]):
+        plan.write_text(torn, encoding="utf-8")
+        _, statuses = ab.ablate(recipe, [], [0], root, data=tiny_prepared)
+        assert [s.state for s in statuses] == ["skipped"]
+        assert json.loads(plan.read_text(encoding="utf-8"))["recipe"] == good["recipe"]

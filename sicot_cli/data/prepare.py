@@ -56,6 +56,7 @@ from sicot_cli.fsutil import (
     ensure_dir,
     exclusive,
     guarded_file,
+    json_file_state,
     remove_stale_tmp,
     taken,
     write_json,
@@ -543,11 +544,12 @@ def _restore_side_file(out_path: Path) -> None:
     if content is None:
         return
     want = json.loads(content)
-    if os.path.lexists(side) and not _is_side_file(side):  # not prepare's: someone's own file, left alone
+    state = _side_state(side) if os.path.lexists(side) else None
+    if state == "foreign":  # not prepare's: someone's own file, left alone
         return
-    if os.path.lexists(side) and json.loads(side.read_text(encoding="utf-8")) == want:
+    if state == "ours" and json.loads(side.read_text(encoding="utf-8-sig")) == want:
         return
-    write_json(side, want)
+    write_json(side, want)  # missing, torn, or describing the file a --force replaced
     log.info("restored %s from %s", side, out_path)
 
 
@@ -595,7 +597,7 @@ def _check_output(out_path: Path, force: bool) -> None:
     if out_path.is_dir():
         raise SicotError(f"{out_path}: is a directory; --out names the .h5 file to write")
     side = out_path.with_suffix(".recipe.json")
-    if taken(side) and not force and not _is_side_file(side):  # a removed .h5's own side file is replaced
+    if taken(side) and not force and _side_state(side) == "foreign":  # a removed .h5's own side file is replaced
         raise SicotError(
             f"{side}: exists and is not the side file `sicot prepare` writes beside {out_path.name}; it is not "
             "replaced: move it, or write the prepared file under another name (prepare --out, or data.out=), or "
@@ -604,13 +606,9 @@ def _check_output(out_path: Path, force: bool) -> None:
     ensure_dir(out_path.parent)
 
 
-def _is_side_file(path: Path) -> bool:
-    """``<out>.recipe.json`` as prepare writes it: a JSON object with the recipe, the summary and the versions."""
-    try:
-        side = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return False
-    return isinstance(side, dict) and {"recipe", "summary", "versions"} <= side.keys()
+def _side_state(path: Path) -> str:
+    """``<out>.recipe.json``: prepare's own ("ours", or "torn": damaged) or someone's ("foreign")."""
+    return json_file_state(path, ("recipe", "summary", "versions"))
 
 
 class _ImageWriter:
