@@ -157,10 +157,11 @@ def _refuse_twice(options: dict[str, str], overrides: list[str] | None) -> None:
     ``--threads 2``). Keys an option only defaults (``--manifest``'s name, output and boundaries)
     are left out by the caller: an override of those is the way to change them.
     """
+    from sicot_cli.config import override_key
     from sicot_cli.errors import SicotError
 
     for item in overrides or []:
-        key = item.split("=", 1)[0].strip()
+        key = override_key(item)
         if key in options:
             raise SicotError(f"{options[key]} and the override {item!r} both set {key}: give one of them")
 
@@ -991,7 +992,9 @@ def decouple(
         raise SicotError(f"--method must be one of {', '.join(STAGES.values())}, got {method!r}")
     if method is not None:
         _refuse_twice({"decouple.method": f"--method {method}"}, overrides)
-    given = any(o.split("=", 1)[0].strip() == "decouple.method" for o in overrides or [])
+    from sicot_cli.config import override_key
+
+    given = any(override_key(o) == "decouple.method" for o in overrides or [])
     extra = [*([] if given else [f"decouple.method={method or 'crt'}"]), *_threads(threads, overrides)]
     try:
         result = run_decouple(
@@ -1034,11 +1037,12 @@ def _unused_recipe_seed(cfg: Any, recipe: Path | None, default_seeds: bool, fold
 
 def _per_run_keys(overrides: list[str] | None, folds: bool) -> None:
     """``train.seed`` and ``model.encoder`` are set per run by ablate: an override of them would be dropped."""
+    from sicot_cli.config import override_key
     from sicot_cli.errors import SicotError
 
     axis = {"train.seed": "--val-folds" if folds else "--seeds", "model.encoder": "--encoders"}
     for item in overrides or []:
-        key = item.split("=", 1)[0].strip()
+        key = override_key(item)
         if key in axis:
             raise SicotError(
                 f"the override {item!r}: ablate sets {key} for each run from {axis[key]}; drop the override and "

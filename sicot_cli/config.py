@@ -742,8 +742,13 @@ def _no_recipe() -> str:
     return f"recipe not found (a .toml file, or a built-in recipe by name: {', '.join(builtin_recipes())})"
 
 
+def override_key(item: str) -> str | None:
+    """The dotted key of one ``section.key=value`` override (None: no ``=``, not an override)."""
+    return item.split("=", 1)[0].strip() if "=" in item else None
+
+
 def _override_keys(overrides: list[str] | None) -> set[str]:
-    return {o.split("=", 1)[0].strip() for o in overrides or [] if "=" in o}
+    return {k for k in map(override_key, overrides or []) if k is not None}
 
 
 def parse_override_value(raw: str) -> Any:
